@@ -1,0 +1,164 @@
+"""Blocks: the non-expansive (or averaged) convex-potential block and the residual baseline.
+
+Non-expansive block. It integrates ``dx/dt = -A^T sigma(A x + b)`` over a fixed time ``T`` with
+``n`` explicit RK sub-steps of size ``h = T / n``, where
+
+    n = ceil(T L ||A||^2 / (2 r theta)),   so that   h nu <= r theta,   nu = L ||A||^2 / 2.
+
+``r`` is the integrator's step radius and ``theta`` in (0, 1] (``theta < 1`` makes Euler blocks
+averaged). In training the cheap power-iteration estimate of ``||A||`` drives ``n``; in ``eval()``
+the certified upper bound does, so the claim holds for the network that is evaluated.
+
+Residual baseline. ``x - B sigma(A x + b)`` with unconstrained ``A`` and ``B``: its Lipschitz
+bound ``1 + ||B|| L ||A||`` can exceed 1 even when ``||A|| = ||B|| = 1`` (the paper's 2^k example).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .activations import MonotoneActivation
+from .integrators import get_integrator
+from .operators import LinearOperator
+
+__all__ = ["NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
+
+
+def compose_averaged(a1: float, a2: float) -> float:
+    """Averagedness of ``T1 o T2`` for ``a_i``-averaged ``T_i`` (Combettes & Yamada 2015).
+
+    ``alpha = (a1 + a2 - 2 a1 a2) / (1 - a1 a2)``, valid for ``a1, a2`` in [0, 1).
+    """
+    return (a1 + a2 - 2 * a1 * a2) / (1 - a1 * a2)
+
+
+def _spatial(x: torch.Tensor) -> tuple[int, int] | None:
+    return tuple(x.shape[-2:]) if x.dim() == 4 else None
+
+
+class NonexpansiveBlock(nn.Module):
+    """Gradient flow of a convex potential, integrated with adaptive sub-steps.
+
+    Args:
+        operator: the linear map ``A`` (its bias is ``b``).
+        activation: monotone ``sigma`` with Lipschitz constant ``L``.
+        integrator: name of an explicit RK method (``euler``, ``heun``, ``ssprk3``, ``rk4``...).
+        theta: safety factor in (0, 1]; ``theta < 1`` with Euler gives an averaged block.
+        time: integration time ``T``; by default ``r theta / nu_0`` with ``nu_0`` from the
+            certified initial norm on the power-iteration grid, so the block starts with one
+            sub-step.
+        init_power_iters: power iterations run at construction to warm the norm estimate.
+    """
+
+    def __init__(
+        self,
+        operator: LinearOperator,
+        activation: MonotoneActivation,
+        integrator: str = "euler",
+        theta: float = 1.0,
+        time: float | None = None,
+        init_power_iters: int = 20,
+    ):
+        super().__init__()
+        if not 0.0 < theta <= 1.0:
+            raise ValueError(f"theta={theta} is outside (0, 1]")
+        self.operator = operator
+        self.activation = activation
+        self.tableau = get_integrator(integrator)
+        self.theta = float(theta)
+        operator.power_iteration(init_power_iters)
+        if time is None:
+            sigma0 = operator.norm_bound(getattr(operator, "power_size", None))
+            time = 2 * self.tableau.step_radius * theta / (activation.lipschitz * sigma0**2)
+        if not time > 0:
+            raise ValueError(f"integration time {time} must be positive")
+        self.register_buffer("time", torch.tensor(float(time), dtype=torch.float64))
+        self.last_substeps = 0
+        self.last_norm = float("nan")
+
+    def field(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x) = -A^T sigma(A x + b)``, the negative gradient of the convex potential."""
+        return -self.operator.adjoint(self.activation(self.operator(x)), _spatial(x))
+
+    def _ell(self, norm: float) -> float:
+        """Lipschitz constant ``L ||A||^2`` of the field for operator norm ``norm``."""
+        return self.activation.lipschitz * norm**2
+
+    def substeps(self, norm: float) -> int:
+        """Smallest ``n`` with ``(T / n) L norm^2 / 2 <= r theta`` (checked in float64)."""
+        T, limit = float(self.time), self.tableau.step_radius * self.theta
+        ell = self._ell(norm)
+        n = max(1, math.ceil(T * ell / (2 * limit)))
+        while (T / n) * ell / 2 > limit:
+            n += 1
+        return n
+
+    def current_norm(self, x: torch.Tensor | None = None) -> float:
+        """Training: the power-iteration estimate. ``eval()``: the certified bound for ``x``."""
+        if self.training:
+            return float(self.operator.sigma_estimate)
+        size = _spatial(x) if x is not None else None
+        return self.operator.norm_bound(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.current_norm(x)
+        n = self.substeps(norm)
+        h = float(self.time) / n
+        self.last_substeps, self.last_norm = n, norm
+        for _ in range(n):
+            x = self.tableau.step(self.field, x, h)
+        return x
+
+    def lipschitz_bound(self, input_size: tuple[int, int] | None = None) -> float:
+        """Sound bound of the block's Lipschitz constant as evaluated in ``eval()`` mode.
+
+        1 when the certified step satisfies ``h nu <= R`` (R the computed threshold factor);
+        otherwise the stage-wise bound raised to the number of sub-steps.
+        """
+        norm = self.operator.norm_bound(input_size)
+        n = self.substeps(norm)
+        h_ell = float(self.time) / n * self._ell(norm)
+        if self.tableau.radius > 0 and h_ell / 2 <= self.tableau.radius:
+            return 1.0
+        return self.tableau.stagewise_lipschitz(h_ell) ** n
+
+    def averagedness(self, input_size: tuple[int, int] | None = None) -> float | None:
+        """``alpha`` such that the ``eval()`` block is alpha-averaged, or ``None``.
+
+        Defined for Euler: each sub-step ``I - h grad(phi)`` is ``(h ell / 2)``-averaged when
+        ``h ell < 2`` (Baillon–Haddad), and ``n`` sub-steps compose by ``compose_averaged``.
+        """
+        if self.tableau.name != "euler":
+            return None
+        norm = self.operator.norm_bound(input_size)
+        n = self.substeps(norm)
+        alpha_step = float(self.time) / n * self._ell(norm) / 2
+        if alpha_step >= 1:
+            return None
+        alpha = alpha_step
+        for _ in range(n - 1):
+            alpha = compose_averaged(alpha, alpha_step)
+        return alpha
+
+
+class ResidualBlock(nn.Module):
+    """Baseline ``x - B sigma(A x + b_A) - b_B`` with unconstrained operators ``A`` and ``B``."""
+
+    def __init__(self, first: LinearOperator, second: LinearOperator, activation: nn.Module):
+        super().__init__()
+        self.first, self.second, self.activation = first, second, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.second(self.activation(self.first(x)))
+
+    def lipschitz_bound(self, input_size: tuple[int, int] | None = None) -> float:
+        """``1 + ||B|| L ||A||`` with certified norms."""
+        lip = getattr(self.activation, "lipschitz", None)
+        if lip is None:
+            raise ValueError("ResidualBlock.lipschitz_bound needs an activation with .lipschitz")
+        a = self.first.norm_bound(input_size)
+        b = self.second.norm_bound(input_size)
+        return 1.0 + b * lip * a

@@ -1,0 +1,244 @@
+"""Denoising metrics, fixed-seed noise and the total-variation (TV) baseline.
+
+Conventions: images are tensors of shape ``(N, C, H, W)`` (any leading shape works for the
+differential operators, which act on the last two axes); every function works on the device and
+dtype of its inputs and is deterministic.
+
+* PSNR (per image ``n``): ``PSNR_n = 10 log10(peak_n^2 / MSE_n)``, with
+  ``MSE_n = mean((x_n - ref_n)^2)`` and ``peak_n = max(ref_n)`` (the paper's definition) or a fixed
+  number (``1.0`` gives the usual PSNR of images in [0, 1]).
+* Fixed noise: ``y_n = x_n + sigma * z_n`` with ``z_n ~ N(0, I)`` drawn from a generator seeded
+  by ``(seed, index_n)``, so that every model sees the same noisy images and any subset of the
+  images receives the same noise as in the full set. The noise is not clipped.
+* TV denoising: ``min_x 1/2 ||x - y||^2 + weight * TV(x)`` with the isotropic
+  ``TV(x) = sum_pixels sqrt((D_h x)^2 + (D_w x)^2)`` solved by the Chambolle–Pock primal–dual
+  method (accelerated by the strong convexity of the data term).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRADIENT_NORM_SQ",
+    "divergence2d",
+    "fixed_noise",
+    "gradient2d",
+    "noise_generator",
+    "project_dual_ball",
+    "psnr",
+    "relative_change",
+    "select_tv_weight",
+    "tv_denoise",
+]
+
+GRADIENT_NORM_SQ = 8.0
+"""Upper bound of ``||grad||^2`` for 2-D forward differences (4 per axis, two axes)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and noise
+# --------------------------------------------------------------------------------------------
+
+
+def psnr(x: Tensor, ref: Tensor, peak: str | float = "max") -> Tensor:
+    """Peak signal-to-noise ratio per image, ``10 log10(peak^2 / MSE)``, in dB.
+
+    ``x`` and ``ref`` have shape ``(N, ...)``; the result has shape ``(N,)``. ``peak="max"`` uses
+    the paper's per-image peak ``max(ref_n)`` (so ``peak^2 = max(ref_n)^2``); a number uses that
+    fixed peak (``1.0`` for images in [0, 1]). An exact match gives ``+inf``.
+    """
+    if x.shape != ref.shape:
+        raise ValueError(f"psnr: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
+    diff = (x - ref).flatten(1)
+    mse = diff.pow(2).mean(dim=1)
+    if isinstance(peak, str):
+        if peak != "max":
+            raise ValueError(f"psnr: peak must be 'max' or a number, got {peak!r}")
+        peak_sq = ref.flatten(1).amax(dim=1).pow(2)
+    else:
+        peak_sq = torch.full_like(mse, float(peak) ** 2)
+    return 10.0 * torch.log10(peak_sq / mse)
+
+
+def noise_generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator seeded by the pair ``(seed, index)`` (mixed by ``numpy.random.SeedSequence``)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got ({seed}, {index})")
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)
+    return torch.Generator(device="cpu").manual_seed(int(state[0]))
+
+
+def _as_indices(n: int, indices: Sequence[int] | Tensor | None) -> list[int]:
+    """Dataset indices of a batch of ``n`` images (``0..n-1`` by default)."""
+    if indices is None:
+        return list(range(n))
+    out = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+    if len(out) != n:
+        raise ValueError(f"got {len(out)} indices for a batch of {n} images")
+    return out
+
+
+def fixed_noise(
+    images: Tensor,
+    sigma: float,
+    seed: int,
+    indices: Sequence[int] | Tensor | None = None,
+) -> Tensor:
+    """Return ``images + sigma * z`` with reproducible, unclipped Gaussian noise ``z``.
+
+    Image ``n`` of the batch gets noise from :func:`noise_generator` ``(seed, indices[n])``
+    (``indices`` defaults to ``0..N-1``: pass the dataset indices of a subset to reproduce the
+    noise of the full set). The noise is drawn in float64 on the CPU, then cast to the dtype and
+    device of ``images``, so it does not depend on the device.
+    """
+    noise = torch.empty(images.shape, dtype=torch.float64)
+    for n, index in enumerate(_as_indices(images.shape[0], indices)):
+        noise[n] = torch.randn(
+            images.shape[1:], generator=noise_generator(seed, index), dtype=torch.float64
+        )
+    return images + sigma * noise.to(device=images.device, dtype=images.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Discrete gradient and divergence
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_difference(x: Tensor, dim: int) -> Tensor:
+    """``(D x)_i = x_{i+1} - x_i`` for ``i < n-1`` and 0 at the last index (Neumann)."""
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat([torch.diff(x, dim=dim), zero], dim=dim)
+
+
+def _backward_difference_adjoint(p: Tensor, dim: int) -> Tensor:
+    """``-D^T p``: ``p_i - p_{i-1}`` with ``p_{-1} = 0`` and ``p_{n-1}`` treated as 0."""
+    n = p.shape[dim]
+    zero = torch.zeros_like(p.narrow(dim, 0, 1))
+    q = p.narrow(dim, 0, n - 1)
+    return torch.cat([q, zero], dim=dim) - torch.cat([zero, q], dim=dim)
+
+
+def gradient2d(x: Tensor) -> Tensor:
+    """Forward-difference gradient with Neumann boundary, ``(..., H, W) -> (..., 2, H, W)``.
+
+    Component 0 is ``x[i+1, j] - x[i, j]`` (zero on the last row), component 1 is
+    ``x[i, j+1] - x[i, j]`` (zero on the last column). ``||gradient2d||^2 <= 8``.
+    """
+    return torch.stack([_forward_difference(x, -2), _forward_difference(x, -1)], dim=-3)
+
+
+def divergence2d(p: Tensor) -> Tensor:
+    """Discrete divergence, the exact negative adjoint of :func:`gradient2d`.
+
+    ``(..., 2, H, W) -> (..., H, W)`` with ``<gradient2d(x), p> = -<x, divergence2d(p)>`` for
+    every ``x`` and every ``p`` (including ``p`` that is non-zero on the last row/column).
+    """
+    return _backward_difference_adjoint(p[..., 0, :, :], -2) + _backward_difference_adjoint(
+        p[..., 1, :, :], -1
+    )
+
+
+def project_dual_ball(p: Tensor, radius: float, couple_channels: bool = False) -> Tensor:
+    """Project ``p`` of shape ``(N, C, 2, H, W)`` onto ``{|p_pixel| <= radius}``.
+
+    This is the prox of the conjugate of ``radius * ||.||_{2,1}`` (isotropic TV). The pointwise
+    norm runs over the two directions, and over the channels too when ``couple_channels``
+    (vectorial TV).
+    """
+    if radius == 0:
+        return torch.zeros_like(p)
+    dims = (1, 2) if couple_channels else (2,)
+    norm = p.pow(2).sum(dim=dims, keepdim=True).sqrt()
+    return p / torch.clamp(norm / radius, min=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# TV denoising by Chambolle–Pock
+# --------------------------------------------------------------------------------------------
+
+
+def relative_change(new: Tensor, old: Tensor) -> Tensor:
+    """Per-image ``||new - old|| / ||old||`` (denominator floored at the smallest normal)."""
+    num = (new - old).flatten(1).norm(dim=1)
+    den = old.flatten(1).norm(dim=1).clamp_min(torch.finfo(old.dtype).tiny)
+    return num / den
+
+
+def tv_denoise(
+    y: Tensor,
+    weight: float,
+    iters: int = 300,
+    tol: float = 1e-5,
+    tau: float = 1.0,
+    accelerate: bool = True,
+    couple_channels: bool = False,
+) -> Tensor:
+    """Isotropic TV denoising ``argmin_x 1/2 ||x - y||^2 + weight * ||grad x||_{2,1}``.
+
+    Chambolle–Pock (2011) primal–dual iterations with ``K = grad``, ``K^T = -div``:
+
+        p_{k+1}    = proj_{|p| <= weight}(p_k + sigma_k grad xbar_k)
+        x_{k+1}    = (x_k + tau_k div p_{k+1} + tau_k y) / (1 + tau_k)
+        theta_k    = 1 / sqrt(1 + 2 tau_k)      (accelerated, data term 1-strongly convex)
+                     or 1                       (not accelerated, fixed steps)
+        tau_{k+1}  = theta_k tau_k,  sigma_{k+1} = sigma_k / theta_k
+        xbar_{k+1} = x_{k+1} + theta_k (x_{k+1} - x_k)
+
+    with ``tau_0 sigma_0 ||grad||^2 <= tau_0 sigma_0 * 8 = 1`` (the product is invariant under
+    acceleration). Stops after ``iters`` iterations or when every image's relative change
+    ``||x_{k+1} - x_k|| / ||x_k||`` falls below ``tol``. ``y`` has shape ``(N, C, H, W)``.
+    """
+    if weight < 0:
+        raise ValueError(f"TV weight must be non-negative, got {weight}")
+    if weight == 0:
+        return y.clone()
+    sigma = 1.0 / (tau * GRADIENT_NORM_SQ)
+    x = y.clone()
+    x_bar = x
+    p = torch.zeros_like(gradient2d(y))
+    for _ in range(iters):
+        p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
+        x_new = (x + tau * divergence2d(p) + tau * y) / (1.0 + tau)
+        theta = 1.0 / math.sqrt(1.0 + 2.0 * tau) if accelerate else 1.0
+        tau, sigma = theta * tau, sigma / theta
+        x_bar = x_new + theta * (x_new - x)
+        done = bool((relative_change(x_new, x) < tol).all())
+        x = x_new
+        if done:
+            break
+    return x
+
+
+def select_tv_weight(
+    noisy: Tensor,
+    clean: Tensor,
+    weights: Sequence[float],
+    iters: int = 300,
+    peak: str | float = "max",
+    batch_size: int | None = None,
+    **tv_kwargs: float | bool,
+) -> tuple[float, list[float]]:
+    """Pick the TV weight maximising the mean PSNR of :func:`tv_denoise` on *validation* images.
+
+    ``noisy``/``clean`` must be validation images (never the test set). Returns the chosen
+    weight and the mean PSNR of every weight, in the order given (ties go to the first).
+    ``batch_size`` bounds the memory by denoising that many images at a time.
+    """
+    if len(weights) == 0:
+        raise ValueError("select_tv_weight needs at least one weight")
+    step = batch_size or noisy.shape[0]
+    scores = []
+    for w in weights:
+        values = [
+            psnr(tv_denoise(noisy[i : i + step], w, iters, **tv_kwargs), clean[i : i + step], peak)
+            for i in range(0, noisy.shape[0], step)
+        ]
+        scores.append(float(torch.cat(values).mean()))
+    best = max(range(len(weights)), key=lambda i: scores[i])
+    return float(weights[best]), scores

@@ -1,0 +1,352 @@
+"""Models of the paper, built by name, each with a sound ``lipschitz_bound()``.
+
+* ``nonexpansive_classifier`` / ``resnet_classifier``: one skeleton (1x1 lift, stages of blocks,
+  1x1 transition doubling the width + 2x2 average pooling after each stage, global mean, linear
+  head); only the block differs. The bound counts every layer: lift, transitions, pooling (2x2
+  average pooling has norm 1/2, a global mean over ``H W`` pixels ``1/sqrt(H W)``) and head.
+* ``nonexpansive_denoiser``: zero-pad the channels to the width (an isometry), blocks, keep the
+  first channels (its adjoint); direct ``N(x)`` or residual ``x - N(x)`` output.
+* ``dncnn``: Zhang et al. 2017, residual, batch norm; unconstrained, bound by the product of norms.
+
+Checkpoints hold the name, the constructor kwargs and the full ``state_dict`` (power-iteration
+vectors and integration times included); ``load_model(path)`` rebuilds the model in ``eval()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .activations import build_activation
+from .blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
+from .operators import Conv2dOperator, DenseOperator
+
+__all__ = [
+    "Classifier",
+    "NonexpansiveDenoiser",
+    "DnCNN",
+    "build_model",
+    "save_model",
+    "load_model",
+    "CheckpointError",
+    "MODELS",
+]
+
+Size = tuple[int, int]
+
+
+def _size(v: int | tuple[int, int] | list[int]) -> Size:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class StableModel(nn.Module):
+    """Shared bookkeeping: norm updates and per-block diagnostics for every model."""
+
+    def constrained_blocks(self) -> Iterator[NonexpansiveBlock]:
+        return (m for m in self.modules() if isinstance(m, NonexpansiveBlock))
+
+    @torch.no_grad()
+    def update_norms(self, n_iters: int = 1) -> None:
+        """One warm-started power iteration per constrained operator (before a training step)."""
+        for block in self.constrained_blocks():
+            block.operator.power_iteration(n_iters)
+
+    def block_stats(self) -> list[tuple[int, float]]:
+        """``(sub-steps, norm)`` of each constrained block at its last forward pass."""
+        return [(b.last_substeps, b.last_norm) for b in self.constrained_blocks()]
+
+    def total_substeps(self) -> int:
+        return sum(n for n, _ in self.block_stats())
+
+    def averagedness(self) -> float | None:
+        return None
+
+
+def _block_factory(
+    block: str, activation: str, integrator: str, theta: float, time: float | None, kernel: int
+) -> Callable[[int, Size], nn.Module]:
+    """Return ``make(width, size)`` building one block of the requested kind."""
+
+    def conv(width: int, size: Size) -> Conv2dOperator:
+        return Conv2dOperator(width, width, kernel, size, padding=kernel // 2)
+
+    def make(width: int, size: Size) -> nn.Module:
+        if block == "nonexpansive":
+            return NonexpansiveBlock(
+                conv(width, size), build_activation(activation), integrator, theta, time
+            )
+        if block == "residual":
+            return ResidualBlock(conv(width, size), conv(width, size), build_activation(activation))
+        raise ValueError(f"unknown block {block!r}; allowed: ['nonexpansive', 'residual']")
+
+    return make
+
+
+class Classifier(StableModel):
+    """The paper's classifier skeleton; ``block`` selects the non-expansive or residual block."""
+
+    def __init__(
+        self,
+        block: str = "nonexpansive",
+        in_channels: int = 3,
+        num_classes: int = 10,
+        base_width: int = 16,
+        stages: int = 3,
+        blocks_per_stage: int = 5,
+        kernel_size: int = 3,
+        activation: str = "leaky_relu",
+        integrator: str = "euler",
+        theta: float = 1.0,
+        time: float | None = None,
+        input_size: int | list[int] = 32,
+    ):
+        super().__init__()
+        size = _size(input_size)
+        make = _block_factory(block, activation, integrator, theta, time, kernel_size)
+        self.lift = Conv2dOperator(in_channels, base_width, 1, size)
+        self.sizes: list[Size] = []
+        self.stages = nn.ModuleList()
+        self.transitions = nn.ModuleList()
+        width = base_width
+        for _ in range(stages):
+            if min(size) < 2:
+                raise ValueError(f"input_size {input_size} is too small for {stages} stages")
+            self.sizes.append(size)
+            self.stages.append(nn.Sequential(*(make(width, size) for _ in range(blocks_per_stage))))
+            self.transitions.append(Conv2dOperator(width, 2 * width, 1, size))
+            width, size = 2 * width, (size[0] // 2, size[1] // 2)
+        self.final_size = size
+        self.head = DenseOperator(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lift(x)
+        for stage, transition in zip(self.stages, self.transitions, strict=True):
+            x = F.avg_pool2d(transition(stage(x)), 2)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def lipschitz_bound(self) -> float:
+        """Product of certified bounds of every layer, pooling included."""
+        bound = self.lift.norm_bound(self.sizes[0])
+        for stage, transition, size in zip(self.stages, self.transitions, self.sizes, strict=True):
+            for block in stage:
+                bound *= block.lipschitz_bound(size)
+            bound *= transition.norm_bound(size) * 0.5
+        bound /= math.sqrt(self.final_size[0] * self.final_size[1])
+        return bound * self.head.norm_bound()
+
+
+class NonexpansiveDenoiser(StableModel):
+    """Blocks acting on channels zero-padded from ``channels`` to ``width``; output ``N(x)`` or
+    ``x - N(x)`` (``residual=True``)."""
+
+    def __init__(
+        self,
+        channels: int = 3,
+        width: int = 64,
+        depth: int = 10,
+        kernel_size: int = 3,
+        activation: str = "leaky_relu",
+        integrator: str = "euler",
+        theta: float = 1.0,
+        time: float | None = None,
+        residual: bool = False,
+        input_size: int | list[int] = (321, 481),
+        power_size: int | list[int] | None = None,
+    ):
+        super().__init__()
+        if width < channels:
+            raise ValueError(f"width {width} must be >= channels {channels}")
+        self.channels, self.width, self.residual = channels, width, residual
+        self.input_size = _size(input_size)
+        psize = _size(power_size) if power_size is not None else None
+        self.blocks = nn.Sequential(
+            *(
+                NonexpansiveBlock(
+                    Conv2dOperator(
+                        width, width, kernel_size, self.input_size, psize, padding=kernel_size // 2
+                    ),
+                    build_activation(activation),
+                    integrator,
+                    theta,
+                    time,
+                )
+                for _ in range(depth)
+            )
+        )
+
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        """``N(x) = P^T (blocks) P x`` with ``P`` the zero-padding isometry."""
+        z = F.pad(x, (0, 0, 0, 0, 0, self.width - self.channels))
+        return self.blocks(z)[:, : self.channels]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        return x - out if self.residual else out
+
+    def _network_averagedness(self, size: Size) -> float | None:
+        alpha: float | None = None
+        for block in self.blocks:
+            a = block.averagedness(size)
+            if a is None:
+                return None
+            alpha = a if alpha is None else compose_averaged(alpha, a)
+        return alpha
+
+    def averagedness(self, input_size: Size | None = None) -> float | None:
+        """alpha-averagedness of the ``eval()`` denoiser, or ``None`` when nothing is guaranteed.
+
+        ``P^T T P`` keeps ``T``'s averagedness; ``I - N`` is ``(1 - alpha)``-averaged when ``N`` is
+        alpha-averaged with ``alpha <= 1/2``.
+        """
+        alpha = self._network_averagedness(input_size or self.input_size)
+        if alpha is None or not self.residual:
+            return alpha
+        return 1.0 - alpha if alpha <= 0.5 else None
+
+    def lipschitz_bound(self, input_size: Size | None = None) -> float:
+        """Product of block bounds; residual: ``min(1 + Lip(N), 2 alpha)`` (``I - N = alpha (I -
+        R)`` for an alpha-averaged ``N = (1 - alpha) I + alpha R``)."""
+        size = input_size or self.input_size
+        bound = math.prod(block.lipschitz_bound(size) for block in self.blocks)
+        if not self.residual:
+            return bound
+        alpha = self._network_averagedness(size)
+        return min(1.0 + bound, 2.0 * alpha) if alpha is not None else 1.0 + bound
+
+
+class DnCNN(StableModel):
+    """DnCNN: conv+ReLU, (depth-2) x conv+BN+ReLU, conv; output ``x - net(x)``."""
+
+    def __init__(
+        self,
+        channels: int = 3,
+        width: int = 64,
+        depth: int = 20,
+        kernel_size: int = 3,
+        input_size: int | list[int] = (321, 481),
+    ):
+        super().__init__()
+        self.input_size = _size(input_size)
+        pad = kernel_size // 2
+
+        def conv(cin: int, cout: int, bias: bool) -> Conv2dOperator:
+            return Conv2dOperator(cin, cout, kernel_size, self.input_size, padding=pad, bias=bias)
+
+        layers: list[nn.Module] = [conv(channels, width, True), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [conv(width, width, False), nn.BatchNorm2d(width), nn.ReLU()]
+        layers.append(conv(width, channels, False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.net(x)
+
+    def lipschitz_bound(self, input_size: Size | None = None) -> float:
+        """``1 + prod ||conv|| * prod max|gamma| / sqrt(running_var + eps)`` (eval-mode BN)."""
+        size = input_size or self.input_size
+        bound = 1.0
+        for m in self.net:
+            if isinstance(m, Conv2dOperator):
+                bound *= m.norm_bound(size)
+            elif isinstance(m, nn.BatchNorm2d):
+                scale = m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)
+                bound *= float(scale.max())
+        return 1.0 + bound
+
+
+MODELS: dict[str, Callable[..., StableModel]] = {
+    "nonexpansive_classifier": lambda **kw: Classifier(block="nonexpansive", **kw),
+    "resnet_classifier": lambda **kw: Classifier(block="residual", **kw),
+    "nonexpansive_denoiser": NonexpansiveDenoiser,
+    "dncnn": DnCNN,
+}
+
+
+def build_model(name: str, **kwargs: Any) -> StableModel:
+    """Build the model registered as ``name``; remembers ``name`` and ``kwargs`` for checkpoints."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
+    try:
+        model = MODELS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"model {name!r}: bad arguments {sorted(kwargs)}: {err}") from None
+    model.model_name, model.model_kwargs = name, dict(kwargs)
+    return model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, foreign or for another model."""
+
+
+CHECKPOINT_FORMAT = "stablenets-model-v1"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: no partial files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: StableModel, path: Path, **extra: Any) -> None:
+    """Write everything needed to rebuild ``model`` (plus ``extra`` metadata) atomically."""
+    atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "name": model.model_name,
+            "kwargs": model.model_kwargs,
+            "state_dict": model.state_dict(),
+            "extra": extra,
+        },
+        path,
+    )
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint dict with ``weights_only=True``; one clear error for any bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or foreign): {msg}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    return ckpt
+
+
+def load_model(
+    path: Path, map_location: str | torch.device = "cpu", expect_name: str | None = None
+) -> StableModel:
+    """Rebuild the model saved at ``path``, in ``eval()`` mode."""
+    ckpt = read_checkpoint(path, map_location)
+    if expect_name is not None and ckpt["name"] != expect_name:
+        raise CheckpointError(
+            f"checkpoint {path} holds model {ckpt['name']!r}, expected {expect_name!r}"
+        )
+    model = build_model(ckpt["name"], **ckpt["kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit {ckpt['name']!r}: {first}") from None
+    return model.to(map_location).eval()

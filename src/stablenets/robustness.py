@@ -1,0 +1,449 @@
+"""Adversarial robustness: L2 PGD, AutoAttack, Lipschitz certificates and their invariant.
+
+Every function accepts any ``torch.nn.Module`` classifier that maps float32 images in [0, 1] of
+shape (N, C, H, W) to logits of shape (N, K). Work runs on the model's device (that of its first
+parameter or buffer, else the CPU) with the model temporarily in evaluation mode (its previous
+train/eval flags are restored afterwards, so evaluation never updates training-time state such as
+power-iteration vectors); results come back on the input's device. Randomness comes only from
+explicitly seeded generators.
+
+Three accuracies are measured on the same test points and must satisfy, at every radius ε,
+
+    certified(ε) <= empirical(ε) <= clean,
+
+because a certified point cannot be attacked and an attack only counts points that were correctly
+classified to begin with. ``check_invariant`` enforces it: certified > empirical means the
+Lipschitz bound used for the certificate is not an upper bound (or there is a bug).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pyautoattack import AutoAttack
+from torch import Tensor, nn
+
+Attack = Callable[[nn.Module, Tensor, Tensor, float], Tensor]
+"""``attack(model, x, y, eps) -> x_adv`` with ``||x_adv - x||_2 <= eps`` per sample."""
+
+SQRT2 = math.sqrt(2.0)
+_TINY = 1e-12  # guards divisions by a zero norm
+
+
+class InvariantError(RuntimeError):
+    """Raised when certified <= empirical <= clean fails at some radius."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in evaluation mode, restoring each one's flag on exit."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def _check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+def _flat_norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm ``||t_i||_2`` over all but the first axis."""
+    return t.flatten(1).norm(dim=1)
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a (N,) vector to broadcast against ``like`` of shape (N, ...)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).argmax(dim=1)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Logits of all of ``x`` (computed batch by batch on the model's device), on the CPU."""
+    device = model_device(model)
+    with eval_mode(model):
+        parts = [model(x[s].to(device)).cpu() for s in _batches(len(x), batch_size)]
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# clean accuracy and margins
+
+
+def margins(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Logit margins and correctness, both (N,) on the CPU.
+
+    ``margin_i = z_{y_i}(x_i) - max_{j != y_i} z_j(x_i)`` and ``correct_i = argmax_j z_j = y_i``.
+    """
+    logits = _logits(model, x, batch_size)
+    labels = y.cpu().long()[:, None]
+    true = logits.gather(1, labels).squeeze(1)
+    other = logits.scatter(1, labels, float("-inf")).amax(dim=1)
+    return true - other, logits.argmax(dim=1) == labels.squeeze(1)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    """Clean accuracy ``mean_i [argmax_j z_j(x_i) = y_i]``."""
+    _, correct = margins(model, x, y, batch_size)
+    return correct.double().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
+# certificates
+
+
+def _check_lipschitz(lipschitz: float) -> None:
+    if not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"lipschitz must be finite and > 0, got {lipschitz}")
+
+
+def certified_radius(margins: Tensor, correct: Tensor, lipschitz: float) -> Tensor:
+    """Certified L2 radius per sample (float64): ``margin / (sqrt(2) L)``, 0 if misclassified.
+
+    Tsuzuku et al. (2018): if the logit map is L-Lipschitz in L2, each logit difference
+    ``z_y - z_j`` is ``sqrt(2) L``-Lipschitz, so the prediction cannot change within that radius.
+    ``lipschitz`` must be a certified *upper* bound of L.
+    """
+    _check_lipschitz(lipschitz)
+    m = margins.detach().cpu().double()
+    radius = m / (SQRT2 * lipschitz)
+    return torch.where(correct.cpu() & (m > 0), radius, torch.zeros_like(radius))
+
+
+def certified_accuracy(
+    margins: Tensor, correct: Tensor, lipschitz: float, eps_grid: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Certified accuracy at each ε: ``mean_i [correct_i and margin_i > sqrt(2) L ε]``.
+
+    ``lipschitz`` must be a certified upper bound of the L2 Lipschitz constant of the logit map
+    (Tsuzuku et al. 2018); a lower estimate (e.g. a short power iteration) is unsound.
+    """
+    _check_lipschitz(lipschitz)
+    m = margins.detach().cpu().double().numpy()
+    ok = correct.detach().cpu().numpy().astype(bool)
+    eps = np.asarray(eps_grid, dtype=np.float64)
+    certified = ok[None, :] & (m[None, :] > SQRT2 * lipschitz * eps[:, None])
+    return certified.mean(axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# L2 PGD
+
+
+def uniform_l2_ball(shape: torch.Size, generator: torch.Generator) -> Tensor:
+    """Samples uniform in the unit L2 ball of R^n, n = prod(shape[1:]), on the generator's device.
+
+    The first n coordinates of a point uniform on the unit sphere of R^(n+2) are uniform in the
+    unit ball of R^n (Voelker et al. 2017).
+    """
+    n = math.prod(shape[1:])
+    g = torch.randn(shape[0], n + 2, generator=generator, device=generator.device)
+    return (g / g.norm(dim=1, keepdim=True))[:, :n].reshape(shape)
+
+
+def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Project onto {||x' - x||_2 <= eps} ∩ [0, 1]^n: shrink δ by min(1, ε/||δ||), then clip.
+
+    Clipping to [0, 1] after the shrink keeps the ball constraint since x is in [0, 1]^n, so each
+    |δ_i| can only decrease.
+    """
+    delta = x_adv - x
+    factor = (eps / _flat_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
+    return (x + delta * _per_sample(factor, delta)).clamp(0.0, 1.0)
+
+
+def _ce_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample gradient of the cross-entropy loss with respect to the input."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _pgd_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    random_start: bool,
+    generator: torch.Generator,
+) -> Tensor:
+    """One PGD run: x_{k+1} = P(x_k + α g_k / ||g_k||_2), g_k = ∇_x CE(f(x_k), y)."""
+    x_adv = x.clone()
+    if random_start:
+        noise = uniform_l2_ball(x.shape, generator).to(device=x.device, dtype=x.dtype)
+        x_adv = (x + eps * noise).clamp(0.0, 1.0)
+    for _ in range(steps):
+        grad = _ce_gradient(model, x_adv, y)
+        direction = grad / _per_sample(_flat_norm(grad).clamp_min(_TINY), grad)
+        x_adv = project_l2(x_adv + step_size * direction, x, eps)
+    return x_adv.detach()
+
+
+def pgd_l2(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int = 10,
+    rel_step: float = 0.025,
+    random_start: bool = True,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """L2 projected gradient ascent of the cross-entropy, as foolbox's ``L2PGD``.
+
+    Each run starts at x (or uniformly at random in the ε-ball, then clipped to [0, 1]) and takes
+    ``steps`` steps ``x <- P(x + α ∇CE / ||∇CE||_2)`` with α = rel_step · ε, where P projects onto
+    the ε-ball around x and onto [0, 1]. Like foolbox it returns the last iterate of a run. With
+    ``restarts > 1``, further runs (fresh random starts) are spent only on points no run has
+    fooled yet, so a point keeps a misclassified example if any run found one. Points that are
+    misclassified already are returned unchanged, so robust accuracy never exceeds clean
+    accuracy. ``generator`` (CPU or the model's device) draws the random starts; when None a CPU
+    generator seeded with ``seed`` is used. Returns x_adv on x's device with
+    ``||x_adv - x||_2 <= eps`` per sample; ``eps = 0`` returns a copy of x.
+    """
+    _check_eps(eps)
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps} and {restarts}")
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 without random_start would repeat the same run")
+    if eps == 0 or len(x) == 0:
+        return x.clone()
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    x_dev, y_dev = x.to(device), y.to(device).long()
+    best = x_dev.clone()
+    with eval_mode(model):
+        todo = torch.nonzero(_predict(model, x_dev) == y_dev).squeeze(1)
+        for _ in range(restarts):
+            if todo.numel() == 0:
+                break
+            x_sub, y_sub = x_dev[todo], y_dev[todo]
+            adv = _pgd_run(model, x_sub, y_sub, eps, steps, rel_step * eps, random_start, gen)
+            best[todo] = adv
+            todo = todo[_predict(model, adv) == y_sub]
+    return best.to(x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack
+
+
+def _limit_targets(adversary: AutoAttack, n_classes: int) -> None:
+    """Use at most K - 1 target classes in APGD-T and FAB-T (AutoAttack assumes K >= 10)."""
+    adversary.apgd_targeted.n_target_classes = min(
+        adversary.apgd_targeted.n_target_classes, n_classes - 1
+    )
+    adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, n_classes - 1)
+
+
+@contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global RNG state afterwards (AutoAttack reseeds the global generators)."""
+    if device.type != "cuda":
+        devices = []
+    else:
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        yield
+
+
+def autoattack_l2(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    batch_size: int = 250,
+    version: str = "standard",
+    seed: int = 0,
+    attacks: Sequence[str] | None = None,
+) -> Tensor:
+    """Adversarial examples from AutoAttack (Croce & Hein 2020) in L2 at radius ε.
+
+    Returns x_adv on x's device (the same contract as ``pgd_l2``, so it can serve as the
+    ``attack`` of ``robust_accuracy_curve``): points AutoAttack fooled carry their adversarial
+    example, all others are returned unchanged; robust flags are ``argmax f(x_adv) == y``.
+    ``version="standard"`` runs APGD-CE, APGD-T, FAB-T and Square; ``version="custom"`` runs
+    ``attacks`` (e.g. ``["apgd-ce", "apgd-t"]``). Runs on the model's device, silently, with
+    ``seed``; the caller's global RNG state is left untouched. Progress output is off; the
+    sanity-check warnings of AutoAttack (logger ``auto-attack``) still surface. Constraints of
+    pyautoattack 0.2.0: float32 inputs; APGD-T and DLR losses need K >= 4 classes (with K < 10
+    the targeted attacks use K - 1 targets); Square (standard) needs images of at least 5x5.
+    """
+    _check_eps(eps)
+    if (version == "custom") != (attacks is not None):
+        raise ValueError("give attacks exactly when version='custom'")
+    if eps == 0 or len(x) == 0:
+        return x.clone()
+    device = model_device(model)
+    with eval_mode(model), _forked_rng(device):
+        n_classes = _logits(model, x[:1], 1).shape[1]
+        adversary = AutoAttack(
+            model,
+            norm="L2",
+            eps=eps,
+            version=version,
+            device=device,
+            seed=seed,
+            attacks=None if attacks is None else list(attacks),
+        )
+        adversary.verbose = False
+        _limit_targets(adversary, n_classes)
+        x_adv, _ = adversary.run_standard_evaluation(x, y.long(), batch_size=batch_size)
+    return x_adv.to(x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# curves and the invariant
+
+
+def _check_in_ball(x_adv: Tensor, x: Tensor, eps: float, radius_tol: float) -> None:
+    dist = _flat_norm(x_adv.double() - x.double())
+    if dist.numel() and dist.max().item() > eps + radius_tol:
+        raise ValueError(f"attack left the eps={eps} ball: distance {dist.max().item():.6g}")
+    if x_adv.numel() and (x_adv.min().item() < 0 or x_adv.max().item() > 1):
+        raise ValueError("attack left the image range [0, 1]")
+
+
+def robust_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    attack: Attack,
+    batch_size: int,
+    radius_tol: float = 1e-5,
+) -> float:
+    """Empirical robust accuracy ``mean_i [f(x_i) = y_i and f(attack(x_i)) = y_i]``.
+
+    Each batch's adversarial examples are checked to lie in the ε-ball (up to ``radius_tol``) and
+    in [0, 1], so that a faulty attack cannot report a falsely low robust accuracy.
+    """
+    _check_eps(eps)
+    device = model_device(model)
+    robust = 0
+    with eval_mode(model):
+        for s in _batches(len(x), batch_size):
+            xb, yb = x[s].to(device), y[s].to(device).long()
+            x_adv = attack(model, xb, yb, eps).to(device)
+            _check_in_ball(x_adv, xb, eps, radius_tol)
+            ok = (_predict(model, xb) == yb) & (_predict(model, x_adv) == yb)
+            robust += int(ok.sum().item())
+    return robust / len(x)
+
+
+def robust_accuracy_curve(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_grid: Sequence[float] | np.ndarray,
+    attack: Attack,
+    batch_size: int,
+) -> np.ndarray:
+    """Robust accuracy under ``attack`` at each ε of ``eps_grid`` (see ``robust_accuracy``).
+
+    ``attack(model, x, y, eps) -> x_adv``; bind other options with ``functools.partial``, e.g.
+    ``partial(pgd_l2, steps=10, rel_step=0.025)`` or ``partial(autoattack_l2, batch_size=500)``.
+    """
+    eps_values = np.asarray(eps_grid, dtype=np.float64)
+    return np.array(
+        [robust_accuracy(model, x, y, float(e), attack, batch_size) for e in eps_values]
+    )
+
+
+def auc(eps_grid: Sequence[float] | np.ndarray, acc: Sequence[float] | np.ndarray) -> float:
+    """Area under the curve (trapezoid rule): ``Σ_k (ε_{k+1} - ε_k)(a_k + a_{k+1}) / 2``."""
+    eps = np.asarray(eps_grid, dtype=np.float64)
+    values = np.asarray(acc, dtype=np.float64)
+    if eps.shape != values.shape or eps.ndim != 1:
+        raise ValueError(f"eps_grid and acc must be 1-D of one length: {eps.shape}, {values.shape}")
+    if np.any(np.diff(eps) < 0):
+        raise ValueError("eps_grid must be non-decreasing")
+    return float(np.trapezoid(values, eps))
+
+
+def _violations(
+    eps: np.ndarray, cert: np.ndarray, emp: np.ndarray, clean: np.ndarray, atol: float
+) -> list[str]:
+    found = []
+    for e, c, m, k in zip(eps, cert, emp, clean, strict=True):
+        if not np.all(np.isfinite([c, m, k])):
+            found.append(
+                f"eps={e:.6g}: non-finite accuracy (certified {c}, empirical {m}, clean {k})"
+            )
+        elif c > m + atol:
+            found.append(
+                f"eps={e:.6g}: certified accuracy {c:.6g} > empirical robust accuracy {m:.6g}"
+                " (unsound certificate: the Lipschitz bound is too small, or a bug)"
+            )
+        elif m > k + atol:
+            found.append(
+                f"eps={e:.6g}: empirical robust accuracy {m:.6g} > clean accuracy {k:.6g}"
+                " (the attack evaluation counts points that are misclassified when clean)"
+            )
+    return found
+
+
+def check_invariant(
+    eps_grid: Sequence[float] | np.ndarray,
+    certified: Sequence[float] | np.ndarray,
+    empirical: Sequence[float] | np.ndarray,
+    clean: float | Sequence[float] | np.ndarray,
+    model_name: str,
+    atol: float = 0.0,
+) -> None:
+    """Check ``certified(ε) <= empirical(ε) <= clean`` (within ``atol``) at every ε.
+
+    All three must be measured on the same test points. ``clean`` is a scalar or one value per ε.
+    Raises ``InvariantError`` naming the model, the first offending ε and its numbers.
+    """
+    eps = np.asarray(eps_grid, dtype=np.float64)
+    cert = np.asarray(certified, dtype=np.float64)
+    emp = np.asarray(empirical, dtype=np.float64)
+    if not (eps.ndim == 1 and cert.shape == eps.shape and emp.shape == eps.shape):
+        raise ValueError(f"shapes differ: eps {eps.shape}, certified {cert.shape}, {emp.shape}")
+    cl = np.broadcast_to(np.asarray(clean, dtype=np.float64), eps.shape)
+    found = _violations(eps, cert, emp, cl, atol)
+    if found:
+        more = f" (and {len(found) - 1} more eps)" if len(found) > 1 else ""
+        raise InvariantError(
+            f"model {model_name!r}: certified <= empirical <= clean violated at {found[0]}{more}"
+        )

@@ -1,0 +1,538 @@
+"""Tests for stablenets.data: downloads, safe extraction, HDF5 layout and every data source.
+
+Archives are built in tmp_path in the real formats (the official CIFAR-10 python tarball and
+BSR_bsds500.tgz layouts, only smaller) and served through file:// URLs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stablenets import data as D
+
+CLASS_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def add_special(tar: tarfile.TarFile, name: str, kind: bytes, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    tar.addfile(info)
+
+
+def add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    tar.addfile(info)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary files or directories left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def cifar_batch(rng: np.random.Generator, n: int, label: str) -> dict:
+    """One batch in the official format: uint8 (N, 3072) rows and a list of int labels."""
+    return {
+        b"batch_label": label.encode(),
+        b"labels": [int(v) for v in rng.integers(0, 10, n)],
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+    }
+
+
+def make_cifar_archive(folder: Path, n_per_batch: int = 6, n_test: int = 8, test=True) -> tuple:
+    """A tiny cifar-10-python.tar.gz: 5 training batches, test batch, meta and readme."""
+    rng = np.random.default_rng(7)
+    batches = [cifar_batch(rng, n_per_batch, f"training batch {i} of 5") for i in range(1, 6)]
+    test_batch = cifar_batch(rng, n_test, "testing batch 1 of 1")
+    meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": 6}
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        add_dir(tar, "cifar-10-batches-py")
+        for i, batch in enumerate(batches, start=1):
+            payload = pickle.dumps(batch, protocol=2)
+            if i == 1:  # the official files were pickled before numpy.core became numpy._core
+                payload = payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            add_bytes(tar, f"cifar-10-batches-py/data_batch_{i}", payload)
+        if test:
+            add_bytes(tar, "cifar-10-batches-py/test_batch", pickle.dumps(test_batch, protocol=2))
+        add_bytes(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+        add_bytes(tar, "cifar-10-batches-py/readme.html", b"<html></html>")
+    return archive, batches, test_batch
+
+
+def jpeg_bytes(rng: np.random.Generator, height: int, width: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+BSDS_SHAPES = {
+    "train": {"b_2.jpg": (12, 16), "a_1.jpg": (10, 14), "c_portrait.jpg": (16, 12)},
+    "val": {"v_1.jpg": (10, 14)},
+    "test": {"t_2.jpg": (14, 10), "t_1.jpg": (11, 15)},
+}
+
+
+def make_bsds_archive(folder: Path) -> tuple[Path, dict[str, dict[str, bytes]]]:
+    """A tiny BSR_bsds500.tgz with the official folder layout (and a stray Thumbs.db)."""
+    rng = np.random.default_rng(3)
+    files = {
+        split: {name: jpeg_bytes(rng, *shape) for name, shape in shapes.items()}
+        for split, shapes in BSDS_SHAPES.items()
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "BSR_bsds500.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split, contents in files.items():
+            base = f"BSR/BSDS500/data/images/{split}"
+            add_dir(tar, base)
+            add_bytes(tar, f"{base}/Thumbs.db", b"not an image")
+            for name, payload in contents.items():
+                add_bytes(tar, f"{base}/{name}", payload)
+        add_bytes(tar, "BSR/BSDS500/data/groundTruth/train/a_1.mat", b"matlab")
+    return archive, files
+
+
+def h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {f"{g}/{k}": f[g][k][()] for g in f for k in f[g]}
+
+
+# --------------------------------------------------------------------------------------------
+# checksums and downloads
+# --------------------------------------------------------------------------------------------
+
+
+def test_download_verifies_and_keeps_an_existing_good_copy(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload" * 1000)
+    dest = tmp_path / "out" / "file.bin"
+    got = D.download([src.as_uri()], dest, md5=md5_of(src), sha256=sha256_of(src))
+    assert got == dest and dest.read_bytes() == src.read_bytes()
+    assert leftovers(dest.parent) == []
+    # A good copy is kept: no URL is contacted (this one would fail).
+    D.download([(tmp_path / "gone").as_uri()], dest, sha256=sha256_of(src))
+    assert dest.read_bytes() == src.read_bytes()
+
+
+def test_download_requires_a_checksum(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x")
+    with pytest.raises(D.DataError, match="no md5 or sha256"):
+        D.download([src.as_uri()], tmp_path / "dest.bin")
+    assert not (tmp_path / "dest.bin").exists()
+
+
+def test_download_corrupted_archive_fails_clearly_and_leaves_nothing(tmp_path):
+    archive, _, _ = make_cifar_archive(tmp_path)
+    good_md5 = md5_of(archive)
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    dest_dir = tmp_path / "downloads"
+    dest_dir.mkdir()
+    with pytest.raises(D.DataError) as err:
+        D.download([archive.as_uri()], dest_dir / archive.name, md5=good_md5)
+    message = str(err.value)
+    assert archive.as_uri() in message and "checksum mismatch" in message
+    assert good_md5 in message and md5_of(archive) in message
+    assert list(dest_dir.iterdir()) == []
+
+
+def test_download_falls_back_to_a_mirror(tmp_path):
+    src = tmp_path / "mirror.bin"
+    src.write_bytes(b"mirrored")
+    dead = (tmp_path / "no_such_file").as_uri()
+    dest = tmp_path / "dest.bin"
+    D.download([dead, src.as_uri()], dest, md5=md5_of(src))
+    assert dest.read_bytes() == b"mirrored"
+
+
+def test_download_over_http_skips_a_404_mirror(tmp_path, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # talk to the local server directly
+    (tmp_path / "file.bin").write_bytes(b"served over http")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            dest = tmp_path / "dl" / "file.bin"
+            urls = [f"{base}/missing.bin", f"{base}/file.bin"]
+            D.download(urls, dest, md5=md5_of(tmp_path / "file.bin"), timeout=10)
+        finally:
+            server.shutdown()
+    assert dest.read_bytes() == b"served over http"
+
+
+def test_download_lists_every_failed_url(tmp_path):
+    dead = [(tmp_path / "a").as_uri(), "ftp://example.invalid/x", (tmp_path / "b").as_uri()]
+    with pytest.raises(D.DataError) as err:
+        D.download(dead, tmp_path / "dest.bin", sha256="0" * 64)
+    assert all(url in str(err.value) for url in dead)
+    assert "unsupported URL scheme" in str(err.value)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "dest.bin").exists()
+
+
+def test_verify_checksum(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    D.verify_checksum(path, md5=md5_of(path).upper())  # case-insensitive
+    with pytest.raises(D.DataError, match="expected sha256 " + "f" * 64):
+        D.verify_checksum(path, sha256="f" * 64)
+    with pytest.raises(D.DataError, match="no such file"):
+        D.verify_checksum(tmp_path / "missing", md5="0" * 32)
+
+
+# --------------------------------------------------------------------------------------------
+# safe extraction
+# --------------------------------------------------------------------------------------------
+
+
+def test_safe_extract_tar_and_zip(tmp_path):
+    tar_path = tmp_path / "ok.tar.bz2"
+    with tarfile.open(tar_path, "w:bz2") as tar:
+        add_dir(tar, "top")
+        add_bytes(tar, "top/a.txt", b"alpha")
+        add_bytes(tar, "top/sub/b.txt", b"beta")
+        add_special(tar, "top/link", tarfile.SYMTYPE, "sub/b.txt")  # stays inside: allowed
+    files = D.safe_extract(tar_path, tmp_path / "t")
+    assert files == sorted([tmp_path / "t/top/a.txt", tmp_path / "t/top/sub/b.txt"])
+    assert (tmp_path / "t/top/link").read_bytes() == b"beta"
+
+    zip_path = tmp_path / "ok.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("d/c.txt", b"gamma")
+    assert D.safe_extract(zip_path, tmp_path / "z") == [tmp_path / "z/d/c.txt"]
+    assert (tmp_path / "z/d/c.txt").read_bytes() == b"gamma"
+    with pytest.raises(D.DataError, match="not empty"):
+        D.safe_extract(zip_path, tmp_path / "z")
+
+
+EVIL_TAR_MEMBERS = {
+    "absolute": (lambda t: add_bytes(t, "/tmp/evil.txt", b"x"), "absolute path"),
+    "dotdot": (lambda t: add_bytes(t, "ok/../../evil.txt", b"x"), "'..' component"),
+    "symlink_out": (lambda t: add_special(t, "lnk", tarfile.SYMTYPE, "../outside"), "outside"),
+    "symlink_abs": (lambda t: add_special(t, "lnk", tarfile.SYMTYPE, "/etc/passwd"), "absolute"),
+    # 'a' -> '.', then 'z' -> 'a/..' looks inside lexically but resolves to the parent.
+    "symlink_chain": (
+        lambda t: (
+            add_special(t, "a", tarfile.SYMTYPE, "."),
+            add_special(t, "z", tarfile.SYMTYPE, "a/.."),
+        ),
+        "'z' -> 'a/..' points outside",
+    ),
+    "hardlink_out": (lambda t: add_special(t, "h", tarfile.LNKTYPE, "../../etc/passwd"), "outside"),
+    "device": (lambda t: add_special(t, "dev", tarfile.CHRTYPE), "device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL_TAR_MEMBERS))
+def test_safe_extract_refuses_unsafe_tar_members(tmp_path, case):
+    build, expected = EVIL_TAR_MEMBERS[case]
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        add_bytes(tar, "fine.txt", b"fine")
+        build(tar)
+    with pytest.raises(D.DataError, match=expected):
+        D.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == [] and not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_safe_extract_refuses_unsafe_zip_members(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("fine.txt", b"fine")
+        zf.writestr(zipfile.ZipInfo("../evil.txt"), b"x")
+    with pytest.raises(D.DataError, match="'../evil.txt'"):
+        D.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_safe_extract_refuses_a_non_archive(tmp_path):
+    junk = tmp_path / "junk.tgz"
+    junk.write_bytes(b"this is not an archive at all")
+    with pytest.raises(D.DataError, match="junk.tgz"):
+        D.safe_extract(junk, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the HDF5 layout
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_h5_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 3, 5, 6), dtype=np.uint8)
+    splits = {
+        "train": {"images": images, "labels": np.array([0, 1, 2, 1], dtype=np.int32)},
+        "test": {"images": images[:2], "labels": np.array([3, 4])},
+    }
+    attrs = {"source": "unit", "seed": 3, "noise": 0.5, "flag": True, "nested": {"a": [1, 2]}}
+    out = tmp_path / "d.h5"
+    D.write_h5(out, splits, attrs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
+    x, y = D.read_split(out, "train")
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(images).float() / 255)
+    assert y.tolist() == [0, 1, 2, 1]
+    got = D.read_attrs(out)
+    assert got["nested"] == {"a": [1, 2]} and got["source"] == "unit"
+    assert got["seed"] == 3 and got["noise"] == 0.5 and got["flag"] is True
+
+
+def test_write_h5_rejects_bad_input_and_keeps_nothing(tmp_path):
+    good = np.zeros((2, 1, 3, 3), np.uint8)
+    out = tmp_path / "bad.h5"
+    with pytest.raises(D.DataError, match="uint8"):
+        D.write_h5(out, {"train": {"images": good.astype(np.float32)}}, {})
+    with pytest.raises(D.DataError, match="some splits have labels"):
+        D.write_h5(out, {"train": {"images": good, "labels": [0, 1]}, "val": {"images": good}}, {})
+    with pytest.raises(D.DataError, match="'labels' has shape"):
+        D.write_h5(out, {"train": {"images": good, "labels": np.zeros(3, int)}}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_split_errors_name_the_problem(tmp_path):
+    with pytest.raises(D.DataError, match="missing.h5: no such dataset file"):
+        D.read_split(tmp_path / "missing.h5", "train")
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF garbage")
+    with pytest.raises(D.DataError, match="corrupt.h5: not a readable HDF5"):
+        D.read_split(corrupt, "train")
+    out = tmp_path / "d.h5"
+    D.write_h5(out, {"train": {"images": np.zeros((1, 1, 2, 2), np.uint8)}}, {})
+    with pytest.raises(D.DataError, match=r"no split 'test'.*\['train'\]"):
+        D.read_split(out, "test")
+    x, y = D.read_split(out, "train")
+    assert y is None and x.shape == (1, 1, 2, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10
+# --------------------------------------------------------------------------------------------
+
+
+def test_prepare_cifar10_end_to_end(tmp_path):
+    archive, batches, test_batch = make_cifar_archive(tmp_path / "served")
+    url = archive.as_uri()
+    local = D.download([url], tmp_path / "dl" / archive.name, md5=md5_of(archive))
+    provenance = {"url": url, "md5": md5_of(archive)}
+    out = tmp_path / "cifar10.h5"
+    D.prepare_cifar10(local, out, val_fraction=0.2, split_seed=5, provenance=provenance)
+
+    x_all = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    y_all = np.concatenate([b[b"labels"] for b in batches])
+    arrays = h5_arrays(out)
+    assert [len(arrays[f"{s}/labels"]) for s in D.SPLITS] == [24, 6, 8]
+    for split in ("train", "val"):
+        idx = arrays[f"{split}/source_index"]
+        assert np.array_equal(arrays[f"{split}/images"], x_all[idx])
+        assert np.array_equal(arrays[f"{split}/labels"], y_all[idx])
+    assert sorted(np.concatenate([arrays["train/source_index"], arrays["val/source_index"]])) == (
+        list(range(30))
+    )
+    x_test, y_test = D.read_split(out, "test")
+    assert x_test.shape == (8, 3, 32, 32) and y_test.tolist() == test_batch[b"labels"]
+    assert torch.equal(
+        x_test[3], torch.from_numpy(test_batch[b"data"][3]).float().view(3, 32, 32) / 255
+    )
+
+    attrs = D.read_attrs(out)
+    assert attrs["class_names"] == CLASS_NAMES and attrs["provenance"] == provenance
+    assert attrs["val_fraction"] == 0.2 and attrs["split_seed"] == 5
+    assert attrs["archive_sha256"] == sha256_of(archive)
+    assert leftovers(tmp_path) == []
+
+    again = tmp_path / "again.h5"
+    D.prepare_cifar10(local, again, val_fraction=0.2, split_seed=5, provenance=provenance)
+    assert all(np.array_equal(v, h5_arrays(again)[k]) for k, v in arrays.items())
+    other = tmp_path / "other.h5"
+    D.prepare_cifar10(local, other, val_fraction=0.2, split_seed=6, provenance=provenance)
+    assert not np.array_equal(h5_arrays(other)["val/source_index"], arrays["val/source_index"])
+
+
+def test_prepare_cifar10_without_test_batch_fails_and_writes_nothing(tmp_path):
+    archive, _, _ = make_cifar_archive(tmp_path, test=False)
+    out = tmp_path / "out" / "cifar10.h5"
+    with pytest.raises(D.DataError, match="test_batch"):
+        D.prepare_cifar10(archive, out, 0.1, 0, {})
+    assert list(out.parent.iterdir()) == []
+
+
+def test_prepare_cifar10_refuses_a_pickle_that_runs_code(tmp_path):
+    class Sneaky:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("data_batch_1", "test_batch"):
+            add_bytes(tar, f"cifar-10-batches-py/{name}", pickle.dumps({b"data": Sneaky()}))
+    with pytest.raises(D.DataError, match="data_batch_1.*not allowed"):
+        D.prepare_cifar10(archive, tmp_path / "c.h5", 0.1, 0, {})
+
+
+# --------------------------------------------------------------------------------------------
+# BSDS500
+# --------------------------------------------------------------------------------------------
+
+
+def expected_bsds(payload: bytes, size: tuple[int, int]) -> np.ndarray:
+    image = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+    if image.shape[0] > image.shape[1]:
+        image = image.transpose(1, 0, 2)
+    top, left = (image.shape[0] - size[0]) // 2, (image.shape[1] - size[1]) // 2
+    return image[top : top + size[0], left : left + size[1]].transpose(2, 0, 1)
+
+
+def test_prepare_bsds500_end_to_end(tmp_path):
+    archive, files = make_bsds_archive(tmp_path / "served")
+    dead = (tmp_path / "dead.tgz").as_uri()
+    local = D.download([dead, archive.as_uri()], tmp_path / archive.name, sha256=sha256_of(archive))
+    out = tmp_path / "bsds500.h5"
+    size = (10, 14)
+    D.prepare_bsds500(local, out, size, provenance={"url": archive.as_uri()})
+
+    attrs = D.read_attrs(out)
+    for split, contents in files.items():
+        names = sorted(contents)
+        assert attrs["file_names"][split] == names
+        x, y = D.read_split(out, split)
+        assert y is None and x.shape == (len(names), 3, *size)
+        stored = h5_arrays(out)[f"{split}/images"]
+        for i, name in enumerate(names):
+            assert np.array_equal(stored[i], expected_bsds(contents[name], size)), name
+    assert attrs["transposed"] == {"train": ["c_portrait.jpg"], "val": [], "test": ["t_2.jpg"]}
+    assert attrs["size"] == [10, 14] and attrs["source"] == "bsds500"
+    assert leftovers(tmp_path) == []
+
+
+def test_prepare_bsds500_refuses_images_smaller_than_the_crop(tmp_path):
+    archive, _ = make_bsds_archive(tmp_path)
+    with pytest.raises(D.DataError, match=r"a_1.jpg: image is 10x14.*smaller than 11x14"):
+        D.prepare_bsds500(archive, tmp_path / "b.h5", (11, 14), {})
+    assert not (tmp_path / "b.h5").exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic classification and smoke photographs
+# --------------------------------------------------------------------------------------------
+
+
+def test_synthetic_set_is_deterministic_and_balanced(tmp_path):
+    kwargs = dict(n_train=200, n_val=50, n_test=100, num_classes=10, image_size=32, noise=0.1)
+    D.make_synthetic_classification(tmp_path / "a.h5", seed=1, **kwargs)
+    D.make_synthetic_classification(tmp_path / "b.h5", seed=1, **kwargs)
+    D.make_synthetic_classification(tmp_path / "c.h5", seed=2, **kwargs)
+    a, b, c = (h5_arrays(tmp_path / f"{n}.h5") for n in "abc")
+    assert all(np.array_equal(v, b[k]) for k, v in a.items())
+    assert not np.array_equal(a["train/images"], c["train/images"])
+    assert a["train/images"].shape == (200, 3, 32, 32) and a["train/images"].dtype == np.uint8
+    for split, n in (("train", 200), ("val", 50), ("test", 100)):
+        assert np.bincount(a[f"{split}/labels"], minlength=10).tolist() == [n // 10] * 10
+    attrs = D.read_attrs(tmp_path / "a.h5")
+    assert attrs["source"] == "synthetic" and attrs["num_classes"] == 10 and attrs["seed"] == 1
+    assert a["train/images"].std() > 20  # images are not blank
+
+
+def test_synthetic_set_is_learnable_by_a_linear_baseline(tmp_path):
+    out = tmp_path / "s.h5"
+    D.make_synthetic_classification(out, 2000, 0, 500, 10, 32, 0.1, seed=0)
+    x_train, y_train = D.read_split(out, "train")
+    x_test, y_test = D.read_split(out, "test")
+    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    means = torch.stack([x_train[y_train == k].mean(0) for k in range(10)])
+    accuracy = (torch.cdist(x_test, means).argmin(1) == y_test).float().mean().item()
+    assert accuracy > 0.3, accuracy  # chance is 0.1
+
+
+def test_smoke_photos_hold_out_whole_photographs(tmp_path):
+    from skimage import data as skdata
+
+    size = (48, 64)
+    D.make_smoke_photos(tmp_path / "a.h5", size, n_train=8, n_val=4, n_test=4, seed=0)
+    D.make_smoke_photos(tmp_path / "b.h5", size, n_train=8, n_val=4, n_test=4, seed=0)
+    a, b = h5_arrays(tmp_path / "a.h5"), h5_arrays(tmp_path / "b.h5")
+    assert all(np.array_equal(v, b[k]) for k, v in a.items())
+    attrs = D.read_attrs(tmp_path / "a.h5")
+    photos = attrs["photos"]
+    assert photos["val"] == photos["train"] and not set(photos["train"]) & set(photos["test"])
+    assert a["test/images"].shape == (4, 3, *size)
+
+    chelsea = skdata.chelsea()
+    k, top, left = a["test/crop_origin"][0]
+    assert photos["test"][k] == "chelsea"
+    crop = chelsea[top : top + size[0], left : left + size[1]].transpose(2, 0, 1)
+    assert np.array_equal(a["test/images"][0], crop)
+    # Validation crops come from below the rows used for training, so they never overlap.
+    heights = [D._load_photo(name).shape[0] for name in photos["train"]]
+    cut = [h - round(attrs["val_rows_fraction"] * h) for h in heights]
+    for origin in a["train/crop_origin"]:
+        assert origin[1] + size[0] <= cut[origin[0]]
+    for origin in a["val/crop_origin"]:
+        assert origin[1] >= cut[origin[0]]
+
+
+def test_smoke_photos_refuse_overlapping_photo_lists(tmp_path):
+    with pytest.raises(D.DataError, match="overlap"):
+        D.make_smoke_photos(
+            tmp_path / "x.h5", (8, 8), 1, 1, 1, 0, train_photos=("coffee",), test_photos=("coffee",)
+        )

@@ -1,0 +1,267 @@
+"""Tests of the blur operator, PnP forward–backward bookkeeping and the TV deblurring baseline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stablenets.denoising import fixed_noise, psnr
+from stablenets.pnp import (
+    CircularBlur,
+    GaussianBlur,
+    assert_nonincreasing,
+    check_nonincreasing,
+    forward_backward_averagedness,
+    gaussian_kernel,
+    observe,
+    pnp_forward_backward,
+    tv_deblur,
+    uniform_kernel,
+)
+
+
+def cartoon(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
+    """Float64 piecewise-constant images in [0, 1]."""
+    x = torch.full((n, c, h, w), 0.1, dtype=torch.float64)
+    x[:, :, h // 6 : h // 2, w // 5 : 3 * w // 5] = 0.9
+    x[:, 0, h // 3 : h - 2, w // 2 : w - 3] = 0.4
+    x[1:] = x[1:].flip(-1)
+    return x
+
+
+def random_kernel(kh: int, kw: int, seed: int = 0) -> torch.Tensor:
+    """Non-symmetric kernel with signed entries (not normalised)."""
+    return torch.randn(kh, kw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def dense_matrix(op, shape: tuple[int, ...]) -> torch.Tensor:
+    """Matrix of a linear operator on float64 images of ``shape``, built column by column."""
+    size = math.prod(shape)
+    columns = [op(torch.eye(size, dtype=torch.float64)[j].reshape(1, *shape)) for j in range(size)]
+    return torch.stack([col.reshape(-1) for col in columns], dim=1)
+
+
+def smoothing_denoiser(shape: tuple[int, ...], size: int = 5, sigma: float = 1.0):
+    """``0.5 (I + G)`` with ``G`` a symmetric circular Gaussian blur: 1/2-averaged (||G|| <= 1)."""
+    g = GaussianBlur(size, sigma, shape)
+    return lambda v: 0.5 * (v + g.forward(v))
+
+
+BLURS = [
+    (lambda s: GaussianBlur(3, 0.8, s), (1, 7, 9)),
+    (lambda s: GaussianBlur(9, 1.6, s), (3, 16, 11)),
+    (lambda s: GaussianBlur(5, 2.0, s), (2, 10, 10)),
+    (lambda s: CircularBlur(uniform_kernel(3), s), (1, 5, 8)),
+    (lambda s: CircularBlur.from_kernel(random_kernel(4, 3), s), (2, 9, 6)),
+]
+
+
+@pytest.mark.parametrize(("make", "shape"), BLURS)
+def test_adjoint_identity(make, shape: tuple[int, ...]) -> None:
+    blur = make(shape)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
+    y = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
+    lhs = (blur.forward(x) * y).sum()
+    rhs = (x * blur.adjoint(y)).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("make", "shape"), BLURS)
+def test_forward_is_centred_circular_convolution(make, shape: tuple[int, ...]) -> None:
+    blur = make(shape)
+    x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    k = blur.kernel
+    ch, cw = k.shape[0] // 2, k.shape[1] // 2
+    direct = sum(
+        k[a, b] * torch.roll(x, shifts=(a - ch, b - cw), dims=(-2, -1))
+        for a in range(k.shape[0])
+        for b in range(k.shape[1])
+    )
+    assert torch.allclose(blur.forward(x), direct, atol=1e-12)
+
+
+def test_gaussian_blur_has_no_shift_and_preserves_constants() -> None:
+    shape = (1, 15, 12)
+    blur = GaussianBlur(7, 1.5, shape)
+    assert torch.allclose(blur.kernel.sum(), torch.tensor(1.0, dtype=torch.float64))
+    delta = torch.zeros(1, *shape, dtype=torch.float64)
+    delta[..., 7, 5] = 1.0
+    out = blur.forward(delta)
+    rows = torch.arange(15, dtype=torch.float64)[:, None]
+    cols = torch.arange(12, dtype=torch.float64)[None, :]
+    assert torch.allclose((out[0, 0] * rows).sum(), torch.tensor(7.0).double())
+    assert torch.allclose((out[0, 0] * cols).sum(), torch.tensor(5.0).double())
+    const = torch.full((1, *shape), 0.3, dtype=torch.float64)
+    assert torch.allclose(blur.forward(const), const)
+    assert blur.forward(const.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_kernel(4, 1.0)
+    with pytest.raises(ValueError, match="image size"):
+        blur.forward(torch.zeros(1, 1, 15, 13))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: GaussianBlur(3, 1.0, s),
+        lambda s: CircularBlur(uniform_kernel(3), s),
+        lambda s: CircularBlur.from_kernel(random_kernel(3, 2, seed=5), s),
+    ],
+)
+def test_norm_is_largest_singular_value(make) -> None:
+    shape = (1, 6, 5)
+    blur = make(shape)
+    sv_max = torch.linalg.svdvals(dense_matrix(blur.forward, shape)).max()
+    assert blur.norm() == pytest.approx(float(sv_max), rel=1e-12)
+    assert blur.norm() == pytest.approx(float(blur.transfer.abs().max()), rel=1e-15)
+    if bool((blur.kernel >= 0).all()):
+        assert blur.norm() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_prox_data_is_exact_minimiser() -> None:
+    shape = (2, 9, 10)
+    blur = GaussianBlur(5, 1.2, shape)
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn((2, *shape), generator=gen, dtype=torch.float64)
+    y = torch.randn((2, *shape), generator=gen, dtype=torch.float64)
+    tau = 0.7
+    x = blur.prox_data(v, y, tau)
+    grad = blur.adjoint(blur.forward(x) - y) + (x - v) / tau
+    assert grad.abs().max() < 1e-12
+
+
+def test_observe_uses_fixed_noise_convention() -> None:
+    x = cartoon(n=3, c=1, h=16, w=16)
+    blur = GaussianBlur(5, 1.0, x.shape[1:])
+    y = observe(x, blur, 0.02, seed=4)
+    assert torch.equal(y, fixed_noise(blur.forward(x), 0.02, seed=4))
+    assert torch.equal(observe(x[1:], blur, 0.02, seed=4, indices=[1, 2]), y[1:])
+
+
+@pytest.fixture(scope="module")
+def deblur_problem() -> tuple[torch.Tensor, GaussianBlur, torch.Tensor]:
+    clean = cartoon()
+    blur = GaussianBlur(9, 1.6, clean.shape[1:])
+    return clean, blur, observe(clean, blur, 0.01, seed=0)
+
+
+@pytest.mark.parametrize(("eta", "relax", "alpha"), [(1.0, 1.0, None), (1.9, 0.8, None)])
+def test_pnp_averaged_denoiser_converges_monotonically(deblur_problem, eta, relax, alpha) -> None:
+    clean, blur, y = deblur_problem
+    denoiser = smoothing_denoiser(clean.shape[1:])
+    x, hist = pnp_forward_backward(
+        denoiser, blur, y, eta, relax=relax, max_iter=300, tol=1e-6, reference=clean
+    )
+    assert bool(hist["converged"].all()) and not bool(hist["diverged"].any())
+    assert int(hist["iterations"].max()) < 300
+    for n in range(clean.shape[0]):
+        assert check_nonincreasing(hist["step_norm"][n]) is None
+        assert_nonincreasing(hist["step_norm"][n], model="smoothing", image=str(n))
+    assert torch.all(psnr(x, clean, 1.0) > psnr(y, clean, 1.0) + 0.5)
+    k = int(hist["iterations"][0])
+    assert hist["step_norm"].shape == (2, int(hist["iterations"].max()))
+    assert torch.allclose(hist["psnr_1"][0, k - 1], psnr(x, clean, 1.0)[0])
+    assert torch.allclose(hist["psnr_max"][0, k - 1], psnr(x, clean, "max")[0])
+    assert torch.isfinite(hist["residual"][:, :k]).all()
+
+
+def test_pnp_relaxation_beyond_one_with_declared_averagedness(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    eta, alpha = 1.0, 0.5
+    alpha_t = forward_backward_averagedness(eta, blur.norm() ** 2, alpha)
+    assert alpha_t == pytest.approx((0.5 + 0.5 - 0.5) / (1 - 0.25))
+    with pytest.raises(ValueError, match="relaxation"):
+        pnp_forward_backward(lambda v: v, blur, y, eta, relax=1.4)
+    with pytest.raises(ValueError, match="relaxation"):
+        pnp_forward_backward(lambda v: v, blur, y, eta, relax=1 / alpha_t, denoiser_alpha=alpha)
+    x, hist = pnp_forward_backward(
+        smoothing_denoiser(clean.shape[1:]), blur, y, eta, relax=1.4, denoiser_alpha=alpha
+    )
+    assert bool(hist["converged"].all())
+    assert check_nonincreasing(hist["step_norm"][0]) is None
+
+
+def test_pnp_float32_within_rounding(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    x, hist = pnp_forward_backward(smoothing_denoiser(clean.shape[1:]), blur, y.float(), 1.5)
+    assert x.dtype == torch.float32 and bool(hist["converged"].all())
+    atol = 10 * torch.finfo(torch.float32).eps * float(y.flatten(1).norm(dim=1).max())
+    assert check_nonincreasing(hist["step_norm"][0], atol=atol) is None
+
+
+def test_pnp_per_image_stopping(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    y = y.clone()
+    y[0] = 0.0  # image 0 starts at its fixed point 0 and stops after one iteration
+    x, hist = pnp_forward_backward(smoothing_denoiser(clean.shape[1:]), blur, y, 1.0)
+    assert int(hist["iterations"][0]) == 1 and int(hist["iterations"][1]) > 1
+    assert bool(hist["converged"].all())
+    assert torch.isnan(hist["step_norm"][0, 1:]).all()
+    assert torch.equal(x[0], torch.zeros_like(x[0]))
+
+
+@pytest.mark.parametrize("eta", [2.0, 2.5, 0.0, -1.0])
+def test_pnp_rejects_step_size(deblur_problem, eta: float) -> None:
+    _, blur, y = deblur_problem
+    with pytest.raises(ValueError, match=r"0 < eta < 2/\|\|K\|\|\^2"):
+        pnp_forward_backward(lambda v: v, blur, y, eta)
+
+
+@pytest.mark.parametrize("relax", [0.0, 1.01, -0.5])
+def test_pnp_rejects_relaxation(deblur_problem, relax: float) -> None:
+    _, blur, y = deblur_problem
+    with pytest.raises(ValueError, match="relaxation"):
+        pnp_forward_backward(lambda v: v, blur, y, 1.0, relax=relax)
+
+
+def test_pnp_expansive_denoiser_reported_as_diverged(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    x, hist = pnp_forward_backward(lambda v: 2.0 * v, blur, y, 1.0, reference=clean)
+    assert bool(hist["diverged"].all()) and not bool(hist["converged"].any())
+    assert int(hist["iterations"].max()) < 300
+    assert torch.isfinite(x).all()
+    assert check_nonincreasing(hist["step_norm"][0]) is not None
+    with pytest.raises(RuntimeError, match="'doubling'.*'img0'"):
+        assert_nonincreasing(hist["step_norm"][0], model="doubling", image="img0")
+
+
+def test_pnp_non_finite_denoiser_reported(deblur_problem) -> None:
+    _, blur, y = deblur_problem
+    x, hist = pnp_forward_backward(lambda v: v * math.nan, blur, y, 1.0)
+    assert bool(hist["diverged"].all())
+    assert hist["iterations"].tolist() == [1, 1]
+    assert torch.isinf(hist["step_norm"][:, 0]).all()
+    assert torch.equal(x, y)  # the last finite iterate (x0 = y) is returned
+    assert check_nonincreasing(hist["step_norm"][0]) == 0
+
+
+def test_check_nonincreasing() -> None:
+    diffs = [1.0 / (k + 1) for k in range(20)]
+    assert check_nonincreasing(diffs) is None
+    injected = list(diffs)
+    injected[7] = injected[6] * 1.01
+    assert check_nonincreasing(injected) == 7
+    assert check_nonincreasing(torch.tensor(injected)) == 7
+    within = list(diffs)
+    within[7] = within[6] * (1 + 1e-7)
+    assert check_nonincreasing(within) is None
+    assert check_nonincreasing([1.0, 1.0, 0.5]) is None
+    padded = [*diffs, math.nan, math.nan]
+    assert check_nonincreasing(padded) is None
+    assert check_nonincreasing([1.0, 0.5, math.inf, math.nan]) == 2
+    assert check_nonincreasing([1.0, math.nan, 0.5]) == 1
+    assert check_nonincreasing([1.0, 1.0 + 1e-3], atol=1e-2) is None
+    with pytest.raises(RuntimeError, match="'model-x'.*'image-3'.*iteration 7"):
+        assert_nonincreasing(injected, model="model-x", image="image-3")
+    assert_nonincreasing(diffs, model="model-x", image="image-3")
+
+
+def test_tv_deblur_improves_psnr(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    x = tv_deblur(y, blur, 0.01, iters=200)
+    gain = psnr(x, clean, 1.0) - psnr(y, clean, 1.0)
+    assert torch.all(gain > 5.0), gain
+    assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2), clean, 1.0))
