@@ -18,6 +18,15 @@ from stablenets.denoising import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: avoid thread oversubscription on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def piecewise_constant(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
     """Float64 cartoon images in [0, 1]: two overlapping rectangles on a dark background."""
     x = torch.full((n, c, h, w), 0.1, dtype=torch.float64)

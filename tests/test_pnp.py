@@ -22,6 +22,15 @@ from stablenets.pnp import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: avoid thread oversubscription on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cartoon(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
     """Float64 piecewise-constant images in [0, 1]."""
     x = torch.full((n, c, h, w), 0.1, dtype=torch.float64)
@@ -43,7 +52,7 @@ def dense_matrix(op, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([col.reshape(-1) for col in columns], dim=1)
 
 
-def smoothing_denoiser(shape: tuple[int, ...], size: int = 5, sigma: float = 1.0):
+def smoothing_denoiser(shape: tuple[int, ...], size: int = 3, sigma: float = 0.5):
     """``0.5 (I + G)`` with ``G`` a symmetric circular Gaussian blur: 1/2-averaged (||G|| <= 1)."""
     g = GaussianBlur(size, sigma, shape)
     return lambda v: 0.5 * (v + g.forward(v))
@@ -56,9 +65,10 @@ BLURS = [
     (lambda s: CircularBlur(uniform_kernel(3), s), (1, 5, 8)),
     (lambda s: CircularBlur.from_kernel(random_kernel(4, 3), s), (2, 9, 6)),
 ]
+BLUR_IDS = ["gauss3-7x9", "gauss9-16x11", "gauss5-10x10", "box3-5x8", "random4x3-9x6"]
 
 
-@pytest.mark.parametrize(("make", "shape"), BLURS)
+@pytest.mark.parametrize(("make", "shape"), BLURS, ids=BLUR_IDS)
 def test_adjoint_identity(make, shape: tuple[int, ...]) -> None:
     blur = make(shape)
     gen = torch.Generator().manual_seed(1)
@@ -69,7 +79,7 @@ def test_adjoint_identity(make, shape: tuple[int, ...]) -> None:
     assert torch.allclose(lhs, rhs, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("make", "shape"), BLURS)
+@pytest.mark.parametrize(("make", "shape"), BLURS, ids=BLUR_IDS)
 def test_forward_is_centred_circular_convolution(make, shape: tuple[int, ...]) -> None:
     blur = make(shape)
     x = torch.randn((2, *shape), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -148,8 +158,8 @@ def deblur_problem() -> tuple[torch.Tensor, GaussianBlur, torch.Tensor]:
     return clean, blur, observe(clean, blur, 0.01, seed=0)
 
 
-@pytest.mark.parametrize(("eta", "relax", "alpha"), [(1.0, 1.0, None), (1.9, 0.8, None)])
-def test_pnp_averaged_denoiser_converges_monotonically(deblur_problem, eta, relax, alpha) -> None:
+@pytest.mark.parametrize(("eta", "relax"), [(1.0, 1.0), (1.9, 0.8)])
+def test_pnp_averaged_denoiser_converges_monotonically(deblur_problem, eta, relax) -> None:
     clean, blur, y = deblur_problem
     denoiser = smoothing_denoiser(clean.shape[1:])
     x, hist = pnp_forward_backward(
@@ -160,12 +170,14 @@ def test_pnp_averaged_denoiser_converges_monotonically(deblur_problem, eta, rela
     for n in range(clean.shape[0]):
         assert check_nonincreasing(hist["step_norm"][n]) is None
         assert_nonincreasing(hist["step_norm"][n], model="smoothing", image=str(n))
-    assert torch.all(psnr(x, clean, 1.0) > psnr(y, clean, 1.0) + 0.5)
+    assert torch.all(psnr(x, clean, 1.0) > psnr(y, clean, 1.0) + 1.0)
     k = int(hist["iterations"][0])
     assert hist["step_norm"].shape == (2, int(hist["iterations"].max()))
     assert torch.allclose(hist["psnr_1"][0, k - 1], psnr(x, clean, 1.0)[0])
     assert torch.allclose(hist["psnr_max"][0, k - 1], psnr(x, clean, "max")[0])
-    assert torch.isfinite(hist["residual"][:, :k]).all()
+    for n, k_n in enumerate(hist["iterations"].tolist()):
+        assert torch.isfinite(hist["residual"][n, :k_n]).all()
+        assert torch.isnan(hist["residual"][n, k_n:]).all()
 
 
 def test_pnp_relaxation_beyond_one_with_declared_averagedness(deblur_problem) -> None:

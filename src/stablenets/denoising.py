@@ -67,7 +67,7 @@ def psnr(x: Tensor, ref: Tensor, peak: str | float = "max") -> Tensor:
 
 
 def noise_generator(seed: int, index: int) -> torch.Generator:
-    """CPU generator seeded by the pair ``(seed, index)`` (mixed by ``numpy.random.SeedSequence``)."""
+    """CPU generator seeded by ``(seed, index)``, mixed by ``numpy.random.SeedSequence``."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got ({seed}, {index})")
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)

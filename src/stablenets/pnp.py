@@ -384,7 +384,7 @@ def assert_nonincreasing(
     rtol: float = 1e-5,
     atol: float = 0.0,
 ) -> None:
-    """Raise ``RuntimeError`` naming ``model`` and ``image`` if :func:`check_nonincreasing` fails."""
+    """Raise ``RuntimeError`` naming model and image if :func:`check_nonincreasing` fails."""
     k = check_nonincreasing(diffs, rtol=rtol, atol=atol)
     if k is None:
         return

@@ -1,0 +1,119 @@
+"""Validate ``config.yaml`` against the JSON Schema, fill defaults, check cross-field rules.
+
+Errors are one line naming the key (dotted path) and what was expected, e.g.
+``config: classification.train.stepz: unknown key; allowed: batch_size, checkpoint_every, ...``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, ValidationError, validators
+
+__all__ = ["ConfigError", "validate_config", "load_schema"]
+
+CLASSIFIERS = {"nonexpansive_classifier", "resnet_classifier"}
+DENOISERS = {"nonexpansive_denoiser", "dncnn"}
+_PROBE_SIZE = (3, 64, 64)  # image size on which the blur's norm is computed (size-independent)
+
+
+class ConfigError(ValueError):
+    """A configuration value that the schema or a cross-field rule rejects."""
+
+
+def _with_defaults(base):
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema) -> Iterator[ValidationError]:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(base, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(Draft202012Validator)
+
+
+def load_schema(path: Path) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def _where(error: ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def _describe(error: ValidationError) -> str:
+    where = _where(error)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
+        return f"{keys}: unknown key; allowed: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"{where}: {error.instance!r} is not allowed; allowed: {error.validator_value}"
+    return f"{where}: {error.message}"
+
+
+def _schema_errors(config: dict, schema: dict) -> list[str]:
+    validator = _Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    leaves = [e for e in errors if not e.context] + [c for e in errors for c in e.context]
+    own = [e for e in errors if not e.context]
+    return [_describe(e) for e in (own or leaves)]
+
+
+def _cross_field_errors(config: dict) -> list[str]:
+    from .pnp import GaussianBlur  # the blur operator decides the PnP step-size limit
+
+    errors = []
+    for task, allowed in (("classification", CLASSIFIERS), ("denoising", DENOISERS)):
+        for name, variant in config[task]["variants"].items():
+            if variant["model"] not in allowed:
+                errors.append(
+                    f"{task}.variants.{name}.model: {variant['model']!r} is not a {task} model; "
+                    f"allowed: {sorted(allowed)}"
+                )
+    for ds in ("cifar10", "bsds500"):
+        spec = config["data"][ds]
+        if spec["source"] == "download" and not (spec.get("urls") and (spec.get("md5") or spec.get("sha256"))):
+            errors.append(f"data.{ds}: source 'download' needs urls and an md5 or sha256 checksum")
+    pnp = config["pnp"]
+    unknown = sorted(set(pnp["denoisers"]) - set(config["denoising"]["variants"]))
+    if unknown:
+        errors.append(
+            f"pnp.denoisers: {unknown} are not denoising variants; "
+            f"allowed: {sorted(config['denoising']['variants'])}"
+        )
+    if pnp["noise_level"] not in config["denoising"]["noise_levels"]:
+        errors.append(
+            f"pnp.noise_level: {pnp['noise_level']} is not one of denoising.noise_levels "
+            f"{config['denoising']['noise_levels']}"
+        )
+    norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], _PROBE_SIZE).norm()
+    if not pnp["eta"] < 2 / norm**2:
+        errors.append(
+            f"pnp.eta: {pnp['eta']} must be < 2/||K||^2 = {2 / norm**2:.6g} for a convergent "
+            "forward-backward iteration"
+        )
+    return errors
+
+
+def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, Any]:
+    """Return ``config`` with defaults filled in; raise ``ConfigError`` listing every problem."""
+    if isinstance(schema, (str, Path)):
+        schema = load_schema(Path(schema))
+    config = copy.deepcopy(config)
+    errors = _schema_errors(config, schema)
+    if not errors:
+        errors = _cross_field_errors(config)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(f"config: {e}" for e in errors))
+    return config

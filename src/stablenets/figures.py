@@ -1,0 +1,639 @@
+"""Figures (PDF and PNG) from the pipeline's result files, in one shared style.
+
+Every figure function reads result files, draws, saves ``stem.pdf`` and ``stem.png`` atomically
+and returns the :class:`~matplotlib.figure.Figure` (for inspection in tests). Figures are built
+with :class:`~matplotlib.figure.Figure` directly, never through ``pyplot``: no display, no
+global figure registry, nothing to close.
+
+Colours: :func:`model_colors` gives a model the same colour in every figure; every line drawn
+for a model carries the model's name as its ``gid``.
+
+This module reads files only; it imports no other ``stablenets`` module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+__all__ = [
+    "KNOWN_MODELS",
+    "set_style",
+    "model_colors",
+    "save_figure",
+    "robustness_figure",
+    "training_figure",
+    "denoising_examples_figure",
+    "pnp_convergence_figure",
+    "pnp_reconstructions_figure",
+]
+
+# ----------------------------------------------------------------------------- style constants
+
+#: Known model names, in colour order: the i-th gets the i-th colour of ``KNOWN_COLORS``.
+KNOWN_MODELS = (
+    "nonexpansive",
+    "resnet",
+    "euler",
+    "heun",
+    "rk4",
+    "euler_residual",
+    "averaged",
+    "dncnn",
+    "tv",
+    "observed",
+)
+_CB = sns.color_palette("colorblind", 10)  # Wong / seaborn colour-blind-safe palette
+#: Colours of ``KNOWN_MODELS`` (TV gets a darker yellow than the palette's, observed grey).
+KNOWN_COLORS = tuple(to_hex(c) for c in (*_CB[:7], _CB[9], "#b8850a", _CB[7]))
+#: Colours for unknown names, taken in their sorted order (cycled if more are needed).
+EXTRA_COLORS = tuple(to_hex(c) for c in sns.color_palette("dark", 10))
+
+PNG_DPI = 150
+FONT_SCALE = 1.1
+STYLE_RC: dict[str, Any] = {
+    "font.family": "DejaVu Sans",
+    "pdf.fonttype": 42,  # embed TrueType: text stays editable and searchable
+    "ps.fonttype": 42,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "lines.linewidth": 1.4,
+    "savefig.dpi": PNG_DPI,
+}
+PANEL_SIZE = (3.3, 2.5)  # inches per plot panel
+IMAGE_SIZE = 1.8  # inches of the longer side of one image panel
+BAND_ALPHA = 0.18  # light bands (min-max over blocks or images)
+EPS_PAD = 0.015  # left x margin (fraction of the ε range) so the ε=0 marker is not clipped
+N_EXAMPLES = 2  # example crops / images shown by default
+CURVE_STYLES = {"certified": "--", "empirical": "-", "pgd": ":"}
+CURVE_LABELS = {
+    "certified": "certified",
+    "empirical": "empirical (strongest attack)",
+    "pgd": "PGD",
+}
+TRAIN_VAL_STYLES = {"train": "-", "val": "--"}
+REFERENCE_STYLES = {"observed": ":", "final": "-."}  # horizontal reference lines (PnP)
+CORNER_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0}
+
+
+def set_style() -> None:
+    """The one style of all figures: seaborn ``paper`` context, white grid, colour-blind
+    palette, embedded TrueType fonts."""
+    sns.set_theme(
+        context="paper",
+        style="whitegrid",
+        palette=list(KNOWN_COLORS),
+        font_scale=FONT_SCALE,
+        rc=STYLE_RC,
+    )
+
+
+def _ordered(names: Iterable[str]) -> list[str]:
+    """Known names in ``KNOWN_MODELS`` order, then unknown names sorted."""
+    unique = set(names)
+    known = [n for n in KNOWN_MODELS if n in unique]
+    return known + sorted(unique - set(KNOWN_MODELS))
+
+
+def model_colors(names: Iterable[str]) -> dict[str, str]:
+    """Hex colour per model name: a fixed colour per known name (``KNOWN_MODELS``), unknown
+    names in sorted order from ``EXTRA_COLORS``. Deterministic, so the same known model has
+    the same colour in every figure."""
+    colors: dict[str, str] = {}
+    unknown = 0
+    for name in _ordered(names):
+        if name in KNOWN_MODELS:
+            colors[name] = KNOWN_COLORS[KNOWN_MODELS.index(name)]
+        else:
+            colors[name] = EXTRA_COLORS[unknown % len(EXTRA_COLORS)]
+            unknown += 1
+    return colors
+
+
+def save_figure(fig: Figure, stem: Path) -> None:
+    """Write ``stem.pdf`` and ``stem.png`` (``PNG_DPI``), tight bounding box, each atomically;
+    without time stamps, so the same figure gives the same PDF."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    formats = {"pdf": {"metadata": {"CreationDate": None}}, "png": {"dpi": PNG_DPI}}
+    for suffix, kwargs in formats.items():
+        path = stem.with_name(f"{stem.name}.{suffix}")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{suffix}")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=suffix, bbox_inches="tight", **kwargs)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class _Result:
+    """One HDF5 result file: attributes and the requested datasets that exist."""
+
+    path: Path
+    attrs: dict[str, Any]
+    data: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs.get("variant", self.path.stem))
+
+    @property
+    def seed(self) -> int:
+        value = self.attrs.get("seed", -1)
+        return int(value) if np.isfinite(value) else -1
+
+    def number(self, key: str) -> float:
+        try:
+            return float(self.attrs[key])
+        except (KeyError, TypeError, ValueError):
+            return math.nan
+
+
+def _read(path: Path, datasets: Sequence[str]) -> _Result:
+    with h5py.File(path, "r") as fh:
+        attrs = {k: _scalar(v) for k, v in fh.attrs.items()}
+        data = {k: np.asarray(fh[k]) for k in datasets if k in fh}
+    return _Result(Path(path), attrs, data)
+
+
+def _first_seed(results: Iterable[_Result], key=lambda r: r.name) -> dict[str, _Result]:
+    """One result per model (its lowest seed), in model order."""
+    chosen: dict[str, _Result] = {}
+    for r in sorted(results, key=lambda r: r.seed):
+        chosen.setdefault(key(r), r)
+    return {k: chosen[k] for k in _ordered(chosen)}
+
+
+def _group(results: Iterable[_Result]) -> dict[str, list[_Result]]:
+    groups: dict[str, list[_Result]] = {}
+    for r in results:
+        groups.setdefault(r.name, []).append(r)
+    return {k: groups[k] for k in _ordered(groups)}
+
+
+# ----------------------------------------------------------------------------- drawing helpers
+
+
+def _new_figure(nrows: int, ncols: int, panel: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    set_style()
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _finish(fig: Figure, stem: Path) -> Figure:
+    save_figure(fig, stem)
+    return fig
+
+
+def _model_handles(colors: Mapping[str, str], labels: Mapping[str, str] | None = None):
+    labels = labels or {}
+    return [Line2D([], [], color=c, label=labels.get(n, n)) for n, c in colors.items()]
+
+
+def _style_handles(styles: Mapping[str, str], labels: Mapping[str, str] | None = None):
+    labels = labels or {}
+    return [
+        Line2D([], [], color="0.3", linestyle=ls, label=labels.get(k, k))
+        for k, ls in styles.items()
+    ]
+
+
+def _side_legends(fig: Figure, *groups: tuple[str, list[Line2D]]) -> None:
+    """Legends outside the plot area on the right, one per (title, handles) group."""
+    locations = ("outside right upper", "outside right lower")
+    for (title, handles), loc in zip(groups, locations, strict=False):
+        if handles:
+            fig.legend(handles=handles, title=title, loc=loc)
+
+
+def _band(ax: Axes, x: np.ndarray, rows: np.ndarray, color: str, gid: str, center: str) -> None:
+    """``center`` (mean or median) line over the rows of ``rows`` with a light min-max band."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are expected
+        middle = np.nanmean(rows, 0) if center == "mean" else np.nanmedian(rows, 0)
+        low, high = np.nanmin(rows, 0), np.nanmax(rows, 0)
+    if rows.shape[0] > 1:
+        ax.fill_between(x, low, high, color=color, alpha=BAND_ALPHA, linewidth=0, gid=gid)
+    ax.plot(x, middle, color=color, gid=gid)
+
+
+def _band_handle(label: str) -> Patch:
+    return Patch(color="0.3", alpha=BAND_ALPHA, label=label)
+
+
+def _show_image(ax: Axes, chw: np.ndarray) -> None:
+    """A (C, H, W) image clipped to [0, 1], without ticks."""
+    image = np.clip(np.asarray(chw, dtype=np.float64), 0.0, 1.0)
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(np.moveaxis(image, 0, -1), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def _corner(ax: Axes, text: str) -> None:
+    ax.text(0.03, 0.04, text, transform=ax.transAxes, ha="left", va="bottom", bbox=CORNER_BOX)
+
+
+def _image_grid(nrows: int, ncols: int, shape: tuple[int, ...]) -> tuple[Figure, np.ndarray]:
+    height, width = shape[-2:]
+    scale = IMAGE_SIZE / max(height, width)
+    return _new_figure(nrows, ncols, (width * scale, height * scale))
+
+
+def _psnr_peak1(x: np.ndarray, ref: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _db(value: float) -> str:
+    return f"{value:.2f} dB" if np.isfinite(value) else "n/a"
+
+
+# ----------------------------------------------------------------------------- robustness
+
+_ROBUST_SETS = ("eps", "certified", "empirical", "pgd")
+
+
+def _mean_curves(results: list[_Result]) -> dict[str, np.ndarray]:
+    """Curves averaged over seeds on the first seed's ε grid."""
+    eps = results[0].data["eps"].astype(np.float64)
+    out = {"eps": eps}
+    for curve in CURVE_STYLES:
+        stacked = [np.interp(eps, r.data["eps"], r.data[curve]) for r in results]
+        out[curve] = np.mean(stacked, axis=0)
+    out["clean"] = np.array([np.mean([r.number("clean_accuracy") for r in results])])
+    return out
+
+
+def robustness_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
+    """Robust accuracy (%) against the L2 radius ε: certified dashed, strongest empirical
+    solid, PGD dotted, clean accuracy marked at ε = 0; one colour per model (mean over
+    seeds)."""
+    groups = _group(_read(p, _ROBUST_SETS) for p in eval_paths)
+    if not groups:
+        raise ValueError("no evaluation files given")
+    colors = model_colors(groups)
+    fig, axes = _new_figure(1, 1, (PANEL_SIZE[0] * 1.5, PANEL_SIZE[1] * 1.5))
+    ax, eps_max = axes[0, 0], 0.0
+    labels = {}
+    for name, results in groups.items():
+        curves = _mean_curves(results)
+        eps_max = max(eps_max, float(curves["eps"].max()))
+        for curve, style in CURVE_STYLES.items():
+            ax.plot(curves["eps"], 100 * curves[curve], ls=style, color=colors[name], gid=name)
+        ax.plot([0.0], 100 * curves["clean"], "o", color=colors[name], gid=name, clip_on=False)
+        n = len(results)
+        labels[name] = f"{name} (mean of {n} seeds)" if n > 1 else name
+    ax.set_xlim(-EPS_PAD * eps_max, eps_max * (1 + EPS_PAD))
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("L2 radius ε (inputs in [0, 1])")
+    ax.set_ylabel("robust accuracy (%)")
+    clean = Line2D([], [], color="0.3", marker="o", ls="none", label="clean (ε = 0)")
+    _side_legends(
+        fig,
+        ("model", _model_handles(colors, labels)),
+        ("accuracy", [*_style_handles(CURVE_STYLES, CURVE_LABELS), clean]),
+    )
+    return _finish(fig, stem)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One training-diagnostics panel: what it shows and whether a log has it."""
+
+    key: str
+    ylabel: str
+    log_y: bool = False
+
+
+def _block_columns(log: pd.DataFrame, kind: str) -> list[str]:
+    pattern = re.compile(rf"block(\d+)_{kind}")
+    found = [(int(m.group(1)), c) for c in log.columns if (m := pattern.fullmatch(c))]
+    return [c for _, c in sorted(found)]
+
+
+def _has(log: pd.DataFrame, columns: Sequence[str]) -> bool:
+    return (
+        bool(columns)
+        and all(c in log.columns for c in columns)
+        and (log[list(columns)].notna().to_numpy().any())
+    )
+
+
+def _panel_columns(log: pd.DataFrame, key: str) -> list[str]:
+    if key in ("norms", "block_substeps"):
+        return _block_columns(log, "norm" if key == "norms" else "substeps")
+    return [key] if key in log.columns else []
+
+
+def _metric_label(paths: Iterable[Path]) -> tuple[str, float]:
+    tasks = {"denoising" in Path(p).parts for p in paths}
+    if len(tasks) > 1:
+        raise ValueError("training logs of classification and denoising in one figure")
+    return ("PSNR (dB)", 1.0) if tasks == {True} else ("accuracy (%)", 100.0)
+
+
+def _draw_panel(ax: Axes, key: str, log: pd.DataFrame, color: str, name: str, scale: float):
+    train = log[log["kind"] == "train"]
+    if key == "metric":
+        val = log[log["kind"] == "val"]
+        for part, style in ((train, TRAIN_VAL_STYLES["train"]), (val, TRAIN_VAL_STYLES["val"])):
+            rows = part.dropna(subset=["metric"])
+            if len(rows):
+                marker = "o" if part is val else None
+                ax.plot(
+                    rows["step"],
+                    scale * rows["metric"],
+                    ls=style,
+                    marker=marker,
+                    markersize=3,
+                    color=color,
+                    gid=name,
+                )
+    elif key in ("norms", "block_substeps"):
+        columns = _panel_columns(train, key)
+        _band(ax, train["step"].to_numpy(), train[columns].to_numpy(float).T, color, name, "median")
+    else:
+        rows = train.dropna(subset=[key])
+        drawstyle = "steps-post" if key == "substeps" else "default"
+        ax.plot(rows["step"], rows[key], color=color, gid=name, drawstyle=drawstyle)
+
+
+def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
+    """Training diagnostics against step, one colour per model: loss, accuracy or PSNR (train
+    solid, validation dashed), learning rate, total sub-steps, and for models with constrained
+    blocks the per-block norm estimates and sub-steps (median line, min-max band over blocks).
+    Panels no log has are left out."""
+    if not log_paths:
+        raise ValueError("no training logs given")
+    metric_label, scale = _metric_label(log_paths.values())
+    logs = {n: pd.read_csv(log_paths[n]) for n in _ordered(log_paths)}
+    panels = [
+        _Panel("loss", "training loss", log_y=True),
+        _Panel("metric", metric_label),
+        _Panel("lr", "learning rate", log_y=True),
+        _Panel("substeps", "total sub-steps"),
+        _Panel("norms", "block norm estimate ‖A_i‖"),
+        _Panel("block_substeps", "sub-steps per block"),
+    ]
+    panels = [p for p in panels if any(_has(g, _panel_columns(g, p.key)) for g in logs.values())]
+    ncols = 3 if len(panels) > 4 else min(len(panels), 2)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _new_figure(nrows, ncols, PANEL_SIZE)
+    colors = model_colors(logs)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for name, log in logs.items():
+            if _has(log, _panel_columns(log, panel.key)):
+                _draw_panel(ax, panel.key, log, colors[name], name, scale)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(panel.ylabel)
+        if panel.log_y:
+            ax.set_yscale("log")
+    for ax in axes.flat[len(panels) :]:
+        fig.delaxes(ax)
+    _side_legends(
+        fig,
+        ("model", _model_handles(colors)),
+        (
+            "curve",
+            [
+                *_style_handles(TRAIN_VAL_STYLES, {"val": "validation"}),
+                _band_handle("min-max over blocks"),
+            ],
+        ),
+    )
+    return _finish(fig, stem)
+
+
+# ----------------------------------------------------------------------------- denoising
+
+_CROP_SETS = ("crops/clean", "crops/noisy", "crops/denoised", "crops/psnr", "psnr", "noisy_psnr")
+
+
+def _noisy_crop_psnr(ref: _Result, k: int) -> str:
+    """PSNR label of noisy crop ``k``: its full image's noisy PSNR when the crops are of the
+    first test images (as ``crops/psnr`` then shows), else computed on the crop itself."""
+    d = ref.data
+    full = "crops/psnr" in d and "psnr" in d and "noisy_psnr" in d
+    if full and np.allclose(d["crops/psnr"], d["psnr"][: len(d["crops/psnr"])], equal_nan=True):
+        return _db(float(d["noisy_psnr"][k]))
+    clean = d["crops/clean"][k]
+    peak = float(np.max(clean)) ** 2
+    mse = float(np.mean((d["crops/noisy"][k].astype(np.float64) - clean) ** 2))
+    return f"{_db(10 * math.log10(peak / mse))} (crop)"
+
+
+def _single_sigma(results: Iterable[_Result]) -> float:
+    sigmas = {s for s in (r.number("sigma") for r in results) if np.isfinite(s)}
+    if len(sigmas) > 1:
+        raise ValueError(f"denoising examples of several noise levels {sorted(sigmas)}")
+    return sigmas.pop() if sigmas else math.nan
+
+
+def _same_images(results: Iterable[_Result], key: str, n: int) -> np.ndarray:
+    results = list(results)
+    reference = results[0].data[key][:n]
+    for r in results[1:]:
+        if r.data[key][:n].shape != reference.shape or not np.allclose(r.data[key][:n], reference):
+            raise ValueError(f"{r.path} shows other images ({key}) than {results[0].path}")
+    return reference
+
+
+def denoising_examples_figure(
+    eval_paths: Iterable[Path], stem: Path, n_crops: int = N_EXAMPLES
+) -> Figure:
+    """Grid of example crops: clean, noisy, then each denoiser (lowest seed), with the PSNR of
+    the crop's full test image (paper's peak definition) in the corner."""
+    results = [_read(p, _CROP_SETS) for p in eval_paths]
+    if not results:
+        raise ValueError("no evaluation files given")
+    sigma = _single_sigma(results)
+    models = _first_seed(results)
+    reference = next(iter(models.values()))
+    n = min(n_crops, len(reference.data["crops/clean"]))
+    clean = _same_images(models.values(), "crops/clean", n)
+    noisy_title = f"noisy (σ = {sigma:g})" if np.isfinite(sigma) else "noisy"
+    titles = ["clean", noisy_title, *models]
+    fig, axes = _image_grid(n, len(titles), clean.shape)
+    for k in range(n):
+        row = axes[k]
+        _show_image(row[0], clean[k])
+        _show_image(row[1], reference.data["crops/noisy"][k])
+        _corner(row[1], _noisy_crop_psnr(reference, k))
+        for ax, r in zip(row[2:], models.values(), strict=True):
+            _show_image(ax, r.data["crops/denoised"][k])
+            _corner(ax, _db(float(r.data["crops/psnr"][k])))
+        row[0].set_ylabel(f"test image {k + 1}")
+    for ax, title in zip(axes[0], titles, strict=True):
+        ax.set_title(title)
+    return _finish(fig, stem)
+
+
+# ----------------------------------------------------------------------------- plug-and-play
+
+_PNP_SETS = (
+    "history/step_norm",
+    "history/psnr_1",
+    "images/clean",
+    "images/observed",
+    "images/recon",
+)
+
+
+def _sigma_from_path(path: Path) -> str:
+    for part in reversed(path.parts[:-1]):
+        if re.fullmatch(r"sigma[0-9.eE+-]+", part):
+            return part.removeprefix("sigma")
+    return ""
+
+
+def _pnp_labels(results: list[_Result]) -> dict[int, str]:
+    """Legend label per result: the variant, plus the denoiser's σ when several are shown."""
+    sigmas = {_sigma_from_path(r.path) for r in results if r.name != "tv"}
+    several = len(sigmas) > 1
+    labels = {}
+    for i, r in enumerate(results):
+        sigma = _sigma_from_path(r.path)
+        labels[i] = f"{r.name} (σ = {sigma})" if several and sigma else r.name
+    return labels
+
+
+def _stack(rows: list[np.ndarray]) -> np.ndarray:
+    """Stack (N_i, K_i) histories into (sum N_i, max K_i), NaN-padded."""
+    width = max(r.shape[1] for r in rows)
+    padded = [
+        np.pad(r.astype(float), ((0, 0), (0, width - r.shape[1])), constant_values=np.nan)
+        for r in rows
+    ]
+    return np.concatenate(padded, axis=0)
+
+
+def _forward_fill(rows: np.ndarray) -> np.ndarray:
+    """Hold each image's last value after it stopped (NaN padding)."""
+    return pd.DataFrame(rows).ffill(axis=1).to_numpy()
+
+
+def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: str) -> bool:
+    have = [r for r in results if "history/psnr_1" in r.data and r.data["history/psnr_1"].size]
+    if not have:
+        return False
+    psnr = _forward_fill(_stack([r.data["history/psnr_1"] for r in have]))
+    _band(axes[0], np.arange(1, psnr.shape[1] + 1), psnr, color, name, "mean")
+    steps = [r.data["history/step_norm"] for r in have if "history/step_norm" in r.data]
+    if steps:
+        norm = _stack(steps)
+        norm[norm <= 0] = np.nan  # log scale
+        _band(axes[1], np.arange(1, norm.shape[1] + 1), norm, color, name, "mean")
+    return True
+
+
+def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
+    """PSNR (dB, peak 1) and ``||x_{k+1} - x_k||`` (log scale) against iteration: mean over
+    test images (and seeds) with a light min-max band, one colour per method; methods without
+    a history (TV) as a horizontal line at their final PSNR, the observed PSNR dotted."""
+    results = [_read(p, _PNP_SETS) for p in pnp_paths]
+    if not results:
+        raise ValueError("no PnP result files given")
+    labels = _pnp_labels(results)
+    groups: dict[str, list[_Result]] = {}
+    for i, r in enumerate(results):
+        groups.setdefault(labels[i], []).append(r)
+    variant = {label: rs[0].name for label, rs in groups.items()}
+    colors = model_colors([*variant.values(), "observed"])
+    fig, axes = _new_figure(1, 2, PANEL_SIZE)
+    axes = axes[0]
+    for label in sorted(groups, key=lambda s: (_ordered(variant.values()).index(variant[s]), s)):
+        rs, color = groups[label], colors[variant[label]]
+        if not _draw_history(axes, variant[label], rs, color):
+            final = float(np.nanmean([r.number("mean_psnr") for r in rs]))
+            axes[0].axhline(final, color=color, ls=REFERENCE_STYLES["final"], gid=variant[label])
+    observed = float(np.nanmean([r.number("observed_mean_psnr") for r in results]))
+    if np.isfinite(observed):
+        axes[0].axhline(
+            observed, color=colors["observed"], ls=REFERENCE_STYLES["observed"], gid="observed"
+        )
+    axes[0].set_ylabel("PSNR (dB, peak 1)")
+    axes[1].set_ylabel("‖x_{k+1} − x_k‖")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("iteration k")
+    if not axes[1].lines:
+        fig.delaxes(axes[1])
+    handles = {label: colors[v] for label, v in variant.items()}
+    refs = _style_handles(REFERENCE_STYLES, {"final": "final PSNR (no history)"})
+    _side_legends(
+        fig,
+        ("method", _model_handles({**handles, "observed": colors["observed"]})),
+        ("reference", [*refs, _band_handle("min-max over images")]),
+    )
+    return _finish(fig, stem)
+
+
+def pnp_reconstructions_figure(
+    pnp_paths: Iterable[Path], stem: Path, n_images: int = N_EXAMPLES
+) -> Figure:
+    """Grid: clean, observed (blurred and noisy), then each method's reconstruction (lowest
+    seed), with its PSNR (dB, peak 1, computed on the shown image) in the corner."""
+    results = [_read(p, _PNP_SETS) for p in pnp_paths]
+    if not results:
+        raise ValueError("no PnP result files given")
+    labels = _pnp_labels(results)
+    index = {id(r): labels[i] for i, r in enumerate(results)}
+    methods = _first_seed(results, key=lambda r: index[id(r)])
+    reference = next(iter(methods.values()))
+    n = min(n_images, len(reference.data["images/clean"]))
+    clean = _same_images(methods.values(), "images/clean", n)
+    observed = reference.data["images/observed"][:n]
+    titles = ["clean", "observed", *methods]
+    fig, axes = _image_grid(n, len(titles), clean.shape)
+    for k in range(n):
+        row = axes[k]
+        _show_image(row[0], clean[k])
+        _show_image(row[1], observed[k])
+        _corner(row[1], _db(_psnr_peak1(observed[k], clean[k])))
+        for ax, r in zip(row[2:], methods.values(), strict=True):
+            recon = r.data["images/recon"][k]
+            _show_image(ax, recon)
+            _corner(ax, _db(_psnr_peak1(recon, clean[k])))
+        row[0].set_ylabel(f"test image {k + 1}")
+    for ax, title in zip(axes[0], titles, strict=True):
+        ax.set_title(title)
+    return _finish(fig, stem)

@@ -1,0 +1,143 @@
+"""What a pipeline job needs around the maths: device choice, provenance, self-describing outputs.
+
+* ``select_device("auto")`` picks CUDA when present; with several GPUs visible it takes the first
+  one no other stablenets job holds (an exclusive ``flock`` per GPU), so concurrent local jobs do
+  not all land on GPU 0.
+* ``provenance(spec, seed)`` records the config hash, seed, package versions and git commit that
+  every output carries in its attributes.
+* ``write_results(path, attrs, datasets)`` writes an HDF5 file atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+__all__ = ["select_device", "config_hash", "provenance", "write_results", "read_results"]
+
+_PACKAGES = ("stablenets", "torch", "torchvision", "numpy", "h5py", "snakemake")
+_LOCK_DIR = Path(tempfile.gettempdir()) / "stablenets-gpu-locks"
+_held_locks: list[Any] = []
+
+
+def _claim_gpu(count: int) -> int:
+    """Index of the first GPU whose lock file this process can take (kept until exit)."""
+    _LOCK_DIR.mkdir(exist_ok=True)
+    for index in range(count):
+        fh = open(_LOCK_DIR / f"gpu{index}.lock", "w")  # noqa: SIM115 - held for the process
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        _held_locks.append(fh)
+        return index
+    return os.getpid() % count
+
+
+def select_device(setting: str) -> torch.device:
+    """``auto`` -> a free CUDA device if any, else the CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as is."""
+    if setting == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", _claim_gpu(count) if count > 1 else 0)
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {setting!r} requested but CUDA is not available")
+    return torch.device(setting)
+
+
+def config_hash(spec: dict) -> str:
+    """Short stable hash of a JSON-serialisable job specification."""
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def provenance(spec: dict, seed: int) -> dict[str, Any]:
+    """Attributes every output carries: what produced it, and from which code."""
+    return {
+        "config_hash": config_hash(spec),
+        "config": json.dumps(spec, sort_keys=True, default=str),
+        "seed": int(seed),
+        "versions": json.dumps(versions(), sort_keys=True),
+        "git_commit": _git_commit(),
+    }
+
+
+def _attr(value: Any) -> Any:
+    if value is None:
+        return np.nan
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def write_results(path: Path, attrs: dict[str, Any], datasets: dict[str, Any]) -> None:
+    """One HDF5 file: scalar/string ``attrs`` (``None`` -> NaN) and ``datasets`` (``a/b`` names
+    create groups); written to a temporary file and renamed, so no partial file is ever seen."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as fh:
+            for key, value in attrs.items():
+                fh.attrs[key] = _attr(value)
+            for key, value in datasets.items():
+                array = value.detach().cpu().numpy() if torch.is_tensor(value) else value
+                fh.create_dataset(key, data=np.asarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Attributes and every dataset (by ``a/b`` name) of a results file."""
+    datasets: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as fh:
+        attrs = dict(fh.attrs)
+        fh.visititems(
+            lambda name, obj: datasets.__setitem__(name, obj[()])
+            if isinstance(obj, h5py.Dataset)
+            else None
+        )
+    return attrs, datasets

@@ -1,0 +1,436 @@
+"""Result tables (CSV, Markdown, LaTeX) from the pipeline's HDF5 evaluation files.
+
+Each ``*_table`` function reads result files and returns one row per model (several seeds are
+aggregated), keeping numbers raw: a metric ``m`` comes with ``m_std`` (spread over seeds, or over
+test images for PSNR, as in the paper) and, for PSNR, ``m_seed_std`` (spread of the per-seed
+means). :func:`write_table` writes the CSV with those raw numbers and formats Markdown and LaTeX
+for reading: accuracies in %, ``mean ± std``, units in the headers.
+
+This module reads files only; it imports no other ``stablenets`` module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "Column",
+    "COLUMNS",
+    "classification_table",
+    "denoising_table",
+    "pnp_table",
+    "write_table",
+    "display_frame",
+    "radius_label",
+    "column_spec",
+    "table_notes",
+]
+
+STD_SUFFIX = "_std"  # column holding the spread of the column before it
+SEED_STD_SUFFIX = "_seed_std"  # spread over seeds where ``_std`` is the spread over images
+RADIUS_SEP = "@"  # ``certified@36/255``: a metric at one of the standard radii
+RADIUS_DENOMINATOR = 255  # radii are labelled as multiples of 1/255 when they are
+MISSING = "n/a"  # what a table shows for NaN
+SEEDS = "seeds"  # the column counting the result files behind a row
+_TEXT_COLUMNS = ("method", "variant", "model", "strong_method")  # left-aligned in LaTeX
+
+
+@dataclass(frozen=True)
+class Column:
+    """How one table column is aggregated over seeds and shown to readers.
+
+    ``agg``: ``key`` (groups rows), ``first`` (descriptive text), ``mean`` (mean and std over
+    seeds), ``fixed`` (mean only: the same for every seed by design, e.g. the noisy PSNR),
+    ``image`` (mean; the per-seed image spread pooled into ``_std``; spread of seed means in
+    ``_seed_std``), ``sum`` (counts), ``all`` (0/1 flags: true only if true for every seed).
+    ``fmt`` formats a (scaled) value, ``std_fmt`` its spread (default ``fmt``).
+    """
+
+    label: str
+    unit: str = ""
+    scale: float = 1.0
+    fmt: str = "{:.3g}"
+    agg: str = "mean"
+    std_fmt: str = ""
+
+    @property
+    def spread_fmt(self) -> str:
+        return self.std_fmt or self.fmt
+
+
+_ACC = {"unit": "%", "scale": 100.0, "fmt": "{:.1f}"}
+_DB = {"unit": "dB", "fmt": "{:.2f}"}
+
+COLUMNS: dict[str, Column] = {
+    # keys and descriptions
+    "sigma": Column("σ", fmt="{:g}", agg="key"),
+    "denoiser_sigma": Column("denoiser σ", fmt="{:g}", agg="key"),
+    "method": Column("method", agg="key"),
+    "variant": Column("variant", agg="key"),
+    "model": Column("model", agg="first"),
+    "strong_method": Column("strong attack", agg="first"),
+    SEEDS: Column("seeds", fmt="{:d}", agg="first"),
+    # classification
+    "clean_accuracy": Column("clean acc.", **_ACC),
+    "certified": Column("certified", **_ACC),
+    "empirical": Column("empirical (strongest)", **_ACC),
+    "pgd": Column("PGD", **_ACC),
+    "auc_certified": Column("AUC certified", fmt="{:.3f}"),
+    "auc_empirical": Column("AUC empirical", fmt="{:.3f}"),
+    "auc_pgd": Column("AUC PGD", fmt="{:.3f}"),
+    "lipschitz_bound": Column("Lipschitz bound", fmt="{:.4g}", std_fmt="{:.2g}"),
+    "n_params": Column("parameters", fmt="{:,.0f}", agg="fixed"),
+    "total_substeps": Column("total sub-steps", fmt="{:.1f}"),
+    "train_time_s": Column("training time", unit="s", fmt="{:.0f}"),
+    # denoising
+    "psnr": Column("PSNR", agg="image", **_DB),
+    "psnr_1": Column("PSNR peak 1", agg="image", **_DB),
+    "noisy_psnr": Column("noisy PSNR", agg="fixed", **_DB),
+    "noisy_psnr_1": Column("noisy PSNR peak 1", agg="fixed", **_DB),
+    "empirical_lipschitz": Column(
+        "empirical Lipschitz (lower bound)", fmt="{:.4g}", std_fmt="{:.2g}"
+    ),
+    "averagedness": Column("averagedness α", fmt="{:.3g}", std_fmt="{:.2g}"),
+    "tv_weight": Column("TV weight", fmt="{:.4g}", agg="fixed"),
+    # plug-and-play
+    "observed_psnr": Column("observed PSNR", agg="fixed", **_DB),
+    "iterations": Column("iterations", fmt="{:.1f}"),
+    "converged_fraction": Column("converged", unit="%", scale=100.0, fmt="{:.0f}"),
+    "diverged_count": Column("diverged images", fmt="{:.0f}", agg="sum"),
+    "nonincreasing": Column("non-increasing steps", agg="all"),
+}
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_UNICODE = {"ε": r"$\varepsilon$", "σ": r"$\sigma$", "α": r"$\alpha$", "±": r"$\pm$"}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _scalar(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (bytes -> str, numpy scalars -> int/float)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, np.bool_ | bool):
+        return int(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _attrs(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as fh:
+        return {k: _scalar(v) for k, v in fh.attrs.items()}
+
+
+def _num(attrs: dict[str, Any], key: str) -> float:
+    """A numeric attribute, NaN when absent or not a number."""
+    try:
+        return float(attrs[key])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+
+
+def radius_label(eps: float) -> str:
+    """``36/255`` for radii on the 1/255 grid, else a short decimal."""
+    k = eps * RADIUS_DENOMINATOR
+    if abs(k - round(k)) < 1e-6 and round(k) > 0:
+        return f"{round(k)}/{RADIUS_DENOMINATOR}"
+    return f"{eps:.3g}"
+
+
+def _sigma_from_path(path: Path) -> float:
+    """The denoiser noise level from a ``sigma<s>`` folder in ``path``, NaN when none."""
+    for part in reversed(path.parts[:-1]):
+        match = re.fullmatch(r"sigma([0-9.eE+-]+)", part)
+        if match:
+            try:
+                return float(match.group(1))
+            except ValueError:
+                continue
+    return math.nan
+
+
+def _classification_record(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as fh:
+        attrs = {k: _scalar(v) for k, v in fh.attrs.items()}
+        radii = np.asarray(fh["standard_eps"], dtype=float)
+        standard = {m: np.asarray(fh[f"standard_{m}"], dtype=float) for m in _RADIUS_METRICS}
+    record: dict[str, Any] = {
+        "variant": str(attrs.get("variant", path.parent.name)),
+        "model": str(attrs.get("model", "")),
+        "seed": attrs.get("seed", -1),
+        "clean_accuracy": _num(attrs, "clean_accuracy"),
+    }
+    for metric in _RADIUS_METRICS:
+        for eps, value in zip(radii, standard[metric], strict=True):
+            record[f"{metric}{RADIUS_SEP}{radius_label(float(eps))}"] = float(value)
+    for key in _CLASSIFICATION_SCALARS:
+        record[key] = _num(attrs, key)
+    record["strong_method"] = str(attrs.get("strong_method", ""))
+    return record
+
+
+_RADIUS_METRICS = ("certified", "empirical", "pgd")
+_CLASSIFICATION_SCALARS = (
+    "auc_certified",
+    "auc_empirical",
+    "auc_pgd",
+    "lipschitz_bound",
+    "n_params",
+    "total_substeps",
+    "train_time_s",
+)
+
+
+def _denoising_record(path: Path) -> dict[str, Any]:
+    a = _attrs(path)
+    return {
+        "sigma": _num(a, "sigma"),
+        "variant": str(a.get("variant", path.stem)),
+        "seed": a.get("seed", -1),
+        "psnr": _num(a, "mean_psnr"),
+        "psnr_std": _num(a, "std_psnr"),
+        "psnr_1": _num(a, "mean_psnr_1"),
+        "psnr_1_std": _num(a, "std_psnr_1"),
+        "noisy_psnr": _num(a, "noisy_mean_psnr"),
+        "noisy_psnr_1": _num(a, "noisy_mean_psnr_1"),
+        "lipschitz_bound": _num(a, "lipschitz_bound"),
+        "empirical_lipschitz": _num(a, "empirical_lipschitz"),
+        "averagedness": _num(a, "averagedness"),
+        "tv_weight": _num(a, "tv_weight"),
+    }
+
+
+def _pnp_record(path: Path) -> dict[str, Any]:
+    a = _attrs(path)
+    return {
+        "method": str(a.get("method", "")),
+        "variant": str(a.get("variant", path.parent.name)),
+        "denoiser_sigma": _sigma_from_path(path),
+        "seed": a.get("seed", -1),
+        "observed_psnr": _num(a, "observed_mean_psnr"),
+        "psnr": _num(a, "mean_psnr"),
+        "psnr_std": _num(a, "std_psnr"),
+        "iterations": _num(a, "mean_iterations"),
+        "converged_fraction": _num(a, "converged_fraction"),
+        "diverged_count": _num(a, "diverged_count"),
+        "nonincreasing": _num(a, "nonincreasing"),
+        "lipschitz_bound": _num(a, "lipschitz_bound"),
+        "averagedness": _num(a, "averagedness"),
+    }
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def column_spec(name: str) -> Column:
+    """The :class:`Column` of a table column (``certified@36/255`` -> ``certified``)."""
+    base, _, radius = name.partition(RADIUS_SEP)
+    spec = COLUMNS.get(base, Column(name))
+    if radius:
+        return replace(spec, label=f"{spec.label} ε={radius}")
+    return spec
+
+
+def _seed_std(values: pd.Series) -> float:
+    finite = values.dropna()
+    return float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
+
+
+def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {SEEDS: len(group)}
+    for name in metrics:
+        agg, values = column_spec(name).agg, group[name]
+        if agg == "first":
+            row[name] = values.iloc[0]
+        elif agg == "fixed":
+            row[name] = float(values.mean())
+        elif agg == "sum":
+            row[name] = float(values.sum(min_count=1))
+        elif agg == "all":
+            row[name] = float(values.min()) if values.notna().any() else math.nan
+        elif agg == "image":
+            row[name] = float(values.mean())
+            spread = group[name + STD_SUFFIX].dropna()
+            row[name + STD_SUFFIX] = float(np.sqrt(np.mean(spread**2))) if len(spread) else math.nan
+            row[name + SEED_STD_SUFFIX] = _seed_std(values)
+        else:
+            row[name] = float(values.mean())
+            row[name + STD_SUFFIX] = _seed_std(values)
+    return row
+
+
+def _aggregate(records: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
+    """One row per distinct ``keys``: mean/std over seeds (see :class:`Column`), a seeds count."""
+    if not records:
+        raise ValueError("no result files given")
+    frame = pd.DataFrame.from_records(records)
+    keys = [k for k in keys if frame[k].notna().any()]
+    metrics = [
+        c for c in frame.columns if c not in keys and c != "seed" and not c.endswith(STD_SUFFIX)
+    ]
+    rows = []
+    for values, group in frame.groupby(keys, dropna=False, sort=True):
+        values = values if isinstance(values, tuple) else (values,)
+        rows.append({**dict(zip(keys, values, strict=True)), **_aggregate_group(group, metrics)})
+    return pd.DataFrame.from_records(rows)
+
+
+def classification_table(paths: Iterable[Path]) -> pd.DataFrame:
+    """One row per classifier variant: clean, certified, strongest-empirical and PGD accuracy at
+    the standard radii (fractions), AUCs, Lipschitz bound, size, sub-steps, training time."""
+    return _aggregate([_classification_record(Path(p)) for p in paths], ["variant"])
+
+
+def denoising_table(paths: Iterable[Path]) -> pd.DataFrame:
+    """One row per (σ, denoiser) including TV: PSNR (paper's peak and peak 1; ± is the spread
+    over test images), noisy PSNR, certified and empirical Lipschitz, averagedness, TV weight."""
+    return _aggregate([_denoising_record(Path(p)) for p in paths], ["sigma", "variant"])
+
+
+def pnp_table(paths: Iterable[Path]) -> pd.DataFrame:
+    """One row per (method, variant[, denoiser σ]): observed and final PSNR (peak 1; ± over
+    images), iterations, converged fraction, diverged images (summed over seeds), the
+    non-increasing-steps flag (1 only if it held for every seed), Lipschitz, averagedness."""
+    records = [_pnp_record(Path(p)) for p in paths]
+    return _aggregate(records, ["method", "variant", "denoiser_sigma"])
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def _format_value(value: Any, spec: Column, spread: bool = False) -> str:
+    if isinstance(value, str):
+        return value or MISSING
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if spec.agg == "all":
+        return "yes" if value >= 1 else "no"
+    if spec.fmt == "{:d}":
+        return str(int(value))
+    return (spec.spread_fmt if spread else spec.fmt).format(float(value) * spec.scale)
+
+
+def _header(spec: Column) -> str:
+    return f"{spec.label} ({spec.unit})" if spec.unit else spec.label
+
+
+def display_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Strings for readers: ``mean ± std`` cells, scaled units, headers with units; drops
+    columns with no value at all."""
+    out: dict[str, list[str]] = {}
+    for name in df.columns:
+        if name.endswith(STD_SUFFIX) or df[name].isna().all():
+            continue
+        spec = column_spec(name)
+        cells = [_format_value(v, spec) for v in df[name]]
+        std = name + STD_SUFFIX
+        if std in df.columns:
+            cells = [
+                c if c == MISSING or pd.isna(s) else f"{c} ± {_format_value(s, spec, True)}"
+                for c, s in zip(cells, df[std], strict=True)
+            ]
+        out[_header(spec)] = cells
+        seed_std = name + SEED_STD_SUFFIX
+        if seed_std in df.columns and df[seed_std].notna().any():
+            seed_spec = replace(spec, label=f"{spec.label} seed std", agg="mean")
+            out[_header(seed_spec)] = [_format_value(v, seed_spec, True) for v in df[seed_std]]
+    return pd.DataFrame(out)
+
+
+def _latex_escape(text: str) -> str:
+    escaped = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    for symbol, command in _LATEX_UNICODE.items():
+        escaped = escaped.replace(symbol, command)
+    return escaped
+
+
+def table_notes(df: pd.DataFrame) -> str:
+    """What ``±`` means in this table, and what ``n/a`` stands for."""
+    names = [c for c in df.columns if not c.endswith(STD_SUFFIX)]
+    notes = []
+    image = [column_spec(c).label for c in names if column_spec(c).agg == "image"]
+    if image:
+        notes.append(
+            f"{', '.join(image)}: mean ± standard deviation over test images (pooled over "
+            "seeds); 'seed std': standard deviation of the per-seed means."
+        )
+    if any(column_spec(c).agg == "mean" for c in names):
+        notes.append(f"{'Other' if image else 'All'} ±: standard deviation over seeds.")
+    notes.append(f"{MISSING}: not applicable.")
+    return " ".join(notes)
+
+
+def _left_aligned(shown: pd.DataFrame) -> list[bool]:
+    text_headers = {COLUMNS[k].label for k in _TEXT_COLUMNS}
+    return [c in text_headers for c in shown.columns]
+
+
+def _to_markdown(shown: pd.DataFrame, caption: str, notes: str) -> str:
+    align = ["left" if left else "right" for left in _left_aligned(shown)]
+    table = shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+    return f"{caption}\n\n{table}\n\n{notes}\n"
+
+
+def _to_latex(shown: pd.DataFrame, caption: str, label: str, notes: str) -> str:
+    escaped = shown.map(_latex_escape)
+    escaped.columns = [_latex_escape(c) for c in shown.columns]
+    latex = escaped.to_latex(
+        index=False,
+        escape=False,
+        caption=_latex_escape(caption),
+        label=label,
+        column_format="".join("l" if left else "r" for left in _left_aligned(shown)),
+    )
+    note = f"\\par\\footnotesize {_latex_escape(notes)}\n"
+    return latex.replace("\\end{table}", note + "\\end{table}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_table(df: pd.DataFrame, stem: Path, caption: str) -> None:
+    """Write ``stem.csv`` (raw numbers, mean and std as separate columns), ``stem.md`` and
+    ``stem.tex`` (formatted, units in headers), each atomically."""
+    stem = Path(stem)
+    shown, notes = display_frame(df), table_notes(df)
+    _atomic_write(stem.with_name(stem.name + ".csv"), df.to_csv(index=False))
+    _atomic_write(stem.with_name(stem.name + ".md"), _to_markdown(shown, caption, notes))
+    tex = _to_latex(shown, caption, f"tab:{stem.name}", notes)
+    _atomic_write(stem.with_name(stem.name + ".tex"), tex)

@@ -1,0 +1,346 @@
+"""One training loop for every model: SGD + one-cycle, validation, best checkpoint, resume.
+
+The loop is deterministic given ``(seed, step)``: each step draws its batch, augmentation and
+noise from a generator seeded with ``seed`` and the step number, so a run killed and resumed from
+its checkpoint ends with the same weights as an uninterrupted one (on the CPU).
+
+Checkpoints (``<workdir>/checkpoint.pt``) are written atomically every ``checkpoint_every`` steps
+and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit); one from a different
+configuration (another ``config_hash``) is ignored with a log line, never silently resumed.
+A non-finite loss or an exploding norm estimate stops the run with ``DivergenceError``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from .augment import AugmentConfig, augment
+from .denoising import fixed_noise, psnr
+from .models import CheckpointError, StableModel, atomic_torch_save, read_checkpoint
+
+__all__ = [
+    "TrainConfig",
+    "ClassificationTask",
+    "DenoisingTask",
+    "DivergenceError",
+    "Interrupted",
+    "train",
+]
+
+RESUME_FORMAT = "stablenets-resume-v1"
+
+
+class DivergenceError(RuntimeError):
+    """The loss or a norm estimate became non-finite or exploded."""
+
+
+class Interrupted(RuntimeError):
+    """A signal asked the run to stop; a checkpoint was written first."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and loop settings (all from ``config.yaml``)."""
+
+    steps: int
+    batch_size: int
+    lr_max: float = 1.0
+    lr_initial: float = 1e-5
+    final_div_factor: float = 1e4
+    warmup: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    val_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    power_iters: int = 1
+    max_norm: float = 1e4
+    seed: int = 0
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step: depends only on ``(seed, step)``."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class ClassificationTask:
+    """Cross-entropy on augmented batches; validation accuracy selects the best checkpoint."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_batch: int = 500
+    metric_name: str = "accuracy"
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
+        return augment(self.images[idx], self.augment, g), self.labels[idx]
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, target)
+
+    def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        return float((out.argmax(1) == target).float().mean())
+
+    @torch.no_grad()
+    def validate(self, model: StableModel) -> float:
+        correct = 0
+        for i in range(0, len(self.val_images), self.eval_batch):
+            out = model(self.val_images[i : i + self.eval_batch])
+            correct += int((out.argmax(1) == self.val_labels[i : i + self.eval_batch]).sum())
+        return correct / len(self.val_images)
+
+
+@dataclass
+class DenoisingTask:
+    """MSE between the denoised and clean images under Gaussian noise ``sigma`` (not clipped)."""
+
+    images: torch.Tensor
+    val_images: torch.Tensor
+    sigma: float
+    noise_seed: int = 0
+    patch: tuple[int, int] | None = None
+    eval_batch: int = 5
+    metric_name: str = "psnr"
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
+        clean = self.images[idx]
+        if self.patch is not None:
+            clean = _random_patch(clean, self.patch, g)
+        noise = torch.randn(clean.shape, generator=g, device=clean.device)
+        return clean + self.sigma * noise, clean
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, target)
+
+    def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        return float(psnr(out.detach(), target, peak=1.0).mean())
+
+    @torch.no_grad()
+    def validate(self, model: StableModel) -> float:
+        noisy = fixed_noise(self.val_images, self.sigma, self.noise_seed)
+        scores = [
+            psnr(model(noisy[i : i + self.eval_batch]), self.val_images[i : i + self.eval_batch])
+            for i in range(0, len(noisy), self.eval_batch)
+        ]
+        return float(torch.cat(scores).mean())
+
+
+def _random_patch(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """One random patch of ``size`` per batch (same offset for the batch: cheap and unbiased)."""
+    h, w = x.shape[-2:]
+    top = int(torch.randint(0, h - size[0] + 1, (1,), generator=g, device=x.device))
+    left = int(torch.randint(0, w - size[1] + 1, (1,), generator=g, device=x.device))
+    return x[..., top : top + size[0], left : left + size[1]]
+
+
+def make_optimizer(model: StableModel, cfg: TrainConfig):
+    """SGD with momentum and weight decay, one-cycle schedule with linear annealing."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=cfg.lr_max,
+        total_steps=cfg.steps,
+        pct_start=cfg.warmup,
+        anneal_strategy="linear",
+        cycle_momentum=False,
+        div_factor=cfg.lr_max / cfg.lr_initial,
+        final_div_factor=cfg.final_div_factor,
+    )
+    return opt, sched
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM; the loop checkpoints and stops at the end of the step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    best_state: dict | None = None
+    rows: list[dict] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def _resume(
+    path: Path, config_hash: str, model, opt, sched, log: Callable[[str], None]
+) -> RunState:
+    """Restore a compatible checkpoint, or start afresh with a log line saying why."""
+    if not path.exists():
+        return RunState()
+    try:
+        ckpt = read_checkpoint(path, map_location="cpu")
+    except CheckpointError as err:
+        log(f"ignoring unreadable checkpoint: {err}")
+        return RunState()
+    if ckpt.get("kind") != RESUME_FORMAT or ckpt.get("config_hash") != config_hash:
+        log(
+            f"ignoring checkpoint {path}: written for config {ckpt.get('config_hash')}, "
+            f"this run is {config_hash}"
+        )
+        return RunState()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    state = RunState(**ckpt["run"])
+    log(f"resumed from {path} at step {state.step}")
+    return state
+
+
+def _save(path: Path, config_hash: str, model, opt, sched, state: RunState) -> None:
+    atomic_torch_save(
+        {
+            "format": "stablenets-model-v1",
+            "kind": RESUME_FORMAT,
+            "config_hash": config_hash,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "run": state.__dict__,
+        },
+        path,
+    )
+
+
+def _check_finite(step: int, loss: float, model: StableModel, cfg: TrainConfig, ckpt: Path):
+    norms = [float(b.operator.sigma_estimate) for b in model.constrained_blocks()]
+    bad = not math.isfinite(loss) or any(not (math.isfinite(n) and n <= cfg.max_norm) for n in norms)
+    if bad:
+        last = str(ckpt) if ckpt.exists() else "none"
+        raise DivergenceError(
+            f"training diverged at step {step}: loss={loss}, largest norm estimate="
+            f"{max(norms, default=0.0)} (limit {cfg.max_norm}); last good checkpoint: {last}"
+        )
+
+
+def _row(step, loss, metric, lr, model: StableModel, images_per_s: float) -> dict:
+    row = {"step": step, "kind": "train", "loss": loss, "metric": metric, "lr": lr}
+    stats = model.block_stats()
+    row["substeps"] = sum(n for n, _ in stats)
+    row["images_per_s"] = images_per_s
+    for i, (n, norm) in enumerate(stats):
+        row[f"block{i}_substeps"], row[f"block{i}_norm"] = n, norm
+    return row
+
+
+def train(
+    model: StableModel,
+    task: ClassificationTask | DenoisingTask,
+    cfg: TrainConfig,
+    workdir: Path,
+    config_hash: str,
+    log: Callable[[str], None] = print,
+) -> tuple[StableModel, RunState]:
+    """Train ``model`` on ``task``; resumes from ``workdir/checkpoint.pt`` when compatible.
+
+    Returns the model holding the best validation weights (in ``eval()``) and the run state
+    (log rows, best metric and step, wall time).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = workdir / "checkpoint.pt"
+    device = next(model.parameters()).device
+    opt, sched = make_optimizer(model, cfg)
+    state = _resume(ckpt_path, config_hash, model, opt, sched, log)
+    with _StopFlag() as stop:
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path)
+            state.elapsed += time.perf_counter() - t0
+            state.step += 1
+            if state.step % cfg.val_every == 0 or state.step == cfg.steps:
+                _validate(model, task, state, log)
+            if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
+                _save(ckpt_path, config_hash, model, opt, sched, state)
+            if stop.signum is not None:
+                raise Interrupted(
+                    f"signal {stop.signum} at step {state.step}: checkpoint {ckpt_path} written; "
+                    "rerun to resume"
+                )
+    model.load_state_dict(state.best_state)
+    return model.eval(), state
+
+
+def _train_step(model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path) -> None:
+    model.train()
+    g = step_generator(cfg.seed, state.step, device)
+    inputs, targets = task.batch(cfg.batch_size, g)
+    model.update_norms(cfg.power_iters)
+    t0 = time.perf_counter()
+    out = model(inputs)
+    loss = task.loss(out, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    lr = sched.get_last_lr()[0]
+    sched.step()
+    loss_value = float(loss.detach())
+    _check_finite(state.step, loss_value, model, cfg, ckpt_path)
+    if state.step % cfg.log_every == 0:
+        speed = len(inputs) / max(time.perf_counter() - t0, 1e-9)
+        state.rows.append(_row(state.step, loss_value, task.metric(out, targets), lr, model, speed))
+
+
+def _validate(model, task, state: RunState, log: Callable[[str], None]) -> None:
+    model.eval()
+    metric = task.validate(model)
+    state.rows.append({"step": state.step, "kind": "val", "metric": metric})
+    last = next((r for r in reversed(state.rows) if r["kind"] == "train"), {})
+    if metric > state.best_metric:
+        state.best_metric, state.best_step = metric, state.step
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    log(
+        f"step {state.step} loss {last.get('loss', float('nan')):.4f} "
+        f"val_{task.metric_name} {metric:.4f} (best {state.best_metric:.4f} @ {state.best_step}) "
+        f"lr {last.get('lr', float('nan')):.3g} substeps {last.get('substeps', 0)} "
+        f"img/s {last.get('images_per_s', float('nan')):.0f} elapsed {state.elapsed:.0f}s"
+    )
+    sys.stdout.flush()
+
+
+def write_log(rows: list[dict], path: Path) -> None:
+    """The per-step log as CSV (train and validation rows; blank where not applicable)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)

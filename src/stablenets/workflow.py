@@ -1,0 +1,149 @@
+"""From a validated config to the pipeline's job specifications and target lists.
+
+The Snakefile stays thin: its rules ask ``Jobs`` for a job's JSON spec (what the entry point
+needs, nothing more, so the spec's hash changes exactly when the job's result would) and for the
+list of files every variant, seed and noise level expands to.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Jobs", "FIGURES", "TABLES"]
+
+TABLES = ("classification", "denoising", "pnp")
+FIGURES = (
+    "robustness",
+    "training_classification",
+    "training_denoising",
+    "denoising_examples",
+    "pnp_convergence",
+    "pnp_reconstructions",
+)
+
+
+def sigma_label(sigma: float) -> str:
+    """Noise level as it appears in paths (``0.15`` -> ``"0.15"``)."""
+    return f"{sigma:g}"
+
+
+class Jobs:
+    """Job specifications and targets of one validated configuration."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.seeds = list(config["seeds"])
+        self.sigmas = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
+
+    def _common(self, seed: int | None = None) -> dict[str, Any]:
+        out = {"device": self.config["device"], "threads": self.config["threads"]}
+        if seed is not None:
+            out["seed"] = int(seed)
+        return out
+
+    @staticmethod
+    def dump(spec: dict) -> str:
+        return json.dumps(spec, sort_keys=True)
+
+    def data_spec(self, dataset: str) -> str:
+        spec = copy.deepcopy(self.config["data"][dataset])
+        spec.update(dataset=dataset, cache_dir=self.config["data"]["cache_dir"])
+        return self.dump(spec)
+
+    def variants(self, task: str) -> list[str]:
+        return list(self.config[task]["variants"])
+
+    def train_spec(self, task: str, variant: str, seed: int, sigma: str | None = None) -> str:
+        section = self.config[task]
+        v = section["variants"][variant]
+        spec = {
+            **self._common(seed),
+            "task": task,
+            "variant": variant,
+            "model": v["model"],
+            "kwargs": {k: val for k, val in v.get("kwargs", {}).items() if val is not None},
+            "train": {**section["train"], **v.get("train", {})},
+            "eval_batch": section["eval_batch"],
+        }
+        if task == "classification":
+            spec["augment"] = section["augment"]
+        else:
+            spec.update(sigma=float(sigma), noise_seed=section["noise_seed"], patch=section["patch"])
+        return self.dump(spec)
+
+    def eval_spec(self, task: str, variant: str, seed: int, sigma: str | None = None) -> str:
+        section = self.config[task]
+        spec = {**self._common(seed), "variant": variant, "evaluate": section["evaluate"]}
+        if task == "denoising":
+            spec["sigma"] = float(sigma)
+        return self.dump(spec)
+
+    def tv_spec(self, sigma: str) -> str:
+        section = self.config["denoising"]
+        spec = {
+            **self._common(0),
+            "sigma": float(sigma),
+            "evaluate": section["evaluate"],
+            "tv": section["tv"],
+        }
+        return self.dump(spec)
+
+    def pnp_spec(self, variant: str, seed: int) -> str:
+        return self.dump({**self._common(seed), "variant": variant, "pnp": self.config["pnp"]})
+
+    def resources(self, kind: str) -> dict[str, Any]:
+        res = dict(self.config["resources"][kind])
+        if not res.get("gpu"):
+            res.pop("gpu", None)
+            res.pop("cpus_per_gpu", None)
+        return res
+
+    # ----- targets -------------------------------------------------------------------------
+
+    def classification_evals(self, R: Callable[[str], str]) -> list[str]:
+        return [
+            R(f"eval/classification/{v}/seed{s}.h5")
+            for v in self.variants("classification")
+            for s in self.seeds
+        ]
+
+    def classification_logs(self, R: Callable[[str], str]) -> list[str]:
+        return [
+            R(f"models/classification/{v}/seed{s}/train_log.csv")
+            for v in self.variants("classification")
+            for s in self.seeds
+        ]
+
+    def denoising_evals(self, R: Callable[[str], str]) -> list[str]:
+        models = [
+            R(f"eval/denoising/sigma{sg}/{v}/seed{s}.h5")
+            for sg in self.sigmas
+            for v in self.variants("denoising")
+            for s in self.seeds
+        ]
+        return models + [R(f"eval/denoising/sigma{sg}/tv.h5") for sg in self.sigmas]
+
+    def denoising_logs(self, R: Callable[[str], str]) -> list[str]:
+        return [
+            R(f"models/denoising/sigma{sg}/{v}/seed{s}/train_log.csv")
+            for sg in self.sigmas
+            for v in self.variants("denoising")
+            for s in self.seeds
+        ]
+
+    def pnp_runs(self, R: Callable[[str], str]) -> list[str]:
+        sg = sigma_label(self.config["pnp"]["noise_level"])
+        runs = [
+            R(f"pnp/sigma{sg}/{v}/seed{s}.h5")
+            for v in self.config["pnp"]["denoisers"]
+            for s in self.seeds
+        ]
+        return runs + [R("pnp/tv.h5")]
+
+    def final_outputs(self, R: Callable[[str], str]) -> list[str]:
+        tables = [R(f"tables/{t}.{ext}") for t in TABLES for ext in ("csv", "md", "tex")]
+        figures = [R(f"figures/{f}.{ext}") for f in FIGURES for ext in ("pdf", "png")]
+        return tables + figures + [R("summary.md")]

@@ -1,0 +1,415 @@
+"""Figures from small, seeded fake result files written in the pipeline's schema."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+
+matplotlib.use("Agg")
+
+from stablenets.figures import (  # noqa: E402 - after choosing the headless backend
+    KNOWN_MODELS,
+    denoising_examples_figure,
+    model_colors,
+    pnp_convergence_figure,
+    pnp_reconstructions_figure,
+    robustness_figure,
+    save_figure,
+    training_figure,
+)
+
+PDF_MAGIC = b"%PDF-"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MIN_PNG_BYTES = 5_000  # a blank PNG of these sizes is far smaller
+SIGMA = 0.15
+CROP = (3, 12, 16)  # C, h, w
+N_IMAGES, N_ITER = 3, 12
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as fh:
+        for key, value in attrs.items():
+            fh.attrs[key] = math.nan if value is None else value
+        for key, value in datasets.items():
+            fh.create_dataset(key, data=np.asarray(value))
+    return path
+
+
+def classification_eval(root: Path, variant: str, seed: int) -> Path:
+    eps = np.linspace(0, 1, 20)
+    clean = 0.7 + 0.02 * seed + (0.1 if variant == "resnet" else 0.0)
+    decay = 8.0 if variant == "resnet" else 3.0
+    pgd = clean * np.exp(-decay * eps)
+    certified = pgd * (0.0 if variant == "resnet" else 0.6)
+    standard = np.array([36, 72, 108]) / 255
+    attrs = {
+        "variant": variant,
+        "model": variant,
+        "seed": seed,
+        "clean_accuracy": clean,
+        "lipschitz_bound": 1.0,
+        "n_params": 1000,
+        "total_substeps": 15,
+        "train_time_s": 10.0,
+        "best_step": 5,
+        "auc_certified": 0.1,
+        "auc_pgd": 0.2,
+        "auc_empirical": 0.2,
+        "n_test": 50,
+        "strong_method": "pgd",
+    }
+    data = {
+        "eps": eps,
+        "certified": certified,
+        "pgd": pgd,
+        "strong": np.full_like(eps, np.nan),
+        "empirical": 0.95 * pgd,
+        "standard_eps": standard,
+        **{
+            f"standard_{k}": np.interp(standard, eps, v)
+            for k, v in {
+                "certified": certified,
+                "pgd": pgd,
+                "strong": pgd,
+                "empirical": 0.95 * pgd,
+            }.items()
+        },
+    }
+    return write_h5(root / f"eval/classification/{variant}/seed{seed}.h5", attrs, data)
+
+
+def training_log(root: Path, task: str, variant: str, n_blocks: int, seed: int = 0) -> Path:
+    """Train rows every step, validation rows every 5 steps; block columns when n_blocks > 0."""
+    g, steps = rng(seed), np.arange(0, 40, 2)
+    train = pd.DataFrame(
+        {
+            "step": steps,
+            "kind": "train",
+            "loss": 2.0 * np.exp(-steps / 20) + 0.01 * g.random(len(steps)),
+            "metric": 1 - np.exp(-steps / 20),
+            "lr": np.interp(steps, [0, 20, 40], [1e-5, 1.0, 1e-5]),
+            "substeps": 10 + steps // 10,
+            "images_per_s": 100.0,
+        }
+    )
+    for i in range(n_blocks):
+        train[f"block{i}_substeps"] = 1 + (steps > 10 * (i + 1))
+        train[f"block{i}_norm"] = 1 + 0.01 * steps * (i + 1)
+    val = pd.DataFrame({"step": steps[::5], "kind": "val", "metric": 0.9 * train["metric"][::5]})
+    path = root / f"models/{task}/{variant}/seed{seed}/train_log.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat([train, val]).sort_values("step", kind="stable").to_csv(path, index=False)
+    return path
+
+
+def denoising_eval(root: Path, variant: str, seed: int, sigma: float = SIGMA) -> Path:
+    """Crops of the first test images; ``crops/psnr`` are those images' PSNRs."""
+    g = rng(100)  # the same clean and noisy images in every file
+    clean = g.random((N_IMAGES, *CROP)).astype(np.float32)
+    noisy = clean + sigma * g.standard_normal(clean.shape).astype(np.float32)
+    shift = {"tv": 0.08, "dncnn": 0.03}.get(variant, 0.05)
+    denoised = clean + shift * rng(seed + 7).standard_normal(clean.shape).astype(np.float32)
+    psnr = 25.0 + 3 * rng(seed + 1).random(N_IMAGES)
+    tv = variant == "tv"
+    attrs = {
+        "variant": variant,
+        "sigma": sigma,
+        "seed": seed,
+        "lipschitz_bound": None if tv else 1.0,
+        "averagedness": None,
+        "empirical_lipschitz": None if tv else 0.9,
+        "mean_psnr": psnr.mean(),
+        "std_psnr": psnr.std(),
+        "mean_psnr_1": psnr.mean(),
+        "std_psnr_1": psnr.std(),
+        "noisy_mean_psnr": 17.0,
+        "noisy_mean_psnr_1": 17.0,
+        "tv_weight": 0.1 if tv else None,
+    }
+    data = {
+        "psnr": psnr,
+        "psnr_1": psnr,
+        "noisy_psnr": np.array([17.0, 17.5, 18.0]),
+        "image_index": np.arange(N_IMAGES),
+        "crops/clean": clean[:2],
+        "crops/noisy": noisy[:2],
+        "crops/denoised": denoised[:2],
+        "crops/psnr": psnr[:2],
+    }
+    name = "tv.h5" if tv else f"{variant}/seed{seed}.h5"
+    return write_h5(root / f"eval/denoising/sigma{sigma:g}/{name}", attrs, data)
+
+
+def pnp_result(root: Path, variant: str, seed: int, history: bool = True) -> Path:
+    g = rng(200)
+    clean = g.random((2, 3, 16, 16)).astype(np.float32)
+    observed = (clean + 0.1 * g.standard_normal(clean.shape)).astype(np.float32)
+    recon = (clean + 0.03 * rng(seed + 3).standard_normal(clean.shape)).astype(np.float32)
+    stops = np.array([N_ITER, N_ITER - 4, N_ITER - 2])  # images stop at different iterations
+    k = np.arange(1, N_ITER + 1)
+    step = np.where(
+        k[None] <= stops[:, None], np.exp(-0.3 * k)[None] * (1 + np.arange(3))[:, None], np.nan
+    )
+    step[0, -1] = 0.0  # exact convergence: must not break the log scale
+    psnr = np.where(np.isfinite(step), 22 + 6 * (1 - np.exp(-0.4 * k))[None], np.nan)
+    tv = variant == "tv"
+    attrs = {
+        "method": "tv" if tv else "pnp",
+        "variant": variant,
+        "seed": seed,
+        "eta": 1.0,
+        "relax": 1.0,
+        "noise": 0.01,
+        "blur_size": 9,
+        "blur_sigma": 1.6,
+        "observed_mean_psnr": 20.0,
+        "mean_psnr": 27.0,
+        "std_psnr": 1.0,
+        "mean_iterations": 10.0,
+        "converged_fraction": 1.0,
+        "diverged_count": 0,
+        "nonincreasing": 1,
+        "lipschitz_bound": None if tv else 1.0,
+        "averagedness": 0.5 if variant == "averaged" else None,
+    }
+    data = {
+        "psnr_final": np.full(3, 27.0),
+        "psnr_observed": np.full(3, 20.0),
+        "iterations": stops,
+        "images/clean": clean,
+        "images/observed": observed,
+        "images/recon": recon,
+    }
+    if history:
+        data.update({"history/step_norm": step, "history/psnr_1": psnr, "history/residual": step})
+    name = "tv.h5" if tv else f"sigma0.05/{variant}/seed{seed}.h5"
+    return write_h5(root / "pnp" / name, attrs, data)
+
+
+def assert_saved(stem: Path) -> None:
+    pdf, png = stem.with_name(stem.name + ".pdf"), stem.with_name(stem.name + ".png")
+    assert pdf.read_bytes().startswith(PDF_MAGIC)
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert png.stat().st_size > MIN_PNG_BYTES
+    leftovers = [p.name for p in stem.parent.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def assert_no_empty_axes(fig: Figure) -> None:
+    for ax in fig.axes:
+        if ax.get_visible():
+            assert ax.lines or ax.images, f"empty axes {ax.get_ylabel() or ax.get_title()!r}"
+
+
+def line_colors(fig: Figure) -> dict[str, str]:
+    """Model name (line gid) -> colour; fails if one model is drawn in two colours."""
+    found: dict[str, str] = {}
+    for ax in fig.axes:
+        for line in ax.lines:
+            gid = line.get_gid()
+            if gid is not None:
+                color = to_hex(line.get_color())
+                assert found.setdefault(gid, color) == color, gid
+    return found
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def classification_paths(root: Path) -> list[Path]:
+    return [classification_eval(root, v, s) for v in ("nonexpansive", "resnet") for s in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def training_logs(root: Path) -> dict[str, Path]:
+    return {
+        "nonexpansive": training_log(root, "classification", "nonexpansive", n_blocks=3),
+        "resnet": training_log(root, "classification", "resnet", n_blocks=0),
+    }
+
+
+@pytest.fixture(scope="module")
+def robust_fig(classification_paths: list[Path], root: Path) -> Figure:
+    return robustness_figure(classification_paths, root / "figures" / "robustness")
+
+
+@pytest.fixture(scope="module")
+def training_fig(training_logs: dict[str, Path], root: Path) -> Figure:
+    return training_figure(training_logs, root / "figures" / "training")
+
+
+@pytest.fixture()
+def denoising_paths(tmp_path: Path) -> list[Path]:
+    return [
+        denoising_eval(tmp_path, "euler", 0),
+        denoising_eval(tmp_path, "euler", 1),
+        denoising_eval(tmp_path, "dncnn", 0),
+        denoising_eval(tmp_path, "tv", -1),
+    ]
+
+
+@pytest.fixture()
+def pnp_paths(tmp_path: Path) -> list[Path]:
+    return [
+        pnp_result(tmp_path, "averaged", 0),
+        pnp_result(tmp_path, "averaged", 1),
+        pnp_result(tmp_path, "dncnn", 0),
+        pnp_result(tmp_path, "tv", -1, history=False),
+    ]
+
+
+def test_model_colors_deterministic_and_distinct() -> None:
+    known = model_colors(KNOWN_MODELS)
+    assert len(set(known.values())) == len(KNOWN_MODELS)
+    assert model_colors(["resnet"])["resnet"] == known["resnet"]
+    mixed = model_colors(["zeta", "resnet", "alpha"])
+    assert list(mixed) == ["resnet", "alpha", "zeta"]
+    assert mixed["resnet"] == known["resnet"]
+    assert mixed["alpha"] != mixed["zeta"]
+    assert model_colors(["alpha", "zeta"]) == {k: mixed[k] for k in ("alpha", "zeta")}
+
+
+def test_robustness_figure(robust_fig: Figure, root: Path) -> None:
+    fig = robust_fig
+    assert_saved(root / "figures" / "robustness")
+    assert_no_empty_axes(fig)
+    (ax,) = fig.axes
+    assert "%" in ax.get_ylabel() and "ε" in ax.get_xlabel()
+    styles = {line.get_linestyle() for line in ax.lines}
+    assert {"--", "-", ":"} <= styles
+    clean = [line for line in ax.lines if line.get_marker() == "o" and line.get_gid() == "resnet"]
+    assert clean[0].get_ydata()[0] == pytest.approx(100 * (0.80 + 0.82) / 2)  # mean of seeds
+    assert ax.get_xlim()[0] < 0  # the ε = 0 marker is inside the axes
+    assert line_colors(fig) == model_colors(["nonexpansive", "resnet"])
+    legend_text = {t.get_text() for legend in fig.legends for t in legend.get_texts()}
+    assert "certified" in legend_text and "PGD" in legend_text
+
+
+def test_training_figure_with_and_without_blocks(
+    training_fig: Figure, training_logs: dict[str, Path], root: Path, tmp_path: Path
+) -> None:
+    fig = training_fig
+    assert_saved(root / "figures" / "training")
+    assert_no_empty_axes(fig)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert "accuracy (%)" in labels and "learning rate" in labels
+    assert any("norm" in label for label in labels) and len(fig.axes) == 6
+    norms = fig.axes[[i for i, label in enumerate(labels) if "norm" in label][0]]
+    assert {line.get_gid() for line in norms.lines} == {"nonexpansive"}  # resnet has no blocks
+    assert norms.collections, "expected a min-max band over blocks"
+    metric = fig.axes[labels.index("accuracy (%)")]
+    assert max(max(line.get_ydata()) for line in metric.lines) > 1  # fractions shown as %
+    assert line_colors(fig) == model_colors(["nonexpansive", "resnet"])
+
+    only_resnet = training_figure({"resnet": training_logs["resnet"]}, tmp_path / "resnet")
+    assert_no_empty_axes(only_resnet)
+    assert len(only_resnet.axes) == 4
+    assert not any("norm" in ax.get_ylabel() for ax in only_resnet.axes)
+
+
+def test_same_model_same_colour_across_figures(robust_fig: Figure, training_fig: Figure) -> None:
+    robust, train = line_colors(robust_fig), line_colors(training_fig)
+    assert set(robust) == set(train) == {"nonexpansive", "resnet"}
+    assert robust == train
+    assert robust["nonexpansive"] != robust["resnet"]
+
+
+def test_training_figure_psnr_for_denoising(tmp_path: Path) -> None:
+    log = training_log(tmp_path, "denoising/sigma0.15", "euler", n_blocks=2)
+    fig = training_figure({"euler": log}, tmp_path / "denoise_training")
+    assert "PSNR (dB)" in [ax.get_ylabel() for ax in fig.axes]
+    classification = training_log(tmp_path, "classification", "resnet", 0)
+    with pytest.raises(ValueError, match="classification and denoising"):
+        training_figure({"euler": log, "resnet": classification}, tmp_path / "mixed")
+
+
+def test_denoising_examples_figure(denoising_paths: list[Path], tmp_path: Path) -> None:
+    stem = tmp_path / "denoising_examples"
+    fig = denoising_examples_figure(denoising_paths, stem)
+    assert_saved(stem)
+    assert_no_empty_axes(fig)
+    columns = 2 + 3  # clean, noisy, euler, dncnn, tv
+    assert len(fig.axes) == 2 * columns
+    titles = [ax.get_title() for ax in fig.axes[:columns]]
+    assert titles == ["clean", "noisy (σ = 0.15)", "euler", "dncnn", "tv"]
+    euler = h5py.File(denoising_paths[0], "r")  # seed 0 is the one shown
+    with euler:
+        expected = f"{euler['crops/psnr'][1]:.2f} dB"
+    second_row_euler = fig.axes[columns + 2]
+    assert [t.get_text() for t in second_row_euler.texts] == [expected]
+    assert fig.axes[columns + 1].texts[0].get_text() == "17.50 dB"  # full-image noisy PSNR
+
+
+def test_denoising_examples_reject_two_noise_levels(
+    denoising_paths: list[Path], tmp_path: Path
+) -> None:
+    other = denoising_eval(tmp_path, "dncnn", 0, sigma=0.05)
+    with pytest.raises(ValueError, match="noise levels"):
+        denoising_examples_figure([*denoising_paths, other], tmp_path / "bad")
+
+
+def test_pnp_convergence_figure(pnp_paths: list[Path], tmp_path: Path) -> None:
+    stem = tmp_path / "pnp_convergence"
+    fig = pnp_convergence_figure(pnp_paths, stem)
+    assert_saved(stem)
+    assert_no_empty_axes(fig)
+    psnr_ax, step_ax = fig.axes
+    assert step_ax.get_yscale() == "log" and "PSNR (dB" in psnr_ax.get_ylabel()
+    assert "iteration" in step_ax.get_xlabel()
+    tv = [line for line in psnr_ax.lines if line.get_gid() == "tv"]
+    assert tv and np.allclose(tv[0].get_ydata(), 27.0)  # no history: its final PSNR
+    averaged = [line for line in psnr_ax.lines if line.get_gid() == "averaged"][0]
+    assert np.isfinite(averaged.get_ydata()).all()  # images that stopped hold their last value
+    colors = line_colors(fig)
+    assert colors == model_colors(["averaged", "dncnn", "tv", "observed"])
+
+
+def test_pnp_convergence_without_histories(tmp_path: Path) -> None:
+    fig = pnp_convergence_figure([pnp_result(tmp_path, "tv", -1, history=False)], tmp_path / "c")
+    assert len(fig.axes) == 1
+    assert_no_empty_axes(fig)
+
+
+def test_pnp_reconstructions_figure(pnp_paths: list[Path], tmp_path: Path) -> None:
+    stem = tmp_path / "pnp_reconstructions"
+    fig = pnp_reconstructions_figure(pnp_paths, stem)
+    assert_saved(stem)
+    assert_no_empty_axes(fig)
+    columns = 2 + 3  # clean, observed, averaged, dncnn, tv
+    assert len(fig.axes) == 2 * columns
+    assert [ax.get_title() for ax in fig.axes[:columns]] == [
+        "clean",
+        "observed",
+        "averaged",
+        "dncnn",
+        "tv",
+    ]
+    with h5py.File(pnp_paths[2], "r") as fh:  # dncnn
+        clean, recon = fh["images/clean"][0], fh["images/recon"][0]
+    mse = np.mean((recon.astype(np.float64) - clean) ** 2)
+    assert fig.axes[3].texts[0].get_text() == f"{10 * np.log10(1 / mse):.2f} dB"
+
+
+def test_save_figure_is_reproducible(tmp_path: Path) -> None:
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    save_figure(fig, tmp_path / "a")
+    save_figure(fig, tmp_path / "b")
+    assert (tmp_path / "a.pdf").read_bytes() == (tmp_path / "b.pdf").read_bytes()
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

@@ -1,0 +1,297 @@
+"""Tables from small fake result files written in the pipeline's schema."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from stablenets.tables import (
+    classification_table,
+    denoising_table,
+    display_frame,
+    pnp_table,
+    radius_label,
+    write_table,
+)
+
+STANDARD_EPS = np.array([36, 72, 108]) / 255
+EPS = np.linspace(0, 1, 9)
+# (variant, seed) -> clean accuracy, certified at the standard radii, Lipschitz bound
+CLASSIFIERS = {
+    ("nonexpansive", 0): (0.60, [0.40, 0.25, 0.10], 1.0),
+    ("nonexpansive", 1): (0.64, [0.44, 0.27, 0.12], 1.2),
+    ("resnet", 0): (0.80, [0.0, 0.0, 0.0], 250.0),
+    ("resnet", 1): (0.82, [0.0, 0.0, 0.0], 300.0),
+}
+# (variant, seed) -> mean PSNR, std PSNR (over images)
+DENOISERS = {
+    ("euler_residual", 0): (28.0, 1.0),
+    ("euler_residual", 1): (29.0, 2.0),
+    ("dncnn", 0): (30.0, 1.5),
+    ("tv", -1): (26.0, 1.2),
+}
+
+
+def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
+    """An HDF5 result file like the pipeline's (None -> NaN, nested dataset names)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as fh:
+        for key, value in attrs.items():
+            fh.attrs[key] = math.nan if value is None else value
+        for key, value in datasets.items():
+            fh.create_dataset(key, data=np.asarray(value))
+    return path
+
+
+def classification_file(root: Path, variant: str, seed: int) -> Path:
+    clean, certified, lip = CLASSIFIERS[variant, seed]
+    certified = np.asarray(certified)
+    pgd = np.minimum(clean, certified + 0.2)
+    empirical = pgd - 0.05 * (pgd > certified)
+    attrs = {
+        "variant": variant,
+        "model": f"{variant}_classifier",
+        "seed": seed,
+        "clean_accuracy": clean,
+        "lipschitz_bound": lip,
+        "n_params": 255_000 if variant == "nonexpansive" else 497_000,
+        "total_substeps": 15 + seed,
+        "train_time_s": 100.0 + 10 * seed,
+        "best_step": 400,
+        "auc_certified": 0.1 + 0.01 * seed,
+        "auc_pgd": 0.3,
+        "auc_empirical": 0.25,
+        "n_test": 100,
+        "strong_method": "autoattack",
+    }
+    curve = clean * np.exp(-3 * EPS)
+    datasets = {
+        "eps": EPS,
+        "certified": curve * 0.5,
+        "pgd": curve,
+        "strong": np.full_like(EPS, np.nan),
+        "empirical": curve * 0.9,
+        "standard_eps": STANDARD_EPS,
+        "standard_certified": certified,
+        "standard_pgd": pgd,
+        "standard_strong": empirical,
+        "standard_empirical": empirical,
+    }
+    return write_h5(root / f"eval/classification/{variant}/seed{seed}.h5", attrs, datasets)
+
+
+def denoising_file(root: Path, variant: str, seed: int, sigma: float = 0.15) -> Path:
+    mean, std = DENOISERS[variant, seed]
+    tv = variant == "tv"
+    attrs = {
+        "variant": variant,
+        "sigma": sigma,
+        "seed": seed,
+        "lipschitz_bound": None if tv else 1.0,
+        "averagedness": 0.5 if variant == "euler_residual" else None,
+        "empirical_lipschitz": None if tv else 0.9,
+        "mean_psnr": mean,
+        "std_psnr": std,
+        "mean_psnr_1": mean - 1,
+        "std_psnr_1": std,
+        "noisy_mean_psnr": 17.0,
+        "noisy_mean_psnr_1": 16.5,
+        "tv_weight": 0.08 if tv else None,
+    }
+    psnr = mean + std * np.array([-1.0, 0.0, 1.0])
+    crops = np.full((2, 3, 4, 4), 0.5, dtype=np.float32)
+    datasets = {
+        "psnr": psnr,
+        "psnr_1": psnr - 1,
+        "noisy_psnr": np.full(3, 17.0),
+        "image_index": np.arange(3),
+        "crops/clean": crops,
+        "crops/noisy": crops,
+        "crops/denoised": crops,
+        "crops/psnr": psnr[:2],
+    }
+    name = "tv.h5" if tv else f"{variant}/seed{seed}.h5"
+    return write_h5(root / f"eval/denoising/sigma{sigma:g}/{name}", attrs, datasets)
+
+
+def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) -> Path:
+    tv = variant == "tv"
+    attrs = {
+        "method": "tv" if tv else "pnp",
+        "variant": variant,
+        "seed": seed,
+        "eta": 1.0,
+        "relax": 1.0,
+        "noise": 0.01,
+        "blur_size": 9,
+        "blur_sigma": 1.6,
+        "observed_mean_psnr": 22.0,
+        "mean_psnr": 25.0 + seed,
+        "std_psnr": 1.0,
+        "mean_iterations": 100.0 + 20 * seed,
+        "converged_fraction": None if tv else 1.0 - 0.5 * seed,
+        "diverged_count": diverged,
+        "nonincreasing": monotone,
+        "lipschitz_bound": None if tv else 1.0,
+        "averagedness": 0.6 if variant == "averaged" else None,
+    }
+    images = np.zeros((1, 3, 4, 4), dtype=np.float32)
+    datasets = {
+        "psnr_final": np.array([24.0, 26.0]) + seed,
+        "psnr_observed": np.array([22.0, 22.0]),
+        "iterations": np.array([100, 100]),
+        "images/clean": images,
+        "images/observed": images,
+        "images/recon": images,
+    }
+    name = "tv.h5" if tv else f"sigma0.05/{variant}/seed{seed}.h5"
+    return write_h5(root / "pnp" / name, attrs, datasets)
+
+
+@pytest.fixture()
+def classification_paths(tmp_path: Path) -> list[Path]:
+    return [classification_file(tmp_path, v, s) for v, s in CLASSIFIERS]
+
+
+@pytest.fixture()
+def denoising_paths(tmp_path: Path) -> list[Path]:
+    return [denoising_file(tmp_path, v, s) for v, s in DENOISERS]
+
+
+@pytest.fixture()
+def pnp_paths(tmp_path: Path) -> list[Path]:
+    return [
+        pnp_file(tmp_path, "averaged", 0, diverged=0, monotone=1),
+        pnp_file(tmp_path, "averaged", 1, diverged=0, monotone=1),
+        pnp_file(tmp_path, "dncnn", 0, diverged=2, monotone=0),
+        pnp_file(tmp_path, "tv", -1, diverged=0, monotone=1),
+    ]
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """Cells of a pipe table, separator line excluded."""
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+    return [row for row in cells if not set("".join(row)) <= set("-:")]
+
+
+def test_radius_label() -> None:
+    assert [radius_label(e) for e in STANDARD_EPS] == ["36/255", "72/255", "108/255"]
+    assert radius_label(0.3) == "0.3"
+
+
+def test_classification_mean_std_and_seeds(classification_paths: list[Path]) -> None:
+    df = classification_table(classification_paths).set_index("variant")
+    assert list(df.index) == ["nonexpansive", "resnet"]
+    assert (df["seeds"] == 2).all()
+    ne = df.loc["nonexpansive"]
+    assert ne["clean_accuracy"] == pytest.approx(0.62)
+    assert ne["clean_accuracy_std"] == pytest.approx(np.std([0.60, 0.64], ddof=1))
+    assert ne["certified@36/255"] == pytest.approx(0.42)
+    assert ne["certified@108/255_std"] == pytest.approx(np.std([0.10, 0.12], ddof=1))
+    assert ne["lipschitz_bound"] == pytest.approx(1.1)
+    assert df.loc["resnet", "n_params"] == 497_000
+    assert ne["model"] == "nonexpansive_classifier"
+    for metric in ("certified", "empirical", "pgd"):
+        assert f"{metric}@72/255" in df.columns
+    for column in ("auc_certified", "auc_pgd", "auc_empirical", "total_substeps", "train_time_s"):
+        assert column in df.columns and column + "_std" in df.columns
+
+
+def test_single_seed_has_no_spread(classification_paths: list[Path]) -> None:
+    df = classification_table(classification_paths[:1])
+    assert df.loc[0, "seeds"] == 1 and math.isnan(df.loc[0, "clean_accuracy_std"])
+    shown = display_frame(df)
+    assert shown.loc[0, "clean acc. (%)"] == "60.0"
+
+
+def test_denoising_table(denoising_paths: list[Path]) -> None:
+    df = denoising_table(denoising_paths).set_index("variant")
+    assert sorted(df.index) == ["dncnn", "euler_residual", "tv"]
+    assert (df["sigma"] == 0.15).all()
+    er = df.loc["euler_residual"]
+    assert er["seeds"] == 2 and df.loc["tv", "seeds"] == 1
+    assert er["psnr"] == pytest.approx(28.5)
+    assert er["psnr_std"] == pytest.approx(math.sqrt((1.0**2 + 2.0**2) / 2))  # over images
+    assert er["psnr_seed_std"] == pytest.approx(np.std([28.0, 29.0], ddof=1))
+    assert er["psnr_1"] == pytest.approx(27.5)
+    assert df.loc["tv", "tv_weight"] == pytest.approx(0.08)
+    assert math.isnan(er["tv_weight"]) and math.isnan(df.loc["tv", "lipschitz_bound"])
+    assert er["averagedness"] == pytest.approx(0.5) and math.isnan(df.loc["dncnn", "averagedness"])
+
+
+def test_pnp_table(pnp_paths: list[Path]) -> None:
+    df = pnp_table(pnp_paths).set_index("variant")
+    assert list(df["method"]) == ["pnp", "pnp", "tv"]
+    av, dn = df.loc["averaged"], df.loc["dncnn"]
+    assert av["seeds"] == 2 and av["denoiser_sigma"] == pytest.approx(0.05)
+    assert math.isnan(df.loc["tv", "denoiser_sigma"])
+    assert av["psnr"] == pytest.approx(25.5) and av["psnr_seed_std"] > 0
+    assert av["iterations"] == pytest.approx(110.0)
+    assert av["converged_fraction"] == pytest.approx(0.75)
+    assert dn["diverged_count"] == 2 and dn["nonincreasing"] == 0
+    assert av["nonincreasing"] == 1 and av["averagedness"] == pytest.approx(0.6)
+
+
+def test_flag_false_if_any_seed_fails(tmp_path: Path) -> None:
+    paths = [
+        pnp_file(tmp_path, "averaged", 0, diverged=1, monotone=1),
+        pnp_file(tmp_path, "averaged", 1, diverged=2, monotone=0),
+    ]
+    row = pnp_table(paths).iloc[0]
+    assert row["nonincreasing"] == 0 and row["diverged_count"] == 3
+    assert display_frame(pnp_table(paths)).loc[0, "non-increasing steps"] == "no"
+
+
+def test_write_table_files(classification_paths: list[Path], tmp_path: Path) -> None:
+    df = classification_table(classification_paths)
+    stem = tmp_path / "tables" / "classification"
+    write_table(df, stem, "Robust accuracy on CIFAR_10")
+    written = sorted(p.name for p in stem.parent.iterdir())
+    assert written == ["classification.csv", "classification.md", "classification.tex"]
+
+    csv = pd.read_csv(stem.with_suffix(".csv"))
+    assert list(csv.columns) == list(df.columns)
+    assert csv["clean_accuracy"].tolist() == pytest.approx(df["clean_accuracy"].tolist())
+    assert csv["clean_accuracy_std"].dtype.kind == "f"
+
+    md = stem.with_suffix(".md").read_text()
+    assert md.startswith("Robust accuracy on CIFAR_10")
+    header, *rows = markdown_rows(md)
+    assert len(rows) == 2 and len(header) == len(rows[0])
+    assert "clean acc. (%)" in header and "certified ε=36/255 (%)" in header
+    assert "training time (s)" in header and "seeds" in header
+    cell = rows[0][header.index("clean acc. (%)")]
+    assert cell == f"62.0 ± {100 * np.std([0.60, 0.64], ddof=1):.1f}"
+
+    tex = stem.with_suffix(".tex").read_text()
+    assert r"\begin{tabular}" in tex and r"\end{tabular}" in tex
+    assert r"CIFAR\_10" in tex and r"$\pm$" in tex and r"\%" in tex
+    assert r"\label{tab:classification}" in tex
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0]
+    assert body.count(r"\\") == 2  # one LaTeX row per variant
+
+
+def test_latex_escapes_underscores(denoising_paths: list[Path], tmp_path: Path) -> None:
+    stem = tmp_path / "denoising"
+    write_table(denoising_table(denoising_paths), stem, "Denoising PSNR")
+    tex = stem.with_suffix(".tex").read_text()
+    assert r"euler\_residual" in tex
+    assert "PSNR (dB)" in tex and r"$\sigma$" in tex
+    body = tex.split(r"\begin{tabular}")[1]
+    assert all(body[i - 1] == "\\" for i, ch in enumerate(body) if ch == "_")
+    md = stem.with_suffix(".md").read_text()
+    header, *rows = markdown_rows(md)
+    assert "PSNR (dB)" in header and "PSNR seed std (dB)" in header and len(rows) == 3
+    tv = next(r for r in rows if "tv" in r)
+    assert tv[header.index("Lipschitz bound")] == "n/a"
+
+
+def test_empty_input_rejected() -> None:
+    with pytest.raises(ValueError, match="no result files"):
+        classification_table([])

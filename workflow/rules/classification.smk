@@ -1,0 +1,42 @@
+# CIFAR-10 robustness: train each classifier variant and seed, then attack and certify it.
+
+
+rule train_classifier:
+    input:
+        data=R("data/cifar10.h5"),
+    output:
+        model=R("models/classification/{variant}/seed{seed}/model.pt"),
+        log=R("models/classification/{variant}/seed{seed}/train_log.csv"),
+    params:
+        spec=lambda w: JOBS.train_spec("classification", w.variant, w.seed),
+        workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
+    log:
+        L("train_classifier/{variant}/seed{seed}.log"),
+    benchmark:
+        B("train_classifier/{variant}/seed{seed}.tsv")
+    threads: config["threads"]
+    resources:
+        **JOBS.resources("train"),
+    shell:
+        "{PY} -m stablenets train --spec {params.spec:q} --data {input.data}"
+        " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
+
+
+rule evaluate_classifier:
+    input:
+        model=R("models/classification/{variant}/seed{seed}/model.pt"),
+        data=R("data/cifar10.h5"),
+    output:
+        R("eval/classification/{variant}/seed{seed}.h5"),
+    params:
+        spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
+    log:
+        L("evaluate_classifier/{variant}/seed{seed}.log"),
+    benchmark:
+        B("evaluate_classifier/{variant}/seed{seed}.tsv")
+    threads: config["threads"]
+    resources:
+        **JOBS.resources("evaluate"),
+    shell:
+        "{PY} -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
+        " --data {input.data} --out {output} > {log} 2>&1"

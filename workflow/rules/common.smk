@@ -1,0 +1,37 @@
+# Configuration, paths and job specifications shared by every rule file.
+import json
+import sys
+
+from stablenets.config import validate_config
+from stablenets.workflow import Jobs
+
+config.update(validate_config(config, workflow.source_path("../schemas/config.schema.yaml")))
+JOBS = Jobs(config)
+PY = sys.executable
+SCALE = config["scale"]
+
+
+wildcard_constraints:
+    dataset="cifar10|bsds500",
+    variant="[A-Za-z0-9_]+",
+    seed="[0-9]+",
+    sigma="[0-9.]+",
+
+
+def R(path):
+    """A results path of the current scale."""
+    return f"results/{SCALE}/{path}"
+
+
+def L(path):
+    """A log path of the current scale."""
+    return f"logs/{SCALE}/{path}"
+
+
+def B(path):
+    """A benchmark path of the current scale."""
+    return f"benchmarks/{SCALE}/{path}"
+
+
+def final_outputs():
+    return JOBS.final_outputs(R)

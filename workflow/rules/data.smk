@@ -1,0 +1,17 @@
+# Datasets: checksummed download + safe extraction + HDF5 conversion, or the offline smoke sets.
+
+
+rule prepare_data:
+    output:
+        R("data/{dataset}.h5"),
+    params:
+        spec=lambda w: JOBS.data_spec(w.dataset),
+    log:
+        L("prepare_data/{dataset}.log"),
+    benchmark:
+        B("prepare_data/{dataset}.tsv")
+    threads: 1
+    resources:
+        **JOBS.resources("data"),
+    shell:
+        "{PY} -m stablenets prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"

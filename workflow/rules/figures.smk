@@ -1,0 +1,1 @@
+# Tables, figures and the summary: what a reader of the paper looks at.

@@ -1,0 +1,40 @@
+# Plug-and-Play deblurring with the trained denoisers, and the TV-regularised baseline.
+
+
+rule pnp_deblur:
+    input:
+        model=R("models/denoising/sigma{sigma}/{variant}/seed{seed}/model.pt"),
+        data=R("data/bsds500.h5"),
+    output:
+        R("pnp/sigma{sigma}/{variant}/seed{seed}.h5"),
+    params:
+        spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
+    log:
+        L("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.log"),
+    benchmark:
+        B("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.tsv")
+    threads: config["threads"]
+    resources:
+        **JOBS.resources("evaluate"),
+    shell:
+        "{PY} -m stablenets pnp --spec {params.spec:q} --model {input.model}"
+        " --data {input.data} --out {output} > {log} 2>&1"
+
+
+rule tv_deblur:
+    input:
+        data=R("data/bsds500.h5"),
+    output:
+        R("pnp/tv.h5"),
+    params:
+        spec=JOBS.pnp_spec("tv", 0),
+    log:
+        L("tv_deblur/tv.log"),
+    benchmark:
+        B("tv_deblur/tv.tsv")
+    threads: config["threads"]
+    resources:
+        **JOBS.resources("data"),
+    shell:
+        "{PY} -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
+        " --out {output} > {log} 2>&1"
