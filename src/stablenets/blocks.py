@@ -94,6 +94,8 @@ class NonexpansiveBlock(nn.Module):
         n = max(1, math.ceil(T * ell / (2 * limit)))
         while (T / n) * ell / 2 > limit:
             n += 1
+        while n > 1 and (T / (n - 1)) * ell / 2 <= limit:
+            n -= 1
         return n
 
     def current_norm(self, x: torch.Tensor | None = None) -> float:

@@ -28,6 +28,9 @@ _JOBS = {
     "evaluate-tv": (experiments.evaluate_tv_denoising, ["data", "out"]),
     "pnp": (experiments.run_pnp, ["model", "data", "out"]),
     "tv-deblur": (experiments.run_tv_deblur, ["data", "out"]),
+    "table": (experiments.make_table, ["inputs", "out"]),
+    "figure": (experiments.make_figure, ["inputs", "out"]),
+    "summary": (experiments.write_summary, ["inputs", "out"]),
 }
 
 
@@ -39,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0])
         p.add_argument("--spec", required=True, help="job specification as JSON")
         for arg in paths:
-            p.add_argument(f"--{arg}", required=True, type=Path)
+            nargs = "+" if arg == "inputs" else None
+            p.add_argument(f"--{arg}", required=True, type=Path, nargs=nargs)
     return parser
 
 

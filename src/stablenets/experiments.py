@@ -372,7 +372,7 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     size = tuple(clean.shape[-2:])
-    alpha = getattr(model, "averagedness", lambda *_: None)(size)
+    alpha = model.averagedness(size)
     x, hist = pnp.pnp_forward_backward(
         model, blur, observed, p["eta"], p["relax"], p["max_iter"], p["tol"], reference=clean
     )
@@ -439,3 +439,93 @@ def _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, x, n_sho
         if key in hist:
             datasets[f"history/{key}"] = np.asarray(hist[key])
     write_results(out, attrs, datasets)
+
+
+_TABLE_CAPTIONS = {
+    "classification": "CIFAR-10 robustness (L2, inputs in [0, 1])",
+    "denoising": "Gaussian denoising PSNR on the test images",
+    "pnp": "Plug-and-Play deblurring",
+}
+
+
+def make_table(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
+    """``tables/<kind>.{csv,md,tex}`` from the result files of one experiment."""
+    from . import tables
+
+    kind = spec["kind"]
+    build = {
+        "classification": tables.classification_table,
+        "denoising": tables.denoising_table,
+        "pnp": tables.pnp_table,
+    }[kind]
+    df = build([Path(p) for p in inputs])
+    tables.write_table(df, Path(out).with_suffix(""), _TABLE_CAPTIONS[kind])
+    log(f"wrote {kind} table with {len(df)} rows")
+
+
+def _one_log_per_variant(paths: list[Path]) -> dict[str, Path]:
+    """``models/<task>/[sigma<s>/]<variant>/seed<k>/train_log.csv``: the first log per variant
+    (lowest noise level and seed), keyed by the variant name so colours match other figures."""
+    chosen: dict[str, Path] = {}
+    for path in sorted(paths):
+        chosen.setdefault(path.parent.parent.name, path)
+    return chosen
+
+
+def make_figure(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
+    """``figures/<kind>.{pdf,png}`` from result files or training logs."""
+    from . import figures
+
+    kind, stem, paths = spec["kind"], Path(out).with_suffix(""), [Path(p) for p in inputs]
+    figures.set_style()
+    if kind.startswith("training_"):
+        figures.training_figure(_one_log_per_variant(paths), stem)
+    elif kind == "denoising_examples":
+        figures.denoising_examples_figure(paths, stem, sigma=spec.get("sigma"))
+    else:
+        draw = {
+            "robustness": figures.robustness_figure,
+            "pnp_convergence": figures.pnp_convergence_figure,
+            "pnp_reconstructions": figures.pnp_reconstructions_figure,
+        }[kind]
+        draw(paths, stem)
+    log(f"wrote {stem}.pdf and {stem}.png")
+
+
+def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
+    """``summary.md``: what was run, the headline tables, and where every file is."""
+    cfg, scale = spec["config"], spec["scale"]
+    lines = [
+        f"# stablenets results: `{scale}` scale",
+        "",
+        "## What was run",
+        "",
+        f"- seeds: {cfg['seeds']}; device setting: `{cfg['device']}`",
+        f"- classifiers: {', '.join(cfg['classification']['variants'])} "
+        f"({cfg['classification']['train']['steps']} steps, batch "
+        f"{cfg['classification']['train']['batch_size']})",
+        f"- denoisers: {', '.join(cfg['denoising']['variants'])} + TV, noise levels "
+        f"{cfg['denoising']['noise_levels']} ({cfg['denoising']['train']['steps']} steps)",
+        f"- PnP deblurring: {', '.join(cfg['pnp']['denoisers'])} + TV; Gaussian blur "
+        f"{cfg['pnp']['blur']['size']}x{cfg['pnp']['blur']['size']}, σ_blur "
+        f"{cfg['pnp']['blur']['sigma']}, noise {cfg['pnp']['noise']}, η {cfg['pnp']['eta']}",
+        "",
+    ]
+    for path in inputs:
+        lines += [f"## {Path(path).stem.capitalize()}", "", Path(path).read_text().strip(), ""]
+    lines += [
+        "## Where the files are",
+        "",
+        f"- tables: `results/{scale}/tables/*.{{csv,md,tex}}`",
+        f"- figures: `results/{scale}/figures/*.{{pdf,png}}`",
+        f"- per-model results (HDF5, with config hash, seed, versions, git commit): "
+        f"`results/{scale}/eval/`, `results/{scale}/pnp/`",
+        f"- trained models and training logs: `results/{scale}/models/`",
+        f"- logs per rule: `logs/{scale}/`; timings per rule: `benchmarks/{scale}/`",
+        "",
+    ]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    log(f"wrote {out}")

@@ -79,9 +79,10 @@ STYLE_RC: dict[str, Any] = {
     "savefig.dpi": PNG_DPI,
 }
 PANEL_SIZE = (3.3, 2.5)  # inches per plot panel
+ROBUSTNESS_SIZE = (7.0, 3.8)  # inches, the robustness plot (legends outside, on the right)
 IMAGE_SIZE = 1.8  # inches of the longer side of one image panel
 BAND_ALPHA = 0.18  # light bands (min-max over blocks or images)
-EPS_PAD = 0.015  # left x margin (fraction of the ε range) so the ε=0 marker is not clipped
+EPS_PAD = 0.03  # left x margin (fraction of the ε range) so the ε=0 marker is not clipped
 N_EXAMPLES = 2  # example crops / images shown by default
 CURVE_STYLES = {"certified": "--", "empirical": "-", "pgd": ":"}
 CURVE_LABELS = {
@@ -128,6 +129,13 @@ def model_colors(names: Iterable[str]) -> dict[str, str]:
     return colors
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open`` gives a new file (0o666 less the umask); ``mkstemp`` uses 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_figure(fig: Figure, stem: Path) -> None:
     """Write ``stem.pdf`` and ``stem.png`` (``PNG_DPI``), tight bounding box, each atomically;
     without time stamps, so the same figure gives the same PDF."""
@@ -140,6 +148,7 @@ def save_figure(fig: Figure, stem: Path) -> None:
         os.close(fd)
         try:
             fig.savefig(tmp, format=suffix, bbox_inches="tight", **kwargs)
+            os.chmod(tmp, _new_file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -238,15 +247,27 @@ def _side_legends(fig: Figure, *groups: tuple[str, list[Line2D]]) -> None:
             fig.legend(handles=handles, title=title, loc=loc)
 
 
-def _band(ax: Axes, x: np.ndarray, rows: np.ndarray, color: str, gid: str, center: str) -> None:
-    """``center`` (mean or median) line over the rows of ``rows`` with a light min-max band."""
+def _band(
+    ax: Axes,
+    x: np.ndarray,
+    rows: np.ndarray,
+    color: str,
+    gid: str,
+    center: str,
+    steps: bool = False,
+) -> None:
+    """``center`` (mean or median) line over the rows of ``rows`` with a light min-max band;
+    ``steps``: piecewise constant (integer counts)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are expected
         middle = np.nanmean(rows, 0) if center == "mean" else np.nanmedian(rows, 0)
         low, high = np.nanmin(rows, 0), np.nanmax(rows, 0)
     if rows.shape[0] > 1:
-        ax.fill_between(x, low, high, color=color, alpha=BAND_ALPHA, linewidth=0, gid=gid)
-    ax.plot(x, middle, color=color, gid=gid)
+        step = "post" if steps else None
+        ax.fill_between(
+            x, low, high, color=color, alpha=BAND_ALPHA, linewidth=0, gid=gid, step=step
+        )
+    ax.plot(x, middle, color=color, gid=gid, drawstyle="steps-post" if steps else "default")
 
 
 def _band_handle(label: str) -> Patch:
@@ -280,6 +301,12 @@ def _psnr_peak1(x: np.ndarray, ref: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN (without a warning) when there is none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _db(value: float) -> str:
     return f"{value:.2f} dB" if np.isfinite(value) else "n/a"
 
@@ -308,7 +335,7 @@ def robustness_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     if not groups:
         raise ValueError("no evaluation files given")
     colors = model_colors(groups)
-    fig, axes = _new_figure(1, 1, (PANEL_SIZE[0] * 1.5, PANEL_SIZE[1] * 1.5))
+    fig, axes = _new_figure(1, 1, ROBUSTNESS_SIZE)
     ax, eps_max = axes[0, 0], 0.0
     labels = {}
     for name, results in groups.items():
@@ -390,7 +417,8 @@ def _draw_panel(ax: Axes, key: str, log: pd.DataFrame, color: str, name: str, sc
                 )
     elif key in ("norms", "block_substeps"):
         columns = _panel_columns(train, key)
-        _band(ax, train["step"].to_numpy(), train[columns].to_numpy(float).T, color, name, "median")
+        rows = train[columns].to_numpy(float).T
+        _band(ax, train["step"].to_numpy(), rows, color, name, "median", key != "norms")
     else:
         rows = train.dropna(subset=[key])
         drawstyle = "steps-post" if key == "substeps" else "default"
@@ -411,7 +439,7 @@ def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
         _Panel("metric", metric_label),
         _Panel("lr", "learning rate", log_y=True),
         _Panel("substeps", "total sub-steps"),
-        _Panel("norms", "block norm estimate ‖A_i‖"),
+        _Panel("norms", r"block norm estimate $\Vert A_i \Vert$"),
         _Panel("block_substeps", "sub-steps per block"),
     ]
     panels = [p for p in panels if any(_has(g, _panel_columns(g, p.key)) for g in logs.values())]
@@ -461,11 +489,17 @@ def _noisy_crop_psnr(ref: _Result, k: int) -> str:
     return f"{_db(10 * math.log10(peak / mse))} (crop)"
 
 
-def _single_sigma(results: Iterable[_Result]) -> float:
-    sigmas = {s for s in (r.number("sigma") for r in results) if np.isfinite(s)}
-    if len(sigmas) > 1:
-        raise ValueError(f"denoising examples of several noise levels {sorted(sigmas)}")
-    return sigmas.pop() if sigmas else math.nan
+def _at_sigma(results: list[_Result], sigma: float | None) -> tuple[list[_Result], float]:
+    """The results at noise level ``sigma`` (``None``: the only one there is)."""
+    sigmas = sorted({s for s in (r.number("sigma") for r in results) if np.isfinite(s)})
+    if sigma is None:
+        if len(sigmas) > 1:
+            raise ValueError(f"results of several noise levels {sigmas}: choose one with sigma")
+        return results, sigmas[0] if sigmas else math.nan
+    chosen = [r for r in results if np.isclose(r.number("sigma"), sigma)]
+    if not chosen:
+        raise ValueError(f"no results at noise level {sigma:g}; found {sigmas}")
+    return chosen, float(sigma)
 
 
 def _same_images(results: Iterable[_Result], key: str, n: int) -> np.ndarray:
@@ -478,14 +512,18 @@ def _same_images(results: Iterable[_Result], key: str, n: int) -> np.ndarray:
 
 
 def denoising_examples_figure(
-    eval_paths: Iterable[Path], stem: Path, n_crops: int = N_EXAMPLES
+    eval_paths: Iterable[Path],
+    stem: Path,
+    n_crops: int = N_EXAMPLES,
+    sigma: float | None = None,
 ) -> Figure:
-    """Grid of example crops: clean, noisy, then each denoiser (lowest seed), with the PSNR of
-    the crop's full test image (paper's peak definition) in the corner."""
+    """Grid of example crops at one noise level ``sigma`` (``None``: the only one in
+    ``eval_paths``): clean, noisy, then each denoiser (lowest seed), with the PSNR of the crop's
+    full test image (paper's peak definition) in the corner."""
     results = [_read(p, _CROP_SETS) for p in eval_paths]
     if not results:
         raise ValueError("no evaluation files given")
-    sigma = _single_sigma(results)
+    results, sigma = _at_sigma(results, sigma)
     models = _first_seed(results)
     reference = next(iter(models.values()))
     n = min(n_crops, len(reference.data["crops/clean"]))
@@ -580,30 +618,32 @@ def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
     colors = model_colors([*variant.values(), "observed"])
     fig, axes = _new_figure(1, 2, PANEL_SIZE)
     axes = axes[0]
-    for label in sorted(groups, key=lambda s: (_ordered(variant.values()).index(variant[s]), s)):
+    rank = _ordered(variant.values())
+    order = sorted(groups, key=lambda label: (rank.index(variant[label]), label))
+    for label in order:
         rs, color = groups[label], colors[variant[label]]
         if not _draw_history(axes, variant[label], rs, color):
-            final = float(np.nanmean([r.number("mean_psnr") for r in rs]))
+            final = _nanmean([r.number("mean_psnr") for r in rs])
             axes[0].axhline(final, color=color, ls=REFERENCE_STYLES["final"], gid=variant[label])
-    observed = float(np.nanmean([r.number("observed_mean_psnr") for r in results]))
+    observed = _nanmean([r.number("observed_mean_psnr") for r in results])
     if np.isfinite(observed):
         axes[0].axhline(
             observed, color=colors["observed"], ls=REFERENCE_STYLES["observed"], gid="observed"
         )
     axes[0].set_ylabel("PSNR (dB, peak 1)")
-    axes[1].set_ylabel("‖x_{k+1} − x_k‖")
+    axes[1].set_ylabel(r"$\Vert x_{k+1} - x_k \Vert$")
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("iteration k")
     if not axes[1].lines:
         fig.delaxes(axes[1])
-    handles = {label: colors[v] for label, v in variant.items()}
-    refs = _style_handles(REFERENCE_STYLES, {"final": "final PSNR (no history)"})
-    _side_legends(
-        fig,
-        ("method", _model_handles({**handles, "observed": colors["observed"]})),
-        ("reference", [*refs, _band_handle("min-max over images")]),
-    )
+    refs = [
+        Line2D([], [], color=colors["observed"], ls=REFERENCE_STYLES["observed"], label="observed"),
+        Line2D([], [], color="0.3", ls=REFERENCE_STYLES["final"], label="final (no history)"),
+        _band_handle("min-max over images"),
+    ]
+    methods = {label: colors[variant[label]] for label in order}
+    _side_legends(fig, ("method", _model_handles(methods)), ("reference", refs))
     return _finish(fig, stem)
 
 

@@ -66,7 +66,8 @@ class StableModel(nn.Module):
     def total_substeps(self) -> int:
         return sum(n for n, _ in self.block_stats())
 
-    def averagedness(self) -> float | None:
+    def averagedness(self, input_size: Size | None = None) -> float | None:
+        """alpha-averagedness guaranteed in ``eval()``; ``None`` when nothing is guaranteed."""
         return None
 
 

@@ -413,12 +413,20 @@ def _to_latex(shown: pd.DataFrame, caption: str, label: str, notes: str) -> str:
     return latex.replace("\\end{table}", note + "\\end{table}")
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open`` gives a new file (0o666 less the umask); ``mkstemp`` uses 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

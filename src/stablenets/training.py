@@ -242,9 +242,10 @@ def _check_finite(step: int, loss: float, model: StableModel, cfg: TrainConfig, 
     bad = not math.isfinite(loss) or any(not (math.isfinite(n) and n <= cfg.max_norm) for n in norms)
     if bad:
         last = str(ckpt) if ckpt.exists() else "none"
+        largest = f"{max(norms):.4g}" if norms else "n/a"
         raise DivergenceError(
-            f"training diverged at step {step}: loss={loss}, largest norm estimate="
-            f"{max(norms, default=0.0)} (limit {cfg.max_norm}); last good checkpoint: {last}"
+            f"training diverged at step {step}: loss={loss}, largest norm estimate={largest} "
+            f"(limit {cfg.max_norm}); last good checkpoint: {last}"
         )
 
 

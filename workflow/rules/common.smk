@@ -3,7 +3,7 @@ import json
 import sys
 
 from stablenets.config import validate_config
-from stablenets.workflow import Jobs
+from stablenets.workflow import FIGURES, TABLES, Jobs
 
 config.update(validate_config(config, workflow.source_path("../schemas/config.schema.yaml")))
 JOBS = Jobs(config)

@@ -1,0 +1,476 @@
+"""Tests of stablenets.blocks: the step rule, certified bounds, averagedness, and an adversarial
+Lipschitz audit of single blocks; the 2^k counterexample for ordinary residual blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stablenets.activations import build_activation
+from stablenets.blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.integrators import get_integrator
+from stablenets.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
+
+TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Adversary
+
+
+def ratio_objective(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``||f(x) - f(y)|| / ||x - y||`` per sample."""
+    return dy.norm(dim=1) / dx.norm(dim=1)
+
+
+def averaged_objective(alpha: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Violation of ``||Tx-Ty||^2 <= ||x-y||^2 - (1-a)/a ||(I-T)x-(I-T)y||^2``, relative to
+    ``||x-y||^2``."""
+    c = (1 - alpha) / alpha
+
+    def objective(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        sq = dx.square().sum(dim=1)
+        return (dy.square().sum(dim=1) - sq + c * (dx - dy).square().sum(dim=1)) / sq
+
+    return objective
+
+
+def adversary(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ratio_objective,
+    *,
+    starts: int = 8,
+    steps: int = 100,
+    lr: float = 0.03,
+    seed: int = 0,
+    offset: float = 0.0,
+) -> float:
+    """Gradient ascent (Adam on ``x``, a direction ``v`` and a log-distance) of
+    ``objective(x - y, f(x) - f(y))`` from ``starts`` random pairs at distances 1e-3 .. 2; the
+    largest value seen. Distances stay >= 1e-4 so float64 rounding stays far below ``TOL``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(starts, *shape, generator=g, dtype=torch.float64) + offset
+    v = torch.randn(starts, *shape, generator=g, dtype=torch.float64)
+    log_r = torch.linspace(math.log(1e-3), math.log(2.0), starts, dtype=torch.float64)
+    params = [x.requires_grad_(), v.requires_grad_(), log_r.requires_grad_()]
+    opt = torch.optim.Adam(params, lr=lr)
+    view = (starts,) + (1,) * len(shape)
+    best = -math.inf
+    for _ in range(steps + 1):
+        r = log_r.clamp(math.log(1e-4), math.log(10.0)).exp()
+        dx = v / v.flatten(1).norm(dim=1).view(view) * r.view(view)
+        out = f(torch.cat([x + dx, x]))
+        value = objective(dx.flatten(1), (out[:starts] - out[starts:]).flatten(1))
+        best = max(best, float(value.detach().max()))
+        opt.zero_grad()
+        (-value.sum()).backward()
+        opt.step()
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Construction and the step rule
+
+
+def _dense_block(integrator="euler", theta=1.0, activation="leaky_relu", n_in=8, n_out=6, seed=0):
+    op = DenseOperator(n_in, n_out, generator=torch.Generator().manual_seed(seed))
+    return NonexpansiveBlock(op, build_activation(activation), integrator, theta).double()
+
+
+def _conv_block(integrator="euler", theta=1.0, activation="leaky_relu", seed=0, **conv):
+    cfg = {"in_channels": 3, "out_channels": 3, "kernel_size": 3, "input_size": (6, 5)}
+    cfg.update({"padding": 1, **conv})
+    op = Conv2dOperator(**cfg, generator=torch.Generator().manual_seed(seed))
+    return NonexpansiveBlock(op, build_activation(activation), integrator, theta).double()
+
+
+def _scale(block: NonexpansiveBlock, factor: float) -> None:
+    with torch.no_grad():
+        block.operator.weight.mul_(factor)
+
+
+def test_block_rejects_bad_arguments():
+    op = DenseOperator(4, 3)
+    act = build_activation("relu")
+    for theta in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="theta"):
+            NonexpansiveBlock(op, act, "euler", theta)
+    for time in (0.0, -1.0):
+        with pytest.raises(ValueError, match="integration time"):
+            NonexpansiveBlock(op, act, "euler", 1.0, time)
+    with pytest.raises(ValueError, match="unknown integrator"):
+        NonexpansiveBlock(op, act, "rk45")
+
+
+@pytest.mark.parametrize("integrator", ["euler", "heun", "ssprk3", "rk4", "midpoint"])
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_default_time_gives_one_substep_and_the_step_rule(integrator, theta):
+    for block, x in (
+        (_dense_block(integrator, theta), torch.zeros(2, 8, dtype=torch.float64)),
+        (_conv_block(integrator, theta), torch.zeros(2, 3, 6, 5, dtype=torch.float64)),
+    ):
+        r = block.tableau.step_radius
+        norm0 = block.operator.norm_bound(getattr(block.operator, "power_size", None))
+        expected_time = 2 * r * theta / (block.activation.lipschitz * norm0**2)
+        assert float(block.time) == pytest.approx(expected_time, rel=1e-15)
+        block.eval()(x)
+        assert block.last_substeps == 1
+        # The rule: h nu <= r theta with nu = L norm^2 / 2, and n ~ (norm / norm0)^2.
+        time, ell, limit = float(block.time), block.activation.lipschitz, r * theta
+        for factor in (0.3, 1.0, 1.7, 2.5, 3.1, 10.2):
+            norm = norm0 * factor
+            n = block.substeps(norm)
+            assert (time / n) * (ell * norm**2) / 2 <= limit
+            assert n == max(1, math.ceil(factor**2))
+
+
+def test_substeps_is_the_smallest_feasible_count():
+    """``substeps`` promises the *smallest* ``n`` with ``(T / n) L norm^2 / 2 <= r theta``; at
+    exact multiples of the initial norm the float64 ceiling must not overshoot by one."""
+    block = _dense_block("euler", 0.5)
+    norm0 = block.operator.norm_bound()
+    time, ell, limit = float(block.time), block.activation.lipschitz, 0.5
+    for factor in (1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0):
+        norm = norm0 * factor
+        n = block.substeps(norm)
+        assert (time / n) * (ell * norm**2) / 2 <= limit
+        if n > 1:
+            assert (time / (n - 1)) * (ell * norm**2) / 2 > limit, (factor, n)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_training_mode_starts_with_one_substep(seed):
+    """As built (float32), a block's first training-mode forward takes one sub-step: the
+    power-iteration estimate is a lower bound of the norm the integration time was set from."""
+    g = torch.Generator().manual_seed(seed)
+    for op, x in (
+        (DenseOperator(8, 6, generator=g), torch.zeros(1, 8)),
+        (Conv2dOperator(3, 3, 3, (6, 5), padding=1, generator=g), torch.zeros(1, 3, 6, 5)),
+    ):
+        block = NonexpansiveBlock(op, build_activation("leaky_relu"), "euler").train()
+        block(x)
+        estimate, bound = float(op.sigma_estimate), op.norm_bound()
+        assert block.last_substeps == 1, (type(op).__name__, estimate / bound - 1)
+
+
+def test_eval_uses_the_certified_bound_for_the_input_size_and_train_the_estimate():
+    block = _conv_block("heun")
+    for size in ((6, 5), (9, 7), (4, 4)):
+        x = torch.randn(
+            2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        )
+        block.eval()
+        y = block(x)
+        assert y.shape == x.shape
+        assert block.last_norm == block.operator.norm_bound(size)
+        assert block.last_substeps == block.substeps(block.operator.norm_bound(size))
+        block.train()
+        block(x)
+        assert block.last_norm == float(block.operator.sigma_estimate)
+    dense = _dense_block().eval()
+    dense(torch.randn(3, 8, dtype=torch.float64))
+    assert dense.last_norm == dense.operator.norm_bound()
+
+
+@pytest.mark.parametrize(
+    ("activation", "potential"),
+    [
+        ("relu", lambda z: F.relu(z).square() / 2),
+        ("leaky_relu", lambda z: torch.where(z > 0, z * z / 2, 0.01 * z * z / 2)),
+        ("tanh", lambda z: torch.log(torch.cosh(z))),
+    ],
+)
+def test_field_is_the_negative_gradient_of_the_convex_potential(activation, potential):
+    for block, shape in (
+        (_dense_block(activation=activation), (4, 8)),
+        (_conv_block(activation=activation, stride=1), (2, 3, 6, 5)),
+    ):
+        with torch.no_grad():
+            block.operator.bias.normal_(generator=torch.Generator().manual_seed(2))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        x.requires_grad_()
+        (grad,) = torch.autograd.grad(potential(block.operator(x)).sum(), x)
+        torch.testing.assert_close(block.field(x), -grad, rtol=1e-12, atol=1e-12)
+
+
+def test_block_forward_is_the_integrator_applied_n_times():
+    block = _dense_block("heun").eval()
+    _scale(block, 1.9)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = block(x)
+    n = block.last_substeps
+    assert n == 4
+    h = float(block.time) / n
+    z = x
+    for _ in range(n):
+        k1 = block.field(z)
+        z = z + h / 2 * (k1 + block.field(z + h * k1))
+    torch.testing.assert_close(y, z, rtol=1e-14, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# Certified bounds and averagedness
+
+
+@pytest.mark.parametrize("integrator", ["euler", "heun", "ssprk3"])
+def test_lipschitz_bound_is_one_for_positive_radius(integrator):
+    block = _conv_block(integrator)
+    assert block.lipschitz_bound() == 1.0
+    _scale(block, 3.0)
+    assert block.lipschitz_bound((6, 5)) == 1.0
+    assert block.lipschitz_bound((11, 13)) == 1.0
+
+
+@pytest.mark.parametrize("integrator", ["rk4", "midpoint"])
+def test_lipschitz_bound_is_stagewise_for_zero_radius(integrator):
+    block = _dense_block(integrator)
+    _scale(block, 2.0)
+    norm = block.operator.norm_bound()
+    n = block.substeps(norm)
+    h_ell = float(block.time) / n * block.activation.lipschitz * norm**2
+    expected = get_integrator(integrator).stagewise_lipschitz(h_ell) ** n
+    assert block.lipschitz_bound() == pytest.approx(expected, rel=1e-14)
+    assert block.lipschitz_bound() > 1.0
+
+
+def test_compose_averaged_values():
+    assert compose_averaged(0.5, 0.5) == pytest.approx(2 / 3)
+    assert compose_averaged(0.3, 0.0) == pytest.approx(0.3)
+    assert compose_averaged(0.2, 0.7) == pytest.approx(compose_averaged(0.7, 0.2))
+    assert compose_averaged(0.2, 0.7) == pytest.approx((0.9 - 0.28) / (1 - 0.14))
+
+
+def test_compose_averaged_holds_for_linear_averaged_maps():
+    """``T_i = (1-a_i) I + a_i R_i`` with orthogonal ``R_i``: the composition satisfies the
+    averagedness inequality with the Combettes-Yamada constant (and is tight-ish)."""
+    g = torch.Generator().manual_seed(0)
+    worst = -1.0
+    for a1, a2 in ((0.5, 0.5), (0.3, 0.8), (0.1, 0.2), (0.9, 0.6)):
+        eye = torch.eye(6, dtype=torch.float64)
+        q1 = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+        q2 = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+        t = ((1 - a2) * eye + a2 * q2) @ ((1 - a1) * eye + a1 * q1)
+        a = compose_averaged(a1, a2)
+        dx = torch.randn(2000, 6, generator=g, dtype=torch.float64)
+        violation = averaged_objective(a)(dx, dx @ t.T)
+        assert float(violation.max()) <= 1e-12
+        worst = max(worst, float(violation.max()))
+    assert worst > -0.5  # not vacuous
+
+
+def test_averagedness_of_euler_blocks():
+    block = _conv_block("euler", theta=0.5)
+    assert block.averagedness() == pytest.approx(0.5, rel=1e-12)
+    _scale(block, 1.9)  # four sub-steps of (0.5 * 1.9^2 / 4)-averaged maps
+    a = a_step = 0.5 * 1.9**2 / 4
+    for _ in range(3):
+        a = compose_averaged(a, a_step)
+    assert block.substeps(block.operator.norm_bound()) == 4
+    assert block.averagedness() == pytest.approx(a, rel=1e-12)
+    assert _conv_block("heun", theta=0.5).averagedness() is None
+    assert _conv_block("euler", theta=0.9).averagedness() == pytest.approx(0.9, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Adversarial audit of single blocks (eval mode, float64, weights scaled up)
+
+DENSE_AUDIT = [
+    ("euler", "leaky_relu", 8, 6),
+    ("heun", "relu", 6, 10),
+    ("ssprk3", "tanh", 8, 6),
+    ("euler", "sigmoid", 6, 6),
+    ("heun", "elu", 8, 6),
+    ("ssprk3", "leaky_relu", 6, 10),
+]
+
+
+@pytest.mark.parametrize(("integrator", "activation", "n_in", "n_out"), DENSE_AUDIT)
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_dense_block_is_nonexpansive_under_attack(integrator, activation, n_in, n_out, theta):
+    block = _dense_block(integrator, theta, activation, n_in, n_out, seed=n_in + n_out).eval()
+    _scale(block, 3.0)
+    with torch.no_grad():
+        block(torch.zeros(1, n_in, dtype=torch.float64))
+    assert block.last_substeps > 1
+    assert block.lipschitz_bound() == 1.0
+    ratio = adversary(block, (n_in,), steps=150)
+    print(f"dense {integrator} {activation} theta={theta}: max ratio {ratio:.9f} (bound 1)")
+    assert ratio <= 1 + TOL
+    assert ratio > 0.5  # the attack is not degenerate
+
+
+CONV_AUDIT = [
+    # kernel, padding, dilation, size, seed, bias (a large bias puts every unit in its linear
+    # region, where the step along the top singular vector is exactly -1 at the step limit)
+    (3, 1, 1, (6, 5), 0, 0.0),
+    (3, 1, 1, (6, 5), 0, 3.0),
+    (2, 1, 1, (4, 4), 1, 3.0),  # even kernel
+    (3, 2, 2, (6, 7), 2, 0.0),  # dilated
+]
+
+
+@pytest.mark.parametrize(("kernel", "padding", "dilation", "size", "seed", "bias"), CONV_AUDIT)
+@pytest.mark.parametrize("integrator", ["euler", "heun", "ssprk3"])
+def test_conv_block_is_nonexpansive_under_attack(
+    kernel, padding, dilation, size, seed, bias, integrator
+):
+    block = _conv_block(
+        integrator,
+        1.0,
+        "relu",
+        seed,
+        kernel_size=kernel,
+        padding=padding,
+        dilation=dilation,
+        input_size=size,
+        in_channels=2,
+        out_channels=2,
+    )
+    block.eval()
+    _scale(block, 2.0)
+    with torch.no_grad():
+        block.operator.bias.fill_(bias)
+        block(torch.zeros(1, 2, *size, dtype=torch.float64))
+    assert block.last_substeps > 1
+    assert block.lipschitz_bound(size) == 1.0
+    ratio = adversary(block, (2, *size), steps=60, starts=6)
+    print(f"conv k{kernel} d{dilation} {size} bias {bias} {integrator}: max ratio {ratio:.9f}")
+    assert ratio <= 1 + TOL
+    assert ratio > 0.5
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_averaged_euler_block_satisfies_the_averagedness_inequality_under_attack(kind):
+    block = _dense_block("euler", 0.5) if kind == "dense" else _conv_block("euler", 0.5)
+    shape = (8,) if kind == "dense" else (3, 6, 5)
+    block.eval()
+    for factor in (1.0, 1.5):
+        _scale(block, factor)
+        alpha = block.averagedness()
+        assert alpha is not None and 0 < alpha < 1
+        worst = adversary(block, shape, averaged_objective(alpha), steps=80, starts=6)
+        print(f"{kind} euler theta=0.5 alpha={alpha:.4f}: max violation {worst:.3e}")
+        assert worst <= TOL
+        # With a smaller claimed alpha the inequality fails: the audit can detect violations.
+        assert adversary(block, shape, averaged_objective(alpha / 3), steps=30) > 0
+
+
+def test_averagedness_is_tight_for_one_euler_step_in_the_linear_region():
+    """ReLU with a large bias: the block is ``x - h A^T (A x + b)``, and along the top singular
+    vector of ``A`` the inequality holds with equality at ``alpha = h L ||A||^2 / 2``."""
+    block = _dense_block("euler", 0.5, "relu", 8, 6).eval()
+    with torch.no_grad():
+        block.operator.bias.fill_(50.0)
+    alpha = block.averagedness()
+    assert alpha == pytest.approx(0.5, rel=1e-12)
+    worst = adversary(block, (8,), averaged_objective(alpha), steps=150)
+    print(f"linear-region Euler block: max violation {worst:.3e} at alpha={alpha}")
+    assert -1e-3 < worst <= TOL
+    assert adversary(block, (8,), averaged_objective(0.95 * alpha), steps=150) > 0
+
+
+class _OneStepBlock(NonexpansiveBlock):
+    """A deliberately broken block that ignores the step rule (always one sub-step)."""
+
+    def substeps(self, norm: float) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_adversary_detects_a_block_that_breaks_the_step_rule(kind):
+    if kind == "dense":
+        op, shape = DenseOperator(8, 6, generator=torch.Generator().manual_seed(0)), (8,)
+    else:
+        op = Conv2dOperator(3, 3, 3, (6, 5), padding=1, generator=torch.Generator().manual_seed(0))
+        shape = (3, 6, 5)
+    block = _OneStepBlock(op, build_activation("leaky_relu"), "euler").double().eval()
+    _scale(block, 3.0)  # h nu = 9 with one step
+    ratio = adversary(block, shape, steps=60)
+    print(f"broken {kind} block: max ratio {ratio:.3f}")
+    assert ratio > 2.0
+
+
+@pytest.mark.parametrize("integrator", ["rk4", "midpoint"])
+def test_zero_radius_block_is_audited_against_its_stagewise_bound(integrator):
+    block = _dense_block(integrator, 1.0, "relu", 8, 6).eval()
+    _scale(block, 3.0)
+    bound = block.lipschitz_bound()
+    ratio = adversary(block, (8,), steps=150)
+    print(f"dense {integrator}: max ratio {ratio:.9f}, stage-wise bound {bound:.3g}")
+    assert bound > 1.0
+    assert ratio <= bound * (1 + TOL)
+    if integrator == "midpoint":  # radius 0 is real: at the paper's step rule it expands
+        assert ratio > 1.5
+
+
+# --------------------------------------------------------------------------------------------
+# Residual blocks
+
+
+def _identity_residual_block(d: int, bias: float) -> ResidualBlock:
+    """``x - B relu(A x + b)`` with ``A = I``, ``B = -I``: ``2 x + b`` where ``x + b > 0``."""
+    a, b = DenseOperator(d, d).double(), DenseOperator(d, d).double()
+    with torch.no_grad():
+        a.weight.copy_(torch.eye(d))
+        b.weight.copy_(-torch.eye(d))
+        a.bias.fill_(bias)
+        b.bias.zero_()
+    return ResidualBlock(a, b, build_activation("relu"))
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_resnet_counterexample_reaches_two_to_the_k(k):
+    d = 5
+    blocks = [_identity_residual_block(d, bias=10.0) for _ in range(k)]
+    for block in blocks:
+        assert block.first.norm_bound() == pytest.approx(1.0, abs=2 * CERTIFICATE_SLACK)
+        assert block.second.norm_bound() == pytest.approx(1.0, abs=2 * CERTIFICATE_SLACK)
+    stack = nn.Sequential(*blocks)
+    g = torch.Generator().manual_seed(k)
+    x = torch.rand(4, d, generator=g, dtype=torch.float64)  # positive region
+    y = x + 1e-3 * torch.randn(4, d, generator=g, dtype=torch.float64)
+    ratio = (stack(x) - stack(y)).norm(dim=1) / (x - y).norm(dim=1)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0**k), rtol=1e-9, atol=0)
+    bound = math.prod(block.lipschitz_bound() for block in blocks)
+    assert bound >= 2.0**k
+    assert bound == pytest.approx(2.0**k, rel=1e-6)
+    # The adversary finds it too (starts at x ~ N(5, 1), in the positive region).
+    found = adversary(stack, (d,), steps=20, offset=5.0)
+    assert found == pytest.approx(2.0**k, rel=1e-6)
+
+
+def test_residual_block_forward_and_bound():
+    g = torch.Generator().manual_seed(5)
+    a = Conv2dOperator(2, 3, 3, (5, 6), padding=1, generator=g).double()
+    b = Conv2dOperator(3, 2, 3, (5, 6), padding=1, generator=g).double()
+    with torch.no_grad():
+        a.bias.normal_(generator=g)
+        b.bias.normal_(generator=g)
+    block = ResidualBlock(a, b, build_activation("leaky_relu"))
+    x = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64)
+    expected = x - (b.apply(F.leaky_relu(a(x), 0.01)) + b.bias.view(1, 2, 1, 1))
+    torch.testing.assert_close(block(x), expected, rtol=1e-14, atol=1e-14)
+    bound = block.lipschitz_bound((5, 6))
+    assert bound == pytest.approx(1 + a.norm_bound((5, 6)) * b.norm_bound((5, 6)), rel=1e-14)
+    with torch.no_grad():
+        a.weight.mul_(3)
+    assert block.lipschitz_bound((5, 6)) > bound
+    ratio = adversary(block, (2, 5, 6), steps=60)
+    print(f"residual conv block: max ratio {ratio:.6f}, bound {block.lipschitz_bound((5, 6)):.6f}")
+    assert 1.0 < ratio <= block.lipschitz_bound((5, 6)) * (1 + TOL)
+    with pytest.raises(ValueError, match="lipschitz"):
+        ResidualBlock(a, b, nn.ReLU()).lipschitz_bound()

@@ -1,0 +1,458 @@
+"""Tests of stablenets.models: adversarial Lipschitz / averagedness audits of every model kind,
+checkpoints, the model registry, and adaptive sub-steps in training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import stablenets
+from stablenets.blocks import NonexpansiveBlock
+from stablenets.models import CheckpointError, build_model, load_model, read_checkpoint, save_model
+from stablenets.operators import Conv2dOperator, LinearOperator
+
+TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
+
+SMALL = {
+    "nonexpansive_classifier": {
+        "base_width": 4,
+        "stages": 2,
+        "blocks_per_stage": 2,
+        "input_size": 8,
+    },
+    "resnet_classifier": {"base_width": 4, "stages": 2, "blocks_per_stage": 2, "input_size": 8},
+    "nonexpansive_denoiser": {"width": 6, "depth": 3, "input_size": (8, 10)},
+    "dncnn": {"width": 6, "depth": 4, "input_size": 8},
+}
+SHAPE = {
+    "nonexpansive_classifier": (3, 8, 8),
+    "resnet_classifier": (3, 8, 8),
+    "nonexpansive_denoiser": (3, 8, 10),
+    "dncnn": (3, 8, 8),
+}
+
+# A covering design of the denoiser variants: every integrator with both outputs (direct and
+# residual) and both thetas, every (residual, theta) pair.
+DENOISERS = [
+    ("euler", False, 1.0),
+    ("euler", True, 0.5),
+    ("heun", False, 0.5),
+    ("heun", True, 1.0),
+    ("ssprk3", False, 1.0),
+    ("ssprk3", True, 0.5),
+    ("rk4", False, 0.5),
+    ("rk4", True, 1.0),
+]
+
+RESULTS: dict[str, tuple[float, float]] = {}  # label -> (largest ratio found, bound)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if RESULTS:
+        print("\nadversarial audit: largest ratio found / certified bound")
+        for label, (ratio, bound) in RESULTS.items():
+            print(f"  {label:48s} {ratio:.6f} / {bound:.6g}")
+
+
+# --------------------------------------------------------------------------------------------
+# Adversary (same scheme as in test_blocks.py)
+
+
+def ratio_objective(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    return dy.norm(dim=1) / dx.norm(dim=1)
+
+
+def averaged_objective(alpha: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Violation of ``||Tx-Ty||^2 <= ||x-y||^2 - (1-a)/a ||(I-T)x-(I-T)y||^2``, relative to
+    ``||x-y||^2``."""
+    c = (1 - alpha) / alpha
+
+    def objective(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        sq = dx.square().sum(dim=1)
+        return (dy.square().sum(dim=1) - sq + c * (dx - dy).square().sum(dim=1)) / sq
+
+    return objective
+
+
+def adversary(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ratio_objective,
+    *,
+    starts: int = 8,
+    steps: int = 100,
+    lr: float = 0.03,
+    seed: int = 0,
+) -> float:
+    """Adam ascent of ``objective(x - y, f(x) - f(y))`` over ``x``, the direction and the log of
+    the distance ``||x - y||`` (1e-3 .. 2 at the start, kept >= 1e-4); the largest value seen."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(starts, *shape, generator=g, dtype=torch.float64)  # images live in [0, 1]
+    v = torch.randn(starts, *shape, generator=g, dtype=torch.float64)
+    log_r = torch.linspace(math.log(1e-3), math.log(2.0), starts, dtype=torch.float64)
+    params = [x.requires_grad_(), v.requires_grad_(), log_r.requires_grad_()]
+    opt = torch.optim.Adam(params, lr=lr)
+    view = (starts,) + (1,) * len(shape)
+    best = -math.inf
+    for _ in range(steps + 1):
+        r = log_r.clamp(math.log(1e-4), math.log(10.0)).exp()
+        dx = v / v.flatten(1).norm(dim=1).view(view) * r.view(view)
+        out = f(torch.cat([x + dx, x]))
+        value = objective(dx.flatten(1), (out[:starts] - out[starts:]).flatten(1))
+        best = max(best, float(value.detach().max()))
+        opt.zero_grad()
+        (-value.sum()).backward()
+        opt.step()
+    return best
+
+
+def jacobian_norm(model: nn.Module, shape: tuple[int, ...], points: int = 3) -> float:
+    """Largest spectral norm of the exact Jacobian at a few random points (a local Lipschitz
+    constant, a second, independent lower bound of the Lipschitz constant)."""
+    g = torch.Generator().manual_seed(123)
+    best = 0.0
+    for _ in range(points):
+        x = torch.rand(1, *shape, generator=g, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(model, x)
+        jac = jac.reshape(-1, math.prod(shape))
+        best = max(best, float(torch.linalg.matrix_norm(jac, 2)))
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _build(name: str, seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, **{**SMALL[name], **overrides})
+
+
+def _operators(model: nn.Module) -> list[LinearOperator]:
+    return [m for m in model.modules() if isinstance(m, LinearOperator)]
+
+
+def _stress(
+    model: nn.Module, factor: float = 2.0, seed: int = 1, bias: float | None = None
+) -> nn.Module:
+    """float64, eval, random biases (or all equal to ``bias``) and batch-norm statistics,
+    constrained (and residual) block weights scaled by ``factor`` so that blocks take several
+    sub-steps."""
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, NonexpansiveBlock):
+                block.operator.weight.mul_(factor)
+            elif type(block).__name__ == "ResidualBlock":
+                block.first.weight.mul_(factor)
+        for op in _operators(model):
+            if op.bias is not None:
+                noise = 0.3 * torch.randn(op.bias.shape, generator=g, dtype=torch.float64)
+                op.bias.copy_(noise if bias is None else torch.full_like(noise, bias))
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                c = bn.num_features
+                bn.weight.copy_(1 + 0.5 * torch.randn(c, generator=g, dtype=torch.float64))
+                bn.bias.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+                bn.running_mean.copy_(0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+                bn.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+    return model
+
+
+def _audit(label: str, model: nn.Module, shape, steps: int = 100, starts: int = 8) -> float:
+    bound = model.lipschitz_bound()
+    ratio = adversary(model, shape, steps=steps, starts=starts)
+    local = jacobian_norm(model, shape)
+    RESULTS[label] = (max(ratio, local), bound)
+    print(f"{label}: adversary {ratio:.6f}, Jacobian {local:.6f}, bound {bound:.6g}")
+    assert ratio <= bound * (1 + TOL), (label, ratio, bound)
+    assert local <= bound * (1 + TOL), (label, local, bound)
+    assert ratio > 0.05 * min(bound, 1.0)  # the attack is not degenerate
+    return ratio
+
+
+# --------------------------------------------------------------------------------------------
+# Adversarial Lipschitz audit of every model kind
+
+
+@pytest.mark.parametrize("name", ["nonexpansive_classifier", "resnet_classifier"])
+def test_classifier_lipschitz_bound_survives_attack(name):
+    model = _stress(_build(name))
+    with torch.no_grad():
+        model(torch.rand(1, *SHAPE[name], dtype=torch.float64))
+    if name == "nonexpansive_classifier":
+        assert all(n > 1 for n, _ in model.block_stats())
+        # Each stage of blocks alone (a sharper test than the whole, loosely bounded, model).
+        for i, (stage, size) in enumerate(zip(model.stages, model.sizes, strict=True)):
+            width = stage[0].operator.in_channels
+            assert all(block.lipschitz_bound(size) == 1.0 for block in stage)
+            ratio = adversary(stage, (width, *size), steps=60, starts=6)
+            RESULTS[f"{name} stage {i}"] = (ratio, 1.0)
+            assert 0.5 < ratio <= 1 + TOL
+    _audit(name, model, SHAPE[name])
+
+
+@pytest.mark.parametrize(("integrator", "residual", "theta"), DENOISERS)
+def test_denoiser_lipschitz_bound_survives_attack(integrator, residual, theta):
+    model = _stress(
+        _build("nonexpansive_denoiser", integrator=integrator, residual=residual, theta=theta)
+    )
+    with torch.no_grad():
+        model(torch.rand(1, 3, 8, 10, dtype=torch.float64))
+    assert all(n > 1 for n, _ in model.block_stats())
+    bound = model.lipschitz_bound()
+    if integrator == "rk4":
+        assert bound > 1.0  # RK4 has radius 0: the sound bound is stage-wise
+    elif not residual:
+        assert bound == 1.0
+    else:
+        assert 1.0 <= bound <= 2.0
+    label = f"nonexpansive_denoiser {integrator} residual={residual} theta={theta}"
+    steps = {"euler": 100, "heun": 80, "ssprk3": 60, "rk4": 40}[integrator]
+    ratio = _audit(label, model, (3, 8, 10), steps=steps, starts=6)
+    if not residual:
+        assert ratio <= 1 + TOL
+
+
+def test_dncnn_lipschitz_bound_survives_attack():
+    model = _stress(_build("dncnn"), factor=1.0)
+    _audit("dncnn", model, SHAPE["dncnn"])
+
+
+def test_classifier_bound_counts_pooling_and_global_mean():
+    """With blocks of negligible integration time the classifier is an affine map whose exact
+    norm (dense Jacobian) must not exceed the bound, which counts 1/2 per 2x2 average pooling
+    and 1/sqrt(H W) for the global mean."""
+    model = _build("nonexpansive_classifier", time=1e-12).double().eval()
+    bound = model.lipschitz_bound()
+    local = jacobian_norm(model, SHAPE["nonexpansive_classifier"], points=1)
+    assert local <= bound * (1 + TOL)
+    pool = nn.AvgPool2d(2)
+    eye = torch.eye(16, dtype=torch.float64).reshape(16, 1, 4, 4)
+    assert float(torch.linalg.matrix_norm(pool(eye).reshape(16, -1), 2)) == pytest.approx(0.5)
+    print(f"near-linear classifier: Jacobian norm {local:.6f}, bound {bound:.6f}")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(residual):
+    # (depth, theta, weight factor, bias). Residual: I - N is (1 - alpha)-averaged only when N is
+    # alpha-averaged with alpha <= 1/2: one Euler block with theta = 0.5 (alpha = 1/2), or three
+    # with theta = 0.2 (alpha = 3/7). A bias of 3 puts every unit in its linear region, where the
+    # attack also shows the check is not vacuous: a third of alpha is violated.
+    if residual:
+        configs = [(1, 0.5, 1.0, None), (3, 0.2, 1.0, None), (1, 0.5, 1.0, 3.0)]
+    else:
+        configs = [(3, 0.5, 1.0, None), (3, 0.5, 1.5, None), (1, 0.5, 1.0, 3.0)]
+    for depth, theta, factor, bias in configs:
+        model = _build(
+            "nonexpansive_denoiser", integrator="euler", residual=residual, theta=theta, depth=depth
+        )
+        model = _stress(model, factor=factor, bias=bias)
+        alpha = model.averagedness()
+        assert alpha is not None and 0 < alpha < 1
+        worst = adversary(model, (3, 8, 10), averaged_objective(alpha), steps=60, starts=6)
+        label = f"denoiser residual={residual} depth={depth} theta={theta} x{factor} bias={bias}"
+        print(f"{label}: alpha {alpha:.4f}, max violation {worst:.3e}")
+        assert worst <= TOL
+        if bias is not None:
+            assert adversary(model, (3, 8, 10), averaged_objective(alpha / 3), steps=30) > 0
+        if residual:
+            assert model.lipschitz_bound() == pytest.approx(2 * (1 - alpha), rel=1e-12)
+
+
+def test_averagedness_is_none_when_not_guaranteed():
+    assert _build("nonexpansive_denoiser", integrator="heun", theta=0.5).averagedness() is None
+    model = _build("nonexpansive_denoiser", integrator="euler", theta=0.5, residual=True)
+    assert model.averagedness() is None  # three 1/2-averaged blocks compose to 3/4 > 1/2
+    assert model.lipschitz_bound() == pytest.approx(1.5, rel=1e-9)  # 2 * 3/4
+    assert _build("dncnn").averagedness() is None
+
+
+def test_eval_forward_uses_the_certified_bound_for_the_input_size():
+    model = _stress(_build("nonexpansive_denoiser", integrator="heun"), factor=1.5)
+    for size in ((8, 10), (12, 9)):
+        with torch.no_grad():
+            model(torch.rand(1, 3, *size, dtype=torch.float64))
+        for block, (n, norm) in zip(model.blocks, model.block_stats(), strict=True):
+            assert norm == block.operator.norm_bound(size)
+            assert n == block.substeps(norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Training mode: adaptive sub-steps
+
+
+@pytest.mark.parametrize("name", ["nonexpansive_classifier", "nonexpansive_denoiser"])
+def test_substeps_grow_with_the_norm_in_training(name):
+    model = _build(name).train()
+    x = torch.rand(2, *SHAPE[name])
+    with torch.no_grad():
+        model(x)
+    before = model.total_substeps()
+    assert before == sum(1 for _ in model.constrained_blocks())
+    with torch.no_grad():
+        for block in model.constrained_blocks():
+            block.operator.weight.mul_(3.0)
+    for _ in range(3):
+        model.update_norms(5)
+        with torch.no_grad():
+            model(x)
+    after = model.total_substeps()
+    assert after > 4 * before
+    for block in model.constrained_blocks():
+        assert float(block.operator.sigma_estimate) <= block.operator.norm_bound() * (1 + 1e-6)
+        assert block.last_norm == float(block.operator.sigma_estimate)
+    # eval() switches to the certified bound: never fewer sub-steps than training.
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert model.total_substeps() >= after
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_paper_parameter_counts():
+    for name, expected in (("nonexpansive_classifier", 254_810), ("resnet_classifier", 497_290)):
+        torch.manual_seed(0)
+        model = build_model(name)
+        assert sum(p.numel() for p in model.parameters()) == expected
+    assert len(list(model.modules())) > 30
+
+
+def test_build_model_rejects_unknown_names_and_bad_kwargs():
+    with pytest.raises(ValueError, match=r"unknown model 'transformer'.*dncnn"):
+        build_model("transformer")
+    with pytest.raises(ValueError, match=r"'dncnn'.*widht"):
+        build_model("dncnn", widht=3)
+    with pytest.raises(ValueError, match=r"'nonexpansive_classifier'.*blocks"):
+        build_model("nonexpansive_classifier", blocks=3)
+    with pytest.raises(ValueError, match="width 2 must be >= channels 3"):
+        build_model("nonexpansive_denoiser", width=2, input_size=8)
+    with pytest.raises(ValueError, match="too small"):
+        build_model("nonexpansive_classifier", input_size=2, stages=3)
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        build_model("nonexpansive_denoiser", width=4, depth=1, input_size=8, activation="gelu")
+    with pytest.raises(ValueError, match="integrator 'rk45'"):
+        build_model("nonexpansive_denoiser", width=4, depth=1, input_size=8, integrator="rk45")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _trained_like(name: str) -> nn.Module:
+    """A model whose state differs from a fresh build: power iterations, a weight change, BN
+    statistics."""
+    model = _build(name, seed=3).train()
+    model.update_norms(4)
+    with torch.no_grad():
+        first = _operators(model)[1]
+        first.weight.mul_(1.7)
+        first.weight[0].add_(0.1)
+        if first.bias is not None:
+            first.bias.add_(0.05)
+        model(torch.rand(4, *SHAPE[name]))  # batch-norm running statistics
+    model.update_norms(2)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_checkpoint_round_trip_is_bit_identical(name, tmp_path):
+    model = _trained_like(name)
+    path = tmp_path / f"{name}.pt"
+    save_model(model, path, epoch=7, note="x")
+    loaded = stablenets.load_model(str(path))
+    assert type(loaded) is type(model)
+    assert loaded.training is False
+    assert loaded.model_name == name and loaded.model_kwargs == SMALL[name]
+    assert read_checkpoint(path)["extra"] == {"epoch": 7, "note": "x"}
+    state, other = model.state_dict(), loaded.state_dict()
+    assert state.keys() == other.keys()
+    for key in state:
+        assert torch.equal(state[key], other[key]), key
+    assert any(key.endswith(".u") for key in state)  # power-iteration vectors travel
+    x = torch.rand(3, *SHAPE[name], generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+        model.train()
+        loaded.train()
+        assert torch.equal(model(x), loaded(x))  # the training-mode estimates match too
+    assert loaded.lipschitz_bound() == model.lipschitz_bound()
+    # load_model's expect_name accepts the right name.
+    assert load_model(path, expect_name=name).model_name == name
+
+
+def _assert_checkpoint_error(path: Path, match: str = "", **kwargs) -> None:
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_model(path, **kwargs)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_checkpoint_errors_name_the_path(tmp_path):
+    model = _build("nonexpansive_denoiser")
+    good = tmp_path / "good.pt"
+    save_model(model, good)
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    _assert_checkpoint_error(truncated, "unreadable")
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.randn(3), "epoch": 1}, foreign)
+    _assert_checkpoint_error(foreign, "not a stablenets-model-v1 file")
+
+    foreign_list = tmp_path / "list.pt"
+    torch.save([1, 2, 3], foreign_list)
+    _assert_checkpoint_error(foreign_list, "not a stablenets-model-v1 file")
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    _assert_checkpoint_error(garbage, "unreadable")
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    _assert_checkpoint_error(empty, "unreadable")
+
+    _assert_checkpoint_error(tmp_path / "missing.pt", "does not exist")
+    _assert_checkpoint_error(tmp_path, "does not exist")  # a folder is not a checkpoint
+
+    _assert_checkpoint_error(good, "expected 'dncnn'", expect_name="dncnn")
+
+    # A checkpoint whose weights do not fit its own kwargs (edited by hand).
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["kwargs"]["width"] = 8
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(ckpt, mismatched)
+    _assert_checkpoint_error(mismatched, "does not fit")
+
+    # No partial file is left behind by a save, and the good one still loads.
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert isinstance(load_model(good), type(model))
+
+
+def test_save_model_creates_folders_and_overwrites(tmp_path):
+    path = tmp_path / "sub" / "model.pt"
+    first = _build("dncnn", seed=1)
+    save_model(first, path)
+    second = _build("dncnn", seed=2)
+    save_model(second, path)
+    loaded = load_model(path)
+    for key, value in second.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert isinstance(next(iter(loaded.net)), Conv2dOperator)

@@ -1,0 +1,413 @@
+"""Tests of stablenets.operators: adjoints, certified norms, power iteration and the bound cache.
+
+Every norm claim is checked in float64 against an independent oracle: the dense matrix of the
+operator built column by column from ``apply`` (small operators), or a converged power iteration
+(paper sizes, where the dense matrix is too large).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from stablenets import operators
+import torch
+from torch import nn
+
+from stablenets.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_conv_config(seed: int) -> dict:
+    """A valid random convolution: odd/even rectangular kernels, strides 1-3, dilations 1-2,
+    paddings 0-2, rectangular inputs, in != out channels (mostly)."""
+    rng = random.Random(seed)
+    while True:
+        cfg = {
+            "in_channels": rng.randint(1, 3),
+            "out_channels": rng.randint(1, 4),
+            "kernel_size": (rng.randint(1, 5), rng.randint(1, 4)),
+            "stride": (rng.randint(1, 3), rng.randint(1, 3)),
+            "dilation": (rng.randint(1, 2), rng.randint(1, 2)),
+            "padding": (rng.randint(0, 2), rng.randint(0, 2)),
+            "input_size": (rng.randint(3, 10), rng.randint(3, 11)),
+        }
+        reach_ok = all(
+            n + 2 * p >= d * (k - 1) + 1
+            for n, p, d, k in zip(
+                cfg["input_size"], cfg["padding"], cfg["dilation"], cfg["kernel_size"], strict=True
+            )
+        )
+        if reach_ok:
+            return cfg
+
+
+def _make_conv(cfg: dict, seed: int = 0) -> Conv2dOperator:
+    return Conv2dOperator(**cfg, generator=torch.Generator().manual_seed(seed)).double()
+
+
+def _dense_matrix(op, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The matrix of ``op.apply`` (bias-free), one column per basis vector."""
+    with torch.no_grad():
+        if isinstance(op, DenseOperator):
+            eye = torch.eye(op.in_features, dtype=torch.float64)
+            return op.apply(eye).T
+        size = size or op.input_size
+        dim = op.in_channels * size[0] * size[1]
+        basis = torch.eye(dim, dtype=torch.float64).reshape(dim, op.in_channels, *size)
+        return op.apply(basis).reshape(dim, -1).T
+
+
+def _exact_norm(op, size=None) -> float:
+    return float(torch.linalg.matrix_norm(_dense_matrix(op, size), 2))
+
+
+def _circulant_norm(op: Conv2dOperator, size: tuple[int, int]) -> float:
+    """Independent oracle for the documented certificate: the exact norm of the circular
+    convolution on the grid ``N = n + d (k - 1)`` (kernel taps placed at ``d * index``, FFT)."""
+    w = op.weight.detach().double()
+    c_out, c_in, kh, kw = w.shape
+    (dh, dw), (n0, n1) = op.dilation, size
+    grid = (n0 + dh * (kh - 1), n1 + dw * (kw - 1))
+    big = torch.zeros(c_out, c_in, *grid, dtype=torch.float64)
+    big[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw] = w
+    symbol = torch.fft.fft2(big).permute(2, 3, 0, 1)
+    return float(torch.linalg.matrix_norm(symbol, 2).max())
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum().detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Adjoints
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_conv_adjoint_identity(seed):
+    cfg = _random_conv_config(seed)
+    op = _make_conv(cfg, seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    # Half the cases act on a grid other than the construction size (adjoint gets input_size).
+    size = cfg["input_size"]
+    if seed % 2:
+        size = (size[0] + seed % 3, size[1] + 1)
+    x = torch.randn(3, cfg["in_channels"], *size, generator=g, dtype=torch.float64)
+    ax = op.apply(x)
+    assert ax.shape[-2:] == op.output_size(size)
+    y = torch.randn(ax.shape, generator=g, dtype=torch.float64)
+    aty = op.adjoint(y, size)
+    assert aty.shape == x.shape
+    lhs, rhs = _inner(ax, y), _inner(x, aty)
+    rel = float((lhs - rhs).abs() / (ax.detach().norm() * y.norm()))
+    assert rel < 1e-12, (cfg, size, rel)
+    # The adjoint is also the autograd vector-Jacobian product of apply.
+    xg = x.detach().clone().requires_grad_()
+    (vjp,) = torch.autograd.grad((op.apply(xg) * y).sum(), xg)
+    torch.testing.assert_close(aty, vjp, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_adjoint_defaults_to_construction_size_and_needs_size_otherwise():
+    # Stride 2, kernel 2: inputs of 8 and 9 columns give the same output size, so only
+    # input_size tells the adjoint which one to return.
+    op = Conv2dOperator(2, 3, 2, (8, 9), stride=2).double()
+    y = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    assert op.adjoint(y).shape == (1, 2, 8, 9)
+    assert op.adjoint(y, (9, 8)).shape == (1, 2, 9, 8)
+    x = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    assert op.apply(x).shape == y.shape
+    rel = (_inner(op.apply(x), y) - _inner(x, op.adjoint(y, (9, 8)))).abs() / (x.norm() * y.norm())
+    assert float(rel) < 1e-12
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(5, 9), (9, 5), (7, 7), (1, 4)])
+def test_dense_adjoint_identity(n_in, n_out):
+    g = torch.Generator().manual_seed(n_in * 10 + n_out)
+    op = DenseOperator(n_in, n_out, generator=g).double()
+    for _ in range(5):
+        x = torch.randn(4, n_in, generator=g, dtype=torch.float64)
+        y = torch.randn(4, n_out, generator=g, dtype=torch.float64)
+        ax = op.apply(x)
+        rel = (_inner(ax, y) - _inner(x, op.adjoint(y))).abs() / (ax.detach().norm() * y.norm())
+        assert float(rel) < 1e-12
+    torch.testing.assert_close(_dense_matrix(op), op.weight.detach())
+
+
+def test_forward_adds_the_bias_and_apply_does_not():
+    g = torch.Generator().manual_seed(0)
+    conv = Conv2dOperator(2, 3, 3, (5, 6), padding=1, generator=g).double()
+    dense = DenseOperator(4, 3, generator=g).double()
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor([1.0, -2.0, 3.0]))
+        dense.bias.copy_(torch.tensor([0.5, 0.0, -1.0]))
+    x = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(
+        conv(x) - conv.apply(x), conv.bias.view(1, 3, 1, 1).expand(2, 3, 5, 6)
+    )
+    z = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dense(z) - dense.apply(z), dense.bias.expand(2, 3))
+    nobias = Conv2dOperator(2, 3, 3, (5, 6), padding=1, bias=False).double()
+    assert nobias.bias is None and "bias" not in nobias.state_dict()
+    torch.testing.assert_close(nobias(x), nobias.apply(x))
+
+
+def test_conv_rejects_inputs_smaller_than_the_kernel_reach():
+    with pytest.raises(ValueError, match="reach"):
+        Conv2dOperator(1, 1, 3, (2, 8))
+    with pytest.raises(ValueError, match="reach"):
+        Conv2dOperator(1, 1, 3, (8, 4), dilation=2)
+    Conv2dOperator(1, 1, 3, (2, 8), padding=1)  # padding makes it fit
+
+
+# --------------------------------------------------------------------------------------------
+# Certified norm bounds
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_conv_norm_bound_is_an_upper_bound_of_the_exact_norm(seed):
+    cfg = _random_conv_config(seed)
+    op = _make_conv(cfg, seed)
+    exact = _exact_norm(op)
+    bound = op.norm_bound(cfg["input_size"])
+    assert bound >= exact * (1 + 1e-12), (cfg, bound, exact)
+    # Also on another grid (the bound is per input size).
+    other = (cfg["input_size"][0] + 2, cfg["input_size"][1] + 1)
+    assert op.norm_bound(other) >= _exact_norm(op, other) * (1 + 1e-12), (cfg, other)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_conv_norm_bound_is_the_circulant_norm_on_the_enlarged_grid(seed, monkeypatch):
+    """The documented certificate: exact norm of the circular convolution on ``N = n + d(k-1)``
+    (checked against an FFT of the zero-filled kernel), times ``1 + CERTIFICATE_SLACK``; with the
+    dense (Cholesky) refinement on, never above it and never below the exact norm."""
+    cfg = _random_conv_config(seed)
+    op = _make_conv(cfg, seed)
+    reference = _circulant_norm(op, cfg["input_size"])
+    assert reference >= _exact_norm(op) * (1 - 1e-12)  # the oracle itself is sound
+    refined = op.norm_bound(cfg["input_size"])
+    assert _exact_norm(op) * (1 + 1e-12) <= refined <= reference * (1 + CERTIFICATE_SLACK) * 1.0001
+    monkeypatch.setattr(operators, "DENSE_CERTIFICATE_MAX_DIM", 0)
+    op._bound_cache.clear()
+    bound = op.norm_bound(cfg["input_size"])
+    assert bound == pytest.approx(reference * (1 + CERTIFICATE_SLACK), rel=1e-10), cfg
+
+
+@pytest.mark.parametrize(("channels", "size"), [(16, 32), (32, 16), (64, 8)])
+def test_conv_norm_bound_is_tight_at_the_paper_sizes(channels, size):
+    """3x3 convolution, padding 1, stride 1, default initialisation: the certified bound is at
+    most 1% above a converged power iteration (a lower bound of the exact norm)."""
+    op = Conv2dOperator(
+        channels, channels, 3, size, padding=1, generator=torch.Generator().manual_seed(7)
+    ).double()
+    lower = float(op.power_iteration(1500))
+    assert float(op.power_iteration(1)) == pytest.approx(lower, rel=1e-7)  # converged
+    bound = op.norm_bound((size, size))
+    print(f"{channels}ch {size}x{size}: bound/lower - 1 = {bound / lower - 1:.5f}")
+    assert bound >= lower
+    assert bound / lower - 1 < 0.01
+
+
+@pytest.mark.parametrize("seed", range(12, 18))
+def test_conv_norm_bound_is_never_below_a_power_iteration_at_the_paper_size(seed):
+    """Any power-iteration value is a lower bound of the exact norm, so a certified upper bound
+    below it is unsound (16 channels at 32x32, the first stage of the paper's classifier)."""
+    op = Conv2dOperator(16, 16, 3, 32, padding=1, generator=torch.Generator().manual_seed(seed))
+    op = op.double()
+    lower = float(op.power_iteration(300))
+    bound = op.norm_bound((32, 32))
+    assert bound >= lower, f"bound {bound:.6f} < lower bound {lower:.6f}"
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel"), [(4, 8, 3), (3, 6, 3), (2, 10, 5), (4, 8, 1)]
+)
+def test_conv_norm_bound_small_sizes_against_dense_norm(channels, size, kernel):
+    """Small grids: the bound is sound and beats the triangle inequality over the taps (it is
+    not tight there: boundary effects make the zero-padded norm several % below it); for a 1x1
+    kernel it is exact."""
+    op = Conv2dOperator(
+        channels,
+        channels,
+        kernel,
+        size,
+        padding=kernel // 2,
+        generator=torch.Generator().manual_seed(size),
+    ).double()
+    exact = _exact_norm(op)
+    bound = op.norm_bound((size, size))
+    print(f"{channels}ch {size}x{size} k{kernel}: bound/exact - 1 = {bound / exact - 1:.5f}")
+    taps = op.weight.detach().permute(2, 3, 0, 1)
+    triangle = float(torch.linalg.matrix_norm(taps, 2).sum())
+    assert exact <= bound
+    if kernel == 1:
+        assert bound == pytest.approx(exact, rel=2 * CERTIFICATE_SLACK)
+    else:
+        assert bound < 0.8 * triangle
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(5, 9), (9, 5), (7, 7), (1, 4), (30, 20)])
+def test_dense_norm_bound_is_the_exact_norm(n_in, n_out):
+    op = DenseOperator(n_in, n_out, generator=torch.Generator().manual_seed(n_in + n_out))
+    exact = float(torch.linalg.matrix_norm(op.weight.detach().double(), 2))
+    assert op.norm_bound() == pytest.approx(exact * (1 + CERTIFICATE_SLACK), rel=1e-13)
+    assert op.norm_bound() >= exact
+
+
+# --------------------------------------------------------------------------------------------
+# Power iteration
+
+
+def _small_ops() -> list:
+    g = torch.Generator().manual_seed(11)
+    return [
+        DenseOperator(12, 8, generator=g).double(),
+        Conv2dOperator(2, 3, 3, (6, 5), padding=1, generator=g).double(),
+        Conv2dOperator(3, 2, (2, 3), (7, 6), stride=2, dilation=(2, 1), generator=g).double(),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_power_iteration_is_a_monotone_lower_bound_converging_to_the_exact_norm(index):
+    op = _small_ops()[index]
+    exact = _exact_norm(op)
+    previous = 0.0
+    for _ in range(60):
+        sigma = float(op.power_iteration(1))
+        assert sigma <= exact * (1 + 1e-12)
+        assert sigma >= previous * (1 - 1e-12)  # Rayleigh quotients of A^T A never decrease
+        previous = sigma
+    sigma = float(op.power_iteration(3000))
+    assert sigma == pytest.approx(exact, rel=1e-8)
+    assert sigma <= exact * (1 + 1e-12)
+    assert float(op.sigma_estimate) == sigma
+
+
+def test_power_iteration_state_is_persistent_and_moves_with_the_module():
+    op = Conv2dOperator(2, 3, 3, (6, 5), padding=1, generator=torch.Generator().manual_seed(3))
+    state = op.state_dict()
+    assert {"u", "sigma_estimate"} <= set(state)
+    assert state["u"].shape == (1, 2, 6, 5)
+    assert float(state["u"].norm()) == pytest.approx(1.0, rel=1e-6)
+    op.power_iteration(5)
+    op = op.to(torch.float64)
+    assert op.u.dtype == torch.float64 and op.sigma_estimate.dtype == torch.float64
+    sigma = op.power_iteration(1000)
+    assert sigma.dtype == torch.float64 and op.u.dtype == torch.float64
+    assert float(sigma) == pytest.approx(_exact_norm(op), rel=1e-6)
+    # A fresh operator loading the state continues the same iteration bit for bit.
+    other = Conv2dOperator(2, 3, 3, (6, 5), padding=1).to(torch.float64)
+    other.load_state_dict(op.state_dict())
+    assert torch.equal(other.sigma_estimate, op.sigma_estimate)
+    assert torch.equal(other.power_iteration(3), op.power_iteration(3))
+    assert torch.equal(other.u, op.u)
+
+
+def test_power_iteration_is_warm_started():
+    op = _small_ops()[1]
+    one_call = _small_ops()[1]
+    for _ in range(7):
+        op.power_iteration(1)
+    one_call.power_iteration(7)
+    assert torch.equal(op.u, one_call.u)  # 7 calls of one iteration == one call of 7
+
+    exact = _exact_norm(op)
+    op.power_iteration(3000)
+    u0, s0 = op.u.clone(), float(op.sigma_estimate)
+    s1 = float(op.power_iteration(1))
+    assert abs(s1 - s0) <= 1e-10 * s0
+    assert float((op.u - u0).norm()) < 1e-4
+    # A cold start with one iteration is much further from the norm than the warm one.
+    cold = Conv2dOperator(
+        2, 3, 3, (6, 5), padding=1, generator=torch.Generator().manual_seed(99)
+    ).double()
+    with torch.no_grad():
+        cold.weight.copy_(op.weight)
+    assert exact - float(cold.power_iteration(1)) > 1e3 * (exact - s1)
+
+
+def test_power_iteration_on_a_smaller_grid_is_still_a_lower_bound():
+    op = Conv2dOperator(
+        3, 3, 3, (12, 10), power_size=(5, 4), padding=1, generator=torch.Generator().manual_seed(5)
+    ).double()
+    assert op.u.shape == (1, 3, 5, 4)
+    sigma = float(op.power_iteration(3000))
+    assert sigma <= _exact_norm(op, (12, 10)) * (1 + 1e-12)
+    assert sigma == pytest.approx(_exact_norm(op, (5, 4)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The certified bound follows every change of the weight
+
+
+def _fresh_bound(op, size=None) -> float:
+    """The bound of a brand-new operator with ``op``'s weight (no cache to go stale)."""
+    fresh = _ops_for_cache()[0 if isinstance(op, DenseOperator) else 1]
+    fresh.load_state_dict(op.state_dict())
+    return fresh.norm_bound(size)
+
+
+def _ops_for_cache() -> list:
+    g = torch.Generator().manual_seed(21)
+    return [
+        DenseOperator(6, 5, generator=g).double(),
+        Conv2dOperator(2, 3, 3, (6, 5), padding=1, generator=g).double(),
+    ]
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_bound_follows_in_place_edits(index):
+    op = _ops_for_cache()[index]
+    before = op.norm_bound()
+    with torch.no_grad():
+        op.weight.mul_(2.0)
+    assert op.norm_bound() == pytest.approx(2 * before, rel=1e-12)
+    with torch.no_grad():
+        op.weight[0].zero_()
+    assert op.norm_bound() == _fresh_bound(op)
+    assert op.norm_bound() != pytest.approx(2 * before, rel=1e-3)
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_bound_follows_data_assignment(index):
+    op = _ops_for_cache()[index]
+    before = op.norm_bound()
+    op.weight.data = op.weight.data * 3.0
+    assert op.norm_bound() == pytest.approx(3 * before, rel=1e-12)
+    op.weight = nn.Parameter(op.weight.detach() / 6.0)
+    assert op.norm_bound() == pytest.approx(before / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_bound_follows_load_state_dict_and_optimizer_steps(index):
+    op, other = _ops_for_cache()[index], _ops_for_cache()[index]
+    with torch.no_grad():
+        other.weight.copy_(torch.randn_like(other.weight) * 5)
+    before, target = op.norm_bound(), other.norm_bound()
+    assert abs(target / before - 1) > 0.1
+    op.load_state_dict(other.state_dict())
+    assert op.norm_bound() == target
+    opt = torch.optim.SGD(op.parameters(), lr=0.5)
+    loss = op.apply(torch.ones_like(op.u)).square().sum()
+    loss.backward()
+    opt.step()
+    assert op.norm_bound() != target
+    assert op.norm_bound() == _fresh_bound(op)
+
+
+def test_bound_is_cached_per_input_size():
+    op = _ops_for_cache()[1]
+    small, large = op.norm_bound((3, 3)), op.norm_bound((9, 9))
+    assert small != large
+    for _ in range(2):  # alternating sizes never serves the bound of the other size
+        assert op.norm_bound((3, 3)) == small == _fresh_bound(op, (3, 3))
+        assert op.norm_bound((9, 9)) == large == _fresh_bound(op, (9, 9))
+    assert op.norm_bound() == _fresh_bound(op, op.input_size)

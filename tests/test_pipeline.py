@@ -1,0 +1,217 @@
+"""The Snakemake pipeline end to end: the smoke DAG once (session fixture), then checks on its
+outputs; the data rules on archives in the real formats; parse-time config errors; lint."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+import yaml
+from test_data import make_bsds_archive, make_cifar_archive, md5_of
+
+from stablenets.workflow import FIGURES, TABLES
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake")
+WORKFLOW_FILES = ("Snakefile", "workflow", "config.yaml", "config")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A fresh copy of the workflow (no results), as a new clone would have."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SNAKEMAKE, *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """Run the smoke pipeline once in a fresh copy of the workflow."""
+    work = copy_workflow(tmp_path_factory.mktemp("smoke"))
+    done = snakemake(work, "--workflow-profile", "workflow/profiles/smoke")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return work
+
+
+@pytest.mark.slow
+def test_smoke_produces_every_table_and_figure(smoke_run):
+    results = smoke_run / "results" / "smoke"
+    for table in TABLES:
+        for ext in ("csv", "md", "tex"):
+            assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
+    for figure in FIGURES:
+        for ext in ("pdf", "png"):
+            assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 1000
+    summary = (results / "summary.md").read_text()
+    assert "Classification" in summary and "Pnp" in summary
+
+
+@pytest.mark.slow
+def test_smoke_rerun_has_nothing_to_do(smoke_run):
+    again = snakemake(smoke_run, "--workflow-profile", "workflow/profiles/smoke", "-n")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_smoke_classifiers_beat_chance_and_satisfy_the_invariant(smoke_run):
+    table = pd.read_csv(smoke_run / "results/smoke/tables/classification.csv")
+    assert set(table["variant"]) == {"nonexpansive", "resnet"}
+    assert (table["clean_accuracy"] > 0.25).all(), table["clean_accuracy"]
+    for path in (smoke_run / "results/smoke/eval/classification").rglob("*.h5"):
+        with h5py.File(path) as fh:
+            cert, emp = fh["certified"][()], fh["empirical"][()]
+            assert (cert <= emp + 1e-12).all() and (emp <= fh.attrs["clean_accuracy"]).all()
+            for key in ("config_hash", "seed", "versions", "git_commit"):
+                assert key in fh.attrs
+
+
+@pytest.mark.slow
+def test_smoke_denoisers_improve_psnr_and_respect_their_bounds(smoke_run):
+    for path in (smoke_run / "results/smoke/eval/denoising").rglob("*.h5"):
+        with h5py.File(path) as fh:
+            a = fh.attrs
+            assert a["mean_psnr"] > a["noisy_mean_psnr"], path
+            if a["variant"] != "tv":
+                assert a["empirical_lipschitz"] <= a["lipschitz_bound"], path
+            if a["variant"] in {"euler", "heun", "averaged"}:
+                assert a["lipschitz_bound"] <= 1.0 + 1e-6, path
+
+
+@pytest.mark.slow
+def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run):
+    path = smoke_run / "results/smoke/pnp/sigma0.15/averaged/seed0.h5"
+    with h5py.File(path) as fh:
+        assert fh.attrs["nonincreasing"] == 1
+        assert fh.attrs["averagedness"] < 1
+        assert fh.attrs["mean_psnr"] > fh.attrs["observed_mean_psnr"]
+    assert (smoke_run / "results/smoke/pnp/tv.h5").exists()
+
+
+def overlay(work: Path, cache: Path, cifar: Path, bsds: Path, cifar_md5: str) -> Path:
+    """A config overlay that downloads the two (test-built) archives from file:// URLs."""
+    data = {
+        "scale": "archives",
+        "data": {
+            "cache_dir": str(cache),
+            "cifar10": {"source": "download", "urls": [cifar.as_uri()], "md5": cifar_md5},
+            "bsds500": {
+                "source": "download",
+                "urls": [bsds.as_uri()],
+                "md5": md5_of(bsds),
+                "size": [10, 14],
+            },
+        },
+    }
+    path = work / "config" / "archives.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_data_rules_download_verify_and_convert_real_format_archives(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    cifar, _, _ = make_cifar_archive(tmp_path / "srv")
+    bsds, _ = make_bsds_archive(tmp_path / "srv")
+    extra = overlay(work, tmp_path / "cache", cifar, bsds, md5_of(cifar))
+    targets = ["results/archives/data/cifar10.h5", "results/archives/data/bsds500.h5"]
+    run = snakemake(work, "--cores", "2", "--configfile", "config.yaml", str(extra), *targets)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with h5py.File(work / targets[0]) as fh:
+        assert fh["train/images"].shape[1:] == (3, 32, 32)
+        assert fh["train/images"].shape[0] + fh["val/images"].shape[0] == 30
+        assert md5_of(cifar) in str(dict(fh.attrs))
+    with h5py.File(work / targets[1]) as fh:
+        assert fh["test/images"].shape[1:] == (3, 10, 14)
+
+
+def test_data_rule_rejects_a_corrupted_archive_and_leaves_no_output(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    cifar, _, _ = make_cifar_archive(tmp_path / "srv")
+    bsds, _ = make_bsds_archive(tmp_path / "srv")
+    extra = overlay(work, tmp_path / "cache", cifar, bsds, "0" * 32)
+    target = "results/archives/data/cifar10.h5"
+    run = snakemake(work, "--cores", "1", "--configfile", "config.yaml", str(extra), target)
+    assert run.returncode != 0
+    log = (work / "logs/archives/prepare_data/cifar10.log").read_text()
+    assert re.search(r"checksum|md5", log, re.I) and "0" * 32 in log
+    assert "Traceback" not in log
+    assert not (work / target).exists()
+    assert not list((tmp_path / "cache").glob("*.tar.gz"))
+
+
+def test_paper_scale_dry_run_lists_every_job():
+    run = snakemake(ROOT, "-n", "--quiet", "rules", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = run.stdout + run.stderr
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    n_cls = len(cfg["classification"]["variants"]) * len(cfg["seeds"])
+    n_den = (
+        len(cfg["denoising"]["variants"]) * len(cfg["seeds"]) * len(cfg["denoising"]["noise_levels"])
+    )
+    expected = {
+        "prepare_data": 2,
+        "train_classifier": n_cls,
+        "evaluate_classifier": n_cls,
+        "train_denoiser": n_den,
+        "evaluate_denoiser": n_den,
+        "pnp_deblur": len(cfg["pnp"]["denoisers"]) * len(cfg["seeds"]),
+        "tv_deblur": 1,
+        "table": len(TABLES),
+        "figure": len(FIGURES),
+        "summary": 1,
+    }
+    for rule, count in expected.items():
+        assert re.search(rf"^{rule}\s+{count}$", text, re.M), (rule, count, text[-2000:])
+
+
+@pytest.mark.parametrize(
+    "overlay_text, message",
+    [
+        ("classification:\n  train:\n    stepz: 3\n", "classification.train.stepz: unknown key"),
+        ("pnp:\n  eta: 5.0\n", "pnp.eta: 5.0 must be < 2/||K||^2"),
+        (
+            "denoising:\n  variants:\n    euler:\n      kwargs: {integrator: rk5}\n",
+            "denoising.variants.euler.kwargs.integrator: 'rk5' is not allowed",
+        ),
+    ],
+)
+def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, overlay_text, message):
+    work = copy_workflow(tmp_path / "wf")
+    bad = work / "config" / "bad.yaml"
+    bad.write_text(overlay_text)
+    run = snakemake(work, "-n", "--configfile", "config.yaml", str(bad), timeout=300)
+    assert run.returncode != 0
+    assert message in run.stderr, run.stderr[-2000:]
+
+
+def test_workflow_is_lint_clean():
+    fmt = subprocess.run(
+        [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    lint = snakemake(ROOT, "--lint", timeout=300)
+    assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
