@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import cartoon as piecewise_constant
 
 from stablenets.denoising import (
     GRADIENT_NORM_SQ,
@@ -16,24 +17,6 @@ from stablenets.denoising import (
     select_tv_weight,
     tv_denoise,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: avoid thread oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def piecewise_constant(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
-    """Float64 cartoon images in [0, 1]: two overlapping rectangles on a dark background."""
-    x = torch.full((n, c, h, w), 0.1, dtype=torch.float64)
-    x[:, :, h // 6 : h // 2, w // 5 : 3 * w // 5] = 0.9
-    x[:, 0, h // 3 : h - 2, w // 2 : w - 3] = 0.4
-    x[1:] = x[1:].flip(-1)
-    return x
 
 
 def tv_objective(x: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import h5py
@@ -10,6 +9,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from fake_results import STANDARD_EPS, write_classification, write_denoising, write_pnp
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
@@ -38,27 +38,15 @@ def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as fh:
-        for key, value in attrs.items():
-            fh.attrs[key] = math.nan if value is None else value
-        for key, value in datasets.items():
-            fh.create_dataset(key, data=np.asarray(value))
-    return path
-
-
 def classification_eval(root: Path, variant: str, seed: int) -> Path:
     eps = np.linspace(0, 1, 20)
     clean = 0.7 + 0.02 * seed + (0.1 if variant == "resnet" else 0.0)
     decay = 8.0 if variant == "resnet" else 3.0
     pgd = clean * np.exp(-decay * eps)
     certified = pgd * (0.0 if variant == "resnet" else 0.6)
-    standard = np.array([36, 72, 108]) / 255
+    standard = STANDARD_EPS
     attrs = {
-        "variant": variant,
         "model": variant,
-        "seed": seed,
         "clean_accuracy": clean,
         "lipschitz_bound": 1.0,
         "n_params": 1000,
@@ -75,9 +63,7 @@ def classification_eval(root: Path, variant: str, seed: int) -> Path:
         "eps": eps,
         "certified": certified,
         "pgd": pgd,
-        "strong": np.full_like(eps, np.nan),
         "empirical": 0.95 * pgd,
-        "standard_eps": standard,
         **{
             f"standard_{k}": np.interp(standard, eps, v)
             for k, v in {
@@ -88,7 +74,7 @@ def classification_eval(root: Path, variant: str, seed: int) -> Path:
             }.items()
         },
     }
-    return write_h5(root / f"eval/classification/{variant}/seed{seed}.h5", attrs, data)
+    return write_classification(root, variant, seed, attrs, data)
 
 
 def training_log(
@@ -128,12 +114,7 @@ def denoising_eval(root: Path, variant: str, seed: int, sigma: float = SIGMA) ->
     psnr = 25.0 + 3 * rng(seed + 1).random(N_IMAGES)
     tv = variant == "tv"
     attrs = {
-        "variant": variant,
-        "sigma": sigma,
-        "seed": seed,
-        "lipschitz_bound": None if tv else 1.0,
         "averagedness": None,
-        "empirical_lipschitz": None if tv else 0.9,
         "mean_psnr": psnr.mean(),
         "std_psnr": psnr.std(),
         "mean_psnr_1": psnr.mean(),
@@ -152,8 +133,7 @@ def denoising_eval(root: Path, variant: str, seed: int, sigma: float = SIGMA) ->
         "crops/denoised": denoised[:2],
         "crops/psnr": psnr[:2],
     }
-    name = "tv.h5" if tv else f"{variant}/seed{seed}.h5"
-    return write_h5(root / f"eval/denoising/sigma{sigma:g}/{name}", attrs, data)
+    return write_denoising(root, variant, seed, sigma, attrs, data)
 
 
 def pnp_result(root: Path, variant: str, seed: int, history: bool = True) -> Path:
@@ -169,16 +149,7 @@ def pnp_result(root: Path, variant: str, seed: int, history: bool = True) -> Pat
     step[0, -1] = 0.0  # exact convergence: must not break the log scale
     curve = 22 + 6 * (1 - np.exp(-0.4 * k))[None] + np.arange(3)[:, None]  # per-image offset
     psnr = np.where(np.isfinite(step), curve, np.nan)
-    tv = variant == "tv"
     attrs = {
-        "method": "tv" if tv else "pnp",
-        "variant": variant,
-        "seed": seed,
-        "eta": 1.0,
-        "relax": 1.0,
-        "noise": 0.01,
-        "blur_size": 9,
-        "blur_sigma": 1.6,
         "observed_mean_psnr": 20.0,
         "mean_psnr": 27.0,
         "std_psnr": 1.0,
@@ -186,7 +157,6 @@ def pnp_result(root: Path, variant: str, seed: int, history: bool = True) -> Pat
         "converged_fraction": 1.0,
         "diverged_count": 0,
         "nonincreasing": 1,
-        "lipschitz_bound": None if tv else 1.0,
         "averagedness": 0.5 if variant == "averaged" else None,
     }
     data = {
@@ -199,8 +169,7 @@ def pnp_result(root: Path, variant: str, seed: int, history: bool = True) -> Pat
     }
     if history:
         data.update({"history/step_norm": step, "history/psnr_1": psnr, "history/residual": step})
-    name = "tv.h5" if tv else f"sigma0.05/{variant}/seed{seed}.h5"
-    return write_h5(root / "pnp" / name, attrs, data)
+    return write_pnp(root, variant, seed, attrs, data)
 
 
 def assert_saved(stem: Path) -> None:

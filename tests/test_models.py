@@ -4,11 +4,12 @@ checkpoints, the model registry, and adaptive sub-steps in training."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from audit import adversary, averaged_objective
 from torch import nn
 
 import stablenets
@@ -53,67 +54,13 @@ RESULTS: dict[str, tuple[float, float]] = {}  # label -> (largest ratio found, b
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _report() -> Iterator[None]:
+    """After the module: the largest ratio the adversary found against each bound."""
     yield
-    torch.set_num_threads(threads)
     if RESULTS:
         print("\nadversarial audit: largest ratio found / certified bound")
         for label, (ratio, bound) in RESULTS.items():
             print(f"  {label:48s} {ratio:.6f} / {bound:.6g}")
-
-
-# --------------------------------------------------------------------------------------------
-# Adversary (same scheme as in test_blocks.py)
-
-
-def ratio_objective(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return dy.norm(dim=1) / dx.norm(dim=1)
-
-
-def averaged_objective(alpha: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Violation of ``||Tx-Ty||^2 <= ||x-y||^2 - (1-a)/a ||(I-T)x-(I-T)y||^2``, relative to
-    ``||x-y||^2``."""
-    c = (1 - alpha) / alpha
-
-    def objective(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        sq = dx.square().sum(dim=1)
-        return (dy.square().sum(dim=1) - sq + c * (dx - dy).square().sum(dim=1)) / sq
-
-    return objective
-
-
-def adversary(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    shape: tuple[int, ...],
-    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ratio_objective,
-    *,
-    starts: int = 8,
-    steps: int = 100,
-    lr: float = 0.03,
-    seed: int = 0,
-) -> float:
-    """Adam ascent of ``objective(x - y, f(x) - f(y))`` over ``x``, the direction and the log of
-    the distance ``||x - y||`` (1e-3 .. 2 at the start, kept >= 1e-4); the largest value seen."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(starts, *shape, generator=g, dtype=torch.float64)  # images live in [0, 1]
-    v = torch.randn(starts, *shape, generator=g, dtype=torch.float64)
-    log_r = torch.linspace(math.log(1e-3), math.log(2.0), starts, dtype=torch.float64)
-    params = [x.requires_grad_(), v.requires_grad_(), log_r.requires_grad_()]
-    opt = torch.optim.Adam(params, lr=lr)
-    view = (starts,) + (1,) * len(shape)
-    best = -math.inf
-    for _ in range(steps + 1):
-        r = log_r.clamp(math.log(1e-4), math.log(10.0)).exp()
-        dx = v / v.flatten(1).norm(dim=1).view(view) * r.view(view)
-        out = f(torch.cat([x + dx, x]))
-        value = objective(dx.flatten(1), (out[:starts] - out[starts:]).flatten(1))
-        best = max(best, float(value.detach().max()))
-        opt.zero_grad()
-        (-value.sum()).backward()
-        opt.step()
-    return best
 
 
 def jacobian_norm(model: nn.Module, shape: tuple[int, ...], points: int = 3) -> float:
@@ -172,7 +119,7 @@ def _stress(
 
 def _audit(label: str, model: nn.Module, shape, steps: int = 100, starts: int = 8) -> float:
     bound = model.lipschitz_bound()
-    ratio = adversary(model, shape, steps=steps, starts=starts)
+    ratio = adversary(model, shape, steps=steps, starts=starts, images=True)
     local = jacobian_norm(model, shape)
     RESULTS[label] = (max(ratio, local), bound)
     print(f"{label}: adversary {ratio:.6f}, Jacobian {local:.6f}, bound {bound:.6g}")
@@ -197,7 +144,7 @@ def test_classifier_lipschitz_bound_survives_attack(name):
         for i, (stage, size) in enumerate(zip(model.stages, model.sizes, strict=True)):
             width = stage[0].operator.in_channels
             assert all(block.lipschitz_bound(size) == 1.0 for block in stage)
-            ratio = adversary(stage, (width, *size), steps=60, starts=6)
+            ratio = adversary(stage, (width, *size), steps=60, starts=6, images=True)
             RESULTS[f"{name} stage {i}"] = (ratio, 1.0)
             assert 0.5 < ratio <= 1 + TOL
     _audit(name, model, SHAPE[name])
@@ -261,12 +208,17 @@ def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(re
         model = _stress(model, factor=factor, bias=bias)
         alpha = model.averagedness()
         assert alpha is not None and 0 < alpha < 1
-        worst = adversary(model, (3, 8, 10), averaged_objective(alpha), steps=60, starts=6)
+        worst = adversary(
+            model, (3, 8, 10), averaged_objective(alpha), steps=60, starts=6, images=True
+        )
         label = f"denoiser residual={residual} depth={depth} theta={theta} x{factor} bias={bias}"
         print(f"{label}: alpha {alpha:.4f}, max violation {worst:.3e}")
         assert worst <= TOL
         if bias is not None:
-            assert adversary(model, (3, 8, 10), averaged_objective(alpha / 3), steps=30) > 0
+            assert (
+                adversary(model, (3, 8, 10), averaged_objective(alpha / 3), steps=30, images=True)
+                > 0
+            )
         if residual:
             assert model.lipschitz_bound() == pytest.approx(2 * (1 - alpha), rel=1e-12)
 

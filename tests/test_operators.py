@@ -8,23 +8,13 @@ operator built column by column from ``apply`` (small operators), or a converged
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
-
-from stablenets import operators
 import torch
 from torch import nn
 
+from stablenets import operators
 from stablenets.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _random_conv_config(seed: int) -> dict:

@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from test_data import make_bsds_archive, make_cifar_archive, md5_of
 
+from stablenets.runtime import read_results
 from stablenets.workflow import FIGURES, TABLES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +104,7 @@ def test_smoke_denoisers_improve_psnr_and_respect_their_bounds(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run):
-    path = smoke_run / "results/smoke/pnp/sigma0.15/averaged/seed0.h5"
+    path = smoke_run / "results/smoke/pnp/sigma0.05/averaged/seed0.h5"
     with h5py.File(path) as fh:
         assert fh.attrs["nonincreasing"] == 1
         assert fh.attrs["averagedness"] < 1
@@ -167,7 +170,9 @@ def test_paper_scale_dry_run_lists_every_job():
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     n_cls = len(cfg["classification"]["variants"]) * len(cfg["seeds"])
     n_den = (
-        len(cfg["denoising"]["variants"]) * len(cfg["seeds"]) * len(cfg["denoising"]["noise_levels"])
+        len(cfg["denoising"]["variants"])
+        * len(cfg["seeds"])
+        * len(cfg["denoising"]["noise_levels"])
     )
     expected = {
         "prepare_data": 2,
@@ -215,3 +220,40 @@ def test_workflow_is_lint_clean():
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
     lint = snakemake(ROOT, "--lint", timeout=300)
     assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_an_independent_attack_never_flips_a_certified_point(smoke_run):
+    """A stronger PGD (more steps, restarts) than the evaluation's, at every standard radius."""
+    from stablenets import load_model
+    from stablenets.data import read_split
+    from stablenets.robustness import certified_radius, margins, pgd_l2
+
+    results = smoke_run / "results/smoke"
+    x, y = read_split(results / "data/cifar10.h5", "test")
+    x, y = x[:200], y[:200]
+    for variant in ("nonexpansive", "resnet"):
+        model = load_model(results / f"models/classification/{variant}/seed0/model.pt")
+        margin, correct = margins(model, x, y, 200)
+        radius = certified_radius(margin, correct, model.lipschitz_bound())
+        for eps in (36 / 255, 72 / 255, 108 / 255):
+            adv = pgd_l2(model, x, y, eps, steps=50, rel_step=0.1, restarts=2, seed=11)
+            with torch.no_grad():
+                flipped = model(adv).argmax(1) != y
+            assert not (flipped & (radius > eps)).any(), (variant, eps)
+
+
+@pytest.mark.slow
+def test_rerunning_an_evaluation_gives_identical_numbers(smoke_run):
+    target = "results/smoke/eval/denoising/sigma0.05/averaged/seed0.h5"
+    attrs_before, before = read_results(smoke_run / target)
+    profile = ("--workflow-profile", "workflow/profiles/smoke")
+    again = snakemake(smoke_run, *profile, target, "--forcerun", "evaluate_denoiser")
+    assert again.returncode == 0, again.stderr[-3000:]
+    attrs_after, after = read_results(smoke_run / target)
+    assert attrs_before.keys() == attrs_after.keys()
+    for key in attrs_before:
+        np.testing.assert_array_equal(attrs_before[key], attrs_after[key], err_msg=key)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import cartoon
 
 from stablenets.denoising import fixed_noise, psnr
 from stablenets.pnp import (
@@ -20,24 +21,6 @@ from stablenets.pnp import (
     tv_deblur,
     uniform_kernel,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: avoid thread oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cartoon(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
-    """Float64 piecewise-constant images in [0, 1]."""
-    x = torch.full((n, c, h, w), 0.1, dtype=torch.float64)
-    x[:, :, h // 6 : h // 2, w // 5 : 3 * w // 5] = 0.9
-    x[:, 0, h // 3 : h - 2, w // 2 : w - 3] = 0.4
-    x[1:] = x[1:].flip(-1)
-    return x
 
 
 def random_kernel(kh: int, kw: int, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -27,15 +26,6 @@ from stablenets.robustness import (
 SHAPE = (3, 4, 4)
 DIM = math.prod(SHAPE)
 BALL_TOL = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread (no OpenMP contention on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

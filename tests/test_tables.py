@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from fake_results import STANDARD_EPS, write_classification, write_denoising, write_pnp
 
 from stablenets.tables import (
     classification_table,
@@ -19,7 +19,6 @@ from stablenets.tables import (
     write_table,
 )
 
-STANDARD_EPS = np.array([36, 72, 108]) / 255
 EPS = np.linspace(0, 1, 9)
 # (variant, seed) -> clean accuracy, certified at the standard radii, Lipschitz bound
 CLASSIFIERS = {
@@ -37,26 +36,13 @@ DENOISERS = {
 }
 
 
-def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
-    """An HDF5 result file like the pipeline's (None -> NaN, nested dataset names)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as fh:
-        for key, value in attrs.items():
-            fh.attrs[key] = math.nan if value is None else value
-        for key, value in datasets.items():
-            fh.create_dataset(key, data=np.asarray(value))
-    return path
-
-
 def classification_file(root: Path, variant: str, seed: int) -> Path:
     clean, certified, lip = CLASSIFIERS[variant, seed]
     certified = np.asarray(certified)
     pgd = np.minimum(clean, certified + 0.2)
     empirical = pgd - 0.05 * (pgd > certified)
     attrs = {
-        "variant": variant,
         "model": f"{variant}_classifier",
-        "seed": seed,
         "clean_accuracy": clean,
         "lipschitz_bound": lip,
         "n_params": 255_000 if variant == "nonexpansive" else 497_000,
@@ -74,27 +60,20 @@ def classification_file(root: Path, variant: str, seed: int) -> Path:
         "eps": EPS,
         "certified": curve * 0.5,
         "pgd": curve,
-        "strong": np.full_like(EPS, np.nan),
         "empirical": curve * 0.9,
-        "standard_eps": STANDARD_EPS,
         "standard_certified": certified,
         "standard_pgd": pgd,
         "standard_strong": empirical,
         "standard_empirical": empirical,
     }
-    return write_h5(root / f"eval/classification/{variant}/seed{seed}.h5", attrs, datasets)
+    return write_classification(root, variant, seed, attrs, datasets)
 
 
 def denoising_file(root: Path, variant: str, seed: int, sigma: float = 0.15) -> Path:
     mean, std = DENOISERS[variant, seed]
     tv = variant == "tv"
     attrs = {
-        "variant": variant,
-        "sigma": sigma,
-        "seed": seed,
-        "lipschitz_bound": None if tv else 1.0,
         "averagedness": 0.5 if variant == "euler_residual" else None,
-        "empirical_lipschitz": None if tv else 0.9,
         "mean_psnr": mean,
         "std_psnr": std,
         "mean_psnr_1": mean - 1,
@@ -115,21 +94,12 @@ def denoising_file(root: Path, variant: str, seed: int, sigma: float = 0.15) -> 
         "crops/denoised": crops,
         "crops/psnr": psnr[:2],
     }
-    name = "tv.h5" if tv else f"{variant}/seed{seed}.h5"
-    return write_h5(root / f"eval/denoising/sigma{sigma:g}/{name}", attrs, datasets)
+    return write_denoising(root, variant, seed, sigma, attrs, datasets)
 
 
 def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) -> Path:
     tv = variant == "tv"
     attrs = {
-        "method": "tv" if tv else "pnp",
-        "variant": variant,
-        "seed": seed,
-        "eta": 1.0,
-        "relax": 1.0,
-        "noise": 0.01,
-        "blur_size": 9,
-        "blur_sigma": 1.6,
         "observed_mean_psnr": 22.0,
         "mean_psnr": 25.0 + seed,
         "std_psnr": 1.0,
@@ -137,7 +107,6 @@ def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) 
         "converged_fraction": None if tv else 1.0 - 0.5 * seed,
         "diverged_count": diverged,
         "nonincreasing": monotone,
-        "lipschitz_bound": None if tv else 1.0,
         "averagedness": 0.6 if variant == "averaged" else None,
     }
     images = np.zeros((1, 3, 4, 4), dtype=np.float32)
@@ -149,8 +118,7 @@ def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) 
         "images/observed": images,
         "images/recon": images,
     }
-    name = "tv.h5" if tv else f"sigma0.05/{variant}/seed{seed}.h5"
-    return write_h5(root / "pnp" / name, attrs, datasets)
+    return write_pnp(root, variant, seed, attrs, datasets)
 
 
 @pytest.fixture()

@@ -83,7 +83,9 @@ def _cross_field_errors(config: dict) -> list[str]:
                 )
     for ds in ("cifar10", "bsds500"):
         spec = config["data"][ds]
-        if spec["source"] == "download" and not (spec.get("urls") and (spec.get("md5") or spec.get("sha256"))):
+        if spec["source"] == "download" and not (
+            spec.get("urls") and (spec.get("md5") or spec.get("sha256"))
+        ):
             errors.append(f"data.{ds}: source 'download' needs urls and an md5 or sha256 checksum")
     pnp = config["pnp"]
     unknown = sorted(set(pnp["denoisers"]) - set(config["denoising"]["variants"]))
@@ -115,5 +117,7 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
     if not errors:
         errors = _cross_field_errors(config)
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(f"config: {e}" for e in errors))
+        raise ConfigError(
+            "invalid configuration:\n  " + "\n  ".join(f"config: {e}" for e in errors)
+        )
     return config

@@ -72,8 +72,9 @@ def _task(spec: dict, data_path: Path, device: torch.device):
             train_y.to(device),
             val_x.to(device),
             val_y.to(device),
-            AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in spec["augment"].items()}),
+            AugmentConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in spec["augment"].items()}
+            ),
             spec["eval_batch"],
         )
     patch = spec.get("patch")
@@ -168,16 +169,31 @@ def evaluate_classifier(
     strong = _strong_attack(ev["strong"], spec["seed"], ev["batch_size"])
     curves: dict[str, list[float]] = {k: [] for k in ("certified", "pgd", "strong", "empirical")}
     std: dict[str, list[float]] = {k: [] for k in curves}
-    strong_eps = set(np.round(std_eps, 12)) | (set(np.round(eps, 12)) if ev["strong"]["on_grid"] else set())
+    strong_eps = set(np.round(std_eps, 12)) | (
+        set(np.round(eps, 12)) if ev["strong"]["on_grid"] else set()
+    )
     for grid, target in ((eps, curves), (std_eps, std)):
         for e in grid:
-            _one_radius(model, x, y, correct, cert_radius, float(e), pgd, strong,
-                        round(float(e), 12) in strong_eps, target, spec["variant"])
+            _one_radius(
+                model,
+                x,
+                y,
+                correct,
+                cert_radius,
+                float(e),
+                pgd,
+                strong,
+                round(float(e), 12) in strong_eps,
+                target,
+                spec["variant"],
+            )
     acc = {k: np.asarray(v) for k, v in curves.items()}
     clean = float(correct.float().mean())
     robustness.check_invariant(eps, acc["certified"], acc["empirical"], clean, spec["variant"])
-    log(f"clean {clean:.4f} lipschitz {lip:.4g} certified@{std_eps} {std['certified']} "
-        f"empirical {std['empirical']}")
+    log(
+        f"clean {clean:.4f} lipschitz {lip:.4g} certified@{std_eps} {std['certified']} "
+        f"empirical {std['empirical']}"
+    )
     attrs = {
         "variant": spec["variant"],
         "model": model.model_name,
@@ -199,16 +215,26 @@ def evaluate_classifier(
 
 def _strong_attack(cfg: dict, seed: int, batch_size: int):
     if cfg["method"] == "autoattack":
+
         def attack(m, xx, yy, e):
             return robustness.autoattack_l2(
                 m, xx, yy, e, batch_size, cfg["version"], seed, cfg.get("attacks")
             )
+
         return attack
+
     def attack(m, xx, yy, e):  # noqa: E306 - a stronger PGD: more steps and restarts
         return robustness.pgd_l2(
-            m, xx, yy, e, steps=cfg["steps"], rel_step=cfg["rel_step"],
-            restarts=cfg["restarts"], seed=seed,
+            m,
+            xx,
+            yy,
+            e,
+            steps=cfg["steps"],
+            rel_step=cfg["rel_step"],
+            restarts=cfg["restarts"],
+            seed=seed,
         )
+
     return attack
 
 
@@ -281,7 +307,11 @@ def evaluate_denoiser(
     sets = _psnr_sets(denoised, noisy, clean)
     audit = ev["lipschitz_search"]
     lower = robustness.lipschitz_lower_bound(
-        model, noisy[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"],
+        model,
+        noisy[: audit["images"]],
+        audit["steps"],
+        audit["lr"],
+        audit["delta_scale"],
         spec["seed"],
     )
     bound = model.lipschitz_bound(tuple(clean.shape[-2:]))
@@ -304,8 +334,10 @@ def evaluate_denoiser(
     crops = _crops(clean, noisy, denoised, ev)
     crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
     write_results(out, attrs, {**sets, "image_index": np.arange(len(clean)), **crops})
-    log(f"{spec['variant']}: PSNR {attrs['mean_psnr']:.2f} dB (noisy {attrs['noisy_mean_psnr']:.2f})"
-        f", Lipschitz {lower:.4f} <= {bound:.4f}")
+    log(
+        f"{spec['variant']}: PSNR {attrs['mean_psnr']:.2f} dB (noisy {attrs['noisy_mean_psnr']:.2f})"
+        f", Lipschitz {lower:.4f} <= {bound:.4f}"
+    )
 
 
 def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = print) -> None:
@@ -399,8 +431,10 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
         **provenance(spec, spec["seed"]),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, x, p["n_show"])
-    log(f"PnP {spec['variant']}: PSNR {attrs['observed_mean_psnr']:.2f} -> "
-        f"{attrs['mean_psnr']:.2f} dB, iterations {hist['iterations']}, monotone {monotone}")
+    log(
+        f"PnP {spec['variant']}: PSNR {attrs['observed_mean_psnr']:.2f} -> "
+        f"{attrs['mean_psnr']:.2f} dB, iterations {hist['iterations']}, monotone {monotone}"
+    )
 
 
 def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> None:

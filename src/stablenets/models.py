@@ -329,7 +329,9 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or foreign): {msg}")
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or foreign): {msg}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
     return ckpt

@@ -164,8 +164,9 @@ class Conv2dOperator(LinearOperator):
 
     ``input_size`` is the spatial size the operator acts on and the default size for
     ``norm_bound``; ``power_size`` (default ``input_size``) is the grid of the power-iteration
-    vector, smaller for speed on large images (the estimate is a lower bound either way). The adjoint of ``y = conv(x)`` is the transposed
-    convolution with the output padding that restores ``x``'s size.
+    vector, smaller for speed on large images (the estimate is a lower bound either way). The
+    adjoint of ``y = conv(x)`` is the transposed convolution with the output padding that
+    restores ``x``'s size.
     """
 
     def __init__(

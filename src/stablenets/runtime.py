@@ -136,8 +136,8 @@ def read_results(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     with h5py.File(path, "r") as fh:
         attrs = dict(fh.attrs)
         fh.visititems(
-            lambda name, obj: datasets.__setitem__(name, obj[()])
-            if isinstance(obj, h5py.Dataset)
-            else None
+            lambda name, obj: (
+                datasets.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
         )
     return attrs, datasets

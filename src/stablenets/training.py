@@ -239,7 +239,9 @@ def _save(path: Path, config_hash: str, model, opt, sched, state: RunState) -> N
 
 def _check_finite(step: int, loss: float, model: StableModel, cfg: TrainConfig, ckpt: Path):
     norms = [float(b.operator.sigma_estimate) for b in model.constrained_blocks()]
-    bad = not math.isfinite(loss) or any(not (math.isfinite(n) and n <= cfg.max_norm) for n in norms)
+    bad = not math.isfinite(loss) or any(
+        not (math.isfinite(n) and n <= cfg.max_norm) for n in norms
+    )
     if bad:
         last = str(ckpt) if ckpt.exists() else "none"
         largest = f"{max(norms):.4g}" if norms else "n/a"

@@ -71,7 +71,9 @@ class Jobs:
         if task == "classification":
             spec["augment"] = section["augment"]
         else:
-            spec.update(sigma=float(sigma), noise_seed=section["noise_seed"], patch=section["patch"])
+            spec.update(
+                sigma=float(sigma), noise_seed=section["noise_seed"], patch=section["patch"]
+            )
         return self.dump(spec)
 
     def eval_spec(self, task: str, variant: str, seed: int, sigma: str | None = None) -> str:

@@ -7,9 +7,6 @@ rule train_classifier:
     output:
         model=R("models/classification/{variant}/seed{seed}/model.pt"),
         log=R("models/classification/{variant}/seed{seed}/train_log.csv"),
-    params:
-        spec=lambda w: JOBS.train_spec("classification", w.variant, w.seed),
-        workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
     log:
         L("train_classifier/{variant}/seed{seed}.log"),
     benchmark:
@@ -17,6 +14,9 @@ rule train_classifier:
     threads: config["threads"]
     resources:
         **JOBS.resources("train"),
+    params:
+        spec=lambda w: JOBS.train_spec("classification", w.variant, w.seed),
+        workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
     shell:
         "{PY} -m stablenets train --spec {params.spec:q} --data {input.data}"
         " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
@@ -28,8 +28,6 @@ rule evaluate_classifier:
         data=R("data/cifar10.h5"),
     output:
         R("eval/classification/{variant}/seed{seed}.h5"),
-    params:
-        spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
     log:
         L("evaluate_classifier/{variant}/seed{seed}.log"),
     benchmark:
@@ -37,6 +35,8 @@ rule evaluate_classifier:
     threads: config["threads"]
     resources:
         **JOBS.resources("evaluate"),
+    params:
+        spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
     shell:
         "{PY} -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} > {log} 2>&1"

@@ -5,7 +5,9 @@ import sys
 from stablenets.config import validate_config
 from stablenets.workflow import FIGURES, TABLES, Jobs
 
-config.update(validate_config(config, workflow.source_path("../schemas/config.schema.yaml")))
+config.update(
+    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+)
 JOBS = Jobs(config)
 PY = sys.executable
 SCALE = config["scale"]

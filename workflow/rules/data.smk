@@ -4,8 +4,6 @@
 rule prepare_data:
     output:
         R("data/{dataset}.h5"),
-    params:
-        spec=lambda w: JOBS.data_spec(w.dataset),
     log:
         L("prepare_data/{dataset}.log"),
     benchmark:
@@ -13,5 +11,7 @@ rule prepare_data:
     threads: 1
     resources:
         **JOBS.resources("data"),
+    params:
+        spec=lambda w: JOBS.data_spec(w.dataset),
     shell:
         "{PY} -m stablenets prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -7,9 +7,6 @@ rule train_denoiser:
     output:
         model=R("models/denoising/sigma{sigma}/{variant}/seed{seed}/model.pt"),
         log=R("models/denoising/sigma{sigma}/{variant}/seed{seed}/train_log.csv"),
-    params:
-        spec=lambda w: JOBS.train_spec("denoising", w.variant, w.seed, w.sigma),
-        workdir=lambda w: R(f"checkpoints/denoising/sigma{w.sigma}/{w.variant}/seed{w.seed}"),
     log:
         L("train_denoiser/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
@@ -17,6 +14,11 @@ rule train_denoiser:
     threads: config["threads"]
     resources:
         **JOBS.resources("train"),
+    params:
+        spec=lambda w: JOBS.train_spec("denoising", w.variant, w.seed, w.sigma),
+        workdir=lambda w: R(
+            f"checkpoints/denoising/sigma{w.sigma}/{w.variant}/seed{w.seed}"
+        ),
     shell:
         "{PY} -m stablenets train --spec {params.spec:q} --data {input.data}"
         " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
@@ -28,8 +30,6 @@ rule evaluate_denoiser:
         data=R("data/bsds500.h5"),
     output:
         R("eval/denoising/sigma{sigma}/{variant}/seed{seed}.h5"),
-    params:
-        spec=lambda w: JOBS.eval_spec("denoising", w.variant, w.seed, w.sigma),
     log:
         L("evaluate_denoiser/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
@@ -37,6 +37,8 @@ rule evaluate_denoiser:
     threads: config["threads"]
     resources:
         **JOBS.resources("evaluate"),
+    params:
+        spec=lambda w: JOBS.eval_spec("denoising", w.variant, w.seed, w.sigma),
     shell:
         "{PY} -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} > {log} 2>&1"
@@ -47,8 +49,6 @@ rule evaluate_tv_denoising:
         data=R("data/bsds500.h5"),
     output:
         R("eval/denoising/sigma{sigma}/tv.h5"),
-    params:
-        spec=lambda w: JOBS.tv_spec(w.sigma),
     log:
         L("evaluate_tv_denoising/sigma{sigma}.log"),
     benchmark:
@@ -56,6 +56,8 @@ rule evaluate_tv_denoising:
     threads: config["threads"]
     resources:
         **JOBS.resources("data"),
+    params:
+        spec=lambda w: JOBS.tv_spec(w.sigma),
     shell:
         "{PY} -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
         " --out {output} > {log} 2>&1"

@@ -31,14 +31,14 @@ rule table:
         ),
         md=R("tables/{table}.md"),
         tex=R("tables/{table}.tex"),
-    wildcard_constraints:
-        table="|".join(TABLES),
-    params:
-        spec=lambda w: json.dumps({"kind": w.table}),
     log:
         L("table/{table}.log"),
+    wildcard_constraints:
+        table="|".join(TABLES),
     resources:
         **JOBS.resources("report"),
+    params:
+        spec=lambda w: json.dumps({"kind": w.table}),
     shell:
         "{PY} -m stablenets table --spec {params.spec:q}"
         " --inputs {input} --out {output.csv} > {log} 2>&1"
@@ -54,14 +54,16 @@ rule figure:
             caption="../report/figure_{figure}.rst",
             category="Figures",
         ),
-    wildcard_constraints:
-        figure="|".join(FIGURES),
-    params:
-        spec=lambda w: json.dumps({"kind": w.figure, "sigma": config["pnp"]["noise_level"]}),
     log:
         L("figure/{figure}.log"),
+    wildcard_constraints:
+        figure="|".join(FIGURES),
     resources:
         **JOBS.resources("report"),
+    params:
+        spec=lambda w: json.dumps(
+            {"kind": w.figure, "sigma": config["pnp"]["noise_level"]}
+        ),
     shell:
         "{PY} -m stablenets figure --spec {params.spec:q}"
         " --inputs {input} --out {output.pdf} > {log} 2>&1"
@@ -73,12 +75,12 @@ rule summary:
         figures=expand(R("figures/{figure}.png"), figure=FIGURES),
     output:
         report(R("summary.md"), caption="../report/summary.rst", category="Summary"),
-    params:
-        spec=json.dumps({"scale": SCALE, "config": config}, sort_keys=True),
     log:
         L("summary/summary.log"),
     resources:
         **JOBS.resources("report"),
+    params:
+        spec=json.dumps({"scale": SCALE, "config": config}, sort_keys=True),
     shell:
         "{PY} -m stablenets summary --spec {params.spec:q} --inputs {input.tables}"
         " --out {output} > {log} 2>&1"

@@ -7,8 +7,6 @@ rule pnp_deblur:
         data=R("data/bsds500.h5"),
     output:
         R("pnp/sigma{sigma}/{variant}/seed{seed}.h5"),
-    params:
-        spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
     log:
         L("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
@@ -16,6 +14,8 @@ rule pnp_deblur:
     threads: config["threads"]
     resources:
         **JOBS.resources("evaluate"),
+    params:
+        spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
     shell:
         "{PY} -m stablenets pnp --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} > {log} 2>&1"
@@ -26,8 +26,6 @@ rule tv_deblur:
         data=R("data/bsds500.h5"),
     output:
         R("pnp/tv.h5"),
-    params:
-        spec=JOBS.pnp_spec("tv", 0),
     log:
         L("tv_deblur/tv.log"),
     benchmark:
@@ -35,6 +33,8 @@ rule tv_deblur:
     threads: config["threads"]
     resources:
         **JOBS.resources("data"),
+    params:
+        spec=JOBS.pnp_spec("tv", 0),
     shell:
         "{PY} -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
         " --out {output} > {log} 2>&1"

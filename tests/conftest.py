@@ -1,0 +1,29 @@
+"""Shared test setup: one torch thread per test module, and a cartoon test image."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny models and tensors run far faster on one thread (no OpenMP contention on a loaded
+    machine); the previous thread count comes back after the module. Subprocesses (the pipeline
+    and training tests) do not inherit it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cartoon(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
+    """Float64 piecewise-constant images in [0, 1]: two overlapping rectangles on a dark
+    background (the second image mirrored)."""
+    x = torch.full((n, c, h, w), 0.1, dtype=torch.float64)
+    x[:, :, h // 6 : h // 2, w // 5 : 3 * w // 5] = 0.9
+    x[:, 0, h // 3 : h - 2, w // 2 : w - 3] = 0.4
+    x[1:] = x[1:].flip(-1)
+    return x
