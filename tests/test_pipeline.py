@@ -138,7 +138,7 @@ def test_data_rules_download_verify_and_convert_real_format_archives(tmp_path):
     bsds, _ = make_bsds_archive(tmp_path / "srv")
     extra = overlay(work, tmp_path / "cache", cifar, bsds, md5_of(cifar))
     targets = ["results/archives/data/cifar10.h5", "results/archives/data/bsds500.h5"]
-    run = snakemake(work, "--cores", "2", "--configfile", "config.yaml", str(extra), *targets)
+    run = snakemake(work, *targets, "--cores", "2", "--configfile", "config.yaml", str(extra))
     assert run.returncode == 0, run.stderr[-3000:]
     with h5py.File(work / targets[0]) as fh:
         assert fh["train/images"].shape[1:] == (3, 32, 32)
@@ -154,7 +154,7 @@ def test_data_rule_rejects_a_corrupted_archive_and_leaves_no_output(tmp_path):
     bsds, _ = make_bsds_archive(tmp_path / "srv")
     extra = overlay(work, tmp_path / "cache", cifar, bsds, "0" * 32)
     target = "results/archives/data/cifar10.h5"
-    run = snakemake(work, "--cores", "1", "--configfile", "config.yaml", str(extra), target)
+    run = snakemake(work, target, "--cores", "1", "--configfile", "config.yaml", str(extra))
     assert run.returncode != 0
     log = (work / "logs/archives/prepare_data/cifar10.log").read_text()
     assert re.search(r"checksum|md5", log, re.I) and "0" * 32 in log
@@ -207,7 +207,7 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, overlay_text, m
     bad.write_text(overlay_text)
     run = snakemake(work, "-n", "--configfile", "config.yaml", str(bad), timeout=300)
     assert run.returncode != 0
-    assert message in run.stderr, run.stderr[-2000:]
+    assert message in run.stdout + run.stderr, (run.stdout + run.stderr)[-2000:]
 
 
 def test_workflow_is_lint_clean():

@@ -24,7 +24,7 @@ SPEC = {
     "model": "nonexpansive_classifier",
     "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1},
     "train": {
-        "steps": 60,
+        "steps": 40,
         "batch_size": 16,
         "lr_max": 0.05,
         "val_every": 20,

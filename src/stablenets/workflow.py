@@ -145,6 +145,25 @@ class Jobs:
         ]
         return runs + [R("pnp/tv.h5")]
 
+    def table_inputs(self, name: str, R: Callable[[str], str]) -> list[str]:
+        """The result files a table is built from."""
+        return {
+            "classification": self.classification_evals,
+            "denoising": self.denoising_evals,
+            "pnp": self.pnp_runs,
+        }[name](R)
+
+    def figure_inputs(self, name: str, R: Callable[[str], str]) -> list[str]:
+        """The result files or training logs a figure is drawn from."""
+        return {
+            "robustness": self.classification_evals,
+            "training_classification": self.classification_logs,
+            "training_denoising": self.denoising_logs,
+            "denoising_examples": self.denoising_evals,
+            "pnp_convergence": self.pnp_runs,
+            "pnp_reconstructions": self.pnp_runs,
+        }[name](R)
+
     def final_outputs(self, R: Callable[[str], str]) -> list[str]:
         tables = [R(f"tables/{t}.{ext}") for t in TABLES for ext in ("csv", "md", "tex")]
         figures = [R(f"figures/{f}.{ext}") for f in FIGURES for ext in ("pdf", "png")]

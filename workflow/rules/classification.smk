@@ -11,6 +11,8 @@ rule train_classifier:
         L("train_classifier/{variant}/seed{seed}.log"),
     benchmark:
         B("train_classifier/{variant}/seed{seed}.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("train"),
@@ -18,7 +20,7 @@ rule train_classifier:
         spec=lambda w: JOBS.train_spec("classification", w.variant, w.seed),
         workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
     shell:
-        "{PY} -m stablenets train --spec {params.spec:q} --data {input.data}"
+        "python -m stablenets train --spec {params.spec:q} --data {input.data}"
         " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
 
 
@@ -32,11 +34,13 @@ rule evaluate_classifier:
         L("evaluate_classifier/{variant}/seed{seed}.log"),
     benchmark:
         B("evaluate_classifier/{variant}/seed{seed}.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("evaluate"),
     params:
         spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
     shell:
-        "{PY} -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
+        "python -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} > {log} 2>&1"

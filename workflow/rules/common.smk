@@ -1,5 +1,6 @@
 # Configuration, paths and job specifications shared by every rule file.
 import json
+import os
 import sys
 
 from stablenets.config import validate_config
@@ -9,7 +10,16 @@ config.update(
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 )
 JOBS = Jobs(config)
-PY = sys.executable
+
+
+envvars:
+    "PATH",
+
+
+# Jobs run `python` from the environment that runs Snakemake (a venv need not be activated).
+os.environ["PATH"] = os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ["PATH"]]
+)
 SCALE = config["scale"]
 
 

@@ -8,10 +8,12 @@ rule prepare_data:
         L("prepare_data/{dataset}.log"),
     benchmark:
         B("prepare_data/{dataset}.tsv")
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         **JOBS.resources("data"),
     params:
         spec=lambda w: JOBS.data_spec(w.dataset),
     shell:
-        "{PY} -m stablenets prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m stablenets prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -11,6 +11,8 @@ rule train_denoiser:
         L("train_denoiser/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
         B("train_denoiser/sigma{sigma}/{variant}/seed{seed}.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("train"),
@@ -20,7 +22,7 @@ rule train_denoiser:
             f"checkpoints/denoising/sigma{w.sigma}/{w.variant}/seed{w.seed}"
         ),
     shell:
-        "{PY} -m stablenets train --spec {params.spec:q} --data {input.data}"
+        "python -m stablenets train --spec {params.spec:q} --data {input.data}"
         " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
 
 
@@ -34,13 +36,15 @@ rule evaluate_denoiser:
         L("evaluate_denoiser/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
         B("evaluate_denoiser/sigma{sigma}/{variant}/seed{seed}.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("evaluate"),
     params:
         spec=lambda w: JOBS.eval_spec("denoising", w.variant, w.seed, w.sigma),
     shell:
-        "{PY} -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
+        "python -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} > {log} 2>&1"
 
 
@@ -53,11 +57,13 @@ rule evaluate_tv_denoising:
         L("evaluate_tv_denoising/sigma{sigma}.log"),
     benchmark:
         B("evaluate_tv_denoising/sigma{sigma}.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("data"),
     params:
         spec=lambda w: JOBS.tv_spec(w.sigma),
     shell:
-        "{PY} -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
+        "python -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
         " --out {output} > {log} 2>&1"

@@ -11,13 +11,15 @@ rule pnp_deblur:
         L("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
         B("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("evaluate"),
     params:
         spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
     shell:
-        "{PY} -m stablenets pnp --spec {params.spec:q} --model {input.model}"
+        "python -m stablenets pnp --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} > {log} 2>&1"
 
 
@@ -30,11 +32,13 @@ rule tv_deblur:
         L("tv_deblur/tv.log"),
     benchmark:
         B("tv_deblur/tv.tsv")
+    conda:
+        "../../environment.yml"
     threads: config["threads"]
     resources:
         **JOBS.resources("data"),
     params:
         spec=JOBS.pnp_spec("tv", 0),
     shell:
-        "{PY} -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
+        "python -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
         " --out {output} > {log} 2>&1"
