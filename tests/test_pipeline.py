@@ -23,7 +23,7 @@ from stablenets.workflow import FIGURES, TABLES
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
-WORKFLOW_FILES = ("Snakefile", "workflow", "config.yaml", "config")
+WORKFLOW_FILES = ("Snakefile", "workflow", "config.yaml", "config", "environment.yml")
 
 
 def copy_workflow(dest: Path) -> Path:
