@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: venv smoke smoke-slurm test lint clean-smoke
+.PHONY: venv smoke test lint clean-smoke
 
 venv: $(STAMP)
 
@@ -17,9 +17,6 @@ $(STAMP): pyproject.toml
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/smoke --cores $(CORES)
-
-smoke-slurm: $(STAMP)
-	$(BIN)/snakemake --workflow-profile workflow/profiles/smoke-slurm
 
 test: $(STAMP)
 	$(BIN)/pytest -q
