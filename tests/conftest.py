@@ -1,11 +1,14 @@
-"""Shared test setup: one torch thread per test module, and a cartoon test image."""
+"""Shared test setup: one torch thread per test module, a cartoon test image, and the smoke
+pipeline run once per session."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from workflow_helpers import SMOKE_PROFILE, copy_workflow, snakemake
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,3 +30,12 @@ def cartoon(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
     x[:, 0, h // 3 : h - 2, w // 2 : w - 3] = 0.4
     x[1:] = x[1:].flip(-1)
     return x
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """Run the smoke pipeline once in a fresh copy of the workflow; tests read its results."""
+    work = copy_workflow(tmp_path_factory.mktemp("smoke"))
+    done = snakemake(work, *SMOKE_PROFILE)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return work

@@ -4,9 +4,7 @@ outputs; the data rules on archives in the real formats; parse-time config error
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,45 +14,10 @@ import pytest
 import torch
 import yaml
 from test_data import make_bsds_archive, make_cifar_archive, md5_of
+from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, snakemake
 
 from stablenets.runtime import read_results
 from stablenets.workflow import FIGURES, TABLES
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SNAKEMAKE = str(BIN / "snakemake")
-WORKFLOW_FILES = ("Snakefile", "workflow", "config.yaml", "config", "environment.yml")
-
-
-def copy_workflow(dest: Path) -> Path:
-    """A fresh copy of the workflow (no results), as a new clone would have."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name)
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SNAKEMAKE, *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> Path:
-    """Run the smoke pipeline once in a fresh copy of the workflow."""
-    work = copy_workflow(tmp_path_factory.mktemp("smoke"))
-    done = snakemake(work, "--workflow-profile", "workflow/profiles/smoke")
-    assert done.returncode == 0, done.stderr[-4000:]
-    return work
 
 
 @pytest.mark.slow
@@ -72,7 +35,7 @@ def test_smoke_produces_every_table_and_figure(smoke_run):
 
 @pytest.mark.slow
 def test_smoke_rerun_has_nothing_to_do(smoke_run):
-    again = snakemake(smoke_run, "--workflow-profile", "workflow/profiles/smoke", "-n")
+    again = snakemake(smoke_run, *SMOKE_PROFILE, "-n")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -231,13 +194,13 @@ def test_an_independent_attack_never_flips_a_certified_point(smoke_run):
 
     results = smoke_run / "results/smoke"
     x, y = read_split(results / "data/cifar10.h5", "test")
-    x, y = x[:200], y[:200]
+    x, y = x[:150], y[:150]
     for variant in ("nonexpansive", "resnet"):
         model = load_model(results / f"models/classification/{variant}/seed0/model.pt")
-        margin, correct = margins(model, x, y, 200)
+        margin, correct = margins(model, x, y, 150)
         radius = certified_radius(margin, correct, model.lipschitz_bound())
         for eps in (36 / 255, 72 / 255, 108 / 255):
-            adv = pgd_l2(model, x, y, eps, steps=50, rel_step=0.1, restarts=2, seed=11)
+            adv = pgd_l2(model, x, y, eps, steps=40, rel_step=0.1, restarts=2, seed=11)
             with torch.no_grad():
                 flipped = model(adv).argmax(1) != y
             assert not (flipped & (radius > eps)).any(), (variant, eps)
@@ -247,8 +210,7 @@ def test_an_independent_attack_never_flips_a_certified_point(smoke_run):
 def test_rerunning_an_evaluation_gives_identical_numbers(smoke_run):
     target = "results/smoke/eval/denoising/sigma0.05/averaged/seed0.h5"
     attrs_before, before = read_results(smoke_run / target)
-    profile = ("--workflow-profile", "workflow/profiles/smoke")
-    again = snakemake(smoke_run, *profile, target, "--forcerun", "evaluate_denoiser")
+    again = snakemake(smoke_run, *SMOKE_PROFILE, target, "--forcerun", "evaluate_denoiser")
     assert again.returncode == 0, again.stderr[-3000:]
     attrs_after, after = read_results(smoke_run / target)
     assert attrs_before.keys() == attrs_after.keys()
