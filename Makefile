@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: venv smoke test lint clean-smoke
+.PHONY: venv smoke report smoke-slurm test lint clean-smoke
 
 venv: $(STAMP)
 
@@ -17,6 +17,19 @@ $(STAMP): pyproject.toml
 
 smoke: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/smoke --cores $(CORES)
+
+# The self-contained HTML report of the smoke run (every figure and table with its caption).
+report: $(STAMP)
+	$(BIN)/snakemake --workflow-profile workflow/profiles/smoke --report results/smoke/report.html
+
+# The smoke DAG with every job submitted through the SLURM executor. SLURM_PROFILE holds the
+# cluster's own settings, layered over workflow/profiles/slurm: by default the single-node test
+# cluster of tests/slurm (default partition, no account, no accounting database); on a real
+# cluster: make smoke-slurm SLURM_PROFILE=<your edited copy of workflow/profiles/slurm>.
+# `make smoke-slurm VENV=<path> STAMP=` runs it with an existing environment (the tests do).
+SLURM_PROFILE ?= workflow/profiles/slurm-local
+smoke-slurm: $(STAMP)
+	$(BIN)/snakemake --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) --workflow-profile workflow/profiles/smoke
 
 test: $(STAMP)
 	$(BIN)/pytest -q

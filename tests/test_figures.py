@@ -389,3 +389,36 @@ def test_save_figure_is_reproducible(tmp_path: Path) -> None:
     save_figure(fig, tmp_path / "b")
     assert (tmp_path / "a.pdf").read_bytes() == (tmp_path / "b.pdf").read_bytes()
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_training_figure_leaves_models_without_substeps_out_of_that_panel(tmp_path: Path) -> None:
+    """A plain ResNet logs 0 sub-steps: drawn as a zero line it would read as a measurement."""
+    blocks = training_log(tmp_path, "classification", "nonexpansive", 2)
+    plain = training_log(tmp_path, "classification", "resnet", 0)
+    log = pd.read_csv(plain)
+    log.loc[log["kind"] == "train", "substeps"] = 0
+    log.to_csv(plain, index=False)
+    fig = training_figure({"nonexpansive": blocks, "resnet": plain}, tmp_path / "t")
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    panel = fig.axes[labels.index("total sub-steps")]
+    assert {line.get_gid() for line in panel.lines} == {"nonexpansive"}
+    loss = fig.axes[labels.index("training loss")]
+    assert {line.get_gid() for line in loss.lines} == {"nonexpansive", "resnet"}
+
+
+def test_pnp_convergence_labels_diverged_runs_and_keeps_the_others_readable(
+    pnp_paths: list[Path], tmp_path: Path
+) -> None:
+    """A diverging method (PSNR to -100 dB) must not flatten the converging curves: the PSNR
+    axis stays near the non-diverged results and the legend says the method diverged."""
+    path = pnp_result(tmp_path / "diverging", "dncnn", 0)
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["diverged_count"] = 3
+        fh.attrs["mean_psnr"] = -100.0
+        fh["history/psnr_1"][...] = np.linspace(25, -100, fh["history/psnr_1"].shape[1])
+    others = [p for p in pnp_paths if "dncnn" not in p.parts]
+    fig = pnp_convergence_figure([*others, path], tmp_path / "diverged")
+    low, high = fig.axes[0].get_ylim()
+    assert 10 < low < 20 and 28 < high < 40, (low, high)
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "dncnn (diverged 3/3)" in labels and "averaged" in labels

@@ -16,7 +16,14 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 
 __all__ = ["ConfigError", "validate_config", "load_schema"]
 
-CLASSIFIERS = {"nonexpansive_classifier", "resnet_classifier"}
+CLASSIFIERS = {
+    "nonexpansive_classifier",
+    "resnet_classifier",
+    "cpl_classifier",
+    "sll_classifier",
+    "aol_classifier",
+    "orthogonal_classifier",
+}
 DENOISERS = {"nonexpansive_denoiser", "dncnn"}
 _PROBE_SIZE = (3, 64, 64)  # image size on which the blur's norm is computed (size-independent)
 
@@ -81,6 +88,7 @@ def _cross_field_errors(config: dict) -> list[str]:
                     f"{task}.variants.{name}.model: {variant['model']!r} is not a {task} model; "
                     f"allowed: {sorted(allowed)}"
                 )
+        errors += _variant_option_errors(config, task)
     for ds in ("cifar10", "bsds500"):
         spec = config["data"][ds]
         if spec["source"] == "download" and not (
@@ -108,6 +116,58 @@ def _cross_field_errors(config: dict) -> list[str]:
     return errors
 
 
+def _variant_option_errors(config: dict, task: str) -> list[str]:
+    """Sizes, losses, the CPL integrator and ``select`` of one task's variants."""
+    section, errors = config[task], []
+    sizes = section.get("sizes", {})
+    if section["train"].get("loss") is not None and task != "classification":
+        errors.append(f"{task}.train.loss: the margin loss is for classification only; use null")
+    for name, variant in section["variants"].items():
+        where = f"{task}.variants.{name}"
+        kwargs = variant.get("kwargs", {})
+        if "size" in variant:
+            if task != "classification":
+                errors.append(f"{where}.size: sizes apply to classification variants only")
+            elif variant["size"] not in sizes:
+                errors.append(
+                    f"{where}.size: {variant['size']!r} is not a size; allowed: {sorted(sizes)}"
+                )
+            elif kwargs.get("base_width", sizes[variant["size"]]) != sizes[variant["size"]]:
+                errors.append(f"{where}: set either size or kwargs.base_width, not both")
+        if variant.get("train", {}).get("loss") is not None and task != "classification":
+            errors.append(f"{where}.train.loss: the margin loss is for classification only")
+        if variant["model"] == "cpl_classifier" and kwargs.get("integrator", "euler") != "euler":
+            errors.append(
+                f"{where}.kwargs.integrator: cpl_classifier is one Euler step; "
+                f"{kwargs['integrator']!r} is not allowed"
+            )
+    unknown = [v for v in section.get("select") or [] if v not in section["variants"]]
+    if unknown:
+        errors.append(
+            f"{task}.select: {unknown} are not {task} variants; "
+            f"allowed: {sorted(section['variants'])}"
+        )
+    if task == "denoising" and section.get("select"):
+        dropped = [d for d in config["pnp"]["denoisers"] if d not in section["select"]]
+        if dropped:
+            errors.append(f"denoising.select: leaves out {dropped}, which pnp.denoisers needs")
+    return errors
+
+
+def _resolve_variants(config: dict) -> None:
+    """Apply ``size`` (-> ``kwargs.base_width``) and keep only the ``select``-ed variants."""
+    for task in ("classification", "denoising"):
+        section = config[task]
+        for variant in section["variants"].values():
+            if "size" in variant:
+                kwargs = variant.setdefault("kwargs", {})
+                kwargs["base_width"] = section["sizes"][variant["size"]]
+        if section.get("select"):
+            section["variants"] = {
+                name: v for name, v in section["variants"].items() if name in section["select"]
+            }
+
+
 def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, Any]:
     """Return ``config`` with defaults filled in; raise ``ConfigError`` listing every problem."""
     if isinstance(schema, (str, Path)):
@@ -120,4 +180,5 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
         raise ConfigError(
             "invalid configuration:\n  " + "\n  ".join(f"config: {e}" for e in errors)
         )
+    _resolve_variants(config)
     return config

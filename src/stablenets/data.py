@@ -40,6 +40,8 @@ import h5py
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 __all__ = [
     "DataError",
     "SMOKE_TEST_PHOTOS",
@@ -115,18 +117,6 @@ def verify_checksum(path: Path, md5: str | None = None, sha256: str | None = Non
     _check_digests(path, expected, str(path))
 
 
-@contextmanager
-def _temp_path(directory: Path, name: str, suffix: str = ".part") -> Iterator[Path]:
-    """A fresh temporary file name in ``directory`` that is removed unless renamed away."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=suffix)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def _fetch(url: str, target: Path, timeout: float) -> None:
     """Stream ``url`` (http, https or file) into ``target``."""
     scheme = urllib.parse.urlparse(url).scheme
@@ -165,16 +155,15 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for url in urls:
-        with _temp_path(dest.parent, dest.name) as tmp:
-            try:
+        try:
+            with atomic_path(dest, suffix=".part") as tmp:  # renamed onto dest only if verified
                 _fetch(url, tmp, timeout)
                 _check_digests(tmp, expected, url)
-            # URLError is an OSError, DataError a ValueError; HTTPException covers truncation.
-            except (OSError, ValueError, http.client.HTTPException) as exc:
-                failures.append(f"{url}: {exc}")
-                continue
-            os.replace(tmp, dest)
-            return dest
+        # URLError is an OSError, DataError a ValueError; HTTPException covers truncation.
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            failures.append(f"{url}: {exc}")
+            continue
+        return dest
     raise DataError(f"{dest.name}: every URL failed: " + " | ".join(failures))
 
 
@@ -395,16 +384,13 @@ def write_h5(path: Path, splits: dict[str, dict[str, np.ndarray]], attrs: dict[s
     if len({"labels" in arrays for arrays in checked.values()}) > 1:
         raise DataError(f"{path}: some splits have labels and some do not")
     plain, encoded = _encode_attrs(attrs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_path(path.parent, path.name, suffix=".h5.part") as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, arrays in checked.items():
-                group = f.create_group(name)
-                for key, value in arrays.items():
-                    group.create_dataset(key, data=value)
-            f.attrs.update(plain)
-            f.attrs[_JSON_ATTRS_KEY] = json.dumps(sorted(encoded))
-        os.replace(tmp, path)
+    with atomic_path(path, suffix=".h5.part") as tmp, h5py.File(tmp, "w") as f:
+        for name, arrays in checked.items():
+            group = f.create_group(name)
+            for key, value in arrays.items():
+                group.create_dataset(key, data=value)
+        f.attrs.update(plain)
+        f.attrs[_JSON_ATTRS_KEY] = json.dumps(sorted(encoded))
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -542,7 +528,13 @@ def _archive_record(archive: Path, provenance: Mapping[str, Any]) -> dict[str, A
 
 
 def prepare_cifar10(
-    archive: Path, out: Path, val_fraction: float, split_seed: int, provenance: dict
+    archive: Path,
+    out: Path,
+    val_fraction: float,
+    split_seed: int,
+    provenance: dict,
+    *,
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> None:
     """Convert the official ``cifar-10-python.tar.gz`` into the HDF5 layout.
 
@@ -578,6 +570,7 @@ def prepare_cifar10(
         "split_seed": int(split_seed),
         "class_names": class_names,
         "num_classes": len(class_names),
+        **(extra_attrs or {}),
     }
     write_h5(out, splits, attrs)
 
@@ -624,7 +617,14 @@ def _bsds_split(folder: Path, size: tuple[int, int]) -> tuple[np.ndarray, list[s
     return np.stack(images), [p.name for p in files], transposed
 
 
-def prepare_bsds500(archive: Path, out: Path, size: tuple[int, int], provenance: dict) -> None:
+def prepare_bsds500(
+    archive: Path,
+    out: Path,
+    size: tuple[int, int],
+    provenance: dict,
+    *,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> None:
     """Convert the official ``BSR_bsds500.tgz`` into the HDF5 layout (no labels).
 
     Splits are the archive's train/val/test folders, images sorted by file name; portrait
@@ -650,6 +650,7 @@ def prepare_bsds500(archive: Path, out: Path, size: tuple[int, int], provenance:
         "size": list(size),
         "file_names": names,
         "transposed": transposed,
+        **(extra_attrs or {}),
     }
     write_h5(out, splits, attrs)
 
@@ -745,6 +746,8 @@ def make_synthetic_classification(
     image_size: int,
     noise: float,
     seed: int,
+    *,
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a CIFAR-like offline classification set: learnable, but not trivially.
 
@@ -775,6 +778,7 @@ def make_synthetic_classification(
         "noise": float(noise),
         "seed": int(seed),
         "class_names": [f"class{k}" for k in range(num_classes)],
+        **(extra_attrs or {}),
     }
     write_h5(Path(out), splits, attrs)
 
@@ -847,6 +851,7 @@ def make_smoke_photos(
     train_photos: Sequence[str] = SMOKE_TRAIN_PHOTOS,
     test_photos: Sequence[str] = SMOKE_TEST_PHOTOS,
     val_rows_fraction: float = 0.25,
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> None:
     """Write an offline denoising set of crops of ``size`` (H, W) from scikit-image photos.
 
@@ -888,5 +893,6 @@ def make_smoke_photos(
         "size": list(size),
         "val_rows_fraction": float(val_rows_fraction),
         "seed": int(seed),
+        **(extra_attrs or {}),
     }
     write_h5(Path(out), splits, attrs)

@@ -6,18 +6,28 @@ Logic lives in the library layers below; this module wires files to them and rec
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import data, denoising, pnp, robustness
+from .atomic import atomic_write
 from .augment import AugmentConfig
-from .models import StableModel, build_model, load_model, save_model
-from .runtime import config_hash, provenance, select_device, write_results
+from .models import (
+    CheckpointError,
+    StableModel,
+    build_model,
+    load_model,
+    read_checkpoint,
+    save_model,
+)
+from .runtime import config_hash, provenance, select_device, write_results, write_sidecar
 from .training import ClassificationTask, DenoisingTask, TrainConfig, train, write_log
 
 __all__ = [
@@ -37,20 +47,30 @@ def prepare_data(spec: dict, out: Path, log: Log = print) -> None:
     """Download (checksummed) and convert a dataset, or generate the offline smoke stand-in."""
     source = spec["source"]
     prov = {"source": source, "dataset": spec["dataset"]}
+    seed = (spec.get(source) or {}).get("seed", spec.get("split_seed", -1))  # -1: no seed
+    extra = provenance(spec, seed)  # config hash, seed, package versions, git commit
     if source == "download":
         archive = Path(spec["cache_dir"]) / spec["archive"]
         data.download(spec["urls"], archive, md5=spec.get("md5"), sha256=spec.get("sha256"))
         prov.update(urls=spec["urls"], md5=spec.get("md5"), sha256=spec.get("sha256"))
         if spec["dataset"] == "cifar10":
-            data.prepare_cifar10(archive, out, spec["val_fraction"], spec["split_seed"], prov)
+            data.prepare_cifar10(
+                archive, out, spec["val_fraction"], spec["split_seed"], prov, extra_attrs=extra
+            )
         else:
-            data.prepare_bsds500(archive, out, tuple(spec["size"]), prov)
+            data.prepare_bsds500(archive, out, tuple(spec["size"]), prov, extra_attrs=extra)
     elif source == "synthetic":
-        data.make_synthetic_classification(out, **spec["synthetic"])
+        data.make_synthetic_classification(out, **spec["synthetic"], extra_attrs=extra)
     elif source == "photos":
         p = spec["photos"]
         data.make_smoke_photos(
-            out, tuple(p["size"]), p["n_train"], p["n_val"], p["n_test"], p["seed"]
+            out,
+            tuple(p["size"]),
+            p["n_train"],
+            p["n_val"],
+            p["n_test"],
+            p["seed"],
+            extra_attrs=extra,
         )
     else:
         raise ValueError(f"data source {source!r} unknown; allowed: download, synthetic, photos")
@@ -107,6 +127,7 @@ def train_model(
     chash = config_hash(spec)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
+    write_sidecar(out_log, spec, spec["seed"])
     write_log(state.rows, out_log)
     save_model(
         model,
@@ -125,11 +146,32 @@ def _final_substeps(model: StableModel, rows: list[dict]) -> int:
     return int(train_rows[-1]["substeps"]) if train_rows else model.total_substeps()
 
 
-def _load(model_path: Path, spec: dict) -> tuple[StableModel, dict, torch.device]:
+CLASSIFIERS = ("nonexpansive_classifier", "resnet_classifier")
+DENOISERS = ("nonexpansive_denoiser", "dncnn")
+
+
+def _load(
+    model_path: Path, spec: dict, kinds: tuple[str, ...]
+) -> tuple[StableModel, dict, torch.device]:
+    """The trained model for this job; a checkpoint of another kind of model, another variant
+    or another noise level fails with one line naming the file, what it holds and what the job
+    expected."""
     device = _setup(spec)
+    ckpt = read_checkpoint(model_path)
+    if ckpt.get("name") not in kinds:
+        raise CheckpointError(
+            f"checkpoint {model_path} holds model {ckpt.get('name')!r}, expected one of {list(kinds)}"
+        )
+    extra = ckpt.get("extra", {})
+    trained = json.loads(extra["config"]) if isinstance(extra.get("config"), str) else {}
+    for key in ("variant", "sigma"):
+        if key in trained and key in spec and trained[key] != spec[key]:
+            raise CheckpointError(
+                f"checkpoint {model_path} was trained for {key} {trained[key]!r}, "
+                f"this job expects {spec[key]!r}"
+            )
     model = load_model(model_path, map_location=device)
-    ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
-    return model, ckpt["extra"], device
+    return model, extra, device
 
 
 def _accuracy_attrs(eps, acc: dict[str, np.ndarray]) -> dict[str, float]:
@@ -150,7 +192,7 @@ def evaluate_classifier(
 ) -> None:
     """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs; the
     per-point invariant *certified => never flipped* and certified <= empirical <= clean."""
-    model, extra, device = _load(model_path, spec)
+    model, extra, device = _load(model_path, spec, CLASSIFIERS)
     ev = spec["evaluate"]
     x, y = data.read_split(data_path, "test")
     if ev.get("n_test"):
@@ -300,7 +342,7 @@ def evaluate_denoiser(
     spec: dict, model_path: Path, data_path: Path, out: Path, log: Log = print
 ) -> None:
     """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz."""
-    model, _, device = _load(model_path, spec)
+    model, _, device = _load(model_path, spec, DENOISERS)
     ev = spec["evaluate"]
     clean, noisy = _noisy_test(spec, data_path, device)
     denoised = _batched(model, noisy, ev["batch_size"])
@@ -400,7 +442,7 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing:
     a violation fails the job naming the model and the image.
     """
-    model, _, device = _load(model_path, spec)
+    model, _, device = _load(model_path, spec, DENOISERS)
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     size = tuple(clean.shape[-2:])
@@ -493,6 +535,7 @@ def make_table(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> N
         "pnp": tables.pnp_table,
     }[kind]
     df = build([Path(p) for p in inputs])
+    write_sidecar(out, spec, -1, inputs)
     tables.write_table(df, Path(out).with_suffix(""), _TABLE_CAPTIONS[kind])
     log(f"wrote {kind} table with {len(df)} rows")
 
@@ -512,6 +555,7 @@ def make_figure(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> 
 
     kind, stem, paths = spec["kind"], Path(out).with_suffix(""), [Path(p) for p in inputs]
     figures.set_style()
+    write_sidecar(out, spec, -1, inputs)
     if kind.startswith("training_"):
         figures.training_figure(_one_log_per_variant(paths), stem)
     elif kind == "denoising_examples":
@@ -524,6 +568,43 @@ def make_figure(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> 
         }[kind]
         draw(paths, stem)
     log(f"wrote {stem}.pdf and {stem}.png")
+
+
+SUMMARY_TITLES = {
+    "classification": "Classification: robustness",
+    "denoising": "Denoising",
+    "pnp": "Plug-and-Play deblurring",
+}
+
+
+def _headlines(tables: list[Path]) -> list[str]:
+    """One line per model of the key numbers, read from the tables' CSV files."""
+    out = []
+    for path in tables:
+        kind, csv = Path(path).stem, Path(path).with_suffix(".csv")
+        if not csv.exists():
+            continue
+        for row in pd.read_csv(csv).to_dict("records"):
+            if kind == "classification":
+                out.append(
+                    f"- {row['variant']}: clean {100 * row['clean_accuracy']:.1f}%, certified "
+                    f"{100 * row['certified@36/255']:.1f}% and empirical "
+                    f"{100 * row['empirical@36/255']:.1f}% at ε = 36/255, certified Lipschitz "
+                    f"bound {row['lipschitz_bound']:.4g}"
+                )
+            elif kind == "denoising":
+                out.append(
+                    f"- denoiser {row['variant']} (σ = {row['sigma']:g}): {row['psnr']:.2f} dB "
+                    f"(noisy {row['noisy_psnr']:.2f} dB)"
+                )
+            elif kind == "pnp":
+                verdict = "non-increasing steps" if row["nonincreasing"] else "steps not monotone"
+                out.append(
+                    f"- PnP {row['variant']}: {row['psnr']:.2f} dB (observed "
+                    f"{row['observed_psnr']:.2f} dB), {int(row['diverged_count'])} diverged, "
+                    f"{verdict}"
+                )
+    return out
 
 
 def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
@@ -545,13 +626,18 @@ def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -
         f"{cfg['pnp']['blur']['sigma']}, noise {cfg['pnp']['noise']}, η {cfg['pnp']['eta']}",
         "",
     ]
+    lines += ["## Headline numbers", "", *_headlines(inputs), ""]
+    figures = ", ".join(sorted(p.stem for p in (Path(out).parent / "figures").glob("*.png")))
     for path in inputs:
-        lines += [f"## {Path(path).stem.capitalize()}", "", Path(path).read_text().strip(), ""]
+        title = SUMMARY_TITLES.get(Path(path).stem, Path(path).stem)
+        lines += [f"## {title}", "", Path(path).read_text().strip(), ""]
     lines += [
         "## Where the files are",
         "",
+        f"- the report with every figure and table and their captions: `snakemake "
+        f"--workflow-profile <profile> --report results/{scale}/report.html`",
         f"- tables: `results/{scale}/tables/*.{{csv,md,tex}}`",
-        f"- figures: `results/{scale}/figures/*.{{pdf,png}}`",
+        f"- figures: `results/{scale}/figures/*.{{pdf,png}}` ({figures})",
         f"- per-model results (HDF5, with config hash, seed, versions, git commit): "
         f"`results/{scale}/eval/`, `results/{scale}/pnp/`",
         f"- trained models and training logs: `results/{scale}/models/`",
@@ -559,7 +645,6 @@ def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -
         "",
     ]
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_sidecar(out, spec, -1, inputs)
+    atomic_write(out, "\n".join(lines))
     log(f"wrote {out}")

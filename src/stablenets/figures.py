@@ -8,15 +8,14 @@ global figure registry, nothing to close.
 Colours: :func:`model_colors` gives a model the same colour in every figure; every line drawn
 for a model carries the model's name as its ``gid``.
 
-This module reads files only; it imports no other ``stablenets`` module.
+This module reads files only; it imports no other ``stablenets`` module but
+the standard-library-only ``atomic`` writer.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from .atomic import atomic_path
 
 __all__ = [
     "KNOWN_MODELS",
@@ -92,6 +93,7 @@ CURVE_LABELS = {
 }
 TRAIN_VAL_STYLES = {"train": "-", "val": "--"}
 REFERENCE_STYLES = {"observed": ":", "final": "-."}  # horizontal reference lines (PnP)
+PSNR_MARGIN_DB = 3.0  # PnP PSNR axis: margin around the non-diverged results and observed
 CORNER_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0}
 
 
@@ -129,13 +131,6 @@ def model_colors(names: Iterable[str]) -> dict[str, str]:
     return colors
 
 
-def _new_file_mode() -> int:
-    """The permissions ``open`` gives a new file (0o666 less the umask); ``mkstemp`` uses 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_figure(fig: Figure, stem: Path) -> None:
     """Write ``stem.pdf`` and ``stem.png`` (``PNG_DPI``), tight bounding box, each atomically;
     without time stamps, so the same figure gives the same PDF."""
@@ -144,15 +139,8 @@ def save_figure(fig: Figure, stem: Path) -> None:
     formats = {"pdf": {"metadata": {"CreationDate": None}}, "png": {"dpi": PNG_DPI}}
     for suffix, kwargs in formats.items():
         path = stem.with_name(f"{stem.name}.{suffix}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{suffix}")
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=f".{suffix}") as tmp:
             fig.savefig(tmp, format=suffix, bbox_inches="tight", **kwargs)
-            os.chmod(tmp, _new_file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 # ----------------------------------------------------------------------------- reading
@@ -385,6 +373,14 @@ def _has(log: pd.DataFrame, columns: Sequence[str]) -> bool:
     )
 
 
+def _shows(log: pd.DataFrame, key: str) -> bool:
+    """Whether a model's log has data for a panel; models without constrained blocks (total
+    sub-steps always 0) are left out of the sub-step panel rather than drawn as a zero line."""
+    if not _has(log, _panel_columns(log, key)):
+        return False
+    return key != "substeps" or bool((log["substeps"].fillna(0) > 0).any())
+
+
 def _panel_columns(log: pd.DataFrame, key: str) -> list[str]:
     if key in ("norms", "block_substeps"):
         return _block_columns(log, "norm" if key == "norms" else "substeps")
@@ -442,14 +438,14 @@ def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
         _Panel("norms", r"block norm estimate $\Vert A_i \Vert$"),
         _Panel("block_substeps", "sub-steps per block"),
     ]
-    panels = [p for p in panels if any(_has(g, _panel_columns(g, p.key)) for g in logs.values())]
+    panels = [p for p in panels if any(_shows(g, p.key) for g in logs.values())]
     ncols = 3 if len(panels) > 4 else min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = _new_figure(nrows, ncols, PANEL_SIZE)
     colors = model_colors(logs)
     for ax, panel in zip(axes.flat, panels, strict=False):
         for name, log in logs.items():
-            if _has(log, _panel_columns(log, panel.key)):
+            if _shows(log, panel.key):
                 _draw_panel(ax, panel.key, log, colors[name], name, scale)
         ax.set_xlabel("training step")
         ax.set_ylabel(panel.ylabel)
@@ -553,6 +549,7 @@ _PNP_SETS = (
     "images/clean",
     "images/observed",
     "images/recon",
+    "psnr_final",
 )
 
 
@@ -603,6 +600,34 @@ def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: st
     return True
 
 
+def _diverged_label(label: str, results: list[_Result]) -> str:
+    """``label``, plus how many of its runs diverged when any did (the PSNR axis is then cut
+    below, so the legend must say where the curve went)."""
+    runs = [r for r in results if "diverged_count" in r.attrs]
+    diverged = sum(int(r.attrs["diverged_count"]) for r in runs)
+    if not diverged:
+        return label
+    total = sum(len(r.data["psnr_final"]) for r in runs if "psnr_final" in r.data)
+    return f"{label} (diverged {diverged}/{total})" if total else f"{label} (diverged)"
+
+
+def _focus_psnr(ax: Axes, results: list[_Result], observed: float) -> None:
+    """PSNR axis from a little below the worst to a little above the best value of the
+    non-diverged runs (final, history and observed PSNR), so that one diverging method does not
+    flatten every other curve."""
+    values = [observed]
+    for r in results:
+        if int(r.attrs.get("diverged_count", 0)):
+            continue
+        values.append(r.number("mean_psnr"))
+        history = r.data.get("history/psnr_1")
+        if history is not None and np.isfinite(history).any():
+            values += [float(np.nanmin(history)), float(np.nanmax(history))]
+    finite = [v for v in values if np.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) - PSNR_MARGIN_DB, max(finite) + PSNR_MARGIN_DB)
+
+
 def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
     """PSNR (dB, peak 1) and ``||x_{k+1} - x_k||`` (log scale) against iteration: mean over
     test images (and seeds) with a light min-max band, one colour per method; methods without
@@ -614,6 +639,7 @@ def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
     groups: dict[str, list[_Result]] = {}
     for i, r in enumerate(results):
         groups.setdefault(labels[i], []).append(r)
+    groups = {_diverged_label(label, rs): rs for label, rs in groups.items()}
     variant = {label: rs[0].name for label, rs in groups.items()}
     colors = model_colors([*variant.values(), "observed"])
     fig, axes = _new_figure(1, 2, PANEL_SIZE)
@@ -630,6 +656,7 @@ def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
         axes[0].axhline(
             observed, color=colors["observed"], ls=REFERENCE_STYLES["observed"], gid="observed"
         )
+    _focus_psnr(axes[0], results, observed)
     axes[0].set_ylabel("PSNR (dB, peak 1)")
     axes[1].set_ylabel(r"$\Vert x_{k+1} - x_k \Vert$")
     axes[1].set_yscale("log")

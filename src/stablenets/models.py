@@ -4,6 +4,8 @@
   1x1 transition doubling the width + 2x2 average pooling after each stage, global mean, linear
   head); only the block differs. The bound counts every layer: lift, transitions, pooling (2x2
   average pooling has norm 1/2, a global mean over ``H W`` pixels ``1/sqrt(H W)``) and head.
+  ``cpl_classifier``, ``sll_classifier``, ``aol_classifier``, ``orthogonal_classifier``: the same
+  skeleton with the other 1-Lipschitz block families of ``families.py``.
 * ``nonexpansive_denoiser``: zero-pad the channels to the width (an isometry), blocks, keep the
   first channels (its adjoint); direct ``N(x)`` or residual ``x - N(x)`` output.
 * ``dncnn``: Zhang et al. 2017, residual, batch norm; unconstrained, bound by the product of norms.
@@ -15,8 +17,6 @@ vectors and integration times included); ``load_model(path)`` rebuilds the model
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .activations import build_activation
+from .atomic import atomic_path
 from .blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
-from .operators import Conv2dOperator, DenseOperator
+from .families import FAMILIES, build_family_block
+from .operators import Conv2dOperator, DenseOperator, LinearOperator
 
 __all__ = [
     "Classifier",
@@ -38,7 +40,11 @@ __all__ = [
     "load_model",
     "CheckpointError",
     "MODELS",
+    "BLOCKS",
 ]
+
+# Blocks the classifier skeleton takes: the paper's two and the other 1-Lipschitz families.
+BLOCKS = ("nonexpansive", "residual", *FAMILIES)
 
 Size = tuple[int, int]
 
@@ -86,13 +92,42 @@ def _block_factory(
             )
         if block == "residual":
             return ResidualBlock(conv(width, size), conv(width, size), build_activation(activation))
-        raise ValueError(f"unknown block {block!r}; allowed: ['nonexpansive', 'residual']")
+        if block in FAMILIES:
+            return build_family_block(block, width, size, kernel, activation, theta, integrator)
+        raise ValueError(f"unknown block {block!r}; allowed: {list(BLOCKS)}")
 
     return make
 
 
+def _sigma_estimate(op: LinearOperator) -> torch.Tensor:
+    """``||A u|| / ||u||`` after one warm-started power iteration: a cheap lower estimate of
+    ``||A||`` that is differentiable in the weight (``u`` is a constant)."""
+    op.power_iteration(1)
+    u = op.u.to(op.weight.dtype)
+    return op._apply_with(op.weight, u).norm() / u.norm()
+
+
+def _block_estimate(block: nn.Module) -> torch.Tensor | float:
+    """Training-time Lipschitz estimate of one block (norm estimates, no certificate)."""
+    if hasattr(block, "lipschitz_estimate"):
+        return block.lipschitz_estimate()
+    if isinstance(block, NonexpansiveBlock):
+        norm = float(block.operator.sigma_estimate)
+        n = block.substeps(norm)
+        h_ell = float(block.time) / n * block._ell(norm)
+        if block.tableau.radius > 0 and h_ell / 2 <= block.tableau.radius:
+            return 1.0
+        return block.tableau.stagewise_lipschitz(h_ell) ** n
+    if isinstance(block, ResidualBlock):
+        lip = block.activation.lipschitz
+        return 1.0 + _sigma_estimate(block.second) * lip * _sigma_estimate(block.first)
+    raise TypeError(f"no Lipschitz estimate for {type(block).__name__}")
+
+
 class Classifier(StableModel):
-    """The paper's classifier skeleton; ``block`` selects the non-expansive or residual block."""
+    """The paper's classifier skeleton; ``block`` selects the block: the paper's non-expansive or
+    residual block, or one of the other 1-Lipschitz families (``cpl``, ``sll``, ``aol``,
+    ``orthogonal``; see ``families.py``)."""
 
     def __init__(
         self,
@@ -142,6 +177,18 @@ class Classifier(StableModel):
             bound *= transition.norm_bound(size) * 0.5
         bound /= math.sqrt(self.final_size[0] * self.final_size[1])
         return bound * self.head.norm_bound()
+
+    def lipschitz_estimate(self) -> torch.Tensor:
+        """Cheap training-time estimate of ``lipschitz_bound()``: the same product with
+        power-iteration norms (one warm-started iteration per call), differentiable in the
+        weights; for margin losses, never a certificate."""
+        est = _sigma_estimate(self.lift)
+        for stage, transition in zip(self.stages, self.transitions, strict=True):
+            for block in stage:
+                est = est * _block_estimate(block)
+            est = est * _sigma_estimate(transition) * 0.5
+        est = est / math.sqrt(self.final_size[0] * self.final_size[1])
+        return est * _sigma_estimate(self.head)
 
 
 class NonexpansiveDenoiser(StableModel):
@@ -266,6 +313,10 @@ class DnCNN(StableModel):
 MODELS: dict[str, Callable[..., StableModel]] = {
     "nonexpansive_classifier": lambda **kw: Classifier(block="nonexpansive", **kw),
     "resnet_classifier": lambda **kw: Classifier(block="residual", **kw),
+    "cpl_classifier": lambda **kw: Classifier(block="cpl", **kw),
+    "sll_classifier": lambda **kw: Classifier(block="sll", **kw),
+    "aol_classifier": lambda **kw: Classifier(block="aol", **kw),
+    "orthogonal_classifier": lambda **kw: Classifier(block="orthogonal", **kw),
     "nonexpansive_denoiser": NonexpansiveDenoiser,
     "dncnn": DnCNN,
 }
@@ -292,18 +343,8 @@ CHECKPOINT_FORMAT = "stablenets-model-v1"
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: no partial files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_model(model: StableModel, path: Path, **extra: Any) -> None:

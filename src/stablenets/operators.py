@@ -19,6 +19,7 @@ is a further row selection and only lowers the norm.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -26,7 +27,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LinearOperator", "DenseOperator", "Conv2dOperator", "CERTIFICATE_SLACK"]
+__all__ = [
+    "LinearOperator",
+    "DenseOperator",
+    "Conv2dOperator",
+    "CERTIFICATE_SLACK",
+    "power_iteration_all",
+]
 
 # Relative inflation of every certified norm, covering the float64 eigen-solver's rounding.
 CERTIFICATE_SLACK = 1e-9
@@ -41,6 +48,15 @@ _DENSE_MARGINS = (1e-4, 1e-3, 1e-2)
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _round_down(estimate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``estimate`` (float64) cast to ``dtype``, rounded towards zero so that it stays a lower
+    bound; elementwise and without a host synchronisation."""
+    stored = estimate.to(dtype)
+    return torch.where(
+        stored.double() > estimate, torch.nextafter(stored, torch.zeros_like(stored)), stored
+    )
 
 
 class LinearOperator(nn.Module):
@@ -89,11 +105,18 @@ class LinearOperator(nn.Module):
             u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
         self.u.copy_(u)
         estimate = self._apply_with(w.double(), u.double()).norm() / u.double().norm()
-        stored = estimate.to(self.sigma_estimate.dtype)
-        if stored.double() > estimate:  # round down: the estimate stays a lower bound
-            stored = torch.nextafter(stored, torch.zeros_like(stored))
-        self.sigma_estimate.copy_(stored)
+        self.sigma_estimate.copy_(_round_down(estimate, self.sigma_estimate.dtype))
         return self.sigma_estimate
+
+    def sigma_value(self) -> float:
+        """``float(sigma_estimate)``; no device synchronisation when ``power_iteration_all`` left
+        a host copy that is still current (same buffer object, unchanged version counter, so
+        ``load_state_dict``, ``.to()`` and in-place edits all invalidate it)."""
+        buf = self.sigma_estimate
+        cached = self.__dict__.get("_sigma_host")
+        if cached is not None and cached[0] is buf and cached[1] == buf._version:
+            return cached[2]
+        return float(buf)
 
     def _apply_with(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -308,3 +331,94 @@ class Conv2dOperator(LinearOperator):
             if int(torch.linalg.cholesky_ex(candidate**2 * eye - gram).info) == 0:
                 return candidate
         return bound
+
+
+def _fusion_key(op: LinearOperator) -> tuple | None:
+    if type(op) is not Conv2dOperator:
+        return None
+    w = op.weight
+    return (
+        tuple(w.shape),
+        tuple(op.u.shape),
+        op.stride,
+        op.padding,
+        op.dilation,
+        w.dtype,
+        w.device,
+    )
+
+
+@torch.no_grad()
+def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.Tensor:
+    """``power_iteration(n_iters)`` of ``G`` identically shaped convolutions as one grouped
+    convolution (and one grouped transposed convolution) per iteration; returns the stored
+    (rounded-down) estimates, one per operator."""
+    first, g = ops[0], len(ops)
+    w = torch.cat([op.weight.detach() for op in ops])  # (G C_out, C_in, kh, kw)
+    u = torch.cat([op.u for op in ops], dim=1).to(w.dtype)  # (1, G C_in, h, w)
+    pad = first._output_padding(tuple(first.u.shape[-2:]))
+    conv = dict(stride=first.stride, padding=first.padding, dilation=first.dilation, groups=g)
+    tiny = torch.finfo(u.dtype).tiny
+    for _ in range(n_iters):
+        v = F.conv2d(u, w, None, **conv)
+        u = F.conv_transpose2d(v, w, None, first.stride, first.padding, pad, g, first.dilation)
+        norms = u.view(g, -1).norm(dim=1).clamp_min(tiny)
+        u = (u.view(g, -1) / norms[:, None]).view_as(u)
+    ud = u.double()
+    av = F.conv2d(ud, w.double(), None, **conv).view(g, -1).norm(dim=1)
+    estimate = av / ud.view(g, -1).norm(dim=1)
+    stored = _round_down(estimate, first.sigma_estimate.dtype)
+    c_in = first.u.shape[1]
+    for i, op in enumerate(ops):
+        op.u.copy_(u[:, i * c_in : (i + 1) * c_in])
+        op.sigma_estimate.copy_(stored[i])
+    return stored
+
+
+@contextlib.contextmanager
+def _autocast_off(device_types):
+    with contextlib.ExitStack() as stack:
+        for kind in device_types:
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
+
+
+@torch.no_grad()
+def power_iteration_all(operators: list[LinearOperator], n_iters: int = 1) -> list[float]:
+    """``op.power_iteration(n_iters)`` for every operator, fused: identically shaped convolutions
+    (the blocks of one stage) share one grouped convolution per iteration, and all estimates
+    reach the host in one synchronisation. The same maths as the per-operator method (each
+    estimate ``||A u|| / ||u||`` in float64, rounded down: a lower bound); only the order of
+    floating-point reductions may differ. Returns the estimates as floats and leaves a host copy
+    that ``sigma_value()`` reads without synchronising."""
+    with _autocast_off({op.weight.device.type for op in operators}):
+        return _power_iteration_all(operators, n_iters)
+
+
+def _power_iteration_all(operators: list[LinearOperator], n_iters: int) -> list[float]:
+    groups: dict[tuple, list[LinearOperator]] = {}
+    singles: list[LinearOperator] = []
+    for op in operators:
+        key = _fusion_key(op)
+        if key is None:
+            singles.append(op)
+        else:
+            groups.setdefault(key, []).append(op)
+    order: list[LinearOperator] = []
+    values: list[torch.Tensor] = []
+    for ops in groups.values():
+        if len(ops) == 1:
+            singles.append(ops[0])
+            continue
+        values.append(_grouped_power_iteration(ops, n_iters).double())
+        order += ops
+    for op in singles:
+        values.append(op.power_iteration(n_iters).double().reshape(1))
+        order.append(op)
+    if not order:
+        return []
+    host = torch.cat([v.to(values[0].device) for v in values]).tolist()  # one synchronisation
+    for op, value in zip(order, host, strict=True):
+        op._sigma_host = (op.sigma_estimate, op.sigma_estimate._version, value)
+    by_id = {id(op): value for op, value in zip(order, host, strict=True)}
+    return [by_id[id(op)] for op in operators]

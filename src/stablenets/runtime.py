@@ -6,6 +6,8 @@
 * ``provenance(spec, seed)`` records the config hash, seed, package versions and git commit that
   every output carries in its attributes.
 * ``write_results(path, attrs, datasets)`` writes an HDF5 file atomically.
+* ``write_sidecar(path, spec, seed, inputs)`` gives an output without attributes of its own (a
+  CSV, Markdown or figure file) the same record in ``<stem>.provenance.json`` beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ import h5py
 import numpy as np
 import torch
 
-__all__ = ["select_device", "config_hash", "provenance", "write_results", "read_results"]
+from .atomic import atomic_path, atomic_write
+
+__all__ = [
+    "select_device",
+    "config_hash",
+    "provenance",
+    "write_results",
+    "read_results",
+    "write_sidecar",
+    "sidecar_path",
+]
 
 _PACKAGES = ("stablenets", "torch", "torchvision", "numpy", "h5py", "snakemake")
 _LOCK_DIR = Path(tempfile.gettempdir()) / "stablenets-gpu-locks"
@@ -113,21 +125,12 @@ def _attr(value: Any) -> Any:
 def write_results(path: Path, attrs: dict[str, Any], datasets: dict[str, Any]) -> None:
     """One HDF5 file: scalar/string ``attrs`` (``None`` -> NaN) and ``datasets`` (``a/b`` names
     create groups); written to a temporary file and renamed, so no partial file is ever seen."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as fh:
-            for key, value in attrs.items():
-                fh.attrs[key] = _attr(value)
-            for key, value in datasets.items():
-                array = value.detach().cpu().numpy() if torch.is_tensor(value) else value
-                fh.create_dataset(key, data=np.asarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+        for key, value in attrs.items():
+            fh.attrs[key] = _attr(value)
+        for key, value in datasets.items():
+            array = value.detach().cpu().numpy() if torch.is_tensor(value) else value
+            fh.create_dataset(key, data=np.asarray(array))
 
 
 def read_results(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -141,3 +144,44 @@ def read_results(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             )
         )
     return attrs, datasets
+
+
+def sidecar_path(path: Path) -> Path:
+    """``<stem>.provenance.json`` beside ``path`` (one record per table or figure stem)."""
+    return Path(path).with_suffix(".provenance.json")
+
+
+def _input_record(path: Path) -> dict[str, Any]:
+    """Config hash and seed of an input file: HDF5 attributes, else its own sidecar."""
+    record: dict[str, Any] = {"path": str(path)}
+    try:
+        if path.suffix == ".h5":
+            with h5py.File(path, "r") as fh:
+                found = {k: fh.attrs[k] for k in ("config_hash", "seed") if k in fh.attrs}
+        else:
+            found = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return record
+    for key in ("config_hash", "seed"):
+        if key in found:
+            value = found[key]
+            record[key] = value.item() if isinstance(value, np.generic) else value
+    return record
+
+
+def write_sidecar(path: Path, spec: dict, seed: int, inputs: Any = ()) -> Path:
+    """Write the provenance of the output ``path`` (made from ``inputs``) to its sidecar.
+
+    ``seed`` is the job's seed, or -1 for an aggregate of several seeds (listed in ``seeds``).
+    Written before the output itself, so an output never lacks its record.
+    """
+    records = [_input_record(Path(p)) for p in inputs]
+    record = {
+        **provenance(spec, seed),
+        "output": Path(path).name,
+        "inputs": records,
+        "seeds": sorted({int(r["seed"]) for r in records if r.get("seed", -1) >= 0}),
+    }
+    side = sidecar_path(path)
+    atomic_write(side, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return side

@@ -6,15 +6,14 @@ test images for PSNR, as in the paper) and, for PSNR, ``m_seed_std`` (spread of 
 means). :func:`write_table` writes the CSV with those raw numbers and formats Markdown and LaTeX
 for reading: accuracies in %, ``mean ± std``, units in the headers.
 
-This module reads files only; it imports no other ``stablenets`` module.
+This module reads files only; it imports no other ``stablenets`` module but
+the standard-library-only ``atomic`` writer.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+
+from .atomic import atomic_write
 
 __all__ = [
     "Column",
@@ -413,32 +414,12 @@ def _to_latex(shown: pd.DataFrame, caption: str, label: str, notes: str) -> str:
     return latex.replace("\\end{table}", note + "\\end{table}")
 
 
-def _new_file_mode() -> int:
-    """The permissions ``open`` gives a new file (0o666 less the umask); ``mkstemp`` uses 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_table(df: pd.DataFrame, stem: Path, caption: str) -> None:
     """Write ``stem.csv`` (raw numbers, mean and std as separate columns), ``stem.md`` and
     ``stem.tex`` (formatted, units in headers), each atomically."""
     stem = Path(stem)
     shown, notes = display_frame(df), table_notes(df)
-    _atomic_write(stem.with_name(stem.name + ".csv"), df.to_csv(index=False))
-    _atomic_write(stem.with_name(stem.name + ".md"), _to_markdown(shown, caption, notes))
+    atomic_write(stem.with_name(stem.name + ".csv"), df.to_csv(index=False))
+    atomic_write(stem.with_name(stem.name + ".md"), _to_markdown(shown, caption, notes))
     tex = _to_latex(shown, caption, f"tab:{stem.name}", notes)
-    _atomic_write(stem.with_name(stem.name + ".tex"), tex)
+    atomic_write(stem.with_name(stem.name + ".tex"), tex)

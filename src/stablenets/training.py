@@ -12,7 +12,9 @@ A non-finite loss or an exploding norm estimate stops the run with ``DivergenceE
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import math
 import signal
 import sys
@@ -25,9 +27,13 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from . import budget
+from .atomic import atomic_path, remove_stale_temporaries
 from .augment import AugmentConfig, augment
 from .denoising import fixed_noise, psnr
+from .losses import build_loss
 from .models import CheckpointError, StableModel, atomic_torch_save, read_checkpoint
+from .operators import power_iteration_all
 
 __all__ = [
     "TrainConfig",
@@ -67,6 +73,8 @@ class TrainConfig:
     power_iters: int = 1
     max_norm: float = 1e4
     seed: int = 0
+    loss: dict | None = None  # None: the task's loss; {name: margin, eps, temperature}
+    budget_minutes: float | None = None  # when set, ``steps`` is derived from it (budget.py)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -237,16 +245,29 @@ def _save(path: Path, config_hash: str, model, opt, sched, state: RunState) -> N
     )
 
 
-def _check_finite(step: int, loss: float, model: StableModel, cfg: TrainConfig, ckpt: Path):
-    norms = [float(b.operator.sigma_estimate) for b in model.constrained_blocks()]
-    bad = not math.isfinite(loss) or any(
+def _check_finite(
+    step: int, loss: float | None, model: StableModel, cfg: TrainConfig, ckpt: Path
+) -> None:
+    """Stop on a non-finite loss or a norm estimate that is non-finite or above ``max_norm``.
+
+    Called with ``loss=None`` right after the power iteration, before the forward pass: the
+    sub-step count grows with the norm squared, so an exploded norm must stop the run before
+    the forward pass tries to take millions of sub-steps."""
+    norms = [b.operator.sigma_value() for b in model.constrained_blocks()]  # no device sync
+    bad = (loss is not None and not math.isfinite(loss)) or any(
         not (math.isfinite(n) and n <= cfg.max_norm) for n in norms
     )
     if bad:
-        last = str(ckpt) if ckpt.exists() else "none"
+        last = "none"
+        if ckpt.exists():
+            try:
+                last = f"{ckpt} (step {read_checkpoint(ckpt)['run']['step']})"
+            except (CheckpointError, KeyError, TypeError):
+                last = f"{ckpt} (unreadable)"
         largest = f"{max(norms):.4g}" if norms else "n/a"
         raise DivergenceError(
-            f"training diverged at step {step}: loss={loss}, largest norm estimate={largest} "
+            f"training diverged at step {step}: loss={'not computed' if loss is None else loss}, "
+            f"largest norm estimate={largest} "
             f"(limit {cfg.max_norm}); last good checkpoint: {last}"
         )
 
@@ -276,7 +297,11 @@ def train(
     """
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path = workdir / "checkpoint.pt"
+    for stale in remove_stale_temporaries(ckpt_path):  # a write killed mid-way (SIGKILL)
+        log(f"removed {stale.name}, the temporary of an interrupted checkpoint write")
     device = next(model.parameters()).device
+    build_loss(cfg.loss, model)  # fail before any step on a bad loss
+    cfg = _budgeted(model, task, cfg, workdir, config_hash, device, log)
     opt, sched = make_optimizer(model, cfg)
     state = _resume(ckpt_path, config_hash, model, opt, sched, log)
     with _StopFlag() as stop:
@@ -298,14 +323,51 @@ def train(
     return model.eval(), state
 
 
+def _budgeted(
+    model, task, cfg: TrainConfig, workdir: Path, config_hash: str, device, log
+) -> TrainConfig:
+    """``cfg`` with ``steps`` derived from ``budget_minutes``: timed on a copy of the model once,
+    then read back from ``workdir/budget.json`` on resume (see ``budget.py``)."""
+    if cfg.budget_minutes is None:
+        return cfg
+
+    def measure() -> float:
+        probe = copy.deepcopy(model)
+        calls = budget.WARMUP_STEPS + budget.TIMED_STEPS
+        opt, sched = make_optimizer(probe, dataclasses.replace(cfg, steps=calls + 1))
+        state = RunState()
+
+        def step() -> None:
+            _train_step(probe, task, cfg, opt, sched, state, device, workdir / "calibration")
+            state.step += 1
+
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        return budget.seconds_per_step(step, sync=sync)
+
+    path = workdir / "budget.json"
+    steps = budget.resolve_steps(path, config_hash, cfg.budget_minutes, measure, log)
+    return dataclasses.replace(cfg, steps=steps)
+
+
+def update_norms(model: StableModel, n_iters: int) -> None:
+    """``model.update_norms`` with the fused power iteration (one grouped convolution per stage
+    and one host synchronisation per step) unless the model overrides ``update_norms``."""
+    if type(model).update_norms is not StableModel.update_norms:
+        model.update_norms(n_iters)
+    else:
+        power_iteration_all([b.operator for b in model.constrained_blocks()], n_iters)
+
+
 def _train_step(model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path) -> None:
     model.train()
     g = step_generator(cfg.seed, state.step, device)
     inputs, targets = task.batch(cfg.batch_size, g)
-    model.update_norms(cfg.power_iters)
+    update_norms(model, cfg.power_iters)
+    _check_finite(state.step, None, model, cfg, ckpt_path)
     t0 = time.perf_counter()
     out = model(inputs)
-    loss = task.loss(out, targets)
+    criterion = build_loss(cfg.loss)
+    loss = task.loss(out, targets) if criterion is None else criterion(model, out, targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -340,10 +402,7 @@ def write_log(rows: list[dict], path: Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)

@@ -7,7 +7,7 @@ rule table:
     output:
         csv=report(
             R("tables/{table}.csv"),
-            caption="../report/table_{table}.rst",
+            caption="../report/table.rst",
             category="Tables",
         ),
         md=R("tables/{table}.md"),
@@ -34,7 +34,7 @@ rule figure:
         pdf=R("figures/{figure}.pdf"),
         png=report(
             R("figures/{figure}.png"),
-            caption="../report/figure_{figure}.rst",
+            caption="../report/figure.rst",
             category="Figures",
         ),
     log:

@@ -1,0 +1,370 @@
+"""Other 1-Lipschitz block families, each with a sound ``lipschitz_bound(input_size)``.
+
+All act on ``C`` channels and keep the shape, so they drop into the same classifier skeleton as
+the paper's block; ``activation`` is a monotone, ``L``-Lipschitz ``sigma`` (``activations.py``).
+
+* ``CPLBlock`` (Meunier et al. 2022): ``x - (2 theta / (L ||A||^2)) A^T sigma(A x + b)``. It *is*
+  the paper's Euler block (``NonexpansiveBlock``: same operator, same field, same Euler step) with
+  one sub-step of the largest stable size ``h = 2 r theta / (L ||A||^2)``: instead of keeping its
+  integration time fixed and adding sub-steps as ``||A||`` grows, CPL lets the one step follow the
+  norm. Training uses the power-iteration estimate, ``eval()`` the certified bound, as the
+  Euler block does. Bound 1 (``h nu = r theta <= r``).
+* ``SLLBlock`` (Araujo et al. 2023): ``x - (2 theta / L) A^T T^{-1} sigma(A x + b)`` with
+  ``T = diag(t)``, ``t_i = sum_j |A A^T|_ij q_j / q_i`` and a learnable positive vector ``q``.
+  ``T >= A A^T`` (Gershgorin on ``Q^{-1} (T - A A^T) Q``), so ``B = T^{-1/2} A`` has ``||B|| <= 1``;
+  a.e. Jacobian ``I - (2 theta / L) B^T D B`` with ``0 <= D <= L`` diagonal (it commutes with
+  ``T``), whose spectrum lies in ``[1 - 2 theta, 1]``: bound 1 without any power iteration.
+* ``AOLBlock`` (Prach & Lampert 2022): ``sigma(P D x + b)``, ``D = diag(d)``,
+  ``d_i = (sum_j |P^T P|_ij)^{-1/2}``; ``||P D|| <= 1`` by the same row-sum (Schur) test. Bound
+  ``L min(1, ||P D||_cert)``.
+* ``OrthogonalBlock`` (Cayley, Trockman & Kolter 2021): ``sigma(Q x + b)`` with ``Q`` the circular
+  convolution whose symbol at each DFT frequency is the Cayley transform
+  ``(I + V)^{-1} (I - V)`` of the skew-Hermitian ``V = K_hat - K_hat^H``: unitary at every
+  frequency, so ``Q`` is orthogonal *on the circular grid of the input's size* (circular padding,
+  exact; it wraps information across image borders). Bound ``L``.
+
+**Convolution row sums.** For a convolution with kernel ``K`` the Gram matrices ``P^T P`` (over
+input channels) and ``P P^T`` (over output channels) are, on an unbounded grid, convolutions whose
+kernel is the autocorrelation ``G[i, j, s] = sum_{o, a} K[o, i, a] K[o, j, a + s]``; their absolute
+row sums are ``sum_{j, s} |G[i, j, s]|``. A zero-padded (or strided) convolution on a finite grid
+is a compression ``S C R`` of the circular convolution ``C`` on a grid at least ``k - 1`` larger
+(see ``operators.py``), and ``C``'s Gram matrix has the same row sums or smaller (wrapped
+autocorrelation entries are sums of ``G`` entries). ``||S C R D|| <= ||C D||`` because ``D`` is
+constant per channel and so commutes with the embedding ``R`` (and likewise ``T`` with ``S``), so
+both rescalings are sound for any padding, stride or dilation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .activations import MonotoneActivation, build_activation
+from .blocks import NonexpansiveBlock
+from .operators import Conv2dOperator, DenseOperator, LinearOperator
+
+__all__ = [
+    "FAMILIES",
+    "CPLBlock",
+    "SLLBlock",
+    "AOLConv",
+    "AOLBlock",
+    "CayleyConv",
+    "OrthogonalBlock",
+    "abs_gram_rowsums",
+    "build_family_block",
+]
+
+FAMILIES = ("cpl", "sll", "aol", "orthogonal")
+
+Size = tuple[int, int]
+
+
+def _spatial(x: torch.Tensor) -> Size | None:
+    return tuple(x.shape[-2:]) if x.dim() == 4 else None
+
+
+def abs_gram_rowsums(
+    weight: torch.Tensor, side: str, q: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``r_i = sum_j |M_ij| q_j / q_i`` for ``M = P^T P`` (``side='in'``) or ``P P^T``
+    (``side='out'``), ``P`` the dense map or the convolution (unbounded grid) of ``weight``.
+
+    ``weight`` is ``(out, in)`` (dense) or ``(out, in, kh, kw)`` (convolution); one value per
+    channel of the chosen side (constant over pixels). Differentiable in ``weight`` and ``q``.
+    """
+    if side not in ("in", "out"):
+        raise ValueError(f"side must be 'in' or 'out', not {side!r}")
+    w = weight.transpose(0, 1) if side == "in" else weight
+    if w.dim() == 2:
+        gram = (w @ w.t()).abs()
+    else:
+        kh, kw = w.shape[-2:]
+        # gram[i, j, s] = sum_{c, a} w[i, c, a + s] w[j, c, a]: the full autocorrelation.
+        gram = F.conv2d(w, w, padding=(kh - 1, kw - 1)).abs().sum(dim=(2, 3))
+    if q is None:
+        return gram.sum(dim=1)
+    return (gram @ q) / q
+
+
+def _safe_inverse(t: torch.Tensor) -> torch.Tensor:
+    """``1 / t`` where ``t > 0``, else 0 (a zero row sum means a zero row of the operator)."""
+    return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+
+
+def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1) if x.dim() == 4 else v.view(1, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# CPL: the Euler block at its largest stable step
+
+
+class CPLBlock(NonexpansiveBlock):
+    """Convex Potential Layer: one Euler step of size ``2 r theta / (L ||A||^2)``.
+
+    Built on ``NonexpansiveBlock`` (Euler, ``theta``): ``field`` and the Euler step are the
+    block's own; only the schedule differs (one sub-step whose size follows the norm rather than
+    a fixed integration time; the inherited ``time`` buffer is unused). With a fixed time equal
+    to this step, ``NonexpansiveBlock`` computes the same map (tested).
+    """
+
+    def __init__(
+        self,
+        operator: LinearOperator,
+        activation: MonotoneActivation,
+        theta: float = 1.0,
+        init_power_iters: int = 20,
+    ):
+        super().__init__(operator, activation, "euler", theta, 1.0, init_power_iters)
+
+    def step_size(self, norm: float) -> float:
+        """Largest ``h`` with ``h L norm^2 / 2 <= r theta`` in float64 (1 when ``A = 0``)."""
+        limit = self.tableau.step_radius * self.theta
+        ell = self._ell(norm)
+        if not ell > 0:
+            return 1.0
+        h = 2 * limit / ell
+        while h * ell / 2 > limit:
+            h = math.nextafter(h, 0.0)
+        return h
+
+    def substeps(self, norm: float) -> int:
+        return 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.current_norm(x)
+        self.last_substeps, self.last_norm = 1, norm
+        return self.tableau.step(self.field, x, self.step_size(norm))
+
+    def lipschitz_bound(self, input_size: Size | None = None) -> float:
+        """1: the certified step has ``h nu <= r theta <= r`` (Euler, ``r = 1``)."""
+        norm = self.operator.norm_bound(input_size)
+        h_ell = self.step_size(norm) * self._ell(norm)
+        if h_ell / 2 <= self.tableau.radius:
+            return 1.0
+        return self.tableau.stagewise_lipschitz(h_ell)  # pragma: no cover - unreachable
+
+    def averagedness(self, input_size: Size | None = None) -> float | None:
+        """``h L ||A||^2 / 2 = theta`` (Baillon–Haddad), ``None`` when that is not below 1."""
+        norm = self.operator.norm_bound(input_size)
+        alpha = self.step_size(norm) * self._ell(norm) / 2
+        return alpha if alpha < 1 else None
+
+    def lipschitz_estimate(self) -> float:
+        return 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# SLL
+
+
+class SLLBlock(nn.Module):
+    """SDP-based Lipschitz layer ``x - (2 theta / L) A^T T^{-1} sigma(A x + b)``.
+
+    ``A`` is a dense or convolution operator (``C -> C'``, stride 1); ``T`` is recomputed from the
+    weight at every call, so the bound 1 holds in training and in ``eval()`` alike.
+    """
+
+    def __init__(
+        self, operator: LinearOperator, activation: MonotoneActivation, theta: float = 1.0
+    ):
+        super().__init__()
+        if not 0.0 < theta <= 1.0:
+            raise ValueError(f"theta={theta} is outside (0, 1]")
+        if isinstance(operator, Conv2dOperator) and operator.stride != (1, 1):
+            raise ValueError("SLLBlock needs a stride-1 operator (A^T A x must have x's shape)")
+        self.operator, self.activation, self.theta = operator, activation, float(theta)
+        hidden = operator.weight.shape[0]
+        self.log_q = nn.Parameter(torch.zeros(hidden))
+
+    def scaling(self) -> torch.Tensor:
+        """``t_i = sum_j |A A^T|_ij q_j / q_i`` (one per hidden channel)."""
+        return abs_gram_rowsums(self.operator.weight, "out", self.log_q.exp())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inv_t = _safe_inverse(self.scaling())
+        z = self.activation(self.operator(x)) * _channel_view(inv_t, x)
+        step = 2 * self.theta / self.activation.lipschitz
+        return x - step * self.operator.adjoint(z, _spatial(x))
+
+    def lipschitz_bound(self, input_size: Size | None = None) -> float:
+        return 1.0
+
+    def lipschitz_estimate(self) -> float:
+        return 1.0
+
+    def averagedness(self, input_size: Size | None = None) -> float | None:
+        """``theta`` when below 1: the block is ``(1 - theta) I + theta N`` with ``N`` the
+        non-expansive ``theta = 1`` block."""
+        return self.theta if self.theta < 1 else None
+
+
+# --------------------------------------------------------------------------------------------
+# AOL
+
+
+class AOLConv(Conv2dOperator):
+    """Convolution ``P D`` rescaled per input channel by ``d_i = (sum_j |P^T P|_ij)^{-1/2}``.
+
+    Every method of ``Conv2dOperator`` (apply, adjoint, power iteration) sees the rescaled kernel;
+    ``norm_bound`` is ``min(1, certified norm of the rescaled convolution)``.
+    """
+
+    def rescaled(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        d = _safe_inverse(abs_gram_rowsums(w, "in")).sqrt()
+        return w * d.view(1, -1, 1, 1)
+
+    def _apply_with(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return super()._apply_with(self.rescaled(w), x)
+
+    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
+        return super()._adjoint_with(self.rescaled(w), y, shape)
+
+    @torch.no_grad()
+    def _certified_norm(self, input_size: Size | None) -> float:
+        plain = Conv2dOperator(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.input_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=False,
+            generator=torch.Generator().manual_seed(0),  # never touch the global stream
+        ).to(self.weight.device)
+        plain.weight.data = self.rescaled(self.weight.detach().double())
+        return min(1.0, plain._certified_norm(input_size))
+
+
+class AOLBlock(nn.Module):
+    """``sigma(P D x + b)`` with an ``AOLConv``; bound ``L min(1, ||P D||)``."""
+
+    def __init__(self, operator: AOLConv, activation: MonotoneActivation):
+        super().__init__()
+        self.operator, self.activation = operator, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.operator(x))
+
+    def lipschitz_bound(self, input_size: Size | None = None) -> float:
+        return self.activation.lipschitz * min(1.0, self.operator.norm_bound(input_size))
+
+    def lipschitz_estimate(self) -> float:
+        return self.activation.lipschitz
+
+
+# --------------------------------------------------------------------------------------------
+# Orthogonal convolution (Cayley transform in the Fourier domain)
+
+
+class CayleyConv(nn.Module):
+    """Orthogonal circular convolution ``C -> C`` (Trockman & Kolter 2021), with bias.
+
+    The kernel ``W`` (``C x C x k x k``) is zero-padded to the input's grid; at each DFT frequency
+    ``w`` its symbol ``A(w)`` gives ``Q(w) = (I + V)^{-1} (I - V)``, ``V = A - A^H``. Real kernels
+    give ``Q(-w) = conj(Q(w))``, so the map is real, and orthogonal on that circular grid for any
+    input size (no zero padding anywhere: it is honest only as a circular convolution).
+    """
+
+    padding_mode = "circular"
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.channels, self.kernel_size = channels, int(kernel_size)
+        bound = 1.0 / math.sqrt(channels * kernel_size**2)
+        w = torch.rand(channels, channels, kernel_size, kernel_size, generator=generator)
+        self.weight = nn.Parameter((w * 2 - 1) * bound)
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def symbol(self, size: Size) -> torch.Tensor:
+        """``Q(w)`` on the half-spectrum ``(n1, n2 // 2 + 1, C, C)`` (complex)."""
+        spectrum = torch.fft.rfft2(self.weight, s=size)  # (C, C, n1, m)
+        a = spectrum.permute(2, 3, 0, 1)
+        v = a - a.mH
+        eye = torch.eye(self.channels, dtype=v.dtype, device=v.device)
+        return torch.linalg.solve(eye + v, eye - v)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The orthogonal part ``Q x`` (bias-free)."""
+        size = tuple(x.shape[-2:])
+        xf = torch.fft.rfft2(x)
+        yf = torch.einsum("fgoi,bifg->bofg", self.symbol(size).to(xf.dtype), xf)
+        return torch.fft.irfft2(yf, s=size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.apply(x)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def norm_bound(self, input_size: Size | None = None) -> float:
+        """1: ``Q`` is orthogonal on every circular grid."""
+        return 1.0
+
+
+class OrthogonalBlock(nn.Module):
+    """``sigma(Q x + b)`` with a ``CayleyConv``; bound ``L``."""
+
+    def __init__(self, operator: CayleyConv, activation: MonotoneActivation):
+        super().__init__()
+        self.operator, self.activation = operator, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.operator(x))
+
+    def lipschitz_bound(self, input_size: Size | None = None) -> float:
+        return self.activation.lipschitz * self.operator.norm_bound(input_size)
+
+    def lipschitz_estimate(self) -> float:
+        return self.activation.lipschitz
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+def build_family_block(
+    family: str,
+    width: int,
+    size: Size,
+    kernel_size: int = 3,
+    activation: str = "leaky_relu",
+    theta: float = 1.0,
+    integrator: str = "euler",
+) -> nn.Module:
+    """One ``width -> width`` block of ``family`` acting on ``size`` images (zero padding
+    ``kernel_size // 2``, circular for ``orthogonal``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown block family {family!r}; allowed: {list(FAMILIES)}")
+    if family == "cpl" and integrator != "euler":
+        raise ValueError(f"block 'cpl' is one Euler step; integrator {integrator!r} is not allowed")
+    act = build_activation(activation)
+    if family == "orthogonal":
+        return OrthogonalBlock(CayleyConv(width, kernel_size), act)
+    if family == "aol":
+        return AOLBlock(AOLConv(width, width, kernel_size, size, padding=kernel_size // 2), act)
+    conv = Conv2dOperator(width, width, kernel_size, size, padding=kernel_size // 2)
+    if family == "cpl":
+        return CPLBlock(conv, act, theta)
+    return SLLBlock(conv, act, theta)
+
+
+def dense_family_block(family: str, features: int, activation: str = "relu") -> nn.Module:
+    """A dense ``features -> features`` block of ``cpl`` or ``sll`` (tests, small examples)."""
+    act = build_activation(activation)
+    op = DenseOperator(features, features)
+    if family == "cpl":
+        return CPLBlock(op, act)
+    if family == "sll":
+        return SLLBlock(op, act)
+    raise ValueError(f"no dense {family!r} block; allowed: ['cpl', 'sll']")

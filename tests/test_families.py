@@ -1,0 +1,483 @@
+"""Tests of stablenets.families (CPL, SLL, AOL, orthogonal Cayley convolution), their classifiers,
+the margin loss and the training budget: adversarial Lipschitz audits with weights scaled up,
+dense float64 Jacobians and matrices, exact properties, equivalences and config errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from audit import adversary
+from torch import nn
+from torch.nn import functional as F
+
+from stablenets import budget
+from stablenets.activations import build_activation
+from stablenets.augment import AugmentConfig
+from stablenets.blocks import NonexpansiveBlock
+from stablenets.config import ConfigError, validate_config
+from stablenets.families import (
+    FAMILIES,
+    AOLConv,
+    CayleyConv,
+    CPLBlock,
+    SLLBlock,
+    abs_gram_rowsums,
+    build_family_block,
+)
+from stablenets.losses import MarginLoss, build_loss, margin_loss
+from stablenets.models import build_model, load_model, save_model
+from stablenets.operators import Conv2dOperator, DenseOperator, LinearOperator
+from stablenets.training import ClassificationTask, TrainConfig, train
+
+TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
+
+RESULTS: dict[str, tuple[float, float]] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _report() -> Iterator[None]:
+    yield
+    if RESULTS:
+        print("\nadversarial audit (families): largest ratio found / certified bound")
+        for label, (ratio, bound) in RESULTS.items():
+            print(f"  {label:44s} {ratio:.6f} / {bound:.6g}")
+
+
+def _stress(module: nn.Module, factor: float, seed: int = 1) -> nn.Module:
+    """float64, eval, every weight scaled by ``factor``, random biases and ``q``."""
+    module = module.double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (LinearOperator, CayleyConv)):
+                m.weight.mul_(factor)
+                if m.bias is not None:
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+            if isinstance(m, SLLBlock):
+                m.log_q.copy_(torch.randn(m.log_q.shape, generator=g, dtype=torch.float64))
+    return module
+
+
+def _jacobian_norm(f, shape, points: int = 2) -> float:
+    g = torch.Generator().manual_seed(123)
+    best = 0.0
+    for _ in range(points):
+        x = torch.randn(1, *shape, generator=g, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(f, x).reshape(-1, math.prod(shape))
+        best = max(best, float(torch.linalg.matrix_norm(jac, 2)))
+    return best
+
+
+def _matrix(f, shape) -> torch.Tensor:
+    """The dense matrix of a linear map on inputs of ``shape`` (columns: images of e_i)."""
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=torch.float64).view(n, *shape)
+    return f(basis).reshape(n, -1).T
+
+
+# --------------------------------------------------------------------------------------------
+# Block audits at several widths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("width", "factor"), [(2, 3.0), (5, 0.4), (5, 4.0)])
+def test_family_block_survives_attack(family, width, factor):
+    torch.manual_seed(width)
+    size = (5, 6)
+    block = _stress(build_family_block(family, width, size), factor)
+    bound = block.lipschitz_bound(size)
+    if family in ("cpl", "sll", "orthogonal"):
+        assert bound == 1.0
+    else:
+        assert 0 < bound <= 1.0
+    shape = (width, *size)
+    ratio = adversary(block, shape, steps=50, starts=6)
+    local = _jacobian_norm(block, shape)
+    RESULTS[f"{family} block width={width} x{factor}"] = (max(ratio, local), bound)
+    assert ratio <= bound * (1 + TOL), (family, ratio, bound)
+    assert local <= bound * (1 + TOL), (family, local, bound)
+    assert ratio > 0.05 * bound
+
+
+@pytest.mark.parametrize("family", ["cpl", "sll"])
+def test_dense_family_blocks_survive_attack(family):
+    g = torch.Generator().manual_seed(0)
+    op = DenseOperator(7, 5, generator=g)
+    act = build_activation("relu")
+    block = CPLBlock(op, act) if family == "cpl" else SLLBlock(op, act)
+    block = _stress(block, 3.0)
+    ratio = adversary(block, (7,), steps=100)
+    RESULTS[f"{family} dense 7->5"] = (ratio, block.lipschitz_bound())
+    assert block.lipschitz_bound() == 1.0
+    assert 0.5 < ratio <= 1 + TOL
+
+
+# --------------------------------------------------------------------------------------------
+# Classifiers: the whole skeleton with each family
+
+
+SMALL = {"base_width": 4, "stages": 2, "blocks_per_stage": 2, "input_size": 8}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_classifier_survives_attack(family):
+    torch.manual_seed(0)
+    model = build_model(f"{family}_classifier", **SMALL)
+    model = _stress(model, 3.0)
+    bound = model.lipschitz_bound()
+    ratio = adversary(model, (3, 8, 8), steps=60, starts=6, images=True)
+    local = _jacobian_norm(model, (3, 8, 8))
+    RESULTS[f"{family}_classifier"] = (max(ratio, local), bound)
+    assert ratio <= bound * (1 + TOL) and local <= bound * (1 + TOL)
+    assert ratio > 0
+    # Each stage alone: its bound is the product of its block bounds (1 but for AOL).
+    for i, (stage, size) in enumerate(zip(model.stages, model.sizes, strict=True)):
+        stage_bound = math.prod(block.lipschitz_bound(size) for block in stage)
+        assert 0 < stage_bound <= 1.0
+        width = 4 * 2**i
+        ratio = adversary(stage, (width, *size), steps=40, starts=4)
+        RESULTS[f"{family}_classifier stage {i}"] = (ratio, stage_bound)
+        assert 0.05 * stage_bound < ratio <= stage_bound * (1 + TOL)
+
+
+def test_family_classifiers_share_the_skeleton_and_round_trip(tmp_path):
+    shapes = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model = build_model(f"{family}_classifier", **SMALL)
+        shapes[family] = [
+            (n, tuple(p.shape)) for n, p in model.named_parameters() if not n.startswith("stages")
+        ]
+        model.train()
+        model(torch.rand(2, 3, 8, 8))
+        path = tmp_path / f"{family}.pt"
+        save_model(model, path)
+        loaded = load_model(path)
+        x = torch.rand(3, 3, 8, 8)
+        assert torch.equal(model.eval()(x), loaded(x))
+        assert model.lipschitz_bound() == loaded.lipschitz_bound()
+    assert all(s == shapes["cpl"] for s in shapes.values())
+
+
+def test_unknown_block_and_model_names_are_clear_errors():
+    from stablenets.models import Classifier
+
+    with pytest.raises(ValueError, match=r"unknown block 'lot'.*'cpl', 'sll', 'aol', 'orthogonal'"):
+        Classifier(block="lot", base_width=2, stages=1, blocks_per_stage=1, input_size=4)
+    with pytest.raises(ValueError, match=r"unknown model 'sol_classifier'.*sll_classifier"):
+        build_model("sol_classifier")
+    with pytest.raises(ValueError, match="one Euler step"):
+        build_model("cpl_classifier", integrator="heun", **SMALL)
+
+
+# --------------------------------------------------------------------------------------------
+# CPL is the Euler block at its largest step
+
+
+def test_cpl_is_the_euler_block_with_one_largest_step():
+    g = torch.Generator().manual_seed(0)
+    op = Conv2dOperator(3, 4, 3, (5, 6), padding=1, generator=g)
+    cpl = _stress(CPLBlock(op, build_activation("leaky_relu")), 2.5)
+    x = torch.randn(3, 3, 5, 6, generator=g, dtype=torch.float64)
+    for mode in ("eval", "train"):
+        getattr(cpl, mode)()
+        y = cpl(x)
+        norm = cpl.last_norm
+        assert cpl.last_substeps == 1
+        assert norm == (op.norm_bound((5, 6)) if mode == "eval" else float(op.sigma_estimate))
+        # The explicit CPL formula x - 2 / (L ||W||^2) W^T sigma(W x + b).
+        w = op.weight
+        explicit = x - 2 / norm**2 * F.conv_transpose2d(
+            F.leaky_relu(F.conv2d(x, w, op.bias, padding=1)), w, padding=1
+        )
+        torch.testing.assert_close(y, explicit, rtol=1e-12, atol=1e-12)
+        # NonexpansiveBlock (same operator, Euler) with its time set to that step: the same map.
+        act = build_activation("leaky_relu")
+        euler = NonexpansiveBlock(op, act, "euler", 1.0, time=1.0, init_power_iters=0)
+        euler.train(mode == "train")
+        euler.time.fill_(cpl.step_size(norm))
+        assert torch.equal(euler(x), y)
+        assert euler.last_substeps == 1
+    assert cpl.averagedness() is None  # theta = 1: non-expansive only
+    half = CPLBlock(op, build_activation("relu"), theta=0.5)
+    assert half.averagedness((5, 6)) == pytest.approx(0.5, rel=1e-12)
+    assert half.averagedness((5, 6)) <= 0.5
+
+
+def test_cpl_step_never_exceeds_the_stable_limit():
+    cpl = CPLBlock(DenseOperator(3, 3), build_activation("relu"))
+    for norm in (1e-3, 0.3, 1.0, 1.7, 3.0, 7.1, 1e4):
+        h = cpl.step_size(norm)
+        assert h * norm**2 / 2 <= 1.0
+        assert math.nextafter(h, math.inf) * norm**2 / 2 > 1.0 - 1e-15
+    assert cpl.step_size(0.0) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# SLL and AOL: exact row-sum rescalings on zero-padded grids
+
+
+@pytest.mark.parametrize("factor", [1.0, 5.0])
+def test_sll_scaling_dominates_the_gram_matrix_on_the_padded_grid(factor):
+    g = torch.Generator().manual_seed(2)
+    op = Conv2dOperator(3, 4, 3, (4, 5), padding=1, generator=g)
+    block = _stress(SLLBlock(op, build_activation("relu")), factor)
+    with torch.no_grad():
+        a = _matrix(op.apply, (3, 4, 5))  # (4*4*5) x (3*4*5)
+        t = block.scaling().repeat_interleave(20)  # per channel, constant over pixels
+    gap = torch.diag(t) - a @ a.T
+    assert float(torch.linalg.eigvalsh(gap).min()) >= -1e-10 * float(t.max())
+    # Dense rows: the same rule.
+    d = DenseOperator(6, 4, generator=g).double()
+    q = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    w = d.weight.detach()
+    expected = ((w @ w.T).abs() @ q) / q
+    torch.testing.assert_close(abs_gram_rowsums(w, "out", q), expected)
+
+
+def test_sll_averagedness_under_attack():
+    from audit import averaged_objective
+
+    g = torch.Generator().manual_seed(4)
+    block = _stress(SLLBlock(DenseOperator(6, 6, generator=g), build_activation("relu"), 0.5), 3)
+    assert block.averagedness() == 0.5
+    worst = adversary(block, (6,), averaged_objective(0.5), steps=80)
+    assert worst <= 1e-9
+
+
+def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
+    g = torch.Generator().manual_seed(3)
+    n = 9  # large enough that the centre pixel's row of P^T P is the full autocorrelation
+    op = AOLConv(2, 3, 3, (n, n), padding=1, generator=g).double()
+    with torch.no_grad():
+        op.weight.mul_(7.0)
+    plain = Conv2dOperator(2, 3, 3, (n, n), padding=1, bias=False).double()
+    with torch.no_grad():
+        plain.weight.copy_(op.weight)
+    p = _matrix(plain.apply, (2, n, n))
+    gram = (p.T @ p).abs().view(2, n, n, 2 * n * n)
+    centre_rows = gram[:, n // 2, n // 2].sum(dim=1)
+    torch.testing.assert_close(centre_rows, abs_gram_rowsums(op.weight.detach(), "in"))
+    with torch.no_grad():
+        pd = _matrix(op.apply, (2, n, n))
+    assert float(torch.linalg.matrix_norm(pd, 2)) <= 1 + 1e-12
+    assert op.norm_bound() <= 1 + 2e-9
+    # Strided and dilated: still a compression of the same rescaled full convolution.
+    for kwargs in ({"stride": 2}, {"dilation": 2, "padding": 2}):
+        strided = AOLConv(2, 3, 3, (7, 7), generator=g, **{"padding": 1, **kwargs}).double()
+        with torch.no_grad():
+            strided.weight.mul_(3.0)
+        with torch.no_grad():
+            m = _matrix(strided.apply, (2, 7, 7))
+        assert float(torch.linalg.matrix_norm(m, 2)) <= 1 + 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Orthogonal convolution: exact on the circular grid
+
+
+@pytest.mark.parametrize("size", [(6, 6), (5, 8), (7, 3)])
+def test_cayley_convolution_is_orthogonal_on_the_circular_grid(size):
+    g = torch.Generator().manual_seed(5)
+    conv = CayleyConv(3, 3, generator=g).double()
+    with torch.no_grad():
+        conv.weight.mul_(4.0)
+    x = torch.randn(6, 3, *size, generator=g, dtype=torch.float64)
+    y = conv.apply(x)
+    assert y.dtype == torch.float64 and y.shape == x.shape
+    ratio = y.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    assert float((ratio - 1).abs().max()) < 1e-10
+    q = _matrix(conv.apply, (3, *size))
+    eye = torch.eye(q.shape[0], dtype=torch.float64)
+    assert float((q.T @ q - eye).abs().max()) < 1e-10
+    # A circular convolution: it commutes with circular shifts.
+    shifted = conv.apply(torch.roll(x, (1, 2), dims=(2, 3)))
+    torch.testing.assert_close(shifted, torch.roll(y, (1, 2), dims=(2, 3)))
+    assert conv.padding_mode == "circular"
+
+
+# --------------------------------------------------------------------------------------------
+# Margin loss
+
+
+def test_margin_loss_reduces_to_cross_entropy_and_shifts_the_true_logit():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    target = torch.tensor([0, 3, 1, 1, 2])
+    torch.testing.assert_close(
+        margin_loss(logits, target, 0.0, 1.0), F.cross_entropy(logits, target)
+    )
+    offset, tau = 0.7, 0.25
+    manual = logits.clone()
+    manual[torch.arange(5), target] -= offset
+    expected = tau * F.cross_entropy(manual / tau, target)
+    torch.testing.assert_close(margin_loss(logits, target, offset, tau), expected)
+    assert margin_loss(logits, target, offset, 1.0) > F.cross_entropy(logits, target)
+
+
+def test_margin_loss_uses_the_models_lipschitz_estimate_with_gradient():
+    torch.manual_seed(0)
+    model = build_model("sll_classifier", **SMALL).train()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    out = model(x)
+    est = model.lipschitz_estimate()
+    assert est.requires_grad and float(est) > 0
+    crit = MarginLoss(eps=0.5, temperature=0.25)
+
+    class Fixed(nn.Module):
+        def lipschitz_estimate(self) -> torch.Tensor:
+            return torch.tensor(2.0)
+
+    expected = margin_loss(out, y, math.sqrt(2) * 0.5 * 2.0, 0.25)
+    assert torch.equal(crit(Fixed(), out, y), expected)
+    loss = crit(model, out, y)
+    loss.backward()
+    assert model.head.weight.grad is not None and model.lift.weight.grad.abs().sum() > 0
+    assert build_loss(None) is None
+    assert torch.equal(
+        build_loss({"name": "margin", "eps": 0.0})(model, out, y), F.cross_entropy(out, y)
+    )
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        build_loss({"name": "hinge", "eps": 0.1})
+    with pytest.raises(ValueError, match="lipschitz_estimate"):
+        build_loss(
+            {"name": "margin", "eps": 0.1}, build_model("dncnn", width=4, depth=3, input_size=8)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Training budget
+
+
+def test_budget_steps_and_the_recorded_count(tmp_path):
+    assert budget.budget_steps(1.0, 0.5) == 120
+    assert budget.budget_steps(0.001, 10.0) == 1
+    with pytest.raises(ValueError):
+        budget.budget_steps(0, 1.0)
+    calls = []
+
+    def measure() -> float:
+        calls.append(1)
+        return 0.25 * len(calls)
+
+    path = tmp_path / "budget.json"
+    first = budget.resolve_steps(path, "abc", 2.0, measure, log=lambda s: None)
+    assert first == 480 and len(calls) == 1
+    again = budget.resolve_steps(path, "abc", 2.0, measure, log=lambda s: None)
+    assert again == first and len(calls) == 1  # read back, not measured again
+    other = budget.resolve_steps(path, "xyz", 2.0, measure, log=lambda s: None)
+    assert other == 240 and len(calls) == 2
+    assert json.loads(path.read_text())["config_hash"] == "xyz"
+
+
+def _tiny_task() -> ClassificationTask:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    return ClassificationTask(x, y, x[:16], y[:16], AugmentConfig(0, False, 0.0), 16)
+
+
+def test_training_with_a_budget_and_the_margin_loss(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("cpl_classifier", **{**SMALL, "blocks_per_stage": 1})
+    cfg = TrainConfig(
+        steps=10_000,
+        batch_size=8,
+        lr_max=0.05,
+        val_every=1000,
+        checkpoint_every=1000,
+        log_every=1,
+        budget_minutes=0.01,  # 0.6 s of training steps
+        loss={"name": "margin", "eps": 0.14, "temperature": 0.25},
+    )
+    logs: list[str] = []
+    fresh = copy.deepcopy(model)
+    model, state = train(model, _tiny_task(), cfg, tmp_path, "h1", logs.append)
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert state.step == record["steps"] < 10_000
+    assert any("budget" in line for line in logs)
+    # A rerun of the same config (e.g. a resume) reuses the recorded count, even when the
+    # checkpoint is gone, and the schedule spans exactly that count.
+    (tmp_path / "checkpoint.pt").unlink(missing_ok=True)
+    _, again = train(fresh, _tiny_task(), cfg, tmp_path, "h1", logs.append)
+    assert again.step == record["steps"]
+    assert all(math.isfinite(r["loss"]) for r in again.rows if r["kind"] == "train")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _paper() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_config_sizes_select_and_family_variants():
+    cfg = validate_config(_paper(), SCHEMA)
+    variants = cfg["classification"]["variants"]
+    for family in FAMILIES:
+        for size, width in {"XS": 16, "S": 32, "M": 64, "L": 128}.items():
+            v = variants[f"{family}_{size}"]
+            assert v["model"] == f"{family}_classifier" and v["kwargs"]["base_width"] == width
+            assert v["train"]["loss"]["name"] == "margin"
+    assert validate_config(cfg, SCHEMA) == cfg  # idempotent
+    raw = _paper()
+    raw["classification"]["select"] = ["resnet", "aol_S"]
+    assert list(validate_config(raw, SCHEMA)["classification"]["variants"]) == ["resnet", "aol_S"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"variants": {"x": {"model": "lot_classifier"}}}, "'lot_classifier' is not allowed"),
+        ({"variants": {"x": {"model": "cpl_classifier", "size": "XXL"}}}, "'XXL' is not a size"),
+        (
+            {
+                "variants": {
+                    "x": {"model": "sll_classifier", "size": "S", "kwargs": {"base_width": 8}}
+                }
+            },
+            "either size or kwargs.base_width",
+        ),
+        ({"select": ["nonexpansive", "nope"]}, r"select: \['nope'\] are not classification"),
+        ({"train": {"loss": {"name": "hinge", "eps": 0.1}}}, "'hinge' is not allowed"),
+        ({"train": {"budget_minutes": -1}}, "budget_minutes"),
+        (
+            {"variants": {"x": {"model": "cpl_classifier", "kwargs": {"integrator": "rk4"}}}},
+            "one Euler step",
+        ),
+    ],
+)
+def test_config_errors_name_the_key(patch, message):
+    raw = _paper()
+    for key, value in patch.items():
+        if key == "variants":
+            raw["classification"]["variants"].update(value)
+        else:
+            raw["classification"][key] = (
+                value
+                if key != "train"
+                else {
+                    **raw["classification"]["train"],
+                    **value,
+                }
+            )
+    with pytest.raises(ConfigError, match=message):
+        validate_config(raw, SCHEMA)
+
+
+def test_denoising_rejects_the_margin_loss_and_sizes():
+    raw = _paper()
+    raw["denoising"]["train"]["loss"] = {"name": "margin", "eps": 0.1}
+    raw["denoising"]["variants"]["euler"]["size"] = "S"
+    with pytest.raises(ConfigError, match="classification only") as err:
+        validate_config(raw, SCHEMA)
+    assert "sizes apply to classification variants only" in str(err.value)

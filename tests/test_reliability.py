@@ -1,0 +1,896 @@
+"""Reliability: no lost work, no silent nonsense, clear errors on bad input.
+
+One section per row group of README's "Guarantees" table. Every test does the bad thing for real:
+a SIGKILL to a running training process (also in the middle of a checkpoint write), a real NaN
+and a real exploding norm, malformed configurations, truncated, foreign and malicious files,
+hostile archives, concurrent jobs writing into one results tree and one download cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import http.server
+import json
+import os
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from test_data import add_bytes, add_special, leftovers, make_cifar_archive, md5_of
+from test_pipeline import overlay as archive_overlay
+from workflow_helpers import ROOT, SMOKE_PROFILE, copy_workflow, snakemake
+
+from stablenets import cli, data, experiments
+from stablenets.config import ConfigError, validate_config
+from stablenets.models import CheckpointError, build_model, load_model, read_checkpoint, save_model
+from stablenets.runtime import config_hash, provenance, read_results, sidecar_path
+from stablenets.workflow import Jobs
+
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+PROVENANCE_KEYS = ("config_hash", "seed", "versions", "git_commit")
+
+SPEC = {
+    "task": "classification",
+    "variant": "tiny",
+    "model": "nonexpansive_classifier",
+    "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16},
+    "train": {
+        "steps": 40,
+        "batch_size": 16,
+        "lr_max": 0.05,
+        "val_every": 20,
+        "checkpoint_every": 5,
+        "log_every": 5,
+    },
+    "augment": {"crop_padding": 2, "flip": True, "erase_p": 0.5},
+    "eval_batch": 100,
+    "seed": 0,
+    "device": "cpu",
+    "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "cifar.h5"
+    data.make_synthetic_classification(path, 200, 50, 50, 10, 16, 0.05, 0)
+    return path
+
+
+def train_args(spec: dict, dataset: Path, out: Path) -> list[str]:
+    return [
+        "train", "--spec", json.dumps(spec), "--data", str(dataset),
+        "--model", str(out / "model.pt"), "--log", str(out / "log.csv"),
+        "--workdir", str(out / "work"),
+    ]  # fmt: skip
+
+
+def command(spec: dict, dataset: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "stablenets", *train_args(spec, dataset, out)]
+
+
+def run(spec: dict, dataset: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command(spec, dataset, out), capture_output=True, text=True, timeout=600)
+
+
+def state(out: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(out / "model.pt")["state_dict"]
+
+
+def assert_same_training(a: Path, b: Path, log_b: str = "log.csv") -> None:
+    """Bit-identical weights and the same log (wall-clock speed aside)."""
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    logs = [pd.read_csv(a / "log.csv"), pd.read_csv(b / log_b)]
+    pd.testing.assert_frame_equal(*(log.drop(columns="images_per_s") for log in logs))
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, path: Path, step: int) -> None:
+    """Wait until the resume checkpoint has passed ``step`` (the process is still running)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            try:
+                if read_checkpoint(path)["run"]["step"] >= step:
+                    return
+            except Exception:  # noqa: BLE001 - the file is being replaced; try again
+                pass
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared before the process ended")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    done = run(SPEC, dataset, out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def one_error_line(stderr: str, *needles: str) -> str:
+    """The job's stderr is one line, no traceback, containing every needle."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ============================================================================================
+# Kill and resume
+# ============================================================================================
+
+
+def test_sigkill_then_rerun_resumes_and_matches_the_uninterrupted_run(
+    dataset, uninterrupted, tmp_path
+):
+    proc = subprocess.Popen(command(SPEC, dataset, tmp_path), stdout=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, tmp_path / "work" / "checkpoint.pt", 25)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "model.pt").exists()
+    resumed = run(SPEC, dataset, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert_same_training(uninterrupted, tmp_path)
+
+
+# A process that imports stablenets once and forks one training process per request (a fork is
+# a real process: SIGKILL ends it like any other). Its ``torch.save`` writes the same bytes in
+# 4 KiB pieces with short pauses, a slow disk, so that kills land inside checkpoint writes.
+FORK_SERVER = r"""
+import io, json, os, sys, time
+import torch
+from stablenets import cli
+
+_save = torch.save
+
+def slow_save(obj, f, **kwargs):
+    buffer = io.BytesIO()
+    _save(obj, buffer, **kwargs)
+    payload = buffer.getvalue()
+    with open(f, "wb") as fh:
+        for i in range(0, len(payload), 4096):
+            fh.write(payload[i : i + 4096])
+            fh.flush()
+            time.sleep(0.002)
+
+torch.save = slow_save
+print("ready", flush=True)
+for line in sys.stdin:
+    argv, log = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        code = cli.main(argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+    print(os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.lines.get(timeout=300) == "ready"
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def start(self, argv: list[str], log: Path) -> int:
+        self.proc.stdin.write(json.dumps([argv, str(log)]) + "\n")
+        self.proc.stdin.flush()
+        return int(self.lines.get(timeout=60))
+
+    def status(self, timeout: float | None = 0) -> int | None:
+        """The wait status of the running job, or None while it runs."""
+        try:
+            return int(self.lines.get(timeout=timeout) if timeout else self.lines.get_nowait())
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def written_temporaries(path: Path) -> list[str]:
+    """Names of the non-empty temporaries of ``path`` being written right now."""
+    found = []
+    for tmp in path.parent.glob(f".{path.name}.*") if path.parent.is_dir() else []:
+        try:
+            if tmp.stat().st_size > 0:
+                found.append(tmp.name)
+        except FileNotFoundError:  # renamed into place meanwhile
+            pass
+    return found
+
+
+def test_sigkill_at_random_moments_and_inside_checkpoint_writes_never_loses_work(dataset, tmp_path):
+    """Kill one training run over and over (random moments, and while ``checkpoint.pt``'s
+    temporary file is half written); after every kill the checkpoint is complete and loads, and
+    the reruns end with exactly the weights and log of an uninterrupted run."""
+    spec = {**SPEC, "train": {**SPEC["train"], "steps": 30, "checkpoint_every": 2}}
+    server = ForkServer()
+    try:
+        reference = tmp_path / "reference"
+        server.start(train_args(spec, dataset, reference), tmp_path / "reference.log")
+        assert server.status(timeout=600) == 0, (tmp_path / "reference.log").read_text()
+
+        out, rng = tmp_path / "killed", random.Random(8)
+        ckpt, log = out / "work" / "checkpoint.pt", tmp_path / "killed.log"
+        kills = mid_write = 0
+        last_step, history = 0, []
+        for attempt in range(30):
+            stale = {p.name for p in ckpt.parent.glob(".checkpoint.pt.*")}  # an earlier kill's
+            pid = server.start(train_args(spec, dataset, out), log)
+            mode = "write" if attempt % 3 != 2 else "random"
+            writes_to_skip, seen = rng.randrange(2), set()
+            deadline = time.time() + (rng.uniform(0.0, 1.5) if mode == "random" else 300)
+            status = None
+            while status is None and kills < 10:
+                temporaries = written_temporaries(ckpt)
+                seen.update(set(temporaries) - stale)
+                if (mode == "write" and len(seen) > writes_to_skip) or time.time() > deadline:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    status = server.status(timeout=60)
+                    break
+                status = server.status(timeout=0.002)
+            if status is None:  # enough kills: let this run finish
+                status = server.status(timeout=600)
+            if status == 0:
+                break
+            assert status == signal.SIGKILL, (status, log.read_text()[-2000:])
+            history.append((mode, writes_to_skip, sorted(seen), ckpt.exists()))
+            kills += 1
+            if {p.name for p in ckpt.parent.glob(".checkpoint.pt.*")} - stale:  # before rename
+                mid_write += 1
+            if ckpt.exists():  # never a partial checkpoint, and never a step backwards
+                step = read_checkpoint(ckpt)["run"]["step"]
+                assert step >= last_step
+                last_step = step
+            if (out / "model.pt").exists():
+                load_model(out / "model.pt")
+        else:
+            raise AssertionError("the training run never finished")
+    finally:
+        server.close()
+    assert kills >= 5 and mid_write >= 3, (kills, mid_write, history)
+    text = log.read_text()
+    assert "resumed from" in text and "temporary of an interrupted checkpoint write" in text
+    assert list(ckpt.parent.glob(".checkpoint.pt.*")) == []
+    assert_same_training(reference, out)
+
+
+def test_sigusr1_writes_a_checkpoint_and_exits_75(dataset, tmp_path):
+    spec = {**SPEC, "train": {**SPEC["train"], "checkpoint_every": 1000}}
+    proc = subprocess.Popen(
+        command(spec, dataset, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:  # the first validation line: the loop (and its handler) is running
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "rerun to resume" in err
+    assert read_checkpoint(tmp_path / "work" / "checkpoint.pt")["run"]["step"] > 0
+
+
+def test_checkpoint_from_another_config_is_ignored_with_a_log_line(
+    dataset, uninterrupted, tmp_path
+):
+    proc = subprocess.Popen(command(SPEC, dataset, tmp_path), stdout=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, tmp_path / "work" / "checkpoint.pt", 10)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = {**SPEC, "train": {**SPEC["train"], "steps": 20}}
+    done = run(other, dataset, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ignoring checkpoint" in done.stdout and "resumed" not in done.stdout
+
+
+def test_slurm_profile_requeues_and_signals_training_jobs_before_the_time_limit():
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile.get("slurm-requeue") is True
+    for rule in ("train_classifier", "train_denoiser"):
+        settings = json.dumps(profile.get("set-resources", {}).get(rule, {}))
+        # SIGUSR1 or SIGTERM (training checkpoints on both), sent to every process of the job
+        # step, not only to the batch shell ("B:"), which would not pass it on
+        assert re.search(r"--signal=(SIG)?(USR1|TERM)@\d+", settings), (rule, settings)
+
+
+# A writer that is killed while it writes: the stdlib-only helper is loaded on its own (fast).
+ATOMIC_WRITER = r"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1])
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+with atomic.atomic_path(sys.argv[2]) as tmp, open(tmp, "wb") as fh:
+    for _ in range(1000):
+        fh.write(b"new " * 1024)
+        fh.flush()
+        print("wrote", flush=True)
+        time.sleep(0.01)
+"""
+
+
+def test_outputs_are_replaced_atomically_even_when_the_writer_is_killed(tmp_path):
+    target = tmp_path / "result.csv"
+    target.write_text("old complete content\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ATOMIC_WRITER, str(ROOT / "src/stablenets/atomic.py"), str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(5):
+        assert proc.stdout.readline() == "wrote\n"
+    (partial,) = tmp_path.glob(".result.csv.*")  # the temporary is being written
+    assert partial.stat().st_size >= 5 * 4096
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_text() == "old complete content\n"
+    # Every writer in the package goes through the one helper: no other rename or temp file.
+    for path in (ROOT / "src/stablenets").glob("*.py"):
+        text = path.read_text()
+        if path.name in {"atomic.py", "data.py"}:  # data.py: directory extraction only
+            text = text.replace("os.replace(tmp, dest)", "") if path.name == "data.py" else ""
+        assert not re.search(r"os\.replace\(|\.replace\(path\)|mkstemp\(", text), path.name
+
+
+# ============================================================================================
+# Divergence
+# ============================================================================================
+
+
+def test_divergence_stops_with_the_step_and_last_checkpoint(dataset, tmp_path):
+    spec = {
+        **SPEC,
+        "model": "resnet_classifier",
+        "train": {**SPEC["train"], "lr_max": 1.0e6, "warmup": 0.1},
+    }
+    done = run(spec, dataset, tmp_path)
+    assert done.returncode == 1
+    assert "training diverged at step" in done.stderr and "last good checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "model.pt").exists()
+
+
+def _too_slow(signum, frame):
+    raise AssertionError("the diverged run kept going (a forward pass with exploded norms)")
+
+
+def test_an_exploding_norm_estimate_stops_the_job_before_the_next_forward_pass(
+    dataset, tmp_path, capsys
+):
+    """A huge learning rate blows the operator norms up while the loss is still finite; the
+    job stops right after the power iteration, naming the step, the norm and the last good
+    checkpoint, and never runs the forward pass, whose sub-step count grows with the norm
+    squared (about 10^8 sub-steps here: hours)."""
+    spec = {
+        **SPEC,
+        "train": {**SPEC["train"], "lr_max": 1.0e6, "warmup": 0.1, "max_norm": 5.0},
+    }
+    spec["train"]["checkpoint_every"] = 1
+    previous = signal.signal(signal.SIGALRM, _too_slow)
+    signal.alarm(240)
+    try:
+        code = cli.main(train_args(spec, dataset, tmp_path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err, "training diverged at step", "loss=not computed")
+    step = int(re.search(r"at step (\d+)", line).group(1))
+    assert re.search(r"largest norm estimate=[0-9.e+]+ \(limit 5.0\)", line), line
+    assert f"last good checkpoint: {tmp_path / 'work' / 'checkpoint.pt'} (step {step})" in line
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "log.csv").exists()
+
+
+# ============================================================================================
+# Bad input
+# ============================================================================================
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Overlay ``over`` on ``base`` the way Snakemake merges ``--configfile`` files."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def smoke_config(**overlay) -> dict:
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    return deep_merge(deep_merge(base, smoke), overlay)
+
+
+BAD_CONFIGS = {
+    "wrong type": (
+        {"classification": {"train": {"batch_size": "64"}}},
+        "classification.train.batch_size: '64' is not of type 'integer'",
+    ),
+    "unknown model": (
+        {"denoising": {"variants": {"euler": {"model": "transformer"}}}},
+        "denoising.variants.euler.model: 'transformer' is not allowed; allowed: [",
+    ),
+    "classifier as a denoiser": (
+        {"denoising": {"variants": {"euler": {"model": "resnet_classifier"}}}},
+        "denoising.variants.euler.model: 'resnet_classifier' is not a denoising model; allowed:",
+    ),
+    "negative steps": (
+        {"denoising": {"train": {"steps": -5}}},
+        "denoising.train.steps: -5 is less than the minimum of 1",
+    ),
+    "theta above 1": (
+        {"denoising": {"variants": {"averaged": {"kwargs": {"theta": 1.5}}}}},
+        "denoising.variants.averaged.kwargs.theta: 1.5 is greater than the maximum of 1",
+    ),
+    "theta 0": (
+        {"denoising": {"variants": {"averaged": {"kwargs": {"theta": 0}}}}},
+        "denoising.variants.averaged.kwargs.theta: 0 is less than or equal to the minimum of 0",
+    ),
+    "PnP step size": ({"pnp": {"eta": 2.5}}, "pnp.eta: 2.5 must be < 2/||K||^2 = "),
+    "unknown integrator": (
+        {"denoising": {"variants": {"euler": {"kwargs": {"integrator": "rk5"}}}}},
+        "denoising.variants.euler.kwargs.integrator: 'rk5' is not allowed; allowed: [",
+    ),
+    "misspelt key": (
+        {"classification": {"train": {"stepz": 3}}},
+        "classification.train.stepz: unknown key; allowed: ",
+    ),
+}
+
+
+def test_the_shipped_configs_are_valid():
+    validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
+    validate_config(smoke_config(), SCHEMA)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_value_fails_with_one_line_naming_the_key(case):
+    over, message = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError) as err:
+        validate_config(smoke_config(**over), SCHEMA)
+    header, *problems = str(err.value).splitlines()
+    assert header == "invalid configuration:"
+    assert len(problems) == 1, str(err.value)  # one line: the key, the value, what is allowed
+    assert problems[0].strip().startswith("config: " + message.split(":")[0]), problems[0]
+    assert message in problems[0], problems[0]
+
+
+def test_a_bad_config_stops_snakemake_before_any_job(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    bad = work / "config" / "bad.yaml"
+    bad.write_text("pnp:\n  eta: 5.0\n")
+    run = snakemake(work, "-n", "--configfile", "config.yaml", str(bad), timeout=300)
+    assert run.returncode != 0
+    assert "pnp.eta: 5.0 must be < 2/||K||^2" in run.stdout + run.stderr
+    assert not (work / "results").exists()
+
+
+def test_a_missing_or_corrupted_dataset_file_fails_with_one_line(dataset, tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "cifar10.h5"
+    assert cli.main(train_args(SPEC, missing, tmp_path / "a")) == 1
+    one_error_line(capsys.readouterr().err, str(missing), "no such dataset file")
+
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(dataset.read_bytes()[: dataset.stat().st_size // 2])
+    assert cli.main(train_args(SPEC, truncated, tmp_path / "b")) == 1
+    err = capsys.readouterr().err
+    assert re.search("not a readable HDF5 file|unreadable", err), err
+    one_error_line(err, str(truncated))
+
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as fh:
+        fh["images"] = np.zeros((2, 3, 4, 4))
+    assert cli.main(train_args(SPEC, foreign, tmp_path / "c")) == 1
+    one_error_line(capsys.readouterr().err, str(foreign), "no split 'train' with images")
+    for name in "abc":
+        assert not (tmp_path / name / "model.pt").exists()
+
+
+def test_data_rule_rejects_a_corrupted_archive_and_leaves_no_output(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    cifar, _, _ = make_cifar_archive(tmp_path / "srv")
+    raw = bytearray(cifar.read_bytes())
+    good_md5 = md5_of(cifar)
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in transit
+    cifar.write_bytes(bytes(raw))
+    extra = archive_overlay(work, tmp_path / "cache", cifar, cifar, good_md5)
+    target = "results/archives/data/cifar10.h5"
+    run = snakemake(work, target, "--cores", "1", "--configfile", "config.yaml", str(extra))
+    assert run.returncode != 0
+    log = (work / "logs/archives/prepare_data/cifar10.log").read_text()
+    assert re.search(r"checksum mismatch", log, re.I) and good_md5 in log and md5_of(cifar) in log
+    assert "Traceback" not in log
+    assert not (work / target).exists()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def _model(name: str, **kwargs):
+    torch.manual_seed(0)
+    return build_model(name, **kwargs)
+
+
+def test_checkpoint_errors_name_the_path(tmp_path):
+    model = _model("nonexpansive_denoiser", width=6, depth=3, input_size=(8, 10))
+    good = tmp_path / "good.pt"
+    save_model(model, good)
+    raw = good.read_bytes()
+
+    def refused(path: Path, match: str, **kwargs) -> None:
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_model(path, **kwargs)
+        assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    refused(truncated, "unreadable")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.randn(3), "epoch": 1}, foreign)
+    refused(foreign, "not a stablenets-model-v1 file")
+    foreign_list = tmp_path / "list.pt"
+    torch.save([1, 2, 3], foreign_list)
+    refused(foreign_list, "not a stablenets-model-v1 file")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    refused(garbage, "unreadable")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    refused(empty, "unreadable")
+    refused(tmp_path / "missing.pt", "does not exist")
+    refused(tmp_path, "does not exist")  # a folder is not a checkpoint
+    refused(good, "expected 'dncnn'", expect_name="dncnn")
+    ckpt = torch.load(good, weights_only=True)  # weights that do not fit their own kwargs
+    ckpt["kwargs"]["width"] = 8
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(ckpt, mismatched)
+    refused(mismatched, "does not fit")
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert isinstance(load_model(good), type(model))
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_load_weights_only_and_never_run_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    model = _model("dncnn", width=6, depth=4, input_size=8)
+    torch.save(
+        {
+            "format": "stablenets-model-v1",
+            "name": "dncnn",
+            "kwargs": {"width": 6, "depth": 4, "input_size": 8},
+            "state_dict": model.state_dict(),
+            "extra": {"payload": _RunsCode(marker)},
+        },
+        evil,
+    )
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_model(evil)
+    assert not marker.exists()
+    calls = [
+        m.group(0)
+        for path in (ROOT / "src/stablenets").glob("*.py")
+        for m in re.finditer(r"torch\.load\([^)]*\)", path.read_text())
+    ]
+    assert calls and all("weights_only=True" in call for call in calls), calls
+
+
+def test_a_checkpoint_for_another_model_fails_the_job_naming_both(tmp_path, capsys):
+    """An evaluation given a checkpoint of the wrong kind of model, or of another variant,
+    fails with one line instead of attacking a denoiser or evaluating the wrong network."""
+    trained = {"task": "denoising", "variant": "euler", "sigma": 0.05, "seed": 0}
+    path = tmp_path / "model.pt"
+    model = _model("nonexpansive_denoiser", width=6, depth=3, input_size=(8, 10))
+    save_model(model, path, **provenance(trained, 0))
+    spec = {"variant": "nonexpansive", "seed": 0, "device": "cpu", "threads": 1, "evaluate": {}}
+    argv = ["--spec", json.dumps(spec), "--model", str(path), "--data", str(tmp_path / "d.h5")]
+    assert cli.main(["evaluate-classifier", *argv, "--out", str(tmp_path / "a.h5")]) == 1
+    one_error_line(
+        capsys.readouterr().err,
+        str(path),
+        "holds model 'nonexpansive_denoiser', expected one of ['nonexpansive_classifier'",
+    )
+    spec.update(variant="heun", sigma=0.05)
+    argv[1] = json.dumps(spec)
+    assert cli.main(["evaluate-denoiser", *argv, "--out", str(tmp_path / "b.h5")]) == 1
+    one_error_line(
+        capsys.readouterr().err, str(path), "trained for variant 'euler', this job expects 'heun'"
+    )
+    spec.update(variant="euler", sigma=0.1)
+    argv[1] = json.dumps(spec)
+    assert cli.main(["evaluate-denoiser", *argv, "--out", str(tmp_path / "c.h5")]) == 1
+    one_error_line(capsys.readouterr().err, "trained for sigma 0.05, this job expects 0.1")
+    assert not list(tmp_path.glob("[abc].h5"))
+
+
+EVIL_TAR_MEMBERS = {
+    "absolute": (lambda t: add_bytes(t, "/tmp/evil.txt", b"x"), "absolute path"),
+    "dotdot": (lambda t: add_bytes(t, "ok/../../evil.txt", b"x"), "'..' component"),
+    "symlink_out": (lambda t: add_special(t, "lnk", tarfile.SYMTYPE, "../outside"), "outside"),
+    "symlink_abs": (lambda t: add_special(t, "lnk", tarfile.SYMTYPE, "/etc/passwd"), "absolute"),
+    # 'a' -> '.', then 'z' -> 'a/..' looks inside lexically but resolves to the parent.
+    "symlink_chain": (
+        lambda t: (
+            add_special(t, "a", tarfile.SYMTYPE, "."),
+            add_special(t, "z", tarfile.SYMTYPE, "a/.."),
+        ),
+        "'z' -> 'a/..' points outside",
+    ),
+    "hardlink_out": (lambda t: add_special(t, "h", tarfile.LNKTYPE, "../../etc/passwd"), "outside"),
+    "device": (lambda t: add_special(t, "dev", tarfile.CHRTYPE), "device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL_TAR_MEMBERS))
+def test_safe_extract_refuses_unsafe_tar_members(tmp_path, case):
+    build, expected = EVIL_TAR_MEMBERS[case]
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        add_bytes(tar, "fine.txt", b"fine")
+        build(tar)
+    with pytest.raises(data.DataError, match=expected):
+        data.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == [] and not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_safe_extract_refuses_unsafe_zip_members(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("fine.txt", b"fine")
+        zf.writestr(zipfile.ZipInfo("../evil.txt"), b"x")
+    with pytest.raises(data.DataError, match="'../evil.txt'"):
+        data.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# ============================================================================================
+# Determinism and provenance
+# ============================================================================================
+
+TIMING_OR_PROVENANCE = {"train_time_s", "images_per_s", "git_commit", "versions"}
+
+
+def assert_same_h5(a: Path, b: Path) -> None:
+    """Every dataset and attribute bit-identical, timing and code provenance aside."""
+    attrs_a, sets_a = read_results(a)
+    attrs_b, sets_b = read_results(b)
+    assert attrs_a.keys() == attrs_b.keys() and sets_a.keys() == sets_b.keys()
+    for key in attrs_a.keys() - TIMING_OR_PROVENANCE:
+        np.testing.assert_array_equal(attrs_a[key], attrs_b[key], err_msg=f"{a.name}: {key}")
+    for key in sets_a:
+        np.testing.assert_array_equal(sets_a[key], sets_b[key], err_msg=f"{a.name}: {key}")
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_bit_identical_smoke_results(smoke_run, tmp_path):
+    """Data, training and evaluation of one denoiser again in a fresh copy of the workflow:
+    every array and attribute equals the session's smoke run."""
+    work = copy_workflow(tmp_path / "wf")
+    target = "results/smoke/eval/denoising/sigma0.05/euler/seed0.h5"
+    done = snakemake(work, *SMOKE_PROFILE, target)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, again = smoke_run / "results/smoke", work / "results/smoke"
+    for name in ("data/bsds500.h5", target.removeprefix("results/smoke/")):
+        assert_same_h5(first / name, again / name)
+    model = "models/denoising/sigma0.05/euler/seed0"
+    ckpt_a, ckpt_b = (read_checkpoint(root / model / "model.pt") for root in (first, again))
+    assert ckpt_a["state_dict"].keys() == ckpt_b["state_dict"].keys()
+    for key, value in ckpt_a["state_dict"].items():
+        assert torch.equal(value, ckpt_b["state_dict"][key]), key
+    for key in ckpt_a["extra"].keys() - TIMING_OR_PROVENANCE:
+        assert ckpt_a["extra"][key] == ckpt_b["extra"][key], key
+    logs = [pd.read_csv(root / model / "train_log.csv") for root in (first, again)]
+    pd.testing.assert_frame_equal(*(log.drop(columns="images_per_s") for log in logs))
+
+
+@pytest.mark.slow
+def test_every_smoke_output_carries_config_hash_seed_versions_and_commit(smoke_run):
+    """HDF5 files in their attributes, models in their metadata, CSV / Markdown / LaTeX /
+    figures in a ``<stem>.provenance.json`` sidecar; and no temporary file is left anywhere."""
+    results = smoke_run / "results" / "smoke"
+    kinds: dict[str, int] = {}
+    for path in sorted(results.rglob("*")):
+        rel = path.relative_to(results)
+        assert not any(part.startswith(".") for part in rel.parts), rel  # no temporaries
+        if not path.is_file() or rel.parts[0] == "checkpoints":
+            continue
+        if path.name.endswith(".provenance.json"):
+            continue
+        if path.suffix == ".h5":
+            with h5py.File(path, "r") as fh:
+                record = {k: fh.attrs[k] for k in fh.attrs}
+        elif path.suffix == ".pt":
+            record = read_checkpoint(path)["extra"]
+        else:
+            assert sidecar_path(path).is_file(), rel
+            record = json.loads(sidecar_path(path).read_text())
+        missing = [key for key in PROVENANCE_KEYS if key not in record]
+        assert not missing, (rel, missing)
+        assert re.fullmatch(r"[0-9a-f]{16}", str(record["config_hash"])), rel
+        assert re.fullmatch(r"[0-9a-f]{40}", str(record["git_commit"])), rel
+        assert "torch" in json.loads(record["versions"]), rel
+        assert int(record["seed"]) >= -1
+        kinds[path.suffix] = kinds.get(path.suffix, 0) + 1
+    assert {".h5", ".pt", ".csv", ".md", ".tex", ".pdf", ".png"} <= set(kinds), kinds
+    assert kinds[".csv"] >= 3 + 8  # three tables and every training log
+
+
+# ============================================================================================
+# Concurrency
+# ============================================================================================
+
+CONCURRENT = {
+    "scale": "conc",
+    "seeds": [0, 1],
+    "data": {
+        "cifar10": {
+            "synthetic": {"n_train": 200, "n_val": 50, "n_test": 50, "image_size": 16},
+        }
+    },
+    "classification": {
+        "train": {
+            "steps": 12,
+            "batch_size": 16,
+            "val_every": 6,
+            "checkpoint_every": 3,
+            "log_every": 3,
+        },
+        "variants": {
+            name: {
+                "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16}
+            }
+            for name in ("nonexpansive", "resnet")
+        },
+    },
+}
+CONCURRENT_JOBS = [("nonexpansive", 0), ("nonexpansive", 1), ("resnet", 0)]
+
+
+def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path):
+    """Three training jobs under ``snakemake --cores 2`` in one results tree: each has its own
+    log, checkpoint and training log, and the same weights as the job run alone."""
+    work = copy_workflow(tmp_path / "wf")
+    (work / "config" / "conc.yaml").write_text(yaml.safe_dump(CONCURRENT))
+    models = [f"results/conc/models/classification/{v}/seed{s}" for v, s in CONCURRENT_JOBS]
+    done = snakemake(
+        work,
+        *(f"{m}/model.pt" for m in models),
+        "--cores", "2",
+        "--configfile", "config.yaml", "config/smoke.yaml", "config/conc.yaml",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Two training jobs were running at the same time (Snakemake reports starts and ends).
+    running = peak = 0
+    pattern = r"^(?:local)?rule (\w+):|^Finished jobid: \d+ \(Rule: (\w+)\)"
+    for event in re.finditer(pattern, done.stderr, re.M):
+        running += (event.group(1) == "train_classifier") - (event.group(2) == "train_classifier")
+        peak = max(peak, running)
+    assert peak == 2, done.stderr[-3000:]
+
+    jobs = Jobs(validate_config(smoke_config(**CONCURRENT), SCHEMA))
+    data_path = work / "results/conc/data/cifar10.h5"
+    for (variant, seed), model in zip(CONCURRENT_JOBS, models, strict=True):
+        spec = json.loads(jobs.train_spec("classification", variant, seed))
+        log = (work / f"logs/conc/train_classifier/{variant}/seed{seed}.log").read_text()
+        assert re.findall(r"^training .*", log, re.M) == [
+            f"training {variant} seed {seed} on cpu (config {config_hash(spec)})"
+        ]
+        workdir = work / f"results/conc/checkpoints/classification/{variant}/seed{seed}"
+        ckpt = read_checkpoint(workdir / "checkpoint.pt")
+        assert ckpt["config_hash"] == config_hash(spec) and ckpt["run"]["step"] == 12
+        extra = read_checkpoint(work / model / "model.pt")["extra"]
+        assert extra["config_hash"] == config_hash(spec)
+        alone = tmp_path / "alone" / f"{variant}{seed}"
+        experiments.train_model(
+            spec, data_path, alone / "model.pt", alone / "log.csv", alone / "work", log=str
+        )
+        assert_same_training(alone, work / model, log_b="train_log.csv")
+
+
+class ThrottledHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a file only once two clients are downloading it, slowly: the downloads overlap."""
+
+    barrier: threading.Barrier
+    requests: list[str]
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        payload = Path(self.directory, self.path.lstrip("/")).read_bytes()
+        self.barrier.wait()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        for i in range(0, len(payload), 16384):
+            self.wfile.write(payload[i : i + 16384])
+            self.wfile.flush()
+            time.sleep(0.05)
+
+
+def test_two_jobs_downloading_into_one_cache_at_once_both_get_the_verified_archive(tmp_path):
+    archive, _, _ = make_cifar_archive(tmp_path / "srv", n_per_batch=40)
+    cache = tmp_path / "cache"
+    handler = functools.partial(ThrottledHandler, directory=str(archive.parent))
+    ThrottledHandler.barrier, ThrottledHandler.requests = threading.Barrier(2, timeout=300), []
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        spec = {
+            "dataset": "cifar10",
+            "source": "download",
+            "archive": archive.name,
+            "urls": [f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"],
+            "md5": md5_of(archive),
+            "val_fraction": 0.2,
+            "split_seed": 0,
+            "cache_dir": str(cache),
+        }
+        argv = [sys.executable, "-m", "stablenets", "prepare-data", "--spec", json.dumps(spec)]
+        procs = [
+            subprocess.Popen(
+                [*argv, "--out", str(tmp_path / f"out{i}" / "cifar10.h5")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in range(2)
+        ]
+        outcomes = [proc.communicate(timeout=600) for proc in procs]
+        server.shutdown()
+    assert [p.returncode for p in procs] == [0, 0], outcomes
+    assert len(ThrottledHandler.requests) == 2  # both really downloaded, at the same time
+    assert sorted(p.name for p in cache.iterdir()) == [archive.name]  # no temporaries left
+    assert md5_of(cache / archive.name) == md5_of(archive)
+    first, second = (tmp_path / f"out{i}" / "cifar10.h5" for i in range(2))
+    assert_same_h5(first, second)
