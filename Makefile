@@ -26,10 +26,12 @@ report: $(STAMP)
 # cluster's own settings, layered over workflow/profiles/slurm: by default the single-node test
 # cluster of tests/slurm (default partition, no account, no accounting database); on a real
 # cluster: make smoke-slurm SLURM_PROFILE=<your edited copy of workflow/profiles/slurm>.
+# Results, logs and benchmarks go to */smoke-slurm/, next to `make smoke`'s */smoke/.
 # `make smoke-slurm VENV=<path> STAMP=` runs it with an existing environment (the tests do).
 SLURM_PROFILE ?= workflow/profiles/slurm-local
 smoke-slurm: $(STAMP)
-	$(BIN)/snakemake --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) --workflow-profile workflow/profiles/smoke
+	$(BIN)/snakemake --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
+		--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm
 
 test: $(STAMP)
 	$(BIN)/pytest -q

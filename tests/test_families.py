@@ -53,13 +53,15 @@ def _report() -> Iterator[None]:
 
 
 def _stress(module: nn.Module, factor: float, seed: int = 1) -> nn.Module:
-    """float64, eval, every weight scaled by ``factor``, random biases and ``q``."""
+    """float64, eval, every weight perturbed and scaled by ``factor``, random biases and ``q``."""
     module = module.double().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, (LinearOperator, CayleyConv)):
-                m.weight.mul_(factor)
+                scale = float(m.weight.abs().max())
+                noise = torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                m.weight.add_(0.5 * scale * noise).mul_(factor)
                 if m.bias is not None:
                     m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
             if isinstance(m, SLLBlock):
@@ -180,6 +182,49 @@ def test_unknown_block_and_model_names_are_clear_errors():
 
 
 # --------------------------------------------------------------------------------------------
+# Denoisers: the paper's denoiser skeleton with cpl, sll and aol blocks
+
+
+@pytest.mark.parametrize(
+    ("block", "residual", "theta"),
+    [("cpl", False, 1.0), ("cpl", True, 0.5), ("sll", False, 0.5), ("sll", True, 0.5)]
+    + [("aol", False, 1.0), ("aol", True, 1.0)],
+)
+def test_family_denoiser_survives_attack(block, residual, theta):
+    from audit import averaged_objective
+
+    torch.manual_seed(0)
+    model = build_model(
+        "nonexpansive_denoiser",
+        width=6,
+        depth=3,
+        input_size=(8, 10),
+        block=block,
+        residual=residual,
+        theta=theta,
+    )
+    model = _stress(model, 3.0)
+    bound = model.lipschitz_bound()
+    alpha = model.averagedness()
+    if theta < 1 and not residual:
+        assert alpha is not None and alpha < 1
+    assert bound <= (2.0 if residual else 1.0)
+    ratio = adversary(model, (3, 8, 10), steps=50, starts=6, images=True)
+    local = _jacobian_norm(model, (3, 8, 10))
+    RESULTS[f"denoiser {block} residual={residual} theta={theta}"] = (max(ratio, local), bound)
+    assert ratio <= bound * (1 + TOL) and local <= bound * (1 + TOL)
+    assert ratio > 0.05 * min(bound, 1.0)
+    if alpha is not None:
+        worst = adversary(model, (3, 8, 10), averaged_objective(alpha), steps=40, images=True)
+        assert worst <= 1e-9
+
+
+def test_denoiser_block_errors():
+    with pytest.raises(ValueError, match=r"unknown denoiser block 'orthogonal'.*'aol'"):
+        build_model("nonexpansive_denoiser", width=4, depth=1, input_size=8, block="orthogonal")
+
+
+# --------------------------------------------------------------------------------------------
 # CPL is the Euler block at its largest step
 
 
@@ -271,6 +316,11 @@ def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
         pd = _matrix(op.apply, (2, n, n))
     assert float(torch.linalg.matrix_norm(pd, 2)) <= 1 + 1e-12
     assert op.norm_bound() <= 1 + 2e-9
+    # The identity (dirac) start of the classifier's AOL blocks: d = 1 and P D = I.
+    dirac = AOLConv(3, 3, 3, (5, 5), padding=1, dirac_init=True).double()
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dirac.apply(x).detach(), x, rtol=0, atol=1e-15)
+    assert dirac.norm_bound() == pytest.approx(1.0, rel=2e-9)
     # Strided and dilated: still a compression of the same rescaled full convolution.
     for kwargs in ({"stride": 2}, {"dilation": 2, "padding": 2}):
         strided = AOLConv(2, 3, 3, (7, 7), generator=g, **{"padding": 1, **kwargs}).double()
@@ -294,9 +344,10 @@ def test_cayley_convolution_is_orthogonal_on_the_circular_grid(size):
     x = torch.randn(6, 3, *size, generator=g, dtype=torch.float64)
     y = conv.apply(x)
     assert y.dtype == torch.float64 and y.shape == x.shape
-    ratio = y.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    ratio = y.detach().flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
     assert float((ratio - 1).abs().max()) < 1e-10
-    q = _matrix(conv.apply, (3, *size))
+    with torch.no_grad():
+        q = _matrix(conv.apply, (3, *size))
     eye = torch.eye(q.shape[0], dtype=torch.float64)
     assert float((q.T @ q - eye).abs().max()) < 1e-10
     # A circular convolution: it commutes with circular shifts.
@@ -330,7 +381,7 @@ def test_margin_loss_uses_the_models_lipschitz_estimate_with_gradient():
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     out = model(x)
     est = model.lipschitz_estimate()
-    assert est.requires_grad and float(est) > 0
+    assert est.requires_grad and float(est.detach()) > 0
     crit = MarginLoss(eps=0.5, temperature=0.25)
 
     class Fixed(nn.Module):
@@ -453,6 +504,10 @@ def test_config_sizes_select_and_family_variants():
         (
             {"variants": {"x": {"model": "cpl_classifier", "kwargs": {"integrator": "rk4"}}}},
             "one Euler step",
+        ),
+        (
+            {"variants": {"x": {"model": "aol_classifier", "kwargs": {"block": "sll"}}}},
+            "only nonexpansive_denoiser takes a block",
         ),
     ],
 )

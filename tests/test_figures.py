@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 from stablenets.figures import (  # noqa: E402 - after choosing the headless backend
     KNOWN_MODELS,
     denoising_examples_figure,
+    families_figure,
     model_colors,
     pnp_convergence_figure,
     pnp_reconstructions_figure,
@@ -58,6 +59,8 @@ def classification_eval(root: Path, variant: str, seed: int) -> Path:
         "auc_empirical": 0.2,
         "n_test": 50,
         "strong_method": "pgd",
+        "base_width": 16,
+        "epoch_time_s": 2.0 + seed,
     }
     data = {
         "eps": eps,
@@ -184,7 +187,7 @@ def assert_saved(stem: Path) -> None:
 def assert_no_empty_axes(fig: Figure) -> None:
     for ax in fig.axes:
         if ax.get_visible():
-            assert ax.lines or ax.images, f"empty axes {ax.get_ylabel() or ax.get_title()!r}"
+            assert ax.lines or ax.images or ax.patches, f"empty axes {ax.get_ylabel() or ax.get_title()!r}"
 
 
 def line_colors(fig: Figure) -> dict[str, str]:
@@ -422,3 +425,21 @@ def test_pnp_convergence_labels_diverged_runs_and_keeps_the_others_readable(
     assert 10 < low < 20 and 28 < high < 40, (low, high)
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "dncnn (diverged 3/3)" in labels and "averaged" in labels
+
+
+def test_families_figure(classification_paths: list[Path], root: Path) -> None:
+    """Bars per variant (clean, empirical, certified at the smallest radius), certified accuracy
+    at the standard radii, time per epoch; colours as in the robustness figure."""
+    stem = root / "figures" / "families"
+    fig = families_figure(classification_paths, stem)
+    assert_saved(stem)
+    assert_no_empty_axes(fig)
+    bars, curve, timing = fig.axes
+    assert "36/255" in bars.get_ylabel() and "(%)" in curve.get_ylabel()
+    assert "per epoch (s)" in timing.get_ylabel()
+    assert [t.get_text() for t in timing.get_xticklabels()] == ["nonexpansive", "resnet"]
+    heights = {p.get_gid(): p.get_height() for p in timing.patches}
+    assert heights == {"nonexpansive": pytest.approx(2.5), "resnet": pytest.approx(2.5)}
+    resnet = [p.get_height() for p in bars.patches if p.get_gid() == "resnet"]
+    assert len(resnet) == 3 and resnet[2] == 0.0  # certified accuracy of the ResNet is 0
+    assert line_colors(fig) == model_colors(["nonexpansive", "resnet"])

@@ -41,12 +41,18 @@ def test_smoke_rerun_has_nothing_to_do(smoke_run):
 @pytest.mark.slow
 def test_smoke_classifiers_beat_chance_and_satisfy_the_invariant(smoke_run):
     table = pd.read_csv(smoke_run / "results/smoke/tables/classification.csv")
-    assert set(table["variant"]) == {"nonexpansive", "resnet"}
-    assert (table["clean_accuracy"] > 0.25).all(), table["clean_accuracy"]
+    families = {"cpl_XS", "sll_XS", "aol_XS", "orthogonal_XS"}
+    assert set(table["variant"]) == {"nonexpansive", "resnet", *families}
+    assert (table["clean_accuracy"] > 0.2).all(), table["clean_accuracy"]
+    compared = pd.read_csv(smoke_run / "results/smoke/tables/families.csv")
+    assert set(compared["variant"]) == set(table["variant"])
+    assert (compared["empirical_lipschitz"] <= compared["lipschitz_bound"]).all()
     for path in (smoke_run / "results/smoke/eval/classification").rglob("*.h5"):
         with h5py.File(path) as fh:
             cert, emp = fh["certified"][()], fh["empirical"][()]
             assert (cert <= emp + 1e-12).all() and (emp <= fh.attrs["clean_accuracy"]).all()
+            std_cert, std_emp = fh["standard_certified"][()], fh["standard_empirical"][()]
+            assert (std_cert <= std_emp + 1e-12).all(), path
             for key in ("config_hash", "seed", "versions", "git_commit"):
                 assert key in fh.attrs
 

@@ -101,57 +101,6 @@ def assert_same_training(a: Path, b: Path, log_b: str = "log.csv") -> None:
     pd.testing.assert_frame_equal(*(log.drop(columns="images_per_s") for log in logs))
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, path: Path, step: int) -> None:
-    """Wait until the resume checkpoint has passed ``step`` (the process is still running)."""
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists():
-            try:
-                if read_checkpoint(path)["run"]["step"] >= step:
-                    return
-            except Exception:  # noqa: BLE001 - the file is being replaced; try again
-                pass
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared before the process ended")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("full")
-    done = run(SPEC, dataset, out)
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-def one_error_line(stderr: str, *needles: str) -> str:
-    """The job's stderr is one line, no traceback, containing every needle."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-# ============================================================================================
-# Kill and resume
-# ============================================================================================
-
-
-def test_sigkill_then_rerun_resumes_and_matches_the_uninterrupted_run(
-    dataset, uninterrupted, tmp_path
-):
-    proc = subprocess.Popen(command(SPEC, dataset, tmp_path), stdout=subprocess.PIPE, text=True)
-    wait_for_checkpoint(proc, tmp_path / "work" / "checkpoint.pt", 25)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "model.pt").exists()
-    resumed = run(SPEC, dataset, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    assert_same_training(uninterrupted, tmp_path)
-
-
 # A process that imports stablenets once and forks one training process per request (a fork is
 # a real process: SIGKILL ends it like any other). Its ``torch.save`` writes the same bytes in
 # 4 KiB pieces with short pauses, a slow disk, so that kills land inside checkpoint writes.
@@ -173,6 +122,8 @@ def slow_save(obj, f, **kwargs):
             time.sleep(0.002)
 
 torch.save = slow_save
+torch.set_num_threads(1)  # as the jobs do; no thread pool exists at the fork
+torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports what the jobs import
 print("ready", flush=True)
 for line in sys.stdin:
     argv, log = json.loads(line)
@@ -185,8 +136,8 @@ for line in sys.stdin:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    print(pid, flush=True)
-    print(os.waitpid(pid, 0)[1], flush=True)
+    print("pid", pid, flush=True)
+    print("exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
@@ -207,20 +158,89 @@ class ForkServer:
             self.lines.put(line.strip())
 
     def start(self, argv: list[str], log: Path) -> int:
+        """Fork one ``python -m stablenets`` job (stdout and stderr to ``log``); its pid."""
         self.proc.stdin.write(json.dumps([argv, str(log)]) + "\n")
         self.proc.stdin.flush()
-        return int(self.lines.get(timeout=60))
+        while True:  # skip what an earlier, failed test left unread
+            kind, value = self.lines.get(timeout=600).split()
+            if kind == "pid":
+                return int(value)
 
     def status(self, timeout: float | None = 0) -> int | None:
-        """The wait status of the running job, or None while it runs."""
+        """The exit code of the running job (-N: killed by signal N), or None while it runs."""
         try:
-            return int(self.lines.get(timeout=timeout) if timeout else self.lines.get_nowait())
+            line = self.lines.get(timeout=timeout) if timeout else self.lines.get_nowait()
         except queue.Empty:
             return None
+        kind, value = line.split()
+        assert kind == "exit", line
+        return int(value)
+
+    def run(self, argv: list[str], log: Path) -> int:
+        self.start(argv, log)
+        return self.status(timeout=600)
 
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server():
+    forks = ForkServer()
+    yield forks
+    forks.close()
+
+
+def wait_for_checkpoint(running, path: Path, step: int) -> None:
+    """Wait until the resume checkpoint has passed ``step`` while ``running()`` is true."""
+    deadline = time.time() + 300
+    while time.time() < deadline and running():
+        if path.exists():
+            try:
+                if read_checkpoint(path)["run"]["step"] >= step:
+                    return
+            except CheckpointError:  # being replaced: try again
+                pass
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared before the process ended")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(server, dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    assert server.run(train_args(SPEC, dataset, out), out / "job.log") == 0
+    return out
+
+
+def one_error_line(stderr: str, *needles: str) -> str:
+    """The job's stderr is one line, no traceback, containing every needle."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ============================================================================================
+# Kill and resume
+# ============================================================================================
+
+
+def test_sigkill_then_rerun_resumes_and_matches_the_uninterrupted_run(
+    dataset, uninterrupted, tmp_path
+):
+    """A standalone ``python -m stablenets train``, as Snakemake starts it."""
+    proc = subprocess.Popen(command(SPEC, dataset, tmp_path), stdout=subprocess.PIPE, text=True)
+    wait_for_checkpoint(lambda: proc.poll() is None, tmp_path / "work" / "checkpoint.pt", 25)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "model.pt").exists()
+    resumed = run(SPEC, dataset, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert_same_training(uninterrupted, tmp_path)
 
 
 def written_temporaries(path: Path) -> list[str]:
@@ -235,58 +255,56 @@ def written_temporaries(path: Path) -> list[str]:
     return found
 
 
-def test_sigkill_at_random_moments_and_inside_checkpoint_writes_never_loses_work(dataset, tmp_path):
+def test_sigkill_at_random_moments_and_inside_checkpoint_writes_never_loses_work(
+    server, dataset, tmp_path
+):
     """Kill one training run over and over (random moments, and while ``checkpoint.pt``'s
     temporary file is half written); after every kill the checkpoint is complete and loads, and
     the reruns end with exactly the weights and log of an uninterrupted run."""
     spec = {**SPEC, "train": {**SPEC["train"], "steps": 30, "checkpoint_every": 2}}
-    server = ForkServer()
-    try:
-        reference = tmp_path / "reference"
-        server.start(train_args(spec, dataset, reference), tmp_path / "reference.log")
-        assert server.status(timeout=600) == 0, (tmp_path / "reference.log").read_text()
+    reference = tmp_path / "reference"
+    code = server.run(train_args(spec, dataset, reference), tmp_path / "reference.log")
+    assert code == 0, (tmp_path / "reference.log").read_text()
 
-        out, rng = tmp_path / "killed", random.Random(8)
-        ckpt, log = out / "work" / "checkpoint.pt", tmp_path / "killed.log"
-        kills = mid_write = 0
-        last_step, history = 0, []
-        for attempt in range(30):
-            stale = {p.name for p in ckpt.parent.glob(".checkpoint.pt.*")}  # an earlier kill's
-            pid = server.start(train_args(spec, dataset, out), log)
-            mode = "write" if attempt % 3 != 2 else "random"
-            writes_to_skip, seen = rng.randrange(2), set()
-            deadline = time.time() + (rng.uniform(0.0, 1.5) if mode == "random" else 300)
-            status = None
-            while status is None and kills < 10:
-                temporaries = written_temporaries(ckpt)
-                seen.update(set(temporaries) - stale)
-                if (mode == "write" and len(seen) > writes_to_skip) or time.time() > deadline:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    status = server.status(timeout=60)
-                    break
-                status = server.status(timeout=0.002)
-            if status is None:  # enough kills: let this run finish
-                status = server.status(timeout=600)
-            if status == 0:
+    out, rng = tmp_path / "killed", random.Random(8)
+    ckpt, log = out / "work" / "checkpoint.pt", tmp_path / "killed.log"
+    kills = mid_write = 0
+    last_step, history = 0, []
+    for attempt in range(30):
+        stale = {p.name for p in ckpt.parent.glob(".checkpoint.pt.*")}  # an earlier kill's
+        pid = server.start(train_args(spec, dataset, out), log)
+        mode = "write" if attempt % 3 != 2 else "random"
+        writes_to_skip, seen = rng.randrange(2), set()
+        deadline = time.time() + (rng.uniform(0.0, 1.5) if mode == "random" else 300)
+        status = None
+        while status is None and kills < 8:
+            temporaries = written_temporaries(ckpt)
+            seen.update(set(temporaries) - stale)
+            if (mode == "write" and len(seen) > writes_to_skip) or time.time() > deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                status = server.status(timeout=60)
                 break
-            assert status == signal.SIGKILL, (status, log.read_text()[-2000:])
-            history.append((mode, writes_to_skip, sorted(seen), ckpt.exists()))
-            kills += 1
-            if {p.name for p in ckpt.parent.glob(".checkpoint.pt.*")} - stale:  # before rename
-                mid_write += 1
-            if ckpt.exists():  # never a partial checkpoint, and never a step backwards
-                step = read_checkpoint(ckpt)["run"]["step"]
-                assert step >= last_step
-                last_step = step
-            if (out / "model.pt").exists():
-                load_model(out / "model.pt")
-        else:
-            raise AssertionError("the training run never finished")
-    finally:
-        server.close()
+            status = server.status(timeout=0.002)
+        if status is None:  # enough kills: let this run finish
+            status = server.status(timeout=600)
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL, (status, log.read_text()[-2000:])
+        history.append((mode, writes_to_skip, sorted(seen), ckpt.exists()))
+        kills += 1
+        if {p.name for p in ckpt.parent.glob(".checkpoint.pt.*")} - stale:  # before rename
+            mid_write += 1
+        if ckpt.exists():  # never a partial checkpoint, and never a step backwards
+            step = read_checkpoint(ckpt)["run"]["step"]
+            assert step >= last_step
+            last_step = step
+        if (out / "model.pt").exists():
+            load_model(out / "model.pt")
+    else:
+        raise AssertionError("the training run never finished")
     assert kills >= 5 and mid_write >= 3, (kills, mid_write, history)
     text = log.read_text()
     assert "resumed from" in text and "temporary of an interrupted checkpoint write" in text
@@ -294,32 +312,35 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_never_loses_work
     assert_same_training(reference, out)
 
 
-def test_sigusr1_writes_a_checkpoint_and_exits_75(dataset, tmp_path):
-    spec = {**SPEC, "train": {**SPEC["train"], "checkpoint_every": 1000}}
-    proc = subprocess.Popen(
-        command(spec, dataset, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    for line in proc.stdout:  # the first validation line: the loop (and its handler) is running
-        if line.startswith("step "):
-            break
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err
-    assert "rerun to resume" in err
+def test_sigusr1_writes_a_checkpoint_and_exits_75(server, dataset, tmp_path):
+    spec = {**SPEC, "train": {**SPEC["train"], "steps": 400, "checkpoint_every": 1000}}
+    log = tmp_path / "job.log"
+    pid = server.start(train_args(spec, dataset, tmp_path), log)
+    deadline = time.time() + 300
+    while "\nstep " not in "\n" + (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline, "no validation line"  # the loop and its handler run
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGUSR1)
+    assert server.status(timeout=300) == 75, log.read_text()
+    assert "rerun to resume" in log.read_text()
     assert read_checkpoint(tmp_path / "work" / "checkpoint.pt")["run"]["step"] > 0
 
 
-def test_checkpoint_from_another_config_is_ignored_with_a_log_line(
-    dataset, uninterrupted, tmp_path
-):
-    proc = subprocess.Popen(command(SPEC, dataset, tmp_path), stdout=subprocess.PIPE, text=True)
-    wait_for_checkpoint(proc, tmp_path / "work" / "checkpoint.pt", 10)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def test_checkpoint_from_another_config_is_ignored_with_a_log_line(server, dataset, tmp_path):
+    pid = server.start(train_args(SPEC, dataset, tmp_path), tmp_path / "first.log")
+    running = []  # the exit code, once the job ended
+
+    def still_running() -> bool:
+        running.append(server.status())
+        return running[-1] is None
+
+    wait_for_checkpoint(still_running, tmp_path / "work" / "checkpoint.pt", 10)
+    os.kill(pid, signal.SIGKILL)
+    assert server.status(timeout=60) == -signal.SIGKILL
     other = {**SPEC, "train": {**SPEC["train"], "steps": 20}}
-    done = run(other, dataset, tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "ignoring checkpoint" in done.stdout and "resumed" not in done.stdout
+    assert server.run(train_args(other, dataset, tmp_path), tmp_path / "second.log") == 0
+    text = (tmp_path / "second.log").read_text()
+    assert "ignoring checkpoint" in text and "resumed" not in text
 
 
 def test_slurm_profile_requeues_and_signals_training_jobs_before_the_time_limit():
@@ -375,16 +396,17 @@ def test_outputs_are_replaced_atomically_even_when_the_writer_is_killed(tmp_path
 # ============================================================================================
 
 
-def test_divergence_stops_with_the_step_and_last_checkpoint(dataset, tmp_path):
+def test_divergence_stops_with_the_step_and_last_checkpoint(server, dataset, tmp_path):
     spec = {
         **SPEC,
         "model": "resnet_classifier",
         "train": {**SPEC["train"], "lr_max": 1.0e6, "warmup": 0.1},
     }
-    done = run(spec, dataset, tmp_path)
-    assert done.returncode == 1
-    assert "training diverged at step" in done.stderr and "last good checkpoint" in done.stderr
-    assert "Traceback" not in done.stderr
+    log = tmp_path / "job.log"
+    assert server.run(train_args(spec, dataset, tmp_path), log) == 1
+    text = log.read_text()
+    assert "training diverged at step" in text and "last good checkpoint" in text
+    assert "Traceback" not in text
     assert not (tmp_path / "model.pt").exists()
 
 
@@ -635,7 +657,7 @@ def test_a_checkpoint_for_another_model_fails_the_job_naming_both(tmp_path, caps
     one_error_line(
         capsys.readouterr().err,
         str(path),
-        "holds model 'nonexpansive_denoiser', expected one of ['nonexpansive_classifier'",
+        "holds model 'nonexpansive_denoiser', not a classification model; expected one of",
     )
     spec.update(variant="heun", sigma=0.05)
     argv[1] = json.dumps(spec)
@@ -784,18 +806,17 @@ CONCURRENT = {
             "log_every": 3,
         },
         "variants": {
-            name: {
+            "nonexpansive": {
                 "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16}
             }
-            for name in ("nonexpansive", "resnet")
         },
     },
 }
-CONCURRENT_JOBS = [("nonexpansive", 0), ("nonexpansive", 1), ("resnet", 0)]
+CONCURRENT_JOBS = [("nonexpansive", 0), ("nonexpansive", 1)]  # neighbours in one folder
 
 
 def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path):
-    """Three training jobs under ``snakemake --cores 2`` in one results tree: each has its own
+    """Two training jobs at once under ``snakemake --cores 2`` in one results tree: each has its own
     log, checkpoint and training log, and the same weights as the job run alone."""
     work = copy_workflow(tmp_path / "wf")
     (work / "config" / "conc.yaml").write_text(yaml.safe_dump(CONCURRENT))

@@ -14,6 +14,7 @@ from stablenets.tables import (
     classification_table,
     denoising_table,
     display_frame,
+    families_table,
     pnp_table,
     radius_label,
     write_table,
@@ -54,6 +55,10 @@ def classification_file(root: Path, variant: str, seed: int) -> Path:
         "auc_empirical": 0.25,
         "n_test": 100,
         "strong_method": "autoattack",
+        "base_width": 8 if variant == "resnet" else 16,
+        "empirical_lipschitz": 0.5 * lip,
+        "epoch_time_s": 3.0 + seed,
+        "peak_memory_mb": 500.0,
     }
     curve = clean * np.exp(-3 * EPS)
     datasets = {
@@ -263,3 +268,20 @@ def test_latex_escapes_underscores(denoising_paths: list[Path], tmp_path: Path) 
 def test_empty_input_rejected() -> None:
     with pytest.raises(ValueError, match="no result files"):
         classification_table([])
+
+
+def test_families_table_groups_by_family_with_bounds_and_costs(tmp_path: Path) -> None:
+    paths = [classification_file(tmp_path, v, s) for v, s in CLASSIFIERS]
+    df = families_table(paths)
+    assert list(df["family"]) == ["nonexpansive", "resnet"]
+    row = df.set_index("variant").loc["nonexpansive"]
+    assert row["seeds"] == 2 and row["base_width"] == 16
+    assert row["clean_accuracy"] == pytest.approx(0.62)
+    assert row["certified@36/255"] == pytest.approx(0.42)
+    assert row["empirical_lipschitz"] == pytest.approx(0.55)
+    assert row["lipschitz_bound"] == pytest.approx(1.1)
+    assert row["epoch_time_s"] == pytest.approx(3.5) and row["peak_memory_mb"] == 500.0
+    assert not any(c.startswith("pgd") or c.startswith("auc") for c in df.columns)
+    shown = display_frame(df)
+    assert "time per epoch (s)" in shown.columns and "peak memory (MB)" in shown.columns
+    assert shown.set_index("variant").loc["nonexpansive", "clean acc. (%)"] == "62.0 ± 2.8"

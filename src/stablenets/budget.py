@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from .atomic import atomic_write
 
 __all__ = ["budget_steps", "seconds_per_step", "resolve_steps"]
 
@@ -78,9 +79,6 @@ def resolve_steps(
         "seconds_per_step": step_seconds,
         "steps": steps,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=1))
     log(f"budget {minutes} min at {step_seconds * 1e3:.1f} ms/step: {steps} steps (-> {path})")
     return steps

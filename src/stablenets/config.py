@@ -136,9 +136,15 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
                 errors.append(f"{where}: set either size or kwargs.base_width, not both")
         if variant.get("train", {}).get("loss") is not None and task != "classification":
             errors.append(f"{where}.train.loss: the margin loss is for classification only")
-        if variant["model"] == "cpl_classifier" and kwargs.get("integrator", "euler") != "euler":
+        if "block" in kwargs and variant["model"] != "nonexpansive_denoiser":
             errors.append(
-                f"{where}.kwargs.integrator: cpl_classifier is one Euler step; "
+                f"{where}.kwargs.block: only nonexpansive_denoiser takes a block; classifiers "
+                "pick theirs by model name (e.g. sll_classifier)"
+            )
+        cpl = variant["model"] == "cpl_classifier" or kwargs.get("block") == "cpl"
+        if cpl and kwargs.get("integrator", "euler") != "euler":
+            errors.append(
+                f"{where}.kwargs.integrator: a cpl block is one Euler step; "
                 f"{kwargs['integrator']!r} is not allowed"
             )
     unknown = [v for v in section.get("select") or [] if v not in section["variants"]]

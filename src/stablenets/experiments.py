@@ -19,6 +19,7 @@ import torch
 from . import data, denoising, pnp, robustness
 from .atomic import atomic_write
 from .augment import AugmentConfig
+from .config import CLASSIFIERS, DENOISERS
 from .models import (
     CheckpointError,
     StableModel,
@@ -27,7 +28,14 @@ from .models import (
     read_checkpoint,
     save_model,
 )
-from .runtime import config_hash, provenance, select_device, write_results, write_sidecar
+from .runtime import (
+    config_hash,
+    peak_memory_mb,
+    provenance,
+    select_device,
+    write_results,
+    write_sidecar,
+)
 from .training import ClassificationTask, DenoisingTask, TrainConfig, train, write_log
 
 __all__ = [
@@ -135,6 +143,8 @@ def train_model(
         best_step=state.best_step,
         best_metric=state.best_metric,
         train_time_s=state.elapsed,
+        epoch_time_s=state.elapsed / max(state.step, 1) * task.steps_per_epoch(cfg.batch_size),
+        peak_memory_mb=peak_memory_mb(device),
         total_substeps=_final_substeps(model, state.rows),
         **provenance(spec, spec["seed"]),
     )
@@ -146,21 +156,17 @@ def _final_substeps(model: StableModel, rows: list[dict]) -> int:
     return int(train_rows[-1]["substeps"]) if train_rows else model.total_substeps()
 
 
-CLASSIFIERS = ("nonexpansive_classifier", "resnet_classifier")
-DENOISERS = ("nonexpansive_denoiser", "dncnn")
-
-
-def _load(
-    model_path: Path, spec: dict, kinds: tuple[str, ...]
-) -> tuple[StableModel, dict, torch.device]:
+def _load(model_path: Path, spec: dict, task: str) -> tuple[StableModel, dict, torch.device]:
     """The trained model for this job; a checkpoint of another kind of model, another variant
     or another noise level fails with one line naming the file, what it holds and what the job
     expected."""
     device = _setup(spec)
     ckpt = read_checkpoint(model_path)
+    kinds = sorted({"classification": CLASSIFIERS, "denoising": DENOISERS}[task])
     if ckpt.get("name") not in kinds:
         raise CheckpointError(
-            f"checkpoint {model_path} holds model {ckpt.get('name')!r}, expected one of {list(kinds)}"
+            f"checkpoint {model_path} holds model {ckpt.get('name')!r}, not a {task} model; "
+            f"expected one of {kinds}"
         )
     extra = ckpt.get("extra", {})
     trained = json.loads(extra["config"]) if isinstance(extra.get("config"), str) else {}
@@ -192,7 +198,7 @@ def evaluate_classifier(
 ) -> None:
     """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs; the
     per-point invariant *certified => never flipped* and certified <= empirical <= clean."""
-    model, extra, device = _load(model_path, spec, CLASSIFIERS)
+    model, extra, device = _load(model_path, spec, "classification")
     ev = spec["evaluate"]
     x, y = data.read_split(data_path, "test")
     if ev.get("n_test"):
@@ -244,6 +250,10 @@ def evaluate_classifier(
         "n_params": sum(p.numel() for p in model.parameters()),
         "total_substeps": extra.get("total_substeps", 0),
         "train_time_s": extra.get("train_time_s", math.nan),
+        "epoch_time_s": extra.get("epoch_time_s", math.nan),
+        "peak_memory_mb": extra.get("peak_memory_mb", math.nan),
+        "base_width": getattr(model, "base_width", math.nan),
+        "empirical_lipschitz": _classifier_lower_bound(model, x, ev, spec["seed"], lip),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
         "strong_method": ev["strong"]["method"],
@@ -253,6 +263,22 @@ def evaluate_classifier(
     datasets = {"eps": eps, **acc, "standard_eps": std_eps}
     datasets.update({f"standard_{k}": np.asarray(v) for k, v in std.items()})
     write_results(out, attrs, datasets)
+
+
+def _classifier_lower_bound(
+    model: StableModel, x: torch.Tensor, ev: dict, seed: int, bound: float
+) -> float:
+    """Empirical Lipschitz lower bound of the logits map near test images (adversarial search);
+    above the certified ``bound`` it would prove the certificate wrong, so that fails the job."""
+    audit = ev["lipschitz_search"]
+    lower = robustness.lipschitz_lower_bound(
+        model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed
+    )
+    if lower > bound:
+        raise robustness.InvariantError(
+            f"classifier: empirical Lipschitz {lower:.6g} exceeds the certified bound {bound:.6g}"
+        )
+    return lower
 
 
 def _strong_attack(cfg: dict, seed: int, batch_size: int):
@@ -342,7 +368,7 @@ def evaluate_denoiser(
     spec: dict, model_path: Path, data_path: Path, out: Path, log: Log = print
 ) -> None:
     """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz."""
-    model, _, device = _load(model_path, spec, DENOISERS)
+    model, _, device = _load(model_path, spec, "denoising")
     ev = spec["evaluate"]
     clean, noisy = _noisy_test(spec, data_path, device)
     denoised = _batched(model, noisy, ev["batch_size"])
@@ -442,7 +468,7 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing:
     a violation fails the job naming the model and the image.
     """
-    model, _, device = _load(model_path, spec, DENOISERS)
+    model, _, device = _load(model_path, spec, "denoising")
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     size = tuple(clean.shape[-2:])
@@ -521,6 +547,7 @@ _TABLE_CAPTIONS = {
     "classification": "CIFAR-10 robustness (L2, inputs in [0, 1])",
     "denoising": "Gaussian denoising PSNR on the test images",
     "pnp": "Plug-and-Play deblurring",
+    "families": "1-Lipschitz layer families (L2, inputs in [0, 1])",
 }
 
 
@@ -531,6 +558,7 @@ def make_table(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> N
     kind = spec["kind"]
     build = {
         "classification": tables.classification_table,
+        "families": tables.families_table,
         "denoising": tables.denoising_table,
         "pnp": tables.pnp_table,
     }[kind]
@@ -563,6 +591,7 @@ def make_figure(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> 
     else:
         draw = {
             "robustness": figures.robustness_figure,
+            "families": figures.families_figure,
             "pnp_convergence": figures.pnp_convergence_figure,
             "pnp_reconstructions": figures.pnp_reconstructions_figure,
         }[kind]
@@ -574,6 +603,7 @@ SUMMARY_TITLES = {
     "classification": "Classification: robustness",
     "denoising": "Denoising",
     "pnp": "Plug-and-Play deblurring",
+    "families": "1-Lipschitz layer families",
 }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "model_colors",
     "save_figure",
     "robustness_figure",
+    "families_figure",
     "training_figure",
     "denoising_examples_figure",
     "pnp_convergence_figure",
@@ -80,6 +81,7 @@ STYLE_RC: dict[str, Any] = {
     "savefig.dpi": PNG_DPI,
 }
 PANEL_SIZE = (3.3, 2.5)  # inches per plot panel
+FAMILY_PANEL_SIZE = (3.4, 2.8)  # inches per panel of the layer-family comparison
 ROBUSTNESS_SIZE = (7.0, 3.8)  # inches, the robustness plot (legends outside, on the right)
 IMAGE_SIZE = 1.8  # inches of the longer side of one image panel
 BAND_ALPHA = 0.18  # light bands (min-max over blocks or images)
@@ -344,6 +346,83 @@ def robustness_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
         ("model", _model_handles(colors, labels)),
         ("accuracy", [*_style_handles(CURVE_STYLES, CURVE_LABELS), clean]),
     )
+    return _finish(fig, stem)
+
+
+_FAMILY_SETS = ("standard_eps", "standard_certified", "standard_empirical")
+#: Bars of the layer-family comparison: (label, alpha, hatch) per accuracy.
+FAMILY_BARS = {
+    "clean": ("clean", 0.35, ""),
+    "standard_empirical": ("empirical (strongest attack)", 0.65, "//"),
+    "standard_certified": ("certified", 1.0, ""),
+}
+
+
+def _family_order(results: Mapping[str, list[_Result]]) -> list[str]:
+    """Variants grouped by model (family), narrowest first."""
+
+    def key(name: str) -> tuple[str, float, str]:
+        first = results[name][0]
+        width = first.number("base_width")
+        return (str(first.attrs.get("model", "")), width if np.isfinite(width) else 0.0, name)
+
+    return sorted(results, key=key)
+
+
+def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
+    """Layer families side by side (mean over seeds): clean, empirical and certified accuracy
+    at the smallest standard radius (bars), certified accuracy against the standard radii, and
+    training time per epoch; one colour per variant, as in the robustness figure."""
+    groups = _group(_read(p, _FAMILY_SETS) for p in eval_paths)
+    if not groups:
+        raise ValueError("no classification result files given")
+    names = _family_order(groups)
+    colors = model_colors(names)
+    fig, axes = _new_figure(1, 3, FAMILY_PANEL_SIZE)
+    bars, curve, timing = axes[0]
+    x = np.arange(len(names))
+    radii = groups[names[0]][0].data["standard_eps"]
+    width = 0.8 / len(FAMILY_BARS)
+    for i, name in enumerate(names):
+        rs = groups[name]
+        for j, (key, (_, alpha, hatch)) in enumerate(FAMILY_BARS.items()):
+            value = _nanmean(
+                [r.number("clean_accuracy") if key == "clean" else r.data[key][0] for r in rs]
+            )
+            offset = (j - (len(FAMILY_BARS) - 1) / 2) * width
+            bars.bar(
+                x[i] + offset,
+                100 * value,
+                width,
+                color=colors[name],
+                alpha=alpha,
+                hatch=hatch,
+                gid=name,
+                edgecolor=colors[name],
+                linewidth=0.6,
+            )
+        certified = np.mean([r.data["standard_certified"] for r in rs], axis=0)
+        curve.plot(255 * radii, 100 * certified, "o-", color=colors[name], gid=name)
+        timing.bar(
+            x[i],
+            _nanmean([r.number("epoch_time_s") for r in rs]),
+            0.6,
+            color=colors[name],
+            gid=name,
+        )
+    for ax in (bars, timing):
+        ax.set_xticks(x, names, rotation=45, ha="right")
+    bars.set_ylabel(f"accuracy at ε = {255 * radii[0]:.0f}/255 (%)")
+    bars.set_ylim(0, 100)
+    curve.set_xlabel("L2 radius ε (× 1/255, inputs in [0, 1])")
+    curve.set_ylabel("certified accuracy (%)")
+    curve.set_ylim(0, 100)
+    timing.set_ylabel("training time per epoch (s)")
+    accuracy = [
+        Patch(facecolor="0.3", alpha=alpha, hatch=hatch, label=label)
+        for label, alpha, hatch in FAMILY_BARS.values()
+    ]
+    _side_legends(fig, ("model", _model_handles(colors)), ("bars", accuracy))
     return _finish(fig, stem)
 
 

@@ -7,7 +7,8 @@
   ``cpl_classifier``, ``sll_classifier``, ``aol_classifier``, ``orthogonal_classifier``: the same
   skeleton with the other 1-Lipschitz block families of ``families.py``.
 * ``nonexpansive_denoiser``: zero-pad the channels to the width (an isometry), blocks, keep the
-  first channels (its adjoint); direct ``N(x)`` or residual ``x - N(x)`` output.
+  first channels (its adjoint); direct ``N(x)`` or residual ``x - N(x)`` output. ``block``:
+  the paper's block (default) or ``cpl``, ``sll``, ``aol`` from ``families.py``.
 * ``dncnn``: Zhang et al. 2017, residual, batch norm; unconstrained, bound by the product of norms.
 
 Checkpoints hold the name, the constructor kwargs and the full ``state_dict`` (power-iteration
@@ -45,6 +46,8 @@ __all__ = [
 
 # Blocks the classifier skeleton takes: the paper's two and the other 1-Lipschitz families.
 BLOCKS = ("nonexpansive", "residual", *FAMILIES)
+# Blocks the denoiser skeleton takes: the paper's and the families that apply (C -> C, zero pad).
+DENOISER_BLOCKS = ("nonexpansive", "cpl", "sll", "aol")
 
 Size = tuple[int, int]
 
@@ -147,6 +150,7 @@ class Classifier(StableModel):
         super().__init__()
         size = _size(input_size)
         make = _block_factory(block, activation, integrator, theta, time, kernel_size)
+        self.base_width = base_width
         self.lift = Conv2dOperator(in_channels, base_width, 1, size)
         self.sizes: list[Size] = []
         self.stages = nn.ModuleList()
@@ -208,27 +212,33 @@ class NonexpansiveDenoiser(StableModel):
         residual: bool = False,
         input_size: int | list[int] = (321, 481),
         power_size: int | list[int] | None = None,
+        block: str = "nonexpansive",
     ):
         super().__init__()
         if width < channels:
             raise ValueError(f"width {width} must be >= channels {channels}")
+        if block not in DENOISER_BLOCKS:
+            raise ValueError(f"unknown denoiser block {block!r}; allowed: {list(DENOISER_BLOCKS)}")
         self.channels, self.width, self.residual = channels, width, residual
         self.input_size = _size(input_size)
         psize = _size(power_size) if power_size is not None else None
-        self.blocks = nn.Sequential(
-            *(
-                NonexpansiveBlock(
-                    Conv2dOperator(
-                        width, width, kernel_size, self.input_size, psize, padding=kernel_size // 2
-                    ),
-                    build_activation(activation),
-                    integrator,
-                    theta,
-                    time,
+
+        def make() -> nn.Module:
+            if block != "nonexpansive":
+                return build_family_block(
+                    block, width, self.input_size, kernel_size, activation, theta, integrator, psize
                 )
-                for _ in range(depth)
+            return NonexpansiveBlock(
+                Conv2dOperator(
+                    width, width, kernel_size, self.input_size, psize, padding=kernel_size // 2
+                ),
+                build_activation(activation),
+                integrator,
+                theta,
+                time,
             )
-        )
+
+        self.blocks = nn.Sequential(*(make() for _ in range(depth)))
 
     def network(self, x: torch.Tensor) -> torch.Tensor:
         """``N(x) = P^T (blocks) P x`` with ``P`` the zero-padding isometry."""

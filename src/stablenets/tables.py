@@ -29,6 +29,7 @@ __all__ = [
     "Column",
     "COLUMNS",
     "classification_table",
+    "families_table",
     "denoising_table",
     "pnp_table",
     "write_table",
@@ -44,7 +45,7 @@ RADIUS_SEP = "@"  # ``certified@36/255``: a metric at one of the standard radii
 RADIUS_DENOMINATOR = 255  # radii are labelled as multiples of 1/255 when they are
 MISSING = "n/a"  # what a table shows for NaN
 SEEDS = "seeds"  # the column counting the result files behind a row
-_TEXT_COLUMNS = ("method", "variant", "model", "strong_method")  # left-aligned in LaTeX
+_TEXT_COLUMNS = ("method", "family", "variant", "model", "strong_method")  # left-aligned in LaTeX
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ COLUMNS: dict[str, Column] = {
     "n_params": Column("parameters", fmt="{:,.0f}", agg="fixed"),
     "total_substeps": Column("total sub-steps", fmt="{:.1f}"),
     "train_time_s": Column("training time", unit="s", fmt="{:.0f}"),
+    "family": Column("family", agg="key"),
+    "base_width": Column("width", fmt="{:.0f}", agg="fixed"),
+    "epoch_time_s": Column("time per epoch", unit="s", fmt="{:.3g}"),
+    "peak_memory_mb": Column("peak memory", unit="MB", fmt="{:,.0f}"),
     # denoising
     "psnr": Column("PSNR", agg="image", **_DB),
     "psnr_1": Column("PSNR peak 1", agg="image", **_DB),
@@ -308,6 +313,35 @@ def classification_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per classifier variant: clean, certified, strongest-empirical and PGD accuracy at
     the standard radii (fractions), AUCs, Lipschitz bound, size, sub-steps, training time."""
     return _aggregate([_classification_record(Path(p)) for p in paths], ["variant"])
+
+
+def _family_record(path: Path) -> dict[str, Any]:
+    """The classification record reduced to what the layer-family comparison shows."""
+    full = _classification_record(path)
+    attrs = _attrs(path)
+    record = {
+        "family": full["model"].removesuffix("_classifier") or full["variant"],
+        "variant": full["variant"],
+        "seed": full["seed"],
+        "base_width": _num(attrs, "base_width"),
+        "clean_accuracy": full["clean_accuracy"],
+    }
+    for metric in ("certified", "empirical"):
+        record.update({k: v for k, v in full.items() if k.startswith(metric + RADIUS_SEP)})
+    for key in ("empirical_lipschitz", "lipschitz_bound", "n_params"):
+        record[key] = _num(attrs, key)
+    for key in ("epoch_time_s", "peak_memory_mb"):
+        record[key] = _num(attrs, key)
+    return record
+
+
+def families_table(paths: Iterable[Path]) -> pd.DataFrame:
+    """One row per classifier variant, grouped by layer family and ordered by width: clean,
+    certified and strongest-empirical accuracy at the standard radii, the empirical Lipschitz
+    lower bound next to the certified bound, parameters, time per epoch, peak memory."""
+    df = _aggregate([_family_record(Path(p)) for p in paths], ["family", "variant"])
+    order = df.sort_values(["family", "base_width", "variant"], kind="stable").index
+    return df.loc[order].reset_index(drop=True)
 
 
 def denoising_table(paths: Iterable[Path]) -> pd.DataFrame:

@@ -94,6 +94,10 @@ class ClassificationTask:
     eval_batch: int = 500
     metric_name: str = "accuracy"
 
+    def steps_per_epoch(self, batch_size: int) -> float:
+        """Training steps that draw as many images as the training set holds."""
+        return len(self.images) / batch_size
+
     def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
         return augment(self.images[idx], self.augment, g), self.labels[idx]
@@ -124,6 +128,10 @@ class DenoisingTask:
     patch: tuple[int, int] | None = None
     eval_batch: int = 5
     metric_name: str = "psnr"
+
+    def steps_per_epoch(self, batch_size: int) -> float:
+        """Training steps that draw as many images as the training set holds."""
+        return len(self.images) / batch_size
 
     def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)

@@ -14,9 +14,10 @@ from typing import Any
 
 __all__ = ["Jobs", "FIGURES", "TABLES"]
 
-TABLES = ("classification", "denoising", "pnp")
+TABLES = ("classification", "families", "denoising", "pnp")
 FIGURES = (
     "robustness",
+    "families",
     "training_classification",
     "training_denoising",
     "denoising_examples",
@@ -149,6 +150,7 @@ class Jobs:
         """The result files a table is built from."""
         return {
             "classification": self.classification_evals,
+            "families": self.classification_evals,
             "denoising": self.denoising_evals,
             "pnp": self.pnp_runs,
         }[name](R)
@@ -157,6 +159,7 @@ class Jobs:
         """The result files or training logs a figure is drawn from."""
         return {
             "robustness": self.classification_evals,
+            "families": self.classification_evals,
             "training_classification": self.classification_logs,
             "training_denoising": self.denoising_logs,
             "denoising_examples": self.denoising_evals,

@@ -1,0 +1,598 @@
+"""Training-step benchmark: the real training path against the plain reference, side by side.
+
+    python -m stablenets.bench                      # paper sizes, CPU or CUDA (auto)
+    python -m stablenets.bench --quick              # small sizes, seconds
+    python -m stablenets.bench --models classifier,resnet --repeats 5 --threads 1
+
+For each model (``classifier``: non-expansive classifier, batch 128, 32x32; ``resnet``: the ResNet
+baseline; ``denoiser``: non-expansive denoiser, batch 5, 321x481; ``dncnn``) it times training
+steps of the real path (``training._train_step``: data drawn and augmented on the device, fused
+power iteration, the model's forward/backward, SGD + one-cycle) and, for the non-expansive models,
+of the plain reference of ``reference.py`` built from the same weights. Every (model,
+implementation) runs in its own subprocess (so the CPU peak memory is that process's RSS
+high-water mark) and the repeats interleave all of them, so that ours and the reference see the
+same machine load; ratios are medians over repeats of per-repeat ratios. Warm-up steps are
+excluded. FLOPs per step come from ``torch.utils.flop_counter.FlopCounterMode``; the device's
+peak is measured with a large matrix product. The table is printed and written to
+``benchmarks/results/<device>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["main", "MODEL_SPECS"]
+
+# name -> (model, kwargs, task, paper batch, paper size, has a reference, warm-up fraction)
+MODEL_SPECS: dict[str, dict] = {
+    "classifier": dict(
+        model="nonexpansive_classifier", kwargs={"integrator": "euler"}, task="classification",
+        batch=128, size=(32, 32), reference=True, warmup=0.5,
+    ),
+    "resnet": dict(
+        model="resnet_classifier", kwargs={}, task="classification",
+        batch=128, size=(32, 32), reference=False, warmup=0.2,
+    ),
+    "denoiser": dict(
+        model="nonexpansive_denoiser", kwargs={"integrator": "euler", "power_size": [64, 64]},
+        task="denoising", batch=5, size=(321, 481), reference=True, warmup=0.5,
+    ),
+    "dncnn": dict(
+        model="dncnn", kwargs={}, task="denoising",
+        batch=5, size=(321, 481), reference=False, warmup=0.5,
+    ),
+}  # fmt: skip
+# --quick: (batch, size, kwargs) of small models (cheap construction-time certificates too)
+QUICK = {
+    "classifier": (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}),
+    "resnet": (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}),
+    "denoiser": (2, (32, 40), {"width": 8, "depth": 3}),
+    "dncnn": (2, (32, 40), {"width": 8, "depth": 5}),
+}
+BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
+FLOP_PROBE = (64, 64)  # denoisers: FLOPs counted on a 64x64 image and scaled by pixels
+
+COLUMNS = [
+    "device", "device_name", "torch", "threads", "model", "impl", "batch", "height", "width",
+    "warmup_steps", "timed_steps", "repeats", "steps_per_s", "step_ms", "blocks", "substeps_total",
+    "ms_per_substep", "ratio_vs_reference", "peak_mem_mb", "mem_kind", "flops_per_step",
+    "achieved_gflops", "device_peak_gflops", "achieved_fraction", "options",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one (model, implementation) in one process
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")  # pragma: no cover
+
+
+def _build(job: dict, device: torch.device):
+    from .augment import AugmentConfig
+    from .models import build_model
+    from .training import ClassificationTask, DenoisingTask, TrainConfig, make_optimizer
+
+    spec = MODEL_SPECS[job["model"]]
+    size = tuple(job["size"])
+    saved = torch.load(job["state"], weights_only=True)
+    kwargs = dict(saved["kwargs"])
+    if "time" in saved:  # skip the construction-time certificate: the state holds the times
+        kwargs["time"] = 1.0
+    model = build_model(spec["model"], **kwargs)
+    model.load_state_dict(saved["state_dict"])
+    model = model.to(device)
+    g = torch.Generator().manual_seed(1)
+    pool = max(2 * job["batch"], 8) if spec["task"] == "denoising" else 1024
+    images = torch.rand(pool, 3, *size, generator=g).to(device)
+    if spec["task"] == "classification":
+        labels = torch.randint(0, 10, (pool,), generator=g).to(device)
+        task = ClassificationTask(images, labels, images[:8], labels[:8], AugmentConfig())
+    else:
+        task = DenoisingTask(images, images[:2], sigma=0.15)
+    cfg = TrainConfig(steps=10**6, batch_size=job["batch"], warmup=spec["warmup"], log_every=10**9)
+    if job["impl"] == "reference":
+        from .reference import from_model
+
+        model = from_model(model)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=1e-3, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        return model, task, cfg, opt, None
+    remat = {"auto": None, "on": True, "off": False}[job.get("remat", "auto")]
+    for block in getattr(model, "constrained_blocks", lambda: [])():
+        block.checkpoint_substeps = remat
+    if job.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        task.images = task.images.contiguous(memory_format=torch.channels_last)
+    opt, sched = make_optimizer(model, cfg)
+    return model, task, cfg, opt, sched
+
+
+def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
+    from .training import RunState, _train_step, step_generator
+
+    state = RunState()
+    amp = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if job.get("amp") and device.type == "cuda"
+        else nullcontext()
+    )
+
+    if job["impl"] == "reference":
+
+        def step() -> None:
+            model.train()
+            inputs, targets = task.batch(cfg.batch_size, step_generator(0, state.step, device))
+            model.update_norms()
+            loss = task.loss(model(inputs), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            float(loss.detach())
+            state.step += 1
+
+        return step
+
+    def step() -> None:
+        with amp:
+            _train_step(model, task, cfg, opt, sched, state, device, workdir / "none.pt")
+        state.step += 1
+
+    return step
+
+
+def _total_substeps(model) -> int:
+    return getattr(model, "total_substeps", lambda: 0)()
+
+
+def _count_blocks(model) -> int:
+    from .blocks import NonexpansiveBlock, ResidualBlock
+    from .reference import ReferenceBlock
+
+    kinds = (NonexpansiveBlock, ResidualBlock, ReferenceBlock)
+    return sum(isinstance(m, kinds) for m in model.modules())
+
+
+def _count_flops(job: dict, model, task, device) -> float:
+    """FLOPs of one training step: forward + backward counted at batch 1 (denoisers on a 64x64
+    image) and scaled by batch and pixels (exact for stride-1 convolutions and pointwise ops),
+    plus the norm update at its own, fixed size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .training import update_norms
+
+    spec = MODEL_SPECS[job["model"]]
+    size = tuple(job["size"])
+    probe = (
+        size
+        if spec["task"] == "classification"
+        else tuple(min(a, b) for a, b in zip(size, FLOP_PROBE, strict=True))
+    )
+    scale = job["batch"] * size[0] * size[1] / (probe[0] * probe[1])
+    x = torch.rand(1, 3, *probe, device=device)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        loss = (
+            F.cross_entropy(out, torch.zeros(1, dtype=torch.long, device=device))
+            if spec["task"] == "classification"
+            else F.mse_loss(out, x)
+        )
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    step_flops = counter.get_total_flops() * scale
+    with FlopCounterMode(display=False) as counter:
+        if job["impl"] == "reference":
+            model.update_norms()
+        elif hasattr(model, "constrained_blocks"):
+            update_norms(model, 1)
+    return step_flops + counter.get_total_flops()  # fmt: skip
+
+
+def prepare_state(job: dict, path: Path) -> None:
+    """Build the model once (its construction computes certificates) and save its state, so that
+    every worker starts from the same initial weights, vectors and integration times."""
+    from . import operators
+    from .models import build_model
+
+    spec = MODEL_SPECS[job["model"]]
+    size = tuple(job["size"])
+    kwargs = dict(spec["kwargs"], **job.get("kwargs", {}), input_size=list(size))
+    if spec["model"] == "nonexpansive_denoiser" and min(size) < 64:
+        kwargs["power_size"] = [min(16, s) for s in size]
+    torch.manual_seed(0)
+    dense = operators.DENSE_CERTIFICATE_MAX_DIM
+    operators.DENSE_CERTIFICATE_MAX_DIM = 0  # the circulant certificate only: fast set-up
+    try:
+        model = build_model(spec["model"], **kwargs)
+    finally:
+        operators.DENSE_CERTIFICATE_MAX_DIM = dense
+    saved = {"kwargs": kwargs}
+    blocks = list(model.constrained_blocks())
+    if blocks:
+        saved["time"] = True
+        with torch.no_grad():  # longer integration time: about that many sub-steps per block
+            for block in blocks:
+                block.time.mul_(job["substeps"])
+    saved["state_dict"] = model.state_dict()
+    torch.save(saved, path)
+
+
+def run_worker(job: dict) -> dict:
+    """Warm up, time ``steps`` steps, report steps/s, peak memory, sub-steps and FLOPs."""
+    torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    with tempfile.TemporaryDirectory() as tmp:
+        model, task, cfg, opt, sched = _build(job, device)
+        step = _stepper(job, model, task, cfg, opt, sched, device, Path(tmp))
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        base = _rss_mb()
+        for _ in range(job["warmup"]):
+            step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(job["steps"]):
+            step()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if device.type == "cuda":
+            peak, kind = (
+                torch.cuda.max_memory_allocated(device) / 2**20,
+                "cuda max_memory_allocated",
+            )
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            kind = f"process peak RSS (setup RSS {base:.0f} MB)"
+            if job.get("inprocess"):
+                kind = "not isolated (in-process run)"
+        substeps, blocks = _total_substeps(model), _count_blocks(model)
+        flops = _count_flops(job, model, task, device) if job.get("flops", True) else float("nan")
+    return {
+        "elapsed": elapsed,
+        "steps": job["steps"],
+        "peak_mem_mb": peak,
+        "mem_kind": kind,
+        "substeps": substeps,
+        "blocks": blocks,
+        "flops": flops,
+    }
+
+
+def _spawn(job: dict) -> dict:
+    if job.get("inprocess"):
+        return run_worker(job)
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
+    out = subprocess.run(
+        [sys.executable, "-m", "stablenets.bench", "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"bench worker {job['model']}/{job['impl']} failed:\n{out.stderr[-3000:]}"
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Device peak
+
+
+def device_peak_gflops(device: torch.device, threads: int, dtype=torch.float32) -> float:
+    """Measured throughput of a large matrix product (the practical peak of this device)."""
+    torch.set_num_threads(threads)
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.rand(n, n, device=device, dtype=dtype)
+    b = torch.rand(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = math.inf
+    for _ in range(5):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n**3 / best / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:  # pragma: no cover
+        pass
+    return f"{name} ({os.cpu_count()} cpus)"
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def _jobs(args) -> list[dict]:
+    jobs = []
+    for name in args.models:
+        spec = MODEL_SPECS[name]
+        batch, size, kwargs = spec["batch"], spec["size"], {}
+        if args.quick:
+            batch, size, kwargs = QUICK[name]
+        if args.batch is not None:
+            batch = args.batch
+        if args.size is not None and spec["task"] == "denoising":
+            size = tuple(args.size)
+        big = size[0] * size[1] > BIG_PIXELS
+        impls = ["ours", "reference"] if spec["reference"] and not args.no_reference else ["ours"]
+        for impl in impls:
+            jobs.append(
+                dict(
+                    model=name,
+                    impl=impl,
+                    kwargs=kwargs,
+                    batch=batch,
+                    size=list(size),
+                    device=str(args.device),
+                    threads=args.threads,
+                    warmup=args.warmup,
+                    steps=args.big_steps if big else args.steps,
+                    repeats=args.big_repeats if big else args.repeats,
+                    substeps=args.substeps,
+                    amp=args.amp and impl == "ours",
+                    channels_last=args.channels_last and impl == "ours",
+                    inprocess=args.inprocess,
+                    remat=args.remat,
+                )
+            )
+    return jobs
+
+
+def _summarise(args, jobs, results, peak, name) -> list[dict]:
+    rows = []
+    by_key = {(j["model"], j["impl"]): (j, results[i]) for i, j in enumerate(jobs)}
+    for (model, impl), (job, res) in by_key.items():
+        rates = [r["steps"] / r["elapsed"] for r in res]
+        sps = statistics.median(rates)
+        ratio = ""
+        if impl == "ours" and (model, "reference") in by_key:
+            ref = by_key[(model, "reference")][1]
+            ratios = [
+                (a["steps"] / a["elapsed"]) / (b["steps"] / b["elapsed"])
+                for a, b in zip(res, ref, strict=False)
+            ]
+            ratio = f"{statistics.median(ratios):.3f}"
+        flops = res[-1]["flops"]
+        substeps = res[-1]["substeps"]
+        options = [k for k in ("amp", "channels_last") if job.get(k)]
+        if impl == "ours" and job["remat"] != "auto":
+            options.append(f"remat {job['remat']}")
+        if args.substeps > 1:
+            options.append(f"time x{args.substeps}")
+        rows.append(
+            {
+                "device": args.device.type,
+                "device_name": name,
+                "torch": torch.__version__,
+                "threads": args.threads,
+                "model": model,
+                "impl": impl,
+                "batch": job["batch"],
+                "height": job["size"][0],
+                "width": job["size"][1],
+                "warmup_steps": job["warmup"],
+                "timed_steps": job["steps"],
+                "repeats": job["repeats"],
+                "steps_per_s": f"{sps:.4g}",
+                "step_ms": f"{1000 / sps:.4g}",
+                "substeps_total": substeps,
+                "blocks": res[-1]["blocks"],
+                "ms_per_substep": f"{1000 / sps / substeps:.4g}" if substeps else "",
+                "ratio_vs_reference": ratio,
+                "peak_mem_mb": f"{max(r['peak_mem_mb'] for r in res):.0f}",
+                "mem_kind": res[-1]["mem_kind"],
+                "flops_per_step": f"{flops:.4g}",
+                "achieved_gflops": f"{flops * sps / 1e9:.4g}",
+                "device_peak_gflops": f"{peak:.4g}",
+                "achieved_fraction": f"{flops * sps / 1e9 / peak:.3f}",
+                "options": " ".join(options),
+            }
+        )
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["model", "impl", "batch", "height", "width", "steps_per_s", "step_ms",
+            "substeps_total", "ratio_vs_reference", "peak_mem_mb", "flops_per_step",
+            "achieved_fraction"]  # fmt: skip
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    res = {r["model"]: r for r in rows if r["impl"] == "ours"}
+    if "classifier" in res and "resnet" in res:
+        ours, base = res["classifier"], res["resnet"]
+        per_sub = float(ours["step_ms"]) / ours["substeps_total"]
+        per_block = float(base["step_ms"]) / base["blocks"]
+        print(
+            f"classifier: {per_sub:.2f} ms per sub-step ({ours['substeps_total']} sub-steps) vs "
+            f"ResNet {per_block:.2f} ms per block ({base['blocks']} blocks): "
+            f"ratio {per_sub / per_block:.3f} "
+            "(step time divided by count, lift/transitions/head included in both)"
+        )
+
+
+STAGES = {"euler": 1, "heun": 2, "ssprk3": 3, "midpoint": 2, "rk4": 4}
+
+
+def project_hours(csv_path: Path, config_path: Path) -> list[tuple[str, int, float]]:
+    """Projected device-hours of the training jobs of ``config_path`` from a results CSV:
+
+        hours = sum over training jobs of steps / (steps/s of its model) / 3600,
+
+    a non-expansive variant's step time scaled by its integrator's stages per sub-step (the
+    benchmark runs Euler) and by the ratio of its batch and image size to the benchmarked ones
+    (none at paper scale). Jobs: classification and denoising variants x seeds (x noise levels).
+    Evaluation, PnP and data jobs are not included. Returns ``(job kind, count, hours)`` rows."""
+    import yaml
+
+    with open(csv_path) as fh:
+        rates = {r["model"]: r for r in csv.DictReader(fh) if r["impl"] == "ours"}
+    with open(config_path) as fh:
+        cfg = yaml.safe_load(fh)
+    seeds = len(cfg.get("seeds", [0]))
+    bench_of = {spec["model"]: name for name, spec in MODEL_SPECS.items()}
+    out = []
+    for task, mult in (("classification", 1), ("denoising", len(cfg["denoising"]["noise_levels"]))):
+        section = cfg[task]
+        for variant, v in section["variants"].items():
+            name = bench_of.get(v["model"])
+            if name is None or name not in rates:
+                out.append((f"{task}/{variant} (model {v['model']} not benchmarked)", 0, 0.0))
+                continue
+            label = f"{task}/{variant}"
+            if "block" in v.get("kwargs", {}):
+                label += f" (block {v['kwargs']['block']}: not benchmarked, Euler time assumed)"
+            train = dict(section["train"], **v.get("train", {}))
+            row = rates[name]
+            step_s = float(row["step_ms"]) / 1000
+            step_s *= STAGES.get(v.get("kwargs", {}).get("integrator", "euler"), 1)
+            step_s *= train["batch_size"] / int(row["batch"])
+            jobs = seeds * mult
+            out.append((label, jobs, jobs * train["steps"] * step_s / 3600))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m stablenets.bench", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--models",
+        default="classifier,resnet,denoiser,dncnn",
+        help=f"comma-separated subset of {','.join(MODEL_SPECS)}",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (recorded)")
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=1, help="excluded warm-up steps per process")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
+    p.add_argument("--big-steps", type=int, default=1, help="timed steps for >100k-pixel images")
+    p.add_argument("--big-repeats", type=int, default=1, help="repeats for >100k-pixel images")
+    p.add_argument("--batch", type=int, default=None, help="override every model's batch")
+    p.add_argument("--size", type=int, nargs=2, default=None, help="override the denoisers' H W")
+    p.add_argument(
+        "--substeps",
+        type=int,
+        default=1,
+        help="multiply every block's integration time (about that many sub-steps)",
+    )
+    p.add_argument("--no-reference", action="store_true", help="skip the plain reference")
+    p.add_argument("--amp", action="store_true", help="CUDA only: bf16 autocast for ours")
+    p.add_argument("--channels-last", action="store_true", help="channels_last for ours")
+    p.add_argument(
+        "--remat",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="sub-step activation checkpointing of ours (auto: large images only)",
+    )
+    p.add_argument("--inprocess", action="store_true", help="no subprocesses (memory not isolated)")
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
+    p.add_argument(
+        "--project",
+        default=None,
+        metavar="CSV",
+        help="print the projected hours of config.yaml's training jobs from a CSV",
+    )
+    p.add_argument("--config", default="config.yaml", help="config for --project")
+    p.add_argument("--append", action="store_true", help="append rows to an existing CSV")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is None and args.project is None:
+        args.models = [m for m in args.models.split(",") if m]
+        unknown = sorted(set(args.models) - set(MODEL_SPECS))
+        if unknown:
+            p.error(f"unknown models {unknown}; allowed: {list(MODEL_SPECS)}")
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = torch.device(args.device)
+        if args.amp and args.device.type != "cuda":
+            p.error("--amp is CUDA only (no bf16 throughput on this CPU path)")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return []
+    if args.project is not None:
+        rows = project_hours(Path(args.project), Path(args.config))
+        for job, count, hours in rows:
+            print(f"{hours:10.1f} h  {count:3d} job(s)  {job}")
+        paper = sum(h for job, _, h in rows if "(" not in job)
+        print(f"{paper:10.1f} h  total of the benchmarked paper variants (from {args.project})")
+        print(f"{sum(h for *_, h in rows):10.1f} h  total with the assumed ones")
+        return []
+    jobs = _jobs(args)
+    results: list[list[dict]] = [[] for _ in jobs]
+    states = tempfile.TemporaryDirectory()
+    for job in jobs:
+        job["state"] = str(Path(states.name) / f"{job['model']}.pt")
+        if not Path(job["state"]).exists():
+            prepare_state(job, Path(job["state"]))
+    for r in range(max(j["repeats"] for j in jobs)):
+        for i, job in enumerate(jobs):
+            if r < job["repeats"]:
+                t0 = time.perf_counter()
+                results[i].append(_spawn(dict(job, flops=(r == 0))))
+                if r > 0:
+                    results[i][-1]["flops"] = results[i][0]["flops"]
+                print(f"[bench] repeat {r} {job['model']}/{job['impl']}: "
+                      f"{results[i][-1]['steps'] / results[i][-1]['elapsed']:.4g} steps/s "
+                      f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
+    peak = device_peak_gflops(args.device, args.threads)
+    rows = _summarise(args, jobs, results, peak, device_name(args.device))
+    _print_table(rows)
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{args.device.type}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    append = args.append and out.exists()
+    with out.open("a" if append else "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
