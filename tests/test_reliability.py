@@ -717,7 +717,14 @@ def test_safe_extract_refuses_unsafe_zip_members(tmp_path):
 # Determinism and provenance
 # ============================================================================================
 
-TIMING_OR_PROVENANCE = {"train_time_s", "images_per_s", "git_commit", "versions"}
+TIMING_OR_PROVENANCE = {
+    "train_time_s",
+    "epoch_time_s",
+    "peak_memory_mb",
+    "images_per_s",
+    "git_commit",
+    "versions",
+}
 
 
 def assert_same_h5(a: Path, b: Path) -> None:

@@ -359,12 +359,14 @@ FAMILY_BARS = {
 
 
 def _family_order(results: Mapping[str, list[_Result]]) -> list[str]:
-    """Variants grouped by model (family), narrowest first."""
+    """Variants grouped by layer family (the paper's models first), narrowest first."""
 
-    def key(name: str) -> tuple[str, float, str]:
+    def key(name: str) -> tuple[int, str, float, str]:
         first = results[name][0]
+        family = str(first.attrs.get("model", name)).removesuffix("_classifier")
+        rank = KNOWN_MODELS.index(family) if family in KNOWN_MODELS else len(KNOWN_MODELS)
         width = first.number("base_width")
-        return (str(first.attrs.get("model", "")), width if np.isfinite(width) else 0.0, name)
+        return (rank, family, width if np.isfinite(width) else 0.0, name)
 
     return sorted(results, key=key)
 
@@ -414,7 +416,7 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
         ax.set_xticks(x, names, rotation=45, ha="right")
     bars.set_ylabel(f"accuracy at ε = {255 * radii[0]:.0f}/255 (%)")
     bars.set_ylim(0, 100)
-    curve.set_xlabel("L2 radius ε (× 1/255, inputs in [0, 1])")
+    curve.set_xlabel("L2 radius ε (/255)")
     curve.set_ylabel("certified accuracy (%)")
     curve.set_ylim(0, 100)
     timing.set_ylabel("training time per epoch (s)")
