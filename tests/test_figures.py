@@ -187,7 +187,9 @@ def assert_saved(stem: Path) -> None:
 def assert_no_empty_axes(fig: Figure) -> None:
     for ax in fig.axes:
         if ax.get_visible():
-            assert ax.lines or ax.images or ax.patches, f"empty axes {ax.get_ylabel() or ax.get_title()!r}"
+            assert ax.lines or ax.images or ax.patches, (
+                f"empty axes {ax.get_ylabel() or ax.get_title()!r}"
+            )
 
 
 def line_colors(fig: Figure) -> dict[str, str]:
