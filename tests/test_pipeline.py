@@ -163,10 +163,10 @@ def test_an_independent_attack_never_flips_a_certified_point(smoke_run):
 
     results = smoke_run / "results/smoke"
     x, y = read_split(results / "data/cifar10.h5", "test")
-    x, y = x[:150], y[:150]
+    x, y = x[:100], y[:100]
     for variant in ("nonexpansive", "resnet"):
         model = load_model(results / f"models/classification/{variant}/seed0/model.pt")
-        margin, correct = margins(model, x, y, 150)
+        margin, correct = margins(model, x, y, 100)
         radius = certified_radius(margin, correct, model.lipschitz_bound())
         for eps in (36 / 255, 72 / 255, 108 / 255):
             adv = pgd_l2(model, x, y, eps, steps=40, rel_step=0.1, restarts=2, seed=11)
