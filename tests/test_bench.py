@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 
 import pytest
 import torch
+import yaml
 
 from stablenets import bench
 from stablenets.models import build_model
@@ -171,3 +173,125 @@ def test_substep_checkpointing_gives_the_same_gradients(integrator):
     assert model.total_substeps() >= 4
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_plain_pair_is_the_cpl_block_without_its_norm_machinery():
+    """``x - h W^T sigma(W x + b)`` at the CPL step: the same function as the CPL classifier in
+    training mode (one sub-step at the estimate's step), with no power iteration at all."""
+    torch.manual_seed(4)
+    model = build_model("cpl_classifier", base_width=4, blocks_per_stage=2, input_size=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = model.double().train()
+    plain = from_model(model, plain=True)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-12, atol=1e-12)
+    u = [b.u.clone() for b in plain.blocks]
+    plain.update_norms()  # a no-op: the floor has no norm estimate to update
+    assert all(torch.equal(a, b.u) for a, b in zip(u, plain.blocks, strict=True))
+    assert plain.total_substeps() == len(plain.blocks) == 6
+    with pytest.raises(ValueError, match="plain=True"):
+        from_model(model)
+
+
+@pytest.mark.parametrize("name", ["sll", "aol", "dncnn"])
+def test_flop_count_splits_per_image_and_weight_only_work_exactly(name):
+    """The batch-1/batch-2 split extrapolates to the FLOPs counted directly at the real batch
+    (SLL's and AOL's rescalings are counted once, not once per image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = bench.MODEL_SPECS[name]
+    batch, size, kwargs = bench.QUICK[name]
+    size = (16, 16) if spec["task"] == "classification" else (16, 20)  # under the 64x64 probe
+    torch.manual_seed(5)
+    model = build_model(spec["model"], input_size=list(size), **kwargs).train()
+    job = dict(model=name, impl="ours", batch=5, size=list(size))
+    counted = bench._count_flops(job, model, None, torch.device("cpu"))
+    x = torch.rand(5, 3, *size)
+    with FlopCounterMode(display=False) as direct:
+        out = model(x)
+        loss = (
+            torch.nn.functional.cross_entropy(out, torch.zeros(5, dtype=torch.long))
+            if spec["task"] == "classification"
+            else torch.nn.functional.mse_loss(out, x)
+        )
+        loss.backward()
+    with FlopCounterMode(display=False) as norms:
+        if hasattr(model, "constrained_blocks"):
+            from stablenets.training import update_norms
+
+            update_norms(model, 1)
+    assert counted == direct.get_total_flops() + norms.get_total_flops()
+    if name != "dncnn":  # the weight-only part is really there and not multiplied by the batch
+        one = bench._count_flops(dict(job, batch=1), model, None, torch.device("cpu"))
+        assert counted < 5 * one
+
+
+def test_family_bench_reports_time_relative_to_cpl_and_the_plain_pair(tmp_path):
+    out = tmp_path / "cpu.csv"
+    bench.main(
+        ["--quick", "--models", "cpl,sll,orthogonal", "--widths", "4,8", "--steps", "1",
+         "--warmup", "1", "--repeats", "1", "--device", "cpu", "--inprocess", "--out", str(out)]
+    )  # fmt: skip
+    with out.open() as fh:
+        rows = {(r["model"], r["impl"], r["base_width"]): r for r in csv.DictReader(fh)}
+    assert set(rows) == {
+        (m, i, w)
+        for w in ("4", "8")
+        for m, i in [("cpl", "ours"), ("cpl", "plain"), ("sll", "ours"), ("orthogonal", "ours")]
+    }
+    for (_, _, width), r in rows.items():
+        cpl = rows[("cpl", "ours", width)]
+        ratio = float(r["step_ms"]) / float(cpl["step_ms"])
+        assert float(r["time_vs_cpl"]) == pytest.approx(ratio, rel=1e-2)
+        assert float(r["epoch_s"]) == pytest.approx(
+            math.ceil(bench.EPOCH_IMAGES / 16) * float(r["step_ms"]) / 1000, rel=1e-2
+        )
+        assert int(r["blocks"]) == 6
+    assert float(rows[("cpl", "ours", "8")]["ratio_vs_reference"]) == pytest.approx(
+        float(rows[("cpl", "plain", "8")]["step_ms"])
+        / float(rows[("cpl", "ours", "8")]["step_ms"]),
+        rel=1e-2,
+    )
+
+
+def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
+    """GPU-hours per config row: steps x step time at the variant's width, x seeds; a minutes
+    budget costs exactly that; a width that was not benchmarked is said so, not guessed."""
+    rows = [
+        dict({c: "" for c in bench.COLUMNS}, model=m, impl="ours", base_width=str(w),
+             batch="128", height="32", width="32", step_ms=str(ms))
+        for m, w, ms in [("cpl", 16, 10.0), ("cpl", 32, 20.0), ("sll", 16, 30.0),
+                         ("classifier", 16, 50.0)]
+    ]  # fmt: skip
+    csv_path = tmp_path / "cuda.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=bench.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    train = {"steps": 3600, "batch_size": 128}
+    config = {
+        "seeds": [0, 1],
+        "data": {"bsds500": {"size": [321, 481]}},
+        "classification": {
+            "train": train,
+            "sizes": {"XS": 16, "S": 32, "M": 64},
+            "variants": {
+                "nonexpansive": {"model": "nonexpansive_classifier"},
+                "cpl_XS": {"model": "cpl_classifier", "size": "XS"},
+                "cpl_S": {"model": "cpl_classifier", "size": "S", "train": {"batch_size": 256}},
+                "cpl_M": {"model": "cpl_classifier", "size": "M"},
+                "sll_XS": {"model": "sll_classifier", "size": "XS", "train": {"budget_minutes": 90}},
+            },
+        },
+        "denoising": {"noise_levels": [0.1], "train": train, "variants": {}},
+    }  # fmt: skip
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    got = {label: (jobs, hours) for label, jobs, hours in bench.project_hours(csv_path, cfg_path)}
+    assert got["classification/nonexpansive"] == (2, pytest.approx(2 * 3600 * 0.050 / 3600))
+    assert got["classification/cpl_XS"] == (2, pytest.approx(2 * 0.010))
+    assert got["classification/cpl_S"] == (2, pytest.approx(2 * 0.020 * 2))  # twice the batch
+    assert got["classification/sll_XS"] == (2, pytest.approx(2 * 1.5))
+    assert got["classification/cpl_M (cpl_classifier at width 64 not benchmarked)"] == (0, 0.0)

@@ -5,10 +5,14 @@
     python -m stablenets.bench --models classifier,resnet --repeats 5 --threads 1
 
 For each model (``classifier``: non-expansive classifier, batch 128, 32x32; ``resnet``: the ResNet
-baseline; ``denoiser``: non-expansive denoiser, batch 5, 321x481; ``dncnn``) it times training
-steps of the real path (``training._train_step``: data drawn and augmented on the device, fused
-power iteration, the model's forward/backward, SGD + one-cycle) and, for the non-expansive models,
-of the plain reference of ``reference.py`` built from the same weights. Every (model,
+baseline; ``denoiser``: non-expansive denoiser, batch 5, 321x481; ``dncnn``; the layer families
+``cpl``, ``sll``, ``aol``, ``orthogonal`` in the same classifier skeleton, at each ``--widths``)
+it times training steps of the real path (``training._train_step``: data drawn and augmented on
+the device, fused power iteration, the model's forward/backward, SGD + one-cycle) and of the
+model's baseline built from the same weights: for the non-expansive models the plain reference
+of ``reference.py``, for CPL the plain convolution pair ``x - h W^T sigma(W x + b)`` (the floor
+of any 1-Lipschitz residual block). Classifier rows also give the time per epoch and the step
+time relative to CPL at the same width. Every (model,
 implementation) runs in its own subprocess (so the CPU peak memory is that process's RSS
 high-water mark) and the repeats interleave all of them, so that ours and the reference see the
 same machine load; ratios are medians over repeats of per-repeat ratios. Warm-up steps are
@@ -20,6 +24,7 @@ peak is measured with a large matrix product. The table is printed and written t
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -37,26 +42,33 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from .families import FAMILIES
+
 __all__ = ["main", "MODEL_SPECS"]
 
-# name -> (model, kwargs, task, paper batch, paper size, has a reference, warm-up fraction)
+# name -> (model, kwargs, task, paper batch, paper size, baseline implementation, warm-up fraction)
+_FAMILY = dict(task="classification", batch=128, size=(32, 32), warmup=0.5, kwargs={})
 MODEL_SPECS: dict[str, dict] = {
     "classifier": dict(
         model="nonexpansive_classifier", kwargs={"integrator": "euler"}, task="classification",
-        batch=128, size=(32, 32), reference=True, warmup=0.5,
+        batch=128, size=(32, 32), baseline="reference", warmup=0.5,
     ),
     "resnet": dict(
         model="resnet_classifier", kwargs={}, task="classification",
-        batch=128, size=(32, 32), reference=False, warmup=0.2,
+        batch=128, size=(32, 32), baseline=None, warmup=0.2,
     ),
     "denoiser": dict(
         model="nonexpansive_denoiser", kwargs={"integrator": "euler", "power_size": [64, 64]},
-        task="denoising", batch=5, size=(321, 481), reference=True, warmup=0.5,
+        task="denoising", batch=5, size=(321, 481), baseline="reference", warmup=0.5,
     ),
     "dncnn": dict(
         model="dncnn", kwargs={}, task="denoising",
-        batch=5, size=(321, 481), reference=False, warmup=0.5,
+        batch=5, size=(321, 481), baseline=None, warmup=0.5,
     ),
+    "cpl": dict(_FAMILY, model="cpl_classifier", baseline="plain"),
+    "sll": dict(_FAMILY, model="sll_classifier", baseline=None),
+    "aol": dict(_FAMILY, model="aol_classifier", baseline=None),
+    "orthogonal": dict(_FAMILY, model="orthogonal_classifier", baseline=None),
 }  # fmt: skip
 # --quick: (batch, size, kwargs) of small models (cheap construction-time certificates too)
 QUICK = {
@@ -64,15 +76,19 @@ QUICK = {
     "resnet": (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}),
     "denoiser": (2, (32, 40), {"width": 8, "depth": 3}),
     "dncnn": (2, (32, 40), {"width": 8, "depth": 5}),
+    **{f: (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}) for f in FAMILIES},
 }
+EPOCH_IMAGES = 47_500  # CIFAR-10 training split of config.yaml (val_fraction 0.05)
+_PREPARED: dict[str, torch.nn.Module] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
 FLOP_PROBE = (64, 64)  # denoisers: FLOPs counted on a 64x64 image and scaled by pixels
 
 COLUMNS = [
-    "device", "device_name", "torch", "threads", "model", "impl", "batch", "height", "width",
+    "device", "device_name", "torch", "threads", "model", "impl", "base_width", "batch", "height",
+    "width",
     "warmup_steps", "timed_steps", "repeats", "steps_per_s", "step_ms", "blocks", "substeps_total",
-    "ms_per_substep", "ratio_vs_reference", "peak_mem_mb", "mem_kind", "flops_per_step",
-    "achieved_gflops", "device_peak_gflops", "achieved_fraction", "options",
+    "ms_per_substep", "ratio_vs_reference", "epoch_s", "time_vs_cpl", "peak_mem_mb", "mem_kind",
+    "flops_per_step", "achieved_gflops", "device_peak_gflops", "achieved_fraction", "options",
 ]  # fmt: skip
 
 
@@ -95,12 +111,15 @@ def _build(job: dict, device: torch.device):
 
     spec = MODEL_SPECS[job["model"]]
     size = tuple(job["size"])
-    saved = torch.load(job["state"], weights_only=True)
-    kwargs = dict(saved["kwargs"])
-    if "time" in saved:  # skip the construction-time certificate: the state holds the times
-        kwargs["time"] = 1.0
-    model = build_model(spec["model"], **kwargs)
-    model.load_state_dict(saved["state_dict"])
+    if job["state"] in _PREPARED:  # in-process: no second construction (minutes at width 128)
+        model = copy.deepcopy(_PREPARED[job["state"]])
+    else:
+        saved = torch.load(job["state"], weights_only=True)
+        kwargs = dict(saved["kwargs"])
+        if "time" in saved:  # skip the construction-time certificate: the state holds the times
+            kwargs["time"] = 1.0
+        model = build_model(spec["model"], **kwargs)
+        model.load_state_dict(saved["state_dict"])
     model = model.to(device)
     g = torch.Generator().manual_seed(1)
     pool = max(2 * job["batch"], 8) if spec["task"] == "denoising" else 1024
@@ -111,10 +130,10 @@ def _build(job: dict, device: torch.device):
     else:
         task = DenoisingTask(images, images[:2], sigma=0.15)
     cfg = TrainConfig(steps=10**6, batch_size=job["batch"], warmup=spec["warmup"], log_every=10**9)
-    if job["impl"] == "reference":
+    if job["impl"] in ("reference", "plain"):
         from .reference import from_model
 
-        model = from_model(model)
+        model = from_model(model, plain=job["impl"] == "plain")
         opt = torch.optim.SGD(
             model.parameters(), lr=1e-3, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -139,7 +158,7 @@ def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
         else nullcontext()
     )
 
-    if job["impl"] == "reference":
+    if job["impl"] in ("reference", "plain"):
 
         def step() -> None:
             model.train()
@@ -168,16 +187,19 @@ def _total_substeps(model) -> int:
 
 def _count_blocks(model) -> int:
     from .blocks import NonexpansiveBlock, ResidualBlock
+    from .families import AOLBlock, OrthogonalBlock, SLLBlock
     from .reference import ReferenceBlock
 
-    kinds = (NonexpansiveBlock, ResidualBlock, ReferenceBlock)
+    kinds = (NonexpansiveBlock, ResidualBlock, ReferenceBlock, SLLBlock, AOLBlock, OrthogonalBlock)
     return sum(isinstance(m, kinds) for m in model.modules())
 
 
 def _count_flops(job: dict, model, task, device) -> float:
-    """FLOPs of one training step: forward + backward counted at batch 1 (denoisers on a 64x64
-    image) and scaled by batch and pixels (exact for stride-1 convolutions and pointwise ops),
-    plus the norm update at its own, fixed size."""
+    """FLOPs of one training step. Forward + backward are counted at batches 1 and 2 (denoisers
+    on a 64x64 image), which splits them into a per-image part, scaled by batch and pixels
+    (exact for stride-1 convolutions and pointwise ops), and a weight-only part (SLL's and AOL's
+    rescalings, counted once); plus the norm update at its own, fixed size. FFTs (the orthogonal
+    family's Cayley transform) are not counted by ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .training import update_norms
@@ -189,25 +211,30 @@ def _count_flops(job: dict, model, task, device) -> float:
         if spec["task"] == "classification"
         else tuple(min(a, b) for a, b in zip(size, FLOP_PROBE, strict=True))
     )
-    scale = job["batch"] * size[0] * size[1] / (probe[0] * probe[1])
-    x = torch.rand(1, 3, *probe, device=device)
     model.train()
+
+    def count(n: int) -> int:
+        x = torch.rand(n, 3, *probe, device=device)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+            loss = (
+                F.cross_entropy(out, torch.zeros(n, dtype=torch.long, device=device))
+                if spec["task"] == "classification"
+                else F.mse_loss(out, x)
+            )
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    one, two = count(1), count(2)
+    per_image = (two - one) * size[0] * size[1] / (probe[0] * probe[1])
+    step_flops = (2 * one - two) + per_image * job["batch"]
     with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        loss = (
-            F.cross_entropy(out, torch.zeros(1, dtype=torch.long, device=device))
-            if spec["task"] == "classification"
-            else F.mse_loss(out, x)
-        )
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    step_flops = counter.get_total_flops() * scale
-    with FlopCounterMode(display=False) as counter:
-        if job["impl"] == "reference":
+        if job["impl"] in ("reference", "plain"):
             model.update_norms()
         elif hasattr(model, "constrained_blocks"):
             update_norms(model, 1)
-    return step_flops + counter.get_total_flops()  # fmt: skip
+    return step_flops + counter.get_total_flops()
 
 
 def prepare_state(job: dict, path: Path) -> None:
@@ -239,6 +266,8 @@ def prepare_state(job: dict, path: Path) -> None:
                 block.time.mul_(job["substeps"])
     saved["state_dict"] = model.state_dict()
     torch.save(saved, path)
+    if job.get("inprocess"):
+        _PREPARED[str(path)] = model
 
 
 def run_worker(job: dict) -> dict:
@@ -353,13 +382,18 @@ def _jobs(args) -> list[dict]:
         if args.size is not None and spec["task"] == "denoising":
             size = tuple(args.size)
         big = size[0] * size[1] > BIG_PIXELS
-        impls = ["ours", "reference"] if spec["reference"] and not args.no_reference else ["ours"]
-        for impl in impls:
+        impls = ["ours"]
+        if spec["baseline"] and not args.no_reference:
+            impls.append(spec["baseline"])
+        widths = [None]
+        if args.widths and spec["task"] == "classification":
+            widths = args.widths
+        for width, impl in ((w, i) for w in widths for i in impls):
             jobs.append(
                 dict(
                     model=name,
                     impl=impl,
-                    kwargs=kwargs,
+                    kwargs=kwargs if width is None else dict(kwargs, base_width=width),
                     batch=batch,
                     size=list(size),
                     device=str(args.device),
@@ -377,20 +411,42 @@ def _jobs(args) -> list[dict]:
     return jobs
 
 
+def _width(job: dict) -> int | str:
+    """Base width of a classifier job (the skeleton's default when not set), '' otherwise."""
+    if MODEL_SPECS[job["model"]]["task"] != "classification":
+        return ""
+    import inspect
+
+    from .models import Classifier
+
+    default = inspect.signature(Classifier).parameters["base_width"].default
+    return job["kwargs"].get("base_width", default)
+
+
+def _median_ratio(res: list[dict], base: list[dict]) -> float:
+    """Median over repeats of the per-repeat ratio of steps/s (interleaved repeats)."""
+    return statistics.median(
+        (a["steps"] / a["elapsed"]) / (b["steps"] / b["elapsed"])
+        for a, b in zip(res, base, strict=False)
+    )
+
+
 def _summarise(args, jobs, results, peak, name) -> list[dict]:
     rows = []
-    by_key = {(j["model"], j["impl"]): (j, results[i]) for i, j in enumerate(jobs)}
-    for (model, impl), (job, res) in by_key.items():
+    by_key = {(j["model"], j["impl"], _width(j)): (j, results[i]) for i, j in enumerate(jobs)}
+    for (model, impl, width), (job, res) in by_key.items():
         rates = [r["steps"] / r["elapsed"] for r in res]
         sps = statistics.median(rates)
+        baseline = MODEL_SPECS[model]["baseline"]
         ratio = ""
-        if impl == "ours" and (model, "reference") in by_key:
-            ref = by_key[(model, "reference")][1]
-            ratios = [
-                (a["steps"] / a["elapsed"]) / (b["steps"] / b["elapsed"])
-                for a, b in zip(res, ref, strict=False)
-            ]
-            ratio = f"{statistics.median(ratios):.3f}"
+        if impl == "ours" and (model, baseline, width) in by_key:
+            ratio = f"{_median_ratio(res, by_key[(model, baseline, width)][1]):.3f}"
+        vs_cpl = ""
+        if width != "" and ("cpl", "ours", width) in by_key:
+            vs_cpl = f"{1 / _median_ratio(res, by_key[('cpl', 'ours', width)][1]):.3f}"
+        epoch = ""
+        if width != "":
+            epoch = f"{math.ceil(args.epoch_images / job['batch']) / sps:.4g}"
         flops = res[-1]["flops"]
         substeps = res[-1]["substeps"]
         options = [k for k in ("amp", "channels_last") if job.get(k)]
@@ -406,6 +462,7 @@ def _summarise(args, jobs, results, peak, name) -> list[dict]:
                 "threads": args.threads,
                 "model": model,
                 "impl": impl,
+                "base_width": width,
                 "batch": job["batch"],
                 "height": job["size"][0],
                 "width": job["size"][1],
@@ -418,6 +475,8 @@ def _summarise(args, jobs, results, peak, name) -> list[dict]:
                 "blocks": res[-1]["blocks"],
                 "ms_per_substep": f"{1000 / sps / substeps:.4g}" if substeps else "",
                 "ratio_vs_reference": ratio,
+                "epoch_s": epoch,
+                "time_vs_cpl": vs_cpl,
                 "peak_mem_mb": f"{max(r['peak_mem_mb'] for r in res):.0f}",
                 "mem_kind": res[-1]["mem_kind"],
                 "flops_per_step": f"{flops:.4g}",
@@ -431,13 +490,19 @@ def _summarise(args, jobs, results, peak, name) -> list[dict]:
 
 
 def _print_table(rows: list[dict]) -> None:
-    cols = ["model", "impl", "batch", "height", "width", "steps_per_s", "step_ms",
-            "substeps_total", "ratio_vs_reference", "peak_mem_mb", "flops_per_step",
-            "achieved_fraction"]  # fmt: skip
+    cols = ["model", "impl", "base_width", "batch", "height", "width", "steps_per_s", "step_ms",
+            "substeps_total", "ratio_vs_reference", "epoch_s", "time_vs_cpl", "peak_mem_mb",
+            "flops_per_step", "achieved_fraction"]  # fmt: skip
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    for r in rows:
+        if r["model"] == "cpl" and r["impl"] == "plain" and r["time_vs_cpl"]:
+            print(
+                f"cpl (width {r['base_width']}): {1 / float(r['time_vs_cpl']):.3f}x the step time "
+                "of the plain convolution pair (goal: within 1.2x)"
+            )
     res = {r["model"]: r for r in rows if r["impl"] == "ours"}
     if "classifier" in res and "resnet" in res:
         ours, base = res["classifier"], res["resnet"]
@@ -454,36 +519,62 @@ def _print_table(rows: list[dict]) -> None:
 STAGES = {"euler": 1, "heun": 2, "ssprk3": 3, "midpoint": 2, "rk4": 4}
 
 
-def project_hours(csv_path: Path, config_path: Path) -> list[tuple[str, int, float]]:
+def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
+    """Base width of a classification variant (its size preset, kwargs or the default)."""
+    if task != "classification":
+        return ""
+    import inspect
+
+    from .models import Classifier
+
+    if "size" in variant:
+        return int(cfg["classification"]["sizes"][variant["size"]])
+    default = inspect.signature(Classifier).parameters["base_width"].default
+    return int(variant.get("kwargs", {}).get("base_width", default))
+
+
+def project_hours(
+    csv_path: Path, config_path: Path, options: str = ""
+) -> list[tuple[str, int, float]]:
     """Projected device-hours of the training jobs of ``config_path`` from a results CSV:
 
         hours = sum over training jobs of steps / (steps/s of its model) / 3600,
 
-    a non-expansive variant's step time scaled by its integrator's stages per sub-step (the
-    benchmark runs Euler) and by the ratio of its batch x pixels to the benchmarked ones (none at
-    paper scale; linear in pixels, as the convolutions are). Jobs: classification and denoising variants x seeds (x noise levels).
-    Evaluation, PnP and data jobs are not included. Returns ``(job kind, count, hours)`` rows."""
+    using the CSV's ``ours`` rows run with ``options`` (e.g. ``"amp channels_last"``) for the
+    variant's model at its base width. A non-expansive variant's step time is scaled by its
+    integrator's stages per sub-step (the benchmark runs Euler) and by the ratio of its batch x
+    pixels to the benchmarked ones (none at paper scale; linear in pixels, as the convolutions
+    are); a variant with ``budget_minutes`` costs exactly that. Jobs: classification and
+    denoising variants x seeds (x noise levels). Evaluation, PnP and data jobs are not included.
+    Returns ``(job kind, count, hours)`` rows; a label with parentheses marks an assumption."""
     import yaml
 
-    with open(csv_path) as fh:
-        rates = {r["model"]: r for r in csv.DictReader(fh) if r["impl"] == "ours"}
     with open(config_path) as fh:
         cfg = yaml.safe_load(fh)
+    with open(csv_path) as fh:
+        rates = {
+            (r["model"], int(r["base_width"]) if r.get("base_width") else ""): r
+            for r in csv.DictReader(fh)
+            if r["impl"] == "ours" and r["options"] == options
+        }
     seeds = len(cfg.get("seeds", [0]))
     bench_of = {spec["model"]: name for name, spec in MODEL_SPECS.items()}
     out = []
     for task, mult in (("classification", 1), ("denoising", len(cfg["denoising"]["noise_levels"]))):
         section = cfg[task]
         for variant, v in section["variants"].items():
-            name = bench_of.get(v["model"])
-            if name is None or name not in rates:
-                out.append((f"{task}/{variant} (model {v['model']} not benchmarked)", 0, 0.0))
+            label, jobs = f"{task}/{variant}", seeds * mult
+            train = dict(section["train"], **v.get("train", {}))
+            if train.get("budget_minutes"):
+                out.append((label, jobs, jobs * train["budget_minutes"] / 60))
                 continue
-            label = f"{task}/{variant}"
+            key = (bench_of.get(v["model"]), _variant_width(task, v, cfg))
+            if key not in rates:
+                out.append((f"{label} ({v['model']} at width {key[1]} not benchmarked)", 0, 0.0))
+                continue
             if "block" in v.get("kwargs", {}):
                 label += f" (block {v['kwargs']['block']}: not benchmarked, Euler time assumed)"
-            train = dict(section["train"], **v.get("train", {}))
-            row = rates[name]
+            row = rates[key]
             step_s = float(row["step_ms"]) / 1000
             step_s *= STAGES.get(v.get("kwargs", {}).get("integrator", "euler"), 1)
             pixels = (32, 32) if task == "classification" else tuple(cfg["data"]["bsds500"]["size"])
@@ -491,7 +582,6 @@ def project_hours(csv_path: Path, config_path: Path) -> list[tuple[str, int, flo
                 pixels = tuple(section["patch"])
             step_s *= train["batch_size"] * pixels[0] * pixels[1]
             step_s /= int(row["batch"]) * int(row["height"]) * int(row["width"])
-            jobs = seeds * mult
             out.append((label, jobs, jobs * train["steps"] * step_s / 3600))
     return out
 
@@ -521,7 +611,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1,
         help="multiply every block's integration time (about that many sub-steps)",
     )
-    p.add_argument("--no-reference", action="store_true", help="skip the plain reference")
+    p.add_argument(
+        "--widths",
+        type=lambda v: [int(w) for w in v.split(",")],
+        default=None,
+        help="comma-separated base widths of the classifier models (default: the skeleton's)",
+    )
+    p.add_argument(
+        "--epoch-images", type=int, default=EPOCH_IMAGES, help="images per epoch (epoch_s)"
+    )
+    p.add_argument(
+        "--no-reference", action="store_true", help="skip the baselines (reference, plain pair)"
+    )
     p.add_argument("--amp", action="store_true", help="CUDA only: bf16 autocast for ours")
     p.add_argument("--channels-last", action="store_true", help="channels_last for ours")
     p.add_argument(
@@ -539,6 +640,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="print the projected hours of config.yaml's training jobs from a CSV",
     )
     p.add_argument("--config", default="config.yaml", help="config for --project")
+    p.add_argument(
+        "--project-options", default="", help="--project uses rows run with these options"
+    )
     p.add_argument("--append", action="store_true", help="append rows to an existing CSV")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -561,6 +665,7 @@ def main(argv=None) -> list[dict]:
         return _main(argv)
     finally:
         torch.set_num_threads(threads)  # in-process runs leave the caller's setting alone
+        _PREPARED.clear()
 
 
 def _main(argv=None) -> list[dict]:
@@ -569,7 +674,7 @@ def _main(argv=None) -> list[dict]:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return []
     if args.project is not None:
-        rows = project_hours(Path(args.project), Path(args.config))
+        rows = project_hours(Path(args.project), Path(args.config), args.project_options)
         for job, count, hours in rows:
             print(f"{hours:10.1f} h  {count:3d} job(s)  {job}")
         paper = sum(h for job, _, h in rows if "(" not in job)
@@ -580,7 +685,7 @@ def _main(argv=None) -> list[dict]:
     results: list[list[dict]] = [[] for _ in jobs]
     states = tempfile.TemporaryDirectory()
     for job in jobs:
-        job["state"] = str(Path(states.name) / f"{job['model']}.pt")
+        job["state"] = str(Path(states.name) / f"{job['model']}{_width(job)}.pt")
         if not Path(job["state"]).exists():
             prepare_state(job, Path(job["state"]))
     for r in range(max(j["repeats"] for j in jobs)):

@@ -14,6 +14,11 @@ Built with ``from_model`` from a model of ``models.py``, it holds copies of the 
 power-iteration vectors and integration times, and computes the same function for the same
 sub-step counts (``tests/test_bench.py`` checks this in float64), so the ratio compares like with
 like. It is not used by the pipeline and offers no certificates.
+
+``from_model(model, plain=True)`` gives the floor instead: the same skeleton with each block a
+*plain convolution pair* ``x - h W^T sigma(W x + b)`` at a fixed step ``h`` (the block's step at
+build time) -- no power iteration, no step-size arithmetic, one sub-step. Against it, the
+benchmark measures what the constraint machinery of the CPL block costs.
 """
 
 from __future__ import annotations
@@ -25,10 +30,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import NonexpansiveBlock
+from .families import CPLBlock
 from .models import Classifier, NonexpansiveDenoiser
 from .operators import Conv2dOperator
 
-__all__ = ["ReferenceBlock", "ReferenceClassifier", "ReferenceDenoiser", "from_model"]
+__all__ = [
+    "PlainPairBlock",
+    "ReferenceBlock",
+    "ReferenceClassifier",
+    "ReferenceDenoiser",
+    "from_model",
+]
 
 
 def _copy(t: torch.Tensor) -> nn.Parameter:
@@ -88,6 +100,24 @@ class ReferenceBlock(nn.Module):
         return x
 
 
+class PlainPairBlock(ReferenceBlock):
+    """``x - h W^T sigma(W x + b)``: one sub-step at the fixed step ``h`` the block had when built
+    (a CPL block: ``2 / (L ||W||^2)``), no norm estimate at all."""
+
+    def __init__(self, block: NonexpansiveBlock):
+        super().__init__(block)
+        norm = float(block.operator.sigma_estimate)
+        self.h = float(block.step_size(norm)) if hasattr(block, "step_size") else self.time
+
+    @torch.no_grad()
+    def power_iteration(self) -> float:
+        return self.sigma
+
+    def forward(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        self.substeps = 1
+        return x + self.h * self.field(x)
+
+
 class _ReferenceModel(nn.Module):
     blocks: list[ReferenceBlock]
 
@@ -107,11 +137,11 @@ class _ReferenceModel(nn.Module):
 class ReferenceClassifier(_ReferenceModel):
     """Lift, stages of reference blocks, 1x1 transitions + 2x2 average pooling, mean, head."""
 
-    def __init__(self, model: Classifier):
+    def __init__(self, model: Classifier, block: type[ReferenceBlock] = ReferenceBlock):
         super().__init__()
         self.lift_w, self.lift_b = _copy(model.lift.weight), _copy(model.lift.bias)
         self.stages = nn.ModuleList(
-            nn.ModuleList(ReferenceBlock(b) for b in stage) for stage in model.stages
+            nn.ModuleList(block(b) for b in stage) for stage in model.stages
         )
         self.trans_w = nn.ParameterList(_copy(t.weight) for t in model.transitions)
         self.trans_b = nn.ParameterList(_copy(t.bias) for t in model.transitions)
@@ -131,10 +161,10 @@ class ReferenceClassifier(_ReferenceModel):
 class ReferenceDenoiser(_ReferenceModel):
     """Zero-pad the channels, reference blocks, keep the first channels; optionally residual."""
 
-    def __init__(self, model: NonexpansiveDenoiser):
+    def __init__(self, model: NonexpansiveDenoiser, block: type[ReferenceBlock] = ReferenceBlock):
         super().__init__()
         self.channels, self.width, self.residual = model.channels, model.width, model.residual
-        self.layers = nn.ModuleList(ReferenceBlock(b) for b in model.blocks)
+        self.layers = nn.ModuleList(block(b) for b in model.blocks)
         self.blocks = list(self.layers)
 
     def forward(self, x: torch.Tensor, substeps: list[int] | None = None) -> torch.Tensor:
@@ -143,14 +173,20 @@ class ReferenceDenoiser(_ReferenceModel):
         return x - out if self.residual else out
 
 
-def from_model(model: nn.Module) -> _ReferenceModel:
-    """The reference twin of a non-expansive classifier or denoiser (weights copied)."""
-    if isinstance(model, NonexpansiveDenoiser):
-        ref = ReferenceDenoiser(model)
+def from_model(model: nn.Module, plain: bool = False) -> _ReferenceModel:
+    """The reference twin of a non-expansive (or CPL) classifier or denoiser, weights copied;
+    ``plain``: with plain convolution pairs (``PlainPairBlock``) as blocks."""
+    block = PlainPairBlock if plain else ReferenceBlock
+    if not plain and any(isinstance(b, CPLBlock) for b in model.modules()):
+        raise ValueError("a CPL block has no time-integrating twin; use plain=True")
+    if isinstance(model, NonexpansiveDenoiser) and all(
+        isinstance(b, NonexpansiveBlock) for b in model.blocks
+    ):
+        ref = ReferenceDenoiser(model, block)
     elif isinstance(model, Classifier) and all(
         isinstance(b, NonexpansiveBlock) for stage in model.stages for b in stage
     ):
-        ref = ReferenceClassifier(model)
+        ref = ReferenceClassifier(model, block)
     else:
         raise ValueError(f"no reference implementation for {type(model).__name__}")
     p = next(model.parameters())
