@@ -306,12 +306,6 @@ def test_bf16_autocast_step_keeps_the_power_iteration_in_full_precision(device, 
         assert 0 < float(op.sigma_estimate) <= op.norm_bound() * (1 + 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known: Classifier.lipschitz_estimate (margin loss) runs LinearOperator."
-    "power_iteration on the lift, transitions and head without disabling autocast",
-)
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_margin_loss_keeps_every_power_iteration_in_full_precision(device, tmp_path):
     loss_spec = {"name": "margin", "eps": 0.1, "temperature": 0.25}

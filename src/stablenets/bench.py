@@ -274,6 +274,7 @@ def run_worker(job: dict) -> dict:
     """Warm up, time ``steps`` steps, report steps/s, peak memory, sub-steps and FLOPs."""
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
+    torch.backends.cudnn.benchmark = bool(job.get("cudnn_benchmark"))
     with tempfile.TemporaryDirectory() as tmp:
         model, task, cfg, opt, sched = _build(job, device)
         step = _stepper(job, model, task, cfg, opt, sched, device, Path(tmp))
@@ -404,6 +405,7 @@ def _jobs(args) -> list[dict]:
                     substeps=args.substeps,
                     amp=args.amp and impl == "ours",
                     channels_last=args.channels_last and impl == "ours",
+                    cudnn_benchmark=args.cudnn_benchmark and impl == "ours",
                     inprocess=args.inprocess,
                     remat=args.remat,
                 )
@@ -449,7 +451,7 @@ def _summarise(args, jobs, results, peak, name) -> list[dict]:
             epoch = f"{math.ceil(args.epoch_images / job['batch']) / sps:.4g}"
         flops = res[-1]["flops"]
         substeps = res[-1]["substeps"]
-        options = [k for k in ("amp", "channels_last") if job.get(k)]
+        options = [k for k in ("amp", "channels_last", "cudnn_benchmark") if job.get(k)]
         if impl == "ours" and job["remat"] != "auto":
             options.append(f"remat {job['remat']}")
         if args.substeps > 1:
@@ -625,6 +627,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--amp", action="store_true", help="CUDA only: bf16 autocast for ours")
     p.add_argument("--channels-last", action="store_true", help="channels_last for ours")
+    p.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark for ours"
+    )
     p.add_argument(
         "--remat",
         choices=["auto", "on", "off"],

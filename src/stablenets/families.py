@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from .activations import MonotoneActivation, build_activation
 from .blocks import NonexpansiveBlock
-from .operators import Conv2dOperator, LinearOperator
+from .operators import Conv2dOperator, LinearOperator, autocast_off
 
 __all__ = [
     "FAMILIES",
@@ -231,8 +231,9 @@ class AOLConv(Conv2dOperator):
         pinned = self.__dict__.get("_pinned")
         if pinned is not None and w.dtype in pinned:
             return pinned[w.dtype]
-        d = _safe_inverse(abs_gram_rowsums(w, "in")).sqrt()
-        out = w * d.view(1, -1, 1, 1)
+        with autocast_off({w.device.type}):  # the rescaling in the weight's precision
+            d = _safe_inverse(abs_gram_rowsums(w, "in")).sqrt()
+            out = w * d.view(1, -1, 1, 1)
         if pinned is not None:
             pinned[w.dtype] = out
         return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -97,8 +98,13 @@ class LinearOperator(nn.Module):
     def power_iteration(self, n_iters: int = 1) -> torch.Tensor:
         """Run ``n_iters`` warm-started iterations ``u <- A^T A u / ||A^T A u||``.
 
-        Returns and stores ``sigma_estimate = ||A u||`` (a lower bound of ``||A||_2``).
+        Returns and stores ``sigma_estimate = ||A u||`` (a lower bound of ``||A||_2``). Never
+        under autocast: the estimate sets step sizes, so it stays in the weight's precision.
         """
+        with autocast_off({self.weight.device.type}):
+            return self._power_iteration(n_iters)
+
+    def _power_iteration(self, n_iters: int) -> torch.Tensor:
         w = self.weight.detach()
         u = self.u.to(w.dtype)
         for _ in range(n_iters):
@@ -364,11 +370,11 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     for _ in range(n_iters):
         v = F.conv2d(u, w, None, **conv)
         u = F.conv_transpose2d(v, w, None, first.stride, first.padding, pad, g, first.dilation)
-        norms = u.view(g, -1).norm(dim=1).clamp_min(tiny)
-        u = (u.view(g, -1) / norms[:, None]).view_as(u)
+        norms = u.reshape(g, -1).norm(dim=1).clamp_min(tiny)  # reshape: u may be channels_last
+        u = (u.reshape(g, -1) / norms[:, None]).reshape(u.shape)
     ud = u.double()
-    av = F.conv2d(ud, w.double(), None, **conv).view(g, -1).norm(dim=1)
-    estimate = av / ud.view(g, -1).norm(dim=1)
+    av = F.conv2d(ud, w.double(), None, **conv).reshape(g, -1).norm(dim=1)
+    estimate = av / ud.reshape(g, -1).norm(dim=1)
     stored = _round_down(estimate, first.sigma_estimate.dtype)
     c_in = first.u.shape[1]
     for i, op in enumerate(ops):
@@ -378,7 +384,9 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
 
 
 @contextlib.contextmanager
-def _autocast_off(device_types):
+def autocast_off(device_types: set[str]) -> Iterator[None]:
+    """Disable autocast on these device types (norm estimates and rescalings stay in the
+    weight's precision inside a mixed-precision forward)."""
     with contextlib.ExitStack() as stack:
         for kind in device_types:
             stack.enter_context(torch.autocast(device_type=kind, enabled=False))
@@ -393,7 +401,7 @@ def power_iteration_all(operators: list[LinearOperator], n_iters: int = 1) -> li
     estimate ``||A u|| / ||u||`` in float64, rounded down: a lower bound); only the order of
     floating-point reductions may differ. Returns the estimates as floats and leaves a host copy
     that ``sigma_value()`` reads without synchronising."""
-    with _autocast_off({op.weight.device.type for op in operators}):
+    with autocast_off({op.weight.device.type for op in operators}):
         return _power_iteration_all(operators, n_iters)
 
 
