@@ -335,8 +335,19 @@ def _spawn(job: dict) -> dict:
 
 
 def device_peak_gflops(device: torch.device, threads: int, dtype=torch.float32) -> float:
-    """Measured throughput of a large matrix product (the practical peak of this device)."""
+    """Measured throughput of a large matrix product (the practical peak of this device) in the
+    precision the convolutions run in: ``dtype`` (bf16 for ``--amp``), and on CUDA in float32
+    with TF32 when cuDNN uses it (PyTorch's default for convolutions)."""
     torch.set_num_threads(threads)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    try:
+        return _matmul_gflops(device, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
     n = 4096 if device.type == "cuda" else 1024
     a = torch.rand(n, n, device=device, dtype=dtype)
     b = torch.rand(n, n, device=device, dtype=dtype)
@@ -703,7 +714,9 @@ def _main(argv=None) -> list[dict]:
                 print(f"[bench] repeat {r} {job['model']}/{job['impl']}: "
                       f"{results[i][-1]['steps'] / results[i][-1]['elapsed']:.4g} steps/s "
                       f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)  # fmt: skip
-    peak = device_peak_gflops(args.device, args.threads)
+    peak = device_peak_gflops(
+        args.device, args.threads, torch.bfloat16 if args.amp else torch.float32
+    )
     rows = _summarise(args, jobs, results, peak, device_name(args.device))
     _print_table(rows)
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"{args.device.type}.csv"

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .activations import MonotoneActivation
 from .integrators import get_integrator
-from .operators import LinearOperator
+from .operators import LinearOperator, host_copy, remember_host_copy
 
 __all__ = ["NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
 
@@ -89,6 +89,15 @@ class NonexpansiveBlock(nn.Module):
         # when a sub-step's input exceeds REMAT_BYTES (the full-image denoiser); True / False.
         self.checkpoint_substeps: bool | None = None
 
+    def time_value(self) -> float:
+        """``float(time)``, read from the device once and then from a host copy that any edit
+        of the buffer invalidates (no synchronisation per forward pass on a GPU)."""
+        value = host_copy(self, "_time_host", self.time)
+        if value is None:
+            value = float(self.time)
+            remember_host_copy(self, "_time_host", self.time, value)
+        return value
+
     def field(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x) = -A^T sigma(A x + b)``, the negative gradient of the convex potential."""
         return -self.operator.adjoint(self.activation(self.operator(x)), _spatial(x))
@@ -99,7 +108,7 @@ class NonexpansiveBlock(nn.Module):
 
     def substeps(self, norm: float) -> int:
         """Smallest ``n`` with ``(T / n) L norm^2 / 2 <= r theta`` (checked in float64)."""
-        T, limit = float(self.time), self.tableau.step_radius * self.theta
+        T, limit = self.time_value(), self.tableau.step_radius * self.theta
         ell = self._ell(norm)
         n = max(1, math.ceil(T * ell / (2 * limit)))
         while (T / n) * ell / 2 > limit:
@@ -126,7 +135,7 @@ class NonexpansiveBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.current_norm(x)
         n = self.substeps(norm)
-        h = float(self.time) / n
+        h = self.time_value() / n
         self.last_substeps, self.last_norm = n, norm
         remat = self.checkpoint_substeps
         if remat is None:
@@ -147,7 +156,7 @@ class NonexpansiveBlock(nn.Module):
         """
         norm = self.operator.norm_bound(input_size)
         n = self.substeps(norm)
-        h_ell = float(self.time) / n * self._ell(norm)
+        h_ell = self.time_value() / n * self._ell(norm)
         if self.tableau.radius > 0 and h_ell / 2 <= self.tableau.radius:
             return 1.0
         return self.tableau.stagewise_lipschitz(h_ell) ** n
@@ -162,7 +171,7 @@ class NonexpansiveBlock(nn.Module):
             return None
         norm = self.operator.norm_bound(input_size)
         n = self.substeps(norm)
-        alpha_step = float(self.time) / n * self._ell(norm) / 2
+        alpha_step = self.time_value() / n * self._ell(norm) / 2
         if alpha_step >= 1:
             return None
         alpha = alpha_step

@@ -248,8 +248,10 @@ class AOLConv(Conv2dOperator):
         finally:
             self.__dict__["_pinned"] = None
 
-    def _apply_with(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return super()._apply_with(self.rescaled(w), x)
+    def _apply_with(
+        self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return super()._apply_with(self.rescaled(w), x, bias)
 
     def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
         return super()._adjoint_with(self.rescaled(w), y, shape)

@@ -49,6 +49,20 @@ _DENSE_POWER_ITERS = 300
 _DENSE_MARGINS = (1e-4, 1e-3, 1e-2)
 
 
+def host_copy(owner: nn.Module, slot: str, buf: torch.Tensor) -> float | None:
+    """The host value remembered for ``buf`` in ``owner``'s ``slot``, or ``None`` when it may be
+    stale: another buffer object (``load_state_dict``, ``.to()``) or a bumped version counter
+    (any in-place edit). Reading it costs no device synchronisation."""
+    cached = owner.__dict__.get(slot)
+    if cached is not None and cached[0] is buf and cached[1] == buf._version:
+        return cached[2]
+    return None
+
+
+def remember_host_copy(owner: nn.Module, slot: str, buf: torch.Tensor, value: float) -> None:
+    owner.__dict__[slot] = (buf, buf._version, value)
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -88,11 +102,8 @@ class LinearOperator(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.apply(x)
-        return y if self.bias is None else y + self._bias_view()
-
-    def _bias_view(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """``A x + b``, the bias added inside the same kernel."""
+        return self._apply_with(self.weight, x, self.bias)
 
     @torch.no_grad()
     def power_iteration(self, n_iters: int = 1) -> torch.Tensor:
@@ -120,13 +131,12 @@ class LinearOperator(nn.Module):
         """``float(sigma_estimate)``; no device synchronisation when ``power_iteration_all`` left
         a host copy that is still current (same buffer object, unchanged version counter, so
         ``load_state_dict``, ``.to()`` and in-place edits all invalidate it)."""
-        buf = self.sigma_estimate
-        cached = self.__dict__.get("_sigma_host")
-        if cached is not None and cached[0] is buf and cached[1] == buf._version:
-            return cached[2]
-        return float(buf)
+        value = host_copy(self, "_sigma_host", self.sigma_estimate)
+        return float(self.sigma_estimate) if value is None else value
 
-    def _apply_with(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _apply_with(
+        self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
@@ -169,8 +179,10 @@ class DenseOperator(LinearOperator):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._init_power_state((1, in_features), generator)
 
-    def _apply_with(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x @ w.t()
+    def _apply_with(
+        self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, w, bias)
 
     def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape=None) -> torch.Tensor:
         return y @ w
@@ -181,9 +193,6 @@ class DenseOperator(LinearOperator):
     def adjoint(self, y: torch.Tensor, input_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``A^T y``; ``input_size`` is accepted for a uniform interface and ignored."""
         return self._adjoint_with(self.weight, y)
-
-    def _bias_view(self) -> torch.Tensor:
-        return self.bias
 
     @torch.no_grad()
     def _certified_norm(self, input_size=None) -> float:
@@ -257,8 +266,10 @@ class Conv2dOperator(LinearOperator):
             )
         )
 
-    def _apply_with(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
+    def _apply_with(
+        self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
 
     def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
         size = tuple(shape[-2:])
@@ -273,9 +284,6 @@ class Conv2dOperator(LinearOperator):
         """``A^T y`` back onto inputs of ``input_size`` (default: the operator's input size)."""
         size = input_size or self.input_size
         return self._adjoint_with(self.weight, y, size)
-
-    def _bias_view(self) -> torch.Tensor:
-        return self.bias.view(1, -1, 1, 1)
 
     @torch.no_grad()
     def _certified_norm(self, input_size: tuple[int, int] | None) -> float:
@@ -429,6 +437,6 @@ def _power_iteration_all(operators: list[LinearOperator], n_iters: int) -> list[
         return []
     host = torch.cat([v.to(values[0].device) for v in values]).tolist()  # one synchronisation
     for op, value in zip(order, host, strict=True):
-        op._sigma_host = (op.sigma_estimate, op.sigma_estimate._version, value)
+        remember_host_copy(op, "_sigma_host", op.sigma_estimate, value)
     by_id = {id(op): value for op, value in zip(order, host, strict=True)}
     return [by_id[id(op)] for op in operators]
