@@ -25,7 +25,7 @@ cat "$OUT/device.log"
 stage test_cuda 75 python -m pytest tests/test_cuda.py -q -x -p no:cacheprovider
 stage paper 150 "${BENCH[@]}" --models classifier,resnet,denoiser,dncnn \
     --steps 20 --warmup 5 --repeats 3 --big-steps 5 --big-repeats 2 "${EXTRA[@]}"
-stage remat-off 45 "${BENCH[@]}" --append --no-reference --remat off --models denoiser \
+stage remat-off 45 "${BENCH[@]}" --append --no-reference --remat off --models denoiser --warmup 5 \
     --big-steps 5 --big-repeats 2 "${EXTRA[@]}"
 stage fast 90 "${BENCH[@]}" --append --no-reference --amp --channels-last --cudnn-benchmark \
     --models classifier,resnet,denoiser,dncnn \

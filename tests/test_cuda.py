@@ -18,6 +18,7 @@ this file). ``stablenets.robustness`` imports pyautoattack, so its tests skip wh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from functools import partial
 
@@ -271,6 +272,32 @@ def test_training_on_the_device_checkpoints_and_resumes(kind, device, tmp_path):
     else:
         assert losses2 == pytest.approx(losses, rel=CUDA_TRAIN_RTOL)
     assert state2.best_step == state.best_step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["classification", "denoising"])
+def test_speed_settings_train_the_same_model(kind, device, tmp_path):
+    """``amp``, ``channels_last`` and ``cudnn_benchmark`` change how, not what: the losses follow
+    the float32 run (bitwise-close on the CPU, where amp is off; bf16-close on CUDA), weights
+    and activations are NHWC, and the checkpoint resumes into an ordinary model."""
+    initial, task = _training_case(kind, device)
+    fast_cfg = dataclasses.replace(TRAIN, amp=True, channels_last=True, cudnn_benchmark=True)
+    plain, state = train(copy.deepcopy(initial).to(device), task, TRAIN, tmp_path / "a", "h",
+                         lambda _: None)  # fmt: skip
+    fast, fast_state = train(copy.deepcopy(initial).to(device), task, fast_cfg, tmp_path / "b",
+                             "h", lambda _: None)  # fmt: skip
+    torch.backends.cudnn.benchmark = False
+    losses = [r["loss"] for r in state.rows if r["kind"] == "train"]
+    fast_losses = [r["loss"] for r in fast_state.rows if r["kind"] == "train"]
+    rel = 1e-5 if _kind(device) == "cpu" else 5e-2
+    assert fast_losses == pytest.approx(losses, rel=rel)
+    convs = [p for p in fast.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    saved = read_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    again = copy.deepcopy(initial)  # an ordinary (NCHW, CPU) model takes the NHWC checkpoint
+    again.load_state_dict(saved)
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, saved[key].cpu()), key
 
 
 def _bf16_step(device: str, workdir, loss: dict | None):

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -107,7 +106,13 @@ def _rss_mb() -> float:
 def _build(job: dict, device: torch.device):
     from .augment import AugmentConfig
     from .models import build_model
-    from .training import ClassificationTask, DenoisingTask, TrainConfig, make_optimizer
+    from .training import (
+        ClassificationTask,
+        DenoisingTask,
+        TrainConfig,
+        make_optimizer,
+        prepare_for_speed,
+    )
 
     spec = MODEL_SPECS[job["model"]]
     size = tuple(job["size"])
@@ -129,7 +134,15 @@ def _build(job: dict, device: torch.device):
         task = ClassificationTask(images, labels, images[:8], labels[:8], AugmentConfig())
     else:
         task = DenoisingTask(images, images[:2], sigma=0.15)
-    cfg = TrainConfig(steps=10**6, batch_size=job["batch"], warmup=spec["warmup"], log_every=10**9)
+    cfg = TrainConfig(
+        steps=10**6,
+        batch_size=job["batch"],
+        warmup=spec["warmup"],
+        log_every=10**9,
+        amp=bool(job.get("amp")),
+        channels_last=bool(job.get("channels_last")),
+        cudnn_benchmark=bool(job.get("cudnn_benchmark")),
+    )
     if job["impl"] in ("reference", "plain"):
         from .reference import from_model
 
@@ -141,9 +154,7 @@ def _build(job: dict, device: torch.device):
     remat = {"auto": None, "on": True, "off": False}[job.get("remat", "auto")]
     for block in getattr(model, "constrained_blocks", lambda: [])():
         block.checkpoint_substeps = remat
-    if job.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-        task.images = task.images.contiguous(memory_format=torch.channels_last)
+    prepare_for_speed(model, cfg)  # what training.train does with these settings
     opt, sched = make_optimizer(model, cfg)
     return model, task, cfg, opt, sched
 
@@ -152,11 +163,6 @@ def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
     from .training import RunState, _train_step, step_generator
 
     state = RunState()
-    amp = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if job.get("amp") and device.type == "cuda"
-        else nullcontext()
-    )
 
     if job["impl"] in ("reference", "plain"):
 
@@ -173,9 +179,8 @@ def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
 
         return step
 
-    def step() -> None:
-        with amp:
-            _train_step(model, task, cfg, opt, sched, state, device, workdir / "none.pt")
+    def step() -> None:  # amp, channels_last, cudnn_benchmark: the training step's own settings
+        _train_step(model, task, cfg, opt, sched, state, device, workdir / "none.pt")
         state.step += 1
 
     return step
@@ -636,11 +641,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-reference", action="store_true", help="skip the baselines (reference, plain pair)"
     )
-    p.add_argument("--amp", action="store_true", help="CUDA only: bf16 autocast for ours")
-    p.add_argument("--channels-last", action="store_true", help="channels_last for ours")
-    p.add_argument(
-        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark for ours"
-    )
+    p.add_argument("--amp", action="store_true", help="CUDA only: train.amp (bf16) for ours")
+    p.add_argument("--channels-last", action="store_true", help="train.channels_last for ours")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="train.cudnn_benchmark for ours")
     p.add_argument(
         "--remat",
         choices=["auto", "on", "off"],

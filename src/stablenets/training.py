@@ -12,6 +12,7 @@ A non-finite loss or an exploding norm estimate stops the run with ``DivergenceE
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -75,6 +76,9 @@ class TrainConfig:
     seed: int = 0
     loss: dict | None = None  # None: the task's loss; {name: margin, eps, temperature}
     budget_minutes: float | None = None  # when set, ``steps`` is derived from it (budget.py)
+    amp: bool = False  # CUDA: forward/backward under bf16 autocast
+    channels_last: bool = False  # NHWC model and batches
+    cudnn_benchmark: bool = False  # CUDA: cuDNN picks algorithms by timing them
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -309,6 +313,7 @@ def train(
         log(f"removed {stale.name}, the temporary of an interrupted checkpoint write")
     device = next(model.parameters()).device
     build_loss(cfg.loss, model)  # fail before any step on a bad loss
+    prepare_for_speed(model, cfg)
     cfg = _budgeted(model, task, cfg, workdir, config_hash, device, log)
     opt, sched = make_optimizer(model, cfg)
     state = _resume(ckpt_path, config_hash, model, opt, sched, log)
@@ -366,14 +371,33 @@ def update_norms(model: StableModel, n_iters: int) -> None:
         power_iteration_all([b.operator for b in model.constrained_blocks()], n_iters)
 
 
+def prepare_for_speed(model: StableModel, cfg: TrainConfig) -> None:
+    """The speed settings of ``cfg`` that act once: ``channels_last`` weights and cuDNN's
+    algorithm search (``torch.backends.cudnn.benchmark``, process-wide)."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``cfg.amp``; power iterations inside turn it off themselves."""
+    if cfg.amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _train_step(model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path) -> None:
     model.train()
     g = step_generator(cfg.seed, state.step, device)
     inputs, targets = task.batch(cfg.batch_size, g)
+    if cfg.channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     update_norms(model, cfg.power_iters)
     _check_finite(state.step, None, model, cfg, ckpt_path)
     t0 = time.perf_counter()
-    out = model(inputs)
+    with _autocast(cfg, device):
+        out = model(inputs)
+    out = out.float()  # the loss (and the margin loss's Lipschitz estimate) in float32
     criterion = build_loss(cfg.loss)
     loss = task.loss(out, targets) if criterion is None else criterion(model, out, targets)
     opt.zero_grad(set_to_none=True)
