@@ -142,6 +142,7 @@ def _build(job: dict, device: torch.device):
         amp=bool(job.get("amp")),
         channels_last=bool(job.get("channels_last")),
         cudnn_benchmark=bool(job.get("cudnn_benchmark")),
+        remat={"auto": "auto", "on": True, "off": False}[job.get("remat", "auto")],
     )
     if job["impl"] in ("reference", "plain"):
         from .reference import from_model
@@ -151,9 +152,6 @@ def _build(job: dict, device: torch.device):
             model.parameters(), lr=1e-3, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         return model, task, cfg, opt, None
-    remat = {"auto": None, "on": True, "off": False}[job.get("remat", "auto")]
-    for block in getattr(model, "constrained_blocks", lambda: [])():
-        block.checkpoint_substeps = remat
     prepare_for_speed(model, cfg)  # what training.train does with these settings
     opt, sched = make_optimizer(model, cfg)
     return model, task, cfg, opt, sched
@@ -648,7 +646,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--remat",
         choices=["auto", "on", "off"],
         default="auto",
-        help="sub-step activation checkpointing of ours (auto: large images only)",
+        help="train.remat of ours: sub-step activation checkpointing (auto: large images only)",
     )
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (memory not isolated)")
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")

@@ -79,6 +79,7 @@ class TrainConfig:
     amp: bool = False  # CUDA: forward/backward under bf16 autocast
     channels_last: bool = False  # NHWC model and batches
     cudnn_benchmark: bool = False  # CUDA: cuDNN picks algorithms by timing them
+    remat: str | bool = "auto"  # sub-step activation checkpointing: auto (large inputs) | bool
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -372,8 +373,11 @@ def update_norms(model: StableModel, n_iters: int) -> None:
 
 
 def prepare_for_speed(model: StableModel, cfg: TrainConfig) -> None:
-    """The speed settings of ``cfg`` that act once: ``channels_last`` weights and cuDNN's
-    algorithm search (``torch.backends.cudnn.benchmark``, process-wide)."""
+    """The speed settings of ``cfg`` that act once: ``channels_last`` weights, cuDNN's algorithm
+    search (``torch.backends.cudnn.benchmark``, process-wide) and sub-step activation
+    checkpointing of every constrained block (``remat``)."""
+    for block in model.constrained_blocks():
+        block.checkpoint_substeps = None if cfg.remat == "auto" else bool(cfg.remat)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
