@@ -16,7 +16,9 @@ from matplotlib.figure import Figure
 matplotlib.use("Agg")
 
 from stablenets.figures import (  # noqa: E402 - after choosing the headless backend
+    FAMILY_COLORS,
     KNOWN_MODELS,
+    SIZE_SHADES,
     denoising_examples_figure,
     families_figure,
     model_colors,
@@ -261,6 +263,22 @@ def test_model_colors_deterministic_and_distinct() -> None:
     assert mixed["resnet"] == known["resnet"]
     assert mixed["alpha"] != mixed["zeta"]
     assert model_colors(["alpha", "zeta"]) == {k: mixed[k] for k in ("alpha", "zeta")}
+
+
+def test_family_colours_are_fixed_distinct_and_shaded_by_size() -> None:
+    """Every family x size keeps its colour whatever else is drawn; no two are alike, none is a
+    paper model's; within a family, larger sizes are darker."""
+    from matplotlib.colors import to_rgb
+
+    names = [f"{f}_{s}" for f in FAMILY_COLORS for s in SIZE_SHADES] + list(FAMILY_COLORS)
+    every = model_colors([*names, *KNOWN_MODELS])
+    assert len(set(every.values())) == len(names) + len(KNOWN_MODELS)
+    for name in names:
+        assert model_colors([name, "zeta"])[name] == every[name]
+    for family in FAMILY_COLORS:
+        light = [sum(to_rgb(every[f"{family}_{s}"])) for s in SIZE_SHADES]
+        assert light == sorted(light, reverse=True)
+    assert model_colors(["cpl_XXL"])["cpl_XXL"] == model_colors(["zeta"])["zeta"]  # not a size
 
 
 def test_robustness_figure(robust_fig: Figure, root: Path) -> None:

@@ -35,7 +35,9 @@ from matplotlib.patches import Patch
 from .atomic import atomic_path
 
 __all__ = [
+    "FAMILY_COLORS",
     "KNOWN_MODELS",
+    "SIZE_SHADES",
     "set_style",
     "model_colors",
     "save_figure",
@@ -65,6 +67,11 @@ KNOWN_MODELS = (
 _CB = sns.color_palette("colorblind", 10)  # Wong / seaborn colour-blind-safe palette
 #: Colours of ``KNOWN_MODELS`` (TV gets a darker yellow than the palette's, observed grey).
 KNOWN_COLORS = tuple(to_hex(c) for c in (*_CB[:7], _CB[9], "#b8850a", _CB[7]))
+#: The layer families (issue 12): one hue each from Paul Tol's colour-blind-safe "muted" set
+#: (none of them in ``KNOWN_COLORS``); a size preset ``<family>_<size>`` takes a lighter shade
+#: of it, lighter for smaller sizes.
+FAMILY_COLORS = {"cpl": "#882255", "sll": "#44aa99", "aol": "#999933", "orthogonal": "#332288"}
+SIZE_SHADES = ("XS", "S", "M", "L")
 #: Colours for unknown names, taken in their sorted order (cycled if more are needed).
 EXTRA_COLORS = tuple(to_hex(c) for c in sns.color_palette("dark", 10))
 
@@ -118,15 +125,28 @@ def _ordered(names: Iterable[str]) -> list[str]:
     return known + sorted(unique - set(KNOWN_MODELS))
 
 
+def _family_color(name: str) -> str | None:
+    """``FAMILY_COLORS[family]`` for ``family`` or ``family_<size>`` (a shade per size)."""
+    family, _, size = name.partition("_")
+    if family not in FAMILY_COLORS or (size and size not in SIZE_SHADES):
+        return None
+    if not size:
+        return FAMILY_COLORS[family]
+    shades = sns.light_palette(FAMILY_COLORS[family], n_colors=len(SIZE_SHADES) + 3)[2:-1]
+    return to_hex(shades[SIZE_SHADES.index(size)])
+
+
 def model_colors(names: Iterable[str]) -> dict[str, str]:
-    """Hex colour per model name: a fixed colour per known name (``KNOWN_MODELS``), unknown
-    names in sorted order from ``EXTRA_COLORS``. Deterministic, so the same known model has
-    the same colour in every figure."""
+    """Hex colour per model name: a fixed colour per known name (``KNOWN_MODELS``) and per layer
+    family and size (``FAMILY_COLORS``), other names in sorted order from ``EXTRA_COLORS``.
+    Deterministic, so the same known model has the same colour in every figure."""
     colors: dict[str, str] = {}
     unknown = 0
     for name in _ordered(names):
         if name in KNOWN_MODELS:
             colors[name] = KNOWN_COLORS[KNOWN_MODELS.index(name)]
+        elif (family := _family_color(name)) is not None:
+            colors[name] = family
         else:
             colors[name] = EXTRA_COLORS[unknown % len(EXTRA_COLORS)]
             unknown += 1
