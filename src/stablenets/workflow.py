@@ -12,18 +12,28 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Jobs", "FIGURES", "TABLES"]
+__all__ = ["Jobs", "FIGURES", "SOURCES", "TABLES"]
 
-TABLES = ("classification", "families", "denoising", "pnp")
-FIGURES = (
-    "robustness",
-    "families",
-    "training_classification",
-    "training_denoising",
-    "denoising_examples",
-    "pnp_convergence",
-    "pnp_reconstructions",
-)
+#: What each table and figure is built from: the name of a ``Jobs`` target list.
+SOURCES = {
+    "table": {
+        "classification": "classification_evals",
+        "families": "classification_evals",
+        "denoising": "denoising_evals",
+        "pnp": "pnp_runs",
+    },
+    "figure": {
+        "robustness": "classification_evals",
+        "families": "classification_evals",
+        "training_classification": "classification_logs",
+        "training_denoising": "denoising_logs",
+        "denoising_examples": "denoising_evals",
+        "pnp_convergence": "pnp_runs",
+        "pnp_reconstructions": "pnp_runs",
+    },
+}
+TABLES = tuple(SOURCES["table"])
+FIGURES = tuple(SOURCES["figure"])
 
 
 def sigma_label(sigma: float) -> str:
@@ -146,26 +156,9 @@ class Jobs:
         ]
         return runs + [R("pnp/tv.h5")]
 
-    def table_inputs(self, name: str, R: Callable[[str], str]) -> list[str]:
-        """The result files a table is built from."""
-        return {
-            "classification": self.classification_evals,
-            "families": self.classification_evals,
-            "denoising": self.denoising_evals,
-            "pnp": self.pnp_runs,
-        }[name](R)
-
-    def figure_inputs(self, name: str, R: Callable[[str], str]) -> list[str]:
-        """The result files or training logs a figure is drawn from."""
-        return {
-            "robustness": self.classification_evals,
-            "families": self.classification_evals,
-            "training_classification": self.classification_logs,
-            "training_denoising": self.denoising_logs,
-            "denoising_examples": self.denoising_evals,
-            "pnp_convergence": self.pnp_runs,
-            "pnp_reconstructions": self.pnp_runs,
-        }[name](R)
+    def inputs(self, kind: str, name: str, R: Callable[[str], str]) -> list[str]:
+        """The result files or training logs a table or figure (``kind``) is built from."""
+        return getattr(self, SOURCES[kind][name])(R)
 
     def final_outputs(self, R: Callable[[str], str]) -> list[str]:
         tables = [R(f"tables/{t}.{ext}") for t in TABLES for ext in ("csv", "md", "tex")]

@@ -3,7 +3,7 @@
 
 rule table:
     input:
-        lambda w: JOBS.table_inputs(w.table, R),
+        lambda w: JOBS.inputs("table", w.table, R),
     output:
         csv=report(
             R("tables/{table}.csv"),
@@ -29,7 +29,7 @@ rule table:
 
 rule figure:
     input:
-        lambda w: JOBS.figure_inputs(w.figure, R),
+        lambda w: JOBS.inputs("figure", w.figure, R),
     output:
         pdf=R("figures/{figure}.pdf"),
         png=report(
