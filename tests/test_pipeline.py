@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -53,6 +54,10 @@ def test_smoke_classifiers_beat_chance_and_satisfy_the_invariant(smoke_run):
             assert (cert <= emp + 1e-12).all() and (emp <= fh.attrs["clean_accuracy"]).all()
             std_cert, std_emp = fh["standard_certified"][()], fh["standard_empirical"][()]
             assert (std_cert <= std_emp + 1e-12).all(), path
+            # the strongest attack at the standard radii is AutoAttack (APGD-CE at smoke cost)
+            assert fh.attrs["strong_method"] == "autoattack apgd-ce (10 iterations)", path
+            std_strong = fh["standard_strong"][()]
+            assert np.isfinite(std_strong).all() and (std_emp <= std_strong + 1e-12).all(), path
             for key in ("config_hash", "seed", "versions", "git_commit"):
                 assert key in fh.attrs
 

@@ -256,7 +256,7 @@ def evaluate_classifier(
         "empirical_lipschitz": _classifier_lower_bound(model, x, ev, spec["seed"], lip),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
-        "strong_method": ev["strong"]["method"],
+        "strong_method": _strong_label(ev["strong"]),
         **_accuracy_attrs(eps, acc),
         **provenance(spec, spec["seed"]),
     }
@@ -281,13 +281,25 @@ def _classifier_lower_bound(
     return lower
 
 
+def _strong_label(cfg: dict) -> str:
+    """What the strongest attack was, for tables: ``autoattack standard``, ``autoattack apgd-ce
+    (10 iterations)``, ``pgd (100 steps x 5)``."""
+    if cfg["method"] == "pgd":
+        return f"pgd ({cfg['steps']} steps x {cfg['restarts']})"
+    label = "autoattack " + (
+        ", ".join(cfg["attacks"]) if cfg["version"] == "custom" else "standard"
+    )
+    return label + (f" ({cfg['iterations']} iterations)" if cfg.get("iterations") else "")
+
+
 def _strong_attack(cfg: dict, seed: int, batch_size: int):
     if cfg["method"] == "autoattack":
 
         def attack(m, xx, yy, e):
             return robustness.autoattack_l2(
-                m, xx, yy, e, batch_size, cfg["version"], seed, cfg.get("attacks")
-            )
+                m, xx, yy, e, batch_size, cfg["version"], seed, cfg.get("attacks"),
+                cfg.get("iterations"),
+            )  # fmt: skip
 
         return attack
 

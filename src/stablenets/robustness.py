@@ -295,6 +295,7 @@ def autoattack_l2(
     version: str = "standard",
     seed: int = 0,
     attacks: Sequence[str] | None = None,
+    iterations: int | None = None,
 ) -> Tensor:
     """Adversarial examples from AutoAttack (Croce & Hein 2020) in L2 at radius ε.
 
@@ -302,7 +303,9 @@ def autoattack_l2(
     ``attack`` of ``robust_accuracy_curve``): points AutoAttack fooled carry their adversarial
     example, all others are returned unchanged; robust flags are ``argmax f(x_adv) == y``.
     ``version="standard"`` runs APGD-CE, APGD-T, FAB-T and Square; ``version="custom"`` runs
-    ``attacks`` (e.g. ``["apgd-ce", "apgd-t"]``). Runs on the model's device, silently, with
+    ``attacks`` (e.g. ``["apgd-ce", "apgd-t"]``). ``iterations`` replaces the 100 iterations of
+    every APGD and FAB run (a cheaper, weaker attack for smoke runs; Square's queries are kept).
+    Runs on the model's device, silently, with
     ``seed``; the caller's global RNG state is left untouched. Progress output is off; the
     sanity-check warnings of AutoAttack (logger ``auto-attack``) still surface. Constraints of
     pyautoattack 0.2.0: float32 inputs; APGD-T and DLR losses need K >= 4 classes (with K < 10
@@ -327,6 +330,9 @@ def autoattack_l2(
         )
         adversary.verbose = False
         _limit_targets(adversary, n_classes)
+        if iterations is not None:
+            for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
+                attack.n_iter = int(iterations)
         x_adv, _ = adversary.run_standard_evaluation(x, y.long(), batch_size=batch_size)
     return x_adv.to(x.device)
 
