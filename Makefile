@@ -27,11 +27,13 @@ report: $(STAMP)
 # cluster of tests/slurm (default partition, no account, no accounting database); on a real
 # cluster: make smoke-slurm SLURM_PROFILE=<your edited copy of workflow/profiles/slurm>.
 # Results, logs and benchmarks go to */smoke-slurm/, next to `make smoke`'s */smoke/.
-# `make smoke-slurm VENV=<path> STAMP=` runs it with an existing environment (the tests do).
+# `make smoke-slurm VENV=<path> STAMP=` runs it with an existing environment; CONFIG adds
+# `--config` entries, e.g. CONFIG='classification="{select: [resnet]}"' (the tests run a subset).
 SLURM_PROFILE ?= workflow/profiles/slurm-local
+CONFIG ?=
 smoke-slurm: $(STAMP)
 	$(BIN)/snakemake --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
-		--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm
+		--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -161,23 +161,28 @@ def test_workflow_is_lint_clean():
 
 @pytest.mark.slow
 def test_an_independent_attack_never_flips_a_certified_point(smoke_run):
-    """A stronger PGD (more steps, restarts) than the evaluation's, at every standard radius."""
+    """A stronger PGD (more steps, restarts) than the evaluation's, at every standard radius, on
+    the smoke classifiers that certify points (AOL and CPL; the paper's two certify none at
+    smoke scale)."""
     from stablenets import load_model
     from stablenets.data import read_split
     from stablenets.robustness import certified_radius, margins, pgd_l2
 
     results = smoke_run / "results/smoke"
     x, y = read_split(results / "data/cifar10.h5", "test")
-    x, y = x[:100], y[:100]
-    for variant in ("nonexpansive", "resnet"):
+    x, y = x[:50], y[:50]
+    certified = 0
+    for variant in ("aol_XS", "cpl_XS"):
         model = load_model(results / f"models/classification/{variant}/seed0/model.pt")
-        margin, correct = margins(model, x, y, 100)
+        margin, correct = margins(model, x, y, 50)
         radius = certified_radius(margin, correct, model.lipschitz_bound())
         for eps in (36 / 255, 72 / 255, 108 / 255):
             adv = pgd_l2(model, x, y, eps, steps=40, rel_step=0.1, restarts=2, seed=11)
             with torch.no_grad():
                 flipped = model(adv).argmax(1) != y
             assert not (flipped & (radius > eps)).any(), (variant, eps)
+            certified += int((radius > eps).sum())
+    assert certified > 0  # the check above is not vacuous
 
 
 @pytest.mark.slow

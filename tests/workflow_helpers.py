@@ -3,9 +3,11 @@ would have it) and a subprocess call of the environment's snakemake."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +29,25 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+def local_env() -> dict[str, str]:
+    """The environment of local (not SLURM) Snakemake runs.
+
+    Snakemake loads the SLURM executor plugin at every start, and the plugin asks `scontrol` for
+    the controller's settings. Where SLURM is installed but no controller runs (the suite starts
+    one only for tests/test_slurm.py), every start waits 9 s for that answer. Local runs need no
+    SLURM: they get a SLURM_CONF whose controller port nothing listens on, so the question fails
+    at once."""
+    if shutil.which("scontrol") is None:
+        return dict(os.environ)
+    conf = Path(tempfile.gettempdir()) / "stablenets-tests-no-slurm.conf"
+    if not conf.is_file():
+        text = "ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=1\nMessageTimeout=1\n"
+        tmp = conf.with_name(f"{conf.name}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(conf)
+    return {**os.environ, "SLURM_CONF": str(conf)}
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [SNAKEMAKE, *args],
@@ -34,4 +55,5 @@ def snakemake(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=local_env(),
     )

@@ -479,7 +479,7 @@ def lipschitz_lower_bound(
     best = 0.0
     for _ in range(steps + 1):
         ratio = _flat_norm(f(base) - f(base + d)) / _flat_norm(d).clamp_min(_TINY)
-        best = max(best, float(ratio.max()))
+        best = max(best, float(ratio.detach().max()))
         opt.zero_grad()
         (-ratio.sum()).backward()
         opt.step()

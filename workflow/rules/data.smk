@@ -1,4 +1,9 @@
 # Datasets: checksummed download + safe extraction + HDF5 conversion, or the offline smoke sets.
+# On a cluster it runs where Snakemake runs: compute nodes often cannot reach the internet.
+
+
+localrules:
+    prepare_data,
 
 
 rule prepare_data:

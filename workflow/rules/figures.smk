@@ -1,4 +1,12 @@
 # Tables, figures and the summary: what a reader of the paper looks at.
+# Seconds of pandas and matplotlib each: on a cluster they run where Snakemake runs instead of
+# waiting in the queue as jobs of their own.
+
+
+localrules:
+    table,
+    figure,
+    summary,
 
 
 rule table:
