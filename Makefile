@@ -27,13 +27,14 @@ report: $(STAMP)
 # cluster of tests/slurm (default partition, no account, no accounting database); on a real
 # cluster: make smoke-slurm SLURM_PROFILE=<your edited copy of workflow/profiles/slurm>.
 # Results, logs and benchmarks go to */smoke-slurm/, next to `make smoke`'s */smoke/.
-# `make smoke-slurm VENV=<path> STAMP=` runs it with an existing environment; CONFIG adds
-# `--config` entries, e.g. CONFIG='classification="{select: [resnet]}"' (the tests run a subset).
+# `make smoke-slurm VENV=<path> STAMP=` runs it with an existing environment; SMOKE_SLURM_CONFIG
+# adds `--config` entries, e.g. SMOKE_SLURM_CONFIG='classification="{select: [resnet]}"' (the
+# tests run a subset).
 SLURM_PROFILE ?= workflow/profiles/slurm-local
-CONFIG ?=
+SMOKE_SLURM_CONFIG ?=
 smoke-slurm: $(STAMP)
 	$(BIN)/snakemake --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
-		--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(CONFIG)
+		--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(SMOKE_SLURM_CONFIG)
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -314,7 +314,13 @@ def test_make_smoke_slurm_runs_every_rule_on_slurm_and_resumes_a_cancelled_job(
     with open(work / "make.out", "w") as out:
         make = subprocess.Popen(
             ["timeout", "-s", "INT", "-k", "60", str(SMOKE_TIMEOUT)]
-            + ["make", "smoke-slurm", f"VENV={BIN.parent}", "STAMP=", f"CONFIG={config}"],
+            + [
+                "make",
+                "smoke-slurm",
+                f"VENV={BIN.parent}",
+                "STAMP=",
+                f"SMOKE_SLURM_CONFIG={config}",
+            ],
             cwd=work,
             env=_env(),
             stdout=out,
