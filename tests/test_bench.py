@@ -295,3 +295,27 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
     assert got["classification/cpl_S"] == (2, pytest.approx(2 * 0.020 * 2))  # twice the batch
     assert got["classification/sll_XS"] == (2, pytest.approx(2 * 1.5))
     assert got["classification/cpl_M (cpl_classifier at width 64 not benchmarked)"] == (0, 0.0)
+
+    # Each variant is timed by the rows of its own settings: CUDA graphs where they replay (a
+    # second file adds those rows), the eager rows with the margin loss (graphs are off there).
+    graphs_csv = tmp_path / "graphs.csv"
+    with graphs_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=bench.COLUMNS)
+        writer.writeheader()
+        for row in rows[:1] + rows[-1:]:
+            writer.writerow(dict(row, step_ms="5.0", options="cuda_graphs replayed"))
+    config["classification"]["train"] = dict(train, cuda_graphs=True)
+    config["classification"]["variants"]["cpl_S"]["train"]["loss"] = {"name": "margin", "eps": 0.1}
+    config["classification"]["variants"]["cpl_M"]["train"] = {"amp": True}
+    cfg_path.write_text(yaml.safe_dump(config))
+    got = dict((label, hours) for label, _, hours in bench.project_hours([csv_path, graphs_csv],
+                                                                       cfg_path))  # fmt: skip
+    assert got["classification/nonexpansive"] == pytest.approx(2 * 0.005)
+    assert got["classification/cpl_XS"] == pytest.approx(2 * 0.005)
+    assert got["classification/cpl_S"] == pytest.approx(2 * 0.020 * 2)  # margin loss: eager
+    missing = "cpl_classifier at width 64 with options 'amp cuda_graphs replayed' not benchmarked"
+    assert got[f"classification/cpl_M ({missing})"] == 0.0
+    forced = bench.project_hours([csv_path, graphs_csv], cfg_path, options="")
+    assert dict((label, h) for label, _, h in forced)["classification/cpl_XS"] == pytest.approx(
+        2 * 0.010
+    )

@@ -277,11 +277,14 @@ def test_training_on_the_device_checkpoints_and_resumes(kind, device, tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["classification", "denoising"])
 def test_speed_settings_train_the_same_model(kind, device, tmp_path):
-    """``amp``, ``channels_last`` and ``cudnn_benchmark`` change how, not what: the losses follow
+    """``amp``, ``channels_last``, ``cudnn_benchmark`` and ``cuda_graphs`` (together: graphs
+    captured under bf16 autocast, NHWC) change how, not what: the losses follow
     the float32 run (bitwise-close on the CPU, where amp is off; bf16-close on CUDA), weights
     and activations are NHWC, and the checkpoint resumes into an ordinary model."""
     initial, task = _training_case(kind, device)
-    fast_cfg = dataclasses.replace(TRAIN, amp=True, channels_last=True, cudnn_benchmark=True)
+    fast_cfg = dataclasses.replace(
+        TRAIN, amp=True, channels_last=True, cudnn_benchmark=True, cuda_graphs=True
+    )
     plain, state = train(copy.deepcopy(initial).to(device), task, TRAIN, tmp_path / "a", "h",
                          lambda _: None)  # fmt: skip
     fast, fast_state = train(copy.deepcopy(initial).to(device), task, fast_cfg, tmp_path / "b",
@@ -459,3 +462,132 @@ def test_pnp_deblurring_on_the_device_matches_the_cpu(device):
     final32 = psnr(x32.double(), clean.to(device), 1.0).cpu()
     assert torch.isfinite(final32).all()
     torch.testing.assert_close(final32, final, rtol=0, atol=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. CUDA graphs (graphs.py): CUDA only, nothing to run on the CPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+GRAPH_CASES = ["nonexpansive_euler", "nonexpansive_rk4", "resnet", "cpl", "sll", "aol",
+               "orthogonal", "denoiser_euler", "denoiser_cpl", "dncnn"]  # fmt: skip
+
+
+def _graph_case(case: str):
+    """(model on the CPU, task on CUDA, train config) of a ``CASES`` entry; large enough a
+    learning rate that the norms, and with them the sub-step counts, move during the run."""
+    name, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    cfg = TrainConfig(steps=10, batch_size=8, lr_max=0.5, val_every=5, log_every=1, seed=0)
+    if "denoiser" in case or name == "dncnn":
+        images = torch.rand(12, 3, 24, 32, generator=g).cuda()
+        task = DenoisingTask(images, images[:4], sigma=0.1, patch=(16, 16), eval_batch=2)
+        return model, task, dataclasses.replace(cfg, remat=True)  # checkpointed sub-steps
+    x, y = torch.rand(48, 3, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g)
+    task = ClassificationTask(x.cuda(), y.cuda(), x[:16].cuda(), y[:16].cuda(), AugmentConfig())
+    return model, task, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", GRAPH_CASES)
+def test_cuda_graphs_train_what_eager_training_trains(case, tmp_path):
+    """The same run with ``cuda_graphs`` on and off: the same losses, sub-step counts and weights
+    (to the tolerance of two CUDA runs); the graphs were replayed, or (a layer that synchronises
+    inside its forward) turned off with a log line."""
+    initial, task, cfg = _graph_case(case)
+    eager, state = train(copy.deepcopy(initial).cuda(), task, cfg, tmp_path / "e", "h",
+                         lambda _: None)  # fmt: skip
+    logs: list[str] = []
+    graphed, gstate = train(copy.deepcopy(initial).cuda(), task,
+                            dataclasses.replace(cfg, cuda_graphs=True), tmp_path / "g", "h",
+                            logs.append)  # fmt: skip
+    summary = [line for line in logs if line.startswith("cuda graphs") and "captured," in line]
+    assert len(summary) == 1, logs
+    if case == "orthogonal":  # linalg.solve checks its result on the host: eager, said so
+        assert summary[0].startswith("cuda graphs off") and "capture failed" in logs[0], logs
+    else:
+        assert summary[0].startswith("cuda graphs on:") and " 0 steps replayed" not in summary[0]
+    rows = [r for r in state.rows if r["kind"] == "train"]
+    grows = [r for r in gstate.rows if r["kind"] == "train"]
+    assert [r["substeps"] for r in grows] == [r["substeps"] for r in rows]
+    assert [r["loss"] for r in grows] == pytest.approx([r["loss"] for r in rows], rel=1e-4)
+    _assert_same_state(eager.state_dict(), graphed.state_dict(), "cuda")
+
+
+@needs_cuda
+def test_step_graphs_one_graph_per_substep_tuple_with_the_eager_gradients():
+    """A tuple is captured when seen the second time and then replayed; another tuple (one
+    block's time doubled) gets its own graph; going back replays the cached one; the cache keeps
+    at most ``cache`` graphs. Every replay leaves the gradients eager backward computes."""
+    from torch.nn import functional as F
+
+    from stablenets.graphs import StepGraphs
+
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", **CLASSIFIER).cuda().train()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(8, 3, 16, 16, device="cuda", generator=g)
+    y = torch.randint(0, 10, (8,), device="cuda", generator=g)
+
+    def forward_loss(inputs, targets, capturing):
+        out = model(inputs)
+        return out, F.cross_entropy(out, targets)
+
+    def eager_grads() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        forward_loss(x, y, False)[1].backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    def check(want: list[torch.Tensor], counts: tuple[int, int, int]) -> None:
+        _, loss = graphs(x * 1.0, y)  # a fresh input tensor: the graph copies it in
+        torch.cuda.synchronize()
+        assert (graphs.eager_steps, graphs.captures, graphs.replays) == counts
+        for p, w in zip(model.parameters(), want, strict=True):
+            torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+        assert math.isfinite(float(loss.detach()))
+
+    graphs = StepGraphs(model, forward_loss, cache=2, log=lambda _: None)
+    block = next(model.constrained_blocks())
+    first = eager_grads()
+    n1 = model.total_substeps()
+    check(first, (1, 0, 0))
+    check(first, (1, 1, 1))
+    check(first, (1, 1, 2))
+    block.time.mul_(2.0)
+    second = eager_grads()
+    assert model.total_substeps() > n1
+    check(second, (2, 1, 2))
+    check(second, (2, 2, 3))
+    assert model.total_substeps() > n1  # the diagnostics follow the replayed tuple
+    block.time.div_(2.0)
+    check(first, (2, 2, 4))  # cached: no new capture
+    assert model.total_substeps() == n1
+    block.time.mul_(4.0)
+    eager_grads()
+    graphs(x, y)
+    graphs(x, y)
+    assert graphs.captures == 3 and len(graphs._graphs) == 2  # the least recently used dropped
+
+
+@needs_cuda
+def test_step_graphs_replay_the_power_iteration():
+    """The power iteration replayed from its graph updates every vector and estimate as the
+    eager fused iteration does, and leaves host copies that need no synchronisation."""
+    from stablenets.graphs import StepGraphs
+    from stablenets.operators import power_iteration_all, remember_estimates
+
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", **CLASSIFIER).cuda()
+    twin = copy.deepcopy(model)
+    graphs = StepGraphs(model, lambda *_: None, log=lambda _: None)
+    ops = [b.operator for b in model.constrained_blocks()]
+    twin_ops = [b.operator for b in twin.constrained_blocks()]
+    for call in range(4):  # eager, capture + replay, replay, replay
+        got = remember_estimates(*graphs.launch_power_iteration(ops, 2))
+        want = power_iteration_all(twin_ops, 2)
+        assert got == want, call
+        for op, top in zip(ops, twin_ops, strict=True):
+            assert torch.equal(op.u, top.u) and torch.equal(op.sigma_estimate, top.sigma_estimate)
+            assert op.sigma_value() == float(top.sigma_estimate)
+    assert len(graphs._norms) == 1 and next(iter(graphs._norms.values()))[0] is not None

@@ -24,6 +24,7 @@ peak is measured with a large matrix product. The table is printed and written t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,6 +82,9 @@ QUICK = {
 EPOCH_IMAGES = 47_500  # CIFAR-10 training split of config.yaml (val_fraction 0.05)
 _PREPARED: dict[str, torch.nn.Module] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
+PROFILE_ROWS = 25  # --profile: rows of the printed table
+STEADY_POWER_ITERS = 50  # prepare_state: iterations beyond construction's 20, then
+STEADY_MARGIN = 0.9  # each block's time this far below its one-sub-step limit
 FLOP_PROBE = (64, 64)  # denoisers: FLOPs counted on a 64x64 image and scaled by pixels
 
 COLUMNS = [
@@ -143,6 +148,7 @@ def _build(job: dict, device: torch.device):
         channels_last=bool(job.get("channels_last")),
         cudnn_benchmark=bool(job.get("cudnn_benchmark")),
         remat={"auto": "auto", "on": True, "off": False}[job.get("remat", "auto")],
+        cuda_graphs=bool(job.get("cuda_graphs")),
     )
     if job["impl"] in ("reference", "plain"):
         from .reference import from_model
@@ -157,31 +163,50 @@ def _build(job: dict, device: torch.device):
     return model, task, cfg, opt, sched
 
 
+def _log(line: str) -> None:
+    print(f"[bench] {line}", file=sys.stderr, flush=True)
+
+
 def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
-    from .training import RunState, _train_step, step_generator
+    """The timed step and its CUDA graphs (``None`` without ``--cuda-graphs``)."""
+    from .graphs import StepGraphs
+    from .training import RunState, _train_step, step_generator, step_graphs
 
     state = RunState()
 
     if job["impl"] in ("reference", "plain"):
+        graphs = None
+        if cfg.cuda_graphs and device.type == "cuda":  # the plain pair (the reference: eager)
+
+            def forward_loss(inputs, targets, capturing):
+                out = model(inputs)
+                return out, task.loss(out, targets)
+
+            graphs = StepGraphs(model, forward_loss, cfg.cuda_graph_cache, _log)
 
         def step() -> None:
             model.train()
             inputs, targets = task.batch(cfg.batch_size, step_generator(0, state.step, device))
             model.update_norms()
-            loss = task.loss(model(inputs), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if graphs is None:
+                loss = task.loss(model(inputs), targets)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                _, loss = graphs(inputs, targets)
             opt.step()
             float(loss.detach())
             state.step += 1
 
-        return step
+        return step, graphs
+
+    graphs = step_graphs(model, task, cfg, device, _log)
 
     def step() -> None:  # amp, channels_last, cudnn_benchmark: the training step's own settings
-        _train_step(model, task, cfg, opt, sched, state, device, workdir / "none.pt")
+        _train_step(model, task, cfg, opt, sched, state, device, workdir / "none.pt", graphs)
         state.step += 1
 
-    return step
+    return step, graphs
 
 
 def _total_substeps(model) -> int:
@@ -244,6 +269,7 @@ def prepare_state(job: dict, path: Path) -> None:
     """Build the model once (its construction computes certificates) and save its state, so that
     every worker starts from the same initial weights, vectors and integration times."""
     from .models import build_model
+    from .operators import power_iteration_all
 
     spec = MODEL_SPECS[job["model"]]
     size = tuple(job["size"])
@@ -252,25 +278,44 @@ def prepare_state(job: dict, path: Path) -> None:
         kwargs["power_size"] = [min(16, s) for s in size]
     torch.manual_seed(0)
     # Non-expansive models: skip the construction-time certificate (minutes for 64 channels);
-    # each block gets the time that makes one sub-step from its 20-iteration norm estimate, 2%
-    # below the limit so that the estimate's slow growth keeps one sub-step at the start, as the
-    # certificate-based default does.
+    # each block gets the time that makes one sub-step from its norm estimate after 70 power
+    # iterations, 10% below the limit, so that the estimate's slow growth during the timed steps
+    # changes no sub-step count (a steady count, as the certificate-based default gives in early
+    # training; with 2% the counts of the paper classifier went from 15 to 26 in 25 steps).
     has_time = spec["model"].startswith("nonexpansive")
     model = build_model(spec["model"], **(dict(kwargs, time=1.0) if has_time else kwargs))
     saved = {"kwargs": kwargs}
     blocks = list(model.constrained_blocks())
     if blocks:
         saved["time"] = True
+        power_iteration_all([block.operator for block in blocks], STEADY_POWER_ITERS)
         with torch.no_grad():  # longer integration time: about that many sub-steps per block
             for block in blocks:
                 sigma = float(block.operator.sigma_estimate)
                 limit = 2 * block.tableau.step_radius * block.theta
-                block.time.fill_(0.98 * limit / (block.activation.lipschitz * sigma**2))
+                block.time.fill_(STEADY_MARGIN * limit / (block.activation.lipschitz * sigma**2))
                 block.time.mul_(job["substeps"])
     saved["state_dict"] = model.state_dict()
     torch.save(saved, path)
     if job.get("inprocess"):
         _PREPARED[str(path)] = model
+
+
+@contextlib.contextmanager
+def _profiler(job: dict, device: torch.device) -> Iterator[None]:
+    """With ``--profile``: ``torch.profiler`` over the timed steps; the operators and kernels
+    taking the most device time (CPU time on the CPU) go to stderr."""
+    if not job.get("profile"):
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=kinds) as prof:
+        yield
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS, max_name_column_width=60)
+    _log(f"profile of {job['model']}/{job['impl']} ({job['steps']} steps):\n{table}")
 
 
 def run_worker(job: dict) -> dict:
@@ -280,23 +325,27 @@ def run_worker(job: dict) -> dict:
     torch.backends.cudnn.benchmark = bool(job.get("cudnn_benchmark"))
     with tempfile.TemporaryDirectory() as tmp:
         model, task, cfg, opt, sched = _build(job, device)
-        step = _stepper(job, model, task, cfg, opt, sched, device, Path(tmp))
+        step, graphs = _stepper(job, model, task, cfg, opt, sched, device, Path(tmp))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         base = _rss_mb()
         for _ in range(job["warmup"]):
             step()
         sync()
-        if device.type == "cuda":
+        if device.type == "cuda" and graphs is None:  # graph pools are allocated at capture
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(job["steps"]):
-            step()
-        sync()
-        elapsed = time.perf_counter() - t0
+        eager_before = graphs.eager_steps if graphs is not None else 0
+        with _profiler(job, device):
+            t0 = time.perf_counter()
+            for _ in range(job["steps"]):
+                step()
+            sync()
+            elapsed = time.perf_counter() - t0
+        replayed = graphs is not None and graphs.eager_steps == eager_before
         if device.type == "cuda":
             peak, kind = (
                 torch.cuda.max_memory_allocated(device) / 2**20,
-                "cuda max_memory_allocated",
+                "cuda max_memory_allocated"
+                + (" (warm-up and captures included)" if graphs is not None else ""),
             )
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -313,6 +362,7 @@ def run_worker(job: dict) -> dict:
         "substeps": substeps,
         "blocks": blocks,
         "flops": flops,
+        "graphs": "" if graphs is None else ("replayed" if replayed else graphs.summary()),
     }
 
 
@@ -422,6 +472,8 @@ def _jobs(args) -> list[dict]:
                     cudnn_benchmark=args.cudnn_benchmark and impl == "ours",
                     inprocess=args.inprocess,
                     remat=args.remat,
+                    cuda_graphs=args.cuda_graphs and impl in ("ours", "plain"),
+                    profile=args.profile,
                 )
             )
     return jobs
@@ -466,6 +518,8 @@ def _summarise(args, jobs, results, peak, name) -> list[dict]:
         flops = res[-1]["flops"]
         substeps = res[-1]["substeps"]
         options = [k for k in ("amp", "channels_last", "cudnn_benchmark") if job.get(k)]
+        if res[-1].get("graphs"):  # "replayed": every timed step was one graph replay
+            options.append(f"cuda_graphs {res[-1]['graphs']}")
         if impl == "ours" and job["remat"] != "auto":
             options.append(f"remat {job['remat']}")
         if args.substeps > 1:
@@ -549,15 +603,27 @@ def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
     return int(variant.get("kwargs", {}).get("base_width", default))
 
 
+def variant_options(train: dict) -> str:
+    """The ``options`` of the benchmark rows that time a variant's configured training step:
+    its speed settings, and CUDA graphs where they replay (not with the margin loss)."""
+    opts = [k for k in ("amp", "channels_last", "cudnn_benchmark") if train.get(k)]
+    if train.get("cuda_graphs") and not (train.get("loss") or {}).get("eps"):
+        opts.append("cuda_graphs replayed")
+    if train.get("remat", "auto") != "auto":
+        opts.append(f"remat {'on' if train['remat'] else 'off'}")
+    return " ".join(opts)
+
+
 def project_hours(
-    csv_path: Path, config_path: Path, options: str = ""
+    csv_paths: Path | list[Path], config_path: Path, options: str | None = None
 ) -> list[tuple[str, int, float]]:
-    """Projected device-hours of the training jobs of ``config_path`` from a results CSV:
+    """Projected device-hours of the training jobs of ``config_path`` from results CSVs:
 
         hours = sum over training jobs of steps / (steps/s of its model) / 3600,
 
-    using the CSV's ``ours`` rows run with ``options`` (e.g. ``"amp channels_last"``) for the
-    variant's model at its base width. A non-expansive variant's step time is scaled by its
+    using the CSVs' ``ours`` rows (a later file's row replaces an earlier one's) run with the
+    variant's own settings (``variant_options``), or with ``options`` for every variant (e.g.
+    ``"amp channels_last"``), for the variant's model at its base width. A non-expansive variant's step time is scaled by its
     integrator's stages per sub-step (the benchmark runs Euler) and by the ratio of its batch x
     pixels to the benchmarked ones (none at paper scale; linear in pixels, as the convolutions
     are); a variant with ``budget_minutes`` costs exactly that. Jobs: classification and
@@ -567,12 +633,13 @@ def project_hours(
 
     with open(config_path) as fh:
         cfg = yaml.safe_load(fh)
-    with open(csv_path) as fh:
-        rates = {
-            (r["model"], int(r["base_width"]) if r.get("base_width") else ""): r
-            for r in csv.DictReader(fh)
-            if r["impl"] == "ours" and r["options"] == options
-        }
+    rates = {}
+    for path in [csv_paths] if isinstance(csv_paths, Path) else csv_paths:
+        with open(path) as fh:
+            for r in csv.DictReader(fh):
+                if r["impl"] == "ours":
+                    width = int(r["base_width"]) if r.get("base_width") else ""
+                    rates[(r["model"], width, r["options"])] = r
     seeds = len(cfg.get("seeds", [0]))
     bench_of = {spec["model"]: name for name, spec in MODEL_SPECS.items()}
     out = []
@@ -584,9 +651,12 @@ def project_hours(
             if train.get("budget_minutes"):
                 out.append((label, jobs, jobs * train["budget_minutes"] / 60))
                 continue
-            key = (bench_of.get(v["model"]), _variant_width(task, v, cfg))
+            opts = variant_options(train) if options is None else options
+            key = (bench_of.get(v["model"]), _variant_width(task, v, cfg), opts)
             if key not in rates:
-                out.append((f"{label} ({v['model']} at width {key[1]} not benchmarked)", 0, 0.0))
+                how = f" with options '{opts}'" if opts else ""
+                missing = f"{v['model']} at width {key[1]}{how} not benchmarked"
+                out.append((f"{label} ({missing})", 0, 0.0))
                 continue
             if "block" in v.get("kwargs", {}):
                 label += f" (block {v['kwargs']['block']}: not benchmarked, Euler time assumed)"
@@ -643,22 +713,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="train.channels_last for ours")
     p.add_argument("--cudnn-benchmark", action="store_true", help="train.cudnn_benchmark for ours")
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="train.cuda_graphs for ours and the plain pair (the reference stays eager)",
+    )
+    p.add_argument(
         "--remat",
         choices=["auto", "on", "off"],
         default="auto",
         help="train.remat of ours: sub-step activation checkpointing (auto: large images only)",
     )
     p.add_argument("--inprocess", action="store_true", help="no subprocesses (memory not isolated)")
+    p.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's top operators per job"
+    )
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
     p.add_argument(
         "--project",
         default=None,
+        nargs="+",
         metavar="CSV",
-        help="print the projected hours of config.yaml's training jobs from a CSV",
+        help="print the projected hours of config.yaml's training jobs from CSVs (a later "
+        "file's row replaces an earlier one's)",
     )
     p.add_argument("--config", default="config.yaml", help="config for --project")
     p.add_argument(
-        "--project-options", default="", help="--project uses rows run with these options"
+        "--project-options",
+        default=None,
+        help="--project uses rows run with these options for every variant (default: each "
+        "variant's own settings in the config)",
     )
     p.add_argument("--append", action="store_true", help="append rows to an existing CSV")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -673,6 +756,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = torch.device(args.device)
         if args.amp and args.device.type != "cuda":
             p.error("--amp is CUDA only (no bf16 throughput on this CPU path)")
+        if args.cuda_graphs and args.device.type != "cuda":
+            p.error("--cuda-graphs is CUDA only")
     return args
 
 
@@ -691,11 +776,14 @@ def _main(argv=None) -> list[dict]:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return []
     if args.project is not None:
-        rows = project_hours(Path(args.project), Path(args.config), args.project_options)
+        rows = project_hours(
+            [Path(f) for f in args.project], Path(args.config), args.project_options
+        )
         for job, count, hours in rows:
             print(f"{hours:10.1f} h  {count:3d} job(s)  {job}")
         paper = sum(h for job, _, h in rows if "(" not in job)
-        print(f"{paper:10.1f} h  total of the benchmarked paper variants (from {args.project})")
+        print(f"{paper:10.1f} h  total of the benchmarked paper variants (from "
+              f"{', '.join(args.project)})")  # fmt: skip
         print(f"{sum(h for *_, h in rows):10.1f} h  total with the assumed ones")
         return []
     jobs = _jobs(args)

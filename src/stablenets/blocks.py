@@ -142,8 +142,10 @@ class NonexpansiveBlock(nn.Module):
             remat = x.numel() * x.element_size() > REMAT_BYTES
         remat = remat and self.training and torch.is_grad_enabled()
         for _ in range(n):
-            if remat:  # keep only each sub-step's input; recompute its stages in backward
-                x = checkpoint(self._substep, x, h, use_reentrant=False)
+            # Keep only each sub-step's input; recompute its stages in backward (deterministic:
+            # no RNG state to save, which would also be illegal inside a CUDA graph capture).
+            if remat:
+                x = checkpoint(self._substep, x, h, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = self._substep(x, h)
         return x

@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 FAMILIES = ("cpl", "sll", "aol", "orthogonal")
+# CPL's device-side step is shrunk by this factor: it covers the roundings of c / sigma^2.
+DEVICE_STEP_SHRINK = 1 - 2.0**-48
 
 Size = tuple[int, int]
 
@@ -135,10 +137,26 @@ class CPLBlock(NonexpansiveBlock):
     def substeps(self, norm: float) -> int:
         return 1
 
+    def device_step_size(self, sign: float = 1.0) -> torch.Tensor:
+        """``sign`` times the step of the training estimate, computed on the device from the
+        ``sigma_estimate`` buffer: ``c / sigma^2`` in float64 with ``c = 2 r theta / L`` shrunk by
+        ``DEVICE_STEP_SHRINK`` (covering the few roundings, so ``h L sigma^2 / 2 <= r theta``
+        still holds; within 4e-15 of ``step_size``), 1 when ``sigma = 0``. Six small kernels.
+        Used while a CUDA graph is captured (``graphs.py``): a host float would be frozen into
+        the graph, this tensor is read again at every replay."""
+        c = 2 * self.tableau.step_radius * self.theta / self.activation.lipschitz
+        s2 = self.operator.sigma_estimate.double().square()
+        return torch.where(s2 > 0, s2.reciprocal() * (sign * c * DEVICE_STEP_SHRINK), sign)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.current_norm(x)
         self.last_substeps, self.last_norm = 1, norm
-        return self.tableau.step(self.field, x, self.step_size(norm))
+        if self.training and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            h = self.device_step_size(-1.0)
+        else:
+            h = -self.step_size(norm)
+        # The Euler step of -grad with -h: bitwise the step of the field with h (see blocks.py).
+        return self.tableau.step(self._gradient, x, h)
 
     def lipschitz_bound(self, input_size: Size | None = None) -> float:
         """1: the certified step has ``h nu <= r theta <= r`` (Euler, ``r = 1``)."""

@@ -94,7 +94,7 @@ class ButcherTableau:
         return self.radius if self.radius > 0 else 1.0
 
     def step(
-        self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, h: float
+        self, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, h: float | torch.Tensor
     ) -> torch.Tensor:
         """One step ``x + h sum_i b_i k_i`` with ``k_i = f(x + h sum_j a_ij k_j)``."""
         ks: list[torch.Tensor] = []
@@ -102,12 +102,12 @@ class ButcherTableau:
             xi = x
             for j, a in enumerate(self.A[i][:i]):
                 if a != 0:
-                    xi = xi + (h * a) * ks[j]
+                    xi = xi + _times(h, a) * ks[j]
             ks.append(f(xi))
         out = x
         for bi, k in zip(self.b, ks, strict=True):
             if bi != 0:
-                out = out + (h * bi) * k
+                out = out + _times(h, bi) * k
         return out
 
     def stagewise_lipschitz(self, h_ell: float) -> float:
@@ -120,6 +120,12 @@ class ButcherTableau:
         for i in range(self.stages):
             lips.append(1.0 + h_ell * sum(abs(a) * lips[j] for j, a in enumerate(self.A[i][:i])))
         return 1.0 + h_ell * sum(abs(bi) * li for bi, li in zip(self.b, lips, strict=True))
+
+
+def _times(h: float | torch.Tensor, c: float) -> float | torch.Tensor:
+    """``h c``, without a kernel launch for ``c = 1`` when ``h`` is a device tensor (a CUDA
+    graph's step size); for a float ``h * 1.0`` is ``h`` exactly, so nothing changes."""
+    return h if c == 1 else h * c
 
 
 def _tableau(name: str, A: list[list[float]], b: list[float]) -> ButcherTableau:

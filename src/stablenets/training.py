@@ -32,9 +32,10 @@ from . import budget
 from .atomic import atomic_path, remove_stale_temporaries
 from .augment import AugmentConfig, augment
 from .denoising import fixed_noise, psnr
+from .graphs import StepGraphs
 from .losses import build_loss
 from .models import CheckpointError, StableModel, atomic_torch_save, read_checkpoint
-from .operators import power_iteration_all
+from .operators import fused_power_iteration, remember_estimates
 
 __all__ = [
     "TrainConfig",
@@ -80,6 +81,8 @@ class TrainConfig:
     channels_last: bool = False  # NHWC model and batches
     cudnn_benchmark: bool = False  # CUDA: cuDNN picks algorithms by timing them
     remat: str | bool = "auto"  # sub-step activation checkpointing: auto (large inputs) | bool
+    cuda_graphs: bool = False  # CUDA: forward/backward replayed from graphs (graphs.py)
+    cuda_graph_cache: int = 8  # graphs kept (one per tuple of sub-step counts)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -318,10 +321,11 @@ def train(
     cfg = _budgeted(model, task, cfg, workdir, config_hash, device, log)
     opt, sched = make_optimizer(model, cfg)
     state = _resume(ckpt_path, config_hash, model, opt, sched, log)
+    graphs = step_graphs(model, task, cfg, device, log)
     with _StopFlag() as stop:
         while state.step < cfg.steps:
             t0 = time.perf_counter()
-            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path)
+            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, graphs)
             state.elapsed += time.perf_counter() - t0
             state.step += 1
             if state.step % cfg.val_every == 0 or state.step == cfg.steps:
@@ -333,6 +337,8 @@ def train(
                     f"signal {stop.signum} at step {state.step}: checkpoint {ckpt_path} written; "
                     "rerun to resume"
                 )
+    if graphs is not None:
+        log(graphs.summary())
     model.load_state_dict(state.best_state)
     return model.eval(), state
 
@@ -350,9 +356,11 @@ def _budgeted(
         calls = budget.WARMUP_STEPS + budget.TIMED_STEPS
         opt, sched = make_optimizer(probe, dataclasses.replace(cfg, steps=calls + 1))
         state = RunState()
+        graphs = step_graphs(probe, task, cfg, device, log)
 
         def step() -> None:
-            _train_step(probe, task, cfg, opt, sched, state, device, workdir / "calibration")
+            ckpt = workdir / "calibration"
+            _train_step(probe, task, cfg, opt, sched, state, device, ckpt, graphs)
             state.step += 1
 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -366,10 +374,22 @@ def _budgeted(
 def update_norms(model: StableModel, n_iters: int) -> None:
     """``model.update_norms`` with the fused power iteration (one grouped convolution per stage
     and one host synchronisation per step) unless the model overrides ``update_norms``."""
+    start_norm_update(model, n_iters)()
+
+
+def start_norm_update(
+    model: StableModel, n_iters: int, graphs: StepGraphs | None = None
+) -> Callable[[], object]:
+    """Queue ``update_norms``'s device work (replayed from a CUDA graph with ``graphs``) and
+    return what brings the estimates to the host (one synchronisation): a training step draws
+    its batch in between, while the device iterates."""
     if type(model).update_norms is not StableModel.update_norms:
         model.update_norms(n_iters)
-    else:
-        power_iteration_all([b.operator for b in model.constrained_blocks()], n_iters)
+        return lambda: None
+    ops = [b.operator for b in model.constrained_blocks()]
+    run = fused_power_iteration if graphs is None else graphs.launch_power_iteration
+    pending = run(ops, n_iters)
+    return lambda: remember_estimates(*pending)
 
 
 def prepare_for_speed(model: StableModel, cfg: TrainConfig) -> None:
@@ -383,29 +403,63 @@ def prepare_for_speed(model: StableModel, cfg: TrainConfig) -> None:
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``cfg.amp``; power iterations inside turn it off themselves."""
+def _autocast(
+    cfg: TrainConfig, device: torch.device, cache: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``cfg.amp``; power iterations inside turn it off themselves.
+    ``cache=False`` while a CUDA graph is captured (cached casts would outlive the capture)."""
     if cfg.amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
-def _train_step(model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path) -> None:
-    model.train()
-    g = step_generator(cfg.seed, state.step, device)
-    inputs, targets = task.batch(cfg.batch_size, g)
-    if cfg.channels_last and inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    update_norms(model, cfg.power_iters)
-    _check_finite(state.step, None, model, cfg, ckpt_path)
-    t0 = time.perf_counter()
-    with _autocast(cfg, device):
+def _forward_loss(model, task, cfg: TrainConfig, device, inputs, targets, capturing: bool):
+    """``(out, loss)`` of one batch; the loss in float32 whatever the autocast precision."""
+    with _autocast(cfg, device, cache=not capturing):
         out = model(inputs)
     out = out.float()  # the loss (and the margin loss's Lipschitz estimate) in float32
     criterion = build_loss(cfg.loss)
     loss = task.loss(out, targets) if criterion is None else criterion(model, out, targets)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    return out, loss
+
+
+def step_graphs(model, task, cfg: TrainConfig, device, log) -> StepGraphs | None:
+    """The CUDA graphs of ``cfg.cuda_graphs`` (``graphs.py``), or ``None``: on the CPU, or with
+    a margin loss (its Lipschitz estimate runs a power iteration and reads norms on the host
+    inside the forward pass, which a graph cannot replay), said in a log line."""
+    if not cfg.cuda_graphs or device.type != "cuda":
+        return None
+    criterion = build_loss(cfg.loss)
+    if criterion is not None and criterion.eps > 0:
+        log("cuda_graphs: off with the margin loss (its Lipschitz estimate is host-side)")
+        return None
+
+    def forward_loss(inputs, targets, capturing):
+        return _forward_loss(model, task, cfg, device, inputs, targets, capturing)
+
+    return StepGraphs(model, forward_loss, cfg.cuda_graph_cache, log)
+
+
+def _train_step(
+    model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path, graphs=None
+) -> None:
+    """One step: batch, power iteration, forward/backward (eager or replayed from ``graphs``),
+    SGD + schedule, divergence checks, a log row every ``log_every`` steps."""
+    model.train()
+    finish_norm_update = start_norm_update(model, cfg.power_iters, graphs)
+    g = step_generator(cfg.seed, state.step, device)
+    inputs, targets = task.batch(cfg.batch_size, g)
+    if cfg.channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    finish_norm_update()
+    _check_finite(state.step, None, model, cfg, ckpt_path)
+    t0 = time.perf_counter()
+    if graphs is None:
+        out, loss = _forward_loss(model, task, cfg, device, inputs, targets, capturing=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        out, loss = graphs(inputs, targets)
     opt.step()
     lr = sched.get_last_lr()[0]
     sched.step()

@@ -1,0 +1,199 @@
+"""CUDA graphs of a training step's forward and backward, one per tuple of sub-step counts.
+
+A training step of the paper's classifier launches hundreds of small kernels (15 blocks, 26 or
+more sub-steps, each a convolution, an activation and a transposed convolution, forward and
+backward). At batch 128 on 32x32 images a GPU finishes each in microseconds, so the step is bound
+by the host launching them. A CUDA graph replays the whole forward and backward with one launch.
+
+A graph freezes every value the host computed while it was captured: each block's sub-step count
+``n`` and step size ``h = T / n``. So there is one graph per tuple of ``(n, T / n)`` over the
+constrained blocks (and per input shape), looked up after the step's power iteration has set the
+counts. CPL's step follows the norm estimate at every step; while captured it reads that estimate
+from the device (``CPLBlock.device_step``), so one graph serves every step.
+
+Policy:
+
+* a tuple is captured the second time it is seen: counts seen once (while the norms grow through
+  a threshold) run eagerly, on a side stream, which also warms up cuDNN and the autograd engine;
+* at most ``cache`` graphs are kept (the least recently used is dropped);
+* the graphs share one memory pool: a replay may overwrite another graph's outputs, never its own,
+  and only the outputs of the graph just replayed are read (static inputs live outside the pool);
+* a capture that fails (a layer that synchronises with the host inside its forward) turns graphs
+  off for the run, with a log line; training goes on eagerly with the same results.
+
+The power iteration before each step (``operators.fused_power_iteration``: no host value, one
+shape) is captured once too, on its second call; its estimates then reach the host in the one
+synchronisation a step needs to choose its counts. The optimiser step and the batch stay eager
+(a few kernels each).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .blocks import NonexpansiveBlock
+from .operators import LinearOperator, fused_power_iteration
+
+__all__ = ["StepGraphs", "substep_key"]
+
+T = TypeVar("T")
+ForwardLoss = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def substep_key(model: nn.Module) -> tuple[tuple[int, float], ...]:
+    """``(n, T / n)`` of every constrained block at its current (training) norm estimate.
+
+    Sets each block's ``last_substeps`` and ``last_norm`` as its forward pass would, so the
+    per-step diagnostics stay right when a replay runs no Python code.
+    """
+    key = []
+    for block in model.modules():
+        if isinstance(block, NonexpansiveBlock):
+            norm = block.current_norm()
+            n = block.substeps(norm)
+            block.last_substeps, block.last_norm = n, norm
+            key.append((n, block.time_value() / n))
+    return tuple(key)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    out: torch.Tensor
+    loss: torch.Tensor
+    grads: list[torch.Tensor | None]
+
+
+class StepGraphs:
+    """Forward, loss and backward of ``model``, replayed from CUDA graphs where possible.
+
+    ``forward_loss(inputs, targets, capturing)`` computes ``(out, loss)``; it is called eagerly
+    and under capture (``capturing=True``: no autocast weight cache). Calling the object leaves
+    the gradients in every parameter's ``.grad``, as ``loss.backward()`` after ``zero_grad``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward_loss: ForwardLoss,
+        cache: int = 8,
+        log: Callable[[str], None] = print,
+    ):
+        if cache < 1:
+            raise ValueError(f"cuda_graph_cache={cache} must be at least 1")
+        self.model, self.forward_loss, self.cache, self.log = model, forward_loss, cache, log
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: set[tuple] = set()
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream()
+        self.enabled = True
+        self.captures = self.replays = self.eager_steps = 0
+        self._norms: dict[tuple, tuple[torch.cuda.CUDAGraph | None, tuple]] = {}
+
+    def __call__(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(inputs.shape), inputs.stride(), inputs.dtype, substep_key(self.model))
+        entry = self._graphs.get(key)
+        if entry is None and self.enabled and key in self._seen:
+            entry = self._capture(key, inputs, targets)
+        if entry is None:
+            self._seen.add(key)
+            return self._eager(inputs, targets)
+        self._graphs.move_to_end(key)
+        entry.inputs.copy_(inputs)
+        entry.targets.copy_(targets)
+        for p, g in zip(self.params, entry.grads, strict=True):
+            p.grad = g
+        entry.graph.replay()
+        self.replays += 1
+        return entry.out, entry.loss
+
+    def launch_power_iteration(self, operators: list[LinearOperator], n_iters: int) -> tuple:
+        """``operators.fused_power_iteration`` (its device work, queued), replayed from a graph
+        from the second call on; ``remember_estimates(*result)`` brings the estimates over."""
+        key = (n_iters, tuple(id(op) for op in operators))
+        graph, result = self._norms.get(key, (None, ()))
+        if graph is None and result and self.enabled:  # second call: capture
+            captured = self._capture_graph(lambda: fused_power_iteration(operators, n_iters))
+            if captured is not None:
+                graph, result = captured
+        if graph is None:
+            result = self._side(lambda: fused_power_iteration(operators, n_iters))
+        else:
+            graph.replay()
+        self._norms[key] = (graph, result)
+        return result
+
+    def summary(self) -> str:
+        state = "on" if self.enabled else "off (capture failed)"
+        return (
+            f"cuda graphs {state}: {self.captures} captured, {self.replays} steps replayed, "
+            f"{self.eager_steps} eager"
+        )
+
+    def _disable(self, err: RuntimeError) -> None:
+        self.enabled = False
+        self._graphs.clear()
+        self._norms.clear()
+        self._zero_grad()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.log(f"cuda graphs off for this run: capture failed ({first}); training eagerly")
+
+    def _zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _side(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on a side stream, ordered with the current one: how work runs before its
+        capture (lazy initialisations must not happen inside one)."""
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            result = fn()
+        torch.cuda.current_stream().wait_stream(self._stream)
+        return result
+
+    def _capture_graph(self, fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T] | None:
+        """``(graph, fn's outputs)`` with ``fn`` captured, or ``None`` (graphs off, logged)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                result = fn()
+        except RuntimeError as err:
+            self._disable(err)
+            return None
+        return graph, result
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, capturing: bool):
+        out, loss = self.forward_loss(inputs, targets, capturing)
+        loss.backward()
+        return out.detach(), loss.detach()
+
+    def _eager(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """The step without a graph."""
+        self._zero_grad()
+        self.eager_steps += 1
+        return self._side(lambda: self._forward_backward(inputs, targets, False))
+
+    def _capture(self, key: tuple, inputs: torch.Tensor, targets: torch.Tensor) -> _Graph | None:
+        static_in, static_tgt = inputs.clone(), targets.clone()
+        self._zero_grad()
+        captured = self._capture_graph(lambda: self._forward_backward(static_in, static_tgt, True))
+        if captured is None:
+            return None
+        graph, (out, loss) = captured
+        entry = _Graph(graph, static_in, static_tgt, out, loss, [p.grad for p in self.params])
+        self._graphs[key] = entry
+        while len(self._graphs) > self.cache:
+            self._graphs.popitem(last=False)
+        self.captures += 1
+        return entry
