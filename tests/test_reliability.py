@@ -107,7 +107,7 @@ def assert_same_training(a: Path, b: Path, log_b: str = "log.csv") -> None:
 FORK_SERVER = r"""
 import io, json, os, sys, time
 import torch
-from stablenets import cli
+from stablenets import cli, experiments  # cli imports the job's module when it runs
 
 _save = torch.save
 

@@ -1,6 +1,18 @@
 """stablenets: exact non-expansive and averaged networks (Sherry et al., Physica D 2024)."""
 
-from .models import build_model, load_model, save_model
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["build_model", "load_model", "save_model"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``build_model``, ``load_model``, ``save_model`` from ``models.py``, imported on first use:
+    ``python -m stablenets table|figure|summary`` never imports torch (``reports.py``)."""
+    if name in __all__:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'stablenets' has no attribute {name!r}")

@@ -8,29 +8,36 @@ code 75 (temporary failure) after writing its checkpoint; rerunning resumes it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-
-from . import experiments
-from .data import DataError
-from .models import CheckpointError
-from .robustness import InvariantError
-from .training import DivergenceError, Interrupted
 
 EXIT_INTERRUPTED = 75
 
+# job -> (module, function, path arguments, help). Modules are imported when their job runs:
+# the report jobs (reports.py) start without torch.
 _JOBS = {
-    "prepare-data": (experiments.prepare_data, ["out"]),
-    "train": (experiments.train_model, ["data", "model", "log", "workdir"]),
-    "evaluate-classifier": (experiments.evaluate_classifier, ["model", "data", "out"]),
-    "evaluate-denoiser": (experiments.evaluate_denoiser, ["model", "data", "out"]),
-    "evaluate-tv": (experiments.evaluate_tv_denoising, ["data", "out"]),
-    "pnp": (experiments.run_pnp, ["model", "data", "out"]),
-    "tv-deblur": (experiments.run_tv_deblur, ["data", "out"]),
-    "table": (experiments.make_table, ["inputs", "out"]),
-    "figure": (experiments.make_figure, ["inputs", "out"]),
-    "summary": (experiments.write_summary, ["inputs", "out"]),
+    "prepare-data": ("experiments", "prepare_data", ["out"], "download and convert a dataset"),
+    "train": ("experiments", "train_model", ["data", "model", "log", "workdir"], "train a model"),
+    "evaluate-classifier": ("experiments", "evaluate_classifier", ["model", "data", "out"],
+                            "certify and attack a classifier"),
+    "evaluate-denoiser": ("experiments", "evaluate_denoiser", ["model", "data", "out"],
+                          "denoising PSNR of a model"),
+    "evaluate-tv": ("experiments", "evaluate_tv_denoising", ["data", "out"], "TV denoising PSNR"),
+    "pnp": ("experiments", "run_pnp", ["model", "data", "out"], "PnP deblurring with a denoiser"),
+    "tv-deblur": ("experiments", "run_tv_deblur", ["data", "out"], "TV deblurring"),
+    "table": ("reports", "make_table", ["inputs", "out"], "a table from result files"),
+    "figure": ("reports", "make_figure", ["inputs", "out"], "a figure from result files"),
+    "summary": ("reports", "write_summary", ["inputs", "out"], "the results summary"),
+}  # fmt: skip
+# Errors a job reports in one line (``--debug``: the traceback), besides ``ValueError``.
+_CLEAR_ERRORS = {
+    "data": ["DataError"],
+    "models": ["CheckpointError"],
+    "training": ["DivergenceError"],
+    "robustness": ["InvariantError"],
 }
 
 
@@ -38,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablenets", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="job", required=True)
-    for name, (fn, paths) in _JOBS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0])
+    for name, (_, _, paths, text) in _JOBS.items():
+        p = sub.add_parser(name, help=text)
         p.add_argument("--spec", required=True, help="job specification as JSON")
         for arg in paths:
             nargs = "+" if arg == "inputs" else None
@@ -61,16 +68,29 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def _job(name: str) -> Callable:
+    module, function = _JOBS[name][:2]
+    return getattr(importlib.import_module(f".{module}", __package__), function)
+
+
+def _loaded(module: str, name: str) -> type | None:
+    """``module.name`` if that module is loaded (a job that raised its error imported it)."""
+    loaded = sys.modules.get(f"{__package__}.{module}")
+    return getattr(loaded, name, None) if loaded is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    fn, paths = _JOBS[args.job]
+    paths = _JOBS[args.job][2]
     try:
-        fn(_spec(args.spec), *(getattr(args, p) for p in paths), log=_log)
-    except Interrupted as err:
-        print(f"stablenets {args.job}: {err}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (DataError, CheckpointError, DivergenceError, InvariantError, ValueError) as err:
-        if args.debug:
+        _job(args.job)(_spec(args.spec), *(getattr(args, p) for p in paths), log=_log)
+    except Exception as err:
+        interrupted = _loaded("training", "Interrupted")
+        if interrupted is not None and isinstance(err, interrupted):
+            print(f"stablenets {args.job}: {err}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
+        if args.debug or not isinstance(err, (ValueError, *filter(None, clear))):
             raise
         print(f"stablenets {args.job}: error: {err}", file=sys.stderr)
         return 1

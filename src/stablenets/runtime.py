@@ -22,13 +22,15 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import torch
 
 from .atomic import atomic_path, atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "select_device",
@@ -62,6 +64,8 @@ def _claim_gpu(count: int) -> int:
 
 def select_device(setting: str) -> torch.device:
     """``auto`` -> a free CUDA device if any, else the CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as is."""
+    import torch  # here, not at the top: the report jobs run without torch (reports.py)
+
     if setting == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -75,6 +79,8 @@ def select_device(setting: str) -> torch.device:
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process so far, in MiB: allocated GPU memory on CUDA, the resident
     set's high-water mark (Python and torch included) on the CPU."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -138,7 +144,7 @@ def write_results(path: Path, attrs: dict[str, Any], datasets: dict[str, Any]) -
         for key, value in attrs.items():
             fh.attrs[key] = _attr(value)
         for key, value in datasets.items():
-            array = value.detach().cpu().numpy() if torch.is_tensor(value) else value
+            array = value.detach().cpu().numpy() if hasattr(value, "detach") else value
             fh.create_dataset(key, data=np.asarray(array))
 
 
