@@ -605,9 +605,11 @@ def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
 
 def variant_options(train: dict) -> str:
     """The ``options`` of the benchmark rows that time a variant's configured training step:
-    its speed settings, and CUDA graphs where they replay (not with the margin loss)."""
+    its speed settings, and CUDA graphs where they replay (``training.graphs_allowed``)."""
+    from .training import graphs_allowed
+
     opts = [k for k in ("amp", "channels_last", "cudnn_benchmark") if train.get(k)]
-    if train.get("cuda_graphs") and not (train.get("loss") or {}).get("eps"):
+    if train.get("cuda_graphs") and graphs_allowed(train.get("loss")):
         opts.append("cuda_graphs replayed")
     if train.get("remat", "auto") != "auto":
         opts.append(f"remat {'on' if train['remat'] else 'off'}")
@@ -623,10 +625,10 @@ def project_hours(
 
     using the CSVs' ``ours`` rows (a later file's row replaces an earlier one's) run with the
     variant's own settings (``variant_options``), or with ``options`` for every variant (e.g.
-    ``"amp channels_last"``), for the variant's model at its base width. A non-expansive variant's step time is scaled by its
-    integrator's stages per sub-step (the benchmark runs Euler) and by the ratio of its batch x
-    pixels to the benchmarked ones (none at paper scale; linear in pixels, as the convolutions
-    are); a variant with ``budget_minutes`` costs exactly that. Jobs: classification and
+    ``"amp channels_last"``), for the variant's model at its base width. A non-expansive
+    variant's step time is scaled by its integrator's stages per sub-step (the benchmark runs
+    Euler) and by the ratio of its batch x pixels to the benchmarked ones (none at paper scale;
+    linear in pixels, as the convolutions are); a variant with ``budget_minutes`` costs exactly that. Jobs: classification and
     denoising variants x seeds (x noise levels). Evaluation, PnP and data jobs are not included.
     Returns ``(job kind, count, hours)`` rows; a label with parentheses marks an assumption."""
     import yaml

@@ -132,11 +132,16 @@ class NonexpansiveBlock(nn.Module):
     def _substep(self, x: torch.Tensor, h: float) -> torch.Tensor:
         return self.tableau.step(self._gradient, x, -h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def schedule(self, x: torch.Tensor | None = None) -> tuple[int, float]:
+        """``(n, h)`` of the next forward pass at the current norm (``current_norm``), recorded
+        as ``last_substeps`` / ``last_norm``. CUDA graphs key on it (``graphs.py``)."""
         norm = self.current_norm(x)
         n = self.substeps(norm)
-        h = self.time_value() / n
         self.last_substeps, self.last_norm = n, norm
+        return n, self.time_value() / n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h = self.schedule(x)
         remat = self.checkpoint_substeps
         if remat is None:
             remat = x.numel() * x.element_size() > REMAT_BYTES

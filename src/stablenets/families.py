@@ -149,8 +149,8 @@ class CPLBlock(NonexpansiveBlock):
         return torch.where(s2 > 0, s2.reciprocal() * (sign * c * DEVICE_STEP_SHRINK), sign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.current_norm(x)
-        self.last_substeps, self.last_norm = 1, norm
+        self.schedule(x)  # one sub-step; records the norm
+        norm = self.last_norm
         if self.training and x.is_cuda and torch.cuda.is_current_stream_capturing():
             h = self.device_step_size(-1.0)
         else:

@@ -423,14 +423,20 @@ def _forward_loss(model, task, cfg: TrainConfig, device, inputs, targets, captur
     return out, loss
 
 
+def graphs_allowed(loss: dict | None) -> bool:
+    """Whether a step with this loss can be replayed from CUDA graphs: not with a margin loss of
+    ``eps > 0`` (see ``step_graphs``)."""
+    criterion = build_loss(loss)
+    return criterion is None or criterion.eps == 0
+
+
 def step_graphs(model, task, cfg: TrainConfig, device, log) -> StepGraphs | None:
     """The CUDA graphs of ``cfg.cuda_graphs`` (``graphs.py``), or ``None``: on the CPU, or with
     a margin loss (its Lipschitz estimate runs a power iteration and reads norms on the host
     inside the forward pass, which a graph cannot replay), said in a log line."""
     if not cfg.cuda_graphs or device.type != "cuda":
         return None
-    criterion = build_loss(cfg.loss)
-    if criterion is not None and criterion.eps > 0:
+    if not graphs_allowed(cfg.loss):
         log("cuda_graphs: off with the margin loss (its Lipschitz estimate is host-side)")
         return None
 
