@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: venv smoke report smoke-slurm test lint clean-smoke
+.PHONY: venv smoke report smoke-slurm rehearsal test lint clean-smoke
 
 venv: $(STAMP)
 
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# A Snakemake killed with SIGKILL leaves its lock behind: stablenets.locks removes it first, but
+# only when no Snakemake or job of the workflow still runs in this directory (one line says
+# which). SMOKE_CONFIG adds `--config` entries, as SMOKE_SLURM_CONFIG below (tests run subsets).
+SMOKE_CONFIG ?=
+SMOKE_ARGS = --workflow-profile workflow/profiles/smoke --cores $(CORES) \
+	$(if $(SMOKE_CONFIG),--config $(SMOKE_CONFIG))
 smoke: $(STAMP)
-	$(BIN)/snakemake --workflow-profile workflow/profiles/smoke --cores $(CORES)
+	$(BIN)/python -m stablenets.locks $(SMOKE_ARGS)
+	$(BIN)/snakemake $(SMOKE_ARGS)
 
 # The self-contained HTML report of the smoke run (every figure and table with its caption).
 report: $(STAMP)
@@ -32,9 +39,22 @@ report: $(STAMP)
 # tests run a subset).
 SLURM_PROFILE ?= workflow/profiles/slurm-local
 SMOKE_SLURM_CONFIG ?=
+SMOKE_SLURM_ARGS = --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
+	--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(SMOKE_SLURM_CONFIG)
 smoke-slurm: $(STAMP)
-	$(BIN)/snakemake --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
-		--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(SMOKE_SLURM_CONFIG)
+	$(BIN)/python -m stablenets.locks $(SMOKE_SLURM_ARGS)
+	$(BIN)/snakemake $(SMOKE_SLURM_ARGS)
+
+# The rehearsal (README "Rehearsal scale"): every kind of job of the paper DAG at the paper's
+# sizes on one GPU (about 7 minutes on an H200), then results/rehearsal/cost.{csv,md}: measured
+# cost per job and the projected hours of config.yaml's DAG. REHEARSAL_CONFIG adds `--config`
+# entries (the CPU test runs a tiny version); the stale-lock step as for `make smoke`.
+REHEARSAL_CONFIG ?=
+REHEARSAL_ARGS = --workflow-profile workflow/profiles/rehearsal \
+	$(if $(REHEARSAL_CONFIG),--config $(REHEARSAL_CONFIG))
+rehearsal: $(STAMP)
+	$(BIN)/python -m stablenets.locks $(REHEARSAL_ARGS)
+	$(BIN)/snakemake $(REHEARSAL_ARGS) all_with_cost
 
 test: $(STAMP)
 	$(BIN)/pytest -q

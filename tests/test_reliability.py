@@ -33,9 +33,9 @@ import torch
 import yaml
 from test_data import add_bytes, add_special, leftovers, make_cifar_archive, md5_of
 from test_pipeline import overlay as archive_overlay
-from workflow_helpers import ROOT, SMOKE_PROFILE, copy_workflow, snakemake
+from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, local_env, snakemake
 
-from stablenets import cli, data, experiments
+from stablenets import cli, data, experiments, locks
 from stablenets.config import ConfigError, validate_config
 from stablenets.models import CheckpointError, build_model, load_model, read_checkpoint, save_model
 from stablenets.runtime import config_hash, provenance, read_results, sidecar_path
@@ -391,6 +391,165 @@ def test_outputs_are_replaced_atomically_even_when_the_writer_is_killed(tmp_path
         assert not re.search(r"os\.replace\(|\.replace\(path\)|mkstemp\(", text), path.name
 
 
+def test_every_profile_reruns_the_incomplete_jobs_of_a_killed_snakemake():
+    """``make smoke``, ``make smoke-slurm`` and plain ``snakemake`` (the default profile) redo
+    the jobs a killed Snakemake left marked incomplete instead of stopping at them."""
+    for name in ("default", "smoke", "slurm"):
+        profile = yaml.safe_load((ROOT / f"workflow/profiles/{name}/config.yaml").read_text())
+        assert profile.get("rerun-incomplete") is True, name
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("smoke", "smoke-slurm"):
+        recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M)[1]
+        assert recipe.index("-m stablenets.locks") < recipe.index("/snakemake "), recipe
+
+
+def test_the_unlock_helper_counts_snakemake_and_pipeline_job_processes_only():
+    workflow = [
+        ["/v/bin/python3.11", "/v/bin/snakemake", "--cores", "2"],  # the console script
+        ["snakemake", "-n"],
+        ["python", "-m", "snakemake", "--target-jobs", "train_classifier:variant=resnet"],
+        ["python", "-m", "stablenets", "train", "--spec", "{}"],  # a job a killed Snakemake left
+    ]
+    others = [
+        ["python", "-m", "stablenets.locks", "--cores", "2"],
+        ["/bin/sh", "-c", "python -m stablenets train --spec {} > log 2>&1"],
+        ["make", "smoke"],
+        ["python", "-m", "pytest", "tests/test_reliability.py"],
+        [],
+    ]
+    assert all(locks.is_workflow_command(argv) for argv in workflow)
+    assert not any(locks.is_workflow_command(argv) for argv in others)
+
+
+def start_fake_snakemake(script_dir: Path, cwd: Path) -> subprocess.Popen:
+    """A sleeping process with a Snakemake's command line (``python .../snakemake``) in ``cwd``."""
+    script = script_dir / "snakemake"
+    script_dir.mkdir(parents=True, exist_ok=True)
+    script.write_text("import time\ntime.sleep(300)\n")
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=cwd)
+    deadline = time.time() + 60
+    while str(script) not in Path(f"/proc/{proc.pid}/cmdline").read_text():  # exec'd
+        assert time.time() < deadline
+        time.sleep(0.01)
+    return proc
+
+
+def test_the_unlock_helper_never_unlocks_while_a_snakemake_runs_in_the_directory(
+    tmp_path, monkeypatch
+):
+    """A lock stays while a Snakemake runs in the workflow's directory (or below it), and with
+    no ``/proc`` while any Snakemake of this user runs; once none does, ``snakemake --unlock``
+    removes it. A Snakemake in another directory does not count."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work = copy_workflow(tmp_path / "wf")
+    lock = work / locks.LOCK_DIR / "0.input.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{work / 'results/smoke/data/cifar10.h5'}\n")
+    elsewhere = start_fake_snakemake(tmp_path / "bin", tmp_path / "other")
+    inside = start_fake_snakemake(tmp_path / "bin", work / "results")
+    try:
+        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+        assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: pid {inside.pid} (")
+        assert said.endswith(f"runs in {work}") and lock.exists()
+        inside.kill()
+        inside.wait()
+        with monkeypatch.context() as m:  # no /proc: command lines only, every directory
+            m.setattr(locks, "PROC", tmp_path / "no-proc")
+            assert elsewhere.pid in dict(locks.workflow_processes(work))
+            assert locks.unlock_if_stale(work, []).startswith("leaving the lock in")
+            assert lock.exists()
+        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    finally:
+        for proc in (elsewhere, inside):
+            proc.kill()
+            proc.wait()
+    assert said == (
+        f"removed the lock a stopped Snakemake left in {work / locks.LOCK_DIR} "
+        "(no Snakemake or job runs there)"
+    )
+    assert not lock.exists() and locks.unlock_if_stale(work, list(SMOKE_PROFILE)) is None
+
+
+# The smoke subset of the kill test (one model per rule): the whole smoke DAG runs once per
+# session (conftest.smoke_run), whose rows of these variants the resumed run must reproduce.
+KILL_SUBSET = {
+    "classification": {"select": ["resnet"]},
+    "denoising": {"select": ["averaged"]},
+    "pnp": {"denoisers": ["averaged"]},
+}
+KILLED_CHECKPOINT = "results/smoke/checkpoints/classification/resnet/seed0/checkpoint.pt"
+MACHINE_COLUMNS = ("time", "elapsed", "memory")  # measured on the machine, not computed
+
+
+def make_smoke(work: Path, out: Path) -> subprocess.Popen:
+    """``make smoke`` on ``KILL_SUBSET`` with this environment, in its own process group."""
+    config = " ".join(
+        f'{key}="{yaml.safe_dump(value, default_flow_style=True).strip()}"'
+        for key, value in KILL_SUBSET.items()
+    )
+    drop = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}  # of an enclosing `make test`
+    return subprocess.Popen(
+        ["make", "smoke", f"VENV={BIN.parent}", "STAMP=", f"SMOKE_CONFIG={config}"],
+        cwd=work,
+        env={k: v for k, v in local_env().items() if k not in drop},
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_the_same_tables(
+    smoke_run, tmp_path
+):
+    """SIGKILL to ``make smoke``'s whole process group (make, Snakemake, the training jobs)
+    while a training job runs; the same ``make smoke`` again clears the dead Snakemake's lock,
+    redoes the incomplete jobs, resumes the training from its checkpoint and ends with the
+    uninterrupted run's tables and weights."""
+    work = copy_workflow(tmp_path / "wf")
+    t0 = time.monotonic()
+    first = make_smoke(work, tmp_path / "first.out")
+    ckpt = work / KILLED_CHECKPOINT
+    while not ckpt.exists():
+        assert first.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
+        assert time.monotonic() - t0 < 600, "no checkpoint in time"
+        time.sleep(0.1)
+    said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))  # the live run keeps its lock
+    assert said.startswith("leaving the lock in"), said
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = time.monotonic() - t0
+    assert list((work / locks.LOCK_DIR).glob("*.lock")), "the killed Snakemake left no lock"
+    while locks.workflow_processes(work):  # the killed processes are gone in a moment
+        assert time.monotonic() - t0 < 660
+        time.sleep(0.05)
+
+    second = make_smoke(work, tmp_path / "second.out")
+    assert second.wait(timeout=1200) == 0, (tmp_path / "second.out").read_text()[-4000:]
+    print(f"killed after {killed_at:.0f} s; rerun done after {time.monotonic() - t0:.0f} s")
+    output = (tmp_path / "second.out").read_text()
+    assert "stablenets.locks: removed the lock a stopped Snakemake left in" in output
+    joblog = (work / "logs/smoke/train_classifier/resnet/seed0.log").read_text()
+    resumed = re.search(rf"resumed from {re.escape(KILLED_CHECKPOINT)} at step (\d+)", joblog)
+    assert resumed and 50 <= int(resumed[1]) < 200, joblog
+
+    results, local = work / "results/smoke", smoke_run / "results/smoke"
+    for table in sorted(local.glob("tables/*.csv")):
+        expected, got = pd.read_csv(table), pd.read_csv(results / "tables" / table.name)
+        if "variant" in expected:
+            expected = expected[expected["variant"].isin(got["variant"])].reset_index(drop=True)
+        machine = [c for c in expected if any(k in c for k in MACHINE_COLUMNS)]
+        pd.testing.assert_frame_equal(
+            got.drop(columns=machine), expected.drop(columns=machine), check_exact=True
+        )
+    model = "models/classification/resnet/seed0/model.pt"
+    got, expected = (read_checkpoint(root / model)["state_dict"] for root in (results, local))
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 # ============================================================================================
 # Divergence
 # ============================================================================================
@@ -439,6 +598,89 @@ def test_an_exploding_norm_estimate_stops_the_job_before_the_next_forward_pass(
     assert re.search(r"largest norm estimate=[0-9.e+]+ \(limit 5.0\)", line), line
     assert f"last good checkpoint: {tmp_path / 'work' / 'checkpoint.pt'} (step {step})" in line
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "log.csv").exists()
+
+
+# A training job under a memory ceiling: the limit (RLIMIT_AS) is set after torch is imported,
+# at the address space mapped so far plus argv[1] bytes, so it bounds what the run allocates.
+MEMORY_CAPPED = r"""
+import resource, sys
+import torch
+from stablenets import cli, experiments
+status = open("/proc/self/status").read()
+mapped = int(status.split("VmSize:")[1].split()[0]) * 1024
+limit = mapped + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+HEADROOM = 3 * 2**30  # the smoke classifier's training needs under 1 GiB
+# The smoke classifier at 60x its learning rate, seeded: its sub-steps jump from 11 to 5541 at
+# step 24 (norms below max_norm); 5541 sub-steps hold more than 10 GiB of activations.
+RUNAWAY = {"lr_max": 3.0, "checkpoint_every": 10}
+
+
+@pytest.fixture(scope="module")
+def smoke_cifar(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("smoke-data") / "cifar10.h5"
+    data.make_synthetic_classification(path, **smoke_config()["data"]["cifar10"]["synthetic"])
+    return path
+
+
+def smoke_train_spec(**train) -> dict:
+    """The smoke DAG's job spec for the nonexpansive classifier, with ``train`` overrides."""
+    jobs = Jobs(validate_config(smoke_config(), SCHEMA))
+    spec = json.loads(jobs.train_spec("classification", "nonexpansive", 0))
+    spec["train"].update(train)
+    return spec
+
+
+def run_capped(spec: dict, dataset: Path, out: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-c", MEMORY_CAPPED, str(HEADROOM), *train_args(spec, dataset, out)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_cifar, tmp_path):
+    """The failure the limit prevents (the CPU twin of a CUDA out-of-memory at 139 GiB)."""
+    died = run_capped(smoke_train_spec(**RUNAWAY, max_substeps=10**6), smoke_cifar, tmp_path)
+    assert died.returncode == 1
+    assert "Traceback" in died.stderr and "can't allocate memory" in died.stderr, died.stderr
+
+
+def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(
+    smoke_cifar, tmp_path
+):
+    spec = smoke_train_spec(**RUNAWAY)
+    limit, ckpt = spec["train"]["max_substeps"], tmp_path / "work" / "checkpoint.pt"
+    stopped = run_capped(spec, smoke_cifar, tmp_path)
+    assert stopped.returncode == 1
+    good = read_checkpoint(ckpt)["run"]["step"]
+    line = one_error_line(
+        stopped.stderr,
+        "training stopped at step ",
+        f"above train.max_substeps={limit} (their activations would not fit in memory)",
+        f"; last good checkpoint: {ckpt} (step {good})",
+    )
+    at = int(re.search(r"training stopped at step (\d+):", line)[1])
+    assert good < at <= good + spec["train"]["checkpoint_every"], (good, at)
+    found = re.search(r"would take (\d+) sub-steps.*; block (\S+) needs (\d+) at norm est", line)
+    total, block, count = int(found[1]), found[2], int(found[3])
+    assert limit < total and 0 < count <= total, line
+    model = build_model(spec["model"], **spec["kwargs"])
+    assert block in dict(model.named_modules()), block
+    assert re.search(rf"^step {good}/200 loss .* eta \S+$", stopped.stdout, re.M), stopped.stdout
+    assert not (tmp_path / "model.pt").exists()
+    # Resumable: the checkpoint is the run's own; the same command resumes from it (and, being
+    # deterministic, stops again at the same step with the same line).
+    again = run_capped(spec, smoke_cifar, tmp_path)
+    assert f"resumed from {ckpt} at step {good}" in again.stdout, again.stdout
+    assert again.returncode == 1 and one_error_line(again.stderr) == line
+    # A higher limit resumes from the same checkpoint (limits are not in the resume hash) and
+    # passes the step that stopped.
+    higher = copy.deepcopy(spec)
+    higher["train"]["max_substeps"] = total
+    raised = run_capped(higher, smoke_cifar, tmp_path)
+    assert f"resumed from {ckpt} at step {good}" in raised.stdout, raised.stdout
+    later = re.search(r"training stopped at step (\d+)", raised.stderr)
+    assert raised.returncode == 0 or (later and int(later[1]) > at), raised.stderr[-2000:]
 
 
 # ============================================================================================

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 
@@ -12,15 +13,19 @@ from torch import Tensor, nn
 
 from stablenets.robustness import (
     InvariantError,
+    SweepPlan,
+    SweepState,
     accuracy,
     auc,
     autoattack_l2,
+    bisect,
     certified_accuracy,
     certified_radius,
     check_invariant,
     margins,
     pgd_l2,
     robust_accuracy_curve,
+    sweep,
 )
 
 SHAPE = (3, 4, 4)
@@ -436,3 +441,174 @@ def test_auc_of_known_curves() -> None:
     assert auc([0.0, 1.0, 3.0], [1.0, 0.0, 0.0]) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         auc(grid, grid[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# (8) the radius sweep: attacks only where a number can change, as strong as every radius
+
+
+def sweep_plan(strong=None, radii=(0.0, 0.1, 0.2, 0.4, 0.8), **kw) -> SweepPlan:
+    settings = dict(
+        radii=np.asarray(radii),
+        pgd=partial(pgd_l2, steps=20, rel_step=0.1),
+        strong=strong,
+        strong_radii=frozenset(),
+        audit_radii=frozenset(),
+        audit_size=0,
+        batch_size=16,
+        seed=3,
+    )
+    return SweepPlan(**{**settings, **kw})
+
+
+def run_sweep(model, x, y, plan, lipschitz, **kw) -> SweepState:
+    m, correct = margins(model, x, y, 64)
+    state = SweepState.start(correct, certified_radius(m, correct, lipschitz), plan.seed)
+    state = sweep(model, x, y, plan, state, log=lambda line: None, **kw)
+    return bisect(model, x, y, plan, state, log=lambda line: None)
+
+
+def recording(attack, calls: list):
+    """``attack`` that records (eps, inputs) of every call."""
+
+    def wrapped(model, x, y, eps, seed):
+        calls.append((eps, x.clone()))
+        return attack(model, x, y, eps, seed=seed)
+
+    return wrapped
+
+
+def linear_case(seed: int = 0, n: int = 48, classes: int = 5):
+    model = random_linear(classes, seed, scale=0.3)
+    x = inner_points(n, seed)
+    y = predictions(model, x)
+    y[: n // 4] = (y[: n // 4] + 1) % classes  # a quarter misclassified
+    lip = float(torch.linalg.matrix_norm(model[1].weight.detach().double(), ord=2))
+    return model, x, y, lip
+
+
+def test_sweep_break_radius_is_the_exact_distance_on_a_linear_model_and_never_below_certified():
+    model, x, y, lip = linear_case(classes=2)  # PGD finds the exact distance of a binary one
+    plan = sweep_plan(radii=np.linspace(0, 0.3, 16))  # balls inside [0, 1]^n: exact distances
+    state = run_sweep(model, x, y, plan, lip)
+    exact = exact_distance(model, x, y)
+    ok = state.correct
+    assert (state.break_radius[~ok] == 0).all()
+    assert (state.certified_radius[ok] <= exact[ok] + 1e-9).all()
+    broken = ok & torch.isfinite(state.break_radius)
+    assert broken.sum() >= 10
+    # never below the exact distance (a real example), and within two grid steps of it (PGD's
+    # last iterate jitters by its step around the boundary)
+    assert (state.break_radius[broken] >= exact[broken] - 1e-6).all()
+    assert (state.break_radius[broken] <= exact[broken] + 0.04 + 1e-6).all()
+    acc = state.accuracies(plan.radii)
+    assert (acc["certified"] <= acc["empirical"] + 1e-12).all()
+    assert (np.diff(acc["empirical"]) <= 0).all()
+
+
+def test_sweep_never_attacks_misclassified_certified_or_already_broken_points():
+    model, x, y, lip = linear_case(1)
+    calls: list = []
+    plan = sweep_plan(pgd=recording(partial(pgd_l2, steps=20, rel_step=0.1), calls))
+    state = run_sweep(model, x, y, plan, lip)
+    attacked: dict[int, list[float]] = {}
+    for eps, xb in calls:
+        for row in xb:
+            i = int(torch.nonzero((x == row).flatten(1).all(1))[0])
+            assert state.correct[i], "a misclassified point was attacked"
+            assert not state.certified_radius[i] > eps, "a certified point was attacked"
+            attacked.setdefault(i, []).append(eps)
+    for i, radii in attacked.items():
+        assert radii == sorted(set(radii))  # once per radius, increasing
+        # every attack but the last failed: a broken point is never attacked again
+        assert all(e < state.pgd_break_radius[i] for e in radii[:-1]), (radii, i)
+    assert any(math.isfinite(state.pgd_break_radius[i]) for i in attacked)
+    per_radius = robust_accuracy_curve(model, x, y, plan.radii, partial(plan.pgd, seed=3), 16)
+    # attacking every correct point at every radius is not stronger (up to one point: the random
+    # starts differ with the batches)
+    assert (state.accuracies(plan.radii)["pgd"] <= per_radius + 1 / len(x) + 1e-12).all()
+
+
+def test_sweep_rejects_an_attack_that_leaves_the_ball():
+    model, x, y, lip = linear_case(2)
+
+    def cheat(model, x, y, eps, seed):
+        return (x + 3 * eps).clamp(0, 1)
+
+    with pytest.raises(ValueError, match="left the eps"):
+        run_sweep(model, x, y, sweep_plan(pgd=cheat), lip)
+
+
+def test_an_unsound_certificate_fails_the_sweep_through_the_audit_and_the_break_radii():
+    model, x, y, lip = linear_case(3)
+    plan = sweep_plan(audit_radii=frozenset({0.1}), audit_size=8)
+    with pytest.raises(InvariantError, match="unsound"):
+        run_sweep(model, x, y, plan, lip / 20)  # radii 20x too large: certified points break
+    sound = run_sweep(model, x, y, plan, lip)
+    assert sum(sound.audited.values()) > 0
+
+
+def test_a_sweep_stopped_after_any_batch_and_resumed_from_its_saved_state_gives_the_same_result():
+    model, x, y, lip = linear_case(4)
+    strong = partial(pgd_l2, steps=30, rel_step=0.05, restarts=2)
+    plan = sweep_plan(strong=strong, strong_radii=frozenset({0.2}), bisect_radii=[0.1, 0.3, 0.5])
+    full = run_sweep(model, x, y, plan, lip)
+    for stop_after in (1, 3, 6):
+        saved: list = []
+
+        def save(s, saved=saved):
+            saved.append(copy.deepcopy(s.to_dict()))
+
+        def stop(count=[0], after=stop_after):  # noqa: B006 - a counter per loop iteration
+            count[0] += 1
+            return count[0] == after
+
+        m, correct = margins(model, x, y, 64)
+        state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+        sweep(model, x, y, plan, state, save=save, stop=stop, log=lambda line: None)
+        resumed = run_sweep_from(model, x, y, plan, SweepState(**saved[-1]))
+        for key in ("break_radius", "pgd_break_radius", "certified_radius"):
+            assert torch.equal(getattr(resumed, key), getattr(full, key)), (stop_after, key)
+
+
+def run_sweep_from(model, x, y, plan, state):
+    state = sweep(model, x, y, plan, state, log=lambda line: None)
+    return bisect(model, x, y, plan, state, log=lambda line: None)
+
+
+def test_bisection_is_within_one_point_of_attacking_every_radius_and_attacks_fewer_points():
+    from stablenets.evalbench import per_radius
+
+    net = small_net(5, gain=3.0).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(48, *SHAPE, generator=g)
+    y = predictions(net, x)
+    y[::5] = (y[::5] + 1) % 10
+    calls: list = []
+    apgd = partial(autoattack_l2, version="custom", attacks=["apgd-ce"], iterations=10)
+    grid = np.linspace(0, 1.0, 11)
+    plan = sweep_plan(strong=recording(apgd, calls), radii=grid, bisect_radii=grid,
+                      strong_radii=frozenset({0.5}), pgd=partial(pgd_l2, steps=3))  # fmt: skip
+    state = run_sweep(net, x, y, plan, 1e6)
+    swept = sum(len(xb) for _, xb in calls)
+    calls.clear()
+    old = per_radius(net, x, y, plan, state.certified_radius)
+    every = sum(len(xb) for _, xb in calls)
+    new = state.accuracies(grid)
+    assert old["empirical"][-1] < old["empirical"][0] / 2  # the attack breaks points on this grid
+    # at least as strong up to one point of 48 (random starts differ with the batches)
+    assert (new["empirical"] <= old["empirical"] + 1 / len(x) + 1e-12).all(), (new, old)
+    assert swept * 3 < every, (swept, every)
+
+
+def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_elapsed_and_eta():
+    model, x, y, lip = linear_case(6)
+    plan = sweep_plan()
+    lines: list[str] = []
+    m, correct = margins(model, x, y, 64)
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    sweep(model, x, y, plan, state, log=lines.append)
+    assert len(lines) == len(plan.radii)
+    for line in lines:
+        for needle in ("eps", "points left", "robust", "elapsed", "ETA"):
+            assert needle in line, line

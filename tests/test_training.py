@@ -1,11 +1,25 @@
-"""Training helpers: augmentation is batched and seeded. (Kill and resume, signals, foreign
-checkpoints and divergence are in test_reliability.py.)"""
+"""Training helpers: augmentation is batched and seeded; the job log has a progress line every
+``log_every`` steps; the sub-step limit stops a run before a forward pass that exceeds it. (Kill
+and resume, signals, foreign checkpoints and divergence are in test_reliability.py.)"""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import pytest
 import torch
 
 from stablenets.augment import AugmentConfig, augment
+from stablenets.models import build_model
+from stablenets.training import (
+    ClassificationTask,
+    DivergenceError,
+    RunState,
+    SubstepLimitError,
+    TrainConfig,
+    train,
+)
 
 
 def test_augmentation_is_seeded_batched_and_shape_preserving():
@@ -20,3 +34,57 @@ def test_augmentation_is_seeded_batched_and_shape_preserving():
     assert 0.3 < (erased > 0.02).float().mean() < 0.95  # about half the images have a hole
     shifted = augment(x, AugmentConfig(flip=False, erase_p=0.0), torch.Generator().manual_seed(0))
     assert not torch.equal(shifted, x)  # cropping moved at least one image
+
+
+def _tiny_run(tmp_path: Path, **train_kwargs) -> tuple[list[str], RunState]:
+    """A seeded nonexpansive classifier (2 blocks) trained on random 8x8 images; its log lines."""
+    torch.manual_seed(0)
+    model = build_model(
+        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    task = ClassificationTask(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
+    cfg = TrainConfig(batch_size=8, lr_max=0.05, **{"val_every": 100, **train_kwargs})
+    logs: list[str] = []
+    _, state = train(model, task, cfg, tmp_path, "h", logs.append)
+    return logs, state
+
+
+PROGRESS = re.compile(
+    r"step (\d+)/(\d+) loss (\S+) lr (\S+) substeps (\d+) ms/step ([0-9.]+) "
+    r"peak_mem (\d+)MiB eta (\d+s|\d+m\d\ds|\d+h\d\dm)"
+)
+
+
+def test_a_progress_line_every_log_every_steps_gives_loss_lr_substeps_time_memory_and_eta(
+    tmp_path,
+):
+    logs, state = _tiny_run(tmp_path, steps=9, log_every=4)
+    lines = [m for line in logs if (m := PROGRESS.fullmatch(line))]
+    rows = [r for r in state.rows if r["kind"] == "train"]
+    assert [int(m[1]) for m in lines] == [r["step"] for r in rows] == [0, 4, 8]
+    for m, row in zip(lines, rows, strict=True):
+        assert int(m[2]) == 9 and int(m[5]) == row["substeps"] >= 2
+        assert m[3] == f"{row['loss']:.4f}" and m[4] == f"{row['lr']:.3g}"
+        assert float(m[6]) > 0 and int(m[7]) > 0
+    assert lines[-1][8] == "0s"  # the last logged step is the last step
+
+
+def test_the_substep_limit_stops_training_before_the_first_forward_pass_that_exceeds_it(
+    tmp_path,
+):
+    """Two blocks start with one sub-step each: a limit of 2 lets the run go, 1 stops it before
+    step 0's forward pass, naming the key, a block, its count and norm, and no checkpoint yet."""
+    logs, state = _tiny_run(tmp_path / "two", steps=4, log_every=1, max_substeps=2)
+    assert state.step == 4 and all(r["substeps"] == 2 for r in state.rows if r["kind"] == "train")
+    with pytest.raises(SubstepLimitError) as err:
+        _tiny_run(tmp_path / "one", steps=4, log_every=1, max_substeps=1)
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, DivergenceError)
+    assert re.fullmatch(
+        r"training stopped at step 0: the forward pass would take 2 sub-steps, above "
+        r"train\.max_substeps=1 \(their activations would not fit in memory\); block "
+        r"stages\.[01]\.0 needs 1 at norm estimate [0-9.]+; last good checkpoint: none",
+        message,
+    ), message

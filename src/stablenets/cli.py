@@ -21,7 +21,7 @@ EXIT_INTERRUPTED = 75
 _JOBS = {
     "prepare-data": ("experiments", "prepare_data", ["out"], "download and convert a dataset"),
     "train": ("experiments", "train_model", ["data", "model", "log", "workdir"], "train a model"),
-    "evaluate-classifier": ("experiments", "evaluate_classifier", ["model", "data", "out"],
+    "evaluate-classifier": ("experiments", "evaluate_classifier", ["model", "data", "out", "workdir"],
                             "certify and attack a classifier"),
     "evaluate-denoiser": ("experiments", "evaluate_denoiser", ["model", "data", "out"],
                           "denoising PSNR of a model"),
@@ -31,6 +31,7 @@ _JOBS = {
     "table": ("reports", "make_table", ["inputs", "out"], "a table from result files"),
     "figure": ("reports", "make_figure", ["inputs", "out"], "a figure from result files"),
     "summary": ("reports", "write_summary", ["inputs", "out"], "the results summary"),
+    "cost": ("cost", "write_cost", ["inputs", "out"], "measured cost and paper-scale projection"),
 }  # fmt: skip
 # Errors a job reports in one line (``--debug``: the traceback), besides ``ValueError``.
 _CLEAR_ERRORS = {
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _job(args.job)(_spec(args.spec), *(getattr(args, p) for p in paths), log=_log)
     except Exception as err:
-        interrupted = _loaded("training", "Interrupted")
+        interrupted = _loaded("interrupt", "Interrupted")
         if interrupted is not None and isinstance(err, interrupted):
             print(f"stablenets {args.job}: {err}", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -47,6 +47,7 @@ __all__ = [
     "SMOKE_TEST_PHOTOS",
     "SMOKE_TRAIN_PHOTOS",
     "download",
+    "file_digests",
     "make_smoke_photos",
     "make_synthetic_classification",
     "prepare_bsds500",
@@ -80,7 +81,7 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _digests(path: Path, algorithms: Sequence[str]) -> dict[str, str]:
+def file_digests(path: Path, algorithms: Sequence[str]) -> dict[str, str]:
     """Hash a file once for all requested algorithms, reading it in chunks."""
     hashers = {name: hashlib.new(name) for name in algorithms}
     with open(path, "rb") as handle:
@@ -100,7 +101,7 @@ def _expected_digests(md5: str | None, sha256: str | None, what: str) -> dict[st
 
 def _check_digests(path: Path, expected: Mapping[str, str], source: str) -> None:
     """Raise DataError naming ``source`` when ``path`` does not hash to ``expected``."""
-    actual = _digests(path, list(expected))
+    actual = file_digests(path, list(expected))
     for name, want in expected.items():
         if actual[name] != want:
             raise DataError(
@@ -523,7 +524,7 @@ def _archive_record(archive: Path, provenance: Mapping[str, Any]) -> dict[str, A
     return {
         "provenance": dict(provenance),
         "archive_name": archive.name,
-        "archive_sha256": _digests(archive, ["sha256"])["sha256"],
+        "archive_sha256": file_digests(archive, ["sha256"])["sha256"],
     }
 
 

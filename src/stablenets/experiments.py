@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 
 from . import data, denoising, pnp, robustness
+from .atomic import atomic_path, remove_stale_temporaries
 from .augment import AugmentConfig
 from .config import CLASSIFIERS, DENOISERS
+from .interrupt import Interrupted, StopFlag
 from .models import (
     CheckpointError,
     StableModel,
@@ -130,7 +133,7 @@ def train_model(
     model = build_model(spec["model"], **_model_kwargs(spec, data_path)).to(device)
     task = _task(spec, data_path, device)
     cfg = TrainConfig(seed=int(spec["seed"]), **spec["train"])
-    chash = config_hash(spec)
+    chash = _resume_hash(spec)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
     write_sidecar(out_log, spec, spec["seed"])
@@ -147,6 +150,17 @@ def train_model(
         **provenance(spec, spec["seed"]),
     )
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
+
+
+# Train settings that only stop a run (they change nothing before they trigger): a run stopped
+# by one of them resumes from its last good checkpoint when rerun with a higher limit.
+_LIMIT_KEYS = ("max_norm", "max_substeps")
+
+
+def _resume_hash(spec: dict) -> str:
+    """The hash a training checkpoint must match to resume: the spec without the limits."""
+    train = {k: v for k, v in spec["train"].items() if k not in _LIMIT_KEYS}
+    return config_hash({**spec, "train": train})
 
 
 def _final_substeps(model: StableModel, rows: list[dict]) -> int:
@@ -179,62 +193,68 @@ def _load(model_path: Path, spec: dict, task: str) -> tuple[StableModel, dict, t
 
 
 def _accuracy_attrs(eps, acc: dict[str, np.ndarray]) -> dict[str, float]:
-    return {f"auc_{k}": robustness.auc(eps, v) for k, v in acc.items() if k != "strong"}
+    return {f"auc_{k}": robustness.auc(eps, v) for k, v in acc.items()}
 
 
-def _robust_flags(model, x, y, correct, eps: float, attack) -> torch.Tensor:
-    if eps == 0:
-        return correct.clone()
-    x_adv = attack(model, x, y, eps)
-    with torch.no_grad():
-        pred = torch.cat([model(b).argmax(1) for b in x_adv.split(500)])
-    return correct & (pred.cpu() == y.cpu())
+def _sweep(model, x, y, plan, start, name: str, progress: Path, key: str, save_every_s, log: Log):
+    """Run (or resume) the radius sweep, saving its state to ``progress``; a stop signal saves
+    and raises ``Interrupted`` (exit 75)."""
+    for stale in remove_stale_temporaries(progress):
+        log(f"removed {stale.name}, the temporary of an interrupted progress write")
+    state = _resume_sweep(progress, key, log) or start()
+    last = [time.monotonic()]
+    with StopFlag() as stop:
+
+        def save(s: robustness.SweepState) -> None:
+            if stop.raised or time.monotonic() - last[0] >= save_every_s:
+                with atomic_path(progress) as tmp:
+                    torch.save({"key": key, "state": s.to_dict()}, tmp)
+                last[0] = time.monotonic()
+
+        for search in (robustness.sweep, robustness.bisect):
+            if not stop.raised:
+                state = search(model, x, y, plan, state, name, save, lambda: stop.raised, log)
+        if stop.raised:
+            raise Interrupted(f"signal {stop.signum}: progress {progress} written; rerun to resume")
+    return state
+
+
+def _resume_sweep(progress: Path, key: str, log: Log) -> robustness.SweepState | None:
+    if not progress.exists():
+        return None
+    saved = torch.load(progress, map_location="cpu", weights_only=True)
+    if saved.get("key") != key:
+        log(f"ignoring {progress}: written for {saved.get('key')}, this run is {key}")
+        return None
+    state = robustness.SweepState(**saved["state"])
+    log(f"resuming from {progress} at eps {state.radius_index + 1} of the sweep")
+    return state
 
 
 def evaluate_classifier(
-    spec: dict, model_path: Path, data_path: Path, out: Path, log: Log = print
+    spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
-    """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs; the
-    per-point invariant *certified => never flipped* and certified <= empirical <= clean."""
+    """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs. One
+    radius sweep (``robustness.sweep``) attacks each point only where it can change a number,
+    audits a sample of certified points, and resumes from ``workdir`` when killed."""
     model, extra, device = _load(model_path, spec, "classification")
     ev = spec["evaluate"]
     x, y = data.read_split(data_path, "test")
     if ev.get("n_test"):
         x, y = x[: ev["n_test"]], y[: ev["n_test"]]
-    x, y = x.to(device), y.to(device)
     margin, correct = robustness.margins(model, x, y, ev["batch_size"])
-    correct = correct.cpu()
     lip = model.lipschitz_bound()
-    eps = np.linspace(ev["eps"]["start"], ev["eps"]["stop"], ev["eps"]["num"])
-    std_eps = np.asarray(ev["standard_eps"], dtype=np.float64)
-    cert_radius = robustness.certified_radius(margin, correct, lip).cpu()
-
-    def pgd(m, xx, yy, e):
-        return robustness.pgd_l2(m, xx, yy, e, seed=spec["seed"], **ev["pgd"])
-
-    strong = _strong_attack(ev["strong"], spec["seed"], ev["batch_size"])
-    curves: dict[str, list[float]] = {k: [] for k in ("certified", "pgd", "strong", "empirical")}
-    std: dict[str, list[float]] = {k: [] for k in curves}
-    strong_eps = set(np.round(std_eps, 12)) | (
-        set(np.round(eps, 12)) if ev["strong"]["on_grid"] else set()
-    )
-    for grid, target in ((eps, curves), (std_eps, std)):
-        for e in grid:
-            _one_radius(
-                model,
-                x,
-                y,
-                correct,
-                cert_radius,
-                float(e),
-                pgd,
-                strong,
-                round(float(e), 12) in strong_eps,
-                target,
-                spec["variant"],
-            )
-    acc = {k: np.asarray(v) for k, v in curves.items()}
-    clean = float(correct.float().mean())
+    eps, std_eps = robustness.evaluation_radii(ev)
+    cert_radius = robustness.certified_radius(margin, correct, lip)
+    plan = robustness.SweepPlan.from_config(ev, spec["seed"])
+    key = f"{config_hash(spec)}-{data.file_digests(model_path, ['sha256'])['sha256'][:16]}"
+    log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
+    state = _sweep(
+        model, x, y, plan, lambda: robustness.SweepState.start(correct, cert_radius, spec["seed"]),
+        spec["variant"], workdir / "progress.pt", key, ev["save_every_s"], log,
+    )  # fmt: skip
+    acc, std = state.accuracies(eps), state.accuracies(std_eps)
+    clean = float(correct.double().mean())
     robustness.check_invariant(eps, acc["certified"], acc["empirical"], clean, spec["variant"])
     log(
         f"clean {clean:.4f} lipschitz {lip:.4g} certified@{std_eps} {std['certified']} "
@@ -251,16 +271,32 @@ def evaluate_classifier(
         "epoch_time_s": extra.get("epoch_time_s", math.nan),
         "peak_memory_mb": extra.get("peak_memory_mb", math.nan),
         "base_width": getattr(model, "base_width", math.nan),
-        "empirical_lipschitz": _classifier_lower_bound(model, x, ev, spec["seed"], lip),
+        "empirical_lipschitz": _classifier_lower_bound(model, x.to(device), ev, spec["seed"], lip),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
-        "strong_method": _strong_label(ev["strong"]),
+        "strong_method": robustness.strong_label(ev["strong"]),
+        "audited_certified": int(sum(state.audited.values())),
+        **{f"seconds_per_point_{p}": _per_point(state, p) for p in robustness.PASSES},
         **_accuracy_attrs(eps, acc),
         **provenance(spec, spec["seed"]),
     }
     datasets = {"eps": eps, **acc, "standard_eps": std_eps}
-    datasets.update({f"standard_{k}": np.asarray(v) for k, v in std.items()})
+    datasets.update({f"standard_{k}": v for k, v in std.items()})
+    datasets["standard_audited"] = np.array(
+        [state.audited.get(round(float(e), 12), 0) for e in std_eps]
+    )
+    datasets.update(
+        certified_radius=state.certified_radius.numpy(),
+        break_radius=state.break_radius.numpy(),
+        pgd_break_radius=state.pgd_break_radius.numpy(),
+    )
     write_results(out, attrs, datasets)
+
+
+def _per_point(state: robustness.SweepState, pass_name: str) -> float:
+    """Seconds per attacked point of one pass (NaN when it attacked none)."""
+    n = state.points[pass_name]
+    return state.seconds[pass_name] / n if n else math.nan
 
 
 def _classifier_lower_bound(
@@ -277,60 +313,6 @@ def _classifier_lower_bound(
             f"classifier: empirical Lipschitz {lower:.6g} exceeds the certified bound {bound:.6g}"
         )
     return lower
-
-
-def _strong_label(cfg: dict) -> str:
-    """What the strongest attack was, for tables: ``autoattack standard``, ``autoattack apgd-ce
-    (10 iterations)``, ``pgd (100 steps x 5)``."""
-    if cfg["method"] == "pgd":
-        return f"pgd ({cfg['steps']} steps x {cfg['restarts']})"
-    label = "autoattack " + (
-        ", ".join(cfg["attacks"]) if cfg["version"] == "custom" else "standard"
-    )
-    return label + (f" ({cfg['iterations']} iterations)" if cfg.get("iterations") else "")
-
-
-def _strong_attack(cfg: dict, seed: int, batch_size: int):
-    if cfg["method"] == "autoattack":
-
-        def attack(m, xx, yy, e):
-            return robustness.autoattack_l2(
-                m, xx, yy, e, batch_size, cfg["version"], seed, cfg.get("attacks"),
-                cfg.get("iterations"),
-            )  # fmt: skip
-
-        return attack
-
-    def attack(m, xx, yy, e):  # noqa: E306 - a stronger PGD: more steps and restarts
-        return robustness.pgd_l2(
-            m,
-            xx,
-            yy,
-            e,
-            steps=cfg["steps"],
-            rel_step=cfg["rel_step"],
-            restarts=cfg["restarts"],
-            seed=seed,
-        )
-
-    return attack
-
-
-def _one_radius(model, x, y, correct, cert_radius, e, pgd, strong, run_strong, out, name):
-    certified = correct & (cert_radius > e)
-    pgd_ok = _robust_flags(model, x, y, correct, e, pgd)
-    strong_ok = _robust_flags(model, x, y, correct, e, strong) if run_strong else None
-    empirical = pgd_ok & strong_ok if strong_ok is not None else pgd_ok
-    flipped = certified & ~empirical
-    if flipped.any():
-        raise robustness.InvariantError(
-            f"model {name!r}: {int(flipped.sum())} points certified at eps={e:.4g} were flipped by "
-            "an attack: the Lipschitz certificate is unsound"
-        )
-    out["certified"].append(float(certified.float().mean()))
-    out["pgd"].append(float(pgd_ok.float().mean()))
-    out["strong"].append(float(strong_ok.float().mean()) if strong_ok is not None else math.nan)
-    out["empirical"].append(float(empirical.float().mean()))
 
 
 def _noisy_test(spec: dict, data_path: Path, device: torch.device):

@@ -7,7 +7,13 @@ its checkpoint ends with the same weights as an uninterrupted one (on the CPU).
 Checkpoints (``<workdir>/checkpoint.pt``) are written atomically every ``checkpoint_every`` steps
 and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit); one from a different
 configuration (another ``config_hash``) is ignored with a log line, never silently resumed.
-A non-finite loss or an exploding norm estimate stops the run with ``DivergenceError``.
+A non-finite loss or an exploding norm estimate stops the run with ``DivergenceError``; a forward
+pass that would take more than ``max_substeps`` integrator sub-steps in total (their activations
+would not fit in memory) with ``SubstepLimitError``, before it starts. Both name the last good
+checkpoint. Every ``log_every`` steps a progress line reports the step, loss, learning rate,
+sub-steps, time per step, peak memory and the time left, so a job never dies without a line.
+``stop_after`` ends the loop early on the full schedule: the learning rate of every step run is
+the ``steps``-step schedule's (a rehearsal of the first steps, not a compressed schedule).
 """
 
 from __future__ import annotations
@@ -17,13 +23,11 @@ import copy
 import csv
 import dataclasses
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -33,15 +37,18 @@ from .atomic import atomic_path, remove_stale_temporaries
 from .augment import AugmentConfig, augment
 from .denoising import fixed_noise, psnr
 from .graphs import StepGraphs
+from .interrupt import Interrupted, StopFlag
 from .losses import build_loss
 from .models import CheckpointError, StableModel, atomic_torch_save, read_checkpoint
 from .operators import fused_power_iteration, remember_estimates
+from .runtime import peak_memory_mb
 
 __all__ = [
     "TrainConfig",
     "ClassificationTask",
     "DenoisingTask",
     "DivergenceError",
+    "SubstepLimitError",
     "Interrupted",
     "train",
 ]
@@ -53,8 +60,9 @@ class DivergenceError(RuntimeError):
     """The loss or a norm estimate became non-finite or exploded."""
 
 
-class Interrupted(RuntimeError):
-    """A signal asked the run to stop; a checkpoint was written first."""
+class SubstepLimitError(DivergenceError):
+    """The next forward pass would take more than ``max_substeps`` sub-steps: its activations
+    would exhaust the memory (the count grows with the square of a block's norm)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class TrainConfig:
     log_every: int = 10
     power_iters: int = 1
     max_norm: float = 1e4
+    # Sub-steps of one forward pass, all blocks together: each keeps its activations for the
+    # backward pass (see config.yaml for the sizes that fit an H200).
+    max_substeps: int = 500
     seed: int = 0
     loss: dict | None = None  # None: the task's loss; {name: margin, eps, temperature}
     budget_minutes: float | None = None  # when set, ``steps`` is derived from it (budget.py)
@@ -83,6 +94,9 @@ class TrainConfig:
     remat: str | bool = "auto"  # sub-step activation checkpointing: auto (large inputs) | bool
     cuda_graphs: bool = False  # CUDA: forward/backward replayed from graphs (graphs.py)
     cuda_graph_cache: int = 8  # graphs kept (one per tuple of sub-step counts)
+    # None: run all ``steps``; N: stop after N steps of the ``steps``-step schedule (validated at
+    # the last step run, best model saved as usual)
+    stop_after: int | None = None
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -191,26 +205,6 @@ def make_optimizer(model: StableModel, cfg: TrainConfig):
     return opt, sched
 
 
-class _StopFlag:
-    """Set by SIGUSR1/SIGTERM; the loop checkpoints and stops at the end of the step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class RunState:
     step: int = 0
@@ -274,18 +268,45 @@ def _check_finite(
         not (math.isfinite(n) and n <= cfg.max_norm) for n in norms
     )
     if bad:
-        last = "none"
-        if ckpt.exists():
-            try:
-                last = f"{ckpt} (step {read_checkpoint(ckpt)['run']['step']})"
-            except (CheckpointError, KeyError, TypeError):
-                last = f"{ckpt} (unreadable)"
         largest = f"{max(norms):.4g}" if norms else "n/a"
         raise DivergenceError(
             f"training diverged at step {step}: loss={'not computed' if loss is None else loss}, "
             f"largest norm estimate={largest} "
-            f"(limit {cfg.max_norm}); last good checkpoint: {last}"
+            f"(limit {cfg.max_norm}); last good checkpoint: {_last_good(ckpt)}"
         )
+
+
+def _check_substeps(step: int, model: StableModel, cfg: TrainConfig, ckpt: Path) -> None:
+    """Stop before a forward pass of more than ``max_substeps`` sub-steps in total.
+
+    Called after ``_check_finite``, with the counts the forward pass will use (each block's
+    ``substeps`` at its current norm, as ``schedule`` computes them), all on the host: no device
+    synchronisation, and nothing a CUDA graph has to capture. A norm below ``max_norm`` can
+    still ask for 10,000x the initial count; without this check the activations of those
+    sub-steps exhaust the memory and the job dies in the allocator."""
+    blocks = list(model.constrained_blocks())
+    norms = [b.current_norm() for b in blocks]
+    counts = [b.substeps(n) for b, n in zip(blocks, norms, strict=True)]
+    if sum(counts) <= cfg.max_substeps:
+        return
+    worst = max(range(len(blocks)), key=counts.__getitem__)
+    name = next(n for n, m in model.named_modules() if m is blocks[worst])
+    raise SubstepLimitError(
+        f"training stopped at step {step}: the forward pass would take {sum(counts)} sub-steps, "
+        f"above train.max_substeps={cfg.max_substeps} (their activations would not fit in "
+        f"memory); block {name} needs {counts[worst]} at norm estimate {norms[worst]:.4g}; "
+        f"last good checkpoint: {_last_good(ckpt)}"
+    )
+
+
+def _last_good(ckpt: Path) -> str:
+    """``ckpt`` and its step, for an error that stops the run (``none`` before the first)."""
+    if not ckpt.exists():
+        return "none"
+    try:
+        return f"{ckpt} (step {read_checkpoint(ckpt)['run']['step']})"
+    except (CheckpointError, KeyError, TypeError):
+        return f"{ckpt} (unreadable)"
 
 
 def _row(step, loss, metric, lr, model: StableModel, images_per_s: float) -> dict:
@@ -322,13 +343,19 @@ def train(
     opt, sched = make_optimizer(model, cfg)
     state = _resume(ckpt_path, config_hash, model, opt, sched, log)
     graphs = step_graphs(model, task, cfg, device, log)
-    with _StopFlag() as stop:
-        while state.step < cfg.steps:
+    end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
+    if end < cfg.steps:
+        log(f"stopping after {end} steps of the {cfg.steps}-step schedule (stop_after)")
+    progress = _Progress(end, state.step, device)
+    with StopFlag() as stop:
+        while state.step < end:
             t0 = time.perf_counter()
             _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, graphs)
             state.elapsed += time.perf_counter() - t0
             state.step += 1
-            if state.step % cfg.val_every == 0 or state.step == cfg.steps:
+            if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
+                log(progress.line(state))
+            if state.step % cfg.val_every == 0 or state.step == end:
                 _validate(model, task, state, log)
             if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
                 _save(ckpt_path, config_hash, model, opt, sched, state)
@@ -341,6 +368,36 @@ def train(
         log(graphs.summary())
     model.load_state_dict(state.best_state)
     return model.eval(), state
+
+
+class _Progress:
+    """The progress line of a logged step: its row (step, loss, lr, total sub-steps), the wall
+    time per step since the previous line (validation and checkpoints included), the peak
+    memory so far and the time left at that pace."""
+
+    def __init__(self, steps: int, step: int, device: torch.device) -> None:
+        self.steps, self.step, self.device = steps, step, device
+        self.time = time.perf_counter()
+
+    def line(self, state: RunState) -> str:
+        now = time.perf_counter()
+        per_step = (now - self.time) / max(state.step - self.step, 1)
+        self.time, self.step = now, state.step
+        row = state.rows[-1]
+        return (
+            f"step {row['step']}/{self.steps} loss {row['loss']:.4f} lr {row['lr']:.3g} "
+            f"substeps {row['substeps']} ms/step {1000 * per_step:.1f} "
+            f"peak_mem {peak_memory_mb(self.device):.0f}MiB "
+            f"eta {_duration(per_step * (self.steps - state.step))}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _budgeted(
@@ -450,7 +507,7 @@ def _train_step(
     model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path, graphs=None
 ) -> None:
     """One step: batch, power iteration, forward/backward (eager or replayed from ``graphs``),
-    SGD + schedule, divergence checks, a log row every ``log_every`` steps."""
+    SGD + schedule, divergence and sub-step checks, a log row every ``log_every`` steps."""
     model.train()
     finish_norm_update = start_norm_update(model, cfg.power_iters, graphs)
     g = step_generator(cfg.seed, state.step, device)
@@ -459,6 +516,7 @@ def _train_step(
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()
     _check_finite(state.step, None, model, cfg, ckpt_path)
+    _check_substeps(state.step, model, cfg, ckpt_path)
     t0 = time.perf_counter()
     if graphs is None:
         out, loss = _forward_loss(model, task, cfg, device, inputs, targets, capturing=False)

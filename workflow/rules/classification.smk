@@ -41,6 +41,7 @@ rule evaluate_classifier:
         **JOBS.resources("evaluate"),
     params:
         spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
+        workdir=lambda w: R(f"checkpoints/eval/classification/{w.variant}/seed{w.seed}"),
     shell:
         "python -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
-        " --data {input.data} --out {output} > {log} 2>&1"
+        " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"

@@ -1,0 +1,154 @@
+"""Evaluation benchmark: the radius sweep against the per-radius evaluation, side by side.
+
+``python -m stablenets.evalbench --model M --data D --spec S`` evaluates one trained classifier
+twice on the same test points with the same attacks and seeds:
+
+* **per radius** (the evaluation before issue 19): at every radius, the cheap attack (PGD) on
+  every correctly classified point, the strong attack on every correctly classified point where
+  it runs (``on_grid``: every radius), a point robust when neither breaks it;
+* **sweep** (``robustness.sweep`` then ``robustness.bisect``, what the pipeline runs): each point
+  attacked only where it can change a number.
+
+It prints both robust-accuracy curves, their largest difference (the sweep must never be more
+than one percentage point above: it is at least as strong) and both times, measured in one run,
+and writes them to a CSV. ``--time-points K`` also times each attack per point on ``K`` points
+(the seconds per point per attack that ``bench --project`` turns into evaluation hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import data, robustness
+from .models import load_model
+
+__all__ = ["per_radius", "compare", "seconds_per_point", "main"]
+
+
+def per_radius(
+    model: nn.Module, x: Tensor, y: Tensor, plan: robustness.SweepPlan, cert_radius: Tensor
+) -> dict[str, np.ndarray]:
+    """Certified, PGD and empirical accuracy at every radius of ``plan``, attacking every
+    correctly classified point at every radius (strong attack at ``strong_radii`` and
+    ``bisect_radii``, both attacks with ``plan.seed``)."""
+    strong_at = plan.strong_radii | frozenset(np.round(plan.bisect_radii, 12))
+    _, correct = robustness.margins(model, x, y, plan.batch_size)
+    out: dict[str, list[float]] = {"certified": [], "pgd": [], "empirical": []}
+    for e in (float(r) for r in plan.radii):
+        pgd = correct.clone()
+        strong = correct.clone()
+        if e > 0:
+            pgd &= _robust(model, x, y, plan.pgd, e, plan)
+            if plan.strong is not None and round(e, 12) in strong_at:
+                strong &= _robust(model, x, y, plan.strong, e, plan)
+        out["certified"].append(float((correct & (cert_radius > e)).double().mean()))
+        out["pgd"].append(float(pgd.double().mean()))
+        out["empirical"].append(float((pgd & strong).double().mean()))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _robust(model, x, y, attack, e: float, plan: robustness.SweepPlan) -> Tensor:
+    device = robustness.model_device(model)
+    flags = []
+    with robustness.eval_mode(model):
+        for s in range(0, len(x), plan.batch_size):
+            xb, yb = x[s : s + plan.batch_size].to(device), y[s : s + plan.batch_size].to(device)
+            x_adv = attack(model, xb, yb.long(), e, seed=plan.seed)
+            with torch.no_grad():
+                flags.append((model(x_adv).argmax(1) == yb).cpu())
+    return torch.cat(flags)
+
+
+def compare(
+    model: nn.Module, x: Tensor, y: Tensor, plan: robustness.SweepPlan, lipschitz: float
+) -> tuple[list[dict], dict[str, float]]:
+    """Rows per radius (both curves) and the two times, measured in one run."""
+    margin, correct = robustness.margins(model, x, y, plan.batch_size)
+    cert = robustness.certified_radius(margin, correct, lipschitz)
+    t0 = time.perf_counter()
+    old = per_radius(model, x, y, plan, cert)
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = robustness.SweepState.start(correct, cert, plan.seed)
+    state = robustness.sweep(model, x, y, plan, state, log=lambda line: None)
+    state = robustness.bisect(model, x, y, plan, state, log=lambda line: None)
+    t_new = time.perf_counter() - t0
+    new = state.accuracies(plan.radii)
+    rows = [
+        {"eps": float(e), "certified": old["certified"][i], "per_radius": old["empirical"][i],
+         "sweep": new["empirical"][i], "per_radius_pgd": old["pgd"][i], "sweep_pgd": new["pgd"][i]}
+        for i, e in enumerate(plan.radii)
+    ]  # fmt: skip
+    excess = max(r["sweep"] - r["per_radius"] for r in rows)
+    return rows, {"per_radius_s": t_old, "sweep_s": t_new, "speedup": t_old / t_new,
+                  "max_excess_pp": 100 * excess}  # fmt: skip
+
+
+def seconds_per_point(
+    model: nn.Module, x: Tensor, y: Tensor, plan: robustness.SweepPlan, eps: float
+) -> dict[str, float]:
+    """Seconds per point of each attack at radius ``eps`` on all of ``x`` (one batch each)."""
+    device = robustness.model_device(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    for name, attack in (("pgd", plan.pgd), ("strong", plan.strong)):
+        if attack is None:
+            continue
+        with robustness.eval_mode(model):
+            xb, yb = x.to(device), y.to(device).long()
+            sync()
+            t0 = time.perf_counter()
+            attack(model, xb, yb, eps, seed=plan.seed)
+            sync()
+        out[name] = (time.perf_counter() - t0) / len(x)
+    return out
+
+
+def _plan(ev: dict, seed: int, grid_search: str | None) -> robustness.SweepPlan:
+    if grid_search is not None:
+        ev = {**ev, "strong": {**ev["strong"], "grid_search": grid_search}}
+    return robustness.SweepPlan.from_config(ev, seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m stablenets.evalbench", description=__doc__)
+    p.add_argument("--model", type=Path, required=True, help="a trained classifier (model.pt)")
+    p.add_argument("--data", type=Path, required=True, help="the CIFAR-10 HDF5 file")
+    p.add_argument("--spec", type=Path, required=True, help="the evaluation job's JSON spec")
+    p.add_argument("--override", default="{}", help="JSON merged into spec['evaluate']")
+    p.add_argument("--grid-search", choices=["bisect", "sweep"], default=None)
+    p.add_argument("--time-points", type=int, default=0, help="also time each attack per point")
+    p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
+    args = p.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    ev = {**spec["evaluate"], **json.loads(args.override)}
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    model = load_model(args.model, map_location="cpu").eval()
+    x, y = data.read_split(args.data, "test")
+    x, y = (x[: ev["n_test"]], y[: ev["n_test"]]) if ev.get("n_test") else (x, y)
+    plan = _plan(ev, int(spec["seed"]), args.grid_search)
+    rows, times = compare(model, x, y, plan, model.lipschitz_bound())
+    for r in rows:
+        print("  ".join(f"{k} {v:.4f}" for k, v in r.items()))
+    print("  ".join(f"{k} {v:.3f}" for k, v in times.items()))
+    if args.time_points:
+        k = args.time_points
+        print(seconds_per_point(model, x[:k], y[:k], plan, float(ev["standard_eps"][0])))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[*rows[0], *times])
+            writer.writeheader()
+            writer.writerows({**r, **times} for r in rows)
+
+
+if __name__ == "__main__":
+    main()

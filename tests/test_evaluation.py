@@ -1,0 +1,139 @@
+"""The classifier evaluation job (``python -m stablenets evaluate-classifier``): it says what it
+is doing, and a job killed half-way resumes to the numbers of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from snakemake.utils import update_config
+
+from stablenets import data, experiments
+from stablenets.config import validate_config
+from stablenets.workflow import Jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANT = "cpl_XS"
+# A stronger-than-smoke evaluation that takes a few seconds: the strong attack at every radius.
+EVALUATE = {
+    "n_test": 120,
+    "eps": {"num": 8, "stop": 4.0},  # the synthetic classes lie far apart
+    "standard_eps": [1.0, 4.0],
+    "save_every_s": 1.0e-3,
+    "strong": {"on_grid": True, "grid_search": "sweep"},
+}
+
+
+def smoke_jobs() -> Jobs:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((ROOT / "config/smoke.yaml").read_text()))
+    update_config(config, {"classification": {"train": {"steps": 60}, "evaluate": EVALUATE}})
+    return Jobs(validate_config(config, ROOT / "workflow/schemas/config.schema.yaml"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[dict, Path, Path]:
+    """A briefly trained smoke classifier, its test data and its evaluation spec."""
+    out = tmp_path_factory.mktemp("evaluation")
+    jobs = smoke_jobs()
+    dataset = out / "cifar10.h5"
+    data.make_synthetic_classification(dataset, 600, 60, 120, 10, 32, 0.05, 0)
+    spec = json.loads(jobs.train_spec("classification", VARIANT, 0))
+    model = out / "model.pt"
+    experiments.train_model(spec, dataset, model, out / "log.csv", out / "work", log=lambda s: None)
+    return json.loads(jobs.eval_spec("classification", VARIANT, 0)), model, dataset
+
+
+def command(trained, out: Path) -> list[str]:
+    spec, model, dataset = trained
+    return [
+        sys.executable, "-m", "stablenets", "evaluate-classifier", "--spec", json.dumps(spec),
+        "--model", str(model), "--data", str(dataset), "--out", str(out / "eval.h5"),
+        "--workdir", str(out / "work"),
+    ]  # fmt: skip
+
+
+def run(trained, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command(trained, out), capture_output=True, text=True, timeout=600)
+
+
+def numbers(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset and attribute of a result file except the machine-measured ones."""
+    with h5py.File(path) as fh:
+        found = {k: fh[k][()] for k in fh}
+        found.update({f"attr {k}": v for k, v in fh.attrs.items() if not k.startswith("seconds")})
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = run(trained, out)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def wait_for_progress(proc: subprocess.Popen, path: Path, radius_index: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if torch.load(path, weights_only=True)["state"]["radius_index"] >= radius_index:
+                return
+        except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError("the evaluation saved no progress before it ended")
+
+
+def test_the_evaluation_log_has_a_line_per_radius_with_points_left_robust_elapsed_and_eta(
+    uninterrupted,
+):
+    _, done = uninterrupted
+    lines = [line for line in done.stdout.splitlines() if line.startswith("eps ")]
+    assert len(lines) == EVALUATE["eps"]["num"] + 1, done.stdout  # the grid and 1.0
+    for line in lines:
+        for needle in ("points left to attack", "robust", "elapsed", "ETA"):
+            assert needle in line, line
+    with h5py.File(uninterrupted[0] / "eval.h5") as fh:
+        assert fh.attrs["seconds_per_point_strong"] > 0
+        assert (fh["standard_empirical"][()] < fh.attrs["clean_accuracy"]).any()  # attacks bite
+
+
+def test_an_evaluation_killed_half_way_resumes_to_the_numbers_of_an_uninterrupted_run(
+    trained, uninterrupted, tmp_path
+):
+    proc = subprocess.Popen(command(trained, tmp_path), stdout=subprocess.PIPE, text=True)
+    wait_for_progress(proc, tmp_path / "work" / "progress.pt", 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "eval.h5").exists()
+    resumed = run(trained, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    expected, got = numbers(uninterrupted[0] / "eval.h5"), numbers(tmp_path / "eval.h5")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        if key not in ("attr git_commit",):
+            differ = np.nonzero(np.atleast_1d(expected[key] != got[key]))
+            assert np.array_equal(expected[key], got[key]), (key, differ, expected[key][differ],
+                                                             got[key][differ], resumed.stdout)
+
+
+def test_sigterm_saves_the_evaluation_progress_and_exits_75(trained, tmp_path):
+    proc = subprocess.Popen(
+        command(trained, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_progress(proc, tmp_path / "work" / "progress.pt", 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "progress" in err and "rerun to resume" in err and "Traceback" not in err
