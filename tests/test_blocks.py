@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from stablenets.activations import build_activation
-from stablenets.blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock, compose_averaged
 from stablenets.integrators import get_integrator
+from stablenets.models import MODELS, build_model
 from stablenets.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
@@ -40,6 +41,19 @@ def _scale(block: NonexpansiveBlock, factor: float) -> None:
         block.operator.weight.mul_(factor)
 
 
+def _design_norm(block: NonexpansiveBlock) -> float:
+    """``sigma_0`` of the block's integration time, ``T = 2 r theta / (L sigma_0^2)``."""
+    r, lip = block.tableau.step_radius, block.activation.lipschitz
+    return math.sqrt(2 * r * block.theta / (lip * float(block.time)))
+
+
+def _to_design_norm(block: NonexpansiveBlock) -> None:
+    """Scale the weight so that the certified norm is ``sigma_0`` (to 1e-13, below: a bound
+    recomputed for the scaled weight may differ from the scaled bound in its last bits): one
+    sub-step at the step limit ``h nu = r theta``."""
+    _scale(block, _design_norm(block) / block.operator.norm_bound() * (1 - 1e-13))
+
+
 def test_block_rejects_bad_arguments():
     op = DenseOperator(4, 3)
     act = build_activation("relu")
@@ -61,9 +75,12 @@ def test_default_time_gives_one_substep_and_the_step_rule(integrator, theta):
         (_conv_block(integrator, theta), torch.zeros(2, 3, 6, 5, dtype=torch.float64)),
     ):
         r = block.tableau.step_radius
-        norm0 = block.operator.norm_bound(getattr(block.operator, "power_size", None))
+        estimate = float(block.operator.sigma_estimate)  # the warm start's, as built
+        norm0 = estimate * (1 + TIME_HEADROOM)
         expected_time = 2 * r * theta / (block.activation.lipschitz * norm0**2)
         assert float(block.time) == pytest.approx(expected_time, rel=1e-15)
+        # The headroom covers the certified bound: one sub-step in eval() too.
+        assert estimate <= block.operator.norm_bound() <= norm0
         block.eval()(x)
         assert block.last_substeps == 1
         # The rule: h nu <= r theta with nu = L norm^2 / 2, and n ~ (norm / norm0)^2.
@@ -73,6 +90,28 @@ def test_default_time_gives_one_substep_and_the_step_rule(integrator, theta):
             n = block.substeps(norm)
             assert (time / n) * (ell * norm**2) / 2 <= limit
             assert n == max(1, math.ceil(factor**2))
+
+
+def test_construction_computes_no_certified_bound(monkeypatch):
+    """The default integration time comes from the warm-started estimate: building any model
+    computes no certificate (only ``lipschitz_bound``, ``norm_bound`` and ``eval()`` do)."""
+
+    def refuse(self, input_size=None):
+        raise AssertionError(f"certified norm of a {type(self).__name__} at construction")
+
+    monkeypatch.setattr(Conv2dOperator, "_certified_norm", refuse)
+    monkeypatch.setattr(DenseOperator, "_certified_norm", refuse)
+    small = {
+        "classifier": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 8},
+        "nonexpansive_denoiser": {"width": 4, "depth": 2, "input_size": (12, 10)},
+        "dncnn": {"width": 4, "depth": 3, "input_size": (12, 10)},
+    }
+    for name in MODELS:
+        model = build_model(name, **small.get(name, small["classifier"]))
+        with pytest.raises(AssertionError, match="certified norm"):
+            model.lipschitz_bound()
+    for block in ("nonexpansive", "cpl", "sll", "aol"):
+        build_model("nonexpansive_denoiser", block=block, **small["nonexpansive_denoiser"])
 
 
 def test_substeps_is_the_smallest_feasible_count():
@@ -211,6 +250,10 @@ def test_compose_averaged_holds_for_linear_averaged_maps():
 
 def test_averagedness_of_euler_blocks():
     block = _conv_block("euler", theta=0.5)
+    ratio = block.operator.norm_bound() / _design_norm(block)
+    assert block.averagedness() == pytest.approx(0.5 * ratio**2, rel=1e-12)
+    assert block.averagedness() < 0.5  # the default time leaves headroom
+    _to_design_norm(block)
     assert block.averagedness() == pytest.approx(0.5, rel=1e-12)
     _scale(block, 1.9)  # four sub-steps of (0.5 * 1.9^2 / 4)-averaged maps
     a = a_step = 0.5 * 1.9**2 / 4
@@ -219,7 +262,9 @@ def test_averagedness_of_euler_blocks():
     assert block.substeps(block.operator.norm_bound()) == 4
     assert block.averagedness() == pytest.approx(a, rel=1e-12)
     assert _conv_block("heun", theta=0.5).averagedness() is None
-    assert _conv_block("euler", theta=0.9).averagedness() == pytest.approx(0.9, rel=1e-12)
+    block = _conv_block("euler", theta=0.9)
+    _to_design_norm(block)
+    assert block.averagedness() == pytest.approx(0.9, rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +355,7 @@ def test_averagedness_is_tight_for_one_euler_step_in_the_linear_region():
     """ReLU with a large bias: the block is ``x - h A^T (A x + b)``, and along the top singular
     vector of ``A`` the inequality holds with equality at ``alpha = h L ||A||^2 / 2``."""
     block = _dense_block("euler", 0.5, "relu", 8, 6).eval()
+    _to_design_norm(block)
     with torch.no_grad():
         block.operator.bias.fill_(50.0)
     alpha = block.averagedness()
@@ -344,7 +390,8 @@ def test_adversary_detects_a_block_that_breaks_the_step_rule(kind):
 @pytest.mark.parametrize("integrator", ["rk4", "midpoint"])
 def test_zero_radius_block_is_audited_against_its_stagewise_bound(integrator):
     block = _dense_block(integrator, 1.0, "relu", 8, 6).eval()
-    _scale(block, 3.0)
+    _to_design_norm(block)
+    _scale(block, 3.0)  # nine sub-steps at the step limit
     bound = block.lipschitz_bound()
     ratio = adversary(block, (8,), steps=150)
     print(f"dense {integrator}: max ratio {ratio:.9f}, stage-wise bound {bound:.3g}")

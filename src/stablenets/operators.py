@@ -6,15 +6,34 @@ Every operator ``A`` offers ``forward`` (``A x + b``), ``apply`` (bias-free ``A 
 * ``power_iteration(n)``: a warm-started power iteration on ``A^T A`` whose vector ``u`` is a
   persistent buffer (saved in ``state_dict``, moved by ``.to()``). Cheap enough for every training
   step, but a *lower* bound of ``||A||_2``: it drives step sizes in training, never a certificate.
+  ``warm_start(n)`` starts it well (for a convolution: from the plane wave at the symbol's peak).
 * ``norm_bound(input_size)``: a *certified upper* bound of ``||A||_2`` for inputs of the given
-  spatial size, recomputed whenever the weight changes (keyed on a hash of the weight's content,
-  so ``load_state_dict``, in-place edits and ``.data`` assignments are all seen).
+  spatial size, computed only when asked and recomputed whenever the weight changes (keyed on a
+  hash of the weight's content, so ``load_state_dict``, in-place edits and ``.data`` assignments
+  are all seen).
 
-For a 2-D convolution the bound is the exact norm of the circular convolution on the grid enlarged
-by the kernel's reach, ``N = n + d (k - 1)`` per axis: the zero-padded convolution of an ``n``-sized
-input is a row selection of the full linear convolution, which is a compression of that circular
-one, so ``||A|| <= max_w sigma_max(K_hat(w))`` over the ``N``-point DFT frequencies ``w``. A stride
-is a further row selection and only lowers the norm.
+**Convolutions.** Extend the input by zeros to ``Z^2``: the zero-padded, strided convolution of an
+``n``-sized input is a compression ``R D_s C E`` (``E`` the isometric embedding, ``C`` the
+convolution on ``l2(Z^2)``, ``D_s`` the stride's row selection, ``R`` a row selection), so
+``||A|| <= ||D_s C||``. Splitting the input into its ``s1 s2`` polyphase components maps ``D_s C``
+unitarily to a stride-1 convolution with ``C_in s1 s2`` input channels, whose norm is the sup of
+its symbol over the torus, ``S = sup_w sigma_max(P(w))``, ``P(w) = sum_t Q_t exp(-i w.t)``
+(``conv_symbol_taps``). ``S`` does not depend on ``n``; ``torus_norm_bound`` certifies it from
+finitely many frequencies (see there), at a cost independent of the image size. Two other sound
+bounds tighten small grids; the certificate is the minimum of those computed:
+
+* the circulant bound: ``A`` is also a compression of the circular convolution on the grid
+  ``N = n + max(min(p, r), min(p', r))`` per axis (``r = d (k - 1)`` the kernel's reach, ``p`` and
+  ``p'`` the low and high padding actually read): out-of-range reads wrap onto the zeros of
+  ``[n, N)`` and the rows that read data stay distinct, so ``||A|| <= max_j sigma_max(K_hat(w_j))``
+  over the ``N``-point DFT frequencies (used while ``N1 (N2 / 2 + 1) <= CIRCULANT_MAX_FREQUENCIES``;
+  it never exceeds ``S``, so at stride 1 the torus bound is computed only where it is not);
+* the dense bound (at most ``DENSE_CERTIFICATE_MAX_DIM`` inputs): ``||A|| <= s`` when the float64
+  Cholesky factorisation of ``s^2 I - A^T A`` exists, ``s`` a Lanczos estimate inflated by
+  ``_DENSE_MARGINS`` in turn; exact to 1e-5 where boundary effects make the others loose
+  (8x8 grids: 2-3 %).
+
+Every certified norm is inflated by ``CERTIFICATE_SLACK`` for float64 rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +41,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,20 +53,41 @@ __all__ = [
     "DenseOperator",
     "Conv2dOperator",
     "CERTIFICATE_SLACK",
+    "conv_symbol_taps",
+    "torus_norm_bound",
     "power_iteration_all",
 ]
 
-# Relative inflation of every certified norm, covering the float64 eigen-solver's rounding.
+# Relative inflation of every certified norm, covering the float64 rounding of the certificates.
 CERTIFICATE_SLACK = 1e-9
-# Frequency-chunk size (complex entries) of the convolution certificate; bounds its memory.
+# Complex entries per chunk of symbol evaluations; bounds their memory.
 _CHUNK_ELEMENTS = 1 << 22
-# Operators with at most this many inputs also get the dense (Cholesky) certificate, which is
-# tight where the circulant bound is loose (small grids: 8x8 at 64 channels is 2-3% loose). Its
-# cost grows as the cube of the input count: at 4096 inputs building the paper's classifier took
-# 51 s instead of 0.5 s on one CPU thread for the same whole-network bound, hence the cut-off.
-DENSE_CERTIFICATE_MAX_DIM = 1024
-_DENSE_POWER_ITERS = 300
-_DENSE_MARGINS = (1e-4, 1e-3, 1e-2)
+# The torus refinement stops once its bound is within this relative gap of the largest sampled
+# norm (so of the sup itself), or when the next level would pass _TORUS_MAX_EVALUATIONS
+# frequencies (the bound is sound at every level, only looser).
+TORUS_TOLERANCE = 1e-4
+_TORUS_MAX_EVALUATIONS = 20_000
+_TORUS_MAX_LEVELS = 12
+# Frequencies per axis (of positive degree) of the coarsest torus grid: at least 8 per degree.
+_TORUS_GRID = 16
+# The circulant bound is computed while its half-spectrum has at most this many frequencies
+# (grids up to about 32x32), where boundary effects make it tighter than the torus bound.
+CIRCULANT_MAX_FREQUENCIES = 1024
+# Operators with at most this many inputs also get the dense (Cholesky) certificate: on the
+# classifier's 8x8 stage at 64 channels (4096 inputs) the other bounds are 2-3 % loose and it is
+# exact to 1e-5, for about 1-2 s (the Gram matrix is assembled from patches, one factorisation).
+# Its cost grows as the cube of the input count, hence the cut-off.
+DENSE_CERTIFICATE_MAX_DIM = 4096
+_DENSE_LANCZOS_STEPS = 80
+_DENSE_MARGINS = (1e-5, 1e-4, 1e-3, 1e-2)
+# warm_start iterates on at most this many pixels per axis: the top-left window of the power
+# grid, whose Rayleigh quotients bound the whole grid's norm from below (a compression).
+WARM_GRID = 64
+# Peak search for warm starts: coarse grid per axis, then greedy 3x3 refinements of its best
+# points.
+_PEAK_GRID = 16
+_PEAK_STARTS = 4
+_PEAK_REFINEMENTS = 5
 
 
 def host_copy(owner: nn.Module, slot: str, buf: torch.Tensor) -> float | None:
@@ -76,6 +117,245 @@ def _round_down(estimate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# The symbol of a convolution on the torus
+
+
+def conv_symbol_taps(
+    weight: torch.Tensor, stride: tuple[int, int], dilation: tuple[int, int]
+) -> torch.Tensor:
+    """Taps ``Q`` (float64, ``(C_out, C_in s1 s2, L1, L2)``) of a stride-1 convolution on
+    ``l2(Z^2)`` with the same norm as the convolution of ``weight`` (stride, dilation) there.
+
+    Per axis: with stride 1 the undilated taps (the dilated symbol is ``P(d w)``: the same values
+    over the torus); with stride ``s > 1`` the dilated taps split into ``s`` polyphase components,
+    ``y[i] = sum_j E[j] x[i s + j - p] = sum_{q, r} E[q s + r] x_r[i + q]`` with
+    ``x_r[m] = x[m s + r - p]`` (a unitary re-indexing of the input), so input channel ``(c, r)``
+    holds the taps ``E[q s + r]``. All-zero border rows and columns of taps are dropped (a shift
+    multiplies the symbol by a unimodular scalar), so a Dirac kernel has one tap.
+    """
+    w = weight.detach().to(torch.float64)
+    for axis in range(2):
+        s, d = stride[axis], dilation[axis]
+        if s == 1:
+            continue
+        dim = 2 + axis
+        k = w.shape[dim]
+        if d > 1:
+            shape = list(w.shape)
+            shape[dim] = d * (k - 1) + 1
+            spread = w.new_zeros(shape)
+            w = spread.index_copy_(dim, torch.arange(0, shape[dim], d, device=w.device), w)
+        length = -(-w.shape[dim] // s)
+        pad = [0, 0, 0, 0]
+        pad[3 - 2 * axis] = length * s - w.shape[dim]
+        w = F.pad(w, pad)
+        o, i, h, v = w.shape
+        if axis == 0:
+            w = w.reshape(o, i, length, s, v).permute(0, 1, 3, 2, 4).reshape(o, i * s, length, v)
+        else:
+            w = w.reshape(o, i, h, length, s).permute(0, 1, 4, 2, 3).reshape(o, i * s, h, length)
+    for dim in (2, 3):
+        alive = (w.abs().amax(dim=tuple(x for x in range(4) if x != dim)) > 0).nonzero()
+        if len(alive) == 0:
+            return w[:, :, :1, :1] * 0
+        w = w.narrow(dim, int(alive[0]), int(alive[-1] - alive[0]) + 1)
+    return w
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run batched LAPACK calls on many small matrices with one CPU thread. With two, MKL's
+    threads wait on each other inside every small call: on a shared 2-core machine, 1152 eigen-
+    solves of 64x64 matrices took 4 to 50 s instead of 0.3 s."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _symbol(taps: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``P(w) = sum_{a, b} Q[:, :, a, b] exp(-i (w1 a + w2 b))`` at the points ``(w1, w2)``:
+    ``(F, C_out, C_in)`` complex128."""
+    a1, a2 = (torch.arange(n, dtype=torch.float64, device=taps.device) for n in taps.shape[-2:])
+    e1, e2 = torch.exp(-1j * torch.outer(w1, a1)), torch.exp(-1j * torch.outer(w2, a2))
+    return torch.einsum("fa,fb,oiab->foi", e1, e2, taps.to(torch.complex128))
+
+
+def _symbol_top(taps: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``lambda(w) = sigma_max(P(w))^2`` at the points ``(w1, w2)`` (float64 eigen-solver on the
+    smaller Gram matrix), evaluated in chunks that bound the memory."""
+    c_out, c_in = taps.shape[:2]
+    rows = max(1, _CHUNK_ELEMENTS // (c_out * c_in))
+    out = []
+    for start in range(0, len(w1), rows):
+        sym = _symbol(taps, w1[start : start + rows], w2[start : start + rows])
+        gram = sym.mH @ sym if c_out >= c_in else sym @ sym.mH
+        with _one_thread(gram.device):
+            out.append(torch.linalg.eigvalsh(gram)[:, -1])
+    return torch.cat(out)
+
+
+def _lag_norms(taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``||G_s||_2`` for the lags ``s`` of ``H(w) = sum_s G_s exp(-i w.s)`` (``H = P^H P`` or
+    ``P P^H``, the smaller), with ``|s1|`` and ``|s2|`` as broadcastable columns and rows."""
+    c_out, c_in, l1, l2 = taps.shape
+    side = taps.transpose(0, 1) if c_out >= c_in else taps
+    lags = F.conv2d(side, side, padding=(l1 - 1, l2 - 1))  # lags[j, i, s] = G_s[i, j]
+    with _one_thread(lags.device):
+        norms = torch.linalg.matrix_norm(lags.permute(2, 3, 0, 1), ord=2)
+    s1 = (torch.arange(2 * l1 - 1, device=taps.device) - (l1 - 1)).abs().double()
+    s2 = (torch.arange(2 * l2 - 1, device=taps.device) - (l2 - 1)).abs().double()
+    return norms, s1[:, None], s2[None, :]
+
+
+def _half_torus_grid(
+    counts: list[int], degrees: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Centres ``2 pi j / M`` of a ``counts`` grid (one point on an axis of degree 0), keeping
+    ``j <= M / 2`` on the last axis of positive degree: ``lambda(-w) = lambda(w)`` for a real
+    kernel, and these cells (half-widths ``pi / M``) cover a half of the torus that meets every
+    orbit ``{w, -w}``."""
+    axes = [torch.arange(c, dtype=torch.float64, device=device) * (2 * math.pi / c) for c in counts]
+    half = 1 if degrees[1] else 0
+    axes[half] = axes[half][: counts[half] // 2 + 1]
+    g1, g2 = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([g1.reshape(-1), g2.reshape(-1)], dim=1)
+
+
+@torch.no_grad()
+def torus_norm_bound(taps: torch.Tensor) -> tuple[float, tuple[float, float]]:
+    """Certified ``S >= sup_w sigma_max(P(w))`` over the torus, and the frequency of the largest
+    value sampled. ``taps`` as from ``conv_symbol_taps``; the cost does not depend on any grid.
+
+    ``lambda = sigma_max^2`` is the top eigenvalue of the Hermitian trigonometric polynomial
+    ``H(w) = sum_s G_s exp(-i w.s)``, ``|s_i| <= m_i = L_i - 1``, with ``0 <= H <= S^2 I``. Take
+    a maximiser ``w*``, ``v`` its top eigenvector, and ``p(w) = v^H H(w) v``: ``p <= lambda <= S^2``
+    everywhere and ``p(w*) = S^2``, so ``grad p(w*) = 0``. For a sample point ``c`` with
+    ``|c_i - w*_i| <= h_i``, ``g(t) = p(w* + t (c - w*)) - S^2 / 2`` is a sum of exponentials of
+    frequencies ``|s.(c - w*)| <= tau = m1 h1 + m2 h2``, bounded by ``S^2 / 2``; Bernstein's
+    inequality for such functions (bounded entire functions of exponential type ``tau``:
+    ``sup |g'| <= tau sup |g|``; Boas, *Entire Functions*, 1954, Thm 11.1.2), applied twice,
+    gives ``|g''| <= tau^2 S^2 / 2``; term by term, ``|g''| <= D2 = sum_s (|s1| h1 + |s2| h2)^2
+    ||G_s||``. With ``g'(0) = 0``, Taylor gives ``lambda(c) >= p(c) >= S^2 - min(tau^2 S^2 / 2,
+    D2) / 2``, i.e. ``S^2 <= min(lambda(c) / (1 - tau^2 / 4), lambda(c) + D2 / 2)`` for the cell
+    of half-widths ``h`` around ``c`` that holds ``w*``. A cell cannot hold a maximiser when
+    ``lambda(c) + min(tau U / 2, D1) < max sampled lambda`` (Weyl's inequality with the first
+    derivative bounded the same ways: ``||H(w) - H(c)|| <= tau S^2 / 2`` and
+    ``<= D1 = sum_s (|s1| h1 + |s2| h2) ||G_s||``; ``U >= S^2`` the bound so far).
+
+    Branch and bound: a coarse grid (``_TORUS_GRID`` or ``8 m_i`` points per axis, half of the
+    torus by symmetry), then every cell that may hold a maximiser and whose bound is above the
+    largest sample by more than ``TORUS_TOLERANCE`` is split 3x3 (its centre is reused); each
+    level divides ``tau`` by 3 and the bound's excess by 9. The answer is the largest bound of a
+    cell that may hold a maximiser. Float64 throughout; rounding is covered by
+    ``CERTIFICATE_SLACK`` (the eigen-solver's error is ~1e-14 relative to ``S^2``).
+    """
+    degrees = (taps.shape[2] - 1, taps.shape[3] - 1)
+    if degrees == (0, 0):  # a constant symbol: its norm is exact
+        return float(torch.linalg.matrix_norm(taps[:, :, 0, 0], ord=2)), (0.0, 0.0)
+    norms, s1, s2 = _lag_norms(taps)
+    counts = [max(_TORUS_GRID, 8 * m) if m else 1 for m in degrees]
+    half_widths = [math.pi / c for c in counts]
+    centres = _half_torus_grid(counts, degrees, taps.device)
+    lam = _symbol_top(taps, centres[:, 0], centres[:, 1])
+    evaluations = len(lam)
+    best = int(lam.argmax())
+    low, peak = float(lam[best]), (float(centres[best, 0]), float(centres[best, 1]))
+    settled_top = 0.0
+    for level in range(_TORUS_MAX_LEVELS + 1):
+        tau = degrees[0] * half_widths[0] + degrees[1] * half_widths[1]
+        spread = s1 * half_widths[0] + s2 * half_widths[1]
+        first, second = float((spread * norms).sum()), float((spread.square() * norms).sum())
+        cell_top = lam + second / 2
+        if tau * tau < 4:
+            cell_top = torch.minimum(cell_top, lam / (1 - tau * tau / 4))
+        top = max(settled_top, float(cell_top.max()))
+        target = low * (1 + 2 * TORUS_TOLERANCE)
+        if top <= target or level == _TORUS_MAX_LEVELS:
+            break
+        may_hold = lam + min(tau * top / 2, first) >= low - 1e-12 * top
+        settled = may_hold & (cell_top <= target)
+        if bool(settled.any()):
+            settled_top = max(settled_top, float(cell_top[settled].max()))
+        refine = may_hold & ~settled
+        steps = [
+            torch.tensor([-2 * h / 3, 0.0, 2 * h / 3] if m else [0.0], dtype=torch.float64)
+            for h, m in zip(half_widths, degrees, strict=True)
+        ]
+        offsets = torch.cartesian_prod(*steps).reshape(-1, 2).to(taps.device)
+        centre = (offsets == 0).all(dim=1)
+        n_new = int(refine.sum()) * int((~centre).sum())
+        if n_new == 0:
+            top = settled_top
+            break
+        if evaluations + n_new > _TORUS_MAX_EVALUATIONS:
+            break
+        children = centres[refine][:, None, :] + offsets[None]  # (cells, 9 or 3, 2)
+        child_lam = lam[refine][:, None].repeat(1, len(offsets))
+        fresh = children[:, ~centre].reshape(-1, 2)
+        values = _symbol_top(taps, fresh[:, 0], fresh[:, 1])
+        child_lam[:, ~centre] = values.reshape(len(children), -1)
+        centres, lam = children.reshape(-1, 2), child_lam.reshape(-1)
+        evaluations += n_new
+        half_widths = [h / 3 if m else h for h, m in zip(half_widths, degrees, strict=True)]
+        if float(values.max()) > low:
+            best = int(values.argmax())
+            low, peak = float(values[best]), (float(fresh[best, 0]), float(fresh[best, 1]))
+    return math.sqrt(max(top, 0.0)), peak
+
+
+def _symbol_peak(taps: torch.Tensor) -> tuple[float, float]:
+    """A frequency where ``sigma_max(P(w))`` is (nearly) largest: the ``_PEAK_STARTS`` best
+    points of a coarse half-torus grid, each refined greedily 3x3 around itself. A search, not
+    a certificate."""
+    degrees = (taps.shape[2] - 1, taps.shape[3] - 1)
+    if degrees == (0, 0):
+        return 0.0, 0.0
+    counts = [_PEAK_GRID if m else 1 for m in degrees]
+    centres = _half_torus_grid(counts, degrees, taps.device)
+    lam = _symbol_top(taps, centres[:, 0], centres[:, 1])
+    keep = lam.topk(min(_PEAK_STARTS, len(lam))).indices
+    best, value = centres[keep], lam[keep]  # (starts, 2), (starts,)
+    widths = [2 * math.pi / c if m else 0.0 for c, m in zip(counts, degrees, strict=True)]
+    for _ in range(_PEAK_REFINEMENTS):
+        widths = [h / 3 for h in widths]
+        steps = [torch.tensor([-h, 0.0, h], dtype=torch.float64) for h in widths]
+        points = best[:, None, :] + torch.cartesian_prod(*steps).to(taps.device)[None]
+        lam = _symbol_top(taps, points[..., 0].reshape(-1), points[..., 1].reshape(-1))
+        top = lam.view(len(best), -1).max(dim=1)
+        best = points[torch.arange(len(best)), top.indices]
+        value = top.values
+    winner = int(value.argmax())
+    return float(best[winner, 0]), float(best[winner, 1])
+
+
+def _plane_wave(
+    taps: torch.Tensor, freq: tuple[float, float], dilation: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """``Re(v exp(-i w . m))`` under a sine window on the pixels ``x = d m`` of a ``size`` grid
+    (zero elsewhere), ``(1, C_in, *size)`` float64, ``v`` the top right singular vector of the
+    stride-1 symbol ``P(w)``: near the top singular vector of a large grid's convolution when ``w``
+    is the symbol's peak. A dilated convolution acts on the ``d1 d2`` sub-lattices separately (as
+    the undilated one); the one at the origin is the largest."""
+    w1, w2 = (torch.tensor([f], dtype=torch.float64, device=taps.device) for f in freq)
+    v = torch.linalg.svd(_symbol(taps, w1, w2)[0]).Vh[0].conj()
+    lead = v[int(v.abs().argmax())]
+    v = v * (lead.conj() / lead.abs())  # real where P(w) is real (w = 0 or pi)
+    waves = []
+    for f, d, n in zip(freq, dilation, size, strict=True):
+        x = torch.arange(n, device=taps.device)
+        m, count = (x // d).double(), -(-n // d)
+        window = torch.sin(math.pi * (m + 1) / (count + 1)) * (x % d == 0)
+        waves.append(torch.exp(-1j * f * m) * window)
+    return (v[:, None, None] * torch.outer(*waves)).real[None]
+
+
 class LinearOperator(nn.Module):
     """Base class: a learnable linear map with bias, adjoint and norm information."""
 
@@ -86,7 +366,7 @@ class LinearOperator(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._bound_cache: dict[tuple, float] = {}
+        self._bound_cache: dict[tuple, Any] = {}
 
     def _init_power_state(self, shape: tuple[int, ...], generator: torch.Generator | None) -> None:
         u = torch.randn(shape, generator=generator)
@@ -115,15 +395,29 @@ class LinearOperator(nn.Module):
         with autocast_off({self.weight.device.type}):
             return self._power_iteration(n_iters)
 
-    def _power_iteration(self, n_iters: int) -> torch.Tensor:
-        w = self.weight.detach()
-        u = self.u.to(w.dtype)
+    @torch.no_grad()
+    def warm_start(self, n_iters: int) -> torch.Tensor:
+        """Start the power iteration well and run ``n_iters`` iterations; returns the stored
+        estimate (a lower bound of ``||A||_2``). Here: ``power_iteration(n_iters)`` from ``u``."""
+        return self.power_iteration(n_iters)
+
+    def _iterate(self, w: torch.Tensor, u: torch.Tensor, n_iters: int) -> torch.Tensor:
         for _ in range(n_iters):
             v = self._apply_with(w, u)
             u = self._adjoint_with(w, v, u.shape)
             u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
+        return u
+
+    def _rayleigh(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``||A u|| / ||u||`` in float64: a lower bound of ``||A||_2``."""
+        ud = u.double()
+        return self._apply_with(w.double(), ud).norm() / ud.norm()
+
+    def _power_iteration(self, n_iters: int) -> torch.Tensor:
+        w = self.weight.detach()
+        u = self._iterate(w, self.u.to(w.dtype), n_iters)
         self.u.copy_(u)
-        estimate = self._apply_with(w.double(), u.double()).norm() / u.double().norm()
+        estimate = self._rayleigh(w, u)
         self.sigma_estimate.copy_(_round_down(estimate, self.sigma_estimate.dtype))
         return self.sigma_estimate
 
@@ -152,14 +446,23 @@ class LinearOperator(nn.Module):
         digest = hashlib.blake2b(w.cpu().contiguous().numpy().tobytes(), digest_size=16)
         return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
 
+    def _cached(self, what: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` cached under ``what`` until the weight's content changes (entries of
+        other weights are dropped on the first miss)."""
+        key = (self._stamp(), what)
+        cache = self._bound_cache
+        if key not in cache:
+            for stale in [k for k in cache if k[0] != key[0]]:
+                del cache[stale]
+            cache[key] = compute()
+        return cache[key]
+
     def norm_bound(self, input_size: tuple[int, int] | None = None) -> float:
         """Certified upper bound of ``||A||_2`` (cached until the weight changes)."""
-        key = (self._stamp(), input_size)
-        if key not in self._bound_cache:
-            self._bound_cache.clear()
-            exact = self._certified_norm(input_size)
-            self._bound_cache[key] = exact * (1.0 + CERTIFICATE_SLACK)
-        return self._bound_cache[key]
+        return self._cached(
+            ("norm", input_size),
+            lambda: self._certified_norm(input_size) * (1.0 + CERTIFICATE_SLACK),
+        )
 
     def _certified_norm(self, input_size: tuple[int, int] | None) -> float:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -290,67 +593,167 @@ class Conv2dOperator(LinearOperator):
         return self._adjoint_with(self.weight, y, size)
 
     @torch.no_grad()
-    def _certified_norm(self, input_size: tuple[int, int] | None) -> float:
-        """``max_w sigma_max(K_hat(w))`` over the DFT grid ``N = n + d (k - 1)``, in float64.
+    def warm_start(self, n_iters: int) -> torch.Tensor:
+        """Power iteration from the plane wave at the symbol's peak (``_plane_wave``; plus 1 % of
+        the random ``u``, so that no singular direction is missing), ``n_iters`` iterations on
+        the top-left ``WARM_GRID`` window of the power grid, the result embedded there (zeros
+        elsewhere). The window's operator is a compression of the whole grid's, so the stored
+        estimate (the window's Rayleigh quotient) stays a lower bound of ``||A||_2``. From a random
+        vector, 20 iterations leave a 64-channel 3x3 convolution 2.4 % below its norm; from the
+        plane wave, 0.02 % (64x64) to 0.3 % (8x8). Strided convolutions start from ``u``."""
+        if self.stride != (1, 1):
+            return self.power_iteration(n_iters)
+        with autocast_off({self.weight.device.type}):
+            taps = conv_symbol_taps(self._certificate_weight(), self.stride, self.dilation)
+            grid = tuple(self.u.shape[-2:])
+            window = tuple(
+                n if n <= WARM_GRID else max(WARM_GRID, d * (k - 1) + 1)
+                for n, d, k in zip(grid, self.dilation, self.kernel_size, strict=True)
+            )
+            start = _plane_wave(taps, _symbol_peak(taps), self.dilation, window)
+            noise = self.u[..., : window[0], : window[1]].double()
+            start = start / start.norm() + 0.01 * noise / noise.norm().clamp_min(1e-300)
+            w = self.weight.detach()
+            u = self._iterate(w, start.to(w.dtype), n_iters)
+            estimate = self._rayleigh(w, u)
+            full = torch.zeros_like(self.u)
+            full[..., : window[0], : window[1]] = u / u.norm()
+            self.u.copy_(full)
+            self.sigma_estimate.copy_(_round_down(estimate, self.sigma_estimate.dtype))
+        return self.sigma_estimate
 
-        ``K_hat(w) = sum_{a,b} W[:, :, a, b] exp(-i (w_1 d_1 a + w_2 d_2 b))`` is evaluated directly
-        from the taps in chunks of frequency rows (memory stays small for 321x481 images); a real
-        kernel has ``K_hat(-w) = conj(K_hat(w))``, so half of the second axis suffices.
-        """
-        n = _pair(input_size) if input_size is not None else self.input_size
-        w = self.weight.detach().to(torch.float64)
-        grid = [
-            ni + d * (k - 1) for ni, d, k in zip(n, self.dilation, self.kernel_size, strict=True)
-        ]
-        phases = [
-            torch.exp(
-                -2j
-                * math.pi
-                * torch.outer(torch.arange(count, dtype=torch.float64), d * torch.arange(k))
-                / N
-            ).to(w.device)
-            for count, N, d, k in zip(
-                (grid[0], grid[1] // 2 + 1), grid, self.dilation, self.kernel_size, strict=True
-            )
-        ]
-        wc = w.to(torch.complex128)
-        c_out, c_in = w.shape[:2]
-        rows = max(1, _CHUNK_ELEMENTS // (phases[1].shape[0] * c_out * c_in))
-        top = torch.zeros((), dtype=torch.float64, device=w.device)
-        for start in range(0, grid[0], rows):
-            symbol = torch.einsum(
-                "fa,gb,oiab->fgoi", phases[0][start : start + rows], phases[1], wc
-            )
-            gram = symbol.mH @ symbol if c_out >= c_in else symbol @ symbol.mH
-            top = torch.maximum(top, torch.linalg.eigvalsh(gram)[..., -1].max())
-        circulant = float(top.clamp_min(0.0).sqrt())
-        return self._dense_refinement(n, circulant)
+    def _certificate_weight(self) -> torch.Tensor:
+        """The float64 kernel whose zero-padded convolution ``apply`` computes."""
+        return self.weight.detach().to(torch.float64)
 
     @torch.no_grad()
-    def _dense_refinement(self, n: tuple[int, int], bound: float) -> float:
-        """Tighten ``bound`` on small operators: if the Cholesky factorisation of
-        ``s^2 I - A^T A`` (float64, dense) exists, then ``||A|| <= s``. ``s`` is a converged power
-        iteration inflated by ``_DENSE_MARGINS`` in turn; the circulant bound stays otherwise."""
+    def _certified_norm(self, input_size: tuple[int, int] | None) -> float:
+        """The smallest of the bounds computed (module docstring): the circulant bound on small
+        grids, else the torus bound (cached per weight: no grid size enters it); the torus bound
+        also for a strided convolution (the circulant bound ignores the stride, the torus bound
+        does not). A stride-1 circulant bound is a maximum over some frequencies, so it never
+        exceeds the sup ``S``, and the torus bound (at least ``S``) cannot improve on it. Then
+        the dense bound on small operators."""
+        n = _pair(input_size) if input_size is not None else self.input_size
+        w = self._certificate_weight()
+        circulant = self._circulant_norm(w, n)
+        if circulant is None or self.stride != (1, 1):
+            bound, peak = self._cached(
+                "torus", lambda: torus_norm_bound(conv_symbol_taps(w, self.stride, self.dilation))
+            )
+            if circulant is not None and circulant[0] < bound:
+                bound, peak = circulant
+        else:
+            bound, peak = circulant
+        if self.in_channels * n[0] * n[1] <= DENSE_CERTIFICATE_MAX_DIM:
+            bound = self._dense_refinement(w, n, bound, peak)
+        return bound
+
+    def _circulant_norm(
+        self, w: torch.Tensor, n: tuple[int, int]
+    ) -> tuple[float, tuple[float, float]] | None:
+        """``max_j sigma_max(K_hat(w_j))`` over the DFT frequencies of the enlarged grid ``N`` per
+        axis (module docstring) and the maximising frequency (of the undilated symbol), ``None``
+        when that grid has too many frequencies. The dilated kernel's symbol at ``2 pi j / N``
+        is the undilated one's at ``2 pi j d / N``."""
+        out = self.output_size(n)
+        grid = []
+        for ni, oi, p, d, k, s in zip(
+            n, out, self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+        ):
+            reach = d * (k - 1)
+            high = (oi - 1) * s - p + reach - (ni - 1)  # padding read past the input's end
+            grid.append(ni + max(0, min(p, reach), min(high, reach)))
+        if grid[0] * (grid[1] // 2 + 1) > CIRCULANT_MAX_FREQUENCIES:
+            return None
+        taps = conv_symbol_taps(w, (1, 1), (1, 1))
+        j1 = torch.arange(grid[0], dtype=torch.float64, device=w.device)
+        j2 = torch.arange(grid[1] // 2 + 1, dtype=torch.float64, device=w.device)
+        g1, g2 = torch.meshgrid(
+            j1 * (2 * math.pi * self.dilation[0] / grid[0]),
+            j2 * (2 * math.pi * self.dilation[1] / grid[1]),
+            indexing="ij",
+        )
+        g1, g2 = g1.reshape(-1), g2.reshape(-1)
+        lam = _symbol_top(taps, g1, g2)
+        best = int(lam.argmax())
+        return math.sqrt(max(float(lam[best]), 0.0)), (float(g1[best]), float(g2[best]))
+
+    def _dense_refinement(
+        self, w: torch.Tensor, n: tuple[int, int], bound: float, peak: tuple[float, float]
+    ) -> float:
+        """Tighten ``bound``: if the float64 Cholesky factorisation of ``s^2 I - A^T A`` exists,
+        then ``||A|| <= s``. ``s`` is a Lanczos estimate (``_lanczos_top``, from the plane wave at
+        the symbol's ``peak`` plus 1 % of a seeded random vector; the random vector alone for a
+        strided convolution) inflated by ``_DENSE_MARGINS`` in turn; nothing is built when the
+        first candidate is not below ``bound``. ``A^T A = sum_y E_y^T (W^T W) E_y`` over the
+        outputs ``y`` (``E_y`` the patch that ``y`` reads, ``W`` the kernel as a
+        ``C_out x C_in k1 k2`` matrix). The convolutions are the base class's: ``w`` is already
+        the effective kernel (an AOL rescaling included)."""
         dim = self.in_channels * n[0] * n[1]
-        if dim > DENSE_CERTIFICATE_MAX_DIM:
+        noise = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        start = noise.to(w.device) / math.sqrt(dim)  # all directions present, deterministic
+        if self.stride == (1, 1):
+            wave = _plane_wave(conv_symbol_taps(w, (1, 1), (1, 1)), peak, self.dilation, n)
+            start = wave.reshape(-1) / wave.norm() + 0.01 * start
+
+        def gram_apply(x: torch.Tensor) -> torch.Tensor:
+            y = Conv2dOperator._apply_with(self, w, x.view(1, self.in_channels, *n))
+            return Conv2dOperator._adjoint_with(self, w, y, (1, self.in_channels, *n)).reshape(-1)
+
+        s = math.sqrt(max(_lanczos_top(gram_apply, start, _DENSE_LANCZOS_STEPS), 0.0))
+        candidates = [s * (1 + m) for m in _DENSE_MARGINS if s * (1 + m) < bound]
+        if not candidates:
             return bound
-        w = self.weight.detach().to(torch.float64)
-        basis = torch.eye(dim, dtype=torch.float64, device=w.device).view(dim, -1, *n)
-        at = self._apply_with(w, basis).reshape(dim, -1)  # rows A e_i: the matrix A^T
-        gram = at @ at.T
-        v = torch.ones(dim, dtype=torch.float64, device=w.device)
-        for _ in range(_DENSE_POWER_ITERS):
-            v = gram @ v
-            v = v / v.norm()
-        s = float((v @ gram @ v).clamp_min(0).sqrt())
+        # Patch indices (+1, so that the padding reads index 0, a dummy row and column).
+        index = torch.arange(1, dim + 1, dtype=torch.float64, device=w.device)
+        patches = F.unfold(
+            index.view(1, self.in_channels, *n),
+            self.kernel_size,
+            self.dilation,
+            self.padding,
+            self.stride,
+        )[0].long()  # (C_in k1 k2, outputs)
+        wmat = w.reshape(w.shape[0], -1)
+        patch_gram = wmat.T @ wmat
+        gram = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=w.device)
+        for col in patches.T:
+            gram.index_put_((col[:, None], col[None, :]), patch_gram, accumulate=True)
+        gram = gram[1:, 1:]
         eye = torch.eye(dim, dtype=torch.float64, device=w.device)
-        for margin in _DENSE_MARGINS:
-            candidate = s * (1 + margin)
-            if candidate >= bound:
-                break
+        for candidate in candidates:
             if int(torch.linalg.cholesky_ex(candidate**2 * eye - gram).info) == 0:
                 return candidate
         return bound
+
+
+def _lanczos_top(
+    gram_apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int
+) -> float:
+    """Largest Ritz value of ``G`` (symmetric positive semi-definite, given by ``gram_apply``) on
+    the Krylov space of ``start`` (Lanczos with full re-orthogonalisation): a lower estimate of
+    ``lambda_max(G)``, far closer than a power iteration of as many products when the top of
+    the spectrum is clustered. Only a candidate for the Cholesky test, never a certificate."""
+    basis = [start / start.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for _ in range(min(steps, start.numel())):
+        z = gram_apply(basis[-1])
+        alphas.append(float(basis[-1] @ z))
+        stack = torch.stack(basis)
+        for _ in range(2):  # full re-orthogonalisation, twice is enough
+            z = z - stack.T @ (stack @ z)
+        beta = float(z.norm())
+        if beta <= 1e-12 * math.sqrt(sum(a * a for a in alphas)):
+            break
+        betas.append(beta)
+        basis.append(z / beta)
+    m = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+    return float(torch.linalg.eigvalsh(tri)[-1])
 
 
 def _fusion_key(op: LinearOperator) -> tuple | None:
