@@ -28,14 +28,9 @@ def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
 
 
 def write_classification(root: Path, variant: str, seed: int, attrs: dict, datasets: dict) -> Path:
-    """``eval/classification/<variant>/seed<seed>.h5``; no strong-attack curve, the standard
-    radii."""
+    """``eval/classification/<variant>/seed<seed>.h5`` at the standard radii."""
     attrs = {"variant": variant, "seed": seed, **attrs}
-    datasets = {
-        "strong": np.full_like(datasets["eps"], np.nan),
-        "standard_eps": STANDARD_EPS,
-        **datasets,
-    }
+    datasets = {"standard_eps": STANDARD_EPS, **datasets}
     return write_h5(root / f"eval/classification/{variant}/seed{seed}.h5", attrs, datasets)
 
 

@@ -74,7 +74,6 @@ def classification_eval(root: Path, variant: str, seed: int) -> Path:
             for k, v in {
                 "certified": certified,
                 "pgd": pgd,
-                "strong": pgd,
                 "empirical": 0.95 * pgd,
             }.items()
         },

@@ -68,7 +68,6 @@ def classification_file(root: Path, variant: str, seed: int) -> Path:
         "empirical": curve * 0.9,
         "standard_certified": certified,
         "standard_pgd": pgd,
-        "standard_strong": empirical,
         "standard_empirical": empirical,
     }
     return write_classification(root, variant, seed, attrs, datasets)

@@ -277,6 +277,7 @@ def evaluate_classifier(
         "strong_method": robustness.strong_label(ev["strong"]),
         "audited_certified": int(sum(state.audited.values())),
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in robustness.PASSES},
+        **{f"attacked_points_{p}": state.points[p] for p in robustness.PASSES},
         **_accuracy_attrs(eps, acc),
         **provenance(spec, spec["seed"]),
     }
