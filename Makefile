@@ -48,13 +48,15 @@ smoke-slurm: $(STAMP)
 # The rehearsal (README "Rehearsal scale"): every kind of job of the paper DAG at the paper's
 # sizes on one GPU (about 7 minutes on an H200), then results/rehearsal/cost.{csv,md}: measured
 # cost per job and the projected hours of config.yaml's DAG. REHEARSAL_CONFIG adds `--config`
-# entries (the CPU test runs a tiny version); the stale-lock step as for `make smoke`.
+# entries, e.g. REHEARSAL_CONFIG='device=cuda:1' (Snakemake reads nested values as strings: edit
+# config/rehearsal.yaml for those, as tests/test_rehearsal.py does); the stale-lock step as for
+# `make smoke`.
 REHEARSAL_CONFIG ?=
 REHEARSAL_ARGS = --workflow-profile workflow/profiles/rehearsal \
 	$(if $(REHEARSAL_CONFIG),--config $(REHEARSAL_CONFIG))
 rehearsal: $(STAMP)
 	$(BIN)/python -m stablenets.locks $(REHEARSAL_ARGS)
-	$(BIN)/snakemake $(REHEARSAL_ARGS) all_with_cost
+	$(BIN)/snakemake all_with_cost $(REHEARSAL_ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -14,6 +14,7 @@ include: "workflow/rules/classification.smk"
 include: "workflow/rules/denoising.smk"
 include: "workflow/rules/pnp.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/cost.smk"
 
 
 rule all:

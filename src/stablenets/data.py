@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import pickle
 import re
@@ -868,6 +869,16 @@ def make_smoke_photos(
     size = (int(size[0]), int(size[1]))
     train_imgs = [_load_photo(name) for name in train_photos]
     test_imgs = [_load_photo(name) for name in test_photos]
+    # Photos too small for a crop (the rehearsal's 321x481: the validation rows are a quarter
+    # of a photo) are enlarged by one integer factor, repeating pixels; 1 at smoke sizes.
+    share = min(val_rows_fraction, 1.0 - val_rows_fraction)
+    need = [size[0] / (share * im.shape[0]) for im in train_imgs]
+    need += [size[0] / im.shape[0] for im in test_imgs]
+    need += [size[1] / im.shape[1] for im in train_imgs + test_imgs]
+    factor = max(1, math.ceil(max(need)))
+    if factor > 1:
+        train_imgs = [im.repeat(factor, 0).repeat(factor, 1) for im in train_imgs]
+        test_imgs = [im.repeat(factor, 0).repeat(factor, 1) for im in test_imgs]
     cuts = [img.shape[0] - int(round(val_rows_fraction * img.shape[0])) for img in train_imgs]
     rng_train, rng_val, rng_test = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(SPLITS))
@@ -893,6 +904,7 @@ def make_smoke_photos(
         },
         "size": list(size),
         "val_rows_fraction": float(val_rows_fraction),
+        "upscale": factor,
         "seed": int(seed),
         **(extra_attrs or {}),
     }

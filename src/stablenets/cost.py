@@ -1,0 +1,572 @@
+"""What each job of a run cost, and what the paper-scale DAG will cost (issue 21: the rehearsal).
+
+``write_cost`` (rule ``cost``, ``python -m stablenets cost``) reads, for every job of a run that
+has a ``benchmark:`` directive, Snakemake's benchmark TSV (wall seconds ``s``, ``max_rss``) and
+what the job recorded itself, and writes ``cost.csv`` and ``cost.md`` beside the run's results:
+
+* one ``rehearsal`` row per job of the run: its unit of work, how many it did, seconds per unit,
+  the fixed seconds (wall minus the seconds that scale with the units), sub-steps and learning
+  rate of training, seconds per point of each attack pass, peak memory, and the projected hours
+  of the same job at paper scale with the runtime limit of its resource kind and ``fits``;
+* one ``paper`` row per job of the paper DAG (``cost.paper_config``: every variant, seed and
+  noise level), with ``basis``, the measured job its projection rests on;
+* ``total`` rows: the GPU jobs (train + evaluate + PnP: resource kinds with ``gpu`` > 0), all jobs.
+
+A paper job ``p`` is projected from the measured job ``m`` of the same rule, preferably of the
+same variant, else of the same model, else the rule's first measured job:
+
+    seconds(p) = fixed(m) + f * sum over parts of  rate(m, part) * paper_units(p, part)
+    fixed(m)   = max(wall(m) - variable(m), 0)
+
+* training: one part, rate = ``train_time_s`` / steps run (the loop's own clock: validation,
+  checkpoints and start-up are fixed); paper units = the variant's ``train.steps`` (with
+  ``budget_minutes``: that budget instead of ``rate * steps``);
+* classifier evaluation: one part per pass of the radius sweep (``robustness.PASSES``), rate =
+  the pass's seconds per attacked point (the job's ``seconds_per_point_*``; seconds and points
+  from its saved sweep state), points scaled to the paper's settings: pgd and strong by
+  ``N / n`` (test points) and by their radii, audit by its radii and ``audit_certified`` only (at
+  most that many certified points per radius, whatever ``N``), bisect by ``N / n`` and its
+  ``ceil(log2(num))`` attacks per point; a bisection the run did not do but the paper does is
+  estimated as ``clean accuracy * N * ceil(log2(num))`` attacks at the strong pass's rate. With
+  the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
+* denoiser evaluation, TV denoising (unit: test image), PnP and TV deblurring (unit: image
+  iteration, images x mean iterations): the job records no split, so fixed = 0 and the whole
+  wall time scales (an upper estimate); paper units = the paper's test images, and images x
+  ``max_iter`` (PnP) or ``tv.iters`` (TV) for deblurring;
+* data: the stand-in's generation as measured (not the paper's download).
+
+``N`` is the paper's ``n_test``, or the test split of the run's data file (the rehearsal's
+stand-ins have the real sizes). ``f`` is 1 for the same variant; else the ratio of the two
+variants' benchmarked training-step times (``cost.bench``: ``ours`` rows run with each variant's
+own options, ``bench.variant_options``, at its width) times their integrators' stages per sub-step
+(the benchmark runs Euler); a variant without a row is assumed to cost the same, said in ``basis``.
+Per-point rates measured on batches smaller than the paper's are upper estimates on a GPU, whose
+small attack batches are launch-bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .workflow import Jobs, sigma_label
+
+__all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost"]
+
+# rule -> resource kind (the rules' ``JOBS.resources(kind)``)
+RULES = {
+    "prepare_data": "data",
+    "train_classifier": "train",
+    "evaluate_classifier": "evaluate",
+    "train_denoiser": "train",
+    "evaluate_denoiser": "evaluate",
+    "evaluate_tv_denoising": "data",
+    "pnp_deblur": "evaluate",
+    "tv_deblur": "data",
+}
+TASK = {"classifier": "classification", "denoiser": "denoising"}
+COLUMNS = [
+    "row", "rule", "variant", "sigma", "seed", "wall_s", "max_rss_mb", "unit", "units",
+    "seconds_per_unit", "fixed_s", "s_per_point_pgd", "s_per_point_strong", "s_per_point_audit",
+    "s_per_point_bisect", "substeps_first", "substeps_last", "substeps_max", "lr_last",
+    "peak_memory_mb", "paper_units", "projected_h", "runtime_min", "fits", "gpu", "basis",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of the DAG: its rule and wildcards (empty where the rule has none)."""
+
+    rule: str
+    variant: str = ""
+    sigma: str = ""
+    seed: int | None = None
+    dataset: str = ""
+
+    @property
+    def stem(self) -> str:
+        """The wildcard part of its benchmark, log and result paths (workflow/rules/*.smk)."""
+        if self.rule == "prepare_data":
+            return self.dataset
+        if self.rule.endswith("_classifier"):
+            return f"{self.variant}/seed{self.seed}"
+        if self.rule == "evaluate_tv_denoising":
+            return f"sigma{self.sigma}"
+        if self.rule == "tv_deblur":
+            return "tv"
+        return f"sigma{self.sigma}/{self.variant}/seed{self.seed}"
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.rule.endswith("_classifier") else "denoising"
+
+    def results(self, root: Path) -> Path:
+        """Its main result file under ``results/<scale>/``."""
+        where = {
+            "prepare_data": f"data/{self.stem}.h5",
+            "train_classifier": f"models/classification/{self.stem}/model.pt",
+            "train_denoiser": f"models/denoising/{self.stem}/model.pt",
+            "evaluate_classifier": f"eval/classification/{self.stem}.h5",
+            "evaluate_denoiser": f"eval/denoising/{self.stem}.h5",
+            "evaluate_tv_denoising": f"eval/denoising/{self.stem}/tv.h5",
+            "pnp_deblur": f"pnp/{self.stem}.h5",
+            "tv_deblur": "pnp/tv.h5",
+        }
+        return root / where[self.rule]
+
+    def label(self) -> str:
+        return f"{self.rule}/{self.stem}"
+
+
+def dag_jobs(config: dict[str, Any]) -> list[Job]:
+    """Every job with a ``benchmark:`` directive of a validated config's DAG."""
+    jobs = Jobs(config)
+    out = [Job("prepare_data", dataset=d) for d in ("cifar10", "bsds500")]
+    for v in jobs.variants("classification"):
+        out += [Job(r, v, seed=s) for s in jobs.seeds for r in RULES if r.endswith("_classifier")]
+    for sg in jobs.sigmas:
+        for v in jobs.variants("denoising"):
+            out += [Job(r, v, sg, s) for s in jobs.seeds for r in RULES if r.endswith("_denoiser")]
+        out.append(Job("evaluate_tv_denoising", sigma=sg))
+    sg = sigma_label(config["pnp"]["noise_level"])
+    out += [Job("pnp_deblur", v, sg, s) for v in config["pnp"]["denoisers"] for s in jobs.seeds]
+    return out + [Job("tv_deblur")]
+
+
+def benchmark_files(config: dict[str, Any], B: Callable[[str], str]) -> list[str]:
+    """The benchmark TSV of every job of ``dag_jobs`` (``B``: the benchmark path of a scale)."""
+    return [B(f"{job.rule}/{job.stem}.tsv") for job in dag_jobs(config)]
+
+
+# --------------------------------------------------------------------------------------------
+# what a job measured
+
+
+@dataclass
+class Measured:
+    """A run's job: wall time, its unit of work and the seconds that scale with it."""
+
+    job: Job
+    wall_s: float
+    max_rss_mb: float
+    unit: str
+    units: float
+    variable_s: float
+    spec: dict[str, Any]  # the job's own specification (its outputs' ``config``)
+    parts: dict[str, tuple[float, float]] = field(default_factory=dict)  # pass -> (s, points)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fixed_s(self) -> float:
+        return max(self.wall_s - self.variable_s, 0.0)
+
+
+def _benchmark(path: Path) -> tuple[float, float]:
+    import pandas as pd
+
+    row = pd.read_csv(path, sep="\t").iloc[0]
+    rss = pd.to_numeric(row.get("max_rss"), errors="coerce")
+    return float(row["s"]), float(rss)
+
+
+def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured:
+    import pandas as pd
+
+    from .models import read_checkpoint
+
+    extra = read_checkpoint(path)["extra"]
+    log = pd.read_csv(path.with_name("train_log.csv"))
+    train = log[log["kind"] == "train"]
+    steps = int(log.loc[log["kind"] == "val", "step"].max())  # validated at the last step run
+    substeps = train["substeps"].astype(int)
+    stats = {
+        "substeps_first": int(substeps.iloc[0]),
+        "substeps_last": int(substeps.iloc[-1]),
+        "substeps_max": int(substeps.max()),
+        "lr_last": float(train["lr"].iloc[-1]),
+        "peak_memory_mb": float(extra["peak_memory_mb"]),
+    }
+    spec = json.loads(extra["config"])
+    return Measured(job, wall, rss, "step", steps, float(extra["train_time_s"]), spec, stats=stats)
+
+
+def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Attributes of a result file and the job specification it records."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        attrs = dict(fh.attrs)
+        lengths = {k: len(fh[k]) for k in ("psnr", "psnr_final") if k in fh}
+    attrs.update(lengths)
+    return attrs, json.loads(attrs["config"])
+
+
+def _measure_classifier_eval(job: Job, path: Path, root: Path, wall: float, rss: float) -> Measured:
+    """Seconds and attacked points per pass from the sweep's saved state, checked against the
+    job's own ``seconds_per_point_*``: a state saved before the sweep ended (``save_every_s``
+    longer than the last batches) would drop their seconds."""
+    import torch
+
+    from .robustness import PASSES
+
+    attrs, spec = _attrs(path)
+    progress = root / "checkpoints" / "eval" / "classification" / job.stem / "progress.pt"
+    state = torch.load(progress, map_location="cpu", weights_only=True)["state"]
+    parts = {p: (float(state["seconds"][p]), float(state["points"][p])) for p in PASSES}
+    stats = {f"s_per_point_{p}": float(attrs[f"seconds_per_point_{p}"]) for p in PASSES}
+    for p, (seconds, points) in parts.items():
+        rate = stats[f"s_per_point_{p}"]
+        if points and not math.isclose(seconds / points, rate, rel_tol=1e-9):
+            raise ValueError(
+                f"{progress}: pass {p} saved {seconds / points:.6g} s per point, the evaluation "
+                f"measured {rate:.6g}: the state is older than the sweep's end (set "
+                "classification.evaluate.save_every_s below the time of one attack batch)"
+            )
+    stats["clean_accuracy"] = float(attrs["clean_accuracy"])
+    attack = sum(s for s, _ in parts.values())
+    return Measured(job, wall, rss, "test point", int(attrs["n_test"]), attack, spec, parts, stats)
+
+
+def measure(job: Job, tsv: Path, root: Path) -> Measured:
+    """What one job of the run cost (``root``: its ``results/<scale>/`` folder)."""
+    wall, rss = _benchmark(tsv)
+    path = job.results(root)
+    if job.rule.startswith("train_"):
+        return _measure_training(job, path, wall, rss)
+    if job.rule == "evaluate_classifier":
+        return _measure_classifier_eval(job, path, root, wall, rss)
+    if job.rule == "prepare_data":
+        return Measured(job, wall, rss, "dataset", 1, wall, {})
+    attrs, spec = _attrs(path)
+    if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
+        return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec)
+    units = attrs["psnr_final"] * float(attrs["mean_iterations"])
+    return Measured(job, wall, rss, "image-iteration", units, wall, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# projection
+
+
+def _pass_counts(ev: dict[str, Any]) -> dict[str, int]:
+    """What each pass of an evaluation config runs per point: radii (pgd, strong), radii x
+    ``audit_certified`` slots (audit), attacks per point (bisect: ``ceil(log2(num))``)."""
+    import numpy as np
+
+    grid = np.linspace(ev["eps"]["start"], ev["eps"]["stop"], ev["eps"]["num"])
+    std = np.asarray(ev["standard_eps"], dtype=np.float64)
+    strong = ev["strong"]
+    sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
+    bisect = strong["on_grid"] and not sweep_grid
+
+    def radii(r: np.ndarray) -> int:
+        return int(np.count_nonzero(np.unique(np.round(r, 12))))
+
+    return {
+        "pgd": radii(np.concatenate([grid, std])),
+        "strong": radii(np.concatenate([grid, std]) if sweep_grid else std),
+        "audit": radii(std) * ev["audit_certified"],
+        "bisect": math.ceil(math.log2(ev["eps"]["num"])) if bisect else 0,
+    }
+
+
+def _eval_seconds(m: Measured, paper_ev: dict[str, Any], n_paper: int) -> tuple[float, str]:
+    """Attack seconds of a classifier evaluation at paper scale, per pass (module docstring)."""
+    run, paper = _pass_counts(m.spec["evaluate"]), _pass_counts(paper_ev)
+    scale = n_paper / m.units
+    rate = {p: s / n if n else 0.0 for p, (s, n) in m.parts.items()}
+    seconds, notes = 0.0, []
+    for p, (_, points) in m.parts.items():
+        if run[p]:
+            seconds += rate[p] * points / run[p] * paper[p] * (1.0 if p == "audit" else scale)
+        elif paper[p] and p == "bisect" and rate["strong"]:
+            seconds += rate["strong"] * m.stats["clean_accuracy"] * n_paper * paper[p]
+            notes.append("bisection estimated at the strong pass's rate")
+        elif paper[p]:
+            notes.append(f"pass {p} not measured: not included")
+    return seconds, "; ".join(notes)
+
+
+@dataclass
+class Paper:
+    """The paper-scale configuration and what the projection needs from the run."""
+
+    config: dict[str, Any]
+    test_sizes: dict[str, int]  # dataset -> test split of the run's data files
+    bench: dict[tuple[str, Any, str], float]  # (bench model, width, options) -> ms per step
+
+    def variant(self, task: str, name: str) -> dict[str, Any] | None:
+        return self.config[task]["variants"].get(name)
+
+    def train(self, task: str, name: str) -> dict[str, Any]:
+        section = self.config[task]
+        return {**section["train"], **section["variants"][name].get("train", {})}
+
+    def units(self, job: Job) -> float:
+        """The paper job's units of work (module docstring)."""
+        cfg = self.config
+        if job.rule.startswith("train_"):
+            return self.train(job.task, job.variant)["steps"]
+        if job.rule == "evaluate_classifier":
+            n_test, size = cfg["classification"]["evaluate"]["n_test"], self.test_sizes["cifar10"]
+            return min(n_test or size, size)
+        if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
+            n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
+            return min(n_test or size, size)
+        if job.rule in ("pnp_deblur", "tv_deblur"):
+            images = min(cfg["pnp"]["n_images"], self.test_sizes["bsds500"])
+            iters = (
+                cfg["pnp"]["max_iter"] if job.rule == "pnp_deblur" else cfg["pnp"]["tv"]["iters"]
+            )
+            return images * iters
+        return 1
+
+    def resources(self, job: Job) -> dict[str, Any]:
+        return self.config["resources"][RULES[job.rule]]
+
+    def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
+        """``f``: the paper variant's cost over the basis variant's (module docstring)."""
+        from .bench import MODEL_SPECS, STAGES, _variant_width, variant_options
+
+        if job.variant == basis.job.variant:
+            return 1.0, ""
+        task, bench_of = job.task, {s["model"]: n for n, s in MODEL_SPECS.items()}
+        keys, stages = [], []
+        for name in (job.variant, basis.job.variant):
+            v = self.variant(task, name)
+            if v is None:
+                return 1.0, f" ({name} is not a paper variant: same cost assumed)"
+            opts = variant_options(self.train(task, name))
+            keys.append((bench_of.get(v["model"]), _variant_width(task, v, self.config), opts))
+            kwargs = v.get("kwargs", {})
+            stages.append(STAGES[kwargs.get("integrator", "euler")])
+        f = stages[0] / stages[1]
+        block = self.variant(task, job.variant).get("kwargs", {}).get("block")
+        note = f", block {block}: Euler block's time assumed" if block else ""
+        if keys[0] in self.bench and keys[1] in self.bench:
+            f *= self.bench[keys[0]] / self.bench[keys[1]]
+            return f, f" x {f:.3g} (benchmarked step {keys[0][:2]} / {keys[1][:2]}{note})"
+        return f, f" x {f:.3g} (stages only: not benchmarked{note})"
+
+
+def _basis(job: Job, measured: list[Measured], paper: Paper) -> Measured | None:
+    """The measured job a paper job rests on: same rule and variant, else same model, else the
+    rule's first measured job."""
+    same_rule = [m for m in measured if m.job.rule == job.rule]
+    for m in same_rule:
+        if (m.job.variant, m.job.dataset) == (job.variant, job.dataset):
+            return m
+    model = (paper.variant(job.task, job.variant) or {}).get("model")
+    for m in same_rule:
+        if model and (paper.variant(job.task, m.job.variant) or {}).get("model") == model:
+            return m
+    return same_rule[0] if same_rule else None
+
+
+def project(job: Job, basis: Measured, paper: Paper) -> tuple[float, float, str]:
+    """``(paper units, projected seconds, basis text)`` of a paper job from a measured job."""
+    f, how = paper.factor(job, basis)
+    units = paper.units(job)
+    text = f"{basis.job.label()}{how}"
+    train = paper.train(job.task, job.variant) if job.rule.startswith("train_") else {}
+    if train.get("budget_minutes"):
+        return units, basis.fixed_s + 60 * train["budget_minutes"], f"{text}: budget_minutes"
+    if job.rule == "evaluate_classifier":
+        seconds, notes = _eval_seconds(basis, paper.config["classification"]["evaluate"], units)
+        return units, basis.fixed_s + f * seconds, text + (f"; {notes}" if notes else "")
+    if job.rule == "prepare_data":
+        text += " (as measured: the run's data source)"
+    elif basis.fixed_s == 0:
+        text += " (fixed costs included: upper estimate)"
+    return units, basis.fixed_s + f * basis.variable_s / basis.units * units, text
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+def _row(kind: str, job: Job, paper: Paper, units: float, seconds: float, basis: str) -> dict:
+    res = paper.resources(job)
+    hours = seconds / 3600
+    return {
+        "row": kind,
+        "rule": job.rule,
+        "variant": job.variant or job.dataset,
+        "sigma": job.sigma,
+        "seed": "" if job.seed is None else job.seed,
+        "paper_units": units,
+        "projected_h": hours,
+        "runtime_min": res["runtime"],
+        "fits": bool(60 * hours <= res["runtime"]),
+        "gpu": res.get("gpu", 0),
+        "basis": basis,
+    }
+
+
+def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
+    row: dict[str, Any] = {"row": "rehearsal", "rule": m.job.rule, "basis": "measured"}
+    if m.job.variant and paper.variant(m.job.task, m.job.variant) is None:
+        row.update(projected_h=math.nan)  # not a paper variant
+    else:
+        units, seconds, _ = project(m.job, m, paper)
+        row.update(_row("rehearsal", m.job, paper, units, seconds, "measured"))
+    row.update(
+        variant=m.job.variant or m.job.dataset,
+        sigma=m.job.sigma,
+        seed="" if m.job.seed is None else m.job.seed,
+        wall_s=m.wall_s,
+        max_rss_mb=m.max_rss_mb,
+        unit=m.unit,
+        units=m.units,
+        seconds_per_unit=m.variable_s / m.units,
+        fixed_s=m.fixed_s,
+        **{k: v for k, v in m.stats.items() if k in COLUMNS},
+    )
+    return row
+
+
+def cost_rows(measured: list[Measured], paper: Paper) -> list[dict[str, Any]]:
+    """The rows of ``cost.csv``: the run's jobs, the paper DAG's jobs and the totals."""
+    rows = [_measured_row(m, paper) for m in measured]
+    dag = []
+    for job in dag_jobs(paper.config):
+        basis = _basis(job, measured, paper)
+        if basis is None:
+            raise ValueError(f"cost: no measured {job.rule} job to project {job.label()} from")
+        dag.append(_row("paper", job, paper, *project(job, basis, paper)))
+    for label, chosen in (
+        ("GPU jobs (train + evaluate + PnP)", [r for r in dag if r["gpu"]]),
+        ("all jobs", dag),
+    ):
+        late = [f"{r['rule']}/{r['variant']}" for r in chosen if not r["fits"]]
+        rows.append(
+            {
+                "row": "total",
+                "rule": label,
+                "units": len(chosen),
+                "projected_h": sum(r["projected_h"] for r in chosen),
+                "fits": not late,
+                "basis": "over their runtime: " + (", ".join(late) if late else "none"),
+            }
+        )
+    return rows + dag
+
+
+def _bench_rates(paths: list[Path]) -> dict[tuple[str, Any, str], float]:
+    """ms per step of the ``ours`` rows of benchmark CSVs (a later file's row replaces)."""
+    import csv
+
+    rates = {}
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"cost.bench: {path} does not exist")
+        with path.open() as fh:
+            for r in csv.DictReader(fh):
+                if r["impl"] == "ours":
+                    width = int(r["base_width"]) if r["base_width"] else ""
+                    rates[(r["model"], width, r["options"])] = float(r["step_ms"])
+    return rates
+
+
+def _unlike_the_paper(run: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    """The run's variants whose model or training settings (``stop_after`` aside) are not the
+    paper's: projections resting on them are no paper-scale figures."""
+    out = []
+    for task in ("classification", "denoising"):
+        for name, ours in run[task]["variants"].items():
+            theirs = paper[task]["variants"].get(name, {})
+            settings = [
+                {**cfg[task]["train"], **v.get("train", {}), "stop_after": None}
+                for cfg, v in ((run, ours), (paper, theirs))
+            ]
+            model = [(v.get("model"), v.get("kwargs", {})) for v in (ours, theirs)]
+            if model[0] != model[1] or settings[0] != settings[1]:
+                out.append(f"{task}/{name}")
+    return out
+
+
+def _test_size(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        return len(fh["test"]["images"])
+
+
+def _markdown(
+    rows: list[dict[str, Any]], scale: str, paper_path: str, seeds: int, unlike: list[str]
+) -> str:
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    totals = df[df["row"] == "total"]
+    gpu = totals.iloc[0]
+    lines = [
+        f"# Cost of the {scale} run and the projected paper-scale DAG",
+        "",
+        f"Projected paper-scale DAG ({paper_path}, {seeds} seed(s)): **{gpu['projected_h']:.1f} "
+        f"GPU-hours** for {gpu['units']:.0f} GPU jobs (train + evaluate + PnP); "
+        f"{totals.iloc[1]['projected_h']:.1f} h for all {totals.iloc[1]['units']:.0f} jobs. "
+        f"Jobs {gpu['basis']}.",
+        "",
+        "Measured on the paper's models and training settings."
+        if not unlike
+        else "Measured on models or training settings other than the paper's "
+        f"({', '.join(unlike)}): the projections resting on them are no paper-scale figures.",
+        "",
+    ]
+    dag = df[df["row"] == "paper"]
+    for rule, group in dag.groupby("rule", sort=False):
+        lines.append(f"- {rule}: {group['projected_h'].sum():.2f} h over {len(group)} jobs")
+    trained = df[(df["row"] == "rehearsal") & df["rule"].str.startswith("train_")]
+    lines += ["", "## The paper's learning rate, tried", ""]
+    for _, r in trained.iterrows():
+        lines.append(
+            f"- {r['rule']}/{r['variant']}: {r['units']:.0f} steps of the paper schedule, lr "
+            f"{r['lr_last']:.3g} at the last logged step; sub-steps {r['substeps_first']:.0f} "
+            f"first, {r['substeps_last']:.0f} last, {r['substeps_max']:.0f} at most"
+        )
+    shown = {
+        "rehearsal": ["rule", "variant", "wall_s", "unit", "units", "seconds_per_unit", "fixed_s",
+                      "peak_memory_mb", "projected_h", "runtime_min", "fits"],
+        "paper": ["rule", "variant", "sigma", "seed", "paper_units", "projected_h", "runtime_min",
+                  "fits", "basis"],
+    }  # fmt: skip
+    for kind, title in (("rehearsal", "Measured jobs"), ("paper", "Paper DAG, projected")):
+        table = df[df["row"] == kind][shown[kind]]
+        lines += ["", f"## {title}", "", table.to_markdown(index=False, floatfmt=".4g")]
+    return "\n".join(lines) + "\n"
+
+
+def write_cost(spec: dict[str, Any], inputs: list[Path], out: Path, log=print) -> None:
+    """``cost.csv`` and ``cost.md`` of a run (rule ``cost``); ``inputs``: its jobs' benchmark
+    TSVs, ``spec``: the run's validated ``config``, ``results`` and ``benchmarks`` (its folders)
+    and ``schema`` (to validate ``cost.paper_config``)."""
+    import pandas as pd
+    import yaml
+
+    from .atomic import atomic_write
+    from .config import validate_config
+    from .runtime import write_sidecar
+
+    run, root, bench = spec["config"], Path(spec["results"]), Path(spec["benchmarks"])
+    by_tsv = {bench / f"{job.rule}/{job.stem}.tsv": job for job in dag_jobs(run)}
+    unknown = [str(p) for p in inputs if Path(p) not in by_tsv]
+    if unknown:
+        raise ValueError(f"cost: {unknown} are not benchmark files of this run's jobs")
+    measured = [measure(by_tsv[Path(p)], Path(p), root) for p in inputs]
+    paper_path = run["cost"]["paper_config"]
+    with open(paper_path) as fh:
+        paper_config = validate_config(yaml.safe_load(fh), Path(spec["schema"]))
+    sizes = {m.job.dataset: _test_size(m.job.results(root)) for m in measured if m.job.dataset}
+    paper = Paper(paper_config, sizes, _bench_rates([Path(p) for p in run["cost"]["bench"]]))
+    rows = cost_rows(measured, paper)
+    write_sidecar(out, spec, -1, [m.job.results(root) for m in measured])
+    atomic_write(Path(out), pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
+    unlike = _unlike_the_paper(run, paper_config)
+    md = _markdown(rows, run["scale"], paper_path, len(paper_config["seeds"]), unlike)
+    atomic_write(Path(out).with_suffix(".md"), md)
+    log(md.split("\n\n")[1])

@@ -1,0 +1,332 @@
+"""The rehearsal scale (issue 21): training that stops after the first steps of the paper's own
+schedule, the overlay at the paper's sizes, the cost projection on fake jobs, and a tiny
+`make rehearsal` through Snakemake to cost.csv."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from workflow_helpers import BIN, ROOT, copy_workflow, local_env
+
+from stablenets.augment import AugmentConfig
+from stablenets.config import validate_config
+from stablenets.cost import (
+    RULES,
+    Job,
+    Measured,
+    Paper,
+    _unlike_the_paper,
+    cost_rows,
+    dag_jobs,
+    measure,
+    project,
+)
+from stablenets.models import build_model
+from stablenets.runtime import write_results
+from stablenets.training import ClassificationTask, TrainConfig, make_optimizer, train
+
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+PAPER = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
+SIZES = {"cifar10": 10_000, "bsds500": 200}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Overlay ``over`` on ``base`` the way Snakemake merges ``--configfile`` files."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def rehearsal_config() -> dict:
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    over = yaml.safe_load((ROOT / "config" / "rehearsal.yaml").read_text())
+    return validate_config(deep_merge(base, over), SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# stop_after
+
+
+def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    model = build_model(
+        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    task = ClassificationTask(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
+    cfg = TrainConfig(steps=40_000, stop_after=6, batch_size=8, val_every=100, log_every=1)
+    logs: list[str] = []
+    _, state = train(model, task, cfg, tmp_path, "h", logs.append)
+    assert state.step == 6 and "stopping after 6 steps of the 40000-step schedule" in logs[0]
+    assert [r["step"] for r in state.rows if r["kind"] == "val"] == [6] and state.best_step == 6
+
+    def lr_at(step: int, steps: int) -> float:
+        """The learning rate of step ``step`` of a ``steps``-step one-cycle schedule."""
+        opt, sched = make_optimizer(
+            build_model("nonexpansive_classifier", base_width=4),
+            TrainConfig(steps=steps, batch_size=8),
+        )
+        for _ in range(step):
+            opt.step()
+            sched.step()
+        return sched.get_last_lr()[0]
+
+    last = [r for r in state.rows if r["kind"] == "train"][-1]
+    assert last["step"] == 5 and last["lr"] == lr_at(5, 40_000)
+    assert not math.isclose(last["lr"], lr_at(5, 6), rel_tol=0.5)  # not a compressed schedule
+
+
+# --------------------------------------------------------------------------------------------
+# the overlay
+
+
+def test_the_rehearsal_overlay_is_valid_and_keeps_the_paper_sizes_models_and_schedules():
+    cfg = rehearsal_config()
+    synthetic, photos = cfg["data"]["cifar10"]["synthetic"], cfg["data"]["bsds500"]["photos"]
+    assert (synthetic["n_train"], synthetic["n_val"], synthetic["n_test"]) == (
+        47_500,
+        2_500,
+        10_000,
+    )
+    assert synthetic["image_size"] == 32 and photos["size"] == PAPER["data"]["bsds500"]["size"]
+    assert (photos["n_train"], photos["n_val"], photos["n_test"]) == (200, 100, 200)
+    for task in ("classification", "denoising"):
+        train, paper_train = cfg[task]["train"], PAPER[task]["train"]
+        assert 0 < train.pop("stop_after") < train["steps"]
+        assert train == paper_train  # the paper's schedule, batch size and lr
+        for name, variant in cfg[task]["variants"].items():
+            assert variant == PAPER[task]["variants"][name]
+    rules = {job.rule for job in dag_jobs(cfg)}
+    assert rules == set(RULES)  # every kind of job of the paper DAG
+    assert _unlike_the_paper(cfg, PAPER) == []  # what cost.md checks
+
+
+# --------------------------------------------------------------------------------------------
+# the projection, on fake measurements
+
+
+def paper(bench: dict | None = None) -> Paper:
+    return Paper(PAPER, SIZES, bench or {})
+
+
+def fake_eval(evaluate: dict, parts: dict, wall: float, variant: str = "nonexpansive") -> Measured:
+    spec = {"evaluate": {**PAPER["classification"]["evaluate"], **evaluate}}
+    job = Job("evaluate_classifier", variant, seed=0)
+    attack = sum(s for s, _ in parts.values())
+    return Measured(job, wall, 0.0, "test point", 500, attack, spec, parts, {"clean_accuracy": 0.5})
+
+
+def test_training_projects_its_fixed_seconds_plus_the_paper_steps_at_the_measured_step_time():
+    job = Job("train_classifier", "nonexpansive", seed=0)
+    measured = Measured(job, 100.0, 0.0, "step", 2000, 20.0, {})  # 10 ms per step, 80 s fixed
+    units, seconds, basis = project(job, measured, paper())
+    assert (units, seconds, basis) == (40_000, 80.0 + 0.01 * 40_000, job.label())
+
+
+def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times_n_over_n():
+    """(wall - fixed) * 10,000 / 500 for every pass but the audit (at most audit_certified
+    points per radius whatever the test-set size)."""
+    parts = {
+        "pgd": (30.0, 1000),
+        "strong": (100.0, 200),
+        "audit": (20.0, 100),
+        "bisect": (50.0, 500),
+    }
+    measured = fake_eval({"n_test": 500}, parts, wall=260.0)
+    units, seconds, _ = project(measured.job, measured, paper())
+    assert units == 10_000 and seconds == pytest.approx(60.0 + (30 + 100 + 50) * 20 + 20)
+
+
+def test_a_bisection_the_rehearsal_left_out_is_estimated_at_the_strong_attacks_rate():
+    """Run: strong attack at one radius, no bisection; paper: 4 standard radii (3 of them off
+    the 40-radius grid: 42 PGD radii against 40) and ceil(log2 40) = 6 bisection attacks per
+    clean point."""
+    run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
+        **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
+    parts = {"pgd": (30.0, 1000), "strong": (100.0, 200), "audit": (20.0, 100), "bisect": (0.0, 0)}
+    measured = fake_eval(run, parts, wall=160.0)
+    _, seconds, basis = project(measured.job, measured, paper())
+    pgd, strong, audit = 30 * 20 * 42 / 40, 100 * 20 * 4, 20 * 4
+    bisect = 100 / 200 * 0.5 * 10_000 * 6  # s per point x clean points x attacks per point
+    assert seconds == pytest.approx(10.0 + pgd + strong + audit + bisect)
+    assert "bisection estimated at the strong pass's rate" in basis
+
+
+def test_an_unmeasured_variant_is_projected_by_the_benchmarked_step_time_ratio_and_its_stages():
+    train = Measured(Job("train_classifier", "nonexpansive", seed=0), 30.0, 0, "step", 100, 1.0, {})
+    bench = {("classifier", 16, "cuda_graphs replayed"): 7.5, ("cpl", 16, ""): 15.0}
+    _, seconds, basis = project(Job("train_classifier", "cpl_XS", seed=0), train, paper(bench))
+    assert seconds == pytest.approx(29.0 + 2 * 0.01 * 40_000)  # CPL trains eagerly: 2x
+    assert "x 2 (benchmarked step ('cpl', 16) / ('classifier', 16))" in basis
+    denoiser = Measured(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 0, "step", 10, 1.0, {})
+    _, seconds, basis = project(Job("train_denoiser", "heun", "0.15", 0), denoiser, paper())
+    assert seconds == pytest.approx(29.0 + 2 * 0.1 * 40_000) and "stages only" in basis
+
+
+def fake_run(eval_wall: float) -> list[Measured]:
+    """One measured job per rule, the rehearsal's variants."""
+    out = [Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {}) for d in SIZES]
+    for v in ("nonexpansive", "resnet"):
+        out.append(Measured(Job("train_classifier", v, seed=0), 30.0, 0, "step", 2000, 15.0, {}))
+        parts = {"pgd": (5.0, 500), "strong": (20.0, 100), "audit": (5.0, 50), "bisect": (0.0, 0)}
+        run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
+            **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
+        out.append(fake_eval(run, parts, eval_wall, v))
+    for v in ("averaged", "dncnn"):
+        out += [
+            Measured(Job("train_denoiser", v, "0.15", 0), 40.0, 0, "step", 200, 20.0, {}),
+            Measured(Job("evaluate_denoiser", v, "0.15", 0), 20.0, 0, "test image", 200, 20.0, {}),
+            Measured(Job("pnp_deblur", v, "0.15", 0), 20.0, 0, "image-iteration", 600, 20.0, {}),
+        ]
+    out.append(
+        Measured(Job("evaluate_tv_denoising", sigma="0.15"), 9.0, 0, "test image", 200, 9, {})
+    )
+    return out + [Measured(Job("tv_deblur"), 5.0, 0, "image-iteration", 600, 5.0, {})]
+
+
+def test_every_job_of_the_paper_dag_gets_a_finite_projection_and_the_totals_name_late_jobs():
+    rows = pd.DataFrame(cost_rows(fake_run(eval_wall=40.0), paper()))
+    dag = rows[rows["row"] == "paper"]
+    assert len(dag) == len(dag_jobs(PAPER)) and dag["projected_h"].map(math.isfinite).all()
+    assert set(dag["rule"]) == set(RULES) and dag["basis"].str.len().gt(0).all()
+    gpu, every = rows[rows["row"] == "total"].itertuples()
+    assert gpu.projected_h == pytest.approx(dag.loc[dag["gpu"] > 0, "projected_h"].sum())
+    assert every.projected_h == pytest.approx(dag["projected_h"].sum())
+    assert gpu.fits and gpu.basis == "over their runtime: none"
+    slow = pd.DataFrame(cost_rows(fake_run(eval_wall=40.0 + 4 * 3600), paper()))  # 4 h fixed
+    late = slow[(slow["row"] == "paper") & ~slow["fits"].astype(bool)]
+    assert set(late["rule"]) == {"evaluate_classifier"}
+    assert "evaluate_classifier/nonexpansive" in slow[slow["row"] == "total"]["basis"].iloc[0]
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny `make rehearsal`
+
+TINY = {
+    "device": "cpu",
+    "threads": 1,
+    "data": {
+        "cifar10": {"synthetic": {"n_train": 256, "n_val": 64, "n_test": 64}},
+        "bsds500": {"photos": {"size": [32, 40], "n_train": 16, "n_val": 4, "n_test": 4}},
+    },
+    "classification": {
+        "train": {"batch_size": 32, "stop_after": 6, "log_every": 2, "checkpoint_every": 3},
+        "select": ["nonexpansive"],
+        "variants": {"nonexpansive": {"kwargs": {"base_width": 4, "blocks_per_stage": 1}}},
+        "evaluate": {
+            "n_test": 16,
+            "batch_size": 16,
+            "eps": {"num": 4},
+            "audit_certified": 4,
+            "lipschitz_search": {"steps": 5},
+            "strong": {"version": "custom", "attacks": ["apgd-ce"], "iterations": 5},
+        },
+    },
+    "denoising": {
+        "train": {"batch_size": 4, "stop_after": 4, "log_every": 2, "checkpoint_every": 2},
+        "select": ["averaged"],
+        "variants": {"averaged": {"kwargs": {"width": 8, "depth": 2, "power_size": None}}},
+        "evaluate": {"crop_size": [16, 16], "lipschitz_search": {"steps": 5}},
+        "tv": {"iters": 10},
+    },
+    "pnp": {"denoisers": ["averaged"], "max_iter": 10, "tv": {"iters": 10}},
+    "resources": {
+        kind: {"runtime": 10, "mem_mb": 2000, "gpu": 0} for kind in ("train", "evaluate")
+    },
+}
+
+
+@pytest.mark.slow
+def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path):
+    """The rehearsal overlay shrunk (tiny data and models, one model per rule, a cheap strong
+    attack): `make rehearsal` runs every rule and projects every job of the paper DAG, the ones
+    of unmeasured variants from the measured job of their rule."""
+    work = copy_workflow(tmp_path / "rehearsal")
+    shutil.copytree(ROOT / "benchmarks" / "results", work / "benchmarks" / "results")
+    overlay = work / "config" / "rehearsal.yaml"  # the rehearsal overlay, further shrunk
+    overlay.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(overlay.read_text()), TINY)))
+    make = subprocess.run(
+        ["make", "rehearsal", f"VENV={BIN.parent}", "STAMP="],
+        cwd=work,
+        env={k: v for k, v in local_env().items() if not k.startswith("MAKE")},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert make.returncode == 0, (make.stdout + make.stderr)[-4000:]
+    cost = pd.read_csv(work / "results/rehearsal/cost.csv")
+    measured = cost[cost["row"] == "rehearsal"]
+    assert set(measured["rule"]) == set(RULES)
+    assert (measured["wall_s"] > 0).all() and measured["projected_h"].map(math.isfinite).all()
+    trained = measured[measured["rule"].str.startswith("train_")]
+    assert list(trained["units"]) == [6, 4]  # steps run of the 40,000-step schedule
+    assert (trained["substeps_first"] >= 1).all() and (trained["peak_memory_mb"] > 0).all()
+    attacked = measured[measured["rule"] == "evaluate_classifier"]
+    assert (attacked["fixed_s"] > 0).all() and (attacked["seconds_per_unit"] >= 0).all()
+    dag = cost[cost["row"] == "paper"]
+    assert len(dag) == len(dag_jobs(PAPER)) and dag["projected_h"].map(math.isfinite).all()
+    assert dag[dag["variant"] == "resnet"]["basis"].str.startswith("train_classifier/nonexp").any()
+    assert dag["fits"].isin([True, False]).all() and (cost["row"] == "total").sum() == 2
+    note = (work / "results/rehearsal/cost.md").read_text()
+    assert "GPU-hours" in note and "## The paper's learning rate, tried" in note
+    assert "other than the paper's (classification/nonexpansive, denoising/averaged)" in note
+    assert (work / "results/rehearsal/summary.md").exists()
+
+
+def test_make_rehearsal_clears_a_stale_lock_first_reruns_incomplete_jobs_and_runs_one_gpu_job():
+    profile = yaml.safe_load((ROOT / "workflow/profiles/rehearsal/config.yaml").read_text())
+    assert profile["rerun-incomplete"] is True and profile["resources"] == {"gpu": 1}
+    assert profile["configfile"] == ["config.yaml", "config/rehearsal.yaml"]
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^rehearsal:.*\n((?:\t.*\n)+)", makefile, re.M)[1]
+    assert recipe.index("-m stablenets.locks") < recipe.index("/snakemake all_with_cost"), recipe
+
+
+def test_an_evaluation_is_measured_from_its_sweep_state_and_a_stale_state_fails_in_one_line(
+    tmp_path,
+):
+    """Seconds and points per pass come from the sweep's saved state; a state saved before the
+    sweep ended (its per-point seconds differ from the job's) fails naming save_every_s."""
+    job = Job("evaluate_classifier", "resnet", seed=0)
+    root = tmp_path / "results"
+    tsv = tmp_path / "bench.tsv"
+    tsv.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t900.0\n")
+    spec = {"evaluate": PAPER["classification"]["evaluate"]}
+    rates = {"pgd": 0.01, "strong": 0.5, "audit": float("nan"), "bisect": 0.25}
+    write_results(
+        job.results(root),
+        {"config": json.dumps(spec), "n_test": 100, "clean_accuracy": 0.5}
+        | {f"seconds_per_point_{p}": r for p, r in rates.items()},
+        {},
+    )
+    progress = root / "checkpoints/eval/classification/resnet/seed0/progress.pt"
+    progress.parent.mkdir(parents=True)
+    state = {"seconds": {"pgd": 2.0, "strong": 5.0, "audit": 0.0, "bisect": 1.0},
+             "points": {"pgd": 200, "strong": 10, "audit": 0, "bisect": 4}}  # fmt: skip
+    torch.save({"key": "k", "state": state}, progress)
+    measured = measure(job, tsv, root)
+    assert (measured.wall_s, measured.max_rss_mb, measured.units) == (12.5, 900.0, 100)
+    assert measured.variable_s == 8.0 and measured.fixed_s == 4.5
+    assert measured.parts["strong"] == (5.0, 10) and measured.stats["s_per_point_pgd"] == 0.01
+    state["seconds"]["bisect"] = 0.5  # the last bisection batch's seconds not saved
+    torch.save({"key": "k", "state": state}, progress)
+    with pytest.raises(
+        ValueError, match=r"pass bisect saved .*\(set classification\.evaluate\.save_every_s"
+    ):
+        measure(job, tsv, root)
