@@ -1,7 +1,8 @@
 """Evaluation benchmark: the radius sweep against the per-radius evaluation, side by side.
 
-``python -m stablenets.evalbench --model M --data D --spec S`` evaluates one trained classifier
-twice on the same test points with the same attacks and seeds:
+``python -m stablenets.evalbench --config config.yaml config/smoke.yaml --variant cpl_XS`` (after
+``make smoke``) evaluates one trained classifier twice on the same test points with the same
+attacks and seeds:
 
 * **per radius** (the evaluation before issue 19): at every radius, the cheap attack (PGD) on
   every correctly classified point, the strong attack on every correctly classified point where
@@ -11,7 +12,9 @@ twice on the same test points with the same attacks and seeds:
 
 It prints both robust-accuracy curves, their largest difference (the sweep must never be more
 than one percentage point above: it is at least as strong) and both times, measured in one run,
-and writes them to a CSV. ``--time-points K`` also times each attack per point on ``K`` points
+and writes them to a CSV. ``--override`` changes the evaluation settings, e.g. a stronger attack
+over the whole grid: ``'{"n_test": 60, "eps": {"num": 40}, "strong": {"attacks": ["apgd-ce",
+"apgd-t"], "on_grid": true}}'`` (``benchmarks/README.md`` has the results). ``--time-points K`` also times each attack per point on ``K`` points
 (the seconds per point per attack that ``bench --project`` turns into evaluation hours).
 """
 
@@ -112,29 +115,49 @@ def seconds_per_point(
     return out
 
 
-def _plan(ev: dict, seed: int, grid_search: str | None) -> robustness.SweepPlan:
-    if grid_search is not None:
-        ev = {**ev, "strong": {**ev["strong"], "grid_search": grid_search}}
-    return robustness.SweepPlan.from_config(ev, seed)
+def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path]:
+    """The evaluation spec of ``variant`` under ``configs`` (later files overlay earlier ones, as
+    Snakemake's ``--configfile``), its trained model and the CIFAR-10 file of that scale."""
+    import yaml
+    from snakemake.utils import update_config
+
+    from .config import validate_config
+    from .workflow import Jobs
+
+    config: dict = {}
+    for path in configs:
+        update_config(config, yaml.safe_load(path.read_text()))
+    config = validate_config(config, Path("workflow/schemas/config.schema.yaml"))
+    spec = json.loads(Jobs(config).eval_spec("classification", variant, seed))
+    results = Path("results") / config["scale"]
+    model = results / f"models/classification/{variant}/seed{seed}/model.pt"
+    return spec, model, results / "data/cifar10.h5"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m stablenets.evalbench", description=__doc__)
-    p.add_argument("--model", type=Path, required=True, help="a trained classifier (model.pt)")
-    p.add_argument("--data", type=Path, required=True, help="the CIFAR-10 HDF5 file")
-    p.add_argument("--spec", type=Path, required=True, help="the evaluation job's JSON spec")
-    p.add_argument("--override", default="{}", help="JSON merged into spec['evaluate']")
-    p.add_argument("--grid-search", choices=["bisect", "sweep"], default=None)
+    p.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        default=[Path("config.yaml")],
+        help="config files, later ones overlaid (e.g. config.yaml config/smoke.yaml)",
+    )
+    p.add_argument("--variant", required=True, help="a classification variant, trained already")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", default="{}", help="JSON merged into the evaluate settings")
     p.add_argument("--time-points", type=int, default=0, help="also time each attack per point")
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)
-    spec = json.loads(args.spec.read_text())
-    ev = {**spec["evaluate"], **json.loads(args.override)}
+    spec, model_path, data_path = _job(args.config, args.variant, args.seed)
+    ev = spec["evaluate"]
+    for key, value in json.loads(args.override).items():
+        ev[key] = {**ev[key], **value} if isinstance(value, dict) else value
     torch.set_num_threads(int(spec.get("threads", 1)))
-    model = load_model(args.model, map_location="cpu").eval()
-    x, y = data.read_split(args.data, "test")
+    model = load_model(model_path, map_location="cpu").eval()
+    x, y = data.read_split(data_path, "test")
     x, y = (x[: ev["n_test"]], y[: ev["n_test"]]) if ev.get("n_test") else (x, y)
-    plan = _plan(ev, int(spec["seed"]), args.grid_search)
+    plan = robustness.SweepPlan.from_config(ev, int(spec["seed"]))
     rows, times = compare(model, x, y, plan, model.lipschitz_bound())
     for r in rows:
         print("  ".join(f"{k} {v:.4f}" for k, v in r.items()))
