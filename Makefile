@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[pipeline,test]'
 	touch $(STAMP)
 
 # A Snakemake killed with SIGKILL leaves its lock behind: stablenets.locks removes it first, but
@@ -61,11 +61,14 @@ rehearsal: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# tests/test_layers.py: the layering contract (nn < library < pipeline) and the library's
+# imports without the pipeline extra.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint --cores 1
+	$(BIN)/pytest -q tests/test_layers.py
 
 clean-smoke:
 	rm -rf results/smoke logs/smoke benchmarks/smoke

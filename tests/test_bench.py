@@ -13,15 +13,20 @@ from __future__ import annotations
 import copy
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from stablenets import bench
+from stablenets.config import ConfigError
 from stablenets.models import build_model
 from stablenets.operators import power_iteration_all
 from stablenets.reference import from_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / bench.SCHEMA
 
 
 def _stretch(model, factor: float):
@@ -241,12 +246,15 @@ def test_family_bench_reports_time_relative_to_cpl_and_the_plain_pair(tmp_path):
         for w in ("4", "8")
         for m, i in [("cpl", "ours"), ("cpl", "plain"), ("sll", "ours"), ("orthogonal", "ours")]
     }
+    # epoch_s: steps of one epoch of config.yaml's CIFAR-10 training split (47,500 / 2,500)
+    images = bench.epoch_images(bench.load_config(ROOT / "config.yaml", SCHEMA))
+    assert images == 47_500
     for (_, _, width), r in rows.items():
         cpl = rows[("cpl", "ours", width)]
         ratio = float(r["step_ms"]) / float(cpl["step_ms"])
         assert float(r["time_vs_cpl"]) == pytest.approx(ratio, rel=1e-2)
         assert float(r["epoch_s"]) == pytest.approx(
-            math.ceil(bench.EPOCH_IMAGES / 16) * float(r["step_ms"]) / 1000, rel=1e-2
+            math.ceil(images / 16) * float(r["step_ms"]) / 1000, rel=1e-2
         )
         assert int(r["blocks"]) == 6
     assert float(rows[("cpl", "ours", "8")]["ratio_vs_reference"]) == pytest.approx(
@@ -271,25 +279,23 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     train = {"steps": 3600, "batch_size": 128}
-    config = {
-        "seeds": [0, 1],
-        "data": {"bsds500": {"size": [321, 481]}},
-        "classification": {
-            "train": train,
-            "sizes": {"XS": 16, "S": 32, "M": 64},
-            "variants": {
-                "nonexpansive": {"model": "nonexpansive_classifier"},
-                "cpl_XS": {"model": "cpl_classifier", "size": "XS"},
-                "cpl_S": {"model": "cpl_classifier", "size": "S", "train": {"batch_size": 256}},
-                "cpl_M": {"model": "cpl_classifier", "size": "M"},
-                "sll_XS": {"model": "sll_classifier", "size": "XS", "train": {"budget_minutes": 90}},
-            },
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())  # --project validates it
+    config["seeds"] = [0, 1]
+    config["classification"].update({
+        "train": train,
+        "sizes": {"XS": 16, "S": 32, "M": 64},
+        "variants": {
+            "nonexpansive": {"model": "nonexpansive_classifier"},
+            "cpl_XS": {"model": "cpl_classifier", "size": "XS"},
+            "cpl_S": {"model": "cpl_classifier", "size": "S", "train": {"batch_size": 256}},
+            "cpl_M": {"model": "cpl_classifier", "size": "M"},
+            "sll_XS": {"model": "sll_classifier", "size": "XS", "train": {"budget_minutes": 90}},
         },
-        "denoising": {"noise_levels": [0.1], "train": train, "variants": {}},
-    }  # fmt: skip
+    })  # fmt: skip
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
-    got = {label: (jobs, hours) for label, jobs, hours in bench.project_hours(csv_path, cfg_path)}
+    projected = bench.project_hours(csv_path, cfg_path, schema=SCHEMA)
+    got = {label: (jobs, hours) for label, jobs, hours in projected}
     assert got["classification/nonexpansive"] == (2, pytest.approx(2 * 3600 * 0.050 / 3600))
     assert got["classification/cpl_XS"] == (2, pytest.approx(2 * 0.010))
     assert got["classification/cpl_S"] == (2, pytest.approx(2 * 0.020 * 2))  # twice the batch
@@ -308,14 +314,20 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
     config["classification"]["variants"]["cpl_S"]["train"]["loss"] = {"name": "margin", "eps": 0.1}
     config["classification"]["variants"]["cpl_M"]["train"] = {"amp": True}
     cfg_path.write_text(yaml.safe_dump(config))
-    got = dict((label, hours) for label, _, hours in bench.project_hours([csv_path, graphs_csv],
-                                                                       cfg_path))  # fmt: skip
+    projected = bench.project_hours([csv_path, graphs_csv], cfg_path, schema=SCHEMA)
+    got = {label: hours for label, _, hours in projected}
     assert got["classification/nonexpansive"] == pytest.approx(2 * 0.005)
     assert got["classification/cpl_XS"] == pytest.approx(2 * 0.005)
     assert got["classification/cpl_S"] == pytest.approx(2 * 0.020 * 2)  # margin loss: eager
     missing = "cpl_classifier at width 64 with options 'amp cuda_graphs replayed' not benchmarked"
     assert got[f"classification/cpl_M ({missing})"] == 0.0
-    forced = bench.project_hours([csv_path, graphs_csv], cfg_path, options="")
+    forced = bench.project_hours([csv_path, graphs_csv], cfg_path, options="", schema=SCHEMA)
     assert dict((label, h) for label, _, h in forced)["classification/cpl_XS"] == pytest.approx(
         2 * 0.010
     )
+
+    # The config is validated as the workflow validates it: one line names a bad key.
+    config["classification"]["train"]["stepz"] = 1
+    cfg_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"classification\.train\.stepz: unknown key"):
+        bench.project_hours(csv_path, cfg_path, schema=SCHEMA)

@@ -37,7 +37,14 @@ from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, local_env,
 
 from stablenets import cli, data, experiments, locks
 from stablenets.config import ConfigError, validate_config
-from stablenets.models import CheckpointError, build_model, load_model, read_checkpoint, save_model
+from stablenets.models import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    build_model,
+    load_model,
+    read_checkpoint,
+    save_model,
+)
 from stablenets.runtime import config_hash, provenance, read_results, sidecar_path
 from stablenets.workflow import Jobs
 
@@ -867,7 +874,7 @@ def test_checkpoints_load_weights_only_and_never_run_pickled_code(tmp_path):
     model = _model("dncnn", width=6, depth=4, input_size=8)
     torch.save(
         {
-            "format": "stablenets-model-v1",
+            "format": CHECKPOINT_FORMAT,
             "name": "dncnn",
             "kwargs": {"width": 6, "depth": 4, "input_size": 8},
             "state_dict": model.state_dict(),
@@ -895,7 +902,19 @@ def test_a_checkpoint_for_another_model_fails_the_job_naming_both(tmp_path, caps
     save_model(model, path, **provenance(trained, 0))
     spec = {"variant": "nonexpansive", "seed": 0, "device": "cpu", "threads": 1, "evaluate": {}}
     argv = ["--spec", json.dumps(spec), "--model", str(path), "--data", str(tmp_path / "d.h5")]
-    assert cli.main(["evaluate-classifier", *argv, "--out", str(tmp_path / "a.h5")]) == 1
+    assert (
+        cli.main(
+            [
+                "evaluate-classifier",
+                *argv,
+                "--out",
+                str(tmp_path / "a.h5"),
+                "--workdir",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 1
+    )
     one_error_line(
         capsys.readouterr().err,
         str(path),

@@ -44,6 +44,7 @@ import torch
 from torch.nn import functional as F
 
 from .families import FAMILIES
+from .integrators import INTEGRATORS
 
 __all__ = ["main", "MODEL_SPECS"]
 
@@ -79,7 +80,8 @@ QUICK = {
     "dncnn": (2, (32, 40), {"width": 8, "depth": 5}),
     **{f: (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}) for f in FAMILIES},
 }
-EPOCH_IMAGES = 47_500  # CIFAR-10 training split of config.yaml (val_fraction 0.05)
+CIFAR10_IMAGES = 50_000  # the official archive's training batches, split by data.prepare_cifar10
+SCHEMA = Path("workflow/schemas/config.schema.yaml")  # --schema: validates --config
 _PREPARED: dict[str, torch.nn.Module] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
 PROFILE_ROWS = 25  # --profile: rows of the printed table
@@ -586,7 +588,31 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-STAGES = {"euler": 1, "heun": 2, "ssprk3": 3, "midpoint": 2, "rk4": 4}
+# Stages of each integrator's Butcher tableau: evaluations of a block's field per sub-step.
+STAGES = {name: tableau.stages for name, tableau in INTEGRATORS.items()}
+
+
+def load_config(path: Path, schema: Path = SCHEMA) -> dict:
+    """``path`` as the workflow reads it: validated by ``config.validate_config`` against
+    ``schema`` (one line per problem), defaults filled in, ``size`` and ``select`` applied."""
+    import yaml
+
+    from .config import validate_config
+
+    with open(path) as fh:
+        return validate_config(yaml.safe_load(fh), schema)
+
+
+def epoch_images(cfg: dict) -> int:
+    """Training images per epoch of a validated config: the training split of its CIFAR-10
+    data (``data.prepare_cifar10``'s split of the archive, or the synthetic ``n_train``)."""
+    from .data import _random_split
+
+    spec = cfg["data"]["cifar10"]
+    if spec["source"] == "synthetic":
+        return int(spec["synthetic"]["n_train"])
+    train, _ = _random_split(CIFAR10_IMAGES, spec["val_fraction"], spec["split_seed"])
+    return len(train)
 
 
 def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
@@ -617,7 +643,10 @@ def variant_options(train: dict) -> str:
 
 
 def project_hours(
-    csv_paths: Path | list[Path], config_path: Path, options: str | None = None
+    csv_paths: Path | list[Path],
+    config_path: Path,
+    options: str | None = None,
+    schema: Path = SCHEMA,
 ) -> list[tuple[str, int, float]]:
     """Projected device-hours of the training jobs of ``config_path`` from results CSVs:
 
@@ -629,12 +658,10 @@ def project_hours(
     variant's step time is scaled by its integrator's stages per sub-step (the benchmark runs
     Euler) and by the ratio of its batch x pixels to the benchmarked ones (none at paper scale;
     linear in pixels, as the convolutions are); a variant with ``budget_minutes`` costs exactly that. Jobs: classification and
-    denoising variants x seeds (x noise levels). Evaluation, PnP and data jobs are not included.
+    denoising variants x seeds (x noise levels), after ``select``. Evaluation, PnP and data jobs
+    are not included. The config is validated against ``schema`` first (``load_config``).
     Returns ``(job kind, count, hours)`` rows; a label with parentheses marks an assumption."""
-    import yaml
-
-    with open(config_path) as fh:
-        cfg = yaml.safe_load(fh)
+    cfg = load_config(config_path, schema)
     rates = {}
     for path in [csv_paths] if isinstance(csv_paths, Path) else csv_paths:
         with open(path) as fh:
@@ -706,7 +733,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated base widths of the classifier models (default: the skeleton's)",
     )
     p.add_argument(
-        "--epoch-images", type=int, default=EPOCH_IMAGES, help="images per epoch (epoch_s)"
+        "--epoch-images",
+        type=int,
+        default=None,
+        help="images per epoch (epoch_s; default: the CIFAR-10 training split of --config)",
     )
     p.add_argument(
         "--no-reference", action="store_true", help="skip the baselines (reference, plain pair)"
@@ -738,7 +768,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="print the projected hours of config.yaml's training jobs from CSVs (a later "
         "file's row replaces an earlier one's)",
     )
-    p.add_argument("--config", default="config.yaml", help="config for --project")
+    p.add_argument(
+        "--config", default="config.yaml", help="config for --project and --epoch-images"
+    )
+    p.add_argument("--schema", default=str(SCHEMA), help="JSON Schema that validates --config")
     p.add_argument(
         "--project-options",
         default=None,
@@ -779,7 +812,10 @@ def _main(argv=None) -> list[dict]:
         return []
     if args.project is not None:
         rows = project_hours(
-            [Path(f) for f in args.project], Path(args.config), args.project_options
+            [Path(f) for f in args.project],
+            Path(args.config),
+            args.project_options,
+            Path(args.schema),
         )
         for job, count, hours in rows:
             print(f"{hours:10.1f} h  {count:3d} job(s)  {job}")
@@ -788,6 +824,8 @@ def _main(argv=None) -> list[dict]:
               f"{', '.join(args.project)})")  # fmt: skip
         print(f"{sum(h for *_, h in rows):10.1f} h  total with the assumed ones")
         return []
+    if args.epoch_images is None:
+        args.epoch_images = epoch_images(load_config(Path(args.config), Path(args.schema)))
     jobs = _jobs(args)
     results: list[list[dict]] = [[] for _ in jobs]
     states = tempfile.TemporaryDirectory()
@@ -823,4 +861,9 @@ def _main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from .config import ConfigError
+
+    try:
+        main()
+    except ConfigError as err:  # one line per problem of --config, no traceback
+        sys.exit(f"python -m stablenets.bench: {err}")

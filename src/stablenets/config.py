@@ -16,15 +16,6 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 
 __all__ = ["ConfigError", "validate_config", "load_schema"]
 
-CLASSIFIERS = {
-    "nonexpansive_classifier",
-    "resnet_classifier",
-    "cpl_classifier",
-    "sll_classifier",
-    "aol_classifier",
-    "orthogonal_classifier",
-}
-DENOISERS = {"nonexpansive_denoiser", "dncnn"}
 _PROBE_SIZE = (3, 64, 64)  # image size on which the blur's norm is computed (size-independent)
 
 
@@ -78,6 +69,7 @@ def _schema_errors(config: dict, schema: dict) -> list[str]:
 
 
 def _cross_field_errors(config: dict) -> list[str]:
+    from .models import CLASSIFIERS, DENOISERS  # the model registry (imports torch, as pnp)
     from .pnp import GaussianBlur  # the blur operator decides the PnP step-size limit
 
     errors = []

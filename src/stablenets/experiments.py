@@ -19,9 +19,11 @@ import torch
 from . import data, denoising, pnp, robustness
 from .atomic import atomic_path, remove_stale_temporaries
 from .augment import AugmentConfig
-from .config import CLASSIFIERS, DENOISERS
 from .interrupt import Interrupted, StopFlag
+from .memory import peak_memory_mb
 from .models import (
+    CLASSIFIERS,
+    DENOISERS,
     CheckpointError,
     StableModel,
     build_model,
@@ -31,7 +33,6 @@ from .models import (
 )
 from .runtime import (
     config_hash,
-    peak_memory_mb,
     provenance,
     select_device,
     write_results,

@@ -41,6 +41,9 @@ __all__ = [
     "load_model",
     "CheckpointError",
     "MODELS",
+    "CLASSIFIERS",
+    "DENOISERS",
+    "CHECKPOINT_FORMAT",
     "BLOCKS",
 ]
 
@@ -320,16 +323,27 @@ class DnCNN(StableModel):
         return 1.0 + bound
 
 
-MODELS: dict[str, Callable[..., StableModel]] = {
-    "nonexpansive_classifier": lambda **kw: Classifier(block="nonexpansive", **kw),
-    "resnet_classifier": lambda **kw: Classifier(block="residual", **kw),
-    "cpl_classifier": lambda **kw: Classifier(block="cpl", **kw),
-    "sll_classifier": lambda **kw: Classifier(block="sll", **kw),
-    "aol_classifier": lambda **kw: Classifier(block="aol", **kw),
-    "orthogonal_classifier": lambda **kw: Classifier(block="orthogonal", **kw),
+def _classifier(block: str) -> Callable[..., StableModel]:
+    return lambda **kw: Classifier(block=block, **kw)
+
+
+# The one registry of model names: ``build_model`` builds from ``MODELS``; the config's checks
+# and the pipeline's jobs take a variant's kind from ``CLASSIFIERS`` / ``DENOISERS``.
+CLASSIFIER_MODELS: dict[str, Callable[..., StableModel]] = {
+    "nonexpansive_classifier": _classifier("nonexpansive"),
+    "resnet_classifier": _classifier("residual"),
+    "cpl_classifier": _classifier("cpl"),
+    "sll_classifier": _classifier("sll"),
+    "aol_classifier": _classifier("aol"),
+    "orthogonal_classifier": _classifier("orthogonal"),
+}
+DENOISER_MODELS: dict[str, Callable[..., StableModel]] = {
     "nonexpansive_denoiser": NonexpansiveDenoiser,
     "dncnn": DnCNN,
 }
+MODELS: dict[str, Callable[..., StableModel]] = {**CLASSIFIER_MODELS, **DENOISER_MODELS}
+CLASSIFIERS = frozenset(CLASSIFIER_MODELS)
+DENOISERS = frozenset(DENOISER_MODELS)
 
 
 def build_model(name: str, **kwargs: Any) -> StableModel:

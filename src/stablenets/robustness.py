@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pyautoattack import AutoAttack
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
+    from pyautoattack import AutoAttack
 
 Attack = Callable[[nn.Module, Tensor, Tensor, float], Tensor]
 """``attack(model, x, y, eps) -> x_adv`` with ``||x_adv - x||_2 <= eps`` per sample."""
@@ -321,6 +323,8 @@ def autoattack_l2(
         raise ValueError("give attacks exactly when version='custom'")
     if eps == 0 or len(x) == 0:
         return x.clone()
+    from pyautoattack import AutoAttack  # the pipeline extra: the library runs without it
+
     device = model_device(model)
     with eval_mode(model), _forked_rng(device):
         n_classes = _logits(model, x[:1], 1).shape[1]

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import tempfile
 from importlib import metadata
@@ -74,16 +73,6 @@ def select_device(setting: str) -> torch.device:
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {setting!r} requested but CUDA is not available")
     return torch.device(setting)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process so far, in MiB: allocated GPU memory on CUDA, the resident
-    set's high-water mark (Python and torch included) on the CPU."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def config_hash(spec: dict) -> str:

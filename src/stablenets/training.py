@@ -39,9 +39,15 @@ from .denoising import fixed_noise, psnr
 from .graphs import StepGraphs
 from .interrupt import Interrupted, StopFlag
 from .losses import build_loss
-from .models import CheckpointError, StableModel, atomic_torch_save, read_checkpoint
+from .memory import peak_memory_mb
+from .models import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    StableModel,
+    atomic_torch_save,
+    read_checkpoint,
+)
 from .operators import fused_power_iteration, remember_estimates
-from .runtime import peak_memory_mb
 
 __all__ = [
     "TrainConfig",
@@ -243,7 +249,7 @@ def _resume(
 def _save(path: Path, config_hash: str, model, opt, sched, state: RunState) -> None:
     atomic_torch_save(
         {
-            "format": "stablenets-model-v1",
+            "format": CHECKPOINT_FORMAT,
             "kind": RESUME_FORMAT,
             "config_hash": config_hash,
             "model": model.state_dict(),

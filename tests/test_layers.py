@@ -1,0 +1,300 @@
+"""One house with rooms: the library installs and runs alone, and the layers import downwards.
+
+* ``pip install stablenets`` (torch and numpy) imports the library and trains a small model: a
+  fresh interpreter in which every third-party package outside the closure of the core
+  dependencies fails to import, as in a fresh environment without the ``pipeline`` extra.
+  (A real fresh virtual environment would need its own copy of torch, several GB: not done here;
+  ``--system-site-packages`` would prove nothing, it sees every package.)
+* The layering contract (``make lint`` runs this file): ``nn`` < ``library`` < ``pipeline``; a
+  module imports nothing from a layer above its own (function-level imports included), the
+  ``nn`` and ``library`` layers import only torch and numpy besides the standard library at
+  import time, and only the pipeline knows Snakemake.
+* The names the JSON Schema enumerates are the registries' (the schema cannot import them).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "stablenets"
+
+# Lowest first. A module may import its own layer and the layers below it.
+LAYERS: dict[str, set[str]] = {
+    # The layers themselves and what they stand on: torch and numpy only.
+    "nn": {
+        "__init__", "atomic", "interrupt", "memory", "activations", "operators", "integrators",
+        "blocks", "families", "models", "losses",
+    },
+    # Training and evaluation of those layers (and the plain reference the benchmark times):
+    # torch and numpy only; AutoAttack is imported where it runs (robustness.autoattack_l2).
+    "library": {
+        "augment", "budget", "graphs", "training", "denoising", "robustness", "pnp", "reference",
+    },
+    # The pipeline: data, config, Snakemake job specs, results files, reports, cost and the
+    # benchmarks (bench validates config.yaml, cost reuses bench): the `pipeline` extra.
+    "pipeline": {
+        "__main__", "cli", "config", "workflow", "data", "runtime", "experiments", "reports",
+        "tables", "figures", "cost", "locks", "bench", "evalbench",
+    },
+}  # fmt: skip
+RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
+LIBRARY = LAYERS["nn"] | LAYERS["library"]
+CORE = {"torch", "numpy"}  # third-party packages the library imports at import time
+# Third-party packages a library module imports inside the one function that needs them.
+LAZY = {("robustness", "pyautoattack")}
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def _imports(tree: ast.Module, top_level_only: bool = False) -> list[tuple[str, int]]:
+    """``(name, line)`` of every import: ``stablenets.<module>`` for the package's own, the
+    top-level package name for the others. ``top_level_only``: the imports that run when the
+    module is imported (not inside functions or ``if TYPE_CHECKING:``)."""
+    if top_level_only:
+        nodes: list[ast.AST] = []
+        todo = list(tree.body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                todo += node.orelse
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            nodes.append(node)
+            todo += [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
+    else:
+        nodes = list(ast.walk(tree))
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: within stablenets
+                base = f"stablenets.{base}" if base else "stablenets"
+            if base == "stablenets":  # from . import x, y / from stablenets import x
+                found += [(f"stablenets.{alias.name}", node.lineno) for alias in node.names]
+            else:
+                found.append((base, node.lineno))
+    return [
+        (".".join(name.split(".")[:2]) if name.startswith("stablenets.") else name.split(".")[0],
+         line)
+        for name, line in found
+    ]  # fmt: skip
+
+
+def test_every_module_has_a_layer():
+    modules = set(_modules())
+    assert modules - set(RANK) == set(), "place the new module in a layer of LAYERS"
+    assert set(RANK) - modules == set(), "LAYERS names a module that does not exist"
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    layer = {rank: name for rank, name in enumerate(LAYERS)}
+    bad = [
+        f"{module}.py:{line} ({layer[RANK[module]]}) imports {name} ({layer[RANK[target]]})"
+        for module, tree in _modules().items()
+        for name, line in _imports(tree)
+        if name.startswith("stablenets.")
+        and (target := name.removeprefix("stablenets.")) in RANK
+        and RANK[target] > RANK[module]
+    ]
+    assert bad == []
+
+
+def test_the_library_imports_only_torch_and_numpy_and_only_the_pipeline_knows_snakemake():
+    stdlib = sys.stdlib_module_names | {"__future__"}
+    modules = _modules()
+    eager = [
+        f"{module}.py:{line} imports {name} at import time"
+        for module in sorted(LIBRARY)
+        for name, line in _imports(modules[module], top_level_only=True)
+        if name not in stdlib and name not in CORE and not name.startswith("stablenets")
+    ]
+    lazy = [
+        f"{module}.py:{line} imports {name}"
+        for module in sorted(LIBRARY)
+        for name, line in _imports(modules[module])
+        if name not in stdlib | CORE
+        and not name.startswith("stablenets")
+        and (module, name) not in LAZY
+    ]
+    snakemake = [
+        f"{module}.py:{line} imports {name}"
+        for module, tree in modules.items()
+        for name, line in _imports(tree)
+        if name.startswith("snakemake") and module not in LAYERS["pipeline"]
+    ]
+    assert eager == lazy == snakemake == []
+
+
+# --------------------------------------------------------------------------------------------
+# The library without the pipeline extra
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;(]", requirement.strip(), maxsplit=1)[0]
+
+
+def _closure(names: list[str]) -> set[str]:
+    """Distributions that installing ``names`` installs (their dependencies, recursively, with
+    environment markers evaluated and no extras)."""
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [n.lower().replace("_", "-") for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue  # not for this platform (an unmet marker elsewhere), nothing to allow
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name.lower().replace("_", "-"))
+    return seen
+
+
+def _import_names(distributions: set[str]) -> set[str]:
+    """Top-level import names that ``distributions`` provide."""
+    return {
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if any(d.lower().replace("_", "-") in distributions for d in dists)
+    }
+
+
+CORE_ONLY = r"""
+import importlib.abc, json, math, sys
+from pathlib import Path
+
+allowed, pipeline, workdir = set(json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
+stdlib = sys.stdlib_module_names
+refused = set()
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    # What a fresh environment with only `pip install stablenets` lacks: every third-party
+    # package outside the core dependencies' closure is not found (find_spec gives None, an
+    # import raises ModuleNotFoundError), as if it were not installed.
+    def __init__(self, finders):
+        self.finders = finders
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if not (top in stdlib or top in allowed or top.startswith("_") or top == "stablenets"):
+            refused.add(top)
+            return None
+        for finder in self.finders:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                return spec
+        return None
+
+    def invalidate_caches(self):
+        for finder in self.finders:
+            if hasattr(finder, "invalidate_caches"):
+                finder.invalidate_caches()
+
+
+sys.meta_path[:] = [NotInstalled(list(sys.meta_path))]
+
+import torch
+import stablenets
+from stablenets import build_model
+from stablenets.augment import AugmentConfig
+from stablenets.training import ClassificationTask, TrainConfig, train
+from stablenets import robustness, denoising, pnp, graphs, budget, reference, losses  # noqa
+
+torch.manual_seed(0)
+model = build_model(
+    "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
+)
+g = torch.Generator().manual_seed(0)
+x, y = torch.rand(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+task = ClassificationTask(x, y, x[:8], y[:8], AugmentConfig(), eval_batch=8)
+cfg = TrainConfig(steps=3, batch_size=8, lr_max=0.05, val_every=3, checkpoint_every=3)
+model, state = train(model, task, cfg, Path(workdir), "layers", lambda line: None)
+bound = model.lipschitz_bound()
+adv = robustness.pgd_l2(model, x[:4], y[:4], 0.1, steps=2)
+autoattack = None
+try:
+    robustness.autoattack_l2(model, x[:4], y[:4], 0.1)
+except ModuleNotFoundError as err:
+    autoattack = err.name
+print(json.dumps({
+    "step": state.step, "bound": bound, "moved": float((adv - x[:4]).norm()),
+    "autoattack": autoattack, "loaded": sorted(p for p in pipeline if p in sys.modules),
+    "refused": sorted(refused),
+}))
+"""
+
+
+def test_the_library_trains_a_model_without_the_pipeline_extra(tmp_path):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = [_requirement_name(r) for r in project["dependencies"]]
+    pipeline = [_requirement_name(r) for r in project["optional-dependencies"]["pipeline"]]
+    assert sorted(core) == ["numpy", "torch"]
+    assert "snakemake" in pipeline
+    allowed = _import_names(_closure(core))
+    # What the pipeline extra brings beyond the core: the names a library import must not need.
+    extra = _import_names(_closure(pipeline)) - allowed
+    assert {"snakemake", "h5py", "pandas", "yaml", "jsonschema", "pyautoattack"} <= extra
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", CORE_ONLY, json.dumps(sorted(allowed)),
+         json.dumps(sorted(extra)), str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["step"] == 3 and 0 < got["bound"] < float("inf")
+    assert 0 < got["moved"] <= 0.1 * 4**0.5 + 1e-6
+    assert got["autoattack"] == "pyautoattack"  # the one library function that needs the extra
+    assert got["loaded"] == []
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One source of truth: the schema's enumerations are the registries'
+
+
+def _schema() -> dict:
+    return yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def test_the_schema_enumerates_the_registries():
+    from stablenets.activations import ACTIVATIONS
+    from stablenets.integrators import INTEGRATORS
+    from stablenets.models import CLASSIFIERS, DENOISER_BLOCKS, DENOISERS, MODELS
+
+    defs = _schema()["$defs"]
+    kwargs = defs["model_kwargs"]["properties"]
+    model = defs["variants"]["additionalProperties"]["properties"]["model"]
+    assert sorted(model["enum"]) == sorted(MODELS) == sorted(CLASSIFIERS | DENOISERS)
+    assert sorted(kwargs["integrator"]["enum"]) == sorted(INTEGRATORS)
+    assert sorted(kwargs["block"]["enum"]) == sorted(DENOISER_BLOCKS)
+    assert set(kwargs["activation"]["enum"]) <= set(ACTIVATIONS)
+
+
+def test_the_benchmark_counts_the_stages_of_the_integrators_tableaux():
+    from stablenets import bench
+    from stablenets.integrators import INTEGRATORS
+
+    assert bench.STAGES == {n: len(t.b) for n, t in INTEGRATORS.items()}
+    assert bench.STAGES["rk4"] == 4 and bench.STAGES["euler"] == 1
