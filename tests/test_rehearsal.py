@@ -4,7 +4,6 @@ schedule, the overlay at the paper's sizes, the cost projection on fake jobs, an
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -13,11 +12,9 @@ import subprocess
 
 import pandas as pd
 import pytest
-import torch
 import yaml
-from workflow_helpers import BIN, ROOT, copy_workflow, local_env
+from workflow_helpers import BIN, ROOT, copy_workflow, deep_merge, local_env
 
-from stablenets.augment import AugmentConfig
 from stablenets.config import validate_config
 from stablenets.cost import (
     RULES,
@@ -30,24 +27,11 @@ from stablenets.cost import (
     measure,
     project,
 )
-from stablenets.models import build_model
 from stablenets.runtime import write_results
-from stablenets.training import ClassificationTask, TrainConfig, make_optimizer, train
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 PAPER = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
 SIZES = {"cifar10": 10_000, "bsds500": 200}
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Overlay ``over`` on ``base`` the way Snakemake merges ``--configfile`` files."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def rehearsal_config() -> dict:
@@ -58,38 +42,6 @@ def rehearsal_config() -> dict:
 
 # --------------------------------------------------------------------------------------------
 # stop_after
-
-
-def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(
-    tmp_path,
-):
-    torch.manual_seed(0)
-    model = build_model(
-        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
-    )
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    task = ClassificationTask(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
-    cfg = TrainConfig(steps=40_000, stop_after=6, batch_size=8, val_every=100, log_every=1)
-    logs: list[str] = []
-    _, state = train(model, task, cfg, tmp_path, "h", logs.append)
-    assert state.step == 6 and "stopping after 6 steps of the 40000-step schedule" in logs[0]
-    assert [r["step"] for r in state.rows if r["kind"] == "val"] == [6] and state.best_step == 6
-
-    def lr_at(step: int, steps: int) -> float:
-        """The learning rate of step ``step`` of a ``steps``-step one-cycle schedule."""
-        opt, sched = make_optimizer(
-            build_model("nonexpansive_classifier", base_width=4),
-            TrainConfig(steps=steps, batch_size=8),
-        )
-        for _ in range(step):
-            opt.step()
-            sched.step()
-        return sched.get_last_lr()[0]
-
-    last = [r for r in state.rows if r["kind"] == "train"][-1]
-    assert last["step"] == 5 and last["lr"] == lr_at(5, 40_000)
-    assert not math.isclose(last["lr"], lr_at(5, 6), rel_tol=0.5)  # not a compressed schedule
 
 
 # --------------------------------------------------------------------------------------------

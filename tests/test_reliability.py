@@ -33,7 +33,15 @@ import torch
 import yaml
 from test_data import add_bytes, add_special, leftovers, make_cifar_archive, md5_of
 from test_pipeline import overlay as archive_overlay
-from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, local_env, snakemake
+from workflow_helpers import (
+    BIN,
+    ROOT,
+    SMOKE_PROFILE,
+    copy_workflow,
+    deep_merge,
+    local_env,
+    snakemake,
+)
 
 from stablenets import cli, data, experiments, locks
 from stablenets.config import ConfigError, validate_config
@@ -695,17 +703,6 @@ def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resuma
 # ============================================================================================
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """Overlay ``over`` on ``base`` the way Snakemake merges ``--configfile`` files."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def smoke_config(**overlay) -> dict:
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
     smoke = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
@@ -1109,12 +1106,13 @@ def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path
     for (variant, seed), model in zip(CONCURRENT_JOBS, models, strict=True):
         spec = json.loads(jobs.train_spec("classification", variant, seed))
         log = (work / f"logs/conc/train_classifier/{variant}/seed{seed}.log").read_text()
+        resume = experiments._resume_hash(spec)  # the spec's hash without the stopping limits
         assert re.findall(r"^training .*", log, re.M) == [
-            f"training {variant} seed {seed} on cpu (config {config_hash(spec)})"
+            f"training {variant} seed {seed} on cpu (config {resume})"
         ]
         workdir = work / f"results/conc/checkpoints/classification/{variant}/seed{seed}"
         ckpt = read_checkpoint(workdir / "checkpoint.pt")
-        assert ckpt["config_hash"] == config_hash(spec) and ckpt["run"]["step"] == 12
+        assert ckpt["config_hash"] == resume and ckpt["run"]["step"] == 12
         extra = read_checkpoint(work / model / "model.pt")["extra"]
         assert extra["config_hash"] == config_hash(spec)
         alone = tmp_path / "alone" / f"{variant}{seed}"

@@ -4,6 +4,7 @@ and resume, signals, foreign checkpoints and divergence are in test_reliability.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from stablenets.training import (
     RunState,
     SubstepLimitError,
     TrainConfig,
+    make_optimizer,
     train,
 )
 
@@ -88,3 +90,26 @@ def test_the_substep_limit_stops_training_before_the_first_forward_pass_that_exc
         r"stages\.[01]\.0 needs 1 at norm estimate [0-9.]+; last good checkpoint: none",
         message,
     ), message
+
+
+def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(
+    tmp_path,
+):
+    logs, state = _tiny_run(tmp_path, steps=40_000, stop_after=6, log_every=1)
+    assert state.step == 6 and "stopping after 6 steps of the 40000-step schedule" in logs[0]
+    assert [r["step"] for r in state.rows if r["kind"] == "val"] == [6] and state.best_step == 6
+
+    def lr_at(step: int, steps: int) -> float:
+        """The learning rate of step ``step`` of a ``steps``-step one-cycle schedule."""
+        opt, sched = make_optimizer(
+            build_model("nonexpansive_classifier", base_width=4),
+            TrainConfig(steps=steps, batch_size=8, lr_max=0.05),
+        )
+        for _ in range(step):
+            opt.step()
+            sched.step()
+        return sched.get_last_lr()[0]
+
+    last = [r for r in state.rows if r["kind"] == "train"][-1]
+    assert last["step"] == 5 and last["lr"] == lr_at(5, 40_000)
+    assert not math.isclose(last["lr"], lr_at(5, 6), rel_tol=0.5)  # not a compressed schedule
