@@ -23,13 +23,13 @@ from stablenets.workflow import Jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "cpl_XS"
-# A stronger-than-smoke evaluation that takes a few seconds: the strong attack at every radius.
+# A stronger-than-smoke evaluation that takes a few seconds: the strong attack over the grid.
 EVALUATE = {
     "n_test": 120,
     "eps": {"num": 8, "stop": 4.0},  # the synthetic classes lie far apart
     "standard_eps": [1.0, 4.0],
     "save_every_s": 1.0e-3,
-    "strong": {"on_grid": True, "grid_search": "sweep"},
+    "strong": {"on_grid": True, "grid_search": "bisect"},
 }
 
 

@@ -539,19 +539,44 @@ def test_sweep_rejects_an_attack_that_leaves_the_ball():
         run_sweep(model, x, y, sweep_plan(pgd=cheat), lip)
 
 
-def test_an_unsound_certificate_fails_the_sweep_through_the_audit_and_the_break_radii():
+def test_an_unsound_certificate_fails_the_audit_of_certified_points():
     model, x, y, lip = linear_case(3)
     plan = sweep_plan(audit_radii=frozenset({0.1}), audit_size=8)
-    with pytest.raises(InvariantError, match="unsound"):
+    with pytest.raises(InvariantError, match="audited points certified at eps=0.1 were flipped"):
         run_sweep(model, x, y, plan, lip / 20)  # radii 20x too large: certified points break
     sound = run_sweep(model, x, y, plan, lip)
-    assert sum(sound.audited.values()) > 0
+    certified = int((sound.correct & (sound.certified_radius > 0.1)).sum())
+    assert 0 < certified <= 8  # all certified points audited, each counted once
+    assert sum(sound.audited.values()) == sound.points["audit"] == certified
+
+
+def test_an_unsound_certificate_fails_when_an_example_lies_inside_a_certified_radius():
+    """Without an audit: an uncertified radius attacked, an example found closer than the
+    (wrong) certified radius of its point."""
+    model, x, y, lip = linear_case(3)
+    w, b = model[1].weight.detach().double(), model[1].bias.detach().double()
+
+    def closest(model, xb, yb, eps, seed):
+        """Just across the nearest decision boundary of the linear model (a minimal attack)."""
+        z = xb.flatten(1).double() @ w.T + b
+        gap = (z.gather(1, yb[:, None]) - z) / (w[yb][:, None] - w[None]).norm(dim=2)
+        gap.scatter_(1, yb[:, None], math.inf)
+        d, j = gap.min(dim=1)
+        u = (w[j] - w[yb]) / (w[j] - w[yb]).norm(dim=1, keepdim=True)
+        step = (d + 1e-4).clamp(max=eps)[:, None]
+        return (xb.flatten(1).double() + step * u).view_as(xb).float().clamp(0, 1)
+
+    run_sweep(model, x, y, sweep_plan(pgd=closest), lip)  # sound: no complaint
+    with pytest.raises(InvariantError, match="inside its certified radius"):
+        run_sweep(model, x, y, sweep_plan(pgd=closest), lip / 20)
 
 
 def test_a_sweep_stopped_after_any_batch_and_resumed_from_its_saved_state_gives_the_same_result():
     model, x, y, lip = linear_case(4)
     strong = partial(pgd_l2, steps=30, rel_step=0.05, restarts=2)
-    plan = sweep_plan(strong=strong, strong_radii=frozenset({0.2}), bisect_radii=[0.1, 0.3, 0.5])
+    plan = sweep_plan(
+        strong=strong, strong_radii=frozenset({0.2}), bisect_radii=np.linspace(0.05, 0.5, 10)
+    )
     full = run_sweep(model, x, y, plan, lip)
     for stop_after in (1, 3, 6):
         saved: list = []
@@ -569,6 +594,25 @@ def test_a_sweep_stopped_after_any_batch_and_resumed_from_its_saved_state_gives_
         resumed = run_sweep_from(model, x, y, plan, SweepState(**saved[-1]))
         for key in ("break_radius", "pgd_break_radius", "certified_radius"):
             assert torch.equal(getattr(resumed, key), getattr(full, key)), (stop_after, key)
+    swept = sweep(model, x, y, plan, SweepState.start(full.correct, full.certified_radius, 3),
+                  log=lambda line: None)  # fmt: skip
+    stops = 0
+    for stop_after in (1, 2, 4):  # now inside the bisection
+        saved = []
+
+        def save(s, saved=saved):
+            saved.append(copy.deepcopy(s.to_dict()))
+
+        def stop(count=[0], after=stop_after):  # noqa: B006 - a counter per loop iteration
+            count[0] += 1
+            return count[0] == after
+
+        state = SweepState(**copy.deepcopy(swept.to_dict()))
+        bisect(model, x, y, plan, state, save=save, stop=stop, log=lambda line: None)
+        stops += len(saved) >= stop_after
+        resumed = run_sweep_from(model, x, y, plan, SweepState(**saved[-1]))
+        assert torch.equal(resumed.break_radius, full.break_radius), stop_after
+    assert stops == 3  # every stop landed inside the bisection
 
 
 def run_sweep_from(model, x, y, plan, state):

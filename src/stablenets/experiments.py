@@ -216,6 +216,7 @@ def _sweep(model, x, y, plan, start, name: str, progress: Path, key: str, save_e
             if not stop.raised:
                 state = search(model, x, y, plan, state, name, save, lambda: stop.raised, log)
         if stop.raised:
+            save(state)  # the signal may have come after the last batch's save
             raise Interrupted(f"signal {stop.signum}: progress {progress} written; rerun to resume")
     return state
 
@@ -248,7 +249,8 @@ def evaluate_classifier(
     eps, std_eps = robustness.evaluation_radii(ev)
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = robustness.SweepPlan.from_config(ev, spec["seed"])
-    key = f"{config_hash(spec)}-{data.file_digests(model_path, ['sha256'])['sha256'][:16]}"
+    digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
+    key = "-".join([config_hash(spec), *digests])  # the same job on the same model and data
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
         model, x, y, plan, lambda: robustness.SweepState.start(correct, cert_radius, spec["seed"]),
@@ -256,6 +258,7 @@ def evaluate_classifier(
     )  # fmt: skip
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
+    # holds by construction (the sweep fails on a break radius below a certified one): a guard
     robustness.check_invariant(eps, acc["certified"], acc["empirical"], clean, spec["variant"])
     log(
         f"clean {clean:.4f} lipschitz {lip:.4g} certified@{std_eps} {std['certified']} "

@@ -666,10 +666,9 @@ def _record(state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: flo
                 f"model {name!r}: {int(flipped.sum())} of {len(idx)} audited points certified at "
                 f"eps={e:.4g} were flipped by an attack: the Lipschitz certificate is unsound"
             )
-        state.audited[e] = state.audited.get(e, 0) + len(idx)
         return
     state.break_radius[idx] = torch.minimum(state.break_radius[idx], dist)
-    if pass_name in ("strong", "bisect"):
+    if pass_name == "strong":  # the bisection's lower bounds (fixed before it starts)
         survived = idx[~torch.isfinite(dist)]
         if state.strong_survived is None:
             state.strong_survived = torch.zeros_like(state.break_radius)
@@ -687,8 +686,9 @@ def _record(state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: flo
 
 
 def _eta_s(plan: SweepPlan, state: SweepState) -> float:
-    """Seconds left if every pass still to run attacks every point that is live now, at the
-    seconds per point measured so far (an upper estimate: points only leave)."""
+    """Seconds left if every sweep pass still to run attacks every point that is live now, at
+    the seconds per point measured so far. A rough guide: a pass not yet measured counts as free
+    and the bisection after the sweep is left out (its rounds get their own log lines)."""
     rate = {p: state.seconds[p] / state.points[p] if state.points[p] else 0.0 for p in PASSES}
     left = 0.0
     if state.todo is not None:
@@ -762,6 +762,8 @@ def sweep(
                         seed = _batch_seed(plan.seed, k, pass_name, b)
                         dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
                         _record(state, pass_name, idx, dist, round(e, 12), name)
+                    if pass_name == "audit":
+                        state.audited[round(e, 12)] = state.audited.get(round(e, 12), 0) + len(idx)
                     state.seconds[pass_name] += time.perf_counter() - t0
                     state.points[pass_name] += len(idx)
                     state.done += len(idx)
