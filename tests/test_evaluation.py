@@ -3,6 +3,7 @@ is doing, and a job killed half-way resumes to the numbers of an uninterrupted r
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -135,3 +136,23 @@ def test_sigterm_saves_the_evaluation_progress_and_exits_75(trained, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
     assert "progress" in err and "rerun to resume" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_evalbench_compares_the_sweep_with_every_radius_on_a_smoke_model(smoke_run, tmp_path):
+    """``python -m stablenets.evalbench`` from the configs and a variant of ``make smoke``."""
+    out = tmp_path / "compare.csv"
+    override = {"n_test": 20, "eps": {"num": 5}, "strong": {"on_grid": True}}
+    done = subprocess.run(
+        [sys.executable, "-m", "stablenets.evalbench", "--config", "config.yaml",
+         "config/smoke.yaml", "--variant", "resnet", "--override", json.dumps(override),
+         "--out", str(out)],
+        cwd=smoke_run, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 + 4 - 1  # the grid and the standard radii (1.0 in both)
+    for row in rows:  # at least as strong, up to one point of 20
+        assert float(row["sweep"]) <= float(row["per_radius"]) + 1 / 20 + 1e-12, row
+        assert float(row["certified"]) <= float(row["sweep"]) + 1e-12, row
+    assert float(rows[0]["speedup"]) > 0 and "speedup" in done.stdout
