@@ -656,3 +656,13 @@ def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_ela
     for line in lines:
         for needle in ("eps", "points left", "robust", "elapsed", "ETA"):
             assert needle in line, line
+
+
+def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point():
+    from stablenets.evalbench import passes_per_point
+
+    model, x, y, _ = linear_case(7)
+    keep = predictions(model, x) == y
+    counts = passes_per_point(model, x[keep], y[keep], partial(pgd_l2, steps=3), 1e-4)
+    # a prediction before, 3 gradient steps, a prediction after; nothing breaks at 1e-4
+    assert counts == {"forward": 5.0, "backward": 3.0, "robust": 1.0}

@@ -15,7 +15,9 @@ than one percentage point above: it is at least as strong) and both times, measu
 and writes them to a CSV. ``--override`` changes the evaluation settings, e.g. a stronger attack
 over the whole grid: ``'{"n_test": 60, "eps": {"num": 40}, "strong": {"attacks": ["apgd-ce",
 "apgd-t"], "on_grid": true}}'`` (``benchmarks/README.md`` has the results). ``--time-points K`` also times each attack per point on ``K`` points
-(the seconds per point per attack that ``bench --project`` turns into evaluation hours).
+(the seconds per point per attack); ``--count-passes EPS`` counts the strong attack's forward
+and backward image-passes per point instead (AutoAttack standard at a radius no point breaks:
+7,864 forward and 1,910 backward, ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from . import data, robustness
 from .models import load_model
 
-__all__ = ["per_radius", "compare", "seconds_per_point", "main"]
+__all__ = ["per_radius", "compare", "seconds_per_point", "passes_per_point", "main"]
 
 
 def per_radius(
@@ -115,6 +117,40 @@ def seconds_per_point(
     return out
 
 
+class _PassCounter(nn.Module):
+    """``model`` that counts the images it forwards and back-propagates."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_images = self.backward_images = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forward_images += len(x)
+        out = self.model(x)
+        if out.requires_grad:
+            n = len(x)
+            out.register_hook(lambda grad: self._backward(n))
+        return out
+
+    def _backward(self, n: int) -> None:
+        self.backward_images += n
+
+
+def passes_per_point(
+    model: nn.Module, x: Tensor, y: Tensor, attack: robustness.SeededAttack, eps: float
+) -> dict[str, float]:
+    """Forward and backward image-passes per point that ``attack`` spends on ``x`` at ``eps``
+    (device-independent: times the device's seconds per image-pass give the attack's cost).
+    At a radius where no point breaks, this is the cost of a point that stays robust."""
+    counter = _PassCounter(model).eval()
+    adv = attack(counter, x, y, eps, seed=0)
+    with torch.no_grad():
+        robust = float((model(adv).argmax(1) == y).double().mean())
+    return {"forward": counter.forward_images / len(x),
+            "backward": counter.backward_images / len(x), "robust": robust}  # fmt: skip
+
+
 def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path]:
     """The evaluation spec of ``variant`` under ``configs`` (later files overlay earlier ones, as
     Snakemake's ``--configfile``), its trained model and the CIFAR-10 file of that scale."""
@@ -147,6 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", default="{}", help="JSON merged into the evaluate settings")
     p.add_argument("--time-points", type=int, default=0, help="also time each attack per point")
+    p.add_argument(
+        "--count-passes",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="only count the strong attack's image-passes per correctly classified point at EPS",
+    )
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)
     spec, model_path, data_path = _job(args.config, args.variant, args.seed)
@@ -158,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     x, y = data.read_split(data_path, "test")
     x, y = (x[: ev["n_test"]], y[: ev["n_test"]]) if ev.get("n_test") else (x, y)
     plan = robustness.SweepPlan.from_config(ev, int(spec["seed"]))
+    if args.count_passes is not None and plan.strong is not None:
+        with torch.no_grad():
+            keep = model(x).argmax(1) == y
+        print(passes_per_point(model, x[keep], y[keep], plan.strong, args.count_passes))
+        return
     rows, times = compare(model, x, y, plan, model.lipschitz_bound())
     for r in rows:
         print("  ".join(f"{k} {v:.4f}" for k, v in r.items()))
