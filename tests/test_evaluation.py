@@ -156,3 +156,13 @@ def test_evalbench_compares_the_sweep_with_every_radius_on_a_smoke_model(smoke_r
         assert float(row["sweep"]) <= float(row["per_radius"]) + 1 / 20 + 1e-12, row
         assert float(row["certified"]) <= float(row["sweep"]) + 1e-12, row
     assert float(rows[0]["speedup"]) > 0 and "speedup" in done.stdout
+
+
+def test_an_unreadable_progress_file_is_ignored_with_a_log_line(trained, uninterrupted, tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "progress.pt").write_bytes(b"not a torch file")
+    done = run(trained, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ignoring unreadable" in done.stdout
+    expected, got = numbers(uninterrupted[0] / "eval.h5"), numbers(tmp_path / "eval.h5")
+    assert all(np.array_equal(expected[k], got[k]) for k in expected if k != "attr git_commit")

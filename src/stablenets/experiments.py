@@ -224,7 +224,11 @@ def _sweep(model, x, y, plan, start, name: str, progress: Path, key: str, save_e
 def _resume_sweep(progress: Path, key: str, log: Log) -> robustness.SweepState | None:
     if not progress.exists():
         return None
-    saved = torch.load(progress, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(progress, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: start afresh, said in the log
+        log(f"ignoring unreadable {progress}: {err}")
+        return None
     if saved.get("key") != key:
         log(f"ignoring {progress}: written for {saved.get('key')}, this run is {key}")
         return None
