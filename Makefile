@@ -15,14 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[pipeline,test]'
 	touch $(STAMP)
 
-# A Snakemake killed with SIGKILL leaves its lock behind: stablenets.locks removes it first, but
+# A Snakemake killed with SIGKILL leaves its lock behind: stablenets.pipeline.locks removes it first, but
 # only when no Snakemake or job of the workflow still runs in this directory (one line says
 # which). SMOKE_CONFIG adds `--config` entries, as SMOKE_SLURM_CONFIG below (tests run subsets).
 SMOKE_CONFIG ?=
 SMOKE_ARGS = --workflow-profile workflow/profiles/smoke --cores $(CORES) \
 	$(if $(SMOKE_CONFIG),--config $(SMOKE_CONFIG))
 smoke: $(STAMP)
-	$(BIN)/python -m stablenets.locks $(SMOKE_ARGS)
+	$(BIN)/python -m stablenets.pipeline.locks $(SMOKE_ARGS)
 	$(BIN)/snakemake $(SMOKE_ARGS)
 
 # The self-contained HTML report of the smoke run (every figure and table with its caption).
@@ -42,7 +42,7 @@ SMOKE_SLURM_CONFIG ?=
 SMOKE_SLURM_ARGS = --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
 	--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(SMOKE_SLURM_CONFIG)
 smoke-slurm: $(STAMP)
-	$(BIN)/python -m stablenets.locks $(SMOKE_SLURM_ARGS)
+	$(BIN)/python -m stablenets.pipeline.locks $(SMOKE_SLURM_ARGS)
 	$(BIN)/snakemake $(SMOKE_SLURM_ARGS)
 
 # The rehearsal (README "Rehearsal scale"): every kind of job of the paper DAG at the paper's
@@ -55,7 +55,7 @@ REHEARSAL_CONFIG ?=
 REHEARSAL_ARGS = --workflow-profile workflow/profiles/rehearsal \
 	$(if $(REHEARSAL_CONFIG),--config $(REHEARSAL_CONFIG))
 rehearsal: $(STAMP)
-	$(BIN)/python -m stablenets.locks $(REHEARSAL_ARGS)
+	$(BIN)/python -m stablenets.pipeline.locks $(REHEARSAL_ARGS)
 	$(BIN)/snakemake all_with_cost $(REHEARSAL_ARGS)
 
 test: $(STAMP)

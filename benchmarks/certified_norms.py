@@ -26,10 +26,10 @@ import time
 import torch
 from torch.nn import functional as F
 
-from stablenets import operators
-from stablenets.families import AOLConv
-from stablenets.models import MODELS, build_model
-from stablenets.operators import Conv2dOperator
+from stablenets.nn import operators
+from stablenets.nn.families import AOLConv
+from stablenets.nn.models import MODELS, build_model
+from stablenets.nn.operators import Conv2dOperator
 
 _OLD_CHUNK_ELEMENTS = 1 << 22
 _OLD_DENSE_MAX_DIM = 1024

@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-BENCH=(python -m stablenets.bench --inprocess --threads 8 --out "$OUT/cuda.csv" --append)
+BENCH=(python -m stablenets.bench.training --inprocess --threads 8 --out "$OUT/cuda.csv" --append)
 # shellcheck disable=SC2206  # BENCH_EXTRA splits into words on purpose
 EXTRA=(${BENCH_EXTRA:-})
 PAPER=(--models classifier,resnet,denoiser,dncnn --steps 20 --warmup 5 --repeats 3
@@ -36,7 +36,7 @@ stage() {  # stage NAME: run it with its limit, log, report the exit status
     families-large) limit=120 cmd=("${BENCH[@]}" "${FAMILIES[@]}" --widths 64,128 "${EXTRA[@]}") ;;
     families-graphs) limit=120 cmd=("${BENCH[@]}" --cuda-graphs --models cpl,sll,aol,classifier
         --widths 16,32,64,128 --steps 10 --warmup 3 --repeats 2 "${EXTRA[@]}") ;;
-    project) limit=20 cmd=(python -m stablenets.bench --project "$OUT/cuda.csv" --config config.yaml) ;;
+    project) limit=20 cmd=(python -m stablenets.bench.training --project "$OUT/cuda.csv" --config config.yaml) ;;
     *) echo "unknown stage $name; known: ${ALL[*]}" >&2; return 2 ;;
     esac
     timeout "$limit" "${cmd[@]}" >"$OUT/$name.log" 2>&1

@@ -1,4 +1,4 @@
-"""Tests of stablenets.activations: Lipschitz constants, monotonicity and rejections."""
+"""Tests of stablenets.nn.activations: Lipschitz constants, monotonicity and rejections."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from stablenets.activations import ACTIVATIONS, MonotoneActivation, build_activation
+from stablenets.nn.activations import ACTIVATIONS, MonotoneActivation, build_activation
 
 # name, kwargs, exact Lipschitz constant, reference implementation
 CASES = [

@@ -19,11 +19,11 @@ import pytest
 import torch
 import yaml
 
-from stablenets import bench
-from stablenets.config import ConfigError
-from stablenets.models import build_model
-from stablenets.operators import power_iteration_all
-from stablenets.reference import from_model
+from stablenets.bench import training as bench
+from stablenets.bench.reference import from_model
+from stablenets.nn.models import build_model
+from stablenets.nn.operators import power_iteration_all
+from stablenets.pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / bench.SCHEMA
@@ -224,7 +224,7 @@ def test_flop_count_splits_per_image_and_weight_only_work_exactly(name):
         loss.backward()
     with FlopCounterMode(display=False) as norms:
         if hasattr(model, "constrained_blocks"):
-            from stablenets.training import update_norms
+            from stablenets.train.loop import update_norms
 
             update_norms(model, 1)
     assert counted == direct.get_total_flops() + norms.get_total_flops()
@@ -247,7 +247,7 @@ def test_family_bench_reports_time_relative_to_cpl_and_the_plain_pair(tmp_path):
         for m, i in [("cpl", "ours"), ("cpl", "plain"), ("sll", "ours"), ("orthogonal", "ours")]
     }
     # epoch_s: steps of one epoch of config.yaml's CIFAR-10 training split (47,500 / 2,500)
-    images = bench.epoch_images(bench.load_config(ROOT / "config.yaml", SCHEMA))
+    images = bench.epoch_images(load_config(ROOT / "config.yaml", SCHEMA))
     assert images == 47_500
     for (_, _, width), r in rows.items():
         cpl = rows[("cpl", "ours", width)]

@@ -1,4 +1,4 @@
-"""Tests of stablenets.blocks: the step rule, certified bounds, averagedness, and an adversarial
+"""Tests of stablenets.nn.blocks: the step rule, certified bounds, averagedness, and an adversarial
 Lipschitz audit of single blocks; the 2^k counterexample for ordinary residual blocks."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from audit import adversary, averaged_objective
 from torch import nn
 from torch.nn import functional as F
 
-from stablenets.activations import build_activation
-from stablenets.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock, compose_averaged
-from stablenets.integrators import get_integrator
-from stablenets.models import MODELS, build_model
-from stablenets.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
+from stablenets.nn.activations import build_activation
+from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.nn.integrators import get_integrator
+from stablenets.nn.models import MODELS, build_model
+from stablenets.nn.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
 

@@ -12,7 +12,7 @@
 4. PnP deblurring on the device matches the CPU run (float64) and float32 gives the same PSNR.
 
 Not covered: AutoAttack (pyautoattack's default attacks take 100+ iterations each, too slow for
-this file). ``stablenets.robustness`` imports pyautoattack, so its tests skip where that is absent.
+this file). ``stablenets.evaluation.robustness`` imports pyautoattack, so its tests skip where that is absent.
 """
 
 from __future__ import annotations
@@ -27,13 +27,24 @@ import torch
 from conftest import cartoon
 from torch import nn
 
-from stablenets.augment import AugmentConfig
-from stablenets.denoising import psnr
-from stablenets.families import CayleyConv, CPLBlock, SLLBlock
-from stablenets.models import DENOISER_BLOCKS, MODELS, build_model, read_checkpoint
-from stablenets.operators import LinearOperator
-from stablenets.pnp import GaussianBlur, check_nonincreasing, observe, pnp_forward_backward
-from stablenets.training import ClassificationTask, DenoisingTask, TrainConfig, train, update_norms
+from stablenets.evaluation.metrics import psnr
+from stablenets.evaluation.pnp import (
+    GaussianBlur,
+    check_nonincreasing,
+    observe,
+    pnp_forward_backward,
+)
+from stablenets.nn.families import CayleyConv, CPLBlock, SLLBlock
+from stablenets.nn.models import DENOISER_BLOCKS, MODELS, build_model, read_checkpoint
+from stablenets.nn.operators import LinearOperator
+from stablenets.train.augment import AugmentConfig
+from stablenets.train.loop import (
+    ClassificationTask,
+    DenoisingTask,
+    TrainConfig,
+    train,
+    update_norms,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -361,7 +372,7 @@ PGD = {"steps": 10, "rel_step": 0.25, "seed": 0}
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_pgd_and_certified_radii_on_the_device(device):
-    robustness = pytest.importorskip("stablenets.robustness")  # imports pyautoattack
+    robustness = pytest.importorskip("stablenets.evaluation.robustness")  # imports pyautoattack
     cpu = _robust_model(torch.float64)
     dev = _copy_to(cpu, device)
     x = _input("nonexpansive_classifier", n=8, seed=3)
@@ -397,7 +408,7 @@ def test_pgd_and_certified_radii_on_the_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_robustness_curve_on_the_device_keeps_its_invariant(device):
-    robustness = pytest.importorskip("stablenets.robustness")
+    robustness = pytest.importorskip("stablenets.evaluation.robustness")
     model = _robust_model(torch.float32).to(device)
     x = _input("nonexpansive_classifier", n=8, seed=3).float().to(device)
     batch = 3
@@ -522,7 +533,7 @@ def test_step_graphs_one_graph_per_substep_tuple_with_the_eager_gradients():
     at most ``cache`` graphs. Every replay leaves the gradients eager backward computes."""
     from torch.nn import functional as F
 
-    from stablenets.graphs import StepGraphs
+    from stablenets.train.cuda_graphs import StepGraphs
 
     torch.manual_seed(0)
     model = build_model("nonexpansive_classifier", **CLASSIFIER).cuda().train()
@@ -574,8 +585,8 @@ def test_step_graphs_one_graph_per_substep_tuple_with_the_eager_gradients():
 def test_step_graphs_replay_the_power_iteration():
     """The power iteration replayed from its graph updates every vector and estimate as the
     eager fused iteration does, and leaves host copies that need no synchronisation."""
-    from stablenets.graphs import StepGraphs
-    from stablenets.operators import power_iteration_all, remember_estimates
+    from stablenets.nn.operators import power_iteration_all, remember_estimates
+    from stablenets.train.cuda_graphs import StepGraphs
 
     torch.manual_seed(0)
     model = build_model("nonexpansive_classifier", **CLASSIFIER).cuda()

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from stablenets import data as D
+from stablenets.data.synthetic import _load_photo
 
 CLASS_NAMES = [
     "airplane",
@@ -482,7 +483,7 @@ def test_smoke_photos_hold_out_whole_photographs(tmp_path):
     crop = chelsea[top : top + size[0], left : left + size[1]].transpose(2, 0, 1)
     assert np.array_equal(a["test/images"][0], crop)
     # Validation crops come from below the rows used for training, so they never overlap.
-    heights = [D._load_photo(name).shape[0] for name in photos["train"]]
+    heights = [_load_photo(name).shape[0] for name in photos["train"]]
     cut = [h - round(attrs["val_rows_fraction"] * h) for h in heights]
     for origin in a["train/crop_origin"]:
         assert origin[1] + size[0] <= cut[origin[0]]

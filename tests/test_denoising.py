@@ -8,12 +8,11 @@ import pytest
 import torch
 from conftest import cartoon as piecewise_constant
 
-from stablenets.denoising import (
+from stablenets.evaluation.metrics import fixed_noise, psnr
+from stablenets.evaluation.tv import (
     GRADIENT_NORM_SQ,
     divergence2d,
-    fixed_noise,
     gradient2d,
-    psnr,
     select_tv_weight,
     tv_denoise,
 )

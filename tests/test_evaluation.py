@@ -18,9 +18,10 @@ import torch
 import yaml
 from snakemake.utils import update_config
 
-from stablenets import data, experiments
-from stablenets.config import validate_config
-from stablenets.workflow import Jobs
+from stablenets import data
+from stablenets.pipeline import jobs as pipeline_jobs
+from stablenets.pipeline.config import validate_config
+from stablenets.pipeline.specs import Jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "cpl_XS"
@@ -50,7 +51,9 @@ def trained(tmp_path_factory) -> tuple[dict, Path, Path]:
     data.make_synthetic_classification(dataset, 600, 60, 120, 10, 32, 0.05, 0)
     spec = json.loads(jobs.train_spec("classification", VARIANT, 0))
     model = out / "model.pt"
-    experiments.train_model(spec, dataset, model, out / "log.csv", out / "work", log=lambda s: None)
+    pipeline_jobs.train_model(
+        spec, dataset, model, out / "log.csv", out / "work", log=lambda s: None
+    )
     return json.loads(jobs.eval_spec("classification", VARIANT, 0)), model, dataset
 
 
@@ -140,11 +143,11 @@ def test_sigterm_saves_the_evaluation_progress_and_exits_75(trained, tmp_path):
 
 @pytest.mark.slow
 def test_evalbench_compares_the_sweep_with_every_radius_on_a_smoke_model(smoke_run, tmp_path):
-    """``python -m stablenets.evalbench`` from the configs and a variant of ``make smoke``."""
+    """``python -m stablenets.bench.evaluation`` from the configs and a variant of ``make smoke``."""
     out = tmp_path / "compare.csv"
     override = {"n_test": 20, "eps": {"num": 5}, "strong": {"on_grid": True}}
     done = subprocess.run(
-        [sys.executable, "-m", "stablenets.evalbench", "--config", "config.yaml",
+        [sys.executable, "-m", "stablenets.bench.evaluation", "--config", "config.yaml",
          "config/smoke.yaml", "--variant", "resnet", "--override", json.dumps(override),
          "--out", str(out)],
         cwd=smoke_run, capture_output=True, text=True, timeout=600,

@@ -1,4 +1,4 @@
-"""Tests of stablenets.families (CPL, SLL, AOL, orthogonal Cayley convolution), their classifiers,
+"""Tests of stablenets.nn.families (CPL, SLL, AOL, orthogonal Cayley convolution), their classifiers,
 the margin loss and the training budget: adversarial Lipschitz audits with weights scaled up,
 dense float64 Jacobians and matrices, exact properties, equivalences and config errors."""
 
@@ -17,12 +17,9 @@ from audit import adversary
 from torch import nn
 from torch.nn import functional as F
 
-from stablenets import budget
-from stablenets.activations import build_activation
-from stablenets.augment import AugmentConfig
-from stablenets.blocks import NonexpansiveBlock
-from stablenets.config import ConfigError, validate_config
-from stablenets.families import (
+from stablenets.nn.activations import build_activation
+from stablenets.nn.blocks import NonexpansiveBlock
+from stablenets.nn.families import (
     FAMILIES,
     AOLConv,
     CayleyConv,
@@ -31,10 +28,13 @@ from stablenets.families import (
     abs_gram_rowsums,
     build_family_block,
 )
-from stablenets.losses import MarginLoss, build_loss, margin_loss
-from stablenets.models import build_model, load_model, save_model
-from stablenets.operators import Conv2dOperator, DenseOperator, LinearOperator
-from stablenets.training import ClassificationTask, TrainConfig, train
+from stablenets.nn.losses import MarginLoss, build_loss, margin_loss
+from stablenets.nn.models import build_model, load_model, save_model
+from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator
+from stablenets.pipeline.config import ConfigError, validate_config
+from stablenets.train import budget
+from stablenets.train.augment import AugmentConfig
+from stablenets.train.loop import ClassificationTask, TrainConfig, train
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_family_classifiers_share_the_skeleton_and_round_trip(tmp_path):
 
 
 def test_unknown_block_and_model_names_are_clear_errors():
-    from stablenets.models import Classifier
+    from stablenets.nn.models import Classifier
 
     with pytest.raises(ValueError, match=r"unknown block 'lot'.*'cpl', 'sll', 'aol', 'orthogonal'"):
         Classifier(block="lot", base_width=2, stages=1, blocks_per_stage=1, input_size=4)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 matplotlib.use("Agg")
 
-from stablenets.figures import (  # noqa: E402 - after choosing the headless backend
+from stablenets.pipeline.figures import (
     FAMILY_COLORS,
     KNOWN_MODELS,
     SIZE_SHADES,

@@ -15,13 +15,13 @@ import dataclasses
 
 import torch
 
-from stablenets.activations import build_activation
-from stablenets.augment import AugmentConfig
-from stablenets.families import CPLBlock
-from stablenets.graphs import substep_key
-from stablenets.models import build_model
-from stablenets.operators import DenseOperator
-from stablenets.training import ClassificationTask, TrainConfig, step_graphs, train
+from stablenets.nn.activations import build_activation
+from stablenets.nn.families import CPLBlock
+from stablenets.nn.models import build_model
+from stablenets.nn.operators import DenseOperator
+from stablenets.train.augment import AugmentConfig
+from stablenets.train.cuda_graphs import substep_key
+from stablenets.train.loop import ClassificationTask, TrainConfig, step_graphs, train
 
 SMALL = {"base_width": 4, "stages": 2, "blocks_per_stage": 2, "input_size": 8}
 

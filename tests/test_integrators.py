@@ -1,4 +1,4 @@
-"""Tests of stablenets.integrators: threshold factors, steps and stage-wise Lipschitz bounds."""
+"""Tests of stablenets.nn.integrators: threshold factors, steps and stage-wise Lipschitz bounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stablenets.integrators import INTEGRATORS, ButcherTableau, get_integrator, threshold_factor
+from stablenets.nn.integrators import INTEGRATORS, ButcherTableau, get_integrator, threshold_factor
 
 # Radius of absolute monotonicity (threshold factor) of each named method (nodepy's values).
 KNOWN_RADII = {"euler": 1.0, "heun": 1.0, "ssprk3": 1.0, "rk4": 0.0, "midpoint": 0.0}
@@ -98,7 +98,7 @@ def test_hand_built_threshold_factors(name, A, b, radius):
 
 def test_threshold_factor_is_a_supremum():
     """Just below R the conditions hold; the bisection did not stop early."""
-    from stablenets.integrators import _absolutely_monotone_at
+    from stablenets.nn.integrators import _absolutely_monotone_at
 
     for name, A, b, radius in HAND_BUILT[:3]:
         s = len(b)

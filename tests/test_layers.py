@@ -5,10 +5,12 @@
   dependencies fails to import, as in a fresh environment without the ``pipeline`` extra.
   (A real fresh virtual environment would need its own copy of torch, several GB: not done here;
   ``--system-site-packages`` would prove nothing, it sees every package.)
-* The layering contract (``make lint`` runs this file): ``nn`` < ``library`` < ``pipeline``; a
-  module imports nothing from a layer above its own (function-level imports included), the
-  ``nn`` and ``library`` layers import only torch and numpy besides the standard library at
+* The layering contract (``make lint`` runs this file), one layer per subpackage:
+  base < nn < evaluation | data < train < pipeline < bench. A module imports nothing from a layer
+  above its own, nor from another subpackage of its own rank (function-level imports included);
+  ``nn``, ``evaluation`` and ``train`` import only torch and numpy besides the standard library at
   import time, and only the pipeline knows Snakemake.
+* The map: each subpackage's docstring and the README name every module of the tree.
 * The names the JSON Schema enumerates are the registries' (the schema cannot import them).
 """
 
@@ -28,34 +30,36 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "stablenets"
 
-# Lowest first. A module may import its own layer and the layers below it.
-LAYERS: dict[str, set[str]] = {
-    # The layers themselves and what they stand on: torch and numpy only.
-    "nn": {
-        "__init__", "atomic", "interrupt", "memory", "activations", "operators", "integrators",
-        "blocks", "families", "models", "losses",
-    },
-    # Training and evaluation of those layers (and the plain reference the benchmark times):
-    # torch and numpy only; AutoAttack is imported where it runs (robustness.autoattack_l2).
-    "library": {
-        "augment", "budget", "graphs", "training", "denoising", "robustness", "pnp", "reference",
-    },
-    # The pipeline: data, config, Snakemake job specs, results files, reports, cost and the
-    # benchmarks (bench validates config.yaml, cost reuses bench): the `pipeline` extra.
-    "pipeline": {
-        "__main__", "cli", "config", "workflow", "data", "runtime", "experiments", "reports",
-        "tables", "figures", "cost", "locks", "bench", "evalbench",
-    },
-}  # fmt: skip
-RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
-LIBRARY = LAYERS["nn"] | LAYERS["library"]
+# Lowest first; a layer is a subpackage (or the standard-library-only modules at the root). A
+# module may import its own subpackage and the layers of lower rank; subpackages of one rank
+# (evaluation, data) are independent of each other.
+LAYERS: list[set[str]] = [
+    {"atomic", "interrupt"},  # standard library only: every layer may use them
+    {"nn"},  # the layers themselves: torch and numpy
+    {"evaluation", "data"},  # robustness and metrics (torch, numpy); datasets (h5py)
+    {"train"},  # the training loop (it validates with evaluation's metrics)
+    {"pipeline"},  # config, Snakemake job specs, entry points, reports: the `pipeline` extra
+    {"bench"},  # benchmarks: they validate config.yaml and time the layers
+    {"__init__", "__main__"},  # the facade: the public API (lazily) and `python -m stablenets`
+]
+RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
+LIBRARY = {"atomic", "interrupt", "nn", "evaluation", "train"}  # torch and numpy only
 CORE = {"torch", "numpy"}  # third-party packages the library imports at import time
 # Third-party packages a library module imports inside the one function that needs them.
-LAZY = {("robustness", "pyautoattack")}
+LAZY = {("evaluation.robustness", "pyautoattack")}
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+    """Every module by its dotted name under ``stablenets`` (``nn.models``, ``atomic``)."""
+    return {
+        ".".join(p.relative_to(PACKAGE).with_suffix("").parts): ast.parse(p.read_text(), str(p))
+        for p in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its subpackage, or itself at the root."""
+    return module.split(".")[0]
 
 
 def _imports(tree: ast.Module, top_level_only: bool = False) -> list[tuple[str, int]]:
@@ -96,20 +100,20 @@ def _imports(tree: ast.Module, top_level_only: bool = False) -> list[tuple[str, 
 
 
 def test_every_module_has_a_layer():
-    modules = set(_modules())
-    assert modules - set(RANK) == set(), "place the new module in a layer of LAYERS"
-    assert set(RANK) - modules == set(), "LAYERS names a module that does not exist"
+    units = {_unit(module) for module in _modules()}
+    assert units - set(RANK) == set(), "place the new subpackage in a layer of LAYERS"
+    assert set(RANK) - units == set(), "LAYERS names a subpackage that does not exist"
 
 
-def test_no_module_imports_a_layer_above_its_own():
-    layer = {rank: name for rank, name in enumerate(LAYERS)}
+def test_no_module_imports_a_layer_above_its_own_or_a_sibling_of_its_rank():
     bad = [
-        f"{module}.py:{line} ({layer[RANK[module]]}) imports {name} ({layer[RANK[target]]})"
+        f"{module}:{line} imports {name}"
         for module, tree in _modules().items()
         for name, line in _imports(tree)
         if name.startswith("stablenets.")
         and (target := name.removeprefix("stablenets.")) in RANK
-        and RANK[target] > RANK[module]
+        and target != _unit(module)
+        and RANK[target] >= RANK[_unit(module)]
     ]
     assert bad == []
 
@@ -117,27 +121,43 @@ def test_no_module_imports_a_layer_above_its_own():
 def test_the_library_imports_only_torch_and_numpy_and_only_the_pipeline_knows_snakemake():
     stdlib = sys.stdlib_module_names | {"__future__"}
     modules = _modules()
+    library = sorted(m for m in modules if _unit(m) in LIBRARY)
     eager = [
-        f"{module}.py:{line} imports {name} at import time"
-        for module in sorted(LIBRARY)
+        f"{module}:{line} imports {name} at import time"
+        for module in library
         for name, line in _imports(modules[module], top_level_only=True)
         if name not in stdlib and name not in CORE and not name.startswith("stablenets")
     ]
     lazy = [
-        f"{module}.py:{line} imports {name}"
-        for module in sorted(LIBRARY)
+        f"{module}:{line} imports {name}"
+        for module in library
         for name, line in _imports(modules[module])
         if name not in stdlib | CORE
         and not name.startswith("stablenets")
         and (module, name) not in LAZY
     ]
     snakemake = [
-        f"{module}.py:{line} imports {name}"
+        f"{module}:{line} imports {name}"
         for module, tree in modules.items()
         for name, line in _imports(tree)
-        if name.startswith("snakemake") and module not in LAYERS["pipeline"]
+        if name.startswith("snakemake") and _unit(module) != "pipeline"
     ]
     assert eager == lazy == snakemake == []
+
+
+def test_each_subpackage_docstring_and_the_readme_map_every_module():
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for package in sorted(p.parent for p in PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        for module in sorted(package.glob("*.py")):
+            if module.stem == "__init__":
+                continue
+            name = f"stablenets.{package.name}.{module.stem}"
+            missing += [f"{where}: {name}" for where, text in
+                        ((f"{package.name}/__init__.py", doc), ("README.md", readme))
+                        if name.removeprefix("stablenets.") not in text]  # fmt: skip
+    assert missing == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +238,11 @@ sys.meta_path[:] = [NotInstalled(list(sys.meta_path))]
 import torch
 import stablenets
 from stablenets import build_model
-from stablenets.augment import AugmentConfig
-from stablenets.training import ClassificationTask, TrainConfig, train
-from stablenets import robustness, denoising, pnp, graphs, budget, reference, losses  # noqa
+from stablenets.train.augment import AugmentConfig
+from stablenets.train.loop import ClassificationTask, TrainConfig, train
+from stablenets.evaluation import robustness, metrics, tv, pnp  # noqa
+from stablenets.train import cuda_graphs, budget  # noqa
+from stablenets.nn import losses  # noqa
 
 torch.manual_seed(0)
 model = build_model(
@@ -279,9 +301,9 @@ def _schema() -> dict:
 
 
 def test_the_schema_enumerates_the_registries():
-    from stablenets.activations import ACTIVATIONS
-    from stablenets.integrators import INTEGRATORS
-    from stablenets.models import CLASSIFIERS, DENOISER_BLOCKS, DENOISERS, MODELS
+    from stablenets.nn.activations import ACTIVATIONS
+    from stablenets.nn.integrators import INTEGRATORS
+    from stablenets.nn.models import CLASSIFIERS, DENOISER_BLOCKS, DENOISERS, MODELS
 
     defs = _schema()["$defs"]
     kwargs = defs["model_kwargs"]["properties"]
@@ -293,8 +315,8 @@ def test_the_schema_enumerates_the_registries():
 
 
 def test_the_benchmark_counts_the_stages_of_the_integrators_tableaux():
-    from stablenets import bench
-    from stablenets.integrators import INTEGRATORS
+    from stablenets.bench import training as bench
+    from stablenets.nn.integrators import INTEGRATORS
 
     assert bench.STAGES == {n: len(t.b) for n, t in INTEGRATORS.items()}
     assert bench.STAGES["rk4"] == 4 and bench.STAGES["euler"] == 1

@@ -1,4 +1,4 @@
-"""Tests of stablenets.models: adversarial Lipschitz / averagedness audits of every model kind,
+"""Tests of stablenets.nn.models: adversarial Lipschitz / averagedness audits of every model kind,
 checkpoints, the model registry, and adaptive sub-steps in training."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from audit import adversary, averaged_objective
 from torch import nn
 
 import stablenets
-from stablenets.blocks import NonexpansiveBlock, compose_averaged
-from stablenets.models import build_model, load_model, read_checkpoint, save_model
-from stablenets.operators import Conv2dOperator, LinearOperator
+from stablenets.nn.blocks import NonexpansiveBlock, compose_averaged
+from stablenets.nn.models import build_model, load_model, read_checkpoint, save_model
+from stablenets.nn.operators import Conv2dOperator, LinearOperator
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
 

@@ -1,4 +1,4 @@
-"""Tests of stablenets.operators: adjoints, certified norms, power iteration and the bound cache.
+"""Tests of stablenets.nn.operators: adjoints, certified norms, power iteration and the bound cache.
 
 Every norm claim is checked in float64 against an independent oracle: the dense matrix of the
 operator built column by column from ``apply`` (small operators), or a converged power iteration
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from stablenets import operators
-from stablenets.families import AOLConv
-from stablenets.operators import (
+from stablenets.nn import operators
+from stablenets.nn.families import AOLConv
+from stablenets.nn.operators import (
     CERTIFICATE_SLACK,
     TORUS_TOLERANCE,
     Conv2dOperator,

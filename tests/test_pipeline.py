@@ -15,7 +15,7 @@ import yaml
 from test_data import make_bsds_archive, make_cifar_archive, md5_of
 from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, snakemake
 
-from stablenets.workflow import FIGURES, TABLES
+from stablenets.pipeline.specs import FIGURES, TABLES
 
 
 @pytest.mark.slow
@@ -166,8 +166,8 @@ def test_an_independent_attack_never_flips_a_certified_point(smoke_run):
     the smoke classifiers that certify points (AOL and CPL; the paper's two certify none at
     smoke scale)."""
     from stablenets import load_model
-    from stablenets.data import read_split
-    from stablenets.robustness import certified_radius, margins, pgd_l2
+    from stablenets.data.format import read_split
+    from stablenets.evaluation.robustness import certified_radius, margins, pgd_l2
 
     results = smoke_run / "results/smoke"
     x, y = read_split(results / "data/cifar10.h5", "test")

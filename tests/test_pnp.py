@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import cartoon
 
-from stablenets.denoising import fixed_noise, psnr
-from stablenets.pnp import (
+from stablenets.evaluation.metrics import fixed_noise, psnr
+from stablenets.evaluation.pnp import (
     CircularBlur,
     GaussianBlur,
     assert_nonincreasing,

@@ -13,10 +13,9 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import BIN, ROOT, copy_workflow, deep_merge, local_env
+from workflow_helpers import BIN, ROOT, copy_workflow, local_env
 
-from stablenets.config import validate_config
-from stablenets.cost import (
+from stablenets.bench.cost import (
     RULES,
     Job,
     Measured,
@@ -27,7 +26,8 @@ from stablenets.cost import (
     measure,
     project,
 )
-from stablenets.runtime import write_results
+from stablenets.pipeline.config import overlay, validate_config
+from stablenets.pipeline.runtime import write_results
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 PAPER = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
@@ -37,7 +37,7 @@ SIZES = {"cifar10": 10_000, "bsds500": 200}
 def rehearsal_config() -> dict:
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
     over = yaml.safe_load((ROOT / "config" / "rehearsal.yaml").read_text())
-    return validate_config(deep_merge(base, over), SCHEMA)
+    return validate_config(overlay(base, over), SCHEMA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path)
     work = copy_workflow(tmp_path / "rehearsal")
     shutil.copytree(ROOT / "benchmarks" / "results", work / "benchmarks" / "results")
     overlay = work / "config" / "rehearsal.yaml"  # the rehearsal overlay, further shrunk
-    overlay.write_text(yaml.safe_dump(deep_merge(yaml.safe_load(overlay.read_text()), TINY)))
+    overlay.write_text(yaml.safe_dump(overlay(yaml.safe_load(overlay.read_text()), TINY)))
     make = subprocess.run(
         ["make", "rehearsal", f"VENV={BIN.parent}", "STAMP="],
         cwd=work,
@@ -247,7 +247,9 @@ def test_make_rehearsal_clears_a_stale_lock_first_reruns_incomplete_jobs_and_run
     assert profile["configfile"] == ["config.yaml", "config/rehearsal.yaml"]
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^rehearsal:.*\n((?:\t.*\n)+)", makefile, re.M)[1]
-    assert recipe.index("-m stablenets.locks") < recipe.index("/snakemake all_with_cost"), recipe
+    assert recipe.index("-m stablenets.pipeline.locks") < recipe.index(
+        "/snakemake all_with_cost"
+    ), recipe
 
 
 def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_records(tmp_path):

@@ -38,14 +38,12 @@ from workflow_helpers import (
     ROOT,
     SMOKE_PROFILE,
     copy_workflow,
-    deep_merge,
     local_env,
     snakemake,
 )
 
-from stablenets import cli, data, experiments, locks
-from stablenets.config import ConfigError, validate_config
-from stablenets.models import (
+from stablenets import data
+from stablenets.nn.models import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     build_model,
@@ -53,8 +51,11 @@ from stablenets.models import (
     read_checkpoint,
     save_model,
 )
-from stablenets.runtime import config_hash, provenance, read_results, sidecar_path
-from stablenets.workflow import Jobs
+from stablenets.pipeline import cli, locks
+from stablenets.pipeline import jobs as pipeline_jobs
+from stablenets.pipeline.config import ConfigError, overlay, validate_config
+from stablenets.pipeline.runtime import config_hash, provenance, read_results, sidecar_path
+from stablenets.pipeline.specs import Jobs
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 PROVENANCE_KEYS = ("config_hash", "seed", "versions", "git_commit")
@@ -122,7 +123,7 @@ def assert_same_training(a: Path, b: Path, log_b: str = "log.csv") -> None:
 FORK_SERVER = r"""
 import io, json, os, sys, time
 import torch
-from stablenets import cli, experiments  # cli imports the job's module when it runs
+from stablenets.pipeline import cli, jobs  # cli imports the job's module when it runs
 
 _save = torch.save
 
@@ -399,10 +400,10 @@ def test_outputs_are_replaced_atomically_even_when_the_writer_is_killed(tmp_path
     proc.wait()
     assert target.read_text() == "old complete content\n"
     # Every writer in the package goes through the one helper: no other rename or temp file.
-    for path in (ROOT / "src/stablenets").glob("*.py"):
+    for path in (ROOT / "src/stablenets").rglob("*.py"):
         text = path.read_text()
-        if path.name in {"atomic.py", "data.py"}:  # data.py: directory extraction only
-            text = text.replace("os.replace(tmp, dest)", "") if path.name == "data.py" else ""
+        if path.name in {"atomic.py", "download.py"}:  # download.py: directory extraction only
+            text = text.replace("os.replace(tmp, dest)", "") if path.name == "download.py" else ""
         assert not re.search(r"os\.replace\(|\.replace\(path\)|mkstemp\(", text), path.name
 
 
@@ -415,7 +416,7 @@ def test_every_profile_reruns_the_incomplete_jobs_of_a_killed_snakemake():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("smoke", "smoke-slurm"):
         recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M)[1]
-        assert recipe.index("-m stablenets.locks") < recipe.index("/snakemake "), recipe
+        assert recipe.index("-m stablenets.pipeline.locks") < recipe.index("/snakemake "), recipe
 
 
 def test_the_unlock_helper_counts_snakemake_and_pipeline_job_processes_only():
@@ -426,7 +427,7 @@ def test_the_unlock_helper_counts_snakemake_and_pipeline_job_processes_only():
         ["python", "-m", "stablenets", "train", "--spec", "{}"],  # a job a killed Snakemake left
     ]
     others = [
-        ["python", "-m", "stablenets.locks", "--cores", "2"],
+        ["python", "-m", "stablenets.pipeline.locks", "--cores", "2"],
         ["/bin/sh", "-c", "python -m stablenets train --spec {} > log 2>&1"],
         ["make", "smoke"],
         ["python", "-m", "pytest", "tests/test_reliability.py"],
@@ -545,7 +546,7 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_the_same_tables
     assert second.wait(timeout=1200) == 0, (tmp_path / "second.out").read_text()[-4000:]
     print(f"killed after {killed_at:.0f} s; rerun done after {time.monotonic() - t0:.0f} s")
     output = (tmp_path / "second.out").read_text()
-    assert "stablenets.locks: removed the lock a stopped Snakemake left in" in output
+    assert "stablenets.pipeline.locks: removed the lock a stopped Snakemake left in" in output
     joblog = (work / "logs/smoke/train_classifier/resnet/seed0.log").read_text()
     resumed = re.search(rf"resumed from {re.escape(KILLED_CHECKPOINT)} at step (\d+)", joblog)
     assert resumed and 50 <= int(resumed[1]) < 200, joblog
@@ -620,7 +621,7 @@ def test_an_exploding_norm_estimate_stops_the_job_before_the_next_forward_pass(
 MEMORY_CAPPED = r"""
 import resource, sys
 import torch
-from stablenets import cli, experiments
+from stablenets.pipeline import cli, jobs
 status = open("/proc/self/status").read()
 mapped = int(status.split("VmSize:")[1].split()[0]) * 1024
 limit = mapped + int(sys.argv[1])
@@ -703,10 +704,10 @@ def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resuma
 # ============================================================================================
 
 
-def smoke_config(**overlay) -> dict:
+def smoke_config(**extra) -> dict:
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
     smoke = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
-    return deep_merge(deep_merge(base, smoke), overlay)
+    return overlay(overlay(base, smoke), extra)
 
 
 BAD_CONFIGS = {
@@ -884,7 +885,7 @@ def test_checkpoints_load_weights_only_and_never_run_pickled_code(tmp_path):
     assert not marker.exists()
     calls = [
         m.group(0)
-        for path in (ROOT / "src/stablenets").glob("*.py")
+        for path in (ROOT / "src/stablenets").rglob("*.py")
         for m in re.finditer(r"torch\.load\([^)]*\)", path.read_text())
     ]
     assert calls and all("weights_only=True" in call for call in calls), calls
@@ -1106,7 +1107,7 @@ def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path
     for (variant, seed), model in zip(CONCURRENT_JOBS, models, strict=True):
         spec = json.loads(jobs.train_spec("classification", variant, seed))
         log = (work / f"logs/conc/train_classifier/{variant}/seed{seed}.log").read_text()
-        resume = experiments._resume_hash(spec)  # the spec's hash without the stopping limits
+        resume = pipeline_jobs._resume_hash(spec)  # the spec's hash without the stopping limits
         assert re.findall(r"^training .*", log, re.M) == [
             f"training {variant} seed {seed} on cpu (config {resume})"
         ]
@@ -1116,7 +1117,7 @@ def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path
         extra = read_checkpoint(work / model / "model.pt")["extra"]
         assert extra["config_hash"] == config_hash(spec)
         alone = tmp_path / "alone" / f"{variant}{seed}"
-        experiments.train_model(
+        pipeline_jobs.train_model(
             spec, data_path, alone / "model.pt", alone / "log.csv", alone / "work", log=str
         )
         assert_same_training(alone, work / model, log_b="train_log.csv")

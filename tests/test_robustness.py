@@ -1,4 +1,4 @@
-"""Tests of stablenets.robustness against analytic answers and an independent reference PGD."""
+"""Tests of stablenets.evaluation.robustness against analytic answers and an independent reference PGD."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stablenets.robustness import (
+from stablenets.evaluation.robustness import (
     InvariantError,
     SweepPlan,
     SweepState,
@@ -621,7 +621,7 @@ def run_sweep_from(model, x, y, plan, state):
 
 
 def test_bisection_is_within_one_point_of_attacking_every_radius_and_attacks_fewer_points():
-    from stablenets.evalbench import per_radius
+    from stablenets.bench.evaluation import per_radius
 
     net = small_net(5, gain=3.0).eval()
     g = torch.Generator().manual_seed(5)
@@ -659,7 +659,7 @@ def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_ela
 
 
 def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point():
-    from stablenets.evalbench import passes_per_point
+    from stablenets.bench.evaluation import passes_per_point
 
     model, x, y, _ = linear_case(7)
     keep = predictions(model, x) == y

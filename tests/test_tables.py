@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from fake_results import STANDARD_EPS, write_classification, write_denoising, write_pnp
 
-from stablenets.tables import (
+from stablenets.pipeline.tables import (
     classification_table,
     denoising_table,
     display_frame,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablenets.augment import AugmentConfig, augment
-from stablenets.models import build_model
-from stablenets.training import (
+from stablenets.nn.models import build_model
+from stablenets.train.augment import AugmentConfig, augment
+from stablenets.train.loop import (
     ClassificationTask,
     DivergenceError,
     RunState,

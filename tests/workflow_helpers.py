@@ -3,7 +3,6 @@ would have it) and a subprocess call of the environment's snakemake."""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -58,14 +57,3 @@ def snakemake(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.Comp
         timeout=timeout,
         env=local_env(),
     )
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """Overlay ``over`` on ``base`` the way Snakemake merges ``--configfile`` files."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out

@@ -9,10 +9,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """``build_model``, ``load_model``, ``save_model`` from ``models.py``, imported on first use:
-    ``python -m stablenets table|figure|summary`` never imports torch (``reports.py``)."""
+    """``build_model``, ``load_model``, ``save_model`` from ``stablenets.nn.models``, imported on first use:
+    ``python -m stablenets table|figure|summary`` never imports torch (``stablenets.pipeline.reports``)."""
     if name in __all__:
-        from . import models
+        from stablenets.nn import models
 
         return getattr(models, name)
     raise AttributeError(f"module 'stablenets' has no attribute {name!r}")

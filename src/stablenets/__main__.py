@@ -1,3 +1,3 @@
-from .cli import main
+from stablenets.pipeline.cli import main
 
 raise SystemExit(main())

@@ -3,8 +3,8 @@ import json
 import os
 import sys
 
-from stablenets.config import validate_config
-from stablenets.workflow import FIGURES, TABLES, Jobs
+from stablenets.pipeline.config import validate_config
+from stablenets.pipeline.specs import FIGURES, TABLES, Jobs
 
 config.update(
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))

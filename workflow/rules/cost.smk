@@ -1,6 +1,6 @@
-# What each job of this run cost and the projected hours of the paper-scale DAG (cost.py):
+# What each job of this run cost and the projected hours of the paper-scale DAG (bench/cost.py):
 # results/<scale>/cost.{csv,md}. `make rehearsal` asks for all_with_cost: every output and it.
-from stablenets.cost import benchmark_files
+from stablenets.bench.cost import benchmark_files
 
 
 localrules:

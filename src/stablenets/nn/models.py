@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .activations import build_activation
-from .atomic import atomic_path
-from .blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
-from .families import FAMILIES, build_family_block
-from .operators import Conv2dOperator, DenseOperator, LinearOperator
+from stablenets.atomic import atomic_path
+from stablenets.nn.activations import build_activation
+from stablenets.nn.blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.nn.families import FAMILIES, build_family_block
+from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator
 
 __all__ = [
     "Classifier",

@@ -1,6 +1,6 @@
 """The plain reference implementation of the non-expansive models: the benchmark's baseline.
 
-This module exists only so that ``stablenets.bench`` can report the speed of the real training
+This module exists only so that ``stablenets.bench.training`` can report the speed of the real training
 path (``models.py`` / ``blocks.py`` / ``training.py``) as a ratio measured side by side against the
 most straightforward implementation of the same networks. It is deliberately naive:
 
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import NonexpansiveBlock
-from .families import CPLBlock
-from .models import Classifier, NonexpansiveDenoiser
-from .operators import Conv2dOperator
+from stablenets.nn.blocks import NonexpansiveBlock
+from stablenets.nn.families import CPLBlock
+from stablenets.nn.models import Classifier, NonexpansiveDenoiser
+from stablenets.nn.operators import Conv2dOperator
 
 __all__ = [
     "PlainPairBlock",

@@ -5,7 +5,7 @@ when it ends, also on Ctrl-C. A Snakemake killed with SIGKILL (the OOM killer, `
 lost session's process group) cannot, and the next run stops at "Directory cannot be locked"
 asking for ``snakemake --unlock``, which removes a live run's lock just as readily.
 
-``python -m stablenets.locks [snakemake options]``, which ``make smoke`` and ``make smoke-slurm``
+``python -m stablenets.pipeline.locks [snakemake options]``, which ``make smoke`` and ``make smoke-slurm``
 run before Snakemake, unlocks (``snakemake <options> --unlock``) only when no process of the
 workflow runs in this directory: no Snakemake, and no job that a killed Snakemake left running
 (``python -m stablenets <job>``: a rerun would start a second writer of its checkpoint).
@@ -115,16 +115,16 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stablenets.locks [snakemake options]`` in the workflow's directory; the
+    """``python -m stablenets.pipeline.locks [snakemake options]`` in the workflow's directory; the
     options are those of the Snakemake run that follows (profiles, ``--config``)."""
     args = sys.argv[1:] if argv is None else argv
     try:
         said = unlock_if_stale(Path.cwd(), args)
     except RuntimeError as err:
-        print(f"stablenets.locks: error: {err}", file=sys.stderr)
+        print(f"stablenets.pipeline.locks: error: {err}", file=sys.stderr)
         return 1
     if said is not None:
-        print(f"stablenets.locks: {said}", file=sys.stderr)
+        print(f"stablenets.pipeline.locks: {said}", file=sys.stderr)
     return 0
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .workflow import Jobs, sigma_label
+from stablenets.pipeline.specs import Jobs, sigma_label
 
 __all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost"]
 
@@ -176,7 +176,7 @@ def _benchmark(path: Path) -> tuple[float, float]:
 def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured:
     import pandas as pd
 
-    from .models import read_checkpoint
+    from stablenets.nn.models import read_checkpoint
 
     extra = read_checkpoint(path)["extra"]
     log = pd.read_csv(path.with_name("train_log.csv"))
@@ -208,7 +208,7 @@ def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> Measured:
     """Seconds and attacked points per pass of the radius sweep, from the job's result file
     (``seconds_per_point_<pass>`` and ``attacked_points_<pass>``)."""
-    from .robustness import PASSES
+    from stablenets.evaluation.robustness import PASSES
 
     attrs, spec = _attrs(path)
     parts = {}
@@ -321,7 +321,7 @@ class Paper:
 
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""
-        from .bench import MODEL_SPECS, STAGES, _variant_width, variant_options
+        from stablenets.bench.training import MODEL_SPECS, STAGES, _variant_width, variant_options
 
         if job.variant == basis.job.variant:
             return 1.0, ""
@@ -537,11 +537,10 @@ def write_cost(spec: dict[str, Any], inputs: list[Path], out: Path, log=print) -
     TSVs, ``spec``: the run's validated ``config``, ``results`` and ``benchmarks`` (its folders)
     and ``schema`` (to validate ``cost.paper_config``)."""
     import pandas as pd
-    import yaml
 
-    from .atomic import atomic_write
-    from .config import validate_config
-    from .runtime import write_sidecar
+    from stablenets.atomic import atomic_write
+    from stablenets.pipeline.config import load_config
+    from stablenets.pipeline.runtime import write_sidecar
 
     run, root, bench = spec["config"], Path(spec["results"]), Path(spec["benchmarks"])
     by_tsv = {bench / f"{job.rule}/{job.stem}.tsv": job for job in dag_jobs(run)}
@@ -550,8 +549,7 @@ def write_cost(spec: dict[str, Any], inputs: list[Path], out: Path, log=print) -
         raise ValueError(f"cost: {unknown} are not benchmark files of this run's jobs")
     measured = [measure(by_tsv[Path(p)], Path(p), root) for p in inputs]
     paper_path = run["cost"]["paper_config"]
-    with open(paper_path) as fh:
-        paper_config = validate_config(yaml.safe_load(fh), Path(spec["schema"]))
+    paper_config = load_config(paper_path, Path(spec["schema"]))
     sizes = {m.job.dataset: _test_size(m.job.results(root)) for m in measured if m.job.dataset}
     paper = Paper(paper_config, sizes, _bench_rates([Path(p) for p in run["cost"]["bench"]]))
     rows = cost_rows(measured, paper)

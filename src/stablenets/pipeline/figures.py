@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .atomic import atomic_path
+from stablenets.atomic import atomic_path
 
 __all__ = [
     "FAMILY_COLORS",

@@ -16,29 +16,34 @@ from pathlib import Path
 
 EXIT_INTERRUPTED = 75
 
+JOBS, REPORTS, COST = (
+    "stablenets.pipeline.jobs",
+    "stablenets.pipeline.reports",
+    "stablenets.bench.cost",
+)
 # job -> (module, function, path arguments, help). Modules are imported when their job runs:
 # the report jobs (reports.py) start without torch.
 _JOBS = {
-    "prepare-data": ("experiments", "prepare_data", ["out"], "download and convert a dataset"),
-    "train": ("experiments", "train_model", ["data", "model", "log", "workdir"], "train a model"),
-    "evaluate-classifier": ("experiments", "evaluate_classifier", ["model", "data", "out", "workdir"],
+    "prepare-data": (JOBS, "prepare_data", ["out"], "download and convert a dataset"),
+    "train": (JOBS, "train_model", ["data", "model", "log", "workdir"], "train a model"),
+    "evaluate-classifier": (JOBS, "evaluate_classifier", ["model", "data", "out", "workdir"],
                             "certify and attack a classifier"),
-    "evaluate-denoiser": ("experiments", "evaluate_denoiser", ["model", "data", "out"],
+    "evaluate-denoiser": (JOBS, "evaluate_denoiser", ["model", "data", "out"],
                           "denoising PSNR of a model"),
-    "evaluate-tv": ("experiments", "evaluate_tv_denoising", ["data", "out"], "TV denoising PSNR"),
-    "pnp": ("experiments", "run_pnp", ["model", "data", "out"], "PnP deblurring with a denoiser"),
-    "tv-deblur": ("experiments", "run_tv_deblur", ["data", "out"], "TV deblurring"),
-    "table": ("reports", "make_table", ["inputs", "out"], "a table from result files"),
-    "figure": ("reports", "make_figure", ["inputs", "out"], "a figure from result files"),
-    "summary": ("reports", "write_summary", ["inputs", "out"], "the results summary"),
-    "cost": ("cost", "write_cost", ["inputs", "out"], "measured cost and paper-scale projection"),
+    "evaluate-tv": (JOBS, "evaluate_tv_denoising", ["data", "out"], "TV denoising PSNR"),
+    "pnp": (JOBS, "run_pnp", ["model", "data", "out"], "PnP deblurring with a denoiser"),
+    "tv-deblur": (JOBS, "run_tv_deblur", ["data", "out"], "TV deblurring"),
+    "table": (REPORTS, "make_table", ["inputs", "out"], "a table from result files"),
+    "figure": (REPORTS, "make_figure", ["inputs", "out"], "a figure from result files"),
+    "summary": (REPORTS, "write_summary", ["inputs", "out"], "the results summary"),
+    "cost": (COST, "write_cost", ["inputs", "out"], "measured cost and paper-scale projection"),
 }  # fmt: skip
 # Errors a job reports in one line (``--debug``: the traceback), besides ``ValueError``.
 _CLEAR_ERRORS = {
-    "data": ["DataError"],
-    "models": ["CheckpointError"],
-    "training": ["DivergenceError"],
-    "robustness": ["InvariantError"],
+    "stablenets.data.format": ["DataError"],
+    "stablenets.nn.models": ["CheckpointError"],
+    "stablenets.train.loop": ["DivergenceError"],
+    "stablenets.evaluation.robustness": ["InvariantError"],
 }
 
 
@@ -71,12 +76,12 @@ def _log(message: str) -> None:
 
 def _job(name: str) -> Callable:
     module, function = _JOBS[name][:2]
-    return getattr(importlib.import_module(f".{module}", __package__), function)
+    return getattr(importlib.import_module(module), function)
 
 
 def _loaded(module: str, name: str) -> type | None:
     """``module.name`` if that module is loaded (a job that raised its error imported it)."""
-    loaded = sys.modules.get(f"{__package__}.{module}")
+    loaded = sys.modules.get(module)
     return getattr(loaded, name, None) if loaded is not None else None
 
 
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _job(args.job)(_spec(args.spec), *(getattr(args, p) for p in paths), log=_log)
     except Exception as err:
-        interrupted = _loaded("interrupt", "Interrupted")
+        interrupted = _loaded("stablenets.interrupt", "Interrupted")
         if interrupted is not None and isinstance(err, interrupted):
             print(f"stablenets {args.job}: {err}", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from .atomic import atomic_path, atomic_write
+from stablenets.atomic import atomic_path, atomic_write
 
 if TYPE_CHECKING:
     import torch

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stablenets.denoising import (
+from stablenets.evaluation.metrics import fixed_noise, psnr
+from stablenets.evaluation.tv import (
     GRADIENT_NORM_SQ,
     divergence2d,
-    fixed_noise,
     gradient2d,
     project_dual_ball,
-    psnr,
     relative_change,
 )
 
@@ -181,7 +180,7 @@ def observe(
 ) -> Tensor:
     """Noisy blurred observation ``y = K x + noise_sigma * z`` (unclipped, fixed seed per image).
 
-    The noise follows :func:`stablenets.denoising.fixed_noise`: image ``n`` uses the generator
+    The noise follows :func:`stablenets.evaluation.metrics.fixed_noise`: image ``n`` uses the generator
     seeded by ``(seed, indices[n])``.
     """
     return fixed_noise(blur.forward(x), noise_sigma, seed, indices)

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_write
+from stablenets.atomic import atomic_write
 
 __all__ = [
     "Column",

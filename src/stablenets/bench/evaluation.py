@@ -1,6 +1,6 @@
 """Evaluation benchmark: the radius sweep against the per-radius evaluation, side by side.
 
-``python -m stablenets.evalbench --config config.yaml config/smoke.yaml --variant cpl_XS`` (after
+``python -m stablenets.bench.evaluation --config config.yaml config/smoke.yaml --variant cpl_XS`` (after
 ``make smoke``) evaluates one trained classifier twice on the same test points with the same
 attacks and seeds:
 
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import data, robustness
-from .models import load_model
+from stablenets import data
+from stablenets.evaluation import robustness
+from stablenets.nn.models import load_model
 
 __all__ = ["per_radius", "compare", "seconds_per_point", "passes_per_point", "main"]
 
@@ -154,16 +155,10 @@ def passes_per_point(
 def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path]:
     """The evaluation spec of ``variant`` under ``configs`` (later files overlay earlier ones, as
     Snakemake's ``--configfile``), its trained model and the CIFAR-10 file of that scale."""
-    import yaml
-    from snakemake.utils import update_config
+    from stablenets.pipeline.config import load_config
+    from stablenets.pipeline.specs import Jobs
 
-    from .config import validate_config
-    from .workflow import Jobs
-
-    config: dict = {}
-    for path in configs:
-        update_config(config, yaml.safe_load(path.read_text()))
-    config = validate_config(config, Path("workflow/schemas/config.schema.yaml"))
+    config = load_config(configs)
     spec = json.loads(Jobs(config).eval_spec("classification", variant, seed))
     results = Path("results") / config["scale"]
     model = results / f"models/classification/{variant}/seed{seed}/model.pt"
@@ -171,7 +166,7 @@ def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stablenets.evalbench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stablenets.bench.evaluation", description=__doc__)
     p.add_argument(
         "--config",
         type=Path,

@@ -7,14 +7,16 @@ Errors are one line naming the key (dotted path) and what was expected, e.g.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
-__all__ = ["ConfigError", "validate_config", "load_schema"]
+__all__ = ["ConfigError", "SCHEMA", "load_config", "load_schema", "overlay", "validate_config"]
+
+SCHEMA = Path("workflow/schemas/config.schema.yaml")  # relative to the repository root
 
 _PROBE_SIZE = (3, 64, 64)  # image size on which the blur's norm is computed (size-independent)
 
@@ -69,8 +71,13 @@ def _schema_errors(config: dict, schema: dict) -> list[str]:
 
 
 def _cross_field_errors(config: dict) -> list[str]:
-    from .models import CLASSIFIERS, DENOISERS  # the model registry (imports torch, as pnp)
-    from .pnp import GaussianBlur  # the blur operator decides the PnP step-size limit
+    from stablenets.evaluation.pnp import (
+        GaussianBlur,  # the blur operator decides the PnP step-size limit
+    )
+    from stablenets.nn.models import (  # the model registry (imports torch, as pnp)
+        CLASSIFIERS,
+        DENOISERS,
+    )
 
     errors = []
     for task, allowed in (("classification", CLASSIFIERS), ("denoising", DENOISERS)):
@@ -180,3 +187,28 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
         )
     _resolve_variants(config)
     return config
+
+
+def overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base`` as Snakemake merges ``--configfile`` files: nested mappings
+    merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = overlay(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(paths: Path | str | Sequence[Path | str], schema: dict | Path = SCHEMA) -> dict:
+    """The config the workflow runs with ``--configfile paths...``: the files overlaid in order
+    (:func:`overlay`), validated against ``schema`` with defaults filled in."""
+    config: dict[str, Any] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"config: {path}: cannot read: {err.strerror}") from None
+        config = overlay(config, yaml.safe_load(text) or {})
+    return validate_config(config, schema)

@@ -44,9 +44,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .activations import MonotoneActivation, build_activation
-from .blocks import NonexpansiveBlock
-from .operators import Conv2dOperator, LinearOperator, autocast_off
+from stablenets.nn.activations import MonotoneActivation, build_activation
+from stablenets.nn.blocks import NonexpansiveBlock
+from stablenets.nn.operators import Conv2dOperator, LinearOperator, autocast_off
 
 __all__ = [
     "FAMILIES",

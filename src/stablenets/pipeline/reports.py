@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_write
-from .runtime import write_sidecar
+from stablenets.atomic import atomic_write
+from stablenets.pipeline.runtime import write_sidecar
 
 __all__ = ["make_table", "make_figure", "write_summary"]
 
@@ -30,7 +30,7 @@ _TABLE_CAPTIONS = {
 
 def make_table(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
     """``tables/<kind>.{csv,md,tex}`` from the result files of one experiment."""
-    from . import tables
+    from stablenets.pipeline import tables
 
     kind = spec["kind"]
     build = {
@@ -56,7 +56,7 @@ def _one_log_per_variant(paths: list[Path]) -> dict[str, Path]:
 
 def make_figure(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
     """``figures/<kind>.{pdf,png}`` from result files or training logs."""
-    from . import figures
+    from stablenets.pipeline import figures
 
     kind, stem, paths = spec["kind"], Path(out).with_suffix(""), [Path(p) for p in inputs]
     figures.set_style()

@@ -38,8 +38,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .blocks import NonexpansiveBlock
-from .operators import LinearOperator, fused_power_iteration
+from stablenets.nn.blocks import NonexpansiveBlock
+from stablenets.nn.operators import LinearOperator, fused_power_iteration
 
 __all__ = ["StepGraphs", "substep_key"]
 

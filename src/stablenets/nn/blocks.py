@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .activations import MonotoneActivation
-from .integrators import get_integrator
-from .operators import LinearOperator, host_copy, remember_host_copy
+from stablenets.nn.activations import MonotoneActivation
+from stablenets.nn.integrators import get_integrator
+from stablenets.nn.operators import LinearOperator, host_copy, remember_host_copy
 
 __all__ = ["NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
 

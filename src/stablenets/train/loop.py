@@ -32,22 +32,22 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from . import budget
-from .atomic import atomic_path, remove_stale_temporaries
-from .augment import AugmentConfig, augment
-from .denoising import fixed_noise, psnr
-from .graphs import StepGraphs
-from .interrupt import Interrupted, StopFlag
-from .losses import build_loss
-from .memory import peak_memory_mb
-from .models import (
+from stablenets.atomic import atomic_path, remove_stale_temporaries
+from stablenets.evaluation.metrics import fixed_noise, psnr
+from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.nn.losses import build_loss
+from stablenets.nn.models import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     StableModel,
     atomic_torch_save,
     read_checkpoint,
 )
-from .operators import fused_power_iteration, remember_estimates
+from stablenets.nn.operators import fused_power_iteration, remember_estimates
+from stablenets.train import budget
+from stablenets.train.augment import AugmentConfig, augment
+from stablenets.train.cuda_graphs import StepGraphs
+from stablenets.train.memory import peak_memory_mb
 
 __all__ = [
     "TrainConfig",

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import atomic_write
+from stablenets.atomic import atomic_write
 
 __all__ = ["budget_steps", "seconds_per_step", "resolve_steps"]
 

@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data, denoising, pnp, robustness
-from .atomic import atomic_path, remove_stale_temporaries
-from .augment import AugmentConfig
-from .interrupt import Interrupted, StopFlag
-from .memory import peak_memory_mb
-from .models import (
+from stablenets import data
+from stablenets.atomic import atomic_path, remove_stale_temporaries
+from stablenets.evaluation import metrics, pnp, robustness, tv
+from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.nn.models import (
     CLASSIFIERS,
     DENOISERS,
     CheckpointError,
@@ -31,14 +30,16 @@ from .models import (
     read_checkpoint,
     save_model,
 )
-from .runtime import (
+from stablenets.pipeline.runtime import (
     config_hash,
     provenance,
     select_device,
     write_results,
     write_sidecar,
 )
-from .training import ClassificationTask, DenoisingTask, TrainConfig, train, write_log
+from stablenets.train.augment import AugmentConfig
+from stablenets.train.loop import ClassificationTask, DenoisingTask, TrainConfig, train, write_log
+from stablenets.train.memory import peak_memory_mb
 
 __all__ = [
     "prepare_data",
@@ -328,7 +329,7 @@ def _noisy_test(spec: dict, data_path: Path, device: torch.device):
     clean, _ = data.read_split(data_path, "test")
     n = spec["evaluate"].get("n_test")
     clean = clean[:n] if n else clean
-    noisy = denoising.fixed_noise(clean, float(spec["sigma"]), int(spec["evaluate"]["noise_seed"]))
+    noisy = metrics.fixed_noise(clean, float(spec["sigma"]), int(spec["evaluate"]["noise_seed"]))
     return clean.to(device), noisy.to(device)
 
 
@@ -347,10 +348,10 @@ def _crops(clean, noisy, denoised, ev: dict) -> dict[str, torch.Tensor]:
 
 def _psnr_sets(denoised, noisy, clean) -> dict[str, torch.Tensor]:
     return {
-        "psnr": denoising.psnr(denoised, clean),
-        "psnr_1": denoising.psnr(denoised, clean, peak=1.0),
-        "noisy_psnr": denoising.psnr(noisy, clean),
-        "noisy_psnr_1": denoising.psnr(noisy, clean, peak=1.0),
+        "psnr": metrics.psnr(denoised, clean),
+        "psnr_1": metrics.psnr(denoised, clean, peak=1.0),
+        "noisy_psnr": metrics.psnr(noisy, clean),
+        "noisy_psnr_1": metrics.psnr(noisy, clean, peak=1.0),
     }
 
 
@@ -412,13 +413,13 @@ def evaluate_denoiser(
 def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = print) -> None:
     """TV denoising baseline; its weight is chosen on the validation split, never on test."""
     device = _setup(spec)
-    ev, tv = spec["evaluate"], spec["tv"]
+    ev, tv_spec = spec["evaluate"], spec["tv"]
     val, _ = data.read_split(data_path, "val")
     val = val.to(device)
-    val_noisy = denoising.fixed_noise(val, float(spec["sigma"]), int(tv["val_noise_seed"]))
-    weight, scores = denoising.select_tv_weight(val_noisy, val, tv["weights"], tv["iters"])
+    val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
+    weight, scores = tv.select_tv_weight(val_noisy, val, tv_spec["weights"], tv_spec["iters"])
     clean, noisy = _noisy_test(spec, data_path, device)
-    denoised = denoising.tv_denoise(noisy, weight, tv["iters"])
+    denoised = tv.tv_denoise(noisy, weight, tv_spec["iters"])
     sets = _psnr_sets(denoised, noisy, clean)
     attrs = {
         "variant": "tv",
@@ -488,8 +489,8 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
             pnp.assert_nonincreasing(
                 diffs, spec["variant"], f"test image {i}", p["nonincreasing_rtol"], atol
             )
-    final = denoising.psnr(x, clean, peak=1.0).cpu().numpy()
-    observed_psnr = denoising.psnr(observed, clean, peak=1.0).cpu().numpy()
+    final = metrics.psnr(x, clean, peak=1.0).cpu().numpy()
+    observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     attrs = {
         "method": "pnp",
         "variant": spec["variant"],
@@ -512,8 +513,8 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     x = pnp.tv_deblur(observed, blur, p["tv"]["weight"], p["tv"]["iters"])
-    final = denoising.psnr(x, clean, peak=1.0).cpu().numpy()
-    observed_psnr = denoising.psnr(observed, clean, peak=1.0).cpu().numpy()
+    final = metrics.psnr(x, clean, peak=1.0).cpu().numpy()
+    observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     iters = np.full(len(final), p["tv"]["iters"])
     attrs = {
         "method": "tv",

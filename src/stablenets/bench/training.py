@@ -1,8 +1,8 @@
 """Training-step benchmark: the real training path against the plain reference, side by side.
 
-    python -m stablenets.bench                      # paper sizes, CPU or CUDA (auto)
-    python -m stablenets.bench --quick              # small sizes, seconds
-    python -m stablenets.bench --models classifier,resnet --repeats 5 --threads 1
+    python -m stablenets.bench.training                      # paper sizes, CPU or CUDA (auto)
+    python -m stablenets.bench.training --quick              # small sizes, seconds
+    python -m stablenets.bench.training --models classifier,resnet --repeats 5 --threads 1
 
 For each model (``classifier``: non-expansive classifier, batch 128, 32x32; ``resnet``: the ResNet
 baseline; ``denoiser``: non-expansive denoiser, batch 5, 321x481; ``dncnn``; the layer families
@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .families import FAMILIES
-from .integrators import INTEGRATORS
+from stablenets.nn.families import FAMILIES
+from stablenets.nn.integrators import INTEGRATORS
+from stablenets.pipeline.config import SCHEMA, load_config
 
 __all__ = ["main", "MODEL_SPECS"]
 
@@ -81,7 +82,6 @@ QUICK = {
     **{f: (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}) for f in FAMILIES},
 }
 CIFAR10_IMAGES = 50_000  # the official archive's training batches, split by data.prepare_cifar10
-SCHEMA = Path("workflow/schemas/config.schema.yaml")  # --schema: validates --config
 _PREPARED: dict[str, torch.nn.Module] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
 PROFILE_ROWS = 25  # --profile: rows of the printed table
@@ -111,9 +111,9 @@ def _rss_mb() -> float:
 
 
 def _build(job: dict, device: torch.device):
-    from .augment import AugmentConfig
-    from .models import build_model
-    from .training import (
+    from stablenets.nn.models import build_model
+    from stablenets.train.augment import AugmentConfig
+    from stablenets.train.loop import (
         ClassificationTask,
         DenoisingTask,
         TrainConfig,
@@ -153,7 +153,7 @@ def _build(job: dict, device: torch.device):
         cuda_graphs=bool(job.get("cuda_graphs")),
     )
     if job["impl"] in ("reference", "plain"):
-        from .reference import from_model
+        from stablenets.bench.reference import from_model
 
         model = from_model(model, plain=job["impl"] == "plain")
         opt = torch.optim.SGD(
@@ -171,8 +171,8 @@ def _log(line: str) -> None:
 
 def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
     """The timed step and its CUDA graphs (``None`` without ``--cuda-graphs``)."""
-    from .graphs import StepGraphs
-    from .training import RunState, _train_step, step_generator, step_graphs
+    from stablenets.train.cuda_graphs import StepGraphs
+    from stablenets.train.loop import RunState, _train_step, step_generator, step_graphs
 
     state = RunState()
 
@@ -216,9 +216,9 @@ def _total_substeps(model) -> int:
 
 
 def _count_blocks(model) -> int:
-    from .blocks import NonexpansiveBlock, ResidualBlock
-    from .families import AOLBlock, OrthogonalBlock, SLLBlock
-    from .reference import ReferenceBlock
+    from stablenets.bench.reference import ReferenceBlock
+    from stablenets.nn.blocks import NonexpansiveBlock, ResidualBlock
+    from stablenets.nn.families import AOLBlock, OrthogonalBlock, SLLBlock
 
     kinds = (NonexpansiveBlock, ResidualBlock, ReferenceBlock, SLLBlock, AOLBlock, OrthogonalBlock)
     return sum(isinstance(m, kinds) for m in model.modules())
@@ -232,7 +232,7 @@ def _count_flops(job: dict, model, task, device) -> float:
     family's Cayley transform) are not counted by ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .training import update_norms
+    from stablenets.train.loop import update_norms
 
     spec = MODEL_SPECS[job["model"]]
     size = tuple(job["size"])
@@ -270,8 +270,8 @@ def _count_flops(job: dict, model, task, device) -> float:
 def prepare_state(job: dict, path: Path) -> None:
     """Build the model once (its construction computes certificates) and save its state, so that
     every worker starts from the same initial weights, vectors and integration times."""
-    from .models import build_model
-    from .operators import power_iteration_all
+    from stablenets.nn.models import build_model
+    from stablenets.nn.operators import power_iteration_all
 
     spec = MODEL_SPECS[job["model"]]
     size = tuple(job["size"])
@@ -373,7 +373,7 @@ def _spawn(job: dict) -> dict:
         return run_worker(job)
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
     out = subprocess.run(
-        [sys.executable, "-m", "stablenets.bench", "--worker", json.dumps(job)],
+        [sys.executable, "-m", "stablenets.bench.training", "--worker", json.dumps(job)],
         capture_output=True,
         text=True,
         env=env,
@@ -487,7 +487,7 @@ def _width(job: dict) -> int | str:
         return ""
     import inspect
 
-    from .models import Classifier
+    from stablenets.nn.models import Classifier
 
     default = inspect.signature(Classifier).parameters["base_width"].default
     return job["kwargs"].get("base_width", default)
@@ -592,26 +592,15 @@ def _print_table(rows: list[dict]) -> None:
 STAGES = {name: tableau.stages for name, tableau in INTEGRATORS.items()}
 
 
-def load_config(path: Path, schema: Path = SCHEMA) -> dict:
-    """``path`` as the workflow reads it: validated by ``config.validate_config`` against
-    ``schema`` (one line per problem), defaults filled in, ``size`` and ``select`` applied."""
-    import yaml
-
-    from .config import validate_config
-
-    with open(path) as fh:
-        return validate_config(yaml.safe_load(fh), schema)
-
-
 def epoch_images(cfg: dict) -> int:
     """Training images per epoch of a validated config: the training split of its CIFAR-10
     data (``data.prepare_cifar10``'s split of the archive, or the synthetic ``n_train``)."""
-    from .data import _random_split
+    from stablenets.data.cifar10 import random_split
 
     spec = cfg["data"]["cifar10"]
     if spec["source"] == "synthetic":
         return int(spec["synthetic"]["n_train"])
-    train, _ = _random_split(CIFAR10_IMAGES, spec["val_fraction"], spec["split_seed"])
+    train, _ = random_split(CIFAR10_IMAGES, spec["val_fraction"], spec["split_seed"])
     return len(train)
 
 
@@ -621,7 +610,7 @@ def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
         return ""
     import inspect
 
-    from .models import Classifier
+    from stablenets.nn.models import Classifier
 
     if "size" in variant:
         return int(cfg["classification"]["sizes"][variant["size"]])
@@ -632,7 +621,7 @@ def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
 def variant_options(train: dict) -> str:
     """The ``options`` of the benchmark rows that time a variant's configured training step:
     its speed settings, and CUDA graphs where they replay (``training.graphs_allowed``)."""
-    from .training import graphs_allowed
+    from stablenets.train.loop import graphs_allowed
 
     opts = [k for k in ("amp", "channels_last", "cudnn_benchmark") if train.get(k)]
     if train.get("cuda_graphs") and graphs_allowed(train.get("loss")):
@@ -703,7 +692,7 @@ def project_hours(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m stablenets.bench", description=__doc__.split("\n")[0]
+        prog="python -m stablenets.bench.training", description=__doc__.split("\n")[0]
     )
     p.add_argument(
         "--models",
@@ -861,9 +850,9 @@ def _main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from .config import ConfigError
+    from stablenets.pipeline.config import ConfigError
 
     try:
         main()
     except ConfigError as err:  # one line per problem of --config, no traceback
-        sys.exit(f"python -m stablenets.bench: {err}")
+        sys.exit(f"python -m stablenets.bench.training: {err}")

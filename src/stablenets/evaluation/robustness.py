@@ -850,7 +850,7 @@ def bisect(
     real example, counted at every larger radius); not fooled, ``lo = mid + 1``, assuming (as a
     bisection must) that the attack would fail at smaller radii too. About ``log2(hi - lo)``
     attacks per point instead of one per radius; ``tests/test_robustness.py`` and
-    ``stablenets.evalbench`` measure the strength against attacking every radius. Resumable and
+    ``stablenets.bench.evaluation`` measure the strength against attacking every radius. Resumable and
     polled like ``sweep``; one log line per round.
     """
     if len(plan.bisect_radii) == 0 or plan.strong is None:

@@ -1,0 +1,279 @@
+"""Downloads refused without a checksum, and archives extracted only after every member
+has been checked (no path, link or device escapes the destination).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stablenets.atomic import atomic_path
+from stablenets.data.format import DataError
+
+_CHUNK_BYTES = 1 << 20
+_MAX_LINK_HOPS = 40  # symlink chain length treated as a loop, as the OS does
+
+
+# --------------------------------------------------------------------------------------------
+# checksums and downloads
+# --------------------------------------------------------------------------------------------
+
+
+def file_digests(path: Path, algorithms: Sequence[str]) -> dict[str, str]:
+    """Hash a file once for all requested algorithms, reading it in chunks."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def _expected_digests(md5: str | None, sha256: str | None, what: str) -> dict[str, str]:
+    """The checksums a caller gave, normalised; at least one is required."""
+    expected = {k: v.strip().lower() for k, v in (("md5", md5), ("sha256", sha256)) if v}
+    if not expected:
+        raise DataError(f"{what}: no md5 or sha256 given; refusing to use an unverified file")
+    return expected
+
+
+def _check_digests(path: Path, expected: Mapping[str, str], source: str) -> None:
+    """Raise DataError naming ``source`` when ``path`` does not hash to ``expected``."""
+    actual = file_digests(path, list(expected))
+    for name, want in expected.items():
+        if actual[name] != want:
+            raise DataError(
+                f"{source}: checksum mismatch, expected {name} {want}, got {actual[name]}"
+            )
+
+
+def verify_checksum(path: Path, md5: str | None = None, sha256: str | None = None) -> None:
+    """Check ``path`` against the given md5 and/or sha256 (at least one), else raise DataError."""
+    path = Path(path)
+    expected = _expected_digests(md5, sha256, str(path))
+    if not path.is_file():
+        raise DataError(f"{path}: no such file to verify")
+    _check_digests(path, expected, str(path))
+
+
+def _fetch(url: str, target: Path, timeout: float) -> None:
+    """Stream ``url`` (http, https or file) into ``target``."""
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https", "file"):
+        raise DataError(f"unsupported URL scheme {scheme!r}")
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+        shutil.copyfileobj(response, out, _CHUNK_BYTES)
+
+
+def download(
+    urls: list[str],
+    dest: Path,
+    md5: str | None = None,
+    sha256: str | None = None,
+    *,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``dest`` from the first URL (mirrors in order) whose content has the checksum.
+
+    A checksum is mandatory: an unverified dataset would make every result downstream
+    unreproducible. The file is streamed to a temporary name beside ``dest``, verified and
+    renamed, so ``dest`` is either absent or complete. An existing ``dest`` with the right
+    checksum is kept without touching the network. ``timeout`` is per connection, in seconds.
+    """
+    dest = Path(dest)
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    expected = _expected_digests(md5, sha256, str(dest))
+    if not urls:
+        raise DataError(f"{dest}: no URL given")
+    if dest.is_file():
+        try:
+            _check_digests(dest, expected, str(dest))
+            return dest
+        except DataError:
+            pass  # stale or corrupt copy: fetch it again, replacing it atomically
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in urls:
+        try:
+            with atomic_path(dest, suffix=".part") as tmp:  # renamed onto dest only if verified
+                _fetch(url, tmp, timeout)
+                _check_digests(tmp, expected, url)
+        # URLError is an OSError, DataError a ValueError; HTTPException covers truncation.
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            failures.append(f"{url}: {exc}")
+            continue
+        return dest
+    raise DataError(f"{dest.name}: every URL failed: " + " | ".join(failures))
+
+
+# --------------------------------------------------------------------------------------------
+# safe extraction
+# --------------------------------------------------------------------------------------------
+
+
+def _parts(path: str) -> list[str]:
+    """Path components of an archive name, without empty and ``.`` components."""
+    return [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _escapes(path: str, links: Mapping[str, str]) -> bool:
+    """Whether an archive-relative path, followed through the archive's own symlinks, leaves
+    the extraction root (or loops); like ``os.path.realpath`` on a virtual tree."""
+    pending = list(reversed(_parts(path)))
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if not resolved:
+                return True
+            resolved.pop()
+            continue
+        resolved.append(part)
+        target = links.get("/".join(resolved))
+        if target is None:
+            continue
+        hops += 1
+        if hops > _MAX_LINK_HOPS or target.startswith("/"):
+            return True
+        resolved.pop()
+        pending.extend(reversed(_parts(target)))
+    return False
+
+
+def _check_name(archive: Path, name: str) -> None:
+    """Refuse absolute member names and names with ``..`` components."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise DataError(f"{archive}: member {name!r} has an absolute path")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise DataError(f"{archive}: member {name!r} has a '..' component")
+
+
+def _check_member(
+    archive: Path, name: str, kind: str, link: str | None, links: Mapping[str, str]
+) -> None:
+    """Refuse one member: bad name, special file, a link out of the root, or a path through
+    a symlink that leads out of the root."""
+    _check_name(archive, name)
+    if link is not None and link.startswith(("/", "\\")):
+        raise DataError(f"{archive}: link {name!r} -> {link!r} has an absolute target")
+    if kind == "device":
+        raise DataError(f"{archive}: member {name!r} is a device or fifo")
+    parent = "/".join(_parts(name)[:-1])
+    if _escapes(parent, links):
+        raise DataError(f"{archive}: member {name!r} is written through a link leaving the archive")
+    if kind == "symlink" and _escapes(f"{parent}/{link}", links):
+        raise DataError(f"{archive}: symlink {name!r} -> {link!r} points outside the destination")
+    if kind == "hardlink" and (link is None or _escapes(link, links)):
+        raise DataError(f"{archive}: hardlink {name!r} -> {link!r} points outside the destination")
+
+
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+        return "device"
+    return "file"
+
+
+def _extract_tar(archive: Path, into: Path) -> list[str]:
+    """Check every tar member, then extract with tarfile's ``data`` filter as a second guard."""
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()
+        links = {"/".join(_parts(m.name)): m.linkname for m in members if m.issym()}
+        for m in members:
+            _check_member(archive, m.name, _tar_kind(m), m.linkname or None, links)
+        try:
+            tar.extractall(into, members=members, filter="data")
+        except tarfile.FilterError as exc:
+            raise DataError(f"{archive}: refused by tarfile's data filter: {exc}") from exc
+    return [m.name for m in members if m.isfile()]
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return "device"
+    return "file"
+
+
+def _extract_zip(archive: Path, into: Path) -> list[str]:
+    """Check every zip member (zipfile writes symlinks as plain files), then extract."""
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        links = {
+            "/".join(_parts(i.filename)): zf.read(i).decode("utf-8", "replace")
+            for i in infos
+            if _zip_kind(i) == "symlink"
+        }
+        for info in infos:
+            link = links.get("/".join(_parts(info.filename)))
+            _check_member(archive, info.filename, _zip_kind(info), link, links)
+        zf.extractall(into)
+    return [i.filename for i in infos if not i.is_dir()]
+
+
+def safe_extract(archive: Path, dest: Path) -> list[Path]:
+    """Extract a tar (plain, gz, bz2, xz) or zip archive into the new directory ``dest``.
+
+    Members with absolute names, ``..`` components, links leading outside ``dest`` or device
+    files are refused (DataError naming the member) before anything is written. Extraction
+    goes to a temporary directory beside ``dest`` that is renamed into place only on success.
+    Returns the extracted regular files.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise DataError(f"{archive}: no such archive")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"{dest}: extraction destination already exists and is not empty")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".extract"))
+    try:
+        if tarfile.is_tarfile(archive):  # first: a tar may end with a zip member
+            names = _extract_tar(archive, tmp)
+        elif zipfile.is_zipfile(archive):
+            names = _extract_zip(archive, tmp)
+        else:
+            raise DataError(f"{archive}: not a tar or zip archive")
+        os.replace(tmp, dest)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise DataError(f"{archive}: cannot extract: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(dest.joinpath(*_parts(name)) for name in names)
+
+
+@contextmanager
+def extracted(archive: Path, near: Path) -> Iterator[Path]:
+    """Safely extract ``archive`` into a temporary directory next to ``near``; removed after."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=near.parent, prefix=f".{near.name}.") as work:
+        root = Path(work) / "archive"
+        safe_extract(archive, root)
+        yield root
+
+
+def archive_record(archive: Path, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance attributes shared by the archive-based datasets."""
+    return {
+        "provenance": dict(provenance),
+        "archive_name": archive.name,
+        "archive_sha256": file_digests(archive, ["sha256"])["sha256"],
+    }

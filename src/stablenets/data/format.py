@@ -1,0 +1,148 @@
+"""The one HDF5 layout every dataset ends in, and the error every dataset step raises.
+
+Every dataset the pipeline uses (CIFAR-10, BSDS500, the synthetic classification set, the
+scikit-image smoke photographs) ends up in one HDF5 layout written by :func:`write_h5`:
+
+    /<split>/images   uint8, (N, C, H, W)
+    /<split>/labels   int64, (N,)            classification only
+    /<split>/<other>  per-image bookkeeping (e.g. ``source_index``), first axis N
+    file attributes   provenance and parameters; non-scalar values are JSON strings whose
+                      names are listed in the ``json_attrs`` attribute
+
+:func:`read_split` turns one split back into float32 tensors in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from stablenets.atomic import atomic_path
+
+SPLITS = ("train", "val", "test")
+_JSON_ATTRS_KEY = "json_attrs"
+
+
+class DataError(ValueError):
+    """A dataset file, archive, download or parameter is unusable; the message says which."""
+
+
+# --------------------------------------------------------------------------------------------
+# the HDF5 layout
+# --------------------------------------------------------------------------------------------
+
+
+def _check_split(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Validate one split's arrays and return them with labels cast to int64."""
+    images = arrays.get("images")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"{path}: split {name!r} needs 'images' as a uint8 (N, C, H, W) array")
+    out: dict[str, Any] = {}
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] != images.shape[0]:
+            raise DataError(
+                f"{path}: split {name!r} key {key!r} has shape {value.shape}, "
+                f"expected first axis {images.shape[0]}"
+            )
+        if key == "labels":
+            if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+                raise DataError(f"{path}: split {name!r} 'labels' must be a 1-D integer array")
+            value = value.astype(np.int64)
+        out[key] = value
+    return out
+
+
+def _encode_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Scalars and strings as they are; everything else JSON-encoded (names returned)."""
+    plain: dict[str, Any] = {}
+    encoded = []
+    for key, value in attrs.items():
+        if key == _JSON_ATTRS_KEY:
+            raise DataError(f"attribute name {key!r} is reserved")
+        if isinstance(value, str | bool | int | float | np.integer | np.floating | np.bool_):
+            plain[key] = value
+        else:
+            plain[key] = json.dumps(value, sort_keys=True, default=_json_default)
+            encoded.append(key)
+    return plain, encoded
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for numpy values and paths, which attributes often carry."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"attribute value {value!r} is not JSON-serialisable")
+
+
+def write_h5(path: Path, splits: dict[str, dict[str, np.ndarray]], attrs: dict[str, Any]) -> None:
+    """Write the one HDF5 layout every dataset uses, atomically (temporary file + rename).
+
+    ``splits`` maps ``train``/``val``/``test`` to arrays: ``images`` (uint8, N x C x H x W),
+    ``labels`` (integer, N) for classification, and optionally other per-image arrays. Either
+    every split has labels or none has. ``attrs`` become file attributes.
+    """
+    path = Path(path)
+    if not splits or set(splits) - set(SPLITS):
+        raise DataError(
+            f"{path}: splits must be a non-empty subset of {SPLITS}, got {list(splits)}"
+        )
+    checked = {name: _check_split(path, name, arrays) for name, arrays in splits.items()}
+    if len({"labels" in arrays for arrays in checked.values()}) > 1:
+        raise DataError(f"{path}: some splits have labels and some do not")
+    plain, encoded = _encode_attrs(attrs)
+    with atomic_path(path, suffix=".h5.part") as tmp, h5py.File(tmp, "w") as f:
+        for name, arrays in checked.items():
+            group = f.create_group(name)
+            for key, value in arrays.items():
+                group.create_dataset(key, data=value)
+        f.attrs.update(plain)
+        f.attrs[_JSON_ATTRS_KEY] = json.dumps(sorted(encoded))
+
+
+def _open_h5(path: Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such dataset file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """The file attributes written by :func:`write_h5`, JSON values decoded."""
+    with _open_h5(path) as f:
+        raw = {key: f.attrs[key] for key in f.attrs}
+    encoded = json.loads(raw.pop(_JSON_ATTRS_KEY, "[]"))
+    out = {}
+    for key, value in raw.items():
+        value = value.item() if isinstance(value, np.generic) else value
+        out[key] = json.loads(value) if key in encoded else value
+    return out
+
+
+def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One split as float32 images in [0, 1] (N, C, H, W) and int64 labels (None if absent)."""
+    with _open_h5(path) as f:
+        if not isinstance(f.get(split), h5py.Group) or "images" not in f[split]:
+            raise DataError(f"{path}: no split {split!r} with images (has {sorted(f.keys())})")
+        group = f[split]
+        try:
+            images = group["images"][()]
+            labels = group["labels"][()] if "labels" in group else None
+        except OSError as exc:
+            raise DataError(f"{path}: split {split!r} is unreadable ({exc})") from exc
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"{path}: {split}/images is {images.dtype} {images.shape}, not uint8 NCHW")
+    x = torch.from_numpy(images).to(torch.float32).div_(255.0)
+    y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
+    return x, y

@@ -1,0 +1,14 @@
+"""The pipeline: what the Snakemake rules call, and the only layer that knows their job specs.
+
+Needs the ``pipeline`` extra. Logic lives in the layers below; these modules wire files to it.
+
+* :mod:`~stablenets.pipeline.config`: validation of ``config.yaml`` (one-line errors).
+* :mod:`~stablenets.pipeline.specs`: from the config to each job's JSON spec and target lists.
+* :mod:`~stablenets.pipeline.cli`: ``python -m stablenets <job>``, one entry point per rule.
+* :mod:`~stablenets.pipeline.jobs`: the training, evaluation and PnP jobs (files in, files out).
+* :mod:`~stablenets.pipeline.runtime`: device choice, provenance, result files.
+* :mod:`~stablenets.pipeline.tables`, :mod:`~stablenets.pipeline.figures`,
+  :mod:`~stablenets.pipeline.reports`: tables, figures and the summary from result files.
+* :mod:`~stablenets.bench.cost`: measured cost per job and projected hours (rehearsal).
+* :mod:`~stablenets.pipeline.locks`: clearing a stale Snakemake lock safely.
+"""
