@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: venv smoke report smoke-slurm rehearsal test lint clean-smoke
+.PHONY: venv smoke report smoke-slurm rehearsal test lint docs clean-smoke
 
 venv: $(STAMP)
 
@@ -61,14 +61,19 @@ rehearsal: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
-# tests/test_layers.py: the layering contract (nn < library < pipeline) and the library's
-# imports without the pipeline extra.
+# tests/test_layers.py: the layering contract (nn < evaluation, data < train < pipeline < bench)
+# and the library's imports without the pipeline extra; basedpyright: the types (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint --cores 1
 	$(BIN)/pytest -q tests/test_layers.py
+	$(BIN)/basedpyright
+
+# The reference documentation from the docstrings (mkdocs.yml), into site/; any warning fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 clean-smoke:
 	rm -rf results/smoke logs/smoke benchmarks/smoke
