@@ -145,19 +145,40 @@ def test_the_library_imports_only_torch_and_numpy_and_only_the_pipeline_knows_sn
     assert eager == lazy == snakemake == []
 
 
+def _readme_map() -> dict[str, set[str]]:
+    """The README's tree under "## The library": ``{subpackage or "": {module, ...}}``."""
+    section = (ROOT / "README.md").read_text().split("## The library", 1)[1].split("\n## ", 1)[0]
+    tree: dict[str, set[str]] = {}
+    package = ""
+    for line in section.splitlines():
+        if m := re.match(r"^ {6}(\w+)/", line):
+            package = m.group(1)
+        elif re.match(r"^ {6}\w", line):
+            package = ""
+        if line.startswith("    "):  # the indented tree, not the prose around it
+            tree.setdefault(package, set()).update(re.findall(r"\b(\w+)\.py\b", line))
+    return tree
+
+
 def test_each_subpackage_docstring_and_the_readme_map_every_module():
-    readme = (ROOT / "README.md").read_text()
-    missing = []
-    for package in sorted(p.parent for p in PACKAGE.glob("*/__init__.py")):
-        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
-        for module in sorted(package.glob("*.py")):
-            if module.stem == "__init__":
-                continue
-            name = f"stablenets.{package.name}.{module.stem}"
-            missing += [f"{where}: {name}" for where, text in
-                        ((f"{package.name}/__init__.py", doc), ("README.md", readme))
-                        if name.removeprefix("stablenets.") not in text]  # fmt: skip
-    assert missing == []
+    readme = _readme_map()
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        package = "" if path.parent == PACKAGE else path.parent.name
+        if path.stem not in {"__init__", "__main__"}:
+            modules.setdefault(package, set()).add(path.stem)
+    missing_doc = [
+        f"{package}/__init__.py does not name stablenets.{package}.{module}"
+        for package, names in modules.items()
+        if package
+        for module in sorted(names)
+        if f"stablenets.{package}.{module}"
+        not in ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
+    ]
+    assert missing_doc == []
+    assert {p: readme.get(p, set()) for p in modules} == modules, (
+        "README's map differs from the tree"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,11 +221,10 @@ def _import_names(distributions: set[str]) -> set[str]:
     }
 
 
-CORE_ONLY = r"""
-import importlib.abc, json, math, sys
-from pathlib import Path
+NOT_INSTALLED = r"""
+import importlib.abc, json, sys
 
-allowed, pipeline, workdir = set(json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
+allowed, pipeline = set(json.loads(sys.argv[1])), json.loads(sys.argv[2])
 stdlib = sys.stdlib_module_names
 refused = set()
 
@@ -234,12 +254,19 @@ class NotInstalled(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path[:] = [NotInstalled(list(sys.meta_path))]
+"""
+
+# Trains a small classifier with the library's public API and prints what it did as one JSON
+# line (argv[-1]: the working folder); also run in a real fresh environment (tests/test_install.py).
+TRAIN_A_SMALL_MODEL = r"""
+import json, sys
+from pathlib import Path
 
 import torch
 import stablenets
 from stablenets import build_model
+from stablenets.train import ClassificationTask, TrainConfig, train
 from stablenets.train.augment import AugmentConfig
-from stablenets.train.loop import ClassificationTask, TrainConfig, train
 from stablenets.evaluation import robustness, metrics, tv, pnp  # noqa
 from stablenets.train import cuda_graphs, budget  # noqa
 from stablenets.nn import losses  # noqa
@@ -252,8 +279,7 @@ g = torch.Generator().manual_seed(0)
 x, y = torch.rand(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
 task = ClassificationTask(x, y, x[:8], y[:8], AugmentConfig(), eval_batch=8)
 cfg = TrainConfig(steps=3, batch_size=8, lr_max=0.05, val_every=3, checkpoint_every=3)
-model, state = train(model, task, cfg, Path(workdir), "layers", lambda line: None)
-bound = model.lipschitz_bound()
+model, state = train(model, task, cfg, Path(sys.argv[-1]), "layers", lambda line: None)
 adv = robustness.pgd_l2(model, x[:4], y[:4], 0.1, steps=2)
 autoattack = None
 try:
@@ -261,9 +287,8 @@ try:
 except ModuleNotFoundError as err:
     autoattack = err.name
 print(json.dumps({
-    "step": state.step, "bound": bound, "moved": float((adv - x[:4]).norm()),
-    "autoattack": autoattack, "loaded": sorted(p for p in pipeline if p in sys.modules),
-    "refused": sorted(refused),
+    "step": state.step, "bound": model.lipschitz_bound(), "moved": float((adv - x[:4]).norm()),
+    "autoattack": autoattack, "file": stablenets.__file__, "modules": sorted(sys.modules),
 }))
 """
 
@@ -279,17 +304,24 @@ def test_the_library_trains_a_model_without_the_pipeline_extra(tmp_path):
     extra = _import_names(_closure(pipeline)) - allowed
     assert {"snakemake", "h5py", "pandas", "yaml", "jsonschema", "pyautoattack"} <= extra
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", CORE_ONLY, json.dumps(sorted(allowed)),
-         json.dumps(sorted(extra)), str(tmp_path)],
+        [sys.executable, "-I", "-c", NOT_INSTALLED + TRAIN_A_SMALL_MODEL,
+         json.dumps(sorted(allowed)), json.dumps(sorted(extra)), str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
+    assert_trained_alone(got, tmp_path, extra)
+
+
+def assert_trained_alone(got: dict, workdir: Path, pipeline_modules: set[str]) -> None:
+    """What ``TRAIN_A_SMALL_MODEL`` printed: three steps trained, a finite certified bound, a PGD
+    step inside its radius, AutoAttack missing (the one function that needs the extra), no
+    pipeline package imported, the checkpoint written."""
     assert got["step"] == 3 and 0 < got["bound"] < float("inf")
     assert 0 < got["moved"] <= 0.1 * 4**0.5 + 1e-6
-    assert got["autoattack"] == "pyautoattack"  # the one library function that needs the extra
-    assert got["loaded"] == []
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert got["autoattack"] == "pyautoattack"
+    assert [m for m in got["modules"] if m.partition(".")[0] in pipeline_modules] == []
+    assert (workdir / "checkpoint.pt").exists()
 
 
 # --------------------------------------------------------------------------------------------
