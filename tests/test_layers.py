@@ -352,3 +352,27 @@ def test_the_benchmark_counts_the_stages_of_the_integrators_tableaux():
 
     assert bench.STAGES == {n: len(t.b) for n, t in INTEGRATORS.items()}
     assert bench.STAGES["rk4"] == 4 and bench.STAGES["euler"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The public API
+
+
+def test_import_stablenets_gives_the_api_and_the_subpackages_and_imports_torch_only_on_use():
+    script = (
+        "import json, sys, stablenets\n"
+        "before = 'torch' in sys.modules\n"
+        "subpackages = [getattr(stablenets, n).__name__ for n in stablenets.SUBPACKAGES]\n"
+        "model = stablenets.build_model('dncnn', width=4, depth=3, input_size=8)\n"
+        "print(json.dumps({'before': before, 'subpackages': subpackages,\n"
+        "                  'api': sorted(stablenets.__all__), 'model': type(model).__name__}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    got = json.loads(proc.stdout)
+    assert got["before"] is False
+    assert sorted(got["subpackages"]) == sorted(
+        f"stablenets.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")
+    )
+    assert got["api"] == ["build_model", "load_model", "save_model"] and got["model"] == "DnCNN"
