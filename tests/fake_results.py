@@ -6,24 +6,20 @@ settings, NaN for absent bounds) and takes the file's numbers from the caller.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import h5py
 import numpy as np
+
+from stablenets.pipeline.runtime import write_results
 
 STANDARD_EPS = np.array([36, 72, 108]) / 255
 BLUR = {"eta": 1.0, "relax": 1.0, "noise": 0.01, "blur_size": 9, "blur_sigma": 1.6}
 
 
 def write_h5(path: Path, attrs: dict, datasets: dict) -> Path:
-    """An HDF5 result file like the pipeline's (None -> NaN, nested dataset names)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as fh:
-        for key, value in attrs.items():
-            fh.attrs[key] = math.nan if value is None else value
-        for key, value in datasets.items():
-            fh.create_dataset(key, data=np.asarray(value))
+    """An HDF5 result file written by the pipeline's own writer (None -> NaN, nested dataset
+    names)."""
+    write_results(path, attrs, datasets)
     return path
 
 

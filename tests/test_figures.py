@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 matplotlib.use("Agg")
 
+from stablenets.pipeline import outputs
 from stablenets.pipeline.figures import (
     FAMILY_COLORS,
     KNOWN_MODELS,
@@ -355,6 +356,34 @@ def test_denoising_examples_choose_noise_level(denoising_paths: list[Path], tmp_
     fig = denoising_examples_figure([*denoising_paths, other], tmp_path / "low", sigma=0.05)
     assert [ax.get_title() for ax in fig.axes[:3]] == ["clean", "noisy (σ = 0.05)", "dncnn"]
     assert len(fig.axes) == 2 * 3
+
+
+def test_the_registry_draws_denoising_examples_at_the_specs_noise_level(
+    denoising_paths: list[Path], tmp_path: Path
+) -> None:
+    """The figure job's one call, ``build(paths, stem, spec)``: the spec's ``sigma`` chooses the
+    noise level among the results given."""
+    build = outputs.get("figure", "denoising_examples").build
+    other = denoising_eval(tmp_path, "dncnn", 0, sigma=0.05)
+    fig = build([*denoising_paths, other], tmp_path / "low", {"kind": "x", "sigma": 0.05})
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["clean", "noisy (σ = 0.05)", "dncnn"]
+    assert_saved(tmp_path / "low")
+
+
+def test_the_registry_draws_one_training_log_per_variant_its_lowest_seed(tmp_path: Path) -> None:
+    logs = {
+        (variant, seed): training_log(tmp_path, "classification", variant, 2, seed=seed)
+        for variant in ("resnet", "nonexpansive")
+        for seed in (1, 0)
+    }
+    build = outputs.get("figure", "training_classification").build
+    fig = build(list(logs.values()), tmp_path / "training", {"kind": "training_classification"})
+    loss = fig.axes[[ax.get_ylabel() for ax in fig.axes].index("training loss")]
+    drawn = {line.get_gid(): line.get_ydata() for line in loss.lines}
+    assert sorted(drawn) == ["nonexpansive", "resnet"]
+    for variant, ydata in drawn.items():
+        log = pd.read_csv(logs[variant, 0])
+        np.testing.assert_array_equal(ydata, log.loc[log["kind"] == "train", "loss"])
 
 
 def test_pnp_convergence_figure(pnp_paths: list[Path], tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ import pandas as pd
 import pytest
 from fake_results import STANDARD_EPS, write_classification, write_denoising, write_pnp
 
+from stablenets.pipeline import outputs
+from stablenets.pipeline.config import load_config
+from stablenets.pipeline.reports import make_table, write_summary
 from stablenets.pipeline.tables import (
     classification_table,
     denoising_table,
@@ -247,6 +250,34 @@ def test_write_table_files(classification_paths: list[Path], tmp_path: Path) -> 
     assert r"\label{tab:classification}" in tex
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0]
     assert body.count(r"\\") == 2  # one LaTeX row per variant
+
+
+def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
+    classification_paths: list[Path], denoising_paths: list[Path], pnp_paths: list[Path], tmp_path
+) -> None:
+    out = tmp_path / "results" / "smoke"
+    inputs = {"classification": classification_paths, "denoising": denoising_paths}
+    inputs["pnp"] = pnp_paths
+    for name, paths in inputs.items():
+        make_table({"kind": name}, paths, out / "tables" / f"{name}.csv", log=lambda line: None)
+        caption = outputs.get("table", name).caption
+        assert (out / "tables" / f"{name}.md").read_text().startswith(f"{caption}\n\n|")
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(
+        [root / "config.yaml", root / "config" / "smoke.yaml"],
+        root / "workflow" / "schemas" / "config.schema.yaml",
+    )
+    tables = [out / "tables" / f"{name}.md" for name in inputs]
+    write_summary({"scale": "smoke", "config": config}, tables, out / "summary.md", lambda _: None)
+    text = (out / "summary.md").read_text()
+    assert (
+        "- nonexpansive: clean 62.0%, certified 42.0% and empirical 57.0% at ε = 36/255, "
+        "certified Lipschitz bound 1.1\n" in text
+    )
+    assert "- denoiser dncnn (σ = 0.15): 30.00 dB (noisy 17.00 dB)\n" in text
+    assert "- PnP dncnn: 25.00 dB (observed 22.00 dB), 2 diverged, steps not monotone\n" in text
+    sections = [line for line in text.splitlines() if line.startswith("## ")][2:-1]
+    assert sections == [f"## {outputs.get('table', name).title}" for name in inputs]
 
 
 def test_latex_escapes_underscores(denoising_paths: list[Path], tmp_path: Path) -> None:

@@ -20,7 +20,10 @@ layer (lowest first; a layer imports only those below it):
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the type checker; imported lazily by __getattr__
+    from stablenets.nn.models import build_model, load_model, save_model
 
 __all__ = ["build_model", "load_model", "save_model"]
 __version__ = "0.1.0"

@@ -1,6 +1,20 @@
 # Tables, figures and the summary: what a reader of the paper looks at.
 # Seconds of pandas and matplotlib each: on a cluster they run where Snakemake runs instead of
 # waiting in the queue as jobs of their own.
+# Which tables and figures there are, and what each is built from, is the registry's
+# (stablenets.pipeline.outputs: TABLES, FIGURES, JOBS.inputs). Each one's report caption is
+# workflow/report/<kind>s/<name>.rst; Snakemake takes one caption file per rule, so they are
+# joined into one template per rule, kept under .snakemake/.
+from stablenets.pipeline.outputs import KINDS, report_caption
+
+CAPTIONS = {
+    kind: report_caption(
+        kind,
+        os.path.join(workflow.basedir, "workflow", "report"),
+        os.path.join(".snakemake", "stablenets", "report", f"{kind}.rst"),
+    )
+    for kind in KINDS
+}
 
 
 localrules:
@@ -15,7 +29,7 @@ rule table:
     output:
         csv=report(
             R("tables/{table}.csv"),
-            caption="../report/table.rst",
+            caption=CAPTIONS["table"],
             category="Tables",
         ),
         md=R("tables/{table}.md"),
@@ -42,7 +56,7 @@ rule figure:
         pdf=R("figures/{figure}.pdf"),
         png=report(
             R("figures/{figure}.png"),
-            caption="../report/figure.rst",
+            caption=CAPTIONS["figure"],
             category="Figures",
         ),
     log:

@@ -51,9 +51,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from stablenets.pipeline.specs import Jobs, sigma_label
+
+if TYPE_CHECKING:  # imported where used (the rule `cost` only)
+    import h5py
 
 __all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost"]
 
@@ -180,9 +183,10 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
 
     extra = read_checkpoint(path)["extra"]
     log = pd.read_csv(path.with_name("train_log.csv"))
-    train = log[log["kind"] == "train"]
+    # casts: pandas ships no annotations (a boolean row mask gives a frame, a column a series)
+    train = cast(pd.DataFrame, log[log["kind"] == "train"])
     steps = int(log.loc[log["kind"] == "val", "step"].max())  # validated at the last step run
-    substeps = train["substeps"].astype(int)
+    substeps = cast(pd.Series, train["substeps"].astype(int))
     stats = {
         "substeps_first": int(substeps.iloc[0]),
         "substeps_last": int(substeps.iloc[-1]),
@@ -199,10 +203,20 @@ def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     import h5py
 
     with h5py.File(path, "r") as fh:
-        attrs = dict(fh.attrs)
-        lengths = {k: len(fh[k]) for k in ("psnr", "psnr_final") if k in fh}
+        attrs: dict[str, Any] = dict(fh.attrs)
+        lengths = {k: _dataset_length(fh, k) for k in ("psnr", "psnr_final") if k in fh}
     attrs.update(lengths)
     return attrs, json.loads(attrs["config"])
+
+
+def _dataset_length(fh: h5py.File, key: str) -> int:
+    """``len(fh[key])`` of a dataset (a ``ValueError`` for a group)."""
+    import h5py
+
+    data = fh[key]
+    if not isinstance(data, h5py.Dataset):
+        raise ValueError(f"{fh.filename}: {key} is not a dataset")
+    return len(data)
 
 
 def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> Measured:
@@ -265,7 +279,7 @@ def _pass_counts(ev: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def _eval_seconds(m: Measured, paper_ev: dict[str, Any], n_paper: int) -> tuple[float, str]:
+def _eval_seconds(m: Measured, paper_ev: dict[str, Any], n_paper: float) -> tuple[float, str]:
     """Attack seconds of a classifier evaluation at paper scale, per pass (module docstring)."""
     run, paper = _pass_counts(m.spec["evaluate"]), _pass_counts(paper_ev)
     scale = n_paper / m.units
@@ -336,7 +350,7 @@ class Paper:
             kwargs = v.get("kwargs", {})
             stages.append(STAGES[kwargs.get("integrator", "euler")])
         f = stages[0] / stages[1]
-        block = self.variant(task, job.variant).get("kwargs", {}).get("block")
+        block = (self.variant(task, job.variant) or {}).get("kwargs", {}).get("block")
         note = f", block {block}: Euler block's time assumed" if block else ""
         if keys[0] in self.bench and keys[1] in self.bench:
             f *= self.bench[keys[0]] / self.bench[keys[1]]
@@ -484,7 +498,7 @@ def _test_size(path: Path) -> int:
     import h5py
 
     with h5py.File(path, "r") as fh:
-        return len(fh["test"]["images"])
+        return _dataset_length(fh, "test/images")
 
 
 def _markdown(
@@ -527,12 +541,14 @@ def _markdown(
                   "fits", "basis"],
     }  # fmt: skip
     for kind, title in (("rehearsal", "Measured jobs"), ("paper", "Paper DAG, projected")):
-        table = df[df["row"] == kind][shown[kind]]
+        table = cast(pd.DataFrame, df[df["row"] == kind][shown[kind]])  # (no pandas annotations)
         lines += ["", f"## {title}", "", table.to_markdown(index=False, floatfmt=".4g")]
     return "\n".join(lines) + "\n"
 
 
-def write_cost(spec: dict[str, Any], inputs: list[Path], out: Path, log=print) -> None:
+def write_cost(
+    spec: dict[str, Any], inputs: list[Path], out: Path, log: Callable[[str], None] = print
+) -> None:
     """``cost.csv`` and ``cost.md`` of a run (rule ``cost``); ``inputs``: its jobs' benchmark
     TSVs, ``spec``: the run's validated ``config``, ``results`` and ``benchmarks`` (its folders)
     and ``schema`` (to validate ``cost.paper_config``)."""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from stablenets import data
 from stablenets.evaluation import robustness
-from stablenets.nn.models import load_model
+from stablenets.nn.models import Classifier, load_model
 
 __all__ = ["per_radius", "compare", "seconds_per_point", "passes_per_point", "main"]
 
@@ -61,7 +61,14 @@ def per_radius(
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def _robust(model, x, y, attack, e: float, plan: robustness.SweepPlan) -> Tensor:
+def _robust(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: robustness.SeededAttack,
+    e: float,
+    plan: robustness.SweepPlan,
+) -> Tensor:
     device = robustness.model_device(model)
     flags = []
     with robustness.eval_mode(model):
@@ -193,7 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         ev[key] = {**ev[key], **value} if isinstance(value, dict) else value
     torch.set_num_threads(int(spec.get("threads", 1)))
     model = load_model(model_path, map_location="cpu").eval()
+    if not isinstance(model, Classifier):
+        p.error(f"{model_path} holds a {type(model).__name__}, not a classifier")
     x, y = data.read_split(data_path, "test")
+    if y is None:
+        p.error(f"{data_path}: the test split has no labels")
     x, y = (x[: ev["n_test"]], y[: ev["n_test"]]) if ev.get("n_test") else (x, y)
     plan = robustness.SweepPlan.from_config(ev, int(spec["seed"]))
     if args.count_passes is not None and plan.strong is not None:

@@ -24,6 +24,7 @@ benchmark measures what the constraint machinery of the CPL block costs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -43,15 +44,26 @@ __all__ = [
 ]
 
 
-def _copy(t: torch.Tensor) -> nn.Parameter:
+def _copy(t: torch.Tensor | None) -> nn.Parameter:
+    if t is None:
+        raise ValueError("the reference needs operators with a bias")
     return nn.Parameter(t.detach().clone())
+
+
+def _nonexpansive(block: nn.Module) -> NonexpansiveBlock:
+    if not isinstance(block, NonexpansiveBlock):
+        raise ValueError(f"the reference supports non-expansive blocks only, not {block}")
+    return block
 
 
 class ReferenceBlock(nn.Module):
     """``n`` explicit RK sub-steps of ``dx/dt = -W^T sigma(W x + b)`` over the time ``T``."""
 
-    def __init__(self, block: NonexpansiveBlock):
+    u: torch.Tensor  # the power-iteration vector, a buffer
+
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
+        block = _nonexpansive(block)
         op = block.operator
         if not isinstance(op, Conv2dOperator) or op.stride != (1, 1) or op.dilation != (1, 1):
             raise ValueError("the reference supports stride-1, dilation-1 convolutions only")
@@ -104,10 +116,12 @@ class PlainPairBlock(ReferenceBlock):
     """``x - h W^T sigma(W x + b)``: one sub-step at the fixed step ``h`` the block had when built
     (a CPL block: ``2 / (L ||W||^2)``), no norm estimate at all."""
 
-    def __init__(self, block: NonexpansiveBlock):
+    def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
+        block = _nonexpansive(block)
         norm = float(block.operator.sigma_estimate)
-        self.h = float(block.step_size(norm)) if hasattr(block, "step_size") else self.time
+        step_size = getattr(block, "step_size", None)  # a CPL block's fixed step
+        self.h = float(step_size(norm)) if step_size is not None else self.time
 
     @torch.no_grad()
     def power_iteration(self) -> float:
@@ -128,7 +142,13 @@ class _ReferenceModel(nn.Module):
     def total_substeps(self) -> int:
         return sum(block.substeps for block in self.blocks)
 
-    def _run(self, blocks, x, substeps, offset):
+    def _run(
+        self,
+        blocks: Iterable[ReferenceBlock],
+        x: torch.Tensor,
+        substeps: list[int] | None,
+        offset: int,
+    ) -> torch.Tensor:
         for k, block in enumerate(blocks):
             x = block(x, None if substeps is None else substeps[offset + k])
         return x
@@ -137,21 +157,21 @@ class _ReferenceModel(nn.Module):
 class ReferenceClassifier(_ReferenceModel):
     """Lift, stages of reference blocks, 1x1 transitions + 2x2 average pooling, mean, head."""
 
-    def __init__(self, model: Classifier, block: type[ReferenceBlock] = ReferenceBlock):
+    def __init__(self, model: Classifier, block: type[ReferenceBlock] = ReferenceBlock) -> None:
         super().__init__()
         self.lift_w, self.lift_b = _copy(model.lift.weight), _copy(model.lift.bias)
-        self.stages = nn.ModuleList(
-            nn.ModuleList(block(b) for b in stage) for stage in model.stages
-        )
-        self.trans_w = nn.ParameterList(_copy(t.weight) for t in model.transitions)
-        self.trans_b = nn.ParameterList(_copy(t.bias) for t in model.transitions)
+        layers = list(model.stage_layers())
+        self.stage_blocks = [[block(b) for b in blocks] for blocks, _, _ in layers]
+        self.stages = nn.ModuleList(nn.ModuleList(stage) for stage in self.stage_blocks)
+        self.trans_w = nn.ParameterList(_copy(t.weight) for _, t, _ in layers)
+        self.trans_b = nn.ParameterList(_copy(t.bias) for _, t, _ in layers)
         self.head_w, self.head_b = _copy(model.head.weight), _copy(model.head.bias)
-        self.blocks = [b for stage in self.stages for b in stage]
+        self.blocks = [b for stage in self.stage_blocks for b in stage]
 
     def forward(self, x: torch.Tensor, substeps: list[int] | None = None) -> torch.Tensor:
         x = F.conv2d(x, self.lift_w, self.lift_b)
         offset = 0
-        for stage, w, b in zip(self.stages, self.trans_w, self.trans_b, strict=True):
+        for stage, w, b in zip(self.stage_blocks, self.trans_w, self.trans_b, strict=True):
             x = self._run(stage, x, substeps, offset)
             offset += len(stage)
             x = F.avg_pool2d(F.conv2d(x, w, b), 2)
@@ -161,15 +181,17 @@ class ReferenceClassifier(_ReferenceModel):
 class ReferenceDenoiser(_ReferenceModel):
     """Zero-pad the channels, reference blocks, keep the first channels; optionally residual."""
 
-    def __init__(self, model: NonexpansiveDenoiser, block: type[ReferenceBlock] = ReferenceBlock):
+    def __init__(
+        self, model: NonexpansiveDenoiser, block: type[ReferenceBlock] = ReferenceBlock
+    ) -> None:
         super().__init__()
         self.channels, self.width, self.residual = model.channels, model.width, model.residual
-        self.layers = nn.ModuleList(block(b) for b in model.blocks)
-        self.blocks = list(self.layers)
+        self.blocks = [block(b) for b in model.blocks]
+        self.layers = nn.ModuleList(self.blocks)
 
     def forward(self, x: torch.Tensor, substeps: list[int] | None = None) -> torch.Tensor:
         z = torch.cat([x, x.new_zeros(x.shape[0], self.width - self.channels, *x.shape[2:])], 1)
-        out = self._run(self.layers, z, substeps, 0)[:, : self.channels]
+        out = self._run(self.blocks, z, substeps, 0)[:, : self.channels]
         return x - out if self.residual else out
 
 
@@ -184,7 +206,7 @@ def from_model(model: nn.Module, plain: bool = False) -> _ReferenceModel:
     ):
         ref = ReferenceDenoiser(model, block)
     elif isinstance(model, Classifier) and all(
-        isinstance(b, NonexpansiveBlock) for stage in model.stages for b in stage
+        isinstance(b, NonexpansiveBlock) for blocks, _, _ in model.stage_layers() for b in blocks
     ):
         ref = ReferenceClassifier(model, block)
     else:

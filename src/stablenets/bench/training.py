@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
@@ -46,6 +47,12 @@ from torch.nn import functional as F
 from stablenets.nn.families import FAMILIES
 from stablenets.nn.integrators import INTEGRATORS
 from stablenets.pipeline.config import SCHEMA, load_config
+
+if TYPE_CHECKING:  # the workers import these on first use
+    from stablenets.bench.reference import _ReferenceModel
+    from stablenets.nn.models import StableModel
+    from stablenets.train.cuda_graphs import StepGraphs
+    from stablenets.train.loop import Task, TrainConfig
 
 __all__ = ["main", "MODEL_SPECS"]
 
@@ -82,7 +89,7 @@ QUICK = {
     **{f: (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}) for f in FAMILIES},
 }
 CIFAR10_IMAGES = 50_000  # the official archive's training batches, split by data.prepare_cifar10
-_PREPARED: dict[str, torch.nn.Module] = {}  # state path -> prepared model (in-process runs)
+_PREPARED: dict[str, StableModel] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
 PROFILE_ROWS = 25  # --profile: rows of the printed table
 STEADY_POWER_ITERS = 50  # prepare_state: iterations beyond construction's 20, then
@@ -110,7 +117,15 @@ def _rss_mb() -> float:
     return float("nan")  # pragma: no cover
 
 
-def _build(job: dict, device: torch.device):
+def _build(
+    job: dict, device: torch.device
+) -> tuple[
+    StableModel | _ReferenceModel,
+    Task,
+    TrainConfig,
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LRScheduler | None,
+]:
     from stablenets.nn.models import build_model
     from stablenets.train.augment import AugmentConfig
     from stablenets.train.loop import (
@@ -169,8 +184,18 @@ def _log(line: str) -> None:
     print(f"[bench] {line}", file=sys.stderr, flush=True)
 
 
-def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
+def _stepper(
+    job: dict,
+    model: StableModel | _ReferenceModel,
+    task: Task,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    device: torch.device,
+    workdir: Path,
+) -> tuple[Callable[[], None], StepGraphs | None]:
     """The timed step and its CUDA graphs (``None`` without ``--cuda-graphs``)."""
+    from stablenets.nn.models import StableModel
     from stablenets.train.cuda_graphs import StepGraphs
     from stablenets.train.loop import RunState, _train_step, step_generator, step_graphs
 
@@ -180,7 +205,9 @@ def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
         graphs = None
         if cfg.cuda_graphs and device.type == "cuda":  # the plain pair (the reference: eager)
 
-            def forward_loss(inputs, targets, capturing):
+            def forward_loss(
+                inputs: torch.Tensor, targets: torch.Tensor, capturing: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
                 out = model(inputs)
                 return out, task.loss(out, targets)
 
@@ -202,6 +229,8 @@ def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
 
         return step, graphs
 
+    if not isinstance(model, StableModel) or sched is None:
+        raise TypeError(f"impl {job['impl']!r}: expected a StableModel and its schedule")
     graphs = step_graphs(model, task, cfg, device, _log)
 
     def step() -> None:  # amp, channels_last, cudnn_benchmark: the training step's own settings
@@ -211,11 +240,11 @@ def _stepper(job, model, task, cfg, opt, sched, device, workdir: Path):
     return step, graphs
 
 
-def _total_substeps(model) -> int:
+def _total_substeps(model: torch.nn.Module) -> int:
     return getattr(model, "total_substeps", lambda: 0)()
 
 
-def _count_blocks(model) -> int:
+def _count_blocks(model: torch.nn.Module) -> int:
     from stablenets.bench.reference import ReferenceBlock
     from stablenets.nn.blocks import NonexpansiveBlock, ResidualBlock
     from stablenets.nn.families import AOLBlock, OrthogonalBlock, SLLBlock
@@ -224,7 +253,9 @@ def _count_blocks(model) -> int:
     return sum(isinstance(m, kinds) for m in model.modules())
 
 
-def _count_flops(job: dict, model, task, device) -> float:
+def _count_flops(
+    job: dict, model: StableModel | _ReferenceModel, task: Task, device: torch.device
+) -> float:
     """FLOPs of one training step. Forward + backward are counted at batches 1 and 2 (denoisers
     on a 64x64 image), which splits them into a per-image part, scaled by batch and pixels
     (exact for stride-1 convolutions and pointwise ops), and a weight-only part (SLL's and AOL's
@@ -232,6 +263,7 @@ def _count_flops(job: dict, model, task, device) -> float:
     family's Cayley transform) are not counted by ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from stablenets.nn.models import StableModel
     from stablenets.train.loop import update_norms
 
     spec = MODEL_SPECS[job["model"]]
@@ -262,7 +294,7 @@ def _count_flops(job: dict, model, task, device) -> float:
     with FlopCounterMode(display=False) as counter:
         if job["impl"] in ("reference", "plain"):
             model.update_norms()
-        elif hasattr(model, "constrained_blocks"):
+        elif isinstance(model, StableModel):
             update_norms(model, 1)
     return step_flops + counter.get_total_flops()
 
@@ -286,7 +318,7 @@ def prepare_state(job: dict, path: Path) -> None:
     # training; with 2% the counts of the paper classifier went from 15 to 26 in 25 steps).
     has_time = spec["model"].startswith("nonexpansive")
     model = build_model(spec["model"], **(dict(kwargs, time=1.0) if has_time else kwargs))
-    saved = {"kwargs": kwargs}
+    saved: dict[str, Any] = {"kwargs": kwargs}
     blocks = list(model.constrained_blocks())
     if blocks:
         saved["time"] = True
@@ -389,7 +421,9 @@ def _spawn(job: dict) -> dict:
 # Device peak
 
 
-def device_peak_gflops(device: torch.device, threads: int, dtype=torch.float32) -> float:
+def device_peak_gflops(
+    device: torch.device, threads: int, dtype: torch.dtype = torch.float32
+) -> float:
     """Measured throughput of a large matrix product (the practical peak of this device) in the
     precision the convolutions run in: ``dtype`` (bf16 for ``--amp``), and on CUDA in float32
     with TF32 when cuDNN uses it (PyTorch's default for convolutions)."""
@@ -412,7 +446,7 @@ def _matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
         sync()
         t0 = time.perf_counter()
         for _ in range(4):
-            a @ b
+            torch.matmul(a, b)  # timed; the product is discarded
         sync()
         best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * n**3 / best / 1e9
@@ -437,7 +471,7 @@ def device_name(device: torch.device) -> str:
 # Driver
 
 
-def _jobs(args) -> list[dict]:
+def _jobs(args: argparse.Namespace) -> list[dict]:
     jobs = []
     for name in args.models:
         spec = MODEL_SPECS[name]
@@ -501,7 +535,13 @@ def _median_ratio(res: list[dict], base: list[dict]) -> float:
     )
 
 
-def _summarise(args, jobs, results, peak, name) -> list[dict]:
+def _summarise(
+    args: argparse.Namespace,
+    jobs: list[dict],
+    results: list[list[dict]],
+    peak: float,
+    name: str,
+) -> list[dict]:
     rows = []
     by_key = {(j["model"], j["impl"], _width(j)): (j, results[i]) for i, j in enumerate(jobs)}
     for (model, impl, width), (job, res) in by_key.items():
@@ -690,9 +730,9 @@ def project_hours(
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m stablenets.bench.training", description=__doc__.split("\n")[0]
+        prog="python -m stablenets.bench.training", description=(__doc__ or "").split("\n")[0]
     )
     p.add_argument(
         "--models",
@@ -785,7 +825,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> list[dict]:
     threads = torch.get_num_threads()
     try:
         return _main(argv)
@@ -794,7 +834,7 @@ def main(argv=None) -> list[dict]:
         _PREPARED.clear()
 
 
-def _main(argv=None) -> list[dict]:
+def _main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.worker is not None:
         print(json.dumps(run_worker(json.loads(args.worker))))

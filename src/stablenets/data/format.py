@@ -74,7 +74,7 @@ def _encode_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return plain, encoded
 
 
-def _json_default(value: Any) -> Any:
+def _json_default(value: object) -> object:
     """JSON for numpy values and paths, which attributes often carry."""
     if isinstance(value, np.ndarray | np.generic):
         return value.tolist()
@@ -121,7 +121,7 @@ def _open_h5(path: Path) -> h5py.File:
 def read_attrs(path: Path) -> dict[str, Any]:
     """The file attributes written by :func:`write_h5`, JSON values decoded."""
     with _open_h5(path) as f:
-        raw = {key: f.attrs[key] for key in f.attrs}
+        raw: dict[str, Any] = {key: f.attrs[key] for key in f.attrs}
     encoded = json.loads(raw.pop(_JSON_ATTRS_KEY, "[]"))
     out = {}
     for key, value in raw.items():
@@ -130,15 +130,23 @@ def read_attrs(path: Path) -> dict[str, Any]:
     return out
 
 
+def _read_dataset(path: Path, group: h5py.Group, key: str) -> np.ndarray:
+    """The whole array ``group[key]`` (a ``DataError`` if it is not a dataset)."""
+    data = group[key]
+    if not isinstance(data, h5py.Dataset):
+        raise DataError(f"{path}: {group.name}/{key} is not a dataset")
+    return data[()]
+
+
 def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One split as float32 images in [0, 1] (N, C, H, W) and int64 labels (None if absent)."""
     with _open_h5(path) as f:
-        if not isinstance(f.get(split), h5py.Group) or "images" not in f[split]:
+        group = f.get(split)
+        if not isinstance(group, h5py.Group) or "images" not in group:
             raise DataError(f"{path}: no split {split!r} with images (has {sorted(f.keys())})")
-        group = f[split]
         try:
-            images = group["images"][()]
-            labels = group["labels"][()] if "labels" in group else None
+            images = _read_dataset(path, group, "images")
+            labels = _read_dataset(path, group, "labels") if "labels" in group else None
         except OSError as exc:
             raise DataError(f"{path}: split {split!r} is unreadable ({exc})") from exc
     if images.dtype != np.uint8 or images.ndim != 4:

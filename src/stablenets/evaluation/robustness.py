@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
     from pyautoattack import AutoAttack
+    from pyautoattack.autoattack import AttackName
 
 Attack = Callable[[nn.Module, Tensor, Tensor, float], Tensor]
 """``attack(model, x, y, eps) -> x_adv`` with ``||x_adv - x||_2 <= eps`` per sample."""
@@ -299,9 +300,9 @@ def autoattack_l2(
     y: Tensor,
     eps: float,
     batch_size: int = 250,
-    version: str = "standard",
+    version: Literal["standard", "plus", "rand", "custom"] = "standard",
     seed: int = 0,
-    attacks: Sequence[str] | None = None,
+    attacks: Sequence[AttackName] | None = None,
     iterations: int | None = None,
 ) -> Tensor:
     """Adversarial examples from AutoAttack (Croce & Hein 2020) in L2 at radius ε.
@@ -658,7 +659,9 @@ def _attack_batch(
     return torch.where(fooled, dist, torch.full_like(dist, math.inf)).cpu()
 
 
-def _record(state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: float, name: str):
+def _record(
+    state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: float, name: str
+) -> None:
     if pass_name == "audit":
         flipped = torch.isfinite(dist)
         if flipped.any():
@@ -858,6 +861,8 @@ def bisect(
     device, started = model_device(model), time.perf_counter()
     if state.lo is None:
         state.lo, state.hi = _bisection_bounds(plan, state)
+    if state.hi is None:
+        raise ValueError(f"model {name!r}: a sweep state with bisection lower bounds but no upper")
     grid = torch.as_tensor(plan.bisect_radii)
     with eval_mode(model):
         while True:

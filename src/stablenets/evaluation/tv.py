@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -128,6 +129,15 @@ def tv_denoise(
     return x
 
 
+class TVOptions(TypedDict, total=False):
+    """The keyword options of :func:`tv_denoise` after ``iters``."""
+
+    tol: float
+    tau: float
+    accelerate: bool
+    couple_channels: bool
+
+
 def select_tv_weight(
     noisy: Tensor,
     clean: Tensor,
@@ -135,7 +145,7 @@ def select_tv_weight(
     iters: int = 300,
     peak: str | float = "max",
     batch_size: int | None = None,
-    **tv_kwargs: float | bool,
+    **tv_kwargs: Unpack[TVOptions],
 ) -> tuple[float, list[float]]:
     """Pick the TV weight maximising the mean PSNR of :func:`tv_denoise` on *validation* images.
 

@@ -20,7 +20,9 @@ __all__ = ["MonotoneActivation", "build_activation", "ACTIVATIONS"]
 class MonotoneActivation(nn.Module):
     """A componentwise, monotone, ``lipschitz``-Lipschitz activation."""
 
-    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], lipschitz: float):
+    def __init__(
+        self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], lipschitz: float
+    ) -> None:
         super().__init__()
         self.name = name
         self.fn = fn

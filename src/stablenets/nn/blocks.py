@@ -44,7 +44,7 @@ def compose_averaged(a1: float, a2: float) -> float:
 
 
 def _spatial(x: torch.Tensor) -> tuple[int, int] | None:
-    return tuple(x.shape[-2:]) if x.dim() == 4 else None
+    return (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
 
 
 class NonexpansiveBlock(nn.Module):
@@ -64,6 +64,8 @@ class NonexpansiveBlock(nn.Module):
         init_power_iters: power iterations run at construction to warm the norm estimate.
     """
 
+    time: torch.Tensor  # the integration time, a float64 buffer
+
     def __init__(
         self,
         operator: LinearOperator,
@@ -72,7 +74,7 @@ class NonexpansiveBlock(nn.Module):
         theta: float = 1.0,
         time: float | None = None,
         init_power_iters: int = 20,
-    ):
+    ) -> None:
         super().__init__()
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta={theta} is outside (0, 1]")
@@ -195,7 +197,9 @@ class NonexpansiveBlock(nn.Module):
 class ResidualBlock(nn.Module):
     """Baseline ``x - B sigma(A x + b_A) - b_B`` with unconstrained operators ``A`` and ``B``."""
 
-    def __init__(self, first: LinearOperator, second: LinearOperator, activation: nn.Module):
+    def __init__(
+        self, first: LinearOperator, second: LinearOperator, activation: nn.Module
+    ) -> None:
         super().__init__()
         self.first, self.second, self.activation = first, second, activation
 

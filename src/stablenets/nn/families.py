@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ __all__ = [
     "OrthogonalBlock",
     "abs_gram_rowsums",
     "build_family_block",
+    "FamilyBlock",
 ]
 
 FAMILIES = ("cpl", "sll", "aol", "orthogonal")
@@ -68,7 +70,7 @@ Size = tuple[int, int]
 
 
 def _spatial(x: torch.Tensor) -> Size | None:
-    return tuple(x.shape[-2:]) if x.dim() == 4 else None
+    return (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
 
 
 def abs_gram_rowsums(
@@ -122,7 +124,7 @@ class CPLBlock(NonexpansiveBlock):
         activation: MonotoneActivation,
         theta: float = 1.0,
         init_power_iters: int = 20,
-    ):
+    ) -> None:
         super().__init__(operator, activation, "euler", theta, 1.0, init_power_iters)
 
     def step_size(self, norm: float) -> float:
@@ -191,7 +193,7 @@ class SLLBlock(nn.Module):
 
     def __init__(
         self, operator: LinearOperator, activation: MonotoneActivation, theta: float = 1.0
-    ):
+    ) -> None:
         super().__init__()
         if not 0.0 < theta <= 1.0:
             raise ValueError(f"theta={theta} is outside (0, 1]")
@@ -237,7 +239,7 @@ class AOLConv(Conv2dOperator):
     without a skip connection shrinks the signal until nothing trains.
     """
 
-    def __init__(self, *args, dirac_init: bool = False, **kwargs):
+    def __init__(self, *args: Any, dirac_init: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if dirac_init:
             if self.in_channels != self.out_channels:
@@ -285,7 +287,7 @@ class AOLConv(Conv2dOperator):
     ) -> torch.Tensor:
         return super()._apply_with(self.rescaled(w), x, bias)
 
-    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
+    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         return super()._adjoint_with(self.rescaled(w), y, shape)
 
     def _certificate_weight(self) -> torch.Tensor:
@@ -302,7 +304,7 @@ class AOLConv(Conv2dOperator):
 class AOLBlock(nn.Module):
     """``sigma(P D x + b)`` with an ``AOLConv``; bound ``L min(1, ||P D||)``."""
 
-    def __init__(self, operator: AOLConv, activation: MonotoneActivation):
+    def __init__(self, operator: AOLConv, activation: MonotoneActivation) -> None:
         super().__init__()
         self.operator, self.activation = operator, activation
 
@@ -340,7 +342,7 @@ class CayleyConv(nn.Module):
         kernel_size: int,
         bias: bool = True,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.channels, self.kernel_size = channels, int(kernel_size)
         bound = 1.0 / math.sqrt(channels * kernel_size**2)
@@ -356,9 +358,11 @@ class CayleyConv(nn.Module):
         eye = torch.eye(self.channels, dtype=v.dtype, device=v.device)
         return torch.linalg.solve(eye + v, eye - v)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(  # pyright: ignore[reportIncompatibleMethodOverride]  (as LinearOperator.apply)
+        self, x: torch.Tensor
+    ) -> torch.Tensor:
         """The orthogonal part ``Q x`` (bias-free)."""
-        size = tuple(x.shape[-2:])
+        size = (x.shape[-2], x.shape[-1])
         xf = torch.fft.rfft2(x)
         yf = torch.einsum("fgoi,bifg->bofg", self.symbol(size).to(xf.dtype), xf)
         return torch.fft.irfft2(yf, s=size)
@@ -375,7 +379,7 @@ class CayleyConv(nn.Module):
 class OrthogonalBlock(nn.Module):
     """``sigma(Q x + b)`` with a ``CayleyConv``; bound ``L``."""
 
-    def __init__(self, operator: CayleyConv, activation: MonotoneActivation):
+    def __init__(self, operator: CayleyConv, activation: MonotoneActivation) -> None:
         super().__init__()
         self.operator, self.activation = operator, activation
 
@@ -395,6 +399,8 @@ class OrthogonalBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Registry
 
+FamilyBlock = CPLBlock | SLLBlock | AOLBlock | OrthogonalBlock
+
 
 def build_family_block(
     family: str,
@@ -405,7 +411,7 @@ def build_family_block(
     theta: float = 1.0,
     integrator: str = "euler",
     power_size: Size | None = None,
-) -> nn.Module:
+) -> FamilyBlock:
     """One ``width -> width`` block of ``family`` acting on ``size`` images (zero padding
     ``kernel_size // 2``, circular for ``orthogonal``; ``power_size``: the power-iteration grid
     of ``cpl``, see ``Conv2dOperator``)."""

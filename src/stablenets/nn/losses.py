@@ -42,10 +42,19 @@ def margin_loss(
     return F.cross_entropy(shifted, target) * temperature
 
 
+def _lipschitz_estimate(model: nn.Module) -> torch.Tensor | float:
+    estimate = getattr(model, "lipschitz_estimate", None)
+    if estimate is None:
+        raise ValueError(
+            f"the margin loss needs model.lipschitz_estimate(); {type(model).__name__} has none"
+        )
+    return estimate()
+
+
 class MarginLoss:
     """``margin_loss`` with offset ``sqrt(2) eps L``, ``L`` from ``model.lipschitz_estimate()``."""
 
-    def __init__(self, eps: float, temperature: float = 1.0):
+    def __init__(self, eps: float, temperature: float = 1.0) -> None:
         if not eps >= 0:
             raise ValueError(f"margin loss eps={eps} must be >= 0")
         if not temperature > 0:
@@ -53,14 +62,14 @@ class MarginLoss:
         self.eps, self.temperature = float(eps), float(temperature)
 
     def __call__(self, model: nn.Module, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        lip = model.lipschitz_estimate() if self.eps > 0 else 0.0
+        lip = _lipschitz_estimate(model) if self.eps > 0 else 0.0
         return margin_loss(out, target, math.sqrt(2) * self.eps * lip, self.temperature)
 
 
 Criterion = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def build_loss(spec: dict[str, Any] | None, model: nn.Module | None = None) -> Criterion | None:
+def build_loss(spec: dict[str, Any] | None, model: nn.Module | None = None) -> MarginLoss | None:
     """The criterion of ``spec`` (``None``: the task's own loss). With ``model``, checks that the
     model offers the Lipschitz estimate the loss needs."""
     if spec is None:

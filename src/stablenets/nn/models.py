@@ -18,9 +18,9 @@ vectors and integration times included); ``load_model(path)`` rebuilds the model
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from stablenets.atomic import atomic_path
 from stablenets.nn.activations import build_activation
 from stablenets.nn.blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
-from stablenets.nn.families import FAMILIES, build_family_block
+from stablenets.nn.families import FAMILIES, FamilyBlock, build_family_block
 from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator
 
 __all__ = [
@@ -53,6 +53,8 @@ BLOCKS = ("nonexpansive", "residual", *FAMILIES)
 DENOISER_BLOCKS = ("nonexpansive", "cpl", "sll", "aol")
 
 Size = tuple[int, int]
+# A block of the skeletons: the paper's two (``blocks.py``) or one of the families.
+Block = NonexpansiveBlock | ResidualBlock | FamilyBlock
 
 
 def _size(v: int | tuple[int, int] | list[int]) -> Size:
@@ -61,6 +63,10 @@ def _size(v: int | tuple[int, int] | list[int]) -> Size:
 
 class StableModel(nn.Module):
     """Shared bookkeeping: norm updates and per-block diagnostics for every model."""
+
+    # Set by ``build_model`` (what ``save_model`` writes to rebuild the model).
+    model_name: str
+    model_kwargs: dict[str, Any]
 
     def constrained_blocks(self) -> Iterator[NonexpansiveBlock]:
         return (m for m in self.modules() if isinstance(m, NonexpansiveBlock))
@@ -85,13 +91,13 @@ class StableModel(nn.Module):
 
 def _block_factory(
     block: str, activation: str, integrator: str, theta: float, time: float | None, kernel: int
-) -> Callable[[int, Size], nn.Module]:
+) -> Callable[[int, Size], Block]:
     """Return ``make(width, size)`` building one block of the requested kind."""
 
     def conv(width: int, size: Size) -> Conv2dOperator:
         return Conv2dOperator(width, width, kernel, size, padding=kernel // 2)
 
-    def make(width: int, size: Size) -> nn.Module:
+    def make(width: int, size: Size) -> Block:
         if block == "nonexpansive":
             return NonexpansiveBlock(
                 conv(width, size), build_activation(activation), integrator, theta, time
@@ -113,10 +119,11 @@ def _sigma_estimate(op: LinearOperator) -> torch.Tensor:
     return op._apply_with(op.weight, u).norm() / u.norm()
 
 
-def _block_estimate(block: nn.Module) -> torch.Tensor | float:
+def _block_estimate(block: Block) -> torch.Tensor | float:
     """Training-time Lipschitz estimate of one block (norm estimates, no certificate)."""
-    if hasattr(block, "lipschitz_estimate"):
-        return block.lipschitz_estimate()
+    estimate = getattr(block, "lipschitz_estimate", None)
+    if estimate is not None:
+        return estimate()
     if isinstance(block, NonexpansiveBlock):
         norm = float(block.operator.sigma_estimate)
         n = block.substeps(norm)
@@ -125,7 +132,11 @@ def _block_estimate(block: nn.Module) -> torch.Tensor | float:
             return 1.0
         return block.tableau.stagewise_lipschitz(h_ell) ** n
     if isinstance(block, ResidualBlock):
-        lip = block.activation.lipschitz
+        lip = getattr(block.activation, "lipschitz", None)
+        if lip is None:
+            raise ValueError(
+                "a ResidualBlock's Lipschitz estimate needs an activation with .lipschitz"
+            )
         return 1.0 + _sigma_estimate(block.second) * lip * _sigma_estimate(block.first)
     raise TypeError(f"no Lipschitz estimate for {type(block).__name__}")
 
@@ -149,7 +160,7 @@ class Classifier(StableModel):
         theta: float = 1.0,
         time: float | None = None,
         input_size: int | list[int] = 32,
-    ):
+    ) -> None:
         super().__init__()
         size = _size(input_size)
         make = _block_factory(block, activation, integrator, theta, time, kernel_size)
@@ -175,10 +186,16 @@ class Classifier(StableModel):
             x = F.avg_pool2d(transition(stage(x)), 2)
         return self.head(x.mean(dim=(2, 3)))
 
+    def stage_layers(self) -> Iterator[tuple[list[Block], Conv2dOperator, Size]]:
+        """``(blocks, transition, input size)`` of each stage."""
+        for stage, transition, size in zip(self.stages, self.transitions, self.sizes, strict=True):
+            # cast: __init__ fills each stage with make()'s blocks, each transition a Conv2dOperator
+            yield list(cast("Iterable[Block]", stage)), cast(Conv2dOperator, transition), size
+
     def lipschitz_bound(self) -> float:
         """Product of certified bounds of every layer, pooling included."""
         bound = self.lift.norm_bound(self.sizes[0])
-        for stage, transition, size in zip(self.stages, self.transitions, self.sizes, strict=True):
+        for stage, transition, size in self.stage_layers():
             for block in stage:
                 bound *= block.lipschitz_bound(size)
             bound *= transition.norm_bound(size) * 0.5
@@ -190,7 +207,7 @@ class Classifier(StableModel):
         power-iteration norms (one warm-started iteration per call), differentiable in the
         weights; for margin losses, never a certificate."""
         est = _sigma_estimate(self.lift)
-        for stage, transition in zip(self.stages, self.transitions, strict=True):
+        for stage, transition, _ in self.stage_layers():
             for block in stage:
                 est = est * _block_estimate(block)
             est = est * _sigma_estimate(transition) * 0.5
@@ -213,10 +230,10 @@ class NonexpansiveDenoiser(StableModel):
         theta: float = 1.0,
         time: float | None = None,
         residual: bool = False,
-        input_size: int | list[int] = (321, 481),
+        input_size: int | tuple[int, int] | list[int] = (321, 481),
         power_size: int | list[int] | None = None,
         block: str = "nonexpansive",
-    ):
+    ) -> None:
         super().__init__()
         if width < channels:
             raise ValueError(f"width {width} must be >= channels {channels}")
@@ -226,7 +243,7 @@ class NonexpansiveDenoiser(StableModel):
         self.input_size = _size(input_size)
         psize = _size(power_size) if power_size is not None else None
 
-        def make() -> nn.Module:
+        def make() -> NonexpansiveBlock | FamilyBlock:
             if block != "nonexpansive":
                 return build_family_block(
                     block, width, self.input_size, kernel_size, activation, theta, integrator, psize
@@ -252,9 +269,13 @@ class NonexpansiveDenoiser(StableModel):
         out = self.network(x)
         return x - out if self.residual else out
 
+    def _typed_blocks(self) -> list[NonexpansiveBlock | FamilyBlock]:
+        # cast: __init__ fills `blocks` with make()'s blocks only
+        return list(cast("Iterable[NonexpansiveBlock | FamilyBlock]", self.blocks))
+
     def _network_averagedness(self, size: Size) -> float | None:
         alpha: float | None = None
-        for block in self.blocks:
+        for block in self._typed_blocks():
             a = block.averagedness(size)
             if a is None:
                 return None
@@ -276,7 +297,7 @@ class NonexpansiveDenoiser(StableModel):
         """Product of block bounds; residual: ``min(1 + Lip(N), 2 alpha)`` (``I - N = alpha (I -
         R)`` for an alpha-averaged ``N = (1 - alpha) I + alpha R``)."""
         size = input_size or self.input_size
-        bound = math.prod(block.lipschitz_bound(size) for block in self.blocks)
+        bound = math.prod(block.lipschitz_bound(size) for block in self._typed_blocks())
         if not self.residual:
             return bound
         alpha = self._network_averagedness(size)
@@ -292,8 +313,8 @@ class DnCNN(StableModel):
         width: int = 64,
         depth: int = 20,
         kernel_size: int = 3,
-        input_size: int | list[int] = (321, 481),
-    ):
+        input_size: int | tuple[int, int] | list[int] = (321, 481),
+    ) -> None:
         super().__init__()
         self.input_size = _size(input_size)
         pad = kernel_size // 2
@@ -318,6 +339,8 @@ class DnCNN(StableModel):
             if isinstance(m, Conv2dOperator):
                 bound *= m.norm_bound(size)
             elif isinstance(m, nn.BatchNorm2d):
+                if m.running_var is None:
+                    raise ValueError("DnCNN.lipschitz_bound needs batch norm running statistics")
                 scale = m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)
                 bound *= float(scale.max())
         return 1.0 + bound
@@ -365,7 +388,7 @@ class CheckpointError(ValueError):
 CHECKPOINT_FORMAT = "stablenets-model-v1"
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: no partial files."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -41,8 +41,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -88,6 +88,8 @@ WARM_GRID = 64
 _PEAK_GRID = 16
 _PEAK_STARTS = 4
 _PEAK_REFINEMENTS = 5
+
+_T = TypeVar("_T")
 
 
 def host_copy(owner: nn.Module, slot: str, buf: torch.Tensor) -> float | None:
@@ -268,6 +270,7 @@ def torus_norm_bound(taps: torch.Tensor) -> tuple[float, tuple[float, float]]:
     best = int(lam.argmax())
     low, peak = float(lam[best]), (float(centres[best, 0]), float(centres[best, 1]))
     settled_top = 0.0
+    top = math.inf  # set by the first level (the loop runs at least once); inf is sound
     for level in range(_TORUS_MAX_LEVELS + 1):
         tau = degrees[0] * half_widths[0] + degrees[1] * half_widths[1]
         spread = s1 * half_widths[0] + s2 * half_widths[1]
@@ -373,7 +376,10 @@ class LinearOperator(nn.Module):
         self.register_buffer("u", u / u.norm())
         self.register_buffer("sigma_estimate", torch.zeros(()))
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    # Shadows nn.Module.apply(fn) (the library never calls that on a model holding operators).
+    def apply(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def adjoint(
@@ -437,7 +443,7 @@ class LinearOperator(nn.Module):
     ) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
+    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _stamp(self) -> tuple:
@@ -446,7 +452,7 @@ class LinearOperator(nn.Module):
         digest = hashlib.blake2b(w.cpu().contiguous().numpy().tobytes(), digest_size=16)
         return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
 
-    def _cached(self, what: Any, compute: Callable[[], Any]) -> Any:
+    def _cached(self, what: Hashable, compute: Callable[[], _T]) -> _T:
         """``compute()`` cached under ``what`` until the weight's content changes (entries of
         other weights are dropped on the first miss)."""
         key = (self._stamp(), what)
@@ -477,7 +483,7 @@ class DenseOperator(LinearOperator):
         out_features: int,
         bias: bool = True,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
@@ -491,7 +497,9 @@ class DenseOperator(LinearOperator):
     ) -> torch.Tensor:
         return F.linear(x, w, bias)
 
-    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape=None) -> torch.Tensor:
+    def _adjoint_with(
+        self, w: torch.Tensor, y: torch.Tensor, shape: Sequence[int] | None = None
+    ) -> torch.Tensor:
         return y @ w
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -502,7 +510,7 @@ class DenseOperator(LinearOperator):
         return self._adjoint_with(self.weight, y)
 
     @torch.no_grad()
-    def _certified_norm(self, input_size=None) -> float:
+    def _certified_norm(self, input_size: tuple[int, int] | None = None) -> float:
         return float(torch.linalg.matrix_norm(self.weight.detach().double(), ord=2))
 
 
@@ -528,7 +536,7 @@ class Conv2dOperator(LinearOperator):
         dilation: int | tuple[int, int] = 1,
         bias: bool = True,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
@@ -551,16 +559,17 @@ class Conv2dOperator(LinearOperator):
 
     def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """Spatial output size of the convolution for ``input_size``."""
-        return tuple(
+        height, width = (
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(
                 input_size, self.padding, self.dilation, self.kernel_size, self.stride, strict=True
             )
         )
+        return height, width
 
     def _output_padding(self, input_size: tuple[int, int]) -> tuple[int, int]:
         out = self.output_size(input_size)
-        return tuple(
+        height, width = (
             n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
             for n, o, s, p, d, k in zip(
                 input_size,
@@ -572,14 +581,15 @@ class Conv2dOperator(LinearOperator):
                 strict=True,
             )
         )
+        return height, width
 
     def _apply_with(
         self, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
 
-    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
-        size = tuple(shape[-2:])
+    def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        size = (shape[-2], shape[-1])
         return F.conv_transpose2d(
             y, w, None, self.stride, self.padding, self._output_padding(size), 1, self.dilation
         )
@@ -605,11 +615,12 @@ class Conv2dOperator(LinearOperator):
             return self.power_iteration(n_iters)
         with autocast_off({self.weight.device.type}):
             taps = conv_symbol_taps(self._certificate_weight(), self.stride, self.dilation)
-            grid = tuple(self.u.shape[-2:])
-            window = tuple(
+            grid = (self.u.shape[-2], self.u.shape[-1])
+            window_height, window_width = (
                 n if n <= WARM_GRID else max(WARM_GRID, d * (k - 1) + 1)
                 for n, d, k in zip(grid, self.dilation, self.kernel_size, strict=True)
             )
+            window = (window_height, window_width)
             start = _plane_wave(taps, _symbol_peak(taps), self.dilation, window)
             noise = self.u[..., : window[0], : window[1]].double()
             start = start / start.norm() + 0.01 * noise / noise.norm().clamp_min(1e-300)
@@ -756,9 +767,7 @@ def _lanczos_top(
     return float(torch.linalg.eigvalsh(tri)[-1])
 
 
-def _fusion_key(op: LinearOperator) -> tuple | None:
-    if type(op) is not Conv2dOperator:
-        return None
+def _fusion_key(op: Conv2dOperator) -> tuple:
     w = op.weight
     return (
         tuple(w.shape),
@@ -779,11 +788,10 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     first, g = ops[0], len(ops)
     w = torch.cat([op.weight.detach() for op in ops])  # (G C_out, C_in, kh, kw)
     u = torch.cat([op.u for op in ops], dim=1).to(w.dtype)  # (1, G C_in, h, w)
-    pad = first._output_padding(tuple(first.u.shape[-2:]))
-    conv = dict(stride=first.stride, padding=first.padding, dilation=first.dilation, groups=g)
+    pad = first._output_padding((first.u.shape[-2], first.u.shape[-1]))
     tiny = torch.finfo(u.dtype).tiny
     for _ in range(n_iters):
-        v = F.conv2d(u, w, None, **conv)
+        v = F.conv2d(u, w, None, first.stride, first.padding, first.dilation, g)
         u = F.conv_transpose2d(v, w, None, first.stride, first.padding, pad, g, first.dilation)
         norms = u.reshape(g, -1).norm(dim=1).clamp_min(tiny)  # reshape: u may be channels_last
         u = (u.reshape(g, -1) / norms[:, None]).reshape(u.shape)
@@ -794,8 +802,10 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     av = torch.bmm(w.double().reshape(g, w.shape[0] // g, -1), cols.reshape(g, -1, cols.shape[-1]))
     estimate = av.reshape(g, -1).norm(dim=1) / ud.reshape(g, -1).norm(dim=1)
     stored = _round_down(estimate, first.sigma_estimate.dtype)
-    torch._foreach_copy_([op.u for op in ops], list(u.split(first.u.shape[1], dim=1)))
-    torch._foreach_copy_([op.sigma_estimate for op in ops], list(stored.unbind()))
+    # One fused copy per buffer kind; torch does not re-export its private _foreach_* ops.
+    foreach_copy = torch._foreach_copy_  # pyright: ignore[reportPrivateImportUsage]
+    foreach_copy([op.u for op in ops], list(u.split(first.u.shape[1], dim=1)))
+    foreach_copy([op.sigma_estimate for op in ops], list(stored.unbind()))
     return stored
 
 
@@ -819,10 +829,12 @@ def power_iteration_all(operators: list[LinearOperator], n_iters: int = 1) -> li
     return remember_estimates(*fused_power_iteration(operators, n_iters))
 
 
+# What ``fused_power_iteration`` returns: ``(operators, order, estimates)``.
+FusedEstimates = tuple[list[LinearOperator], list[LinearOperator], torch.Tensor | None]
+
+
 @torch.no_grad()
-def fused_power_iteration(
-    operators: list[LinearOperator], n_iters: int = 1
-) -> tuple[list[LinearOperator], list[LinearOperator], torch.Tensor | None]:
+def fused_power_iteration(operators: list[LinearOperator], n_iters: int = 1) -> FusedEstimates:
     """The device part of ``power_iteration_all``: updates every ``u`` and ``sigma_estimate`` in
     place and returns ``(operators, order, estimates)``, the estimates (float64, in ``order``)
     still on the device. Nothing here synchronises, so a CUDA graph can hold it."""
@@ -844,15 +856,14 @@ def remember_estimates(
     return [by_id[id(op)] for op in operators]
 
 
-def _fused_power_iteration(operators: list[LinearOperator], n_iters: int):
-    groups: dict[tuple, list[LinearOperator]] = {}
+def _fused_power_iteration(operators: list[LinearOperator], n_iters: int) -> FusedEstimates:
+    groups: dict[tuple, list[Conv2dOperator]] = {}
     singles: list[LinearOperator] = []
     for op in operators:
-        key = _fusion_key(op)
-        if key is None:
-            singles.append(op)
+        if type(op) is Conv2dOperator:  # exactly: subclasses rescale their kernel
+            groups.setdefault(_fusion_key(op), []).append(op)
         else:
-            groups.setdefault(key, []).append(op)
+            singles.append(op)
     order: list[LinearOperator] = []
     values: list[torch.Tensor] = []
     for ops in groups.values():

@@ -9,6 +9,8 @@ Needs the ``pipeline`` extra. Logic lives in the layers below; these modules wir
 * :mod:`~stablenets.pipeline.runtime`: device choice, provenance, result files.
 * :mod:`~stablenets.pipeline.tables`, :mod:`~stablenets.pipeline.figures`,
   :mod:`~stablenets.pipeline.reports`: tables, figures and the summary from result files.
+* :mod:`~stablenets.pipeline.outputs`: the registry of tables and figures, each declared once
+  where it is built.
 * :mod:`~stablenets.bench.cost`: measured cost per job and projected hours (rehearsal).
 * :mod:`~stablenets.pipeline.locks`: clearing a stale Snakemake lock safely.
 """

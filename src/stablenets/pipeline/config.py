@@ -7,12 +7,13 @@ Errors are one line naming the key (dotted path) and what was expected, e.g.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema.protocols import Validator
 
 __all__ = ["ConfigError", "SCHEMA", "load_config", "load_schema", "overlay", "validate_config"]
 
@@ -25,10 +26,15 @@ class ConfigError(ValueError):
     """A configuration value that the schema or a cross-field rule rejects."""
 
 
-def _with_defaults(base):
+def _with_defaults(base: type[Validator]) -> type[Validator]:
     validate_properties = base.VALIDATORS["properties"]
 
-    def set_defaults(validator, properties, instance, schema) -> Iterator[ValidationError]:
+    def set_defaults(
+        validator: Validator,
+        properties: Mapping[str, Any],
+        instance: object,
+        schema: Mapping[str, Any],
+    ) -> Iterator[ValidationError]:
         if isinstance(instance, dict):
             for name, sub in properties.items():
                 if "default" in sub and name not in instance:
@@ -52,7 +58,11 @@ def _where(error: ValidationError) -> str:
 
 def _describe(error: ValidationError) -> str:
     where = _where(error)
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+    if (
+        error.validator == "additionalProperties"
+        and isinstance(error.instance, dict)
+        and isinstance(error.schema, Mapping)
+    ):
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)

@@ -8,8 +8,10 @@ global figure registry, nothing to close.
 Colours: :func:`model_colors` gives a model the same colour in every figure; every line drawn
 for a model carries the model's name as its ``gid``.
 
-This module reads files only; it imports no other ``stablenets`` module but
-the standard-library-only ``atomic`` writer.
+Each figure is declared where it is drawn (``@outputs.figure``: name, inputs, and how the
+registry's one call ``build(paths, stem, spec)`` reaches it, see
+:mod:`~stablenets.pipeline.outputs`). This module reads files only (through
+:func:`~stablenets.pipeline.runtime.read_results`); it imports neither torch nor the tables.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -33,6 +34,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from stablenets.atomic import atomic_path
+from stablenets.pipeline import outputs
+from stablenets.pipeline.runtime import read_results
 
 __all__ = [
     "FAMILY_COLORS",
@@ -168,14 +171,6 @@ def save_figure(fig: Figure, stem: Path) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _scalar(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 @dataclass
 class _Result:
     """One HDF5 result file: attributes and the requested datasets that exist."""
@@ -201,10 +196,7 @@ class _Result:
 
 
 def _read(path: Path, datasets: Sequence[str]) -> _Result:
-    with h5py.File(path, "r") as fh:
-        attrs = {k: _scalar(v) for k, v in fh.attrs.items()}
-        data = {k: np.asarray(fh[k]) for k in datasets if k in fh}
-    return _Result(Path(path), attrs, data)
+    return _Result(Path(path), *read_results(Path(path), datasets))
 
 
 def _first_seed(results: Iterable[_Result], key=lambda r: r.name) -> dict[str, _Result]:
@@ -337,6 +329,7 @@ def _mean_curves(results: list[_Result]) -> dict[str, np.ndarray]:
     return out
 
 
+@outputs.figure(name="robustness", source="classification_evals")
 def robustness_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     """Robust accuracy (%) against the L2 radius ε: certified dashed, strongest empirical
     solid, PGD dotted, clean accuracy marked at ε = 0; one colour per model (mean over
@@ -391,6 +384,7 @@ def _family_order(results: Mapping[str, list[_Result]]) -> list[str]:
     return sorted(results, key=key)
 
 
+@outputs.figure(name="families", source="classification_evals")
 def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     """Layer families side by side (mean over seeds): clean, empirical and certified accuracy
     at the smallest standard radius (bars), certified accuracy against the standard radii, and
@@ -522,6 +516,19 @@ def _draw_panel(ax: Axes, key: str, log: pd.DataFrame, color: str, name: str, sc
         ax.plot(rows["step"], rows[key], color=color, gid=name, drawstyle=drawstyle)
 
 
+def _one_log_per_variant(paths: list[Path]) -> dict[str, Path]:
+    """``models/<task>/[sigma<s>/]<variant>/seed<k>/train_log.csv``: the first log per variant
+    (lowest noise level and seed), keyed by the variant name so colours match other figures."""
+    chosen: dict[str, Path] = {}
+    for path in sorted(paths):
+        chosen.setdefault(path.parent.parent.name, path)
+    return chosen
+
+
+@outputs.figure(
+    name="training_classification", source="classification_logs", inputs=_one_log_per_variant
+)
+@outputs.figure(name="training_denoising", source="denoising_logs", inputs=_one_log_per_variant)
 def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
     """Training diagnostics against step, one colour per model: loss, accuracy or PSNR (train
     solid, validation dashed), learning rate, total sub-steps, and for models with constrained
@@ -608,6 +615,12 @@ def _same_images(results: Iterable[_Result], key: str, n: int) -> np.ndarray:
     return reference
 
 
+def _pnp_noise_level(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The figure job's ``sigma`` (the noise level of PnP's denoisers): the one shown."""
+    return {"sigma": spec.get("sigma")}
+
+
+@outputs.figure(name="denoising_examples", source="denoising_evals", options=_pnp_noise_level)
 def denoising_examples_figure(
     eval_paths: Iterable[Path],
     stem: Path,
@@ -729,6 +742,7 @@ def _focus_psnr(ax: Axes, results: list[_Result], observed: float) -> None:
         ax.set_ylim(min(finite) - PSNR_MARGIN_DB, max(finite) + PSNR_MARGIN_DB)
 
 
+@outputs.figure(name="pnp_convergence", source="pnp_runs")
 def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
     """PSNR (dB, peak 1) and ``||x_{k+1} - x_k||`` (log scale) against iteration: mean over
     test images (and seeds) with a light min-max band, one colour per method; methods without
@@ -775,6 +789,7 @@ def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
     return _finish(fig, stem)
 
 
+@outputs.figure(name="pnp_reconstructions", source="pnp_runs")
 def pnp_reconstructions_figure(
     pnp_paths: Iterable[Path], stem: Path, n_images: int = N_EXAMPLES
 ) -> Figure:

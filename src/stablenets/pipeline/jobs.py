@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from stablenets.nn.models import (
     CLASSIFIERS,
     DENOISERS,
     CheckpointError,
+    Classifier,
+    DnCNN,
+    NonexpansiveDenoiser,
     StableModel,
     build_model,
     load_model,
@@ -52,6 +55,10 @@ __all__ = [
 ]
 
 Log = Callable[[str], None]
+_Model = TypeVar("_Model", bound=StableModel)
+# The models of each task (``load_model`` builds them from the names in CLASSIFIERS, DENOISERS).
+_CLASSIFIER_KINDS = (Classifier,)
+_DENOISER_KINDS = (NonexpansiveDenoiser, DnCNN)
 
 
 def prepare_data(spec: dict, out: Path, log: Log = print) -> None:
@@ -94,18 +101,21 @@ def _setup(spec: dict) -> torch.device:
     return select_device(spec.get("device", "auto"))
 
 
-def _task(spec: dict, data_path: Path, device: torch.device):
+def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTask | DenoisingTask:
     train_x, train_y = data.read_split(data_path, "train")
     val_x, val_y = data.read_split(data_path, "val")
     if spec["task"] == "classification":
+        if train_y is None or val_y is None:
+            raise data.DataError(f"{data_path}: a classification dataset needs labels")
+        augment: dict[str, Any] = {  # schema-checked config values, lists made tuples
+            k: tuple(v) if isinstance(v, list) else v for k, v in spec["augment"].items()
+        }
         return ClassificationTask(
             train_x.to(device),
             train_y.to(device),
             val_x.to(device),
             val_y.to(device),
-            AugmentConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in spec["augment"].items()}
-            ),
+            AugmentConfig(**augment),
             spec["eval_batch"],
         )
     patch = spec.get("patch")
@@ -170,7 +180,9 @@ def _final_substeps(model: StableModel, rows: list[dict]) -> int:
     return int(train_rows[-1]["substeps"]) if train_rows else model.total_substeps()
 
 
-def _load(model_path: Path, spec: dict, task: str) -> tuple[StableModel, dict, torch.device]:
+def _load(
+    model_path: Path, spec: dict, task: str, classes: tuple[type[_Model], ...]
+) -> tuple[_Model, dict, torch.device]:
     """The trained model for this job; a checkpoint of another kind of model, another variant
     or another noise level fails with one line naming the file, what it holds and what the job
     expected."""
@@ -191,14 +203,27 @@ def _load(model_path: Path, spec: dict, task: str) -> tuple[StableModel, dict, t
                 f"this job expects {spec[key]!r}"
             )
     model = load_model(model_path, map_location=device)
+    if not isinstance(model, classes):  # the name check above admits no other class
+        raise CheckpointError(f"checkpoint {model_path} holds a {type(model).__name__}")
     return model, extra, device
 
 
-def _accuracy_attrs(eps, acc: dict[str, np.ndarray]) -> dict[str, float]:
+def _accuracy_attrs(eps: np.ndarray, acc: dict[str, np.ndarray]) -> dict[str, float]:
     return {f"auc_{k}": robustness.auc(eps, v) for k, v in acc.items()}
 
 
-def _sweep(model, x, y, plan, start, name: str, progress: Path, key: str, save_every_s, log: Log):
+def _sweep(
+    model: StableModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: robustness.SweepPlan,
+    start: Callable[[], robustness.SweepState],
+    name: str,
+    progress: Path,
+    key: str,
+    save_every_s: float,
+    log: Log,
+) -> robustness.SweepState:
     """Run (or resume) the radius sweep, saving its state to ``progress``; a stop signal saves
     and raises ``Interrupted`` (exit 75)."""
     for stale in remove_stale_temporaries(progress):
@@ -244,9 +269,11 @@ def evaluate_classifier(
     """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs. One
     radius sweep (``robustness.sweep``) attacks each point only where it can change a number,
     audits a sample of certified points, and resumes from ``workdir`` when killed."""
-    model, extra, device = _load(model_path, spec, "classification")
+    model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
     x, y = data.read_split(data_path, "test")
+    if y is None:
+        raise data.DataError(f"{data_path}: the test split has no labels to evaluate against")
     if ev.get("n_test"):
         x, y = x[: ev["n_test"]], y[: ev["n_test"]]
     margin, correct = robustness.margins(model, x, y, ev["batch_size"])
@@ -325,7 +352,9 @@ def _classifier_lower_bound(
     return lower
 
 
-def _noisy_test(spec: dict, data_path: Path, device: torch.device):
+def _noisy_test(
+    spec: dict, data_path: Path, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     clean, _ = data.read_split(data_path, "test")
     n = spec["evaluate"].get("n_test")
     clean = clean[:n] if n else clean
@@ -333,12 +362,16 @@ def _noisy_test(spec: dict, data_path: Path, device: torch.device):
     return clean.to(device), noisy.to(device)
 
 
-def _batched(f, x: torch.Tensor, batch: int) -> torch.Tensor:
+def _batched(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
+) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([f(b) for b in x.split(batch)])
 
 
-def _crops(clean, noisy, denoised, ev: dict) -> dict[str, torch.Tensor]:
+def _crops(
+    clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, ev: dict
+) -> dict[str, torch.Tensor]:
     k, (h, w) = ev["crops"], ev["crop_size"]
     h, w = min(h, clean.shape[-2]), min(w, clean.shape[-1])
     top, left = (clean.shape[-2] - h) // 2, (clean.shape[-1] - w) // 2
@@ -346,7 +379,9 @@ def _crops(clean, noisy, denoised, ev: dict) -> dict[str, torch.Tensor]:
     return {f"crops/{n}": t[:k, :, top : top + h, left : left + w] for n, t in pick.items()}
 
 
-def _psnr_sets(denoised, noisy, clean) -> dict[str, torch.Tensor]:
+def _psnr_sets(
+    denoised: torch.Tensor, noisy: torch.Tensor, clean: torch.Tensor
+) -> dict[str, torch.Tensor]:
     return {
         "psnr": metrics.psnr(denoised, clean),
         "psnr_1": metrics.psnr(denoised, clean, peak=1.0),
@@ -370,7 +405,7 @@ def evaluate_denoiser(
     spec: dict, model_path: Path, data_path: Path, out: Path, log: Log = print
 ) -> None:
     """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz."""
-    model, _, device = _load(model_path, spec, "denoising")
+    model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     ev = spec["evaluate"]
     clean, noisy = _noisy_test(spec, data_path, device)
     denoised = _batched(model, noisy, ev["batch_size"])
@@ -384,8 +419,8 @@ def evaluate_denoiser(
         audit["delta_scale"],
         spec["seed"],
     )
-    bound = model.lipschitz_bound(tuple(clean.shape[-2:]))
-    alpha = model.averagedness(tuple(clean.shape[-2:]))
+    bound = model.lipschitz_bound((clean.shape[-2], clean.shape[-1]))
+    alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
     if lower > bound:
         raise robustness.InvariantError(
             f"denoiser {spec['variant']!r}: empirical Lipschitz {lower:.6g} exceeds the certified "
@@ -438,7 +473,9 @@ def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = pri
     log(f"TV weight {weight} (validation scores {scores}): PSNR {attrs['mean_psnr']:.2f} dB")
 
 
-def _deblur_problem(spec: dict, data_path: Path, device: torch.device):
+def _deblur_problem(
+    spec: dict, data_path: Path, device: torch.device
+) -> tuple[torch.Tensor, pnp.GaussianBlur, torch.Tensor]:
     p = spec["pnp"]
     clean, _ = data.read_split(data_path, "test")
     clean = clean[: p["n_images"]].to(device)
@@ -447,7 +484,13 @@ def _deblur_problem(spec: dict, data_path: Path, device: torch.device):
     return clean, blur, observed
 
 
-def _pnp_attrs(spec, hist, final, observed_psnr, iters) -> dict[str, Any]:
+def _pnp_attrs(
+    spec: dict,
+    hist: dict[str, np.ndarray],
+    final: np.ndarray,
+    observed_psnr: np.ndarray,
+    iters: np.ndarray,
+) -> dict[str, Any]:
     p = spec["pnp"]
     return {
         "eta": p["eta"],
@@ -470,10 +513,10 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing:
     a violation fails the job naming the model and the image.
     """
-    model, _, device = _load(model_path, spec, "denoising")
+    model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
-    size = tuple(clean.shape[-2:])
+    size = (clean.shape[-2], clean.shape[-1])
     alpha = model.averagedness(size)
     x, hist = pnp.pnp_forward_backward(
         model, blur, observed, p["eta"], p["relax"], p["max_iter"], p["tol"], reference=clean
@@ -530,7 +573,17 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
     log(f"TV deblur: PSNR {attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB")
 
 
-def _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, x, n_show) -> None:
+def _write_pnp(
+    out: Path,
+    attrs: dict[str, Any],
+    hist: dict[str, np.ndarray],
+    final: np.ndarray,
+    observed_psnr: np.ndarray,
+    clean: torch.Tensor,
+    observed: torch.Tensor,
+    x: torch.Tensor,
+    n_show: int,
+) -> None:
     datasets = {
         "psnr_final": final,
         "psnr_observed": observed_psnr,

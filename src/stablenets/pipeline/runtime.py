@@ -5,7 +5,9 @@
   not all land on GPU 0.
 * ``provenance(spec, seed)`` records the config hash, seed, package versions and git commit that
   every output carries in its attributes.
-* ``write_results(path, attrs, datasets)`` writes an HDF5 file atomically.
+* ``write_results(path, attrs, datasets)`` writes an HDF5 file atomically; ``read_results`` is
+  the one reader of result files (tables, figures, sidecars, tests), with one conversion of
+  attributes to plain Python values (``attr_value``).
 * ``write_sidecar(path, spec, seed, inputs)`` gives an output without attributes of its own (a
   CSV, Markdown or figure file) the same record in ``<stem>.provenance.json`` beside it.
 """
@@ -19,6 +21,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +39,7 @@ __all__ = [
     "config_hash",
     "provenance",
     "write_results",
+    "attr_value",
     "read_results",
     "write_sidecar",
     "sidecar_path",
@@ -137,17 +141,32 @@ def write_results(path: Path, attrs: dict[str, Any], datasets: dict[str, Any]) -
             fh.create_dataset(key, data=np.asarray(array))
 
 
-def read_results(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Attributes and every dataset (by ``a/b`` name) of a results file."""
-    datasets: dict[str, np.ndarray] = {}
+def attr_value(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value: numpy scalars -> int, float or bool, bytes ->
+    str. :func:`write_results` stores ``None`` as NaN, booleans as 0/1 and lists and dicts as
+    JSON strings, so a result file's attributes come back as numbers and strings (``json.loads``
+    the JSON ones where they are needed)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _dataset_names(fh: h5py.File) -> list[str]:
+    names: list[str] = []
+    fh.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def read_results(
+    path: Path, datasets: Iterable[str] | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Attributes (plain values, :func:`attr_value`) and datasets (by ``a/b`` name) of a results
+    file: the ``datasets`` it has, every one when ``None``."""
     with h5py.File(path, "r") as fh:
-        attrs = dict(fh.attrs)
-        fh.visititems(
-            lambda name, obj: (
-                datasets.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    return attrs, datasets
+        attrs = {key: attr_value(value) for key, value in fh.attrs.items()}
+        names = _dataset_names(fh) if datasets is None else datasets
+        data = {k: np.asarray(fh[k]) for k in names if isinstance(fh.get(k), h5py.Dataset)}
+    return attrs, data
 
 
 def sidecar_path(path: Path) -> Path:
@@ -160,16 +179,12 @@ def _input_record(path: Path) -> dict[str, Any]:
     record: dict[str, Any] = {"path": str(path)}
     try:
         if path.suffix == ".h5":
-            with h5py.File(path, "r") as fh:
-                found = {k: fh.attrs[k] for k in ("config_hash", "seed") if k in fh.attrs}
+            found = read_results(path, ())[0]
         else:
             found = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
         return record
-    for key in ("config_hash", "seed"):
-        if key in found:
-            value = found[key]
-            record[key] = value.item() if isinstance(value, np.generic) else value
+    record.update({key: found[key] for key in ("config_hash", "seed") if key in found})
     return record
 
 

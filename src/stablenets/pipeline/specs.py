@@ -12,28 +12,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Jobs", "FIGURES", "SOURCES", "TABLES"]
+from stablenets.pipeline import outputs
 
-#: What each table and figure is built from: the name of a ``Jobs`` target list.
-SOURCES = {
-    "table": {
-        "classification": "classification_evals",
-        "families": "classification_evals",
-        "denoising": "denoising_evals",
-        "pnp": "pnp_runs",
-    },
-    "figure": {
-        "robustness": "classification_evals",
-        "families": "classification_evals",
-        "training_classification": "classification_logs",
-        "training_denoising": "denoising_logs",
-        "denoising_examples": "denoising_evals",
-        "pnp_convergence": "pnp_runs",
-        "pnp_reconstructions": "pnp_runs",
-    },
-}
-TABLES = tuple(SOURCES["table"])
-FIGURES = tuple(SOURCES["figure"])
+__all__ = ["Jobs", "FIGURES", "TABLES"]
+
+#: The tables and figures, from the registry (declared where each is built: ``outputs``).
+TABLES = outputs.names("table")
+FIGURES = outputs.names("figure")
 
 
 def sigma_label(sigma: float) -> str:
@@ -157,8 +142,9 @@ class Jobs:
         return runs + [R("pnp/tv.h5")]
 
     def inputs(self, kind: str, name: str, R: Callable[[str], str]) -> list[str]:
-        """The result files or training logs a table or figure (``kind``) is built from."""
-        return getattr(self, SOURCES[kind][name])(R)
+        """The result files or training logs a table or figure (``kind``) is built from: the
+        target list its declaration names (``outputs``)."""
+        return getattr(self, outputs.get(kind, name).source)(R)
 
     def final_outputs(self, R: Callable[[str], str]) -> list[str]:
         tables = [R(f"tables/{t}.{ext}") for t in TABLES for ext in ("csv", "md", "tex")]

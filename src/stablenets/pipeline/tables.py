@@ -6,8 +6,10 @@ test images for PSNR, as in the paper) and, for PSNR, ``m_seed_std`` (spread of 
 means). :func:`write_table` writes the CSV with those raw numbers and formats Markdown and LaTeX
 for reading: accuracies in %, ``mean ± std``, units in the headers.
 
-This module reads files only; it imports no other ``stablenets`` module but
-the standard-library-only ``atomic`` writer.
+Each table is declared where it is built (``@outputs.table``: name, inputs, caption, summary
+title and headline, see :mod:`~stablenets.pipeline.outputs`). This module reads files only
+(through :func:`~stablenets.pipeline.runtime.read_results`); it imports neither torch nor the
+figures.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from stablenets.atomic import atomic_write
+from stablenets.pipeline import outputs
+from stablenets.pipeline.runtime import read_results
 
 __all__ = [
     "Column",
@@ -136,24 +139,8 @@ _LATEX_UNICODE = {"ε": r"$\varepsilon$", "σ": r"$\sigma$", "α": r"$\alpha$", 
 # ----------------------------------------------------------------------------- reading
 
 
-def _scalar(value: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (bytes -> str, numpy scalars -> int/float)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value[()]
-    if isinstance(value, np.bool_ | bool):
-        return int(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    return value
-
-
 def _attrs(path: Path) -> dict[str, Any]:
-    with h5py.File(path, "r") as fh:
-        return {k: _scalar(v) for k, v in fh.attrs.items()}
+    return read_results(path, ())[0]
 
 
 def _num(attrs: dict[str, Any], key: str) -> float:
@@ -185,10 +172,9 @@ def _sigma_from_path(path: Path) -> float:
 
 
 def _classification_record(path: Path) -> dict[str, Any]:
-    with h5py.File(path, "r") as fh:
-        attrs = {k: _scalar(v) for k, v in fh.attrs.items()}
-        radii = np.asarray(fh["standard_eps"], dtype=float)
-        standard = {m: np.asarray(fh[f"standard_{m}"], dtype=float) for m in _RADIUS_METRICS}
+    attrs, data = read_results(path, ["standard_eps", *(f"standard_{m}" for m in _RADIUS_METRICS)])
+    radii = np.asarray(data["standard_eps"], dtype=float)
+    standard = {m: np.asarray(data[f"standard_{m}"], dtype=float) for m in _RADIUS_METRICS}
     record: dict[str, Any] = {
         "variant": str(attrs.get("variant", path.parent.name)),
         "model": str(attrs.get("model", "")),
@@ -311,6 +297,22 @@ def _aggregate(records: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFra
     return pd.DataFrame.from_records(rows)
 
 
+def _classification_headline(row: outputs.Row) -> str:
+    return (
+        f"- {row['variant']}: clean {100 * row['clean_accuracy']:.1f}%, certified "
+        f"{100 * row['certified@36/255']:.1f}% and empirical "
+        f"{100 * row['empirical@36/255']:.1f}% at ε = 36/255, certified Lipschitz "
+        f"bound {row['lipschitz_bound']:.4g}"
+    )
+
+
+@outputs.table(
+    name="classification",
+    source="classification_evals",
+    caption="CIFAR-10 robustness (L2, inputs in [0, 1])",
+    title="Classification: robustness",
+    headline=_classification_headline,
+)
 def classification_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per classifier variant: clean, certified, strongest-empirical and PGD accuracy at
     the standard radii (fractions), AUCs, Lipschitz bound, size, sub-steps, training time, and
@@ -338,6 +340,12 @@ def _family_record(path: Path) -> dict[str, Any]:
     return record
 
 
+@outputs.table(
+    name="families",
+    source="classification_evals",
+    caption="1-Lipschitz layer families (L2, inputs in [0, 1])",
+    title="1-Lipschitz layer families",
+)
 def families_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per classifier variant, grouped by layer family and ordered by width: clean,
     certified and strongest-empirical accuracy at the standard radii, the empirical Lipschitz
@@ -347,12 +355,41 @@ def families_table(paths: Iterable[Path]) -> pd.DataFrame:
     return df.loc[order].reset_index(drop=True)
 
 
+def _denoising_headline(row: outputs.Row) -> str:
+    return (
+        f"- denoiser {row['variant']} (σ = {row['sigma']:g}): {row['psnr']:.2f} dB "
+        f"(noisy {row['noisy_psnr']:.2f} dB)"
+    )
+
+
+@outputs.table(
+    name="denoising",
+    source="denoising_evals",
+    caption="Gaussian denoising PSNR on the test images",
+    title="Denoising",
+    headline=_denoising_headline,
+)
 def denoising_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per (σ, denoiser) including TV: PSNR (paper's peak and peak 1; ± is the spread
     over test images), noisy PSNR, certified and empirical Lipschitz, averagedness, TV weight."""
     return _aggregate([_denoising_record(Path(p)) for p in paths], ["sigma", "variant"])
 
 
+def _pnp_headline(row: outputs.Row) -> str:
+    verdict = "non-increasing steps" if row["nonincreasing"] else "steps not monotone"
+    return (
+        f"- PnP {row['variant']}: {row['psnr']:.2f} dB (observed "
+        f"{row['observed_psnr']:.2f} dB), {int(row['diverged_count'])} diverged, {verdict}"
+    )
+
+
+@outputs.table(
+    name="pnp",
+    source="pnp_runs",
+    caption="Plug-and-Play deblurring",
+    title="Plug-and-Play deblurring",
+    headline=_pnp_headline,
+)
 def pnp_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per (method, variant[, denoiser σ]): observed and final PSNR (peak 1; ± over
     images), iterations, converged fraction, diverged images (summed over seeds), the

@@ -28,7 +28,9 @@ class AugmentConfig:
     erase_ratio: tuple[float, float] = (0.3, 3.3)
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
+def _uniform(
+    n: int, lo: float, hi: float, g: torch.Generator, device: torch.device
+) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from stablenets.nn.blocks import NonexpansiveBlock
-from stablenets.nn.operators import LinearOperator, fused_power_iteration
+from stablenets.nn.operators import FusedEstimates, LinearOperator, fused_power_iteration
 
 __all__ = ["StepGraphs", "substep_key"]
 
@@ -78,7 +78,7 @@ class StepGraphs:
         forward_loss: ForwardLoss,
         cache: int = 8,
         log: Callable[[str], None] = print,
-    ):
+    ) -> None:
         if cache < 1:
             raise ValueError(f"cuda_graph_cache={cache} must be at least 1")
         self.model, self.forward_loss, self.cache, self.log = model, forward_loss, cache, log
@@ -89,7 +89,7 @@ class StepGraphs:
         self._stream = torch.cuda.Stream()
         self.enabled = True
         self.captures = self.replays = self.eager_steps = 0
-        self._norms: dict[tuple, tuple[torch.cuda.CUDAGraph | None, tuple]] = {}
+        self._norms: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FusedEstimates]] = {}
 
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor
@@ -110,16 +110,18 @@ class StepGraphs:
         self.replays += 1
         return entry.out, entry.loss
 
-    def launch_power_iteration(self, operators: list[LinearOperator], n_iters: int) -> tuple:
+    def launch_power_iteration(
+        self, operators: list[LinearOperator], n_iters: int
+    ) -> FusedEstimates:
         """``operators.fused_power_iteration`` (its device work, queued), replayed from a graph
         from the second call on; ``remember_estimates(*result)`` brings the estimates over."""
         key = (n_iters, tuple(id(op) for op in operators))
-        graph, result = self._norms.get(key, (None, ()))
-        if graph is None and result and self.enabled:  # second call: capture
+        graph, result = self._norms.get(key, (None, None))
+        if graph is None and result is not None and self.enabled:  # second call: capture
             captured = self._capture_graph(lambda: fused_power_iteration(operators, n_iters))
             if captured is not None:
                 graph, result = captured
-        if graph is None:
+        if graph is None or result is None:  # (a graph always comes with its result)
             result = self._side(lambda: fused_power_iteration(operators, n_iters))
         else:
             graph.replay()
@@ -165,12 +167,16 @@ class StepGraphs:
             return None
         return graph, result
 
-    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, capturing: bool):
+    def _forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, capturing: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, loss = self.forward_loss(inputs, targets, capturing)
         loss.backward()
         return out.detach(), loss.detach()
 
-    def _eager(self, inputs: torch.Tensor, targets: torch.Tensor):
+    def _eager(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step without a graph."""
         self._zero_grad()
         self.eager_steps += 1

@@ -193,7 +193,13 @@ def _random_patch(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) ->
     return x[..., top : top + size[0], left : left + size[1]]
 
 
-def make_optimizer(model: StableModel, cfg: TrainConfig):
+Task = ClassificationTask | DenoisingTask
+Log = Callable[[str], None]
+
+
+def make_optimizer(
+    model: StableModel, cfg: TrainConfig
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
     """SGD with momentum and weight decay, one-cycle schedule with linear annealing."""
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -222,7 +228,12 @@ class RunState:
 
 
 def _resume(
-    path: Path, config_hash: str, model, opt, sched, log: Callable[[str], None]
+    path: Path,
+    config_hash: str,
+    model: StableModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    log: Log,
 ) -> RunState:
     """Restore a compatible checkpoint, or start afresh with a log line saying why."""
     if not path.exists():
@@ -246,7 +257,14 @@ def _resume(
     return state
 
 
-def _save(path: Path, config_hash: str, model, opt, sched, state: RunState) -> None:
+def _save(
+    path: Path,
+    config_hash: str,
+    model: StableModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    state: RunState,
+) -> None:
     atomic_torch_save(
         {
             "format": CHECKPOINT_FORMAT,
@@ -315,7 +333,9 @@ def _last_good(ckpt: Path) -> str:
         return f"{ckpt} (unreadable)"
 
 
-def _row(step, loss, metric, lr, model: StableModel, images_per_s: float) -> dict:
+def _row(
+    step: int, loss: float, metric: float, lr: float, model: StableModel, images_per_s: float
+) -> dict:
     row = {"step": step, "kind": "train", "loss": loss, "metric": metric, "lr": lr}
     stats = model.block_stats()
     row["substeps"] = sum(n for n, _ in stats)
@@ -372,6 +392,8 @@ def train(
                 )
     if graphs is not None:
         log(graphs.summary())
+    if state.best_state is None:
+        raise RuntimeError(f"training ended at step {state.step} without a validation to keep")
     model.load_state_dict(state.best_state)
     return model.eval(), state
 
@@ -407,7 +429,13 @@ def _duration(seconds: float) -> str:
 
 
 def _budgeted(
-    model, task, cfg: TrainConfig, workdir: Path, config_hash: str, device, log
+    model: StableModel,
+    task: Task,
+    cfg: TrainConfig,
+    workdir: Path,
+    config_hash: str,
+    device: torch.device,
+    log: Log,
 ) -> TrainConfig:
     """``cfg`` with ``steps`` derived from ``budget_minutes``: timed on a copy of the model once,
     then read back from ``workdir/budget.json`` on resume (see ``budget.py``)."""
@@ -476,7 +504,15 @@ def _autocast(
     return contextlib.nullcontext()
 
 
-def _forward_loss(model, task, cfg: TrainConfig, device, inputs, targets, capturing: bool):
+def _forward_loss(
+    model: StableModel,
+    task: Task,
+    cfg: TrainConfig,
+    device: torch.device,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    capturing: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, loss)`` of one batch; the loss in float32 whatever the autocast precision."""
     with _autocast(cfg, device, cache=not capturing):
         out = model(inputs)
@@ -493,7 +529,9 @@ def graphs_allowed(loss: dict | None) -> bool:
     return criterion is None or criterion.eps == 0
 
 
-def step_graphs(model, task, cfg: TrainConfig, device, log) -> StepGraphs | None:
+def step_graphs(
+    model: StableModel, task: Task, cfg: TrainConfig, device: torch.device, log: Log
+) -> StepGraphs | None:
     """The CUDA graphs of ``cfg.cuda_graphs`` (``graphs.py``), or ``None``: on the CPU, or with
     a margin loss (its Lipschitz estimate runs a power iteration and reads norms on the host
     inside the forward pass, which a graph cannot replay), said in a log line."""
@@ -503,14 +541,24 @@ def step_graphs(model, task, cfg: TrainConfig, device, log) -> StepGraphs | None
         log("cuda_graphs: off with the margin loss (its Lipschitz estimate is host-side)")
         return None
 
-    def forward_loss(inputs, targets, capturing):
+    def forward_loss(
+        inputs: torch.Tensor, targets: torch.Tensor, capturing: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _forward_loss(model, task, cfg, device, inputs, targets, capturing)
 
     return StepGraphs(model, forward_loss, cfg.cuda_graph_cache, log)
 
 
 def _train_step(
-    model, task, cfg, opt, sched, state: RunState, device, ckpt_path: Path, graphs=None
+    model: StableModel,
+    task: Task,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    state: RunState,
+    device: torch.device,
+    ckpt_path: Path,
+    graphs: StepGraphs | None = None,
 ) -> None:
     """One step: batch, power iteration, forward/backward (eager or replayed from ``graphs``),
     SGD + schedule, divergence and sub-step checks, a log row every ``log_every`` steps."""
@@ -531,7 +579,7 @@ def _train_step(
     else:
         out, loss = graphs(inputs, targets)
     opt.step()
-    lr = sched.get_last_lr()[0]
+    lr = float(sched.get_last_lr()[0])  # a float (the schedule's LRs are not tensors)
     sched.step()
     loss_value = float(loss.detach())
     _check_finite(state.step, loss_value, model, cfg, ckpt_path)
@@ -540,7 +588,7 @@ def _train_step(
         state.rows.append(_row(state.step, loss_value, task.metric(out, targets), lr, model, speed))
 
 
-def _validate(model, task, state: RunState, log: Callable[[str], None]) -> None:
+def _validate(model: StableModel, task: Task, state: RunState, log: Log) -> None:
     model.eval()
     metric = task.validate(model)
     state.rows.append({"step": state.step, "kind": "val", "metric": metric})

@@ -1,0 +1,224 @@
+"""The registry of tables and figures (``pipeline.outputs``) and the one reader of result files.
+
+Each output is declared once, at the function that builds it; the rules, the report entry points,
+the summary and the report captions all follow from that declaration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import jinja2
+import numpy as np
+import pandas as pd
+import pytest
+from fake_results import write_pnp
+
+from stablenets.pipeline import outputs, reports, specs
+from stablenets.pipeline.config import load_config
+from stablenets.pipeline.runtime import read_results, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ROOT / "workflow" / "report"
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+CONFIGS = {
+    "paper": [ROOT / "config.yaml"],
+    "smoke": [ROOT / "config.yaml", ROOT / "config" / "smoke.yaml"],
+}
+
+
+@pytest.fixture()
+def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the registry for a test to declare toy outputs in, restored afterwards (the real
+    declarations are loaded first, so they stay in the original)."""
+    for kind in outputs.KINDS:
+        outputs.registered(kind)
+    copy = {kind: dict(declared) for kind, declared in outputs._REGISTRY.items()}
+    monkeypatch.setattr(outputs, "_REGISTRY", copy)
+
+
+def _render(template: str, config: dict, kind: str, name: str) -> str:
+    """A caption as ``snakemake --report`` renders it (Snakemake 9: a loader-less environment,
+    ``trim_blocks`` and ``lstrip_blocks``), strict about undefined names."""
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    snakemake = SimpleNamespace(config=config, wildcards=SimpleNamespace(**{kind: name}))
+    return env.from_string(template).render(snakemake=snakemake)
+
+
+# ---------------------------------------------------------------------------- the declarations
+
+
+@pytest.mark.parametrize("kind", list(outputs.KINDS))
+def test_every_output_reads_a_real_target_list_and_has_a_caption_file(kind: str) -> None:
+    jobs = specs.Jobs(load_config(CONFIGS["smoke"], SCHEMA))
+    for name, output in outputs.registered(kind).items():
+        assert (output.kind, output.name) == (kind, name)
+        files = getattr(jobs, output.source)(lambda path: f"results/smoke/{path}")
+        assert files and all(isinstance(f, str) for f in files), output.source
+        assert (CAPTIONS / f"{kind}s" / f"{name}.rst").is_file(), name
+    captions = {p.stem for p in (CAPTIONS / f"{kind}s").glob("*.rst")}
+    assert captions == set(outputs.names(kind)), "a caption file without its output"
+
+
+def test_every_table_declares_its_caption_and_summary_title() -> None:
+    for table in outputs.registered("table").values():
+        assert table.caption and table.title, table.name
+    headlines = {n for n, t in outputs.registered("table").items() if t.headline is not None}
+    assert headlines == {"classification", "denoising", "pnp"}
+
+
+def test_the_rules_and_targets_take_their_names_from_the_registry() -> None:
+    assert specs.TABLES == outputs.names("table")
+    assert specs.FIGURES == outputs.names("figure")
+    jobs = specs.Jobs(load_config(CONFIGS["smoke"], SCHEMA))
+    targets = set(jobs.final_outputs(lambda path: path))
+    expected = {f"tables/{t}.{ext}" for t in specs.TABLES for ext in ("csv", "md", "tex")}
+    expected |= {f"figures/{f}.{ext}" for f in specs.FIGURES for ext in ("pdf", "png")}
+    assert targets == expected | {"summary.md"}
+    rules = (ROOT / "workflow" / "rules" / "figures.smk").read_text()
+    for kind, names in (("table", "TABLES"), ("figure", "FIGURES")):
+        assert f'{kind}="|".join({names})' in rules and f'caption=CAPTIONS["{kind}"]' in rules
+
+
+def test_a_name_is_declared_once_and_an_unknown_one_is_named(registry: None) -> None:
+    with pytest.raises(ValueError, match="'robustness' is declared twice"):
+        outputs.figure(name="robustness", source="classification_evals")(lambda paths, stem: None)
+    with pytest.raises(ValueError, match="no table named 'nope'; declared: classification"):
+        outputs.get("table", "nope")
+
+
+# ---------------------------------------------------------------------------- a toy output
+
+
+def _toy_results(root: Path) -> list[Path]:
+    return [write_pnp(root, v, 0, {"mean_psnr": psnr}, {}) for v, psnr in (("a", 20), ("b", 30))]
+
+
+def test_a_declared_table_is_built_summarised_and_headlined(registry: None, tmp_path) -> None:
+    @outputs.table(
+        name="toy",
+        source="pnp_runs",
+        caption="Toy results",
+        title="A toy table",
+        headline=lambda row: f"- toy {row['variant']}: {row['psnr']:.1f} dB",
+    )
+    def toy_table(paths):
+        rows = [read_results(p, ())[0] for p in paths]
+        return pd.DataFrame({"variant": [r["variant"] for r in rows],
+                             "psnr": [r["mean_psnr"] for r in rows]})  # fmt: skip
+
+    out = tmp_path / "results" / "tables" / "toy.csv"
+    reports.make_table({"kind": "toy"}, _toy_results(tmp_path), out, log=lambda line: None)
+    assert pd.read_csv(out)["psnr"].tolist() == [20.0, 30.0]
+    assert out.with_suffix(".md").read_text().startswith("Toy results\n")
+    assert "\\caption{Toy results}" in out.with_suffix(".tex").read_text()
+    config = load_config(CONFIGS["smoke"], SCHEMA)
+    jobs, here = specs.Jobs(config), lambda path: path
+    assert jobs.inputs("table", "toy", here) == jobs.pnp_runs(here)  # what its rule reads
+    spec = {"scale": "smoke", "config": config}
+    summary = tmp_path / "results" / "summary.md"
+    reports.write_summary(spec, [out.with_suffix(".md")], summary, log=lambda line: None)
+    text = summary.read_text()
+    assert "- toy a: 20.0 dB\n- toy b: 30.0 dB" in text and "## A toy table\n\nToy results" in text
+
+
+def test_a_declared_figure_is_drawn_through_the_one_call(registry: None, tmp_path) -> None:
+    drawn = []
+
+    @outputs.figure(
+        name="toy",
+        source="pnp_runs",
+        inputs=lambda paths: sorted(p.parent.name for p in paths),
+        options=lambda spec: {"label": spec["label"]},
+    )
+    def toy_figure(variants, stem, label):
+        drawn.append((variants, stem.name, label))
+
+    out = tmp_path / "figures" / "toy.pdf"
+    spec = {"kind": "toy", "label": "σ"}
+    reports.make_figure(spec, _toy_results(tmp_path), out, log=lambda line: None)
+    assert drawn == [(["a", "b"], "toy", "σ")]
+    assert json.loads(out.with_suffix(".provenance.json").read_text())["output"] == "toy.pdf"
+
+
+# ---------------------------------------------------------------------------- report captions
+
+
+@pytest.mark.parametrize("kind", list(outputs.KINDS))
+@pytest.mark.parametrize("scale", list(CONFIGS))
+def test_the_rule_caption_shows_each_outputs_own_caption(kind: str, scale: str, tmp_path) -> None:
+    """The joined template renders, for each output, exactly its own file, with the config's
+    values (and no undefined name, at either scale)."""
+    config = load_config(CONFIGS[scale], SCHEMA)
+    joined = Path(outputs.report_caption(kind, CAPTIONS, tmp_path / f"{kind}.rst")).read_text()
+    for name in outputs.names(kind):
+        own = (CAPTIONS / f"{kind}s" / f"{name}.rst").read_text()
+        shown = _render(joined, config, kind, name)
+        # Jinja drops the newline that ends a template: the joined one has it before `elif`
+        assert shown.rstrip("\n") == _render(own, config, kind, name)
+        assert shown.strip() and "{{" not in shown
+
+
+def test_the_rule_caption_is_rewritten_only_when_it_changes(tmp_path) -> None:
+    out = tmp_path / "table.rst"
+    outputs.report_caption("table", CAPTIONS, out)
+    before = out.stat().st_mtime_ns
+    outputs.report_caption("table", CAPTIONS, out)
+    assert out.stat().st_mtime_ns == before
+
+
+def test_a_missing_caption_fails_when_the_workflow_is_parsed(registry: None, tmp_path) -> None:
+    outputs.figure(name="uncaptioned", source="pnp_runs")(lambda paths, stem: None)
+    with pytest.raises(ValueError, match=r"figures/uncaptioned\.rst"):
+        outputs.report_caption("figure", CAPTIONS, tmp_path / "figure.rst")
+
+
+# ---------------------------------------------------------------------------- one reader
+
+
+def test_the_reader_converts_attributes_one_way(tmp_path) -> None:
+    path = tmp_path / "r.h5"
+    write_results(path, {"n": 3, "x": 0.5, "flag": True, "none": None, "cfg": {"a": [1]},
+                         "name": "euler"}, {"a/b": np.arange(3), "c": np.ones(2)})  # fmt: skip
+    with h5py.File(path, "r+") as fh:  # what other writers may leave: numpy bools, bytes
+        fh.attrs["np_flag"] = np.bool_(True)
+        fh.attrs["raw"] = np.bytes_(b"abc")
+    attrs, data = read_results(path)
+    assert {k: type(v) for k, v in attrs.items()} == {
+        "n": int, "x": float, "flag": int, "none": float, "cfg": str, "name": str,
+        "np_flag": bool, "raw": str,
+    }  # fmt: skip
+    assert (
+        attrs["raw"] == "abc"
+        and math.isnan(attrs["none"])
+        and json.loads(attrs["cfg"]) == {"a": [1]}
+    )
+    assert sorted(data) == ["a/b", "c"] and data["a/b"].tolist() == [0, 1, 2]
+    assert list(read_results(path, ["c", "missing", "a"])[1]) == ["c"]  # a group is no dataset
+
+
+def test_only_the_runtime_opens_result_files_in_the_pipeline() -> None:
+    pipeline = ROOT / "src" / "stablenets" / "pipeline"
+    opening = sorted(p.name for p in pipeline.glob("*.py") if "h5py.File(" in p.read_text())
+    assert opening == ["runtime.py"]
+
+
+def test_the_report_jobs_start_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "from stablenets.pipeline import cli, outputs\n"
+        "for job in ('table', 'figure', 'summary'):\n"
+        "    cli._job(job)\n"
+        "for kind in outputs.KINDS:\n"
+        "    outputs.registered(kind)\n"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
