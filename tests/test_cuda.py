@@ -38,13 +38,8 @@ from stablenets.nn.families import CayleyConv, CPLBlock, SLLBlock
 from stablenets.nn.models import DENOISER_BLOCKS, MODELS, build_model, read_checkpoint
 from stablenets.nn.operators import LinearOperator
 from stablenets.train.augment import AugmentConfig
-from stablenets.train.loop import (
-    ClassificationTask,
-    DenoisingTask,
-    TrainConfig,
-    train,
-    update_norms,
-)
+from stablenets.train.loop import TrainConfig, train, update_norms
+from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

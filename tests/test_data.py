@@ -290,6 +290,7 @@ def test_write_h5_round_trip(tmp_path):
     D.write_h5(out, splits, attrs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5"]
     x, y = D.read_split(out, "train")
+    assert D.split_size(out, "train") == 4 and D.split_size(out, "test") == 2
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.equal(x, torch.from_numpy(images).float() / 255)
     assert y.tolist() == [0, 1, 2, 1]
@@ -321,6 +322,8 @@ def test_read_split_errors_name_the_problem(tmp_path):
     D.write_h5(out, {"train": {"images": np.zeros((1, 1, 2, 2), np.uint8)}}, {})
     with pytest.raises(D.DataError, match=r"no split 'test'.*\['train'\]"):
         D.read_split(out, "test")
+    with pytest.raises(D.DataError, match=r"no split 'test'.*\['train'\]"):
+        D.split_size(out, "test")
     x, y = D.read_split(out, "train")
     assert y is None and x.shape == (1, 1, 2, 2)
 

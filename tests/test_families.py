@@ -34,7 +34,8 @@ from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperato
 from stablenets.pipeline.config import ConfigError, validate_config
 from stablenets.train import budget
 from stablenets.train.augment import AugmentConfig
-from stablenets.train.loop import ClassificationTask, TrainConfig, train
+from stablenets.train.loop import TrainConfig, train
+from stablenets.train.tasks import ClassificationTask
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +278,7 @@ def test_sll_scaling_dominates_the_gram_matrix_on_the_padded_grid(factor):
     op = Conv2dOperator(3, 4, 3, (4, 5), padding=1, generator=g)
     block = _stress(SLLBlock(op, build_activation("relu")), factor)
     with torch.no_grad():
-        a = _matrix(op.apply, (3, 4, 5))  # (4*4*5) x (3*4*5)
+        a = _matrix(op.matvec, (3, 4, 5))  # (4*4*5) x (3*4*5)
         t = block.scaling().repeat_interleave(20)  # per channel, constant over pixels
     gap = torch.diag(t) - a @ a.T
     assert float(torch.linalg.eigvalsh(gap).min()) >= -1e-10 * float(t.max())
@@ -308,18 +309,18 @@ def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
     plain = Conv2dOperator(2, 3, 3, (n, n), padding=1, bias=False).double()
     with torch.no_grad():
         plain.weight.copy_(op.weight)
-    p = _matrix(plain.apply, (2, n, n))
+    p = _matrix(plain.matvec, (2, n, n))
     gram = (p.T @ p).abs().view(2, n, n, 2 * n * n)
     centre_rows = gram[:, n // 2, n // 2].sum(dim=1)
     torch.testing.assert_close(centre_rows, abs_gram_rowsums(op.weight.detach(), "in"))
     with torch.no_grad():
-        pd = _matrix(op.apply, (2, n, n))
+        pd = _matrix(op.matvec, (2, n, n))
     assert float(torch.linalg.matrix_norm(pd, 2)) <= 1 + 1e-12
     assert op.norm_bound() <= 1 + 2e-9
     # The identity (dirac) start of the classifier's AOL blocks: d = 1 and P D = I.
     dirac = AOLConv(3, 3, 3, (5, 5), padding=1, dirac_init=True).double()
     x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(dirac.apply(x).detach(), x, rtol=0, atol=1e-15)
+    torch.testing.assert_close(dirac.matvec(x).detach(), x, rtol=0, atol=1e-15)
     assert dirac.norm_bound() == pytest.approx(1.0, rel=2e-9)
     # Strided and dilated: still a compression of the same rescaled full convolution.
     for kwargs in ({"stride": 2}, {"dilation": 2, "padding": 2}):
@@ -327,7 +328,7 @@ def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
         with torch.no_grad():
             strided.weight.mul_(3.0)
         with torch.no_grad():
-            m = _matrix(strided.apply, (2, 7, 7))
+            m = _matrix(strided.matvec, (2, 7, 7))
         assert float(torch.linalg.matrix_norm(m, 2)) <= 1 + 1e-12
 
 
@@ -342,16 +343,16 @@ def test_cayley_convolution_is_orthogonal_on_the_circular_grid(size):
     with torch.no_grad():
         conv.weight.mul_(4.0)
     x = torch.randn(6, 3, *size, generator=g, dtype=torch.float64)
-    y = conv.apply(x)
+    y = conv.matvec(x)
     assert y.dtype == torch.float64 and y.shape == x.shape
     ratio = y.detach().flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
     assert float((ratio - 1).abs().max()) < 1e-10
     with torch.no_grad():
-        q = _matrix(conv.apply, (3, *size))
+        q = _matrix(conv.matvec, (3, *size))
     eye = torch.eye(q.shape[0], dtype=torch.float64)
     assert float((q.T @ q - eye).abs().max()) < 1e-10
     # A circular convolution: it commutes with circular shifts.
-    shifted = conv.apply(torch.roll(x, (1, 2), dims=(2, 3)))
+    shifted = conv.matvec(torch.roll(x, (1, 2), dims=(2, 3)))
     torch.testing.assert_close(shifted, torch.roll(y, (1, 2), dims=(2, 3)))
     assert conv.padding_mode == "circular"
 

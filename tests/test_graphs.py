@@ -21,7 +21,8 @@ from stablenets.nn.models import build_model
 from stablenets.nn.operators import DenseOperator
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.cuda_graphs import substep_key
-from stablenets.train.loop import ClassificationTask, TrainConfig, step_graphs, train
+from stablenets.train.loop import TrainConfig, step_graphs, train
+from stablenets.train.tasks import ClassificationTask
 
 SMALL = {"base_width": 4, "stages": 2, "blocks_per_stage": 2, "input_size": 8}
 

@@ -363,3 +363,20 @@ def test_save_model_creates_folders_and_overwrites(tmp_path):
     for key, value in second.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     assert isinstance(next(iter(loaded.net)), Conv2dOperator)
+
+
+@pytest.mark.parametrize("name", ["nonexpansive_classifier", "orthogonal_classifier"])
+def test_module_apply_reaches_every_operator_of_a_model(name):
+    """``model.apply(fn)`` (torch's recursive visit, e.g. for a custom initialisation) works on a
+    model holding operators: no operator method shadows ``nn.Module.apply``."""
+    kw = {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 8}
+    model = build_model(name, **kw)
+    seen: list[str] = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    operators = [type(m).__name__ for m in model.modules() if isinstance(m, LinearOperator)]
+    assert operators and sorted(operators) == sorted(
+        n
+        for n in seen
+        if n in {type(m).__name__ for m in model.modules() if isinstance(m, LinearOperator)}
+    )
+    assert len(seen) == len(list(model.modules()))

@@ -55,15 +55,15 @@ def _make_conv(cfg: dict, seed: int = 0) -> Conv2dOperator:
 
 
 def _dense_matrix(op, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The matrix of ``op.apply`` (bias-free), one column per basis vector."""
+    """The matrix of ``op.matvec`` (bias-free), one column per basis vector."""
     with torch.no_grad():
         if isinstance(op, DenseOperator):
             eye = torch.eye(op.in_features, dtype=torch.float64)
-            return op.apply(eye).T
+            return op.matvec(eye).T
         size = size or op.input_size
         dim = op.in_channels * size[0] * size[1]
         basis = torch.eye(dim, dtype=torch.float64).reshape(dim, op.in_channels, *size)
-        return op.apply(basis).reshape(dim, -1).T
+        return op.matvec(basis).reshape(dim, -1).T
 
 
 def _exact_norm(op, size=None) -> float:
@@ -109,7 +109,7 @@ def test_conv_adjoint_identity(seed):
     if seed % 2:
         size = (size[0] + seed % 3, size[1] + 1)
     x = torch.randn(3, cfg["in_channels"], *size, generator=g, dtype=torch.float64)
-    ax = op.apply(x)
+    ax = op.matvec(x)
     assert ax.shape[-2:] == op.output_size(size)
     y = torch.randn(ax.shape, generator=g, dtype=torch.float64)
     aty = op.adjoint(y, size)
@@ -119,7 +119,7 @@ def test_conv_adjoint_identity(seed):
     assert rel < 1e-12, (cfg, size, rel)
     # The adjoint is also the autograd vector-Jacobian product of apply.
     xg = x.detach().clone().requires_grad_()
-    (vjp,) = torch.autograd.grad((op.apply(xg) * y).sum(), xg)
+    (vjp,) = torch.autograd.grad((op.matvec(xg) * y).sum(), xg)
     torch.testing.assert_close(aty, vjp, rtol=1e-12, atol=1e-12)
 
 
@@ -131,8 +131,8 @@ def test_conv_adjoint_defaults_to_construction_size_and_needs_size_otherwise():
     assert op.adjoint(y).shape == (1, 2, 8, 9)
     assert op.adjoint(y, (9, 8)).shape == (1, 2, 9, 8)
     x = torch.randn(1, 2, 9, 8, dtype=torch.float64)
-    assert op.apply(x).shape == y.shape
-    rel = (_inner(op.apply(x), y) - _inner(x, op.adjoint(y, (9, 8)))).abs() / (x.norm() * y.norm())
+    assert op.matvec(x).shape == y.shape
+    rel = (_inner(op.matvec(x), y) - _inner(x, op.adjoint(y, (9, 8)))).abs() / (x.norm() * y.norm())
     assert float(rel) < 1e-12
 
 
@@ -143,7 +143,7 @@ def test_dense_adjoint_identity(n_in, n_out):
     for _ in range(5):
         x = torch.randn(4, n_in, generator=g, dtype=torch.float64)
         y = torch.randn(4, n_out, generator=g, dtype=torch.float64)
-        ax = op.apply(x)
+        ax = op.matvec(x)
         rel = (_inner(ax, y) - _inner(x, op.adjoint(y))).abs() / (ax.detach().norm() * y.norm())
         assert float(rel) < 1e-12
     torch.testing.assert_close(_dense_matrix(op), op.weight.detach())
@@ -158,13 +158,13 @@ def test_forward_adds_the_bias_and_apply_does_not():
         dense.bias.copy_(torch.tensor([0.5, 0.0, -1.0]))
     x = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64)
     torch.testing.assert_close(
-        conv(x) - conv.apply(x), conv.bias.view(1, 3, 1, 1).expand(2, 3, 5, 6)
+        conv(x) - conv.matvec(x), conv.bias.view(1, 3, 1, 1).expand(2, 3, 5, 6)
     )
     z = torch.randn(2, 4, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(dense(z) - dense.apply(z), dense.bias.expand(2, 3))
+    torch.testing.assert_close(dense(z) - dense.matvec(z), dense.bias.expand(2, 3))
     nobias = Conv2dOperator(2, 3, 3, (5, 6), padding=1, bias=False).double()
     assert nobias.bias is None and "bias" not in nobias.state_dict()
-    torch.testing.assert_close(nobias(x), nobias.apply(x))
+    torch.testing.assert_close(nobias(x), nobias.matvec(x))
 
 
 def test_conv_rejects_inputs_smaller_than_the_kernel_reach():
@@ -528,7 +528,7 @@ def test_warm_start_on_a_large_power_grid_iterates_on_a_window(monkeypatch):
     assert float(op.u[..., 12:, :].abs().max()) == 0 and float(op.u[..., :, 12:].abs().max()) == 0
     assert float(op.u.norm()) == pytest.approx(1.0, rel=1e-12)
     with torch.no_grad():
-        whole = float(op.apply(op.u).norm())
+        whole = float(op.matvec(op.u).norm())
     assert estimate <= whole * (1 + 1e-12) <= op.norm_bound() * (1 + 1e-12)
     window = Conv2dOperator(3, 3, 3, (12, 12), padding=1).double()
     window.load_state_dict({**op.state_dict(), "u": window.u})
@@ -588,7 +588,7 @@ def test_bound_follows_load_state_dict_and_optimizer_steps(index):
     op.load_state_dict(other.state_dict())
     assert op.norm_bound() == target
     opt = torch.optim.SGD(op.parameters(), lr=0.5)
-    loss = op.apply(torch.ones_like(op.u)).square().sum()
+    loss = op.matvec(torch.ones_like(op.u)).square().sum()
     loss.backward()
     opt.step()
     assert op.norm_bound() != target

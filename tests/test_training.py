@@ -13,15 +13,15 @@ import torch
 
 from stablenets.nn.models import build_model
 from stablenets.train.augment import AugmentConfig, augment
+from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
-    ClassificationTask,
     DivergenceError,
-    RunState,
     SubstepLimitError,
     TrainConfig,
     make_optimizer,
     train,
 )
+from stablenets.train.tasks import ClassificationTask
 
 
 def test_augmentation_is_seeded_batched_and_shape_preserving():

@@ -51,12 +51,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from stablenets.pipeline.specs import Jobs, sigma_label
-
-if TYPE_CHECKING:  # imported where used (the rule `cost` only)
-    import h5py
 
 __all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost"]
 
@@ -199,24 +196,13 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
 
 
 def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Attributes of a result file and the job specification it records."""
-    import h5py
+    """Attributes of a result file (with the lengths of its ``psnr`` and ``psnr_final``
+    datasets: the images a job processed) and the job specification it records."""
+    from stablenets.pipeline.runtime import read_results
 
-    with h5py.File(path, "r") as fh:
-        attrs: dict[str, Any] = dict(fh.attrs)
-        lengths = {k: _dataset_length(fh, k) for k in ("psnr", "psnr_final") if k in fh}
-    attrs.update(lengths)
+    attrs, data = read_results(path, ("psnr", "psnr_final"))
+    attrs.update({key: len(values) for key, values in data.items()})
     return attrs, json.loads(attrs["config"])
-
-
-def _dataset_length(fh: h5py.File, key: str) -> int:
-    """``len(fh[key])`` of a dataset (a ``ValueError`` for a group)."""
-    import h5py
-
-    data = fh[key]
-    if not isinstance(data, h5py.Dataset):
-        raise ValueError(f"{fh.filename}: {key} is not a dataset")
-    return len(data)
 
 
 def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> Measured:
@@ -495,10 +481,9 @@ def _unlike_the_paper(run: dict[str, Any], paper: dict[str, Any]) -> list[str]:
 
 
 def _test_size(path: Path) -> int:
-    import h5py
+    from stablenets.data.format import split_size
 
-    with h5py.File(path, "r") as fh:
-        return _dataset_length(fh, "test/images")
+    return split_size(path, "test")
 
 
 def _markdown(

@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # the workers import these on first use
     from stablenets.bench.reference import _ReferenceModel
     from stablenets.nn.models import StableModel
     from stablenets.train.cuda_graphs import StepGraphs
-    from stablenets.train.loop import Task, TrainConfig
+    from stablenets.train.loop import TrainConfig
+    from stablenets.train.tasks import Task
 
 __all__ = ["main", "MODEL_SPECS"]
 
@@ -128,13 +129,8 @@ def _build(
 ]:
     from stablenets.nn.models import build_model
     from stablenets.train.augment import AugmentConfig
-    from stablenets.train.loop import (
-        ClassificationTask,
-        DenoisingTask,
-        TrainConfig,
-        make_optimizer,
-        prepare_for_speed,
-    )
+    from stablenets.train.loop import TrainConfig, make_optimizer, prepare_for_speed
+    from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
     spec = MODEL_SPECS[job["model"]]
     size = tuple(job["size"])
@@ -196,8 +192,10 @@ def _stepper(
 ) -> tuple[Callable[[], None], StepGraphs | None]:
     """The timed step and its CUDA graphs (``None`` without ``--cuda-graphs``)."""
     from stablenets.nn.models import StableModel
+    from stablenets.train.checkpoints import RunState
     from stablenets.train.cuda_graphs import StepGraphs
-    from stablenets.train.loop import RunState, _train_step, step_generator, step_graphs
+    from stablenets.train.loop import _train_step, step_graphs
+    from stablenets.train.tasks import step_generator
 
     state = RunState()
 

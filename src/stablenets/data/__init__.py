@@ -15,7 +15,7 @@ Needs the ``pipeline`` extra (h5py, scikit-image).
 from stablenets.data.bsds500 import prepare_bsds500
 from stablenets.data.cifar10 import prepare_cifar10
 from stablenets.data.download import download, file_digests, safe_extract, verify_checksum
-from stablenets.data.format import SPLITS, DataError, read_attrs, read_split, write_h5
+from stablenets.data.format import SPLITS, DataError, read_attrs, read_split, split_size, write_h5
 from stablenets.data.synthetic import (
     SMOKE_TEST_PHOTOS,
     SMOKE_TRAIN_PHOTOS,
@@ -37,6 +37,7 @@ __all__ = [
     "read_attrs",
     "read_split",
     "safe_extract",
+    "split_size",
     "verify_checksum",
     "write_h5",
 ]

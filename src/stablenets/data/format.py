@@ -138,6 +138,15 @@ def _read_dataset(path: Path, group: h5py.Group, key: str) -> np.ndarray:
     return data[()]
 
 
+def split_size(path: Path, split: str) -> int:
+    """How many images ``split`` holds, without reading them."""
+    with _open_h5(path) as f:
+        images = f.get(f"{split}/images")
+        if not isinstance(images, h5py.Dataset):
+            raise DataError(f"{path}: no split {split!r} with images (has {sorted(f.keys())})")
+        return len(images)
+
+
 def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One split as float32 images in [0, 1] (N, C, H, W) and int64 labels (None if absent)."""
     with _open_h5(path) as f:

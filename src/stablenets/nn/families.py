@@ -232,7 +232,7 @@ class SLLBlock(nn.Module):
 class AOLConv(Conv2dOperator):
     """Convolution ``P D`` rescaled per input channel by ``d_i = (sum_j |P^T P|_ij)^{-1/2}``.
 
-    Every method of ``Conv2dOperator`` (apply, adjoint, power iteration) sees the rescaled kernel;
+    Every method of ``Conv2dOperator`` (matvec, adjoint, power iteration) sees the rescaled kernel;
     ``norm_bound`` is ``min(1, certified norm of the rescaled convolution)``. ``dirac_init``
     (square kernels only) starts from the identity kernel (then ``d = 1`` and ``P D = I``): a
     random kernel's rescaled norm is well below 1 (about 0.6 at 3x3), and a stack of such blocks
@@ -358,9 +358,7 @@ class CayleyConv(nn.Module):
         eye = torch.eye(self.channels, dtype=v.dtype, device=v.device)
         return torch.linalg.solve(eye + v, eye - v)
 
-    def apply(  # pyright: ignore[reportIncompatibleMethodOverride]  (as LinearOperator.apply)
-        self, x: torch.Tensor
-    ) -> torch.Tensor:
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """The orthogonal part ``Q x`` (bias-free)."""
         size = (x.shape[-2], x.shape[-1])
         xf = torch.fft.rfft2(x)
@@ -368,7 +366,7 @@ class CayleyConv(nn.Module):
         return torch.fft.irfft2(yf, s=size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.apply(x)
+        y = self.matvec(x)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def norm_bound(self, input_size: Size | None = None) -> float:

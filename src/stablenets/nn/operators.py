@@ -1,6 +1,6 @@
 """Linear operators with adjoints and two kinds of spectral-norm information.
 
-Every operator ``A`` offers ``forward`` (``A x + b``), ``apply`` (bias-free ``A x``) and
+Every operator ``A`` offers ``forward`` (``A x + b``), ``matvec`` (bias-free ``A x``) and
 ``adjoint`` (``A^T y``), plus
 
 * ``power_iteration(n)``: a warm-started power iteration on ``A^T A`` whose vector ``u`` is a
@@ -376,10 +376,8 @@ class LinearOperator(nn.Module):
         self.register_buffer("u", u / u.norm())
         self.register_buffer("sigma_estimate", torch.zeros(()))
 
-    # Shadows nn.Module.apply(fn) (the library never calls that on a model holding operators).
-    def apply(  # pyright: ignore[reportIncompatibleMethodOverride]
-        self, x: torch.Tensor
-    ) -> torch.Tensor:  # pragma: no cover - abstract
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``A x``, without the bias (named so as not to shadow ``nn.Module.apply(fn)``)."""
         raise NotImplementedError
 
     def adjoint(
@@ -502,7 +500,7 @@ class DenseOperator(LinearOperator):
     ) -> torch.Tensor:
         return y @ w
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_with(self.weight, x)
 
     def adjoint(self, y: torch.Tensor, input_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -594,7 +592,7 @@ class Conv2dOperator(LinearOperator):
             y, w, None, self.stride, self.padding, self._output_padding(size), 1, self.dilation
         )
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_with(self.weight, x)
 
     def adjoint(self, y: torch.Tensor, input_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -634,7 +632,7 @@ class Conv2dOperator(LinearOperator):
         return self.sigma_estimate
 
     def _certificate_weight(self) -> torch.Tensor:
-        """The float64 kernel whose zero-padded convolution ``apply`` computes."""
+        """The float64 kernel whose zero-padded convolution ``matvec`` computes."""
         return self.weight.detach().to(torch.float64)
 
     @torch.no_grad()

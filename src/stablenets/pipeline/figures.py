@@ -19,19 +19,21 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.typing import LineStyleType
 
 from stablenets.atomic import atomic_path
 from stablenets.pipeline import outputs
@@ -97,14 +99,15 @@ IMAGE_SIZE = 1.8  # inches of the longer side of one image panel
 BAND_ALPHA = 0.18  # light bands (min-max over blocks or images)
 EPS_PAD = 0.03  # left x margin (fraction of the ε range) so the ε=0 marker is not clipped
 N_EXAMPLES = 2  # example crops / images shown by default
-CURVE_STYLES = {"certified": "--", "empirical": "-", "pgd": ":"}
+CURVE_STYLES: dict[str, LineStyleType] = {"certified": "--", "empirical": "-", "pgd": ":"}
 CURVE_LABELS = {
     "certified": "certified",
     "empirical": "empirical (strongest attack)",
     "pgd": "PGD",
 }
-TRAIN_VAL_STYLES = {"train": "-", "val": "--"}
-REFERENCE_STYLES = {"observed": ":", "final": "-."}  # horizontal reference lines (PnP)
+TRAIN_VAL_STYLES: dict[str, LineStyleType] = {"train": "-", "val": "--"}
+# horizontal reference lines (PnP)
+REFERENCE_STYLES: dict[str, LineStyleType] = {"observed": ":", "final": "-."}
 PSNR_MARGIN_DB = 3.0  # PnP PSNR axis: margin around the non-diverged results and observed
 CORNER_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0}
 
@@ -199,7 +202,9 @@ def _read(path: Path, datasets: Sequence[str]) -> _Result:
     return _Result(Path(path), *read_results(Path(path), datasets))
 
 
-def _first_seed(results: Iterable[_Result], key=lambda r: r.name) -> dict[str, _Result]:
+def _first_seed(
+    results: Iterable[_Result], key: Callable[[_Result], str] = lambda r: r.name
+) -> dict[str, _Result]:
     """One result per model (its lowest seed), in model order."""
     chosen: dict[str, _Result] = {}
     for r in sorted(results, key=lambda r: r.seed):
@@ -228,12 +233,16 @@ def _finish(fig: Figure, stem: Path) -> Figure:
     return fig
 
 
-def _model_handles(colors: Mapping[str, str], labels: Mapping[str, str] | None = None):
+def _model_handles(
+    colors: Mapping[str, str], labels: Mapping[str, str] | None = None
+) -> list[Line2D]:
     labels = labels or {}
     return [Line2D([], [], color=c, label=labels.get(n, n)) for n, c in colors.items()]
 
 
-def _style_handles(styles: Mapping[str, str], labels: Mapping[str, str] | None = None):
+def _style_handles(
+    styles: Mapping[str, LineStyleType], labels: Mapping[str, str] | None = None
+) -> list[Line2D]:
     labels = labels or {}
     return [
         Line2D([], [], color="0.3", linestyle=ls, label=labels.get(k, k))
@@ -241,7 +250,7 @@ def _style_handles(styles: Mapping[str, str], labels: Mapping[str, str] | None =
     ]
 
 
-def _side_legends(fig: Figure, *groups: tuple[str, list[Line2D]]) -> None:
+def _side_legends(fig: Figure, *groups: tuple[str, Sequence[Artist]]) -> None:
     """Legends outside the plot area on the right, one per (title, handles) group."""
     locations = ("outside right upper", "outside right lower")
     for (title, handles), loc in zip(groups, locations, strict=False):
@@ -321,7 +330,7 @@ _ROBUST_SETS = ("eps", "certified", "empirical", "pgd")
 def _mean_curves(results: list[_Result]) -> dict[str, np.ndarray]:
     """Curves averaged over seeds on the first seed's ε grid."""
     eps = results[0].data["eps"].astype(np.float64)
-    out = {"eps": eps}
+    out: dict[str, np.ndarray] = {"eps": eps}
     for curve in CURVE_STYLES:
         stacked = [np.interp(eps, r.data["eps"], r.data[curve]) for r in results]
         out[curve] = np.mean(stacked, axis=0)
@@ -464,7 +473,7 @@ def _has(log: pd.DataFrame, columns: Sequence[str]) -> bool:
     return (
         bool(columns)
         and all(c in log.columns for c in columns)
-        and (log[list(columns)].notna().to_numpy().any())
+        and bool(log[list(columns)].notna().to_numpy().any())
     )
 
 
@@ -489,10 +498,15 @@ def _metric_label(paths: Iterable[Path]) -> tuple[str, float]:
     return ("PSNR (dB)", 1.0) if tasks == {True} else ("accuracy (%)", 100.0)
 
 
-def _draw_panel(ax: Axes, key: str, log: pd.DataFrame, color: str, name: str, scale: float):
-    train = log[log["kind"] == "train"]
+def _log_rows(log: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The rows of one ``kind`` (``train`` or ``val``) of a training log."""
+    return cast(pd.DataFrame, log[log["kind"] == kind])  # a boolean mask selects rows
+
+
+def _draw_panel(ax: Axes, key: str, log: pd.DataFrame, color: str, name: str, scale: float) -> None:
+    train = _log_rows(log, "train")
     if key == "metric":
-        val = log[log["kind"] == "val"]
+        val = _log_rows(log, "val")
         for part, style in ((train, TRAIN_VAL_STYLES["train"]), (val, TRAIN_VAL_STYLES["val"])):
             rows = part.dropna(subset=["metric"])
             if len(rows):

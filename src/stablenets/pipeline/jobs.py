@@ -41,8 +41,9 @@ from stablenets.pipeline.runtime import (
     write_sidecar,
 )
 from stablenets.train.augment import AugmentConfig
-from stablenets.train.loop import ClassificationTask, DenoisingTask, TrainConfig, train, write_log
+from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import peak_memory_mb
+from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 __all__ = [
     "prepare_data",

@@ -26,10 +26,17 @@ def sigma_label(sigma: float) -> str:
     return f"{sigma:g}"
 
 
+def _sigma(task: str, sigma: str | None) -> float:
+    """The noise level of a job that needs one (a ``sigma`` path label as a number)."""
+    if sigma is None:
+        raise ValueError(f"a {task} job needs a noise level (sigma), got None")
+    return float(sigma)
+
+
 class Jobs:
     """Job specifications and targets of one validated configuration."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.seeds = list(config["seeds"])
         self.sigmas = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
@@ -68,7 +75,7 @@ class Jobs:
             spec["augment"] = section["augment"]
         else:
             spec.update(
-                sigma=float(sigma), noise_seed=section["noise_seed"], patch=section["patch"]
+                sigma=_sigma(task, sigma), noise_seed=section["noise_seed"], patch=section["patch"]
             )
         return self.dump(spec)
 
@@ -76,7 +83,7 @@ class Jobs:
         section = self.config[task]
         spec = {**self._common(seed), "variant": variant, "evaluate": section["evaluate"]}
         if task == "denoising":
-            spec["sigma"] = float(sigma)
+            spec["sigma"] = _sigma(task, sigma)
         return self.dump(spec)
 
     def tv_spec(self, sigma: str) -> str:

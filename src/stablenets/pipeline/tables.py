@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import pandas as pd
@@ -74,8 +74,16 @@ class Column:
         return self.std_fmt or self.fmt
 
 
-_ACC = {"unit": "%", "scale": 100.0, "fmt": "{:.1f}"}
-_DB = {"unit": "dB", "fmt": "{:.2f}"}
+class _Display(TypedDict, total=False):
+    """Display options shared by several columns (keyword arguments of :class:`Column`)."""
+
+    unit: str
+    scale: float
+    fmt: str
+
+
+_ACC: _Display = {"unit": "%", "scale": 100.0, "fmt": "{:.1f}"}
+_DB: _Display = {"unit": "dB", "fmt": "{:.2f}"}
 
 COLUMNS: dict[str, Column] = {
     # keys and descriptions
@@ -253,15 +261,27 @@ def column_spec(name: str) -> Column:
     return spec
 
 
+def _series(frame: pd.DataFrame, name: str) -> pd.Series:
+    """The column ``name`` of ``frame``; an error if the name is not unique (pandas would then
+    return a frame of all the columns of that name)."""
+    column = frame[name]
+    if not isinstance(column, pd.Series):
+        raise ValueError(f"table column {name!r} is not unique")
+    return column
+
+
 def _seed_std(values: pd.Series) -> float:
     finite = values.dropna()
-    return float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
+    if len(finite) < 2:
+        return math.nan
+    # Series.std is unannotated in pandas; for a Series it returns a scalar
+    return float(cast(float, finite.std(ddof=1)))
 
 
 def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {SEEDS: len(group)}
     for name in metrics:
-        agg, values = column_spec(name).agg, group[name]
+        agg, values = column_spec(name).agg, _series(group, name)
         if agg == "first":
             row[name] = values.iloc[0]
         elif agg == "fixed":
@@ -272,7 +292,7 @@ def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, A
             row[name] = float(values.min()) if values.notna().any() else math.nan
         elif agg == "image":
             row[name] = float(values.mean())
-            spread = group[name + STD_SUFFIX].dropna()
+            spread = _series(group, name + STD_SUFFIX).dropna()
             row[name + STD_SUFFIX] = float(np.sqrt(np.mean(spread**2))) if len(spread) else math.nan
             row[name + SEED_STD_SUFFIX] = _seed_std(values)
         else:
@@ -286,7 +306,7 @@ def _aggregate(records: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFra
     if not records:
         raise ValueError("no result files given")
     frame = pd.DataFrame.from_records(records)
-    keys = [k for k in keys if frame[k].notna().any()]
+    keys = [k for k in keys if _series(frame, k).notna().any()]
     metrics = [
         c for c in frame.columns if c not in keys and c != "seed" and not c.endswith(STD_SUFFIX)
     ]
@@ -422,7 +442,7 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     columns with no value at all."""
     out: dict[str, list[str]] = {}
     for name in df.columns:
-        if name.endswith(STD_SUFFIX) or df[name].isna().all():
+        if name.endswith(STD_SUFFIX) or _series(df, name).isna().all():
             continue
         spec = column_spec(name)
         cells = [_format_value(v, spec) for v in df[name]]
@@ -434,7 +454,7 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
             ]
         out[_header(spec)] = cells
         seed_std = name + SEED_STD_SUFFIX
-        if seed_std in df.columns and df[seed_std].notna().any():
+        if seed_std in df.columns and _series(df, seed_std).notna().any():
             seed_spec = replace(spec, label=f"{spec.label} seed std", agg="mean")
             out[_header(seed_spec)] = [_format_value(v, seed_spec, True) for v in df[seed_std]]
     return pd.DataFrame(out)

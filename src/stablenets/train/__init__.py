@@ -3,22 +3,19 @@
 torch and numpy only; imports :mod:`stablenets.nn` and the metrics of
 :mod:`stablenets.evaluation`, never the pipeline.
 
-* :mod:`~stablenets.train.loop`: :func:`train` (resumable, checkpointed, with progress lines),
-  the classification and denoising tasks and the divergence guards.
+* :mod:`~stablenets.train.loop`: :func:`train` (one-cycle SGD, validation, progress lines with
+  an ETA) and its guards against divergence and runaway sub-steps.
+* :mod:`~stablenets.train.tasks`: the classification and denoising tasks (what a step draws,
+  seeded by the step; how a model is validated).
+* :mod:`~stablenets.train.checkpoints`: resumable checkpoints, tied to the configuration's hash.
 * :mod:`~stablenets.train.cuda_graphs`: one captured CUDA graph per substep count.
 * :mod:`~stablenets.train.augment`: the data augmentation of the classifiers.
 * :mod:`~stablenets.train.budget`: step counts from a time budget.
 * :mod:`~stablenets.train.memory`: peak memory of the process.
 """
 
-from stablenets.train.loop import (
-    ClassificationTask,
-    DenoisingTask,
-    DivergenceError,
-    SubstepLimitError,
-    TrainConfig,
-    train,
-)
+from stablenets.train.loop import DivergenceError, SubstepLimitError, TrainConfig, train
+from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 __all__ = [
     "ClassificationTask",

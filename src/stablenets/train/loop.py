@@ -26,28 +26,23 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from stablenets.atomic import atomic_path, remove_stale_temporaries
-from stablenets.evaluation.metrics import fixed_noise, psnr
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.losses import build_loss
 from stablenets.nn.models import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
     StableModel,
-    atomic_torch_save,
-    read_checkpoint,
 )
 from stablenets.nn.operators import fused_power_iteration, remember_estimates
 from stablenets.train import budget
-from stablenets.train.augment import AugmentConfig, augment
+from stablenets.train.checkpoints import RunState, last_good, resume, save
 from stablenets.train.cuda_graphs import StepGraphs
 from stablenets.train.memory import peak_memory_mb
+from stablenets.train.tasks import ClassificationTask, DenoisingTask, Task, step_generator
 
 __all__ = [
     "TrainConfig",
@@ -58,8 +53,6 @@ __all__ = [
     "Interrupted",
     "train",
 ]
-
-RESUME_FORMAT = "stablenets-resume-v1"
 
 
 class DivergenceError(RuntimeError):
@@ -105,95 +98,6 @@ class TrainConfig:
     stop_after: int | None = None
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of one training step: depends only on ``(seed, step)``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
-@dataclass
-class ClassificationTask:
-    """Cross-entropy on augmented batches; validation accuracy selects the best checkpoint."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    eval_batch: int = 500
-    metric_name: str = "accuracy"
-
-    def steps_per_epoch(self, batch_size: int) -> float:
-        """Training steps that draw as many images as the training set holds."""
-        return len(self.images) / batch_size
-
-    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
-        return augment(self.images[idx], self.augment, g), self.labels[idx]
-
-    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out, target)
-
-    def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
-        return float((out.argmax(1) == target).float().mean())
-
-    @torch.no_grad()
-    def validate(self, model: StableModel) -> float:
-        correct = 0
-        for i in range(0, len(self.val_images), self.eval_batch):
-            out = model(self.val_images[i : i + self.eval_batch])
-            correct += int((out.argmax(1) == self.val_labels[i : i + self.eval_batch]).sum())
-        return correct / len(self.val_images)
-
-
-@dataclass
-class DenoisingTask:
-    """MSE between the denoised and clean images under Gaussian noise ``sigma`` (not clipped)."""
-
-    images: torch.Tensor
-    val_images: torch.Tensor
-    sigma: float
-    noise_seed: int = 0
-    patch: tuple[int, int] | None = None
-    eval_batch: int = 5
-    metric_name: str = "psnr"
-
-    def steps_per_epoch(self, batch_size: int) -> float:
-        """Training steps that draw as many images as the training set holds."""
-        return len(self.images) / batch_size
-
-    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
-        clean = self.images[idx]
-        if self.patch is not None:
-            clean = _random_patch(clean, self.patch, g)
-        noise = torch.randn(clean.shape, generator=g, device=clean.device)
-        return clean + self.sigma * noise, clean
-
-    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(out, target)
-
-    def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
-        return float(psnr(out.detach(), target, peak=1.0).mean())
-
-    @torch.no_grad()
-    def validate(self, model: StableModel) -> float:
-        noisy = fixed_noise(self.val_images, self.sigma, self.noise_seed)
-        scores = [
-            psnr(model(noisy[i : i + self.eval_batch]), self.val_images[i : i + self.eval_batch])
-            for i in range(0, len(noisy), self.eval_batch)
-        ]
-        return float(torch.cat(scores).mean())
-
-
-def _random_patch(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
-    """One random patch of ``size`` per batch (same offset for the batch: cheap and unbiased)."""
-    h, w = x.shape[-2:]
-    top = int(torch.randint(0, h - size[0] + 1, (1,), generator=g, device=x.device))
-    left = int(torch.randint(0, w - size[1] + 1, (1,), generator=g, device=x.device))
-    return x[..., top : top + size[0], left : left + size[1]]
-
-
-Task = ClassificationTask | DenoisingTask
 Log = Callable[[str], None]
 
 
@@ -217,68 +121,6 @@ def make_optimizer(
     return opt, sched
 
 
-@dataclass
-class RunState:
-    step: int = 0
-    best_metric: float = -math.inf
-    best_step: int = -1
-    best_state: dict | None = None
-    rows: list[dict] = field(default_factory=list)
-    elapsed: float = 0.0
-
-
-def _resume(
-    path: Path,
-    config_hash: str,
-    model: StableModel,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    log: Log,
-) -> RunState:
-    """Restore a compatible checkpoint, or start afresh with a log line saying why."""
-    if not path.exists():
-        return RunState()
-    try:
-        ckpt = read_checkpoint(path, map_location="cpu")
-    except CheckpointError as err:
-        log(f"ignoring unreadable checkpoint: {err}")
-        return RunState()
-    if ckpt.get("kind") != RESUME_FORMAT or ckpt.get("config_hash") != config_hash:
-        log(
-            f"ignoring checkpoint {path}: written for config {ckpt.get('config_hash')}, "
-            f"this run is {config_hash}"
-        )
-        return RunState()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    state = RunState(**ckpt["run"])
-    log(f"resumed from {path} at step {state.step}")
-    return state
-
-
-def _save(
-    path: Path,
-    config_hash: str,
-    model: StableModel,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    state: RunState,
-) -> None:
-    atomic_torch_save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "kind": RESUME_FORMAT,
-            "config_hash": config_hash,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "run": state.__dict__,
-        },
-        path,
-    )
-
-
 def _check_finite(
     step: int, loss: float | None, model: StableModel, cfg: TrainConfig, ckpt: Path
 ) -> None:
@@ -296,7 +138,7 @@ def _check_finite(
         raise DivergenceError(
             f"training diverged at step {step}: loss={'not computed' if loss is None else loss}, "
             f"largest norm estimate={largest} "
-            f"(limit {cfg.max_norm}); last good checkpoint: {_last_good(ckpt)}"
+            f"(limit {cfg.max_norm}); last good checkpoint: {last_good(ckpt)}"
         )
 
 
@@ -319,18 +161,8 @@ def _check_substeps(step: int, model: StableModel, cfg: TrainConfig, ckpt: Path)
         f"training stopped at step {step}: the forward pass would take {sum(counts)} sub-steps, "
         f"above train.max_substeps={cfg.max_substeps} (their activations would not fit in "
         f"memory); block {name} needs {counts[worst]} at norm estimate {norms[worst]:.4g}; "
-        f"last good checkpoint: {_last_good(ckpt)}"
+        f"last good checkpoint: {last_good(ckpt)}"
     )
-
-
-def _last_good(ckpt: Path) -> str:
-    """``ckpt`` and its step, for an error that stops the run (``none`` before the first)."""
-    if not ckpt.exists():
-        return "none"
-    try:
-        return f"{ckpt} (step {read_checkpoint(ckpt)['run']['step']})"
-    except (CheckpointError, KeyError, TypeError):
-        return f"{ckpt} (unreadable)"
 
 
 def _row(
@@ -367,7 +199,7 @@ def train(
     prepare_for_speed(model, cfg)
     cfg = _budgeted(model, task, cfg, workdir, config_hash, device, log)
     opt, sched = make_optimizer(model, cfg)
-    state = _resume(ckpt_path, config_hash, model, opt, sched, log)
+    state = resume(ckpt_path, config_hash, model, opt, sched, log)
     graphs = step_graphs(model, task, cfg, device, log)
     end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
     if end < cfg.steps:
@@ -384,7 +216,7 @@ def train(
             if state.step % cfg.val_every == 0 or state.step == end:
                 _validate(model, task, state, log)
             if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
-                _save(ckpt_path, config_hash, model, opt, sched, state)
+                save(ckpt_path, config_hash, model, opt, sched, state)
             if stop.signum is not None:
                 raise Interrupted(
                     f"signal {stop.signum} at step {state.step}: checkpoint {ckpt_path} written; "

@@ -1,0 +1,101 @@
+"""Resumable training checkpoints: what a run saves and how a rerun picks it up.
+
+``<workdir>/checkpoint.pt`` holds the model, optimiser, scheduler and :class:`RunState`, tagged
+with the configuration's hash; :func:`resume` restores only a checkpoint of the same
+configuration and otherwise starts afresh with a log line saying why. Written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stablenets.nn.models import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    StableModel,
+    atomic_torch_save,
+    read_checkpoint,
+)
+
+RESUME_FORMAT = "stablenets-resume-v1"
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the step, the best validation metric so far and its weights, the
+    log rows and the training time; saved in every checkpoint."""
+
+    step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    best_state: dict | None = None
+    rows: list[dict] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def resume(
+    path: Path,
+    config_hash: str,
+    model: StableModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    log: Log,
+) -> RunState:
+    """Restore a compatible checkpoint, or start afresh with a log line saying why."""
+    if not path.exists():
+        return RunState()
+    try:
+        ckpt = read_checkpoint(path, map_location="cpu")
+    except CheckpointError as err:
+        log(f"ignoring unreadable checkpoint: {err}")
+        return RunState()
+    if ckpt.get("kind") != RESUME_FORMAT or ckpt.get("config_hash") != config_hash:
+        log(
+            f"ignoring checkpoint {path}: written for config {ckpt.get('config_hash')}, "
+            f"this run is {config_hash}"
+        )
+        return RunState()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    state = RunState(**ckpt["run"])
+    log(f"resumed from {path} at step {state.step}")
+    return state
+
+
+def save(
+    path: Path,
+    config_hash: str,
+    model: StableModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    state: RunState,
+) -> None:
+    atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": RESUME_FORMAT,
+            "config_hash": config_hash,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "run": state.__dict__,
+        },
+        path,
+    )
+
+
+def last_good(ckpt: Path) -> str:
+    """``ckpt`` and its step, for an error that stops the run (``none`` before the first)."""
+    if not ckpt.exists():
+        return "none"
+    try:
+        return f"{ckpt} (step {read_checkpoint(ckpt)['run']['step']})"
+    except (CheckpointError, KeyError, TypeError):
+        return f"{ckpt} (unreadable)"

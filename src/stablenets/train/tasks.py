@@ -1,0 +1,110 @@
+"""The two training tasks: what a step draws (batch, augmentation, noise) and how a model is
+validated.
+
+Every draw comes from :func:`step_generator`, seeded by ``(seed, step)``: a run resumed from a
+checkpoint draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from stablenets.evaluation.metrics import fixed_noise, psnr
+from stablenets.nn.models import (
+    StableModel,
+)
+from stablenets.train.augment import AugmentConfig, augment
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step: depends only on ``(seed, step)``."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+@dataclass
+class ClassificationTask:
+    """Cross-entropy on augmented batches; validation accuracy selects the best checkpoint."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval_batch: int = 500
+    metric_name: str = "accuracy"
+
+    def steps_per_epoch(self, batch_size: int) -> float:
+        """Training steps that draw as many images as the training set holds."""
+        return len(self.images) / batch_size
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
+        return augment(self.images[idx], self.augment, g), self.labels[idx]
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, target)
+
+    def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        return float((out.argmax(1) == target).float().mean())
+
+    @torch.no_grad()
+    def validate(self, model: StableModel) -> float:
+        correct = 0
+        for i in range(0, len(self.val_images), self.eval_batch):
+            out = model(self.val_images[i : i + self.eval_batch])
+            correct += int((out.argmax(1) == self.val_labels[i : i + self.eval_batch]).sum())
+        return correct / len(self.val_images)
+
+
+@dataclass
+class DenoisingTask:
+    """MSE between the denoised and clean images under Gaussian noise ``sigma`` (not clipped)."""
+
+    images: torch.Tensor
+    val_images: torch.Tensor
+    sigma: float
+    noise_seed: int = 0
+    patch: tuple[int, int] | None = None
+    eval_batch: int = 5
+    metric_name: str = "psnr"
+
+    def steps_per_epoch(self, batch_size: int) -> float:
+        """Training steps that draw as many images as the training set holds."""
+        return len(self.images) / batch_size
+
+    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
+        clean = self.images[idx]
+        if self.patch is not None:
+            clean = _random_patch(clean, self.patch, g)
+        noise = torch.randn(clean.shape, generator=g, device=clean.device)
+        return clean + self.sigma * noise, clean
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, target)
+
+    def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        return float(psnr(out.detach(), target, peak=1.0).mean())
+
+    @torch.no_grad()
+    def validate(self, model: StableModel) -> float:
+        noisy = fixed_noise(self.val_images, self.sigma, self.noise_seed)
+        scores = [
+            psnr(model(noisy[i : i + self.eval_batch]), self.val_images[i : i + self.eval_batch])
+            for i in range(0, len(noisy), self.eval_batch)
+        ]
+        return float(torch.cat(scores).mean())
+
+
+def _random_patch(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """One random patch of ``size`` per batch (same offset for the batch: cheap and unbiased)."""
+    h, w = x.shape[-2:]
+    top = int(torch.randint(0, h - size[0] + 1, (1,), generator=g, device=x.device))
+    left = int(torch.randint(0, w - size[1] + 1, (1,), generator=g, device=x.device))
+    return x[..., top : top + size[0], left : left + size[1]]
+
+
+Task = ClassificationTask | DenoisingTask
