@@ -85,7 +85,7 @@ def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run)
     assert (smoke_run / "results/smoke/pnp/tv.h5").exists()
 
 
-def overlay(work: Path, cache: Path, cifar: Path, bsds: Path, cifar_md5: str) -> Path:
+def archive_overlay(work: Path, cache: Path, cifar: Path, bsds: Path, cifar_md5: str) -> Path:
     """A config overlay that downloads the two (test-built) archives from file:// URLs."""
     data = {
         "scale": "archives",
@@ -109,7 +109,7 @@ def test_data_rules_download_verify_and_convert_real_format_archives(tmp_path):
     work = copy_workflow(tmp_path / "wf")
     cifar, _, _ = make_cifar_archive(tmp_path / "srv")
     bsds, _ = make_bsds_archive(tmp_path / "srv")
-    extra = overlay(work, tmp_path / "cache", cifar, bsds, md5_of(cifar))
+    extra = archive_overlay(work, tmp_path / "cache", cifar, bsds, md5_of(cifar))
     targets = ["results/archives/data/cifar10.h5", "results/archives/data/bsds500.h5"]
     run = snakemake(work, *targets, "--cores", "2", "--configfile", "config.yaml", str(extra))
     assert run.returncode == 0, run.stderr[-3000:]

@@ -211,8 +211,8 @@ def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path)
     of unmeasured variants from the measured job of their rule."""
     work = copy_workflow(tmp_path / "rehearsal")
     shutil.copytree(ROOT / "benchmarks" / "results", work / "benchmarks" / "results")
-    overlay = work / "config" / "rehearsal.yaml"  # the rehearsal overlay, further shrunk
-    overlay.write_text(yaml.safe_dump(overlay(yaml.safe_load(overlay.read_text()), TINY)))
+    overlay_file = work / "config" / "rehearsal.yaml"  # the rehearsal overlay, further shrunk
+    overlay_file.write_text(yaml.safe_dump(overlay(yaml.safe_load(overlay_file.read_text()), TINY)))
     make = subprocess.run(
         ["make", "rehearsal", f"VENV={BIN.parent}", "STAMP="],
         cwd=work,

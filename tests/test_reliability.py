@@ -32,7 +32,7 @@ import pytest
 import torch
 import yaml
 from test_data import add_bytes, add_special, leftovers, make_cifar_archive, md5_of
-from test_pipeline import overlay as archive_overlay
+from test_pipeline import archive_overlay
 from workflow_helpers import (
     BIN,
     ROOT,
