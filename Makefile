@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: venv smoke report smoke-slurm rehearsal test lint docs clean-smoke
+.PHONY: venv smoke report smoke-slurm rehearsal device-kit test lint docs clean-smoke
 
 venv: $(STAMP)
 
@@ -57,6 +57,33 @@ REHEARSAL_ARGS = --workflow-profile workflow/profiles/rehearsal \
 rehearsal: $(STAMP)
 	$(BIN)/python -m stablenets.pipeline.locks $(REHEARSAL_ARGS)
 	$(BIN)/snakemake all_with_cost $(REHEARSAL_ARGS)
+
+# What a lent GPU lacks to run `make rehearsal` (benchmarks/README.md "Rehearsal on a lent GPU"),
+# into DEVICE_KIT (ignored; the device call names it in `carry`), then its size (what travels is
+# 64 MiB at most, the checkout's 1 MB included). whl/: wheels for the device's python3 (CPython
+# 3.12, x86-64 Linux) of Snakemake, jsonschema and their whole dependency closure, less the
+# packages the device has (DEVICE_HAS; torch, pandas, ... are not in the closure) and pulp;
+# connection_pool has no wheel on PyPI: built here (pure Python). site/: pyautoattack's source
+# without its 42 MB example model. pulp (16 MB, mostly CBC solver binaries) is dropped:
+# Snakemake imports it only for its default `--scheduler ilp` (snakemake/scheduling/milp.py), and
+# without it falls back to the greedy scheduler with one warning; the rehearsal profile names no
+# scheduler and runs one GPU job at a time either way. DEVICE_KIT_PYTHON=3.11 DEVICE_KIT=<dir>
+# makes the same kit for this machine's python (how the kit was checked here).
+DEVICE_KIT ?= .gpu
+DEVICE_KIT_PYTHON ?= 3.12
+DEVICE_HAS := pyyaml tabulate attrs
+device-kit: $(STAMP)
+	rm -rf $(DEVICE_KIT)/whl $(DEVICE_KIT)/site
+	mkdir -p $(DEVICE_KIT)/whl $(DEVICE_KIT)/site
+	$(BIN)/pip wheel --quiet --no-deps -w $(DEVICE_KIT)/whl connection_pool==0.0.3
+	$(BIN)/pip download --quiet --only-binary=:all: --python-version $(DEVICE_KIT_PYTHON) \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any --find-links $(DEVICE_KIT)/whl -d $(DEVICE_KIT)/whl snakemake==9.27.1 jsonschema
+	rm -f $(foreach p,$(DEVICE_HAS) pulp,$(DEVICE_KIT)/whl/$(p)-*.whl)
+	cp -r $(VENV)/lib/python3*/site-packages/pyautoattack $(DEVICE_KIT)/site/
+	rm -rf $(DEVICE_KIT)/site/pyautoattack/examples $(DEVICE_KIT)/site/pyautoattack/__pycache__
+	@echo "$$(ls $(DEVICE_KIT)/whl | wc -l) wheels in $(DEVICE_KIT)/whl"
+	du -sh $(DEVICE_KIT)
 
 test: $(STAMP)
 	$(BIN)/pytest -q

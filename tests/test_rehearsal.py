@@ -273,3 +273,34 @@ def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_recor
     assert measured.variable_s == 8.0 and measured.fixed_s == 4.5
     assert measured.parts["strong"] == (5.0, 10) and measured.stats["s_per_point_pgd"] == 0.01
     assert measured.parts["audit"] == (0.0, 0)
+
+
+def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_out(tmp_path):
+    """benchmarks/run_device_rehearsal.sh in its local mode (KIT=none: this venv's packages) with
+    no time left for `make rehearsal`: the stand-in venv runs Snakemake and the pipeline's
+    imports, device.log is in $OUT, and it stops before make (rc 124 as when cut)."""
+    script = ROOT / "benchmarks" / "run_device_rehearsal.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+    work = copy_workflow(tmp_path / "work")
+    (work / "src").symlink_to(ROOT / "src")
+    (work / "benchmarks").mkdir()
+    shutil.copy2(script, work / "benchmarks")
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python"), "KIT": "none", "RESERVE_S": "0"}
+    run = subprocess.run(
+        ["bash", "benchmarks/run_device_rehearsal.sh", "1"],  # a 1 s call: no time for make
+        cwd=work,
+        env={**local_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 124, run.stdout + run.stderr
+    log = (out / "device.log").read_text()
+    assert "kit none" in log and "torch" in log
+    assert "9.27.1\nimports ok" in log  # the stand-in's snakemake, then python on PATH
+    assert "no time left for make rehearsal" in log
+    assert not (out / "make.log").exists() and not (work / "results").exists()

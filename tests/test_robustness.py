@@ -11,21 +11,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from stablenets.evaluation.radius_sweep import SweepPlan, SweepState, bisect, sweep
 from stablenets.evaluation.robustness import (
     InvariantError,
-    SweepPlan,
-    SweepState,
     accuracy,
     auc,
     autoattack_l2,
-    bisect,
     certified_accuracy,
     certified_radius,
     check_invariant,
     margins,
     pgd_l2,
     robust_accuracy_curve,
-    sweep,
 )
 
 SHAPE = (3, 4, 4)

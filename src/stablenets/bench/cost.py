@@ -21,7 +21,7 @@ same variant, else of the same model, else the rule's first measured job:
 * training: one part, rate = ``train_time_s`` / steps run (the loop's own clock: validation,
   checkpoints and start-up are fixed); paper units = the variant's ``train.steps`` (with
   ``budget_minutes``: that budget instead of ``rate * steps``);
-* classifier evaluation: one part per pass of the radius sweep (``robustness.PASSES``), rate =
+* classifier evaluation: one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
   the pass's seconds per attacked point (the job's ``seconds_per_point_*`` and
   ``attacked_points_*``), points scaled to the paper's settings: pgd and strong by
   ``N / n`` (test points) and by their radii, audit by its radii and ``audit_certified`` only (at
@@ -208,7 +208,7 @@ def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> Measured:
     """Seconds and attacked points per pass of the radius sweep, from the job's result file
     (``seconds_per_point_<pass>`` and ``attacked_points_<pass>``)."""
-    from stablenets.evaluation.robustness import PASSES
+    from stablenets.evaluation.radius_sweep import PASSES
 
     attrs, spec = _attrs(path)
     parts = {}

@@ -7,7 +7,7 @@ attacks and seeds:
 * **per radius** (the evaluation before issue 19): at every radius, the cheap attack (PGD) on
   every correctly classified point, the strong attack on every correctly classified point where
   it runs (``on_grid``: every radius), a point robust when neither breaks it;
-* **sweep** (``robustness.sweep`` then ``robustness.bisect``, what the pipeline runs): each point
+* **sweep** (``radius_sweep.sweep`` then ``radius_sweep.bisect``, what the pipeline runs): each point
   attacked only where it can change a number.
 
 It prints both robust-accuracy curves, their largest difference (the sweep must never be more
@@ -33,14 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from stablenets import data
-from stablenets.evaluation import robustness
+from stablenets.evaluation import radius_sweep, robustness
 from stablenets.nn.models import Classifier, load_model
 
 __all__ = ["per_radius", "compare", "seconds_per_point", "passes_per_point", "main"]
 
 
 def per_radius(
-    model: nn.Module, x: Tensor, y: Tensor, plan: robustness.SweepPlan, cert_radius: Tensor
+    model: nn.Module, x: Tensor, y: Tensor, plan: radius_sweep.SweepPlan, cert_radius: Tensor
 ) -> dict[str, np.ndarray]:
     """Certified, PGD and empirical accuracy at every radius of ``plan``, attacking every
     correctly classified point at every radius (strong attack at ``strong_radii`` and
@@ -65,9 +65,9 @@ def _robust(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    attack: robustness.SeededAttack,
+    attack: radius_sweep.SeededAttack,
     e: float,
-    plan: robustness.SweepPlan,
+    plan: radius_sweep.SweepPlan,
 ) -> Tensor:
     device = robustness.model_device(model)
     flags = []
@@ -81,7 +81,7 @@ def _robust(
 
 
 def compare(
-    model: nn.Module, x: Tensor, y: Tensor, plan: robustness.SweepPlan, lipschitz: float
+    model: nn.Module, x: Tensor, y: Tensor, plan: radius_sweep.SweepPlan, lipschitz: float
 ) -> tuple[list[dict], dict[str, float]]:
     """Rows per radius (both curves) and the two times, measured in one run."""
     margin, correct = robustness.margins(model, x, y, plan.batch_size)
@@ -90,9 +90,9 @@ def compare(
     old = per_radius(model, x, y, plan, cert)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state = robustness.SweepState.start(correct, cert, plan.seed)
-    state = robustness.sweep(model, x, y, plan, state, log=lambda line: None)
-    state = robustness.bisect(model, x, y, plan, state, log=lambda line: None)
+    state = radius_sweep.SweepState.start(correct, cert, plan.seed)
+    state = radius_sweep.sweep(model, x, y, plan, state, log=lambda line: None)
+    state = radius_sweep.bisect(model, x, y, plan, state, log=lambda line: None)
     t_new = time.perf_counter() - t0
     new = state.accuracies(plan.radii)
     rows = [
@@ -106,7 +106,7 @@ def compare(
 
 
 def seconds_per_point(
-    model: nn.Module, x: Tensor, y: Tensor, plan: robustness.SweepPlan, eps: float
+    model: nn.Module, x: Tensor, y: Tensor, plan: radius_sweep.SweepPlan, eps: float
 ) -> dict[str, float]:
     """Seconds per point of each attack at radius ``eps`` on all of ``x`` (one batch each)."""
     device = robustness.model_device(model)
@@ -146,7 +146,7 @@ class _PassCounter(nn.Module):
 
 
 def passes_per_point(
-    model: nn.Module, x: Tensor, y: Tensor, attack: robustness.SeededAttack, eps: float
+    model: nn.Module, x: Tensor, y: Tensor, attack: radius_sweep.SeededAttack, eps: float
 ) -> dict[str, float]:
     """Forward and backward image-passes per point that ``attack`` spends on ``x`` at ``eps``
     (device-independent: times the device's seconds per image-pass give the attack's cost).
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     if y is None:
         p.error(f"{data_path}: the test split has no labels")
     x, y = (x[: ev["n_test"]], y[: ev["n_test"]]) if ev.get("n_test") else (x, y)
-    plan = robustness.SweepPlan.from_config(ev, int(spec["seed"]))
+    plan = radius_sweep.SweepPlan.from_config(ev, int(spec["seed"]))
     if args.count_passes is not None and plan.strong is not None:
         with torch.no_grad():
             keep = model(x).argmax(1) == y

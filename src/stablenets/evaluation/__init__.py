@@ -2,8 +2,10 @@
 
 torch and numpy only (AutoAttack is imported inside the one function that runs it).
 
-* :mod:`~stablenets.evaluation.robustness`: certified radii, PGD and the strong attack, and the
-  resumable sweep over the radius grid.
+* :mod:`~stablenets.evaluation.robustness`: margins, certified radii, L2 PGD, AutoAttack, robust
+  accuracy curves and the certified <= empirical <= clean invariant.
+* :mod:`~stablenets.evaluation.radius_sweep`: a classifier's evaluation as one resumable sweep over
+  the radius grid, each point attacked only where it can change a number.
 * :mod:`~stablenets.evaluation.metrics`: PSNR and fixed-seed noise.
 * :mod:`~stablenets.evaluation.tv`: total variation and the TV denoising baseline.
 * :mod:`~stablenets.evaluation.pnp`: Plug-and-Play deblurring with a learned denoiser.

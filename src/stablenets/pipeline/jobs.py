@@ -18,7 +18,7 @@ import torch
 
 from stablenets import data
 from stablenets.atomic import atomic_path, remove_stale_temporaries
-from stablenets.evaluation import metrics, pnp, robustness, tv
+from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.models import (
     CLASSIFIERS,
@@ -217,14 +217,14 @@ def _sweep(
     model: StableModel,
     x: torch.Tensor,
     y: torch.Tensor,
-    plan: robustness.SweepPlan,
-    start: Callable[[], robustness.SweepState],
+    plan: radius_sweep.SweepPlan,
+    start: Callable[[], radius_sweep.SweepState],
     name: str,
     progress: Path,
     key: str,
     save_every_s: float,
     log: Log,
-) -> robustness.SweepState:
+) -> radius_sweep.SweepState:
     """Run (or resume) the radius sweep, saving its state to ``progress``; a stop signal saves
     and raises ``Interrupted`` (exit 75)."""
     for stale in remove_stale_temporaries(progress):
@@ -233,13 +233,13 @@ def _sweep(
     last = [time.monotonic()]
     with StopFlag() as stop:
 
-        def save(s: robustness.SweepState) -> None:
+        def save(s: radius_sweep.SweepState) -> None:
             if stop.raised or time.monotonic() - last[0] >= save_every_s:
                 with atomic_path(progress) as tmp:
                     torch.save({"key": key, "state": s.to_dict()}, tmp)
                 last[0] = time.monotonic()
 
-        for search in (robustness.sweep, robustness.bisect):
+        for search in (radius_sweep.sweep, radius_sweep.bisect):
             if not stop.raised:
                 state = search(model, x, y, plan, state, name, save, lambda: stop.raised, log)
         if stop.raised:
@@ -248,7 +248,7 @@ def _sweep(
     return state
 
 
-def _resume_sweep(progress: Path, key: str, log: Log) -> robustness.SweepState | None:
+def _resume_sweep(progress: Path, key: str, log: Log) -> radius_sweep.SweepState | None:
     if not progress.exists():
         return None
     try:
@@ -259,7 +259,7 @@ def _resume_sweep(progress: Path, key: str, log: Log) -> robustness.SweepState |
     if saved.get("key") != key:
         log(f"ignoring {progress}: written for {saved.get('key')}, this run is {key}")
         return None
-    state = robustness.SweepState(**saved["state"])
+    state = radius_sweep.SweepState(**saved["state"])
     log(f"resuming from {progress} at eps {state.radius_index + 1} of the sweep")
     return state
 
@@ -268,7 +268,7 @@ def evaluate_classifier(
     spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
     """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs. One
-    radius sweep (``robustness.sweep``) attacks each point only where it can change a number,
+    radius sweep (``radius_sweep.sweep``) attacks each point only where it can change a number,
     audits a sample of certified points, and resumes from ``workdir`` when killed."""
     model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
@@ -279,14 +279,14 @@ def evaluate_classifier(
         x, y = x[: ev["n_test"]], y[: ev["n_test"]]
     margin, correct = robustness.margins(model, x, y, ev["batch_size"])
     lip = model.lipschitz_bound()
-    eps, std_eps = robustness.evaluation_radii(ev)
+    eps, std_eps = radius_sweep.evaluation_radii(ev)
     cert_radius = robustness.certified_radius(margin, correct, lip)
-    plan = robustness.SweepPlan.from_config(ev, spec["seed"])
+    plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"])
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
     key = "-".join([config_hash(spec), *digests])  # the same job on the same model and data
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
-        model, x, y, plan, lambda: robustness.SweepState.start(correct, cert_radius, spec["seed"]),
+        model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
         spec["variant"], workdir / "progress.pt", key, ev["save_every_s"], log,
     )  # fmt: skip
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
@@ -311,10 +311,10 @@ def evaluate_classifier(
         "empirical_lipschitz": _classifier_lower_bound(model, x.to(device), ev, spec["seed"], lip),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
-        "strong_method": robustness.strong_label(ev["strong"]),
+        "strong_method": radius_sweep.strong_label(ev["strong"]),
         "audited_certified": int(sum(state.audited.values())),
-        **{f"seconds_per_point_{p}": _per_point(state, p) for p in robustness.PASSES},
-        **{f"attacked_points_{p}": state.points[p] for p in robustness.PASSES},
+        **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
+        **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},
         **_accuracy_attrs(eps, acc),
         **provenance(spec, spec["seed"]),
     }
@@ -331,7 +331,7 @@ def evaluate_classifier(
     write_results(out, attrs, datasets)
 
 
-def _per_point(state: robustness.SweepState, pass_name: str) -> float:
+def _per_point(state: radius_sweep.SweepState, pass_name: str) -> float:
     """Seconds per attacked point of one pass (NaN when it attacked none)."""
     n = state.points[pass_name]
     return state.seconds[pass_name] / n if n else math.nan
