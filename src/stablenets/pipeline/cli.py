@@ -16,27 +16,27 @@ from pathlib import Path
 
 EXIT_INTERRUPTED = 75
 
-JOBS, REPORTS, COST = (
+# The modules behind the jobs: imported when their job runs (the report jobs without torch).
+_RUN, _REPORT, _COST = (
     "stablenets.pipeline.jobs",
     "stablenets.pipeline.reports",
     "stablenets.bench.cost",
 )
-# job -> (module, function, path arguments, help). Modules are imported when their job runs:
-# the report jobs (reports.py) start without torch.
+# job -> (module, function, path arguments, help).
 _JOBS = {
-    "prepare-data": (JOBS, "prepare_data", ["out"], "download and convert a dataset"),
-    "train": (JOBS, "train_model", ["data", "model", "log", "workdir"], "train a model"),
-    "evaluate-classifier": (JOBS, "evaluate_classifier", ["model", "data", "out", "workdir"],
+    "prepare-data": (_RUN, "prepare_data", ["out"], "download and convert a dataset"),
+    "train": (_RUN, "train_model", ["data", "model", "log", "workdir"], "train a model"),
+    "evaluate-classifier": (_RUN, "evaluate_classifier", ["model", "data", "out", "workdir"],
                             "certify and attack a classifier"),
-    "evaluate-denoiser": (JOBS, "evaluate_denoiser", ["model", "data", "out"],
+    "evaluate-denoiser": (_RUN, "evaluate_denoiser", ["model", "data", "out"],
                           "denoising PSNR of a model"),
-    "evaluate-tv": (JOBS, "evaluate_tv_denoising", ["data", "out"], "TV denoising PSNR"),
-    "pnp": (JOBS, "run_pnp", ["model", "data", "out"], "PnP deblurring with a denoiser"),
-    "tv-deblur": (JOBS, "run_tv_deblur", ["data", "out"], "TV deblurring"),
-    "table": (REPORTS, "make_table", ["inputs", "out"], "a table from result files"),
-    "figure": (REPORTS, "make_figure", ["inputs", "out"], "a figure from result files"),
-    "summary": (REPORTS, "write_summary", ["inputs", "out"], "the results summary"),
-    "cost": (COST, "write_cost", ["inputs", "out"], "measured cost and paper-scale projection"),
+    "evaluate-tv": (_RUN, "evaluate_tv_denoising", ["data", "out"], "TV denoising PSNR"),
+    "pnp": (_RUN, "run_pnp", ["model", "data", "out"], "PnP deblurring with a denoiser"),
+    "tv-deblur": (_RUN, "run_tv_deblur", ["data", "out"], "TV deblurring"),
+    "table": (_REPORT, "make_table", ["inputs", "out"], "a table from result files"),
+    "figure": (_REPORT, "make_figure", ["inputs", "out"], "a figure from result files"),
+    "summary": (_REPORT, "write_summary", ["inputs", "out"], "the results summary"),
+    "cost": (_COST, "write_cost", ["inputs", "out"], "measured cost and paper-scale projection"),
 }  # fmt: skip
 # Errors a job reports in one line (``--debug``: the traceback), besides ``ValueError``.
 _CLEAR_ERRORS = {
