@@ -17,6 +17,7 @@ import queue
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -486,6 +487,97 @@ def test_the_unlock_helper_never_unlocks_while_a_snakemake_runs_in_the_directory
         "(no Snakemake or job runs there)"
     )
     assert not lock.exists() and locks.unlock_if_stale(work, list(SMOKE_PROFILE)) is None
+
+
+def _fake_slurm(tmp_path: Path, work: Path, submitted_from: str) -> Path:
+    """``squeue``, ``scontrol`` and ``scancel`` stand-ins reading and writing ``tmp_path/slurm``:
+    job 7 is a Snakemake SLURM job of ``work`` submitted from ``submitted_from``; job 8 one of
+    another directory, job 9 no Snakemake job; ``scancel`` empties the queue."""
+    state, bin_dir = tmp_path / "slurm", tmp_path / "slurm-bin"
+    state.mkdir()
+    bin_dir.mkdir()
+    (state / "queue").write_text(
+        f"7|rule_train_denoiser_wildcards_averaged|{work}\n"
+        f"8|rule_train_classifier_wildcards_resnet|{tmp_path / 'other'}\n"
+        f"9|an interactive session|{work}\n"
+    )
+    (state / "show").write_text(
+        f"JobId=7 JobName=uuid UserId=u(1) Comment=rule_x AllocNode:Sid={submitted_from}:4242 "
+        "WorkDir=/w\n"
+    )
+    scripts = {
+        "squeue": f"[ -f {state}/cancelled ] || cat {state}/queue",
+        "scontrol": f"cat {state}/show",
+        "scancel": f'echo "$@" >> {state}/cancelled',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _locked_workflow(tmp_path: Path) -> tuple[Path, Path]:
+    work = copy_workflow(tmp_path / "wf")
+    lock = work / locks.LOCK_DIR / "0.input.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{work / 'results/smoke/data/cifar10.h5'}\n")
+    return work, lock
+
+
+def test_slurm_jobs_a_dead_snakemake_of_this_machine_left_running_are_cancelled_then_unlocked(
+    tmp_path, monkeypatch
+):
+    """Job 7 (Snakemake's, submitted from here for this directory) is cancelled and awaited, its
+    process that outlived it here gets SIGTERM, then the lock goes; jobs of another directory or
+    not Snakemake's are left alone. The job's own process never counts as a live Snakemake."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    bin_dir = _fake_slurm(tmp_path, work, socket.gethostname())
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # inherited by the job's process below
+    job = start_fake_snakemake(tmp_path / "bin", work / "results")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    try:
+        assert [j.id for j in locks.slurm_jobs(work)] == [7]
+        assert locks.workflow_processes(work, {7}) == []
+        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+        assert job.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        job.kill()
+        job.wait()
+    assert (tmp_path / "slurm/cancelled").read_text().split() == ["7"]
+    assert said.endswith("; cancelled the SLURM jobs it left running (7): the rerun resumes them")
+    assert said.startswith("removed the lock a stopped Snakemake left in") and not lock.exists()
+
+
+def test_slurm_jobs_submitted_from_another_machine_keep_the_lock(tmp_path, monkeypatch):
+    """Their Snakemake may live on that machine: nothing is cancelled, one line names it."""
+    work, lock = _locked_workflow(tmp_path)
+    bin_dir = _fake_slurm(tmp_path, work, "login2.cluster.example")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    assert said == (
+        f"leaving the lock in {work / locks.LOCK_DIR}: SLURM job 7 "
+        "(rule_train_denoiser_wildcards_averaged) was submitted from login2.cluster.example, "
+        "whose Snakemake this machine cannot see; rerun there, or scancel its jobs and unlock "
+        "by hand"
+    )
+    assert lock.exists() and not (tmp_path / "slurm/cancelled").exists()
+
+
+def test_slurm_jobs_are_left_alone_while_their_snakemake_runs_here(tmp_path, monkeypatch):
+    work, lock = _locked_workflow(tmp_path)
+    bin_dir = _fake_slurm(tmp_path, work, socket.gethostname())
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    snakemake = start_fake_snakemake(tmp_path / "bin", work)
+    try:
+        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    finally:
+        snakemake.kill()
+        snakemake.wait()
+    assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: pid {snakemake.pid} (")
+    assert lock.exists() and not (tmp_path / "slurm/cancelled").exists()
 
 
 # The smoke subset of the kill test (one model per rule): the whole smoke DAG runs once per

@@ -5,8 +5,10 @@ end-to-end test on a single-node cluster (Debian's slurm-wlm with munge, started
 tests/slurm/start-local-slurm.sh when the machine has no SLURM, stopped again by recorded pid):
 `make smoke-slurm`, on a subset of the smoke variants that still runs every rule, runs its
 training, evaluation and PnP jobs as SLURM jobs; a training job cancelled half-way (`scancel`) is
-resubmitted by Snakemake and the new job resumes from its checkpoint; tables, weights and training
-log equal the local smoke run's.
+resubmitted by Snakemake and the new job resumes from its checkpoint; the whole `make` killed
+with SIGKILL while a training job runs on SLURM, the same command again cancels the jobs the dead
+Snakemake left, clears its lock and resumes them; tables, weights and training log equal the
+local smoke run's.
 
 Outside CI a machine where SLURM cannot be started (not root, no apt) skips it; with CI=true it
 fails instead.
@@ -32,7 +34,8 @@ from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 from workflow_helpers import BIN, ROOT, copy_workflow
 
-from stablenets.pipeline.config import validate_config
+from stablenets.pipeline import locks
+from stablenets.pipeline.config import load_config
 from stablenets.pipeline.specs import FIGURES, TABLES, Jobs
 
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
@@ -48,6 +51,7 @@ SUBSET = {
 }
 # the training job the test cancels once it has written this checkpoint
 CANCELLED_CHECKPOINT = "results/smoke-slurm/checkpoints/classification/resnet/seed0/checkpoint.pt"
+FROZEN_CHECKPOINTS = "results/smoke-slurm/checkpoints/denoising/sigma*/averaged/seed0/checkpoint.pt"
 SMOKE_TIMEOUT = 1200  # seconds; about 4 minutes on an idle 2-core machine
 
 
@@ -55,18 +59,7 @@ SMOKE_TIMEOUT = 1200  # seconds; about 4 minutes on an idle 2-core machine
 
 
 def _config(*overlays: str) -> dict:
-    config: dict = {}
-    for name in ("config.yaml", *overlays):
-        _deep_update(config, yaml.safe_load((ROOT / name).read_text()))
-    return validate_config(config, SCHEMA)
-
-
-def _deep_update(base: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
+    return load_config([ROOT / name for name in ("config.yaml", *overlays)], SCHEMA)
 
 
 class _Resources(dict):
@@ -280,67 +273,115 @@ def _wall_times(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if any(k in c for k in ("time", "elapsed", "memory"))]
 
 
-def _cancel_once_checkpointed(make: subprocess.Popen, work: Path) -> int:
-    """Wait until the resnet training job (a SLURM job of ``make``) has written its first
-    checkpoint, then ``scancel`` it; returns its SLURM job id."""
-    ckpt = work / CANCELLED_CHECKPOINT
-    logs = work / ".snakemake/slurm_logs/rule_train_classifier/resnet_0"
-    deadline = time.monotonic() + SMOKE_TIMEOUT
-    while not ckpt.exists():
-        assert make.poll() is None, "make smoke-slurm ended before the checkpoint"
-        assert time.monotonic() < deadline, f"no {ckpt} in time"
-        time.sleep(0.1)
-    ids = [int(p.stem) for p in logs.glob("*.log")]
-    assert len(ids) == 1, ids
-    subprocess.run(["scancel", str(ids[0])], check=True, timeout=60)
-    return ids[0]
-
-
-@pytest.mark.slow
-def test_make_smoke_slurm_runs_every_rule_on_slurm_and_resumes_a_cancelled_job(
-    slurm_cluster, smoke_run, tmp_path
-):
-    """`make smoke-slurm` on a subset of the smoke variants (one model per rule, so every rule:
-    the whole smoke DAG already runs locally): every model, evaluation and PnP job runs as a
-    SLURM job (data, tables, figures and the summary where Snakemake runs), a
-    training job cancelled half-way (`scancel`) is resubmitted by Snakemake (`retries`) and
-    resumes from its checkpoint, and every number equals the local smoke run's."""
-    work = copy_workflow(tmp_path / "smoke-slurm")
+def _make_smoke_slurm(work: Path, out: Path) -> subprocess.Popen:
+    """``make smoke-slurm`` on ``SUBSET`` with this environment, in its own process group, under
+    ``timeout -s INT`` (Snakemake cancels its SLURM jobs on SIGINT)."""
     config = " ".join(
         f'{key}="{yaml.safe_dump(value, default_flow_style=True).strip()}"'
         for key, value in SUBSET.items()
     )
-    t0 = time.monotonic()
-    with open(work / "make.out", "w") as out:
-        make = subprocess.Popen(
-            ["timeout", "-s", "INT", "-k", "60", str(SMOKE_TIMEOUT)]
-            + [
-                "make",
-                "smoke-slurm",
-                f"VENV={BIN.parent}",
-                "STAMP=",
-                f"SMOKE_SLURM_CONFIG={config}",
-            ],
-            cwd=work,
-            env=_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            cancelled_id = _cancel_once_checkpointed(make, work)
-            make.wait(timeout=SMOKE_TIMEOUT + 120)
-        finally:
-            if make.poll() is None:  # Snakemake cancels its SLURM jobs on SIGINT
-                make.send_signal(signal.SIGINT)
-                make.wait(timeout=120)
-    print(f"make smoke-slurm: {time.monotonic() - t0:.0f} s")
-    output = (work / "make.out").read_text()
-    assert make.returncode == 0, output[-6000:]
+    return subprocess.Popen(
+        ["timeout", "-s", "INT", "-k", "60", str(SMOKE_TIMEOUT)]
+        + ["make", "smoke-slurm", f"VENV={BIN.parent}", "STAMP=", f"SMOKE_SLURM_CONFIG={config}"],
+        cwd=work,
+        env=_env(),
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
-    # every SLURM job submitted finished, but the cancelled one (submitted again)
+
+def _training_process(work: Path, checkpoint: Path) -> int | None:
+    """The pid of the training job (``python -m stablenets train``) writing ``checkpoint``."""
+    wanted = str(checkpoint.parent.relative_to(work))
+    for pid, command in locks.workflow_processes(work):
+        if " -m stablenets train " in f" {command} " and wanted in command:
+            return pid
+    return None
+
+
+def _slurm_job_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in environ if e.startswith(b"SLURM_JOB_ID=")).partition(b"=")[2])
+
+
+def _cancel_freeze_and_kill(make: subprocess.Popen, work: Path) -> tuple[int, int]:
+    """While ``make`` runs: ``scancel`` the resnet training job once it has written its first
+    checkpoint (Snakemake resubmits it); stop (SIGSTOP) the averaged denoiser's training process
+    once it has written its first checkpoint, so that its SLURM job still runs when the rerun
+    starts, as a paper-scale job of hours would (a smoke job takes seconds); once the resumed
+    resnet training is done (its evaluation submitted), SIGKILL ``make``'s process group
+    (make, Snakemake, its status queries: not the SLURM jobs). Returns the cancelled and the
+    frozen job's SLURM ids."""
+    resnet = work / CANCELLED_CHECKPOINT
+    cancelled = frozen = None
+    deadline = time.monotonic() + SMOKE_TIMEOUT
+    while True:
+        assert make.poll() is None, "make smoke-slurm ended before it was killed"
+        assert time.monotonic() < deadline, "the kill point was not reached in time"
+        if cancelled is None and resnet.exists():
+            logs = work / ".snakemake/slurm_logs/rule_train_classifier/resnet_0"
+            ids = [int(p.stem) for p in logs.glob("*.log")]
+            assert len(ids) == 1, ids
+            subprocess.run(["scancel", str(ids[0])], check=True, timeout=60)
+            cancelled = ids[0]
+        if frozen is None:
+            for ckpt in work.glob(FROZEN_CHECKPOINTS):
+                pid = _training_process(work, ckpt)
+                if pid is not None:
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen = (ckpt, _slurm_job_of(pid))
+                    break
+        submitted = (work / "make.out").read_text()
+        if cancelled and frozen and "rule evaluate_classifier" in submitted:
+            break
+        time.sleep(0.1)
+    os.killpg(make.pid, signal.SIGKILL)
+    make.wait()
+    return cancelled, frozen[1]
+
+
+@pytest.mark.slow
+def test_make_smoke_slurm_runs_every_rule_on_slurm_resumes_a_cancelled_job_and_a_killed_run(
+    slurm_cluster, smoke_run, tmp_path
+):
+    """`make smoke-slurm` on a subset of the smoke variants (one model per rule, so every rule:
+    the whole smoke DAG already runs locally): every model, evaluation and PnP job runs as a
+    SLURM job (data, tables, figures and the summary where Snakemake runs); a training job
+    cancelled half-way (`scancel`) is resubmitted by Snakemake (`retries`) and resumes from its
+    checkpoint. Then the whole `make` is killed (SIGKILL to its process group) while a training
+    job runs on SLURM: the same `make smoke-slurm` again cancels the SLURM jobs the dead Snakemake
+    left running, clears its lock, resumes them, and every number equals the local smoke run's."""
+    work = copy_workflow(tmp_path / "smoke-slurm")
+    t0 = time.monotonic()
+    first = _make_smoke_slurm(work, work / "make.out")
+    try:
+        cancelled_id, frozen_id = _cancel_freeze_and_kill(first, work)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGINT)
+            first.wait(timeout=120)
+    killed_output = (work / "make.out").read_text()
+    assert list((work / locks.LOCK_DIR).glob("*.lock")), "the killed Snakemake left no lock"
+    assert frozen_id in {job.id for job in locks.slurm_jobs(work)}, "the frozen job has ended"
+    killed_at = time.monotonic() - t0
+
+    second = _make_smoke_slurm(work, work / "rerun.out")
+    second.wait(timeout=SMOKE_TIMEOUT + 120)
+    output = (work / "rerun.out").read_text()
+    print(f"make smoke-slurm: killed after {killed_at:.0f} s, rerun done after "
+          f"{time.monotonic() - t0:.0f} s")  # fmt: skip
+    assert second.returncode == 0, output[-6000:]
+    said = re.search(r"cancelled the SLURM jobs it left running \(([\d, ]+)\)", output)
+    assert said, output[:3000]
+    orphans = {int(i) for i in said[1].split(", ")}
+    assert frozen_id in orphans and cancelled_id not in orphans
+    output = killed_output + output
+
+    # every SLURM job submitted finished, but those cancelled (submitted again)
     jobs = _slurm_jobs(work)
     submitted = {int(i) for i in re.findall(r"submitted with SLURM jobid (\d+)", output)}
-    assert submitted == {job for _, job in jobs.values()} | {cancelled_id}, submitted
+    assert submitted == {job for _, job in jobs.values()} | {cancelled_id} | orphans, submitted
     assert re.search(r"(\d+) of \1 steps \(100%\) done", output), output[-3000:]
     results = work / "results" / "smoke-slurm"  # the Makefile keeps it apart from results/smoke
     local = smoke_run / "results/smoke"
@@ -367,9 +408,10 @@ def test_make_smoke_slurm_runs_every_rule_on_slurm_and_resumes_a_cancelled_job(
     assert len(local_outputs) >= 2 + 3 * len(TABLES) + 2 * len(FIGURES), local_outputs
     assert (results / "summary.md").is_file()
     # the jobs the controller still lists (for MinJobAge, 600 s on the test cluster) COMPLETED,
-    # but for the cancelled one
-    states = _squeue_states(sorted({job for _, job in jobs.values()} | {cancelled_id}))
-    assert states.pop(cancelled_id, "CANCELLED") == "CANCELLED"
+    # but for the cancelled ones
+    states = _squeue_states(sorted({job for _, job in jobs.values()} | {cancelled_id} | orphans))
+    for job in {cancelled_id} | orphans:
+        assert states.pop(job, "CANCELLED") == "CANCELLED", job
     assert set(states.values()) <= {"COMPLETED"}, states
     assert states or slurm_cluster is None
 
@@ -380,6 +422,14 @@ def test_make_smoke_slurm_runs_every_rule_on_slurm_and_resumes_a_cancelled_job(
     assert resumed and 50 <= int(resumed[1]) < 200, joblog
     retries = work / ".snakemake/slurm_logs/rule_train_classifier/resnet_0"
     assert len(list(retries.glob("*.log"))) == 2
+    # the denoiser frozen past its first checkpoint, cancelled by the rerun, resumed there
+    (frozen,) = work.glob(FROZEN_CHECKPOINTS)
+    sigma = frozen.parts[-4]
+    joblog = (work / f"logs/smoke-slurm/train_denoiser/{sigma}/averaged/seed0.log").read_text()
+    resumed = re.search(
+        rf"resumed from {re.escape(str(frozen.relative_to(work)))} at step (\d+)", joblog
+    )
+    assert resumed and 50 <= int(resumed[1]) < 150, joblog
 
     # the same numbers as the local smoke run: tables (rows of the subset), resumed weights and log
     for table in sorted(local.glob("tables/*.csv")):
@@ -391,6 +441,12 @@ def test_make_smoke_slurm_runs_every_rule_on_slurm_and_resumes_a_cancelled_job(
         pd.testing.assert_frame_equal(
             got.drop(columns=timed), expected.drop(columns=timed), check_exact=True
         )
+    denoiser = f"models/denoising/{sigma}/averaged/seed0/model.pt"
+    got, expected = (
+        torch.load(r / denoiser, weights_only=True)["state_dict"] for r in (results, local)
+    )
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
     model = "models/classification/resnet/seed0/model.pt"
     log_got = pd.read_csv((results / model).with_name("train_log.csv"))
     log_ref = pd.read_csv((local / model).with_name("train_log.csv"))

@@ -5,32 +5,60 @@ when it ends, also on Ctrl-C. A Snakemake killed with SIGKILL (the OOM killer, `
 lost session's process group) cannot, and the next run stops at "Directory cannot be locked"
 asking for ``snakemake --unlock``, which removes a live run's lock just as readily.
 
-``python -m stablenets.pipeline.locks [snakemake options]``, which ``make smoke`` and ``make smoke-slurm``
-run before Snakemake, unlocks (``snakemake <options> --unlock``) only when no process of the
-workflow runs in this directory: no Snakemake, and no job that a killed Snakemake left running
-(``python -m stablenets <job>``: a rerun would start a second writer of its checkpoint).
-Otherwise it leaves the lock and names the process, in one line; without a lock it does nothing.
+``python -m stablenets.pipeline.locks [snakemake options]``, which ``make smoke``, ``make
+smoke-slurm`` and ``make rehearsal`` run before Snakemake, unlocks (``snakemake <options>
+--unlock``) only when no process of the workflow runs in this directory: no Snakemake, and no job
+that a killed Snakemake left running (``python -m stablenets <job>``: a rerun would start a
+second writer of its checkpoint). Otherwise it leaves the lock and names the process, in one
+line; without a lock it does nothing.
+
+SLURM jobs a killed Snakemake left in the queue (this user's jobs of Snakemake's SLURM executor,
+comment ``rule_...``, working directory here) would be such second writers on other nodes. When
+each was submitted from this machine (SLURM's ``AllocNode``) and no Snakemake runs here, their
+Snakemake is dead: they are cancelled (``scancel``: SIGTERM, on which training and evaluation
+save their progress and exit), the tool waits until they and their processes on this machine
+are gone (``CANCEL_WAIT_S``), and unlocks; the rerun resubmits them and they resume. Jobs
+submitted from another machine, whose Snakemake this machine cannot see, keep the lock, in one
+line naming that machine.
 
 Processes are read from ``/proc`` (command line and working directory, this user's only: another
 user's Snakemake cannot write here). Without ``/proc`` (macOS) ``ps`` gives command lines but not
-directories, so any Snakemake or job of this user keeps the lock. Jobs on other machines (SLURM
-nodes) are not seen: after killing a Snakemake that submitted jobs, wait for them or ``scancel``
-them (``squeue --me``). Snakemake's default file persistence is assumed (``--persistence-backend
-db`` keeps its locks in the database: unlock by hand).
+directories, so any Snakemake or job of this user keeps the lock. Snakemake's default file
+persistence is assumed (``--persistence-backend db`` keeps its locks in the database: unlock by
+hand).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["LOCK_DIR", "is_workflow_command", "workflow_processes", "unlock_if_stale", "main"]
+__all__ = [
+    "LOCK_DIR",
+    "CANCEL_WAIT_S",
+    "SlurmJob",
+    "is_workflow_command",
+    "workflow_processes",
+    "slurm_jobs",
+    "cancel_orphans",
+    "unlock_if_stale",
+    "main",
+]
 
 LOCK_DIR = Path(".snakemake") / "locks"
 PROC = Path("/proc")
+# How long cancelled jobs may take to leave: SLURM's KillWait (30 s by default) between SIGTERM
+# and SIGKILL, plus a checkpoint write and the controller's bookkeeping.
+CANCEL_WAIT_S = 300.0
 
 
 def is_workflow_command(argv: list[str]) -> bool:
@@ -71,27 +99,125 @@ def _ps_processes() -> Iterator[tuple[int, list[str], None]]:
         yield int(pid), args.split(), None
 
 
-def workflow_processes(directory: Path) -> list[tuple[int, str]]:
+def _slurm_job_of(pid: int) -> int | None:
+    """The SLURM job a process runs in (its ``SLURM_JOB_ID``), or ``None``."""
+    try:
+        environ = (PROC / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"SLURM_JOB_ID="):
+            value = entry.partition(b"=")[2]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def workflow_processes(directory: Path, jobs: Collection[int] = ()) -> list[tuple[int, str]]:
     """``(pid, command line)`` of the Snakemake and job processes (``is_workflow_command``) working
-    in ``directory`` or below it; where directories cannot be read (no ``/proc``), every one."""
+    in ``directory`` or below it, but those of the SLURM jobs ``jobs``; where directories cannot be
+    read (no ``/proc``), every one."""
     directory = directory.resolve()
     found = []
     processes = _proc_processes() if PROC.is_dir() else _ps_processes()
     for pid, argv, cwd in processes:
         if pid == os.getpid() or not is_workflow_command(argv):
             continue
-        if cwd is None or cwd == directory or directory in cwd.parents:
-            found.append((pid, " ".join(argv)))
+        if cwd is not None and not _inside(cwd, directory):
+            continue
+        if jobs and _slurm_job_of(pid) in jobs:
+            continue
+        found.append((pid, " ".join(argv)))
     return found
+
+
+class SlurmJob(NamedTuple):
+    """A queued or running SLURM job of Snakemake's SLURM executor."""
+
+    id: int
+    comment: str  # rule_<rule>_wildcards_<...>
+    submitted_from: str  # SLURM's AllocNode: the machine sbatch ran on
+
+
+def _host(name: str) -> str:
+    return name.split(".")[0].lower()
+
+
+def slurm_jobs(directory: Path) -> list[SlurmJob]:
+    """This user's pending or running SLURM jobs that Snakemake's SLURM executor submitted for
+    ``directory`` (working directory there or below it, comment ``rule_...``); none without
+    ``squeue`` or a controller that answers it (a cluster that cannot be asked cannot take the
+    rerun's jobs either)."""
+    if shutil.which("squeue") is None:
+        return []
+    try:
+        listed = subprocess.run(
+            ["squeue", "-h", "-u", str(os.getuid()), "-o", "%i|%k|%Z"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return []
+    if listed.returncode != 0:  # no controller to ask (slurm-client alone): none to cancel
+        return []
+    directory = directory.resolve()
+    ours = {}
+    for line in listed.stdout.splitlines():
+        job, comment, workdir = line.split("|", 2)
+        if job.isdigit() and comment.startswith("rule_") and _inside(Path(workdir), directory):
+            ours[int(job)] = comment
+    if not ours:
+        return []
+    shown = subprocess.run(
+        ["scontrol", "-o", "show", "job", ",".join(map(str, ours))],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    hosts = dict(re.findall(r"JobId=(\d+) .*?AllocNode:Sid=([^:\s]+)", shown.stdout))
+    return [SlurmJob(job, comment, hosts.get(str(job), "?")) for job, comment in ours.items()]
+
+
+def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL_WAIT_S) -> None:
+    """``scancel`` ``jobs`` (SIGTERM to their processes: training and evaluation save their
+    progress and exit), then wait until they have left the queue and none of their processes
+    runs in ``directory`` on this machine (a process that outlived its job, as one escaping
+    ``proctrack/linuxproc`` does, gets SIGTERM too). Raises ``RuntimeError`` (one line) when
+    that takes longer than ``wait_s``."""
+    ids = {job.id for job in jobs}
+    subprocess.run(["scancel", *map(str, ids)], check=True, capture_output=True, timeout=120)
+    deadline = time.monotonic() + wait_s
+    while {job.id for job in slurm_jobs(directory)} & ids:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"SLURM jobs {sorted(ids)} still queued {wait_s:.0f} s after scancel"
+            )
+        time.sleep(1)
+    signalled: set[int] = set()
+    while left := [pid for pid, _ in workflow_processes(directory) if _slurm_job_of(pid) in ids]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {left[0]} of cancelled SLURM jobs {sorted(ids)} still runs")
+        for pid in set(left) - signalled:
+            for sig in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped one acts on it
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        signalled |= set(left)
+        time.sleep(0.5)
 
 
 def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
     """Remove ``directory``'s Snakemake lock if no workflow process runs there; the line that
     says what was done, or ``None`` when there is no lock. Raises ``RuntimeError`` (one line)
-    when ``snakemake --unlock`` fails."""
+    when ``snakemake --unlock`` fails or cancelled SLURM jobs do not end.
+
+    Before unlocking, the SLURM jobs a dead Snakemake of this machine left running are cancelled
+    and awaited (``cancel_orphans``); jobs submitted from another machine keep the lock."""
     if not any((directory / LOCK_DIR).glob("*.lock")):
         return None
-    holders = workflow_processes(directory)
+    jobs = slurm_jobs(directory)
+    holders = workflow_processes(directory, {job.id for job in jobs})
     if holders:
         pid, command = holders[0]
         more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
@@ -99,6 +225,18 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
             f"leaving the lock in {directory / LOCK_DIR}: pid {pid} ({command[:120]}){more} "
             f"runs in {directory}"
         )
+    here = _host(socket.gethostname())
+    if away := [job for job in jobs if _host(job.submitted_from) != here]:
+        return (
+            f"leaving the lock in {directory / LOCK_DIR}: SLURM job {away[0].id} "
+            f"({away[0].comment}) was submitted from {away[0].submitted_from}, whose Snakemake "
+            f"this machine cannot see; rerun there, or scancel its jobs and unlock by hand"
+        )
+    cancelled = ""
+    if jobs:
+        cancel_orphans(directory, jobs)
+        ids = ", ".join(str(job.id) for job in jobs)
+        cancelled = f"; cancelled the SLURM jobs it left running ({ids}): the rerun resumes them"
     done = subprocess.run(
         [sys.executable, "-m", "snakemake", *snakemake_args, "--unlock"],
         cwd=directory,
@@ -110,7 +248,7 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
         raise RuntimeError(f"snakemake --unlock failed in {directory}: {last}")
     return (
         f"removed the lock a stopped Snakemake left in {directory / LOCK_DIR} "
-        "(no Snakemake or job runs there)"
+        f"(no Snakemake or job runs there){cancelled}"
     )
 
 
