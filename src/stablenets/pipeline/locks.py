@@ -142,40 +142,64 @@ class SlurmJob(NamedTuple):
     submitted_from: str  # SLURM's AllocNode: the machine sbatch ran on
 
 
-def _host(name: str) -> str:
-    return name.split(".")[0].lower()
+def _is_this_machine(name: str) -> bool:
+    """Whether a host name SLURM recorded (``AllocNode``) is this machine: its own name, or one
+    that resolves to a loopback address or to this machine's address (a single-node cluster
+    records ``localhost``)."""
+    own = {socket.gethostname(), socket.getfqdn(), "localhost"}
+    if name.split(".")[0].lower() in {n.split(".")[0].lower() for n in own}:
+        return True
+    try:
+        address = socket.gethostbyname(name)
+        return address.startswith("127.") or address == socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return False
 
 
-def slurm_jobs(directory: Path) -> list[SlurmJob]:
-    """This user's pending or running SLURM jobs that Snakemake's SLURM executor submitted for
-    ``directory`` (working directory there or below it, comment ``rule_...``); none without
-    ``squeue`` or a controller that answers it (a cluster that cannot be asked cannot take the
-    rerun's jobs either)."""
+def _submitted_from(job: int) -> str:
+    """The machine sbatch ran on for ``job`` (``scontrol show job``: ``AllocNode:Sid=host:sid``);
+    ``"an unknown machine"`` when SLURM does not say."""
+    try:
+        shown = subprocess.run(
+            ["scontrol", "-o", "show", "job", str(job)], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        shown = ""
+    found = re.search(r"\bAllocNode:Sid=([^:\s]+)", shown)
+    return found[1] if found else "an unknown machine"
+
+
+def _queued(directory: Path) -> dict[int, str]:
+    """Job id -> comment of this user's pending or running SLURM jobs of Snakemake's SLURM
+    executor (comment ``rule_...``) working in ``directory`` or below it; none without ``squeue``
+    or a controller that answers it (a cluster that cannot be asked cannot take the rerun's jobs
+    either)."""
     if shutil.which("squeue") is None:
-        return []
+        return {}
     try:
         listed = subprocess.run(
             ["squeue", "-h", "-u", str(os.getuid()), "-o", "%i|%k|%Z"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        return []
+        return {}
     if listed.returncode != 0:  # no controller to ask (slurm-client alone): none to cancel
-        return []
+        return {}
     directory = directory.resolve()
     ours = {}
     for line in listed.stdout.splitlines():
         job, comment, workdir = line.split("|", 2)
         if job.isdigit() and comment.startswith("rule_") and _inside(Path(workdir), directory):
             ours[int(job)] = comment
-    if not ours:
-        return []
-    shown = subprocess.run(
-        ["scontrol", "-o", "show", "job", ",".join(map(str, ours))],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    hosts = dict(re.findall(r"JobId=(\d+) .*?AllocNode:Sid=([^:\s]+)", shown.stdout))
-    return [SlurmJob(job, comment, hosts.get(str(job), "?")) for job, comment in ours.items()]
+    return ours
+
+
+def slurm_jobs(directory: Path) -> list[SlurmJob]:
+    """The SLURM jobs Snakemake submitted for ``directory`` that are still queued or running
+    (``_queued``), each with the machine it was submitted from."""
+    return [
+        SlurmJob(job, comment, _submitted_from(job)) for job, comment in _queued(directory).items()
+    ]
 
 
 def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL_WAIT_S) -> None:
@@ -187,7 +211,7 @@ def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL
     ids = {job.id for job in jobs}
     subprocess.run(["scancel", *map(str, ids)], check=True, capture_output=True, timeout=120)
     deadline = time.monotonic() + wait_s
-    while {job.id for job in slurm_jobs(directory)} & ids:
+    while _queued(directory).keys() & ids:
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"SLURM jobs {sorted(ids)} still queued {wait_s:.0f} s after scancel"
@@ -225,8 +249,7 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
             f"leaving the lock in {directory / LOCK_DIR}: pid {pid} ({command[:120]}){more} "
             f"runs in {directory}"
         )
-    here = _host(socket.gethostname())
-    if away := [job for job in jobs if _host(job.submitted_from) != here]:
+    if away := [job for job in jobs if not _is_this_machine(job.submitted_from)]:
         return (
             f"leaving the lock in {directory / LOCK_DIR}: SLURM job {away[0].id} "
             f"({away[0].comment}) was submitted from {away[0].submitted_from}, whose Snakemake "
@@ -235,7 +258,7 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
     cancelled = ""
     if jobs:
         cancel_orphans(directory, jobs)
-        ids = ", ".join(str(job.id) for job in jobs)
+        ids = ", ".join(str(job) for job in sorted(job.id for job in jobs))
         cancelled = f"; cancelled the SLURM jobs it left running ({ids}): the rerun resumes them"
     done = subprocess.run(
         [sys.executable, "-m", "snakemake", *snakemake_args, "--unlock"],
