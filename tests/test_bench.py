@@ -13,8 +13,10 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -331,3 +333,51 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
     cfg_path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"classification\.train\.stepz: unknown key"):
         bench.project_hours(csv_path, cfg_path, schema=SCHEMA)
+
+
+def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_evaluation_and_pnp(
+    tmp_path, capsys
+):
+    """``--project``: each training job against ``resources.train.runtime`` (a longer one needs
+    that many submissions, resuming); ``--cost`` adds the evaluation and PnP jobs of a
+    rehearsal's ``cost.csv`` by rule, naming those over their runtime, and the DAG's total."""
+    csv_path = tmp_path / "cuda.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=bench.COLUMNS)
+        writer.writeheader()
+        writer.writerow(
+            dict({c: "" for c in bench.COLUMNS}, model="classifier", impl="ours",
+                 base_width="16", batch="128", height="32", width="32", step_ms="1000",
+                 options="cuda_graphs replayed")
+        )  # fmt: skip
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["classification"]["train"]["steps"] = 9000  # 2.5 h at 1 s per step
+    config["classification"]["select"] = ["nonexpansive"]
+    config["denoising"]["select"] = config["pnp"]["denoisers"] = ["averaged"]  # 0 h: no row
+    config["resources"]["train"]["runtime"] = 60
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    cost_csv = tmp_path / "cost.csv"
+    paper = {"row": "paper", "sigma": "", "seed": "0", "runtime_min": "240", "fits": "True"}
+    pd.DataFrame([
+        dict(paper, rule="evaluate_classifier", variant="nonexpansive", projected_h=0.5),
+        dict(paper, rule="evaluate_classifier", variant="cpl_L", projected_h=5.0, fits="False"),
+        dict(paper, rule="pnp_deblur", variant="averaged", sigma="0.03", projected_h=0.25),
+        dict(paper, rule="train_classifier", variant="nonexpansive", projected_h=99.0),
+        dict(paper, row="total", rule="all jobs", variant="", projected_h=999.0),
+    ]).to_csv(cost_csv, index=False)  # fmt: skip
+
+    bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA)])
+    out = capsys.readouterr().out
+    assert re.search(r"2\.5 h +1 job\(s\) +2\.50 h each, over 60 min: 3 submissions +"
+                     r"classification/nonexpansive\n", out), out  # fmt: skip
+    assert "evaluation and PnP: not projected" in out
+
+    bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA),
+                "--cost", str(cost_csv)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"5\.5 h +2 job\(s\) +5\.00 h at most, 1 over 240 min: cpl_L +"
+                     r"evaluate_classifier", out), out  # fmt: skip
+    assert re.search(r"0\.2 h +1 job\(s\) +0\.25 h at most, fits +pnp_deblur", out), out
+    assert "train_classifier" not in out  # training is projected from the step benchmarks
+    assert re.search(r"8\.2 h  the whole DAG: training \+ evaluation \+ PnP", out), out

@@ -55,7 +55,7 @@ from typing import Any, cast
 
 from stablenets.pipeline.specs import Jobs, sigma_label
 
-__all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost"]
+__all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost", "projected_by_rule"]
 
 # rule -> resource kind (the rules' ``JOBS.resources(kind)``)
 RULES = {
@@ -560,3 +560,30 @@ def write_cost(
     md = _markdown(rows, run["scale"], paper_path, len(paper_config["seeds"]), unlike)
     atomic_write(Path(out).with_suffix(".md"), md)
     log(md.split("\n\n")[1])
+
+
+def projected_by_rule(cost_csv: Path, rules: set[str]) -> list[dict[str, Any]]:
+    """The paper DAG's jobs of ``rules`` in a run's ``cost.csv`` (its ``paper`` rows), by rule:
+    ``rule``, ``jobs``, ``projected_h`` (summed), ``each_h`` (the longest job), ``runtime_min``
+    and ``over`` (the jobs projected past their runtime). For ``bench.training --project``,
+    which projects the training jobs itself from step benchmarks."""
+    import csv
+
+    if not cost_csv.is_file():
+        raise ValueError(f"cost: {cost_csv} does not exist (make rehearsal writes it)")
+    with cost_csv.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("row") == "paper" and r["rule"] in rules]
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        hours = float(r["projected_h"])
+        by = out.setdefault(
+            r["rule"],
+            {"rule": r["rule"], "jobs": 0, "projected_h": 0.0, "each_h": 0.0, "over": []},
+        )
+        by["jobs"] += 1
+        by["projected_h"] += hours
+        by["each_h"] = max(by["each_h"], hours)
+        by["runtime_min"] = float(r["runtime_min"])
+        if r["fits"] != "True":
+            by["over"].append("/".join(x for x in (r["variant"], r["sigma"]) if x))
+    return list(out.values())

@@ -728,6 +728,49 @@ def project_hours(
     return out
 
 
+def _fits(hours_each: float, runtime_min: float) -> str:
+    """Whether one job's projected hours fit its ``resources.*.runtime``; a training job that
+    does not resumes from its checkpoint in the next submission (``retries`` on SLURM)."""
+    if 60 * hours_each <= runtime_min:
+        return "fits"
+    return f"over {runtime_min:.0f} min: {math.ceil(60 * hours_each / runtime_min)} submissions"
+
+
+def _print_projection(args: argparse.Namespace) -> None:
+    """``--project``: the training jobs from step benchmarks (``project_hours``), each against
+    ``resources.train.runtime``; with ``--cost``, the evaluation and PnP jobs a rehearsal
+    projected (``cost.projected_by_rule``) and the whole DAG."""
+    from stablenets.bench.cost import RULES, projected_by_rule
+
+    config = load_config(Path(args.config), Path(args.schema))
+    rows = project_hours(
+        [Path(f) for f in args.project], Path(args.config), args.project_options, Path(args.schema)
+    )
+    limit = config["resources"]["train"]["runtime"]
+    for job, count, hours in rows:
+        each = hours / count if count else 0.0
+        fits = _fits(each, limit) if count else "not projected"
+        print(f"{hours:10.1f} h  {count:3d} job(s)  {each:6.2f} h each, {fits:24s}  {job}")
+    paper = sum(h for job, _, h in rows if "(" not in job)
+    print(f"{paper:10.1f} h  total of the benchmarked paper variants (from "
+          f"{', '.join(args.project)})")  # fmt: skip
+    trained = sum(h for *_, h in rows)
+    print(f"{trained:10.1f} h  training, with the assumed ones")
+    if args.cost is None:
+        print("evaluation and PnP: not projected (add --cost results/rehearsal/cost.csv of a "
+              "`make rehearsal` on the device)")  # fmt: skip
+        return
+    others = projected_by_rule(Path(args.cost), {r for r in RULES if not r.startswith("train_")})
+    for r in others:
+        fits = _fits(r["each_h"], r["runtime_min"])
+        if r["over"]:
+            fits = f"{len(r['over'])} over {r['runtime_min']:.0f} min: {', '.join(r['over'][:4])}"
+        print(f"{r['projected_h']:10.1f} h  {r['jobs']:3d} job(s)  {r['each_h']:6.2f} h at most, "
+              f"{fits:24s}  {r['rule']} (from {args.cost})")  # fmt: skip
+    total = trained + sum(r["projected_h"] for r in others)
+    print(f"{total:10.1f} h  the whole DAG: training + evaluation + PnP")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m stablenets.bench.training", description=(__doc__ or "").split("\n")[0]
@@ -805,6 +848,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="--project uses rows run with these options for every variant (default: each "
         "variant's own settings in the config)",
     )
+    p.add_argument(
+        "--cost",
+        default=None,
+        help="--project adds the evaluation and PnP jobs projected in this cost.csv (of `make "
+        "rehearsal`) to the training jobs",
+    )
     p.add_argument("--append", action="store_true", help="append rows to an existing CSV")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -838,18 +887,7 @@ def _main(argv: Sequence[str] | None = None) -> list[dict]:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return []
     if args.project is not None:
-        rows = project_hours(
-            [Path(f) for f in args.project],
-            Path(args.config),
-            args.project_options,
-            Path(args.schema),
-        )
-        for job, count, hours in rows:
-            print(f"{hours:10.1f} h  {count:3d} job(s)  {job}")
-        paper = sum(h for job, _, h in rows if "(" not in job)
-        print(f"{paper:10.1f} h  total of the benchmarked paper variants (from "
-              f"{', '.join(args.project)})")  # fmt: skip
-        print(f"{sum(h for *_, h in rows):10.1f} h  total with the assumed ones")
+        _print_projection(args)
         return []
     if args.epoch_images is None:
         args.epoch_images = epoch_images(load_config(Path(args.config), Path(args.schema)))
