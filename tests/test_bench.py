@@ -371,7 +371,7 @@ def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_eval
     out = capsys.readouterr().out
     assert re.search(r"2\.5 h +1 job\(s\) +2\.50 h each, over 60 min: 3 submissions +"
                      r"classification/nonexpansive\n", out), out  # fmt: skip
-    assert "evaluation and PnP: not projected" in out
+    assert "evaluation, PnP and data jobs: not projected" in out
 
     bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA),
                 "--cost", str(cost_csv)])  # fmt: skip
@@ -380,4 +380,9 @@ def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_eval
                      r"evaluate_classifier", out), out  # fmt: skip
     assert re.search(r"0\.2 h +1 job\(s\) +0\.25 h at most, fits +pnp_deblur", out), out
     assert "train_classifier" not in out  # training is projected from the step benchmarks
-    assert re.search(r"8\.2 h  the whole DAG: training \+ evaluation \+ PnP", out), out
+    assert re.search(r"8\.2 h  the whole DAG: training \(for .*\) \+ evaluation, PnP", out), out
+    with pytest.raises(SystemExit):  # --cost alone: argparse's one-line usage error
+        bench.parse_args(["--cost", str(cost_csv)])
+    with pytest.raises(ValueError, match=r"lacks the columns \['fits'"):
+        pd.read_csv(cost_csv).drop(columns=["fits"]).to_csv(cost_csv, index=False)
+        bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--cost", str(cost_csv)])

@@ -6,7 +6,9 @@ The resolution is pip's own (``pip install --dry-run --report``, the same resolv
 pins as a real install). The resolved distributions are then lent to the fresh environment by
 symbolic links to this environment's installed copies (same name, same version, checked), so the
 test needs kilobytes of disk instead of the several GB a CUDA build of torch takes; stablenets
-itself is installed into the fresh environment by pip. tests/test_layers.py checks the same
+itself is installed into the fresh environment by pip (beside the pip and setuptools that venv
+puts there). A distribution the library imports but does not declare is missing there, and a
+pipeline package among the resolved ones fails the test. tests/test_layers.py checks the same
 quickly by making the pipeline's packages unimportable in this environment.
 """
 
@@ -41,16 +43,26 @@ def _source_copy(dest: Path) -> Path:
 
 
 def _pip(python: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    """``python -m pip args``, asserted to succeed."""
     proc = subprocess.run([python, "-m", "pip", *args], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def _resolved(python: Path, source: Path, report: Path) -> dict[str, str]:
-    """Name -> version of every distribution ``pip install source`` would install (extras none)."""
-    _pip(
-        python, "install", "--quiet", "--dry-run", "--ignore-installed", "--report", report, source
+    """Name -> version of every distribution ``pip install source`` would install (extras none),
+    constrained to the versions installed here (which distributions, not which releases, is
+    the question: torch's unpinned dependencies move on)."""
+    here = report.with_name("installed-here.txt")
+    here.write_text(
+        "".join(
+            f"{d.metadata['Name']}=={d.version}\n"
+            for d in metadata.distributions()
+            if d.metadata["Name"] and d.metadata["Name"].lower() != "stablenets"
+        )
     )
+    _pip(python, "install", "--quiet", "--dry-run", "--ignore-installed", "--constraint", here,
+         "--report", report, source)  # fmt: skip
     items = json.loads(report.read_text())["install"]
     return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in items}
 
@@ -65,7 +77,7 @@ def _lend(resolved: dict[str, str], overlay: Path) -> None:
         dist = metadata.distribution(name)
         assert dist.version == version, f"{name}: resolved {version}, lent {dist.version}"
         for file in dist.files or ():
-            if file.parts[0] == ".." or "/" not in str(file) and file.suffix != ".py":
+            if file.parts[0] == ".." or ("/" not in str(file) and file.suffix != ".py"):
                 continue  # scripts outside site-packages; stray top-level data files
             top = Path(str(dist.locate_file(file.parts[0])))
             link = overlay / file.parts[0]

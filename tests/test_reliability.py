@@ -489,10 +489,13 @@ def test_the_unlock_helper_never_unlocks_while_a_snakemake_runs_in_the_directory
     assert not lock.exists() and locks.unlock_if_stale(work, list(SMOKE_PROFILE)) is None
 
 
-def _fake_slurm(tmp_path: Path, work: Path, submitted_from: str) -> Path:
+def _fake_slurm(
+    tmp_path: Path, work: Path, submitted_from: str | None, after_cancel: str = ""
+) -> Path:
     """``squeue``, ``scontrol`` and ``scancel`` stand-ins reading and writing ``tmp_path/slurm``:
-    job 7 is a Snakemake SLURM job of ``work`` submitted from ``submitted_from``; job 8 one of
-    another directory, job 9 no Snakemake job; ``scancel`` empties the queue."""
+    job 7 is a Snakemake SLURM job of ``work`` submitted from ``submitted_from`` (``None``: SLURM
+    does not say), job 8 one of another directory, job 9 no Snakemake job; ``scancel`` leaves
+    ``after_cancel`` in the queue; ``squeue`` fails while ``tmp_path/slurm/down`` exists."""
     state, bin_dir = tmp_path / "slurm", tmp_path / "slurm-bin"
     state.mkdir()
     bin_dir.mkdir()
@@ -501,12 +504,15 @@ def _fake_slurm(tmp_path: Path, work: Path, submitted_from: str) -> Path:
         f"8|rule_train_classifier_wildcards_resnet|{tmp_path / 'other'}\n"
         f"9|an interactive session|{work}\n"
     )
+    (state / "after").write_text(after_cancel)
     (state / "show").write_text(
-        f"JobId=7 JobName=uuid UserId=u(1) Comment=rule_x AllocNode:Sid={submitted_from}:4242 "
-        "WorkDir=/w\n"
+        f"JobId=7 JobName=uuid UserId=u(1) AllocNode:Sid={submitted_from}:4242 WorkDir=/w\n"
+        if submitted_from
+        else "JobId=7 JobName=uuid UserId=u(1) WorkDir=/w\n"
     )
     scripts = {
-        "squeue": f"[ -f {state}/cancelled ] || cat {state}/queue",
+        "squeue": f"[ -f {state}/down ] && exit 1\n"
+        f"if [ -f {state}/cancelled ]; then cat {state}/after; else cat {state}/queue; fi",
         "scontrol": f"cat {state}/show",
         "scancel": f'echo "$@" >> {state}/cancelled',
     }
@@ -524,24 +530,34 @@ def _locked_workflow(tmp_path: Path) -> tuple[Path, Path]:
     return work, lock
 
 
+SLURM_PROFILES = [
+    "--profile",
+    "workflow/profiles/slurm",
+    "--profile",
+    "workflow/profiles/slurm-local",
+]
+
+
+@pytest.mark.parametrize("host", ["this machine's name", "localhost"])
 def test_slurm_jobs_a_dead_snakemake_of_this_machine_left_running_are_cancelled_then_unlocked(
-    tmp_path, monkeypatch
+    host, tmp_path, monkeypatch
 ):
-    """Job 7 (Snakemake's, submitted from here for this directory) is cancelled and awaited, its
-    process that outlived it here gets SIGTERM, then the lock goes; jobs of another directory or
-    not Snakemake's are left alone. The job's own process never counts as a live Snakemake."""
+    """Job 7 (Snakemake's, submitted from here for this directory; a single-node cluster records
+    ``localhost``) is cancelled and awaited, its process that outlived it here gets SIGTERM,
+    then the lock goes; jobs of another directory or not Snakemake's are left alone. The job's
+    own process never counts as a live Snakemake."""
     for key, value in local_env().items():
         monkeypatch.setenv(key, value)
     work, lock = _locked_workflow(tmp_path)
-    bin_dir = _fake_slurm(tmp_path, work, socket.gethostname())
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    name = socket.gethostname() if host == "this machine's name" else host
+    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path, work, name)}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "7")  # inherited by the job's process below
     job = start_fake_snakemake(tmp_path / "bin", work / "results")
     monkeypatch.delenv("SLURM_JOB_ID")
     try:
         assert [j.id for j in locks.slurm_jobs(work)] == [7]
         assert locks.workflow_processes(work, {7}) == []
-        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+        said = locks.unlock_if_stale(work, SLURM_PROFILES)
         assert job.wait(timeout=30) == -signal.SIGTERM
     finally:
         job.kill()
@@ -551,28 +567,60 @@ def test_slurm_jobs_a_dead_snakemake_of_this_machine_left_running_are_cancelled_
     assert said.startswith("removed the lock a stopped Snakemake left in") and not lock.exists()
 
 
-def test_slurm_jobs_submitted_from_another_machine_keep_the_lock(tmp_path, monkeypatch):
-    """Their Snakemake may live on that machine: nothing is cancelled, one line names it."""
+@pytest.mark.parametrize(
+    ("submitted_from", "after_cancel", "why"),
+    [
+        ("login2.cluster.example", "", "SLURM job 7 (rule_train_denoiser_wildcards_averaged) was "
+         "submitted from login2.cluster.example, whose Snakemake this machine cannot see; rerun "
+         "there, or scancel its jobs and unlock by hand"),
+        (None, "", "SLURM does not say which machine submitted job 7 "
+         "(rule_train_denoiser_wildcards_averaged), so this machine cannot tell whether its "
+         "Snakemake still runs; once sure it does not, scancel its jobs (squeue --me) and unlock "
+         "by hand"),
+        ("localhost", "11|rule_pnp_deblur_wildcards_x|{work}\n",
+         "SLURM jobs 11 were submitted meanwhile"),
+    ],
+)  # fmt: skip
+def test_slurm_jobs_whose_snakemake_may_live_keep_the_lock(
+    submitted_from, after_cancel, why, tmp_path, monkeypatch
+):
+    """Jobs submitted from another machine (whose Snakemake may live there) or from one SLURM
+    does not name are not cancelled; jobs submitted while the orphans were cancelled mean a new
+    Snakemake: the lock stays, one line says why."""
     work, lock = _locked_workflow(tmp_path)
-    bin_dir = _fake_slurm(tmp_path, work, "login2.cluster.example")
+    after = after_cancel.format(work=work)
+    bin_dir = _fake_slurm(tmp_path, work, submitted_from, after)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    said = locks.unlock_if_stale(work, SLURM_PROFILES)
+    assert said == f"leaving the lock in {work / locks.LOCK_DIR}: {why}"
+    assert lock.exists()
+    assert (tmp_path / "slurm/cancelled").exists() == bool(after_cancel)
+
+
+def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monkeypatch):
+    """``squeue`` failing (no controller answers): a SLURM run's lock stays, as its jobs may
+    still run; a local run (SLURM's client installed, no cluster) is unlocked as before."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    bin_dir = _fake_slurm(tmp_path, work, "localhost")
+    (tmp_path / "slurm/down").touch()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    said = locks.unlock_if_stale(work, SLURM_PROFILES)
+    assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer")
+    assert lock.exists()
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
-    assert said == (
-        f"leaving the lock in {work / locks.LOCK_DIR}: SLURM job 7 "
-        "(rule_train_denoiser_wildcards_averaged) was submitted from login2.cluster.example, "
-        "whose Snakemake this machine cannot see; rerun there, or scancel its jobs and unlock "
-        "by hand"
-    )
-    assert lock.exists() and not (tmp_path / "slurm/cancelled").exists()
+    assert said.startswith("removed the lock") and not lock.exists()
 
 
 def test_slurm_jobs_are_left_alone_while_their_snakemake_runs_here(tmp_path, monkeypatch):
+    """A live Snakemake in the directory keeps the lock and its SLURM jobs: nothing cancelled."""
     work, lock = _locked_workflow(tmp_path)
     bin_dir = _fake_slurm(tmp_path, work, socket.gethostname())
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     snakemake = start_fake_snakemake(tmp_path / "bin", work)
     try:
-        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+        said = locks.unlock_if_stale(work, SLURM_PROFILES)
     finally:
         snakemake.kill()
         snakemake.wait()

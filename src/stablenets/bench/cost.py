@@ -572,7 +572,12 @@ def projected_by_rule(cost_csv: Path, rules: set[str]) -> list[dict[str, Any]]:
     if not cost_csv.is_file():
         raise ValueError(f"cost: {cost_csv} does not exist (make rehearsal writes it)")
     with cost_csv.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("row") == "paper" and r["rule"] in rules]
+        reader = csv.DictReader(fh)
+        missing = {"row", "rule", "variant", "sigma", "projected_h", "runtime_min", "fits"}
+        missing -= set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"cost: {cost_csv} lacks the columns {sorted(missing)}")
+        rows = [r for r in reader if r["row"] == "paper" and r["rule"] in rules]
     out: dict[str, dict[str, Any]] = {}
     for r in rows:
         hours = float(r["projected_h"])

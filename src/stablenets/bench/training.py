@@ -738,8 +738,9 @@ def _fits(hours_each: float, runtime_min: float) -> str:
 
 def _print_projection(args: argparse.Namespace) -> None:
     """``--project``: the training jobs from step benchmarks (``project_hours``), each against
-    ``resources.train.runtime``; with ``--cost``, the evaluation and PnP jobs a rehearsal
-    projected (``cost.projected_by_rule``) and the whole DAG."""
+    ``resources.train.runtime``; with ``--cost``, the evaluation, PnP and data jobs a rehearsal
+    projected (``cost.projected_by_rule``, for the paper config that rehearsal named) and the
+    whole DAG."""
     from stablenets.bench.cost import RULES, projected_by_rule
 
     config = load_config(Path(args.config), Path(args.schema))
@@ -757,18 +758,19 @@ def _print_projection(args: argparse.Namespace) -> None:
     trained = sum(h for *_, h in rows)
     print(f"{trained:10.1f} h  training, with the assumed ones")
     if args.cost is None:
-        print("evaluation and PnP: not projected (add --cost results/rehearsal/cost.csv of a "
-              "`make rehearsal` on the device)")  # fmt: skip
+        print("evaluation, PnP and data jobs: not projected (add --cost "
+              "results/rehearsal/cost.csv of a `make rehearsal` on the device)")  # fmt: skip
         return
     others = projected_by_rule(Path(args.cost), {r for r in RULES if not r.startswith("train_")})
     for r in others:
-        fits = _fits(r["each_h"], r["runtime_min"])
+        fits = "fits"
         if r["over"]:
             fits = f"{len(r['over'])} over {r['runtime_min']:.0f} min: {', '.join(r['over'][:4])}"
         print(f"{r['projected_h']:10.1f} h  {r['jobs']:3d} job(s)  {r['each_h']:6.2f} h at most, "
               f"{fits:24s}  {r['rule']} (from {args.cost})")  # fmt: skip
     total = trained + sum(r["projected_h"] for r in others)
-    print(f"{total:10.1f} h  the whole DAG: training + evaluation + PnP")
+    print(f"{total:10.1f} h  the whole DAG: training (for {args.config}) + evaluation, PnP and "
+          f"data (for the paper config of {args.cost})")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -857,6 +859,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append", action="store_true", help="append rows to an existing CSV")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cost is not None and args.project is None:
+        p.error("--cost adds to --project: name the benchmark CSVs with --project")
     if args.worker is None and args.project is None:
         args.models = [m for m in args.models.split(",") if m]
         unknown = sorted(set(args.models) - set(MODEL_SPECS))
@@ -930,5 +934,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except ConfigError as err:  # one line per problem of --config, no traceback
+    except (ConfigError, ValueError) as err:  # one line per problem of --config or --cost
         sys.exit(f"python -m stablenets.bench.training: {err}")

@@ -17,9 +17,10 @@ comment ``rule_...``, working directory here) would be such second writers on ot
 each was submitted from this machine (SLURM's ``AllocNode``) and no Snakemake runs here, their
 Snakemake is dead: they are cancelled (``scancel``: SIGTERM, on which training and evaluation
 save their progress and exit), the tool waits until they and their processes on this machine
-are gone (``CANCEL_WAIT_S``), and unlocks; the rerun resubmits them and they resume. Jobs
-submitted from another machine, whose Snakemake this machine cannot see, keep the lock, in one
-line naming that machine.
+are gone (``CANCEL_WAIT_S``), looks once more for a Snakemake or new jobs, and unlocks; the rerun
+resubmits them and they resume. The lock stays, with one line saying why, for jobs submitted
+from another machine (whose Snakemake this machine cannot see) or from one SLURM does not name,
+and for a SLURM run (``executor: slurm`` in its profiles) while ``squeue`` does not answer.
 
 Processes are read from ``/proc`` (command line and working directory, this user's only: another
 user's Snakemake cannot write here). Without ``/proc`` (macOS) ``ps`` gives command lines but not
@@ -139,7 +140,7 @@ class SlurmJob(NamedTuple):
 
     id: int
     comment: str  # rule_<rule>_wildcards_<...>
-    submitted_from: str  # SLURM's AllocNode: the machine sbatch ran on
+    submitted_from: str  # SLURM's AllocNode: the machine sbatch ran on ("" when unknown)
 
 
 def _is_this_machine(name: str) -> bool:
@@ -156,35 +157,35 @@ def _is_this_machine(name: str) -> bool:
         return False
 
 
-def _submitted_from(job: int) -> str:
-    """The machine sbatch ran on for ``job`` (``scontrol show job``: ``AllocNode:Sid=host:sid``);
-    ``"an unknown machine"`` when SLURM does not say."""
+def _submitted_from(job: int) -> str | None:
+    """The machine sbatch ran on for ``job`` (``scontrol show job``: ``AllocNode:Sid=host:sid``),
+    or ``None`` when SLURM does not say."""
     try:
         shown = subprocess.run(
             ["scontrol", "-o", "show", "job", str(job)], capture_output=True, text=True, timeout=60
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
-        shown = ""
+        return None
     found = re.search(r"\bAllocNode:Sid=([^:\s]+)", shown)
-    return found[1] if found else "an unknown machine"
+    return found[1] if found else None
 
 
-def _queued(directory: Path) -> dict[int, str]:
+def _queued(directory: Path) -> dict[int, str] | None:
     """Job id -> comment of this user's pending or running SLURM jobs of Snakemake's SLURM
-    executor (comment ``rule_...``) working in ``directory`` or below it; none without ``squeue``
-    or a controller that answers it (a cluster that cannot be asked cannot take the rerun's jobs
-    either)."""
+    executor (comment ``rule_...``) working in ``directory`` or below it (an element of a job
+    array by its own id); ``{}`` without ``squeue``, ``None`` when ``squeue`` fails (no
+    controller answers)."""
     if shutil.which("squeue") is None:
         return {}
     try:
         listed = subprocess.run(
-            ["squeue", "-h", "-u", str(os.getuid()), "-o", "%i|%k|%Z"],
+            ["squeue", "-h", "-u", str(os.getuid()), "-o", "%A|%k|%Z"],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {}
-    if listed.returncode != 0:  # no controller to ask (slurm-client alone): none to cancel
-        return {}
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if listed.returncode != 0:
+        return None
     directory = directory.resolve()
     ours = {}
     for line in listed.stdout.splitlines():
@@ -194,12 +195,15 @@ def _queued(directory: Path) -> dict[int, str]:
     return ours
 
 
+def _with_hosts(queued: dict[int, str]) -> list[SlurmJob]:
+    return [SlurmJob(job, comment, _submitted_from(job) or "") for job, comment in queued.items()]
+
+
 def slurm_jobs(directory: Path) -> list[SlurmJob]:
     """The SLURM jobs Snakemake submitted for ``directory`` that are still queued or running
-    (``_queued``), each with the machine it was submitted from."""
-    return [
-        SlurmJob(job, comment, _submitted_from(job)) for job, comment in _queued(directory).items()
-    ]
+    (``_queued``), each with the machine it was submitted from; none when the cluster cannot be
+    asked (a cluster that cannot be asked cannot take the rerun's jobs either)."""
+    return _with_hosts(_queued(directory) or {})
 
 
 def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL_WAIT_S) -> None:
@@ -207,20 +211,25 @@ def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL
     progress and exit), then wait until they have left the queue and none of their processes
     runs in ``directory`` on this machine (a process that outlived its job, as one escaping
     ``proctrack/linuxproc`` does, gets SIGTERM too). Raises ``RuntimeError`` (one line) when
-    that takes longer than ``wait_s``."""
+    ``scancel`` cannot run, or when that takes longer than ``wait_s`` (also while ``squeue``
+    cannot say)."""
     ids = {job.id for job in jobs}
-    subprocess.run(["scancel", *map(str, ids)], check=True, capture_output=True, timeout=120)
+    try:  # a job that ended meanwhile makes scancel complain: the wait below tells
+        subprocess.run(["scancel", *map(str, sorted(ids))], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise RuntimeError(f"scancel of SLURM jobs {_ids(ids)} failed: {err}") from None
     deadline = time.monotonic() + wait_s
-    while _queued(directory).keys() & ids:
+    while (queued := _queued(directory)) is None or queued.keys() & ids:
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"SLURM jobs {sorted(ids)} still queued {wait_s:.0f} s after scancel"
+            state = (
+                "still queued" if queued is not None else "not known to have ended (squeue fails)"
             )
+            raise RuntimeError(f"SLURM jobs {_ids(ids)} {state} {wait_s:.0f} s after scancel")
         time.sleep(1)
     signalled: set[int] = set()
     while left := [pid for pid, _ in workflow_processes(directory) if _slurm_job_of(pid) in ids]:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"pid {left[0]} of cancelled SLURM jobs {sorted(ids)} still runs")
+            raise RuntimeError(f"pid {left[0]} of cancelled SLURM jobs {_ids(ids)} still runs")
         for pid in set(left) - signalled:
             for sig in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped one acts on it
                 try:
@@ -231,35 +240,100 @@ def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL
         time.sleep(0.5)
 
 
+def _ids(ids: Collection[int], shown: int = 5) -> str:
+    """``1, 2, 3`` or ``1, 2, 3, 4, 5 and 7 more``."""
+    first = ", ".join(map(str, sorted(ids)[:shown]))
+    return first + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+
+
+def _leaving(directory: Path, why: str) -> str:
+    return f"leaving the lock in {directory / LOCK_DIR}: {why}"
+
+
+def _holders_line(directory: Path, holders: list[tuple[int, str]]) -> str:
+    pid, command = holders[0]
+    more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
+    return _leaving(directory, f"pid {pid} ({command[:120]}){more} runs in {directory}")
+
+
+def _orphans_kept(directory: Path, jobs: list[SlurmJob]) -> str | None:
+    """Why the SLURM jobs ``jobs`` must not be cancelled from here (the lock stays), or ``None``
+    when each was submitted from this machine, where no Snakemake runs: their Snakemake is
+    dead."""
+    for job in jobs:
+        if not job.submitted_from:
+            return _leaving(
+                directory,
+                f"SLURM does not say which machine submitted job {job.id} ({job.comment}), so "
+                "this machine cannot tell whether its Snakemake still runs; once sure it does "
+                "not, scancel its jobs (squeue --me) and unlock by hand",
+            )
+        if not _is_this_machine(job.submitted_from):
+            return _leaving(
+                directory,
+                f"SLURM job {job.id} ({job.comment}) was submitted from {job.submitted_from}, "
+                "whose Snakemake this machine cannot see; rerun there, or scancel its jobs and "
+                "unlock by hand",
+            )
+    return None
+
+
+def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
+    """Whether the Snakemake run of ``snakemake_args`` submits to SLURM: ``--executor slurm``,
+    or a profile named by ``--profile``/``--workflow-profile`` (or ``$SNAKEMAKE_PROFILE``) whose
+    ``config.yaml`` says ``executor: slurm``."""
+    import yaml
+
+    profiles = [os.environ.get("SNAKEMAKE_PROFILE", "")]
+    for flag, value in zip(snakemake_args, snakemake_args[1:], strict=False):
+        if flag in ("--executor", "-e") and value == "slurm":
+            return True
+        if flag in ("--profile", "--workflow-profile"):
+            profiles.append(value)
+    for profile in filter(None, profiles):
+        config = directory / profile / "config.yaml"
+        try:
+            if (yaml.safe_load(config.read_text()) or {}).get("executor") == "slurm":
+                return True
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    return False
+
+
 def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
     """Remove ``directory``'s Snakemake lock if no workflow process runs there; the line that
     says what was done, or ``None`` when there is no lock. Raises ``RuntimeError`` (one line)
     when ``snakemake --unlock`` fails or cancelled SLURM jobs do not end.
 
     Before unlocking, the SLURM jobs a dead Snakemake of this machine left running are cancelled
-    and awaited (``cancel_orphans``); jobs submitted from another machine keep the lock."""
+    and awaited (``cancel_orphans``), then the directory is checked once more (a Snakemake that
+    started meanwhile keeps its lock); jobs submitted from another machine keep the lock."""
     if not any((directory / LOCK_DIR).glob("*.lock")):
         return None
-    jobs = slurm_jobs(directory)
-    holders = workflow_processes(directory, {job.id for job in jobs})
-    if holders:
-        pid, command = holders[0]
-        more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
-        return (
-            f"leaving the lock in {directory / LOCK_DIR}: pid {pid} ({command[:120]}){more} "
-            f"runs in {directory}"
-        )
-    if away := [job for job in jobs if not _is_this_machine(job.submitted_from)]:
-        return (
-            f"leaving the lock in {directory / LOCK_DIR}: SLURM job {away[0].id} "
-            f"({away[0].comment}) was submitted from {away[0].submitted_from}, whose Snakemake "
-            f"this machine cannot see; rerun there, or scancel its jobs and unlock by hand"
-        )
+    queued = _queued(directory)
+    if queued is None:
+        if _uses_slurm(snakemake_args, directory):
+            return _leaving(
+                directory,
+                "squeue does not answer, so this machine cannot tell whether SLURM jobs of the "
+                "stopped Snakemake still run; rerun once it does, or unlock by hand",
+            )
+        queued = {}  # a local run on a machine with SLURM's client but no cluster
+    if holders := workflow_processes(directory, queued):
+        return _holders_line(directory, holders)
     cancelled = ""
-    if jobs:
+    if queued:
+        jobs = _with_hosts(queued)
+        if kept := _orphans_kept(directory, jobs):
+            return kept
         cancel_orphans(directory, jobs)
-        ids = ", ".join(str(job) for job in sorted(job.id for job in jobs))
-        cancelled = f"; cancelled the SLURM jobs it left running ({ids}): the rerun resumes them"
+        if holders := workflow_processes(directory, queued):
+            return _holders_line(directory, holders)
+        if new := (_queued(directory) or {}).keys() - queued.keys():
+            return _leaving(directory, f"SLURM jobs {_ids(new)} were submitted meanwhile")
+        cancelled = (
+            f"; cancelled the SLURM jobs it left running ({_ids(queued)}): the rerun resumes them"
+        )
     done = subprocess.run(
         [sys.executable, "-m", "snakemake", *snakemake_args, "--unlock"],
         cwd=directory,
