@@ -13,6 +13,8 @@
 #   make.log          the output of `make rehearsal` (Snakemake's and the jobs'), streamed
 #   cost.csv cost.md summary.md   results/rehearsal/'s, when the run got that far
 #   cost-partial.csv cost-partial.md   when it did not: the cost of the jobs that finished (below)
+#   pass-times.csv    seconds per image-pass of the paper classifier at batches 500, 2000, 8000
+#                     (PASS_BATCHES), float32 and bf16, when time is left after the rehearsal
 #   rehearsal.tar.gz  logs/rehearsal/, benchmarks/rehearsal/ (each job's wall seconds and peak
 #                     RSS) and results/rehearsal/ less data, models and checkpoints; refreshed
 #                     every minute (logs and benchmarks alone if that is over 15 MB)
@@ -162,6 +164,18 @@ EOF
     for f in cost-partial.csv cost-partial.md; do
         [ -f "results/rehearsal/$f" ] && cp "results/rehearsal/$f" "$OUT/"
     done
+fi
+
+# Issue 19's levers, with what time is left: seconds per image-pass of the rehearsal's paper
+# classifier (its evaluation sub-steps) at larger batches and under bf16 (pass-times.csv).
+MODEL=results/rehearsal/models/classification/nonexpansive/seed0/model.pt
+LEFT=$((LIMIT - SECONDS - 25))
+if [ -f "$MODEL" ] && [ "$LEFT" -ge 40 ]; then
+    log "pass times of the paper classifier, at most $LEFT s (pass-times.csv)"
+    timeout -k 5 "$LEFT" python -m stablenets.bench.evaluation --config config.yaml \
+        config/rehearsal.yaml --variant nonexpansive --pass-times "${PASS_BATCHES:-500,2000,8000}" \
+        --out "$OUT/pass-times.csv" >>"$LOG" 2>&1
+    log "pass times: rc $?"
 fi
 snapshot "$SNAP.last"
 

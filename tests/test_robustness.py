@@ -663,3 +663,24 @@ def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point():
     counts = passes_per_point(model, x[keep], y[keep], partial(pgd_l2, steps=3), 1e-4)
     # a prediction before, 3 gradient steps, a prediction after; nothing breaks at 1e-4
     assert counts == {"forward": 5.0, "backward": 3.0, "robust": 1.0}
+
+
+def test_pass_times_cover_each_batch_and_precision_and_grow_with_the_sub_steps():
+    """``seconds_per_pass``: one row per batch size and precision, positive seconds per image; a
+    model integrating four times as long (more sub-steps in eval mode) costs more per pass."""
+    from stablenets.bench.evaluation import seconds_per_pass
+    from stablenets.nn.models import build_model
+
+    torch.manual_seed(0)
+    kwargs = {"base_width": 4, "blocks_per_stage": 1, "input_size": 8}
+    model = build_model("nonexpansive_classifier", **kwargs)
+    x = torch.rand(3, 3, 8, 8)
+    rows = seconds_per_pass(model, x, [2, 5], repeats=1)
+    assert [(r["batch"], r["precision"]) for r in rows] == [
+        (2, "float32"), (5, "float32"), (2, "bfloat16"), (5, "bfloat16")
+    ]  # fmt: skip
+    for r in rows:
+        assert 0 < r["forward_s_per_image"] < r["forward_backward_s_per_image"], r
+    longer = build_model("nonexpansive_classifier", **kwargs, time=40.0)
+    fast, slow = (seconds_per_pass(m, x, [64], repeats=3)[0] for m in (model, longer))
+    assert slow["forward_backward_s_per_image"] > fast["forward_backward_s_per_image"]

@@ -17,7 +17,10 @@ over the whole grid: ``'{"n_test": 60, "eps": {"num": 40}, "strong": {"attacks":
 "apgd-t"], "on_grid": true}}'`` (``benchmarks/README.md`` has the results). ``--time-points K`` also times each attack per point on ``K`` points
 (the seconds per point per attack); ``--count-passes EPS`` counts the strong attack's forward
 and backward image-passes per point instead (AutoAttack standard at a radius no point breaks:
-7,864 forward and 1,910 backward, ``benchmarks/README.md``).
+7,864 forward and 1,910 backward, ``benchmarks/README.md``). ``--pass-times 500,2000,8000``
+times one forward and one forward + backward image-pass of the model on the config's device at
+each batch size, in float32 and under bf16 autocast (the levers of an attack's cost; an
+out-of-memory batch is recorded as such), and writes them to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import csv
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,14 @@ from stablenets import data
 from stablenets.evaluation import radius_sweep, robustness
 from stablenets.nn.models import Classifier, load_model
 
-__all__ = ["per_radius", "compare", "seconds_per_point", "passes_per_point", "main"]
+__all__ = [
+    "per_radius",
+    "compare",
+    "seconds_per_point",
+    "passes_per_point",
+    "seconds_per_pass",
+    "main",
+]
 
 
 def per_radius(
@@ -159,6 +170,60 @@ def passes_per_point(
             "backward": counter.backward_images / len(x), "robust": robust}  # fmt: skip
 
 
+def _timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def seconds_per_pass(
+    model: nn.Module, x: Tensor, batches: list[int], repeats: int = 3
+) -> list[dict[str, object]]:
+    """Seconds per image of a forward pass and of a forward + backward pass to the input (the
+    gradient of the logits' log-sum-exp, as an attack's step takes one) of ``model`` in eval mode
+    (its evaluation sub-step counts), at each batch size (``x`` tiled up to it) in float32 and
+    under bf16 autocast, on ``model``'s device. An attack's cost is its image-passes per point
+    (``passes_per_point``) times these; a batch that runs out of memory gives ``"oom"``."""
+    device = robustness.model_device(model)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows: list[dict[str, object]] = []
+    with robustness.eval_mode(model):
+        for precision in ("float32", "bfloat16"):
+            for batch in batches:
+                xb = x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch].to(device)
+                autocast = torch.autocast(device.type, torch.bfloat16, precision == "bfloat16")
+
+                def forward(xb: Tensor = xb, autocast: torch.autocast = autocast) -> None:
+                    with torch.no_grad(), autocast:
+                        model(xb)
+
+                def backward(xb: Tensor = xb, autocast: torch.autocast = autocast) -> None:
+                    xg = xb.clone().requires_grad_(True)
+                    with autocast:
+                        out = model(xg)
+                    torch.autograd.grad(out.float().logsumexp(1).sum(), xg)
+
+                row: dict[str, object] = {"batch": batch, "precision": precision}
+                try:
+                    row["forward_s_per_image"] = _timed(forward, sync, repeats) / batch
+                    row["forward_backward_s_per_image"] = _timed(backward, sync, repeats) / batch
+                except torch.OutOfMemoryError:
+                    row.setdefault("forward_s_per_image", "oom")
+                    row["forward_backward_s_per_image"] = "oom"
+                    if cuda:
+                        torch.cuda.empty_cache()
+                rows.append(row)
+    return rows
+
+
 def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path]:
     """The evaluation spec of ``variant`` under ``configs`` (later files overlay earlier ones, as
     Snakemake's ``--configfile``), its trained model and the CIFAR-10 file of that scale."""
@@ -170,6 +235,31 @@ def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path
     results = Path("results") / config["scale"]
     model = results / f"models/classification/{variant}/seed{seed}/model.pt"
     return spec, model, results / "data/cifar10.h5"
+
+
+def _write_pass_times(
+    model: nn.Module, x: Tensor, batches: list[int], spec: dict, out: Path | None
+) -> None:
+    """``--pass-times``: ``seconds_per_pass`` on the spec's device, printed and written to
+    ``out`` with the device's name."""
+    from stablenets.pipeline.runtime import select_device
+
+    device = select_device(spec.get("device", "auto"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = [
+        {"device": name, **r}
+        for r in seconds_per_pass(model.to(device), x[: max(batches)], batches)
+    ]
+    for r in rows:
+        print(
+            "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+        )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,6 +282,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="EPS",
         help="only count the strong attack's image-passes per correctly classified point at EPS",
     )
+    p.add_argument(
+        "--pass-times",
+        type=lambda v: [int(b) for b in v.split(",")],
+        default=None,
+        metavar="B1,B2,...",
+        help="only time forward and forward+backward image-passes at these batch sizes, on the "
+        "config's device, float32 and bf16",
+    )
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)
     spec, model_path, data_path = _job(args.config, args.variant, args.seed)
@@ -206,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     if y is None:
         p.error(f"{data_path}: the test split has no labels")
     x, y = (x[: ev["n_test"]], y[: ev["n_test"]]) if ev.get("n_test") else (x, y)
+    if args.pass_times is not None:
+        _write_pass_times(model, x, args.pass_times, spec, args.out)
+        return
     plan = radius_sweep.SweepPlan.from_config(ev, int(spec["seed"]))
     if args.count_passes is not None and plan.strong is not None:
         with torch.no_grad():
