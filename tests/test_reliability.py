@@ -636,6 +636,7 @@ KILL_SUBSET = {
     "pnp": {"denoisers": ["averaged"]},
 }
 KILLED_CHECKPOINT = "results/smoke/checkpoints/classification/resnet/seed0/checkpoint.pt"
+KILLED_MODEL = "results/smoke/models/classification/resnet/seed0/model.pt"
 MACHINE_COLUMNS = ("time", "elapsed", "memory")  # measured on the machine, not computed
 
 
@@ -672,6 +673,17 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_the_same_tables
         assert first.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
         assert time.monotonic() - t0 < 600, "no checkpoint in time"
         time.sleep(0.1)
+    # Stop the training where it is (SIGKILL below ends a stopped process as any other): on a
+    # loaded machine the test could otherwise look again only after the job has ended.
+    wanted = str(ckpt.parent.relative_to(work))
+    trainers = [
+        pid for pid, command in locks.workflow_processes(work)
+        if " -m stablenets train " in f" {command} " and wanted in command
+    ]  # fmt: skip
+    for pid in trainers:
+        os.kill(pid, signal.SIGSTOP)
+    ended = "the training ended before the test could stop it (an overloaded machine?)"
+    assert len(trainers) == 1 and not (work / KILLED_MODEL).exists(), ended
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))  # the live run keeps its lock
     assert said.startswith("leaving the lock in"), said
     os.killpg(first.pid, signal.SIGKILL)
