@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import importlib
 import io
 import os
 import pickle
+import re
 import tarfile
 import threading
 import zipfile
@@ -25,6 +27,9 @@ from PIL import Image
 
 from stablenets import data as D
 from stablenets.data.synthetic import _load_photo
+
+# the module (``stablenets.data.download`` is also the package's name for its function)
+DOWNLOAD = importlib.import_module("stablenets.data.download")
 
 CLASS_NAMES = [
     "airplane",
@@ -219,6 +224,41 @@ def test_download_over_http_skips_a_404_mirror(tmp_path, monkeypatch):
         finally:
             server.shutdown()
     assert dest.read_bytes() == b"served over http"
+
+
+def test_a_download_says_how_far_it_is_with_rate_and_eta(tmp_path, monkeypatch):
+    """Over http (the server gives the length): progress lines with MB done of total, rate and
+    ETA, a line per failed mirror and one at the end; with ``log`` unset, nothing is said."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "big.bin").write_bytes(bytes(3 * DOWNLOAD._CHUNK_BYTES + 5))
+    md5 = md5_of(tmp_path / "big.bin")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    lines: list[str] = []
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            urls = [f"{base}/missing.bin", f"{base}/big.bin"]
+            D.download(urls, tmp_path / "a.bin", md5=md5, log=lines.append, progress_every_s=0)
+            D.download(urls[1:], tmp_path / "b.bin", md5=md5, progress_every_s=0)  # silent
+        finally:
+            server.shutdown()
+    assert lines[0].startswith(f"failed {base}/missing.bin: HTTP Error 404")
+    progress = lines[1:-1]
+    assert len(progress) == 4, lines  # one per chunk read at every_s = 0
+    assert re.fullmatch(
+        rf"downloading {base}/big\.bin: 1\.0 of 3\.1 MB \(33 %\), [\d.]+ MB/s, ETA \d+ s",
+        progress[0],
+    ), progress[0]
+    assert "3.1 of 3.1 MB (100 %)" in progress[-1]
+    assert re.fullmatch(rf"downloaded {base}/big\.bin: 3\.1 MB in \d+ s", lines[-1]), lines[-1]
+    assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
+
+
+def test_download_progress_without_a_length_gives_no_eta():
+    line = DOWNLOAD._progress("file:///x", 2_500_000, None, 2.0)
+    assert line == "downloading file:///x: 2.5 MB, 1.2 MB/s"
 
 
 def test_download_lists_every_failed_url(tmp_path):

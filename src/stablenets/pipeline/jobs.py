@@ -70,7 +70,9 @@ def prepare_data(spec: dict, out: Path, log: Log = print) -> None:
     extra = provenance(spec, seed)  # config hash, seed, package versions, git commit
     if source == "download":
         archive = Path(spec["cache_dir"]) / spec["archive"]
-        data.download(spec["urls"], archive, md5=spec.get("md5"), sha256=spec.get("sha256"))
+        data.download(
+            spec["urls"], archive, md5=spec.get("md5"), sha256=spec.get("sha256"), log=log
+        )
         prov.update(urls=spec["urls"], md5=spec.get("md5"), sha256=spec.get("sha256"))
         if spec["dataset"] == "cifar10":
             data.prepare_cifar10(
