@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -260,3 +261,33 @@ def test_tv_deblur_improves_psnr(deblur_problem) -> None:
     gain = psnr(x, clean, 1.0) - psnr(y, clean, 1.0)
     assert torch.all(gain > 5.0), gain
     assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2), clean, 1.0))
+
+
+def test_pnp_says_how_far_it_is_every_log_every_iterations(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    lines: list[str] = []
+    _, hist = pnp_forward_backward(
+        smoothing_denoiser(clean.shape[1:]), blur, y, 1.0, tol=1e-6, log=lines.append, log_every=5
+    )
+    last = int(hist["iterations"].max())
+    assert len(lines) == (last - 1) // 5 > 0  # none after the last image stopped
+    pattern = (
+        r"PnP iteration (\d+)/300: ([12]) of 2 images iterating, largest relative change "
+        r"\d\.\d\de[-+]\d\d, elapsed \d+ s, ETA at most \d+ s"
+    )
+    for i, line in enumerate(lines):
+        match = re.fullmatch(pattern, line)
+        assert match and int(match[1]) == 5 * (i + 1), line
+
+
+def test_pnp_with_the_denoiser_applied_in_chunks_is_the_same_iteration(deblur_problem) -> None:
+    """The pipeline calls the denoiser on ``pnp.batch_size`` images at a time (bounded memory):
+    for a denoiser acting on each image alone, the iterates are the same."""
+    clean, blur, y = deblur_problem
+    denoiser = smoothing_denoiser(clean.shape[1:])
+    whole = pnp_forward_backward(denoiser, blur, y, 1.0, tol=1e-6)
+    chunked = pnp_forward_backward(
+        lambda v: torch.cat([denoiser(c) for c in v.split(1)]), blur, y, 1.0, tol=1e-6
+    )
+    assert torch.equal(whole[0], chunked[0])
+    assert all(torch.equal(whole[1][k], chunked[1][k]) for k in ("iterations", "converged"))

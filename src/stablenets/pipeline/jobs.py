@@ -522,7 +522,16 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     size = (clean.shape[-2], clean.shape[-1])
     alpha = model.averagedness(size)
     x, hist = pnp.pnp_forward_backward(
-        model, blur, observed, p["eta"], p["relax"], p["max_iter"], p["tol"], reference=clean
+        lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever n_images
+        blur,
+        observed,
+        p["eta"],
+        p["relax"],
+        p["max_iter"],
+        p["tol"],
+        reference=clean,
+        log=log,
+        log_every=p["log_every"],
     )
     hist = {k: v.cpu().numpy() for k, v in hist.items()}
     eps32 = float(torch.finfo(torch.float32).eps)
