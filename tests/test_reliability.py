@@ -41,6 +41,7 @@ from workflow_helpers import (
     copy_workflow,
     local_env,
     snakemake,
+    training_processes,
 )
 
 from stablenets import data
@@ -675,11 +676,7 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_the_same_tables
         time.sleep(0.1)
     # Stop the training where it is (SIGKILL below ends a stopped process as any other): on a
     # loaded machine the test could otherwise look again only after the job has ended.
-    wanted = str(ckpt.parent.relative_to(work))
-    trainers = [
-        pid for pid, command in locks.workflow_processes(work)
-        if " -m stablenets train " in f" {command} " and wanted in command
-    ]  # fmt: skip
+    trainers = training_processes(work, ckpt)
     for pid in trainers:
         os.kill(pid, signal.SIGSTOP)
     ended = "the training ended before the test could stop it (an overloaded machine?)"

@@ -32,7 +32,7 @@ import torch
 import yaml
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
-from workflow_helpers import BIN, ROOT, copy_workflow
+from workflow_helpers import BIN, ROOT, copy_workflow, training_processes
 
 from stablenets.pipeline import locks
 from stablenets.pipeline.config import load_config
@@ -292,15 +292,6 @@ def _make_smoke_slurm(work: Path, out: Path) -> subprocess.Popen:
     )
 
 
-def _training_process(work: Path, checkpoint: Path) -> int | None:
-    """The pid of the training job (``python -m stablenets train``) writing ``checkpoint``."""
-    wanted = str(checkpoint.parent.relative_to(work))
-    for pid, command in locks.workflow_processes(work):
-        if " -m stablenets train " in f" {command} " and wanted in command:
-            return pid
-    return None
-
-
 def _cancel_freeze_and_kill(make: subprocess.Popen, work: Path) -> tuple[int, int]:
     """While ``make`` runs: ``scancel`` the resnet training job once it has written its first
     checkpoint (Snakemake resubmits it); stop (SIGSTOP) the averaged denoiser's training process
@@ -325,10 +316,9 @@ def _cancel_freeze_and_kill(make: subprocess.Popen, work: Path) -> tuple[int, in
             trained = list(work.glob(FROZEN_MODELS))
             assert not trained, f"{trained} was trained before its job could be stopped"
             for ckpt in work.glob(FROZEN_CHECKPOINTS):
-                pid = _training_process(work, ckpt)
-                if pid is not None:
-                    os.kill(pid, signal.SIGSTOP)
-                    frozen = (ckpt, locks._slurm_job_of(pid))
+                if pids := training_processes(work, ckpt):
+                    os.kill(pids[0], signal.SIGSTOP)
+                    frozen = (ckpt, locks._slurm_job_of(pids[0]))
                     break
         submitted = (work / "make.out").read_text()
         if cancelled and frozen and "rule evaluate_classifier" in submitted:

@@ -57,3 +57,15 @@ def snakemake(workdir: Path, *args: str, timeout: int = 3600) -> subprocess.Comp
         timeout=timeout,
         env=local_env(),
     )
+
+
+def training_processes(work: Path, checkpoint: Path) -> list[int]:
+    """The pids of the training jobs (``python -m stablenets train``) in ``work`` whose
+    checkpoint folder is ``checkpoint``'s."""
+    from stablenets.pipeline import locks
+
+    wanted = str(checkpoint.parent.relative_to(work))
+    return [
+        pid for pid, command in locks.workflow_processes(work)
+        if " -m stablenets train " in f" {command} " and wanted in command
+    ]  # fmt: skip
