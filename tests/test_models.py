@@ -10,11 +10,12 @@ import pytest
 import torch
 from audit import adversary, averaged_objective
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import stablenets
 from stablenets.nn.blocks import NonexpansiveBlock, compose_averaged
-from stablenets.nn.models import build_model, load_model, read_checkpoint, save_model
-from stablenets.nn.operators import Conv2dOperator, LinearOperator
+from stablenets.nn.models import MODELS, build_model, load_model, read_checkpoint, save_model
+from stablenets.nn.operators import Conv2dOperator, LinearOperator, pinned_weights
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
 
@@ -244,6 +245,49 @@ def test_eval_forward_uses_the_certified_bound_for_the_input_size():
         for block, (n, norm) in zip(model.blocks, model.block_stats(), strict=True):
             assert norm == block.operator.norm_bound(size)
             assert n == block.substeps(norm)
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every tensor method that copies to the host (a device synchronisation on a GPU)."""
+
+    METHODS = frozenset(
+        {
+            torch.Tensor.cpu,
+            torch.Tensor.item,
+            torch.Tensor.tolist,
+            torch.Tensor.numpy,
+            torch.Tensor.__float__,
+            torch.Tensor.__int__,
+            torch.Tensor.__bool__,
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.METHODS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_forward_and_backward_read_nothing_on_the_host_with_pinned_weights(name):
+    """What an attack runs thousands of times per point: no per-pass synchronisation (only the
+    input's shape and host copies of the norms decide the sub-steps)."""
+    torch.manual_seed(0)
+    model = build_model(name, **SMALL.get(name, {})).eval()
+    size = model.input_size if hasattr(model, "input_size") else (8, 8)
+    x = torch.rand(2, 3, *size, requires_grad=True)
+    model(x)  # certificates computed once, outside the probe
+    with pinned_weights(model), _HostReads() as reads:
+        model(x).square().sum().backward()
+    assert reads.seen == []
+    if any(isinstance(m, NonexpansiveBlock) for m in model.modules()):
+        with _HostReads() as unpinned:  # the probe sees the per-pass hashing it replaces
+            model(x)
+        assert "cpu" in unpinned.seen
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from stablenets.nn.operators import (
     TORUS_TOLERANCE,
     Conv2dOperator,
     DenseOperator,
+    LinearOperator,
     conv_symbol_taps,
+    pinned_weights,
     torus_norm_bound,
 )
 
@@ -603,3 +605,54 @@ def test_bound_is_cached_per_input_size():
         assert op.norm_bound((3, 3)) == small == _fresh_bound(op, (3, 3))
         assert op.norm_bound((9, 9)) == large == _fresh_bound(op, (9, 9))
     assert op.norm_bound() == _fresh_bound(op, op.input_size)
+
+
+# --------------------------------------------------------------------------------------------
+# pinned_weights: one hash per scope, and a changed weight is caught on exit
+
+
+def test_pinned_weights_hash_once_and_serve_the_bounds_of_the_weights(monkeypatch):
+    model = nn.Sequential(*_ops_for_cache())
+    expected = [op.norm_bound() for op in model]
+    calls = []
+    real = LinearOperator._content_stamp
+    monkeypatch.setattr(
+        LinearOperator, "_content_stamp", lambda op: calls.append(op) or real(op)
+    )
+    with pinned_weights(model):
+        assert len(calls) == len(model)
+        for _ in range(3):
+            assert [op.norm_bound() for op in model] == expected
+        assert len(calls) == len(model)
+    assert len(calls) == 2 * len(model)  # the check on exit
+    calls.clear()
+    assert [op.norm_bound() for op in model] == expected
+    assert len(calls) == len(model)  # unpinned again: every lookup hashes
+
+
+@pytest.mark.parametrize("edit", ["in_place", "data"])
+def test_a_weight_changed_inside_pinned_weights_fails_on_exit_naming_it(edit):
+    model = nn.Sequential(*_ops_for_cache())
+    with pytest.raises(RuntimeError, match=r"weights of 1 changed inside pinned_weights"):
+        with pinned_weights(model):
+            if edit == "in_place":
+                with torch.no_grad():
+                    model[1].weight.mul_(2.0)
+            else:
+                model[1].weight.data = model[1].weight.data * 2.0
+    assert model[1].norm_bound() == _fresh_bound(model[1])  # unpinned: the new weight's bound
+
+
+def test_pinned_weights_nest_and_let_an_error_of_the_body_through():
+    model = nn.Sequential(*_ops_for_cache())
+    with pinned_weights(model):
+        with pinned_weights(model[0]):
+            pass
+        assert all(op.__dict__.get("_pinned_stamp") is not None for op in model)
+    assert all(op.__dict__.get("_pinned_stamp") is None for op in model)
+    with pytest.raises(KeyError, match="body"):
+        with pinned_weights(model):
+            with torch.no_grad():
+                model[0].weight.mul_(2.0)
+            raise KeyError("body")
+    assert all(op.__dict__.get("_pinned_stamp") is None for op in model)

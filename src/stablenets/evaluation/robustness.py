@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stablenets.nn.operators import pinned_weights
+
 if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
     from pyautoattack import AutoAttack
     from pyautoattack.autoattack import AttackName
@@ -57,11 +59,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in evaluation mode, restoring each one's flag on exit."""
+    """Put every submodule in evaluation mode with its weights pinned (``pinned_weights``: no
+    weight hashing, so no device synchronisation, per forward pass), restoring each one's flag on
+    exit."""
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        yield model
+        with pinned_weights(model):
+            yield model
     finally:
         for module, flag in flags:
             module.training = flag

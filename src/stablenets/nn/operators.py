@@ -10,7 +10,8 @@ Every operator ``A`` offers ``forward`` (``A x + b``), ``matvec`` (bias-free ``A
 * ``norm_bound(input_size)``: a *certified upper* bound of ``||A||_2`` for inputs of the given
   spatial size, computed only when asked and recomputed whenever the weight changes (keyed on a
   hash of the weight's content, so ``load_state_dict``, in-place edits and ``.data`` assignments
-  are all seen).
+  are all seen). ``pinned_weights(model)`` hashes once for a scope in which the weights stay
+  fixed (an attack), and checks on exit that they did.
 
 **Convolutions.** Extend the input by zeros to ``Z^2``: the zero-padded, strided convolution of an
 ``n``-sized input is a compression ``R D_s C E`` (``E`` the isometric embedding, ``C`` the
@@ -56,6 +57,7 @@ __all__ = [
     "conv_symbol_taps",
     "torus_norm_bound",
     "power_iteration_all",
+    "pinned_weights",
 ]
 
 # Relative inflation of every certified norm, covering the float64 rounding of the certificates.
@@ -444,11 +446,17 @@ class LinearOperator(nn.Module):
     def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _stamp(self) -> tuple:
-        """A fingerprint of the weight's *content*: no edit, however made, leaves a stale bound."""
+    def _content_stamp(self) -> tuple:
+        """A fingerprint of the weight's *content*: no edit, however made, leaves a stale bound.
+        It copies the weight to the host (a device synchronisation on a GPU)."""
         w = self.weight.detach()
         digest = hashlib.blake2b(w.cpu().contiguous().numpy().tobytes(), digest_size=16)
         return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
+
+    def _stamp(self) -> tuple:
+        """The content stamp, or the one taken when ``pinned_weights`` pinned this operator."""
+        pinned = self.__dict__.get("_pinned_stamp")
+        return pinned if pinned is not None else self._content_stamp()
 
     def _cached(self, what: Hashable, compute: Callable[[], _T]) -> _T:
         """``compute()`` cached under ``what`` until the weight's content changes (entries of
@@ -805,6 +813,38 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     foreach_copy([op.u for op in ops], list(u.split(first.u.shape[1], dim=1)))
     foreach_copy([op.sigma_estimate for op in ops], list(stored.unbind()))
     return stored
+
+
+@contextlib.contextmanager
+def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Take ``model``'s operator weights as fixed within this scope (an attack, a PnP run).
+
+    A certified bound is cached under a hash of the weight's content, so every ``eval()`` forward
+    pass hashes every block's weight: a copy to the host and, on a GPU, a device synchronisation
+    per block that stops the host from queueing kernels ahead. Here the hash is taken once on
+    entry and reused; on exit it is taken again, and a weight changed inside the scope raises
+    ``RuntimeError`` naming it, since bounds looked up after the change may have been stale.
+    Operators already pinned by an enclosing scope are left to it."""
+    ours = [
+        (name, op)
+        for name, op in model.named_modules()
+        if isinstance(op, LinearOperator) and op.__dict__.get("_pinned_stamp") is None
+    ]
+    for _, op in ours:
+        op.__dict__["_pinned_stamp"] = op._content_stamp()
+    failed = True
+    try:
+        yield model
+        failed = False
+    finally:
+        changed = [name for name, op in ours if op._content_stamp() != op._pinned_stamp]
+        for _, op in ours:
+            op.__dict__["_pinned_stamp"] = None
+        if changed and not failed:
+            raise RuntimeError(
+                f"weights of {', '.join(changed)} changed inside pinned_weights(): certified "
+                "bounds used there may be stale"
+            )
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from stablenets.nn.models import (
     read_checkpoint,
     save_model,
 )
+from stablenets.nn.operators import pinned_weights
 from stablenets.pipeline.runtime import (
     config_hash,
     provenance,
@@ -365,11 +366,9 @@ def _noisy_test(
     return clean.to(device), noisy.to(device)
 
 
-def _batched(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
-) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([f(b) for b in x.split(batch)])
+def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    with torch.no_grad(), pinned_weights(model):
+        return torch.cat([model(b) for b in x.split(batch)])
 
 
 def _crops(
@@ -521,18 +520,19 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     size = (clean.shape[-2], clean.shape[-1])
     alpha = model.averagedness(size)
-    x, hist = pnp.pnp_forward_backward(
-        lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever n_images
-        blur,
-        observed,
-        p["eta"],
-        p["relax"],
-        p["max_iter"],
-        p["tol"],
-        reference=clean,
-        log=log,
-        log_every=p["log_every"],
-    )
+    with pinned_weights(model):  # hashed once, not at every iteration
+        x, hist = pnp.pnp_forward_backward(
+            lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever n_images
+            blur,
+            observed,
+            p["eta"],
+            p["relax"],
+            p["max_iter"],
+            p["tol"],
+            reference=clean,
+            log=log,
+            log_every=p["log_every"],
+        )
     hist = {k: v.cpu().numpy() for k, v in hist.items()}
     eps32 = float(torch.finfo(torch.float32).eps)
     monotone = True
