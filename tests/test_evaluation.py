@@ -169,3 +169,11 @@ def test_an_unreadable_progress_file_is_ignored_with_a_log_line(trained, uninter
     assert "ignoring unreadable" in done.stdout
     expected, got = numbers(uninterrupted[0] / "eval.h5"), numbers(tmp_path / "eval.h5")
     assert all(np.array_equal(expected[k], got[k]) for k in expected if k != "attr git_commit")
+
+
+def test_saved_progress_resumes_whatever_the_saving_and_logging_intervals():
+    spec = json.loads(smoke_jobs().eval_spec("classification", VARIANT, 0))
+    slower = {**spec, "evaluate": {**spec["evaluate"], "save_every_s": 600, "log_every_s": 1}}
+    other = {**spec, "evaluate": {**spec["evaluate"], "n_test": 7}}
+    assert pipeline_jobs._sweep_hash(slower) == pipeline_jobs._sweep_hash(spec)
+    assert pipeline_jobs._sweep_hash(other) != pipeline_jobs._sweep_hash(spec)

@@ -616,9 +616,7 @@ def test_pinned_weights_hash_once_and_serve_the_bounds_of_the_weights(monkeypatc
     expected = [op.norm_bound() for op in model]
     calls = []
     real = LinearOperator._content_stamp
-    monkeypatch.setattr(
-        LinearOperator, "_content_stamp", lambda op: calls.append(op) or real(op)
-    )
+    monkeypatch.setattr(LinearOperator, "_content_stamp", lambda op: calls.append(op) or real(op))
     with pinned_weights(model):
         assert len(calls) == len(model)
         for _ in range(3):

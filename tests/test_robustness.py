@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import re
+import time
 from functools import partial
 
 import numpy as np
@@ -684,3 +687,43 @@ def test_pass_times_cover_each_batch_and_precision_and_grow_with_the_sub_steps()
     longer = build_model("nonexpansive_classifier", **kwargs, time=40.0)
     fast, slow = (seconds_per_pass(m, x, [64], repeats=3)[0] for m in (model, longer))
     assert slow["forward_backward_s_per_image"] > fast["forward_backward_s_per_image"]
+
+
+def _blocking(attack, lines: list[str], beats: int):
+    """``attack`` that returns only after the log got ``beats`` heartbeat lines (at most 10 s):
+    an attack call long enough to need them, without a timing race."""
+
+    def wrapped(model, x, y, eps, seed):
+        deadline = time.monotonic() + 10
+        while sum("running for" in line for line in lines) < beats:
+            assert time.monotonic() < deadline, "no heartbeat line within 10 s"
+            time.sleep(0.005)
+        return attack(model, x, y, eps, seed=seed)
+
+    return wrapped
+
+
+def test_a_long_attack_call_logs_a_line_every_log_every_s_naming_radius_pass_and_points():
+    model, x, y, lip = linear_case(7)
+    lines: list[str] = []
+    strong = _blocking(partial(pgd_l2, steps=20, rel_step=0.1), lines, beats=2)
+    plan = sweep_plan(strong=strong, radii=(0.01, 0.04), strong_radii=frozenset({0.04}))
+    m, correct = margins(model, x, y, 64)
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    sweep(model, x, y, plan, state, log=lines.append, log_every_s=0.01)
+    beats = [line for line in lines if "running for" in line]
+    assert len(beats) >= 2
+    assert re.fullmatch(r"eps 0\.0400 \(2/2\), strong attack on points 1-\d+ of \d+: running "
+                        r"for \d+ s", beats[0]), beats[0]  # fmt: skip
+    after = len(lines)
+    time.sleep(0.1)
+    assert len(lines) == after  # the heartbeat ends with the call
+
+    plan = dataclasses.replace(plan, bisect_radii=np.linspace(0.0, 0.04, 9))
+    lines.clear()
+    bisect(model, x, y, plan, state, log=lines.append, log_every_s=0.01)
+    beats = [line for line in lines if "running for" in line]
+    assert beats and beats[0].startswith("bisection round 1, eps "), beats
+    after = len(lines)
+    time.sleep(0.1)
+    assert len(lines) == after

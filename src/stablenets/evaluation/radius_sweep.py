@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +200,27 @@ def _attack_batch(
     return torch.where(fooled, dist, torch.full_like(dist, math.inf)).cpu()
 
 
+@contextmanager
+def _heartbeat(log: Callable[[str], None], every_s: float, what: str) -> Iterator[None]:
+    """A line ``"<what>: running for N s"`` every ``every_s`` seconds while the body runs: one
+    strong-attack call on a batch takes minutes at paper scale (AutoAttack standard pays about
+    10^4 passes per point it cannot break), and a silent log cannot be told from a hung job.
+    The thread only formats ``what`` and the time; it never reads the sweep's state."""
+    done, t0 = threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            log(f"{what}: running for {time.perf_counter() - t0:.0f} s")
+
+    thread = threading.Thread(target=beat, name="attack-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _record(
     state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: float, name: str
 ) -> None:
@@ -280,8 +303,9 @@ def sweep(
     Resumable: ``save(state)`` is called after every batch; rerunning with the saved state
     attacks exactly the batches an uninterrupted run would (seeds per radius, pass and batch).
     ``stop()`` is polled after every batch: when true, the state is saved and returned early
-    (``state.radius_index < len(plan.radii)``). One log line per radius (and per ``log_every_s``
-    within one): radius, points left, robust accuracy so far, elapsed time, ETA.
+    (``state.radius_index < len(plan.radii)``). One log line per radius (and after a batch when
+    ``log_every_s`` passed since the last): radius, points left, robust accuracy so far, elapsed
+    time, ETA; and while one attack call runs longer, a line every ``log_every_s`` naming it.
     """
     device = model_device(model)
     started, last_line = time.perf_counter(), time.perf_counter()
@@ -300,9 +324,14 @@ def sweep(
                     idx = state.todo[state.done : state.done + plan.batch_size]
                     xb, yb = x[idx].to(device), y[idx].to(device).long()
                     t0 = time.perf_counter()
+                    what = (
+                        f"eps {e:.4f} ({k + 1}/{len(plan.radii)}), {pass_name} attack on points "
+                        f"{state.done + 1}-{state.done + len(idx)} of {len(state.todo)}"
+                    )
                     for attack in filter(None, attacks):
                         seed = _batch_seed(plan.seed, k, pass_name, b)
-                        dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
+                        with _heartbeat(log, log_every_s, what):
+                            dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
                         _record(state, pass_name, idx, dist, round(e, 12), name)
                     if pass_name == "audit":
                         state.audited[round(e, 12)] = state.audited.get(round(e, 12), 0) + len(idx)
@@ -382,6 +411,7 @@ def bisect(
     save: Callable[[SweepState], None] = lambda state: None,
     stop: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = print,
+    log_every_s: float = 60.0,
 ) -> SweepState:
     """The strong attack on ``plan.bisect_radii`` by bisection between each point's bounds.
 
@@ -393,7 +423,8 @@ def bisect(
     bisection must) that the attack would fail at smaller radii too. About ``log2(hi - lo)``
     attacks per point instead of one per radius; ``tests/test_robustness.py`` and
     ``stablenets.bench.evaluation`` measure the strength against attacking every radius. Resumable and
-    polled like ``sweep``; one log line per round.
+    polled like ``sweep``; one log line per round, and one every ``log_every_s`` while an attack
+    call runs longer.
     """
     if len(plan.bisect_radii) == 0 or plan.strong is None:
         return state
@@ -418,7 +449,12 @@ def bisect(
                 xb, yb = x[idx].to(device), y[idx].to(device).long()
                 t0 = time.perf_counter()
                 seed = _batch_seed(plan.seed, state.round, "bisect", state.done)
-                dist = _attack_batch(model, plan.strong, xb, yb, e, seed, plan.radius_tol)
+                what = (
+                    f"bisection round {state.round + 1}, eps {e:.4f}: points {state.done + 1}-"
+                    f"{state.done + len(idx)} of {len(state.todo)}"
+                )
+                with _heartbeat(log, log_every_s, what):
+                    dist = _attack_batch(model, plan.strong, xb, yb, e, seed, plan.radius_tol)
                 _record(state, "bisect", idx, dist, e, name)
                 fooled = torch.isfinite(dist)
                 first = torch.searchsorted(grid, dist[fooled].contiguous())

@@ -225,7 +225,7 @@ def _sweep(
     name: str,
     progress: Path,
     key: str,
-    save_every_s: float,
+    ev: dict,
     log: Log,
 ) -> radius_sweep.SweepState:
     """Run (or resume) the radius sweep, saving its state to ``progress``; a stop signal saves
@@ -237,18 +237,31 @@ def _sweep(
     with StopFlag() as stop:
 
         def save(s: radius_sweep.SweepState) -> None:
-            if stop.raised or time.monotonic() - last[0] >= save_every_s:
+            if stop.raised or time.monotonic() - last[0] >= ev["save_every_s"]:
                 with atomic_path(progress) as tmp:
                     torch.save({"key": key, "state": s.to_dict()}, tmp)
                 last[0] = time.monotonic()
 
         for search in (radius_sweep.sweep, radius_sweep.bisect):
             if not stop.raised:
-                state = search(model, x, y, plan, state, name, save, lambda: stop.raised, log)
+                state = search(
+                    model, x, y, plan, state, name, save, lambda: stop.raised, log,
+                    ev["log_every_s"],
+                )  # fmt: skip
         if stop.raised:
             save(state)  # the signal may have come after the last batch's save
             raise Interrupted(f"signal {stop.signum}: progress {progress} written; rerun to resume")
     return state
+
+
+_SWEEP_HOUSEKEEPING = ("save_every_s", "log_every_s")
+
+
+def _sweep_hash(spec: dict) -> str:
+    """The hash saved progress must match to resume: the spec without the evaluation's saving
+    and logging intervals (they change no number)."""
+    ev = {k: v for k, v in spec["evaluate"].items() if k not in _SWEEP_HOUSEKEEPING}
+    return config_hash({**spec, "evaluate": ev})
 
 
 def _resume_sweep(progress: Path, key: str, log: Log) -> radius_sweep.SweepState | None:
@@ -286,11 +299,11 @@ def evaluate_classifier(
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"])
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
-    key = "-".join([config_hash(spec), *digests])  # the same job on the same model and data
+    key = "-".join([_sweep_hash(spec), *digests])  # the same job on the same model and data
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
-        spec["variant"], workdir / "progress.pt", key, ev["save_every_s"], log,
+        spec["variant"], workdir / "progress.pt", key, ev, log,
     )  # fmt: skip
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
