@@ -669,7 +669,7 @@ def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point():
 
 
 def test_pass_times_cover_each_batch_and_precision_and_grow_with_the_sub_steps():
-    """``seconds_per_pass``: one row per batch size and precision, positive seconds per image; a
+    """``seconds_per_pass``: one row per batch size and setting, positive seconds per image; a
     model integrating four times as long (more sub-steps in eval mode) costs more per pass."""
     from stablenets.bench.evaluation import seconds_per_pass
     from stablenets.nn.models import build_model
@@ -679,8 +679,9 @@ def test_pass_times_cover_each_batch_and_precision_and_grow_with_the_sub_steps()
     model = build_model("nonexpansive_classifier", **kwargs)
     x = torch.rand(3, 3, 8, 8)
     rows = seconds_per_pass(model, x, [2, 5], repeats=1)
-    assert [(r["batch"], r["precision"]) for r in rows] == [
-        (2, "float32"), (5, "float32"), (2, "bfloat16"), (5, "bfloat16")
+    assert [(r["batch"], r["precision"], r["weights"]) for r in rows] == [
+        (2, "float32", "pinned"), (5, "float32", "pinned"), (2, "bfloat16", "pinned"),
+        (5, "bfloat16", "pinned"), (2, "float32", "hashed"), (5, "float32", "hashed"),
     ]  # fmt: skip
     for r in rows:
         assert 0 < r["forward_s_per_image"] < r["forward_backward_s_per_image"], r

@@ -189,14 +189,16 @@ def seconds_per_pass(
     """Seconds per image of a forward pass and of a forward + backward pass to the input (the
     gradient of the logits' log-sum-exp, as an attack's step takes one) of ``model`` in eval mode
     (its evaluation sub-step counts), at each batch size (``x`` tiled up to it) in float32 and
-    under bf16 autocast, on ``model``'s device. An attack's cost is its image-passes per point
-    (``passes_per_point``) times these; a batch that runs out of memory gives ``"oom"``."""
+    under bf16 autocast with the weights pinned (as the attacks run), then in float32 with every
+    pass hashing the weights (``weights: hashed``, as they ran before ``pinned_weights``), on
+    ``model``'s device. An attack's cost is its image-passes per point (``passes_per_point``)
+    times these; a batch that runs out of memory gives ``"oom"``."""
     device = robustness.model_device(model)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows: list[dict[str, object]] = []
-    with robustness.eval_mode(model):
-        for precision in ("float32", "bfloat16"):
+    for precision, pin in (("float32", True), ("bfloat16", True), ("float32", False)):
+        with robustness.eval_mode(model, pin=pin):
             for batch in batches:
                 xb = x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch].to(device)
                 autocast = torch.autocast(device.type, torch.bfloat16, precision == "bfloat16")
@@ -211,7 +213,11 @@ def seconds_per_pass(
                         out = model(xg)
                     torch.autograd.grad(out.float().logsumexp(1).sum(), xg)
 
-                row: dict[str, object] = {"batch": batch, "precision": precision}
+                row: dict[str, object] = {
+                    "batch": batch,
+                    "precision": precision,
+                    "weights": "pinned" if pin else "hashed",
+                }
                 try:
                     row["forward_s_per_image"] = _timed(forward, sync, repeats) / batch
                     row["forward_backward_s_per_image"] = _timed(backward, sync, repeats) / batch
