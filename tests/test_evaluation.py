@@ -19,6 +19,8 @@ import yaml
 from snakemake.utils import update_config
 
 from stablenets import data
+from stablenets.evaluation import radius_sweep
+from stablenets.pipeline import cli
 from stablenets.pipeline import jobs as pipeline_jobs
 from stablenets.pipeline.config import validate_config
 from stablenets.pipeline.specs import Jobs
@@ -177,3 +179,38 @@ def test_saved_progress_resumes_whatever_the_saving_and_logging_intervals():
     other = {**spec, "evaluate": {**spec["evaluate"], "n_test": 7}}
     assert pipeline_jobs._sweep_hash(slower) == pipeline_jobs._sweep_hash(spec)
     assert pipeline_jobs._sweep_hash(other) != pipeline_jobs._sweep_hash(spec)
+
+
+def test_out_of_memory_keeps_the_progress_and_says_which_batch_size_to_lower(
+    trained, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """Progress is kept even when the last save was long ago (``save_every_s`` here far
+    above the run's length): the rerun resumes from the batch that ran out of memory."""
+    spec, model, dataset = trained
+    rare_saves = {**spec, "evaluate": {**spec["evaluate"], "save_every_s": 1.0e6}}
+    real, calls = radius_sweep._attack_batch, []
+
+    def attack_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(radius_sweep, "_attack_batch", attack_batch)
+    argv = command(trained, tmp_path)[3:]
+    argv[argv.index("--spec") + 1] = json.dumps(rare_saves)
+    assert cli.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [
+        "stablenets evaluate-classifier: error: out of memory (CUDA, tried to allocate 2.00 GiB): "
+        f"lower classification.evaluate.batch_size (now {spec['evaluate']['batch_size']}); what "
+        "the job saved is kept, and a rerun resumes from it"
+    ]
+    saved = torch.load(tmp_path / "work" / "progress.pt", weights_only=True)["state"]
+    assert sum(saved["points"].values()) > 0
+    monkeypatch.undo()
+    resumed = run(trained, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    expected, got = numbers(uninterrupted[0] / "eval.h5"), numbers(tmp_path / "eval.h5")
+    assert all(np.array_equal(expected[k], got[k]) for k in expected if k != "attr git_commit")

@@ -58,6 +58,7 @@ from stablenets.pipeline import jobs as pipeline_jobs
 from stablenets.pipeline.config import ConfigError, overlay, validate_config
 from stablenets.pipeline.runtime import config_hash, provenance, read_results, sidecar_path
 from stablenets.pipeline.specs import Jobs
+from stablenets.train.memory import is_out_of_memory
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 PROVENANCE_KEYS = ("config_hash", "seed", "versions", "git_commit")
@@ -804,10 +805,33 @@ def run_capped(spec: dict, dataset: Path, out: Path) -> subprocess.CompletedProc
 
 
 def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_cifar, tmp_path):
-    """The failure the limit prevents (the CPU twin of a CUDA out-of-memory at 139 GiB)."""
-    died = run_capped(smoke_train_spec(**RUNAWAY, max_substeps=10**6), smoke_cifar, tmp_path)
+    """The failure the limit prevents (the CPU twin of a CUDA out-of-memory at 139 GiB): still
+    one line, naming the settings that bound the memory, but not the block that ran away."""
+    spec = smoke_train_spec(**RUNAWAY, max_substeps=10**6)
+    died = run_capped(spec, smoke_cifar, tmp_path)
     assert died.returncode == 1
-    assert "Traceback" in died.stderr and "can't allocate memory" in died.stderr, died.stderr
+    line = one_error_line(
+        died.stderr,
+        "stablenets train: error: out of memory (CPU, tried to allocate ",
+        f"lower classification.train.batch_size (now {spec['train']['batch_size']}) or "
+        "classification.train.max_substeps (now 1000000)",
+        "a rerun resumes from it",
+    )
+    assert "block" not in line
+
+
+@pytest.mark.parametrize(
+    "err, expected",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
+        (MemoryError(), True),
+        (RuntimeError("shape mismatch"), False),
+        (ValueError("can't allocate memory"), False),
+    ],
+)  # fmt: skip
+def test_out_of_memory_is_recognised_on_either_device(err, expected):
+    assert is_out_of_memory(err) is expected
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

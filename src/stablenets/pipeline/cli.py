@@ -1,7 +1,8 @@
 """Command line: ``python -m stablenets <job> --spec JSON ...``, one subcommand per rule kind.
 
 Every job prints one clear line and exits non-zero on bad input instead of a deep traceback
-(``--debug`` shows the traceback). A training job interrupted by SIGUSR1/SIGTERM exits with
+(``--debug`` shows the traceback), and so does a job that runs out of memory (naming the settings
+that bound it). A training job interrupted by SIGUSR1/SIGTERM exits with
 code 75 (temporary failure) after writing its checkpoint; rerunning resumes it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,37 @@ _CLEAR_ERRORS = {
     "stablenets.train.loop": ["DivergenceError"],
     "stablenets.evaluation.robustness": ["InvariantError"],
 }
+
+
+# job -> the settings that bound its memory, as (config key, spec path) pairs; the training
+# job's task (classification or denoising) is the spec's.
+_MEMORY_SETTINGS = {
+    "train": [("{task}.train.batch_size", ("train", "batch_size")),
+              ("{task}.train.max_substeps", ("train", "max_substeps"))],
+    "evaluate-classifier": [("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
+    "evaluate-denoiser": [("denoising.evaluate.batch_size", ("evaluate", "batch_size"))],
+    "pnp": [("pnp.batch_size", ("pnp", "batch_size"))],
+}  # fmt: skip
+
+
+def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
+    """One line for a job that ran out of memory: where, how much it asked for, which settings
+    to lower (with their values) and that its saved work is kept."""
+    text = str(err)
+    where = "CUDA" if "CUDA" in text else "CPU" if "CPUAllocator" in text else "host"
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", text)
+    what = where + (f", tried to allocate {asked[1]}" if asked else "")
+    keys = []
+    for key, path in _MEMORY_SETTINGS.get(job, []):
+        value: object = spec
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        keys.append(f"{key.format(task=spec.get('task', '<task>'))} (now {value})")
+    advice = f"lower {' or '.join(keys)}" if keys else "run it where more memory is free"
+    return (
+        f"stablenets {job}: error: out of memory ({what}): {advice}; what the job saved is "
+        "kept, and a rerun resumes from it"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,13 +121,19 @@ def _loaded(module: str, name: str) -> type | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = _JOBS[args.job][2]
+    spec: dict = {}
     try:
-        _job(args.job)(_spec(args.spec), *(getattr(args, p) for p in paths), log=_log)
+        spec = _spec(args.spec)
+        _job(args.job)(spec, *(getattr(args, p) for p in paths), log=_log)
     except Exception as err:
         interrupted = _loaded("stablenets.interrupt", "Interrupted")
         if interrupted is not None and isinstance(err, interrupted):
             print(f"stablenets {args.job}: {err}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        memory = _loaded("stablenets.train.memory", "is_out_of_memory")
+        if not args.debug and memory is not None and memory(err):
+            print(_out_of_memory_line(args.job, spec, err), file=sys.stderr)
+            return 1
         clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
         if args.debug or not isinstance(err, (ValueError, *filter(None, clear))):
             raise

@@ -43,7 +43,7 @@ from stablenets.pipeline.runtime import (
 )
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
-from stablenets.train.memory import peak_memory_mb
+from stablenets.train.memory import is_out_of_memory, peak_memory_mb
 from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 __all__ = [
@@ -236,18 +236,23 @@ def _sweep(
     last = [time.monotonic()]
     with StopFlag() as stop:
 
-        def save(s: radius_sweep.SweepState) -> None:
-            if stop.raised or time.monotonic() - last[0] >= ev["save_every_s"]:
+        def save(s: radius_sweep.SweepState, force: bool = False) -> None:
+            if force or stop.raised or time.monotonic() - last[0] >= ev["save_every_s"]:
                 with atomic_path(progress) as tmp:
                     torch.save({"key": key, "state": s.to_dict()}, tmp)
                 last[0] = time.monotonic()
 
-        for search in (radius_sweep.sweep, radius_sweep.bisect):
-            if not stop.raised:
-                state = search(
-                    model, x, y, plan, state, name, save, lambda: stop.raised, log,
-                    ev["log_every_s"],
-                )  # fmt: skip
+        try:
+            for search in (radius_sweep.sweep, radius_sweep.bisect):
+                if not stop.raised:
+                    state = search(
+                        model, x, y, plan, state, name, save, lambda: stop.raised, log,
+                        ev["log_every_s"],
+                    )  # fmt: skip
+        except (RuntimeError, MemoryError) as err:
+            if is_out_of_memory(err):  # the state is that after the last whole batch: keep it
+                save(state, force=True)
+            raise
         if stop.raised:
             save(state)  # the signal may have come after the last batch's save
             raise Interrupted(f"signal {stop.signum}: progress {progress} written; rerun to resume")
