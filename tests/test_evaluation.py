@@ -163,6 +163,25 @@ def test_evalbench_compares_the_sweep_with_every_radius_on_a_smoke_model(smoke_r
     assert float(rows[0]["speedup"]) > 0 and "speedup" in done.stdout
 
 
+@pytest.mark.slow
+def test_pass_times_of_a_smoke_model_are_written_row_by_row_with_the_device(smoke_run, tmp_path):
+    """``python -m stablenets.bench.evaluation --pass-times``, as the device script runs it."""
+    out = tmp_path / "pass-times.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "stablenets.bench.evaluation", "--config", "config.yaml",
+         "config/smoke.yaml", "--variant", "nonexpansive", "--pass-times", "2,4", "--out", str(out)],
+        cwd=smoke_run, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["batch"], r["precision"], r["weights"]) for r in rows] == [
+        ("2", "float32", "pinned"), ("4", "float32", "pinned"), ("2", "bfloat16", "pinned"),
+        ("4", "bfloat16", "pinned"), ("2", "float32", "hashed"), ("4", "float32", "hashed"),
+    ]  # fmt: skip
+    assert all(r["device"] == "cpu" and float(r["forward_backward_s_per_image"]) > 0 for r in rows)
+    assert done.stdout.count("device cpu  batch ") == len(rows)
+
+
 def test_an_unreadable_progress_file_is_ignored_with_a_log_line(trained, uninterrupted, tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "progress.pt").write_bytes(b"not a torch file")

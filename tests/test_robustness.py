@@ -678,7 +678,9 @@ def test_pass_times_cover_each_batch_and_precision_and_grow_with_the_sub_steps()
     kwargs = {"base_width": 4, "blocks_per_stage": 1, "input_size": 8}
     model = build_model("nonexpansive_classifier", **kwargs)
     x = torch.rand(3, 3, 8, 8)
-    rows = seconds_per_pass(model, x, [2, 5], repeats=1)
+    seen: list[dict] = []
+    rows = seconds_per_pass(model, x, [2, 5], repeats=1, on_row=seen.append)
+    assert seen == rows  # each row as soon as it is measured (a run cut short keeps them)
     assert [(r["batch"], r["precision"], r["weights"]) for r in rows] == [
         (2, "float32", "pinned"), (5, "float32", "pinned"), (2, "bfloat16", "pinned"),
         (5, "bfloat16", "pinned"), (2, "float32", "hashed"), (5, "float32", "hashed"),

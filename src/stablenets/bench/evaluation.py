@@ -26,6 +26,7 @@ out-of-memory batch is recorded as such), and writes them to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import time
@@ -183,8 +184,18 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> 
     return float(np.median(times))
 
 
+PASS_TIME_FIELDS = [
+    "device", "batch", "precision", "weights", "forward_s_per_image", "forward_backward_s_per_image"
+]  # fmt: skip
+"""The columns of ``--pass-times``'s CSV: the device's name, then ``seconds_per_pass``'s row."""
+
+
 def seconds_per_pass(
-    model: nn.Module, x: Tensor, batches: list[int], repeats: int = 3
+    model: nn.Module,
+    x: Tensor,
+    batches: list[int],
+    repeats: int = 3,
+    on_row: Callable[[dict[str, object]], None] = lambda row: None,
 ) -> list[dict[str, object]]:
     """Seconds per image of a forward pass and of a forward + backward pass to the input (the
     gradient of the logits' log-sum-exp, as an attack's step takes one) of ``model`` in eval mode
@@ -192,7 +203,8 @@ def seconds_per_pass(
     under bf16 autocast with the weights pinned (as the attacks run), then in float32 with every
     pass hashing the weights (``weights: hashed``, as they ran before ``pinned_weights``), on
     ``model``'s device. An attack's cost is its image-passes per point (``passes_per_point``)
-    times these; a batch that runs out of memory gives ``"oom"``."""
+    times these; a batch that runs out of memory gives ``"oom"``. ``on_row`` gets each row as
+    soon as it is measured (a run cut short keeps what it measured)."""
     device = robustness.model_device(model)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -227,6 +239,7 @@ def seconds_per_pass(
                     if cuda:
                         torch.cuda.empty_cache()
                 rows.append(row)
+                on_row(row)
     return rows
 
 
@@ -246,26 +259,30 @@ def _job(configs: list[Path], variant: str, seed: int) -> tuple[dict, Path, Path
 def _write_pass_times(
     model: nn.Module, x: Tensor, batches: list[int], spec: dict, out: Path | None
 ) -> None:
-    """``--pass-times``: ``seconds_per_pass`` on the spec's device, printed and written to
-    ``out`` with the device's name."""
+    """``--pass-times``: ``seconds_per_pass`` on the spec's device, each row printed and
+    appended to ``out`` (with the device's name) as soon as it is measured."""
     from stablenets.pipeline.runtime import select_device
 
     device = select_device(spec.get("device", "auto"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rows = [
-        {"device": name, **r}
-        for r in seconds_per_pass(model.to(device), x[: max(batches)], batches)
-    ]
-    for r in rows:
-        print(
-            "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
-        )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    with open(out, "w", newline="") if out is not None else contextlib.nullcontext() as fh:
+        writer = csv.DictWriter(fh, PASS_TIME_FIELDS) if fh is not None else None
+        if writer is not None:
             writer.writeheader()
-            writer.writerows(rows)
+
+        def on_row(row: dict[str, object]) -> None:
+            r = {"device": name, **row}
+            line = "  ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+            )
+            print(line, flush=True)
+            if writer is not None and fh is not None:
+                writer.writerow(r)
+                fh.flush()
+
+        seconds_per_pass(model.to(device), x[: max(batches)], batches, on_row=on_row)
 
 
 def main(argv: list[str] | None = None) -> None:
