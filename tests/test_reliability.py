@@ -362,12 +362,12 @@ def test_checkpoint_from_another_config_is_ignored_with_a_log_line(server, datas
     assert "ignoring checkpoint" in text and "resumed" not in text
 
 
-def test_slurm_profile_requeues_and_signals_training_jobs_before_the_time_limit():
+def test_slurm_profile_requeues_and_signals_training_and_evaluation_jobs_before_the_time_limit():
     profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
     assert profile.get("slurm-requeue") is True
-    for rule in ("train_classifier", "train_denoiser"):
+    for rule in ("train_classifier", "train_denoiser", "evaluate_classifier"):
         settings = json.dumps(profile.get("set-resources", {}).get(rule, {}))
-        # SIGUSR1 or SIGTERM (training checkpoints on both), sent to every process of the job
+        # SIGUSR1 or SIGTERM (both save and exit 75), sent to every process of the job
         # step, not only to the batch shell ("B:"), which would not pass it on
         assert re.search(r"--signal=(SIG)?(USR1|TERM)@\d+", settings), (rule, settings)
 
