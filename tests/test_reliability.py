@@ -813,8 +813,9 @@ def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_c
     line = one_error_line(
         died.stderr,
         "stablenets train: error: out of memory (CPU, tried to allocate ",
-        f"lower classification.train.batch_size (now {spec['train']['batch_size']}) or "
-        "classification.train.max_substeps (now 1000000)",
+        f"lower classification.train.batch_size (now {spec['train']['batch_size']}), "
+        "classification.train.max_substeps (now 1000000) or classification.eval_batch (now "
+        f"{spec['eval_batch']})",
         "a rerun resumes from it",
     )
     assert "block" not in line
@@ -832,6 +833,19 @@ def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_c
 )  # fmt: skip
 def test_out_of_memory_is_recognised_on_either_device(err, expected):
     assert is_out_of_memory(err) is expected
+
+
+def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
+    err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has ...")
+    pnp = cli._out_of_memory_line("pnp", {"pnp": {"batch_size": 20}}, err)
+    assert pnp == (
+        "stablenets pnp: error: out of memory (CUDA, tried to allocate 7.50 GiB): lower "
+        "pnp.batch_size (now 20); a rerun starts it again"
+    )
+    tv = cli._out_of_memory_line("evaluate-tv", {}, MemoryError())
+    assert tv.endswith(
+        "out of memory (host): run it where more memory is free; a rerun starts it again"
+    )
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from stablenets import data
 from stablenets.evaluation import radius_sweep, robustness
 from stablenets.nn.models import Classifier, load_model
+from stablenets.train.memory import is_out_of_memory
 
 __all__ = [
     "per_radius",
@@ -233,7 +234,9 @@ def seconds_per_pass(
                 try:
                     row["forward_s_per_image"] = _timed(forward, sync, repeats) / batch
                     row["forward_backward_s_per_image"] = _timed(backward, sync, repeats) / batch
-                except torch.OutOfMemoryError:
+                except (RuntimeError, MemoryError) as err:
+                    if not is_out_of_memory(err):
+                        raise
                     row.setdefault("forward_s_per_image", "oom")
                     row["forward_backward_s_per_image"] = "oom"
                     if cuda:
@@ -278,7 +281,7 @@ def _write_pass_times(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
             )
             print(line, flush=True)
-            if writer is not None and fh is not None:
+            if writer is not None and fh is not None:  # both or neither
                 writer.writerow(r)
                 fh.flush()
 
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         metavar="B1,B2,...",
         help="only time forward and forward+backward image-passes at these batch sizes, on the "
-        "config's device, float32 and bf16",
+        "config's device: float32 and bf16 with the weights pinned, float32 with them hashed",
     )
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -455,7 +456,7 @@ class LinearOperator(nn.Module):
 
     def _stamp(self) -> tuple:
         """The content stamp, or the one taken when ``pinned_weights`` pinned this operator."""
-        pinned = self.__dict__.get("_pinned_stamp")
+        pinned = _PINS.get(self)
         return pinned if pinned is not None else self._content_stamp()
 
     def _cached(self, what: Hashable, compute: Callable[[], _T]) -> _T:
@@ -815,6 +816,11 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     return stored
 
 
+# The operators pinned by a live ``pinned_weights`` scope, with their stamps: held outside the
+# modules, so that a copy (``copy.deepcopy``, ``torch.save``) made inside a scope is not pinned.
+_PINS: weakref.WeakKeyDictionary[LinearOperator, tuple] = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Take ``model``'s operator weights as fixed within this scope (an attack, a PnP run).
@@ -828,23 +834,21 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     ours = [
         (name, op)
         for name, op in model.named_modules()
-        if isinstance(op, LinearOperator) and op.__dict__.get("_pinned_stamp") is None
+        if isinstance(op, LinearOperator) and op not in _PINS
     ]
-    for _, op in ours:
-        op.__dict__["_pinned_stamp"] = op._content_stamp()
-    failed = True
+    pins = {op: op._content_stamp() for _, op in ours}
+    _PINS.update(pins)
     try:
         yield model
-        failed = False
-    finally:
-        changed = [name for name, op in ours if op._content_stamp() != op._pinned_stamp]
-        for _, op in ours:
-            op.__dict__["_pinned_stamp"] = None
-        if changed and not failed:
-            raise RuntimeError(
-                f"weights of {', '.join(changed)} changed inside pinned_weights(): certified "
-                "bounds used there may be stale"
-            )
+    finally:  # unpinned whatever happened: an error of the body passes unchanged
+        for op in pins:
+            del _PINS[op]
+    changed = [name for name, op in ours if op._content_stamp() != pins[op]]
+    if changed:
+        raise RuntimeError(
+            f"weights of {', '.join(changed)} changed inside pinned_weights(): certified bounds "
+            "used there may be stale"
+        )
 
 
 @contextlib.contextmanager

@@ -49,35 +49,42 @@ _CLEAR_ERRORS = {
 }
 
 
-# job -> the settings that bound its memory, as (config key, spec path) pairs; the training
-# job's task (classification or denoising) is the spec's.
-_MEMORY_SETTINGS = {
-    "train": [("{task}.train.batch_size", ("train", "batch_size")),
-              ("{task}.train.max_substeps", ("train", "max_substeps"))],
-    "evaluate-classifier": [("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
-    "evaluate-denoiser": [("denoising.evaluate.batch_size", ("evaluate", "batch_size"))],
-    "pnp": [("pnp.batch_size", ("pnp", "batch_size"))],
+# job -> the settings that bound its memory, as (config key, spec path) pairs, and whether a
+# rerun resumes from what the job saved. ``{task}``: the training job's task; a variant's own
+# ``train`` settings override the task's.
+_MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
+    "train": ([("{task}.train.batch_size", ("train", "batch_size")),
+               ("{task}.train.max_substeps", ("train", "max_substeps")),
+               ("{task}.eval_batch", ("eval_batch",))], True),
+    "evaluate-classifier": ([("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
+                            True),
+    "evaluate-denoiser": ([("denoising.evaluate.batch_size", ("evaluate", "batch_size"))], False),
+    "pnp": ([("pnp.batch_size", ("pnp", "batch_size"))], False),
 }  # fmt: skip
 
 
 def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
     """One line for a job that ran out of memory: where, how much it asked for, which settings
-    to lower (with their values) and that its saved work is kept."""
+    to lower (with their values) and whether a rerun resumes."""
     text = str(err)
     where = "CUDA" if "CUDA" in text else "CPU" if "CPUAllocator" in text else "host"
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", text)
     what = where + (f", tried to allocate {asked[1]}" if asked else "")
+    settings, resumes = _MEMORY_SETTINGS.get(job, ([], False))
     keys = []
-    for key, path in _MEMORY_SETTINGS.get(job, []):
+    for key, path in settings:
         value: object = spec
         for part in path:
             value = value.get(part) if isinstance(value, dict) else None
         keys.append(f"{key.format(task=spec.get('task', '<task>'))} (now {value})")
-    advice = f"lower {' or '.join(keys)}" if keys else "run it where more memory is free"
-    return (
-        f"stablenets {job}: error: out of memory ({what}): {advice}; what the job saved is "
-        "kept, and a rerun resumes from it"
+    advice = (
+        f"lower {', '.join(keys[:-1])}{' or ' if len(keys) > 1 else ''}{keys[-1]}"
+        if keys
+        else "run it where more memory is free"
     )
+    rerun = "what the job saved is kept, and a rerun resumes from it" if resumes else (
+        "a rerun starts it again")  # fmt: skip
+    return f"stablenets {job}: error: out of memory ({what}): {advice}; {rerun}"
 
 
 def _parser() -> argparse.ArgumentParser:

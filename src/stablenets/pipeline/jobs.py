@@ -249,7 +249,7 @@ def _sweep(
                         model, x, y, plan, state, name, save, lambda: stop.raised, log,
                         ev["log_every_s"],
                     )  # fmt: skip
-        except (RuntimeError, MemoryError) as err:
+        except Exception as err:
             if is_out_of_memory(err):  # the state is that after the last whole batch: keep it
                 save(state, force=True)
             raise
