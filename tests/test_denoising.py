@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -117,3 +118,17 @@ def test_select_tv_weight_interior() -> None:
     assert chunked == pytest.approx(whole, abs=1e-9)
     with pytest.raises(ValueError):
         select_tv_weight(noisy, clean, [], iters=10)
+
+
+def test_select_tv_weight_logs_a_line_per_weight_with_its_psnr_and_an_eta() -> None:
+    clean = piecewise_constant(c=1, h=24, w=32)
+    noisy = fixed_noise(clean, 0.1, seed=3)
+    lines: list[str] = []
+    _, scores = select_tv_weight(noisy, clean, [0.03, 0.1], iters=20, log=lines.append)
+    assert len(lines) == 2
+    for k, (line, w, score) in enumerate(zip(lines, [0.03, 0.1], scores, strict=True), 1):
+        assert re.fullmatch(
+            rf"TV weight {w:g} \({k}/2\): validation PSNR {score:.2f} dB, elapsed \d+ s, "
+            r"ETA \d+ s",
+            line,
+        ), line

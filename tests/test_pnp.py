@@ -263,6 +263,20 @@ def test_tv_deblur_improves_psnr(deblur_problem) -> None:
     assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2), clean, 1.0))
 
 
+def test_tv_deblur_says_how_far_it_is_every_log_every_iterations(deblur_problem) -> None:
+    clean, blur, y = deblur_problem
+    lines: list[str] = []
+    x = tv_deblur(y, blur, 0.01, iters=12, tol=0.0, log=lines.append, log_every=5)
+    assert torch.equal(x, tv_deblur(y, blur, 0.01, iters=12, tol=0.0))  # logging changes nothing
+    assert [int(re.match(r"TV deblur iteration (\d+)/12: ", line)[1]) for line in lines] == [5, 10]
+    for line in lines:
+        assert re.fullmatch(
+            r"TV deblur iteration \d+/12: 2 images, largest relative change \d\.\d\de[-+]\d+, "
+            r"elapsed \d+ s, ETA at most \d+ s",
+            line,
+        ), line
+
+
 def test_pnp_says_how_far_it_is_every_log_every_iterations(deblur_problem) -> None:
     clean, blur, y = deblur_problem
     lines: list[str] = []

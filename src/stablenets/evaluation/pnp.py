@@ -431,6 +431,8 @@ def tv_deblur(
     tau: float = 1.0,
     x0: Tensor | None = None,
     couple_channels: bool = False,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 25,
 ) -> Tensor:
     """TV deblurring ``argmin_x 1/2 ||K x - y||^2 + weight * ||grad x||_{2,1}``.
 
@@ -442,6 +444,8 @@ def tv_deblur(
         xbar_{k+1} = 2 x_{k+1} - x_k
 
     Stops after ``iters`` iterations or when every image's relative change is below ``tol``.
+    ``log`` gets a line every ``log_every`` iterations (the largest relative change, elapsed
+    time, an upper ETA), as ``pnp_forward_backward`` does.
     """
     if weight < 0:
         raise ValueError(f"TV weight must be non-negative, got {weight}")
@@ -449,12 +453,20 @@ def tv_deblur(
     x = (y if x0 is None else x0).clone()
     x_bar = x
     p = torch.zeros_like(gradient2d(x))
-    for _ in range(iters):
+    start = time.monotonic()
+    for k in range(1, iters + 1):
         p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
         x_new = blur.prox_data(x + tau * divergence2d(p), y, tau)
         x_bar = 2.0 * x_new - x
-        done = bool((relative_change(x_new, x) < tol).all())
+        change = relative_change(x_new, x)
         x = x_new
-        if done:
+        if bool((change < tol).all()):
             break
+        if log is not None and k % log_every == 0:
+            elapsed = time.monotonic() - start
+            log(
+                f"TV deblur iteration {k}/{iters}: {len(x)} images, largest relative change "
+                f"{float(change.max()):.2e}, elapsed {elapsed:.0f} s, ETA at most "
+                f"{elapsed / k * (iters - k):.0f} s"
+            )
     return x

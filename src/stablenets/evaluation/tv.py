@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TypedDict, Unpack
 
 import torch
@@ -145,23 +146,31 @@ def select_tv_weight(
     iters: int = 300,
     peak: str | float = "max",
     batch_size: int | None = None,
+    log: Callable[[str], None] | None = None,
     **tv_kwargs: Unpack[TVOptions],
 ) -> tuple[float, list[float]]:
     """Pick the TV weight maximising the mean PSNR of :func:`tv_denoise` on *validation* images.
 
     ``noisy``/``clean`` must be validation images (never the test set). Returns the chosen
     weight and the mean PSNR of every weight, in the order given (ties go to the first).
-    ``batch_size`` bounds the memory by denoising that many images at a time.
+    ``batch_size`` bounds the memory by denoising that many images at a time. ``log`` gets a
+    line per weight (its PSNR, elapsed time, ETA): at paper size on a CPU a weight takes minutes.
     """
     if len(weights) == 0:
         raise ValueError("select_tv_weight needs at least one weight")
     step = batch_size or noisy.shape[0]
-    scores = []
-    for w in weights:
+    scores, start = [], time.monotonic()
+    for k, w in enumerate(weights, 1):
         values = [
             psnr(tv_denoise(noisy[i : i + step], w, iters, **tv_kwargs), clean[i : i + step], peak)
             for i in range(0, noisy.shape[0], step)
         ]
         scores.append(float(torch.cat(values).mean()))
+        if log is not None:
+            elapsed = time.monotonic() - start
+            log(
+                f"TV weight {w:g} ({k}/{len(weights)}): validation PSNR {scores[-1]:.2f} dB, "
+                f"elapsed {elapsed:.0f} s, ETA {elapsed / k * (len(weights) - k):.0f} s"
+            )
     best = max(range(len(weights)), key=lambda i: scores[i])
     return float(weights[best]), scores

@@ -472,8 +472,11 @@ def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = pri
     val, _ = data.read_split(data_path, "val")
     val = val.to(device)
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
-    weight, scores = tv.select_tv_weight(val_noisy, val, tv_spec["weights"], tv_spec["iters"])
+    weight, scores = tv.select_tv_weight(
+        val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log
+    )
     clean, noisy = _noisy_test(spec, data_path, device)
+    log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
     denoised = tv.tv_denoise(noisy, weight, tv_spec["iters"])
     sets = _psnr_sets(denoised, noisy, clean)
     attrs = {
@@ -585,7 +588,9 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
     device = _setup(spec)
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
-    x = pnp.tv_deblur(observed, blur, p["tv"]["weight"], p["tv"]["iters"])
+    x = pnp.tv_deblur(
+        observed, blur, p["tv"]["weight"], p["tv"]["iters"], log=log, log_every=p["log_every"]
+    )
     final = metrics.psnr(x, clean, peak=1.0).cpu().numpy()
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     iters = np.full(len(final), p["tv"]["iters"])
