@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stablenets.evaluation.radius_sweep import SweepPlan, SweepState, bisect, sweep
+from stablenets.evaluation.radius_sweep import SweepPlan, SweepState, _expected, bisect, sweep
 from stablenets.evaluation.robustness import (
     InvariantError,
     accuracy,
@@ -718,6 +718,9 @@ def test_a_long_attack_call_logs_a_line_every_log_every_s_naming_radius_pass_and
     assert len(beats) >= 2  # (a slow PGD call may log its own lines before)
     assert re.fullmatch(r"eps 0\.0400 \(2/2\), strong attack on points 1-\d+ of \d+: running "
                         r"for \d+ s", beats[0]), beats[0]  # fmt: skip
+    assert _expected(state, "pgd", 10) == (
+        f" (about {state.seconds['pgd'] / state.points['pgd'] * 10:.0f} s at the rate so far)"
+    )
     after = len(lines)
     time.sleep(0.1)
     assert len(lines) == after  # the heartbeat ends with the call
@@ -729,7 +732,12 @@ def test_a_long_attack_call_logs_a_line_every_log_every_s_naming_radius_pass_and
     beats = [line for line in lines if "running for" in line]
     assert beats and beats[0].startswith("bisection round 1, eps "), beats
     assert all(
-        re.match(r"bisection round \d+, eps [\d.]+: points \d+-\d+ of \d+: ", b) for b in beats
+        re.fullmatch(
+            r"bisection round \d+, eps [\d.]+: points \d+-\d+ of \d+"
+            r"( \(about \d+ s at the rate so far\))?: running for \d+ s",
+            b,
+        )
+        for b in beats
     )
     after = len(lines)
     time.sleep(0.1)

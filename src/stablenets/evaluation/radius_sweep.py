@@ -221,6 +221,15 @@ def _heartbeat(log: Callable[[str], None], every_s: float, what: str) -> Iterato
         thread.join()
 
 
+def _expected(state: SweepState, pass_name: str, points: int) -> str:
+    """``" (about N s at the rate so far)"``: what a batch of ``points`` should take at the pass's
+    seconds per point measured so far (empty before the first batch), for the heartbeat."""
+    if not state.points[pass_name]:
+        return ""
+    rate = state.seconds[pass_name] / state.points[pass_name]
+    return f" (about {rate * points:.0f} s at the rate so far)"
+
+
 def _record(
     state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: float, name: str
 ) -> None:
@@ -327,6 +336,7 @@ def sweep(
                     what = (
                         f"eps {e:.4f} ({k + 1}/{len(plan.radii)}), {pass_name} attack on points "
                         f"{state.done + 1}-{state.done + len(idx)} of {len(state.todo)}"
+                        f"{_expected(state, pass_name, len(idx))}"
                     )
                     for attack in filter(None, attacks):
                         seed = _batch_seed(plan.seed, k, pass_name, b)
@@ -452,6 +462,7 @@ def bisect(
                 what = (
                     f"bisection round {state.round + 1}, eps {e:.4f}: points {state.done + 1}-"
                     f"{state.done + len(idx)} of {len(state.todo)}"
+                    f"{_expected(state, 'bisect', len(idx))}"
                 )
                 with _heartbeat(log, log_every_s, what):
                     dist = _attack_batch(model, plan.strong, xb, yb, e, seed, plan.radius_tol)
