@@ -19,8 +19,9 @@ over the whole grid: ``'{"n_test": 60, "eps": {"num": 40}, "strong": {"attacks":
 and backward image-passes per point instead (AutoAttack standard at a radius no point breaks:
 7,864 forward and 1,910 backward, ``benchmarks/README.md``). ``--pass-times 500,2000,8000``
 times one forward and one forward + backward image-pass of the model on the config's device at
-each batch size, in float32 and under bf16 autocast (the levers of an attack's cost; an
-out-of-memory batch is recorded as such), and writes them to ``--out``.
+each batch size, in float32 and under bf16 autocast with the weights pinned, and in float32 with
+them hashed at every pass (the levers of an attack's cost; an out-of-memory batch is recorded as
+such), and writes them to ``--out``.
 """
 
 from __future__ import annotations

@@ -325,11 +325,16 @@ def _progress_line(k: int, max_iter: int, active: Tensor, history: _History, ela
     elapsed 40 s, ETA at most 200 s``."""
     change = history.rows["relative_change"][-1][active]
     largest = float(change.max()) if len(change) else 0.0
-    eta = elapsed / k * (max_iter - k)
     return (
         f"PnP iteration {k}/{max_iter}: {int(active.sum())} of {len(active)} images iterating, "
-        f"largest relative change {largest:.2e}, elapsed {elapsed:.0f} s, ETA at most {eta:.0f} s"
+        f"largest relative change {largest:.2e}, {_timing(k, max_iter, elapsed)}"
     )
+
+
+def _timing(k: int, iters: int, elapsed: float) -> str:
+    """``elapsed 40 s, ETA at most 200 s`` after ``k`` of ``iters`` iterations (an upper ETA:
+    the iterations stop early once every image converged)."""
+    return f"elapsed {elapsed:.0f} s, ETA at most {elapsed / k * (iters - k):.0f} s"
 
 
 def _pnp_step(
@@ -463,10 +468,8 @@ def tv_deblur(
         if bool((change < tol).all()):
             break
         if log is not None and k % log_every == 0:
-            elapsed = time.monotonic() - start
             log(
                 f"TV deblur iteration {k}/{iters}: {len(x)} images, largest relative change "
-                f"{float(change.max()):.2e}, elapsed {elapsed:.0f} s, ETA at most "
-                f"{elapsed / k * (iters - k):.0f} s"
+                f"{float(change.max()):.2e}, {_timing(k, iters, time.monotonic() - start)}"
             )
     return x
