@@ -164,6 +164,27 @@ def test_evalbench_compares_the_sweep_with_every_radius_on_a_smoke_model(smoke_r
 
 
 @pytest.mark.slow
+def test_evalbench_compares_the_sweep_in_float32_and_bfloat16_on_a_smoke_model(smoke_run, tmp_path):
+    """``python -m stablenets.bench.evaluation --precision bfloat16``: both curves, both times."""
+    out = tmp_path / "precision.csv"
+    override = {"n_test": 20, "eps": {"num": 5}}
+    done = subprocess.run(
+        [sys.executable, "-m", "stablenets.bench.evaluation", "--config", "config.yaml",
+         "config/smoke.yaml", "--variant", "nonexpansive", "--override", json.dumps(override),
+         "--precision", "bfloat16", "--out", str(out)],
+        cwd=smoke_run, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 + 4 - 1 and {"float32", "bfloat16", "float32_s", "bfloat16_s"} <= set(
+        rows[0]
+    )
+    for row in rows:
+        assert float(row["certified"]) <= float(row["bfloat16"]) <= float(row["float32"]) + 0.05
+    assert "max_excess_pp" in done.stdout
+
+
+@pytest.mark.slow
 def test_pass_times_of_a_smoke_model_are_written_row_by_row_with_the_device(smoke_run, tmp_path):
     """``python -m stablenets.bench.evaluation --pass-times``, as the device script runs it."""
     out = tmp_path / "pass-times.csv"
@@ -180,6 +201,22 @@ def test_pass_times_of_a_smoke_model_are_written_row_by_row_with_the_device(smok
     ]  # fmt: skip
     assert all(r["device"] == "cpu" and float(r["forward_backward_s_per_image"]) > 0 for r in rows)
     assert done.stdout.count("device cpu  batch ") == len(rows)
+
+
+def test_a_bfloat16_evaluation_is_within_one_point_of_float32_and_its_file_says_so(
+    trained, uninterrupted, tmp_path
+):
+    spec, model, dataset = trained
+    low = {**spec, "evaluate": {**spec["evaluate"], "precision": "bfloat16"}}
+    done = run((low, model, dataset), tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected, got = numbers(uninterrupted[0] / "eval.h5"), numbers(tmp_path / "eval.h5")
+    assert got["attr attack_precision"] == "bfloat16"
+    assert expected["attr attack_precision"] == "float32"
+    assert np.array_equal(got["certified"], expected["certified"])
+    # every counted example fools the float32 model; a cheaper search is at most a point weaker
+    assert (got["empirical"] <= expected["empirical"] + 1 / EVALUATE["n_test"] + 1e-12).all()
+    assert (got["empirical"] >= expected["empirical"] - 1 / EVALUATE["n_test"] - 1e-12).all()
 
 
 def test_an_unreadable_progress_file_is_ignored_with_a_log_line(trained, uninterrupted, tmp_path):

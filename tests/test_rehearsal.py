@@ -63,7 +63,9 @@ def test_the_rehearsal_overlay_is_valid_and_keeps_the_paper_sizes_models_and_sch
         assert 0 < train.pop("stop_after") < train["steps"]
         assert train == paper_train  # the paper's schedule, batch size and lr
         for name, variant in cfg[task]["variants"].items():
-            assert variant == PAPER[task]["variants"][name]
+            train = variant.get("train", {})
+            assert 0 < train.pop("stop_after", 1) < paper_train["steps"]  # (the ResNet's own)
+            assert {**variant, "train": train} == {"train": {}, **PAPER[task]["variants"][name]}
     rules = {job.rule for job in dag_jobs(cfg)}
     assert rules == set(RULES)  # every kind of job of the paper DAG
     assert _unlike_the_paper(cfg, PAPER) == []  # what cost.md checks
@@ -244,6 +246,7 @@ def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path)
 def test_make_rehearsal_clears_a_stale_lock_first_reruns_incomplete_jobs_and_runs_one_gpu_job():
     profile = yaml.safe_load((ROOT / "workflow/profiles/rehearsal/config.yaml").read_text())
     assert profile["rerun-incomplete"] is True and profile["resources"] == {"gpu": 1}
+    assert profile["keep-going"] is True  # a diverged training stops only what needs its model
     assert profile["configfile"] == ["config.yaml", "config/rehearsal.yaml"]
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^rehearsal:.*\n((?:\t.*\n)+)", makefile, re.M)[1]

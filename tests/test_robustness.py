@@ -12,10 +12,19 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenets.evaluation.radius_sweep import SweepPlan, SweepState, _expected, bisect, sweep
+from stablenets.evaluation.radius_sweep import (
+    SweepPlan,
+    SweepState,
+    _expected,
+    bisect,
+    in_precision,
+    sweep,
+)
 from stablenets.evaluation.robustness import (
+    Autocast,
     InvariantError,
     accuracy,
     auc,
@@ -742,3 +751,71 @@ def test_a_long_attack_call_logs_a_line_every_log_every_s_naming_radius_pass_and
     after = len(lines)
     time.sleep(0.1)
     assert len(lines) == after
+
+
+# --------------------------------------------------------------------------------------------
+# (9) attacks in low precision: a cheaper search, judged in float32
+
+
+class RoundingTwin(nn.Module):
+    """A linear classifier whose prediction flips under autocast on the points ``flip`` marks:
+    the adversary of a low-precision attack, a model whose bf16 and float32 answers disagree."""
+
+    def __init__(self, model: nn.Module, flip: Tensor) -> None:
+        super().__init__()
+        self.model, self.flip = model, flip
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.model(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            return z
+        marked = (x.flatten(1)[:, None, :] == self.flip.flatten(1)[None]).all(2).any(1)
+        worst = z.scatter(1, z.argmax(1, keepdim=True), float("-inf")).argmax(1)
+        return torch.where(marked[:, None], z + 100 * F.one_hot(worst, z.shape[1]), z)
+
+
+def test_a_bfloat16_attack_reattacks_in_float32_the_points_bf16_alone_calls_fooled():
+    model, x, y, lip = linear_case(4)
+    twin = RoundingTwin(model, x[::3])  # a third of the points are "misclassified" by bf16
+    plan = sweep_plan(radii=np.linspace(0, 0.3, 7))
+    marked = torch.zeros(len(x), dtype=torch.bool)
+    marked[::3] = True
+
+    def bare(model, x, y, eps, seed):  # bf16 without the float32 judge's retry
+        return plan.pgd(Autocast(model), x, y, eps, seed=seed)
+
+    float32 = run_sweep(twin, x, y, plan, lip)
+    naive = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=bare), lip)
+    bf16 = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=in_precision(plan.pgd, "bfloat16")),
+                     lip)  # fmt: skip
+    broken = {name: marked & torch.isfinite(s.break_radius) & float32.correct
+              for name, s in (("float32", float32), ("naive", naive), ("bf16", bf16))}  # fmt: skip
+    assert broken["float32"].sum() >= 5 and not broken["naive"].any()  # the adversary bites
+    assert torch.equal(broken["bf16"], broken["float32"])  # the retry breaks them again
+    curve = {
+        name: s.accuracies(plan.radii)["empirical"] for name, s in (("f", float32), ("b", bf16))
+    }
+    assert np.abs(curve["b"] - curve["f"]).max() <= 1 / len(x) + 1e-12, curve  # random starts
+
+
+def test_a_bfloat16_attack_is_within_one_point_of_float32_on_a_conv_net():
+    net = small_net(seed=31, gain=3.0).eval()
+    x = inner_points(64, seed=32)
+    y = predictions(net, x)
+    plan = sweep_plan(radii=np.linspace(0, 0.05, 11))
+    exact = run_sweep(net, x, y, plan, lipschitz=1e6).accuracies(plan.radii)["empirical"]
+    low = run_sweep(net, x, y, dataclasses.replace(plan, pgd=in_precision(plan.pgd, "bfloat16")),
+                    lipschitz=1e6).accuracies(plan.radii)["empirical"]  # fmt: skip
+    assert 0.3 < exact[-1] < exact[1] < 1  # the attack breaks some points, not all
+    assert (low <= exact + 1 / len(x) + 1e-12).all(), (low, exact)
+
+
+def test_autocast_runs_the_convolutions_in_bfloat16_and_returns_float32_logits():
+    net = small_net(seed=33).eval()
+    seen = []
+    net[0].register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    x = inner_points(4, seed=34)
+    z = Autocast(net)(x)
+    assert seen == [torch.bfloat16] and z.dtype == torch.float32
+    assert torch.allclose(z, net(x), rtol=0.05, atol=0.05 * float(net(x).abs().max()))
+    assert in_precision(plan_pgd := partial(pgd_l2, steps=2), "float32") is plan_pgd

@@ -21,7 +21,10 @@ and backward image-passes per point instead (AutoAttack standard at a radius no 
 times one forward and one forward + backward image-pass of the model on the config's device at
 each batch size, in float32 and under bf16 autocast with the weights pinned, and in float32 with
 them hashed at every pass (the levers of an attack's cost; an out-of-memory batch is recorded as
-such), and writes them to ``--out``.
+such), and writes them to ``--out``. ``--precision bfloat16`` runs the sweep twice instead, its
+attacks in float32 and in bf16 (``classification.evaluate.precision``; every counted example is
+checked in float32), and prints both curves, the low-precision one's largest excess over float32
+and both times.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from stablenets.train.memory import is_out_of_memory
 __all__ = [
     "per_radius",
     "compare",
+    "compare_precision",
     "seconds_per_point",
     "passes_per_point",
     "seconds_per_pass",
@@ -103,12 +107,7 @@ def compare(
     t0 = time.perf_counter()
     old = per_radius(model, x, y, plan, cert)
     t_old = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    state = radius_sweep.SweepState.start(correct, cert, plan.seed)
-    state = radius_sweep.sweep(model, x, y, plan, state, log=lambda line: None)
-    state = radius_sweep.bisect(model, x, y, plan, state, log=lambda line: None)
-    t_new = time.perf_counter() - t0
-    new = state.accuracies(plan.radii)
+    new, t_new = _timed_sweep(model, x, y, plan, correct, cert)
     rows = [
         {"eps": float(e), "certified": old["certified"][i], "per_radius": old["empirical"][i],
          "sweep": new["empirical"][i], "per_radius_pgd": old["pgd"][i], "sweep_pgd": new["pgd"][i]}
@@ -117,6 +116,45 @@ def compare(
     excess = max(r["sweep"] - r["per_radius"] for r in rows)
     return rows, {"per_radius_s": t_old, "sweep_s": t_new, "speedup": t_old / t_new,
                   "max_excess_pp": 100 * excess}  # fmt: skip
+
+
+def _timed_sweep(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    plan: radius_sweep.SweepPlan,
+    correct: Tensor,
+    cert: Tensor,
+) -> tuple[dict[str, np.ndarray], float]:
+    """The sweep and bisection of ``plan`` (what the pipeline runs): its curves and seconds."""
+    t0 = time.perf_counter()
+    state = radius_sweep.SweepState.start(correct, cert, plan.seed)
+    state = radius_sweep.sweep(model, x, y, plan, state, log=lambda line: None)
+    state = radius_sweep.bisect(model, x, y, plan, state, log=lambda line: None)
+    return state.accuracies(plan.radii), time.perf_counter() - t0
+
+
+def compare_precision(
+    model: nn.Module, x: Tensor, y: Tensor, ev: dict, seed: int, precision: str, lipschitz: float
+) -> tuple[list[dict], dict[str, float]]:
+    """The sweep with its attacks in float32 and in ``precision``, same points and seeds: rows
+    per radius (both curves) and both times, measured in one run. A cheaper search must not be
+    a weaker one: ``max_excess_pp`` is how far the low-precision curve is above float32's."""
+    margin, correct = robustness.margins(model, x, y, ev["batch_size"])
+    cert = robustness.certified_radius(margin, correct, lipschitz)
+    curves, times = {}, {}
+    for p in ("float32", precision):
+        plan = radius_sweep.SweepPlan.from_config({**ev, "precision": p}, seed)
+        curves[p], times[f"{p}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
+    radii = radius_sweep.SweepPlan.from_config(ev, seed).radii
+    rows = [
+        {"eps": float(e), "certified": curves["float32"]["certified"][i],
+         "float32": curves["float32"]["empirical"][i], precision: curves[precision]["empirical"][i]}
+        for i, e in enumerate(radii)
+    ]  # fmt: skip
+    excess = max(r[precision] - r["float32"] for r in rows)
+    times["speedup"] = times["float32_s"] / times[f"{precision}_s"]
+    return rows, {**times, "max_excess_pp": 100 * excess}
 
 
 def seconds_per_point(
@@ -317,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
         help="only time forward and forward+backward image-passes at these batch sizes, on the "
         "config's device: float32 and bf16 with the weights pinned, float32 with them hashed",
     )
+    p.add_argument(
+        "--precision",
+        choices=["bfloat16"],
+        default=None,
+        help="only compare the sweep with its attacks in float32 and in this precision",
+    )
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)
     spec, model_path, data_path = _job(args.config, args.variant, args.seed)
@@ -340,7 +384,12 @@ def main(argv: list[str] | None = None) -> None:
             keep = model(x).argmax(1) == y
         print(passes_per_point(model, x[keep], y[keep], plan.strong, args.count_passes))
         return
-    rows, times = compare(model, x, y, plan, model.lipschitz_bound())
+    if args.precision is not None:
+        rows, times = compare_precision(
+            model, x, y, ev, int(spec["seed"]), args.precision, model.lipschitz_bound()
+        )
+    else:
+        rows, times = compare(model, x, y, plan, model.lipschitz_bound())
     for r in rows:
         print("  ".join(f"{k} {v:.4f}" for k, v in r.items()))
     print("  ".join(f"{k} {v:.3f}" for k, v in times.items()))

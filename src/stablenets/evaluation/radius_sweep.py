@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from stablenets.evaluation.robustness import (
+    Autocast,
     InvariantError,
     autoattack_l2,
     check_eps,
@@ -83,14 +84,15 @@ class SweepPlan:
     def from_config(cls, ev: dict[str, Any], seed: int) -> SweepPlan:
         """The plan of an evaluation config (``classification.evaluate``): PGD at every radius,
         the strong attack at the standard radii and over the grid (``on_grid``, by bisection or
-        sweep, ``grid_search``), the audit of ``audit_certified`` points at the standard radii."""
+        sweep, ``grid_search``), the audit of ``audit_certified`` points at the standard radii;
+        both attacks in ``precision`` (``in_precision``)."""
         eps, std_eps = evaluation_radii(ev)
         strong = ev["strong"]
         sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
         return cls(
             radii=np.concatenate([eps, std_eps]),
-            pgd=functools.partial(pgd_l2, **ev["pgd"]),
-            strong=strong_attack(strong, ev["batch_size"]),
+            pgd=in_precision(functools.partial(pgd_l2, **ev["pgd"]), ev["precision"]),
+            strong=in_precision(strong_attack(strong, ev["batch_size"]), ev["precision"]),
             strong_radii=frozenset(std_eps) | (frozenset(eps) if sweep_grid else frozenset()),
             audit_radii=frozenset(std_eps),
             audit_size=ev["audit_certified"],
@@ -362,6 +364,37 @@ def sweep(
             if stop():
                 return state
     return state
+
+
+def in_precision(attack: SeededAttack, precision: str) -> SeededAttack:
+    """``attack`` run on the model in ``precision`` ("float32": unchanged; "bfloat16": under bf16
+    autocast, ``robustness.Autocast``), with the float32 model the judge.
+
+    A low-precision attack is a cheaper search, not a weaker count: the sweep counts only
+    examples that fool the float32 model (``_attack_batch``). Where the bf16 model is fooled but
+    the float32 one is not (a point that bf16 rounding misclassifies already, which AutoAttack
+    then leaves unattacked, or an example on the boundary), the attack runs again in float32 on
+    those points with the same seed, so rounding never spares a point the float32 attack would
+    have broken. What stays unchecked is the search itself on the points neither model calls
+    fooled: ``stablenets.bench.evaluation --precision`` measures its strength against float32.
+    """
+    if precision == "float32":
+        return attack
+    dtype = getattr(torch, precision)
+
+    def run(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int = 0) -> Tensor:
+        low = Autocast(model, dtype)
+        x_adv = attack(low, x, y, eps, seed=seed)
+        with eval_mode(model):
+            device = model_device(model)
+            xa, yd = x_adv.to(device), y.to(device)
+            doubtful = (predict(low, xa) != yd) & (predict(model, xa) == yd)
+        idx = torch.nonzero(doubtful).squeeze(1).to(x.device)
+        if idx.numel():
+            x_adv[idx] = attack(model, x[idx], y[idx], eps, seed=seed).to(x_adv.device)
+        return x_adv
+
+    return run
 
 
 def strong_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:

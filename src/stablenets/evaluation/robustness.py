@@ -96,6 +96,22 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+class Autocast(nn.Module):
+    """``model`` run under autocast in ``dtype`` (bf16), its logits returned in float32: what an
+    attack differentiates when it runs in low precision (``classification.evaluate.precision``).
+    The norm estimates that set the blocks' step sizes stay in float32 (``autocast_off``), so the
+    network is the same function up to the rounding of its convolutions; every example counted
+    is checked with the float32 model (``radius_sweep.in_precision``)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(model_device(self.model).type, self.dtype):
+            return self.model(x).float()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """The predicted class of each sample (argmax of the logits)."""

@@ -333,6 +333,7 @@ def evaluate_classifier(
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"]),
+        "attack_precision": ev["precision"],
         "audited_certified": int(sum(state.audited.values())),
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
         **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},
