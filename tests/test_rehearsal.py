@@ -20,6 +20,7 @@ from stablenets.bench.cost import (
     Job,
     Measured,
     Paper,
+    _steady_time,
     _unlike_the_paper,
     cost_rows,
     dag_jobs,
@@ -91,6 +92,15 @@ def test_training_projects_its_fixed_seconds_plus_the_paper_steps_at_the_measure
     measured = Measured(job, 100.0, 0.0, "step", 2000, 20.0, {})  # 10 ms per step, 80 s fixed
     units, seconds, basis = project(job, measured, paper())
     assert (units, seconds, basis) == (40_000, 80.0 + 0.01 * 40_000, job.label())
+
+
+def test_the_first_training_step_is_retimed_at_the_others_rate_so_start_up_stays_fixed():
+    # 50 steps of 10 ms after a first step of 2 s (CUDA graph capture): 2.49 s on the clock
+    log = pd.DataFrame({"step": [0, 10, 20], "images_per_s": [128 / 2.0, 12800, 12800]})
+    steady = _steady_time(2.0 + 49 * 0.01, 50, log, 128)
+    assert steady == pytest.approx(50 * 0.01)  # what 50 steady steps take
+    resumed = log[log["step"] > 0]  # no step-0 row: nothing to re-time
+    assert _steady_time(2.49, 50, resumed, 128) == 2.49 and _steady_time(2.0, 1, log, 128) == 2.0
 
 
 def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times_n_over_n():

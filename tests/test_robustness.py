@@ -21,6 +21,7 @@ from stablenets.evaluation.radius_sweep import (
     _expected,
     bisect,
     in_precision,
+    strong_label,
     sweep,
 )
 from stablenets.evaluation.robustness import (
@@ -818,4 +819,11 @@ def test_autocast_runs_the_convolutions_in_bfloat16_and_returns_float32_logits()
     z = Autocast(net)(x)
     assert seen == [torch.bfloat16] and z.dtype == torch.float32
     assert torch.allclose(z, net(x), rtol=0.05, atol=0.05 * float(net(x).abs().max()))
-    assert in_precision(plan_pgd := partial(pgd_l2, steps=2), "float32") is plan_pgd
+
+
+def test_a_float32_attack_is_left_as_it_is_and_tables_name_a_low_precision_search():
+    pgd = partial(pgd_l2, steps=2)
+    assert in_precision(pgd, "float32") is pgd
+    strong = {"method": "autoattack", "version": "standard"}
+    assert strong_label(strong) == "autoattack standard"
+    assert strong_label(strong, "bfloat16") == "autoattack standard, bfloat16 search"

@@ -73,6 +73,18 @@ def test_a_progress_line_every_log_every_steps_gives_loss_lr_substeps_time_memor
     assert lines[-1][8] == "0s"  # the last logged step is the last step
 
 
+def test_the_validation_line_names_the_step_its_loss_and_lr_come_from_when_not_the_last(
+    tmp_path,
+):
+    logs, state = _tiny_run(tmp_path, steps=6, log_every=4)  # logged: steps 0 and 4, run: 0-5
+    val = [line for line in logs if "val_" in line]
+    assert len(val) == 1 and val[0].startswith("step 6 loss "), val
+    row = [r for r in state.rows if r["kind"] == "train"][-1]
+    assert row["step"] == 4 and f"loss {row['loss']:.4f} (step 4) val_" in val[0]
+    logs, _ = _tiny_run(tmp_path / "every", steps=6, log_every=1)
+    assert re.match(r"step 6 loss \S+ val_", next(line for line in logs if "val_" in line))
+
+
 def test_the_substep_limit_stops_training_before_the_first_forward_pass_that_exceeds_it(
     tmp_path,
 ):

@@ -19,7 +19,8 @@ same variant, else of the same model, else the rule's first measured job:
     fixed(m)   = max(wall(m) - variable(m), 0)
 
 * training: one part, rate = ``train_time_s`` / steps run (the loop's own clock: validation,
-  checkpoints and start-up are fixed); paper units = the variant's ``train.steps`` (with
+  checkpoints and start-up are fixed), the first step re-timed at the others' rate (its start-up
+  is fixed too: ``_steady_time``); paper units = the variant's ``train.steps`` (with
   ``budget_minutes``: that budget instead of ``rate * steps``);
 * classifier evaluation: one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
   the pass's seconds per attacked point (the job's ``seconds_per_point_*`` and
@@ -192,7 +193,21 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
         "peak_memory_mb": float(extra["peak_memory_mb"]),
     }
     spec = json.loads(extra["config"])
-    return Measured(job, wall, rss, "step", steps, float(extra["train_time_s"]), spec, stats=stats)
+    variable = _steady_time(float(extra["train_time_s"]), steps, train, spec["train"]["batch_size"])
+    return Measured(job, wall, rss, "step", steps, variable, spec, stats=stats)
+
+
+def _steady_time(train_time_s: float, steps: int, train: Any, batch_size: int) -> float:
+    """``train_time_s`` with its first step re-timed at the rate of the others: the first step
+    carries start-up (CUDA context, cuDNN autotuning, CUDA graph capture), which over a short
+    run (the rehearsal's ResNet: 50 steps) would weigh on the projected 40,000. Its time comes
+    from the log's step-0 row (``images_per_s``); without that row (a resumed run) or with one
+    step, ``train_time_s`` as is."""
+    first = train[train["step"] == 0]
+    if steps < 2 or first.empty:
+        return train_time_s
+    first_s = min(batch_size / float(first["images_per_s"].iloc[0]), train_time_s)
+    return (train_time_s - first_s) * steps / (steps - 1)
 
 
 def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -146,11 +146,10 @@ def compare_precision(
     for p in ("float32", precision):
         plan = radius_sweep.SweepPlan.from_config({**ev, "precision": p}, seed)
         curves[p], times[f"{p}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
-    radii = radius_sweep.SweepPlan.from_config(ev, seed).radii
     rows = [
         {"eps": float(e), "certified": curves["float32"]["certified"][i],
          "float32": curves["float32"]["empirical"][i], precision: curves[precision]["empirical"][i]}
-        for i, e in enumerate(radii)
+        for i, e in enumerate(plan.radii)
     ]  # fmt: skip
     excess = max(r[precision] - r["float32"] for r in rows)
     times["speedup"] = times["float32_s"] / times[f"{precision}_s"]
@@ -328,6 +327,8 @@ def _write_pass_times(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from stablenets.pipeline.runtime import select_device
+
     p = argparse.ArgumentParser(prog="python -m stablenets.bench.evaluation", description=__doc__)
     p.add_argument(
         "--config",
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in json.loads(args.override).items():
         ev[key] = {**ev[key], **value} if isinstance(value, dict) else value
     torch.set_num_threads(int(spec.get("threads", 1)))
-    model = load_model(model_path, map_location="cpu").eval()
+    device = select_device(spec.get("device", "auto"))  # the attacks run where the job's would
+    model = load_model(model_path, map_location=device).eval()
     if not isinstance(model, Classifier):
         p.error(f"{model_path} holds a {type(model).__name__}, not a classifier")
     x, y = data.read_split(data_path, "test")
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = radius_sweep.SweepPlan.from_config(ev, int(spec["seed"]))
     if args.count_passes is not None and plan.strong is not None:
         with torch.no_grad():
-            keep = model(x).argmax(1) == y
+            keep = model(x.to(device)).argmax(1).cpu() == y
         print(passes_per_point(model, x[keep], y[keep], plan.strong, args.count_passes))
         return
     if args.precision is not None:

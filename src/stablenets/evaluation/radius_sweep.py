@@ -370,13 +370,13 @@ def in_precision(attack: SeededAttack, precision: str) -> SeededAttack:
     """``attack`` run on the model in ``precision`` ("float32": unchanged; "bfloat16": under bf16
     autocast, ``robustness.Autocast``), with the float32 model the judge.
 
-    A low-precision attack is a cheaper search, not a weaker count: the sweep counts only
+    A low-precision attack is a cheaper search, not a looser count: the sweep counts only
     examples that fool the float32 model (``_attack_batch``). Where the bf16 model is fooled but
     the float32 one is not (a point that bf16 rounding misclassifies already, which AutoAttack
     then leaves unattacked, or an example on the boundary), the attack runs again in float32 on
-    those points with the same seed, so rounding never spares a point the float32 attack would
-    have broken. What stays unchecked is the search itself on the points neither model calls
-    fooled: ``stablenets.bench.evaluation --precision`` measures its strength against float32.
+    those points, with the same seed (its random draws then differ from a float32 run of the
+    whole batch). The search can still be weaker than float32's:
+    ``stablenets.bench.evaluation --precision`` measures it.
     """
     if precision == "float32":
         return attack
@@ -413,15 +413,18 @@ def strong_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:
     )
 
 
-def strong_label(cfg: dict[str, Any]) -> str:
+def strong_label(cfg: dict[str, Any], precision: str = "float32") -> str:
     """What the strongest attack was, for tables: ``autoattack standard``, ``autoattack apgd-ce
-    (10 iterations)``, ``pgd (100 steps x 5)``."""
+    (10 iterations)``, ``pgd (100 steps x 5)``; ``..., bfloat16 search`` when it ran in low
+    precision (``in_precision``)."""
     if cfg["method"] == "pgd":
-        return f"pgd ({cfg['steps']} steps x {cfg['restarts']})"
-    label = "autoattack " + (
-        ", ".join(cfg["attacks"]) if cfg["version"] == "custom" else "standard"
-    )
-    return label + (f" ({cfg['iterations']} iterations)" if cfg.get("iterations") else "")
+        label = f"pgd ({cfg['steps']} steps x {cfg['restarts']})"
+    else:
+        label = "autoattack " + (
+            ", ".join(cfg["attacks"]) if cfg["version"] == "custom" else "standard"
+        )
+        label += f" ({cfg['iterations']} iterations)" if cfg.get("iterations") else ""
+    return label if precision == "float32" else f"{label}, {precision} search"
 
 
 def _bisection_bounds(plan: SweepPlan, state: SweepState) -> tuple[Tensor, Tensor]:

@@ -100,8 +100,9 @@ class Autocast(nn.Module):
     """``model`` run under autocast in ``dtype`` (bf16), its logits returned in float32: what an
     attack differentiates when it runs in low precision (``classification.evaluate.precision``).
     The norm estimates that set the blocks' step sizes stay in float32 (``autocast_off``), so the
-    network is the same function up to the rounding of its convolutions; every example counted
-    is checked with the float32 model (``radius_sweep.in_precision``)."""
+    network is the same function up to the rounding of its autocast ops (convolutions, linear
+    layers); every example counted is checked with the float32 model
+    (``radius_sweep.in_precision``)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()

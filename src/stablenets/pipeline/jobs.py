@@ -332,7 +332,7 @@ def evaluate_classifier(
         "empirical_lipschitz": _classifier_lower_bound(model, x.to(device), ev, spec["seed"], lip),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
-        "strong_method": radius_sweep.strong_label(ev["strong"]),
+        "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
         "attack_precision": ev["precision"],
         "audited_certified": int(sum(state.audited.values())),
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},

@@ -428,8 +428,11 @@ def _validate(model: StableModel, task: Task, state: RunState, log: Log) -> None
     if metric > state.best_metric:
         state.best_metric, state.best_step = metric, state.step
         state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # loss, lr, sub-steps and speed are those of the last logged step, named when it is not the
+    # step just run (``log_every`` apart, or before a resume)
+    logged = "" if last.get("step", state.step - 1) == state.step - 1 else f" (step {last['step']})"
     log(
-        f"step {state.step} loss {last.get('loss', float('nan')):.4f} "
+        f"step {state.step} loss {last.get('loss', float('nan')):.4f}{logged} "
         f"val_{task.metric_name} {metric:.4f} (best {state.best_metric:.4f} @ {state.best_step}) "
         f"lr {last.get('lr', float('nan')):.3g} substeps {last.get('substeps', 0)} "
         f"img/s {last.get('images_per_s', float('nan')):.0f} elapsed {state.elapsed:.0f}s"
