@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -666,6 +667,12 @@ def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_ela
     for line in lines:
         for needle in ("eps", "points left", "robust", "elapsed", "ETA"):
             assert needle in line, line
+    lines.clear()  # a line after every batch too: never the radius's own line twice in a row
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    sweep(model, x, y, plan, state, log=lines.append, log_every_s=1e-3)
+    lines = [line for line in lines if "running for" not in line]  # (the heartbeat's)
+    assert len(lines) > len(plan.radii)
+    assert all(a != b for a, b in itertools.pairwise(lines)), lines
 
 
 def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point():

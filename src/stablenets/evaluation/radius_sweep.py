@@ -351,7 +351,10 @@ def sweep(
                     state.points[pass_name] += len(idx)
                     state.done += len(idx)
                     save(state)
-                    if time.perf_counter() - last_line > log_every_s:
+                    radius_ends = state.done == len(state.todo) and state.pass_index + 1 == len(
+                        passes
+                    )  # its own line follows at once
+                    if time.perf_counter() - last_line > log_every_s and not radius_ends:
                         log(_progress_line(plan, state, e, started))
                         last_line = time.perf_counter()
                     if stop():
