@@ -76,6 +76,19 @@ def test_smoke_denoisers_improve_psnr_and_respect_their_bounds(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_denoiser_evaluation_logs_its_test_batches_and_lipschitz_search_with_etas(smoke_run):
+    log = (smoke_run / "logs/smoke/evaluate_denoiser/sigma0.05/averaged/seed0.log").read_text()
+    batches = re.findall(r"^denoised (\d+)/(\d+) test images, elapsed \d+ s, ETA \d+ s$", log, re.M)
+    assert batches and batches[-1][0] == batches[-1][1], log
+    search = re.findall(
+        r"^Lipschitz search step (\d+)/(\d+): largest ratio \S+, elapsed \d+ s, ETA \d+ s$",
+        log,
+        re.M,
+    )
+    assert len(search) >= 2 and search[-1][0] == search[-1][1], log
+
+
+@pytest.mark.slow
 def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run):
     path = smoke_run / "results/smoke/pnp/sigma0.05/averaged/seed0.h5"
     with h5py.File(path) as fh:

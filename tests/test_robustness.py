@@ -34,6 +34,7 @@ from stablenets.evaluation.robustness import (
     certified_accuracy,
     certified_radius,
     check_invariant,
+    lipschitz_lower_bound,
     margins,
     pgd_l2,
     robust_accuracy_curve,
@@ -834,3 +835,18 @@ def test_a_float32_attack_is_left_as_it_is_and_tables_name_a_low_precision_searc
     strong = {"method": "autoattack", "version": "standard"}
     assert strong_label(strong) == "autoattack standard"
     assert strong_label(strong, "bfloat16") == "autoattack standard, bfloat16 search"
+
+
+def test_the_lipschitz_search_is_a_lower_bound_and_logs_a_tenth_of_its_steps_without_changing_it():
+    model = random_linear(4, seed=41)
+    x = inner_points(3, seed=42)
+    exact = spectral_norm(model)
+    lines: list[str] = []
+    quiet = lipschitz_lower_bound(model, x, steps=30, lr=1e-2, seed=5)
+    talking = lipschitz_lower_bound(model, x, steps=30, lr=1e-2, seed=5, log=lines.append)
+    assert talking == quiet and 0.5 * exact < quiet <= exact * (1 + 1e-5)
+    steps = [
+        int(re.match(r"Lipschitz search step (\d+)/31: largest ratio ", ln)[1]) for ln in lines
+    ]
+    assert steps == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31], lines
+    assert all(re.search(r", elapsed \d+ s, ETA \d+ s$", line) for line in lines)

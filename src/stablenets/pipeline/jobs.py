@@ -329,7 +329,9 @@ def evaluate_classifier(
         "epoch_time_s": extra.get("epoch_time_s", math.nan),
         "peak_memory_mb": extra.get("peak_memory_mb", math.nan),
         "base_width": getattr(model, "base_width", math.nan),
-        "empirical_lipschitz": _classifier_lower_bound(model, x.to(device), ev, spec["seed"], lip),
+        "empirical_lipschitz": _classifier_lower_bound(
+            model, x.to(device), ev, spec["seed"], lip, log
+        ),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
@@ -360,13 +362,13 @@ def _per_point(state: radius_sweep.SweepState, pass_name: str) -> float:
 
 
 def _classifier_lower_bound(
-    model: StableModel, x: torch.Tensor, ev: dict, seed: int, bound: float
+    model: StableModel, x: torch.Tensor, ev: dict, seed: int, bound: float, log: Log
 ) -> float:
     """Empirical Lipschitz lower bound of the logits map near test images (adversarial search);
     above the certified ``bound`` it would prove the certificate wrong, so that fails the job."""
     audit = ev["lipschitz_search"]
     lower = robustness.lipschitz_lower_bound(
-        model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed
+        model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed, log
     )
     if lower > bound:
         raise robustness.InvariantError(
@@ -385,9 +387,24 @@ def _noisy_test(
     return clean.to(device), noisy.to(device)
 
 
-def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+def _batched(
+    model: torch.nn.Module, x: torch.Tensor, batch: int, log: Log | None = None
+) -> torch.Tensor:
+    """``model`` on ``x`` in batches; with ``log``, a line every tenth of them (elapsed, ETA):
+    full-size denoising of the test set takes minutes where no GPU runs it. (PnP calls it at
+    every iteration, silently: it logs its own lines.)"""
+    parts, chunks, start = [], x.split(batch), time.monotonic()
+    every = max(1, len(chunks) // 10)
     with torch.no_grad(), pinned_weights(model):
-        return torch.cat([model(b) for b in x.split(batch)])
+        for k, chunk in enumerate(chunks, 1):
+            parts.append(model(chunk))
+            if log is not None and (k % every == 0 or k == len(chunks)):
+                elapsed = time.monotonic() - start
+                log(
+                    f"denoised {sum(len(p) for p in parts)}/{len(x)} test images, elapsed "
+                    f"{elapsed:.0f} s, ETA {elapsed / k * (len(chunks) - k):.0f} s"
+                )
+    return torch.cat(parts)
 
 
 def _crops(
@@ -429,7 +446,7 @@ def evaluate_denoiser(
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     ev = spec["evaluate"]
     clean, noisy = _noisy_test(spec, data_path, device)
-    denoised = _batched(model, noisy, ev["batch_size"])
+    denoised = _batched(model, noisy, ev["batch_size"], log)
     sets = _psnr_sets(denoised, noisy, clean)
     audit = ev["lipschitz_search"]
     lower = robustness.lipschitz_lower_bound(
@@ -439,6 +456,7 @@ def evaluate_denoiser(
         audit["lr"],
         audit["delta_scale"],
         spec["seed"],
+        log,
     )
     bound = model.lipschitz_bound((clean.shape[-2], clean.shape[-1]))
     alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
