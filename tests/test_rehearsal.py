@@ -248,7 +248,9 @@ def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path)
     assert dag[dag["variant"] == "resnet"]["basis"].str.startswith("train_classifier/nonexp").any()
     assert dag["fits"].isin([True, False]).all() and (cost["row"] == "total").sum() == 2
     note = (work / "results/rehearsal/cost.md").read_text()
-    assert "GPU-hours" in note and "## The paper's learning rate, tried" in note
+    assert "hours on cpu** for" in note and "## The paper's learning rate, tried" in note
+    computed = measured[measured["rule"] != "prepare_data"]  # each says what it ran on
+    assert (computed["device"] == "cpu").all() and measured["device"].isna().sum() == 2
     assert "other than the paper's (classification/nonexpansive, denoising/averaged)" in note
     assert (work / "results/rehearsal/summary.md").exists()
 

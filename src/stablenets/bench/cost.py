@@ -71,7 +71,7 @@ RULES = {
 }
 TASK = {"classifier": "classification", "denoiser": "denoising"}
 COLUMNS = [
-    "row", "rule", "variant", "sigma", "seed", "wall_s", "max_rss_mb", "unit", "units",
+    "row", "rule", "variant", "sigma", "seed", "device", "wall_s", "max_rss_mb", "unit", "units",
     "seconds_per_unit", "fixed_s", "s_per_point_pgd", "s_per_point_strong", "s_per_point_audit",
     "s_per_point_bisect", "substeps_first", "substeps_last", "substeps_max", "lr_last",
     "peak_memory_mb", "paper_units", "projected_h", "runtime_min", "fits", "gpu", "basis",
@@ -160,6 +160,7 @@ class Measured:
     spec: dict[str, Any]  # the job's own specification (its outputs' ``config``)
     parts: dict[str, tuple[float, float]] = field(default_factory=dict)  # pass -> (s, points)
     stats: dict[str, Any] = field(default_factory=dict)
+    device: str = ""  # what the job computed on (its outputs' ``device``; "" if unrecorded)
 
     @property
     def fixed_s(self) -> float:
@@ -194,7 +195,8 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
     }
     spec = json.loads(extra["config"])
     variable = _steady_time(float(extra["train_time_s"]), steps, train, spec["train"]["batch_size"])
-    return Measured(job, wall, rss, "step", steps, variable, spec, stats=stats)
+    return Measured(job, wall, rss, "step", steps, variable, spec, stats=stats,
+                    device=str(extra.get("device", "")))  # fmt: skip
 
 
 def _steady_time(train_time_s: float, steps: int, train: Any, batch_size: int) -> float:
@@ -234,7 +236,9 @@ def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> M
     stats = {f"s_per_point_{p}": float(attrs[f"seconds_per_point_{p}"]) for p in PASSES}
     stats["clean_accuracy"] = float(attrs["clean_accuracy"])
     attack = sum(s for s, _ in parts.values())
-    return Measured(job, wall, rss, "test point", int(attrs["n_test"]), attack, spec, parts, stats)
+    n = int(attrs["n_test"])
+    return Measured(job, wall, rss, "test point", n, attack, spec, parts, stats,
+                    str(attrs.get("device", "")))  # fmt: skip
 
 
 def measure(job: Job, tsv: Path, root: Path) -> Measured:
@@ -248,10 +252,11 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
     if job.rule == "prepare_data":
         return Measured(job, wall, rss, "dataset", 1, wall, {})
     attrs, spec = _attrs(path)
+    device = str(attrs.get("device", ""))
     if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
-        return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec)
+        return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec, device=device)
     units = attrs["psnr_final"] * float(attrs["mean_iterations"])
-    return Measured(job, wall, rss, "image-iteration", units, wall, spec)
+    return Measured(job, wall, rss, "image-iteration", units, wall, spec, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +429,7 @@ def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
         variant=m.job.variant or m.job.dataset,
         sigma=m.job.sigma,
         seed="" if m.job.seed is None else m.job.seed,
+        device=m.device,
         wall_s=m.wall_s,
         max_rss_mb=m.max_rss_mb,
         unit=m.unit,
@@ -509,11 +515,14 @@ def _markdown(
     df = pd.DataFrame(rows, columns=COLUMNS)
     totals = df[df["row"] == "total"]
     gpu = totals.iloc[0]
+    on = ", ".join(sorted({d for d in df.loc[df["row"] == "rehearsal", "device"] if d})) or "?"
+    hours = "GPU-hours" if on.startswith("cuda") and "," not in on else f"hours on {on}"
     lines = [
         f"# Cost of the {scale} run and the projected paper-scale DAG",
         "",
         f"Projected paper-scale DAG ({paper_path}, {seeds} seed(s)): **{gpu['projected_h']:.1f} "
-        f"GPU-hours** for {gpu['units']:.0f} GPU jobs (train + evaluate + PnP); "
+        f"{hours}** for {gpu['units']:.0f} GPU jobs (train + evaluate + PnP), measured on "
+        f"{on}; "
         f"{totals.iloc[1]['projected_h']:.1f} h for all {totals.iloc[1]['units']:.0f} jobs. "
         f"Jobs {gpu['basis']}.",
         "",

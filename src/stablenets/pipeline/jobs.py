@@ -163,7 +163,7 @@ def train_model(
         epoch_time_s=state.elapsed / max(state.step, 1) * task.steps_per_epoch(cfg.batch_size),
         peak_memory_mb=peak_memory_mb(device),
         total_substeps=_final_substeps(model, state.rows),
-        **provenance(spec, spec["seed"]),
+        **provenance(spec, spec["seed"], device),
     )
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
 
@@ -340,7 +340,7 @@ def evaluate_classifier(
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
         **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},
         **_accuracy_attrs(eps, acc),
-        **provenance(spec, spec["seed"]),
+        **provenance(spec, spec["seed"], device),
     }
     datasets = {"eps": eps, **acc, "standard_eps": std_eps}
     datasets.update({f"standard_{k}": v for k, v in std.items()})
@@ -473,7 +473,7 @@ def evaluate_denoiser(
         "empirical_lipschitz": lower,
         "tv_weight": math.nan,
         **_denoising_attrs(sets),
-        **provenance(spec, spec["seed"]),
+        **provenance(spec, spec["seed"], device),
     }
     crops = _crops(clean, noisy, denoised, ev)
     crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
@@ -507,7 +507,7 @@ def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = pri
         "tv_weight": weight,
         "tv_validation_scores": list(scores),
         **_denoising_attrs(sets),
-        **provenance(spec, -1),
+        **provenance(spec, -1, device),
     }
     crops = _crops(clean, noisy, denoised, ev)
     crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
@@ -593,7 +593,7 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
         "lipschitz_bound": model.lipschitz_bound(size),
         "averagedness": alpha,
         **_pnp_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
-        **provenance(spec, spec["seed"]),
+        **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, x, p["n_show"])
     log(
@@ -621,7 +621,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
         "averagedness": None,
         **_pnp_attrs(spec, {}, final, observed_psnr, iters),
         "converged_fraction": math.nan,
-        **provenance(spec, spec["seed"]),
+        **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, {}, final, observed_psnr, clean, observed, x, p["n_show"])
     log(f"TV deblur: PSNR {attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB")

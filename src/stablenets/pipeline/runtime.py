@@ -3,8 +3,8 @@
 * ``select_device("auto")`` picks CUDA when present; with several GPUs visible it takes the first
   one no other stablenets job holds (an exclusive ``flock`` per GPU), so concurrent local jobs do
   not all land on GPU 0.
-* ``provenance(spec, seed)`` records the config hash, seed, package versions and git commit that
-  every output carries in its attributes.
+* ``provenance(spec, seed, device)`` records the config hash, seed, package versions and git
+  commit that every output carries in its attributes, and the device a job computed on.
 * ``write_results(path, attrs, datasets)`` writes an HDF5 file atomically; ``read_results`` is
   the one reader of result files (tables, figures, sidecars, tests), with one conversion of
   attributes to plain Python values (``attr_value``).
@@ -109,15 +109,27 @@ def versions() -> dict[str, str]:
     return found
 
 
-def provenance(spec: dict, seed: int) -> dict[str, Any]:
-    """Attributes every output carries: what produced it, and from which code."""
+def provenance(spec: dict, seed: int, device: torch.device | None = None) -> dict[str, Any]:
+    """Attributes every output carries: what produced it, from which code, and (for a job that
+    computes) on which device: ``cpu`` or ``cuda:0 NVIDIA H100 80GB HBM3``, so a time recorded
+    with it (training time, seconds per point, ``cost.csv``) says what it was measured on."""
     return {
         "config_hash": config_hash(spec),
         "config": json.dumps(spec, sort_keys=True, default=str),
         "seed": int(seed),
         "versions": json.dumps(versions(), sort_keys=True),
         "git_commit": _git_commit(),
+        **({"device": device_label(device)} if device is not None else {}),
     }
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu``, or a CUDA device's index and name."""
+    import torch
+
+    if device.type != "cuda":
+        return device.type
+    return f"{device} {torch.cuda.get_device_name(device)}"
 
 
 def _attr(value: Any) -> Any:
