@@ -204,8 +204,8 @@ def passes_per_point(
     At a radius where no point breaks, this is the cost of a point that stays robust."""
     counter = _PassCounter(model).eval()
     adv = attack(counter, x, y, eps, seed=0)
-    with torch.no_grad():
-        robust = float((model(adv).argmax(1) == y).double().mean())
+    device = robustness.model_device(model)
+    robust = float((robustness.predict(model, adv.to(device)).cpu() == y.cpu()).double().mean())
     return {"forward": counter.forward_images / len(x),
             "backward": counter.backward_images / len(x), "robust": robust}  # fmt: skip
 
