@@ -36,6 +36,7 @@ from stablenets.evaluation.tv import (
     project_dual_ball,
     relative_change,
 )
+from stablenets.progress import timing
 
 __all__ = [
     "CircularBlur",
@@ -327,14 +328,8 @@ def _progress_line(k: int, max_iter: int, active: Tensor, history: _History, ela
     largest = float(change.max()) if len(change) else 0.0
     return (
         f"PnP iteration {k}/{max_iter}: {int(active.sum())} of {len(active)} images iterating, "
-        f"largest relative change {largest:.2e}, {_timing(k, max_iter, elapsed)}"
+        f"largest relative change {largest:.2e}, {timing(k, max_iter, elapsed, upper=True)}"
     )
-
-
-def _timing(k: int, iters: int, elapsed: float) -> str:
-    """``elapsed 40 s, ETA at most 200 s`` after ``k`` of ``iters`` iterations (an upper ETA:
-    the iterations stop early once every image converged)."""
-    return f"elapsed {elapsed:.0f} s, ETA at most {elapsed / k * (iters - k):.0f} s"
 
 
 def _pnp_step(
@@ -470,6 +465,6 @@ def tv_deblur(
         if log is not None and k % log_every == 0:
             log(
                 f"TV deblur iteration {k}/{iters}: {len(x)} images, largest relative change "
-                f"{float(change.max()):.2e}, {_timing(k, iters, time.monotonic() - start)}"
+                f"{float(change.max()):.2e}, {timing(k, iters, time.monotonic() - start, upper=True)}"
             )
     return x

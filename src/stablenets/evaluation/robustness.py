@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablenets.nn.operators import pinned_weights
+from stablenets.progress import timing
 
 if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
     from pyautoattack import AutoAttack
@@ -526,6 +527,6 @@ def lipschitz_lower_bound(
             elapsed = time.monotonic() - start
             log(
                 f"Lipschitz search step {k}/{steps + 1}: largest ratio {best:.4g}, "
-                f"elapsed {elapsed:.0f} s, ETA {elapsed / k * (steps + 1 - k):.0f} s"
+                f"{timing(k, steps + 1, elapsed)}"
             )
     return best

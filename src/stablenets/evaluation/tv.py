@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from stablenets.evaluation.metrics import psnr
+from stablenets.progress import timing
 
 GRADIENT_NORM_SQ = 8.0
 """Upper bound of ``||grad||^2`` for 2-D forward differences (4 per axis, two axes)."""
@@ -170,7 +171,7 @@ def select_tv_weight(
             elapsed = time.monotonic() - start
             log(
                 f"TV weight {w:g} ({k}/{len(weights)}): validation PSNR {scores[-1]:.2f} dB, "
-                f"elapsed {elapsed:.0f} s, ETA {elapsed / k * (len(weights) - k):.0f} s"
+                f"{timing(k, len(weights), elapsed)}"
             )
     best = max(range(len(weights)), key=lambda i: scores[i])
     return float(weights[best]), scores

@@ -41,6 +41,7 @@ from stablenets.pipeline.runtime import (
     write_results,
     write_sidecar,
 )
+from stablenets.progress import timing
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import is_out_of_memory, peak_memory_mb
@@ -401,8 +402,8 @@ def _batched(
             if log is not None and (k % every == 0 or k == len(chunks)):
                 elapsed = time.monotonic() - start
                 log(
-                    f"denoised {sum(len(p) for p in parts)}/{len(x)} test images, elapsed "
-                    f"{elapsed:.0f} s, ETA {elapsed / k * (len(chunks) - k):.0f} s"
+                    f"denoised {sum(len(p) for p in parts)}/{len(x)} test images, "
+                    f"{timing(k, len(chunks), elapsed)}"
                 )
     return torch.cat(parts)
 
