@@ -87,20 +87,23 @@ def fake_eval(evaluate: dict, parts: dict, wall: float, variant: str = "nonexpan
     return Measured(job, wall, 0.0, "test point", 500, attack, spec, parts, {"clean_accuracy": 0.5})
 
 
-def test_training_projects_its_fixed_seconds_plus_the_paper_steps_at_the_measured_step_time():
+def test_training_projects_fixed_seconds_plus_steps_validations_and_checkpoints_at_their_rates():
+    """The paper run validates every 371 steps and checkpoints every 500 (both at the last step
+    too): 108 validations and 80 writes in 40,000 steps, where the rehearsal did 3 and 2."""
     job = Job("train_classifier", "nonexpansive", seed=0)
-    measured = Measured(job, 100.0, 0.0, "step", 2000, 20.0, {})  # 10 ms per step, 80 s fixed
+    parts = {"step": (20.0, 2000), "validation": (3.0, 3), "checkpoint": (1.0, 2)}
+    measured = Measured(job, 100.0, 0.0, "step", 2000, 24.0, {}, parts)  # 76 s fixed
     units, seconds, basis = project(job, measured, paper())
-    assert (units, seconds, basis) == (40_000, 80.0 + 0.01 * 40_000, job.label())
+    assert (units, basis) == (40_000, job.label())
+    assert seconds == pytest.approx(76.0 + 0.01 * 40_000 + 1.0 * 108 + 0.5 * 80)
 
 
-def test_the_first_training_step_is_retimed_at_the_others_rate_so_start_up_stays_fixed():
-    # 50 steps of 10 ms after a first step of 2 s (CUDA graph capture): 2.49 s on the clock
-    log = pd.DataFrame({"step": [0, 10, 20], "images_per_s": [128 / 2.0, 12800, 12800]})
-    steady = _steady_time(2.0 + 49 * 0.01, 50, log, 128)
-    assert steady == pytest.approx(50 * 0.01)  # what 50 steady steps take
-    resumed = log[log["step"] > 0]  # no step-0 row: nothing to re-time
-    assert _steady_time(2.49, 50, resumed, 128) == 2.49 and _steady_time(2.0, 1, log, 128) == 2.0
+def test_the_first_step_of_each_process_is_retimed_at_the_others_rate_so_start_up_stays_fixed():
+    # 50 steps of 10 ms, the first of each of two processes 2 s (CUDA graph capture): 5.98 s
+    extra = {"train_time_s": 4.0 + 48 * 0.01, "startup_s": 4.0, "startup_steps": 2}
+    assert _steady_time(extra, 50) == pytest.approx(50 * 0.01)  # what 50 steady steps take
+    assert _steady_time({"train_time_s": 2.49}, 50) == 2.49  # unrecorded: as is
+    assert _steady_time({**extra, "startup_steps": 50}, 50) == extra["train_time_s"]
 
 
 def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times_n_over_n():
@@ -132,13 +135,18 @@ def test_a_bisection_the_rehearsal_left_out_is_estimated_at_the_strong_attacks_r
     assert "bisection estimated at the strong pass's rate" in basis
 
 
+def fake_train(job: Job, wall: float, steps: int, step_s: float) -> Measured:
+    """A measured training job of ``steps`` steps in ``step_s`` seconds (no validation)."""
+    return Measured(job, wall, 0, "step", steps, step_s, {}, {"step": (step_s, steps)})
+
+
 def test_an_unmeasured_variant_is_projected_by_the_benchmarked_step_time_ratio_and_its_stages():
-    train = Measured(Job("train_classifier", "nonexpansive", seed=0), 30.0, 0, "step", 100, 1.0, {})
+    train = fake_train(Job("train_classifier", "nonexpansive", seed=0), 30.0, 100, 1.0)
     bench = {("classifier", 16, "cuda_graphs replayed"): 7.5, ("cpl", 16, ""): 15.0}
     _, seconds, basis = project(Job("train_classifier", "cpl_XS", seed=0), train, paper(bench))
     assert seconds == pytest.approx(29.0 + 2 * 0.01 * 40_000)  # CPL trains eagerly: 2x
     assert "x 2 (benchmarked step ('cpl', 16) / ('classifier', 16))" in basis
-    denoiser = Measured(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 0, "step", 10, 1.0, {})
+    denoiser = fake_train(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 10, 1.0)
     _, seconds, basis = project(Job("train_denoiser", "heun", "0.15", 0), denoiser, paper())
     assert seconds == pytest.approx(29.0 + 2 * 0.1 * 40_000) and "stages only" in basis
 
@@ -147,14 +155,14 @@ def fake_run(eval_wall: float) -> list[Measured]:
     """One measured job per rule, the rehearsal's variants."""
     out = [Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {}) for d in SIZES]
     for v in ("nonexpansive", "resnet"):
-        out.append(Measured(Job("train_classifier", v, seed=0), 30.0, 0, "step", 2000, 15.0, {}))
+        out.append(fake_train(Job("train_classifier", v, seed=0), 30.0, 2000, 15.0))
         parts = {"pgd": (5.0, 500), "strong": (20.0, 100), "audit": (5.0, 50), "bisect": (0.0, 0)}
         run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
             **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
         out.append(fake_eval(run, parts, eval_wall, v))
     for v in ("averaged", "dncnn"):
         out += [
-            Measured(Job("train_denoiser", v, "0.15", 0), 40.0, 0, "step", 200, 20.0, {}),
+            fake_train(Job("train_denoiser", v, "0.15", 0), 40.0, 200, 20.0),
             Measured(Job("evaluate_denoiser", v, "0.15", 0), 20.0, 0, "test image", 200, 20.0, {}),
             Measured(Job("pnp_deblur", v, "0.15", 0), 20.0, 0, "image-iteration", 600, 20.0, {}),
         ]

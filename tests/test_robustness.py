@@ -21,6 +21,7 @@ from stablenets.evaluation.radius_sweep import (
     SweepState,
     _expected,
     bisect,
+    evaluation_radii,
     in_precision,
     strong_label,
     sweep,
@@ -549,6 +550,52 @@ def test_sweep_rejects_an_attack_that_leaves_the_ball():
 
     with pytest.raises(ValueError, match="left the eps"):
         run_sweep(model, x, y, sweep_plan(pgd=cheat), lip)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_sweep_rejects_an_attack_that_returns_non_finite_values(bad: float):
+    # NaN passes every ">" test: unchecked, it would count as a break at every radius, 0 included
+    model, x, y, lip = linear_case(2)
+
+    def broken(model, x, y, eps, seed):
+        x_adv = x.clone()
+        x_adv.view(len(x), -1)[:, 0] = bad
+        return x_adv
+
+    with pytest.raises(ValueError, match="non-finite"):
+        run_sweep(model, x, y, sweep_plan(pgd=broken), lip)
+
+
+def test_curves_read_at_the_configured_grid_count_examples_on_the_sphere_as_broken():
+    # A binary linear model whose boundary is the plane u.x = t (u a unit vector), with points at
+    # signed distances s, and an oracle attack that steps exactly eps towards the plane: it breaks
+    # a point iff eps >= |s|, and its examples lie on the sphere of radius eps. Read at the
+    # config's own linspace grid, the curve must be the exact mean(|s| > eps) at every radius,
+    # also at the radii that a rounding of the grid moves up (k/39 for k >= 20).
+    u = torch.ones(DIM, dtype=torch.float64) / math.sqrt(DIM)
+    t = float(0.5 * u.sum())
+    model = linear_model(torch.stack([torch.zeros(DIM), u.float()]), torch.tensor([0.0, -t]))
+    g = torch.Generator().manual_seed(41)
+    s = (torch.rand(400, generator=g, dtype=torch.float64) * 1.2 + 1e-3) * torch.where(
+        torch.rand(400, generator=g) < 0.5, -1.0, 1.0
+    ).double()
+    x = (0.5 + s[:, None] * u).float().view(-1, *SHAPE)
+    y = (s > 0).long()
+
+    def oracle(model, x, y, eps, seed):
+        towards = torch.where(y[:, None] == 1, -u, u).float()
+        return (x.flatten(1) + eps * towards).view_as(x)
+
+    ev = {"eps": {"start": 0.0, "stop": 1.0, "num": 40}, "standard_eps": [36 / 255, 1.0]}
+    grid, std = evaluation_radii(ev)
+    plan = sweep_plan(pgd=oracle, radii=np.concatenate([grid, std]))
+    state = run_sweep(model, x, y, plan, lipschitz=math.sqrt(2))
+    distance = (x.flatten(1).double() @ u - t).abs()
+    assert state.correct.all()
+    for read_at in (np.linspace(0.0, 1.0, 40), grid):
+        expected = (distance[:, None] > torch.as_tensor(read_at)[None, :]).double().mean(0)
+        assert np.array_equal(state.accuracies(read_at)["empirical"], expected.numpy())
+    assert (np.abs(grid - np.linspace(0.0, 1.0, 40)) <= 1e-12).all()
 
 
 def test_an_unsound_certificate_fails_the_audit_of_certified_points():

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from stablenets.nn.models import build_model
+from stablenets.nn.models import build_model, read_checkpoint
+from stablenets.pipeline.jobs import _resume_hash
 from stablenets.train.augment import AugmentConfig, augment
 from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
@@ -38,7 +40,9 @@ def test_augmentation_is_seeded_batched_and_shape_preserving():
     assert not torch.equal(shifted, x)  # cropping moved at least one image
 
 
-def _tiny_run(tmp_path: Path, **train_kwargs) -> tuple[list[str], RunState]:
+def _tiny_run(
+    tmp_path: Path, task_type: type[ClassificationTask] = ClassificationTask, **train_kwargs
+) -> tuple[list[str], RunState]:
     """A seeded nonexpansive classifier (2 blocks) trained on random 8x8 images; its log lines."""
     torch.manual_seed(0)
     model = build_model(
@@ -46,7 +50,7 @@ def _tiny_run(tmp_path: Path, **train_kwargs) -> tuple[list[str], RunState]:
     )
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    task = ClassificationTask(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
+    task = task_type(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
     cfg = TrainConfig(batch_size=8, lr_max=0.05, **{"val_every": 100, **train_kwargs})
     logs: list[str] = []
     _, state = train(model, task, cfg, tmp_path, "h", logs.append)
@@ -125,3 +129,50 @@ def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validat
     last = [r for r in state.rows if r["kind"] == "train"][-1]
     assert last["step"] == 5 and last["lr"] == lr_at(5, 40_000)
     assert not math.isclose(last["lr"], lr_at(5, 6), rel_tol=0.5)  # not a compressed schedule
+
+
+def test_a_run_stopped_early_is_checkpointed_at_its_last_step_and_a_later_stop_resumes_it(
+    tmp_path,
+):
+    """``stop_after`` only stops (the schedule is the full run's): its last step is saved even off
+    the ``checkpoint_every`` grid, a rerun with a later stop goes on from there (the resume hash
+    leaves it out, like the other limits), and the clocks count each part of the work."""
+    _, first = _tiny_run(tmp_path, steps=12, stop_after=5, val_every=4, checkpoint_every=4)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["run"]["step"] == 5
+    # validated and saved at step 4 and at the stop; one start-up step
+    assert (first.validations, first.checkpoints, first.startup_steps) == (2, 2, 1)
+    logs, state = _tiny_run(tmp_path, steps=12, val_every=4, checkpoint_every=4)
+    assert f"resumed from {tmp_path / 'checkpoint.pt'} at step 5" in logs and state.step == 12
+    assert (state.validations, state.checkpoints, state.startup_steps) == (4, 4, 2)
+    assert state.validation_s > 0 and state.checkpoint_s > 0 and 0 < state.startup_s < state.elapsed
+    spec = {"model": "m", "seed": 0, "train": {"steps": 12, "lr_max": 1.0}}
+    hashes = {_resume_hash({**spec, "train": {**spec["train"], "stop_after": n}}) for n in (5, 9)}
+    assert hashes == {_resume_hash(spec)}
+    assert _resume_hash({**spec, "train": {**spec["train"], "lr_max": 0.5}}) not in hashes
+
+
+class _NaNGradientAtStep3(ClassificationTask):
+    """A finite loss whose gradient is NaN at the fourth step (an overflow in the backward)."""
+
+    calls = 0
+
+    def loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        loss = F.cross_entropy(out, targets)
+        return loss + 0 * torch.sqrt(out - out).sum() if type(self).calls == 4 else loss
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_before_a_checkpoint_of_nans_is_written(tmp_path):
+    with pytest.raises(DivergenceError) as err:
+        _tiny_run(tmp_path, _NaNGradientAtStep3, steps=20, checkpoint_every=4, log_every=1)
+    ckpt = tmp_path / "checkpoint.pt"
+    assert str(err.value) == (
+        "training diverged at step 4: non-finite weights after the update (a NaN or inf "
+        "gradient); last good checkpoint: none"
+    )
+    assert not ckpt.exists()
+    _NaNGradientAtStep3.calls = -4  # the NaN in the 8th step, whose update is then saved
+    with pytest.raises(DivergenceError, match=rf"at step 8: non-finite .*{ckpt} \(step 4\)$"):
+        _tiny_run(tmp_path, _NaNGradientAtStep3, steps=20, checkpoint_every=4, log_every=1)
+    weights = read_checkpoint(ckpt)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

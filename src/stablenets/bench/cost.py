@@ -18,10 +18,13 @@ same variant, else of the same model, else the rule's first measured job:
     seconds(p) = fixed(m) + f * sum over parts of  rate(m, part) * paper_units(p, part)
     fixed(m)   = max(wall(m) - variable(m), 0)
 
-* training: one part, rate = ``train_time_s`` / steps run (the loop's own clock: validation,
-  checkpoints and start-up are fixed), the first step re-timed at the others' rate (its start-up
-  is fixed too: ``_steady_time``); paper units = the variant's ``train.steps`` (with
-  ``budget_minutes``: that budget instead of ``rate * steps``);
+* training: three parts, from the loop's own clocks (``RunState``): steps (rate =
+  ``train_time_s`` / steps run, each process's first step re-timed at the others' rate, its
+  start-up fixed: ``_steady_time``; paper units = the variant's ``train.steps``), validations
+  and checkpoint writes (rate = seconds per validation or write; paper counts =
+  ``ceil(steps / val_every)`` and ``ceil(steps / checkpoint_every)``: both happen at the last
+  step too). A rehearsal validates 3 times in 1,000 steps, the paper 108 times in 40,000, so
+  these are not fixed costs. With ``budget_minutes``: the fixed seconds plus that budget;
 * classifier evaluation: one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
   the pass's seconds per attacked point (the job's ``seconds_per_point_*`` and
   ``attacked_points_*``), points scaled to the paper's settings: pgd and strong by
@@ -72,7 +75,7 @@ RULES = {
 TASK = {"classifier": "classification", "denoiser": "denoising"}
 COLUMNS = [
     "row", "rule", "variant", "sigma", "seed", "device", "wall_s", "max_rss_mb", "unit", "units",
-    "seconds_per_unit", "fixed_s", "s_per_point_pgd", "s_per_point_strong", "s_per_point_audit",
+    "seconds_per_unit", "fixed_s", "s_per_validation", "s_per_checkpoint", "s_per_point_pgd", "s_per_point_strong", "s_per_point_audit",
     "s_per_point_bisect", "substeps_first", "substeps_last", "substeps_max", "lr_last",
     "peak_memory_mb", "paper_units", "projected_h", "runtime_min", "fits", "gpu", "basis",
 ]  # fmt: skip
@@ -186,30 +189,47 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
     train = cast(pd.DataFrame, log[log["kind"] == "train"])
     steps = int(log.loc[log["kind"] == "val", "step"].max())  # validated at the last step run
     substeps = cast(pd.Series, train["substeps"].astype(int))
-    stats = {
+    parts = {
+        "step": (_steady_time(extra, steps), steps),
+        **{p: (float(extra.get(f"{p}_s", 0.0)), int(extra.get(f"{p}s", 0))) for p in _OCCASIONAL},
+    }
+    stats: dict[str, Any] = {
         "substeps_first": int(substeps.iloc[0]),
         "substeps_last": int(substeps.iloc[-1]),
         "substeps_max": int(substeps.max()),
         "lr_last": float(train["lr"].iloc[-1]),
         "peak_memory_mb": float(extra["peak_memory_mb"]),
+        **{f"s_per_{p}": s / n if n else math.nan for p, (s, n) in parts.items() if p != "step"},
     }
     spec = json.loads(extra["config"])
-    variable = _steady_time(float(extra["train_time_s"]), steps, train, spec["train"]["batch_size"])
-    return Measured(job, wall, rss, "step", steps, variable, spec, stats=stats,
-                    device=str(extra.get("device", "")))  # fmt: skip
+    variable = sum(s for s, _ in parts.values())
+    return Measured(job, wall, rss, "step", steps, variable, spec, parts, stats,
+                    str(extra.get("device", "")))  # fmt: skip
 
 
-def _steady_time(train_time_s: float, steps: int, train: Any, batch_size: int) -> float:
-    """``train_time_s`` with its first step re-timed at the rate of the others: the first step
-    carries start-up (CUDA context, cuDNN autotuning, CUDA graph capture), which over a short
-    run (the rehearsal's ResNet: 50 steps) would weigh on the projected 40,000. Its time comes
-    from the log's step-0 row (``images_per_s``); without that row (a resumed run) or with one
-    step, ``train_time_s`` as is."""
-    first = train[train["step"] == 0]
-    if steps < 2 or first.empty:
-        return train_time_s
-    first_s = min(batch_size / float(first["images_per_s"].iloc[0]), train_time_s)
-    return (train_time_s - first_s) * steps / (steps - 1)
+_OCCASIONAL = {"validation": "val_every", "checkpoint": "checkpoint_every"}
+"""The training loop's occasional work (``RunState``'s clocks) and the key of its interval."""
+
+
+def _steady_time(extra: dict[str, Any], steps: int) -> float:
+    """``train_time_s`` with the first step of each process re-timed at the rate of the others
+    (``startup_s`` over ``startup_steps``, the loop's record): a first step carries start-up
+    (CUDA context, cuDNN autotuning, CUDA graph capture), which over a short run (the
+    rehearsal's ResNet: 50 steps) would weigh on the projected 40,000. Unrecorded, or no other
+    step: ``train_time_s`` as is."""
+    total, first = float(extra["train_time_s"]), int(extra.get("startup_steps", 0))
+    if not first or steps <= first:
+        return total
+    return (total - min(float(extra["startup_s"]), total)) * steps / (steps - first)
+
+
+def _train_seconds(m: Measured, train: dict[str, Any], steps: float) -> float:
+    """Step, validation and checkpoint seconds of ``steps`` paper steps (module docstring)."""
+    seconds = 0.0
+    for p, (s, n) in m.parts.items():
+        count = steps if p == "step" else math.ceil(steps / train[_OCCASIONAL[p]])
+        seconds += s / n * count if n else 0.0
+    return seconds
 
 
 def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -386,6 +406,8 @@ def project(job: Job, basis: Measured, paper: Paper) -> tuple[float, float, str]
     train = paper.train(job.task, job.variant) if job.rule.startswith("train_") else {}
     if train.get("budget_minutes"):
         return units, basis.fixed_s + 60 * train["budget_minutes"], f"{text}: budget_minutes"
+    if train:
+        return units, basis.fixed_s + f * _train_seconds(basis, train, units), text
     if job.rule == "evaluate_classifier":
         seconds, notes = _eval_seconds(basis, paper.config["classification"]["evaluate"], units)
         return units, basis.fixed_s + f * seconds, text + (f"; {notes}" if notes else "")
@@ -434,7 +456,7 @@ def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
         max_rss_mb=m.max_rss_mb,
         unit=m.unit,
         units=m.units,
-        seconds_per_unit=m.variable_s / m.units,
+        seconds_per_unit=m.parts.get("step", (m.variable_s, m.units))[0] / m.units,
         fixed_s=m.fixed_s,
         **{k: v for k, v in m.stats.items() if k in COLUMNS},
     )

@@ -63,7 +63,7 @@ def per_radius(
     """Certified, PGD and empirical accuracy at every radius of ``plan``, attacking every
     correctly classified point at every radius (strong attack at ``strong_radii`` and
     ``bisect_radii``, both attacks with ``plan.seed``)."""
-    strong_at = plan.strong_radii | frozenset(np.round(plan.bisect_radii, 12))
+    strong_at = plan.strong_radii | frozenset(map(radius_sweep.radius_key, plan.bisect_radii))
     _, correct = robustness.margins(model, x, y, plan.batch_size)
     out: dict[str, list[float]] = {"certified": [], "pgd": [], "empirical": []}
     for e in (float(r) for r in plan.radii):
@@ -71,7 +71,7 @@ def per_radius(
         strong = correct.clone()
         if e > 0:
             pgd &= _robust(model, x, y, plan.pgd, e, plan)
-            if plan.strong is not None and round(e, 12) in strong_at:
+            if plan.strong is not None and radius_sweep.radius_key(e) in strong_at:
                 strong &= _robust(model, x, y, plan.strong, e, plan)
         out["certified"].append(float((correct & (cert_radius > e)).double().mean()))
         out["pgd"].append(float(pgd.double().mean()))

@@ -50,6 +50,24 @@ PASSES = ("pgd", "strong", "audit", "bisect")
 yet, the strong attack on every point no attack has broken yet, and the certificate audit; then
 the strong attack's bisection over ``SweepPlan.bisect_radii``."""
 
+RADIUS_DECIMALS = 12
+"""Radii are attacked, recorded and read at this many decimals (:func:`radius_key`)."""
+
+
+def radius_key(eps: float) -> float:
+    """A radius as the sweep attacks, records and reports it: rounded to ``RADIUS_DECIMALS``
+    (correctly rounded, idempotent), so that one radius computed two ways (``36/255`` in the
+    config, ``k/39`` on a grid) is one radius, and a curve read at a radius reads the very radius
+    that was attacked. That matters: an attack puts its example on the sphere, so a break radius
+    equals the attacked radius, and the point counts as broken only when read there
+    (``break_radius > eps`` is false), not at a value a rounding error below it."""
+    return round(float(eps), RADIUS_DECIMALS)
+
+
+def canonical_radii(eps: Sequence[float] | np.ndarray) -> np.ndarray:
+    """:func:`radius_key` of every radius, as a float64 array."""
+    return np.array([radius_key(e) for e in np.asarray(eps, dtype=np.float64).ravel()])
+
 
 @dataclass
 class SweepPlan:
@@ -73,12 +91,12 @@ class SweepPlan:
     bisect_radii: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
-        self.radii = np.unique(np.round(np.asarray(self.radii, dtype=np.float64), 12))
+        self.radii = np.unique(canonical_radii(self.radii))
         for e in self.radii:
             check_eps(float(e))
-        self.strong_radii = frozenset(round(float(e), 12) for e in self.strong_radii)
-        self.audit_radii = frozenset(round(float(e), 12) for e in self.audit_radii)
-        self.bisect_radii = np.unique(np.round(np.asarray(self.bisect_radii, np.float64), 12))
+        self.strong_radii = frozenset(map(radius_key, self.strong_radii))
+        self.audit_radii = frozenset(map(radius_key, self.audit_radii))
+        self.bisect_radii = np.unique(canonical_radii(self.bisect_radii))
 
     @classmethod
     def from_config(cls, ev: dict[str, Any], seed: int) -> SweepPlan:
@@ -103,7 +121,7 @@ class SweepPlan:
 
     def passes(self, k: int) -> list[str]:
         """The passes run at ``radii[k]`` (none at radius 0: nothing can move a point there)."""
-        e = round(float(self.radii[k]), 12)
+        e = radius_key(self.radii[k])
         if e == 0:
             return []
         run = {"pgd": True, "strong": self.strong is not None and e in self.strong_radii}
@@ -156,8 +174,9 @@ class SweepState:
     def accuracies(self, eps: Sequence[float] | np.ndarray) -> dict[str, np.ndarray]:
         """Certified, PGD and empirical (every attack) robust accuracy at each ``eps``:
         ``mean_i [correct_i and r_i > eps]`` with ``r`` the certified, PGD-break and break radius.
-        Exact at the swept radii (monotone: a point broken at ε is broken at every larger one)."""
-        e = torch.as_tensor(np.asarray(eps, dtype=np.float64))[:, None]
+        Exact at the swept radii (monotone: a point broken at ε is broken at every larger one);
+        ``eps`` is read as :func:`canonical_radii`, the radii the sweep attacked."""
+        e = torch.as_tensor(canonical_radii(eps))[:, None]
         radii = {"certified": self.certified_radius, "pgd": self.pgd_break_radius,
                  "empirical": self.break_radius}  # fmt: skip
         return {
@@ -344,9 +363,9 @@ def sweep(
                         seed = _batch_seed(plan.seed, k, pass_name, b)
                         with _heartbeat(log, log_every_s, what):
                             dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
-                        _record(state, pass_name, idx, dist, round(e, 12), name)
+                        _record(state, pass_name, idx, dist, radius_key(e), name)
                     if pass_name == "audit":
-                        state.audited[round(e, 12)] = state.audited.get(round(e, 12), 0) + len(idx)
+                        state.audited[radius_key(e)] = state.audited.get(radius_key(e), 0) + len(idx)
                     state.seconds[pass_name] += time.perf_counter() - t0
                     state.points[pass_name] += len(idx)
                     state.done += len(idx)
@@ -528,6 +547,6 @@ def bisect(
 
 def evaluation_radii(ev: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The radius grid ``linspace(start, stop, num)`` and the standard radii of an evaluation
-    config."""
+    config, as the sweep attacks them (:func:`canonical_radii`)."""
     grid = np.linspace(ev["eps"]["start"], ev["eps"]["stop"], ev["eps"]["num"])
-    return grid, np.asarray(ev["standard_eps"], dtype=np.float64)
+    return canonical_radii(grid), canonical_radii(ev["standard_eps"])

@@ -375,12 +375,16 @@ def autoattack_l2(
 
 
 def check_in_ball(x_adv: Tensor, x: Tensor, eps: float, radius_tol: float) -> None:
-    """An attack's output must lie in the closed ``eps`` ball around ``x`` (up to ``radius_tol``,
-    in float64): a counted break outside the ball would be no break at all."""
+    """An attack's output must be finite and lie in the closed ``eps`` ball around ``x`` (up to
+    ``radius_tol``, in float64) and in [0, 1]: a counted break outside the ball would be no break
+    at all, and a NaN example (a NaN gradient inside the attack) would pass any ``>`` test and
+    count as a break at every radius. The tests are written so that NaN fails them."""
+    if not bool(torch.isfinite(x_adv).all()):
+        raise ValueError(f"attack at eps={eps} returned non-finite values (NaN or inf)")
     dist = flat_norm(x_adv.double() - x.double())
-    if dist.numel() and dist.max().item() > eps + radius_tol:
+    if dist.numel() and not bool((dist <= eps + radius_tol).all()):
         raise ValueError(f"attack left the eps={eps} ball: distance {dist.max().item():.6g}")
-    if x_adv.numel() and (x_adv.min().item() < 0 or x_adv.max().item() > 1):
+    if x_adv.numel() and not bool(((x_adv >= 0) & (x_adv <= 1)).all()):
         raise ValueError("attack left the image range [0, 1]")
 
 

@@ -164,6 +164,7 @@ def train_model(
         epoch_time_s=state.elapsed / max(state.step, 1) * task.steps_per_epoch(cfg.batch_size),
         peak_memory_mb=peak_memory_mb(device),
         total_substeps=_final_substeps(model, state.rows),
+        **state.time_split(),
         **provenance(spec, spec["seed"], device),
     )
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
@@ -171,7 +172,9 @@ def train_model(
 
 # Train settings that only stop a run (they change nothing before they trigger): a run stopped
 # by one of them resumes from its last good checkpoint when rerun with a higher limit.
-_LIMIT_KEYS = ("max_norm", "max_substeps")
+# ``stop_after`` too: the schedule is the full run's, so a rehearsal rerun with a later stop
+# goes on from where the earlier one stopped.
+_LIMIT_KEYS = ("max_norm", "max_substeps", "stop_after")
 
 
 def _resume_hash(spec: dict) -> str:
@@ -346,7 +349,7 @@ def evaluate_classifier(
     datasets = {"eps": eps, **acc, "standard_eps": std_eps}
     datasets.update({f"standard_{k}": v for k, v in std.items()})
     datasets["standard_audited"] = np.array(
-        [state.audited.get(round(float(e), 12), 0) for e in std_eps]
+        [state.audited.get(radius_sweep.radius_key(e), 0) for e in std_eps]
     )
     datasets.update(
         certified_radius=state.certified_radius.numpy(),

@@ -29,7 +29,10 @@ Log = Callable[[str], None]
 @dataclass
 class RunState:
     """Where a run stands: the step, the best validation metric so far and its weights, the
-    log rows and the training time; saved in every checkpoint."""
+    log rows and the time spent, saved in every checkpoint. ``elapsed`` counts the training
+    steps, of which ``startup_s`` the first step of each process (start-up: CUDA context,
+    cuDNN tuning, graph capture; ``startup_steps`` of them); validations and checkpoint writes
+    are counted apart, as their number per step differs between runs (``bench.cost``)."""
 
     step: int = 0
     best_metric: float = -math.inf
@@ -37,6 +40,18 @@ class RunState:
     best_state: dict | None = None
     rows: list[dict] = field(default_factory=list)
     elapsed: float = 0.0
+    startup_s: float = 0.0
+    startup_steps: int = 0
+    validation_s: float = 0.0
+    validations: int = 0
+    checkpoint_s: float = 0.0
+    checkpoints: int = 0
+
+    def time_split(self) -> dict[str, float]:
+        """Start-up, validation and checkpoint seconds and counts, for the model's record."""
+        keys = ("startup_s", "startup_steps", "validation_s", "validations", "checkpoint_s",
+                "checkpoints")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
 
 
 def resume(

@@ -165,6 +165,28 @@ def _check_substeps(step: int, model: StableModel, cfg: TrainConfig, ckpt: Path)
     )
 
 
+def _check_weights(step: int, model: StableModel, ckpt: Path) -> None:
+    """Stop on non-finite weights before a validation or a checkpoint reads them. A NaN or inf
+    gradient under a finite loss (an overflow in the backward pass) reaches the weights through
+    the update, and the next step's norm estimate would catch it only after a checkpoint of
+    NaNs had become the "last good" one. One host synchronisation, at these steps only."""
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    if not bool(finite):
+        raise DivergenceError(
+            f"training diverged at step {step}: non-finite weights after the update (a NaN or "
+            f"inf gradient); last good checkpoint: {last_good(ckpt)}"
+        )
+
+
+def _timed(state: RunState, what: str, work: Callable[[], None]) -> None:
+    """Run ``work``, counting it in ``state.<what>s`` (before: a checkpoint write saves its own
+    count) and adding its seconds to ``state.<what>_s`` (after)."""
+    setattr(state, f"{what}s", getattr(state, f"{what}s") + 1)
+    t0 = time.perf_counter()
+    work()
+    setattr(state, f"{what}_s", getattr(state, f"{what}_s") + time.perf_counter() - t0)
+
+
 def _row(
     step: int, loss: float, metric: float, lr: float, model: StableModel, images_per_s: float
 ) -> dict:
@@ -204,19 +226,32 @@ def train(
     end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
     if end < cfg.steps:
         log(f"stopping after {end} steps of the {cfg.steps}-step schedule (stop_after)")
+    if state.step > end:
+        log(
+            f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}: its best "
+            f"model (step {state.best_step}) is kept; delete the checkpoint to stop at {end}"
+        )
     progress = _Progress(end, state.step, device)
+    start = state.step
     with StopFlag() as stop:
         while state.step < end:
             t0 = time.perf_counter()
             _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, graphs)
-            state.elapsed += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            state.elapsed += dt
+            if state.step == start:  # this process's start-up
+                state.startup_s, state.startup_steps = state.startup_s + dt, state.startup_steps + 1
             state.step += 1
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
-            if state.step % cfg.val_every == 0 or state.step == end:
-                _validate(model, task, state, log)
-            if state.step % cfg.checkpoint_every == 0 or stop.signum is not None:
-                save(ckpt_path, config_hash, model, opt, sched, state)
+            last = state.step == end
+            if state.step % cfg.val_every == 0 or last:
+                _check_weights(state.step, model, ckpt_path)
+                _timed(state, "validation", lambda: _validate(model, task, state, log))
+            if state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None:
+                _check_weights(state.step, model, ckpt_path)
+                _timed(state, "checkpoint", lambda: save(ckpt_path, config_hash, model, opt,
+                                                         sched, state))  # fmt: skip
             if stop.signum is not None:
                 raise Interrupted(
                     f"signal {stop.signum} at step {state.step}: checkpoint {ckpt_path} written; "
