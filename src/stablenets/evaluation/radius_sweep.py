@@ -365,7 +365,9 @@ def sweep(
                             dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
                         _record(state, pass_name, idx, dist, radius_key(e), name)
                     if pass_name == "audit":
-                        state.audited[radius_key(e)] = state.audited.get(radius_key(e), 0) + len(idx)
+                        state.audited[radius_key(e)] = state.audited.get(radius_key(e), 0) + len(
+                            idx
+                        )
                     state.seconds[pass_name] += time.perf_counter() - t0
                     state.points[pass_name] += len(idx)
                     state.done += len(idx)
