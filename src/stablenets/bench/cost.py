@@ -567,7 +567,7 @@ def _markdown(
         )
     shown = {
         "rehearsal": ["rule", "variant", "wall_s", "unit", "units", "seconds_per_unit", "fixed_s",
-                      "peak_memory_mb", "projected_h", "runtime_min", "fits"],
+                      "s_per_validation", "peak_memory_mb", "projected_h", "runtime_min", "fits"],
         "paper": ["rule", "variant", "sigma", "seed", "paper_units", "projected_h", "runtime_min",
                   "fits", "basis"],
     }  # fmt: skip
