@@ -189,9 +189,9 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
     train = cast(pd.DataFrame, log[log["kind"] == "train"])
     steps = int(log.loc[log["kind"] == "val", "step"].max())  # validated at the last step run
     substeps = cast(pd.Series, train["substeps"].astype(int))
-    parts = {
+    parts: dict[str, tuple[float, float]] = {
         "step": (_steady_time(extra, steps), steps),
-        **{p: (float(extra.get(f"{p}_s", 0.0)), int(extra.get(f"{p}s", 0))) for p in _OCCASIONAL},
+        **{p: (float(extra.get(f"{p}_s", 0.0)), float(extra.get(f"{p}s", 0))) for p in _OCCASIONAL},
     }
     stats: dict[str, Any] = {
         "substeps_first": int(substeps.iloc[0]),
