@@ -270,6 +270,22 @@ def test_download_lists_every_failed_url(tmp_path):
     assert leftovers(tmp_path) == [] and not (tmp_path / "dest.bin").exists()
 
 
+def test_offline_a_cached_archive_that_fails_its_checksum_is_named_with_both_digests(tmp_path):
+    """No URL answers (an offline machine): the error still says why the cached copy was not
+    used, with the expected and the actual digest (the BSDS500 md5 is from one source only)."""
+    dest = tmp_path / "downloads" / "BSR_bsds500.tgz"
+    dest.parent.mkdir()
+    dest.write_bytes(b"not the archive")
+    lines: list[str] = []
+    with pytest.raises(D.DataError) as err:
+        D.download([(tmp_path / "gone").as_uri()], dest, md5="0" * 32, log=lines.append)
+    message = str(err.value)
+    assert f"the cached copy: {dest}: checksum mismatch, expected md5 {'0' * 32}, got " in message
+    assert md5_of(dest) in message and (tmp_path / "gone").as_uri() in message
+    assert lines[0].startswith(f"fetching again: {dest}: checksum mismatch")
+    assert dest.read_bytes() == b"not the archive"  # never replaced by anything unverified
+
+
 def test_verify_checksum(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")

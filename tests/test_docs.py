@@ -63,3 +63,16 @@ def test_the_reference_docs_build_without_a_warning(tmp_path):
         *(f"api/{p.stem}/index.html" for p in (ROOT / "docs/api").glob("*.md")),
     ):
         assert (tmp_path / "site" / page).is_file(), f"{page} was not built:\n{output}"
+
+
+def test_every_test_the_readme_cites_exists():
+    """The README's guarantee table names the tests that hold each promise: a renamed test must
+    not leave a citation of nothing behind."""
+    defined = {
+        name
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for name in re.findall(r"^def (test_\w+)", path.read_text(), re.MULTILINE)
+    }
+    cited = set(re.findall(r"`(test_\w+)`", (ROOT / "README.md").read_text()))
+    assert len(cited) > 10
+    assert not cited - defined, f"README.md cites tests that do not exist: {cited - defined}"

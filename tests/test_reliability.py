@@ -931,6 +931,31 @@ BAD_CONFIGS = {
         {"classification": {"train": {"stepz": 3}}},
         "classification.train.stepz: unknown key; allowed: ",
     ),
+    # settings the jobs would reject only after training: refused at parse time
+    "custom AutoAttack without attacks": (
+        {"classification": {"evaluate": {"strong": {"version": "custom", "attacks": None}}}},
+        "classification.evaluate.strong: give attacks exactly when version='custom'",
+    ),
+    "PGD restarts from one start": (
+        {"classification": {"evaluate": {"pgd": {"restarts": 2, "random_start": False}}}},
+        "classification.evaluate.pgd: restarts > 1 without random_start would repeat the same",
+    ),
+    "decreasing radius grid": (
+        {"classification": {"evaluate": {"eps": {"start": 1.0, "stop": 0.5}}}},
+        "classification.evaluate.eps: start 1.0 is above stop 0.5",
+    ),
+    "patch larger than the images": (
+        {"denoising": {"patch": [48, 40]}},
+        "denoising.patch: [48, 40] is larger than the BSDS500 images ([40, 48])",
+    ),
+    "even blur size": (
+        {"pnp": {"blur": {"size": 8}}},
+        "pnp.blur: Gaussian kernel size must be a positive odd integer, got 8",
+    ),
+    "noise levels of one path label": (
+        {"denoising": {"noise_levels": [0.05, 0.050000001]}},
+        "denoising.noise_levels: [0.05, 0.050000001] share path labels ['0.05', '0.05']",
+    ),
 }
 
 
@@ -949,6 +974,31 @@ def test_a_bad_config_value_fails_with_one_line_naming_the_key(case):
     assert len(problems) == 1, str(err.value)  # one line: the key, the value, what is allowed
     assert problems[0].strip().startswith("config: " + message.split(":")[0]), problems[0]
     assert message in problems[0], problems[0]
+
+
+def test_a_job_on_the_other_tasks_dataset_or_on_a_missing_gpu_fails_with_one_line(
+    dataset, tmp_path, capsys
+):
+    photos = tmp_path / "bsds.h5"
+    data.make_smoke_photos(photos, (16, 16), 4, 2, 2, 0)
+    assert cli.main(train_args(SPEC, photos, tmp_path / "a")) == 1
+    one_error_line(
+        capsys.readouterr().err,
+        f"{photos} holds a denoising dataset; this job needs classification",
+    )
+    assert cli.main(train_args({**SPEC, "device": "cuda:99"}, dataset, tmp_path / "b")) == 1
+    one_error_line(capsys.readouterr().err, "device: 'cuda:99' requested but this machine has")
+
+
+def test_a_report_job_on_a_junk_or_missing_result_file_fails_with_one_line_naming_it(
+    tmp_path, capsys
+):
+    junk, missing = tmp_path / "junk.h5", tmp_path / "missing.h5"
+    junk.write_bytes(b"not hdf5")
+    for path in (junk, missing):
+        args = ["table", "--spec", json.dumps({"kind": "classification"}), "--inputs", str(path)]
+        assert cli.main([*args, "--out", str(tmp_path / "t.csv")]) == 1
+        one_error_line(capsys.readouterr().err, f"{path}: not a readable results file")
 
 
 def test_a_bad_config_stops_snakemake_before_any_job(tmp_path):

@@ -135,14 +135,16 @@ def download(
     expected = _expected_digests(md5, sha256, str(dest))
     if not urls:
         raise DataError(f"{dest}: no URL given")
+    failures = []
     if dest.is_file():
         try:
             _check_digests(dest, expected, str(dest))
             return dest
-        except DataError:
-            pass  # stale or corrupt copy: fetch it again, replacing it atomically
+        except DataError as exc:  # stale or corrupt copy: fetch it again, replacing it atomically
+            failures.append(f"the cached copy: {exc}")  # said if no URL answers (offline)
+            if log is not None:
+                log(f"fetching again: {exc}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
     for url in urls:
         try:
             with atomic_path(dest, suffix=".part") as tmp:  # renamed onto dest only if verified

@@ -437,6 +437,22 @@ def strong_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:
     )
 
 
+def check_settings(ev: dict[str, Any]) -> None:
+    """Raise ``ValueError`` on evaluation settings (``classification.evaluate``) that would fail
+    the job after training: each attack is called on no points at radius 0, which runs its own
+    option checks and nothing else, and the radius grid must increase (its AUC needs that)."""
+    if ev["eps"]["start"] > ev["eps"]["stop"]:
+        raise ValueError(f"eps: start {ev['eps']['start']} is above stop {ev['eps']['stop']}")
+    for key, attack in (
+        ("pgd", functools.partial(pgd_l2, **ev["pgd"])),
+        ("strong", strong_attack(ev["strong"], ev["batch_size"])),
+    ):
+        try:
+            attack(nn.Identity(), torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), 0.0, seed=0)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+
+
 def strong_label(cfg: dict[str, Any], precision: str = "float32") -> str:
     """What the strongest attack was, for tables: ``autoattack standard``, ``autoattack apgd-ce
     (10 iterations)``, ``pgd (100 steps x 5)``; ``..., bfloat16 search`` when it ran in low

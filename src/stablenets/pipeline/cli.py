@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_out_of_memory_line(args.job, spec, err), file=sys.stderr)
             return 1
         clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
-        if args.debug or not isinstance(err, (ValueError, *filter(None, clear))):
+        # OSError: the machine said no (a read-only or full disk, a missing file, permissions)
+        if args.debug or not isinstance(err, (ValueError, OSError, *filter(None, clear))):
             raise
         print(f"stablenets {args.job}: error: {err}", file=sys.stderr)
         return 1

@@ -116,11 +116,41 @@ def _cross_field_errors(config: dict) -> list[str]:
             f"pnp.noise_level: {pnp['noise_level']} is not one of denoising.noise_levels "
             f"{config['denoising']['noise_levels']}"
         )
-    norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], _PROBE_SIZE).norm()
-    if not pnp["eta"] < 2 / norm**2:
+    try:
+        norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], _PROBE_SIZE).norm()
+    except ValueError as err:
+        errors.append(f"pnp.blur: {err}")
+    else:
+        if not pnp["eta"] < 2 / norm**2:
+            errors.append(
+                f"pnp.eta: {pnp['eta']} must be < 2/||K||^2 = {2 / norm**2:.6g} for a convergent "
+                "forward-backward iteration"
+            )
+    return errors + _job_time_errors(config)
+
+
+def _job_time_errors(config: dict) -> list[str]:
+    """Settings that the jobs themselves would reject, hours into a run (after training):
+    the classifier evaluation's attacks and grid, denoiser patches larger than the images, and
+    noise levels that share one path label (the second would never be trained)."""
+    from stablenets.evaluation.radius_sweep import check_settings
+    from stablenets.pipeline.specs import sigma_label
+
+    errors = []
+    try:
+        check_settings(config["classification"]["evaluate"])
+    except ValueError as err:
+        errors.append(f"classification.evaluate.{err}")
+    bsds = config["data"]["bsds500"]
+    image = bsds["photos"]["size"] if bsds["source"] == "photos" else bsds["size"]
+    patch = config["denoising"]["patch"]
+    if patch is not None and (patch[0] > image[0] or patch[1] > image[1]):
+        errors.append(f"denoising.patch: {patch} is larger than the BSDS500 images ({image})")
+    labels = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
+    if len(set(labels)) < len(labels):
         errors.append(
-            f"pnp.eta: {pnp['eta']} must be < 2/||K||^2 = {2 / norm**2:.6g} for a convergent "
-            "forward-backward iteration"
+            f"denoising.noise_levels: {config['denoising']['noise_levels']} share path labels "
+            f"{labels}; give levels that differ in their 6 significant digits"
         )
     return errors
 

@@ -106,9 +106,18 @@ def _setup(spec: dict) -> torch.device:
     return select_device(spec.get("device", "auto"))
 
 
+def _split(data_path: Path, split: str, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``data.read_split`` of a dataset made for ``task`` (its ``task`` attribute): a denoiser
+    would otherwise train and be evaluated on CIFAR-10 without a word."""
+    made_for = data.read_attrs(data_path).get("task")
+    if made_for != task:
+        raise data.DataError(f"{data_path} holds a {made_for} dataset; this job needs {task} data")
+    return data.read_split(data_path, split)
+
+
 def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTask | DenoisingTask:
-    train_x, train_y = data.read_split(data_path, "train")
-    val_x, val_y = data.read_split(data_path, "val")
+    train_x, train_y = _split(data_path, "train", spec["task"])
+    val_x, val_y = _split(data_path, "val", spec["task"])
     if spec["task"] == "classification":
         if train_y is None or val_y is None:
             raise data.DataError(f"{data_path}: a classification dataset needs labels")
@@ -137,7 +146,7 @@ def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTa
 def _model_kwargs(spec: dict, data_path: Path) -> dict[str, Any]:
     kwargs = dict(spec.get("kwargs", {}))
     if spec["task"] == "denoising" and spec["model"] in {"nonexpansive_denoiser", "dncnn"}:
-        images, _ = data.read_split(data_path, "test")
+        images, _ = _split(data_path, "test", "denoising")
         kwargs.setdefault("input_size", list(images.shape[-2:]))
     return kwargs
 
@@ -297,7 +306,7 @@ def evaluate_classifier(
     audits a sample of certified points, and resumes from ``workdir`` when killed."""
     model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
-    x, y = data.read_split(data_path, "test")
+    x, y = _split(data_path, "test", "classification")
     if y is None:
         raise data.DataError(f"{data_path}: the test split has no labels to evaluate against")
     if ev.get("n_test"):
@@ -384,7 +393,7 @@ def _classifier_lower_bound(
 def _noisy_test(
     spec: dict, data_path: Path, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    clean, _ = data.read_split(data_path, "test")
+    clean, _ = _split(data_path, "test", "denoising")
     n = spec["evaluate"].get("n_test")
     clean = clean[:n] if n else clean
     noisy = metrics.fixed_noise(clean, float(spec["sigma"]), int(spec["evaluate"]["noise_seed"]))
@@ -492,7 +501,7 @@ def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = pri
     """TV denoising baseline; its weight is chosen on the validation split, never on test."""
     device = _setup(spec)
     ev, tv_spec = spec["evaluate"], spec["tv"]
-    val, _ = data.read_split(data_path, "val")
+    val, _ = _split(data_path, "val", "denoising")
     val = val.to(device)
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
     weight, scores = tv.select_tv_weight(
@@ -523,7 +532,7 @@ def _deblur_problem(
     spec: dict, data_path: Path, device: torch.device
 ) -> tuple[torch.Tensor, pnp.GaussianBlur, torch.Tensor]:
     p = spec["pnp"]
-    clean, _ = data.read_split(data_path, "test")
+    clean, _ = _split(data_path, "test", "denoising")
     clean = clean[: p["n_images"]].to(device)
     blur = pnp.GaussianBlur(p["blur"]["size"], p["blur"]["sigma"], tuple(clean.shape[1:]))
     observed = pnp.observe(clean, blur, p["noise"], p["seed"])

@@ -74,9 +74,15 @@ def select_device(setting: str) -> torch.device:
             return torch.device("cpu")
         count = torch.cuda.device_count()
         return torch.device("cuda", _claim_gpu(count) if count > 1 else 0)
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {setting!r} requested but CUDA is not available")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(
+                f"device: {setting!r} requested but this machine has {count} CUDA device(s); "
+                "use auto (a GPU if there is one, else the CPU) or cpu"
+            )
+    return device
 
 
 def config_hash(spec: dict) -> str:
@@ -174,7 +180,11 @@ def read_results(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Attributes (plain values, :func:`attr_value`) and datasets (by ``a/b`` name) of a results
     file: the ``datasets`` it has, every one when ``None``."""
-    with h5py.File(path, "r") as fh:
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as err:  # h5py's message does not always name the file
+        raise ValueError(f"{path}: not a readable results file ({err})") from None
+    with fh:
         attrs = {key: attr_value(value) for key, value in fh.attrs.items()}
         names = _dataset_names(fh) if datasets is None else datasets
         data = {k: np.asarray(fh[k]) for k in names if isinstance(fh.get(k), h5py.Dataset)}

@@ -102,6 +102,8 @@ class DenoisingTask:
 def _random_patch(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
     """One random patch of ``size`` per batch (same offset for the batch: cheap and unbiased)."""
     h, w = x.shape[-2:]
+    if size[0] > h or size[1] > w:
+        raise ValueError(f"patch {list(size)} is larger than the images ({h} x {w})")
     top = int(torch.randint(0, h - size[0] + 1, (1,), generator=g, device=x.device))
     left = int(torch.randint(0, w - size[1] + 1, (1,), generator=g, device=x.device))
     return x[..., top : top + size[0], left : left + size[1]]
