@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,6 +220,31 @@ def test_a_bfloat16_evaluation_is_within_one_point_of_float32_and_its_file_says_
     assert str(got["attr strong_method"]).endswith(", bfloat16 search")
 
 
+def test_a_finished_evaluation_rerun_with_other_intervals_resumes_at_its_end(
+    trained, uninterrupted, tmp_path
+):
+    """A finished sweep saves its last state: a rerun that Snakemake starts because a run-only
+    setting changed (here ``log_every_s``, ``threads``) attacks nothing and writes the same
+    numbers."""
+    shutil.copytree(uninterrupted[0] / "work", tmp_path / "work")
+    spec, model, dataset = trained
+    changed = {**spec, "threads": 2, "evaluate": {**spec["evaluate"], "log_every_s": 0.5}}
+    done = run((changed, model, dataset), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout and " attack on points " not in done.stdout, done.stdout
+    expected, got = numbers(uninterrupted[0] / "eval.h5"), numbers(tmp_path / "eval.h5")
+    # the spec's record changes; the Lipschitz search (not saved) reruns on 2 threads: rounding
+    changed_attrs = {"attr git_commit", "attr config", "attr config_hash"}
+    lower = "attr empirical_lipschitz"
+    assert got[lower] == pytest.approx(expected[lower], rel=1e-6)
+    differ = [
+        k
+        for k in expected
+        if k not in changed_attrs | {lower} and not np.array_equal(expected[k], got[k])
+    ]
+    assert not differ, [(k, expected[k], got[k]) for k in differ]
+
+
 def test_an_unreadable_progress_file_is_ignored_with_a_log_line(trained, uninterrupted, tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "progress.pt").write_bytes(b"not a torch file")
@@ -233,8 +259,8 @@ def test_saved_progress_resumes_whatever_the_saving_and_logging_intervals():
     spec = json.loads(smoke_jobs().eval_spec("classification", VARIANT, 0))
     slower = {**spec, "evaluate": {**spec["evaluate"], "save_every_s": 600, "log_every_s": 1}}
     other = {**spec, "evaluate": {**spec["evaluate"], "n_test": 7}}
-    assert pipeline_jobs._sweep_hash(slower) == pipeline_jobs._sweep_hash(spec)
-    assert pipeline_jobs._sweep_hash(other) != pipeline_jobs._sweep_hash(spec)
+    assert pipeline_jobs._progress_hash(slower) == pipeline_jobs._progress_hash(spec)
+    assert pipeline_jobs._progress_hash(other) != pipeline_jobs._progress_hash(spec)
 
 
 def test_out_of_memory_keeps_the_progress_and_says_which_batch_size_to_lower(

@@ -990,6 +990,23 @@ def test_a_job_on_the_other_tasks_dataset_or_on_a_missing_gpu_fails_with_one_lin
     one_error_line(capsys.readouterr().err, "device: 'cuda:99' requested but this machine has")
 
 
+def test_a_finished_training_rerun_with_other_threads_or_intervals_resumes_at_its_end(
+    dataset, tmp_path
+):
+    """Snakemake reruns a job whose spec changed; a change of where it runs or how often it
+    logs or saves changes no number, so the rerun resumes from the last checkpoint: no step is
+    trained again and the model is the same."""
+    work, first, again = tmp_path / "work", tmp_path / "a", tmp_path / "b"
+    pipeline_jobs.train_model(SPEC, dataset, first / "m.pt", first / "l.csv", work, log=str)
+    changed = {**SPEC, "threads": 2, "train": {**SPEC["train"], "log_every": 1}}
+    lines: list[str] = []
+    pipeline_jobs.train_model(changed, dataset, again / "m.pt", again / "l.csv", work, lines.append)
+    assert f"resumed from {work / 'checkpoint.pt'} at step 40" in lines
+    assert not [line for line in lines if re.match(r"step \d+/40 loss", line)], lines
+    weights = [read_checkpoint(d / "m.pt")["state_dict"] for d in (first, again)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_a_report_job_on_a_junk_or_missing_result_file_fails_with_one_line_naming_it(
     tmp_path, capsys
 ):
@@ -1344,7 +1361,7 @@ def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path
     for (variant, seed), model in zip(CONCURRENT_JOBS, models, strict=True):
         spec = json.loads(jobs.train_spec("classification", variant, seed))
         log = (work / f"logs/conc/train_classifier/{variant}/seed{seed}.log").read_text()
-        resume = pipeline_jobs._resume_hash(spec)  # the spec's hash without the stopping limits
+        resume = pipeline_jobs._progress_hash(spec)  # the spec's hash without the run-only settings
         assert re.findall(r"^training .*", log, re.M) == [
             f"training {variant} seed {seed} on cpu (config {resume})"
         ]

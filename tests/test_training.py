@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from stablenets.nn.models import build_model, read_checkpoint
-from stablenets.pipeline.jobs import _resume_hash
+from stablenets.pipeline.jobs import _progress_hash
 from stablenets.train.augment import AugmentConfig, augment
 from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
@@ -145,10 +145,22 @@ def test_a_run_stopped_early_is_checkpointed_at_its_last_step_and_a_later_stop_r
     assert f"resumed from {tmp_path / 'checkpoint.pt'} at step 5" in logs and state.step == 12
     assert (state.validations, state.checkpoints, state.startup_steps) == (4, 4, 2)
     assert state.validation_s > 0 and state.checkpoint_s > 0 and 0 < state.startup_s < state.elapsed
-    spec = {"model": "m", "seed": 0, "train": {"steps": 12, "lr_max": 1.0}}
-    hashes = {_resume_hash({**spec, "train": {**spec["train"], "stop_after": n}}) for n in (5, 9)}
-    assert hashes == {_resume_hash(spec)}
-    assert _resume_hash({**spec, "train": {**spec["train"], "lr_max": 0.5}}) not in hashes
+
+
+def test_settings_that_change_no_number_leave_the_progress_hash_so_their_change_resumes():
+    """Where a job runs, how often it logs or saves, and the limits that only stop it: a rerun
+    that Snakemake starts because one changed resumes (a finished training in seconds)."""
+    spec = {"model": "m", "seed": 0, "device": "auto", "threads": 4,
+            "train": {"steps": 12, "lr_max": 1.0, "log_every": 10}}  # fmt: skip
+    same = [
+        {**spec, "device": "cuda:1", "threads": 8},
+        *({**spec, "train": {**spec["train"], k: v}} for k, v in (
+            ("stop_after", 5), ("log_every", 1), ("checkpoint_every", 7), ("max_substeps", 9),
+            ("max_norm", 3.0))),
+    ]  # fmt: skip
+    assert {_progress_hash(s) for s in same} == {_progress_hash(spec)}
+    for changed in ({**spec, "seed": 1}, {**spec, "train": {**spec["train"], "lr_max": 0.5}}):
+        assert _progress_hash(changed) != _progress_hash(spec)
 
 
 class _NaNGradientAtStep3(ClassificationTask):

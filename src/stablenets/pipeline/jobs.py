@@ -159,7 +159,7 @@ def train_model(
     model = build_model(spec["model"], **_model_kwargs(spec, data_path)).to(device)
     task = _task(spec, data_path, device)
     cfg = TrainConfig(seed=int(spec["seed"]), **spec["train"])
-    chash = _resume_hash(spec)
+    chash = _progress_hash(spec)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
     write_sidecar(out_log, spec, spec["seed"])
@@ -179,17 +179,27 @@ def train_model(
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
 
 
-# Train settings that only stop a run (they change nothing before they trigger): a run stopped
-# by one of them resumes from its last good checkpoint when rerun with a higher limit.
-# ``stop_after`` too: the schedule is the full run's, so a rehearsal rerun with a later stop
-# goes on from where the earlier one stopped.
-_LIMIT_KEYS = ("max_norm", "max_substeps", "stop_after")
+# Settings that change no number a job computes, so saved progress made under other values
+# resumes: where it runs (device and threads: up to rounding), how often it says so or saves, and
+# the limits that only stop a run (a run stopped by one resumes from its last good checkpoint
+# when rerun with a higher limit; ``stop_after`` ends the full run's schedule early, so a later
+# stop goes on from the earlier one). A rerun that Snakemake starts because one of them changed
+# therefore resumes: a finished training from its last checkpoint in seconds.
+_RUN_ONLY = {
+    "": ("device", "threads"),
+    "train": ("log_every", "checkpoint_every", "max_norm", "max_substeps", "stop_after"),
+    "evaluate": ("log_every_s", "save_every_s"),
+}
 
 
-def _resume_hash(spec: dict) -> str:
-    """The hash a training checkpoint must match to resume: the spec without the limits."""
-    train = {k: v for k, v in spec["train"].items() if k not in _LIMIT_KEYS}
-    return config_hash({**spec, "train": train})
+def _progress_hash(spec: dict) -> str:
+    """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
+    the spec without its ``_RUN_ONLY`` settings."""
+    kept = {k: v for k, v in spec.items() if k not in _RUN_ONLY[""]}
+    for section in ("train", "evaluate"):
+        if section in spec:
+            kept[section] = {k: v for k, v in spec[section].items() if k not in _RUN_ONLY[section]}
+    return config_hash(kept)
 
 
 def _final_substeps(model: StableModel, rows: list[dict]) -> int:
@@ -266,20 +276,10 @@ def _sweep(
             if is_out_of_memory(err):  # the state is that after the last whole batch: keep it
                 save(state, force=True)
             raise
+        save(state, force=True)  # finished too: a rerun (a run-only setting changed) resumes here
         if stop.raised:
-            save(state)  # the signal may have come after the last batch's save
             raise Interrupted(f"signal {stop.signum}: progress {progress} written; rerun to resume")
     return state
-
-
-_SWEEP_HOUSEKEEPING = ("save_every_s", "log_every_s")
-
-
-def _sweep_hash(spec: dict) -> str:
-    """The hash saved progress must match to resume: the spec without the evaluation's saving
-    and logging intervals (they change no number)."""
-    ev = {k: v for k, v in spec["evaluate"].items() if k not in _SWEEP_HOUSEKEEPING}
-    return config_hash({**spec, "evaluate": ev})
 
 
 def _resume_sweep(progress: Path, key: str, log: Log) -> radius_sweep.SweepState | None:
@@ -317,7 +317,7 @@ def evaluate_classifier(
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"])
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
-    key = "-".join([_sweep_hash(spec), *digests])  # the same job on the same model and data
+    key = "-".join([_progress_hash(spec), *digests])  # the same job on the same model and data
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
