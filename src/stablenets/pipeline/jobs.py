@@ -109,8 +109,8 @@ def _setup(spec: dict) -> torch.device:
 def _split(data_path: Path, split: str, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``data.read_split`` of a dataset made for ``task`` (its ``task`` attribute): a denoiser
     would otherwise train and be evaluated on CIFAR-10 without a word."""
-    made_for = data.read_attrs(data_path).get("task")
-    if made_for != task:
+    made_for = data.read_attrs(data_path).get("task")  # None: not ours (read_split says more)
+    if made_for not in (None, task):
         raise data.DataError(f"{data_path} holds a {made_for} dataset; this job needs {task} data")
     return data.read_split(data_path, split)
 
