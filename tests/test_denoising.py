@@ -79,7 +79,7 @@ def test_tv_denoise_solves_rof_and_improves_psnr() -> None:
     clean = piecewise_constant()
     noisy = fixed_noise(clean, 0.1, seed=0)
     weight = 0.1
-    out = tv_denoise(noisy, weight, iters=300)
+    out = tv_denoise(noisy, weight, iters=300).x
     gain = psnr(out, clean) - psnr(noisy, clean)
     assert torch.all(gain > 8.0), gain
     obj = tv_objective(out, noisy, weight)
@@ -88,20 +88,38 @@ def test_tv_denoise_solves_rof_and_improves_psnr() -> None:
     for _ in range(3):  # a minimiser: random perturbations do not decrease the objective
         bumped = out + 1e-3 * torch.randn(out.shape, generator=gen, dtype=out.dtype)
         assert torch.all(obj <= tv_objective(bumped, noisy, weight) + 1e-9)
-    assert torch.equal(tv_denoise(noisy, 0.0), noisy)
+    assert torch.equal(tv_denoise(noisy, 0.0).x, noisy)
+
+
+def test_tv_denoise_stops_only_within_tol_of_the_minimiser_as_its_duality_gap_certifies() -> None:
+    """Against a reference solved 30x longer: the gap's bound is never below the true distance,
+    and a stop at ``tol`` is within ``tol`` (the old relative-change rule stopped 160x away)."""
+    noisy = fixed_noise(piecewise_constant(), 0.15, seed=2)
+    weight = 0.12
+    reference = tv_denoise(noisy, weight, iters=6000, tol=0.0, check_every=6000).x
+
+    def distance(x):
+        return ((x - reference).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max()
+
+    for iters in (20, 60, 200):
+        run = tv_denoise(noisy, weight, iters=iters, tol=0.0)
+        assert run.iterations == iters and run.distance >= float(distance(run.x)) - 1e-7
+    stopped = tv_denoise(noisy, weight, iters=6000, tol=1e-3)
+    assert stopped.iterations < 6000 and stopped.distance <= 1e-3
+    assert distance(stopped.x) <= 1e-3
 
 
 def test_tv_denoise_large_weight_gives_channel_mean() -> None:
     noisy = fixed_noise(piecewise_constant(n=1, h=12, w=10), 0.1, seed=0)
-    out = tv_denoise(noisy, 100.0, iters=2000, tol=0.0)
+    out = tv_denoise(noisy, 100.0, iters=2000, tol=0.0).x
     mean = noisy.mean(dim=(-2, -1), keepdim=True).expand_as(noisy)
     assert torch.allclose(out, mean, atol=1e-3)
 
 
 def test_tv_denoise_batched_matches_single() -> None:
     noisy = fixed_noise(piecewise_constant(), 0.1, seed=0)
-    batched = tv_denoise(noisy, 0.05, iters=50, tol=0.0)
-    single = tv_denoise(noisy[1:], 0.05, iters=50, tol=0.0)
+    batched = tv_denoise(noisy, 0.05, iters=50, tol=0.0).x
+    single = tv_denoise(noisy[1:], 0.05, iters=50, tol=0.0).x
     assert torch.allclose(batched[1:], single, atol=1e-12)
 
 

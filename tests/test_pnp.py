@@ -257,17 +257,19 @@ def test_check_nonincreasing() -> None:
 
 def test_tv_deblur_improves_psnr(deblur_problem) -> None:
     clean, blur, y = deblur_problem
-    x = tv_deblur(y, blur, 0.01, iters=200)
+    x, ran = tv_deblur(y, blur, 0.01, iters=200)
     gain = psnr(x, clean, 1.0) - psnr(y, clean, 1.0)
     assert torch.all(gain > 5.0), gain
-    assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2), clean, 1.0))
+    assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2)[0], clean, 1.0))
+    _, early = tv_deblur(y, blur, 0.01, iters=200, tol=1e-3)  # it says where it stopped
+    assert 1 < early < ran <= 200
 
 
 def test_tv_deblur_says_how_far_it_is_every_log_every_iterations(deblur_problem) -> None:
     clean, blur, y = deblur_problem
     lines: list[str] = []
-    x = tv_deblur(y, blur, 0.01, iters=12, tol=0.0, log=lines.append, log_every=5)
-    assert torch.equal(x, tv_deblur(y, blur, 0.01, iters=12, tol=0.0))  # logging changes nothing
+    x, ran = tv_deblur(y, blur, 0.01, iters=12, tol=0.0, log=lines.append, log_every=5)
+    assert ran == 12 and torch.equal(x, tv_deblur(y, blur, 0.01, iters=12, tol=0.0)[0])
     assert [int(re.match(r"TV deblur iteration (\d+)/12: ", line)[1]) for line in lines] == [5, 10]
     for line in lines:
         assert re.fullmatch(

@@ -433,8 +433,9 @@ def tv_deblur(
     couple_channels: bool = False,
     log: Callable[[str], None] | None = None,
     log_every: int = 25,
-) -> Tensor:
-    """TV deblurring ``argmin_x 1/2 ||K x - y||^2 + weight * ||grad x||_{2,1}``.
+) -> tuple[Tensor, int]:
+    """TV deblurring ``argmin_x 1/2 ||K x - y||^2 + weight * ||grad x||_{2,1}``, and the
+    iterations it ran.
 
     Chambolle–Pock with ``grad`` as the split operator and the data term's exact FFT prox
     (:meth:`CircularBlur.prox_data`), steps ``tau * sigma * 8 = 1`` (``||grad||^2 <= 8``):
@@ -453,7 +454,7 @@ def tv_deblur(
     x = (y if x0 is None else x0).clone()
     x_bar = x
     p = torch.zeros_like(gradient2d(x))
-    start = time.monotonic()
+    start, k = time.monotonic(), 0
     for k in range(1, iters + 1):
         p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
         x_new = blur.prox_data(x + tau * divergence2d(p), y, tau)
@@ -467,4 +468,4 @@ def tv_deblur(
                 f"TV deblur iteration {k}/{iters}: {len(x)} images, largest relative change "
                 f"{float(change.max()):.2e}, {timing(k, iters, time.monotonic() - start, upper=True)}"
             )
-    return x
+    return x, k

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TypedDict, Unpack
+from typing import NamedTuple, TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -86,15 +86,43 @@ def relative_change(new: Tensor, old: Tensor) -> Tensor:
     return num / den
 
 
+def tv_gap_distance(
+    x: Tensor, p: Tensor, y: Tensor, weight: float, couple_channels: bool
+) -> Tensor:
+    """Per-image certified bound of ``||x - x*|| / ||x||`` for TV denoising, from the duality gap.
+
+    With ``P(x) = 1/2 ||x - y||^2 + weight ||grad x||_{2,1}`` and, for a feasible dual
+    ``|p| <= weight``, ``D(p) = 1/2 ||y||^2 - 1/2 ||y + div p||^2 <= P(x*)``, the 1-strong convexity
+    of ``P`` gives ``1/2 ||x - x*||^2 <= P(x) - P(x*) <= P(x) - D(p)``. In float64: the gap is a
+    small difference of large sums.
+    """
+    x, p, y = x.double(), p.double(), y.double()
+    dims = (1, 2) if couple_channels else (2,)
+    tv = gradient2d(x).pow(2).sum(dim=dims).sqrt().flatten(1).sum(1)
+    primal = 0.5 * (x - y).flatten(1).pow(2).sum(1) + weight * tv
+    dual = 0.5 * y.flatten(1).pow(2).sum(1) - 0.5 * (y + divergence2d(p)).flatten(1).pow(2).sum(1)
+    return (2 * (primal - dual).clamp_min(0)).sqrt() / x.flatten(1).norm(dim=1).clamp_min(1e-300)
+
+
+class TVResult(NamedTuple):
+    """A TV denoising: the images, the iterations run and the largest certified relative
+    distance to the minimiser (:func:`tv_gap_distance`) at the end."""
+
+    x: Tensor
+    iterations: int
+    distance: float
+
+
 def tv_denoise(
     y: Tensor,
     weight: float,
-    iters: int = 300,
-    tol: float = 1e-5,
+    iters: int = 1000,
+    tol: float = 5e-4,
     tau: float = 1.0,
     accelerate: bool = True,
     couple_channels: bool = False,
-) -> Tensor:
+    check_every: int = 10,
+) -> TVResult:
     """Isotropic TV denoising ``argmin_x 1/2 ||x - y||^2 + weight * ||grad x||_{2,1}``.
 
     Chambolle–Pock (2011) primal–dual iterations with ``K = grad``, ``K^T = -div``:
@@ -107,28 +135,33 @@ def tv_denoise(
         xbar_{k+1} = x_{k+1} + theta_k (x_{k+1} - x_k)
 
     with ``tau_0 sigma_0 ||grad||^2 <= tau_0 sigma_0 * 8 = 1`` (the product is invariant under
-    acceleration). Stops after ``iters`` iterations or when every image's relative change
-    ``||x_{k+1} - x_k|| / ||x_k||`` falls below ``tol``. ``y`` has shape ``(N, C, H, W)``.
+    acceleration). Stops after ``iters`` iterations or, checked every ``check_every``, once the
+    duality gap certifies every image within ``tol`` of the minimiser (``||x - x*|| <= tol
+    ||x||``, :func:`tv_gap_distance`). Not on the relative change ``||x_{k+1} - x_k||``: with
+    acceleration the steps shrink whether or not ``x`` is near ``x*``, and that rule stopped
+    160x ``tol`` away (0.1 dB off). ``y`` has shape ``(N, C, H, W)``.
     """
     if weight < 0:
         raise ValueError(f"TV weight must be non-negative, got {weight}")
     if weight == 0:
-        return y.clone()
+        return TVResult(y.clone(), 0, 0.0)
     sigma = 1.0 / (tau * GRADIENT_NORM_SQ)
     x = y.clone()
     x_bar = x
     p = torch.zeros_like(gradient2d(y))
-    for _ in range(iters):
+    k, distance = 0, math.inf
+    while k < iters:
         p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
         x_new = (x + tau * divergence2d(p) + tau * y) / (1.0 + tau)
         theta = 1.0 / math.sqrt(1.0 + 2.0 * tau) if accelerate else 1.0
         tau, sigma = theta * tau, sigma / theta
         x_bar = x_new + theta * (x_new - x)
-        done = bool((relative_change(x_new, x) < tol).all())
-        x = x_new
-        if done:
-            break
-    return x
+        x, k = x_new, k + 1
+        if k % check_every == 0 or k == iters:
+            distance = float(tv_gap_distance(x, p, y, weight, couple_channels).max())
+            if distance <= tol:
+                break
+    return TVResult(x, k, distance)
 
 
 class TVOptions(TypedDict, total=False):
@@ -138,13 +171,14 @@ class TVOptions(TypedDict, total=False):
     tau: float
     accelerate: bool
     couple_channels: bool
+    check_every: int
 
 
 def select_tv_weight(
     noisy: Tensor,
     clean: Tensor,
     weights: Sequence[float],
-    iters: int = 300,
+    iters: int = 1000,
     peak: str | float = "max",
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -163,7 +197,9 @@ def select_tv_weight(
     scores, start = [], time.monotonic()
     for k, w in enumerate(weights, 1):
         values = [
-            psnr(tv_denoise(noisy[i : i + step], w, iters, **tv_kwargs), clean[i : i + step], peak)
+            psnr(
+                tv_denoise(noisy[i : i + step], w, iters, **tv_kwargs).x, clean[i : i + step], peak
+            )
             for i in range(0, noisy.shape[0], step)
         ]
         scores.append(float(torch.cat(values).mean()))
