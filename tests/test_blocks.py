@@ -162,6 +162,31 @@ def test_eval_uses_the_certified_bound_for_the_input_size_and_train_the_estimate
     assert dense.last_norm == dense.operator.norm_bound()
 
 
+def test_an_unbatched_image_gets_the_certified_bound_of_its_own_size():
+    """``(C, H, W)`` as ``(1, C, H, W)``: a bound for the construction size would be no bound."""
+    block = _conv_block().eval()
+    x = torch.randn(3, 12, 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert block.schedule(x) == block.schedule(x[None])
+    assert block.last_norm == block.operator.norm_bound((12, 11)) != block.operator.norm_bound()
+
+
+@pytest.mark.parametrize("time", [-3.0, 0.0, math.nan, math.inf])
+def test_an_integration_time_loaded_from_a_state_dict_must_be_positive(time):
+    """A negative time makes every sub-step gradient ascent: no certificate may come of it."""
+    block = _conv_block().eval()
+    state = {**block.state_dict(), "time": torch.tensor(time, dtype=torch.float64)}
+    block.load_state_dict(state)
+    for use in (block.lipschitz_bound, block.averagedness, lambda: block(torch.zeros(1, 3, 6, 5))):
+        with pytest.raises(ValueError, match="integration time must be finite and > 0"):
+            use()
+
+
+def test_a_stagewise_bound_too_large_for_a_float_is_infinite():
+    block = _conv_block("rk4")
+    _scale(block, 60.0)  # thousands of sub-steps of a stage-wise bound above 1
+    assert block.lipschitz_bound() == math.inf
+
+
 @pytest.mark.parametrize(
     ("activation", "potential"),
     [

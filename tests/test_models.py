@@ -191,6 +191,16 @@ def test_classifier_bound_counts_pooling_and_global_mean():
     print(f"near-linear classifier: Jacobian norm {local:.6f}, bound {bound:.6f}")
 
 
+def test_a_classifier_refuses_inputs_of_another_size_than_its_certificate():
+    """A smaller image makes the global mean larger (1/sqrt(H W)): the bound of the built size
+    would not hold, so the forward pass says so instead."""
+    model = _build("nonexpansive_classifier").double().eval()
+    size = model.sizes[0]
+    model(torch.zeros(1, 3, *size, dtype=torch.float64))
+    with pytest.raises(ValueError, match=rf"certified for \({size[0]}, {size[1]}\) inputs, got"):
+        model(torch.zeros(1, 3, size[0] // 2, size[1] // 2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(residual):
     # (depth, theta, weight factor, bias). Residual: I - N is (1 - alpha)-averaged only when N is
@@ -278,7 +288,7 @@ def test_eval_forward_and_backward_read_nothing_on_the_host_with_pinned_weights(
     input's shape and host copies of the norms decide the sub-steps)."""
     torch.manual_seed(0)
     model = build_model(name, **SMALL.get(name, {})).eval()
-    size = model.input_size if hasattr(model, "input_size") else (8, 8)
+    size = model.input_size if hasattr(model, "input_size") else model.sizes[0]
     x = torch.rand(2, 3, *size, requires_grad=True)
     model(x)  # certificates computed once, outside the probe
     with pinned_weights(model), _HostReads() as reads:

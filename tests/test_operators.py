@@ -642,6 +642,30 @@ def test_a_weight_changed_inside_pinned_weights_fails_on_exit_naming_it(edit):
     assert model[1].norm_bound() == _fresh_bound(model[1])  # unpinned: the new weight's bound
 
 
+@pytest.mark.parametrize("edit", ["in_place", "data"])
+def test_a_bound_looked_up_while_a_weight_was_edited_inside_pinned_weights_is_dropped(edit):
+    """Edited, looked up and put back inside the scope: the exit check passes (the content is
+    the entry's again), but the edit's bound, filed under the entry's hash, must not outlive
+    the scope; the bounds of unedited operators stay cached."""
+    model = nn.Sequential(*_ops_for_cache())
+    op, other = model[1], model[0]
+    with pinned_weights(model):
+        other.norm_bound()
+        original = op.weight.detach().clone()
+        with torch.no_grad():
+            if edit == "in_place":
+                op.weight.mul_(0.5)
+            else:
+                op.weight.data = original * 0.5
+            assert op.norm_bound() == _fresh_bound(op)  # the edit's own bound, in the scope
+            if edit == "in_place":
+                op.weight.mul_(2.0)  # back, exactly (a power of two)
+            else:
+                op.weight.data = original.clone()
+    assert op.norm_bound() == _fresh_bound(op)
+    assert len(other._bound_cache) == 1  # untouched: its bound from the scope is kept
+
+
 def test_pinned_weights_nest_and_let_an_error_of_the_body_through(monkeypatch):
     model = nn.Sequential(*_ops_for_cache())
     with pinned_weights(model):

@@ -1232,6 +1232,9 @@ def test_safe_extract_refuses_unsafe_zip_members(tmp_path):
 
 TIMING_OR_PROVENANCE = {
     "train_time_s",
+    "startup_s",
+    "validation_s",
+    "checkpoint_s",
     "epoch_time_s",
     "peak_memory_mb",
     "images_per_s",

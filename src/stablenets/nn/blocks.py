@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.activations import MonotoneActivation
 from stablenets.nn.integrators import get_integrator
-from stablenets.nn.operators import LinearOperator, host_copy, remember_host_copy
+from stablenets.nn.operators import LinearOperator, host_copy, remember_host_copy, spatial_size
 
 __all__ = ["NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
 
@@ -41,10 +41,6 @@ def compose_averaged(a1: float, a2: float) -> float:
     ``alpha = (a1 + a2 - 2 a1 a2) / (1 - a1 a2)``, valid for ``a1, a2`` in [0, 1).
     """
     return (a1 + a2 - 2 * a1 * a2) / (1 - a1 * a2)
-
-
-def _spatial(x: torch.Tensor) -> tuple[int, int] | None:
-    return (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
 
 
 class NonexpansiveBlock(nn.Module):
@@ -102,12 +98,14 @@ class NonexpansiveBlock(nn.Module):
         value = host_copy(self, "_time_host", self.time)
         if value is None:
             value = float(self.time)
+            if not (math.isfinite(value) and value > 0):  # a state_dict can load anything
+                raise ValueError(f"integration time must be finite and > 0, got {value}")
             remember_host_copy(self, "_time_host", self.time, value)
         return value
 
     def field(self, x: torch.Tensor) -> torch.Tensor:
         """``f(x) = -A^T sigma(A x + b)``, the negative gradient of the convex potential."""
-        return -self.operator.adjoint(self.activation(self.operator(x)), _spatial(x))
+        return -self.operator.adjoint(self.activation(self.operator(x)), spatial_size(x))
 
     def _ell(self, norm: float) -> float:
         """Lipschitz constant ``L ||A||^2`` of the field for operator norm ``norm``."""
@@ -128,13 +126,13 @@ class NonexpansiveBlock(nn.Module):
         """Training: the power-iteration estimate. ``eval()``: the certified bound for ``x``."""
         if self.training:
             return self.operator.sigma_value()
-        size = _spatial(x) if x is not None else None
+        size = spatial_size(x) if x is not None else None
         return self.operator.norm_bound(size)
 
     def _gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``-f(x) = A^T sigma(A x + b)``: stepping it with ``-h`` is bitwise the step of ``f``
         with ``h`` (negation is exact) and saves one pass over the activations."""
-        return self.operator.adjoint(self.activation(self.operator(x)), _spatial(x))
+        return self.operator.adjoint(self.activation(self.operator(x)), spatial_size(x))
 
     def _substep(self, x: torch.Tensor, h: float) -> torch.Tensor:
         return self.tableau.step(self._gradient, x, -h)
@@ -173,7 +171,10 @@ class NonexpansiveBlock(nn.Module):
         h_ell = self.time_value() / n * self._ell(norm)
         if self.tableau.radius > 0 and h_ell / 2 <= self.tableau.radius:
             return 1.0
-        return self.tableau.stagewise_lipschitz(h_ell) ** n
+        try:
+            return self.tableau.stagewise_lipschitz(h_ell) ** n
+        except OverflowError:  # thousands of sub-steps of a stage-wise bound above 1
+            return math.inf
 
     def averagedness(self, input_size: tuple[int, int] | None = None) -> float | None:
         """``alpha`` such that the ``eval()`` block is alpha-averaged, or ``None``.

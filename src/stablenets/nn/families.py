@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from stablenets.nn.activations import MonotoneActivation, build_activation
 from stablenets.nn.blocks import NonexpansiveBlock
-from stablenets.nn.operators import Conv2dOperator, LinearOperator, autocast_off
+from stablenets.nn.operators import Conv2dOperator, LinearOperator, autocast_off, spatial_size
 
 __all__ = [
     "FAMILIES",
@@ -67,10 +67,6 @@ FAMILIES = ("cpl", "sll", "aol", "orthogonal")
 DEVICE_STEP_SHRINK = 1 - 2.0**-48
 
 Size = tuple[int, int]
-
-
-def _spatial(x: torch.Tensor) -> Size | None:
-    return (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
 
 
 def abs_gram_rowsums(
@@ -211,7 +207,7 @@ class SLLBlock(nn.Module):
         inv_t = _safe_inverse(self.scaling())
         z = self.activation(self.operator(x)) * _channel_view(inv_t, x)
         step = 2 * self.theta / self.activation.lipschitz
-        return x - step * self.operator.adjoint(z, _spatial(x))
+        return x - step * self.operator.adjoint(z, spatial_size(x))
 
     def lipschitz_bound(self, input_size: Size | None = None) -> float:
         return 1.0

@@ -181,6 +181,11 @@ class Classifier(StableModel):
         self.head = DenseOperator(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.sizes[0]:  # the global mean's 1/sqrt(HW) depends on it
+            raise ValueError(
+                f"this classifier is built and certified for {self.sizes[0]} inputs, got "
+                f"{tuple(x.shape[-2:])}: its lipschitz_bound() would not hold"
+            )
         x = self.lift(x)
         for stage, transition in zip(self.stages, self.transitions, strict=True):
             x = F.avg_pool2d(transition(stage(x)), 2)

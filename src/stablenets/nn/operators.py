@@ -109,6 +109,13 @@ def remember_host_copy(owner: nn.Module, slot: str, buf: torch.Tensor, value: fl
     owner.__dict__[slot] = (buf, buf._version, value)
 
 
+def spatial_size(x: torch.Tensor) -> tuple[int, int] | None:
+    """The image size ``(H, W)`` of a convolution's input, batched ``(N, C, H, W)`` or not
+    ``(C, H, W)``; ``None`` for a dense operator's ``(N, F)``. Certified bounds depend on it: a
+    bound for another size is no bound."""
+    return (x.shape[-2], x.shape[-1]) if x.dim() >= 3 else None
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -821,6 +828,12 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
 _PINS: weakref.WeakKeyDictionary[LinearOperator, tuple] = weakref.WeakKeyDictionary()
 
 
+def _touch_mark(op: LinearOperator) -> tuple[int, int]:
+    """What an edit of the weight moves: its in-place version counter (``mul_``, ``copy_``,
+    ``load_state_dict``), or its storage (``.data =`` a new tensor)."""
+    return (op.weight._version, op.weight.data_ptr())
+
+
 @contextlib.contextmanager
 def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Take ``model``'s operator weights as fixed within this scope (an attack, a PnP run).
@@ -830,19 +843,27 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     per block that stops the host from queueing kernels ahead. Here the hash is taken once on
     entry and reused; on exit it is taken again, and a weight changed inside the scope raises
     ``RuntimeError`` naming it, since bounds looked up after the change may have been stale.
-    Operators already pinned by an enclosing scope are left to it."""
+    A weight edited inside the scope at all (its version counter or storage moved), even put
+    back before the exit, loses the bounds cached in the scope: they may be those of the edit,
+    filed under the entry's hash. Operators already pinned by an enclosing scope are left to
+    it."""
     ours = [
         (name, op)
         for name, op in model.named_modules()
         if isinstance(op, LinearOperator) and op not in _PINS
     ]
     pins = {op: op._content_stamp() for _, op in ours}
+    touched = {op: _touch_mark(op) for _, op in ours}
+    cached = {op: set(op._bound_cache) for _, op in ours}
     _PINS.update(pins)
     try:
         yield model
     finally:  # unpinned whatever happened: an error of the body passes unchanged
         for op in pins:
             del _PINS[op]
+            if _touch_mark(op) != touched[op]:
+                for key in set(op._bound_cache) - cached[op]:
+                    del op._bound_cache[key]
     changed = [name for name, op in ours if op._content_stamp() != pins[op]]
     if changed:
         raise RuntimeError(
