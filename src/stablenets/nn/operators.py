@@ -855,6 +855,7 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     pins = {op: op._content_stamp() for _, op in ours}
     touched = {op: _touch_mark(op) for _, op in ours}
     cached = {op: set(op._bound_cache) for _, op in ours}
+    held = [op.weight.data for _, op in ours]  # the entry storages: no new one reuses an address
     _PINS.update(pins)
     try:
         yield model
@@ -864,6 +865,7 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
             if _touch_mark(op) != touched[op]:
                 for key in set(op._bound_cache) - cached[op]:
                     del op._bound_cache[key]
+        del held
     changed = [name for name, op in ours if op._content_stamp() != pins[op]]
     if changed:
         raise RuntimeError(
