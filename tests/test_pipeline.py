@@ -3,6 +3,7 @@ outputs; the data rules on archives in the real formats; parse-time config error
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from test_data import make_bsds_archive, make_cifar_archive, md5_of
 from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, snakemake
 
+from stablenets.pipeline.runtime import read_results
 from stablenets.pipeline.specs import FIGURES, TABLES
 
 
@@ -95,7 +97,13 @@ def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run)
         assert fh.attrs["nonincreasing"] == 1
         assert fh.attrs["averagedness"] < 1
         assert fh.attrs["mean_psnr"] > fh.attrs["observed_mean_psnr"]
-    assert (smoke_run / "results/smoke/pnp/tv.h5").exists()
+    tv = read_results(smoke_run / "results/smoke/pnp/tv.h5")
+    # TV keeps no step history: no monotonicity is claimed; it records the iterations it ran
+    assert math.isnan(tv[0]["nonincreasing"])
+    ran = tv[1]["iterations"]
+    assert 1 <= ran[0] <= 100 and (ran == tv[0]["mean_iterations"]).all()
+    table = (smoke_run / "results/smoke/tables/pnp.md").read_text()
+    assert "PSNR peak 1 (dB)" in table and "| tv " in table
 
 
 def archive_overlay(work: Path, cache: Path, cifar: Path, bsds: Path, cifar_md5: str) -> Path:

@@ -206,7 +206,7 @@ def test_pnp_table(pnp_paths: list[Path]) -> None:
     av, dn = df.loc["averaged"], df.loc["dncnn"]
     assert av["seeds"] == 2 and av["denoiser_sigma"] == pytest.approx(0.05)
     assert math.isnan(df.loc["tv", "denoiser_sigma"])
-    assert av["psnr"] == pytest.approx(25.5) and av["psnr_seed_std"] > 0
+    assert av["psnr_1"] == pytest.approx(25.5) and av["psnr_1_seed_std"] > 0
     assert av["iterations"] == pytest.approx(110.0)
     assert av["converged_fraction"] == pytest.approx(0.75)
     assert dn["diverged_count"] == 2 and dn["nonincreasing"] == 0
@@ -275,7 +275,9 @@ def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
         "certified Lipschitz bound 1.1\n" in text
     )
     assert "- denoiser dncnn (σ = 0.15): 30.00 dB (noisy 17.00 dB)\n" in text
-    assert "- PnP dncnn: 25.00 dB (observed 22.00 dB), 2 diverged, steps not monotone\n" in text
+    assert (
+        "- PnP dncnn: 25.00 dB peak 1 (observed 22.00 dB), 2 diverged, steps not monotone\n" in text
+    )
     sections = [line for line in text.splitlines() if line.startswith("## ")][2:-1]
     assert sections == [f"## {outputs.get('table', name).title}" for name in inputs]
 

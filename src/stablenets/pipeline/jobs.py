@@ -562,7 +562,7 @@ def _pnp_attrs(
         "blur_sigma": p["blur"]["sigma"],
         "observed_mean_psnr": float(observed_psnr.mean()),
         "mean_psnr": float(np.nanmean(final)),
-        "std_psnr": float(np.nanstd(final, ddof=1)) if len(final) > 1 else 0.0,
+        "std_psnr": float(np.nanstd(final, ddof=1)) if len(final) > 1 else math.nan,
         "mean_iterations": float(np.mean(iters)),
         "converged_fraction": float(np.mean(hist.get("converged", np.zeros(len(final))))),
         "diverged_count": int(np.sum(hist.get("diverged", np.zeros(len(final))))),
@@ -636,7 +636,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
     attrs = {
         "method": "tv",
         "variant": "tv",
-        "nonincreasing": True,
+        "nonincreasing": None,  # not recorded: TV keeps no step history (the table says n/a)
         "lipschitz_bound": None,
         "averagedness": None,
         **_pnp_attrs(spec, {}, final, observed_psnr, iters),

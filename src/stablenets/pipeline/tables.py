@@ -122,9 +122,10 @@ COLUMNS: dict[str, Column] = {
     "averagedness": Column("averagedness α", fmt="{:.3g}", std_fmt="{:.2g}"),
     "tv_weight": Column("TV weight", fmt="{:.4g}", agg="fixed"),
     # plug-and-play
-    "observed_psnr": Column("observed PSNR", agg="fixed", **_DB),
+    "observed_psnr_1": Column("observed PSNR peak 1", agg="fixed", **_DB),
     "iterations": Column("iterations", fmt="{:.1f}"),
-    "converged_fraction": Column("converged", unit="%", scale=100.0, fmt="{:.0f}"),
+    # one decimal: 1 unconverged image of 200 must not round to 100 %
+    "converged_fraction": Column("converged", unit="%", scale=100.0, fmt="{:.1f}"),
     "diverged_count": Column("diverged images", fmt="{:.0f}", agg="sum"),
     "nonincreasing": Column("non-increasing steps", agg="all"),
 }
@@ -237,9 +238,10 @@ def _pnp_record(path: Path) -> dict[str, Any]:
         "variant": str(a.get("variant", path.parent.name)),
         "denoiser_sigma": _sigma_from_path(path),
         "seed": a.get("seed", -1),
-        "observed_psnr": _num(a, "observed_mean_psnr"),
-        "psnr": _num(a, "mean_psnr"),
-        "psnr_std": _num(a, "std_psnr"),
+        # PnP's PSNR has peak 1 (jobs.run_pnp), the denoising table's peak max(x)^2: named so
+        "observed_psnr_1": _num(a, "observed_mean_psnr"),
+        "psnr_1": _num(a, "mean_psnr"),
+        "psnr_1_std": _num(a, "std_psnr"),
         "iterations": _num(a, "mean_iterations"),
         "converged_fraction": _num(a, "converged_fraction"),
         "diverged_count": _num(a, "diverged_count"),
@@ -396,10 +398,16 @@ def denoising_table(paths: Iterable[Path]) -> pd.DataFrame:
 
 
 def _pnp_headline(row: outputs.Row) -> str:
-    verdict = "non-increasing steps" if row["nonincreasing"] else "steps not monotone"
+    flag = row["nonincreasing"]
+    verdict = (
+        "" if math.isnan(flag) else ", non-increasing steps" if flag else ", steps not monotone"
+    )
+    diverged = row["diverged_count"]
     return (
-        f"- PnP {row['variant']}: {row['psnr']:.2f} dB (observed "
-        f"{row['observed_psnr']:.2f} dB), {int(row['diverged_count'])} diverged, {verdict}"
+        f"- PnP {row['variant']}: {row['psnr_1']:.2f} dB peak 1 (observed "
+        f"{row['observed_psnr_1']:.2f} dB)"
+        + ("" if math.isnan(diverged) else f", {int(diverged)} diverged")
+        + verdict
     )
 
 
