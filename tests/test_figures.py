@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -320,7 +321,11 @@ def test_training_figure_without_blocks_denoising(tmp_path: Path) -> None:
     bare = training_log(tmp_path, "denoising/sigma0.15", "dncnn", 0, drop=("substeps",))
     fig = training_figure({"dncnn": bare}, tmp_path / "bare")
     assert_no_empty_axes(fig)
-    assert [ax.get_ylabel() for ax in fig.axes] == ["training loss", "PSNR (dB)", "learning rate"]
+    assert [ax.get_ylabel() for ax in fig.axes] == [
+        "training loss",
+        "PSNR (dB, peak max(x)²)",
+        "learning rate",
+    ]
     metric = fig.axes[1]
     assert max(max(line.get_ydata()) for line in metric.lines) < 1  # PSNR values are not scaled
     classification = training_log(tmp_path, "classification", "resnet", 0)
@@ -491,3 +496,28 @@ def test_families_figure(classification_paths: list[Path], root: Path) -> None:
     resnet = [p.get_height() for p in bars.patches if p.get_gid() == "resnet"]
     assert len(resnet) == 3 and resnet[2] == 0.0  # certified accuracy of the ResNet is 0
     assert line_colors(fig) == model_colors(["nonexpansive", "resnet"])
+
+
+def test_families_figure_reads_the_smallest_radius_whatever_the_configs_order(
+    classification_paths: list[Path], root: Path, tmp_path: Path
+) -> None:
+    """The standard radii listed largest first: the same bars and an increasing curve."""
+    reordered = []
+    for path in classification_paths:
+        copy = tmp_path / path.relative_to(root)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy)
+        with h5py.File(copy, "r+") as fh:
+            for name in [k for k in fh if k.startswith("standard_")]:
+                values = fh[name][()]
+                if values.ndim == 1 and len(values) == len(fh["standard_eps"]):
+                    fh[name][...] = values[::-1]
+        reordered.append(copy)
+    before = families_figure(classification_paths, root / "figures" / "families_sorted")
+    after = families_figure(reordered, tmp_path / "families")
+    assert after.axes[0].get_ylabel() == before.axes[0].get_ylabel()
+    assert "36/255" in after.axes[0].get_ylabel()
+    heights = [[p.get_height() for p in fig.axes[0].patches] for fig in (before, after)]
+    assert heights[0] == heights[1]
+    for line in after.axes[1].get_lines():
+        assert (np.diff(line.get_xdata()) > 0).all()

@@ -23,7 +23,7 @@ from stablenets.train.loop import (
     make_optimizer,
     train,
 )
-from stablenets.train.tasks import ClassificationTask
+from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 
 def test_augmentation_is_seeded_batched_and_shape_preserving():
@@ -188,3 +188,18 @@ def test_a_nan_gradient_under_a_finite_loss_stops_before_a_checkpoint_of_nans_is
         _tiny_run(tmp_path, _NaNGradientAtStep3, steps=20, checkpoint_every=4, log_every=1)
     weights = read_checkpoint(ckpt)["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_the_denoising_training_and_validation_psnr_use_one_peak():
+    """Both are drawn on one axis: the batch metric must be the validation's PSNR (the paper's
+    per-image peak), so that a denoiser that is exact on its batch scores as validation does."""
+    g = torch.Generator().manual_seed(0)
+    images = 0.2 + 0.5 * torch.rand(4, 3, 8, 8, generator=g)  # peak well below 1
+    task = DenoisingTask(images, images, 0.1, 0, None, 4)
+    noisy = images + 0.05 * torch.randn(images.shape, generator=g)
+
+    class Noisy(torch.nn.Module):  # returns the same noisy images on validation
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return noisy
+
+    assert task.metric(noisy, images) == pytest.approx(task.validate(Noisy()), rel=1e-6)

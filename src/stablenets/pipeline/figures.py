@@ -407,12 +407,13 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     bars, curve, timing = axes[0]
     x = np.arange(len(names))
     radii = groups[names[0]][0].data["standard_eps"]
+    first = int(np.argmin(radii))  # the smallest standard radius, whatever the config's order
     width = 0.8 / len(FAMILY_BARS)
     for i, name in enumerate(names):
         rs = groups[name]
         for j, (key, (_, alpha, hatch)) in enumerate(FAMILY_BARS.items()):
             value = _nanmean(
-                [r.number("clean_accuracy") if key == "clean" else r.data[key][0] for r in rs]
+                [r.number("clean_accuracy") if key == "clean" else r.data[key][first] for r in rs]
             )
             offset = (j - (len(FAMILY_BARS) - 1) / 2) * width
             bars.bar(
@@ -427,7 +428,8 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
                 linewidth=0.6,
             )
         certified = np.mean([r.data["standard_certified"] for r in rs], axis=0)
-        curve.plot(255 * radii, 100 * certified, "o-", color=colors[name], gid=name)
+        order = np.argsort(radii)  # a curve in increasing radius, not the config's order
+        curve.plot(255 * radii[order], 100 * certified[order], "o-", color=colors[name], gid=name)
         timing.bar(
             x[i],
             _nanmean([r.number("epoch_time_s") for r in rs]),
@@ -437,7 +439,7 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
         )
     for ax in (bars, timing):
         ax.set_xticks(x, names, rotation=45, ha="right")
-    bars.set_ylabel(f"accuracy at ε = {255 * radii[0]:.0f}/255 (%)")
+    bars.set_ylabel(f"accuracy at ε = {255 * radii[first]:.0f}/255 (%)")
     bars.set_ylim(0, 100)
     curve.set_xlabel("L2 radius ε (/255)")
     curve.set_ylabel("certified accuracy (%)")
@@ -495,7 +497,7 @@ def _metric_label(paths: Iterable[Path]) -> tuple[str, float]:
     tasks = {"denoising" in Path(p).parts for p in paths}
     if len(tasks) > 1:
         raise ValueError("training logs of classification and denoising in one figure")
-    return ("PSNR (dB)", 1.0) if tasks == {True} else ("accuracy (%)", 100.0)
+    return ("PSNR (dB, peak max(x)²)", 1.0) if tasks == {True} else ("accuracy (%)", 100.0)
 
 
 def _log_rows(log: pd.DataFrame, kind: str) -> pd.DataFrame:

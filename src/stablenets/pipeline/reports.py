@@ -61,9 +61,10 @@ def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -
         f"- seeds: {cfg['seeds']}; device setting: `{cfg['device']}`",
         f"- classifiers: {', '.join(cfg['classification']['variants'])} "
         f"({cfg['classification']['train']['steps']} steps, batch "
-        f"{cfg['classification']['train']['batch_size']})",
+        f"{cfg['classification']['train']['batch_size']}, unless a variant overrides them)",
         f"- denoisers: {', '.join(cfg['denoising']['variants'])} + TV, noise levels "
-        f"{cfg['denoising']['noise_levels']} ({cfg['denoising']['train']['steps']} steps)",
+        f"{cfg['denoising']['noise_levels']} ({cfg['denoising']['train']['steps']} steps unless a "
+        "variant overrides them)",
         f"- PnP deblurring: {', '.join(cfg['pnp']['denoisers'])} + TV; Gaussian blur "
         f"{cfg['pnp']['blur']['size']}x{cfg['pnp']['blur']['size']}, σ_blur "
         f"{cfg['pnp']['blur']['sigma']}, noise {cfg['pnp']['noise']}, η {cfg['pnp']['eta']}",

@@ -87,7 +87,9 @@ class DenoisingTask:
         return F.mse_loss(out, target)
 
     def metric(self, out: torch.Tensor, target: torch.Tensor) -> float:
-        return float(psnr(out.detach(), target, peak=1.0).mean())
+        """Mean PSNR of the batch with the paper's per-image peak, as ``validate``: the two are
+        drawn on one axis (a peak of 1 put about 1.5 dB between them on BSDS500 alone)."""
+        return float(psnr(out.detach(), target).mean())
 
     @torch.no_grad()
     def validate(self, model: StableModel) -> float:
