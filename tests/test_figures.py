@@ -21,6 +21,7 @@ from stablenets.pipeline.figures import (
     FAMILY_COLORS,
     KNOWN_MODELS,
     SIZE_SHADES,
+    _one_log_per_variant,
     denoising_examples_figure,
     families_figure,
     model_colors,
@@ -521,3 +522,14 @@ def test_families_figure_reads_the_smallest_radius_whatever_the_configs_order(
     assert heights[0] == heights[1]
     for line in after.axes[1].get_lines():
         assert (np.diff(line.get_xdata()) > 0).all()
+
+
+def test_the_training_figures_pick_the_lowest_noise_level_and_seed_as_numbers() -> None:
+    paths = [
+        Path(f"models/denoising/sigma{s}/euler/seed{k}/train_log.csv")
+        for s in ("0.15", "0.05", "0.1")
+        for k in (10, 2)
+    ]
+    assert _one_log_per_variant(paths) == {
+        "euler": Path("models/denoising/sigma0.05/euler/seed2/train_log.csv")
+    }

@@ -536,9 +536,15 @@ def _one_log_per_variant(paths: list[Path]) -> dict[str, Path]:
     """``models/<task>/[sigma<s>/]<variant>/seed<k>/train_log.csv``: the first log per variant
     (lowest noise level and seed), keyed by the variant name so colours match other figures."""
     chosen: dict[str, Path] = {}
-    for path in sorted(paths):
+    for path in sorted(paths, key=_sigma_and_seed):
         chosen.setdefault(path.parent.parent.name, path)
     return chosen
+
+
+def _sigma_and_seed(path: Path) -> tuple[float, int]:
+    """``(sigma, seed)`` of a training log's path, as numbers (``seed10`` after ``seed2``)."""
+    sigma = next((float(p[5:]) for p in path.parts if p.startswith("sigma")), 0.0)
+    return sigma, int(path.parent.name.removeprefix("seed"))
 
 
 @outputs.figure(
