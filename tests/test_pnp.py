@@ -224,6 +224,18 @@ def test_pnp_expansive_denoiser_reported_as_diverged(deblur_problem) -> None:
         assert_nonincreasing(hist["step_norm"][0], model="doubling", image="img0")
 
 
+def test_the_blowup_factor_decides_what_counts_as_diverged(deblur_problem) -> None:
+    """A denoiser whose output is 3x the observation's norm: a fixed point, converged at the
+    default factor, diverged at a factor of 2 (``pnp.blowup``)."""
+    _, blur, y = deblur_problem
+    target = 3 * y
+
+    _, loose = pnp_forward_backward(lambda v: target, blur, y, 1.0, max_iter=40)
+    _, tight = pnp_forward_backward(lambda v: target, blur, y, 1.0, max_iter=40, blowup=2.0)
+    assert bool(loose["converged"].all()) and not bool(loose["diverged"].any())
+    assert bool(tight["diverged"].all()) and (tight["iterations"] == 1).all()
+
+
 def test_pnp_non_finite_denoiser_reported(deblur_problem) -> None:
     _, blur, y = deblur_problem
     x, hist = pnp_forward_backward(lambda v: v * math.nan, blur, y, 1.0)

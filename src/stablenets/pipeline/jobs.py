@@ -590,6 +590,7 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
             p["max_iter"],
             p["tol"],
             reference=clean,
+            blowup=p["blowup"],
             log=log,
             log_every=p["log_every"],
         )
