@@ -75,8 +75,8 @@ RULES = {
 TASK = {"classifier": "classification", "denoiser": "denoising"}
 COLUMNS = [
     "row", "rule", "variant", "sigma", "seed", "device", "wall_s", "max_rss_mb", "unit", "units",
-    "seconds_per_unit", "fixed_s", "s_per_validation", "s_per_checkpoint", "s_per_point_pgd", "s_per_point_strong", "s_per_point_audit",
-    "s_per_point_bisect", "substeps_first", "substeps_last", "substeps_max", "lr_last",
+    "seconds_per_unit", "fixed_s", "s_per_validation", "s_per_checkpoint", "s_per_point_pgd",
+    "s_per_point_strong", "s_per_point_audit", "s_per_point_bisect", "substeps_first", "substeps_last", "substeps_max", "lr_last",
     "peak_memory_mb", "paper_units", "projected_h", "runtime_min", "fits", "gpu", "basis",
 ]  # fmt: skip
 

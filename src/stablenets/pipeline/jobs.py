@@ -646,9 +646,8 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
     }
     _write_pnp(out, attrs, {"iterations": iters}, final, observed_psnr, clean, observed, x,
                p["n_show"])  # fmt: skip
-    log(
-        f"TV deblur: {ran} iterations, PSNR {attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB"
-    )
+    psnrs = f"{attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB"
+    log(f"TV deblur: {ran} iterations, PSNR {psnrs}")
 
 
 def _write_pnp(

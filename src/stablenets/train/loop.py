@@ -245,13 +245,18 @@ def train(
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
             last = state.step == end
-            if state.step % cfg.val_every == 0 or last:
+            validate = state.step % cfg.val_every == 0 or last
+            write = state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None
+            if validate or write:
                 _check_weights(state.step, model, ckpt_path)
+            if validate:
                 _timed(state, "validation", lambda: _validate(model, task, state, log))
-            if state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None:
-                _check_weights(state.step, model, ckpt_path)
-                _timed(state, "checkpoint", lambda: save(ckpt_path, config_hash, model, opt,
-                                                         sched, state))  # fmt: skip
+            if write:
+                _timed(
+                    state,
+                    "checkpoint",
+                    lambda: save(ckpt_path, config_hash, model, opt, sched, state),
+                )
             if stop.signum is not None:
                 raise Interrupted(
                     f"signal {stop.signum} at step {state.step}: checkpoint {ckpt_path} written; "
