@@ -14,7 +14,8 @@
 #   cost.csv cost.md summary.md   results/rehearsal/'s, when the run got that far
 #   cost-partial.csv cost-partial.md   when it did not: the cost of the jobs that finished (below)
 #   pass-times.csv    seconds per image-pass of the paper classifier at batches 500, 2000, 8000
-#                     (PASS_BATCHES), float32 and bf16, when time is left after the rehearsal
+#                     (PASS_BATCHES), float32 and bf16, eager and from CUDA graphs, when time
+#                     is left after the rehearsal (and the attack-graph tests, in device.log)
 #   rehearsal.tar.gz  logs/rehearsal/, benchmarks/rehearsal/ (each job's wall seconds and peak
 #                     RSS) and results/rehearsal/ less data, models and checkpoints; refreshed
 #                     every minute (logs and benchmarks alone if that is over 15 MB)
@@ -166,8 +167,17 @@ EOF
     done
 fi
 
-# Issue 19's levers, with what time is left: seconds per image-pass of the rehearsal's paper
-# classifier (its evaluation sub-steps) at larger batches and under bf16 (pass-times.csv).
+# Issue 19's levers, with what time is left. First whether the attack graphs replay the eager
+# passes (tests/test_cuda.py, 90 s at most), then seconds per image-pass of the rehearsal's paper
+# classifier (its evaluation sub-steps) at larger batches, under bf16 and replayed from CUDA
+# graphs (pass-times.csv).
+LEFT=$((LIMIT - SECONDS - 25))
+if [ "$LEFT" -ge 60 ]; then
+    log "attack-graph tests on the device, at most 90 s"
+    timeout -k 5 90 python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        -k "attack_graphs or graphed_pgd" >>"$LOG" 2>&1
+    log "attack-graph tests: rc $?"
+fi
 MODEL=results/rehearsal/models/classification/nonexpansive/seed0/model.pt
 LEFT=$((LIMIT - SECONDS - 25))
 if [ -f "$MODEL" ] && [ "$LEFT" -ge 40 ]; then

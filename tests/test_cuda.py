@@ -597,3 +597,74 @@ def test_step_graphs_replay_the_power_iteration():
             assert torch.equal(op.u, top.u) and torch.equal(op.sigma_estimate, top.sigma_estimate)
             assert op.sigma_value() == float(top.sigma_estimate)
     assert len(graphs._norms) == 1 and next(iter(graphs._norms.values()))[0] is not None
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Attack graphs (``evaluation.attack_graphs``): an attack's passes replayed per batch bucket
+
+ATTACK_GRAPH_CASES = ["nonexpansive_euler", "nonexpansive_rk4", "resnet", "cpl", "sll", "aol",
+                      "orthogonal"]  # fmt: skip
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ATTACK_GRAPH_CASES)
+def test_attack_graphs_replay_the_eager_passes_of_every_classifier(case):
+    """Logits and input gradients of batches of several sizes (buckets 4 and 8, each captured
+    on its second batch, then replayed) are the eager pass's to TF32 rounding; the graphs were
+    replayed, or (a layer that synchronises inside its forward) turned off with one line."""
+    from stablenets.evaluation.attack_graphs import GraphedModel
+    from stablenets.evaluation.robustness import eval_mode
+
+    name, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs).cuda().eval()
+    lines: list[str] = []
+    graphed = GraphedModel(model, log=lines.append)
+    with eval_mode(model):
+        for n in (5, 3, 8, 5, 3, 8, 7, 4):
+            x = _input(name, n=n, seed=n).float().cuda()
+            got, want = [], []
+            for m, store in ((graphed, got), (model, want)):
+                xg = x.clone().requires_grad_(True)
+                out = m(xg)
+                store += [out.detach(), torch.autograd.grad(out.logsumexp(1).sum(), xg)[0]]
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+    if graphed.enabled:
+        assert graphed.captures == 2 and graphed.replays >= 5 and lines == []
+    else:  # eager after a failed capture, said in one line
+        assert case == "orthogonal" and len(lines) == 1 and "capture failed" in lines[0], lines
+
+
+@needs_cuda
+def test_a_graphed_pgd_sweep_finds_what_the_eager_one_finds():
+    """The radius sweep with its PGD searching on the graphed model (``fast_search``): the eager
+    sweep's robust accuracy at every radius, within one point (two CUDA runs may round apart)."""
+    import numpy as np
+
+    from stablenets.evaluation import radius_sweep, robustness
+
+    model = _robust_model(torch.float32).cuda()
+    x = _input("nonexpansive_classifier", n=24, seed=5).float()
+    with torch.no_grad():
+        y = model(x.cuda()).argmax(dim=1).cpu()
+    margin, correct = robustness.margins(model, x, y, 8)
+    cert = robustness.certified_radius(margin, correct, model.lipschitz_bound())
+    curves, searches = [], []
+    for graphs in (False, True):
+        search = radius_sweep.SearchModel("float32", graphs, log=lambda _: None)
+        pgd = partial(robustness.pgd_l2, steps=10, rel_step=0.25)
+        plan = radius_sweep.SweepPlan(
+            radii=np.linspace(0, 1.0, 6), pgd=radius_sweep.fast_search(pgd, search), strong=None,
+            strong_radii=frozenset(), audit_radii=frozenset(), audit_size=0, batch_size=8,
+            seed=1, search=search,
+        )  # fmt: skip
+        state = radius_sweep.SweepState.start(correct, cert, plan.seed)
+        state = radius_sweep.sweep(model, x, y, plan, state, log=lambda _: None)
+        curves.append(state.accuracies(plan.radii)["empirical"])
+        searches.append(search)
+    assert float(np.abs(curves[1] - curves[0]).max()) <= 1 / len(x) + 1e-12, curves
+    assert curves[0][-1] < curves[0][0]  # the attack breaks points
+    summary = searches[1].summary()
+    assert summary is not None and summary.startswith("attack graphs on:"), summary
+    assert " 0 passes replayed" not in summary

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stablenets.evaluation.radius_sweep import (
+    SearchModel,
     SweepPlan,
     SweepState,
     _expected,
     bisect,
     evaluation_radii,
-    in_precision,
+    fast_search,
     strong_label,
     sweep,
 )
@@ -842,7 +843,7 @@ def test_a_bfloat16_attack_reattacks_in_float32_the_points_bf16_alone_calls_fool
 
     float32 = run_sweep(twin, x, y, plan, lip)
     naive = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=bare), lip)
-    bf16 = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=in_precision(plan.pgd, "bfloat16")),
+    bf16 = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=fast_search(plan.pgd, SearchModel("bfloat16"))),
                      lip)  # fmt: skip
     broken = {name: marked & torch.isfinite(s.break_radius) & float32.correct
               for name, s in (("float32", float32), ("naive", naive), ("bf16", bf16))}  # fmt: skip
@@ -860,7 +861,7 @@ def test_a_bfloat16_attack_is_within_one_point_of_float32_on_a_conv_net():
     y = predictions(net, x)
     plan = sweep_plan(radii=np.linspace(0, 0.05, 11))
     exact = run_sweep(net, x, y, plan, lipschitz=1e6).accuracies(plan.radii)["empirical"]
-    low = run_sweep(net, x, y, dataclasses.replace(plan, pgd=in_precision(plan.pgd, "bfloat16")),
+    low = run_sweep(net, x, y, dataclasses.replace(plan, pgd=fast_search(plan.pgd, SearchModel("bfloat16"))),
                     lipschitz=1e6).accuracies(plan.radii)["empirical"]  # fmt: skip
     assert 0.3 < exact[-1] < exact[1] < 1  # the attack breaks some points, not all
     assert (low <= exact + 1 / len(x) + 1e-12).all(), (low, exact)
@@ -878,7 +879,7 @@ def test_autocast_runs_the_convolutions_in_bfloat16_and_returns_float32_logits()
 
 def test_a_float32_attack_is_left_as_it_is_and_tables_name_a_low_precision_search():
     pgd = partial(pgd_l2, steps=2)
-    assert in_precision(pgd, "float32") is pgd
+    assert fast_search(pgd, SearchModel("float32")) is pgd
     strong = {"method": "autoattack", "version": "standard"}
     assert strong_label(strong) == "autoattack standard"
     assert strong_label(strong, "bfloat16") == "autoattack standard, bfloat16 search"

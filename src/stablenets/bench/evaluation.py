@@ -19,12 +19,13 @@ over the whole grid: ``'{"n_test": 60, "eps": {"num": 40}, "strong": {"attacks":
 and backward image-passes per point instead (AutoAttack standard at a radius no point breaks:
 7,864 forward and 1,910 backward, ``benchmarks/README.md``). ``--pass-times 500,2000,8000``
 times one forward and one forward + backward image-pass of the model on the config's device at
-each batch size, in float32 and under bf16 autocast with the weights pinned, and in float32 with
-them hashed at every pass (the levers of an attack's cost; an out-of-memory batch is recorded as
-such), and writes them to ``--out``. ``--precision bfloat16`` runs the sweep twice instead, its
-attacks in float32 and in bf16 (``classification.evaluate.precision``; every counted example is
-checked in float32), and prints both curves, the low-precision one's largest excess over float32
-and both times.
+each batch size, in float32 and under bf16 autocast with the weights pinned (on CUDA, each also
+replayed from CUDA graphs), and in float32 with them hashed at every pass (the levers of an
+attack's cost; an out-of-memory batch is recorded as such), and writes them to ``--out``.
+``--precision bfloat16`` and ``--cuda-graphs`` run the sweep twice instead, its attacks on the
+plain model and on that search model (``classification.evaluate.precision`` and
+``cuda_graphs``; every counted example is checked on the plain model), and print both curves,
+the search model's largest excess over the plain one and both times.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,13 +45,15 @@ from torch import Tensor, nn
 
 from stablenets import data
 from stablenets.evaluation import radius_sweep, robustness
+from stablenets.evaluation.attack_graphs import GraphedModel
 from stablenets.nn.models import Classifier, load_model
 from stablenets.train.memory import is_out_of_memory
 
 __all__ = [
     "per_radius",
     "compare",
-    "compare_precision",
+    "compare_search",
+    "search_label",
     "seconds_per_point",
     "passes_per_point",
     "seconds_per_pass",
@@ -134,26 +138,42 @@ def _timed_sweep(
     return state.accuracies(plan.radii), time.perf_counter() - t0
 
 
-def compare_precision(
-    model: nn.Module, x: Tensor, y: Tensor, ev: dict, seed: int, precision: str, lipschitz: float
+def compare_search(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    ev: dict,
+    seed: int,
+    search: dict[str, Any],
+    lipschitz: float,
 ) -> tuple[list[dict], dict[str, float]]:
-    """The sweep with its attacks in float32 and in ``precision``, same points and seeds: rows
-    per radius (both curves) and both times, measured in one run. A cheaper search must not be
-    a weaker one: ``max_excess_pp`` is how far the low-precision curve is above float32's."""
+    """The sweep with its attacks on the plain model (float32, eager) and on the search model of
+    ``search`` (``precision``, ``cuda_graphs``: ``radius_sweep.SearchModel``), same points and
+    seeds: rows per radius (both curves, the second under ``search_label(search)``) and both
+    times, measured in one run. A cheaper search must not be a weaker one: ``max_excess_pp`` is
+    how far the search model's curve is above the plain one's."""
     margin, correct = robustness.margins(model, x, y, ev["batch_size"])
     cert = robustness.certified_radius(margin, correct, lipschitz)
+    label = search_label(search)
     curves, times = {}, {}
-    for p in ("float32", precision):
-        plan = radius_sweep.SweepPlan.from_config({**ev, "precision": p}, seed)
-        curves[p], times[f"{p}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
+    plain = {"precision": "float32", "cuda_graphs": False}
+    for name, settings in (("float32", plain), (label, {**plain, **search})):
+        plan = radius_sweep.SweepPlan.from_config({**ev, **settings}, seed)
+        curves[name], times[f"{name}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
     rows = [
         {"eps": float(e), "certified": curves["float32"]["certified"][i],
-         "float32": curves["float32"]["empirical"][i], precision: curves[precision]["empirical"][i]}
+         "float32": curves["float32"]["empirical"][i], label: curves[label]["empirical"][i]}
         for i, e in enumerate(plan.radii)
     ]  # fmt: skip
-    excess = max(r[precision] - r["float32"] for r in rows)
-    times["speedup"] = times["float32_s"] / times[f"{precision}_s"]
+    excess = max(r[label] - r["float32"] for r in rows)
+    times["speedup"] = times["float32_s"] / times[f"{label}_s"]
     return rows, {**times, "max_excess_pp": 100 * excess}
+
+
+def search_label(search: dict[str, Any]) -> str:
+    """``bfloat16``, ``float32+graphs``, ``bfloat16+graphs``: a search model's column name."""
+    label = search.get("precision", "float32")
+    return label + ("+graphs" if search.get("cuda_graphs") else "")
 
 
 def seconds_per_point(
@@ -224,8 +244,14 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> 
 
 
 PASS_TIME_FIELDS = [
-    "device", "batch", "precision", "weights", "forward_s_per_image", "forward_backward_s_per_image"
-]  # fmt: skip
+    "device",
+    "batch",
+    "precision",
+    "weights",
+    "graphs",
+    "forward_s_per_image",
+    "forward_backward_s_per_image",
+]
 """The columns of ``--pass-times``'s CSV: the device's name, then ``seconds_per_pass``'s row."""
 
 
@@ -238,40 +264,45 @@ def seconds_per_pass(
 ) -> list[dict[str, object]]:
     """Seconds per image of a forward pass and of a forward + backward pass to the input (the
     gradient of the logits' log-sum-exp, as an attack's step takes one) of ``model`` in eval mode
-    (its evaluation sub-step counts), at each batch size (``x`` tiled up to it) in float32 and
-    under bf16 autocast with the weights pinned (as the attacks run), then in float32 with every
-    pass hashing the weights (``weights: hashed``, as they ran before ``pinned_weights``), on
-    ``model``'s device. An attack's cost is its image-passes per point (``passes_per_point``)
-    times these; a batch that runs out of memory gives ``"oom"``. ``on_row`` gets each row as
-    soon as it is measured (a run cut short keeps what it measured)."""
+    (its evaluation sub-step counts), at each batch size (``x`` tiled up to it), on the search
+    models the attacks can run on (``radius_sweep.SearchModel``): float32 and bf16 autocast with
+    the weights pinned (as the attacks run), on CUDA both again replayed from CUDA graphs
+    (``graphs: yes``), then float32 with every pass hashing the weights (``weights: hashed``, as
+    they ran before ``pinned_weights``), on ``model``'s device. An attack's cost is its
+    image-passes per point (``passes_per_point``) times these; a batch that runs out of memory
+    gives ``"oom"``. ``on_row`` gets each row as soon as it is measured (a run cut short keeps
+    what it measured)."""
     device = robustness.model_device(model)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    graphs = [False, True] if cuda else [False]
+    settings = [(p, True, g) for p in ("float32", "bfloat16") for g in graphs]
     rows: list[dict[str, object]] = []
-    for precision, pin in (("float32", True), ("bfloat16", True), ("float32", False)):
+    for precision, pin, graphs in [*settings, ("float32", False, False)]:
+        search = radius_sweep.SearchModel(precision, graphs)(model)
         with robustness.eval_mode(model, pin=pin):
             for batch in batches:
                 xb = x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch].to(device)
-                autocast = torch.autocast(device.type, torch.bfloat16, precision == "bfloat16")
 
-                def forward(xb: Tensor = xb, autocast: torch.autocast = autocast) -> None:
-                    with torch.no_grad(), autocast:
-                        model(xb)
+                def forward(xb: Tensor = xb, m: nn.Module = search) -> None:
+                    with torch.no_grad():
+                        m(xb)
 
-                def backward(xb: Tensor = xb, autocast: torch.autocast = autocast) -> None:
+                def backward(xb: Tensor = xb, m: nn.Module = search) -> None:
                     xg = xb.clone().requires_grad_(True)
-                    with autocast:
-                        out = model(xg)
-                    torch.autograd.grad(out.float().logsumexp(1).sum(), xg)
+                    torch.autograd.grad(m(xg).float().logsumexp(1).sum(), xg)
 
                 row: dict[str, object] = {
                     "batch": batch,
                     "precision": precision,
                     "weights": "pinned" if pin else "hashed",
+                    "graphs": "yes" if graphs else "no",
                 }
                 try:
-                    row["forward_s_per_image"] = _timed(forward, sync, repeats) / batch
-                    row["forward_backward_s_per_image"] = _timed(backward, sync, repeats) / batch
+                    for key, fn in (("forward", forward), ("forward_backward", backward)):
+                        if graphs:
+                            fn()  # seen once: the timed runs capture, then replay
+                        row[f"{key}_s_per_image"] = _timed(fn, sync, repeats) / batch
                 except (RuntimeError, MemoryError) as err:
                     if not is_out_of_memory(err):
                         raise
@@ -279,6 +310,8 @@ def seconds_per_pass(
                     row["forward_backward_s_per_image"] = "oom"
                     if cuda:
                         torch.cuda.empty_cache()
+                if isinstance(search, GraphedModel) and not search.enabled:
+                    row["graphs"] = "failed"  # timed eagerly after its capture failed
                 rows.append(row)
                 on_row(row)
     return rows
@@ -358,9 +391,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=["bfloat16"],
+        choices=["float32", "bfloat16"],
         default=None,
-        help="only compare the sweep with its attacks in float32 and in this precision",
+        help="only compare the sweep with its attacks on the plain model and in this precision",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="only compare the sweep with its attacks on the plain model and replayed from CUDA "
+        "graphs (with --precision: both)",
     )
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)
@@ -386,9 +425,10 @@ def main(argv: list[str] | None = None) -> None:
             keep = model(x.to(device)).argmax(1).cpu() == y
         print(passes_per_point(model, x[keep], y[keep], plan.strong, args.count_passes))
         return
-    if args.precision is not None:
-        rows, times = compare_precision(
-            model, x, y, ev, int(spec["seed"]), args.precision, model.lipschitz_bound()
+    if args.precision is not None or args.cuda_graphs:
+        search = {"precision": args.precision or "float32", "cuda_graphs": args.cuda_graphs}
+        rows, times = compare_search(
+            model, x, y, ev, int(spec["seed"]), search, model.lipschitz_bound()
         )
     else:
         rows, times = compare(model, x, y, plan, model.lipschitz_bound())

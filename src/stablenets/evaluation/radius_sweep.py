@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stablenets.evaluation.attack_graphs import GraphedModel
 from stablenets.evaluation.robustness import (
     Autocast,
     InvariantError,
@@ -77,6 +78,8 @@ class SweepPlan:
     radius); ``audit_radii`` those at which ``audit_size`` certified points (a fixed, seeded
     sample) are attacked by both attacks: a certified point flipped proves the certificate wrong.
     ``bisect_radii`` are the radii the strong attack covers by bisection afterwards (``bisect``).
+    ``search`` is the search model the attacks share (``from_config``; its ``summary`` goes to
+    the job's log), or ``None`` for attacks that search on the model itself.
     """
 
     radii: np.ndarray
@@ -89,6 +92,7 @@ class SweepPlan:
     seed: int = 0
     radius_tol: float = 1e-5
     bisect_radii: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    search: SearchModel | None = None
 
     def __post_init__(self) -> None:
         self.radii = np.unique(canonical_radii(self.radii))
@@ -99,24 +103,29 @@ class SweepPlan:
         self.bisect_radii = np.unique(canonical_radii(self.bisect_radii))
 
     @classmethod
-    def from_config(cls, ev: dict[str, Any], seed: int) -> SweepPlan:
+    def from_config(
+        cls, ev: dict[str, Any], seed: int, log: Callable[[str], None] = print
+    ) -> SweepPlan:
         """The plan of an evaluation config (``classification.evaluate``): PGD at every radius,
         the strong attack at the standard radii and over the grid (``on_grid``, by bisection or
         sweep, ``grid_search``), the audit of ``audit_certified`` points at the standard radii;
-        both attacks in ``precision`` (``in_precision``)."""
+        both attacks searching on one ``SearchModel`` (``precision``, ``cuda_graphs``; ``log``
+        gets its line if graphs go off)."""
         eps, std_eps = evaluation_radii(ev)
         strong = ev["strong"]
         sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
+        search = SearchModel(ev["precision"], ev["cuda_graphs"], log)
         return cls(
             radii=np.concatenate([eps, std_eps]),
-            pgd=in_precision(functools.partial(pgd_l2, **ev["pgd"]), ev["precision"]),
-            strong=in_precision(strong_attack(strong, ev["batch_size"]), ev["precision"]),
+            pgd=fast_search(functools.partial(pgd_l2, **ev["pgd"]), search),
+            strong=fast_search(strong_attack(strong, ev["batch_size"]), search),
             strong_radii=frozenset(std_eps) | (frozenset(eps) if sweep_grid else frozenset()),
             audit_radii=frozenset(std_eps),
             audit_size=ev["audit_certified"],
             batch_size=ev["batch_size"],
             seed=seed,
             bisect_radii=eps if strong["on_grid"] and not sweep_grid else np.zeros(0),
+            search=search,
         )
 
     def passes(self, k: int) -> list[str]:
@@ -390,24 +399,67 @@ def sweep(
     return state
 
 
-def in_precision(attack: SeededAttack, precision: str) -> SeededAttack:
-    """``attack`` run on the model in ``precision`` ("float32": unchanged; "bfloat16": under bf16
-    autocast, ``robustness.Autocast``), with the float32 model the judge.
+@dataclass
+class SearchModel:
+    """The model the attacks of one evaluation search on: in ``precision`` ("float32", or
+    "bfloat16" under autocast, ``robustness.Autocast``), its passes replayed from CUDA graphs
+    with ``cuda_graphs`` (``attack_graphs.GraphedModel``: captured once per evaluation and shared
+    by its attacks; eager on a CPU). The float32 eager model stays the judge (``fast_search``).
+    ``log`` gets the line saying graphs went off, if a capture fails."""
 
-    A low-precision attack is a cheaper search, not a looser count: the sweep counts only
-    examples that fool the float32 model (``_attack_batch``). Where the bf16 model is fooled but
-    the float32 one is not (a point that bf16 rounding misclassifies already, which AutoAttack
-    then leaves unattacked, or an example on the boundary), the attack runs again in float32 on
-    those points, with the same seed (its random draws then differ from a float32 run of the
-    whole batch). The search can still be weaker than float32's:
-    ``stablenets.bench.evaluation --precision`` measures it.
+    precision: str = "float32"
+    cuda_graphs: bool = False
+    log: Callable[[str], None] = print
+    _models: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether the search model is the model itself."""
+        return self.precision == "float32" and not self.cuda_graphs
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        """The search model of ``model`` (the same object for every call on one model)."""
+        entry = self._models.get(id(model))
+        if entry is None:
+            low = model
+            if self.precision != "float32":
+                dtype = getattr(torch, self.precision)
+                low = Autocast(model, dtype, cache=not self.cuda_graphs)  # none in a capture
+            search = GraphedModel(low, log=self.log) if self.cuda_graphs else low
+            entry = self._models[id(model)] = (model, search)  # holds model: no id reuse
+        return entry[1]
+
+    def graphs_used(self) -> str:
+        """For a result file: ``yes`` (passes were replayed from graphs), ``failed`` (a capture
+        failed, so the attacks ran eagerly) or ``no`` (off, on a CPU, or nothing attacked)."""
+        graphed = [s for _, s in self._models.values() if isinstance(s, GraphedModel)]
+        if any(not s.enabled for s in graphed):
+            return "failed"
+        return "yes" if any(s.replays for s in graphed) else "no"
+
+    def summary(self) -> str | None:
+        """One line per graphed model (captures, replays, eager passes), for the job's log."""
+        lines = [s.summary() for _, s in self._models.values() if isinstance(s, GraphedModel)]
+        return "; ".join(lines) or None
+
+
+def fast_search(attack: SeededAttack, search: SearchModel) -> SeededAttack:
+    """``attack`` searching on ``search(model)`` (low precision, CUDA graphs), with the float32
+    eager model the judge; ``attack`` itself when the search model is the model.
+
+    A faster search is not a looser count: the sweep counts only examples that fool the float32
+    eager model (``_attack_batch``). Where the search model is fooled but the float32 one is not
+    (a point that bf16 rounding misclassifies already, which AutoAttack then leaves unattacked,
+    or an example on the boundary), the attack runs again on the float32 eager model on those
+    points, with the same seed (its random draws then differ from a float32 run of the whole
+    batch). The search can still be weaker than float32's:
+    ``stablenets.bench.evaluation --precision`` (``--cuda-graphs``) measures it.
     """
-    if precision == "float32":
+    if search.is_plain:
         return attack
-    dtype = getattr(torch, precision)
 
     def run(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int = 0) -> Tensor:
-        low = Autocast(model, dtype)
+        low = search(model)
         x_adv = attack(low, x, y, eps, seed=seed)
         with eval_mode(model):
             device = model_device(model)
@@ -456,7 +508,7 @@ def check_settings(ev: dict[str, Any]) -> None:
 def strong_label(cfg: dict[str, Any], precision: str = "float32") -> str:
     """What the strongest attack was, for tables: ``autoattack standard``, ``autoattack apgd-ce
     (10 iterations)``, ``pgd (100 steps x 5)``; ``..., bfloat16 search`` when it ran in low
-    precision (``in_precision``)."""
+    precision (``fast_search``)."""
     if cfg["method"] == "pgd":
         label = f"pgd ({cfg['steps']} steps x {cfg['restarts']})"
     else:

@@ -104,14 +104,18 @@ class Autocast(nn.Module):
     The norm estimates that set the blocks' step sizes stay in float32 (``autocast_off``), so the
     network is the same function up to the rounding of its autocast ops (convolutions, linear
     layers); every example counted is checked with the float32 model
-    (``radius_sweep.in_precision``)."""
+    (``radius_sweep.fast_search``). ``cache=False`` casts the weights at every use instead of
+    once per pass, as a CUDA graph capture needs (``attack_graphs``)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, cache: bool = True
+    ) -> None:
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model, self.dtype, self.cache = model, dtype, cache
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(model_device(self.model).type, self.dtype):
+        device = model_device(self.model).type
+        with torch.autocast(device, self.dtype, cache_enabled=self.cache):
             return self.model(x).float()
 
 

@@ -315,7 +315,7 @@ def evaluate_classifier(
     lip = model.lipschitz_bound()
     eps, std_eps = radius_sweep.evaluation_radii(ev)
     cert_radius = robustness.certified_radius(margin, correct, lip)
-    plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"])
+    plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
     key = "-".join([_progress_hash(spec), *digests])  # the same job on the same model and data
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
@@ -323,6 +323,8 @@ def evaluate_classifier(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
         spec["variant"], workdir / "progress.pt", key, ev, log,
     )  # fmt: skip
+    if plan.search is not None and (graphs := plan.search.summary()):
+        log(graphs)
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
     # holds by construction (the sweep fails on a break radius below a certified one): a guard
@@ -349,6 +351,7 @@ def evaluate_classifier(
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
         "attack_precision": ev["precision"],
+        "attack_cuda_graphs": plan.search.graphs_used() if plan.search is not None else "no",
         "audited_certified": int(sum(state.audited.values())),
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
         **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},

@@ -1,0 +1,240 @@
+"""CUDA graphs of an attack's forward and backward passes, one per batch bucket.
+
+An attack on the paper's classifier (0.25M parameters, 32x32 images, 50 or more integrator
+sub-steps in ``eval()``) spends its time in thousands of forward passes and input gradients of
+one fixed function: launch-bound work, like a training step of the same model, which CUDA graphs
+made 1.6x faster (``benchmarks/README.md``). In ``eval()`` with pinned weights the model reads
+nothing on the host per pass (``tests/test_models.py``), so a pass can be captured once and
+replayed. What a graph freezes is the input's shape, and attacks change their batch as points
+break (Square queries only the points it has not fooled yet), so a batch of ``n`` runs in the
+graph of its bucket, the next power of two, padded with zeros: every model here treats each
+sample on its own, which a capture checks (below).
+
+Policy:
+
+* a bucket is captured the second time it is seen (a size seen once runs eagerly), after two
+  warm-up passes on a side stream; its forward graph serves passes with and without a gradient;
+* a capture is checked against the eager pass on the same batch (logits and input gradient, to
+  ``rtol``): a model that mixes samples, or a capture that computes something else, turns graphs
+  off with a log line, and the attack goes on eagerly;
+* a parameter or buffer edited since a capture (its version counter or storage moved) drops every
+  graph: a graph would replay the old sub-step counts;
+* a backward pass is replayed for the forward pass of its bucket that came last; asking for the
+  gradient of an earlier one raises (its activations were overwritten), as the attacks here never
+  do. Outputs and gradients are copies, free of the graph's memory.
+
+Memory: each bucket keeps its activations, so the graphs hold about twice the activation memory
+of the largest batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GraphedModel", "bucket"]
+
+
+def bucket(n: int) -> int:
+    """The batch a graph of ``n`` samples runs at: the next power of two (``n >= 1``)."""
+    if n < 1:
+        raise ValueError(f"a bucket needs at least one sample, got {n}")
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass
+class _Capture:
+    """One bucket's static tensors and its two replays (graphs, or eager stand-ins)."""
+
+    x: Tensor  # the padded input (requires grad)
+    out: Tensor
+    grad_out: Tensor
+    grad_x: Tensor
+    forward: Callable[[], None]
+    backward: Callable[[], None]
+    generation: int = 0
+    filled: int = 0  # rows of x holding a real sample since the last zeroing
+
+
+class _Replay(torch.autograd.Function):
+    """``model(x)`` replayed from ``capture`` (x padded to its bucket); its backward replays the
+    input gradient. One autograd node, no activations outside the graph's memory."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, capture: _Capture) -> Tensor:
+        n = len(x)
+        capture.x[:n].copy_(x)
+        if capture.filled > n:  # padding rows hold zeros, not an earlier batch's samples
+            capture.x[n:].zero_()
+        capture.filled = n
+        capture.forward()
+        capture.generation += 1
+        ctx.capture, ctx.generation, ctx.n = capture, capture.generation, n
+        return capture.out[:n].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # pyright: ignore[reportIncompatibleMethodOverride] (once_differentiable)
+        ctx: Any, *grad_outputs: Any
+    ) -> tuple[Tensor, None]:
+        (grad,) = grad_outputs
+        capture: _Capture = ctx.capture
+        if capture.generation != ctx.generation:
+            raise RuntimeError(
+                "GraphedModel: the gradient of a forward pass that a later pass of the same "
+                "bucket replaced (its activations are gone); take each gradient before the next "
+                "forward pass"
+            )
+        capture.grad_out[: ctx.n].copy_(grad)
+        capture.grad_out[ctx.n :].zero_()
+        capture.backward()
+        return capture.grad_x[: ctx.n].clone(), None
+
+
+def _touch_marks(model: nn.Module) -> list[tuple[int, int]]:
+    """Version counter and storage of every parameter and buffer: what moves when one is edited."""
+    return [
+        (t._version, t.data_ptr()) for t in itertools.chain(model.parameters(), model.buffers())
+    ]
+
+
+class GraphedModel(nn.Module):
+    """``model`` as an attack sees it, its passes replayed from CUDA graphs per batch bucket.
+
+    ``model`` must be a fixed function of its input (evaluation mode, weights pinned, as
+    ``robustness.eval_mode`` sets them) that treats each sample on its own. On a device other than
+    CUDA every pass runs eagerly, unchanged; ``emulate=True`` runs the bucket machinery anyway,
+    each replay an eager pass on the padded batch (what the CPU tests check). ``log`` gets the one
+    line saying graphs are off, when a capture fails or disagrees with the eager pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        emulate: bool = False,
+        rtol: float = 1e-3,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__()
+        self.model, self.emulate, self.rtol, self.log = model, emulate, rtol, log
+        self.enabled = True
+        self.captures = self.replays = self.eager_passes = 0
+        self._captures: dict[tuple, _Capture] = {}
+        self._seen: set[tuple] = set()
+        self._marks: list[tuple[int, int]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled or len(x) == 0 or not (self.emulate or x.device.type == "cuda"):
+            return self._eager(x)
+        if self._captures and _touch_marks(self.model) != self._marks:
+            self._captures.clear()  # the weights moved: the graphs' sub-steps may be stale
+        key = (bucket(len(x)), tuple(x.shape[1:]), x.dtype, x.device)
+        capture = self._captures.get(key)
+        if capture is None and key in self._seen:
+            capture = self._capture(key, x)
+        if capture is None:
+            self._seen.add(key)
+            return self._eager(x)
+        self.replays += 1
+        return _Replay.apply(x, capture)
+
+    def summary(self) -> str:
+        """One line for a log: graphs on or off, captures, replays and eager passes."""
+        state = "on" if self.enabled else "off"
+        return (
+            f"attack graphs {state}: {self.captures} captured, {self.replays} passes replayed, "
+            f"{self.eager_passes} eager"
+        )
+
+    def _eager(self, x: Tensor) -> Tensor:
+        self.eager_passes += 1
+        return self.model(x)
+
+    def _capture(self, key: tuple, x: Tensor) -> _Capture | None:
+        size = key[0]
+        static = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        static[: len(x)] = x.detach()
+        static.requires_grad_(True)
+        try:
+            capture = (self._emulated if self.emulate else self._graphed)(static)
+            self._check(capture, x)
+        except RuntimeError as err:
+            self._disable(err)
+            return None
+        self._captures[key] = capture
+        self._marks = _touch_marks(self.model)
+        self.captures += 1
+        return capture
+
+    def _emulated(self, static: Tensor) -> _Capture:
+        """Eager stand-ins of the two replays, on the same static tensors as graphs."""
+
+        def forward() -> None:
+            with torch.no_grad():
+                capture.out.copy_(self.model(capture.x))
+
+        def backward() -> None:
+            with torch.enable_grad():
+                x = capture.x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.model(x), x, capture.grad_out)
+            capture.grad_x.copy_(g)
+
+        with torch.no_grad():
+            out = self.model(static)
+        grads = torch.zeros_like(out), torch.zeros_like(static)
+        capture = _Capture(static, out, *grads, forward=forward, backward=backward)
+        return capture
+
+    def _graphed(self, static: Tensor) -> _Capture:
+        """Forward and backward captured in graphs sharing one private memory pool (the backward
+        graph keeps the autograd graph, so it can be replayed for every forward replay)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.enable_grad():  # lazy set-up outside the capture
+            for _ in range(2):
+                out = self.model(static)
+                torch.autograd.grad(out, static, torch.ones_like(out))
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.enable_grad():
+            with torch.cuda.graph(fwd, pool=pool):
+                out = self.model(static)
+            grad_out = torch.zeros_like(out)
+            with torch.cuda.graph(bwd, pool=pool):
+                (grad_x,) = torch.autograd.grad(out, static, grad_out, retain_graph=True)
+        return _Capture(static, out, grad_out, grad_x, fwd.replay, bwd.replay)
+
+    def _check(self, capture: _Capture, x: Tensor) -> None:
+        """The replays against the eager pass on ``x`` (its rows only, the padding zeroed), with a
+        fixed direction for the gradient: ``RuntimeError`` if they disagree beyond ``rtol``."""
+        n = len(x)
+        xe = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.model(xe)
+            direction = torch.linspace(-1, 1, out[:1].numel(), device=out.device).view_as(out[:1])
+            (grad,) = torch.autograd.grad(out, xe, direction.expand_as(out))
+        replayed = _Replay.apply(x.detach(), capture)
+        capture.grad_out.zero_()
+        capture.grad_out[:n].copy_(direction.expand_as(out))
+        capture.backward()
+        pairs = (("logits", replayed, out), ("input gradient", capture.grad_x[:n], grad))
+        for name, ours, eager in pairs:
+            scale = float(eager.detach().abs().max()) or 1.0
+            err = float((ours.detach() - eager.detach()).abs().max())
+            if not err <= self.rtol * scale:
+                raise RuntimeError(
+                    f"the replayed {name} differ from the eager pass by {err:.3g} "
+                    f"(of {scale:.3g}) at batch {n} in bucket {len(capture.x)}"
+                )
+
+    def _disable(self, err: RuntimeError) -> None:
+        self.enabled = False
+        self._captures.clear()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.log(f"attack graphs off: capture failed ({first}); attacking eagerly")
