@@ -12,19 +12,21 @@ sample on its own, which a capture checks (below).
 
 Policy:
 
-* a bucket is captured the second time it is seen (a size seen once runs eagerly), after two
-  warm-up passes on a side stream; its forward graph serves passes with and without a gradient;
-* a capture is checked against the eager pass on the same batch (logits and input gradient, to
-  ``rtol``): a model that mixes samples, or a capture that computes something else, turns graphs
-  off with a log line, and the attack goes on eagerly;
+* a bucket is captured on its first batch, after two warm-up passes on a side stream (so that
+  AutoAttack's checks, which call the model five times on one batch and compare, see one graph);
+  its forward graph serves passes with and without a gradient;
+* a capture is checked against eager passes on the padded batch and on the batch alone (logits
+  and input gradient, to ``tol``): a capture that computes something else, or a model that
+  mixes the samples of a batch, turns graphs off with a log line, and the attack goes on eagerly;
 * a parameter or buffer edited since a capture (its version counter or storage moved) drops every
   graph: a graph would replay the old sub-step counts;
 * a backward pass is replayed for the forward pass of its bucket that came last; asking for the
   gradient of an earlier one raises (its activations were overwritten), as the attacks here never
   do. Outputs and gradients are copies, free of the graph's memory.
 
-Memory: each bucket keeps its activations, so the graphs hold about twice the activation memory
-of the largest batch.
+Memory: each bucket keeps its activations in its own pool, so the graphs hold about twice the
+activation memory of the largest bucket. Batches above ``max_batch`` (compute-bound anyway) run
+eagerly, and a bucket whose capture runs out of memory stays eager while smaller ones replay.
 """
 
 from __future__ import annotations
@@ -107,41 +109,49 @@ class GraphedModel(nn.Module):
     """``model`` as an attack sees it, its passes replayed from CUDA graphs per batch bucket.
 
     ``model`` must be a fixed function of its input (evaluation mode, weights pinned, as
-    ``robustness.eval_mode`` sets them) that treats each sample on its own. On a device other than
-    CUDA every pass runs eagerly, unchanged; ``emulate=True`` runs the bucket machinery anyway,
-    each replay an eager pass on the padded batch (what the CPU tests check). ``log`` gets the one
-    line saying graphs are off, when a capture fails or disagrees with the eager pass.
+    ``robustness.eval_mode`` sets them) that treats each sample on its own. Batches of more than
+    ``max_batch`` samples, and every pass on a device other than the current CUDA device (or under
+    an outer autocast, or in training mode), run eagerly, unchanged; ``emulate=True`` runs the
+    bucket machinery on any device, each replay an eager pass on the padded batch (what the CPU
+    tests check). ``tol``: how far (relative to the largest magnitude) a capture's logits and
+    input gradient may be from the eager pass's (bf16 rounds more than float32). ``log`` gets the
+    line saying graphs are off, or that one bucket did not fit in memory.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        max_batch: int = 1024,
+        tol: float = 2e-2,
         emulate: bool = False,
-        rtol: float = 1e-3,
         log: Callable[[str], None] = print,
     ) -> None:
         super().__init__()
-        self.model, self.emulate, self.rtol, self.log = model, emulate, rtol, log
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.max_batch, self.tol, self.emulate = model, max_batch, tol, emulate
+        self.log = log
         self.enabled = True
         self.captures = self.replays = self.eager_passes = 0
         self._captures: dict[tuple, _Capture] = {}
-        self._seen: set[tuple] = set()
+        self._too_large: set[tuple] = set()  # buckets whose capture ran out of memory
         self._marks: list[tuple[int, int]] = []
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled or len(x) == 0 or not (self.emulate or x.device.type == "cuda"):
+        if not self._replayable(x):
             return self._eager(x)
         if self._captures and _touch_marks(self.model) != self._marks:
             self._captures.clear()  # the weights moved: the graphs' sub-steps may be stale
         key = (bucket(len(x)), tuple(x.shape[1:]), x.dtype, x.device)
-        capture = self._captures.get(key)
-        if capture is None and key in self._seen:
-            capture = self._capture(key, x)
+        capture = self._captures.get(key) or self._capture(key, x)
         if capture is None:
-            self._seen.add(key)
             return self._eager(x)
         self.replays += 1
         return _Replay.apply(x, capture)
+
+    def release(self) -> None:
+        """Drop every graph and its memory (graphs are captured again when needed)."""
+        self._captures.clear()
 
     def summary(self) -> str:
         """One line for a log: graphs on or off, captures, replays and eager passes."""
@@ -151,11 +161,26 @@ class GraphedModel(nn.Module):
             f"{self.eager_passes} eager"
         )
 
+    def _replayable(self, x: Tensor) -> bool:
+        if not self.enabled or not 0 < len(x) <= self.max_batch or self.model.training:
+            return False
+        if self.emulate:
+            return True
+        return (
+            x.device.type == "cuda"
+            and x.device.index == torch.cuda.current_device()
+            and not torch.is_autocast_enabled("cuda")
+        )
+
     def _eager(self, x: Tensor) -> Tensor:
         self.eager_passes += 1
         return self.model(x)
 
     def _capture(self, key: tuple, x: Tensor) -> _Capture | None:
+        """The bucket's capture, on its first batch, checked; ``None``: run eagerly (a bucket that
+        ran out of memory stays eager, any other failure turns graphs off)."""
+        if key in self._too_large:
+            return None
         size = key[0]
         static = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         static[: len(x)] = x.detach()
@@ -164,7 +189,7 @@ class GraphedModel(nn.Module):
             capture = (self._emulated if self.emulate else self._graphed)(static)
             self._check(capture, x)
         except RuntimeError as err:
-            self._disable(err)
+            self._failed(key, err)
             return None
         self._captures[key] = capture
         self._marks = _touch_marks(self.model)
@@ -211,27 +236,47 @@ class GraphedModel(nn.Module):
         return _Capture(static, out, grad_out, grad_x, fwd.replay, bwd.replay)
 
     def _check(self, capture: _Capture, x: Tensor) -> None:
-        """The replays against the eager pass on ``x`` (its rows only, the padding zeroed), with a
-        fixed direction for the gradient: ``RuntimeError`` if they disagree beyond ``rtol``."""
+        """The replays against eager passes: on the padded batch (the same shapes: a capture
+        that computes something else) and on ``x`` alone (a model that mixes the samples of a
+        batch, which padding would change), logits and the input gradient along a fixed
+        direction; ``RuntimeError`` beyond ``tol``. Only the first ``len(x)`` rows count."""
         n = len(x)
-        xe = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.model(xe)
-            direction = torch.linspace(-1, 1, out[:1].numel(), device=out.device).view_as(out[:1])
-            (grad,) = torch.autograd.grad(out, xe, direction.expand_as(out))
         replayed = _Replay.apply(x.detach(), capture)
-        capture.grad_out.zero_()
-        capture.grad_out[:n].copy_(direction.expand_as(out))
+        direction = torch.linspace(-1, 1, replayed.shape[1], dtype=replayed.dtype)
+        direction = direction.to(replayed.device).expand(len(capture.x), -1)
+        capture.grad_out.copy_(direction)
         capture.backward()
-        pairs = (("logits", replayed, out), ("input gradient", capture.grad_x[:n], grad))
-        for name, ours, eager in pairs:
-            scale = float(eager.detach().abs().max()) or 1.0
-            err = float((ours.detach() - eager.detach()).abs().max())
-            if not err <= self.rtol * scale:
-                raise RuntimeError(
-                    f"the replayed {name} differ from the eager pass by {err:.3g} "
-                    f"(of {scale:.3g}) at batch {n} in bucket {len(capture.x)}"
-                )
+        ours = (replayed, capture.grad_x[:n])
+        for what, inputs in (("the padded batch", capture.x.detach()), ("the batch alone", x)):
+            eager = self._eager_pass(inputs, direction[: len(inputs)])
+            for name, a, b in zip(("logits", "input gradient"), ours, eager, strict=True):
+                scale = float(b[:n].abs().max()) or 1.0
+                err = float((a - b[:n]).abs().max())
+                if not err <= self.tol * scale:
+                    raise RuntimeError(
+                        f"the replayed {name} differ from the eager pass on {what} by {err:.3g} "
+                        f"(of {scale:.3g}) at batch {n} in bucket {len(capture.x)}"
+                    )
+
+    def _eager_pass(self, x: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
+        """Eager logits of ``x`` and the gradient of ``<logits, direction>`` to it."""
+        with torch.enable_grad():
+            xe = x.detach().clone().requires_grad_(True)
+            out = self.model(xe)
+            (grad,) = torch.autograd.grad(out, xe, direction)
+        return out.detach(), grad
+
+    def _failed(self, key: tuple, err: RuntimeError) -> None:
+        """A bucket that ran out of memory stays eager (smaller ones may fit); any other failure
+        turns graphs off."""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "out of memory" in str(err).lower():
+            self._too_large.add(key)
+            if not self.emulate:
+                torch.cuda.empty_cache()
+            self.log(f"attack graphs: bucket {key[0]} does not fit ({first}); eager there")
+            return
+        self._disable(err)
 
     def _disable(self, err: RuntimeError) -> None:
         self.enabled = False

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class SweepPlan:
         eps, std_eps = evaluation_radii(ev)
         strong = ev["strong"]
         sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
-        search = SearchModel(ev["precision"], ev["cuda_graphs"], log)
+        search = SearchModel(ev["precision"], ev["cuda_graphs"], ev["cuda_graph_max_batch"], log)
         return cls(
             radii=np.concatenate([eps, std_eps]),
             pgd=fast_search(functools.partial(pgd_l2, **ev["pgd"]), search),
@@ -403,14 +403,21 @@ def sweep(
 class SearchModel:
     """The model the attacks of one evaluation search on: in ``precision`` ("float32", or
     "bfloat16" under autocast, ``robustness.Autocast``), its passes replayed from CUDA graphs
-    with ``cuda_graphs`` (``attack_graphs.GraphedModel``: captured once per evaluation and shared
-    by its attacks; eager on a CPU). The float32 eager model stays the judge (``fast_search``).
-    ``log`` gets the line saying graphs went off, if a capture fails."""
+    with ``cuda_graphs`` (``attack_graphs.GraphedModel``, batches up to ``graph_max_batch``:
+    captured once per evaluation and shared by its attacks; eager on a CPU). The float32 eager
+    model stays the judge (``fast_search``). ``log`` gets the graphs' lines (off, or a bucket
+    that does not fit)."""
 
     precision: str = "float32"
     cuda_graphs: bool = False
+    graph_max_batch: int = 1024
     log: Callable[[str], None] = print
     _models: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict, repr=False)
+
+    GRAPH_TOL: ClassVar[dict[str, float]] = {"float32": 2e-2, "bfloat16": 5e-2}
+    """How far a capture's logits and input gradient may be from the eager pass's, relative to
+    their largest magnitude: far above rounding (TF32, bf16; other batch sizes may take other
+    kernels), far below what a wrong graph or a model mixing samples gives."""
 
     @property
     def is_plain(self) -> bool:
@@ -425,9 +432,17 @@ class SearchModel:
             if self.precision != "float32":
                 dtype = getattr(torch, self.precision)
                 low = Autocast(model, dtype, cache=not self.cuda_graphs)  # none in a capture
-            search = GraphedModel(low, log=self.log) if self.cuda_graphs else low
+            search = low
+            if self.cuda_graphs:
+                tol = self.GRAPH_TOL[self.precision]
+                search = GraphedModel(low, self.graph_max_batch, tol, log=self.log)
             entry = self._models[id(model)] = (model, search)  # holds model: no id reuse
         return entry[1]
+
+    def summary(self) -> str | None:
+        """One line per graphed model (captures, replays, eager passes), for the job's log."""
+        lines = [s.summary() for _, s in self._models.values() if isinstance(s, GraphedModel)]
+        return "; ".join(lines) or None
 
     def graphs_used(self) -> str:
         """For a result file: ``yes`` (passes were replayed from graphs), ``failed`` (a capture
@@ -437,10 +452,11 @@ class SearchModel:
             return "failed"
         return "yes" if any(s.replays for s in graphed) else "no"
 
-    def summary(self) -> str | None:
-        """One line per graphed model (captures, replays, eager passes), for the job's log."""
-        lines = [s.summary() for _, s in self._models.values() if isinstance(s, GraphedModel)]
-        return "; ".join(lines) or None
+    def release(self) -> None:
+        """Drop the graphs and their memory (after the sweep: the rest of the job needs none)."""
+        for _, search in self._models.values():
+            if isinstance(search, GraphedModel):
+                search.release()
 
 
 def fast_search(attack: SeededAttack, search: SearchModel) -> SeededAttack:

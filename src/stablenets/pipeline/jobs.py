@@ -325,6 +325,7 @@ def evaluate_classifier(
     )  # fmt: skip
     if plan.search is not None and (graphs := plan.search.summary()):
         log(graphs)
+        plan.search.release()
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
     # holds by construction (the sweep fails on a break radius below a certified one): a guard
