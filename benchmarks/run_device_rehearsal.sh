@@ -175,7 +175,7 @@ LEFT=$((LIMIT - SECONDS - 25))
 if [ "$LEFT" -ge 60 ]; then
     log "attack-graph tests on the device, at most 90 s"
     timeout -k 5 90 python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-        -k "attack_graphs or graphed_pgd" >>"$LOG" 2>&1
+        -k "attack_graphs or graphed_pgd or pass_times_on_the_device" >>"$LOG" 2>&1
     log "attack-graph tests: rc $?"
 fi
 MODEL=results/rehearsal/models/classification/nonexpansive/seed0/model.pt

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from stablenets.evaluation.attack_graphs import GraphedModel, bucket
 from stablenets.evaluation.radius_sweep import SearchModel, fast_search
-from stablenets.evaluation.robustness import autoattack_l2, eval_mode, pgd_l2
+from stablenets.evaluation.robustness import Autocast, autoattack_l2, eval_mode, pgd_l2
 from stablenets.nn.models import build_model
 
 SHAPE = (3, 8, 8)
@@ -36,6 +36,11 @@ def paper_block_classifier() -> nn.Module:
     torch.manual_seed(1)
     kwargs = {"base_width": 4, "blocks_per_stage": 1, "input_size": 8}
     return build_model("nonexpansive_classifier", **kwargs).double().eval()
+
+
+def graphed_model(model: nn.Module, max_batch: int = 1024, **kwargs) -> GraphedModel:
+    """``model`` behind the bucket machinery, each replay an eager pass (``emulate``)."""
+    return GraphedModel(model, max_batch, SearchModel.GRAPH_TOL["float32"], emulate=True, **kwargs)
 
 
 def points(n: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -65,7 +70,7 @@ def test_replayed_passes_are_the_models_at_every_batch_size(make):
     model's own, to rounding, whatever the earlier batches left in the bucket."""
     model = make()
     dtype = next(model.parameters()).dtype
-    graphed = GraphedModel(model, emulate=True)
+    graphed = graphed_model(model)
     with eval_mode(model):
         for round_ in range(2):
             for n in (7, 5, 1, 3, 8, 2, 6):  # buckets reused by smaller batches after larger
@@ -79,7 +84,7 @@ def test_replayed_passes_are_the_models_at_every_batch_size(make):
 
 def test_forward_passes_without_a_gradient_replay_the_same_graph():
     model = conv_net()
-    graphed = GraphedModel(model, emulate=True)
+    graphed = graphed_model(model)
     x = points(3, seed=1)
     with torch.no_grad():
         graphed(x), graphed(x)  # captured, then replayed
@@ -91,7 +96,7 @@ def test_forward_passes_without_a_gradient_replay_the_same_graph():
 def test_the_gradient_of_a_pass_that_a_later_pass_replaced_raises():
     """The attacks take each gradient before the next pass; one taken after would read the later
     pass's activations, so it raises instead of returning a wrong gradient."""
-    graphed = GraphedModel(conv_net(), emulate=True)
+    graphed = graphed_model(conv_net())
     x, z = points(3, seed=2).requires_grad_(True), points(4, seed=3).requires_grad_(True)
     first = graphed(x)  # captured
     graphed(z)  # the same bucket (4), replayed
@@ -102,7 +107,7 @@ def test_the_gradient_of_a_pass_that_a_later_pass_replaced_raises():
 def test_one_pass_back_propagated_several_times_gives_each_row_of_the_jacobian():
     """FAB's pattern: one forward pass, one backward per class with ``retain_graph``."""
     model = conv_net()
-    graphed = GraphedModel(model, emulate=True)
+    graphed = graphed_model(model)
     x = points(3, seed=4)
     xg = x.clone().requires_grad_(True)
     out = graphed(xg)
@@ -128,7 +133,7 @@ class BatchCentred(nn.Module):
 
 def test_a_model_that_mixes_samples_turns_graphs_off_in_one_line_and_stays_exact():
     model, lines = BatchCentred().eval(), []
-    graphed = GraphedModel(model, emulate=True, log=lines.append)
+    graphed = graphed_model(model, log=lines.append)
     x = points(3, seed=5)
     for _ in range(3):
         out = graphed(x)
@@ -143,7 +148,7 @@ def test_a_weight_edited_after_a_capture_drops_the_graphs():
     """A graph replays the sub-step counts and weights it was captured with; an edit (version
     counter) or a swapped storage drops every graph, and the next pass is the new model's."""
     model = paper_block_classifier()
-    graphed = GraphedModel(model, emulate=True)
+    graphed = graphed_model(model)
     x = points(3, seed=6, dtype=torch.float64)
     for _ in range(2):
         graphed(x)
@@ -168,15 +173,15 @@ def test_pgd_and_autoattack_find_the_same_examples_on_the_graphed_model():
     pgd = partial(pgd_l2, steps=5, rel_step=0.2)
     aa = partial(autoattack_l2, version="custom", attacks=["apgd-ce"], iterations=5, batch_size=4)
     for attack in (pgd, aa):
-        graphed = GraphedModel(model, emulate=True)
+        graphed = graphed_model(model)
         ours, plain = attack(graphed, x, y, 0.5, seed=3), attack(model, x, y, 0.5, seed=3)
         torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
         assert graphed.replays > 0
 
 
-def test_a_graphed_search_on_a_cpu_attacks_the_model_itself():
-    """``cuda_graphs: true`` on a machine without CUDA: every pass eager, the plain attack's
-    examples, and the job's log line says so."""
+def test_a_graphed_search_on_a_cpu_is_the_model_itself():
+    """``cuda_graphs: true`` on a machine without CUDA: the plain attack, on the model itself,
+    and nothing for the job's log."""
     model = conv_net(seed=9)
     x = points(5, seed=10)
     with torch.no_grad():
@@ -185,12 +190,23 @@ def test_a_graphed_search_on_a_cpu_attacks_the_model_itself():
     pgd = partial(pgd_l2, steps=3, rel_step=0.2)
     ours = fast_search(pgd, search)(model, x, y, 0.3, seed=1)
     torch.testing.assert_close(ours, pgd(model, x, y, 0.3, seed=1))
-    assert search(model) is search(model)  # one search model per model: graphs captured once
-    eager = search(model).eager_passes
-    assert eager > 0
-    assert search.summary() == f"attack graphs on: 0 captured, 0 passes replayed, {eager} eager"
-    assert search.graphs_used() == "no"  # what the result file records
-    assert SearchModel().summary() is None
+    assert search(model) is model and search.summary() is None
+
+
+def test_a_bfloat16_search_model_in_an_evaluation_scope_is_replayed():
+    """The autocast wrapper is the graphed model's, not the evaluated model's: what decides
+    whether passes replay is the evaluated model's modules, in ``eval_mode`` or not."""
+    model = paper_block_classifier().float().train()
+    wrapper = Autocast(model, cache=False)
+    wrapper.training = False  # as SearchModel leaves it
+    graphed = graphed_model(wrapper)
+    x = points(3, seed=11)
+    graphed(x)  # the model trains: eager
+    assert graphed.eager_passes == 1 and graphed.captures == 0
+    with eval_mode(model):
+        torch.testing.assert_close(graphed(x), Autocast(model)(x))
+        graphed(x)
+    assert graphed.captures == 1 and graphed.replays == 2
 
 
 class RunsOutOfMemory(nn.Module):
@@ -208,7 +224,7 @@ class RunsOutOfMemory(nn.Module):
 
 def test_a_bucket_that_does_not_fit_stays_eager_and_the_others_replay():
     model, lines = RunsOutOfMemory(limit=8).eval(), []
-    graphed = GraphedModel(model, emulate=True, log=lines.append)
+    graphed = graphed_model(model, log=lines.append)
     for n in (5, 5, 3, 7):  # bucket 8 runs out of memory (once, said once), bucket 4 fits
         torch.testing.assert_close(graphed(points(n, seed=n)), model(points(n, seed=n)))
     assert graphed.enabled and graphed.captures == 1 and graphed.replays == 1
@@ -221,7 +237,7 @@ def test_a_bucket_that_does_not_fit_stays_eager_and_the_others_replay():
 
 def test_batches_above_the_largest_graphed_one_run_eagerly_and_release_drops_the_graphs():
     model = conv_net()
-    graphed = GraphedModel(model, max_batch=4, emulate=True)
+    graphed = graphed_model(model, max_batch=4)
     for n in (4, 5, 3):
         graphed(points(n, seed=n))
     assert (graphed.captures, graphed.replays, graphed.eager_passes) == (1, 2, 1)
@@ -229,11 +245,17 @@ def test_batches_above_the_largest_graphed_one_run_eagerly_and_release_drops_the
     graphed(points(3, seed=1))
     assert graphed.captures == 2
     with pytest.raises(ValueError, match="max_batch"):
-        GraphedModel(model, max_batch=0)
+        GraphedModel(model, max_batch=0, tol=0.02)
 
 
 def test_a_model_in_training_mode_is_never_replayed():
     model = conv_net().train()
-    graphed = GraphedModel(model, emulate=True)
+    graphed = graphed_model(model)
     graphed(points(3, seed=1))
     assert graphed.captures == 0 and graphed.eager_passes == 1
+
+
+def test_a_search_model_leaves_the_evaluated_models_modes_alone():
+    model = paper_block_classifier().train()
+    SearchModel("bfloat16")(model)
+    assert all(m.training for m in model.modules())

@@ -255,9 +255,10 @@ def test_an_unreadable_progress_file_is_ignored_with_a_log_line(trained, uninter
     assert all(np.array_equal(expected[k], got[k]) for k in expected if k != "attr git_commit")
 
 
-def test_saved_progress_resumes_whatever_the_saving_and_logging_intervals():
+def test_saved_progress_resumes_whatever_the_saving_and_logging_intervals_and_graphs():
     spec = json.loads(smoke_jobs().eval_spec("classification", VARIANT, 0))
-    slower = {**spec, "evaluate": {**spec["evaluate"], "save_every_s": 600, "log_every_s": 1}}
+    run_only = dict(save_every_s=600, log_every_s=1, cuda_graphs=True, cuda_graph_max_batch=64)
+    slower = {**spec, "evaluate": {**spec["evaluate"], **run_only}}
     other = {**spec, "evaluate": {**spec["evaluate"], "n_test": 7}}
     assert pipeline_jobs._progress_hash(slower) == pipeline_jobs._progress_hash(spec)
     assert pipeline_jobs._progress_hash(other) != pipeline_jobs._progress_hash(spec)

@@ -34,7 +34,7 @@ PACKAGE = ROOT / "src" / "stablenets"
 # module may import its own subpackage and the layers of lower rank; subpackages of one rank
 # (evaluation, data) are independent of each other.
 LAYERS: list[set[str]] = [
-    {"atomic", "interrupt", "progress"},  # standard library only: every layer may use them
+    {"atomic", "errors", "interrupt", "progress"},  # standard library only: every layer uses them
     {"nn"},  # the layers themselves: torch and numpy
     {"evaluation", "data"},  # robustness and metrics (torch, numpy); datasets (h5py)
     {"train"},  # the training loop (it validates with evaluation's metrics)
@@ -43,7 +43,15 @@ LAYERS: list[set[str]] = [
     {"__init__", "__main__"},  # the facade: the public API (lazily) and `python -m stablenets`
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
-LIBRARY = {"atomic", "interrupt", "progress", "nn", "evaluation", "train"}  # torch and numpy only
+LIBRARY = {
+    "atomic",
+    "errors",
+    "interrupt",
+    "progress",
+    "nn",
+    "evaluation",
+    "train",
+}  # torch and numpy only
 CORE = {"torch", "numpy"}  # third-party packages the library imports at import time
 # Third-party packages a library module imports inside the one function that needs them.
 LAZY = {("evaluation.robustness", "pyautoattack")}

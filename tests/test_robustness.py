@@ -843,8 +843,8 @@ def test_a_bfloat16_attack_reattacks_in_float32_the_points_bf16_alone_calls_fool
 
     float32 = run_sweep(twin, x, y, plan, lip)
     naive = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=bare), lip)
-    bf16 = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=fast_search(plan.pgd, SearchModel("bfloat16"))),
-                     lip)  # fmt: skip
+    low_pgd = fast_search(plan.pgd, SearchModel("bfloat16"))
+    bf16 = run_sweep(twin, x, y, dataclasses.replace(plan, pgd=low_pgd), lip)
     broken = {name: marked & torch.isfinite(s.break_radius) & float32.correct
               for name, s in (("float32", float32), ("naive", naive), ("bf16", bf16))}  # fmt: skip
     assert broken["float32"].sum() >= 5 and not broken["naive"].any()  # the adversary bites
@@ -861,8 +861,8 @@ def test_a_bfloat16_attack_is_within_one_point_of_float32_on_a_conv_net():
     y = predictions(net, x)
     plan = sweep_plan(radii=np.linspace(0, 0.05, 11))
     exact = run_sweep(net, x, y, plan, lipschitz=1e6).accuracies(plan.radii)["empirical"]
-    low = run_sweep(net, x, y, dataclasses.replace(plan, pgd=fast_search(plan.pgd, SearchModel("bfloat16"))),
-                    lipschitz=1e6).accuracies(plan.radii)["empirical"]  # fmt: skip
+    low_plan = dataclasses.replace(plan, pgd=fast_search(plan.pgd, SearchModel("bfloat16")))
+    low = run_sweep(net, x, y, low_plan, lipschitz=1e6).accuracies(plan.radii)["empirical"]
     assert 0.3 < exact[-1] < exact[1] < 1  # the attack breaks some points, not all
     assert (low <= exact + 1 / len(x) + 1e-12).all(), (low, exact)
 

@@ -267,7 +267,8 @@ def seconds_per_pass(
     (its evaluation sub-step counts), at each batch size (``x`` tiled up to it), on the search
     models the attacks can run on (``radius_sweep.SearchModel``): float32 and bf16 autocast with
     the weights pinned (as the attacks run), on CUDA both again replayed from CUDA graphs
-    (``graphs: yes``), then float32 with every pass hashing the weights (``weights: hashed``, as
+    (``graphs: yes``; ``failed`` where no pass replayed: a capture that failed or did not fit,
+    timed eagerly), then float32 with every pass hashing the weights (``weights: hashed``, as
     they ran before ``pinned_weights``), on ``model``'s device. An attack's cost is its
     image-passes per point (``passes_per_point``) times these; a batch that runs out of memory
     gives ``"oom"``. ``on_row`` gets each row as soon as it is measured (a run cut short keeps
@@ -275,11 +276,12 @@ def seconds_per_pass(
     device = robustness.model_device(model)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    graphs = [False, True] if cuda else [False]
-    settings = [(p, True, g) for p in ("float32", "bfloat16") for g in graphs]
+    graphed = [False, True] if cuda else [False]
+    settings = [(p, True, g) for p in ("float32", "bfloat16") for g in graphed]
     rows: list[dict[str, object]] = []
+    largest = max(batches, default=1)  # every batch graphed, memory permitting
     for precision, pin, graphs in [*settings, ("float32", False, False)]:
-        search = radius_sweep.SearchModel(precision, graphs)(model)
+        search = radius_sweep.SearchModel(precision, graphs, graph_max_batch=largest)(model)
         with robustness.eval_mode(model, pin=pin):
             for batch in batches:
                 xb = x.repeat(-(-batch // len(x)), 1, 1, 1)[:batch].to(device)
@@ -298,10 +300,9 @@ def seconds_per_pass(
                     "weights": "pinned" if pin else "hashed",
                     "graphs": "yes" if graphs else "no",
                 }
+                replays = search.replays if isinstance(search, GraphedModel) else 0
                 try:
                     for key, fn in (("forward", forward), ("forward_backward", backward)):
-                        if graphs:
-                            fn()  # seen once: the timed runs capture, then replay
                         row[f"{key}_s_per_image"] = _timed(fn, sync, repeats) / batch
                 except (RuntimeError, MemoryError) as err:
                     if not is_out_of_memory(err):
@@ -310,8 +311,10 @@ def seconds_per_pass(
                     row["forward_backward_s_per_image"] = "oom"
                     if cuda:
                         torch.cuda.empty_cache()
-                if isinstance(search, GraphedModel) and not search.enabled:
-                    row["graphs"] = "failed"  # timed eagerly after its capture failed
+                if isinstance(search, GraphedModel):
+                    if search.replays == replays:
+                        row["graphs"] = "failed"  # timed eagerly: capture failed or did not fit
+                    search.release()  # the next batch's graphs get the memory
                 rows.append(row)
                 on_row(row)
     return rows
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=["float32", "bfloat16"],
+        choices=["bfloat16"],
         default=None,
         help="only compare the sweep with its attacks on the plain model and in this precision",
     )

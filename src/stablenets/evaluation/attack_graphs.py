@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stablenets.errors import first_line
+
 __all__ = ["GraphedModel", "bucket"]
 
 
@@ -111,18 +113,19 @@ class GraphedModel(nn.Module):
     ``model`` must be a fixed function of its input (evaluation mode, weights pinned, as
     ``robustness.eval_mode`` sets them) that treats each sample on its own. Batches of more than
     ``max_batch`` samples, and every pass on a device other than the current CUDA device (or under
-    an outer autocast, or in training mode), run eagerly, unchanged; ``emulate=True`` runs the
-    bucket machinery on any device, each replay an eager pass on the padded batch (what the CPU
-    tests check). ``tol``: how far (relative to the largest magnitude) a capture's logits and
-    input gradient may be from the eager pass's (bf16 rounds more than float32). ``log`` gets the
-    line saying graphs are off, or that one bucket did not fit in memory.
+    an outer autocast, or with any of ``model``'s modules in training mode), run eagerly,
+    unchanged; ``emulate=True`` runs the bucket machinery on any device, each replay an eager
+    pass on the padded batch (what the CPU tests check). ``tol``: how far (relative to the
+    largest magnitude) a capture's logits and input gradient may be from the eager pass's (bf16
+    rounds more than float32). ``log`` gets the line saying graphs are off, or that one bucket
+    did not fit in memory.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        max_batch: int = 1024,
-        tol: float = 2e-2,
+        max_batch: int,
+        tol: float,
         emulate: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
@@ -131,6 +134,7 @@ class GraphedModel(nn.Module):
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch, self.tol, self.emulate = model, max_batch, tol, emulate
         self.log = log
+        self._watched = list(model.modules())  # a wrapper's flag alone says nothing
         self.enabled = True
         self.captures = self.replays = self.eager_passes = 0
         self._captures: dict[tuple, _Capture] = {}
@@ -162,7 +166,9 @@ class GraphedModel(nn.Module):
         )
 
     def _replayable(self, x: Tensor) -> bool:
-        if not self.enabled or not 0 < len(x) <= self.max_batch or self.model.training:
+        if not self.enabled or not 0 < len(x) <= self.max_batch:
+            return False
+        if any(m.training for m in self._watched):
             return False
         if self.emulate:
             return True
@@ -269,17 +275,16 @@ class GraphedModel(nn.Module):
     def _failed(self, key: tuple, err: RuntimeError) -> None:
         """A bucket that ran out of memory stays eager (smaller ones may fit); any other failure
         turns graphs off."""
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "out of memory" in str(err).lower():
             self._too_large.add(key)
             if not self.emulate:
                 torch.cuda.empty_cache()
-            self.log(f"attack graphs: bucket {key[0]} does not fit ({first}); eager there")
+            line = f"attack graphs: bucket {key[0]} does not fit ({first_line(err)}); eager there"
+            self.log(line)
             return
         self._disable(err)
 
     def _disable(self, err: RuntimeError) -> None:
         self.enabled = False
         self._captures.clear()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        self.log(f"attack graphs off: capture failed ({first}); attacking eagerly")
+        self.log(f"attack graphs off: capture failed ({first_line(err)}); attacking eagerly")

@@ -5,7 +5,10 @@ uncertified points it has not broken yet; the strong attack (AutoAttack) at the 
 what nothing broke, and over the grid by bisection between each point's certified radius and the
 smallest radius an attack broke it at; a sample of certified points audited. The state
 (:class:`SweepState`) is saved between radii, so a killed evaluation resumes where it stopped.
-The attacks and certificates themselves are in :mod:`stablenets.evaluation.robustness`.
+The attacks may search on a faster model (:class:`SearchModel`: bf16, CUDA graphs from
+:mod:`stablenets.evaluation.attack_graphs`), the float32 eager model judging every example
+(:func:`fast_search`). The attacks and certificates themselves are in
+:mod:`stablenets.evaluation.robustness`.
 """
 
 from __future__ import annotations
@@ -403,16 +406,18 @@ def sweep(
 class SearchModel:
     """The model the attacks of one evaluation search on: in ``precision`` ("float32", or
     "bfloat16" under autocast, ``robustness.Autocast``), its passes replayed from CUDA graphs
-    with ``cuda_graphs`` (``attack_graphs.GraphedModel``, batches up to ``graph_max_batch``:
-    captured once per evaluation and shared by its attacks; eager on a CPU). The float32 eager
-    model stays the judge (``fast_search``). ``log`` gets the graphs' lines (off, or a bucket
-    that does not fit)."""
+    with ``cuda_graphs`` on a CUDA model (``attack_graphs.GraphedModel``, batches up to
+    ``graph_max_batch``: captured once per evaluation and shared by its attacks). The float32
+    eager model stays the judge (``fast_search``). ``log`` gets the graphs' lines (off, or a
+    bucket that does not fit)."""
 
     precision: str = "float32"
     cuda_graphs: bool = False
     graph_max_batch: int = 1024
     log: Callable[[str], None] = print
-    _models: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict, repr=False)
+    _models: dict[int, tuple[nn.Module, nn.Module]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     GRAPH_TOL: ClassVar[dict[str, float]] = {"float32": 2e-2, "bfloat16": 5e-2}
     """How far a capture's logits and input gradient may be from the eager pass's, relative to
@@ -421,21 +426,23 @@ class SearchModel:
 
     @property
     def is_plain(self) -> bool:
-        """Whether the search model is the model itself."""
+        """Whether the search model is the model itself, on any device."""
         return self.precision == "float32" and not self.cuda_graphs
 
     def __call__(self, model: nn.Module) -> nn.Module:
-        """The search model of ``model`` (the same object for every call on one model)."""
+        """The search model of ``model`` (the same object for every call on one model; the model
+        itself where there is nothing to change: float32, and no graphs or no CUDA)."""
         entry = self._models.get(id(model))
         if entry is None:
-            low = model
+            search = model
+            graphs = self.cuda_graphs and model_device(model).type == "cuda"
             if self.precision != "float32":
                 dtype = getattr(torch, self.precision)
-                low = Autocast(model, dtype, cache=not self.cuda_graphs)  # none in a capture
-            search = low
-            if self.cuda_graphs:
+                search = Autocast(model, dtype, cache=not graphs)  # no weight cache in a capture
+                search.training = False  # its own flag alone (means nothing); not the model's
+            if graphs:
                 tol = self.GRAPH_TOL[self.precision]
-                search = GraphedModel(low, self.graph_max_batch, tol, log=self.log)
+                search = GraphedModel(search, self.graph_max_batch, tol, log=self.log)
             entry = self._models[id(model)] = (model, search)  # holds model: no id reuse
         return entry[1]
 
@@ -443,14 +450,6 @@ class SearchModel:
         """One line per graphed model (captures, replays, eager passes), for the job's log."""
         lines = [s.summary() for _, s in self._models.values() if isinstance(s, GraphedModel)]
         return "; ".join(lines) or None
-
-    def graphs_used(self) -> str:
-        """For a result file: ``yes`` (passes were replayed from graphs), ``failed`` (a capture
-        failed, so the attacks ran eagerly) or ``no`` (off, on a CPU, or nothing attacked)."""
-        graphed = [s for _, s in self._models.values() if isinstance(s, GraphedModel)]
-        if any(not s.enabled for s in graphed):
-            return "failed"
-        return "yes" if any(s.replays for s in graphed) else "no"
 
     def release(self) -> None:
         """Drop the graphs and their memory (after the sweep: the rest of the job needs none)."""
@@ -476,6 +475,8 @@ def fast_search(attack: SeededAttack, search: SearchModel) -> SeededAttack:
 
     def run(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int = 0) -> Tensor:
         low = search(model)
+        if low is model:  # graphs asked for, on a CPU
+            return attack(model, x, y, eps, seed=seed)
         x_adv = attack(low, x, y, eps, seed=seed)
         with eval_mode(model):
             device = model_device(model)

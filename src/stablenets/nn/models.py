@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stablenets.atomic import atomic_path
+from stablenets.errors import first_line
 from stablenets.nn.activations import build_activation
 from stablenets.nn.blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
 from stablenets.nn.families import FAMILIES, FamilyBlock, build_family_block
@@ -421,9 +422,8 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or foreign): {msg}"
+            f"checkpoint {path} is unreadable (truncated or foreign): {first_line(err)}"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
@@ -443,6 +443,7 @@ def load_model(
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit {ckpt['name']!r}: {first}") from None
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {ckpt['name']!r}: {first_line(err)}"
+        ) from None
     return model.to(map_location).eval()

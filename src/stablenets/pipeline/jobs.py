@@ -180,7 +180,8 @@ def train_model(
 
 
 # Settings that change no number a job computes, so saved progress made under other values
-# resumes: where it runs (device and threads: up to rounding), how often it says so or saves, and
+# resumes: where it runs (device and threads, and whether the attacks replay CUDA graphs: all up
+# to rounding), how often it says so or saves, and
 # the limits that only stop a run (a run stopped by one resumes from its last good checkpoint
 # when rerun with a higher limit; ``stop_after`` ends the full run's schedule early, so a later
 # stop goes on from the earlier one). A rerun that Snakemake starts because one of them changed
@@ -188,7 +189,7 @@ def train_model(
 _RUN_ONLY = {
     "": ("device", "threads"),
     "train": ("log_every", "checkpoint_every", "max_norm", "max_substeps", "stop_after"),
-    "evaluate": ("log_every_s", "save_every_s"),
+    "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
 }
 
 
@@ -323,8 +324,9 @@ def evaluate_classifier(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
         spec["variant"], workdir / "progress.pt", key, ev, log,
     )  # fmt: skip
-    if plan.search is not None and (graphs := plan.search.summary()):
-        log(graphs)
+    if plan.search is not None:
+        if graphs := plan.search.summary():
+            log(graphs)
         plan.search.release()
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
@@ -352,7 +354,7 @@ def evaluate_classifier(
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
         "attack_precision": ev["precision"],
-        "attack_cuda_graphs": plan.search.graphs_used() if plan.search is not None else "no",
+        "attack_cuda_graphs": ev["cuda_graphs"],
         "audited_certified": int(sum(state.audited.values())),
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
         **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},

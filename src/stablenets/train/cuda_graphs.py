@@ -38,6 +38,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from stablenets.errors import first_line
 from stablenets.nn.blocks import NonexpansiveBlock
 from stablenets.nn.operators import FusedEstimates, LinearOperator, fused_power_iteration
 
@@ -140,8 +141,9 @@ class StepGraphs:
         self._graphs.clear()
         self._norms.clear()
         self._zero_grad()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        self.log(f"cuda graphs off for this run: capture failed ({first}); training eagerly")
+        self.log(
+            f"cuda graphs off for this run: capture failed ({first_line(err)}); training eagerly"
+        )
 
     def _zero_grad(self) -> None:
         for p in self.params:
