@@ -724,14 +724,19 @@ def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_ela
     assert all(a != b for a, b in itertools.pairwise(lines)), lines
 
 
-def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point():
+def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point_and_padded():
     from stablenets.bench.evaluation import passes_per_point
 
     model, x, y, _ = linear_case(7)
     keep = predictions(model, x) == y
+    n = int(keep.sum())
     counts = passes_per_point(model, x[keep], y[keep], partial(pgd_l2, steps=3), 1e-4)
-    # a prediction before, 3 gradient steps, a prediction after; nothing breaks at 1e-4
-    assert counts == {"forward": 5.0, "backward": 3.0, "robust": 1.0}
+    # a prediction before, 3 gradient steps, a prediction after; nothing breaks at 1e-4; each
+    # batch of n points runs in a graph of the next power of two
+    pad = (1 << (n - 1).bit_length()) / n
+    assert n & (n - 1) != 0 and pad > 1
+    expected = {"forward": 5.0, "backward": 3.0, "robust": 1.0}
+    assert counts == expected | {"forward_padded": 5.0 * pad, "backward_padded": 3.0 * pad}
 
 
 def test_pass_times_cover_each_batch_and_precision_and_grow_with_the_sub_steps():

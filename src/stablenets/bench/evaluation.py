@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from stablenets import data
 from stablenets.evaluation import radius_sweep, robustness
-from stablenets.evaluation.attack_graphs import GraphedModel
+from stablenets.evaluation.attack_graphs import GraphedModel, bucket
 from stablenets.nn.models import Classifier, load_model
 from stablenets.train.memory import is_out_of_memory
 
@@ -197,37 +197,48 @@ def seconds_per_point(
 
 
 class _PassCounter(nn.Module):
-    """``model`` that counts the images it forwards and back-propagates."""
+    """``model`` that counts the images it forwards and back-propagates, and the images the
+    same passes would take replayed from attack graphs (each batch padded to its bucket)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.forward_images = self.backward_images = 0
+        self.forward_padded = self.backward_padded = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        self.forward_images += len(x)
+        n = len(x)
+        self.forward_images += n
+        self.forward_padded += bucket(n) if n else 0
         out = self.model(x)
         if out.requires_grad:
-            n = len(x)
             out.register_hook(lambda grad: self._backward(n))
         return out
 
     def _backward(self, n: int) -> None:
         self.backward_images += n
+        self.backward_padded += bucket(n) if n else 0
 
 
 def passes_per_point(
     model: nn.Module, x: Tensor, y: Tensor, attack: radius_sweep.SeededAttack, eps: float
 ) -> dict[str, float]:
     """Forward and backward image-passes per point that ``attack`` spends on ``x`` at ``eps``
-    (device-independent: times the device's seconds per image-pass give the attack's cost).
-    At a radius where no point breaks, this is the cost of a point that stays robust."""
+    (device-independent: times the device's seconds per image-pass give the attack's cost),
+    and the same with each batch padded to its attack-graph bucket (``*_padded``: what the
+    passes cost replayed from CUDA graphs, ``attack_graphs.bucket``). At a radius where no point
+    breaks, this is the cost of a point that stays robust."""
     counter = _PassCounter(model).eval()
     adv = attack(counter, x, y, eps, seed=0)
     device = robustness.model_device(model)
     robust = float((robustness.predict(model, adv.to(device)).cpu() == y.cpu()).double().mean())
-    return {"forward": counter.forward_images / len(x),
-            "backward": counter.backward_images / len(x), "robust": robust}  # fmt: skip
+    counts = {
+        "forward": counter.forward_images,
+        "backward": counter.backward_images,
+        "forward_padded": counter.forward_padded,
+        "backward_padded": counter.backward_padded,
+    }
+    return {**{k: v / len(x) for k, v in counts.items()}, "robust": robust}
 
 
 def _timed(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
