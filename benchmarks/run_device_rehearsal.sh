@@ -99,6 +99,16 @@ snapshot() {  # snapshot TMP: the small files of the run so far, into $OUT/rehea
     fi
     cat "$tmp" >"$OUT/rehearsal.tar.gz"  # not cp: mktemp's file is private (0600)
 }
+reap() {  # jobs of this checkout that outlived a cut run: an evaluation given SIGTERM saves its
+    # progress when the batch it is attacking ends, which can take many minutes (a rerun
+    # resumes without it); left running, it would share the device with the timings below
+    local pid n=0
+    for pid in $(pgrep -f 'python -m stablenets' || true); do
+        [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$ROOT" ] || continue
+        kill -KILL "$pid" 2>/dev/null && n=$((n + 1))
+    done
+    [ "$n" -eq 0 ] || log "killed $n job(s) of the cut run still running"
+}
 snapshots() {  # a snapshot every minute until killed
     local nap
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
@@ -124,6 +134,7 @@ else
         "${REHEARSE[@]}" >"$OUT/make.log" 2>&1
     RC=$?
     log "make rehearsal: rc $RC$([ $RC -eq 124 ] && echo ": cut at $BUDGET s")"
+    reap
     kill "$SNAPPER" 2>/dev/null
     wait "$SNAPPER" 2>/dev/null
 fi
