@@ -537,3 +537,14 @@ def test_denoising_rejects_the_margin_loss_and_sizes():
     with pytest.raises(ConfigError, match="classification only") as err:
         validate_config(raw, SCHEMA)
     assert "sizes apply to classification variants only" in str(err.value)
+
+
+def test_a_loss_is_labelled_for_tables_by_what_it_is_and_its_settings():
+    from stablenets.nn.losses import loss_label
+
+    assert loss_label(None) == "cross-entropy"
+    margin = {"name": "margin", "eps": 0.1411764706, "temperature": 0.25}
+    assert loss_label(margin) == "margin (ε 0.141, T 0.25)"
+    assert loss_label({"name": "margin", "eps": 0.5}) == "margin (ε 0.5, T 1)"
+    with pytest.raises(ValueError, match="unknown loss"):
+        loss_label({"name": "hinge", "eps": 0.1})

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["margin_loss", "MarginLoss", "build_loss", "LOSSES"]
+__all__ = ["margin_loss", "MarginLoss", "build_loss", "loss_label", "LOSSES"]
 
 LOSSES = ("margin",)
 
@@ -84,3 +84,13 @@ def build_loss(spec: dict[str, Any] | None, model: nn.Module | None = None) -> M
             f"the margin loss needs model.lipschitz_estimate(); {type(model).__name__} has none"
         )
     return criterion
+
+
+def loss_label(spec: dict[str, Any] | None, task_loss: str = "cross-entropy") -> str:
+    """What a model was trained with, for tables: ``task_loss`` for ``None`` (the task's own),
+    else ``margin (ε 0.141, T 0.25)``."""
+    if spec is None:
+        return task_loss
+    criterion = build_loss(spec)
+    assert criterion is not None
+    return f"{spec['name']} (ε {criterion.eps:.3g}, T {criterion.temperature:g})"

@@ -20,6 +20,7 @@ from stablenets import data
 from stablenets.atomic import atomic_path, remove_stale_temporaries
 from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
 from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.nn.losses import loss_label
 from stablenets.nn.models import (
     CLASSIFIERS,
     DENOISERS,
@@ -208,6 +209,11 @@ def _final_substeps(model: StableModel, rows: list[dict]) -> int:
     return int(train_rows[-1]["substeps"]) if train_rows else model.total_substeps()
 
 
+def _trained_settings(extra: dict) -> dict:
+    """The spec a model was trained with, as its checkpoint records it (``{}`` if it does not)."""
+    return json.loads(extra["config"]) if isinstance(extra.get("config"), str) else {}
+
+
 def _load(
     model_path: Path, spec: dict, task: str, classes: tuple[type[_Model], ...]
 ) -> tuple[_Model, dict, torch.device]:
@@ -223,7 +229,7 @@ def _load(
             f"expected one of {kinds}"
         )
     extra = ckpt.get("extra", {})
-    trained = json.loads(extra["config"]) if isinstance(extra.get("config"), str) else {}
+    trained = _trained_settings(extra)
     for key in ("variant", "sigma"):
         if key in trained and key in spec and trained[key] != spec[key]:
             raise CheckpointError(
@@ -353,6 +359,7 @@ def evaluate_classifier(
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
+        "train_loss": loss_label(_trained_settings(extra).get("train", {}).get("loss")),
         "attack_precision": ev["precision"],
         "attack_cuda_graphs": ev["cuda_graphs"],
         "audited_certified": int(sum(state.audited.values())),

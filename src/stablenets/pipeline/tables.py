@@ -48,7 +48,14 @@ RADIUS_SEP = "@"  # ``certified@36/255``: a metric at one of the standard radii
 RADIUS_DENOMINATOR = 255  # radii are labelled as multiples of 1/255 when they are
 MISSING = "n/a"  # what a table shows for NaN
 SEEDS = "seeds"  # the column counting the result files behind a row
-_TEXT_COLUMNS = ("method", "family", "variant", "model", "strong_method")  # left-aligned in LaTeX
+_TEXT_COLUMNS = (
+    "method",
+    "family",
+    "variant",
+    "model",
+    "strong_method",
+    "train_loss",
+)  # left-aligned in LaTeX
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ COLUMNS: dict[str, Column] = {
     "variant": Column("variant", agg="key"),
     "model": Column("model", agg="first"),
     "strong_method": Column("strong attack", agg="first"),
+    "train_loss": Column("training loss", agg="first"),
     SEEDS: Column("seeds", fmt="{:d}", agg="first"),
     # classification
     "clean_accuracy": Column("clean acc.", **_ACC),
@@ -196,6 +204,7 @@ def _classification_record(path: Path) -> dict[str, Any]:
     for key in _CLASSIFICATION_SCALARS:
         record[key] = _num(attrs, key)
     record["strong_method"] = str(attrs.get("strong_method", ""))
+    record["train_loss"] = str(attrs.get("train_loss", ""))
     return record
 
 
@@ -351,6 +360,7 @@ def _family_record(path: Path) -> dict[str, Any]:
         "variant": full["variant"],
         "seed": full["seed"],
         "base_width": _num(attrs, "base_width"),
+        "train_loss": full["train_loss"],
         "clean_accuracy": full["clean_accuracy"],
     }
     for metric in ("certified", "empirical"):
