@@ -273,9 +273,9 @@ class GraphedModel(nn.Module):
         return out.detach(), grad
 
     def _failed(self, key: tuple, err: RuntimeError) -> None:
-        """A bucket that ran out of memory stays eager (smaller ones may fit); any other failure
-        turns graphs off."""
-        if "out of memory" in str(err).lower():
+        """A bucket that ran out of memory (CUDA's allocation error; graphs are CUDA's) stays
+        eager, smaller ones may fit; any other failure turns graphs off."""
+        if isinstance(err, torch.OutOfMemoryError):
             self._too_large.add(key)
             if not self.emulate:
                 torch.cuda.empty_cache()
