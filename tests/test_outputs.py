@@ -165,6 +165,26 @@ def test_the_rule_caption_shows_each_outputs_own_caption(kind: str, scale: str, 
         assert shown.strip() and "{{" not in shown
 
 
+OWN_SETTINGS = {  # caption -> what it says of the smoke config's variants' own training settings
+    "tables/classification.rst": "override these: resnet: warmup 0.2, lr_max 0.02)",
+    "tables/denoising.rst": "override these: dncnn: lr_max 0.2, steps 300)",
+    "figures/training_classification.rst": "the defaults: resnet: warmup 0.2, lr_max 0.02)",
+    "figures/training_denoising.rst": "the defaults: dncnn: lr_max 0.2, steps 300)",
+}
+
+
+@pytest.mark.parametrize("caption", sorted(OWN_SETTINGS))
+def test_captions_list_each_variants_own_training_settings_but_the_loss(caption: str) -> None:
+    """A reader of the tables sees which variants trained otherwise than the defaults the
+    caption states (the loss has its own table column)."""
+    config = load_config(CONFIGS["smoke"], SCHEMA)
+    margin = {"name": "margin", "eps": 0.1, "temperature": 0.25}
+    config["classification"]["variants"]["resnet"]["train"]["loss"] = margin
+    kind, name = caption.removesuffix(".rst").split("/")
+    shown = " ".join(_render((CAPTIONS / caption).read_text(), config, kind[:-1], name).split())
+    assert OWN_SETTINGS[caption] in shown
+
+
 def test_the_rule_caption_is_rewritten_only_when_it_changes(tmp_path) -> None:
     out = tmp_path / "table.rst"
     outputs.report_caption("table", CAPTIONS, out)

@@ -976,6 +976,60 @@ def test_a_bad_config_value_fails_with_one_line_naming_the_key(case):
     assert message in problems[0], problems[0]
 
 
+# Keys a config may leave out with no default to fill them: the code does without them.
+OPTIONAL_KEYS = re.compile(
+    r"(classification|denoising)\.(select|train\.(loss|budget_minutes|stop_after)"
+    r"|variants\.[^.]+(\.(size|kwargs(\..+)?|train(\.[^.]+)?|train\.loss\.temperature))?)"
+    r"|data\.(cifar10|bsds500)\.(urls|md5|sha256)"  # a synthetic or photo source needs none
+    r"|classification\.evaluate\.strong\.attacks"  # version custom only
+)
+
+
+def _key_paths(node: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a nested mapping, one per variant name pattern (``variants.*``)."""
+    out, seen = [], set()
+    for key, value in node.items():
+        for path in [(*prefix, key)] + (_key_paths(value, (*prefix, key)) if isinstance(
+                value, dict) else []):  # fmt: skip
+            generic = re.sub(r"variants\.[^.]+", "variants.*", ".".join(map(str, path)))
+            if generic not in seen:
+                seen.add(generic)
+                out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["paper", "smoke"])
+def test_every_config_key_left_out_is_named_by_the_error_or_filled_by_a_default(scale):
+    """The adversary deletes each key of the shipped config in turn (one variant of each
+    pattern). Either the config is refused, each line naming the key, or the validated
+    config holds the key again (a schema default), or the key is one the code does without
+    (``OPTIONAL_KEYS``): never a config that passes and a job that fails hours later on a
+    KeyError."""
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config = base if scale == "paper" else smoke_config()
+    schema = yaml.safe_load(SCHEMA.read_text())
+    unnamed, dropped = [], []
+    for path in _key_paths(config):
+        broken = copy.deepcopy(config)
+        functools.reduce(lambda node, key: node[key], path[:-1], broken).pop(path[-1])
+        where, key = ".".join(map(str, path[:-1])), str(path[-1])
+        try:
+            valid = validate_config(broken, schema)
+        except ConfigError as err:
+            problems = str(err).splitlines()[1:]  # one line per problem
+            # each names the key, or a setting that refers to it (every variant of a size)
+            named = [f"config: {where}" in line and key in line or f"'{key}'" in line
+                     or f"{where}.{key}" in line for line in problems]  # fmt: skip
+            if not problems or not all(named):
+                unnamed.append((".".join(map(str, path)), problems))
+            continue
+        parent = functools.reduce(lambda node, key: node.get(key, {}), path[:-1], valid)
+        if path[-1] not in parent and not OPTIONAL_KEYS.fullmatch(".".join(map(str, path))):
+            dropped.append(".".join(map(str, path)))
+    assert not unnamed, unnamed
+    assert not dropped, f"left out, no default, not optional: {dropped}"
+
+
 def test_a_job_on_the_other_tasks_dataset_or_on_a_missing_gpu_fails_with_one_line(
     dataset, tmp_path, capsys
 ):
