@@ -181,6 +181,29 @@ def test_classification_mean_std_and_seeds(classification_paths: list[Path]) -> 
         assert column in df.columns and column + "_std" in df.columns
 
 
+def test_a_mean_over_fewer_seeds_than_the_row_says_how_many(
+    classification_paths: list[Path], tmp_path: Path
+) -> None:
+    """A value missing (NaN) in one seed's result file: the mean is of the others, and the
+    table says so in that cell and in the notes, not only in the row's seeds count."""
+    import h5py
+
+    with h5py.File(classification_paths[1], "r+") as f:  # nonexpansive, seed 1
+        f.attrs["total_substeps"] = math.nan
+    df = classification_table(classification_paths).set_index("variant")
+    assert df.loc["nonexpansive", "seeds"] == 2
+    assert df.loc["nonexpansive", "total_substeps"] == pytest.approx(15.0)
+    assert df.loc["nonexpansive", "total_substeps_n_seeds"] == 1
+    assert math.isnan(df.loc["resnet", "total_substeps_n_seeds"])
+    assert not [c for c in df.columns if c.endswith("_n_seeds") and c != "total_substeps_n_seeds"]
+    shown = display_frame(df.reset_index()).set_index("variant")
+    assert shown.loc["nonexpansive", "total sub-steps"] == "15.0 (1 of 2 seeds)"
+    assert shown.loc["resnet", "total sub-steps"] == "15.5 ± 0.7"
+    assert not [c for c in shown.columns if "n_seeds" in c]
+    write_table(df.reset_index(), tmp_path / "t", "caption")
+    assert "(k of n seeds)" in (tmp_path / "t.md").read_text()
+
+
 def test_single_seed_has_no_spread(classification_paths: list[Path]) -> None:
     df = classification_table(classification_paths[:1])
     assert df.loc[0, "seeds"] == 1 and math.isnan(df.loc[0, "clean_accuracy_std"])

@@ -48,6 +48,7 @@ RADIUS_SEP = "@"  # ``certified@36/255``: a metric at one of the standard radii
 RADIUS_DENOMINATOR = 255  # radii are labelled as multiples of 1/255 when they are
 MISSING = "n/a"  # what a table shows for NaN
 SEEDS = "seeds"  # the column counting the result files behind a row
+SEED_COUNT_SUFFIX = "_n_seeds"  # seeds behind a value, where fewer than the row's (the rest NaN)
 _TEXT_COLUMNS = (
     "method",
     "family",
@@ -295,7 +296,10 @@ def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, A
         agg, values = column_spec(name).agg, _series(group, name)
         if agg == "first":
             row[name] = values.iloc[0]
-        elif agg == "fixed":
+            continue
+        if 0 < values.notna().sum() < len(group):  # a mean (or sum) of fewer seeds: say so
+            row[name + SEED_COUNT_SUFFIX] = int(values.notna().sum())
+        if agg == "fixed":
             row[name] = float(values.mean())
         elif agg == "sum":
             row[name] = float(values.sum(min_count=1))
@@ -312,15 +316,18 @@ def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, A
     return row
 
 
+def _derived(name: str) -> bool:
+    """A column that belongs to the metric before it (its spread, or its count of seeds)."""
+    return name.endswith((STD_SUFFIX, SEED_COUNT_SUFFIX))
+
+
 def _aggregate(records: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
     """One row per distinct ``keys``: mean/std over seeds (see :class:`Column`), a seeds count."""
     if not records:
         raise ValueError("no result files given")
     frame = pd.DataFrame.from_records(records)
     keys = [k for k in keys if _series(frame, k).notna().any()]
-    metrics = [
-        c for c in frame.columns if c not in keys and c != "seed" and not c.endswith(STD_SUFFIX)
-    ]
+    metrics = [c for c in frame.columns if c not in keys and c != "seed" and not _derived(c)]
     rows = []
     for values, group in frame.groupby(keys, dropna=False, sort=True):
         values = values if isinstance(values, tuple) else (values,)
@@ -460,7 +467,7 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     columns with no value at all."""
     out: dict[str, list[str]] = {}
     for name in df.columns:
-        if name.endswith(STD_SUFFIX) or _series(df, name).isna().all():
+        if _derived(name) or _series(df, name).isna().all():
             continue
         spec = column_spec(name)
         cells = [_format_value(v, spec) for v in df[name]]
@@ -469,6 +476,12 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
             cells = [
                 c if c == MISSING or pd.isna(s) else f"{c} ± {_format_value(s, spec, True)}"
                 for c, s in zip(cells, df[std], strict=True)
+            ]
+        counted = name + SEED_COUNT_SUFFIX
+        if counted in df.columns:
+            cells = [
+                c if pd.isna(k) else f"{c} ({int(k)} of {int(n)} seeds)"
+                for c, k, n in zip(cells, df[counted], df[SEEDS], strict=True)
             ]
         out[_header(spec)] = cells
         seed_std = name + SEED_STD_SUFFIX
@@ -497,6 +510,8 @@ def table_notes(df: pd.DataFrame) -> str:
         )
     if any(column_spec(c).agg == "mean" for c in names):
         notes.append(f"{'Other' if image else 'All'} ±: standard deviation over seeds.")
+    if any(c.endswith(SEED_COUNT_SUFFIX) for c in df.columns):
+        notes.append("(k of n seeds): the other seeds' result files have no value there.")
     notes.append(f"{MISSING}: not applicable.")
     return " ".join(notes)
 
