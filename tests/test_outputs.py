@@ -48,6 +48,9 @@ def _render(template: str, config: dict, kind: str, name: str) -> str:
     ``trim_blocks`` and ``lstrip_blocks``), strict about undefined names."""
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     snakemake = SimpleNamespace(config=config, wildcards=SimpleNamespace(**{kind: name}))
+    macros = outputs.caption_macros(CAPTIONS)  # what report_caption puts first
+    if not template.startswith(macros):
+        template = macros + template
     return env.from_string(template).render(snakemake=snakemake)
 
 

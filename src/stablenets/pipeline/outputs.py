@@ -32,10 +32,14 @@ __all__ = [
     "names",
     "get",
     "report_caption",
+    "caption_macros",
+    "CAPTION_MACROS",
 ]
 
 #: Each kind of output, with the module that declares its outputs.
 KINDS = {"table": "stablenets.pipeline.tables", "figure": "stablenets.pipeline.figures"}
+#: The file of Jinja macros the report captions share, beside their folders.
+CAPTION_MACROS = "macros.jinja"
 
 #: One row of a table's CSV file, as the summary's headline formatter gets it.
 Row = Mapping[str, Any]
@@ -143,6 +147,11 @@ def get(kind: str, name: str) -> Output:
     return declared[name]
 
 
+def caption_macros(folder: Path | str) -> str:
+    """The Jinja macros every caption may call (``folder/macros.jinja``)."""
+    return (Path(folder) / CAPTION_MACROS).read_text()
+
+
 def report_caption(kind: str, folder: Path | str, out: Path | str) -> str:
     """The caption template of the rule that makes the outputs of ``kind``, written to ``out``
     (when it changed); returns its absolute path. For the job whose wildcard ``<kind>`` is
@@ -151,13 +160,14 @@ def report_caption(kind: str, folder: Path | str, out: Path | str) -> str:
     Snakemake 9 takes one caption file per rule (the path is not formatted with the wildcards)
     and renders it with Jinja without a template loader (no ``include``), with ``snakemake``
     (``config``, ``wildcards``, ``params``, ...) in the context: one file per output is joined
-    here into that one template. A missing caption fails here, when the workflow is parsed.
+    here into that one template, after the macros the captions share (``folder/macros.jinja``).
+    A missing caption fails here, when the workflow is parsed.
     """
     paths = {name: Path(folder) / f"{kind}s" / f"{name}.rst" for name in names(kind)}
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         raise ValueError(f"no report caption for the {kind}s: {', '.join(missing)}")
-    text = ""
+    text = caption_macros(folder)
     for i, (name, path) in enumerate(paths.items()):
         test = f'{"el" if i else ""}if snakemake.wildcards.{kind} == "{name}"'
         text += f"{{% {test} %}}\n{path.read_text()}"
