@@ -305,7 +305,8 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
     assert got["classification/cpl_M (cpl_classifier at width 64 not benchmarked)"] == (0, 0.0)
 
     # Each variant is timed by the rows of its own settings: CUDA graphs where they replay (a
-    # second file adds those rows), the eager rows with the margin loss (graphs are off there).
+    # second file adds those rows), with the margin loss too; where no row was replayed (cpl at
+    # width 32 here; the orthogonal family, whose capture fails) the eager row, an upper bound.
     graphs_csv = tmp_path / "graphs.csv"
     with graphs_csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=bench.COLUMNS)
@@ -313,15 +314,17 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
         for row in rows[:1] + rows[-1:]:
             writer.writerow(dict(row, step_ms="5.0", options="cuda_graphs replayed"))
     config["classification"]["train"] = dict(train, cuda_graphs=True)
-    config["classification"]["variants"]["cpl_S"]["train"]["loss"] = {"name": "margin", "eps": 0.1}
+    margin = {"name": "margin", "eps": 0.1}
+    config["classification"]["variants"]["cpl_XS"]["train"] = {"loss": margin}
+    config["classification"]["variants"]["cpl_S"]["train"]["loss"] = margin
     config["classification"]["variants"]["cpl_M"]["train"] = {"amp": True}
     cfg_path.write_text(yaml.safe_dump(config))
     projected = bench.project_hours([csv_path, graphs_csv], cfg_path, schema=SCHEMA)
     got = {label: hours for label, _, hours in projected}
     assert got["classification/nonexpansive"] == pytest.approx(2 * 0.005)
-    assert got["classification/cpl_XS"] == pytest.approx(2 * 0.005)
-    assert got["classification/cpl_S"] == pytest.approx(2 * 0.020 * 2)  # margin loss: eager
-    missing = "cpl_classifier at width 64 with options 'amp cuda_graphs replayed' not benchmarked"
+    assert got["classification/cpl_XS"] == pytest.approx(2 * 0.005)  # margin loss, replayed
+    assert got["classification/cpl_S"] == pytest.approx(2 * 0.020 * 2)  # no graphed row: eager
+    missing = "cpl_classifier at width 64 with options 'amp' not benchmarked"
     assert got[f"classification/cpl_M ({missing})"] == 0.0
     forced = bench.project_hours([csv_path, graphs_csv], cfg_path, options="", schema=SCHEMA)
     assert dict((label, h) for label, _, h in forced)["classification/cpl_XS"] == pytest.approx(

@@ -14,7 +14,15 @@ from torch.overrides import TorchFunctionMode
 
 import stablenets
 from stablenets.nn.blocks import NonexpansiveBlock, compose_averaged
-from stablenets.nn.models import MODELS, build_model, load_model, read_checkpoint, save_model
+from stablenets.nn.losses import build_loss
+from stablenets.nn.models import (
+    CLASSIFIERS,
+    MODELS,
+    build_model,
+    load_model,
+    read_checkpoint,
+    save_model,
+)
 from stablenets.nn.operators import Conv2dOperator, LinearOperator, pinned_weights
 
 TOL = 1e-9  # relative slack allowed above a certified bound (float64 rounding)
@@ -298,6 +306,48 @@ def test_eval_forward_and_backward_read_nothing_on_the_host_with_pinned_weights(
         with _HostReads() as unpinned:  # the probe sees the per-pass hashing it replaces
             model(x)
         assert "cpu" in unpinned.seen
+
+
+@pytest.mark.parametrize("integrator", ["euler", "heun", "ssprk3"])
+@pytest.mark.parametrize("theta", [0.25, 1.0])
+def test_a_blocks_training_lipschitz_estimate_is_one_at_every_norm_without_reading_it(
+    integrator: str, theta: float
+):
+    """Where the integrator has a contractivity radius, the sub-step rule keeps every sub-step
+    inside it at any norm, so the margin loss's block factor is 1 without reading the norm (a
+    host read a CUDA graph could not replay). The adversary: norms on both sides of every
+    threshold where the count changes, up to 10,000x the count at norm 1."""
+    from stablenets.nn.models import _block_estimate
+
+    model = build_model("nonexpansive_classifier", **SMALL["nonexpansive_classifier"],
+                        integrator=integrator, theta=theta).train()  # fmt: skip
+    for block in model.constrained_blocks():
+        T, limit = block.time_value(), block.tableau.step_radius * block.theta
+        thresholds = [math.sqrt(2 * limit * k / (T * block.activation.lipschitz)) for k in
+                      [1, 2, 3, 7, 50, 999, 10_000]]  # fmt: skip
+        for norm in [0.01, 0.5, 1.0, 3.0] + [t * f for t in thresholds for f in (1 - 1e-12, 1 + 1e-12)]:  # fmt: skip
+            n = block.substeps(norm)
+            assert (T / n) * block._ell(norm) / 2 <= block.tableau.radius, (norm, n)
+        with _HostReads() as reads:
+            assert _block_estimate(block) == 1.0
+        assert reads.seen == []
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+def test_the_margin_loss_and_its_gradient_read_nothing_on_the_host(name: str):
+    """What lets a margin-loss training step be replayed from a CUDA graph: its Lipschitz
+    estimate (power iterations of the unconstrained layers, the blocks' factors) stays on the
+    device."""
+    torch.manual_seed(0)
+    model = build_model(name, **SMALL.get(name, {})).train()
+    size = model.input_size if hasattr(model, "input_size") else model.sizes[0]
+    x, y = torch.rand(4, 3, *size), torch.randint(0, 10, (4,))
+    criterion = build_loss({"name": "margin", "eps": 0.1, "temperature": 0.25})
+    assert criterion is not None
+    out = model(x)
+    with _HostReads() as reads:
+        criterion(model, out, y).backward()
+    assert reads.seen == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -656,13 +656,11 @@ def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
     return int(variant.get("kwargs", {}).get("base_width", default))
 
 
-def variant_options(train: dict) -> str:
+def variant_options(train: dict, graphs: bool = True) -> str:
     """The ``options`` of the benchmark rows that time a variant's configured training step:
-    its speed settings, and CUDA graphs where they replay (``training.graphs_allowed``)."""
-    from stablenets.train.loop import graphs_allowed
-
+    its speed settings, and CUDA graphs when it sets them and ``graphs``."""
     opts = [k for k in ("amp", "channels_last", "cudnn_benchmark") if train.get(k)]
-    if train.get("cuda_graphs") and graphs_allowed(train.get("loss")):
+    if train.get("cuda_graphs") and graphs:
         opts.append("cuda_graphs replayed")
     if train.get("remat", "auto") != "auto":
         opts.append(f"remat {'on' if train['remat'] else 'off'}")
@@ -680,7 +678,8 @@ def project_hours(
         hours = sum over training jobs of steps / (steps/s of its model) / 3600,
 
     using the CSVs' ``ours`` rows (a later file's row replaces an earlier one's) run with the
-    variant's own settings (``variant_options``), or with ``options`` for every variant (e.g.
+    variant's own settings (``variant_options``; the eager row where none was replayed from CUDA
+    graphs: an upper bound), or with ``options`` for every variant (e.g.
     ``"amp channels_last"``), for the variant's model at its base width. A non-expansive
     variant's step time is scaled by its integrator's stages per sub-step (the benchmark runs
     Euler) and by the ratio of its batch x pixels to the benchmarked ones (none at paper scale;
@@ -709,6 +708,11 @@ def project_hours(
                 continue
             opts = variant_options(train) if options is None else options
             key = (bench_of.get(v["model"]), _variant_width(task, v, cfg), opts)
+            if key not in rates and options is None:
+                # no row replayed from graphs (the orthogonal family's capture fails, so it runs
+                # eagerly): the eager row, an upper bound
+                opts = variant_options(train, graphs=False)
+                key = (*key[:2], opts)
             if key not in rates:
                 how = f" with options '{opts}'" if opts else ""
                 missing = f"{v['model']} at width {key[1]}{how} not benchmarked"

@@ -126,6 +126,11 @@ def _block_estimate(block: Block) -> torch.Tensor | float:
     if estimate is not None:
         return estimate()
     if isinstance(block, NonexpansiveBlock):
+        if block.tableau.radius > 0 and block.theta <= 1:
+            # substeps() keeps (T/n) L ||A||^2 / 2 <= radius * theta <= radius at every norm, so
+            # the test below passes whatever the norm: no norm read on the host (a margin-loss
+            # step stays capturable in a CUDA graph, whose key holds n and T/n, not the norm)
+            return 1.0
         norm = float(block.operator.sigma_estimate)
         n = block.substeps(norm)
         h_ell = float(block.time) / n * block._ell(norm)

@@ -394,23 +394,15 @@ def _forward_loss(
     return out, loss
 
 
-def graphs_allowed(loss: dict | None) -> bool:
-    """Whether a step with this loss can be replayed from CUDA graphs: not with a margin loss of
-    ``eps > 0`` (see ``step_graphs``)."""
-    criterion = build_loss(loss)
-    return criterion is None or criterion.eps == 0
-
-
 def step_graphs(
     model: StableModel, task: Task, cfg: TrainConfig, device: torch.device, log: Log
 ) -> StepGraphs | None:
-    """The CUDA graphs of ``cfg.cuda_graphs`` (``graphs.py``), or ``None``: on the CPU, or with
-    a margin loss (its Lipschitz estimate runs a power iteration and reads norms on the host
-    inside the forward pass, which a graph cannot replay), said in a log line."""
+    """The CUDA graphs of ``cfg.cuda_graphs`` (``graphs.py``), or ``None`` on the CPU. A margin
+    loss is captured with the step: its Lipschitz estimate (power iterations of the unconstrained
+    layers, 1 for each block whose integrator has a contractivity radius) stays on the device;
+    one that reads a norm on the host (an RK4 block) fails its capture, which turns graphs off
+    with a log line."""
     if not cfg.cuda_graphs or device.type != "cuda":
-        return None
-    if not graphs_allowed(cfg.loss):
-        log("cuda_graphs: off with the margin loss (its Lipschitz estimate is host-side)")
         return None
 
     def forward_loss(
