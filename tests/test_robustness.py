@@ -9,11 +9,13 @@ import math
 import re
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from stablenets.evaluation.radius_sweep import (
@@ -22,6 +24,7 @@ from stablenets.evaluation.radius_sweep import (
     SweepState,
     _expected,
     bisect,
+    canonical_radii,
     evaluation_radii,
     fast_search,
     strong_label,
@@ -42,6 +45,7 @@ from stablenets.evaluation.robustness import (
     robust_accuracy_curve,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 4, 4)
 DIM = math.prod(SHAPE)
 BALL_TOL = 1e-6
@@ -703,6 +707,61 @@ def test_bisection_is_within_one_point_of_attacking_every_radius_and_attacks_few
     # at least as strong up to one point of 48 (random starts differ with the batches)
     assert (new["empirical"] <= old["empirical"] + 1 / len(x) + 1e-12).all(), (new, old)
     assert swept * 3 < every, (swept, every)
+
+
+def test_grid_attacks_run_the_bisection_and_the_strong_attack_only_the_standard_radii():
+    """``strong.grid_attacks``: AutoAttack standard where the tables read (the standard radii),
+    a cheaper AutoAttack over the grid; the comparison with every radius attacks each radius
+    with the attack the sweep used there, and the table's label says both."""
+    from stablenets.bench.evaluation import per_radius
+
+    net = small_net(5, gain=3.0).eval()
+    x = torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(6))
+    y = predictions(net, x)
+    strong_calls: list = []
+    grid_calls: list = []
+    apgd = partial(autoattack_l2, version="custom", attacks=["apgd-ce"], iterations=5)
+    grid = np.linspace(0, 1.0, 6)
+    plan = sweep_plan(strong=recording(apgd, strong_calls), radii=grid, bisect_radii=grid,
+                      strong_radii=frozenset({0.6}), grid=recording(apgd, grid_calls),
+                      pgd=partial(pgd_l2, steps=3))  # fmt: skip
+    state = run_sweep(net, x, y, plan, 1e6)
+    assert {e for e, _ in strong_calls} == {0.6}
+    assert grid_calls and {e for e, _ in grid_calls} <= set(canonical_radii(grid))
+    assert not (state.correct & (state.break_radius > 1.0)).all()  # the bisection broke points
+    strong_calls.clear()
+    grid_calls.clear()
+    per_radius(net, x, y, plan, state.certified_radius)
+    assert {e for e, _ in strong_calls} == {0.6}
+    assert {e for e, _ in grid_calls} == set(canonical_radii(grid[1:])) - {0.6}
+
+    ev = yaml.safe_load((ROOT / "config.yaml").read_text())["classification"]["evaluate"]
+    ev["strong"]["grid_attacks"] = ["apgd-ce", "apgd-t"]
+    built = SweepPlan.from_config(ev, seed=0)
+    assert built.grid is not None and built.bisect_attack is built.grid
+    assert strong_label(ev["strong"]) == "autoattack standard; grid: apgd-ce, apgd-t"
+    ev["strong"]["on_grid"] = False
+    assert SweepPlan.from_config(ev, seed=0).grid is None
+
+
+def test_comparing_grid_attacks_runs_both_sweeps_on_the_same_points_and_seeds():
+    """``bench.evaluation --grid-attacks``: the grid bisection with the strong attack and with
+    the given attacks; given the strong attack's own attacks, the two curves are the same one
+    (the comparison differs only in the grid's attack)."""
+    from stablenets.bench.evaluation import compare_grid_attacks
+
+    net = small_net(5, gain=3.0).eval()
+    x = torch.rand(24, *SHAPE, generator=torch.Generator().manual_seed(7))
+    y = predictions(net, x)
+    ev = yaml.safe_load((ROOT / "config.yaml").read_text())["classification"]["evaluate"]
+    ev.update(eps={"start": 0.0, "stop": 1.0, "num": 6}, standard_eps=[0.6], batch_size=16,
+              audit_certified=0, pgd={**ev["pgd"], "steps": 3})  # fmt: skip
+    ev["strong"].update(version="custom", attacks=["apgd-ce"], iterations=5)
+    rows, times = compare_grid_attacks(net, x, y, ev, 0, ["apgd-ce"], 1e6)
+    assert {"grid strong", "grid apgd-ce"} <= set(rows[0])
+    assert [r["grid strong"] for r in rows] == [r["grid apgd-ce"] for r in rows]
+    assert times["max_excess_pp"] == 0 and times["speedup"] > 0
+    assert rows[-1]["grid strong"] < rows[0]["grid strong"]  # the attacks break points here
 
 
 def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_elapsed_and_eta():

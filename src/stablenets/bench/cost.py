@@ -316,7 +316,9 @@ def _eval_seconds(m: Measured, paper_ev: dict[str, Any], n_paper: float) -> tupl
             seconds += rate[p] * points / run[p] * paper[p] * (1.0 if p == "audit" else scale)
         elif paper[p] and p == "bisect" and rate["strong"]:
             seconds += rate["strong"] * m.stats["clean_accuracy"] * n_paper * paper[p]
-            notes.append("bisection estimated at the strong pass's rate")
+            cheaper = paper_ev["strong"].get("grid_attacks") is not None
+            notes.append("bisection estimated at the strong pass's rate"
+                         + (" (an upper bound: its grid_attacks cost less)" if cheaper else ""))  # fmt: skip
         elif paper[p]:
             notes.append(f"pass {p} not measured: not included")
     return seconds, "; ".join(notes)

@@ -25,7 +25,9 @@ attack's cost; an out-of-memory batch is recorded as such), and writes them to `
 ``--precision bfloat16`` and ``--cuda-graphs`` run the sweep twice instead, its attacks on the
 plain model and on that search model (``classification.evaluate.precision`` and
 ``cuda_graphs``; every counted example is checked on the plain model), and print both curves,
-the search model's largest excess over the plain one and both times.
+the search model's largest excess over the plain one and both times. ``--grid-attacks
+apgd-ce,apgd-t`` likewise compares the grid bisection with the strong attack and with those
+AutoAttack attacks (``strong.grid_attacks``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from stablenets.train.memory import is_out_of_memory
 __all__ = [
     "per_radius",
     "compare",
+    "compare_sweeps",
     "compare_search",
+    "compare_grid_attacks",
     "search_label",
     "seconds_per_point",
     "passes_per_point",
@@ -65,18 +69,20 @@ def per_radius(
     model: nn.Module, x: Tensor, y: Tensor, plan: radius_sweep.SweepPlan, cert_radius: Tensor
 ) -> dict[str, np.ndarray]:
     """Certified, PGD and empirical accuracy at every radius of ``plan``, attacking every
-    correctly classified point at every radius (strong attack at ``strong_radii`` and
-    ``bisect_radii``, both attacks with ``plan.seed``)."""
-    strong_at = plan.strong_radii | frozenset(map(radius_sweep.radius_key, plan.bisect_radii))
+    correctly classified point at every radius (the strong attack at ``strong_radii``, the
+    bisection's at the other ``bisect_radii``, all attacks with ``plan.seed``)."""
+    grid = frozenset(map(radius_sweep.radius_key, plan.bisect_radii)) - plan.strong_radii
     _, correct = robustness.margins(model, x, y, plan.batch_size)
     out: dict[str, list[float]] = {"certified": [], "pgd": [], "empirical": []}
     for e in (float(r) for r in plan.radii):
         pgd = correct.clone()
         strong = correct.clone()
+        key = radius_sweep.radius_key(e)
+        attack = plan.strong if key in plan.strong_radii else plan.bisect_attack
         if e > 0:
             pgd &= _robust(model, x, y, plan.pgd, e, plan)
-            if plan.strong is not None and radius_sweep.radius_key(e) in strong_at:
-                strong &= _robust(model, x, y, plan.strong, e, plan)
+            if attack is not None and (key in plan.strong_radii or key in grid):
+                strong &= _robust(model, x, y, attack, e, plan)
         out["certified"].append(float((correct & (cert_radius > e)).double().mean()))
         out["pgd"].append(float(pgd.double().mean()))
         out["empirical"].append(float((pgd & strong).double().mean()))
@@ -138,6 +144,36 @@ def _timed_sweep(
     return state.accuracies(plan.radii), time.perf_counter() - t0
 
 
+def compare_sweeps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    evs: dict[str, dict],
+    seed: int,
+    lipschitz: float,
+) -> tuple[list[dict], dict[str, float]]:
+    """The sweeps of two evaluation configs (label -> ``classification.evaluate``; the first is
+    the reference) on the same points with the same seeds: rows per radius (each curve under its
+    label) and both times, measured in one run. A cheaper config must not be a weaker one:
+    ``max_excess_pp`` is how far the second curve rises above the reference's."""
+    (ref, ref_ev), (label, _) = evs.items()
+    margin, correct = robustness.margins(model, x, y, ref_ev["batch_size"])
+    cert = robustness.certified_radius(margin, correct, lipschitz)
+    curves, times = {}, {}
+    for name, ev in evs.items():
+        plan = radius_sweep.SweepPlan.from_config(ev, seed)
+        curves[name], times[f"{name}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
+    radii = radius_sweep.SweepPlan.from_config(ref_ev, seed).radii
+    rows = [
+        {"eps": float(e), "certified": curves[ref]["certified"][i],
+         **{name: curves[name]["empirical"][i] for name in evs}}
+        for i, e in enumerate(radii)
+    ]  # fmt: skip
+    excess = max(r[label] - r[ref] for r in rows)
+    times["speedup"] = times[f"{ref}_s"] / times[f"{label}_s"]
+    return rows, {**times, "max_excess_pp": 100 * excess}
+
+
 def compare_search(
     model: nn.Module,
     x: Tensor,
@@ -147,27 +183,31 @@ def compare_search(
     search: dict[str, Any],
     lipschitz: float,
 ) -> tuple[list[dict], dict[str, float]]:
-    """The sweep with its attacks on the plain model (float32, eager) and on the search model of
-    ``search`` (``precision``, ``cuda_graphs``: ``radius_sweep.SearchModel``), same points and
-    seeds: rows per radius (both curves, the second under ``search_label(search)``) and both
-    times, measured in one run. A cheaper search must not be a weaker one: ``max_excess_pp`` is
-    how far the search model's curve is above the plain one's."""
-    margin, correct = robustness.margins(model, x, y, ev["batch_size"])
-    cert = robustness.certified_radius(margin, correct, lipschitz)
-    label = search_label(search)
-    curves, times = {}, {}
-    plain = {"precision": "float32", "cuda_graphs": False}
-    for name, settings in (("float32", plain), (label, {**plain, **search})):
-        plan = radius_sweep.SweepPlan.from_config({**ev, **settings}, seed)
-        curves[name], times[f"{name}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
-    rows = [
-        {"eps": float(e), "certified": curves["float32"]["certified"][i],
-         "float32": curves["float32"]["empirical"][i], label: curves[label]["empirical"][i]}
-        for i, e in enumerate(plan.radii)
-    ]  # fmt: skip
-    excess = max(r[label] - r["float32"] for r in rows)
-    times["speedup"] = times["float32_s"] / times[f"{label}_s"]
-    return rows, {**times, "max_excess_pp": 100 * excess}
+    """``compare_sweeps`` of the attacks on the plain model (float32, eager) and on the search
+    model of ``search`` (``precision``, ``cuda_graphs``: ``radius_sweep.SearchModel``), the
+    second under ``search_label(search)``."""
+    plain = {**ev, "precision": "float32", "cuda_graphs": False}
+    evs = {"float32": plain, search_label(search): {**plain, **search}}
+    return compare_sweeps(model, x, y, evs, seed, lipschitz)
+
+
+def compare_grid_attacks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    ev: dict,
+    seed: int,
+    attacks: list[str],
+    lipschitz: float,
+) -> tuple[list[dict], dict[str, float]]:
+    """``compare_sweeps`` of the grid bisection with the strong attack (``grid strong``) and
+    with the AutoAttack ``attacks`` (``strong.grid_attacks``; ``grid apgd-ce+apgd-t``)."""
+    strong = {**ev["strong"], "on_grid": True, "grid_search": "bisect"}
+    evs = {
+        "grid strong": {**ev, "strong": {**strong, "grid_attacks": None}},
+        f"grid {'+'.join(attacks)}": {**ev, "strong": {**strong, "grid_attacks": attacks}},
+    }
+    return compare_sweeps(model, x, y, evs, seed, lipschitz)
 
 
 def search_label(search: dict[str, Any]) -> str:
@@ -415,6 +455,14 @@ def main(argv: list[str] | None = None) -> None:
         help="only compare the sweep with its attacks on the plain model and replayed from CUDA "
         "graphs (with --precision: both)",
     )
+    p.add_argument(
+        "--grid-attacks",
+        type=lambda v: v.split(","),
+        default=None,
+        metavar="A1,A2",
+        help="only compare the grid bisection with the strong attack and with these AutoAttack "
+        "attacks (strong.grid_attacks)",
+    )
     p.add_argument("--out", type=Path, default=None, help="CSV of the per-radius rows")
     args = p.parse_args(argv)
     spec, model_path, data_path = _job(args.config, args.variant, args.seed)
@@ -439,7 +487,11 @@ def main(argv: list[str] | None = None) -> None:
             keep = model(x.to(device)).argmax(1).cpu() == y
         print(passes_per_point(model, x[keep], y[keep], plan.strong, args.count_passes))
         return
-    if args.precision is not None or args.cuda_graphs:
+    if args.grid_attacks is not None:
+        rows, times = compare_grid_attacks(
+            model, x, y, ev, int(spec["seed"]), args.grid_attacks, model.lipschitz_bound()
+        )
+    elif args.precision is not None or args.cuda_graphs:
         search = {"precision": args.precision or "float32", "cuda_graphs": args.cuda_graphs}
         rows, times = compare_search(
             model, x, y, ev, int(spec["seed"]), search, model.lipschitz_bound()

@@ -80,7 +80,8 @@ class SweepPlan:
     ``strong_radii`` are the radii at which the strong attack runs (the standard radii, or every
     radius); ``audit_radii`` those at which ``audit_size`` certified points (a fixed, seeded
     sample) are attacked by both attacks: a certified point flipped proves the certificate wrong.
-    ``bisect_radii`` are the radii the strong attack covers by bisection afterwards (``bisect``).
+    ``bisect_radii`` are the radii the strong attack covers by bisection afterwards (``bisect``),
+    with ``grid`` where given (a cheaper attack than at the standard radii, ``grid_attacks``).
     ``search`` is the search model the attacks share (``from_config``; its ``summary`` goes to
     the job's log), or ``None`` for attacks that search on the model itself.
     """
@@ -96,6 +97,12 @@ class SweepPlan:
     radius_tol: float = 1e-5
     bisect_radii: np.ndarray = field(default_factory=lambda: np.zeros(0))
     search: SearchModel | None = None
+    grid: SeededAttack | None = None
+
+    @property
+    def bisect_attack(self) -> SeededAttack | None:
+        """The attack of the bisection: ``grid``, else ``strong``."""
+        return self.grid if self.grid is not None else self.strong
 
     def __post_init__(self) -> None:
         self.radii = np.unique(canonical_radii(self.radii))
@@ -111,13 +118,15 @@ class SweepPlan:
     ) -> SweepPlan:
         """The plan of an evaluation config (``classification.evaluate``): PGD at every radius,
         the strong attack at the standard radii and over the grid (``on_grid``, by bisection or
-        sweep, ``grid_search``), the audit of ``audit_certified`` points at the standard radii;
+        sweep, ``grid_search``; the bisection with ``grid_attacks`` where given), the audit of ``audit_certified`` points at the standard radii;
         both attacks searching on one ``SearchModel`` (``precision``, ``cuda_graphs``; ``log``
         gets its line if graphs go off)."""
         eps, std_eps = evaluation_radii(ev)
         strong = ev["strong"]
         sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
+        bisect_grid = strong["on_grid"] and not sweep_grid
         search = SearchModel(ev["precision"], ev["cuda_graphs"], ev["cuda_graph_max_batch"], log)
+        cheaper = bisect_grid and strong.get("grid_attacks") is not None
         return cls(
             radii=np.concatenate([eps, std_eps]),
             pgd=fast_search(functools.partial(pgd_l2, **ev["pgd"]), search),
@@ -127,8 +136,9 @@ class SweepPlan:
             audit_size=ev["audit_certified"],
             batch_size=ev["batch_size"],
             seed=seed,
-            bisect_radii=eps if strong["on_grid"] and not sweep_grid else np.zeros(0),
+            bisect_radii=eps if bisect_grid else np.zeros(0),
             search=search,
+            grid=fast_search(grid_attack(strong, ev["batch_size"]), search) if cheaper else None,
         )
 
     def passes(self, k: int) -> list[str]:
@@ -506,15 +516,32 @@ def strong_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:
     )
 
 
+def grid_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:
+    """The attack of the grid bisection: AutoAttack with ``grid_attacks`` (``version`` custom,
+    the same ``iterations``) where given, else the strong attack (``strong_attack``)."""
+    if cfg.get("grid_attacks") is None:
+        return strong_attack(cfg, batch_size)
+    return strong_attack({**cfg, "version": "custom", "attacks": cfg["grid_attacks"]}, batch_size)
+
+
 def check_settings(ev: dict[str, Any]) -> None:
     """Raise ``ValueError`` on evaluation settings (``classification.evaluate``) that would fail
     the job after training: each attack is called on no points at radius 0, which runs its own
     option checks and nothing else, and the radius grid must increase (its AUC needs that)."""
     if ev["eps"]["start"] > ev["eps"]["stop"]:
         raise ValueError(f"eps: start {ev['eps']['start']} is above stop {ev['eps']['stop']}")
+    strong = ev["strong"]
+    if strong.get("grid_attacks") is not None and (
+        strong["method"] != "autoattack" or strong["grid_search"] != "bisect"
+    ):
+        raise ValueError(
+            "strong.grid_attacks: AutoAttack attacks of the grid bisection; they need method "
+            f"autoattack and grid_search bisect, not {strong['method']} and {strong['grid_search']}"
+        )
     for key, attack in (
         ("pgd", functools.partial(pgd_l2, **ev["pgd"])),
-        ("strong", strong_attack(ev["strong"], ev["batch_size"])),
+        ("strong", strong_attack(strong, ev["batch_size"])),
+        ("strong.grid_attacks", grid_attack(strong, ev["batch_size"])),
     ):
         try:
             attack(nn.Identity(), torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), 0.0, seed=0)
@@ -533,6 +560,8 @@ def strong_label(cfg: dict[str, Any], precision: str = "float32") -> str:
             ", ".join(cfg["attacks"]) if cfg["version"] == "custom" else "standard"
         )
         label += f" ({cfg['iterations']} iterations)" if cfg.get("iterations") else ""
+    if cfg.get("grid_attacks") is not None and cfg["on_grid"] and cfg["grid_search"] == "bisect":
+        label += f"; grid: {', '.join(cfg['grid_attacks'])}"
     return label if precision == "float32" else f"{label}, {precision} search"
 
 
@@ -581,7 +610,8 @@ def bisect(
     polled like ``sweep``; one log line per round, and one every ``log_every_s`` while an attack
     call runs longer.
     """
-    if len(plan.bisect_radii) == 0 or plan.strong is None:
+    attack = plan.bisect_attack
+    if len(plan.bisect_radii) == 0 or attack is None:
         return state
     device, started = model_device(model), time.perf_counter()
     if state.lo is None:
@@ -610,7 +640,7 @@ def bisect(
                     f"{_expected(state, 'bisect', len(idx))}"
                 )
                 with _heartbeat(log, log_every_s, what):
-                    dist = _attack_batch(model, plan.strong, xb, yb, e, seed, plan.radius_tol)
+                    dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
                 _record(state, "bisect", idx, dist, e, name)
                 fooled = torch.isfinite(dist)
                 first = torch.searchsorted(grid, dist[fooled].contiguous())
