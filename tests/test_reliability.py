@@ -941,7 +941,11 @@ BAD_CONFIGS = {
         "classification.evaluate.pgd: restarts > 1 without random_start would repeat the same",
     ),
     "grid attacks of a PGD strong attack": (
-        {"classification": {"evaluate": {"strong": {"method": "pgd", "grid_attacks": ["apgd-ce"]}}}},
+        {
+            "classification": {
+                "evaluate": {"strong": {"method": "pgd", "grid_attacks": ["apgd-ce"]}}
+            }
+        },
         "classification.evaluate.strong.grid_attacks: AutoAttack attacks of the grid bisection; "
         "they need method autoattack and grid_search bisect, not pgd and bisect",
     ),
