@@ -184,8 +184,9 @@ fi
 # sub-steps) at larger batches, under bf16 and replayed from CUDA graphs (pass-times.csv).
 LEFT=$((LIMIT - SECONDS - 25))
 if [ "$LEFT" -ge 60 ]; then
-    log "graph tests on the device, at most 120 s"
-    timeout -k 5 120 python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    T=$((LEFT < 120 ? LEFT : 120))
+    log "graph tests on the device, at most $T s"
+    timeout -k 5 "$T" python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
         -k "attack_graphs or graphed_pgd or pass_times_on_the_device or (eager_training_trains and margin)" \
         >>"$LOG" 2>&1
     log "graph tests: rc $?"

@@ -324,7 +324,7 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
     assert got["classification/nonexpansive"] == pytest.approx(2 * 0.005)
     assert got["classification/cpl_XS"] == pytest.approx(2 * 0.005)  # margin loss, replayed
     assert got["classification/cpl_S"] == pytest.approx(2 * 0.020 * 2)  # no graphed row: eager
-    missing = "cpl_classifier at width 64 with options 'amp' not benchmarked"
+    missing = "cpl_classifier at width 64 with options 'amp cuda_graphs replayed' not benchmarked"
     assert got[f"classification/cpl_M ({missing})"] == 0.0
     forced = bench.project_hours([csv_path, graphs_csv], cfg_path, options="", schema=SCHEMA)
     assert dict((label, h) for label, _, h in forced)["classification/cpl_XS"] == pytest.approx(

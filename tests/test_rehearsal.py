@@ -144,8 +144,8 @@ def test_an_unmeasured_variant_is_projected_by_the_benchmarked_step_time_ratio_a
     train = fake_train(Job("train_classifier", "nonexpansive", seed=0), 30.0, 100, 1.0)
     bench = {("classifier", 16, "cuda_graphs replayed"): 7.5, ("cpl", 16, ""): 15.0}
     _, seconds, basis = project(Job("train_classifier", "cpl_XS", seed=0), train, paper(bench))
-    assert seconds == pytest.approx(29.0 + 2 * 0.01 * 40_000)  # CPL trains eagerly: 2x
-    assert "x 2 (benchmarked step ('cpl', 16) / ('classifier', 16))" in basis
+    assert seconds == pytest.approx(29.0 + 2 * 0.01 * 40_000)  # no graphed CPL row: eager, 2x
+    assert "x 2 (benchmarked step ('cpl', 16) / ('classifier', 16), cpl_XS: eager row" in basis
     denoiser = fake_train(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 10, 1.0)
     _, seconds, basis = project(Job("train_denoiser", "heun", "0.15", 0), denoiser, paper())
     assert seconds == pytest.approx(29.0 + 2 * 0.1 * 40_000) and "stages only" in basis

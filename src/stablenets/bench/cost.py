@@ -363,23 +363,27 @@ class Paper:
 
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""
-        from stablenets.bench.training import MODEL_SPECS, STAGES, _variant_width, variant_options
+        from stablenets.bench.training import MODEL_SPECS, STAGES, _variant_width, bench_key
 
         if job.variant == basis.job.variant:
             return 1.0, ""
         task, bench_of = job.task, {s["model"]: n for n, s in MODEL_SPECS.items()}
-        keys, stages = [], []
+        keys, stages, eager = [], [], []
         for name in (job.variant, basis.job.variant):
             v = self.variant(task, name)
             if v is None:
                 return 1.0, f" ({name} is not a paper variant: same cost assumed)"
-            opts = variant_options(self.train(task, name))
-            keys.append((bench_of.get(v["model"]), _variant_width(task, v, self.config), opts))
+            width = _variant_width(task, v, self.config)
+            key, fallback = bench_key(self.bench, bench_of.get(v["model"]), width,
+                                      self.train(task, name))  # fmt: skip
+            keys.append(key)
+            eager += [name] if fallback else []
             kwargs = v.get("kwargs", {})
             stages.append(STAGES[kwargs.get("integrator", "euler")])
         f = stages[0] / stages[1]
         block = (self.variant(task, job.variant) or {}).get("kwargs", {}).get("block")
         note = f", block {block}: Euler block's time assumed" if block else ""
+        note += f", {' and '.join(eager)}: eager row, no graphed one" if eager else ""
         if keys[0] in self.bench and keys[1] in self.bench:
             f *= self.bench[keys[0]] / self.bench[keys[1]]
             return f, f" x {f:.3g} (benchmarked step {keys[0][:2]} / {keys[1][:2]}{note})"

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -667,6 +667,20 @@ def variant_options(train: dict, graphs: bool = True) -> str:
     return " ".join(opts)
 
 
+def bench_key(
+    rows: Mapping[tuple, Any], model: str | None, width: int | str, train: dict
+) -> tuple[tuple, bool]:
+    """The key ``(model, width, options)`` of the benchmark row that times a variant's
+    configured step (``variant_options``), and whether it is the eager row standing in for a
+    missing graphed one (an upper bound: graphs only save time; the orthogonal family's capture
+    fails, so it runs eagerly)."""
+    key = (model, width, variant_options(train))
+    eager = (model, width, variant_options(train, graphs=False))
+    if key not in rows and eager in rows:
+        return eager, True
+    return key, False
+
+
 def project_hours(
     csv_paths: Path | list[Path],
     config_path: Path,
@@ -706,13 +720,12 @@ def project_hours(
             if train.get("budget_minutes"):
                 out.append((label, jobs, jobs * train["budget_minutes"] / 60))
                 continue
-            opts = variant_options(train) if options is None else options
-            key = (bench_of.get(v["model"]), _variant_width(task, v, cfg), opts)
-            if key not in rates and options is None:
-                # no row replayed from graphs (the orthogonal family's capture fails, so it runs
-                # eagerly): the eager row, an upper bound
-                opts = variant_options(train, graphs=False)
-                key = (*key[:2], opts)
+            model, width = bench_of.get(v["model"]), _variant_width(task, v, cfg)
+            if options is None:
+                key, _ = bench_key(rates, model, width, train)
+            else:
+                key = (model, width, options)
+            opts = key[2]
             if key not in rates:
                 how = f" with options '{opts}'" if opts else ""
                 missing = f"{v['model']} at width {key[1]}{how} not benchmarked"

@@ -76,15 +76,14 @@ def _telling(error: ValidationError) -> ValidationError:
     """The error of a ``oneOf`` that says what is wrong: the first one from a branch whose type
     fits the value (``{name: margin}`` against ``null | {name, eps}``: eps is missing), else the
     ``oneOf``'s own ("not valid under any of the given schemas")."""
-    fitting = [c for c in error.context if c.validator != "type"]
+    fitting = [c for c in error.context if not (c.validator == "type" and not c.relative_path)]
     return _telling(fitting[0]) if fitting else error
 
 
 def _schema_errors(config: dict, schema: dict) -> list[str]:
     validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    own = [e for e in errors if not e.context]
-    return [_describe(e) for e in (own or [_telling(e) for e in errors])]
+    return [_describe(_telling(e)) for e in errors]
 
 
 def _cross_field_errors(config: dict) -> list[str]:

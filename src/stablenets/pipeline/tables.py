@@ -297,8 +297,6 @@ def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, A
         if agg == "first":
             row[name] = values.iloc[0]
             continue
-        if 0 < values.notna().sum() < len(group):  # a mean (or sum) of fewer seeds: say so
-            row[name + SEED_COUNT_SUFFIX] = int(values.notna().sum())
         if agg == "fixed":
             row[name] = float(values.mean())
         elif agg == "sum":
@@ -313,6 +311,8 @@ def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, A
         else:
             row[name] = float(values.mean())
             row[name + STD_SUFFIX] = _seed_std(values)
+        if 0 < values.notna().sum() < len(group):  # a mean (or sum) of fewer seeds: say so
+            row[name + SEED_COUNT_SUFFIX] = int(values.notna().sum())
     return row
 
 
@@ -500,7 +500,7 @@ def _latex_escape(text: str) -> str:
 
 def table_notes(df: pd.DataFrame) -> str:
     """What ``±`` means in this table, and what ``n/a`` stands for."""
-    names = [c for c in df.columns if not c.endswith(STD_SUFFIX)]
+    names = [c for c in df.columns if not _derived(c)]
     notes = []
     image = [column_spec(c).label for c in names if column_spec(c).agg == "image"]
     if image:
