@@ -928,8 +928,11 @@ BAD_CONFIGS = {
         "denoising.variants.euler.kwargs.integrator: 'rk5' is not allowed; allowed: [",
     ),
     "margin loss eps of the wrong type": (
-        {"classification": {"variants": {"resnet": {"train": {"loss": {"name": "margin",
-                                                                      "eps": "x"}}}}}},
+        {
+            "classification": {
+                "variants": {"resnet": {"train": {"loss": {"name": "margin", "eps": "x"}}}}
+            }
+        },
         "classification.variants.resnet.train.loss.eps: 'x' is not of type 'number'",
     ),  # fmt: skip
     "misspelt key": (
