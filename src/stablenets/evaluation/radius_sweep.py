@@ -118,9 +118,10 @@ class SweepPlan:
     ) -> SweepPlan:
         """The plan of an evaluation config (``classification.evaluate``): PGD at every radius,
         the strong attack at the standard radii and over the grid (``on_grid``, by bisection or
-        sweep, ``grid_search``; the bisection with ``grid_attacks`` where given), the audit of ``audit_certified`` points at the standard radii;
-        both attacks searching on one ``SearchModel`` (``precision``, ``cuda_graphs``; ``log``
-        gets its line if graphs go off)."""
+        sweep, ``grid_search``; the bisection with ``grid_attacks`` where given), the audit of
+        ``audit_certified`` points at the standard radii; the attacks searching on one
+        ``SearchModel`` (``precision``, ``cuda_graphs``; ``log`` gets its line if graphs go
+        off)."""
         eps, std_eps = evaluation_radii(ev)
         strong = ev["strong"]
         sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
@@ -551,7 +552,8 @@ def check_settings(ev: dict[str, Any]) -> None:
 
 def strong_label(cfg: dict[str, Any], precision: str = "float32") -> str:
     """What the strongest attack was, for tables: ``autoattack standard``, ``autoattack apgd-ce
-    (10 iterations)``, ``pgd (100 steps x 5)``; ``..., bfloat16 search`` when it ran in low
+    (10 iterations)``, ``pgd (100 steps x 5)``; ``...; grid: apgd-ce, apgd-t`` when the grid
+    bisection ran other attacks (``grid_attacks``); ``..., bfloat16 search`` when it ran in low
     precision (``fast_search``)."""
     if cfg["method"] == "pgd":
         label = f"pgd ({cfg['steps']} steps x {cfg['restarts']})"
