@@ -78,10 +78,11 @@ def per_radius(
         pgd = correct.clone()
         strong = correct.clone()
         key = radius_sweep.radius_key(e)
-        attack = plan.strong if key in plan.strong_radii else plan.bisect_attack
+        attack = plan.strong if key in plan.strong_radii else (
+            plan.bisect_attack if key in grid else None)  # fmt: skip
         if e > 0:
             pgd &= _robust(model, x, y, plan.pgd, e, plan)
-            if attack is not None and (key in plan.strong_radii or key in grid):
+            if attack is not None:
                 strong &= _robust(model, x, y, attack, e, plan)
         out["certified"].append(float((correct & (cert_radius > e)).double().mean()))
         out["pgd"].append(float(pgd.double().mean()))
@@ -159,11 +160,11 @@ def compare_sweeps(
     (ref, ref_ev), (label, _) = evs.items()
     margin, correct = robustness.margins(model, x, y, ref_ev["batch_size"])
     cert = robustness.certified_radius(margin, correct, lipschitz)
+    plans = {name: radius_sweep.SweepPlan.from_config(ev, seed) for name, ev in evs.items()}
     curves, times = {}, {}
-    for name, ev in evs.items():
-        plan = radius_sweep.SweepPlan.from_config(ev, seed)
+    for name, plan in plans.items():
         curves[name], times[f"{name}_s"] = _timed_sweep(model, x, y, plan, correct, cert)
-    radii = radius_sweep.SweepPlan.from_config(ref_ev, seed).radii
+    radii = plans[ref].radii
     rows = [
         {"eps": float(e), "certified": curves[ref]["certified"][i],
          **{name: curves[name]["empirical"][i] for name in evs}}
