@@ -179,15 +179,16 @@ EOF
 fi
 
 # Issue 19's levers, with what time is left. First whether the attack graphs replay the eager
-# passes, and whether margin-loss training steps replay the eager ones (tests/test_cuda.py, 120 s
-# at most), then seconds per image-pass of the rehearsal's paper classifier (its evaluation
+# passes, whether margin-loss training steps replay the eager ones and whether the activation
+# cost behind max_substeps: auto is what the allocator holds (tests/test_cuda.py, 120 s at
+# most), then seconds per image-pass of the rehearsal's paper classifier (its evaluation
 # sub-steps) at larger batches, under bf16 and replayed from CUDA graphs (pass-times.csv).
 LEFT=$((LIMIT - SECONDS - 25))
 if [ "$LEFT" -ge 60 ]; then
     T=$((LEFT < 120 ? LEFT : 120))
     log "graph tests on the device, at most $T s"
     timeout -k 5 "$T" python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-        -k "attack_graphs or graphed_pgd or pass_times_on_the_device or (eager_training_trains and margin)" \
+        -k "attack_graphs or graphed_pgd or pass_times_on_the_device or (eager_training_trains and margin) or activation_cost" \
         >>"$LOG" 2>&1
     log "graph tests: rc $?"
 fi

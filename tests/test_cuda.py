@@ -10,6 +10,8 @@
 3. Robustness on the device: L2 PGD stays in the ball and the box, matches the CPU attack, and
    the certified radii match the CPU ones; the robustness curve keeps its invariant.
 4. PnP deblurring on the device matches the CPU run (float64) and float32 gives the same PSNR.
+5. (CUDA only) CUDA graphs of training steps and attacks replay the eager passes, and the
+   activation cost behind ``max_substeps: auto`` is what the allocator holds in a step.
 
 Not covered: AutoAttack (pyautoattack's default attacks take 100+ iterations each, too slow for
 this file). ``stablenets.evaluation.robustness`` imports pyautoattack, so its tests skip where that is absent.
@@ -39,6 +41,7 @@ from stablenets.nn.models import DENOISER_BLOCKS, MODELS, build_model, read_chec
 from stablenets.nn.operators import LinearOperator
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, update_norms
+from stablenets.train.memory import activation_cost
 from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -527,6 +530,33 @@ def test_cuda_graphs_train_what_eager_training_trains(case, loss, tmp_path):
     assert [r["substeps"] for r in grows] == [r["substeps"] for r in rows]
     assert [r["loss"] for r in grows] == pytest.approx([r["loss"] for r in rows], rel=1e-4)
     _assert_same_state(eager.state_dict(), graphed.state_dict(), "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("remat", [False, True])
+def test_the_activation_cost_is_what_a_training_step_holds_on_the_device(remat):
+    """What ``max_substeps: auto`` relies on, in the allocator's own numbers: the activations
+    ``activation_cost`` predicts for the paper classifier (batch 128, sub-step counts grown
+    unevenly, sub-steps checkpointed or not) are at most the step's peak over the memory held
+    before it, and with the fifth of the free memory ``memory_fraction`` leaves, at least it."""
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier").cuda().train()
+    for i, block in enumerate(model.constrained_blocks()):
+        block.checkpoint_substeps = remat
+        with torch.no_grad():
+            block.operator.weight.mul_(1 + i % 4)
+    update_norms(model, 50)
+    x, y = torch.rand(128, 3, 32, 32, device="cuda"), torch.randint(0, 10, (128,), device="cuda")
+    cost = activation_cost(model, x[:1], len(x))
+    counts = [b.substeps(b.current_norm()) for b in model.constrained_blocks()]
+    assert len(set(counts)) > 2, counts
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    nn.functional.cross_entropy(model(x), y).backward()
+    torch.cuda.synchronize()
+    peak, predicted = torch.cuda.max_memory_allocated() - before, cost.bytes(counts)
+    assert predicted <= peak <= predicted / 0.8, (counts, predicted / 2**20, peak / 2**20)
 
 
 @needs_cuda

@@ -814,7 +814,8 @@ def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_c
         died.stderr,
         "stablenets train: error: out of memory (CPU, tried to allocate ",
         f"lower classification.train.batch_size (now {spec['train']['batch_size']}), "
-        "classification.train.max_substeps (now 1000000) or classification.eval_batch (now "
+        "classification.train.max_substeps (now 1000000), classification.train.memory_fraction "
+        f"(now {spec['train']['memory_fraction']}) or classification.eval_batch (now "
         f"{spec['eval_batch']})",
         "a rerun resumes from it",
     )
@@ -884,6 +885,43 @@ def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resuma
     assert f"resumed from {ckpt} at step {good}" in raised.stdout, raised.stdout
     later = re.search(r"training stopped at step (\d+)", raised.stderr)
     assert raised.returncode == 0 or (later and int(later[1]) > at), raised.stderr[-2000:]
+
+
+def test_runaway_substeps_stop_before_memory_runs_out_with_the_limit_sized_from_free_memory(
+    smoke_cifar, tmp_path
+):
+    """``max_substeps: auto`` under a 3 GiB address-space cap (the CPU twin of a smaller GPU):
+    the limit is read from the memory left, so the run that dies in the allocator without a
+    limit stops in the guard's line instead, before the pass that would not fit."""
+    spec = smoke_train_spec(**RUNAWAY, max_substeps="auto")
+    ckpt = tmp_path / "work" / "checkpoint.pt"
+    stopped = run_capped(spec, smoke_cifar, tmp_path)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    good = read_checkpoint(ckpt)["run"]["step"]
+    line = one_error_line(stopped.stderr, "training stopped at step ", "train.max_substeps=auto")
+    size = r"([\d.]+ [MG]iB)"
+    found = re.search(
+        rf"would take (\d+) sub-steps keeping {size} of activations, above the {size} that "
+        rf"train\.max_substeps=auto allows \(80% of the {size} left under ulimit -v\); "
+        r"block (\S+) needs (\d+) at norm estimate [\d.e+]+; last good checkpoint: (.*)$",
+        line,
+    )
+    assert found, line
+    need, allowed, free = map(_bytes, found.group(2, 3, 4))
+    assert need > allowed and allowed == pytest.approx(0.8 * free, rel=0.01), line
+    assert 1.5 * 2**30 < free < 3 * 2**30, line  # the cap's 3 GiB, less what the job had mapped
+    assert found[7] == f"{ckpt} (step {good})", line
+    assert found[5] in dict(build_model(spec["model"], **spec["kwargs"]).named_modules())
+    start = re.search(rf"^sub-step limit \(train.max_substeps=auto\): activations up to {size}, "
+                      rf"80% of the {size} left under ulimit -v; a pass keeps {size} at the "
+                      r"(\d+) sub-steps of now$", stopped.stdout, re.M)  # fmt: skip
+    assert start and start[1] == found[3] and _bytes(start[3]) < allowed, stopped.stdout
+
+
+def _bytes(size: str) -> float:
+    """``"2.36 GiB"`` or ``"24.0 MiB"`` in bytes."""
+    value, unit = size.split()
+    return float(value) * {"MiB": 2**20, "GiB": 2**30}[unit]
 
 
 # ============================================================================================

@@ -23,6 +23,7 @@ from stablenets.train.loop import (
     make_optimizer,
     train,
 )
+from stablenets.train.memory import _cgroup_left, activation_cost
 from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 
@@ -51,7 +52,7 @@ def _tiny_run(
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
     task = task_type(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
-    cfg = TrainConfig(batch_size=8, lr_max=0.05, **{"val_every": 100, **train_kwargs})
+    cfg = TrainConfig(batch_size=8, **{"lr_max": 0.05, "val_every": 100, **train_kwargs})
     logs: list[str] = []
     _, state = train(model, task, cfg, tmp_path, "h", logs.append)
     return logs, state
@@ -108,11 +109,135 @@ def test_the_substep_limit_stops_training_before_the_first_forward_pass_that_exc
     ), message
 
 
+def _bytes_autograd_saves(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The truth ``activation_cost`` predicts: every tensor one training pass saves for its
+    backward pass, each storage once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(x)
+    return sum(t.untyped_storage().nbytes() for t in saved.values())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, remat, shape",
+    [
+        ("nonexpansive_classifier", {"base_width": 4, "input_size": 8}, None, (3, 8, 8)),
+        ("nonexpansive_classifier", {"base_width": 4, "input_size": 8, "integrator": "ssprk3"},
+         None, (3, 8, 8)),
+        ("nonexpansive_classifier", {"base_width": 4, "input_size": 8, "integrator": "rk4"},
+         None, (3, 8, 8)),
+        ("cpl_classifier", {"base_width": 4, "input_size": 8}, None, (3, 8, 8)),
+        ("nonexpansive_denoiser", {"width": 6, "depth": 3, "integrator": "heun"}, True, (3, 9, 7)),
+        ("nonexpansive_denoiser", {"width": 6, "depth": 3}, False, (3, 9, 7)),
+        ("resnet_classifier", {"base_width": 4, "input_size": 8}, None, (3, 8, 8)),
+    ],
+)  # fmt: skip
+def test_the_activation_cost_is_what_autograd_saves_at_any_sub_step_counts(
+    name, kwargs, remat, shape
+):
+    """Measured once at the job's start (one sub-step per block on one and two images), the
+    cost must predict a whole training pass at another batch and other counts, each block's
+    its own (norms scaled at random), with sub-steps checkpointed (only their input kept) or
+    not; it may overcount a weight-sized tensor shared by a block's sub-steps, nothing more."""
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs)
+    for block in model.constrained_blocks():
+        block.checkpoint_substeps = remat
+    batch = 5
+    cost = activation_cost(model, torch.rand(1, *shape), batch)
+    for trial in range(3):
+        with torch.no_grad():
+            for block in model.constrained_blocks():
+                block.operator.weight.mul_(1 + 2 * torch.rand(()).item())
+        model.update_norms(30)
+        counts = [b.substeps(b.current_norm()) for b in model.constrained_blocks()]
+        # counts differ between blocks (a CPL block is one step at any norm; a ResNet has none)
+        assert trial == 0 or len(set(counts)) > 1 or name in ("cpl_classifier", "resnet_classifier")
+        # the forward pass's saves, and the sub-step the backward pass recomputes (remat)
+        truth = _bytes_autograd_saves(model, torch.rand(batch, *shape)) + batch * cost.transient
+        predicted = cost.bytes(counts)
+        assert truth <= predicted <= truth + sum(counts) * max(cost.shared, default=0), (
+            counts, truth, predicted)  # fmt: skip
+    if remat:  # checkpointed: one input per sub-step, plus the one sub-step recomputed at a time
+        assert cost.transient > max(cost.kept) and all(k == 4 * 6 * 9 * 7 for k in cost.kept)
+
+
+def test_the_paper_classifiers_activation_cost_is_three_activations_per_euler_sub_step():
+    """The arithmetic of config.yaml's comment: 24, 12 and 6 MiB per sub-step of the stage-1, 2
+    and 3 blocks at batch 128 (16 ch x 32x32, 32 x 16x16, 64 x 8x8, float32, 3 activations)."""
+    cost = activation_cost(build_model("nonexpansive_classifier"), torch.rand(1, 3, 32, 32), 128)
+    mib = [cost.block_bytes(i, 1) / 2**20 for i in range(len(cost.kept))]
+    assert mib == [24.0] * 5 + [12.0] * 5 + [6.0] * 5 and cost.transient == 0
+    assert cost.bytes([1] * 15) == 128 * cost.fixed + 2**20 * sum(mib)
+
+
+def test_the_memory_left_is_read_under_every_cgroup_limit_above_the_process(tmp_path):
+    """A SLURM step (cgroup v2) or a container (v1) caps the host's memory: the limit left is
+    the least over the process's group and those above it; "max" and v1's "unlimited" are none."""
+    v2, v1 = tmp_path / "unified", tmp_path / "memory"
+    files = {
+        v2 / "system.slice/job_7/memory.max": "8589934592",  # the job: 8 GiB, 5 used
+        v2 / "system.slice/job_7/memory.current": "5368709120",
+        v2 / "system.slice/job_7/step_0/memory.max": "max",  # the step: no own limit
+        v2 / "system.slice/job_7/step_0/memory.current": "5368709120",
+        v2 / "memory.max": "max",
+        v1 / "docker/abc/memory.limit_in_bytes": "4294967296",  # the container: 4 GiB, 3.5 used
+        v1 / "docker/abc/memory.usage_in_bytes": "3758096384",
+        v1 / "memory.limit_in_bytes": "9223372036854771712",  # the root: unlimited
+        v1 / "memory.usage_in_bytes": "9000000000",
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    membership = tmp_path / "cgroup"
+    membership.write_text("4:memory:/docker/abc\n3:cpu:/elsewhere\n0::/system.slice/job_7/step_0\n")
+    cgroups = {"v2": (v2, ("memory.max", "memory.current")),
+               "v1": (v1, ("memory.limit_in_bytes", "memory.usage_in_bytes"))}  # fmt: skip
+    assert sorted(_cgroup_left(membership, cgroups)) == [2**29, 3 * 2**30]
+    membership.write_text("0::/\n")
+    assert _cgroup_left(membership, cgroups) == []
+
+
+GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.0, "warmup": 0.3}  # 2 sub-steps, 3 at step 5
+
+
+def test_the_automatic_limit_stops_before_the_first_pass_whose_activations_exceed_it(
+    tmp_path, monkeypatch
+):
+    """``max_substeps: auto`` with a device that has room for exactly the first passes: the
+    run stops before the first forward pass whose predicted activations do not fit, by name."""
+    logs, state = _tiny_run(tmp_path / "free", **GROWING)
+    counts = [r["substeps"] for r in state.rows if r["kind"] == "train"]
+    first = next(i for i, n in enumerate(counts) if n > counts[0])  # the first growth
+    model = build_model(
+        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
+    )
+    room = activation_cost(model, torch.rand(1, 3, 8, 8), 8).bytes([1, 1])
+    free = math.ceil(room / 0.8) + 1  # 80 % of it holds the first passes, not the one that grew
+    monkeypatch.setattr("stablenets.train.loop.free_memory", lambda device: (free, "on the test"))
+    with pytest.raises(SubstepLimitError) as err:
+        _tiny_run(tmp_path / "tight", **GROWING)
+    assert re.fullmatch(
+        rf"training stopped at step {first}: the forward pass would take {counts[first]} "
+        r"sub-steps keeping [0-9.]+ [KMG]iB of activations, above the [0-9.]+ [KMG]iB that "
+        r"train\.max_substeps=auto allows \(80% of the [0-9.]+ [KMG]iB on the test\); block "
+        r"stages\.[01]\.0 needs \d+ at norm estimate [0-9.]+; last good checkpoint: none",
+        str(err.value),
+    ), (str(err.value), counts)
+
+
 def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(
     tmp_path,
 ):
     logs, state = _tiny_run(tmp_path, steps=40_000, stop_after=6, log_every=1)
-    assert state.step == 6 and "stopping after 6 steps of the 40000-step schedule" in logs[0]
+    assert state.step == 6 and "stopping after 6 steps of the 40000-step schedule" in logs[1]
     assert [r["step"] for r in state.rows if r["kind"] == "val"] == [6] and state.best_step == 6
 
     def lr_at(step: int, steps: int) -> float:

@@ -194,7 +194,7 @@ def _stepper(
     from stablenets.nn.models import StableModel
     from stablenets.train.checkpoints import RunState
     from stablenets.train.cuda_graphs import StepGraphs
-    from stablenets.train.loop import _train_step, step_graphs
+    from stablenets.train.loop import _train_step, step_graphs, substep_limit
     from stablenets.train.tasks import step_generator
 
     state = RunState()
@@ -230,9 +230,11 @@ def _stepper(
     if not isinstance(model, StableModel) or sched is None:
         raise TypeError(f"impl {job['impl']!r}: expected a StableModel and its schedule")
     graphs = step_graphs(model, task, cfg, device, _log)
+    limit = substep_limit(model, task, cfg, device, _log)
 
     def step() -> None:  # amp, channels_last, cudnn_benchmark: the training step's own settings
-        _train_step(model, task, cfg, opt, sched, state, device, workdir / "none.pt", graphs)
+        ckpt = workdir / "none.pt"
+        _train_step(model, task, cfg, opt, sched, state, device, ckpt, limit, graphs)
         state.step += 1
 
     return step, graphs

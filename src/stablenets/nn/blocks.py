@@ -145,12 +145,17 @@ class NonexpansiveBlock(nn.Module):
         self.last_substeps, self.last_norm = n, norm
         return n, self.time_value() / n
 
+    def checkpoints(self, input_bytes: int) -> bool:
+        """Whether a training pass checkpoints its sub-steps on an input of ``input_bytes``:
+        ``checkpoint_substeps`` when set, else (auto) when the input exceeds ``REMAT_BYTES``."""
+        if self.checkpoint_substeps is not None:
+            return self.checkpoint_substeps
+        return input_bytes > REMAT_BYTES
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h = self.schedule(x)
-        remat = self.checkpoint_substeps
-        if remat is None:
-            remat = x.numel() * x.element_size() > REMAT_BYTES
-        remat = remat and self.training and torch.is_grad_enabled()
+        remat = self.training and torch.is_grad_enabled()
+        remat = remat and self.checkpoints(x.numel() * x.element_size())
         for _ in range(n):
             # Keep only each sub-step's input; recompute its stages in backward (deterministic:
             # no RNG state to save, which would also be illegal inside a CUDA graph capture).

@@ -55,6 +55,7 @@ _CLEAR_ERRORS = {
 _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
     "train": ([("{task}.train.batch_size", ("train", "batch_size")),
                ("{task}.train.max_substeps", ("train", "max_substeps")),
+               ("{task}.train.memory_fraction", ("train", "memory_fraction")),
                ("{task}.eval_batch", ("eval_batch",))], True),
     "evaluate-classifier": ([("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
                             True),

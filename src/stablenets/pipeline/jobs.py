@@ -189,7 +189,14 @@ def train_model(
 # therefore resumes: a finished training from its last checkpoint in seconds.
 _RUN_ONLY = {
     "": ("device", "threads"),
-    "train": ("log_every", "checkpoint_every", "max_norm", "max_substeps", "stop_after"),
+    "train": (
+        "log_every",
+        "checkpoint_every",
+        "max_norm",
+        "max_substeps",
+        "memory_fraction",
+        "stop_after",
+    ),
     "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
 }
 

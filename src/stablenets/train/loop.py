@@ -8,8 +8,9 @@ Checkpoints (``<workdir>/checkpoint.pt``) are written atomically every ``checkpo
 and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit); one from a different
 configuration (another ``config_hash``) is ignored with a log line, never silently resumed.
 A non-finite loss or an exploding norm estimate stops the run with ``DivergenceError``; a forward
-pass that would take more than ``max_substeps`` integrator sub-steps in total (their activations
-would not fit in memory) with ``SubstepLimitError``, before it starts. Both name the last good
+pass whose integrator sub-steps would not fit in memory with ``SubstepLimitError``, before it
+starts: more than ``max_substeps`` sub-steps in total, or (``auto``) activations, as
+``memory.ActivationCost`` predicts them, above ``memory_fraction`` of the free memory. Both name the last good
 checkpoint. Every ``log_every`` steps a progress line reports the step, loss, learning rate,
 sub-steps, time per step, peak memory and the time left, so a job never dies without a line.
 ``stop_after`` ends the loop early on the full schedule: the learning rate of every step run is
@@ -41,7 +42,7 @@ from stablenets.nn.operators import fused_power_iteration, remember_estimates
 from stablenets.train import budget
 from stablenets.train.checkpoints import RunState, last_good, resume, save
 from stablenets.train.cuda_graphs import StepGraphs
-from stablenets.train.memory import peak_memory_mb
+from stablenets.train.memory import ActivationCost, activation_cost, free_memory, peak_memory_mb
 from stablenets.train.tasks import ClassificationTask, DenoisingTask, Task, step_generator
 
 __all__ = [
@@ -60,8 +61,8 @@ class DivergenceError(RuntimeError):
 
 
 class SubstepLimitError(DivergenceError):
-    """The next forward pass would take more than ``max_substeps`` sub-steps: its activations
-    would exhaust the memory (the count grows with the square of a block's norm)."""
+    """The next forward pass would take more sub-steps than ``max_substeps`` allows: its
+    activations would exhaust the memory (the count grows with the square of a block's norm)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ class TrainConfig:
     power_iters: int = 1
     max_norm: float = 1e4
     # Sub-steps of one forward pass, all blocks together: each keeps its activations for the
-    # backward pass (see config.yaml for the sizes that fit an H200).
-    max_substeps: int = 500
+    # backward pass. "auto": as many as fit in ``memory_fraction`` of the free memory.
+    max_substeps: int | str = "auto"
+    memory_fraction: float = 0.8
     seed: int = 0
     loss: dict | None = None  # None: the task's loss; {name: margin, eps, temperature}
     budget_minutes: float | None = None  # when set, ``steps`` is derived from it (budget.py)
@@ -142,8 +144,50 @@ def _check_finite(
         )
 
 
-def _check_substeps(step: int, model: StableModel, cfg: TrainConfig, ckpt: Path) -> None:
-    """Stop before a forward pass of more than ``max_substeps`` sub-steps in total.
+@dataclass(frozen=True)
+class SubstepLimit:
+    """What ``train.max_substeps`` allows a forward pass: ``count`` sub-steps in total, or
+    (``auto``) ``budget`` bytes of the activations ``cost`` predicts, ``budget`` being
+    ``memory_fraction`` of the memory found free (``free`` bytes, ``where``) at the start."""
+
+    count: int | None
+    cost: ActivationCost | None = None
+    budget: int = 0
+    free: int = 0
+    where: str = ""
+
+
+def substep_limit(
+    model: StableModel, task: Task, cfg: TrainConfig, device: torch.device, log: Log
+) -> SubstepLimit:
+    """``cfg.max_substeps`` as a ``SubstepLimit``; ``auto`` measures the model's activation
+    cost on one training image (``memory.activation_cost``) and the free memory, and logs both."""
+    if cfg.max_substeps != "auto":
+        return SubstepLimit(count=int(cfg.max_substeps))
+    inputs, _ = task.batch(1, torch.Generator(device=device).manual_seed(cfg.seed))
+    if cfg.channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    cost = activation_cost(model, inputs, cfg.batch_size, lambda: _autocast(cfg, device))
+    free, where = free_memory(device)
+    limit = SubstepLimit(None, cost, int(cfg.memory_fraction * free), free, where)
+    counts = [b.last_substeps for b in model.constrained_blocks()]
+    log(
+        f"sub-step limit (train.max_substeps=auto): activations up to {_size(limit.budget)}, "
+        f"{cfg.memory_fraction:.0%} of the {_size(free)} {where}; a pass keeps "
+        f"{_size(cost.bytes(counts))} at the {sum(counts)} sub-steps of now"
+    )
+    return limit
+
+
+def _size(n: int) -> str:
+    """``2.36 GiB`` or, below 1 GiB, ``24.0 MiB``."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_substeps(
+    step: int, model: StableModel, cfg: TrainConfig, limit: SubstepLimit, ckpt: Path
+) -> None:
+    """Stop before a forward pass that takes more sub-steps than ``limit`` allows.
 
     Called after ``_check_finite``, with the counts the forward pass will use (each block's
     ``substeps`` at its current norm, as ``schedule`` computes them), all on the host: no device
@@ -151,16 +195,31 @@ def _check_substeps(step: int, model: StableModel, cfg: TrainConfig, ckpt: Path)
     still ask for 10,000x the initial count; without this check the activations of those
     sub-steps exhaust the memory and the job dies in the allocator."""
     blocks = list(model.constrained_blocks())
+    if not blocks:  # no sub-steps to limit (a ResNet, a DnCNN)
+        return
     norms = [b.current_norm() for b in blocks]
     counts = [b.substeps(n) for b, n in zip(blocks, norms, strict=True)]
-    if sum(counts) <= cfg.max_substeps:
-        return
-    worst = max(range(len(blocks)), key=counts.__getitem__)
+    if limit.cost is None:
+        if sum(counts) <= (limit.count or 0):
+            return
+        weight = counts
+        excess = (
+            f", above train.max_substeps={limit.count} (their activations would not fit in memory)"
+        )
+    else:
+        if (need := limit.cost.bytes(counts)) <= limit.budget:
+            return
+        weight = [limit.cost.block_bytes(i, n) for i, n in enumerate(counts)]
+        excess = (
+            f" keeping {_size(need)} of activations, above the {_size(limit.budget)} that "
+            f"train.max_substeps=auto allows ({cfg.memory_fraction:.0%} of the "
+            f"{_size(limit.free)} {limit.where})"
+        )
+    worst = max(range(len(blocks)), key=weight.__getitem__)
     name = next(n for n, m in model.named_modules() if m is blocks[worst])
     raise SubstepLimitError(
-        f"training stopped at step {step}: the forward pass would take {sum(counts)} sub-steps, "
-        f"above train.max_substeps={cfg.max_substeps} (their activations would not fit in "
-        f"memory); block {name} needs {counts[worst]} at norm estimate {norms[worst]:.4g}; "
+        f"training stopped at step {step}: the forward pass would take {sum(counts)} sub-steps"
+        f"{excess}; block {name} needs {counts[worst]} at norm estimate {norms[worst]:.4g}; "
         f"last good checkpoint: {last_good(ckpt)}"
     )
 
@@ -219,7 +278,8 @@ def train(
     device = next(model.parameters()).device
     build_loss(cfg.loss, model)  # fail before any step on a bad loss
     prepare_for_speed(model, cfg)
-    cfg = _budgeted(model, task, cfg, workdir, config_hash, device, log)
+    limit = substep_limit(model, task, cfg, device, log)
+    cfg = _budgeted(model, task, cfg, workdir, config_hash, device, limit, log)
     opt, sched = make_optimizer(model, cfg)
     state = resume(ckpt_path, config_hash, model, opt, sched, log)
     graphs = step_graphs(model, task, cfg, device, log)
@@ -236,7 +296,7 @@ def train(
     with StopFlag() as stop:
         while state.step < end:
             t0 = time.perf_counter()
-            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, graphs)
+            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, limit, graphs)
             dt = time.perf_counter() - t0
             state.elapsed += dt
             if state.step == start:  # this process's start-up
@@ -307,6 +367,7 @@ def _budgeted(
     workdir: Path,
     config_hash: str,
     device: torch.device,
+    limit: SubstepLimit,
     log: Log,
 ) -> TrainConfig:
     """``cfg`` with ``steps`` derived from ``budget_minutes``: timed on a copy of the model once,
@@ -323,7 +384,7 @@ def _budgeted(
 
         def step() -> None:
             ckpt = workdir / "calibration"
-            _train_step(probe, task, cfg, opt, sched, state, device, ckpt, graphs)
+            _train_step(probe, task, cfg, opt, sched, state, device, ckpt, limit, graphs)
             state.step += 1
 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -422,6 +483,7 @@ def _train_step(
     state: RunState,
     device: torch.device,
     ckpt_path: Path,
+    limit: SubstepLimit,
     graphs: StepGraphs | None = None,
 ) -> None:
     """One step: batch, power iteration, forward/backward (eager or replayed from ``graphs``),
@@ -434,7 +496,7 @@ def _train_step(
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()
     _check_finite(state.step, None, model, cfg, ckpt_path)
-    _check_substeps(state.step, model, cfg, ckpt_path)
+    _check_substeps(state.step, model, cfg, limit, ckpt_path)
     t0 = time.perf_counter()
     if graphs is None:
         out, loss = _forward_loss(model, task, cfg, device, inputs, targets, capturing=False)

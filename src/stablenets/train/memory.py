@@ -1,13 +1,32 @@
-"""Peak memory of this process (what the training loop logs and a training job records), and
-what running out of it looks like."""
+"""Memory: the peak of this process (what the training loop logs and a training job records),
+what running out of it looks like, what is free, and what a training pass's sub-steps keep.
+
+``ActivationCost`` is the model behind ``train.max_substeps: auto``: the sub-step count of a
+block grows with the square of its norm, and every sub-step keeps its activations for the
+backward pass, so the memory of a pass is a sum over blocks of count x bytes per sub-step,
+which the loop checks against the free memory before each forward pass.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import resource
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-__all__ = ["peak_memory_mb", "is_out_of_memory"]
+from stablenets.nn.blocks import NonexpansiveBlock
+from stablenets.nn.models import StableModel
+
+__all__ = [
+    "peak_memory_mb",
+    "is_out_of_memory",
+    "free_memory",
+    "ActivationCost",
+    "activation_cost",
+]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -24,3 +43,184 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, MemoryError | torch.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def free_memory(device: torch.device) -> tuple[int, str]:
+    """``(bytes, where)``: what this process can still allocate. CUDA: the device's free memory
+    plus what PyTorch's allocator holds unused. CPU: the least of the host's available memory,
+    the address-space limit (``ulimit -v``) left and the cgroup's limit left (a container or a
+    SLURM job)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + held, f"free on {device}"
+    status = _fields(Path("/proc/self/status"))
+    limits = [(_fields(Path("/proc/meminfo")).get("MemAvailable", 0), "available on the host")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft - status.get("VmSize", 0), "left under ulimit -v"))
+    limits += [(left, "left in the cgroup") for left in _cgroup_left()]
+    return min(limits)
+
+
+# cgroup v2 (``0::<path>`` in /proc/self/cgroup) and v1 (``<n>:memory:<path>``): where the
+# memory controller lives and its (limit, usage) files
+_CGROUPS = {
+    "v2": (Path("/sys/fs/cgroup"), ("memory.max", "memory.current")),
+    "v1": (Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")),
+}
+
+
+def _cgroup_left(
+    membership: Path = Path("/proc/self/cgroup"), cgroups: dict = _CGROUPS
+) -> list[int]:
+    """Memory left under each cgroup limit of this process and of the groups above it (a
+    container, a SLURM job or step); "max" or a v1 "unlimited" (2**63 rounded) is no limit."""
+    lefts = []
+    with contextlib.suppress(OSError):
+        for line in membership.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            version = (
+                "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+            )
+            if version is None:
+                continue
+            root, files = cgroups[version]
+            here = root / path.lstrip("/")
+            for group in (here, *here.parents):
+                if not group.is_relative_to(root):
+                    break
+                with contextlib.suppress(OSError, ValueError):
+                    top, used = (int((group / name).read_text()) for name in files)
+                    if top < 2**60:
+                        lefts.append(top - used)
+    return lefts
+
+
+def _fields(path: Path) -> dict[str, int]:
+    """The ``Name: <n> kB`` lines of a ``/proc`` file, in bytes (empty where it is missing)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+@dataclass(frozen=True)
+class ActivationCost:
+    """Bytes a training forward pass keeps for its backward pass, for the sub-step counts
+    ``n_i`` of the constrained blocks at batch size ``B``::
+
+        bytes(n) = B (fixed + sum_i n_i kept_i + transient) + sum_i n_i shared_i
+
+    ``kept_i``: what one sub-step of block ``i`` keeps per image (its stages' activations, or
+    only its input when the block checkpoints its sub-steps); ``shared_i``: what it keeps
+    whatever the batch (tensors derived from the weights); ``fixed``: the layers outside the
+    blocks, per image; ``transient``: the largest checkpointed sub-step's activations, which
+    the backward pass recomputes one sub-step at a time. Exact for what autograd saves; the
+    gradients in flight are what ``memory_fraction`` leaves free.
+    """
+
+    kept: tuple[int, ...]
+    shared: tuple[int, ...]
+    fixed: int
+    transient: int
+    batch: int
+
+    def bytes(self, counts: Sequence[int]) -> int:
+        per_image = self.fixed + self.transient + sum(map(_mul, counts, self.kept))
+        return self.batch * per_image + sum(map(_mul, counts, self.shared))
+
+    def block_bytes(self, i: int, count: int) -> int:
+        """What ``count`` sub-steps of block ``i`` keep."""
+        return count * (self.batch * self.kept[i] + self.shared[i])
+
+
+def _mul(a: int, b: int) -> int:
+    return a * b
+
+
+def activation_cost(
+    model: StableModel,
+    inputs: torch.Tensor,
+    batch: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> ActivationCost:
+    """Measure ``model``'s ``ActivationCost`` at training batch ``batch`` from one sample
+    ``inputs[:1]`` (the training pass's image size and layout), by counting the bytes autograd
+    saves (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded, storages counted
+    once): one sub-step of each block on one and two images (the difference is per image), and
+    one pass on one image for the layers outside the blocks, whose sub-steps save nothing
+    then. Runs in ``train()`` mode under ``autocast`` (the training pass's precision)."""
+    blocks = list(model.constrained_blocks())
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    block_inputs: dict[int, torch.Tensor] = {}
+    inside = [False]
+
+    def enter(i: int) -> Callable:
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            block_inputs[i], inside[0] = args[0].detach().clone(), True
+
+        return hook
+
+    hooks = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
+    hooks += [b.register_forward_hook(lambda *_: inside.__setitem__(0, False)) for b in blocks]
+    model.train()
+    try:
+        fixed = _saved_bytes(
+            lambda: model(inputs[:1].clone()), params, autocast, skip=lambda: inside[0]
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept, shared, transient = [], [], 0
+    for i, block in enumerate(blocks):
+        x = block_inputs[i]
+        one, two = (_substep_saves(block, x, n, params, autocast) for n in (1, 2))
+        per_image, image_bytes = two - one, x.numel() * x.element_size()
+        shared.append(max(one - per_image, 0))
+        if block.checkpoints(batch * image_bytes):
+            kept.append(image_bytes)
+            transient = max(transient, per_image)
+        else:
+            kept.append(per_image)
+    return ActivationCost(tuple(kept), tuple(shared), fixed, transient, batch)
+
+
+def _substep_saves(
+    block: NonexpansiveBlock,
+    x: torch.Tensor,
+    n: int,
+    params: set[int],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> int:
+    """What one sub-step of ``block`` saves on ``n`` copies of the one image ``x`` (a leaf that
+    requires a gradient, as a pass's input does)."""
+    images = x.repeat(n, *[1] * (x.dim() - 1)).requires_grad_()
+    _, h = block.schedule(x)
+    return _saved_bytes(lambda: block._substep(images, h), params, autocast)
+
+
+def _saved_bytes(
+    run: Callable[[], object],
+    params: set[int],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    skip: Callable[[], bool] = lambda: False,
+) -> int:
+    """Bytes of the tensors autograd saves while ``run`` runs, parameters excluded, each
+    storage once; tensors saved while ``skip()`` holds are dropped and not counted."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor | None:
+        if skip():
+            return None
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = t  # alive until counted: no address is reused meanwhile
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        run()
+    return sum(t.untyped_storage().nbytes() for t in kept.values())
