@@ -210,17 +210,18 @@ def _saved_bytes(
     skip: Callable[[], bool] = lambda: False,
 ) -> int:
     """Bytes of the tensors autograd saves while ``run`` runs, parameters excluded, each
-    storage once; tensors saved while ``skip()`` holds are dropped and not counted."""
-    kept: dict[int, torch.Tensor] = {}
+    storage once; tensors saved while ``skip()`` holds are not counted. ``run``'s graph keeps
+    none of them: it cannot be differentiated."""
+    kept: dict[int, torch.UntypedStorage] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor | None:
-        if skip():
-            return None
+    def pack(t: torch.Tensor) -> None:
+        # ``kept`` holds each storage (not its tensor, whose graph would hold this hook: a
+        # cycle the garbage collector cannot see) until counted, so no address is reused
+        # meanwhile; the graph holds nothing (no backward pass follows).
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = t  # alive until counted: no address is reused meanwhile
-        return t
+        if not skip() and storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         run()
-    return sum(t.untyped_storage().nbytes() for t in kept.values())
+    return sum(storage.nbytes() for storage in kept.values())
