@@ -188,7 +188,7 @@ if [ "$LEFT" -ge 60 ]; then
     T=$((LEFT < 120 ? LEFT : 120))
     log "graph tests on the device, at most $T s"
     timeout -k 5 "$T" python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-        -k "attack_graphs or graphed_pgd or pass_times_on_the_device or (eager_training_trains and margin) or activation_cost" \
+        -k "attack_graphs or graphed_pgd or pass_times_on_the_device or (eager_training_trains and margin) or activation_cost or make_way" \
         >>"$LOG" 2>&1
     log "graph tests: rc $?"
 fi

@@ -560,6 +560,36 @@ def test_the_activation_cost_is_what_a_training_step_holds_on_the_device(remat):
 
 
 @needs_cuda
+def test_graphs_make_way_for_a_pass_that_would_not_fit_beside_their_pool(tmp_path, monkeypatch):
+    """``max_substeps: auto`` with room for 1.9 passes at the first counts: the captured pass's
+    pool and the first pass at grown counts (eager, outside the pool) would not fit together,
+    so the graphs are turned off, in a line, and training goes on eagerly to the same losses."""
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        input_size=8).cuda()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    task = ClassificationTask(x.cuda(), y.cuda(), x[:16].cuda(), y[:16].cuda(), AugmentConfig(),
+                              eval_batch=16)  # fmt: skip
+    cfg = TrainConfig(steps=10, batch_size=8, lr_max=1.0, warmup=0.3, log_every=1, val_every=100,
+                      cuda_graphs=True)  # fmt: skip
+    need = activation_cost(copy.deepcopy(model), x[:1].cuda(), 8).bytes([1, 1])
+    room = int(need * 1.9 / 0.8)
+    monkeypatch.setattr("stablenets.train.loop.free_memory", lambda device: (room, "on the test"))
+    logs: list[str] = []
+    _, state = train(copy.deepcopy(model), task, cfg, tmp_path / "g", "h", logs.append)
+    counts = [r["substeps"] for r in state.rows if r["kind"] == "train"]
+    assert counts[0] == 2 < counts[-1], counts
+    assert any(line.startswith("cuda graphs off for this run: the pass at") for line in logs), logs
+    eager_cfg = dataclasses.replace(cfg, cuda_graphs=False)
+    _, eager = train(copy.deepcopy(model), task, eager_cfg, tmp_path / "e", "h", lambda _: None)
+    losses = [r["loss"] for r in eager.rows if r["kind"] == "train"]
+    assert [r["loss"] for r in state.rows if r["kind"] == "train"] == pytest.approx(
+        losses, rel=1e-4
+    )
+
+
+@needs_cuda
 def test_step_graphs_one_graph_per_substep_tuple_with_the_eager_gradients():
     """A tuple is captured when seen the second time and then replayed; another tuple (one
     block's time doubled) gets its own graph; going back replays the cached one; the cache keeps

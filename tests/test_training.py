@@ -6,24 +6,27 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stablenets.nn.models import build_model, read_checkpoint
+from stablenets.nn.models import StableModel, build_model, read_checkpoint
 from stablenets.pipeline.jobs import _progress_hash
 from stablenets.train.augment import AugmentConfig, augment
 from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
     DivergenceError,
+    SubstepLimit,
     SubstepLimitError,
     TrainConfig,
+    _check_substeps,
     make_optimizer,
     train,
 )
-from stablenets.train.memory import _cgroup_left, activation_cost
+from stablenets.train.memory import _CGROUPS, _cgroup_left, activation_cost
 from stablenets.train.tasks import ClassificationTask, DenoisingTask
 
 
@@ -112,17 +115,38 @@ def test_the_substep_limit_stops_training_before_the_first_forward_pass_that_exc
 def _bytes_autograd_saves(model: torch.nn.Module, x: torch.Tensor) -> int:
     """The truth ``activation_cost`` predicts: every tensor one training pass saves for its
     backward pass, each storage once, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, torch.Tensor] = {}
+    return _saves(lambda: model.train()(x), model)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+
+def _saves(run: Callable[[], object], model: torch.nn.Module) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> None:
         if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t
-        return t
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storage.nbytes() for storage in saved.values())
+
+
+def _recomputed(model: StableModel, x: torch.Tensor) -> int:
+    """The largest sub-step on ``x``'s batch of a block that checkpoints them: what the
+    backward pass recomputes at a time (0 without such a block)."""
+    inputs: dict[torch.nn.Module, torch.Tensor] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0].detach()))
+             for b in model.constrained_blocks()]  # fmt: skip
+    with torch.no_grad():
         model.train()(x)
-    return sum(t.untyped_storage().nbytes() for t in saved.values())
+    for hook in hooks:
+        hook.remove()
+    sizes = [0]
+    for block in model.constrained_blocks():
+        if block.checkpoints((y := inputs[block]).numel() * y.element_size()):
+            _, h = block.schedule(y)
+            sizes.append(_saves(lambda b=block, y=y, h=h: b._substep(y.requires_grad_(), h), model))
+    return max(sizes)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +158,7 @@ def _bytes_autograd_saves(model: torch.nn.Module, x: torch.Tensor) -> int:
         ("nonexpansive_classifier", {"base_width": 4, "input_size": 8, "integrator": "rk4"},
          None, (3, 8, 8)),
         ("cpl_classifier", {"base_width": 4, "input_size": 8}, None, (3, 8, 8)),
+        ("cpl_classifier", {"base_width": 4, "input_size": 8}, True, (3, 8, 8)),  # no remat
         ("nonexpansive_denoiser", {"width": 6, "depth": 3, "integrator": "heun"}, True, (3, 9, 7)),
         ("nonexpansive_denoiser", {"width": 6, "depth": 3}, False, (3, 9, 7)),
         ("resnet_classifier", {"base_width": 4, "input_size": 8}, None, (3, 8, 8)),
@@ -161,11 +186,12 @@ def test_the_activation_cost_is_what_autograd_saves_at_any_sub_step_counts(
         # counts differ between blocks (a CPL block is one step at any norm; a ResNet has none)
         assert trial == 0 or len(set(counts)) > 1 or name in ("cpl_classifier", "resnet_classifier")
         # the forward pass's saves, and the sub-step the backward pass recomputes (remat)
-        truth = _bytes_autograd_saves(model, torch.rand(batch, *shape)) + batch * cost.transient
+        x = torch.rand(batch, *shape)
+        truth = _bytes_autograd_saves(model, x) + _recomputed(model, x)
         predicted = cost.bytes(counts)
         assert truth <= predicted <= truth + sum(counts) * max(cost.shared, default=0), (
             counts, truth, predicted)  # fmt: skip
-    if remat:  # checkpointed: one input per sub-step, plus the one sub-step recomputed at a time
+    if remat and name == "nonexpansive_denoiser":  # one input per sub-step, one recomputed
         assert cost.transient > max(cost.kept) and all(k == 4 * 6 * 9 * 7 for k in cost.kept)
 
 
@@ -180,16 +206,19 @@ def test_the_paper_classifiers_activation_cost_is_three_activations_per_euler_su
 
 def test_the_memory_left_is_read_under_every_cgroup_limit_above_the_process(tmp_path):
     """A SLURM step (cgroup v2) or a container (v1) caps the host's memory: the limit left is
-    the least over the process's group and those above it; "max" and v1's "unlimited" are none."""
+    the least over the process's group and those above it, the page cache the kernel reclaims
+    counted as free; "max" and v1's "unlimited" are no limit."""
     v2, v1 = tmp_path / "unified", tmp_path / "memory"
     files = {
-        v2 / "system.slice/job_7/memory.max": "8589934592",  # the job: 8 GiB, 5 used
+        v2 / "system.slice/job_7/memory.max": "8589934592",  # the job: 8 GiB, 5 used, 1 of cache
         v2 / "system.slice/job_7/memory.current": "5368709120",
+        v2 / "system.slice/job_7/memory.stat": "anon 4294967296\ninactive_file 1073741824",
         v2 / "system.slice/job_7/step_0/memory.max": "max",  # the step: no own limit
         v2 / "system.slice/job_7/step_0/memory.current": "5368709120",
         v2 / "memory.max": "max",
         v1 / "docker/abc/memory.limit_in_bytes": "4294967296",  # the container: 4 GiB, 3.5 used
         v1 / "docker/abc/memory.usage_in_bytes": "3758096384",
+        v1 / "docker/abc/memory.stat": "cache 0\ntotal_inactive_file 0",
         v1 / "memory.limit_in_bytes": "9223372036854771712",  # the root: unlimited
         v1 / "memory.usage_in_bytes": "9000000000",
     }
@@ -198,11 +227,63 @@ def test_the_memory_left_is_read_under_every_cgroup_limit_above_the_process(tmp_
         path.write_text(text + "\n")
     membership = tmp_path / "cgroup"
     membership.write_text("4:memory:/docker/abc\n3:cpu:/elsewhere\n0::/system.slice/job_7/step_0\n")
-    cgroups = {"v2": (v2, ("memory.max", "memory.current")),
-               "v1": (v1, ("memory.limit_in_bytes", "memory.usage_in_bytes"))}  # fmt: skip
-    assert sorted(_cgroup_left(membership, cgroups)) == [2**29, 3 * 2**30]
+    cgroups = {"v2": (v2, _CGROUPS["v2"][1]), "v1": (v1, _CGROUPS["v1"][1])}
+    assert sorted(_cgroup_left(membership, cgroups)) == [2**29, 4 * 2**30]
     membership.write_text("0::/\n")
     assert _cgroup_left(membership, cgroups) == []
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_measuring_the_activation_cost_leaves_the_model_as_it_was(mode):
+    """The probe runs a pass in ``train()`` mode: a batch norm's running statistics (DnCNN) and
+    the model's mode must come out as they went in, or ``auto`` would change trained numbers."""
+    torch.manual_seed(0)
+    for model in (build_model("dncnn", depth=3, width=4), build_model("nonexpansive_denoiser",
+                                                                       width=4, depth=2)):  # fmt: skip
+        model.train(mode == "train")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        activation_cost(model, torch.rand(1, 3, 8, 8), 4)
+        assert model.training == (mode == "train")
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), model
+
+
+class _Graphs:
+    """What ``_check_substeps`` reads of ``StepGraphs`` (CUDA-only): the captured counts."""
+
+    def __init__(self, captured: list[tuple[int, ...]]) -> None:
+        self.captured, self.enabled, self.why = captured, True, ""
+
+    def captured_counts(self) -> list[tuple[int, ...]]:
+        return self.captured
+
+    def turn_off(self, why: str, short: str) -> None:
+        self.enabled, self.why = False, why
+
+
+def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_off(tmp_path):
+    """The graphs' pool holds the largest pass captured; a pass that is not replayed (eager, or
+    being captured) allocates beside it. With room for 1.5 passes at the current counts: a
+    replayed pass, or one with no pool, goes on with the graphs; one beside a pool of twice its
+    counts turns them off, in a line; one larger than the room stops the job."""
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        input_size=8).train()  # fmt: skip
+    cost = activation_cost(model, torch.rand(1, 3, 8, 8), 8)
+    counts = tuple(b.substeps(b.current_norm()) for b in model.constrained_blocks())
+    need = cost.bytes(counts)
+    limit = SubstepLimit(None, cost, budget=need * 3 // 2, free=need * 2, where="on the test")
+    cfg, ckpt = TrainConfig(steps=1, batch_size=8), tmp_path / "checkpoint.pt"
+    replayed, beside, none = _Graphs([counts]), _Graphs([tuple(2 * n for n in counts)]), _Graphs([])
+    for graphs in (replayed, none):
+        _check_substeps(0, model, cfg, limit, ckpt, graphs)  # type: ignore[arg-type]
+        assert graphs.enabled
+    _check_substeps(0, model, cfg, limit, ckpt, beside)  # type: ignore[arg-type]
+    assert not beside.enabled and re.fullmatch(
+        rf"the pass at {sum(counts)} sub-steps \([0-9.]+ MiB\) would not fit beside the graphs' "
+        r"memory pool \([0-9.]+ MiB\) in [0-9.]+ MiB", beside.why), beside.why  # fmt: skip
+    with pytest.raises(SubstepLimitError, match="would take .* above the"):
+        _check_substeps(0, model, cfg, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none)  # type: ignore[arg-type]
 
 
 GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.0, "warmup": 0.3}  # 2 sub-steps, 3 at step 5
@@ -281,7 +362,7 @@ def test_settings_that_change_no_number_leave_the_progress_hash_so_their_change_
         {**spec, "device": "cuda:1", "threads": 8},
         *({**spec, "train": {**spec["train"], k: v}} for k, v in (
             ("stop_after", 5), ("log_every", 1), ("checkpoint_every", 7), ("max_substeps", 9),
-            ("max_norm", 3.0))),
+            ("max_substeps", "auto"), ("memory_fraction", 0.5), ("max_norm", 3.0))),
     ]  # fmt: skip
     assert {_progress_hash(s) for s in same} == {_progress_hash(spec)}
     for changed in ({**spec, "seed": 1}, {**spec, "train": {**spec["train"], "lr_max": 0.5}}):

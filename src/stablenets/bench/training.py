@@ -230,7 +230,7 @@ def _stepper(
     if not isinstance(model, StableModel) or sched is None:
         raise TypeError(f"impl {job['impl']!r}: expected a StableModel and its schedule")
     graphs = step_graphs(model, task, cfg, device, _log)
-    limit = substep_limit(model, task, cfg, device, _log)
+    limit = substep_limit(model, task, cfg, device)
 
     def step() -> None:  # amp, channels_last, cudnn_benchmark: the training step's own settings
         ckpt = workdir / "none.pt"

@@ -137,6 +137,10 @@ class CPLBlock(NonexpansiveBlock):
     def substeps(self, norm: float) -> int:
         return 1
 
+    def checkpoints(self, input_bytes: int) -> bool:
+        """Never: the one step keeps its activations (``remat`` does not apply to it)."""
+        return False
+
     def device_step_size(self, sign: float = 1.0) -> torch.Tensor:
         """``sign`` times the step of the training estimate, computed on the device from the
         ``sigma_estimate`` buffer: ``c / sigma^2`` in float64 with ``c = 2 r theta / L`` shrunk by

@@ -55,13 +55,20 @@ _CLEAR_ERRORS = {
 _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
     "train": ([("{task}.train.batch_size", ("train", "batch_size")),
                ("{task}.train.max_substeps", ("train", "max_substeps")),
-               ("{task}.train.memory_fraction", ("train", "memory_fraction")),
                ("{task}.eval_batch", ("eval_batch",))], True),
     "evaluate-classifier": ([("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
                             True),
     "evaluate-denoiser": ([("denoising.evaluate.batch_size", ("evaluate", "batch_size"))], False),
     "pnp": ([("pnp.batch_size", ("pnp", "batch_size"))], False),
 }  # fmt: skip
+
+
+def _at(spec: dict, path: tuple[str, ...]) -> object:
+    """``spec[path[0]][path[1]]...``, ``None`` where a key is missing."""
+    value: object = spec
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
@@ -74,9 +81,12 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
     settings, resumes = _MEMORY_SETTINGS.get(job, ([], False))
     keys = []
     for key, path in settings:
-        value: object = spec
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
+        value = _at(spec, path)
+        if path == ("train", "max_substeps") and value == "auto":  # the limit is a share
+            key, value = (
+                key.replace("max_substeps", "memory_fraction"),
+                _at(spec, path[:-1] + ("memory_fraction",)),
+            )
         keys.append(f"{key.format(task=spec.get('task', '<task>'))} (now {value})")
     advice = (
         f"lower {', '.join(keys[:-1])}{' or ' if len(keys) > 1 else ''}{keys[-1]}"

@@ -20,7 +20,8 @@ Policy:
 * the graphs share one memory pool: a replay may overwrite another graph's outputs, never its own,
   and only the outputs of the graph just replayed are read (static inputs live outside the pool);
 * a capture that fails (a layer that synchronises with the host inside its forward) turns graphs
-  off for the run, with a log line; training goes on eagerly with the same results.
+  off for the run, with a log line; training goes on eagerly with the same results. So does a
+  step the pool's memory would not leave room for (``loop._check_substeps``).
 
 The power iteration before each step (``operators.fused_power_iteration``: no host value, one
 shape) is captured once too, on its second call; its estimates then reach the host in the one
@@ -88,7 +89,7 @@ class StepGraphs:
         self._seen: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream()
-        self.enabled = True
+        self.enabled, self.off = True, ""
         self.captures = self.replays = self.eager_steps = 0
         self._norms: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FusedEstimates]] = {}
 
@@ -129,20 +130,26 @@ class StepGraphs:
         self._norms[key] = (graph, result)
         return result
 
-    def summary(self) -> str:
-        state = "on" if self.enabled else "off (capture failed)"
-        return (
-            f"cuda graphs {state}: {self.captures} captured, {self.replays} steps replayed, "
-            f"{self.eager_steps} eager"
-        )
+    def captured_counts(self) -> list[tuple[int, ...]]:
+        """The sub-step counts of the graphs kept: their passes' activations live in the pool
+        (one pool: as large as the largest of them), beside what an eager step allocates."""
+        return [tuple(n for n, _ in key[3]) for key in self._graphs]
 
-    def _disable(self, err: RuntimeError) -> None:
-        self.enabled = False
+    def turn_off(self, why: str, short: str) -> None:
+        """Train eagerly from now on, the graphs dropped and their memory pool given back (a
+        capture that failed, or a pass that needs the pool's memory), with a log line."""
+        self.enabled, self.off = False, short
         self._graphs.clear()
         self._norms.clear()
         self._zero_grad()
-        self.log(
-            f"cuda graphs off for this run: capture failed ({first_line(err)}); training eagerly"
+        torch.cuda.empty_cache()
+        self.log(f"cuda graphs off for this run: {why}; training eagerly")
+
+    def summary(self) -> str:
+        state = "on" if self.enabled else f"off ({self.off})"
+        return (
+            f"cuda graphs {state}: {self.captures} captured, {self.replays} steps replayed, "
+            f"{self.eager_steps} eager"
         )
 
     def _zero_grad(self) -> None:
@@ -165,7 +172,7 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 result = fn()
         except RuntimeError as err:
-            self._disable(err)
+            self.turn_off(f"capture failed ({first_line(err)})", "capture failed")
             return None
         return graph, result
 

@@ -10,8 +10,8 @@ configuration (another ``config_hash``) is ignored with a log line, never silent
 A non-finite loss or an exploding norm estimate stops the run with ``DivergenceError``; a forward
 pass whose integrator sub-steps would not fit in memory with ``SubstepLimitError``, before it
 starts: more than ``max_substeps`` sub-steps in total, or (``auto``) activations, as
-``memory.ActivationCost`` predicts them, above ``memory_fraction`` of the free memory. Both name the last good
-checkpoint. Every ``log_every`` steps a progress line reports the step, loss, learning rate,
+``memory.ActivationCost`` predicts them, above ``memory_fraction`` of the free memory. Both
+name the last good checkpoint. Every ``log_every`` steps a progress line reports the step, loss, learning rate,
 sub-steps, time per step, peak memory and the time left, so a job never dies without a line.
 ``stop_after`` ends the loop early on the full schedule: the learning rate of every step run is
 the ``steps``-step schedule's (a rehearsal of the first steps, not a compressed schedule).
@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -84,7 +85,7 @@ class TrainConfig:
     max_norm: float = 1e4
     # Sub-steps of one forward pass, all blocks together: each keeps its activations for the
     # backward pass. "auto": as many as fit in ``memory_fraction`` of the free memory.
-    max_substeps: int | str = "auto"
+    max_substeps: int | Literal["auto"] = "auto"
     memory_fraction: float = 0.8
     seed: int = 0
     loss: dict | None = None  # None: the task's loss; {name: margin, eps, temperature}
@@ -98,6 +99,12 @@ class TrainConfig:
     # None: run all ``steps``; N: stop after N steps of the ``steps``-step schedule (validated at
     # the last step run, best model saved as usual)
     stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.max_substeps == "auto" or self.max_substeps >= 1):
+            raise ValueError(f"max_substeps must be 'auto' or >= 1, got {self.max_substeps!r}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
 Log = Callable[[str], None]
@@ -158,25 +165,37 @@ class SubstepLimit:
 
 
 def substep_limit(
-    model: StableModel, task: Task, cfg: TrainConfig, device: torch.device, log: Log
+    model: StableModel, task: Task, cfg: TrainConfig, device: torch.device
 ) -> SubstepLimit:
     """``cfg.max_substeps`` as a ``SubstepLimit``; ``auto`` measures the model's activation
-    cost on one training image (``memory.activation_cost``) and the free memory, and logs both."""
-    if cfg.max_substeps != "auto":
-        return SubstepLimit(count=int(cfg.max_substeps))
+    cost on one training image (``memory.activation_cost``) and the free memory."""
+    if cfg.max_substeps != "auto" or next(model.constrained_blocks(), None) is None:
+        return SubstepLimit(count=None if cfg.max_substeps == "auto" else int(cfg.max_substeps))
     inputs, _ = task.batch(1, torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     cost = activation_cost(model, inputs, cfg.batch_size, lambda: _autocast(cfg, device))
     free, where = free_memory(device)
-    limit = SubstepLimit(None, cost, int(cfg.memory_fraction * free), free, where)
-    counts = [b.last_substeps for b in model.constrained_blocks()]
-    log(
-        f"sub-step limit (train.max_substeps=auto): activations up to {_size(limit.budget)}, "
-        f"{cfg.memory_fraction:.0%} of the {_size(free)} {where}; a pass keeps "
-        f"{_size(cost.bytes(counts))} at the {sum(counts)} sub-steps of now"
-    )
-    return limit
+    return SubstepLimit(None, cost, int(cfg.memory_fraction * free), free, where)
+
+
+def _log_limit(model: StableModel, cfg: TrainConfig, limit: SubstepLimit, log: Log) -> None:
+    """What ``auto`` allows, and what a pass at the current counts keeps (after a resume)."""
+    if limit.cost is not None:
+        _, counts = _counts(model.train())
+        log(
+            f"sub-step limit (train.max_substeps=auto): activations up to "
+            f"{_size(limit.budget)}, {cfg.memory_fraction:.0%} of the {_size(limit.free)} "
+            f"{limit.where}; a pass keeps {_size(limit.cost.bytes(counts))} at the current "
+            f"{sum(counts)} sub-steps"
+        )
+
+
+def _counts(model: StableModel) -> tuple[list[float], list[int]]:
+    """Each constrained block's norm estimate and the sub-steps of its next forward pass."""
+    norms = [b.current_norm() for b in model.constrained_blocks()]
+    blocks = model.constrained_blocks()
+    return norms, [b.substeps(n) for b, n in zip(blocks, norms, strict=True)]
 
 
 def _size(n: int) -> str:
@@ -185,7 +204,12 @@ def _size(n: int) -> str:
 
 
 def _check_substeps(
-    step: int, model: StableModel, cfg: TrainConfig, limit: SubstepLimit, ckpt: Path
+    step: int,
+    model: StableModel,
+    cfg: TrainConfig,
+    limit: SubstepLimit,
+    ckpt: Path,
+    graphs: StepGraphs | None,
 ) -> None:
     """Stop before a forward pass that takes more sub-steps than ``limit`` allows.
 
@@ -193,21 +217,14 @@ def _check_substeps(
     ``substeps`` at its current norm, as ``schedule`` computes them), all on the host: no device
     synchronisation, and nothing a CUDA graph has to capture. A norm below ``max_norm`` can
     still ask for 10,000x the initial count; without this check the activations of those
-    sub-steps exhaust the memory and the job dies in the allocator."""
-    blocks = list(model.constrained_blocks())
-    if not blocks:  # no sub-steps to limit (a ResNet, a DnCNN)
-        return
-    norms = [b.current_norm() for b in blocks]
-    counts = [b.substeps(n) for b, n in zip(blocks, norms, strict=True)]
-    if limit.cost is None:
-        if sum(counts) <= (limit.count or 0):
-            return
-        weight = counts
-        excess = (
-            f", above train.max_substeps={limit.count} (their activations would not fit in memory)"
-        )
-    else:
-        if (need := limit.cost.bytes(counts)) <= limit.budget:
+    sub-steps exhaust the memory and the job dies in the allocator. A pass that fits alone but
+    not beside the CUDA graphs' memory pool (it is not replayed: it runs eagerly or is captured)
+    turns the graphs off instead."""
+    norms, counts = _counts(model)
+    if limit.cost is not None:
+        need = limit.cost.bytes(counts)
+        if need <= limit.budget:
+            _make_room(graphs, counts, need, limit)
             return
         weight = [limit.cost.block_bytes(i, n) for i, n in enumerate(counts)]
         excess = (
@@ -215,6 +232,14 @@ def _check_substeps(
             f"train.max_substeps=auto allows ({cfg.memory_fraction:.0%} of the "
             f"{_size(limit.free)} {limit.where})"
         )
+    elif limit.count is None or sum(counts) <= limit.count:
+        return
+    else:
+        weight = counts
+        excess = (
+            f", above train.max_substeps={limit.count} (their activations would not fit in memory)"
+        )
+    blocks = list(model.constrained_blocks())
     worst = max(range(len(blocks)), key=weight.__getitem__)
     name = next(n for n, m in model.named_modules() if m is blocks[worst])
     raise SubstepLimitError(
@@ -222,6 +247,24 @@ def _check_substeps(
         f"{excess}; block {name} needs {counts[worst]} at norm estimate {norms[worst]:.4g}; "
         f"last good checkpoint: {last_good(ckpt)}"
     )
+
+
+def _make_room(
+    graphs: StepGraphs | None, counts: list[int], need: int, limit: SubstepLimit
+) -> None:
+    """Turn ``graphs`` off when a pass they do not replay would not fit beside their pool."""
+    if graphs is None or not graphs.enabled or limit.cost is None:
+        return
+    captured = graphs.captured_counts()
+    if tuple(counts) in captured:
+        return
+    held = max((limit.cost.bytes(c) for c in captured), default=0)
+    if need + held > limit.budget:
+        graphs.turn_off(
+            f"the pass at {sum(counts)} sub-steps ({_size(need)}) would not fit beside the "
+            f"graphs' memory pool ({_size(held)}) in {_size(limit.budget)}",
+            "memory",
+        )
 
 
 def _check_weights(step: int, model: StableModel, ckpt: Path) -> None:
@@ -278,10 +321,11 @@ def train(
     device = next(model.parameters()).device
     build_loss(cfg.loss, model)  # fail before any step on a bad loss
     prepare_for_speed(model, cfg)
-    limit = substep_limit(model, task, cfg, device, log)
+    limit = substep_limit(model, task, cfg, device)
     cfg = _budgeted(model, task, cfg, workdir, config_hash, device, limit, log)
     opt, sched = make_optimizer(model, cfg)
     state = resume(ckpt_path, config_hash, model, opt, sched, log)
+    _log_limit(model, cfg, limit, log)
     graphs = step_graphs(model, task, cfg, device, log)
     end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
     if end < cfg.steps:
@@ -496,7 +540,7 @@ def _train_step(
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()
     _check_finite(state.step, None, model, cfg, ckpt_path)
-    _check_substeps(state.step, model, cfg, limit, ckpt_path)
+    _check_substeps(state.step, model, cfg, limit, ckpt_path, graphs)
     t0 = time.perf_counter()
     if graphs is None:
         out, loss = _forward_loss(model, task, cfg, device, inputs, targets, capturing=False)

@@ -10,8 +10,9 @@ which the loop checks against the free memory before each forward pass.
 from __future__ import annotations
 
 import contextlib
+import operator
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,20 +55,29 @@ def free_memory(device: torch.device) -> tuple[int, str]:
         free, _ = torch.cuda.mem_get_info(device)
         held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free + held, f"free on {device}"
-    status = _fields(Path("/proc/self/status"))
-    limits = [(_fields(Path("/proc/meminfo")).get("MemAvailable", 0), "available on the host")]
+    limits = [(left, "left in the cgroup") for left in _cgroup_left()]
+    if "MemAvailable" in (host := _fields(Path("/proc/meminfo"))):
+        limits.append((host["MemAvailable"], "available on the host"))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append((soft - status.get("VmSize", 0), "left under ulimit -v"))
-    limits += [(left, "left in the cgroup") for left in _cgroup_left()]
-    return min(limits)
+        mapped = _fields(Path("/proc/self/status")).get("VmSize", 0)
+        limits.append((soft - mapped, "left under ulimit -v"))
+    return min(limits, default=(UNKNOWN_FREE, "free (no limit found)"))
 
+
+# What ``free_memory`` says where it finds no limit (no /proc: not Linux): the guard then stops
+# nothing, as with no guard at all.
+UNKNOWN_FREE = 2**62
 
 # cgroup v2 (``0::<path>`` in /proc/self/cgroup) and v1 (``<n>:memory:<path>``): where the
-# memory controller lives and its (limit, usage) files
+# memory controller lives, its (limit, usage) files and the key of memory.stat that counts the
+# page cache the kernel reclaims before it kills (in the usage, but not in the way)
 _CGROUPS = {
-    "v2": (Path("/sys/fs/cgroup"), ("memory.max", "memory.current")),
-    "v1": (Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")),
+    "v2": (Path("/sys/fs/cgroup"), ("memory.max", "memory.current", "inactive_file")),
+    "v1": (
+        Path("/sys/fs/cgroup/memory"),
+        ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ),
 }
 
 
@@ -75,7 +85,8 @@ def _cgroup_left(
     membership: Path = Path("/proc/self/cgroup"), cgroups: dict = _CGROUPS
 ) -> list[int]:
     """Memory left under each cgroup limit of this process and of the groups above it (a
-    container, a SLURM job or step); "max" or a v1 "unlimited" (2**63 rounded) is no limit."""
+    container, a SLURM job or step): limit - usage + inactive page cache, as container runtimes
+    count it; "max" or a v1 "unlimited" (2**63 rounded) is no limit."""
     lefts = []
     with contextlib.suppress(OSError):
         for line in membership.read_text().splitlines():
@@ -85,16 +96,23 @@ def _cgroup_left(
             )
             if version is None:
                 continue
-            root, files = cgroups[version]
+            root, (limit, usage, cache) = cgroups[version]
             here = root / path.lstrip("/")
             for group in (here, *here.parents):
                 if not group.is_relative_to(root):
                     break
                 with contextlib.suppress(OSError, ValueError):
-                    top, used = (int((group / name).read_text()) for name in files)
+                    top, used = (int((group / name).read_text()) for name in (limit, usage))
                     if top < 2**60:
-                        lefts.append(top - used)
+                        lefts.append(top - used + _stat(group / "memory.stat").get(cache, 0))
     return lefts
+
+
+def _stat(path: Path) -> dict[str, int]:
+    """The ``key value`` lines of a cgroup's memory.stat (empty where it is missing)."""
+    with contextlib.suppress(OSError):
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+    return {}
 
 
 def _fields(path: Path) -> dict[str, int]:
@@ -119,8 +137,10 @@ class ActivationCost:
     only its input when the block checkpoints its sub-steps); ``shared_i``: what it keeps
     whatever the batch (tensors derived from the weights); ``fixed``: the layers outside the
     blocks, per image; ``transient``: the largest checkpointed sub-step's activations, which
-    the backward pass recomputes one sub-step at a time. Exact for what autograd saves; the
-    gradients in flight are what ``memory_fraction`` leaves free.
+    the backward pass recomputes one sub-step at a time. Exact for what the model's forward
+    pass saves in eager mode; ``memory_fraction`` leaves the rest free: the gradients in flight,
+    what the loss saves (the denoiser's loss keeps the last block's output, 0.3 % at paper
+    size), and, under bf16 in a CUDA graph (no autocast cache), a cast of the weights per call.
     """
 
     kept: tuple[int, ...]
@@ -130,16 +150,12 @@ class ActivationCost:
     batch: int
 
     def bytes(self, counts: Sequence[int]) -> int:
-        per_image = self.fixed + self.transient + sum(map(_mul, counts, self.kept))
-        return self.batch * per_image + sum(map(_mul, counts, self.shared))
+        per_image = self.fixed + self.transient + sum(map(operator.mul, counts, self.kept))
+        return self.batch * per_image + sum(map(operator.mul, counts, self.shared))
 
     def block_bytes(self, i: int, count: int) -> int:
         """What ``count`` sub-steps of block ``i`` keep."""
         return count * (self.batch * self.kept[i] + self.shared[i])
-
-
-def _mul(a: int, b: int) -> int:
-    return a * b
 
 
 def activation_cost(
@@ -167,26 +183,42 @@ def activation_cost(
 
     hooks = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
     hooks += [b.register_forward_hook(lambda *_: inside.__setitem__(0, False)) for b in blocks]
-    model.train()
-    try:
-        fixed = _saved_bytes(
-            lambda: model(inputs[:1].clone()), params, autocast, skip=lambda: inside[0]
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _unchanged(model):
+        try:
+            fixed = _saved_bytes(
+                lambda: model.train()(inputs[:1].clone()), params, autocast, skip=lambda: inside[0]
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        saves = [[_substep_saves(b, block_inputs[i], n, params, autocast) for n in (1, 2)]
+                 for i, b in enumerate(blocks)]  # fmt: skip
     kept, shared, transient = [], [], 0
-    for i, block in enumerate(blocks):
+    for i, (block, (one, two)) in enumerate(zip(blocks, saves, strict=True)):
         x = block_inputs[i]
-        one, two = (_substep_saves(block, x, n, params, autocast) for n in (1, 2))
         per_image, image_bytes = two - one, x.numel() * x.element_size()
-        shared.append(max(one - per_image, 0))
-        if block.checkpoints(batch * image_bytes):
+        if block.checkpoints(batch * image_bytes):  # its input kept, the rest recomputed
             kept.append(image_bytes)
+            shared.append(0)
             transient = max(transient, per_image)
         else:
             kept.append(per_image)
+            shared.append(max(one - per_image, 0))
     return ActivationCost(tuple(kept), tuple(shared), fixed, transient, batch)
+
+
+@contextlib.contextmanager
+def _unchanged(model: StableModel) -> Iterator[None]:
+    """The model's mode and buffers as they were (a probe pass in ``train()`` mode would move a
+    batch norm's running statistics, and so the trained numbers)."""
+    mode, buffers = model.training, [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        model.train(mode)
+        with torch.no_grad():
+            for buffer, before in buffers:
+                buffer.copy_(before)
 
 
 def _substep_saves(
