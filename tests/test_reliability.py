@@ -945,6 +945,18 @@ BAD_CONFIGS = {
         {"classification": {"train": {"batch_size": "64"}}},
         "classification.train.batch_size: '64' is not of type 'integer'",
     ),
+    "no sub-step": (
+        {"classification": {"train": {"max_substeps": 0}}},
+        "classification.train.max_substeps: 0 is less than the minimum of 1",
+    ),
+    "a limit that is neither a count nor auto": (
+        {"denoising": {"train": {"max_substeps": "Auto"}}},
+        "denoising.train.max_substeps: 'Auto' is not allowed; allowed: ['auto']",
+    ),
+    "more memory than there is": (
+        {"denoising": {"train": {"memory_fraction": 1.5}}},
+        "denoising.train.memory_fraction: 1.5 is greater than the maximum of 1",
+    ),
     "unknown model": (
         {"denoising": {"variants": {"euler": {"model": "transformer"}}}},
         "denoising.variants.euler.model: 'transformer' is not allowed; allowed: [",
