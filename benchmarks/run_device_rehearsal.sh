@@ -24,9 +24,8 @@
 # them (write_cost, the lines under "partial cost" below: they need the run's results/ and
 # benchmarks/, so run them where the run ran); it projects the paper DAG once every rule has a
 # finished job, else it writes the measured jobs alone. A second call on the still-warm machine
-# resumes: its ignored files (results/, logs/, .snakemake/) stay between calls, and Snakemake
-# reruns only what is missing (benchmarks/rehearsal/ is not ignored: a TSV lost there reruns
-# its job).
+# resumes: its ignored files (results/, logs/, benchmarks/rehearsal/, .snakemake/) stay between
+# calls, and Snakemake reruns only what is missing.
 #
 # Environment: OUT (required); DEVICE_PYTHON, the interpreter (default python3); KIT, the kit
 # folder (default .gpu: whl/ installed into SITE, default /tmp/site, and site/ used as is), or

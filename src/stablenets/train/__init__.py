@@ -8,10 +8,11 @@ torch and numpy only; imports :mod:`stablenets.nn` and the metrics of
 * :mod:`~stablenets.train.tasks`: the classification and denoising tasks (what a step draws,
   seeded by the step; how a model is validated).
 * :mod:`~stablenets.train.checkpoints`: resumable checkpoints, tied to the configuration's hash.
-* :mod:`~stablenets.train.cuda_graphs`: one captured CUDA graph per substep count.
+* :mod:`~stablenets.train.cuda_graphs`: one captured CUDA graph per tuple of sub-step counts.
 * :mod:`~stablenets.train.augment`: the data augmentation of the classifiers.
 * :mod:`~stablenets.train.budget`: step counts from a time budget.
-* :mod:`~stablenets.train.memory`: peak memory of the process.
+* :mod:`~stablenets.train.memory`: peak and free memory, out-of-memory errors, and the
+  activation cost behind ``max_substeps: auto``.
 """
 
 from stablenets.train.loop import DivergenceError, SubstepLimitError, TrainConfig, train

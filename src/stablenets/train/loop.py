@@ -62,8 +62,9 @@ class DivergenceError(RuntimeError):
 
 
 class SubstepLimitError(DivergenceError):
-    """The next forward pass would take more sub-steps than ``max_substeps`` allows: its
-    activations would exhaust the memory (the count grows with the square of a block's norm)."""
+    """The next forward pass would take more sub-steps than ``max_substeps`` allows (a count,
+    or with ``auto`` activations above ``memory_fraction`` of the free memory): they would
+    exhaust the memory (the count grows with the square of a block's norm)."""
 
 
 @dataclass(frozen=True)
