@@ -188,20 +188,22 @@ def test_the_activation_cost_is_what_autograd_saves_at_any_sub_step_counts(
         # the forward pass's saves, and the sub-step the backward pass recomputes (remat)
         x = torch.rand(batch, *shape)
         truth = _bytes_autograd_saves(model, x) + _recomputed(model, x)
-        predicted = cost.bytes(counts)
+        blocks = model.constrained_blocks()
+        remats = [b.checkpoints(batch * n) for b, n in zip(blocks, cost.inputs, strict=True)]
+        predicted = cost.bytes(counts, remats)
         assert truth <= predicted <= truth + sum(counts) * max(cost.shared, default=0), (
             counts, truth, predicted)  # fmt: skip
     if remat and name == "nonexpansive_denoiser":  # one input per sub-step, one recomputed
-        assert cost.transient > max(cost.kept) and all(k == 4 * 6 * 9 * 7 for k in cost.kept)
+        assert all(k == 4 * 6 * 9 * 7 < s for k, s in zip(cost.inputs, cost.stages, strict=True))
 
 
 def test_the_paper_classifiers_activation_cost_is_three_activations_per_euler_sub_step():
     """The arithmetic of config.yaml's comment: 24, 12 and 6 MiB per sub-step of the stage-1, 2
     and 3 blocks at batch 128 (16 ch x 32x32, 32 x 16x16, 64 x 8x8, float32, 3 activations)."""
     cost = activation_cost(build_model("nonexpansive_classifier"), torch.rand(1, 3, 32, 32), 128)
-    mib = [cost.block_bytes(i, 1) / 2**20 for i in range(len(cost.kept))]
-    assert mib == [24.0] * 5 + [12.0] * 5 + [6.0] * 5 and cost.transient == 0
-    assert cost.bytes([1] * 15) == 128 * cost.fixed + 2**20 * sum(mib)
+    mib = [cost.block_bytes(i, 1, False) / 2**20 for i in range(15)]
+    assert mib == [24.0] * 5 + [12.0] * 5 + [6.0] * 5
+    assert cost.bytes([1] * 15, [False] * 15) == 128 * cost.fixed + 2**20 * sum(mib)
 
 
 def test_the_memory_left_is_read_under_every_cgroup_limit_above_the_process(tmp_path):
@@ -271,19 +273,21 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
                         input_size=8).train()  # fmt: skip
     cost = activation_cost(model, torch.rand(1, 3, 8, 8), 8)
     counts = tuple(b.substeps(b.current_norm()) for b in model.constrained_blocks())
-    need = cost.bytes(counts)
+    need = cost.bytes(counts, [False] * len(counts))
     limit = SubstepLimit(None, cost, budget=need * 3 // 2, free=need * 2, where="on the test")
     cfg, ckpt = TrainConfig(steps=1, batch_size=8), tmp_path / "checkpoint.pt"
     replayed, beside, none = _Graphs([counts]), _Graphs([tuple(2 * n for n in counts)]), _Graphs([])
     for graphs in (replayed, none):
-        _check_substeps(0, model, cfg, limit, ckpt, graphs)  # type: ignore[arg-type]
+        _check_substeps(0, model, cfg, limit, ckpt, graphs, print)  # type: ignore[arg-type]
         assert graphs.enabled
-    _check_substeps(0, model, cfg, limit, ckpt, beside)  # type: ignore[arg-type]
+    _check_substeps(0, model, cfg, limit, ckpt, beside, print)  # type: ignore[arg-type]
     assert not beside.enabled and re.fullmatch(
         rf"the pass at {sum(counts)} sub-steps \([0-9.]+ MiB\) would not fit beside the graphs' "
         r"memory pool \([0-9.]+ MiB\) in [0-9.]+ MiB", beside.why), beside.why  # fmt: skip
     with pytest.raises(SubstepLimitError, match="would take .* above the"):
-        _check_substeps(0, model, cfg, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none)  # type: ignore[arg-type]
+        _check_substeps(
+            0, model, cfg, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none, print
+        )  # type: ignore[arg-type]
 
 
 GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.0, "warmup": 0.3}  # 2 sub-steps, 3 at step 5
@@ -293,18 +297,19 @@ def test_the_automatic_limit_stops_before_the_first_pass_whose_activations_excee
     tmp_path, monkeypatch
 ):
     """``max_substeps: auto`` with a device that has room for exactly the first passes: the
-    run stops before the first forward pass whose predicted activations do not fit, by name."""
+    run stops before the first forward pass whose predicted activations do not fit, by name
+    (sub-steps unchecked: checkpointing could not make room here either)."""
     logs, state = _tiny_run(tmp_path / "free", **GROWING)
     counts = [r["substeps"] for r in state.rows if r["kind"] == "train"]
     first = next(i for i, n in enumerate(counts) if n > counts[0])  # the first growth
     model = build_model(
         "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
     )
-    room = activation_cost(model, torch.rand(1, 3, 8, 8), 8).bytes([1, 1])
+    room = activation_cost(model, torch.rand(1, 3, 8, 8), 8).bytes([1, 1], [False, False])
     free = math.ceil(room / 0.8) + 1  # 80 % of it holds the first passes, not the one that grew
     monkeypatch.setattr("stablenets.train.loop.free_memory", lambda device: (free, "on the test"))
     with pytest.raises(SubstepLimitError) as err:
-        _tiny_run(tmp_path / "tight", **GROWING)
+        _tiny_run(tmp_path / "tight", **GROWING, remat=False)
     assert re.fullmatch(
         rf"training stopped at step {first}: the forward pass would take {counts[first]} "
         r"sub-steps keeping [0-9.]+ [KMG]iB of activations, above the [0-9.]+ [KMG]iB that "
@@ -312,6 +317,35 @@ def test_the_automatic_limit_stops_before_the_first_pass_whose_activations_excee
         r"stages\.[01]\.0 needs \d+ at norm estimate [0-9.]+; last good checkpoint: none",
         str(err.value),
     ), (str(err.value), counts)
+
+
+def test_remat_auto_checkpoints_only_the_passes_that_would_not_fit_unchecked(tmp_path, monkeypatch):
+    """``remat: auto`` under ``max_substeps: auto``: the sub-steps run unchecked (faster) while
+    the pass fits so, and are checkpointed from the first pass that fits only so, with a log
+    line; the weights are those of a run never checkpointed and of one always checkpointed, to
+    the bit (checkpointing recomputes the same sub-steps)."""
+    _, state = _tiny_run(tmp_path / "free", **GROWING, remat=False)
+    rows = [r for r in state.rows if r["kind"] == "train"]
+    grown = next(r for r in rows if r["substeps"] > rows[0]["substeps"])
+    counts = [[r[f"block{i}_substeps"] for i in range(2)] for r in (rows[0], grown)]
+    model = build_model(
+        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
+    )
+    cost = activation_cost(model, torch.rand(1, 3, 8, 8), 8)
+    first, unchecked, checked = (cost.bytes(counts[0], [False] * 2),
+                                 cost.bytes(counts[1], [False] * 2), cost.bytes(counts[1], [True] * 2))  # fmt: skip
+    budget = (max(first, checked) + unchecked) // 2
+    assert max(first, checked) < budget < unchecked, (first, checked, unchecked)
+    monkeypatch.setattr("stablenets.train.loop.free_memory", lambda d: (budget / 0.8, "here"))
+    logs, auto = _tiny_run(tmp_path / "auto", **GROWING)
+    switched = [line for line in logs if line.startswith("remat ")]
+    assert switched and switched[0].startswith(
+        f"remat on: checkpointed, the pass at {sum(counts[1])} sub-steps at step {grown['step']} "
+    ), logs
+    monkeypatch.undo()
+    _, always = _tiny_run(tmp_path / "always", **GROWING, remat=True)
+    for other in (state, always):
+        assert all(torch.equal(auto.best_state[k], v) for k, v in other.best_state.items())
 
 
 def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(

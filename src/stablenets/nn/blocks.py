@@ -60,6 +60,9 @@ class NonexpansiveBlock(nn.Module):
         init_power_iters: power iterations run at construction to warm the norm estimate.
     """
 
+    # whether ``remat`` (activation checkpointing of the sub-steps) can apply to the block
+    checkpointable: bool = True
+
     time: torch.Tensor  # the integration time, a float64 buffer
 
     def __init__(
@@ -147,7 +150,10 @@ class NonexpansiveBlock(nn.Module):
 
     def checkpoints(self, input_bytes: int) -> bool:
         """Whether a training pass checkpoints its sub-steps on an input of ``input_bytes``:
-        ``checkpoint_substeps`` when set, else (auto) when the input exceeds ``REMAT_BYTES``."""
+        never where not ``checkpointable``; ``checkpoint_substeps`` when set; else (auto) when
+        the input exceeds ``REMAT_BYTES``."""
+        if not self.checkpointable:
+            return False
         if self.checkpoint_substeps is not None:
             return self.checkpoint_substeps
         return input_bytes > REMAT_BYTES

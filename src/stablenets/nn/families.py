@@ -114,6 +114,8 @@ class CPLBlock(NonexpansiveBlock):
     to this step, ``NonexpansiveBlock`` computes the same map (tested).
     """
 
+    checkpointable = False  # the one step keeps its activations (``remat`` does not apply)
+
     def __init__(
         self,
         operator: LinearOperator,
@@ -136,10 +138,6 @@ class CPLBlock(NonexpansiveBlock):
 
     def substeps(self, norm: float) -> int:
         return 1
-
-    def checkpoints(self, input_bytes: int) -> bool:
-        """Never: the one step keeps its activations (``remat`` does not apply to it)."""
-        return False
 
     def device_step_size(self, sign: float = 1.0) -> torch.Tensor:
         """``sign`` times the step of the training estimate, computed on the device from the

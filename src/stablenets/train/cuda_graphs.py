@@ -7,8 +7,8 @@ than the kernels (H100 profile: 21.5 ms against 6.9 ms per step). A CUDA graph r
 forward and backward with one launch.
 
 A graph freezes every value the host computed while it was captured: each block's sub-step count
-``n`` and step size ``h = T / n``. So there is one graph per tuple of ``(n, T / n)`` over the
-constrained blocks (and per input shape), looked up after the step's power iteration has set the
+``n``, step size ``h = T / n`` and checkpointing. So there is one graph per tuple of
+``(n, T / n)`` and of checkpointing over the constrained blocks (and per input shape), looked up after the step's power iteration has set the
 counts. CPL's step follows the norm estimate at every step; while captured it reads that estimate
 from the device (``CPLBlock.device_step_size``), so one graph serves every step.
 
@@ -85,6 +85,7 @@ class StepGraphs:
             raise ValueError(f"cuda_graph_cache={cache} must be at least 1")
         self.model, self.forward_loss, self.cache, self.log = model, forward_loss, cache, log
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._blocks = [b for b in model.modules() if isinstance(b, NonexpansiveBlock)]
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle()
@@ -96,7 +97,8 @@ class StepGraphs:
     def __call__(
         self, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(inputs.shape), inputs.stride(), inputs.dtype, substep_key(self.model))
+        key = (tuple(inputs.shape), inputs.stride(), inputs.dtype, substep_key(self.model),
+               tuple(b.checkpoint_substeps for b in self._blocks))  # fmt: skip
         entry = self._graphs.get(key)
         if entry is None and self.enabled and key in self._seen:
             entry = self._capture(key, inputs, targets)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -156,13 +156,16 @@ def _check_finite(
 class SubstepLimit:
     """What ``train.max_substeps`` allows a forward pass: ``count`` sub-steps in total, or
     (``auto``) ``budget`` bytes of the activations ``cost`` predicts, ``budget`` being
-    ``memory_fraction`` of the memory found free (``free`` bytes, ``where``) at the start."""
+    ``memory_fraction`` of the memory found free (``free`` bytes, ``where``) at the start.
+    ``remat``: each block's checkpointing, fixed; ``None`` (``remat: auto`` under ``auto``):
+    chosen before each pass, off while the pass fits without it."""
 
     count: int | None
     cost: ActivationCost | None = None
     budget: int = 0
     free: int = 0
     where: str = ""
+    remat: tuple[bool, ...] | None = None
 
 
 def substep_limit(
@@ -177,18 +180,24 @@ def substep_limit(
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     cost = activation_cost(model, inputs, cfg.batch_size, lambda: _autocast(cfg, device))
     free, where = free_memory(device)
-    return SubstepLimit(None, cost, int(cfg.memory_fraction * free), free, where)
+    blocks = model.constrained_blocks()
+    remat = None
+    if cfg.remat != "auto":
+        remat = tuple(
+            b.checkpoints(cfg.batch_size * n) for b, n in zip(blocks, cost.inputs, strict=True)
+        )
+    return SubstepLimit(None, cost, int(cfg.memory_fraction * free), free, where, remat)
 
 
 def _log_limit(model: StableModel, cfg: TrainConfig, limit: SubstepLimit, log: Log) -> None:
     """What ``auto`` allows, and what a pass at the current counts keeps (after a resume)."""
     if limit.cost is not None:
         _, counts = _counts(model.train())
+        need = limit.cost.bytes(counts, _remat(limit, counts))
         log(
             f"sub-step limit (train.max_substeps=auto): activations up to "
             f"{_size(limit.budget)}, {cfg.memory_fraction:.0%} of the {_size(limit.free)} "
-            f"{limit.where}; a pass keeps {_size(limit.cost.bytes(counts))} at the current "
-            f"{sum(counts)} sub-steps"
+            f"{limit.where}; a pass keeps {_size(need)} at the current {sum(counts)} sub-steps"
         )
 
 
@@ -197,6 +206,17 @@ def _counts(model: StableModel) -> tuple[list[float], list[int]]:
     norms = [b.current_norm() for b in model.constrained_blocks()]
     blocks = model.constrained_blocks()
     return norms, [b.substeps(n) for b, n in zip(blocks, norms, strict=True)]
+
+
+def _remat(limit: SubstepLimit, counts: list[int]) -> list[bool]:
+    """Each block's checkpointing for a pass at ``counts``: ``limit.remat``, or (chosen) none
+    while the pass fits without it, else every block that can."""
+    cost = cast(ActivationCost, limit.cost)
+    if limit.remat is not None:
+        return list(limit.remat)
+    if cost.bytes(counts, [False] * len(counts)) <= limit.budget:
+        return [False] * len(counts)
+    return list(cost.checkpointable)
 
 
 def _size(n: int) -> str:
@@ -211,6 +231,7 @@ def _check_substeps(
     limit: SubstepLimit,
     ckpt: Path,
     graphs: StepGraphs | None,
+    log: Log,
 ) -> None:
     """Stop before a forward pass that takes more sub-steps than ``limit`` allows.
 
@@ -218,16 +239,25 @@ def _check_substeps(
     ``substeps`` at its current norm, as ``schedule`` computes them), all on the host: no device
     synchronisation, and nothing a CUDA graph has to capture. A norm below ``max_norm`` can
     still ask for 10,000x the initial count; without this check the activations of those
-    sub-steps exhaust the memory and the job dies in the allocator. A pass that fits alone but
-    not beside the CUDA graphs' memory pool (it is not replayed: it runs eagerly or is captured)
-    turns the graphs off instead."""
+    sub-steps exhaust the memory and the job dies in the allocator. Under ``auto`` it also
+    sets each block's checkpointing for the pass (``_remat``), and a pass that fits alone but
+    not beside the CUDA graphs' memory pool (it is not replayed: it runs eagerly or is
+    captured) turns the graphs off instead."""
     norms, counts = _counts(model)
     if limit.cost is not None:
-        need = limit.cost.bytes(counts)
+        remat = _remat(limit, counts)
+        need = limit.cost.bytes(counts, remat)
+        if _set_remat(model, remat) and limit.remat is None:
+            state = "on: checkpointed" if any(remat) else "off: unchecked"
+            log(f"remat {state}, the pass at {sum(counts)} sub-steps at step {step} keeps "
+                f"{_size(need)} of the {_size(limit.budget)} allowed (train.remat=auto)")  # fmt: skip
         if need <= limit.budget:
-            _make_room(graphs, counts, need, limit)
+            _make_room(graphs, counts, remat, need, limit)
             return
-        weight = [limit.cost.block_bytes(i, n) for i, n in enumerate(counts)]
+        weight = [
+            limit.cost.block_bytes(i, n, r)
+            for i, (n, r) in enumerate(zip(counts, remat, strict=True))
+        ]
         excess = (
             f" keeping {_size(need)} of activations, above the {_size(limit.budget)} that "
             f"train.max_substeps=auto allows ({cfg.memory_fraction:.0%} of the "
@@ -250,8 +280,23 @@ def _check_substeps(
     )
 
 
+def _set_remat(model: StableModel, remat: list[bool]) -> bool:
+    """Give each block its checkpointing for the next pass (the gradients are the same either
+    way, to the bit on the CPU); whether any block checkpoints where it did not before, or the
+    other way round (unset counts as not)."""
+    blocks = list(model.constrained_blocks())
+    changed = any(bool(b.checkpoint_substeps) != r for b, r in zip(blocks, remat, strict=True))
+    for block, r in zip(blocks, remat, strict=True):
+        block.checkpoint_substeps = r
+    return changed
+
+
 def _make_room(
-    graphs: StepGraphs | None, counts: list[int], need: int, limit: SubstepLimit
+    graphs: StepGraphs | None,
+    counts: list[int],
+    remat: list[bool],
+    need: int,
+    limit: SubstepLimit,
 ) -> None:
     """Turn ``graphs`` off when a pass they do not replay would not fit beside their pool."""
     if graphs is None or not graphs.enabled or limit.cost is None:
@@ -259,7 +304,7 @@ def _make_room(
     captured = graphs.captured_counts()
     if tuple(counts) in captured:
         return
-    held = max((limit.cost.bytes(c) for c in captured), default=0)
+    held = max((limit.cost.bytes(c, remat) for c in captured), default=0)
     if need + held > limit.budget:
         graphs.turn_off(
             f"the pass at {sum(counts)} sub-steps ({_size(need)}) would not fit beside the "
@@ -341,7 +386,7 @@ def train(
     with StopFlag() as stop:
         while state.step < end:
             t0 = time.perf_counter()
-            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, limit, graphs)
+            _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, limit, graphs, log)
             dt = time.perf_counter() - t0
             state.elapsed += dt
             if state.step == start:  # this process's start-up
@@ -429,7 +474,7 @@ def _budgeted(
 
         def step() -> None:
             ckpt = workdir / "calibration"
-            _train_step(probe, task, cfg, opt, sched, state, device, ckpt, limit, graphs)
+            _train_step(probe, task, cfg, opt, sched, state, device, ckpt, limit, graphs, log)
             state.step += 1
 
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -530,6 +575,7 @@ def _train_step(
     ckpt_path: Path,
     limit: SubstepLimit,
     graphs: StepGraphs | None = None,
+    log: Log = print,
 ) -> None:
     """One step: batch, power iteration, forward/backward (eager or replayed from ``graphs``),
     SGD + schedule, divergence and sub-step checks, a log row every ``log_every`` steps."""
@@ -541,7 +587,7 @@ def _train_step(
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()
     _check_finite(state.step, None, model, cfg, ckpt_path)
-    _check_substeps(state.step, model, cfg, limit, ckpt_path, graphs)
+    _check_substeps(state.step, model, cfg, limit, ckpt_path, graphs, log)
     t0 = time.perf_counter()
     if graphs is None:
         out, loss = _forward_loss(model, task, cfg, device, inputs, targets, capturing=False)

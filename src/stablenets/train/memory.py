@@ -10,7 +10,6 @@ which the loop checks against the free memory before each forward pass.
 from __future__ import annotations
 
 import contextlib
-import operator
 import resource
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -129,33 +128,42 @@ def _fields(path: Path) -> dict[str, int]:
 @dataclass(frozen=True)
 class ActivationCost:
     """Bytes a training forward pass keeps for its backward pass, for the sub-step counts
-    ``n_i`` of the constrained blocks at batch size ``B``::
+    ``n_i`` of the constrained blocks at batch size ``B``, each block's sub-steps checkpointed
+    (``r_i``) or not::
 
-        bytes(n) = B (fixed + sum_i n_i kept_i + transient) + sum_i n_i shared_i
+        bytes(n, r) = B (fixed + sum_i n_i kept_i + transient) + sum_i n_i shared_i
 
-    ``kept_i``: what one sub-step of block ``i`` keeps per image (its stages' activations, or
-    only its input when the block checkpoints its sub-steps); ``shared_i``: what it keeps
-    whatever the batch (tensors derived from the weights); ``fixed``: the layers outside the
-    blocks, per image; ``transient``: the largest checkpointed sub-step's activations, which
-    the backward pass recomputes one sub-step at a time. Exact for what the model's forward
-    pass saves in eager mode; ``memory_fraction`` leaves the rest free: the gradients in flight,
+    ``kept_i`` is what one sub-step keeps per image: ``stages_i`` (its stages' activations), or
+    ``inputs_i`` (its input alone) when checkpointed; ``shared_i``: what an unchecked sub-step
+    keeps whatever the batch (tensors derived from the weights); ``fixed``: the layers outside
+    the blocks, per image; ``transient``: the largest checkpointed ``stages_i``, which the
+    backward pass recomputes one sub-step at a time. Exact for what the model's forward pass
+    saves in eager mode; ``memory_fraction`` leaves the rest free: the gradients in flight,
     what the loss saves (the denoiser's loss keeps the last block's output, 0.3 % at paper
     size), and, under bf16 in a CUDA graph (no autocast cache), a cast of the weights per call.
     """
 
-    kept: tuple[int, ...]
+    stages: tuple[int, ...]
+    inputs: tuple[int, ...]
     shared: tuple[int, ...]
+    checkpointable: tuple[bool, ...]  # False: the block never checkpoints (CPL)
     fixed: int
-    transient: int
     batch: int
 
-    def bytes(self, counts: Sequence[int]) -> int:
-        per_image = self.fixed + self.transient + sum(map(operator.mul, counts, self.kept))
-        return self.batch * per_image + sum(map(operator.mul, counts, self.shared))
+    def bytes(self, counts: Sequence[int], remat: Sequence[bool]) -> int:
+        blocks = [
+            self.block_bytes(i, n, r) for i, (n, r) in enumerate(zip(counts, remat, strict=True))
+        ]
+        recomputed = [
+            s for s, r, c in zip(self.stages, remat, self.checkpointable, strict=True) if r and c
+        ]
+        return self.batch * (self.fixed + max(recomputed, default=0)) + sum(blocks)
 
-    def block_bytes(self, i: int, count: int) -> int:
-        """What ``count`` sub-steps of block ``i`` keep."""
-        return count * (self.batch * self.kept[i] + self.shared[i])
+    def block_bytes(self, i: int, count: int, remat: bool) -> int:
+        """What ``count`` sub-steps of block ``i`` keep, checkpointed (``remat``) or not."""
+        if remat and self.checkpointable[i]:
+            return count * self.batch * self.inputs[i]
+        return count * (self.batch * self.stages[i] + self.shared[i])
 
 
 def activation_cost(
@@ -193,18 +201,17 @@ def activation_cost(
                 hook.remove()
         saves = [[_substep_saves(b, block_inputs[i], n, params, autocast) for n in (1, 2)]
                  for i, b in enumerate(blocks)]  # fmt: skip
-    kept, shared, transient = [], [], 0
-    for i, (block, (one, two)) in enumerate(zip(blocks, saves, strict=True)):
-        x = block_inputs[i]
-        per_image, image_bytes = two - one, x.numel() * x.element_size()
-        if block.checkpoints(batch * image_bytes):  # its input kept, the rest recomputed
-            kept.append(image_bytes)
-            shared.append(0)
-            transient = max(transient, per_image)
-        else:
-            kept.append(per_image)
-            shared.append(max(one - per_image, 0))
-    return ActivationCost(tuple(kept), tuple(shared), fixed, transient, batch)
+    stages = [two - one for one, two in saves]
+    return ActivationCost(
+        stages=tuple(stages),
+        inputs=tuple(
+            block_inputs[i].numel() * block_inputs[i].element_size() for i in range(len(blocks))
+        ),
+        shared=tuple(max(one - stage, 0) for (one, _), stage in zip(saves, stages, strict=True)),
+        checkpointable=tuple(b.checkpointable for b in blocks),
+        fixed=fixed,
+        batch=batch,
+    )
 
 
 @contextlib.contextmanager
