@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.models import StableModel, build_model, read_checkpoint
 from stablenets.pipeline.jobs import _progress_hash
@@ -251,12 +252,13 @@ def test_measuring_the_activation_cost_leaves_the_model_as_it_was(mode):
 
 
 class _Graphs:
-    """What ``_check_substeps`` reads of ``StepGraphs`` (CUDA-only): the captured counts."""
+    """What ``_check_substeps`` reads of ``StepGraphs`` (CUDA-only): the passes captured."""
 
-    def __init__(self, captured: list[tuple[int, ...]]) -> None:
-        self.captured, self.enabled, self.why = captured, True, ""
+    def __init__(self, *counts: tuple[int, ...], remat: bool = False) -> None:
+        self.captured = [(c, (remat,) * len(c)) for c in counts]
+        self.enabled, self.why = True, ""
 
-    def captured_counts(self) -> list[tuple[int, ...]]:
+    def captured_passes(self) -> list[tuple[tuple[int, ...], tuple[bool, ...]]]:
         return self.captured
 
     def turn_off(self, why: str, short: str) -> None:
@@ -276,7 +278,7 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
     need = cost.bytes(counts, [False] * len(counts))
     limit = SubstepLimit(None, cost, budget=need * 3 // 2, free=need * 2, where="on the test")
     cfg, ckpt = TrainConfig(steps=1, batch_size=8), tmp_path / "checkpoint.pt"
-    replayed, beside, none = _Graphs([counts]), _Graphs([tuple(2 * n for n in counts)]), _Graphs([])
+    replayed, beside, none = _Graphs(counts), _Graphs(tuple(2 * n for n in counts)), _Graphs()
     for graphs in (replayed, none):
         _check_substeps(0, model, cfg, limit, ckpt, graphs, print)  # type: ignore[arg-type]
         assert graphs.enabled
@@ -288,6 +290,19 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
         _check_substeps(
             0, model, cfg, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none, print
         )  # type: ignore[arg-type]
+    # A pool captured unchecked holds the unchecked pass, even when the next pass (grown counts,
+    # checkpointed to fit) would be cheap: priced as checkpointed, the two would seem to fit.
+    with torch.no_grad():
+        for block in model.constrained_blocks():
+            block.time.mul_(9)
+    grown = tuple(b.substeps(b.current_norm()) for b in model.constrained_blocks())
+    plain, checked = (cost.bytes(grown, [r] * len(grown)) for r in (False, True))
+    assert plain > 2 * checked, (plain, checked)
+    limit = SubstepLimit(None, cost, (plain + 2 * checked) // 2, 2 * plain, "on the test")
+    unchecked_pool = _Graphs(grown, remat=False)
+    _check_substeps(1, model, cfg, limit, ckpt, unchecked_pool, print)  # type: ignore[arg-type]
+    assert all(b.checkpoint_substeps for b in model.constrained_blocks())
+    assert not unchecked_pool.enabled, "the pool was priced as the pass runs now"
 
 
 GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.0, "warmup": 0.3}  # 2 sub-steps, 3 at step 5
@@ -337,11 +352,23 @@ def test_remat_auto_checkpoints_only_the_passes_that_would_not_fit_unchecked(tmp
     budget = (max(first, checked) + unchecked) // 2
     assert max(first, checked) < budget < unchecked, (first, checked, unchecked)
     monkeypatch.setattr("stablenets.train.loop.free_memory", lambda d: (budget / 0.8, "here"))
+    calls = [0]  # sub-steps checkpointed: one call each
+
+    def counted(*args, **kwargs):  # noqa: ANN202
+        calls[0] += 1
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr("stablenets.nn.blocks.checkpoint", counted)
     logs, auto = _tiny_run(tmp_path / "auto", **GROWING)
     switched = [line for line in logs if line.startswith("remat ")]
-    assert switched and switched[0].startswith(
-        f"remat on: checkpointed, the pass at {sum(counts[1])} sub-steps at step {grown['step']} "
+    assert len(switched) == 1 and switched[0].startswith(
+        f"remat on: checkpointed from step {grown['step']}, where the pass takes "
+        f"{sum(counts[1])} sub-steps: "
     ), logs
+    later = [
+        r["substeps"] for r in auto.rows if r["kind"] == "train" and r["step"] >= grown["step"]
+    ]
+    assert calls[0] == sum(later) > 0, (calls, later)  # every sub-step from then on, none before
     monkeypatch.undo()
     _, always = _tiny_run(tmp_path / "always", **GROWING, remat=True)
     for other in (state, always):

@@ -162,6 +162,9 @@ def _build(
         cudnn_benchmark=bool(job.get("cudnn_benchmark")),
         remat={"auto": "auto", "on": True, "off": False}[job.get("remat", "auto")],
         cuda_graphs=bool(job.get("cuda_graphs")),
+        # a count, not auto: remat auto is then the input-size rule, the same for every row
+        # (on for the full-image denoiser), and "remat off" rows time the unchecked step
+        max_substeps=10**9,
     )
     if job["impl"] in ("reference", "plain"):
         from stablenets.bench.reference import from_model
@@ -673,17 +676,19 @@ def bench_key(
     rows: Mapping[tuple, Any], model: str | None, width: int | str, train: dict
 ) -> tuple[tuple, bool]:
     """The key ``(model, width, options)`` of the benchmark row that times a variant's
-    configured step (``variant_options``), and whether it is the eager row standing in for a
-    missing graphed one (an upper bound: graphs only save time; the orthogonal family's capture
-    fails, so it runs eagerly)."""
+    configured step (``variant_options``; its ``remat off`` row where ``remat`` and
+    ``max_substeps`` are ``auto``, which run a pass unchecked while it fits), and whether it is
+    the eager row standing in for a missing graphed one (an upper bound: graphs only save time;
+    the orthogonal family's capture fails, so it runs eagerly)."""
     key = (model, width, variant_options(train))
     eager = (model, width, variant_options(train, graphs=False))
     if train.get("remat", "auto") == "auto" and train.get("max_substeps", "auto") == "auto":
         # remat auto under a memory limit checkpoints only a pass that would not fit unchecked:
-        # at the benchmark's sub-step counts, every paper model's fits (the denoiser: 8.5 GB)
-        unchecked = (model, width, " ".join(filter(None, [key[2], "remat off"])))
-        if unchecked in rows:
-            return unchecked, False
+        # at the benchmark's sub-step counts every paper model's fits (the denoiser: 8.5 GB)
+        for options, eager_only in ((key[2], False), (eager[2], True)):
+            unchecked = (model, width, " ".join(filter(None, [options, "remat off"])))
+            if unchecked in rows:
+                return unchecked, eager_only and options != key[2]
     if key not in rows and eager in rows:
         return eager, True
     return key, False

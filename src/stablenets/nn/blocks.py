@@ -91,8 +91,9 @@ class NonexpansiveBlock(nn.Module):
         self.last_substeps = 0
         self.last_norm = float("nan")
         # Activation checkpointing per sub-step in training: the same gradients, but only each
-        # sub-step's input is kept (its stages are recomputed in backward). None: automatic, on
-        # when a sub-step's input exceeds REMAT_BYTES (the full-image denoiser); True / False.
+        # sub-step's input is kept (its stages are recomputed in backward). None: on when a
+        # sub-step's input exceeds REMAT_BYTES (the full-image denoiser); True / False (set
+        # before each pass by the training loop under ``max_substeps: auto``).
         self.checkpoint_substeps: bool | None = None
 
     def time_value(self) -> float:

@@ -132,10 +132,11 @@ class StepGraphs:
         self._norms[key] = (graph, result)
         return result
 
-    def captured_counts(self) -> list[tuple[int, ...]]:
-        """The sub-step counts of the graphs kept: their passes' activations live in the pool
-        (one pool: as large as the largest of them), beside what an eager step allocates."""
-        return [tuple(n for n, _ in key[3]) for key in self._graphs]
+    def captured_passes(self) -> list[tuple[tuple[int, ...], tuple[bool, ...]]]:
+        """The sub-step counts and checkpointing of the graphs kept: their passes' activations
+        live in the pool (one pool: as large as the largest), beside what an eager step
+        allocates."""
+        return [(tuple(n for n, _ in key[3]), tuple(map(bool, key[4]))) for key in self._graphs]
 
     def turn_off(self, why: str, short: str) -> None:
         """Train eagerly from now on, the graphs dropped and their memory pool given back (a

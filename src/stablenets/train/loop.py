@@ -94,7 +94,9 @@ class TrainConfig:
     amp: bool = False  # CUDA: forward/backward under bf16 autocast
     channels_last: bool = False  # NHWC model and batches
     cudnn_benchmark: bool = False  # CUDA: cuDNN picks algorithms by timing them
-    remat: str | bool = "auto"  # sub-step activation checkpointing: auto (large inputs) | bool
+    # sub-step activation checkpointing: auto (with max_substeps auto: a pass that would not fit
+    # unchecked; else large inputs) | bool
+    remat: str | bool = "auto"
     cuda_graphs: bool = False  # CUDA: forward/backward replayed from graphs (graphs.py)
     cuda_graph_cache: int = 8  # graphs kept (one per tuple of sub-step counts)
     # None: run all ``steps``; N: stop after N steps of the ``steps``-step schedule (validated at
@@ -247,11 +249,12 @@ def _check_substeps(
     if limit.cost is not None:
         remat = _remat(limit, counts)
         need = limit.cost.bytes(counts, remat)
-        if _set_remat(model, remat) and limit.remat is None:
-            state = "on: checkpointed" if any(remat) else "off: unchecked"
-            log(f"remat {state}, the pass at {sum(counts)} sub-steps at step {step} keeps "
-                f"{_size(need)} of the {_size(limit.budget)} allowed (train.remat=auto)")  # fmt: skip
         if need <= limit.budget:
+            if _set_remat(model, remat) and limit.remat is None:
+                state = "on: checkpointed" if any(remat) else "off: unchecked"
+                log(f"remat {state} from step {step}, where the pass takes {sum(counts)} "
+                    f"sub-steps: {_size(need)} of the {_size(limit.budget)} allowed "
+                    "(train.remat=auto)")  # fmt: skip
             _make_room(graphs, counts, remat, need, limit)
             return
         weight = [
@@ -301,10 +304,10 @@ def _make_room(
     """Turn ``graphs`` off when a pass they do not replay would not fit beside their pool."""
     if graphs is None or not graphs.enabled or limit.cost is None:
         return
-    captured = graphs.captured_counts()
-    if tuple(counts) in captured:
+    captured = graphs.captured_passes()
+    if (tuple(counts), tuple(remat)) in captured:
         return
-    held = max((limit.cost.bytes(c, remat) for c in captured), default=0)
+    held = max((limit.cost.bytes(c, r) for c, r in captured), default=0)
     if need + held > limit.budget:
         graphs.turn_off(
             f"the pass at {sum(counts)} sub-steps ({_size(need)}) would not fit beside the "
