@@ -305,6 +305,18 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
     assert not unchecked_pool.enabled, "the pool was priced as the pass runs now"
 
 
+def test_the_budget_before_a_pass_shrinks_with_the_memory_free_then_never_grows(monkeypatch):
+    """Freed memory an allocator keeps in fragments (counted by ``ulimit -v``), or another
+    process, can leave less than at the start: the budget follows it down, never up."""
+    start = SubstepLimit(None, None, budget=800, free=1000, where="at start", fraction=0.8,
+                         device=torch.device("cpu"))  # fmt: skip
+    for free, budget, where in ((500, 400, "now"), (2000, 800, "at start")):
+        monkeypatch.setattr("stablenets.train.loop.free_memory", lambda d, f=free: (f, "now"))
+        now = start.now()
+        assert (now.budget, now.where) == (budget, where)
+    assert SubstepLimit(None, budget=5).now().budget == 5  # no device: a fixed budget
+
+
 GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.0, "warmup": 0.3}  # 2 sub-steps, 3 at step 5
 
 

@@ -158,9 +158,9 @@ def _check_finite(
 class SubstepLimit:
     """What ``train.max_substeps`` allows a forward pass: ``count`` sub-steps in total, or
     (``auto``) ``budget`` bytes of the activations ``cost`` predicts, ``budget`` being
-    ``memory_fraction`` of the memory found free (``free`` bytes, ``where``) at the start.
-    ``remat``: each block's checkpointing, fixed; ``None`` (``remat: auto`` under ``auto``):
-    chosen before each pass, off while the pass fits without it."""
+    ``fraction`` of the memory found free (``free`` bytes, ``where``) at the start, or less
+    before a pass (``now``). ``remat``: each block's checkpointing, fixed; ``None``
+    (``remat: auto`` under ``auto``): chosen before each pass, off while the pass fits without."""
 
     count: int | None
     cost: ActivationCost | None = None
@@ -168,6 +168,19 @@ class SubstepLimit:
     free: int = 0
     where: str = ""
     remat: tuple[bool, ...] | None = None
+    fraction: float = 0.8
+    device: torch.device | None = None  # None: the budget is fixed
+
+    def now(self) -> SubstepLimit:
+        """The limit before a pass: the start's budget, or the smaller one that the memory
+        free now allows (the process's allocator keeps freed memory in fragments, which
+        ``ulimit -v`` counts; another process may have taken some)."""
+        if self.device is None:
+            return self
+        free, where = free_memory(self.device)
+        if int(self.fraction * free) >= self.budget:
+            return self
+        return dataclasses.replace(self, budget=int(self.fraction * free), free=free, where=where)
 
 
 def substep_limit(
@@ -188,7 +201,8 @@ def substep_limit(
         remat = tuple(
             b.checkpoints(cfg.batch_size * n) for b, n in zip(blocks, cost.inputs, strict=True)
         )
-    return SubstepLimit(None, cost, int(cfg.memory_fraction * free), free, where, remat)
+    budget = int(cfg.memory_fraction * free)
+    return SubstepLimit(None, cost, budget, free, where, remat, cfg.memory_fraction, device)
 
 
 def _log_limit(model: StableModel, cfg: TrainConfig, limit: SubstepLimit, log: Log) -> None:
@@ -246,9 +260,10 @@ def _check_substeps(
     not beside the CUDA graphs' memory pool (it is not replayed: it runs eagerly or is
     captured) turns the graphs off instead."""
     norms, counts = _counts(model)
-    if limit.cost is not None:
+    if (cost := limit.cost) is not None:
+        limit = limit.now()
         remat = _remat(limit, counts)
-        need = limit.cost.bytes(counts, remat)
+        need = cost.bytes(counts, remat)
         if need <= limit.budget:
             if _set_remat(model, remat) and limit.remat is None:
                 state = "on: checkpointed" if any(remat) else "off: unchecked"
@@ -258,8 +273,7 @@ def _check_substeps(
             _make_room(graphs, counts, remat, need, limit)
             return
         weight = [
-            limit.cost.block_bytes(i, n, r)
-            for i, (n, r) in enumerate(zip(counts, remat, strict=True))
+            cost.block_bytes(i, n, r) for i, (n, r) in enumerate(zip(counts, remat, strict=True))
         ]
         excess = (
             f" keeping {_size(need)} of activations, above the {_size(limit.budget)} that "
