@@ -277,19 +277,17 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
     counts = tuple(b.substeps(b.current_norm()) for b in model.constrained_blocks())
     need = cost.bytes(counts, [False] * len(counts))
     limit = SubstepLimit(None, cost, budget=need * 3 // 2, free=need * 2, where="on the test")
-    cfg, ckpt = TrainConfig(steps=1, batch_size=8), tmp_path / "checkpoint.pt"
+    ckpt = tmp_path / "checkpoint.pt"
     replayed, beside, none = _Graphs(counts), _Graphs(tuple(2 * n for n in counts)), _Graphs()
     for graphs in (replayed, none):
-        _check_substeps(0, model, cfg, limit, ckpt, graphs, print)  # type: ignore[arg-type]
+        _check_substeps(0, model, limit, ckpt, graphs, print)  # type: ignore[arg-type]
         assert graphs.enabled
-    _check_substeps(0, model, cfg, limit, ckpt, beside, print)  # type: ignore[arg-type]
+    _check_substeps(0, model, limit, ckpt, beside, print)  # type: ignore[arg-type]
     assert not beside.enabled and re.fullmatch(
         rf"the pass at {sum(counts)} sub-steps \([0-9.]+ MiB\) would not fit beside the graphs' "
         r"memory pool \([0-9.]+ MiB\) in [0-9.]+ MiB", beside.why), beside.why  # fmt: skip
     with pytest.raises(SubstepLimitError, match="would take .* above the"):
-        _check_substeps(
-            0, model, cfg, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none, print
-        )  # type: ignore[arg-type]
+        _check_substeps(0, model, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none, print)  # type: ignore[arg-type]
     # A pool captured unchecked holds the unchecked pass, even when the next pass (grown counts,
     # checkpointed to fit) would be cheap: priced as checkpointed, the two would seem to fit.
     with torch.no_grad():
@@ -300,7 +298,7 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
     assert plain > 2 * checked, (plain, checked)
     limit = SubstepLimit(None, cost, (plain + 2 * checked) // 2, 2 * plain, "on the test")
     unchecked_pool = _Graphs(grown, remat=False)
-    _check_substeps(1, model, cfg, limit, ckpt, unchecked_pool, print)  # type: ignore[arg-type]
+    _check_substeps(1, model, limit, ckpt, unchecked_pool, print)  # type: ignore[arg-type]
     assert all(b.checkpoint_substeps for b in model.constrained_blocks())
     assert not unchecked_pool.enabled, "the pool was priced as the pass runs now"
 

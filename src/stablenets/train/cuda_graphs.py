@@ -8,7 +8,8 @@ forward and backward with one launch.
 
 A graph freezes every value the host computed while it was captured: each block's sub-step count
 ``n``, step size ``h = T / n`` and checkpointing. So there is one graph per tuple of
-``(n, T / n)`` and of checkpointing over the constrained blocks (and per input shape), looked up after the step's power iteration has set the
+``(n, T / n)`` and of checkpointing over the constrained blocks (and per input shape), looked
+up after the step's power iteration has set the
 counts. CPL's step follows the norm estimate at every step; while captured it reads that estimate
 from the device (``CPLBlock.device_step_size``), so one graph serves every step.
 

@@ -11,8 +11,9 @@ A non-finite loss or an exploding norm estimate stops the run with ``DivergenceE
 pass whose integrator sub-steps would not fit in memory with ``SubstepLimitError``, before it
 starts: more than ``max_substeps`` sub-steps in total, or (``auto``) activations, as
 ``memory.ActivationCost`` predicts them, above ``memory_fraction`` of the free memory. Both
-name the last good checkpoint. Every ``log_every`` steps a progress line reports the step, loss, learning rate,
-sub-steps, time per step, peak memory and the time left, so a job never dies without a line.
+name the last good checkpoint. Every ``log_every`` steps a progress line reports the step,
+loss, learning rate, sub-steps, time per step, peak memory and the time left, so a job never
+dies without a line.
 ``stop_after`` ends the loop early on the full schedule: the learning rate of every step run is
 the ``steps``-step schedule's (a rehearsal of the first steps, not a compressed schedule).
 """
@@ -205,14 +206,14 @@ def substep_limit(
     return SubstepLimit(None, cost, budget, free, where, remat, cfg.memory_fraction, device)
 
 
-def _log_limit(model: StableModel, cfg: TrainConfig, limit: SubstepLimit, log: Log) -> None:
+def _log_limit(model: StableModel, limit: SubstepLimit, log: Log) -> None:
     """What ``auto`` allows, and what a pass at the current counts keeps (after a resume)."""
     if limit.cost is not None:
         _, counts = _counts(model.train())
         need = limit.cost.bytes(counts, _remat(limit, counts))
         log(
             f"sub-step limit (train.max_substeps=auto): activations up to "
-            f"{_size(limit.budget)}, {cfg.memory_fraction:.0%} of the {_size(limit.free)} "
+            f"{_size(limit.budget)}, {limit.fraction:.0%} of the {_size(limit.free)} "
             f"{limit.where}; a pass keeps {_size(need)} at the current {sum(counts)} sub-steps"
         )
 
@@ -243,7 +244,6 @@ def _size(n: int) -> str:
 def _check_substeps(
     step: int,
     model: StableModel,
-    cfg: TrainConfig,
     limit: SubstepLimit,
     ckpt: Path,
     graphs: StepGraphs | None,
@@ -277,7 +277,7 @@ def _check_substeps(
         ]
         excess = (
             f" keeping {_size(need)} of activations, above the {_size(limit.budget)} that "
-            f"train.max_substeps=auto allows ({cfg.memory_fraction:.0%} of the "
+            f"train.max_substeps=auto allows ({limit.fraction:.0%} of the "
             f"{_size(limit.free)} {limit.where})"
         )
     elif limit.count is None or sum(counts) <= limit.count:
@@ -388,7 +388,7 @@ def train(
     cfg = _budgeted(model, task, cfg, workdir, config_hash, device, limit, log)
     opt, sched = make_optimizer(model, cfg)
     state = resume(ckpt_path, config_hash, model, opt, sched, log)
-    _log_limit(model, cfg, limit, log)
+    _log_limit(model, limit, log)
     graphs = step_graphs(model, task, cfg, device, log)
     end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
     if end < cfg.steps:
@@ -604,7 +604,7 @@ def _train_step(
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()
     _check_finite(state.step, None, model, cfg, ckpt_path)
-    _check_substeps(state.step, model, cfg, limit, ckpt_path, graphs, log)
+    _check_substeps(state.step, model, limit, ckpt_path, graphs, log)
     t0 = time.perf_counter()
     if graphs is None:
         out, loss = _forward_loss(model, task, cfg, device, inputs, targets, capturing=False)
