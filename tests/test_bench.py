@@ -23,6 +23,7 @@ import yaml
 
 from stablenets.bench import training as bench
 from stablenets.bench.reference import from_model
+from stablenets.bench.rows import MODEL_SPECS
 from stablenets.nn.models import build_model
 from stablenets.nn.operators import power_iteration_all
 from stablenets.pipeline.config import ConfigError, load_config
@@ -208,7 +209,7 @@ def test_flop_count_splits_per_image_and_weight_only_work_exactly(name):
     (SLL's and AOL's rescalings are counted once, not once per image)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = bench.MODEL_SPECS[name]
+    spec = MODEL_SPECS[name]
     batch, size, kwargs = bench.QUICK[name]
     size = (16, 16) if spec["task"] == "classification" else (16, 20)  # under the 64x64 probe
     torch.manual_seed(5)

@@ -126,6 +126,46 @@ def test_no_module_imports_a_layer_above_its_own_or_a_sibling_of_its_rank():
     assert bad == []
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (function-level imports included), by dotted
+    name under ``stablenets`` (a package's ``__init__`` is the package's name)."""
+    modules = _modules()
+    names = {m.removesuffix(".__init__") for m in modules}
+    graph: dict[str, set[str]] = {}
+    for module, tree in modules.items():
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("stablenets.") for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stablenets"):
+                base = node.module.removeprefix("stablenets").lstrip(".")  # type: ignore[union-attr]
+                for alias in node.names:  # ``from stablenets.bench import cost``: the module
+                    sub = f"{base}.{alias.name}".lstrip(".")
+                    deps.add(sub if sub in names else base)
+        graph[module.removesuffix(".__init__")] = (deps & names) - {
+            module.removesuffix(".__init__")
+        }
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    """No import cycle between the package's modules, function-level imports included (a lazy
+    import hides a cycle from Python, not from a reader)."""
+    graph = _module_graph()
+    cycles = []
+    for start in graph:  # a path from start back to start
+        todo, seen = [(start, [start])], set()
+        while todo:
+            module, path = todo.pop()
+            for dep in graph.get(module, ()):
+                if dep == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif dep not in seen:
+                    seen.add(dep)
+                    todo.append((dep, [*path, dep]))
+    assert cycles == []
+
+
 def test_the_library_imports_only_torch_and_numpy_and_only_the_pipeline_knows_snakemake():
     stdlib = sys.stdlib_module_names | {"__future__"}
     modules = _modules()
@@ -355,11 +395,11 @@ def test_the_schema_enumerates_the_registries():
 
 
 def test_the_benchmark_counts_the_stages_of_the_integrators_tableaux():
-    from stablenets.bench import training as bench
+    from stablenets.bench.rows import STAGES
     from stablenets.nn.integrators import INTEGRATORS
 
-    assert bench.STAGES == {n: len(t.b) for n, t in INTEGRATORS.items()}
-    assert bench.STAGES["rk4"] == 4 and bench.STAGES["euler"] == 1
+    assert STAGES == {n: len(t.b) for n, t in INTEGRATORS.items()}
+    assert STAGES["rk4"] == 4 and STAGES["euler"] == 1
 
 
 # --------------------------------------------------------------------------------------------

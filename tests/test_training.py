@@ -4,9 +4,10 @@ and resume, signals, foreign checkpoints and divergence are in test_reliability.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from stablenets.train.loop import (
     SubstepLimitError,
     TrainConfig,
     _check_substeps,
+    _remat,
     make_optimizer,
     train,
 )
@@ -45,14 +47,19 @@ def test_augmentation_is_seeded_batched_and_shape_preserving():
     assert not torch.equal(shifted, x)  # cropping moved at least one image
 
 
+TINY = {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 8}
+
+
 def _tiny_run(
-    tmp_path: Path, task_type: type[ClassificationTask] = ClassificationTask, **train_kwargs
+    tmp_path: Path,
+    task_type: type[ClassificationTask] = ClassificationTask,
+    time: float | None = None,
+    **train_kwargs,
 ) -> tuple[list[str], RunState]:
-    """A seeded nonexpansive classifier (2 blocks) trained on random 8x8 images; its log lines."""
+    """A seeded nonexpansive classifier (2 blocks, integration time ``time``) trained on random
+    8x8 images; its log lines."""
     torch.manual_seed(0)
-    model = build_model(
-        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
-    )
+    model = build_model("nonexpansive_classifier", **TINY, time=time)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
     task = task_type(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
@@ -288,19 +295,19 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
         r"memory pool \([0-9.]+ MiB\) in [0-9.]+ MiB", beside.why), beside.why  # fmt: skip
     with pytest.raises(SubstepLimitError, match="would take .* above the"):
         _check_substeps(0, model, SubstepLimit(None, cost, need - 1, need, "x"), ckpt, none, print)  # type: ignore[arg-type]
-    # A pool captured unchecked holds the unchecked pass, even when the next pass (grown counts,
-    # checkpointed to fit) would be cheap: priced as checkpointed, the two would seem to fit.
+    # A pool captured checkpointed holds the checkpointed pass, even when the next pass (grown
+    # counts, unchecked: there is room) keeps more: priced as the pass runs now, the two would
+    # seem not to fit.
     with torch.no_grad():
         for block in model.constrained_blocks():
             block.time.mul_(9)
     grown = tuple(b.substeps(b.current_norm()) for b in model.constrained_blocks())
     plain, checked = (cost.bytes(grown, [r] * len(grown)) for r in (False, True))
-    assert plain > 2 * checked, (plain, checked)
-    limit = SubstepLimit(None, cost, (plain + 2 * checked) // 2, 2 * plain, "on the test")
-    unchecked_pool = _Graphs(grown, remat=False)
-    _check_substeps(1, model, limit, ckpt, unchecked_pool, print)  # type: ignore[arg-type]
-    assert all(b.checkpoint_substeps for b in model.constrained_blocks())
-    assert not unchecked_pool.enabled, "the pool was priced as the pass runs now"
+    limit = SubstepLimit(None, cost, plain + checked, 2 * plain, "on the test")
+    checked_pool = _Graphs(grown, remat=True)
+    _check_substeps(1, model, limit, ckpt, checked_pool, print)  # type: ignore[arg-type]
+    assert not any(b.checkpoint_substeps for b in model.constrained_blocks())
+    assert checked_pool.enabled, "the pool was priced as the pass runs now"
 
 
 def test_the_budget_before_a_pass_shrinks_with_the_memory_free_then_never_grows(monkeypatch):
@@ -344,45 +351,99 @@ def test_the_automatic_limit_stops_before_the_first_pass_whose_activations_excee
     ), (str(err.value), counts)
 
 
-def test_remat_auto_checkpoints_only_the_passes_that_would_not_fit_unchecked(tmp_path, monkeypatch):
-    """``remat: auto`` under ``max_substeps: auto``: the sub-steps run unchecked (faster) while
-    the pass fits so, and are checkpointed from the first pass that fits only so, with a log
-    line; the weights are those of a run never checkpointed and of one always checkpointed, to
-    the bit (checkpointing recomputes the same sub-steps)."""
-    _, state = _tiny_run(tmp_path / "free", **GROWING, remat=False)
+def _rerun_substeps(counts: Sequence[int], remat: Sequence[bool]) -> int:
+    """The sub-steps a backward pass runs again: those of the checkpointed blocks."""
+    return sum(n for n, r in zip(counts, remat, strict=True) if r)
+
+
+def test_remat_auto_checkpoints_the_fewest_sub_steps_that_make_the_pass_fit():
+    """Against every choice of blocks (brute force) on a classifier of 6 blocks in 3 stages, at
+    random counts and budgets: no block while the pass fits unchecked; else a choice that fits
+    and recomputes no more sub-steps than any other that fits; every block where nothing
+    fits."""
+    model = build_model("nonexpansive_classifier", blocks_per_stage=2)
+    cost = activation_cost(model, torch.rand(1, 3, 32, 32), 128)
+    choices = list(itertools.product([False, True], repeat=6))
+    g = torch.Generator().manual_seed(0)
+    seen = {"unchecked": 0, "some": 0, "none fits": 0}
+    for _ in range(300):
+        counts = torch.randint(1, 40, (6,), generator=g).tolist()
+        need = {r: cost.bytes(counts, r) for r in choices}
+        low, high = min(need.values()), need[(False,) * 6]
+        budget = int(low + (high - low) * (1.2 * torch.rand(1, generator=g).item() - 0.1))
+        chosen = tuple(_remat(SubstepLimit(None, cost, budget), counts))
+        fits = [r for r in choices if need[r] <= budget]
+        if high <= budget:
+            assert chosen == (False,) * 6
+            seen["unchecked"] += 1
+        elif not fits:
+            assert chosen == (True,) * 6
+            seen["none fits"] += 1
+        else:
+            best = min(_rerun_substeps(counts, r) for r in fits)
+            assert need[chosen] <= budget, (counts, budget, chosen)
+            assert _rerun_substeps(counts, chosen) == best, (counts, budget, chosen)
+            seen["some"] += 1
+    assert min(seen.values()) > 20, seen
+
+
+def test_remat_auto_checkpoints_the_cheapest_blocks_each_pass_needs_with_bitwise_same_weights(
+    tmp_path, monkeypatch
+):
+    """``remat: auto`` under ``max_substeps: auto``, on a run whose sub-step counts grow: before
+    each pass, the blocks checkpointed are the cheapest choice that fits (here brute force
+    finds it), a log line says when that changes, and every sub-step of a checkpointed block
+    is checkpointed (counted); the weights are those of a run never checkpointed and of one
+    always checkpointed, to the bit (checkpointing recomputes the same sub-steps)."""
+    _, state = _tiny_run(tmp_path / "free", time=16.0, **GROWING, remat=False)
     rows = [r for r in state.rows if r["kind"] == "train"]
-    grown = next(r for r in rows if r["substeps"] > rows[0]["substeps"])
-    counts = [[r[f"block{i}_substeps"] for i in range(2)] for r in (rows[0], grown)]
-    model = build_model(
-        "nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1, input_size=8
-    )
-    cost = activation_cost(model, torch.rand(1, 3, 8, 8), 8)
-    first, unchecked, checked = (cost.bytes(counts[0], [False] * 2),
-                                 cost.bytes(counts[1], [False] * 2), cost.bytes(counts[1], [True] * 2))  # fmt: skip
-    budget = (max(first, checked) + unchecked) // 2
-    assert max(first, checked) < budget < unchecked, (first, checked, unchecked)
-    monkeypatch.setattr("stablenets.train.loop.free_memory", lambda d: (budget / 0.8, "here"))
-    calls = [0]  # sub-steps checkpointed: one call each
+    counts = [[r[f"block{i}_substeps"] for i in range(2)] for r in rows]
+    cost = activation_cost(build_model("nonexpansive_classifier", **TINY, time=16.0),
+                           torch.rand(1, 3, 8, 8), 8)  # fmt: skip
+    choices = list(itertools.product([False, True], repeat=2))
+    need = [{r: cost.bytes(c, r) for r in choices} for c in counts]
+    # room for both blocks checkpointed at every step, one block alone at none
+    both = (
+        max(n[True, True] for n in need) + min(min(n[True, False], n[False, True]) for n in need)
+    ) // 2
+    # room for the first passes unchecked, not the first that grew: then one block, then the
+    # other one
+    grown = next(i for i, c in enumerate(counts) if c != counts[0])
+    partly = (need[0][False, False] + need[grown][False, False]) // 2
+    for budget, kinds in ((partly, 3), (both, 1)):
+        monkeypatch.setattr(
+            "stablenets.train.loop.free_memory", lambda d, b=budget: (b / 0.8, "here")
+        )
+        expected = [
+            min(
+                (r for r in choices if n[r] <= budget),
+                key=lambda r, c=c: (_rerun_substeps(c, r), sum(r)),
+            )
+            for c, n in zip(counts, need, strict=True)
+        ]
+        assert len(set(expected)) == kinds, expected
+        calls = [0]  # sub-steps checkpointed: one call each
 
-    def counted(*args, **kwargs):  # noqa: ANN202
-        calls[0] += 1
-        return checkpoint(*args, **kwargs)
+        def counted(*args, calls=calls, **kwargs):  # noqa: ANN202
+            calls[0] += 1
+            return checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr("stablenets.nn.blocks.checkpoint", counted)
-    logs, auto = _tiny_run(tmp_path / "auto", **GROWING)
-    switched = [line for line in logs if line.startswith("remat ")]
-    assert len(switched) == 1 and switched[0].startswith(
-        f"remat on: checkpointed from step {grown['step']}, where the pass takes "
-        f"{sum(counts[1])} sub-steps: "
-    ), logs
-    later = [
-        r["substeps"] for r in auto.rows if r["kind"] == "train" and r["step"] >= grown["step"]
-    ]
-    assert calls[0] == sum(later) > 0, (calls, later)  # every sub-step from then on, none before
+        monkeypatch.setattr("stablenets.nn.blocks.checkpoint", counted)
+        logs, auto = _tiny_run(tmp_path / f"auto{budget}", time=16.0, **GROWING)
+        switches = [
+            f"remat: {sum(r)} of 2 blocks checkpointed from step {row['step']}, where the pass "
+            f"takes {sum(c)} sub-steps: "
+            for i, (row, c, r) in enumerate(zip(rows, counts, expected, strict=True))
+            if r != (expected[i - 1] if i else (False, False))
+        ]
+        lines = [line for line in logs if line.startswith("remat")]
+        assert len(lines) == len(switches) > 0, "\n".join(logs)
+        assert all(line.startswith(s) for line, s in zip(lines, switches, strict=True)), lines
+        assert calls[0] == sum(_rerun_substeps(c, r) for c, r in zip(counts, expected, strict=True))
+        assert all(torch.equal(auto.best_state[k], v) for k, v in state.best_state.items())
     monkeypatch.undo()
-    _, always = _tiny_run(tmp_path / "always", **GROWING, remat=True)
-    for other in (state, always):
-        assert all(torch.equal(auto.best_state[k], v) for k, v in other.best_state.items())
+    _, always = _tiny_run(tmp_path / "always", time=16.0, **GROWING, remat=True)
+    assert all(torch.equal(always.best_state[k], v) for k, v in state.best_state.items())
 
 
 def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(

@@ -6,5 +6,7 @@
   (``python -m stablenets.bench.evaluation``).
 * :mod:`~stablenets.bench.cost`: the measured cost of each job of a rehearsal and the projected
   hours of the paper's DAG (the ``cost`` rule).
+* :mod:`~stablenets.bench.rows`: which benchmark row times a configured variant (the models the
+  training benchmark runs, a variant's options), for ``training`` and ``cost``.
 * :mod:`~stablenets.bench.reference`: the plain, unoptimised implementation timed against.
 """

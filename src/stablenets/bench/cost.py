@@ -363,18 +363,18 @@ class Paper:
 
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""
-        from stablenets.bench.training import MODEL_SPECS, STAGES, _variant_width, bench_key
+        from stablenets.bench.rows import BENCH_NAME, STAGES, bench_key, variant_width
 
         if job.variant == basis.job.variant:
             return 1.0, ""
-        task, bench_of = job.task, {s["model"]: n for n, s in MODEL_SPECS.items()}
+        task = job.task
         keys, stages, eager = [], [], []
         for name in (job.variant, basis.job.variant):
             v = self.variant(task, name)
             if v is None:
                 return 1.0, f" ({name} is not a paper variant: same cost assumed)"
-            width = _variant_width(task, v, self.config)
-            key, fallback = bench_key(self.bench, bench_of.get(v["model"]), width,
+            width = variant_width(task, v, self.config)
+            key, fallback = bench_key(self.bench, BENCH_NAME.get(v["model"]), width,
                                       self.train(task, name))  # fmt: skip
             keys.append(key)
             eager += [name] if fallback else []

@@ -37,15 +37,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
 
+from stablenets.bench.rows import (
+    BENCH_NAME,
+    MODEL_SPECS,
+    STAGES,
+    bench_key,
+    classifier_width,
+    variant_width,
+)
 from stablenets.nn.families import FAMILIES
-from stablenets.nn.integrators import INTEGRATORS
 from stablenets.pipeline.config import SCHEMA, load_config
 
 if TYPE_CHECKING:  # the workers import these on first use
@@ -55,32 +62,8 @@ if TYPE_CHECKING:  # the workers import these on first use
     from stablenets.train.loop import TrainConfig
     from stablenets.train.tasks import Task
 
-__all__ = ["main", "MODEL_SPECS"]
+__all__ = ["main", "project_hours"]
 
-# name -> (model, kwargs, task, paper batch, paper size, baseline implementation, warm-up fraction)
-_FAMILY = dict(task="classification", batch=128, size=(32, 32), warmup=0.5, kwargs={})
-MODEL_SPECS: dict[str, dict] = {
-    "classifier": dict(
-        model="nonexpansive_classifier", kwargs={"integrator": "euler"}, task="classification",
-        batch=128, size=(32, 32), baseline="reference", warmup=0.5,
-    ),
-    "resnet": dict(
-        model="resnet_classifier", kwargs={}, task="classification",
-        batch=128, size=(32, 32), baseline=None, warmup=0.2,
-    ),
-    "denoiser": dict(
-        model="nonexpansive_denoiser", kwargs={"integrator": "euler", "power_size": [64, 64]},
-        task="denoising", batch=5, size=(321, 481), baseline="reference", warmup=0.5,
-    ),
-    "dncnn": dict(
-        model="dncnn", kwargs={}, task="denoising",
-        batch=5, size=(321, 481), baseline=None, warmup=0.5,
-    ),
-    "cpl": dict(_FAMILY, model="cpl_classifier", baseline="plain"),
-    "sll": dict(_FAMILY, model="sll_classifier", baseline=None),
-    "aol": dict(_FAMILY, model="aol_classifier", baseline=None),
-    "orthogonal": dict(_FAMILY, model="orthogonal_classifier", baseline=None),
-}  # fmt: skip
 # --quick: (batch, size, kwargs) of small models (cheap construction-time certificates too)
 QUICK = {
     "classifier": (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}),
@@ -522,12 +505,7 @@ def _width(job: dict) -> int | str:
     """Base width of a classifier job (the skeleton's default when not set), '' otherwise."""
     if MODEL_SPECS[job["model"]]["task"] != "classification":
         return ""
-    import inspect
-
-    from stablenets.nn.models import Classifier
-
-    default = inspect.signature(Classifier).parameters["base_width"].default
-    return job["kwargs"].get("base_width", default)
+    return classifier_width(job["kwargs"])
 
 
 def _median_ratio(res: list[dict], base: list[dict]) -> float:
@@ -631,10 +609,6 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-# Stages of each integrator's Butcher tableau: evaluations of a block's field per sub-step.
-STAGES = {name: tableau.stages for name, tableau in INTEGRATORS.items()}
-
-
 def epoch_images(cfg: dict) -> int:
     """Training images per epoch of a validated config: the training split of its CIFAR-10
     data (``data.prepare_cifar10``'s split of the archive, or the synthetic ``n_train``)."""
@@ -645,53 +619,6 @@ def epoch_images(cfg: dict) -> int:
         return int(spec["synthetic"]["n_train"])
     train, _ = random_split(CIFAR10_IMAGES, spec["val_fraction"], spec["split_seed"])
     return len(train)
-
-
-def _variant_width(task: str, variant: dict, cfg: dict) -> int | str:
-    """Base width of a classification variant (its size preset, kwargs or the default)."""
-    if task != "classification":
-        return ""
-    import inspect
-
-    from stablenets.nn.models import Classifier
-
-    if "size" in variant:
-        return int(cfg["classification"]["sizes"][variant["size"]])
-    default = inspect.signature(Classifier).parameters["base_width"].default
-    return int(variant.get("kwargs", {}).get("base_width", default))
-
-
-def variant_options(train: dict, graphs: bool = True) -> str:
-    """The ``options`` of the benchmark rows that time a variant's configured training step:
-    its speed settings, and CUDA graphs when it sets them and ``graphs``."""
-    opts = [k for k in ("amp", "channels_last", "cudnn_benchmark") if train.get(k)]
-    if train.get("cuda_graphs") and graphs:
-        opts.append("cuda_graphs replayed")
-    if train.get("remat", "auto") != "auto":
-        opts.append(f"remat {'on' if train['remat'] else 'off'}")
-    return " ".join(opts)
-
-
-def bench_key(
-    rows: Mapping[tuple, Any], model: str | None, width: int | str, train: dict
-) -> tuple[tuple, bool]:
-    """The key ``(model, width, options)`` of the benchmark row that times a variant's
-    configured step (``variant_options``; its ``remat off`` row where ``remat`` and
-    ``max_substeps`` are ``auto``, which run a pass unchecked while it fits), and whether it is
-    the eager row standing in for a missing graphed one (an upper bound: graphs only save time;
-    the orthogonal family's capture fails, so it runs eagerly)."""
-    key = (model, width, variant_options(train))
-    eager = (model, width, variant_options(train, graphs=False))
-    if train.get("remat", "auto") == "auto" and train.get("max_substeps", "auto") == "auto":
-        # remat auto under a memory limit checkpoints only a pass that would not fit unchecked:
-        # at the benchmark's sub-step counts every paper model's fits (the denoiser: 8.5 GB)
-        for options, eager_only in ((key[2], False), (eager[2], True)):
-            unchecked = (model, width, " ".join(filter(None, [options, "remat off"])))
-            if unchecked in rows:
-                return unchecked, eager_only and options != key[2]
-    if key not in rows and eager in rows:
-        return eager, True
-    return key, False
 
 
 def project_hours(
@@ -723,7 +650,6 @@ def project_hours(
                     width = int(r["base_width"]) if r.get("base_width") else ""
                     rates[(r["model"], width, r["options"])] = r
     seeds = len(cfg.get("seeds", [0]))
-    bench_of = {spec["model"]: name for name, spec in MODEL_SPECS.items()}
     out = []
     for task, mult in (("classification", 1), ("denoising", len(cfg["denoising"]["noise_levels"]))):
         section = cfg[task]
@@ -733,7 +659,7 @@ def project_hours(
             if train.get("budget_minutes"):
                 out.append((label, jobs, jobs * train["budget_minutes"] / 60))
                 continue
-            model, width = bench_of.get(v["model"]), _variant_width(task, v, cfg)
+            model, width = BENCH_NAME.get(v["model"]), variant_width(task, v, cfg)
             if options is None:
                 key, _ = bench_key(rates, model, width, train)
             else:

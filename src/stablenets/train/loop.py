@@ -161,7 +161,8 @@ class SubstepLimit:
     (``auto``) ``budget`` bytes of the activations ``cost`` predicts, ``budget`` being
     ``fraction`` of the memory found free (``free`` bytes, ``where``) at the start, or less
     before a pass (``now``). ``remat``: each block's checkpointing, fixed; ``None``
-    (``remat: auto`` under ``auto``): chosen before each pass, off while the pass fits without."""
+    (``remat: auto`` under ``auto``): chosen before each pass, off while the pass fits without,
+    else the cheapest that fits (``ActivationCost.cheapest_remat``)."""
 
     count: int | None
     cost: ActivationCost | None = None
@@ -226,14 +227,14 @@ def _counts(model: StableModel) -> tuple[list[float], list[int]]:
 
 
 def _remat(limit: SubstepLimit, counts: list[int]) -> list[bool]:
-    """Each block's checkpointing for a pass at ``counts``: ``limit.remat``, or (chosen) none
-    while the pass fits without it, else every block that can."""
+    """Each block's checkpointing for a pass at ``counts``: ``limit.remat``, or (chosen) the
+    cheapest that fits the budget (``ActivationCost.cheapest_remat``: none while the pass fits
+    unchecked), or every block that can where nothing fits."""
     cost = cast(ActivationCost, limit.cost)
     if limit.remat is not None:
         return list(limit.remat)
-    if cost.bytes(counts, [False] * len(counts)) <= limit.budget:
-        return [False] * len(counts)
-    return list(cost.checkpointable)
+    chosen = cost.cheapest_remat(counts, limit.budget)
+    return list(cost.checkpointable) if chosen is None else chosen
 
 
 def _size(n: int) -> str:
@@ -266,10 +267,9 @@ def _check_substeps(
         need = cost.bytes(counts, remat)
         if need <= limit.budget:
             if _set_remat(model, remat) and limit.remat is None:
-                state = "on: checkpointed" if any(remat) else "off: unchecked"
-                log(f"remat {state} from step {step}, where the pass takes {sum(counts)} "
-                    f"sub-steps: {_size(need)} of the {_size(limit.budget)} allowed "
-                    "(train.remat=auto)")  # fmt: skip
+                log(f"remat: {sum(remat)} of {len(remat)} blocks checkpointed from step {step}, "
+                    f"where the pass takes {sum(counts)} sub-steps: {_size(need)} of the "
+                    f"{_size(limit.budget)} allowed (train.remat=auto)")  # fmt: skip
             _make_room(graphs, counts, remat, need, limit)
             return
         weight = [

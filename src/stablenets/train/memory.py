@@ -4,12 +4,14 @@ what running out of it looks like, what is free, and what a training pass's sub-
 ``ActivationCost`` is the model behind ``train.max_substeps: auto``: the sub-step count of a
 block grows with the square of its norm, and every sub-step keeps its activations for the
 backward pass, so the memory of a pass is a sum over blocks of count x bytes per sub-step,
-which the loop checks against the free memory before each forward pass.
+which the loop checks against the free memory before each forward pass; under ``remat: auto``
+it also picks the blocks to checkpoint in a pass that would not fit unchecked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -164,6 +166,49 @@ class ActivationCost:
         if remat and self.checkpointable[i]:
             return count * self.batch * self.inputs[i]
         return count * (self.batch * self.stages[i] + self.shared[i])
+
+    def cheapest_remat(self, counts: Sequence[int], budget: int) -> list[bool] | None:
+        """The blocks to checkpoint so that a pass at ``counts`` keeps at most ``budget`` bytes
+        with the fewest sub-steps run again (the backward pass recomputes a checkpointed
+        block's sub-steps): none where the pass fits unchecked, ``None`` where nothing fits.
+
+        With ``S`` the checkpointed blocks and ``f_i`` what checkpointing block ``i`` frees,
+        ``bytes = unchecked - sum_{i in S} f_i + B max_{i in S} stages_i``. For each level ``t``
+        of the last term this is a 0/1 knapsack over the blocks with ``stages_i <= t``: the
+        fewest sub-steps freeing at least ``unchecked + B t - budget``, exact by dynamic
+        programming over the sub-step total (``_frees``, cached for the last few counts); the
+        cheapest level wins."""
+        unchecked = self.bytes(counts, [False] * len(counts))
+        if unchecked <= budget:
+            return [False] * len(counts)
+        best: tuple[int, int] | None = None  # (sub-steps run again, blocks as a bit mask)
+        for level, table in _frees(self, tuple(counts)):
+            need = unchecked + self.batch * level - budget
+            steps = next((s for s, (freed, _) in enumerate(table) if freed >= need), None)
+            if steps is not None and (best is None or steps < best[0]):
+                best = (steps, table[steps][1])
+        return None if best is None else [bool(best[1] >> i & 1) for i in range(len(counts))]
+
+
+@functools.lru_cache(maxsize=4)
+def _frees(
+    cost: ActivationCost, counts: tuple[int, ...]
+) -> list[tuple[int, list[tuple[int, int]]]]:
+    """For each level ``t`` of the checkpointable blocks' ``stages``: ``table[s]``, the most
+    bytes that checkpointing blocks with ``stages <= t`` and at most ``s`` sub-steps in all
+    frees, and which blocks (a bit mask)."""
+    out = []
+    for level in sorted({st for st, c in zip(cost.stages, cost.checkpointable, strict=True) if c}):
+        table = [(0, 0)] * (sum(counts) + 1)
+        for i, n in enumerate(counts):
+            freed = cost.block_bytes(i, n, False) - cost.block_bytes(i, n, True)
+            if not cost.checkpointable[i] or cost.stages[i] > level or freed <= 0:
+                continue
+            for s in range(len(table) - 1, n - 1, -1):  # each block once: from the top down
+                if (more := table[s - n][0] + freed) > table[s][0]:
+                    table[s] = (more, table[s - n][1] | 1 << i)
+        out.append((level, table))
+    return out
 
 
 def activation_cost(
