@@ -34,10 +34,22 @@ def test_smoke_produces_every_table_and_figure(smoke_run):
 
 
 @pytest.mark.slow
-def test_smoke_rerun_has_nothing_to_do(smoke_run):
+def test_smoke_rerun_has_nothing_to_do_and_moving_the_download_cache_reruns_only_the_summary(
+    smoke_run, tmp_path
+):
     again = snakemake(smoke_run, *SMOKE_PROFILE, "-n")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Nothing to be done" in again.stdout + again.stderr
+    # where archives are cached changes no data: no data, training or evaluation job reruns,
+    # only the summary, which records the whole config
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(yaml.safe_dump({"data": {"cache_dir": str(tmp_path / "elsewhere")}}))
+    configs = ("--configfile", "config.yaml", "config/smoke.yaml", str(moved))
+    again = snakemake(smoke_run, *SMOKE_PROFILE, *configs, "-n")
+    assert again.returncode == 0, again.stderr[-2000:]
+    stats = again.stdout.split("Job stats:", 1)[1].split("Reasons:", 1)[0]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    assert jobs == {"summary": "1", "all": "1", "total": "2"}, again.stdout[-3000:]
 
 
 @pytest.mark.slow

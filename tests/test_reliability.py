@@ -1550,9 +1550,9 @@ def test_two_jobs_downloading_into_one_cache_at_once_both_get_the_verified_archi
             "md5": md5_of(archive),
             "val_fraction": 0.2,
             "split_seed": 0,
-            "cache_dir": str(cache),
         }
-        argv = [sys.executable, "-m", "stablenets", "prepare-data", "--spec", json.dumps(spec)]
+        argv = [sys.executable, "-m", "stablenets", "prepare-data", "--spec", json.dumps(spec),
+                "--cache", str(cache)]  # fmt: skip
         procs = [
             subprocess.Popen(
                 [*argv, "--out", str(tmp_path / f"out{i}" / "cifar10.h5")],

@@ -20,5 +20,8 @@ rule prepare_data:
         **JOBS.resources("data"),
     params:
         spec=lambda w: JOBS.data_spec(w.dataset),
+    # The cache folder is not a param (a rerun trigger): the checksummed archive makes the same
+    # data wherever it is kept.
     shell:
-        "python -m stablenets prepare-data --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "python -m stablenets prepare-data --spec {params.spec:q} "
+        "--cache {config[data][cache_dir]:q} --out {output} > {log} 2>&1"

@@ -26,7 +26,7 @@ _RUN, _REPORT, _COST = (
 )
 # job -> (module, function, path arguments, help).
 _JOBS = {
-    "prepare-data": (_RUN, "prepare_data", ["out"], "download and convert a dataset"),
+    "prepare-data": (_RUN, "prepare_data", ["cache", "out"], "download and convert a dataset"),
     "train": (_RUN, "train_model", ["data", "model", "log", "workdir"], "train a model"),
     "evaluate-classifier": (_RUN, "evaluate_classifier", ["model", "data", "out", "workdir"],
                             "certify and attack a classifier"),

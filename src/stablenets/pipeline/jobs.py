@@ -65,14 +65,15 @@ _CLASSIFIER_KINDS = (Classifier,)
 _DENOISER_KINDS = (NonexpansiveDenoiser, DnCNN)
 
 
-def prepare_data(spec: dict, out: Path, log: Log = print) -> None:
-    """Download (checksummed) and convert a dataset, or generate the offline smoke stand-in."""
+def prepare_data(spec: dict, cache: Path, out: Path, log: Log = print) -> None:
+    """Download (checksummed, into the folder ``cache``) and convert a dataset, or generate the
+    offline smoke stand-in."""
     source = spec["source"]
     prov = {"source": source, "dataset": spec["dataset"]}
     seed = (spec.get(source) or {}).get("seed", spec.get("split_seed", -1))  # -1: no seed
     extra = provenance(spec, seed)  # config hash, seed, package versions, git commit
     if source == "download":
-        archive = Path(spec["cache_dir"]) / spec["archive"]
+        archive = cache / spec["archive"]
         data.download(
             spec["urls"], archive, md5=spec.get("md5"), sha256=spec.get("sha256"), log=log
         )

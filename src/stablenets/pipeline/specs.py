@@ -52,8 +52,11 @@ class Jobs:
         return json.dumps(spec, sort_keys=True)
 
     def data_spec(self, dataset: str) -> str:
+        """A dataset's spec; not where its archive is cached (``data.cache_dir``, given to the
+        job apart): the checksummed archive makes the same data wherever it is kept, so moving
+        the cache reruns nothing downstream."""
         spec = copy.deepcopy(self.config["data"][dataset])
-        spec.update(dataset=dataset, cache_dir=self.config["data"]["cache_dir"])
+        spec.update(dataset=dataset)
         return self.dump(spec)
 
     def variants(self, task: str) -> list[str]:
