@@ -9,7 +9,7 @@
   base < nn < evaluation | data < train < pipeline < bench. A module imports nothing from a layer
   above its own, nor from another subpackage of its own rank (function-level imports included);
   ``nn``, ``evaluation`` and ``train`` import only torch and numpy besides the standard library at
-  import time, and only the pipeline knows Snakemake.
+  import time, and only the pipeline knows Snakemake. No import cycle between modules.
 * The map: each subpackage's docstring and the README name every module of the tree.
 * The names the JSON Schema enumerates are the registries' (the schema cannot import them).
 """
@@ -133,18 +133,24 @@ def _module_graph() -> dict[str, set[str]]:
     names = {m.removesuffix(".__init__") for m in modules}
     graph: dict[str, set[str]] = {}
     for module, tree in modules.items():
+        me = module.removesuffix(".__init__")
+        package = module.split(".")[:-1]  # ``bench`` for bench.training and bench.__init__
         deps = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 deps |= {a.name.removeprefix("stablenets.") for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stablenets"):
-                base = node.module.removeprefix("stablenets").lstrip(".")  # type: ignore[union-attr]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the module's package, one level up per dot
+                    parts = package[: len(package) - node.level + 1]
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                elif (node.module or "").startswith("stablenets"):
+                    base = node.module.removeprefix("stablenets").lstrip(".")  # type: ignore[union-attr]
+                else:
+                    continue
                 for alias in node.names:  # ``from stablenets.bench import cost``: the module
                     sub = f"{base}.{alias.name}".lstrip(".")
                     deps.add(sub if sub in names else base)
-        graph[module.removesuffix(".__init__")] = (deps & names) - {
-            module.removesuffix(".__init__")
-        }
+        graph[me] = (deps & names) - {me}
     return graph
 
 

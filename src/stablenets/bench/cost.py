@@ -42,7 +42,7 @@ same variant, else of the same model, else the rule's first measured job:
 ``N`` is the paper's ``n_test``, or the test split of the run's data file (the rehearsal's
 stand-ins have the real sizes). ``f`` is 1 for the same variant; else the ratio of the two
 variants' benchmarked training-step times (``cost.bench``: ``ours`` rows run with each variant's
-own options, ``bench.bench_key``, at its width) times their integrators' stages per sub-step
+own options, ``rows.bench_key``, at its width) times their integrators' stages per sub-step
 (the benchmark runs Euler); a variant without a row is assumed to cost the same, said in ``basis``.
 Per-point rates measured on batches smaller than the paper's are upper estimates on a GPU, whose
 small attack batches are launch-bound.
