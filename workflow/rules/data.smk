@@ -16,12 +16,13 @@ rule prepare_data:
     conda:
         "../../environment.yml"
     threads: 1
+    # The cache folder is a resource of the job, not a param (a rerun trigger): the checksummed
+    # archive makes the same data wherever it is kept, so moving it reruns nothing.
     resources:
         **JOBS.resources("data"),
+        cache=config["data"]["cache_dir"],
     params:
         spec=lambda w: JOBS.data_spec(w.dataset),
-    # The cache folder is not a param (a rerun trigger): the checksummed archive makes the same
-    # data wherever it is kept.
     shell:
         "python -m stablenets prepare-data --spec {params.spec:q} "
-        "--cache {config[data][cache_dir]:q} --out {output} > {log} 2>&1"
+        "--cache {resources.cache:q} --out {output} > {log} 2>&1"
