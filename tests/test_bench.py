@@ -14,6 +14,8 @@ import copy
 import csv
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -390,3 +392,20 @@ def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_eval
     with pytest.raises(ValueError, match=r"lacks the columns \['fits'"):
         pd.read_csv(cost_csv).drop(columns=["fits"]).to_csv(cost_csv, index=False)
         bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--cost", str(cost_csv)])
+
+
+def test_the_partial_remat_benchmark_times_each_choice_and_more_blocks_checkpointed_keep_less():
+    """``benchmarks/partial_remat.py`` runs (a small size), and its chosen choices sit between
+    no block and every block checkpointed: more blocks for a smaller budget, less memory kept."""
+    run = subprocess.run(
+        [sys.executable, "benchmarks/partial_remat.py", "--integrators", "euler", "--size", "32",
+         "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines()[1:]]
+    blocks = [int(row[2].split(" of ")[0]) for row in rows]
+    kept = [float(row[3]) for row in rows]
+    assert blocks[:2] == [0, 10] and 0 < blocks[2] < blocks[3] < blocks[4] < 10, blocks
+    assert kept[0] > kept[2] > kept[3] > kept[4] > kept[1], kept
+    assert all(float(row[4]) > 0 for row in rows), rows
