@@ -415,6 +415,33 @@ def test_autoattack_wrapper_on_tiny_linear_model() -> None:
     assert torch.equal(autoattack_l2(model, x, y, 0.0, batch_size=16), x)
 
 
+@pytest.mark.parametrize("iterations", [5, 10, 37])
+def test_autoattack_with_fewer_iterations_runs_apgd_built_for_that_many(monkeypatch, iterations):
+    """APGD derives its step-size checkpoints from its iteration count when built: a count set
+    afterwards must bring the schedule of an APGD built with it, or the step is never halved."""
+    from pyautoattack import AutoAttack
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
+    built: list = []
+
+    def capture(self, x, y, batch_size):
+        built.append(self)
+        return x, y
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", capture)
+    model = random_linear(5, seed=25, scale=0.2)
+    x = inner_points(4, seed=26)
+    autoattack_l2(model, x, predictions(model, x), 0.1, batch_size=4, iterations=iterations)
+    schedule = ("n_iter", "n_iter_2", "n_iter_min", "size_decr")
+    for kind, attack in (
+        (APGDAttack, built[0].apgd),
+        (APGDAttack_targeted, built[0].apgd_targeted),
+    ):
+        fresh = kind(model, n_iter=iterations, norm="L2", eps=0.1, device=torch.device("cpu"))
+        assert [getattr(attack, a) for a in schedule] == [getattr(fresh, a) for a in schedule]
+    assert built[0].fab.n_iter == iterations
+
+
 def test_autoattack_rejects_inconsistent_arguments() -> None:
     model = random_linear(5, seed=25)
     x = inner_points(2, seed=26)
@@ -524,27 +551,66 @@ def test_sweep_break_radius_is_the_exact_distance_on_a_linear_model_and_never_be
     assert (np.diff(acc["empirical"]) <= 0).all()
 
 
-def test_sweep_never_attacks_misclassified_certified_or_already_broken_points():
+def points_of(calls: list, x: Tensor) -> list[tuple[float, list[int]]]:
+    """The (eps, point indices) of each recorded call."""
+    return [(eps, [int(torch.nonzero((x == row).flatten(1).all(1))[0]) for row in xb])
+            for eps, xb in calls]  # fmt: skip
+
+
+def test_sweep_attacks_no_misclassified_or_certified_point_and_the_strong_attack_no_broken_one():
     model, x, y, lip = linear_case(1)
-    calls: list = []
-    plan = sweep_plan(pgd=recording(partial(pgd_l2, steps=20, rel_step=0.1), calls))
+    pgd_calls: list = []
+    strong_calls: list = []
+    radii = (0.0, 0.1, 0.2, 0.4, 0.8)
+    plan = sweep_plan(
+        pgd=recording(partial(pgd_l2, steps=3, rel_step=0.1), pgd_calls),
+        strong=recording(partial(pgd_l2, steps=20, rel_step=0.1), strong_calls),
+        strong_radii=frozenset(radii),
+        radii=radii,
+    )
     state = run_sweep(model, x, y, plan, lip)
-    attacked: dict[int, list[float]] = {}
-    for eps, xb in calls:
-        for row in xb:
-            i = int(torch.nonzero((x == row).flatten(1).all(1))[0])
-            assert state.correct[i], "a misclassified point was attacked"
-            assert not state.certified_radius[i] > eps, "a certified point was attacked"
-            attacked.setdefault(i, []).append(eps)
-    for i, radii in attacked.items():
-        assert radii == sorted(set(radii))  # once per radius, increasing
-        # every attack but the last failed: a broken point is never attacked again
-        assert all(e < state.pgd_break_radius[i] for e in radii[:-1]), (radii, i)
-    assert any(math.isfinite(state.pgd_break_radius[i]) for i in attacked)
-    per_radius = robust_accuracy_curve(model, x, y, plan.radii, partial(plan.pgd, seed=3), 16)
-    # attacking every correct point at every radius is not stronger (up to one point: the random
-    # starts differ with the batches)
-    assert (state.accuracies(plan.radii)["pgd"] <= per_radius + 1 / len(x) + 1e-12).all()
+    live = {e: state.correct & ~(state.certified_radius > e) for e in radii[1:]}
+    pgd_points: dict[float, list[int]] = {}
+    for eps, points in points_of(pgd_calls, x):
+        pgd_points.setdefault(eps, []).extend(points)
+    # PGD: at every radius, exactly the correct, uncertified points, each once
+    assert sorted(pgd_points) == list(radii[1:])
+    for e, points in pgd_points.items():
+        assert sorted(points) == torch.nonzero(live[e]).squeeze(1).tolist(), e
+    # the strong attack: never a point an attack broke at this or a smaller radius
+    broken: set[int] = set()
+    strong_attacked = 0
+    for eps, points in points_of(strong_calls, x):
+        for i in points:
+            assert live[eps][i], "a misclassified or certified point was attacked"
+            assert state.break_radius[i] >= eps or i not in broken
+            assert not (state.pgd_break_radius[i] <= eps), "attacked after PGD broke it"
+        strong_attacked += len(points)
+        broken |= {i for i in points if state.break_radius[i] <= eps}
+    assert 0 < strong_attacked < sum(int(v.sum()) for v in live.values())
+
+
+def test_the_sweeps_pgd_curve_is_pgd_run_at_each_radius_on_its_own():
+    """The paper's PGD curve: a 10-step PGD run at each radius. An example PGD found at a larger
+    radius (closer than the smaller one: its steps scale with the radius) must not count there;
+    the empirical curve, which counts it, stays at or below."""
+    net = small_net(5, gain=3.0).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(64, *SHAPE, generator=g)
+    y = predictions(net, x)
+    y[::7] = (y[::7] + 1) % 10
+    pgd = partial(pgd_l2, steps=10, rel_step=0.025, random_start=False)  # the same at any seed
+    radii = np.linspace(0, 1.0, 21)
+    state = run_sweep(net, x, y, sweep_plan(pgd=pgd, radii=radii), 1e6)
+    acc = state.accuracies(radii)
+    per_radius = robust_accuracy_curve(net, x, y, radii, partial(pgd, seed=0), 16)
+    np.testing.assert_allclose(acc["pgd"], per_radius, atol=1e-12)
+    envelope = (state.correct[None, :] & (state.pgd_break_radius[None, :] > torch.as_tensor(
+        radii)[:, None])).double().mean(dim=1).numpy()  # fmt: skip
+    assert (envelope < per_radius - 0.1).any()  # what the curve was before: far lower here
+    assert (acc["empirical"] <= acc["pgd"] + 1e-12).all()
+    with pytest.raises(ValueError, match="PGD did not run at eps 0.025"):
+        state.accuracies([0.025])
 
 
 def test_sweep_rejects_an_attack_that_leaves_the_ball():

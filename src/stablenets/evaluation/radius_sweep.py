@@ -1,8 +1,8 @@
 """The evaluation of a classifier as one resumable sweep over the radius grid.
 
 Each point is attacked only where it can change a number: PGD at every radius on the correct,
-uncertified points it has not broken yet; the strong attack (AutoAttack) at the standard radii on
-what nothing broke, and over the grid by bisection between each point's certified radius and the
+uncertified points (the paper's protocol: its curve is PGD's own at each radius); the strong
+attack (AutoAttack) at the standard radii on what nothing broke, and over the grid by bisection between each point's certified radius and the
 smallest radius an attack broke it at; a sample of certified points audited. The state
 (:class:`SweepState`) is saved between radii, so a killed evaluation resumes where it stopped.
 The attacks may search on a faster model (:class:`SearchModel`: bf16, CUDA graphs from
@@ -50,9 +50,13 @@ SeededAttack = Callable[..., Tensor]
 options bound), with ``||x_adv - x||_2 <= eps`` per sample; ``seed`` makes each batch reproducible."""
 
 PASSES = ("pgd", "strong", "audit", "bisect")
-"""What a sweep runs at each radius, in order: the cheap attack on every point it has not broken
-yet, the strong attack on every point no attack has broken yet, and the certificate audit; then
+"""What a sweep runs at each radius, in order: the cheap attack on every correct, uncertified
+point, the strong attack on every point no attack has broken yet, and the certificate audit; then
 the strong attack's bisection over ``SweepPlan.bisect_radii``."""
+
+STATE_VERSION = 2
+"""The layout and meaning of a saved :class:`SweepState` (2: PGD's breaks kept per radius); saved
+progress of another version is not resumed."""
 
 RADIUS_DECIMALS = 12
 """Radii are attacked, recorded and read at this many decimals (:func:`radius_key`)."""
@@ -159,7 +163,11 @@ class SweepState:
     ``certified_radius`` (lower bound of each point's robust radius, float64) is fixed;
     ``break_radius`` (upper bound: the smallest radius at which any attack found an adversarial
     example, 0 for a misclassified point, inf while none was found) and ``pgd_break_radius`` (the
-    same for the cheap attack alone) shrink as the sweep goes. ``todo`` holds the points of the
+    same for the cheap attack alone) shrink as the sweep goes. ``pgd_broken`` holds, per radius
+    swept, the points the cheap attack broke at that radius: its curve is read there and not from
+    ``pgd_break_radius``, because the paper's PGD curve is the attack run at each radius on its
+    own (a 10-step PGD at a small radius may miss an example that it finds, closer, when run at
+    a larger one: the envelope's curve is lower than the paper's). ``todo`` holds the points of the
     current pass, fixed when the pass starts, and ``done`` how many of them were attacked, so a
     resumed sweep attacks exactly the batches an uninterrupted one would.
     """
@@ -174,6 +182,7 @@ class SweepState:
     todo: Tensor | None = None
     done: int = 0
     audited: dict[float, int] = field(default_factory=dict)
+    pgd_broken: dict[float, Tensor] = field(default_factory=dict)
     strong_survived: Tensor | None = None
     lo: Tensor | None = None
     hi: Tensor | None = None
@@ -195,17 +204,28 @@ class SweepState:
         return dataclasses.asdict(self)
 
     def accuracies(self, eps: Sequence[float] | np.ndarray) -> dict[str, np.ndarray]:
-        """Certified, PGD and empirical (every attack) robust accuracy at each ``eps``:
-        ``mean_i [correct_i and r_i > eps]`` with ``r`` the certified, PGD-break and break radius.
-        Exact at the swept radii (monotone: a point broken at ε is broken at every larger one);
-        ``eps`` is read as :func:`canonical_radii`, the radii the sweep attacked."""
-        e = torch.as_tensor(canonical_radii(eps))[:, None]
-        radii = {"certified": self.certified_radius, "pgd": self.pgd_break_radius,
-                 "empirical": self.break_radius}  # fmt: skip
-        return {
+        """Certified, PGD and empirical (every attack) robust accuracy at each ``eps``.
+
+        Certified and empirical: ``mean_i [correct_i and r_i > eps]`` with ``r`` the certified and
+        the break radius, exact at the swept radii (monotone: a point broken at ε is broken at
+        every larger one). PGD: ``mean_i [correct_i and not broken by PGD run at eps]``, read at
+        the radii PGD ran at (a ``ValueError`` elsewhere, 0 aside). ``eps`` is read as
+        :func:`canonical_radii`, the radii the sweep attacked."""
+        radii = canonical_radii(eps)
+        e = torch.as_tensor(radii)[:, None]
+        curves = {
             name: (self.correct[None, :] & (r[None, :] > e)).double().mean(dim=1).numpy()
-            for name, r in radii.items()
+            for name, r in (("certified", self.certified_radius), ("empirical", self.break_radius))
         }
+        curves["pgd"] = np.array([self._pgd_accuracy(float(r)) for r in radii])
+        return curves
+
+    def _pgd_accuracy(self, eps: float) -> float:
+        if eps == 0:
+            return float(self.correct.double().mean())
+        if eps not in self.pgd_broken:
+            raise ValueError(f"PGD did not run at eps {eps:.6g}: its curve has no value there")
+        return float((self.correct & ~self.pgd_broken[eps]).double().mean())
 
 
 def _batch_seed(seed: int, k: int, pass_name: str, b: int) -> int:
@@ -217,8 +237,8 @@ def _batch_seed(seed: int, k: int, pass_name: str, b: int) -> int:
 
 def _todo(plan: SweepPlan, state: SweepState, pass_name: str, e: float) -> Tensor:
     live = state.correct & ~(state.certified_radius > e)
-    if pass_name == "pgd":
-        return torch.nonzero(live & (state.pgd_break_radius > e)).squeeze(1)
+    if pass_name == "pgd":  # at every radius on its own: the paper's protocol
+        return torch.nonzero(live).squeeze(1)
     if pass_name == "strong":
         return torch.nonzero(live & (state.break_radius > e)).squeeze(1)
     order = state.audit_order
@@ -293,6 +313,8 @@ def _record(
         state.strong_survived[survived] = state.strong_survived[survived].clamp(min=e)
     if pass_name == "pgd":
         state.pgd_break_radius[idx] = torch.minimum(state.pgd_break_radius[idx], dist)
+        broken = state.pgd_broken.setdefault(e, torch.zeros_like(state.correct))
+        broken[idx] = torch.isfinite(dist)
     unsound = state.break_radius[idx] < state.certified_radius[idx]
     if unsound.any():
         i = int(idx[unsound][0])
@@ -321,12 +343,21 @@ def _eta_s(plan: SweepPlan, state: SweepState) -> float:
 
 
 def _progress_line(plan: SweepPlan, state: SweepState, e: float, started: float) -> str:
-    robust = state.accuracies([e])["empirical"][0]
+    robust = float((state.correct & (state.break_radius > e)).double().mean())
     live = int((state.correct & (state.break_radius > e) & ~(state.certified_radius > e)).sum())
     elapsed = time.perf_counter() - started
+    within = (
+        ""
+        if state.todo is None
+        # a line between batches: how far the pass is
+        else (
+            f"{plan.passes(state.radius_index)[state.pass_index]} attack on {state.done} of "
+            f"{len(state.todo)} points done, "
+        )
+    )
     return (
-        f"eps {e:.4f} ({state.radius_index + 1}/{len(plan.radii)}): {live} points left to attack, "
-        f"robust {robust:.4f}, elapsed {elapsed:.0f} s, ETA {_eta_s(plan, state):.0f} s"
+        f"eps {e:.4f} ({state.radius_index + 1}/{len(plan.radii)}): {within}{live} points left "
+        f"to attack, robust {robust:.4f}, elapsed {elapsed:.0f} s, ETA {_eta_s(plan, state):.0f} s"
     )
 
 
@@ -348,8 +379,9 @@ def sweep(
     At radius ε a point needs no attack when it is misclassified, certified (``r_cert > ε``: no
     attack can move it, so the audit alone attacks a sample of such points) or already broken
     (an adversarial example found at ε' <= ε lies in the ε-ball too). The cheap attack runs on
-    every point it has not broken, so its own curve stays that of the attack; the strong attack
-    runs on what no attack has broken. A found example at distance d (checked <= ε) sets the
+    every correct, uncertified point at every radius, so its curve is that of the attack run at
+    each radius on its own (the paper's PGD curve); the strong attack runs on what no attack has
+    broken. A found example at distance d (checked <= ε) sets the
     point's break radius to min(current, d), so it counts at every radius >= d. A break radius
     below the certified radius, or an audited certified point flipped, raises ``InvariantError``.
 

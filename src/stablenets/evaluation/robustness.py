@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -369,9 +369,22 @@ def autoattack_l2(
         _limit_targets(adversary, n_classes)
         if iterations is not None:
             for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
-                attack.n_iter = int(iterations)
+                _set_iterations(attack, int(iterations))
         x_adv, _ = adversary.run_standard_evaluation(x, y.long(), batch_size=batch_size)
     return x_adv.to(x.device)
+
+
+def _set_iterations(attack: Any, n: int) -> None:
+    """``n`` iterations for an attack AutoAttack built with 100. APGD also derives its step-size
+    schedule from the count when it is built (pyautoattack 0.2.0, ``APGDAttack.__init__``: the
+    first checkpoint after 22 %, the checkpoint spacing shrinking by 3 % to at least 6 %): set
+    alone, ``n_iter`` would leave a 10-iteration APGD before its first checkpoint, never halving
+    its step. FAB has no such schedule."""
+    attack.n_iter = n
+    if hasattr(attack, "n_iter_2"):
+        attack.n_iter_2 = max(int(0.22 * n), 1)
+        attack.n_iter_min = max(int(0.06 * n), 1)
+        attack.size_decr = max(int(0.03 * n), 1)
 
 
 # --------------------------------------------------------------------------------------------

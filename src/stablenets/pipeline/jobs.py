@@ -332,7 +332,8 @@ def evaluate_classifier(
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
-    key = "-".join([_progress_hash(spec), *digests])  # the same job on the same model and data
+    # the same job on the same model and data, saved in this version's layout
+    key = "-".join([_progress_hash(spec), *digests, f"v{radius_sweep.STATE_VERSION}"])
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
