@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -642,26 +643,38 @@ def test_a_weight_changed_inside_pinned_weights_fails_on_exit_naming_it(edit):
     assert model[1].norm_bound() == _fresh_bound(model[1])  # unpinned: the new weight's bound
 
 
-@pytest.mark.parametrize("edit", ["in_place", "data"])
-def test_a_bound_looked_up_while_a_weight_was_edited_inside_pinned_weights_is_dropped(edit):
+def _halve(op: LinearOperator, edit: str) -> Callable[[], None]:
+    """Halve ``op``'s weight in one of the ways a user might, returning what undoes it exactly:
+    through autograd's in-place ops (the version counter moves), a new ``.data`` tensor (the
+    storage moves), ``.data`` edited in place or swapped and put back (neither moves)."""
+    w = op.weight
+    with torch.no_grad():
+        if edit == "in_place":
+            w.mul_(0.5)
+            return lambda: w.detach().mul_(2.0)  # a power of two: exact
+        if edit == "data_in_place":
+            w.data.mul_(0.5)
+            return lambda: w.data.mul_(2.0)
+        original = w.data
+        w.data = original * 0.5
+        if edit == "data":
+            return lambda: setattr(w, "data", original.clone())
+        return lambda: setattr(w, "data", original)  # "swap_back": the very entry storage
+
+
+@pytest.mark.parametrize("edit", ["in_place", "data", "data_in_place", "swap_back"])
+def test_a_bound_looked_up_while_a_weight_was_edited_inside_pinned_weights_is_not_kept(edit):
     """Edited, looked up and put back inside the scope: the exit check passes (the content is
-    the entry's again), but the edit's bound, filed under the entry's hash, must not outlive
-    the scope; the bounds of unedited operators stay cached."""
+    the entry's again), but the edit's bound must not outlive the scope, however the edit was
+    made (a review found ``.data`` edited in place or swapped back kept a bound 4x too small);
+    the bounds of unedited operators stay cached."""
     model = nn.Sequential(*_ops_for_cache())
     op, other = model[1], model[0]
     with pinned_weights(model):
         other.norm_bound()
-        original = op.weight.detach().clone()
-        with torch.no_grad():
-            if edit == "in_place":
-                op.weight.mul_(0.5)
-            else:
-                op.weight.data = original * 0.5
-            assert op.norm_bound() == _fresh_bound(op)  # the edit's own bound, in the scope
-            if edit == "in_place":
-                op.weight.mul_(2.0)  # back, exactly (a power of two)
-            else:
-                op.weight.data = original.clone()
+        undo = _halve(op, edit)
+        assert op.norm_bound() == _fresh_bound(op)  # the edit's own bound, in the scope
+        undo()
     assert op.norm_bound() == _fresh_bound(op)
     assert len(other._bound_cache) == 1  # untouched: its bound from the scope is kept
 

@@ -461,16 +461,20 @@ class LinearOperator(nn.Module):
         digest = hashlib.blake2b(w.cpu().contiguous().numpy().tobytes(), digest_size=16)
         return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
 
-    def _stamp(self) -> tuple:
-        """The content stamp, or the one taken when ``pinned_weights`` pinned this operator."""
-        pinned = _PINS.get(self)
-        return pinned if pinned is not None else self._content_stamp()
-
     def _cached(self, what: Hashable, compute: Callable[[], _T]) -> _T:
         """``compute()`` cached under ``what`` until the weight's content changes (entries of
-        other weights are dropped on the first miss)."""
-        key = (self._stamp(), what)
+        other weights are dropped on the first miss).
+
+        Looked up under the content stamp, or under the one ``pinned_weights`` took on entry.
+        A miss there is checked against the content itself (one hash beside a computation that
+        costs far more): a weight edited inside its scope gets the bound of its own content,
+        filed under that content, never under the entry's stamp, where it would outlive an edit
+        undone before the scope ends (no version counter sees ``.data`` swapped and restored)."""
+        pinned = _PINS.get(self)
+        key = (pinned if pinned is not None else self._content_stamp(), what)
         cache = self._bound_cache
+        if key not in cache and pinned is not None:
+            key = (self._content_stamp(), what)
         if key not in cache:
             for stale in [k for k in cache if k[0] != key[0]]:
                 del cache[stale]
@@ -828,12 +832,6 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
 _PINS: weakref.WeakKeyDictionary[LinearOperator, tuple] = weakref.WeakKeyDictionary()
 
 
-def _touch_mark(op: LinearOperator) -> tuple[int, int]:
-    """What an edit of the weight moves: its in-place version counter (``mul_``, ``copy_``,
-    ``load_state_dict``), or its storage (``.data =`` a new tensor)."""
-    return (op.weight._version, op.weight.data_ptr())
-
-
 @contextlib.contextmanager
 def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Take ``model``'s operator weights as fixed within this scope (an attack, a PnP run).
@@ -843,29 +841,21 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     per block that stops the host from queueing kernels ahead. Here the hash is taken once on
     entry and reused; on exit it is taken again, and a weight changed inside the scope raises
     ``RuntimeError`` naming it, since bounds looked up after the change may have been stale.
-    A weight edited inside the scope at all (its version counter or storage moved), even put
-    back before the exit, loses the bounds cached in the scope: they may be those of the edit,
-    filed under the entry's hash. Operators already pinned by an enclosing scope are left to
-    it."""
+    A bound first computed inside the scope is filed under the content it was computed for
+    (``LinearOperator._cached``), so an edit put back before the exit leaves no stale bound
+    behind. Operators already pinned by an enclosing scope are left to it."""
     ours = [
         (name, op)
         for name, op in model.named_modules()
         if isinstance(op, LinearOperator) and op not in _PINS
     ]
     pins = {op: op._content_stamp() for _, op in ours}
-    touched = {op: _touch_mark(op) for _, op in ours}
-    cached = {op: set(op._bound_cache) for _, op in ours}
-    held = [op.weight.data for _, op in ours]  # the entry storages: no new one reuses an address
     _PINS.update(pins)
     try:
         yield model
     finally:  # unpinned whatever happened: an error of the body passes unchanged
         for op in pins:
             del _PINS[op]
-            if _touch_mark(op) != touched[op]:
-                for key in set(op._bound_cache) - cached[op]:
-                    del op._bound_cache[key]
-        del held
     changed = [name for name, op in ours if op._content_stamp() != pins[op]]
     if changed:
         raise RuntimeError(
