@@ -1015,6 +1015,29 @@ def test_a_float32_attack_is_left_as_it_is_and_tables_name_a_low_precision_searc
     assert strong_label(strong, "bfloat16") == "autoattack standard, bfloat16 search"
 
 
+class CoarseFloat32(nn.Module):
+    """The identity in exact arithmetic, whose float32 arithmetic keeps 11 significant bits as
+    TF32 convolutions (a GPU's default) do: what rounding makes of a network."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32:
+            return x
+        mantissa, exponent = torch.frexp(x)
+        return torch.ldexp(torch.round(mantissa * 2**11) / 2**11, exponent)
+
+
+def test_the_lipschitz_search_measures_the_network_not_the_rounding_of_its_float32_arithmetic():
+    """The search shrinks its offset until rounding divided by it dominates the ratio: in the
+    coarse float32 arithmetic it reported 2.36 for a map of constant 1. It searches the network
+    itself (in float64), so it stays below the exact constant."""
+    model = nn.Sequential(CoarseFloat32(), random_linear(DIM, seed=43)).eval()
+    x = inner_points(2, seed=44)
+    exact = float(torch.linalg.matrix_norm(model[1][1].weight.detach().double(), ord=2))
+    found = lipschitz_lower_bound(model, x, steps=100, lr=1e-3, delta_scale=1e-2, seed=0)
+    assert 0.5 * exact < found <= exact * (1 + 1e-9)
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is left as it was
+
+
 def test_the_lipschitz_search_is_a_lower_bound_and_logs_a_tenth_of_its_steps_without_changing_it():
     model = random_linear(4, seed=41)
     x = inner_points(3, seed=42)
