@@ -111,7 +111,7 @@ COLUMNS: dict[str, Column] = {
     "auc_certified": Column("AUC certified", fmt="{:.3f}"),
     "auc_empirical": Column("AUC empirical", fmt="{:.3f}"),
     "auc_pgd": Column("AUC PGD", fmt="{:.3f}"),
-    "audited_certified": Column("certified points audited", fmt="{:.0f}"),
+    "audited_certified": Column("audits of certified points", fmt="{:.0f}"),
     "lipschitz_bound": Column("Lipschitz bound", fmt="{:.4g}", std_fmt="{:.2g}"),
     "n_params": Column("parameters", fmt="{:,.0f}", agg="fixed"),
     "total_substeps": Column("total sub-steps", fmt="{:.1f}"),
@@ -354,7 +354,8 @@ def _classification_headline(row: outputs.Row) -> str:
 def classification_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per classifier variant: clean, certified, strongest-empirical and PGD accuracy at
     the standard radii (fractions), AUCs, Lipschitz bound, size, sub-steps, training time, and
-    how many certified points the strong attack audited (at every standard radius together)."""
+    how many audits of certified points the strong attack ran (summed over the standard radii: a
+    point certified at several is audited, and counted, at each)."""
     return _aggregate([_classification_record(Path(p)) for p in paths], ["variant"])
 
 
