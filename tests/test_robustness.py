@@ -42,8 +42,10 @@ from stablenets.evaluation.robustness import (
     lipschitz_lower_bound,
     margins,
     pgd_l2,
+    predict,
     robust_accuracy_curve,
 )
+from stablenets.nn.operators import full_float32
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 4, 4)
@@ -1013,6 +1015,43 @@ def test_a_float32_attack_is_left_as_it_is_and_tables_name_a_low_precision_searc
     strong = {"method": "autoattack", "version": "standard"}
     assert strong_label(strong) == "autoattack standard"
     assert strong_label(strong, "bfloat16") == "autoattack standard, bfloat16 search"
+
+
+class FlagRecorder(nn.Module):
+    """``model``, recording the TF32 flags (convolutions, matrix products) at every pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return self.model(x)
+
+
+def test_certificates_and_the_judge_of_every_attack_run_without_tf32_and_restore_the_flags():
+    """The margins (certificates) and every prediction that counts an example run in full
+    float32: TF32 rounding, a GPU's default for convolutions, could flip a certified point."""
+    model, x, y, lip = linear_case(8)
+    recorder = FlagRecorder(model)
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        margins(recorder, x, y, 16)
+        predict(recorder, x)
+        assert recorder.seen == [(False, False)] * (len(x) // 16 + 1)
+        plan = sweep_plan(radii=(0.0, 0.2), strong=partial(pgd_l2, steps=3),
+                          strong_radii=frozenset({0.2}))  # fmt: skip
+        run_sweep(recorder, x, y, plan, lip)
+        with pytest.raises(ZeroDivisionError):  # restored after an error too
+            with full_float32():
+                raise ZeroDivisionError
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
+            True, True)  # fmt: skip
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    # the sweep's attacks search as they are set (TF32 on here); their judge does not
+    assert {(True, True), (False, False)} == set(recorder.seen[len(x) // 16 + 1 :])
 
 
 class CoarseFloat32(nn.Module):

@@ -36,6 +36,7 @@ from stablenets.evaluation.tv import (
     project_dual_ball,
     relative_change,
 )
+from stablenets.nn.operators import full_float32
 from stablenets.progress import timing
 
 __all__ = [
@@ -287,6 +288,10 @@ def pnp_forward_backward(
 
     ``log`` gets a line every ``log_every`` iterations: images still iterating, the largest
     relative change among them, elapsed time and an ETA (an upper one: images stop early).
+
+    The iterations run in ``full_float32`` (no TF32 on a GPU): the step norms' non-increase is
+    checked to float32 rounding (``check_nonincreasing``), and TF32's, about 1e-3 relative per
+    convolution, would exceed the steps themselves near convergence.
     """
     norm = blur.norm()
     _check_parameters(eta, relax, norm**2, denoiser_alpha)
@@ -301,7 +306,7 @@ def pnp_forward_backward(
     active = torch.ones(n, dtype=torch.bool)
     history = _History(n)
     start = time.monotonic()
-    with torch.no_grad():
+    with torch.no_grad(), full_float32():
         for k in range(1, max_iter + 1):
             idx = active.nonzero().squeeze(1)
             x_old, y_act = x[idx.to(x.device)], y[idx.to(y.device)]

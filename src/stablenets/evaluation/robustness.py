@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stablenets.nn.operators import pinned_weights
+from stablenets.nn.operators import full_float32, pinned_weights
 from stablenets.progress import timing
 
 if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
@@ -122,15 +122,17 @@ class Autocast(nn.Module):
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor) -> Tensor:
-    """The predicted class of each sample (argmax of the logits)."""
-    return model(x).argmax(dim=1)
+    """The predicted class of each sample (argmax of the logits), in ``full_float32``."""
+    with full_float32():
+        return model(x).argmax(dim=1)
 
 
 @torch.no_grad()
 def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    """Logits of all of ``x`` (computed batch by batch on the model's device), on the CPU."""
+    """Logits of all of ``x`` (computed batch by batch on the model's device, in
+    ``full_float32``), on the CPU."""
     device = model_device(model)
-    with eval_mode(model):
+    with eval_mode(model), full_float32():
         parts = [model(x[s].to(device)).cpu() for s in _batches(len(x), batch_size)]
     return torch.cat(parts)
 

@@ -59,6 +59,7 @@ __all__ = [
     "torus_norm_bound",
     "power_iteration_all",
     "pinned_weights",
+    "full_float32",
 ]
 
 # Relative inflation of every certified norm, covering the float64 rounding of the certificates.
@@ -862,6 +863,21 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
             f"weights of {', '.join(changed)} changed inside pinned_weights(): certified bounds "
             "used there may be stale"
         )
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 at its full precision on a GPU within: no TF32 in convolutions (PyTorch's default
+    there, about 1e-3 relative rounding) nor in matrix products, as before on exit. Certificates
+    (the margins) and the judgement of every adversarial example run so: the certified bound
+    holds for the network's arithmetic, and a judge in TF32 could flip a point the certificate
+    covers, failing the job's invariants on rounding alone. Attacks search as they are set."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 @contextlib.contextmanager
