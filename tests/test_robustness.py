@@ -613,6 +613,9 @@ def test_the_sweeps_pgd_curve_is_pgd_run_at_each_radius_on_its_own():
     assert (acc["empirical"] <= acc["pgd"] + 1e-12).all()
     with pytest.raises(ValueError, match="PGD did not run at eps 0.025"):
         state.accuracies([0.025])
+    # nothing to attack anywhere (every correct point certified): a curve all the same
+    calm = run_sweep(net, x, y, sweep_plan(pgd=pgd, radii=radii), 1e-9).accuracies(radii)
+    assert (calm["pgd"] == acc["pgd"][0]).all() and (calm["empirical"] == acc["pgd"][0]).all()
 
 
 def test_sweep_rejects_an_attack_that_leaves_the_ball():

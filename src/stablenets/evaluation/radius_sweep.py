@@ -313,8 +313,7 @@ def _record(
         state.strong_survived[survived] = state.strong_survived[survived].clamp(min=e)
     if pass_name == "pgd":
         state.pgd_break_radius[idx] = torch.minimum(state.pgd_break_radius[idx], dist)
-        broken = state.pgd_broken.setdefault(e, torch.zeros_like(state.correct))
-        broken[idx] = torch.isfinite(dist)
+        state.pgd_broken[e][idx] = torch.isfinite(dist)
     unsound = state.break_radius[idx] < state.certified_radius[idx]
     if unsound.any():
         i = int(idx[unsound][0])
@@ -402,6 +401,8 @@ def sweep(
                 pass_name = passes[state.pass_index]
                 if state.todo is None:
                     state.todo, state.done = _todo(plan, state, pass_name, e), 0
+                    if pass_name == "pgd":  # its curve has a value here, even with nothing to do
+                        state.pgd_broken[radius_key(e)] = torch.zeros_like(state.correct)
                 attacks = [plan.pgd, plan.strong] if pass_name == "audit" else [
                     plan.strong if pass_name == "strong" else plan.pgd]  # fmt: skip
                 while state.done < len(state.todo):
