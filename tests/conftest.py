@@ -22,6 +22,20 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def tf32_flags() -> tuple[bool, bool]:
+    """Whether TF32 is allowed in convolutions and in matrix products."""
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def tf32_on() -> Iterator[None]:
+    """TF32 allowed in both (a GPU's default for convolutions), the flags restored after."""
+    before = tf32_flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def cartoon(n: int = 2, c: int = 3, h: int = 32, w: int = 40) -> torch.Tensor:
     """Float64 piecewise-constant images in [0, 1]: two overlapping rectangles on a dark
     background (the second image mirrored)."""

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import cartoon
+from conftest import cartoon, tf32_flags
 
 from stablenets.evaluation.metrics import fixed_noise, psnr
 from stablenets.evaluation.pnp import (
@@ -164,25 +164,17 @@ def test_pnp_averaged_denoiser_converges_monotonically(deblur_problem, eta, rela
         assert torch.isnan(hist["residual"][n, k_n:]).all()
 
 
-def tf32_flags() -> tuple[bool, bool]:
-    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-
-
+@pytest.mark.usefixtures("tf32_on")
 def test_pnp_runs_its_denoiser_in_full_float32_and_restores_the_tf32_flags(deblur_problem):
     """TF32's rounding (a GPU's default for convolutions) would exceed the steps near
     convergence and fail the monotonicity check of an averaged denoiser on rounding alone."""
     clean, blur, y = deblur_problem
     seen: list[tuple[bool, bool]] = []
     smooth = smoothing_denoiser(clean.shape[1:])
-    before = tf32_flags()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        pnp_forward_backward(lambda v: seen.append(tf32_flags()) or smooth(v), blur, y, 1.0,
-                             max_iter=3)  # fmt: skip
-        assert seen == [(False, False)] * 3
-        assert tf32_flags() == (True, True)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    pnp_forward_backward(lambda v: seen.append(tf32_flags()) or smooth(v), blur, y, 1.0,
+                         max_iter=3)  # fmt: skip
+    assert seen == [(False, False)] * 3
+    assert tf32_flags() == (True, True)
 
 
 def test_pnp_relaxation_beyond_one_with_declared_averagedness(deblur_problem) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import tf32_flags
 from torch import Tensor, nn
 
 from stablenets.evaluation.radius_sweep import (
@@ -1028,33 +1029,29 @@ class FlagRecorder(nn.Module):
         self.model, self.seen = model, []
 
     def forward(self, x: Tensor) -> Tensor:
-        self.seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        self.seen.append(tf32_flags())
         return self.model(x)
 
 
+@pytest.mark.usefixtures("tf32_on")
 def test_certificates_and_the_judge_of_every_attack_run_without_tf32_and_restore_the_flags():
     """The margins (certificates) and every prediction that counts an example run in full
     float32: TF32 rounding, a GPU's default for convolutions, could flip a certified point."""
     model, x, y, lip = linear_case(8)
     recorder = FlagRecorder(model)
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        margins(recorder, x, y, 16)
-        predict(recorder, x)
-        assert recorder.seen == [(False, False)] * (len(x) // 16 + 1)
-        plan = sweep_plan(radii=(0.0, 0.2), strong=partial(pgd_l2, steps=3),
-                          strong_radii=frozenset({0.2}))  # fmt: skip
-        run_sweep(recorder, x, y, plan, lip)
-        with pytest.raises(ZeroDivisionError):  # restored after an error too
-            with full_float32():
-                raise ZeroDivisionError
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
-            True, True)  # fmt: skip
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    margins(recorder, x, y, 16)
+    predict(recorder, x)
+    judged = len(x) // 16 + 1
+    assert recorder.seen == [(False, False)] * judged
+    plan = sweep_plan(radii=(0.0, 0.2), strong=partial(pgd_l2, steps=3),
+                      strong_radii=frozenset({0.2}))  # fmt: skip
+    run_sweep(recorder, x, y, plan, lip)
     # the sweep's attacks search as they are set (TF32 on here); their judge does not
-    assert {(True, True), (False, False)} == set(recorder.seen[len(x) // 16 + 1 :])
+    assert {(True, True), (False, False)} == set(recorder.seen[judged:])
+    with pytest.raises(ZeroDivisionError):  # restored after an error too
+        with full_float32():
+            raise ZeroDivisionError
+    assert tf32_flags() == (True, True)
 
 
 class CoarseFloat32(nn.Module):

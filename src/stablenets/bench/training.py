@@ -154,8 +154,8 @@ def _build(
 
         model = from_model(model, plain=job["impl"] == "plain")
         opt = torch.optim.SGD(
-            model.parameters(), lr=1e-3, momentum=0.9, weight_decay=cfg.weight_decay
-        )  # timing only: the momentum's value costs nothing
+            model.parameters(), lr=1e-3, momentum=cfg.momenta[0], weight_decay=cfg.weight_decay
+        )
         return model, task, cfg, opt, None
     prepare_for_speed(model, cfg)  # what training.train does with these settings
     opt, sched = make_optimizer(model, cfg)

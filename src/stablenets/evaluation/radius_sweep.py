@@ -2,8 +2,9 @@
 
 Each point is attacked only where it can change a number: PGD at every radius on the correct,
 uncertified points (the paper's protocol: its curve is PGD's own at each radius); the strong
-attack (AutoAttack) at the standard radii on what nothing broke, and over the grid by bisection between each point's certified radius and the
-smallest radius an attack broke it at; a sample of certified points audited. The state
+attack (AutoAttack) at the standard radii on what nothing broke, and over the grid by bisection
+between each point's certified radius and the smallest radius an attack broke it at; a sample of
+certified points audited. The state
 (:class:`SweepState`) is saved between radii, so a killed evaluation resumes where it stopped.
 The attacks may search on a faster model (:class:`SearchModel`: bf16, CUDA graphs from
 :mod:`stablenets.evaluation.attack_graphs`), the float32 eager model judging every example
@@ -345,15 +346,10 @@ def _progress_line(plan: SweepPlan, state: SweepState, e: float, started: float)
     robust = float((state.correct & (state.break_radius > e)).double().mean())
     live = int((state.correct & (state.break_radius > e) & ~(state.certified_radius > e)).sum())
     elapsed = time.perf_counter() - started
-    within = (
-        ""
-        if state.todo is None
-        # a line between batches: how far the pass is
-        else (
-            f"{plan.passes(state.radius_index)[state.pass_index]} attack on {state.done} of "
-            f"{len(state.todo)} points done, "
-        )
-    )
+    within = ""  # a line between batches also says how far the pass is
+    if state.todo is not None:
+        pass_name = plan.passes(state.radius_index)[state.pass_index]
+        within = f"{pass_name} attack on {state.done} of {len(state.todo)} points done, "
     return (
         f"eps {e:.4f} ({state.radius_index + 1}/{len(plan.radii)}): {within}{live} points left "
         f"to attack, robust {robust:.4f}, elapsed {elapsed:.0f} s, ETA {_eta_s(plan, state):.0f} s"
@@ -380,8 +376,8 @@ def sweep(
     (an adversarial example found at ε' <= ε lies in the ε-ball too). The cheap attack runs on
     every correct, uncertified point at every radius, so its curve is that of the attack run at
     each radius on its own (the paper's PGD curve); the strong attack runs on what no attack has
-    broken. A found example at distance d (checked <= ε) sets the
-    point's break radius to min(current, d), so it counts at every radius >= d. A break radius
+    broken. A found example at distance d (checked <= ε) sets the point's break radius to
+    min(current, d), so it counts at every radius >= d. A break radius
     below the certified radius, or an audited certified point flipped, raises ``InvariantError``.
 
     Resumable: ``save(state)`` is called after every batch; rerunning with the saved state

@@ -107,6 +107,13 @@ class TrainConfig:
     # the last step run, best model saved as usual)
     stop_after: int | None = None
 
+    @property
+    def momenta(self) -> tuple[float, float]:
+        """The momentum at the start and end, and at the learning rate's peak."""
+        if isinstance(self.momentum, tuple):
+            return self.momentum
+        return (self.momentum, self.momentum)
+
     def __post_init__(self) -> None:
         if isinstance(self.momentum, (list, tuple)):  # a JSON spec gives a list
             if len(self.momentum) != 2:
@@ -126,8 +133,7 @@ def make_optimizer(
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
     """SGD with momentum and weight decay, one-cycle schedule with linear annealing; the momentum
     held, or cycled inversely to the learning rate (``TrainConfig.momentum``)."""
-    cycled = isinstance(cfg.momentum, tuple)
-    outer, peak = cfg.momentum if isinstance(cfg.momentum, tuple) else (cfg.momentum,) * 2
+    outer, peak = cfg.momenta
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr_max, momentum=outer, weight_decay=cfg.weight_decay
     )
@@ -137,7 +143,7 @@ def make_optimizer(
         total_steps=cfg.steps,
         pct_start=cfg.warmup,
         anneal_strategy="linear",
-        cycle_momentum=cycled,
+        cycle_momentum=isinstance(cfg.momentum, tuple),
         base_momentum=peak,
         max_momentum=outer,
         div_factor=cfg.lr_max / cfg.lr_initial,
