@@ -91,9 +91,9 @@ def _perturbed(
     model: nn.Module, dtype: torch.dtype = torch.float64, bias: bool = True, seed: int = 1
 ) -> nn.Module:
     """``model`` in ``dtype`` moved away from its initial state, as training would: every weight
-    times 1.5 (a constrained block is built exactly at the threshold of one sub-step, where the
-    last bit of a device's certified norm would decide between 1 and 2 sub-steps; at 1.5 its
-    sub-step count is 3, well inside), random biases (or none: ``bias=False`` zeroes them), SLL
+    times 1.5 (away from a threshold of the sub-step count, where the last bit of a device's
+    certified norm would decide between two counts; at 1.5 a block built at norm 1 takes 2
+    sub-steps, 8 % inside the threshold), random biases (or none: ``bias=False`` zeroes them), SLL
     scalings and batch-norm statistics."""
     model = model.to(dtype)
     g = torch.Generator().manual_seed(seed)
@@ -360,8 +360,10 @@ def test_bf16_autocast_margin_loss_keeps_every_power_iteration_in_full_precision
 
 def _robust_model(dtype: torch.dtype) -> nn.Module:
     """The small classifier, bias-free (with random biases it predicts one class for every
-    input and no attack of moderate size flips it) and perturbed, in ``eval()``."""
-    torch.manual_seed(0)
+    input and no attack of moderate size flips it) and perturbed, in ``eval()``. Seed 1: at
+    most seeds even the bias-free one predicts one class for all 8 points, and PGD at 0.5 flips
+    none (here 2, and all 8 at 2.0)."""
+    torch.manual_seed(1)
     return _perturbed(build_model("nonexpansive_classifier", **CLASSIFIER), dtype, False).eval()
 
 

@@ -171,6 +171,52 @@ def test_forward_adds_the_bias_and_apply_does_not():
     torch.testing.assert_close(nobias(x), nobias.matvec(x))
 
 
+def test_torch_bias_draws_the_bias_as_pytorch_layers_do():
+    """Weights as PyTorch's default ``nn.Conv2d`` / ``nn.Linear``, uniform in
+    ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``; biases start at 0, and ``torch_bias_`` draws them from
+    the same interval, as PyTorch (and so the authors' scripts) do: the draws span it."""
+    g = torch.Generator().manual_seed(0)
+    for op, fan_in in (
+        (Conv2dOperator(16, 64, 3, (8, 8), generator=g), 16 * 9),
+        (DenseOperator(128, 400, generator=g), 128),
+    ):
+        assert op.bias is not None and not op.bias.detach().any()
+        op.torch_bias_(g)
+        bound = 1 / math.sqrt(fan_in)
+        for p in (op.weight, op.bias):
+            values = p.detach()
+            assert float(values.abs().max()) <= bound
+            assert float(values.min()) < -0.9 * bound and float(values.max()) > 0.9 * bound
+    unbiased = Conv2dOperator(3, 4, 3, 8, bias=False)
+    unbiased.torch_bias_()
+    assert unbiased.bias is None
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_rescale_sets_the_norm_to_the_target_and_keeps_the_bias(index):
+    """``rescale_(c)``: the scripts' ``init_norm``; the certified norm lands within the warm
+    start's precision of ``c`` (above it: the estimate scaled to ``c`` is a lower bound, and so
+    is the refreshed one), the bias untouched."""
+    op = [
+        Conv2dOperator(8, 8, 3, (16, 16), padding=1),
+        Conv2dOperator(3, 16, 1, (32, 32)),
+        DenseOperator(128, 10),
+    ][index].double()
+    bias = op.bias.detach().clone()
+    for target in (1.0, 0.25, 3.0):
+        estimate = float(op.rescale_(target, 20))
+        assert target * (1 - 1e-12) <= estimate <= op.norm_bound() <= target * 1.005
+        assert float(op.sigma_estimate) == estimate
+        torch.testing.assert_close(op.bias, bias, rtol=0, atol=0)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="target norm"):
+            op.rescale_(bad, 20)
+    with torch.no_grad():
+        op.weight.zero_()
+    with pytest.raises(ValueError, match="norm estimate is 0"):
+        op.rescale_(1.0, 20)
+
+
 def test_conv_rejects_inputs_smaller_than_the_kernel_reach():
     with pytest.raises(ValueError, match="reach"):
         Conv2dOperator(1, 1, 3, (2, 8))

@@ -169,9 +169,9 @@ def test_the_rule_caption_shows_each_outputs_own_caption(kind: str, scale: str, 
 
 
 OWN_SETTINGS = {  # caption -> what it says of the smoke config's variants' own training settings
-    "tables/classification.rst": "override these: resnet: warmup 0.2, lr_max 0.02)",
+    "tables/classification.rst": "override these: nonexpansive: lr_max 0.1; resnet: warmup 0.2, lr_max 0.02)",
     "tables/denoising.rst": "override these: dncnn: lr_max 0.2, steps 1000)",
-    "figures/training_classification.rst": "the defaults: resnet: warmup 0.2, lr_max 0.02)",
+    "figures/training_classification.rst": "the defaults: nonexpansive: lr_max 0.1; resnet: warmup 0.2, lr_max 0.02)",
     "figures/training_denoising.rst": "the defaults: dncnn: lr_max 0.2, steps 1000)",
 }
 

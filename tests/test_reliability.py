@@ -779,9 +779,11 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 sys.exit(cli.main(sys.argv[2:]))
 """
 HEADROOM = 3 * 2**30  # the smoke classifier's training needs under 1 GiB
-# The smoke classifier at 60x its learning rate, seeded: its sub-steps jump from 11 to 5541 at
-# step 24 (norms below max_norm); 5541 sub-steps hold more than 10 GiB of activations.
+# The smoke classifier at 30x its learning rate, seeded: its sub-steps run away (norms below
+# max_norm), to a pass of 1,864 at the guard's stop, which would hold more than 3 GiB.
 RUNAWAY = {"lr_max": 3.0, "checkpoint_every": 10}
+# At 10x: the guard stops it at step 48 (188 sub-steps), and a limit of 188 fits in memory.
+MILD_RUNAWAY = {"lr_max": 1.0, "checkpoint_every": 10}
 AUTO_HEADROOM = (
     5 * 2**28
 )  # 1.25 GiB: the auto limit stops the runaway sooner (its last steps are slow)
@@ -862,7 +864,7 @@ def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(
     smoke_cifar, tmp_path
 ):
-    spec = smoke_train_spec(**RUNAWAY)
+    spec = smoke_train_spec(**MILD_RUNAWAY)
     limit, ckpt = spec["train"]["max_substeps"], tmp_path / "work" / "checkpoint.pt"
     stopped = run_capped(spec, smoke_cifar, tmp_path)
     assert stopped.returncode == 1
@@ -1120,6 +1122,23 @@ def test_a_job_on_the_other_tasks_dataset_or_on_a_missing_gpu_fails_with_one_lin
     )
     assert cli.main(train_args({**SPEC, "device": "cuda:99"}, dataset, tmp_path / "b")) == 1
     one_error_line(capsys.readouterr().err, "device: 'cuda:99' requested but this machine has")
+
+
+def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset, tmp_path, capsys):
+    """What the job reads and the spec lacks, top-level or nested: one line, not a traceback.
+    A KeyError that names a key the spec has (a bug inside the job) keeps its traceback."""
+    for i, spec in enumerate(
+        (
+            {k: v for k, v in SPEC.items() if k != "train"},
+            {**SPEC, "train": {k: v for k, v in SPEC["train"].items() if k != "batch_size"}},
+        )
+    ):
+        assert cli.main(train_args(spec, dataset, tmp_path / str(i))) == 1
+        needles = ["--spec has no key 'train'"] if i == 0 else ["--spec train: ", "'batch_size'"]
+        one_error_line(capsys.readouterr().err, *needles)
+    assert cli._missing_spec_key(KeyError("train"), SPEC) is None
+    assert cli._missing_spec_key(KeyError("steps"), SPEC) is None  # nested: it is there
+    assert cli._missing_spec_key(ValueError("nope"), SPEC) is None
 
 
 def test_a_finished_training_rerun_with_other_threads_or_intervals_resumes_at_its_end(

@@ -6,7 +6,9 @@ Non-expansive block. It integrates ``dx/dt = -A^T sigma(A x + b)`` over a fixed 
     n = ceil(T L ||A||^2 / (2 r theta)),   so that   h nu <= r theta,   nu = L ||A||^2 / 2.
 
 ``r`` is the integrator's step radius and ``theta`` in (0, 1] (``theta < 1`` makes Euler blocks
-averaged). In training the cheap power-iteration estimate of ``||A||`` drives ``n``; in ``eval()``
+averaged). ``T = r / (L sigma_0^2)`` as in the authors' scripts (``T = 1`` at an initial norm of 1,
+where one sub-step uses half the radius), so a norm may grow by ``sqrt(2 theta)`` before a second
+sub-step is needed; ``theta`` enters the step rule only. In training the cheap power-iteration estimate of ``||A||`` drives ``n``; in ``eval()``
 the certified upper bound does, so the claim holds for the network that is evaluated.
 
 Residual baseline. ``x - B sigma(A x + b)`` with unconstrained ``A`` and ``B``: its Lipschitz
@@ -25,14 +27,19 @@ from stablenets.nn.activations import MonotoneActivation
 from stablenets.nn.integrators import get_integrator
 from stablenets.nn.operators import LinearOperator, host_copy, remember_host_copy, spatial_size
 
-__all__ = ["NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
+__all__ = ["INIT_POWER_ITERS", "NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
 
 
 # Sub-step inputs above this size are checkpointed in training (see NonexpansiveBlock): at batch
 # 5, 64 channels, 321x481 one activation is 198 MB; the CIFAR-10 classifier's largest is 8 MB.
 REMAT_BYTES = 64 * 2**20
-# Default integration time: sigma_0 is the warm-started estimate inflated by this much.
+# Default integration time: sigma_0 is the warm-started estimate inflated by this much (so an
+# averaged block with theta = 1/2 starts at one sub-step in ``eval()`` too).
 TIME_HEADROOM = 0.02
+# Power iterations that warm a block's norm estimate (and rescale it to ``init_norm``) at
+# construction: from the symbol's peak, a 64-channel 3x3 convolution's estimate is then within
+# 0.02-0.3 % of its norm (``Conv2dOperator.warm_start``).
+INIT_POWER_ITERS = 20
 
 
 def compose_averaged(a1: float, a2: float) -> float:
@@ -51,13 +58,15 @@ class NonexpansiveBlock(nn.Module):
         activation: monotone ``sigma`` with Lipschitz constant ``L``.
         integrator: name of an explicit RK method (``euler``, ``heun``, ``ssprk3``, ``rk4``...).
         theta: safety factor in (0, 1]; ``theta < 1`` with Euler gives an averaged block.
-        time: integration time ``T``; by default ``r theta / nu_0``, ``nu_0 = L sigma_0^2 / 2``
-            with ``sigma_0 = (1 + TIME_HEADROOM)`` times the warm-started power-iteration
+        time: integration time ``T``; by default ``r / (L sigma_0^2)`` as in the authors'
+            scripts, with ``sigma_0 = (1 + TIME_HEADROOM)`` times the warm-started power-iteration
             estimate (``operator.warm_start``): a design choice, deterministic, nothing certified
             at construction. The headroom covers the estimate's remaining error and the
-            certified bound's excess over the norm at the paper's sizes (under 1 %), so the block
-            starts with one sub-step in training and in ``eval()``.
+            certified bound's excess over the norm at the paper's sizes (under 1 %), so a block
+            with ``theta >= 1/2`` starts with one sub-step in training and in ``eval()``.
         init_power_iters: power iterations run at construction to warm the norm estimate.
+        init_norm: when set, ``A`` is first rescaled to this norm estimate (``rescale_``; the
+            scripts start every block at 1).
     """
 
     # whether ``remat`` (activation checkpointing of the sub-steps) can apply to the block
@@ -72,7 +81,8 @@ class NonexpansiveBlock(nn.Module):
         integrator: str = "euler",
         theta: float = 1.0,
         time: float | None = None,
-        init_power_iters: int = 20,
+        init_power_iters: int = INIT_POWER_ITERS,
+        init_norm: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < theta <= 1.0:
@@ -81,10 +91,13 @@ class NonexpansiveBlock(nn.Module):
         self.activation = activation
         self.tableau = get_integrator(integrator)
         self.theta = float(theta)
-        estimate = float(operator.warm_start(init_power_iters))
+        if init_norm is not None:
+            estimate = float(operator.rescale_(init_norm, init_power_iters))
+        else:
+            estimate = float(operator.warm_start(init_power_iters))
         if time is None:
             sigma0 = estimate * (1 + TIME_HEADROOM)
-            time = 2 * self.tableau.step_radius * theta / (activation.lipschitz * sigma0**2)
+            time = self.tableau.step_radius / (activation.lipschitz * sigma0**2)
         if not time > 0:
             raise ValueError(f"integration time {time} must be positive")
         self.register_buffer("time", torch.tensor(float(time), dtype=torch.float64))

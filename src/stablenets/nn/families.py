@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stablenets.nn.activations import MonotoneActivation, build_activation
-from stablenets.nn.blocks import NonexpansiveBlock
+from stablenets.nn.blocks import INIT_POWER_ITERS, NonexpansiveBlock
 from stablenets.nn.operators import Conv2dOperator, LinearOperator, autocast_off, spatial_size
 
 __all__ = [
@@ -121,7 +121,7 @@ class CPLBlock(NonexpansiveBlock):
         operator: LinearOperator,
         activation: MonotoneActivation,
         theta: float = 1.0,
-        init_power_iters: int = 20,
+        init_power_iters: int = INIT_POWER_ITERS,
     ) -> None:
         super().__init__(operator, activation, "euler", theta, 1.0, init_power_iters)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,12 @@ from torch.nn import functional as F
 from stablenets.atomic import atomic_path
 from stablenets.errors import first_line
 from stablenets.nn.activations import build_activation
-from stablenets.nn.blocks import NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.nn.blocks import (
+    INIT_POWER_ITERS,
+    NonexpansiveBlock,
+    ResidualBlock,
+    compose_averaged,
+)
 from stablenets.nn.families import FAMILIES, FamilyBlock, build_family_block
 from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator
 
@@ -54,6 +59,7 @@ BLOCKS = ("nonexpansive", "residual", *FAMILIES)
 DENOISER_BLOCKS = ("nonexpansive", "cpl", "sll", "aol")
 
 Size = tuple[int, int]
+_Op = TypeVar("_Op", bound=LinearOperator)
 # A block of the skeletons: the paper's two (``blocks.py``) or one of the families.
 Block = NonexpansiveBlock | ResidualBlock | FamilyBlock
 
@@ -90,18 +96,40 @@ class StableModel(nn.Module):
         return None
 
 
+def _torch_biased(op: _Op, torch_bias: bool = True) -> _Op:
+    """``op``, with PyTorch's default bias when ``torch_bias`` (the layers of the authors'
+    scripts are PyTorch's; our operators start at a zero bias)."""
+    if torch_bias:
+        op.torch_bias_()
+    return op
+
+
 def _block_factory(
-    block: str, activation: str, integrator: str, theta: float, time: float | None, kernel: int
+    block: str,
+    activation: str,
+    integrator: str,
+    theta: float,
+    time: float | None,
+    kernel: int,
+    init_norm: float | None,
+    torch_bias: bool,
 ) -> Callable[[int, Size], Block]:
-    """Return ``make(width, size)`` building one block of the requested kind."""
+    """Return ``make(width, size)`` building one block of the requested kind (the paper's
+    blocks start at norm ``init_norm``, with PyTorch's biases when ``torch_bias``)."""
 
     def conv(width: int, size: Size) -> Conv2dOperator:
-        return Conv2dOperator(width, width, kernel, size, padding=kernel // 2)
+        op = Conv2dOperator(width, width, kernel, size, padding=kernel // 2)
+        return _torch_biased(op, torch_bias)
 
     def make(width: int, size: Size) -> Block:
         if block == "nonexpansive":
             return NonexpansiveBlock(
-                conv(width, size), build_activation(activation), integrator, theta, time
+                conv(width, size),
+                build_activation(activation),
+                integrator,
+                theta,
+                time,
+                init_norm=init_norm,
             )
         if block == "residual":
             return ResidualBlock(conv(width, size), conv(width, size), build_activation(activation))
@@ -150,7 +178,16 @@ def _block_estimate(block: Block) -> torch.Tensor | float:
 class Classifier(StableModel):
     """The paper's classifier skeleton; ``block`` selects the block: the paper's non-expansive or
     residual block, or one of the other 1-Lipschitz families (``cpl``, ``sll``, ``aol``,
-    ``orthogonal``; see ``families.py``)."""
+    ``orthogonal``; see ``families.py``).
+
+    ``init_norm``: lift, transitions, head and the paper's blocks start at this norm
+    (``LinearOperator.rescale_``), then train freely, as the scripts build their non-expansive
+    classifier (``nonexpansive_classifier``'s default: 1); ``None`` keeps PyTorch's
+    initialisation, as the scripts' ResNet does (the default of the others: the families are not
+    in the scripts, and their blocks keep their own parametrisations). The skeleton and the
+    paper's blocks draw PyTorch's default biases when ``torch_bias``, as the scripts' layers do
+    (the default of the paper's two classifiers; the families start at zero biases).
+    """
 
     def __init__(
         self,
@@ -166,10 +203,14 @@ class Classifier(StableModel):
         theta: float = 1.0,
         time: float | None = None,
         input_size: int | list[int] = 32,
+        init_norm: float | None = None,
+        torch_bias: bool = False,
     ) -> None:
         super().__init__()
         size = _size(input_size)
-        make = _block_factory(block, activation, integrator, theta, time, kernel_size)
+        make = _block_factory(
+            block, activation, integrator, theta, time, kernel_size, init_norm, torch_bias
+        )
         self.base_width = base_width
         self.lift = Conv2dOperator(in_channels, base_width, 1, size)
         self.sizes: list[Size] = []
@@ -185,6 +226,10 @@ class Classifier(StableModel):
             width, size = 2 * width, (size[0] // 2, size[1] // 2)
         self.final_size = size
         self.head = DenseOperator(width, num_classes)
+        for op in (self.lift, *self.transitions, self.head):
+            _torch_biased(cast(LinearOperator, op), torch_bias)
+            if init_norm is not None:
+                cast(LinearOperator, op).rescale_(init_norm, INIT_POWER_ITERS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.sizes[0]:  # the global mean's 1/sqrt(HW) depends on it
@@ -228,7 +273,9 @@ class Classifier(StableModel):
 
 class NonexpansiveDenoiser(StableModel):
     """Blocks acting on channels zero-padded from ``channels`` to ``width``; output ``N(x)`` or
-    ``x - N(x)`` (``residual=True``)."""
+    ``x - N(x)`` (``residual=True``). The paper's blocks start at norm ``init_norm`` (the
+    scripts: 1; ``None`` keeps the initialisation) with PyTorch's default biases, as the scripts'
+    layers; the families' blocks keep their own."""
 
     def __init__(
         self,
@@ -244,6 +291,7 @@ class NonexpansiveDenoiser(StableModel):
         input_size: int | tuple[int, int] | list[int] = (321, 481),
         power_size: int | list[int] | None = None,
         block: str = "nonexpansive",
+        init_norm: float | None = 1.0,
     ) -> None:
         super().__init__()
         if width < channels:
@@ -260,13 +308,16 @@ class NonexpansiveDenoiser(StableModel):
                     block, width, self.input_size, kernel_size, activation, theta, integrator, psize
                 )
             return NonexpansiveBlock(
-                Conv2dOperator(
-                    width, width, kernel_size, self.input_size, psize, padding=kernel_size // 2
+                _torch_biased(
+                    Conv2dOperator(
+                        width, width, kernel_size, self.input_size, psize, padding=kernel_size // 2
+                    )
                 ),
                 build_activation(activation),
                 integrator,
                 theta,
                 time,
+                init_norm=init_norm,
             )
 
         self.blocks = nn.Sequential(*(make() for _ in range(depth)))
@@ -357,15 +408,16 @@ class DnCNN(StableModel):
         return 1.0 + bound
 
 
-def _classifier(block: str) -> Callable[..., StableModel]:
-    return lambda **kw: Classifier(block=block, **kw)
+def _classifier(block: str, **defaults: Any) -> Callable[..., StableModel]:
+    return lambda **kw: Classifier(block=block, **{**defaults, **kw})
 
 
 # The one registry of model names: ``build_model`` builds from ``MODELS``; the config's checks
 # and the pipeline's jobs take a variant's kind from ``CLASSIFIERS`` / ``DENOISERS``.
 CLASSIFIER_MODELS: dict[str, Callable[..., StableModel]] = {
-    "nonexpansive_classifier": _classifier("nonexpansive"),
-    "resnet_classifier": _classifier("residual"),
+    # the scripts' two classifiers, initialised as there
+    "nonexpansive_classifier": _classifier("nonexpansive", init_norm=1.0, torch_bias=True),
+    "resnet_classifier": _classifier("residual", torch_bias=True),
     "cpl_classifier": _classifier("cpl"),
     "sll_classifier": _classifier("sll"),
     "aol_classifier": _classifier("aol"),

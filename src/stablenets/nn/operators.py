@@ -370,6 +370,16 @@ def _plane_wave(
     return (v[:, None, None] * torch.outer(*waves)).real[None]
 
 
+def _default_init(
+    shape: tuple[int, ...], bias: bool, generator: torch.Generator | None
+) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """PyTorch's default weight of ``nn.Linear`` / ``nn.Conv2d``: uniform in
+    ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``; the bias starts at 0 (``torch_bias_`` draws PyTorch's)."""
+    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    weight = nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+    return weight, nn.Parameter(torch.zeros(shape[0])) if bias else None
+
+
 class LinearOperator(nn.Module):
     """Base class: a learnable linear map with bias, adjoint and norm information."""
 
@@ -415,6 +425,29 @@ class LinearOperator(nn.Module):
         """Start the power iteration well and run ``n_iters`` iterations; returns the stored
         estimate (a lower bound of ``||A||_2``). Here: ``power_iteration(n_iters)`` from ``u``."""
         return self.power_iteration(n_iters)
+
+    @torch.no_grad()
+    def torch_bias_(self, generator: torch.Generator | None = None) -> None:
+        """Draw the bias as PyTorch's ``nn.Linear`` / ``nn.Conv2d`` do (uniform in
+        ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``, the weight's bound): the authors' scripts build on
+        those layers. No bias: nothing to draw."""
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(math.prod(self.weight.shape[1:]))
+            draw = torch.rand(self.bias.shape, generator=generator) * 2 - 1
+            self.bias.copy_(draw.to(self.bias) * bound)
+
+    @torch.no_grad()
+    def rescale_(self, norm: float, n_iters: int) -> torch.Tensor:
+        """Scale the weight so that its norm estimate (``warm_start(n_iters)``) is ``norm``: the
+        authors' scripts start every constrained operator at norm 1 this way, and then let it
+        train freely. The bias is kept; returns the estimate refreshed for the scaled weight."""
+        if not (math.isfinite(norm) and norm > 0):
+            raise ValueError(f"rescale_: the target norm must be finite and > 0, got {norm}")
+        estimate = float(self.warm_start(n_iters))
+        if not estimate > 0:
+            raise ValueError("rescale_: the operator's norm estimate is 0 (a zero weight)")
+        self.weight.mul_(norm / estimate)
+        return self.power_iteration(1)
 
     def _iterate(self, w: torch.Tensor, u: torch.Tensor, n_iters: int) -> torch.Tensor:
         for _ in range(n_iters):
@@ -505,10 +538,7 @@ class DenseOperator(LinearOperator):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        bound = 1.0 / math.sqrt(in_features)
-        w = (torch.rand(out_features, in_features, generator=generator) * 2 - 1) * bound
-        self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight, self.bias = _default_init((out_features, in_features), bias, generator)
         self._init_power_state((1, in_features), generator)
 
     def _apply_with(
@@ -523,6 +553,14 @@ class DenseOperator(LinearOperator):
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_with(self.weight, x)
+
+    @torch.no_grad()
+    def warm_start(self, n_iters: int) -> torch.Tensor:
+        """Power iteration from the top right singular vector (an SVD, cheap at a classifier
+        head's size: from a random vector, 20 iterations left a 10 x 128 head 2 % short)."""
+        _, _, vh = torch.linalg.svd(self.weight.detach().double(), full_matrices=False)
+        self.u.copy_(vh[:1].to(self.u.dtype))
+        return self.power_iteration(n_iters)
 
     def adjoint(self, y: torch.Tensor, input_size: tuple[int, int] | None = None) -> torch.Tensor:
         """``A^T y``; ``input_size`` is accepted for a uniform interface and ignored."""
@@ -569,10 +607,7 @@ class Conv2dOperator(LinearOperator):
                     f"Conv2dOperator: input size {self.input_size} with padding {self.padding} "
                     f"is smaller than the kernel's reach {reach}"
                 )
-        bound = 1.0 / math.sqrt(in_channels * kh * kw)
-        w = (torch.rand(out_channels, in_channels, kh, kw, generator=generator) * 2 - 1) * bound
-        self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight, self.bias = _default_init((out_channels, in_channels, kh, kw), bias, generator)
         self.power_size = _pair(power_size) if power_size is not None else self.input_size
         self._init_power_state((1, in_channels, *self.power_size), generator)
 

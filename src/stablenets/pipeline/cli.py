@@ -121,6 +121,20 @@ def _spec(text: str) -> dict:
     return spec
 
 
+def _missing_spec_key(err: Exception, spec: dict) -> str | None:
+    """The key of a ``KeyError`` that names no key at any depth of ``spec`` (a hand-written spec
+    lacks what the job reads); ``None`` for any other error (``--debug`` shows where)."""
+    if type(err) is not KeyError or not err.args or not isinstance(err.args[0], str):
+        return None
+    key, todo = err.args[0], [spec]
+    while todo:
+        node = todo.pop()
+        if key in node:
+            return None
+        todo += [v for v in node.values() if isinstance(v, dict)]
+    return key
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -151,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         memory = _loaded("stablenets.train.memory", "is_out_of_memory")
         if not args.debug and memory is not None and memory(err):
             print(_out_of_memory_line(args.job, spec, err), file=sys.stderr)
+            return 1
+        missing = _missing_spec_key(err, spec)
+        if not args.debug and missing is not None:
+            print(f"stablenets {args.job}: error: --spec has no key {missing!r}", file=sys.stderr)
             return 1
         clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
         # OSError: the machine said no (a read-only or full disk, a missing file, permissions)

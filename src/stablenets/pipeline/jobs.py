@@ -117,6 +117,18 @@ def _split(data_path: Path, split: str, task: str) -> tuple[torch.Tensor, torch.
     return data.read_split(data_path, split)
 
 
+_Settings = TypeVar("_Settings")
+
+
+def _settings(cls: Callable[..., _Settings], section: str, values: dict[str, Any]) -> _Settings:
+    """``cls(**values)``; a key missing from or foreign to a hand-written spec's ``section`` is
+    one line naming it, not a traceback (the pipeline's specs are schema-checked)."""
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ValueError(f"--spec {section}: {err}") from None
+
+
 def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTask | DenoisingTask:
     train_x, train_y = _split(data_path, "train", spec["task"])
     val_x, val_y = _split(data_path, "val", spec["task"])
@@ -131,7 +143,7 @@ def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTa
             train_y.to(device),
             val_x.to(device),
             val_y.to(device),
-            AugmentConfig(**augment),
+            _settings(AugmentConfig, "augment", augment),
             spec["eval_batch"],
         )
     patch = spec.get("patch")
@@ -160,7 +172,7 @@ def train_model(
     device = _setup(spec)
     model = build_model(spec["model"], **_model_kwargs(spec, data_path)).to(device)
     task = _task(spec, data_path, device)
-    cfg = TrainConfig(seed=int(spec["seed"]), **spec["train"])
+    cfg = _settings(TrainConfig, "train", {"seed": int(spec["seed"]), **spec["train"]})
     chash = _progress_hash(spec)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
