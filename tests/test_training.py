@@ -322,7 +322,8 @@ def test_the_budget_before_a_pass_shrinks_with_the_memory_free_then_never_grows(
     assert SubstepLimit(None, budget=5).now().budget == 5  # no device: a fixed budget
 
 
-GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.0, "warmup": 0.3}  # 2 sub-steps, 3 at step 5
+# 2 sub-steps in all (one per block) for eight steps, 6 at step 8
+GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.5, "warmup": 0.3}
 # at T = 15: 8 sub-steps per block for six steps, then the second block grows to 14 at step 9
 REMAT_GROWING, REMAT_TIME = {**GROWING, "lr_max": 0.4}, 15.0
 
