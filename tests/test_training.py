@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.models import StableModel, build_model, read_checkpoint
 from stablenets.pipeline.jobs import _progress_hash
-from stablenets.train.augment import AugmentConfig, augment
+from stablenets.train.augment import AugmentConfig, augment, random_crop, random_erase
 from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
     DivergenceError,
@@ -30,7 +30,7 @@ from stablenets.train.loop import (
     train,
 )
 from stablenets.train.memory import _CGROUPS, _cgroup_left, activation_cost
-from stablenets.train.tasks import ClassificationTask, DenoisingTask
+from stablenets.train.tasks import ClassificationTask, DenoisingTask, epoch_batch
 
 
 def test_augmentation_is_seeded_batched_and_shape_preserving():
@@ -45,6 +45,33 @@ def test_augmentation_is_seeded_batched_and_shape_preserving():
     assert 0.3 < (erased > 0.02).float().mean() < 0.95  # about half the images have a hole
     shifted = augment(x, AugmentConfig(flip=False, erase_p=0.0), torch.Generator().manual_seed(0))
     assert not torch.equal(shifted, x)  # cropping moved at least one image
+
+
+def test_augmentation_erases_before_it_crops_as_the_scripts():
+    """The scripts erase, then crop and flip (an erased rectangle moves with its image): with
+    the same generator, the augmented batch is the erased batch, then cropped."""
+    x = torch.rand(64, 3, 16, 16) + 1  # no zero pixel but the holes and the padding
+    cfg = AugmentConfig(flip=False, erase_p=1.0)
+    got = augment(x, cfg, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    erased = random_erase(x, cfg, g)
+    torch.testing.assert_close(got, random_crop(erased, cfg.crop_padding, g), rtol=0, atol=0)
+
+
+def test_a_step_draws_its_slice_of_a_seeded_epoch_permutation():
+    """Epochs of a shuffled set (the scripts' ``DataLoader(shuffle=True)``): within an epoch no
+    image twice, ``size // batch`` steps of ``batch`` images, a new order each epoch, the same
+    indices for the same ``(seed, step)`` (a resumed run draws what it would have)."""
+    size, batch = 103, 10
+    epoch0 = torch.cat([epoch_batch(size, batch, 0, step) for step in range(10)])
+    assert len(epoch0) == 100 and len(set(epoch0.tolist())) == 100
+    assert int(epoch0.min()) >= 0 and int(epoch0.max()) < size
+    epoch1 = torch.cat([epoch_batch(size, batch, 0, step) for step in range(10, 20)])
+    assert len(set(epoch1.tolist())) == 100 and not torch.equal(epoch0, epoch1)
+    assert torch.equal(epoch_batch(size, batch, 0, 13), epoch1[30:40])
+    assert not torch.equal(epoch_batch(size, batch, 1, 3), epoch0[30:40])  # the seed matters
+    with pytest.raises(ValueError, match="batch_size 200 is larger than the training set"):
+        epoch_batch(size, 200, 0, 0)
 
 
 TINY = {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 8}

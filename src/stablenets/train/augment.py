@@ -1,7 +1,8 @@
 """Batched data augmentation on the device (the paper's CIFAR-10 recipe).
 
-Random crop with zero padding, horizontal flip and random erasing, drawn per sample from one
-``torch.Generator`` so that a training step's batch depends only on ``(seed, step)``.
+Random erasing, then random crop with zero padding and horizontal flip (the authors' scripts'
+order), drawn per sample from one ``torch.Generator`` so that a training step's batch depends
+only on ``(seed, step)``.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ def random_erase(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> tor
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Crop, flip, then erase, all batched on ``x``'s device."""
+    """Erase, then crop and flip, as the scripts' transforms; all batched on ``x``'s device."""
+    if cfg.erase_p > 0:
+        x = random_erase(x, cfg, g)
     x = random_crop(x, cfg.crop_padding, g)
     if cfg.flip:
         x = random_flip(x, g)
-    if cfg.erase_p > 0:
-        x = random_erase(x, cfg, g)
     return x

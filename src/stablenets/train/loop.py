@@ -45,7 +45,13 @@ from stablenets.train import budget
 from stablenets.train.checkpoints import RunState, last_good, resume, save
 from stablenets.train.cuda_graphs import StepGraphs
 from stablenets.train.memory import ActivationCost, activation_cost, free_memory, peak_memory_mb
-from stablenets.train.tasks import ClassificationTask, DenoisingTask, Task, step_generator
+from stablenets.train.tasks import (
+    ClassificationTask,
+    DenoisingTask,
+    Task,
+    epoch_batch,
+    step_generator,
+)
 
 __all__ = [
     "TrainConfig",
@@ -210,7 +216,8 @@ def substep_limit(
     cost on one training image (``memory.activation_cost``) and the free memory."""
     if cfg.max_substeps != "auto" or next(model.constrained_blocks(), None) is None:
         return SubstepLimit(count=None if cfg.max_substeps == "auto" else int(cfg.max_substeps))
-    inputs, _ = task.batch(1, torch.Generator(device=device).manual_seed(cfg.seed))
+    first = torch.zeros(1, dtype=torch.long)
+    inputs, _ = task.batch(first, torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     cost = activation_cost(model, inputs, cfg.batch_size, lambda: _autocast(cfg, device))
@@ -616,8 +623,8 @@ def _train_step(
     SGD + schedule, divergence and sub-step checks, a log row every ``log_every`` steps."""
     model.train()
     finish_norm_update = start_norm_update(model, cfg.power_iters, graphs)
-    g = step_generator(cfg.seed, state.step, device)
-    inputs, targets = task.batch(cfg.batch_size, g)
+    idx = epoch_batch(len(task.images), cfg.batch_size, cfg.seed, state.step)
+    inputs, targets = task.batch(idx, step_generator(cfg.seed, state.step, device))
     if cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()

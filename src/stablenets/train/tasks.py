@@ -1,13 +1,16 @@
 """The two training tasks: what a step draws (batch, augmentation, noise) and how a model is
 validated.
 
-Every draw comes from :func:`step_generator`, seeded by ``(seed, step)``: a run resumed from a
-checkpoint draws exactly what the uninterrupted run would have drawn.
+A step's images are its slice of an epoch's permutation (:func:`epoch_batch`, seeded by
+``(seed, epoch)``), its augmentation and noise come from :func:`step_generator`, seeded by
+``(seed, step)``: a run resumed from a checkpoint draws exactly what the uninterrupted run would
+have drawn.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch.nn import functional as F
@@ -22,6 +25,25 @@ from stablenets.train.augment import AugmentConfig, augment
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of one training step: depends only on ``(seed, step)``."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+@lru_cache(maxsize=2)
+def _permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 2**40)  # apart from the steps'
+    return torch.randperm(size, generator=g)
+
+
+def epoch_batch(size: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of training step ``step``'s images: epochs of a shuffled training set, as the
+    authors' scripts draw them (``DataLoader(shuffle=True)``), each image at most once per epoch.
+    An epoch holds ``size // batch`` steps: the last ``size % batch`` images of its permutation
+    are left out, where the scripts' last batch is smaller (every batch has ``batch`` images, one
+    shape for CUDA graphs). Drawn on the CPU: the same batches on every device."""
+    steps = size // batch
+    if steps == 0:
+        raise ValueError(f"batch_size {batch} is larger than the training set ({size} images)")
+    epoch, position = divmod(step, steps)
+    return _permutation(size, seed, epoch)[position * batch : (position + 1) * batch]
 
 
 @dataclass
@@ -40,8 +62,9 @@ class ClassificationTask:
         """Training steps that draw as many images as the training set holds."""
         return len(self.images) / batch_size
 
-    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
+    def batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images ``idx`` (``epoch_batch``), augmented with draws from ``g``."""
+        idx = idx.to(self.images.device)
         return augment(self.images[idx], self.augment, g), self.labels[idx]
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,9 +98,9 @@ class DenoisingTask:
         """Training steps that draw as many images as the training set holds."""
         return len(self.images) / batch_size
 
-    def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self.images), (n,), generator=g, device=self.images.device)
-        clean = self.images[idx]
+    def batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images ``idx`` (``epoch_batch``), a patch of them and their noise from ``g``."""
+        clean = self.images[idx.to(self.images.device)]
         if self.patch is not None:
             clean = _random_patch(clean, self.patch, g)
         noise = torch.randn(clean.shape, generator=g, device=clean.device)
