@@ -72,6 +72,24 @@ def test_a_step_draws_its_slice_of_a_seeded_epoch_permutation():
     assert not torch.equal(epoch_batch(size, batch, 1, 3), epoch0[30:40])  # the seed matters
     with pytest.raises(ValueError, match="batch_size 200 is larger than the training set"):
         epoch_batch(size, 200, 0, 0)
+    epoch_batch(size, batch, 0, 0)[:] = -1  # a caller's edit leaves the epoch's order intact
+    assert torch.equal(epoch_batch(size, batch, 0, 0), epoch0[:10])
+
+
+def test_the_loop_trains_on_its_seeds_epoch_batches(tmp_path, monkeypatch):
+    """Every step's images come from ``epoch_batch`` with the run's seed and step, on the
+    images' device (the seed of ``TrainConfig``, not a constant)."""
+    import stablenets.train.loop as loop
+
+    calls = []
+
+    def recorded(size, batch, seed, step, device="cpu"):  # noqa: ANN202
+        calls.append((size, batch, seed, step, str(device)))
+        return epoch_batch(size, batch, seed, step, device)
+
+    monkeypatch.setattr(loop, "epoch_batch", recorded)
+    _tiny_run(tmp_path, steps=4, seed=3)
+    assert calls == [(64, 8, 3, step, "cpu") for step in range(4)]
 
 
 TINY = {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 8}

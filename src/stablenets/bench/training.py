@@ -199,7 +199,7 @@ def _stepper(
 
         def step() -> None:
             model.train()
-            idx = epoch_batch(len(task.images), cfg.batch_size, 0, state.step)
+            idx = epoch_batch(len(task.images), cfg.batch_size, 0, state.step, task.images.device)
             inputs, targets = task.batch(idx, step_generator(0, state.step, device))
             model.update_norms()
             if graphs is None:

@@ -122,17 +122,23 @@ def _spec(text: str) -> dict:
 
 
 def _missing_spec_key(err: Exception, spec: dict) -> str | None:
-    """The key of a ``KeyError`` that names no key at any depth of ``spec`` (a hand-written spec
-    lacks what the job reads); ``None`` for any other error (``--debug`` shows where)."""
-    if type(err) is not KeyError or not err.args or not isinstance(err.args[0], str):
+    """The key of a ``KeyError`` raised where the job reads its spec (the innermost frame holds
+    the spec, or a part of it) and named nowhere in the spec: a hand-written spec lacks it.
+    ``None`` for any other error, which keeps its traceback (``--debug`` shows every one)."""
+    if type(err) is not KeyError or not err.args or err.__traceback__ is None:
         return None
-    key, todo = err.args[0], [spec]
+    key, parts, todo = err.args[0], set(), [spec]
     while todo:
         node = todo.pop()
         if key in node:
             return None
+        parts.add(id(node))
         todo += [v for v in node.values() if isinstance(v, dict)]
-    return key
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    reading = any(id(v) in parts for v in tb.tb_frame.f_locals.values())
+    return str(key) if reading else None
 
 
 def _log(message: str) -> None:

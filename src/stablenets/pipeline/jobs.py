@@ -120,13 +120,16 @@ def _split(data_path: Path, split: str, task: str) -> tuple[torch.Tensor, torch.
 _Settings = TypeVar("_Settings")
 
 
-def _settings(cls: Callable[..., _Settings], section: str, values: dict[str, Any]) -> _Settings:
-    """``cls(**values)``; a key missing from or foreign to a hand-written spec's ``section`` is
-    one line naming it, not a traceback (the pipeline's specs are schema-checked)."""
+def _settings(
+    cls: Callable[..., _Settings], section: str, values: dict[str, Any], **given: Any
+) -> _Settings:
+    """``cls(**values, **given)``; a key missing from, foreign to or doubled in a hand-written
+    spec's ``section`` is one line naming it, not a traceback (the pipeline's specs are
+    schema-checked; ``--debug`` shows the original error)."""
     try:
-        return cls(**values)
+        return cls(**values, **given)
     except TypeError as err:
-        raise ValueError(f"--spec {section}: {err}") from None
+        raise ValueError(f"--spec {section}: {err}") from err
 
 
 def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTask | DenoisingTask:
@@ -172,7 +175,7 @@ def train_model(
     device = _setup(spec)
     model = build_model(spec["model"], **_model_kwargs(spec, data_path)).to(device)
     task = _task(spec, data_path, device)
-    cfg = _settings(TrainConfig, "train", {"seed": int(spec["seed"]), **spec["train"]})
+    cfg = _settings(TrainConfig, "train", spec["train"], seed=int(spec["seed"]))
     chash = _progress_hash(spec)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)

@@ -5,8 +5,9 @@ torch and numpy only; imports :mod:`stablenets.nn` and the metrics of
 
 * :mod:`~stablenets.train.loop`: :func:`train` (one-cycle SGD, validation, progress lines with
   an ETA) and its guards against divergence and runaway sub-steps.
-* :mod:`~stablenets.train.tasks`: the classification and denoising tasks (what a step draws,
-  seeded by the step; how a model is validated).
+* :mod:`~stablenets.train.tasks`: the classification and denoising tasks (what a step draws:
+  its slice of a seeded epoch permutation, augmentation and noise seeded by the step; how a model
+  is validated).
 * :mod:`~stablenets.train.checkpoints`: resumable checkpoints, tied to the configuration's hash.
 * :mod:`~stablenets.train.cuda_graphs`: one captured CUDA graph per tuple of sub-step counts.
 * :mod:`~stablenets.train.augment`: the data augmentation of the classifiers.

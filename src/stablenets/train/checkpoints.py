@@ -22,7 +22,9 @@ from stablenets.nn.models import (
     read_checkpoint,
 )
 
-RESUME_FORMAT = "stablenets-resume-v1"
+# v2 (session 17): batches by epochs and erasing first; a v1 checkpoint would resume a run that
+# drew otherwise, so it is ignored with a log line
+RESUME_FORMAT = "stablenets-resume-v2"
 Log = Callable[[str], None]
 
 

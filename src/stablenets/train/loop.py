@@ -1,8 +1,9 @@
 """One training loop for every model: SGD + one-cycle, validation, best checkpoint, resume.
 
-The loop is deterministic given ``(seed, step)``: each step draws its batch, augmentation and
-noise from a generator seeded with ``seed`` and the step number, so a run killed and resumed from
-its checkpoint ends with the same weights as an uninterrupted one (on the CPU).
+The loop is deterministic given ``(seed, step)``: each step takes its slice of a seeded epoch
+permutation (``tasks.epoch_batch``) and draws its augmentation and noise from a generator seeded
+with ``seed`` and the step number, so a run killed and resumed from its checkpoint ends with the
+same weights as an uninterrupted one (on the CPU).
 
 Checkpoints (``<workdir>/checkpoint.pt``) are written atomically every ``checkpoint_every`` steps
 and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit); one from a different
@@ -216,7 +217,7 @@ def substep_limit(
     cost on one training image (``memory.activation_cost``) and the free memory."""
     if cfg.max_substeps != "auto" or next(model.constrained_blocks(), None) is None:
         return SubstepLimit(count=None if cfg.max_substeps == "auto" else int(cfg.max_substeps))
-    first = torch.zeros(1, dtype=torch.long)
+    first = torch.zeros(1, dtype=torch.long, device=task.images.device)
     inputs, _ = task.batch(first, torch.Generator(device=device).manual_seed(cfg.seed))
     if cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -623,7 +624,7 @@ def _train_step(
     SGD + schedule, divergence and sub-step checks, a log row every ``log_every`` steps."""
     model.train()
     finish_norm_update = start_norm_update(model, cfg.power_iters, graphs)
-    idx = epoch_batch(len(task.images), cfg.batch_size, cfg.seed, state.step)
+    idx = epoch_batch(len(task.images), cfg.batch_size, cfg.seed, state.step, task.images.device)
     inputs, targets = task.batch(idx, step_generator(cfg.seed, state.step, device))
     if cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)

@@ -28,22 +28,27 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 
 @lru_cache(maxsize=2)
-def _permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+def _permutation(size: int, seed: int, epoch: int, device: str) -> torch.Tensor:
+    """Drawn on the CPU (the same on every device), copied to ``device`` once per epoch: a
+    per-step host-to-device copy of the indices would wait for the queued GPU work."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 2**40)  # apart from the steps'
-    return torch.randperm(size, generator=g)
+    return torch.randperm(size, generator=g).to(device)
 
 
-def epoch_batch(size: int, batch: int, seed: int, step: int) -> torch.Tensor:
+def epoch_batch(
+    size: int, batch: int, seed: int, step: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Indices of training step ``step``'s images: epochs of a shuffled training set, as the
     authors' scripts draw them (``DataLoader(shuffle=True)``), each image at most once per epoch.
     An epoch holds ``size // batch`` steps: the last ``size % batch`` images of its permutation
     are left out, where the scripts' last batch is smaller (every batch has ``batch`` images, one
-    shape for CUDA graphs). Drawn on the CPU: the same batches on every device."""
+    shape for CUDA graphs). The same batches on every device; returned on ``device``."""
     steps = size // batch
     if steps == 0:
         raise ValueError(f"batch_size {batch} is larger than the training set ({size} images)")
     epoch, position = divmod(step, steps)
-    return _permutation(size, seed, epoch)[position * batch : (position + 1) * batch]
+    order = _permutation(size, seed, epoch, str(torch.device(device)))
+    return order[position * batch : (position + 1) * batch].clone()  # the cache stays intact
 
 
 @dataclass
@@ -63,8 +68,7 @@ class ClassificationTask:
         return len(self.images) / batch_size
 
     def batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images ``idx`` (``epoch_batch``), augmented with draws from ``g``."""
-        idx = idx.to(self.images.device)
+        """The images ``idx`` (``epoch_batch``, on the images' device), augmented from ``g``."""
         return augment(self.images[idx], self.augment, g), self.labels[idx]
 
     def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -99,8 +103,9 @@ class DenoisingTask:
         return len(self.images) / batch_size
 
     def batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images ``idx`` (``epoch_batch``), a patch of them and their noise from ``g``."""
-        clean = self.images[idx.to(self.images.device)]
+        """The images ``idx`` (``epoch_batch``, on the images' device), a patch of them and their
+        noise from ``g``."""
+        clean = self.images[idx]
         if self.patch is not None:
             clean = _random_patch(clean, self.patch, g)
         noise = torch.randn(clean.shape, generator=g, device=clean.device)
