@@ -9,7 +9,8 @@ Non-expansive block. It integrates ``dx/dt = -A^T sigma(A x + b)`` over a fixed 
 averaged). ``T = r / (L sigma_0^2)`` as in the authors' scripts (``T = 1`` at an initial norm of 1,
 where one sub-step uses half the radius); ``theta`` enters the step rule only: with
 ``theta >= 1/2`` a block starts at one sub-step and needs a second once its norm grows past
-``sqrt(2 theta) sigma_0``; with ``theta < 1/2`` it starts at ``ceil(1 / (2 theta))``. In training the cheap power-iteration estimate of ``||A||`` drives ``n``; in ``eval()``
+``sqrt(2 theta) sigma_0``; with ``theta < 1/2`` it starts at ``ceil(1 / (2 theta))``. In
+training the cheap power-iteration estimate of ``||A||`` drives ``n``; in ``eval()``
 the certified upper bound does, so the claim holds for the network that is evaluated.
 
 Residual baseline. ``x - B sigma(A x + b)`` with unconstrained ``A`` and ``B``: its Lipschitz

@@ -370,12 +370,17 @@ def _plane_wave(
     return (v[:, None, None] * torch.outer(*waves)).real[None]
 
 
+def _fan_in_bound(shape: Sequence[int]) -> float:
+    """``1/sqrt(fan_in)`` of a weight of ``shape``: PyTorch's default init draws in +-it."""
+    return 1.0 / math.sqrt(math.prod(shape[1:]))
+
+
 def _default_init(
     shape: tuple[int, ...], bias: bool, generator: torch.Generator | None
 ) -> tuple[nn.Parameter, nn.Parameter | None]:
-    """PyTorch's default weight of ``nn.Linear`` / ``nn.Conv2d``: uniform in
-    ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``; the bias starts at 0 (``torch_bias_`` draws PyTorch's)."""
-    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    """PyTorch's default weight of ``nn.Linear`` / ``nn.Conv2d``, uniform in +-``_fan_in_bound``;
+    the bias starts at 0 (``torch_bias_`` draws PyTorch's)."""
+    bound = _fan_in_bound(shape)
     weight = nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
     return weight, nn.Parameter(torch.zeros(shape[0])) if bias else None
 
@@ -432,9 +437,8 @@ class LinearOperator(nn.Module):
         ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``, the weight's bound): the authors' scripts build on
         those layers. No bias: nothing to draw."""
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(math.prod(self.weight.shape[1:]))
             draw = torch.rand(self.bias.shape, generator=generator) * 2 - 1
-            self.bias.copy_(draw.to(self.bias) * bound)
+            self.bias.copy_(draw.to(self.bias) * _fan_in_bound(self.weight.shape))
 
     @torch.no_grad()
     def rescale_(self, norm: float, n_iters: int) -> torch.Tensor:
