@@ -539,6 +539,42 @@ def test_denoising_rejects_the_margin_loss_and_sizes():
     assert "sizes apply to classification variants only" in str(err.value)
 
 
+def test_a_kwarg_the_model_does_not_take_is_a_config_error_not_a_failed_job():
+    """The schema's kwargs are the union over models; each variant's are checked against its
+    own model's constructor before any job runs."""
+    raw = _paper()
+    raw["denoising"]["variants"]["euler"]["kwargs"]["torch_bias"] = True
+    raw["denoising"]["variants"]["dncnn"]["kwargs"] = {"integrator": "heun"}
+    raw["classification"]["variants"]["resnet"]["kwargs"] = {"residual": True, "theta": 0.5}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, SCHEMA)
+    lines = str(err.value).splitlines()[1:]
+    by_key = {line.split(": ")[1]: line for line in lines}
+    assert sorted(by_key) == [
+        "classification.variants.resnet.kwargs.residual",
+        "denoising.variants.dncnn.kwargs.integrator",
+        "denoising.variants.euler.kwargs.torch_bias",
+    ]
+    euler = by_key["denoising.variants.euler.kwargs.torch_bias"]
+    assert "nonexpansive_denoiser takes no 'torch_bias'" in euler
+    assert "'init_norm'" in euler  # the allowed list names what it does take
+
+
+def test_the_registry_keeps_each_constructor_signature_and_its_defaults():
+    from stablenets.nn.models import build_model, model_arguments
+
+    assert {"init_norm", "torch_bias", "base_width"} <= set(model_arguments("sll_classifier"))
+    assert "torch_bias" not in model_arguments("nonexpansive_denoiser")
+    torch.manual_seed(0)
+    scripts = build_model("nonexpansive_classifier", base_width=4, stages=1)
+    torch.manual_seed(0)  # the lift is drawn first: the same weights until the rescaling
+    plain = build_model("nonexpansive_classifier", init_norm=None, base_width=4, stages=1)
+    assert plain.lift.bias.abs().sum() > 0  # the registered torch_bias stays
+    assert float(scripts.lift.power_iteration(200)) == pytest.approx(1.0, rel=1e-3)
+    ratio = scripts.lift.weight / plain.lift.weight  # init_norm=None overrides the registered 1
+    assert torch.allclose(ratio, ratio.flatten()[0]) and abs(float(ratio.flatten()[0]) - 1) > 1e-3
+
+
 def test_a_loss_is_labelled_for_tables_by_what_it_is_and_its_settings():
     from stablenets.nn.losses import loss_label
 

@@ -17,6 +17,8 @@ vectors and integration times included); ``load_model(path)`` rebuilds the model
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -43,6 +45,7 @@ __all__ = [
     "NonexpansiveDenoiser",
     "DnCNN",
     "build_model",
+    "model_arguments",
     "save_model",
     "load_model",
     "CheckpointError",
@@ -409,7 +412,9 @@ class DnCNN(StableModel):
 
 
 def _classifier(block: str, **defaults: Any) -> Callable[..., StableModel]:
-    return lambda **kw: Classifier(block=block, **{**defaults, **kw})
+    """``Classifier`` with ``block`` and ``defaults`` bound, keeping its signature (the config's
+    checks read it) and letting a variant's kwargs override the defaults."""
+    return functools.partial(Classifier, block=block, **defaults)
 
 
 # The one registry of model names: ``build_model`` builds from ``MODELS``; the config's checks
@@ -430,6 +435,11 @@ DENOISER_MODELS: dict[str, Callable[..., StableModel]] = {
 MODELS: dict[str, Callable[..., StableModel]] = {**CLASSIFIER_MODELS, **DENOISER_MODELS}
 CLASSIFIERS = frozenset(CLASSIFIER_MODELS)
 DENOISERS = frozenset(DENOISER_MODELS)
+
+
+def model_arguments(name: str) -> list[str]:
+    """The keyword arguments ``build_model(name, ...)`` accepts, from the constructor's signature."""
+    return list(inspect.signature(MODELS[name]).parameters)
 
 
 def build_model(name: str, **kwargs: Any) -> StableModel:

@@ -186,6 +186,7 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
                 f"{where}.kwargs.block: only nonexpansive_denoiser takes a block; classifiers "
                 "pick theirs by model name (e.g. sll_classifier)"
             )
+        errors += _argument_errors(where, variant["model"], kwargs)
         cpl = variant["model"] == "cpl_classifier" or kwargs.get("block") == "cpl"
         if cpl and kwargs.get("integrator", "euler") != "euler":
             errors.append(
@@ -203,6 +204,20 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
         if dropped:
             errors.append(f"denoising.select: leaves out {dropped}, which pnp.denoisers needs")
     return errors
+
+
+def _argument_errors(where: str, model: str, kwargs: dict) -> list[str]:
+    """A kwarg the schema knows but ``model`` does not take: caught here, not when the job
+    builds the model hours into the run."""
+    from stablenets.nn.models import MODELS, model_arguments
+
+    if model not in MODELS:  # reported with the model's own error
+        return []
+    accepted = model_arguments(model)
+    return [
+        f"{where}.kwargs.{key}: {model} takes no {key!r}; allowed: {sorted(accepted)}"
+        for key in sorted(set(kwargs) - set(accepted))
+    ]
 
 
 def _resolve_variants(config: dict) -> None:
