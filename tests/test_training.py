@@ -79,7 +79,7 @@ def test_a_step_draws_its_slice_of_a_seeded_epoch_permutation():
 def test_the_loop_trains_on_its_seeds_epoch_batches(tmp_path, monkeypatch):
     """Every step's images come from ``epoch_batch`` with the run's seed and step, on the
     images' device (the seed of ``TrainConfig``, not a constant)."""
-    import stablenets.train.loop as loop
+    import stablenets.train.tasks as tasks
 
     calls = []
 
@@ -87,7 +87,7 @@ def test_the_loop_trains_on_its_seeds_epoch_batches(tmp_path, monkeypatch):
         calls.append((size, batch, seed, step, str(device)))
         return epoch_batch(size, batch, seed, step, device)
 
-    monkeypatch.setattr(loop, "epoch_batch", recorded)
+    monkeypatch.setattr(tasks, "epoch_batch", recorded)
     _tiny_run(tmp_path, steps=4, seed=3)
     assert calls == [(64, 8, 3, step, "cpu") for step in range(4)]
 

@@ -181,7 +181,7 @@ def _stepper(
     from stablenets.train.checkpoints import RunState
     from stablenets.train.cuda_graphs import StepGraphs
     from stablenets.train.loop import _train_step, step_graphs, substep_limit
-    from stablenets.train.tasks import epoch_batch, step_generator
+    from stablenets.train.tasks import step_batch
 
     state = RunState()
 
@@ -199,8 +199,7 @@ def _stepper(
 
         def step() -> None:
             model.train()
-            idx = epoch_batch(len(task.images), cfg.batch_size, 0, state.step, task.images.device)
-            inputs, targets = task.batch(idx, step_generator(0, state.step, device))
+            inputs, targets = step_batch(task, cfg.batch_size, 0, state.step)
             model.update_norms()
             if graphs is None:
                 loss = task.loss(model(inputs), targets)

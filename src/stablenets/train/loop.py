@@ -1,9 +1,9 @@
 """One training loop for every model: SGD + one-cycle, validation, best checkpoint, resume.
 
 The loop is deterministic given ``(seed, step)``: each step takes its slice of a seeded epoch
-permutation (``tasks.epoch_batch``) and draws its augmentation and noise from a generator seeded
-with ``seed`` and the step number, so a run killed and resumed from its checkpoint ends with the
-same weights as an uninterrupted one (on the CPU).
+permutation and draws its augmentation and noise from a generator seeded with ``seed`` and the
+step number (``tasks.step_batch``), so a run killed and resumed from its checkpoint ends with
+the same weights as an uninterrupted one (on the CPU).
 
 Checkpoints (``<workdir>/checkpoint.pt``) are written atomically every ``checkpoint_every`` steps
 and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit); one from a different
@@ -50,8 +50,7 @@ from stablenets.train.tasks import (
     ClassificationTask,
     DenoisingTask,
     Task,
-    epoch_batch,
-    step_generator,
+    step_batch,
 )
 
 __all__ = [
@@ -624,8 +623,7 @@ def _train_step(
     SGD + schedule, divergence and sub-step checks, a log row every ``log_every`` steps."""
     model.train()
     finish_norm_update = start_norm_update(model, cfg.power_iters, graphs)
-    idx = epoch_batch(len(task.images), cfg.batch_size, cfg.seed, state.step, task.images.device)
-    inputs, targets = task.batch(idx, step_generator(cfg.seed, state.step, device))
+    inputs, targets = step_batch(task, cfg.batch_size, cfg.seed, state.step)
     if cfg.channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     finish_norm_update()

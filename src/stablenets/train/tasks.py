@@ -1,8 +1,8 @@
 """The two training tasks: what a step draws (batch, augmentation, noise) and how a model is
 validated.
 
-A step's images are its slice of an epoch's permutation (:func:`epoch_batch`, seeded by
-``(seed, epoch)``), its augmentation and noise come from :func:`step_generator`, seeded by
+A step's batch (:func:`step_batch`) holds its slice of an epoch's permutation (:func:`epoch_batch`,
+seeded by ``(seed, epoch)``), augmented or noised from :func:`step_generator`, seeded by
 ``(seed, step)``: a run resumed from a checkpoint draws exactly what the uninterrupted run would
 have drawn.
 """
@@ -140,3 +140,15 @@ def _random_patch(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) ->
 
 
 Task = ClassificationTask | DenoisingTask
+
+
+def step_batch(
+    task: Task, batch_size: int, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of training step ``step`` of a run seeded ``seed``: its slice of the
+    epoch's permutation (:func:`epoch_batch`), augmented or noised from its own generator
+    (:func:`step_generator`), on the images' device. The loop and the training benchmark both
+    draw here, so the benchmark times the batches the runs train on."""
+    device = task.images.device
+    idx = epoch_batch(len(task.images), batch_size, seed, step, device)
+    return task.batch(idx, step_generator(seed, step, device))
