@@ -332,6 +332,18 @@ def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
         assert float(torch.linalg.matrix_norm(m, 2)) <= 1 + 1e-12
 
 
+def test_aol_refuses_a_rescaling_it_could_not_honour():
+    """``P D`` is invariant under the weight's scale, so the scripts' ``rescale_`` would leave the
+    norm where it was and return the old estimate; it says so instead."""
+    op = AOLConv(2, 3, 3, (6, 6), padding=1, generator=torch.Generator().manual_seed(0)).double()
+    with pytest.raises(ValueError, match="does not change with the weight's scale"):
+        op.rescale_(1.0, 20)
+    before = _matrix(op.matvec, (2, 6, 6)).detach()
+    with torch.no_grad():
+        op.weight.mul_(5.0)  # the invariance that makes it impossible
+    torch.testing.assert_close(_matrix(op.matvec, (2, 6, 6)).detach(), before)
+
+
 # --------------------------------------------------------------------------------------------
 # Orthogonal convolution: exact on the circular grid
 
@@ -543,7 +555,7 @@ def test_a_kwarg_the_model_does_not_take_is_a_config_error_not_a_failed_job():
     """The schema's kwargs are the union over models; each variant's are checked against its
     own model's constructor before any job runs."""
     raw = _paper()
-    raw["denoising"]["variants"]["euler"]["kwargs"]["torch_bias"] = True
+    raw["denoising"]["variants"]["euler"]["kwargs"]["base_width"] = 32
     raw["denoising"]["variants"]["dncnn"]["kwargs"] = {"integrator": "heun"}
     raw["classification"]["variants"]["resnet"]["kwargs"] = {"residual": True, "theta": 0.5}
     with pytest.raises(ConfigError) as err:
@@ -553,10 +565,10 @@ def test_a_kwarg_the_model_does_not_take_is_a_config_error_not_a_failed_job():
     assert sorted(by_key) == [
         "classification.variants.resnet.kwargs.residual",
         "denoising.variants.dncnn.kwargs.integrator",
-        "denoising.variants.euler.kwargs.torch_bias",
+        "denoising.variants.euler.kwargs.base_width",
     ]
-    euler = by_key["denoising.variants.euler.kwargs.torch_bias"]
-    assert "nonexpansive_denoiser takes no 'torch_bias'" in euler
+    euler = by_key["denoising.variants.euler.kwargs.base_width"]
+    assert "nonexpansive_denoiser takes no 'base_width'" in euler
     assert "'init_norm'" in euler  # the allowed list names what it does take
 
 
@@ -564,7 +576,7 @@ def test_the_registry_keeps_each_constructor_signature_and_its_defaults():
     from stablenets.nn.models import build_model, model_arguments
 
     assert {"init_norm", "torch_bias", "base_width"} <= set(model_arguments("sll_classifier"))
-    assert "torch_bias" not in model_arguments("nonexpansive_denoiser")
+    assert "base_width" not in model_arguments("nonexpansive_denoiser")
     torch.manual_seed(0)
     scripts = build_model("nonexpansive_classifier", base_width=4, stages=1)
     torch.manual_seed(0)  # the lift is drawn first: the same weights until the rescaling

@@ -206,7 +206,8 @@ def test_the_scripts_models_start_at_norm_one_with_pytorch_biases(name):
     """The scripts rescale lift, blocks, transitions and head of their non-expansive models to
     norm 1 at construction (then train them freely): norms within the warm start's 0.5 %, and each
     block then integrates ``T = r / (L sigma_0^2)``, about 1, in one sub-step. Their layers are
-    PyTorch's, so the biases are drawn (not 0). ``init_norm=None`` keeps the initialisation."""
+    PyTorch's, so the biases are drawn (not 0). ``init_norm=None`` keeps the initialisation,
+    ``torch_bias=False`` gives zero biases."""
     built = "nonexpansive_denoiser" if name == "denoiser" else name
     model = _build(built).double().eval()
     skeleton = [] if name == "denoiser" else [model.lift, *model.transitions, model.head]
@@ -224,6 +225,10 @@ def test_the_scripts_models_start_at_norm_one_with_pytorch_biases(name):
     norms = [op.norm_bound() for op in (raw.lift, raw.head)] if skeleton else []
     norms += [block.operator.norm_bound() for block in raw.constrained_blocks()]
     assert max(abs(n - 1) for n in norms) > 0.05
+    unbiased = _build(built, torch_bias=False)
+    ops = [unbiased.lift, *unbiased.transitions, unbiased.head] if skeleton else []
+    for op in ops + [block.operator for block in unbiased.constrained_blocks()]:
+        assert op.bias is not None and not bool(op.bias.detach().any()), type(op).__name__
 
 
 def test_the_resnet_keeps_pytorchs_initialisation_and_the_families_zero_biases():

@@ -246,6 +246,12 @@ class AOLConv(Conv2dOperator):
                 nn.init.dirac_(self.weight)
             self.power_iteration(20)
 
+    def rescale_(self, norm: float, n_iters: int) -> torch.Tensor:
+        """Not possible: ``P D`` is the same for every positive multiple of the weight."""
+        raise ValueError(
+            "rescale_: an AOL convolution's operator P D does not change with the weight's scale"
+        )
+
     def rescaled(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if weight is None else weight
         pinned = self.__dict__.get("_pinned")

@@ -277,8 +277,8 @@ class Classifier(StableModel):
 class NonexpansiveDenoiser(StableModel):
     """Blocks acting on channels zero-padded from ``channels`` to ``width``; output ``N(x)`` or
     ``x - N(x)`` (``residual=True``). The paper's blocks start at norm ``init_norm`` (the
-    scripts: 1; ``None`` keeps the initialisation) with PyTorch's default biases, as the scripts'
-    layers; the families' blocks keep their own."""
+    scripts: 1; ``None`` keeps the initialisation) with PyTorch's default biases when
+    ``torch_bias`` (the scripts' layers; else zeros); the families' blocks keep their own."""
 
     def __init__(
         self,
@@ -295,6 +295,7 @@ class NonexpansiveDenoiser(StableModel):
         power_size: int | list[int] | None = None,
         block: str = "nonexpansive",
         init_norm: float | None = 1.0,
+        torch_bias: bool = True,
     ) -> None:
         super().__init__()
         if width < channels:
@@ -314,7 +315,8 @@ class NonexpansiveDenoiser(StableModel):
                 _torch_biased(
                     Conv2dOperator(
                         width, width, kernel_size, self.input_size, psize, padding=kernel_size // 2
-                    )
+                    ),
+                    torch_bias,
                 ),
                 build_activation(activation),
                 integrator,
