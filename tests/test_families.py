@@ -5,6 +5,7 @@ dense float64 Jacobians and matrices, exact properties, equivalences and config 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 from collections.abc import Iterator
@@ -553,23 +554,78 @@ def test_denoising_rejects_the_margin_loss_and_sizes():
 
 def test_a_kwarg_the_model_does_not_take_is_a_config_error_not_a_failed_job():
     """The schema's kwargs are the union over models; each variant's are checked against its
-    own model's constructor before any job runs."""
+    own model's constructor before any job runs, and against what its block reads: a setting
+    the block ignores (theta on an AOL block) would train a model that is not what it says."""
     raw = _paper()
     raw["denoising"]["variants"]["euler"]["kwargs"]["base_width"] = 32
     raw["denoising"]["variants"]["dncnn"]["kwargs"] = {"integrator": "heun"}
+    raw["denoising"]["variants"]["aol"]["kwargs"].update(theta=0.5, torch_bias=False)
     raw["classification"]["variants"]["resnet"]["kwargs"] = {"residual": True, "theta": 0.5}
+    raw["classification"]["variants"]["sll_S"]["kwargs"] = {"integrator": "rk4", "theta": 0.5}
     with pytest.raises(ConfigError) as err:
         validate_config(raw, SCHEMA)
     lines = str(err.value).splitlines()[1:]
     by_key = {line.split(": ")[1]: line for line in lines}
     assert sorted(by_key) == [
         "classification.variants.resnet.kwargs.residual",
+        "classification.variants.resnet.kwargs.theta",
+        "classification.variants.sll_S.kwargs.integrator",
+        "denoising.variants.aol.kwargs.theta",
+        "denoising.variants.aol.kwargs.torch_bias",
         "denoising.variants.dncnn.kwargs.integrator",
         "denoising.variants.euler.kwargs.base_width",
     ]
     euler = by_key["denoising.variants.euler.kwargs.base_width"]
     assert "nonexpansive_denoiser takes no 'base_width'" in euler
     assert "'init_norm'" in euler  # the allowed list names what it does take
+    assert "the aol block does not use 'theta'" in by_key["denoising.variants.aol.kwargs.theta"]
+    assert "the sll block" in by_key["classification.variants.sll_S.kwargs.integrator"]
+
+
+def test_each_block_reads_the_settings_the_config_lets_through():
+    """What ``unused_arguments`` lets a block keep changes the built model; what it names does
+    not (the same seed, the same outputs): the config's check rests on this table."""
+    from stablenets.nn.models import MODELS, build_model, unused_arguments
+
+    changes = {
+        "integrator": "heun",
+        "theta": 0.5,
+        "time": 0.3,
+        "init_norm": 2.0,
+        "torch_bias": False,
+    }
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    small = {
+        "nonexpansive_denoiser": {"width": 4, "depth": 2, "input_size": 8},
+        "classifier": {"base_width": 4, "stages": 1, "blocks_per_stage": 2, "input_size": 8},
+    }
+
+    def output(name: str, **kwargs: object) -> torch.Tensor:
+        torch.manual_seed(0)
+        kind = "nonexpansive_denoiser" if name == "nonexpansive_denoiser" else "classifier"
+        model = build_model(name, **small[kind], **kwargs)
+        with torch.no_grad():  # norms grown past the start, where theta adds sub-steps
+            for op in model.modules():
+                if isinstance(op, Conv2dOperator):
+                    op.weight.mul_(3.0)
+        return model.eval()(x)
+
+    cases = [("nonexpansive_denoiser", {"block": b}) for b in ("nonexpansive", "cpl", "sll", "aol")]
+    cases += [(f"{b}_classifier", {}) for b in ("nonexpansive", "resnet", "cpl", "sll", "aol")]
+    cases += [("orthogonal_classifier", {})]
+    for name, base in cases:
+        registered = inspect.signature(MODELS[name]).parameters["torch_bias"].default
+        changed = {**changes, "torch_bias": not registered}
+        unused = unused_arguments(name, {**base, **changed})
+        for key, value in changed.items():
+            if (
+                "cpl" in (name.removesuffix("_classifier"), base.get("block"))
+                and key == "integrator"
+            ):
+                continue  # refused by the block itself (and by the config)
+            same = torch.equal(output(name, **base), output(name, **base, **{key: value}))
+            assert same == (key in unused), (name, base, key)
+    assert unused_arguments("dncnn", changes) == []  # takes none of them: model_arguments says so
 
 
 def test_the_registry_keeps_each_constructor_signature_and_its_defaults():
@@ -583,7 +639,9 @@ def test_the_registry_keeps_each_constructor_signature_and_its_defaults():
     plain = build_model("nonexpansive_classifier", init_norm=None, base_width=4, stages=1)
     assert plain.lift.bias.abs().sum() > 0  # the registered torch_bias stays
     assert float(scripts.lift.power_iteration(200)) == pytest.approx(1.0, rel=1e-3)
-    ratio = scripts.lift.weight / plain.lift.weight  # init_norm=None overrides the registered 1
+    ratio = (
+        scripts.lift.weight / plain.lift.weight
+    ).detach()  # init_norm=None overrides the registered 1
     assert torch.allclose(ratio, ratio.flatten()[0]) and abs(float(ratio.flatten()[0]) - 1) > 1e-3
 
 

@@ -1003,6 +1003,27 @@ BAD_CONFIGS = {
         {"classification": {"train": {"stepz": 3}}},
         "classification.train.stepz: unknown key; allowed: ",
     ),
+    "a count written as a float": (  # JSON Schema's integer; a slice or linspace would fail
+        {"classification": {"evaluate": {"eps": {"num": 40.0}}}},
+        "classification.evaluate.eps.num: 40.0 is not of type 'integer'",
+    ),
+    "a count or null written as a float": (
+        {"classification": {"evaluate": {"n_test": 1.0e3}}},
+        "classification.evaluate.n_test: 1000.0 is not of type 'null' or of type 'integer'",
+    ),
+    "a limit or auto written as a float": (
+        {"classification": {"train": {"max_substeps": 2000.0}}},
+        "classification.train.max_substeps: 2000.0 is not of type 'integer' or one of ['auto']",
+    ),
+    "a seed written as a float": ({"seeds": [1.0]}, "seeds.0: 1.0 is not of type 'integer'"),
+    "a PnP denoiser twice": (
+        {"pnp": {"denoisers": ["averaged", "averaged"]}},
+        "pnp.denoisers: ['averaged', 'averaged'] has non-unique elements",
+    ),
+    "a setting the block ignores": (
+        {"denoising": {"variants": {"aol": {"kwargs": {"theta": 0.5}}}}},
+        "denoising.variants.aol.kwargs.theta: the aol block does not use 'theta'; remove it",
+    ),
     # settings the jobs would reject only after training: refused at parse time
     "custom AutoAttack without attacks": (
         {"classification": {"evaluate": {"strong": {"version": "custom", "attacks": None}}}},

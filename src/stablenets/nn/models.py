@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -46,6 +46,7 @@ __all__ = [
     "DnCNN",
     "build_model",
     "model_arguments",
+    "unused_arguments",
     "save_model",
     "load_model",
     "CheckpointError",
@@ -439,9 +440,36 @@ CLASSIFIERS = frozenset(CLASSIFIER_MODELS)
 DENOISERS = frozenset(DENOISER_MODELS)
 
 
+# The block settings of the skeletons, and those each block reads: given to another block, a
+# setting would change nothing (an AOL block has no theta; only the paper's blocks integrate).
+# ``init_norm`` and ``torch_bias`` also set a classifier's lift, transitions and head.
+_BLOCK_SETTINGS = frozenset({"integrator", "theta", "time", "init_norm", "torch_bias"})
+_BLOCK_READS: dict[str, frozenset[str]] = {
+    "nonexpansive": _BLOCK_SETTINGS,
+    "residual": frozenset({"torch_bias"}),
+    "cpl": frozenset({"theta", "integrator"}),  # the integrator: Euler only
+    "sll": frozenset({"theta"}),
+    "aol": frozenset(),
+    "orthogonal": frozenset(),
+}
+
+
 def model_arguments(name: str) -> list[str]:
     """The keyword arguments ``build_model(name, ...)`` accepts, from the constructor's signature."""
     return list(inspect.signature(MODELS[name]).parameters)
+
+
+def unused_arguments(name: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """The block settings in ``kwargs`` that the block of ``build_model(name, **kwargs)`` (its
+    ``block``, or the registered one) ignores: the model is built as if they were not given."""
+    params = inspect.signature(MODELS[name]).parameters
+    if "block" not in params:
+        return []
+    block = kwargs.get("block", params["block"].default)
+    ignored = _BLOCK_SETTINGS - _BLOCK_READS.get(block, _BLOCK_SETTINGS)
+    if name in CLASSIFIER_MODELS:
+        ignored -= {"init_norm", "torch_bias"}
+    return sorted(ignored & set(kwargs))
 
 
 def build_model(name: str, **kwargs: Any) -> StableModel:

@@ -44,7 +44,16 @@ def _with_defaults(base: type[Validator]) -> type[Validator]:
     return validators.extend(base, {"properties": set_defaults})
 
 
-_Validator = _with_defaults(Draft202012Validator)
+def _strict_integer(checker: object, instance: object) -> bool:
+    """JSON Schema counts ``40.0`` as an integer; Python does not (a slice, ``linspace``'s count
+    or a seed would fail in a job, hours in). YAML's ``1.0e+4`` is a float."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = validators.extend(
+    _with_defaults(Draft202012Validator),
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
 
 
 def load_schema(path: Path) -> dict:
@@ -72,12 +81,34 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {error.message}"
 
 
+def _wrong_kind(error: ValidationError) -> bool:
+    """A ``oneOf`` branch that wanted another kind of value: another type, or an enum of values
+    of other types (``auto`` against ``2000.0``)."""
+    if error.relative_path:
+        return False
+    if error.validator == "type":
+        return True
+    kinds = {type(v) for v in error.validator_value} if error.validator == "enum" else set()
+    return bool(kinds) and type(error.instance) not in kinds
+
+
 def _telling(error: ValidationError) -> ValidationError:
     """The error of a ``oneOf`` that says what is wrong: the first one from a branch whose type
-    fits the value (``{name: margin}`` against ``null | {name, eps}``: eps is missing), else the
-    ``oneOf``'s own ("not valid under any of the given schemas")."""
-    fitting = [c for c in error.context if not (c.validator == "type" and not c.relative_path)]
-    return _telling(fitting[0]) if fitting else error
+    fits the value (``{name: margin}`` against ``null | {name, eps}``: eps is missing), else
+    what every branch wanted (``1000.0 is not of type 'null' or of type 'integer'``)."""
+    whole = [c for c in error.context if _wrong_kind(c)]
+    fitting = [c for c in error.context if c not in whole]
+    if fitting:
+        return _telling(fitting[0])
+    if whole:
+        wanted = [
+            f"of type {c.validator_value!r}"
+            if c.validator == "type"
+            else f"one of {c.validator_value}"
+            for c in whole
+        ]
+        error.message = f"{error.instance!r} is not {' or '.join(wanted)}"
+    return error
 
 
 def _schema_errors(config: dict, schema: dict) -> list[str]:
@@ -163,7 +194,10 @@ def _job_time_errors(config: dict) -> list[str]:
 
 def _variant_option_errors(config: dict, task: str) -> list[str]:
     """Sizes, losses, the CPL integrator and ``select`` of one task's variants."""
+    from stablenets.nn.models import CLASSIFIERS, DENOISERS
+
     section, errors = config[task], []
+    models = CLASSIFIERS if task == "classification" else DENOISERS
     sizes = section.get("sizes", {})
     if section["train"].get("loss") is not None and task != "classification":
         errors.append(f"{task}.train.loss: the margin loss is for classification only; use null")
@@ -186,7 +220,8 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
                 f"{where}.kwargs.block: only nonexpansive_denoiser takes a block; classifiers "
                 "pick theirs by model name (e.g. sll_classifier)"
             )
-        errors += _argument_errors(where, variant["model"], kwargs)
+        if variant["model"] in models:  # else reported with the model's own error
+            errors += _argument_errors(where, variant["model"], kwargs)
         cpl = variant["model"] == "cpl_classifier" or kwargs.get("block") == "cpl"
         if cpl and kwargs.get("integrator", "euler") != "euler":
             errors.append(
@@ -207,16 +242,20 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
 
 
 def _argument_errors(where: str, model: str, kwargs: dict) -> list[str]:
-    """A kwarg the schema knows but ``model`` does not take: caught here, not when the job
-    builds the model hours into the run."""
-    from stablenets.nn.models import MODELS, model_arguments
+    """A kwarg the schema knows but ``model`` does not take (caught here, not when the job
+    builds the model hours into the run), or one its block ignores (``theta`` on an AOL block:
+    the variant would be trained as if it were not set)."""
+    from stablenets.nn.models import model_arguments, unused_arguments
 
-    if model not in MODELS:  # reported with the model's own error
-        return []
-    accepted = model_arguments(model)
-    return [
-        f"{where}.kwargs.{key}: {model} takes no {key!r}; allowed: {sorted(accepted)}"
-        for key in sorted(set(kwargs) - set(accepted))
+    taken = model_arguments(model)
+    errors = [
+        f"{where}.kwargs.{key}: {model} takes no {key!r}; allowed: {sorted(taken)}"
+        for key in sorted(set(kwargs) - set(taken))
+    ]
+    block = kwargs.get("block", model.removesuffix("_classifier"))
+    return errors + [
+        f"{where}.kwargs.{key}: the {block} block does not use {key!r}; remove it"
+        for key in unused_arguments(model, kwargs)
     ]
 
 
