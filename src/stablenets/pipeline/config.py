@@ -88,7 +88,8 @@ def _wrong_kind(error: ValidationError) -> bool:
         return False
     if error.validator == "type":
         return True
-    kinds = {type(v) for v in error.validator_value} if error.validator == "enum" else set()
+    values = error.validator_value if error.validator == "enum" else None
+    kinds = {type(v) for v in values} if isinstance(values, list) else set()
     return bool(kinds) and type(error.instance) not in kinds
 
 
