@@ -1016,6 +1016,18 @@ BAD_CONFIGS = {
         "classification.train.max_substeps: 2000.0 is not of type 'integer' or one of ['auto']",
     ),
     "a seed written as a float": ({"seeds": [1.0]}, "seeds.0: 1.0 is not of type 'integer'"),
+    "a one-step warm-up": (  # OneCycleLR would divide by zero in every training job
+        {"classification": {"train": {"steps": 2}}},
+        "classification.train: warmup 0.5 x steps 2 is one warm-up step",
+    ),
+    "a variant's one-step warm-up": (
+        {"classification": {"variants": {"resnet": {"train": {"steps": 5}}}}},
+        "classification.variants.resnet.train: warmup 0.2 x steps 5 is one warm-up step",
+    ),
+    "a warm-up that runs downward": (
+        {"denoising": {"train": {"lr_max": 1.0e-6}}},
+        "denoising.train: lr_initial 1e-05 must be below lr_max 1e-06",
+    ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},
         "pnp.denoisers: ['averaged', 'averaged'] has non-unique elements",

@@ -200,6 +200,9 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
     section, errors = config[task], []
     models = CLASSIFIERS if task == "classification" else DENOISERS
     sizes = section.get("sizes", {})
+    shared = _schedule_problem(section["train"])
+    if shared is not None:
+        errors.append(f"{task}.train: {shared}")
     if section["train"].get("loss") is not None and task != "classification":
         errors.append(f"{task}.train.loss: the margin loss is for classification only; use null")
     for name, variant in section["variants"].items():
@@ -214,6 +217,9 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
                 )
             elif kwargs.get("base_width", sizes[variant["size"]]) != sizes[variant["size"]]:
                 errors.append(f"{where}: set either size or kwargs.base_width, not both")
+        own = _schedule_problem({**section["train"], **variant.get("train", {})})
+        if own is not None and own != shared:  # the task's is reported once
+            errors.append(f"{where}.train: {own}")
         if variant.get("train", {}).get("loss") is not None and task != "classification":
             errors.append(f"{where}.train.loss: the margin loss is for classification only")
         if "block" in kwargs and variant["model"] != "nonexpansive_denoiser":
@@ -240,6 +246,14 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
         if dropped:
             errors.append(f"denoising.select: leaves out {dropped}, which pnp.denoisers needs")
     return errors
+
+
+def _schedule_problem(train: dict) -> str | None:
+    """What the training job would refuse in a schedule (``train.loop.schedule_problem``): the
+    task's settings, or a variant's (the task's with its own ``train`` laid on them)."""
+    from stablenets.train.loop import schedule_problem
+
+    return schedule_problem(train["steps"], train["warmup"], train["lr_initial"], train["lr_max"])
 
 
 def _argument_errors(where: str, model: str, kwargs: dict) -> list[str]:

@@ -61,6 +61,7 @@ __all__ = [
     "SubstepLimitError",
     "Interrupted",
     "train",
+    "schedule_problem",
 ]
 
 
@@ -129,6 +130,23 @@ class TrainConfig:
             raise ValueError(f"max_substeps must be 'auto' or >= 1, got {self.max_substeps!r}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        problem = schedule_problem(self.steps, self.warmup, self.lr_initial, self.lr_max)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def schedule_problem(steps: int, warmup: float, lr_initial: float, lr_max: float) -> str | None:
+    """What keeps ``make_optimizer``'s one-cycle schedule from running as meant, if anything:
+    ``OneCycleLR`` divides by its warm-up's length ``warmup * steps - 1`` (a warm-up of exactly
+    one step divides by zero), and a start at or above the peak would warm up downward."""
+    if float(warmup * steps) == 1.0:
+        return (
+            f"warmup {warmup} x steps {steps} is one warm-up step, which the one-cycle schedule "
+            "cannot take (it divides by the warm-up's length - 1): change steps or warmup"
+        )
+    if not lr_initial < lr_max:
+        return f"lr_initial {lr_initial} must be below lr_max {lr_max} (the warm-up rises to it)"
+    return None
 
 
 Log = Callable[[str], None]
