@@ -56,7 +56,7 @@ from stablenets.nn.models import (
 )
 from stablenets.pipeline import cli, locks
 from stablenets.pipeline import jobs as pipeline_jobs
-from stablenets.pipeline.config import ConfigError, overlay, validate_config
+from stablenets.pipeline.config import ConfigError, load_config, overlay, validate_config
 from stablenets.pipeline.runtime import config_hash, provenance, read_results, sidecar_path
 from stablenets.pipeline.specs import Jobs
 from stablenets.train.memory import is_out_of_memory
@@ -1028,6 +1028,14 @@ BAD_CONFIGS = {
         {"denoising": {"train": {"lr_max": 1.0e-6}}},
         "denoising.train: lr_initial 1e-05 must be below lr_max 1e-06",
     ),
+    "a variant named as the TV baseline": (  # its rows would merge with TV's in the tables
+        {"denoising": {"variants": {"tv": {"model": "dncnn"}}}},
+        "denoising.variants.tv: 'tv' names the TV baseline in the tables; rename the variant",
+    ),
+    "a name YAML reads as a number": (  # the workflow's sorting of names would stop on it
+        {"denoising": {"variants": {64: {"model": "dncnn"}}}},
+        "denoising.variants.64: a name must be a string; quote it ('64')",
+    ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},
         "pnp.denoisers: ['averaged', 'averaged'] has non-unique elements",
@@ -1056,11 +1064,19 @@ BAD_CONFIGS = {
     ),
     "decreasing radius grid": (
         {"classification": {"evaluate": {"eps": {"start": 1.0, "stop": 0.5}}}},
-        "classification.evaluate.eps: start 1.0 is above stop 0.5",
+        "classification.evaluate.eps: start 1.0 must be below stop 0.5",
+    ),
+    "a radius grid of one radius": (
+        {"classification": {"evaluate": {"eps": {"start": 0.5, "stop": 0.5}}}},
+        "classification.evaluate.eps: start 0.5 must be below stop 0.5",
     ),
     "patch larger than the images": (
         {"denoising": {"patch": [48, 40]}},
         "denoising.patch: [48, 40] is larger than the BSDS500 images ([40, 48])",
+    ),
+    "a blur kernel larger than the images PnP deblurs": (
+        {"pnp": {"blur": {"size": 41, "sigma": 3.0}}},
+        "pnp.blur: kernel 41x41 larger than image 40x48 (the BSDS500 images)",
     ),
     "even blur size": (
         {"pnp": {"blur": {"size": 8}}},
@@ -1088,6 +1104,24 @@ def test_a_bad_config_value_fails_with_one_line_naming_the_key(case):
     assert len(problems) == 1, str(err.value)  # one line: the key, the value, what is allowed
     assert problems[0].strip().startswith("config: " + message.split(":")[0]), problems[0]
     assert message in problems[0], problems[0]
+
+
+def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_path):
+    """Broken YAML names the file, line and column; a file holding a list names what it holds;
+    an empty overlay changes nothing."""
+    broken, listed, empty = tmp_path / "broken.yaml", tmp_path / "list.yaml", tmp_path / "e.yaml"
+    broken.write_text("pnp:\n  denoisers: [averaged, dncnn\nseeds: [0]\n")
+    listed.write_text("- seeds\n- 0\n")
+    empty.write_text("# nothing yet\n")
+    base = [ROOT / "config.yaml", ROOT / "config" / "smoke.yaml"]
+    for path, message in (
+        (broken, f"config: {broken}: not valid YAML: line 3, column 6: expected ',' or ']'"),
+        (listed, f"config: {listed}: holds a list, not a mapping of settings"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_config([*base, path], SCHEMA)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    assert load_config([*base, empty], SCHEMA) == load_config(base, SCHEMA)
 
 
 # Keys a config may leave out with no default to fill them: the code does without them.

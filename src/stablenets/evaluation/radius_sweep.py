@@ -558,8 +558,8 @@ def check_settings(ev: dict[str, Any]) -> None:
     """Raise ``ValueError`` on evaluation settings (``classification.evaluate``) that would fail
     the job after training: each attack is called on no points at radius 0, which runs its own
     option checks and nothing else, and the radius grid must increase (its AUC needs that)."""
-    if ev["eps"]["start"] > ev["eps"]["stop"]:
-        raise ValueError(f"eps: start {ev['eps']['start']} is above stop {ev['eps']['stop']}")
+    if not ev["eps"]["start"] < ev["eps"]["stop"]:  # one radius: no curve, an AUC of 0
+        raise ValueError(f"eps: start {ev['eps']['start']} must be below stop {ev['eps']['stop']}")
     strong = ev["strong"]
     if strong.get("grid_attacks") is not None and (
         strong["method"] != "autoattack" or strong["grid_search"] != "bisect"

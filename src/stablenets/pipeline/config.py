@@ -19,8 +19,6 @@ __all__ = ["ConfigError", "SCHEMA", "load_config", "load_schema", "overlay", "va
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")  # relative to the repository root
 
-_PROBE_SIZE = (3, 64, 64)  # image size on which the blur's norm is computed (size-independent)
-
 
 class ConfigError(ValueError):
     """A configuration value that the schema or a cross-field rule rejects."""
@@ -112,6 +110,22 @@ def _telling(error: ValidationError) -> ValidationError:
     return error
 
 
+def _name_errors(node: object, where: str = "") -> list[str]:
+    """Keys that are not strings (YAML reads ``64:`` as a number): the schema's name patterns
+    let them through, and the workflow's sorting of names would stop in a traceback."""
+    if isinstance(node, list):
+        return [e for i, item in enumerate(node) for e in _name_errors(item, f"{where}{i}.")]
+    if not isinstance(node, dict):
+        return []
+    errors = []
+    for key, value in node.items():
+        if not isinstance(key, str):
+            errors.append(f"{where}{key!r}: a name must be a string; quote it ('{key}')")
+        else:
+            errors += _name_errors(value, f"{where}{key}.")
+    return errors
+
+
 def _schema_errors(config: dict, schema: dict) -> list[str]:
     validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -142,6 +156,10 @@ def _cross_field_errors(config: dict) -> list[str]:
             spec.get("urls") and (spec.get("md5") or spec.get("sha256"))
         ):
             errors.append(f"data.{ds}: source 'download' needs urls and an md5 or sha256 checksum")
+    if "tv" in config["denoising"]["variants"]:
+        errors.append(
+            "denoising.variants.tv: 'tv' names the TV baseline in the tables; rename the variant"
+        )
     pnp = config["pnp"]
     unknown = sorted(set(pnp["denoisers"]) - set(config["denoising"]["variants"]))
     if unknown:
@@ -154,10 +172,10 @@ def _cross_field_errors(config: dict) -> list[str]:
             f"pnp.noise_level: {pnp['noise_level']} is not one of denoising.noise_levels "
             f"{config['denoising']['noise_levels']}"
         )
-    try:
-        norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], _PROBE_SIZE).norm()
+    try:  # on the images PnP deblurs: a kernel larger than they are fails there
+        norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], _bsds_image(config)).norm()
     except ValueError as err:
-        errors.append(f"pnp.blur: {err}")
+        errors.append(f"pnp.blur: {err} (the BSDS500 images)")
     else:
         if not pnp["eta"] < 2 / norm**2:
             errors.append(
@@ -165,6 +183,13 @@ def _cross_field_errors(config: dict) -> list[str]:
                 "forward-backward iteration"
             )
     return errors + _job_time_errors(config)
+
+
+def _bsds_image(config: dict) -> tuple[int, int]:
+    """Height and width of the BSDS500 images (or of their stand-in photographs)."""
+    bsds = config["data"]["bsds500"]
+    height, width = bsds["photos"]["size"] if bsds["source"] == "photos" else bsds["size"]
+    return height, width
 
 
 def _job_time_errors(config: dict) -> list[str]:
@@ -179,11 +204,10 @@ def _job_time_errors(config: dict) -> list[str]:
         check_settings(config["classification"]["evaluate"])
     except ValueError as err:
         errors.append(f"classification.evaluate.{err}")
-    bsds = config["data"]["bsds500"]
-    image = bsds["photos"]["size"] if bsds["source"] == "photos" else bsds["size"]
+    image = _bsds_image(config)
     patch = config["denoising"]["patch"]
     if patch is not None and (patch[0] > image[0] or patch[1] > image[1]):
-        errors.append(f"denoising.patch: {patch} is larger than the BSDS500 images ({image})")
+        errors.append(f"denoising.patch: {patch} is larger than the BSDS500 images ({list(image)})")
     labels = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
     if len(set(labels)) < len(labels):
         errors.append(
@@ -293,7 +317,7 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
     if isinstance(schema, (str, Path)):
         schema = load_schema(Path(schema))
     config = copy.deepcopy(config)
-    errors = _schema_errors(config, schema)
+    errors = _name_errors(config) or _schema_errors(config, schema)
     if not errors:
         errors = _cross_field_errors(config)
     if errors:
@@ -325,5 +349,23 @@ def load_config(paths: Path | str | Sequence[Path | str], schema: dict | Path = 
             text = Path(path).read_text()
         except OSError as err:
             raise ConfigError(f"config: {path}: cannot read: {err.strerror}") from None
-        config = overlay(config, yaml.safe_load(text) or {})
+        config = overlay(config, _settings(path, text))
     return validate_config(config, schema)
+
+
+def _settings(path: Path | str, text: str) -> dict[str, Any]:
+    """The mapping a config file holds (empty for an empty file); one line if it holds none."""
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config: {path}: not valid YAML: {at}{problem}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"config: {path}: holds a {type(settings).__name__}, not a mapping of settings"
+        )
+    return settings
