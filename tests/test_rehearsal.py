@@ -26,6 +26,7 @@ from stablenets.bench.cost import (
     dag_jobs,
     measure,
     project,
+    write_cost,
 )
 from stablenets.pipeline.config import overlay, validate_config
 from stablenets.pipeline.runtime import write_results
@@ -273,6 +274,21 @@ def test_make_rehearsal_clears_a_stale_lock_first_reruns_incomplete_jobs_and_run
     assert recipe.index("-m stablenets.pipeline.locks") < recipe.index(
         "/snakemake all_with_cost"
     ), recipe
+
+
+def test_an_overlay_given_as_the_paper_configuration_is_named_by_its_key(tmp_path):
+    """``cost.paper_config`` must be a whole configuration; the rehearsal overlay alone is not,
+    and the cost job says which key points at it, in one line."""
+    run = overlay(rehearsal_config(), {"cost": {"paper_config": "config/rehearsal.yaml"}})
+    spec = {"config": run, "results": tmp_path, "benchmarks": tmp_path, "schema": SCHEMA}
+    with pytest.raises(ValueError) as err:
+        write_cost(spec, [], tmp_path / "cost.csv")
+    message = str(err.value)
+    assert message.startswith(
+        "cost.paper_config: config/rehearsal.yaml is not a whole configuration: "
+    )
+    assert "'resources' is a required property" in message and "\n" not in message
+    assert not (tmp_path / "cost.csv").exists()
 
 
 def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_records(tmp_path):

@@ -592,7 +592,7 @@ def write_cost(
     import pandas as pd
 
     from stablenets.atomic import atomic_write
-    from stablenets.pipeline.config import load_config
+    from stablenets.pipeline.config import ConfigError, load_config
     from stablenets.pipeline.runtime import write_sidecar
 
     run, root, bench = spec["config"], Path(spec["results"]), Path(spec["benchmarks"])
@@ -602,7 +602,14 @@ def write_cost(
         raise ValueError(f"cost: {unknown} are not benchmark files of this run's jobs")
     measured = [measure(by_tsv[Path(p)], Path(p), root) for p in inputs]
     paper_path = run["cost"]["paper_config"]
-    paper_config = load_config(paper_path, Path(spec["schema"]))
+    try:
+        paper_config = load_config(paper_path, Path(spec["schema"]))
+    except ConfigError as err:  # e.g. an overlay given for the whole paper configuration
+        problems = [line.strip().removeprefix("config: ") for line in str(err).splitlines()]
+        raise ValueError(
+            f"cost.paper_config: {paper_path} is not a whole configuration: "
+            + "; ".join(p for p in problems if p != "invalid configuration:")
+        ) from None
     sizes = {m.job.dataset: _test_size(m.job.results(root)) for m in measured if m.job.dataset}
     paper = Paper(paper_config, sizes, _bench_rates([Path(p) for p in run["cost"]["bench"]]))
     rows = cost_rows(measured, paper)
