@@ -1036,6 +1036,27 @@ BAD_CONFIGS = {
         {"denoising": {"variants": {64: {"model": "dncnn"}}}},
         "denoising.variants.64: a name must be a string; quote it ('64')",
     ),
+    "a batch larger than the training set": (  # every training job would stop at its step 0
+        {"denoising": {"train": {"batch_size": 64}}},
+        "denoising.train.batch_size: 64 is more than the BSDS500 training set (48 images)",
+    ),
+    "a variant's batch larger than the training set": (
+        {"classification": {"variants": {"resnet": {"train": {"batch_size": 4096}}}}},
+        "classification.variants.resnet.train.batch_size: 4096 is more than the CIFAR-10 "
+        "training set (3000 images)",
+    ),
+    "a classifier for other classes than the data's": (
+        {"classification": {"variants": {"resnet": {"kwargs": {"num_classes": 20}}}}},
+        "classification.variants.resnet.kwargs.num_classes: 20, but the CIFAR-10 data have 10",
+    ),
+    "a classifier certified for other images than the data's": (
+        {"classification": {"variants": {"resnet": {"kwargs": {"input_size": 16}}}}},
+        "classification.variants.resnet.kwargs.input_size: 16, but the CIFAR-10 images are [32, 32]",
+    ),
+    "a denoiser for grey images": (
+        {"denoising": {"variants": {"dncnn": {"kwargs": {"channels": 1}}}}},
+        "denoising.variants.dncnn.kwargs.channels: 1, but the BSDS500 images are RGB (3)",
+    ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},
         "pnp.denoisers: ['averaged', 'averaged'] has non-unique elements",
@@ -1104,6 +1125,43 @@ def test_a_bad_config_value_fails_with_one_line_naming_the_key(case):
     assert len(problems) == 1, str(err.value)  # one line: the key, the value, what is allowed
     assert problems[0].strip().startswith("config: " + message.split(":")[0]), problems[0]
     assert message in problems[0], problems[0]
+
+
+def test_autoattack_on_fewer_classes_than_its_losses_need_fails_before_training():
+    """pyautoattack's targeted DLR loss reads the fourth largest logit: APGD-T on three classes
+    fails with an IndexError inside the attack, after training. The config names both runs that
+    would (the strong attack and the grid's); the attack itself refuses in one line too."""
+    from stablenets.evaluation.robustness import autoattack_l2
+
+    three = {
+        "data": {"cifar10": {"synthetic": {"num_classes": 3}}},
+        "classification": {
+            "variants": {
+                name: {"kwargs": {"num_classes": 3}}
+                for name in smoke_config()["classification"]["variants"]
+            },
+            "evaluate": {
+                "strong": {"version": "standard", "attacks": None, "grid_attacks": ["apgd-t"]}
+            },
+        },
+    }
+    with pytest.raises(ConfigError) as err:
+        validate_config(smoke_config(**three), SCHEMA)
+    assert str(err.value).splitlines()[1:] == [
+        "  config: classification.evaluate.strong: AutoAttack standard  needs 4 classes or "
+        "more; the CIFAR-10 data have 3",
+        "  config: classification.evaluate.strong.grid_attacks: AutoAttack custom ['apgd-t'] "
+        "needs 4 classes or more; the CIFAR-10 data have 3",
+    ]
+    three["classification"]["evaluate"]["strong"] = {
+        "version": "custom",
+        "attacks": ["apgd-ce"],
+        "grid_attacks": None,
+    }
+    validate_config(smoke_config(**three), SCHEMA)  # cross-entropy alone needs two
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(ValueError, match="needs 4 classes or more, the model has 3"):
+        autoattack_l2(model, torch.rand(2, 3, 2, 2), torch.zeros(2, dtype=torch.long), 0.5)
 
 
 def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_path):

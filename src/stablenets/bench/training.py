@@ -72,7 +72,6 @@ QUICK = {
     "dncnn": (2, (32, 40), {"width": 8, "depth": 5}),
     **{f: (16, (16, 16), {"base_width": 8, "blocks_per_stage": 2}) for f in FAMILIES},
 }
-CIFAR10_IMAGES = 50_000  # the official archive's training batches, split by data.prepare_cifar10
 _PREPARED: dict[str, StableModel] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
 PROFILE_ROWS = 25  # --profile: rows of the printed table
@@ -612,13 +611,9 @@ def _print_table(rows: list[dict]) -> None:
 def epoch_images(cfg: dict) -> int:
     """Training images per epoch of a validated config: the training split of its CIFAR-10
     data (``data.prepare_cifar10``'s split of the archive, or the synthetic ``n_train``)."""
-    from stablenets.data.cifar10 import random_split
+    from stablenets.data.shapes import cifar10_shape
 
-    spec = cfg["data"]["cifar10"]
-    if spec["source"] == "synthetic":
-        return int(spec["synthetic"]["n_train"])
-    train, _ = random_split(CIFAR10_IMAGES, spec["val_fraction"], spec["split_seed"])
-    return len(train)
+    return cifar10_shape(cfg["data"]["cifar10"]).n_train
 
 
 def project_hours(

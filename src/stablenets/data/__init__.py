@@ -8,6 +8,8 @@
   their official archives.
 * :mod:`~stablenets.data.synthetic`: offline stand-ins (a synthetic classification set, smoke
   photographs bundled with scikit-image).
+* :mod:`~stablenets.data.shapes`: what a configured dataset will hold (split sizes, image size,
+  classes), read from its config section alone: the config's checks compare models with it.
 
 Needs the ``pipeline`` extra (h5py, scikit-image).
 """

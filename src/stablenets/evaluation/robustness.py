@@ -305,6 +305,18 @@ def pgd_l2(
 # AutoAttack
 
 
+# Classes below which an AutoAttack attack fails inside pyautoattack 0.2.0 (an IndexError): its
+# DLR losses divide by the gap to the third largest logit, the targeted one to the fourth.
+AUTOATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def autoattack_min_classes(version: str, attacks: Sequence[str] | None) -> int:
+    """The fewest classes AutoAttack ``version`` (``attacks`` when custom) can attack."""
+    names = AUTOATTACK_STANDARD if version == "standard" else (attacks or ())
+    return max([2, *(AUTOATTACK_MIN_CLASSES.get(name, 2) for name in names)])
+
+
 def _limit_targets(adversary: AutoAttack, n_classes: int) -> None:
     """Use at most K - 1 target classes in APGD-T and FAB-T (AutoAttack assumes K >= 10)."""
     adversary.apgd_targeted.n_target_classes = min(
@@ -346,8 +358,9 @@ def autoattack_l2(
     Runs on the model's device, silently, with
     ``seed``; the caller's global RNG state is left untouched. Progress output is off; the
     sanity-check warnings of AutoAttack (logger ``auto-attack``) still surface. Constraints of
-    pyautoattack 0.2.0: float32 inputs; APGD-T and DLR losses need K >= 4 classes (with K < 10
-    the targeted attacks use K - 1 targets); Square (standard) needs images of at least 5x5.
+    pyautoattack 0.2.0: float32 inputs; ``AUTOATTACK_MIN_CLASSES`` (fewer: a ``ValueError`` here;
+    with K < 10 the targeted attacks use K - 1 targets); Square (standard) needs images of at
+    least 5x5.
     """
     check_eps(eps)
     if (version == "custom") != (attacks is not None):
@@ -359,6 +372,12 @@ def autoattack_l2(
     device = model_device(model)
     with eval_mode(model), _forked_rng(device):
         n_classes = _logits(model, x[:1], 1).shape[1]
+        need = autoattack_min_classes(version, attacks)
+        if n_classes < need:
+            raise ValueError(
+                f"AutoAttack {version} {attacks or ''} needs {need} classes or more, "
+                f"the model has {n_classes}"
+            )
         adversary = AutoAttack(
             model,
             norm="L2",

@@ -7,13 +7,17 @@ Errors are one line naming the key (dotted path) and what was expected, e.g.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.protocols import Validator
+
+if TYPE_CHECKING:
+    from stablenets.data.shapes import DataShape
 
 __all__ = ["ConfigError", "SCHEMA", "load_config", "load_schema", "overlay", "validate_config"]
 
@@ -150,6 +154,7 @@ def _cross_field_errors(config: dict) -> list[str]:
                     f"allowed: {sorted(allowed)}"
                 )
         errors += _variant_option_errors(config, task)
+    errors += _data_fit_errors(config)
     for ds in ("cifar10", "bsds500"):
         spec = config["data"][ds]
         if spec["source"] == "download" and not (
@@ -185,11 +190,98 @@ def _cross_field_errors(config: dict) -> list[str]:
     return errors + _job_time_errors(config)
 
 
+def _data_fit_errors(config: dict) -> list[str]:
+    """Models, batches and attacks that do not fit the data the jobs will see (``data.shapes``):
+    a model's classes, image size or channels; a batch larger than the training set (once per
+    task, and per variant whose own differs); AutoAttack on fewer classes than its losses need."""
+    from stablenets.data.shapes import bsds500_shape, cifar10_shape
+
+    shapes = {
+        "classification": ("CIFAR-10", cifar10_shape(config["data"]["cifar10"])),
+        "denoising": ("BSDS500", bsds500_shape(config["data"]["bsds500"])),
+    }
+    errors = []
+    for task, (dataset, shape) in shapes.items():
+        section = config[task]
+        task_batch = section["train"]["batch_size"]
+        if task_batch > shape.n_train:
+            errors.append(
+                f"{task}.train.batch_size: {task_batch} is more than the {dataset} training set "
+                f"({shape.n_train} images)"
+            )
+        for name, variant in section["variants"].items():
+            where = f"{task}.variants.{name}"
+            batch = variant.get("train", {}).get("batch_size", task_batch)
+            if batch != task_batch and batch > shape.n_train:
+                errors.append(
+                    f"{where}.train.batch_size: {batch} is more than the {dataset} training set "
+                    f"({shape.n_train} images)"
+                )
+            errors += _model_fit_errors(where, variant, dataset, shape)
+    return errors + _attack_class_errors(config, shapes["classification"][1].classes)
+
+
+def _model_fit_errors(where: str, variant: dict, dataset: str, shape: DataShape) -> list[str]:
+    """A model built for other images than the data's (its defaults, or its ``kwargs``)."""
+    from stablenets.nn.models import CLASSIFIERS, DENOISERS, MODELS
+
+    if variant["model"] not in (CLASSIFIERS if shape.classes is not None else DENOISERS):
+        return []  # reported with the model's own error
+    params = inspect.signature(MODELS[variant["model"]]).parameters
+    kwargs = variant.get("kwargs", {})
+    given = {k: kwargs.get(k, p.default) for k, p in params.items()}
+    errors = []
+    for key in ("in_channels", "channels"):
+        if key in given and given[key] != 3:
+            errors.append(
+                f"{where}.kwargs.{key}: {given[key]}, but the {dataset} images are RGB (3)"
+            )
+    if "num_classes" in given and given["num_classes"] != shape.classes:
+        errors.append(
+            f"{where}.kwargs.num_classes: {given['num_classes']}, but the {dataset} data have "
+            f"{shape.classes} classes"
+        )
+    # a classifier is certified for its input_size (32 unless given); a denoiser is built for
+    # the data's images unless given one
+    size = given["input_size"] if "num_classes" in given else kwargs.get("input_size")
+    if size is not None and _pair(size) != shape.image:
+        errors.append(
+            f"{where}.kwargs.input_size: {size}, but the {dataset} images are {list(shape.image)}"
+        )
+    return errors
+
+
+def _pair(size: int | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def _attack_class_errors(config: dict, classes: int | None) -> list[str]:
+    """AutoAttack runs (the strong attack, the grid's) whose losses need more classes than
+    the classification data have: they would fail after training."""
+    from stablenets.evaluation.robustness import autoattack_min_classes
+
+    strong = config["classification"]["evaluate"]["strong"]
+    if strong["method"] != "autoattack" or classes is None:
+        return []
+    runs = [("strong", strong["version"], strong.get("attacks"))]
+    if strong.get("grid_attacks") is not None:
+        runs.append(("strong.grid_attacks", "custom", strong["grid_attacks"]))
+    errors = []
+    for key, version, attacks in runs:
+        need = autoattack_min_classes(version, attacks)
+        if classes < need:
+            errors.append(
+                f"classification.evaluate.{key}: AutoAttack {version} {attacks or ''} needs "
+                f"{need} classes or more; the CIFAR-10 data have {classes}"
+            )
+    return errors
+
+
 def _bsds_image(config: dict) -> tuple[int, int]:
     """Height and width of the BSDS500 images (or of their stand-in photographs)."""
-    bsds = config["data"]["bsds500"]
-    height, width = bsds["photos"]["size"] if bsds["source"] == "photos" else bsds["size"]
-    return height, width
+    from stablenets.data.shapes import bsds500_shape
+
+    return bsds500_shape(config["data"]["bsds500"]).image
 
 
 def _job_time_errors(config: dict) -> list[str]:

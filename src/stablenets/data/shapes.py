@@ -1,0 +1,47 @@
+"""What a configured dataset will hold, read from its ``data`` section alone (no file is read):
+the training and test sizes, the image size and the classes the jobs will see. The config's
+checks compare models and batch sizes with it before any job runs."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from stablenets.data.cifar10 import random_split
+
+__all__ = ["CIFAR10_ARCHIVE_TRAIN", "DataShape", "bsds500_shape", "cifar10_shape"]
+
+CIFAR10_ARCHIVE_TRAIN = 50_000  # the official archive's training batches, split into train/val
+_CIFAR10 = {"test": 10_000, "image": (32, 32), "classes": 10}
+_BSDS500 = {"train": 200, "test": 200}  # the official splits (val: 100)
+
+
+class DataShape(NamedTuple):
+    """Images of the training and test splits, their height and width, and the classes
+    (``None`` for a denoising set)."""
+
+    n_train: int
+    n_test: int
+    image: tuple[int, int]
+    classes: int | None
+
+
+def cifar10_shape(spec: dict[str, Any]) -> DataShape:
+    """``data.cifar10`` of a validated config: the official archive split by ``val_fraction``
+    (``prepare_cifar10``), or the synthetic stand-in's own sizes."""
+    if spec["source"] == "synthetic":
+        s = spec["synthetic"]
+        size = int(s["image_size"])
+        return DataShape(int(s["n_train"]), int(s["n_test"]), (size, size), int(s["num_classes"]))
+    train, _ = random_split(CIFAR10_ARCHIVE_TRAIN, spec["val_fraction"], spec["split_seed"])
+    return DataShape(len(train), _CIFAR10["test"], _CIFAR10["image"], _CIFAR10["classes"])
+
+
+def bsds500_shape(spec: dict[str, Any]) -> DataShape:
+    """``data.bsds500`` of a validated config: the official splits cropped to ``size``, or the
+    stand-in photographs' own sizes."""
+    if spec["source"] == "photos":
+        p = spec["photos"]
+        height, width = p["size"]
+        return DataShape(int(p["n_train"]), int(p["n_test"]), (height, width), None)
+    height, width = spec["size"]
+    return DataShape(_BSDS500["train"], _BSDS500["test"], (height, width), None)
