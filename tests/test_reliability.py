@@ -1057,6 +1057,10 @@ BAD_CONFIGS = {
         {"denoising": {"variants": {"dncnn": {"kwargs": {"channels": 1}}}}},
         "denoising.variants.dncnn.kwargs.channels: 1, but the BSDS500 images are RGB (3)",
     ),
+    "more PnP images than the test set": (
+        {"pnp": {"n_images": 9}},
+        "pnp.n_images: 9 is more than the BSDS500 test set (8 images)",
+    ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},
         "pnp.denoisers: ['averaged', 'averaged'] has non-unique elements",

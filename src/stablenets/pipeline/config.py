@@ -218,6 +218,12 @@ def _data_fit_errors(config: dict) -> list[str]:
                     f"({shape.n_train} images)"
                 )
             errors += _model_fit_errors(where, variant, dataset, shape)
+    test_images = shapes["denoising"][1].n_test
+    if config["pnp"]["n_images"] > test_images:  # the job would deblur fewer, saying nothing
+        errors.append(
+            f"pnp.n_images: {config['pnp']['n_images']} is more than the BSDS500 test set "
+            f"({test_images} images)"
+        )
     return errors + _attack_class_errors(config, shapes["classification"][1].classes)
 
 
