@@ -1057,6 +1057,10 @@ BAD_CONFIGS = {
         {"denoising": {"variants": {"dncnn": {"kwargs": {"channels": 1}}}}},
         "denoising.variants.dncnn.kwargs.channels: 1, but the BSDS500 images are RGB (3)",
     ),
+    "an empty validation split": (  # round(1e-6 x 50,000) = 0 images to validate on
+        {"data": {"cifar10": {"source": "download", "val_fraction": 1.0e-6}}},
+        "data.cifar10.val_fraction: 1e-06 leaves no CIFAR-10 validation images",
+    ),
     "more PnP images than the test set": (
         {"pnp": {"n_images": 9}},
         "pnp.n_images: 9 is more than the BSDS500 test set (8 images)",

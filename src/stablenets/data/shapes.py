@@ -12,14 +12,15 @@ __all__ = ["CIFAR10_ARCHIVE_TRAIN", "DataShape", "bsds500_shape", "cifar10_shape
 
 CIFAR10_ARCHIVE_TRAIN = 50_000  # the official archive's training batches, split into train/val
 _CIFAR10 = {"test": 10_000, "image": (32, 32), "classes": 10}
-_BSDS500 = {"train": 200, "test": 200}  # the official splits (val: 100)
+_BSDS500 = {"train": 200, "val": 100, "test": 200}  # the official splits
 
 
 class DataShape(NamedTuple):
-    """Images of the training and test splits, their height and width, and the classes
-    (``None`` for a denoising set)."""
+    """Images of the training, validation and test splits, their height and width, and the
+    classes (``None`` for a denoising set)."""
 
     n_train: int
+    n_val: int
     n_test: int
     image: tuple[int, int]
     classes: int | None
@@ -31,9 +32,10 @@ def cifar10_shape(spec: dict[str, Any]) -> DataShape:
     if spec["source"] == "synthetic":
         s = spec["synthetic"]
         size = int(s["image_size"])
-        return DataShape(int(s["n_train"]), int(s["n_test"]), (size, size), int(s["num_classes"]))
-    train, _ = random_split(CIFAR10_ARCHIVE_TRAIN, spec["val_fraction"], spec["split_seed"])
-    return DataShape(len(train), _CIFAR10["test"], _CIFAR10["image"], _CIFAR10["classes"])
+        sizes = int(s["n_train"]), int(s["n_val"]), int(s["n_test"])
+        return DataShape(*sizes, (size, size), int(s["num_classes"]))
+    train, val = random_split(CIFAR10_ARCHIVE_TRAIN, spec["val_fraction"], spec["split_seed"])
+    return DataShape(len(train), len(val), _CIFAR10["test"], _CIFAR10["image"], _CIFAR10["classes"])
 
 
 def bsds500_shape(spec: dict[str, Any]) -> DataShape:
@@ -42,6 +44,7 @@ def bsds500_shape(spec: dict[str, Any]) -> DataShape:
     if spec["source"] == "photos":
         p = spec["photos"]
         height, width = p["size"]
-        return DataShape(int(p["n_train"]), int(p["n_test"]), (height, width), None)
+        sizes = int(p["n_train"]), int(p["n_val"]), int(p["n_test"])
+        return DataShape(*sizes, (height, width), None)
     height, width = spec["size"]
-    return DataShape(_BSDS500["train"], _BSDS500["test"], (height, width), None)
+    return DataShape(_BSDS500["train"], _BSDS500["val"], _BSDS500["test"], (height, width), None)

@@ -203,6 +203,11 @@ def _data_fit_errors(config: dict) -> list[str]:
     errors = []
     for task, (dataset, shape) in shapes.items():
         section = config[task]
+        if shape.n_val == 0:  # only a fraction can round to none: the first validation fails
+            fraction = config["data"]["cifar10"]["val_fraction"]
+            errors.append(
+                f"data.cifar10.val_fraction: {fraction} leaves no {dataset} validation images"
+            )
         task_batch = section["train"]["batch_size"]
         if task_batch > shape.n_train:
             errors.append(
