@@ -521,7 +521,7 @@ def test_config_sizes_select_and_family_variants():
         ),
         (
             {"variants": {"x": {"model": "aol_classifier", "kwargs": {"block": "sll"}}}},
-            "only nonexpansive_denoiser takes a block",
+            "aol_classifier takes no 'block'",
         ),
     ],
 )
@@ -566,6 +566,7 @@ def test_a_kwarg_the_model_does_not_take_is_a_config_error_not_a_failed_job():
         validate_config(raw, SCHEMA)
     lines = str(err.value).splitlines()[1:]
     by_key = {line.split(": ")[1]: line for line in lines}
+    assert len(by_key) == len(lines)  # one line per key
     assert sorted(by_key) == [
         "classification.variants.resnet.kwargs.residual",
         "classification.variants.resnet.kwargs.theta",
@@ -580,6 +581,7 @@ def test_a_kwarg_the_model_does_not_take_is_a_config_error_not_a_failed_job():
     assert "'init_norm'" in euler  # the allowed list names what it does take
     assert "the aol block does not use 'theta'" in by_key["denoising.variants.aol.kwargs.theta"]
     assert "the sll block" in by_key["classification.variants.sll_S.kwargs.integrator"]
+    assert "the residual block" in by_key["classification.variants.resnet.kwargs.theta"]
 
 
 def test_each_block_reads_the_settings_the_config_lets_through():

@@ -279,14 +279,13 @@ def test_make_rehearsal_clears_a_stale_lock_first_reruns_incomplete_jobs_and_run
 def test_an_overlay_given_as_the_paper_configuration_is_named_by_its_key(tmp_path):
     """``cost.paper_config`` must be a whole configuration; the rehearsal overlay alone is not,
     and the cost job says which key points at it, in one line."""
-    run = overlay(rehearsal_config(), {"cost": {"paper_config": "config/rehearsal.yaml"}})
+    paper = str(ROOT / "config" / "rehearsal.yaml")
+    run = overlay(rehearsal_config(), {"cost": {"paper_config": paper}})
     spec = {"config": run, "results": tmp_path, "benchmarks": tmp_path, "schema": SCHEMA}
     with pytest.raises(ValueError) as err:
         write_cost(spec, [], tmp_path / "cost.csv")
     message = str(err.value)
-    assert message.startswith(
-        "cost.paper_config: config/rehearsal.yaml is not a whole configuration: "
-    )
+    assert message.startswith(f"cost.paper_config: {paper} is not a valid whole configuration: ")
     assert "'resources' is a required property" in message and "\n" not in message
     assert not (tmp_path / "cost.csv").exists()
 

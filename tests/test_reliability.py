@@ -1047,15 +1047,21 @@ BAD_CONFIGS = {
     ),
     "a classifier for other classes than the data's": (
         {"classification": {"variants": {"resnet": {"kwargs": {"num_classes": 20}}}}},
-        "classification.variants.resnet.kwargs.num_classes: 20, but the CIFAR-10 data have 10",
+        "classification.variants.resnet.kwargs.num_classes: 20, but the CIFAR-10 data give 10",
     ),
     "a classifier certified for other images than the data's": (
         {"classification": {"variants": {"resnet": {"kwargs": {"input_size": 16}}}}},
-        "classification.variants.resnet.kwargs.input_size: 16, but the CIFAR-10 images are [32, 32]",
+        "classification.variants.resnet.kwargs.input_size: 16, but the CIFAR-10 data give [32, 32]",
+    ),
+    "classifiers that keep a default the data do not fit": (  # one line, not one per variant
+        {"data": {"cifar10": {"synthetic": {"image_size": 16}}}},
+        "classification.variants: ['nonexpansive', 'resnet', 'cpl_XS', 'sll_XS', 'aol_XS', "
+        "'orthogonal_XS'] keep the default input_size 32, but the CIFAR-10 data give [16, 16]; "
+        "set kwargs.input_size",
     ),
     "a denoiser for grey images": (
         {"denoising": {"variants": {"dncnn": {"kwargs": {"channels": 1}}}}},
-        "denoising.variants.dncnn.kwargs.channels: 1, but the BSDS500 images are RGB (3)",
+        "denoising.variants.dncnn.kwargs.channels: 1, but the BSDS500 data give 3",
     ),
     "an empty validation split": (  # round(1e-6 x 50,000) = 0 images to validate on
         {"data": {"cifar10": {"source": "download", "val_fraction": 1.0e-6}}},
@@ -1149,16 +1155,21 @@ def test_autoattack_on_fewer_classes_than_its_losses_need_fails_before_training(
                 for name in smoke_config()["classification"]["variants"]
             },
             "evaluate": {
-                "strong": {"version": "standard", "attacks": None, "grid_attacks": ["apgd-t"]}
+                "strong": {
+                    "version": "standard",
+                    "attacks": None,
+                    "grid_attacks": ["apgd-t"],
+                    "on_grid": True,
+                }
             },
         },
     }
     with pytest.raises(ConfigError) as err:
         validate_config(smoke_config(**three), SCHEMA)
     assert str(err.value).splitlines()[1:] == [
-        "  config: classification.evaluate.strong: AutoAttack standard  needs 4 classes or "
+        "  config: classification.evaluate.strong: AutoAttack standard needs 4 classes or "
         "more; the CIFAR-10 data have 3",
-        "  config: classification.evaluate.strong.grid_attacks: AutoAttack custom ['apgd-t'] "
+        "  config: classification.evaluate.strong.grid_attacks: AutoAttack custom [apgd-t] "
         "needs 4 classes or more; the CIFAR-10 data have 3",
     ]
     three["classification"]["evaluate"]["strong"] = {
@@ -1170,6 +1181,14 @@ def test_autoattack_on_fewer_classes_than_its_losses_need_fails_before_training(
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     with pytest.raises(ValueError, match="needs 4 classes or more, the model has 3"):
         autoattack_l2(model, torch.rand(2, 3, 2, 2), torch.zeros(2, dtype=torch.long), 0.5)
+    dlr = {"version": "custom", "attacks": ["apgd-dlr"], "grid_attacks": ["apgd-t"]}
+    three["classification"]["evaluate"]["strong"] = {**dlr, "on_grid": False}  # grid unused
+    validate_config(smoke_config(**three), SCHEMA)  # the DLR loss needs three
+    three["data"]["cifar10"]["synthetic"]["num_classes"] = 2
+    for variant in three["classification"]["variants"].values():
+        variant["kwargs"]["num_classes"] = 2
+    with pytest.raises(ConfigError, match=r"AutoAttack custom \[apgd-dlr\] needs 3 classes"):
+        validate_config(smoke_config(**three), SCHEMA)
 
 
 def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_path):

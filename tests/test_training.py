@@ -533,7 +533,8 @@ def test_the_momentum_cycles_as_the_authors_one_cycle_schedule_or_is_held():
 def test_a_schedule_one_cycle_cannot_take_is_refused_in_one_line_before_any_step():
     """A warm-up of exactly one step makes ``OneCycleLR`` divide by zero (each case below did);
     a start at or above the peak would warm up downward. Both are refused when the settings are
-    made (also those a ``budget_minutes`` calibration derives), each pair next to one that runs."""
+    made, or, with a ``budget_minutes``, when the derived steps build the schedule; each pair next
+    to one that runs."""
     model = build_model("nonexpansive_classifier", base_width=4)
     for steps, warmup in ((2, 0.5), (10, 0.1), (4, 0.25)):
         with pytest.raises(ValueError, match=f"warmup {warmup} x steps {steps} is one warm-up"):
@@ -548,6 +549,9 @@ def test_a_schedule_one_cycle_cannot_take_is_refused_in_one_line_before_any_step
         make_optimizer(model, TrainConfig(steps=steps + 1, batch_size=1, warmup=warmup))
     with pytest.raises(ValueError, match="lr_initial 0.01 must be below lr_max 0.01"):
         TrainConfig(steps=10, batch_size=1, lr_initial=0.01, lr_max=0.01)
+    budgeted = TrainConfig(steps=2, batch_size=1, budget_minutes=5.0)  # steps: a placeholder
+    with pytest.raises(ValueError, match="warmup 0.5 x steps 2 is one warm-up step"):
+        make_optimizer(model, budgeted)  # where the derived steps meet the schedule
 
 
 def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(

@@ -605,10 +605,9 @@ def write_cost(
     try:
         paper_config = load_config(paper_path, Path(spec["schema"]))
     except ConfigError as err:  # e.g. an overlay given for the whole paper configuration
-        problems = [line.strip().removeprefix("config: ") for line in str(err).splitlines()]
         raise ValueError(
-            f"cost.paper_config: {paper_path} is not a whole configuration: "
-            + "; ".join(p for p in problems if p != "invalid configuration:")
+            f"cost.paper_config: {paper_path} is not a valid whole configuration: "
+            + "; ".join(err.problems)
         ) from None
     sizes = {m.job.dataset: _test_size(m.job.results(root)) for m in measured if m.job.dataset}
     paper = Paper(paper_config, sizes, _bench_rates([Path(p) for p in run["cost"]["bench"]]))

@@ -16,14 +16,16 @@ _BSDS500 = {"train": 200, "val": 100, "test": 200}  # the official splits
 
 
 class DataShape(NamedTuple):
-    """Images of the training, validation and test splits, their height and width, and the
-    classes (``None`` for a denoising set)."""
+    """The dataset's name; images of its training, validation and test splits, their height and
+    width and channels, and the classes (``None`` for a denoising set)."""
 
+    name: str
     n_train: int
     n_val: int
     n_test: int
     image: tuple[int, int]
     classes: int | None
+    channels: int = 3  # RGB, as both datasets and their stand-ins
 
 
 def cifar10_shape(spec: dict[str, Any]) -> DataShape:
@@ -33,9 +35,10 @@ def cifar10_shape(spec: dict[str, Any]) -> DataShape:
         s = spec["synthetic"]
         size = int(s["image_size"])
         sizes = int(s["n_train"]), int(s["n_val"]), int(s["n_test"])
-        return DataShape(*sizes, (size, size), int(s["num_classes"]))
+        return DataShape("CIFAR-10", *sizes, (size, size), int(s["num_classes"]))
     train, val = random_split(CIFAR10_ARCHIVE_TRAIN, spec["val_fraction"], spec["split_seed"])
-    return DataShape(len(train), len(val), _CIFAR10["test"], _CIFAR10["image"], _CIFAR10["classes"])
+    sizes = len(train), len(val), _CIFAR10["test"]
+    return DataShape("CIFAR-10", *sizes, _CIFAR10["image"], _CIFAR10["classes"])
 
 
 def bsds500_shape(spec: dict[str, Any]) -> DataShape:
@@ -45,6 +48,7 @@ def bsds500_shape(spec: dict[str, Any]) -> DataShape:
         p = spec["photos"]
         height, width = p["size"]
         sizes = int(p["n_train"]), int(p["n_val"]), int(p["n_test"])
-        return DataShape(*sizes, (height, width), None)
+        return DataShape("BSDS500", *sizes, (height, width), None)
     height, width = spec["size"]
-    return DataShape(_BSDS500["train"], _BSDS500["val"], _BSDS500["test"], (height, width), None)
+    sizes = _BSDS500["train"], _BSDS500["val"], _BSDS500["test"]
+    return DataShape("BSDS500", *sizes, (height, width), None)

@@ -132,7 +132,7 @@ class SweepPlan:
         sweep_grid = strong["on_grid"] and strong["grid_search"] == "sweep"
         bisect_grid = strong["on_grid"] and not sweep_grid
         search = SearchModel(ev["precision"], ev["cuda_graphs"], ev["cuda_graph_max_batch"], log)
-        cheaper = bisect_grid and strong.get("grid_attacks") is not None
+        cheaper = runs_grid_attacks(strong)
         return cls(
             radii=np.concatenate([eps, std_eps]),
             pgd=fast_search(functools.partial(pgd_l2, **ev["pgd"]), search),
@@ -554,6 +554,15 @@ def grid_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:
     return strong_attack({**cfg, "version": "custom", "attacks": cfg["grid_attacks"]}, batch_size)
 
 
+def runs_grid_attacks(strong: dict[str, Any]) -> bool:
+    """Whether an evaluation runs ``strong.grid_attacks``: given, and the grid is bisected."""
+    return (
+        strong.get("grid_attacks") is not None
+        and strong["on_grid"]
+        and strong["grid_search"] == "bisect"
+    )
+
+
 def check_settings(ev: dict[str, Any]) -> None:
     """Raise ``ValueError`` on evaluation settings (``classification.evaluate``) that would fail
     the job after training: each attack is called on no points at radius 0, which runs its own
@@ -591,7 +600,7 @@ def strong_label(cfg: dict[str, Any], precision: str = "float32") -> str:
             ", ".join(cfg["attacks"]) if cfg["version"] == "custom" else "standard"
         )
         label += f" ({cfg['iterations']} iterations)" if cfg.get("iterations") else ""
-    if cfg.get("grid_attacks") is not None and cfg["on_grid"] and cfg["grid_search"] == "bisect":
+    if runs_grid_attacks(cfg):
         label += f"; grid: {', '.join(cfg['grid_attacks'])}"
     return label if precision == "float32" else f"{label}, {precision} search"
 

@@ -308,12 +308,22 @@ def pgd_l2(
 # Classes below which an AutoAttack attack fails inside pyautoattack 0.2.0 (an IndexError): its
 # DLR losses divide by the gap to the third largest logit, the targeted one to the fourth.
 AUTOATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+# The attacks each AutoAttack version runs (pyautoattack's ``set_version``); custom: its list.
+AUTOATTACK_VERSIONS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+
+
+def autoattack_label(version: str, attacks: Sequence[str] | None) -> str:
+    """``AutoAttack standard`` or ``AutoAttack custom [apgd-ce, apgd-t]``, for messages."""
+    return f"AutoAttack {version}" + (f" [{', '.join(attacks)}]" if attacks else "")
 
 
 def autoattack_min_classes(version: str, attacks: Sequence[str] | None) -> int:
     """The fewest classes AutoAttack ``version`` (``attacks`` when custom) can attack."""
-    names = AUTOATTACK_STANDARD if version == "standard" else (attacks or ())
+    names = AUTOATTACK_VERSIONS.get(version, attacks or ())
     return max([2, *(AUTOATTACK_MIN_CLASSES.get(name, 2) for name in names)])
 
 
@@ -374,10 +384,8 @@ def autoattack_l2(
         n_classes = _logits(model, x[:1], 1).shape[1]
         need = autoattack_min_classes(version, attacks)
         if n_classes < need:
-            raise ValueError(
-                f"AutoAttack {version} {attacks or ''} needs {need} classes or more, "
-                f"the model has {n_classes}"
-            )
+            label = autoattack_label(version, attacks)
+            raise ValueError(f"{label} needs {need} classes or more, the model has {n_classes}")
         adversary = AutoAttack(
             model,
             norm="L2",

@@ -46,6 +46,8 @@ __all__ = [
     "DnCNN",
     "build_model",
     "model_arguments",
+    "model_block",
+    "model_defaults",
     "unused_arguments",
     "save_model",
     "load_model",
@@ -455,18 +457,33 @@ _BLOCK_READS: dict[str, frozenset[str]] = {
 
 
 def model_arguments(name: str) -> list[str]:
-    """The keyword arguments ``build_model(name, ...)`` accepts, from the constructor's signature."""
-    return list(inspect.signature(MODELS[name]).parameters)
+    """The keyword arguments ``build_model(name, ...)`` accepts, from the constructor's signature
+    (a classifier's block comes with its name: not an argument)."""
+    params = inspect.signature(MODELS[name]).parameters
+    return [p for p in params if not (p == "block" and name in CLASSIFIER_MODELS)]
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """The default of each argument ``build_model(name, ...)`` accepts."""
+    params = inspect.signature(MODELS[name]).parameters
+    return {p: params[p].default for p in model_arguments(name)}
+
+
+def model_block(name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The block ``build_model(name, **kwargs)`` stacks (``None``: a model without blocks)."""
+    params = inspect.signature(MODELS[name]).parameters
+    if "block" not in params:
+        return None
+    return kwargs.get("block", params["block"].default)
 
 
 def unused_arguments(name: str, kwargs: Mapping[str, Any]) -> list[str]:
-    """The block settings in ``kwargs`` that the block of ``build_model(name, **kwargs)`` (its
-    ``block``, or the registered one) ignores: the model is built as if they were not given."""
-    params = inspect.signature(MODELS[name]).parameters
-    if "block" not in params:
+    """The block settings in ``kwargs`` that the block of ``build_model(name, **kwargs)`` ignores:
+    the model is built as if they were not given."""
+    block = model_block(name, kwargs)
+    if block is None:
         return []
-    block = kwargs.get("block", params["block"].default)
-    ignored = _BLOCK_SETTINGS - _BLOCK_READS.get(block, _BLOCK_SETTINGS)
+    ignored = _BLOCK_SETTINGS - _BLOCK_READS[block]
     if name in CLASSIFIER_MODELS:
         ignored -= {"init_norm", "torch_bias"}
     return sorted(ignored & set(kwargs))
@@ -476,6 +493,9 @@ def build_model(name: str, **kwargs: Any) -> StableModel:
     """Build the model registered as ``name``; remembers ``name`` and ``kwargs`` for checkpoints."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
+    unknown = sorted(set(kwargs) - set(model_arguments(name)))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no {unknown}; allowed: {model_arguments(name)}")
     try:
         model = MODELS[name](**kwargs)
     except TypeError as err:

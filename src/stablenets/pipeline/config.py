@@ -7,7 +7,6 @@ Errors are one line naming the key (dotted path) and what was expected, e.g.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,13 @@ SCHEMA = Path("workflow/schemas/config.schema.yaml")  # relative to the reposito
 
 
 class ConfigError(ValueError):
-    """A configuration value that the schema or a cross-field rule rejects."""
+    """A configuration that the schema or a cross-field rule rejects; ``problems``: one line
+    each (the message lists them under ``invalid configuration:``)."""
+
+    def __init__(self, problems: list[str], heading: bool = True) -> None:
+        self.problems = problems
+        lines = [f"config: {p}" for p in problems]
+        super().__init__("\n  ".join(["invalid configuration:", *lines]) if heading else lines[0])
 
 
 def _with_defaults(base: type[Validator]) -> type[Validator]:
@@ -154,7 +159,8 @@ def _cross_field_errors(config: dict) -> list[str]:
                     f"allowed: {sorted(allowed)}"
                 )
         errors += _variant_option_errors(config, task)
-    errors += _data_fit_errors(config)
+    shapes = _data_shapes(config)
+    errors += _data_fit_errors(config, shapes)
     for ds in ("cifar10", "bsds500"):
         spec = config["data"][ds]
         if spec["source"] == "download" and not (
@@ -177,125 +183,138 @@ def _cross_field_errors(config: dict) -> list[str]:
             f"pnp.noise_level: {pnp['noise_level']} is not one of denoising.noise_levels "
             f"{config['denoising']['noise_levels']}"
         )
+    bsds = shapes["denoising"]
+    if pnp["n_images"] > bsds.n_test:  # the job would deblur fewer, saying nothing
+        errors.append(
+            f"pnp.n_images: {pnp['n_images']} is more than the {bsds.name} test set "
+            f"({bsds.n_test} images)"
+        )
     try:  # on the images PnP deblurs: a kernel larger than they are fails there
-        norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], _bsds_image(config)).norm()
+        norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], bsds.image).norm()
     except ValueError as err:
-        errors.append(f"pnp.blur: {err} (the BSDS500 images)")
+        errors.append(f"pnp.blur: {err} (the {bsds.name} images)")
     else:
         if not pnp["eta"] < 2 / norm**2:
             errors.append(
                 f"pnp.eta: {pnp['eta']} must be < 2/||K||^2 = {2 / norm**2:.6g} for a convergent "
                 "forward-backward iteration"
             )
-    return errors + _job_time_errors(config)
+    return errors + _job_time_errors(config, bsds)
 
 
-def _data_fit_errors(config: dict) -> list[str]:
-    """Models, batches and attacks that do not fit the data the jobs will see (``data.shapes``):
-    a model's classes, image size or channels; a batch larger than the training set (once per
-    task, and per variant whose own differs); AutoAttack on fewer classes than its losses need."""
+def _data_shapes(config: dict) -> dict[str, DataShape]:
+    """What each task's data will hold (``data.shapes``), by task."""
     from stablenets.data.shapes import bsds500_shape, cifar10_shape
 
-    shapes = {
-        "classification": ("CIFAR-10", cifar10_shape(config["data"]["cifar10"])),
-        "denoising": ("BSDS500", bsds500_shape(config["data"]["bsds500"])),
+    return {
+        "classification": cifar10_shape(config["data"]["cifar10"]),
+        "denoising": bsds500_shape(config["data"]["bsds500"]),
     }
+
+
+def _data_fit_errors(config: dict, shapes: dict[str, DataShape]) -> list[str]:
+    """Models, batches and attacks of the selected variants that do not fit the data the jobs
+    will see: a batch larger than the training set (the task's once, a variant's own), a model
+    built for other classes, channels or images, AutoAttack on fewer classes than it needs, a
+    validation split that rounds to nothing."""
     errors = []
-    for task, (dataset, shape) in shapes.items():
+    cifar = shapes["classification"]
+    if cifar.n_val == 0:  # a fraction of the archive can round to none
+        fraction = config["data"]["cifar10"]["val_fraction"]
+        errors.append(
+            f"data.cifar10.val_fraction: {fraction} leaves no {cifar.name} validation images"
+        )
+    for task, shape in shapes.items():
         section = config[task]
-        if shape.n_val == 0:  # only a fraction can round to none: the first validation fails
-            fraction = config["data"]["cifar10"]["val_fraction"]
-            errors.append(
-                f"data.cifar10.val_fraction: {fraction} leaves no {dataset} validation images"
+        batches = {f"{task}.train": section["train"]["batch_size"]}
+        for name, variant in _selected(section).items():
+            batches.setdefault(
+                f"{task}.variants.{name}.train",
+                variant.get("train", {}).get("batch_size", batches[f"{task}.train"]),
             )
-        task_batch = section["train"]["batch_size"]
-        if task_batch > shape.n_train:
-            errors.append(
-                f"{task}.train.batch_size: {task_batch} is more than the {dataset} training set "
-                f"({shape.n_train} images)"
-            )
-        for name, variant in section["variants"].items():
-            where = f"{task}.variants.{name}"
-            batch = variant.get("train", {}).get("batch_size", task_batch)
-            if batch != task_batch and batch > shape.n_train:
+        errors += [
+            f"{where}.batch_size: {batch} is more than the {shape.name} training set "
+            f"({shape.n_train} images)"
+            for where, batch in batches.items()
+            if batch > shape.n_train
+            and (where == f"{task}.train" or batch != batches[f"{task}.train"])
+        ]
+        errors += _model_fit_errors(task, _selected(section), shape)
+    return errors + _attack_class_errors(config["classification"]["evaluate"]["strong"], cifar)
+
+
+def _model_fit_errors(task: str, variants: dict[str, dict], shape: DataShape) -> list[str]:
+    """Classifiers built for other classes or image sizes than the data's (a classifier is
+    certified for its ``input_size``), and models for other channels: a kwarg given is named
+    where it is; variants that keep a default that does not fit, once per default."""
+    from stablenets.nn.models import model_defaults
+
+    facts: dict[str, Any] = {"in_channels": shape.channels, "channels": shape.channels}
+    if task == "classification":
+        facts.update(num_classes=shape.classes, input_size=list(shape.image))
+    errors, kept = [], {}
+    for name, variant in variants.items():
+        if variant["model"] not in _models(task):
+            continue  # reported with the model's own error
+        kwargs, defaults = variant.get("kwargs", {}), model_defaults(variant["model"])
+        for key, fact in facts.items():
+            if key not in defaults:
+                continue
+            value = kwargs.get(key, defaults[key])
+            if (_pair(value) if key == "input_size" else value) == fact:
+                continue
+            if key in kwargs:
                 errors.append(
-                    f"{where}.train.batch_size: {batch} is more than the {dataset} training set "
-                    f"({shape.n_train} images)"
+                    f"{task}.variants.{name}.kwargs.{key}: {value}, but the {shape.name} data "
+                    f"give {fact}"
                 )
-            errors += _model_fit_errors(where, variant, dataset, shape)
-    test_images = shapes["denoising"][1].n_test
-    if config["pnp"]["n_images"] > test_images:  # the job would deblur fewer, saying nothing
-        errors.append(
-            f"pnp.n_images: {config['pnp']['n_images']} is more than the BSDS500 test set "
-            f"({test_images} images)"
-        )
-    return errors + _attack_class_errors(config, shapes["classification"][1].classes)
+            else:
+                kept.setdefault((key, str(value)), []).append(name)
+    return errors + [
+        f"{task}.variants: {names} keep the default {key} {value}, but the {shape.name} data "
+        f"give {facts[key]}; set kwargs.{key}"
+        for (key, value), names in kept.items()
+    ]
 
 
-def _model_fit_errors(where: str, variant: dict, dataset: str, shape: DataShape) -> list[str]:
-    """A model built for other images than the data's (its defaults, or its ``kwargs``)."""
-    from stablenets.nn.models import CLASSIFIERS, DENOISERS, MODELS
+def _models(task: str) -> frozenset[str]:
+    from stablenets.nn.models import CLASSIFIERS, DENOISERS
 
-    if variant["model"] not in (CLASSIFIERS if shape.classes is not None else DENOISERS):
-        return []  # reported with the model's own error
-    params = inspect.signature(MODELS[variant["model"]]).parameters
-    kwargs = variant.get("kwargs", {})
-    given = {k: kwargs.get(k, p.default) for k, p in params.items()}
-    errors = []
-    for key in ("in_channels", "channels"):
-        if key in given and given[key] != 3:
-            errors.append(
-                f"{where}.kwargs.{key}: {given[key]}, but the {dataset} images are RGB (3)"
-            )
-    if "num_classes" in given and given["num_classes"] != shape.classes:
-        errors.append(
-            f"{where}.kwargs.num_classes: {given['num_classes']}, but the {dataset} data have "
-            f"{shape.classes} classes"
-        )
-    # a classifier is certified for its input_size (32 unless given); a denoiser is built for
-    # the data's images unless given one
-    size = given["input_size"] if "num_classes" in given else kwargs.get("input_size")
-    if size is not None and _pair(size) != shape.image:
-        errors.append(
-            f"{where}.kwargs.input_size: {size}, but the {dataset} images are {list(shape.image)}"
-        )
-    return errors
+    return CLASSIFIERS if task == "classification" else DENOISERS
 
 
-def _pair(size: int | list[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (size[0], size[1])
+def _selected(section: dict) -> dict[str, dict]:
+    """The variants a task runs: those of ``select``, or all."""
+    chosen = section.get("select")
+    return {n: v for n, v in section["variants"].items() if not chosen or n in chosen}
 
 
-def _attack_class_errors(config: dict, classes: int | None) -> list[str]:
-    """AutoAttack runs (the strong attack, the grid's) whose losses need more classes than
-    the classification data have: they would fail after training."""
-    from stablenets.evaluation.robustness import autoattack_min_classes
+def _pair(size: int | list[int]) -> list[int]:
+    return [size, size] if isinstance(size, int) else [size[0], size[1]]
 
-    strong = config["classification"]["evaluate"]["strong"]
-    if strong["method"] != "autoattack" or classes is None:
+
+def _attack_class_errors(strong: dict, data: DataShape) -> list[str]:
+    """AutoAttack runs of the evaluation (the strong attack; the grid's, where it runs) whose
+    losses need more classes than the classification data have: they would fail after
+    training."""
+    from stablenets.evaluation.radius_sweep import runs_grid_attacks
+    from stablenets.evaluation.robustness import autoattack_label, autoattack_min_classes
+
+    if strong["method"] != "autoattack" or data.classes is None:
         return []
     runs = [("strong", strong["version"], strong.get("attacks"))]
-    if strong.get("grid_attacks") is not None:
+    if runs_grid_attacks(strong):
         runs.append(("strong.grid_attacks", "custom", strong["grid_attacks"]))
-    errors = []
-    for key, version, attacks in runs:
-        need = autoattack_min_classes(version, attacks)
-        if classes < need:
-            errors.append(
-                f"classification.evaluate.{key}: AutoAttack {version} {attacks or ''} needs "
-                f"{need} classes or more; the CIFAR-10 data have {classes}"
-            )
-    return errors
+    return [
+        f"classification.evaluate.{key}: {autoattack_label(version, attacks)} needs "
+        f"{autoattack_min_classes(version, attacks)} classes or more; the {data.name} data "
+        f"have {data.classes}"
+        for key, version, attacks in runs
+        if data.classes < autoattack_min_classes(version, attacks)
+    ]
 
 
-def _bsds_image(config: dict) -> tuple[int, int]:
-    """Height and width of the BSDS500 images (or of their stand-in photographs)."""
-    from stablenets.data.shapes import bsds500_shape
-
-    return bsds500_shape(config["data"]["bsds500"]).image
-
-
-def _job_time_errors(config: dict) -> list[str]:
+def _job_time_errors(config: dict, bsds: DataShape) -> list[str]:
     """Settings that the jobs themselves would reject, hours into a run (after training):
     the classifier evaluation's attacks and grid, denoiser patches larger than the images, and
     noise levels that share one path label (the second would never be trained)."""
@@ -307,10 +326,11 @@ def _job_time_errors(config: dict) -> list[str]:
         check_settings(config["classification"]["evaluate"])
     except ValueError as err:
         errors.append(f"classification.evaluate.{err}")
-    image = _bsds_image(config)
-    patch = config["denoising"]["patch"]
+    image, patch = bsds.image, config["denoising"]["patch"]
     if patch is not None and (patch[0] > image[0] or patch[1] > image[1]):
-        errors.append(f"denoising.patch: {patch} is larger than the BSDS500 images ({list(image)})")
+        errors.append(
+            f"denoising.patch: {patch} is larger than the {bsds.name} images ({list(image)})"
+        )
     labels = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
     if len(set(labels)) < len(labels):
         errors.append(
@@ -322,14 +342,10 @@ def _job_time_errors(config: dict) -> list[str]:
 
 def _variant_option_errors(config: dict, task: str) -> list[str]:
     """Sizes, losses, the CPL integrator and ``select`` of one task's variants."""
-    from stablenets.nn.models import CLASSIFIERS, DENOISERS
-
     section, errors = config[task], []
-    models = CLASSIFIERS if task == "classification" else DENOISERS
     sizes = section.get("sizes", {})
-    shared = _schedule_problem(section["train"])
-    if shared is not None:
-        errors.append(f"{task}.train: {shared}")
+    shared = _schedule_problems(section["train"])
+    errors += [f"{task}.train: {problem}" for problem in shared]
     if section["train"].get("loss") is not None and task != "classification":
         errors.append(f"{task}.train.loss: the margin loss is for classification only; use null")
     for name, variant in section["variants"].items():
@@ -344,17 +360,12 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
                 )
             elif kwargs.get("base_width", sizes[variant["size"]]) != sizes[variant["size"]]:
                 errors.append(f"{where}: set either size or kwargs.base_width, not both")
-        own = _schedule_problem({**section["train"], **variant.get("train", {})})
-        if own is not None and own != shared:  # the task's is reported once
-            errors.append(f"{where}.train: {own}")
+        if name in _selected(section):  # the task's problems are reported once
+            own = _schedule_problems({**section["train"], **variant.get("train", {})})
+            errors += [f"{where}.train: {problem}" for problem in own if problem not in shared]
         if variant.get("train", {}).get("loss") is not None and task != "classification":
             errors.append(f"{where}.train.loss: the margin loss is for classification only")
-        if "block" in kwargs and variant["model"] != "nonexpansive_denoiser":
-            errors.append(
-                f"{where}.kwargs.block: only nonexpansive_denoiser takes a block; classifiers "
-                "pick theirs by model name (e.g. sll_classifier)"
-            )
-        if variant["model"] in models:  # else reported with the model's own error
+        if variant["model"] in _models(task):  # else reported with the model's own error
             errors += _argument_errors(where, variant["model"], kwargs)
         cpl = variant["model"] == "cpl_classifier" or kwargs.get("block") == "cpl"
         if cpl and kwargs.get("integrator", "euler") != "euler":
@@ -375,26 +386,29 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
     return errors
 
 
-def _schedule_problem(train: dict) -> str | None:
-    """What the training job would refuse in a schedule (``train.loop.schedule_problem``): the
-    task's settings, or a variant's (the task's with its own ``train`` laid on them)."""
-    from stablenets.train.loop import schedule_problem
+def _schedule_problems(train: dict) -> list[str]:
+    """What the training job would refuse in a schedule (``train.loop.schedule_problems``): the
+    task's settings, or a variant's (the task's with its own ``train`` laid on them). With a
+    ``budget_minutes`` the steps are derived in the job, and checked there."""
+    from stablenets.train.loop import schedule_problems
 
-    return schedule_problem(train["steps"], train["warmup"], train["lr_initial"], train["lr_max"])
+    steps = train["steps"] if train.get("budget_minutes") is None else None
+    return schedule_problems(steps, train["warmup"], train["lr_initial"], train["lr_max"])
 
 
 def _argument_errors(where: str, model: str, kwargs: dict) -> list[str]:
     """A kwarg the schema knows but ``model`` does not take (caught here, not when the job
     builds the model hours into the run), or one its block ignores (``theta`` on an AOL block:
     the variant would be trained as if it were not set)."""
-    from stablenets.nn.models import model_arguments, unused_arguments
+    from stablenets.nn.models import model_arguments, model_block, unused_arguments
 
     taken = model_arguments(model)
     errors = [
         f"{where}.kwargs.{key}: {model} takes no {key!r}; allowed: {sorted(taken)}"
         for key in sorted(set(kwargs) - set(taken))
     ]
-    block = kwargs.get("block", model.removesuffix("_classifier"))
+    kwargs = {k: v for k, v in kwargs.items() if k in taken}
+    block = model_block(model, kwargs)
     return errors + [
         f"{where}.kwargs.{key}: the {block} block does not use {key!r}; remove it"
         for key in unused_arguments(model, kwargs)
@@ -424,9 +438,7 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
     if not errors:
         errors = _cross_field_errors(config)
     if errors:
-        raise ConfigError(
-            "invalid configuration:\n  " + "\n  ".join(f"config: {e}" for e in errors)
-        )
+        raise ConfigError(errors)
     _resolve_variants(config)
     return config
 
@@ -451,7 +463,7 @@ def load_config(paths: Path | str | Sequence[Path | str], schema: dict | Path = 
         try:
             text = Path(path).read_text()
         except OSError as err:
-            raise ConfigError(f"config: {path}: cannot read: {err.strerror}") from None
+            raise ConfigError([f"{path}: cannot read: {err.strerror}"], heading=False) from None
         config = overlay(config, _settings(path, text))
     return validate_config(config, schema)
 
@@ -464,11 +476,10 @@ def _settings(path: Path | str, text: str) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config: {path}: not valid YAML: {at}{problem}") from None
+        raise ConfigError([f"{path}: not valid YAML: {at}{problem}"], heading=False) from None
     if settings is None:
         return {}
     if not isinstance(settings, dict):
-        raise ConfigError(
-            f"config: {path}: holds a {type(settings).__name__}, not a mapping of settings"
-        )
+        kind = type(settings).__name__
+        raise ConfigError([f"{path}: holds a {kind}, not a mapping of settings"], heading=False)
     return settings

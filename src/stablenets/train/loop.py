@@ -61,7 +61,7 @@ __all__ = [
     "SubstepLimitError",
     "Interrupted",
     "train",
-    "schedule_problem",
+    "schedule_problems",
 ]
 
 
@@ -130,23 +130,30 @@ class TrainConfig:
             raise ValueError(f"max_substeps must be 'auto' or >= 1, got {self.max_substeps!r}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        problem = schedule_problem(self.steps, self.warmup, self.lr_initial, self.lr_max)
-        if problem is not None:
-            raise ValueError(problem)
+        steps = None if self.budget_minutes is not None else self.steps  # derived later
+        problems = schedule_problems(steps, self.warmup, self.lr_initial, self.lr_max)
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
-def schedule_problem(steps: int, warmup: float, lr_initial: float, lr_max: float) -> str | None:
-    """What keeps ``make_optimizer``'s one-cycle schedule from running as meant, if anything:
-    ``OneCycleLR`` divides by its warm-up's length ``warmup * steps - 1`` (a warm-up of exactly
-    one step divides by zero), and a start at or above the peak would warm up downward."""
-    if float(warmup * steps) == 1.0:
-        return (
+def schedule_problems(
+    steps: int | None, warmup: float, lr_initial: float, lr_max: float
+) -> list[str]:
+    """What keeps ``make_optimizer``'s one-cycle schedule from running as meant: ``OneCycleLR``
+    divides by its warm-up's length ``warmup * steps - 1`` (a warm-up of exactly one step
+    divides by zero; ``steps`` ``None``: not known yet, as before a ``budget_minutes``
+    calibration), and a start at or above the peak would warm up downward."""
+    problems = []
+    if steps is not None and warmup * steps == 1.0:
+        problems.append(
             f"warmup {warmup} x steps {steps} is one warm-up step, which the one-cycle schedule "
             "cannot take (it divides by the warm-up's length - 1): change steps or warmup"
         )
     if not lr_initial < lr_max:
-        return f"lr_initial {lr_initial} must be below lr_max {lr_max} (the warm-up rises to it)"
-    return None
+        problems.append(
+            f"lr_initial {lr_initial} must be below lr_max {lr_max} (the warm-up rises to it)"
+        )
+    return problems
 
 
 Log = Callable[[str], None]
@@ -156,7 +163,11 @@ def make_optimizer(
     model: StableModel, cfg: TrainConfig
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR]:
     """SGD with momentum and weight decay, one-cycle schedule with linear annealing; the momentum
-    held, or cycled inversely to the learning rate (``TrainConfig.momentum``)."""
+    held, or cycled inversely to the learning rate (``TrainConfig.momentum``). The schedule's
+    steps are final here (a ``budget_minutes`` run's derived ones): its warm-up is checked."""
+    problems = schedule_problems(cfg.steps, cfg.warmup, cfg.lr_initial, cfg.lr_max)
+    if problems:
+        raise ValueError("; ".join(problems))
     outer, peak = cfg.momenta
     opt = torch.optim.SGD(
         model.parameters(), lr=cfg.lr_max, momentum=outer, weight_decay=cfg.weight_decay
