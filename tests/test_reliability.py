@@ -1641,6 +1641,7 @@ CONCURRENT = {
         }
     },
     "classification": {
+        "select": ["nonexpansive"],  # the only one built for these 16x16 images
         "train": {
             "steps": 12,
             "batch_size": 16,
