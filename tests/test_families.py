@@ -628,6 +628,9 @@ def test_each_block_reads_the_settings_the_config_lets_through():
             same = torch.equal(output(name, **base), output(name, **base, **{key: value}))
             assert same == (key in unused), (name, base, key)
     assert unused_arguments("dncnn", changes) == []  # takes none of them: model_arguments says so
+    from stablenets.nn.models import _BLOCK_READS, BLOCKS
+
+    assert set(_BLOCK_READS) == set(BLOCKS)  # a new block must say what it reads
 
 
 def test_the_registry_keeps_each_constructor_signature_and_its_defaults():

@@ -434,7 +434,8 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
     if isinstance(schema, (str, Path)):
         schema = load_schema(Path(schema))
     config = copy.deepcopy(config)
-    errors = _name_errors(config) or _schema_errors(config, schema)
+    errors = _name_errors(config) or _schema_errors(config, schema)  # names first: the
+    # schema's messages sort the keys, which a number among strings would stop
     if not errors:
         errors = _cross_field_errors(config)
     if errors:
