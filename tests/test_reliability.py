@@ -1200,7 +1200,7 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_p
     empty.write_text("# nothing yet\n")
     base = [ROOT / "config.yaml", ROOT / "config" / "smoke.yaml"]
     for path, message in (
-        (broken, f"config: {broken}: not valid YAML: line 3, column 6: expected ',' or ']'"),
+        (broken, f"config: {broken}: not valid YAML: line 3, column 6: "),  # + PyYAML's words
         (listed, f"config: {listed}: holds a list, not a mapping of settings"),
     ):
         with pytest.raises(ConfigError) as err:
