@@ -19,16 +19,14 @@ __all__ = ["cross_field_errors"]
 
 
 def cross_field_errors(config: dict) -> list[str]:
+    """Every problem of a schema-valid ``config`` across its keys, one line each (empty: none)."""
     from stablenets.evaluation.pnp import (
         GaussianBlur,  # the blur operator decides the PnP step-size limit
     )
-    from stablenets.nn.models import (  # the model registry (imports torch, as pnp)
-        CLASSIFIERS,
-        DENOISERS,
-    )
 
     errors = []
-    for task, allowed in (("classification", CLASSIFIERS), ("denoising", DENOISERS)):
+    for task in ("classification", "denoising"):
+        allowed = _models(task)
         for name, variant in config[task]["variants"].items():
             if variant["model"] not in allowed:
                 errors.append(
@@ -103,18 +101,17 @@ def _data_fit_errors(config: dict, shapes: dict[str, DataShape]) -> list[str]:
         )
     for task, shape in shapes.items():
         section = config[task]
-        batches = {f"{task}.train": section["train"]["batch_size"]}
+        shared = section["train"]["batch_size"]
+        batches = {f"{task}.train": shared}  # the task's, and each variant's own that differs
         for name, variant in _selected(section).items():
-            batches.setdefault(
-                f"{task}.variants.{name}.train",
-                variant.get("train", {}).get("batch_size", batches[f"{task}.train"]),
-            )
+            own = variant.get("train", {}).get("batch_size", shared)
+            if own != shared:
+                batches[f"{task}.variants.{name}.train"] = own
         errors += [
             f"{where}.batch_size: {batch} is more than the {shape.name} training set "
             f"({shape.n_train} images)"
             for where, batch in batches.items()
             if batch > shape.n_train
-            and (where == f"{task}.train" or batch != batches[f"{task}.train"])
         ]
         errors += _model_fit_errors(task, _selected(section), shape)
     return errors + _attack_class_errors(config["classification"]["evaluate"]["strong"], cifar)
@@ -155,6 +152,7 @@ def _model_fit_errors(task: str, variants: dict[str, dict], shape: DataShape) ->
 
 
 def _models(task: str) -> frozenset[str]:
+    """The registered models of ``task`` (the registry imports torch: loaded here, when run)."""
     from stablenets.nn.models import CLASSIFIERS, DENOISERS
 
     return CLASSIFIERS if task == "classification" else DENOISERS
