@@ -3,12 +3,14 @@ outputs; the data rules on archives in the real formats; parse-time config error
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -117,6 +119,10 @@ def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run)
     assert math.isnan(tv[0]["nonincreasing"])
     ran = tv[1]["iterations"]
     assert 1 <= ran[0] <= 100 and (ran == tv[0]["mean_iterations"]).all()
+    # its weight is the best of the configured candidates on 4 validation images (smoke.yaml)
+    scores, weights = (json.loads(tv[0][k]) for k in ("tv_validation_scores", "tv_weights"))
+    assert tv[0]["tv_validation_images"] == 4 and len(scores) == len(weights) == 6
+    assert tv[0]["tv_weight"] == weights[int(np.argmax(scores))]
     table = (smoke_run / "results/smoke/tables/pnp.md").read_text()
     assert "PSNR peak 1 (dB)" in table and "| tv " in table
 

@@ -19,6 +19,7 @@ from stablenets.evaluation.pnp import (
     gaussian_kernel,
     observe,
     pnp_forward_backward,
+    select_tv_deblur_weight,
     tv_deblur,
     uniform_kernel,
 )
@@ -288,6 +289,26 @@ def test_tv_deblur_improves_psnr(deblur_problem) -> None:
     assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2)[0], clean, 1.0))
     _, early = tv_deblur(y, blur, 0.01, iters=200, tol=1e-3)  # it says where it stopped
     assert 1 < early < ran <= 200
+
+
+def test_the_tv_deblurring_weight_is_the_best_of_its_candidates_on_the_images_given() -> None:
+    # validation cartoons (not the deblur_problem's): the choice is a real one, strictly inside
+    # the candidates, and each score is that weight's mean PSNR as tv_deblur gives it
+    clean = cartoon(n=2, h=24, w=28).flip(-2)
+    blur = GaussianBlur(9, 1.6, clean.shape[1:])
+    observed = observe(clean, blur, 0.05, seed=5)
+    weights = [1e-4, 0.01, 0.05, 1.0]
+    lines: list[str] = []
+    choice = select_tv_deblur_weight(observed, clean, blur, weights, 60, 1e-5, log=lines.append)
+    assert len(choice.scores) == len(weights) == len(lines)
+    assert choice.weight == weights[max(range(len(weights)), key=choice.scores.__getitem__)]
+    assert choice.weight not in (weights[0], weights[-1]), choice.scores
+    ran = [tv_deblur(observed, blur, w, 60, 1e-5) for w in weights]
+    for score, (x, _) in zip(choice.scores, ran, strict=True):
+        assert score == pytest.approx(float(psnr(x, clean, 1.0).mean()), abs=1e-9)
+    assert choice.image_iterations == sum(k * len(clean) for _, k in ran)
+    with pytest.raises(ValueError, match="at least one weight"):
+        select_tv_deblur_weight(observed, clean, blur, [], 60, 1e-5)
 
 
 def test_tv_deblur_says_how_far_it_is_every_log_every_iterations(deblur_problem) -> None:

@@ -218,7 +218,7 @@ TINY = {
         "evaluate": {"crop_size": [16, 16], "lipschitz_search": {"steps": 5}},
         "tv": {"iters": 10},
     },
-    "pnp": {"denoisers": ["averaged"], "max_iter": 10, "tv": {"iters": 10}},
+    "pnp": {"denoisers": ["averaged"], "max_iter": 10, "tv": {"iters": 10, "val_images": 2}},
     "resources": {
         kind: {"runtime": 10, "mem_mb": 2000, "gpu": 0} for kind in ("train", "evaluate")
     },

@@ -1071,6 +1071,14 @@ BAD_CONFIGS = {
         {"pnp": {"n_images": 9}},
         "pnp.n_images: 9 is more than the BSDS500 test set (8 images)",
     ),
+    "a TV weight chosen on more validation images than there are": (
+        {"pnp": {"tv": {"val_images": 9}}},
+        "pnp.tv.val_images: 9 is more than the BSDS500 validation set (8 images)",
+    ),
+    "a TV deblurring weight given alone, as before session 19": (
+        {"pnp": {"tv": {"weight": 0.01}}},
+        "pnp.tv.weight: unknown key; allowed: iters, tol, val_images, val_noise_seed, weights",
+    ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},
         "pnp.denoisers: ['averaged', 'averaged'] has non-unique elements",

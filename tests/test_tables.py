@@ -116,6 +116,7 @@ def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) 
         "diverged_count": diverged,
         "nonincreasing": monotone,
         "averagedness": 0.6 if variant == "averaged" else None,
+        "tv_weight": 0.004 if tv else None,
     }
     images = np.zeros((1, 3, 4, 4), dtype=np.float32)
     datasets = {
@@ -237,6 +238,9 @@ def test_pnp_table(pnp_paths: list[Path]) -> None:
     assert av["converged_fraction"] == pytest.approx(0.75)
     assert dn["diverged_count"] == 2 and dn["nonincreasing"] == 0
     assert av["nonincreasing"] == 1 and av["averagedness"] == pytest.approx(0.6)
+    assert df.loc["tv", "tv_weight"] == pytest.approx(0.004) and math.isnan(av["tv_weight"])
+    shown = display_frame(pnp_table(pnp_paths)).set_index("variant")
+    assert shown.loc["tv", "TV weight"] == "0.004" and shown.loc["averaged", "TV weight"] == "n/a"
 
 
 def test_flag_false_if_any_seed_fails(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ same variant, else of the same model, else the rule's first measured job:
 * denoiser evaluation, TV denoising (unit: test image), PnP and TV deblurring (unit: image
   iteration, images x mean iterations): the job records no split, so fixed = 0 and the whole
   wall time scales (an upper estimate); paper units = the paper's test images, and images x
-  ``max_iter`` (PnP) or ``tv.iters`` (TV) for deblurring;
+  ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per candidate
+  weight, as its measured units do) for deblurring;
 * data: the stand-in's generation as measured (not the paper's download).
 
 ``N`` is the paper's ``n_test``, or the test split of the run's data file (the rehearsal's
@@ -276,6 +277,7 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
     if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
         return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec, device=device)
     units = attrs["psnr_final"] * float(attrs["mean_iterations"])
+    units += int(attrs.get("tv_validation_image_iterations", 0))  # TV's choice of its weight
     return Measured(job, wall, rss, "image-iteration", units, wall, spec, device=device)
 
 
@@ -350,12 +352,12 @@ class Paper:
         if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
             n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
             return min(n_test or size, size)
-        if job.rule in ("pnp_deblur", "tv_deblur"):
+        if job.rule == "pnp_deblur":
+            return min(cfg["pnp"]["n_images"], self.test_sizes["bsds500"]) * cfg["pnp"]["max_iter"]
+        if job.rule == "tv_deblur":
+            tv = cfg["pnp"]["tv"]
             images = min(cfg["pnp"]["n_images"], self.test_sizes["bsds500"])
-            iters = (
-                cfg["pnp"]["max_iter"] if job.rule == "pnp_deblur" else cfg["pnp"]["tv"]["iters"]
-            )
-            return images * iters
+            return (images + tv["val_images"] * len(tv["weights"])) * tv["iters"]
         return 1
 
     def resources(self, job: Job) -> dict[str, Any]:

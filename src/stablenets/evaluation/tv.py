@@ -174,33 +174,32 @@ class TVOptions(TypedDict, total=False):
     check_every: int
 
 
-def select_tv_weight(
-    noisy: Tensor,
+def select_weight(
+    solve: Callable[[Tensor, float], Tensor],
+    observed: Tensor,
     clean: Tensor,
     weights: Sequence[float],
-    iters: int = 1000,
     peak: str | float = "max",
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
-    **tv_kwargs: Unpack[TVOptions],
 ) -> tuple[float, list[float]]:
-    """Pick the TV weight maximising the mean PSNR of :func:`tv_denoise` on *validation* images.
+    """The regularisation weight whose reconstructions ``solve(observed, weight)`` have the best
+    mean PSNR against ``clean``; every baseline picks its weight so, on *validation* images
+    (never the test set), so that it is compared at its best, not at a guess.
 
-    ``noisy``/``clean`` must be validation images (never the test set). Returns the chosen
-    weight and the mean PSNR of every weight, in the order given (ties go to the first).
-    ``batch_size`` bounds the memory by denoising that many images at a time. ``log`` gets a
-    line per weight (its PSNR, elapsed time, ETA): at paper size on a CPU a weight takes minutes.
+    Returns the chosen weight and the mean PSNR of every weight, in the order given (ties go to
+    the first). ``batch_size`` bounds the memory by solving that many images at a time. ``log``
+    gets a line per weight (its PSNR, elapsed time, ETA): at paper size on a CPU a weight takes
+    minutes.
     """
     if len(weights) == 0:
-        raise ValueError("select_tv_weight needs at least one weight")
-    step = batch_size or noisy.shape[0]
+        raise ValueError("choosing a regularisation weight needs at least one weight")
+    step = batch_size or observed.shape[0]
     scores, start = [], time.monotonic()
     for k, w in enumerate(weights, 1):
         values = [
-            psnr(
-                tv_denoise(noisy[i : i + step], w, iters, **tv_kwargs).x, clean[i : i + step], peak
-            )
-            for i in range(0, noisy.shape[0], step)
+            psnr(solve(observed[i : i + step], w), clean[i : i + step], peak)
+            for i in range(0, observed.shape[0], step)
         ]
         scores.append(float(torch.cat(values).mean()))
         if log is not None:
@@ -211,3 +210,20 @@ def select_tv_weight(
             )
     best = max(range(len(weights)), key=lambda i: scores[i])
     return float(weights[best]), scores
+
+
+def select_tv_weight(
+    noisy: Tensor,
+    clean: Tensor,
+    weights: Sequence[float],
+    iters: int = 1000,
+    peak: str | float = "max",
+    batch_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+    **tv_kwargs: Unpack[TVOptions],
+) -> tuple[float, list[float]]:
+    """:func:`select_weight` for :func:`tv_denoise` (``noisy``/``clean``: validation images)."""
+    return select_weight(
+        lambda y, w: tv_denoise(y, w, iters, **tv_kwargs).x, noisy, clean, weights, peak,
+        batch_size, log,
+    )  # fmt: skip

@@ -258,6 +258,7 @@ def _pnp_record(path: Path) -> dict[str, Any]:
         "nonincreasing": _num(a, "nonincreasing"),
         "lipschitz_bound": _num(a, "lipschitz_bound"),
         "averagedness": _num(a, "averagedness"),
+        "tv_weight": _num(a, "tv_weight"),  # TV's, chosen on validation images
     }
 
 
@@ -439,7 +440,8 @@ def _pnp_headline(row: outputs.Row) -> str:
 def pnp_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per (method, variant[, denoiser σ]): observed and final PSNR (peak 1; ± over
     images), iterations, converged fraction, diverged images (summed over seeds), the
-    non-increasing-steps flag (1 only if it held for every seed), Lipschitz, averagedness."""
+    non-increasing-steps flag (1 only if it held for every seed), Lipschitz, averagedness, TV
+    weight."""
     records = [_pnp_record(Path(p)) for p in paths]
     return _aggregate(records, ["method", "variant", "denoiser_sigma"])
 
