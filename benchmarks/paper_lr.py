@@ -4,6 +4,7 @@
 (47,500 + 2,500 images of 32x32, made once in WORKDIR), ``config.yaml``'s classifier settings
 (batch 128, lr_max 1, one-cycle with warm-up 0.5 over 40,000 steps) stopped after STEPS steps,
 one CPU thread; prints the progress lines and, at the end, the total sub-steps by step as JSON.
+``benchmarks/norm_lag.py`` runs the same training with a record of the norm estimate's lag.
 """
 
 import json
@@ -15,13 +16,14 @@ import torch
 
 from stablenets import data
 from stablenets.data.format import read_split
-from stablenets.nn.models import build_model
+from stablenets.nn.models import StableModel, build_model
 from stablenets.train import ClassificationTask, TrainConfig, train
 from stablenets.train.augment import AugmentConfig
+from stablenets.train.checkpoints import RunState
 
 
-def main(stop: int, workdir: Path) -> None:
-    torch.set_num_threads(1)
+def stand_in(workdir: Path) -> tuple[StableModel, ClassificationTask]:
+    """The paper classifier (seed 0) and the rehearsal's CIFAR-sized stand-in, made once."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "cifar10.h5"
     if not path.exists():
@@ -33,16 +35,33 @@ def main(stop: int, workdir: Path) -> None:
     assert y is not None and vy is not None
     torch.manual_seed(0)
     model = build_model("nonexpansive_classifier")
-    task = ClassificationTask(x, y, vx, vy, AugmentConfig(), eval_batch=500)
-    cfg = TrainConfig(
+    return model, ClassificationTask(x, y, vx, vy, AugmentConfig(), eval_batch=500)
+
+
+def paper_schedule(stop: int, **overrides: object) -> TrainConfig:
+    """``config.yaml``'s classifier schedule stopped after ``stop`` steps, without the sub-step
+    guard (``max_substeps`` 100,000: to see the counts), validated only at the end."""
+    settings: dict = dict(
         steps=40000, batch_size=128, lr_max=1.0, warmup=0.5, val_every=100000,
         checkpoint_every=100000, log_every=50, max_substeps=100000, stop_after=stop,
     )  # fmt: skip
+    return TrainConfig(**{**settings, **overrides})
+
+
+def run(model: StableModel, task: ClassificationTask, cfg: TrainConfig, workdir: Path) -> RunState:
+    """Train with timed progress lines on stdout; resumes from ``workdir``'s checkpoint."""
     start = time.time()
     _, state = train(
-        model, task, cfg, workdir / "work", "paper_lr",
+        model, task, cfg, workdir, "paper_lr",
         lambda line: print(f"{time.time() - start:.0f}s {line}", flush=True),
     )  # fmt: skip
+    return state
+
+
+def main(stop: int, workdir: Path) -> None:
+    torch.set_num_threads(1)
+    model, task = stand_in(workdir)
+    state = run(model, task, paper_schedule(stop), workdir / "work")
     rows = [r for r in state.rows if r["kind"] == "train"]
     print(json.dumps({"substeps": [(r["step"], r["substeps"]) for r in rows]}))
 
