@@ -92,6 +92,11 @@ def test_smoke_denoisers_improve_psnr_and_respect_their_bounds(smoke_run):
                 assert a["empirical_lipschitz"] <= a["lipschitz_bound"], path
             if a["variant"] in {"euler", "heun", "averaged"}:
                 assert a["lipschitz_bound"] <= 1.0 + 1e-6, path
+            if a["variant"] == "tv":  # the best weight on 4 of the 8 validation images (smoke)
+                scores = json.loads(a["tv_validation_scores"])
+                weights = json.loads(a["config"])["tv"]["weights"]
+                assert a["tv_validation_images"] == 4 and len(scores) == len(weights), path
+                assert a["tv_weight"] == weights[int(np.argmax(scores))], path
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -168,7 +169,7 @@ def fake_run(eval_wall: float) -> list[Measured]:
             Measured(Job("pnp_deblur", v, "0.15", 0), 20.0, 0, "image-iteration", 600, 20.0, {}),
         ]
     out.append(
-        Measured(Job("evaluate_tv_denoising", sigma="0.15"), 9.0, 0, "test image", 200, 9, {})
+        Measured(Job("evaluate_tv_denoising", sigma="0.15"), 9.0, 0, "image solve", 700, 9, {})
     )
     return out + [Measured(Job("tv_deblur"), 5.0, 0, "image-iteration", 600, 5.0, {})]
 
@@ -311,6 +312,27 @@ def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_recor
     assert measured.variable_s == 8.0 and measured.fixed_s == 4.5
     assert measured.parts["strong"] == (5.0, 10) and measured.stats["s_per_point_pgd"] == 0.01
     assert measured.parts["audit"] == (0.0, 0)
+
+
+def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight(tmp_path):
+    """A TV job also solves its validation images once per candidate weight: a rehearsal that
+    chose on fewer validation images than the paper scales by the solves, not the test images."""
+    root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
+    tsv.write_text("s\th:m:s\tmax_rss\n22.0\t0:00:22\t900.0\n")
+    job = Job("evaluate_tv_denoising", sigma="0.15")
+    spec = {"tv": {**PAPER["denoising"]["tv"], "val_images": 4}}
+    attrs = {"config": json.dumps(spec), "tv_validation_images": 4}
+    write_results(job.results(root), attrs, {"psnr": np.zeros(200)})
+    measured = measure(job, tsv, root)
+    weights = len(PAPER["denoising"]["tv"]["weights"])
+    assert (measured.unit, measured.units) == ("image solve", 200 + 4 * weights)
+    units, seconds, _ = project(job, measured, paper())  # the paper: the whole split, 100
+    assert units == 200 + 100 * weights
+    assert seconds == pytest.approx(22.0 / (200 + 4 * weights) * units)
+    tv = PAPER["pnp"]["tv"]  # deblurring: 200 test images and val_images per weight, 300 its
+    deblur = Measured(Job("tv_deblur"), 5.0, 0, "image-iteration", 600, 5.0, {})
+    units, _, _ = project(deblur.job, deblur, paper())
+    assert units == (200 + tv["val_images"] * len(tv["weights"])) * tv["iters"]
 
 
 def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_out(tmp_path):

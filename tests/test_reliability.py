@@ -1071,11 +1071,15 @@ BAD_CONFIGS = {
         {"pnp": {"n_images": 9}},
         "pnp.n_images: 9 is more than the BSDS500 test set (8 images)",
     ),
-    "a TV weight chosen on more validation images than there are": (
+    "a TV deblurring weight chosen on more validation images than there are": (
         {"pnp": {"tv": {"val_images": 9}}},
         "pnp.tv.val_images: 9 is more than the BSDS500 validation set (8 images)",
     ),
-    "a TV deblurring weight given alone, as before session 19": (
+    "a TV denoising weight chosen on more validation images than there are": (
+        {"denoising": {"tv": {"val_images": 12}}},
+        "denoising.tv.val_images: 12 is more than the BSDS500 validation set (8 images)",
+    ),
+    "a TV deblurring weight given alone, as before its choice on validation images": (
         {"pnp": {"tv": {"weight": 0.01}}},
         "pnp.tv.weight: unknown key; allowed: iters, tol, val_images, val_noise_seed, weights",
     ),

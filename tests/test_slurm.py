@@ -17,6 +17,7 @@ fails instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 from workflow_helpers import BIN, ROOT, copy_workflow, training_processes
 
+from stablenets.bench.cost import RULES
 from stablenets.pipeline import locks
 from stablenets.pipeline.config import load_config
 from stablenets.pipeline.specs import FIGURES, TABLES, Jobs
@@ -115,6 +117,52 @@ def test_cluster_profile_requests_gpus_only_for_training_and_evaluation():
         call = _sbatch(smoke, kind, rule, smoke["threads"])
         assert "--gpus" not in call and "--cpus-per-gpu" not in call, call
         assert f"--cpus-per-task={smoke['threads']}" in call, call
+
+
+def _rule_kinds() -> dict[str, str]:
+    """Each rule's resource kind, as its rule file declares it (``JOBS.resources("kind")``)."""
+    kinds = {}
+    for path in sorted((ROOT / "workflow/rules").glob("*.smk")):
+        for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]:
+            found = re.search(r'JOBS\.resources\("(\w+)"\)', block)
+            if found:
+                kinds[block.split(":", 1)[0].strip()] = found.group(1)
+    return kinds
+
+
+def _device_by_rule(config: dict) -> dict[str, str]:
+    """The ``device`` of one job of every rule that computes with torch."""
+    jobs, sigma = Jobs(config), "0.15"
+    specs = {
+        "train_classifier": jobs.train_spec("classification", "nonexpansive", 0),
+        "evaluate_classifier": jobs.eval_spec("classification", "nonexpansive", 0),
+        "train_denoiser": jobs.train_spec("denoising", "averaged", 0, sigma),
+        "evaluate_denoiser": jobs.eval_spec("denoising", "averaged", 0, sigma),
+        "evaluate_tv_denoising": jobs.tv_spec(sigma),
+        "pnp_deblur": jobs.pnp_spec("averaged", 0),
+        "tv_deblur": jobs.pnp_spec("tv", 0),
+    }
+    return {rule: json.loads(spec)["device"] for rule, spec in specs.items()}
+
+
+def test_under_device_auto_a_job_computes_on_a_gpu_only_where_its_resources_ask_for_one():
+    kinds = _rule_kinds()
+    assert {rule: kinds[rule] for rule in RULES} == RULES  # the cost report's kinds are the rules'
+    paper = _config()
+    assert paper["device"] == "auto"
+    devices = _device_by_rule(paper)
+    assert devices == {
+        rule: "auto" if paper["resources"][kinds[rule]].get("gpu") else "cpu" for rule in devices
+    }
+    assert devices["tv_deblur"] == devices["evaluate_tv_denoising"] == "cpu"
+    assert devices["train_denoiser"] == devices["pnp_deblur"] == "auto"
+    # evaluation without a GPU: its jobs too go to the CPU, training keeps auto
+    paper["resources"]["evaluate"]["gpu"] = 0
+    devices = _device_by_rule(paper)
+    assert devices["evaluate_classifier"] == devices["pnp_deblur"] == "cpu"
+    assert devices["train_classifier"] == "auto"
+    # a device the user names is kept, whatever the resources
+    assert set(_device_by_rule({**paper, "device": "cuda:1"}).values()) == {"cuda:1"}
 
 
 def test_cluster_profile_a_user_copies_has_no_test_cluster_settings():

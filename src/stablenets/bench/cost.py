@@ -33,11 +33,13 @@ same variant, else of the same model, else the rule's first measured job:
   ``ceil(log2(num))`` attacks per point; a bisection the run did not do but the paper does is
   estimated as ``clean accuracy * N * ceil(log2(num))`` attacks at the strong pass's rate. With
   the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
-* denoiser evaluation, TV denoising (unit: test image), PnP and TV deblurring (unit: image
+* denoiser evaluation (unit: test image), TV denoising (unit: image solve, its test images
+  plus its validation images per candidate weight), PnP and TV deblurring (unit: image
   iteration, images x mean iterations): the job records no split, so fixed = 0 and the whole
-  wall time scales (an upper estimate); paper units = the paper's test images, and images x
-  ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per candidate
-  weight, as its measured units do) for deblurring;
+  wall time scales (an upper estimate); paper units = the paper's test images, TV denoising's
+  plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
+  images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
+  candidate weight, as its measured units do) for deblurring;
 * data: the stand-in's generation as measured (not the paper's download).
 
 ``N`` is the paper's ``n_test``, or the test split of the run's data file (the rehearsal's
@@ -274,8 +276,11 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
         return Measured(job, wall, rss, "dataset", 1, wall, {})
     attrs, spec = _attrs(path)
     device = str(attrs.get("device", ""))
-    if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
+    if job.rule == "evaluate_denoiser":
         return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec, device=device)
+    if job.rule == "evaluate_tv_denoising":  # its choice of weight included
+        units = attrs["psnr"] + int(attrs["tv_validation_images"]) * len(spec["tv"]["weights"])
+        return Measured(job, wall, rss, "image solve", units, wall, spec, device=device)
     units = attrs["psnr_final"] * float(attrs["mean_iterations"])
     units += int(attrs.get("tv_validation_image_iterations", 0))  # TV's choice of its weight
     return Measured(job, wall, rss, "image-iteration", units, wall, spec, device=device)
@@ -349,9 +354,15 @@ class Paper:
         if job.rule == "evaluate_classifier":
             n_test, size = cfg["classification"]["evaluate"]["n_test"], self.test_sizes["cifar10"]
             return min(n_test or size, size)
-        if job.rule in ("evaluate_denoiser", "evaluate_tv_denoising"):
+        if job.rule == "evaluate_denoiser":
             n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
             return min(n_test or size, size)
+        if job.rule == "evaluate_tv_denoising":
+            from stablenets.data.shapes import bsds500_shape
+
+            n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
+            tv, n_val = cfg["denoising"]["tv"], bsds500_shape(cfg["data"]["bsds500"]).n_val
+            return min(n_test or size, size) + (tv["val_images"] or n_val) * len(tv["weights"])
         if job.rule == "pnp_deblur":
             return min(cfg["pnp"]["n_images"], self.test_sizes["bsds500"]) * cfg["pnp"]["max_iter"]
         if job.rule == "tv_deblur":
@@ -545,7 +556,8 @@ def _markdown(
     df = pd.DataFrame(rows, columns=COLUMNS)
     totals = df[df["row"] == "total"]
     gpu = totals.iloc[0]
-    on = ", ".join(sorted({d for d in df.loc[df["row"] == "rehearsal", "device"] if d})) or "?"
+    gpu_jobs = df[(df["row"] == "rehearsal") & (df["gpu"] > 0)]  # what the GPU total rests on
+    on = ", ".join(sorted({d for d in gpu_jobs["device"] if d})) or "?"
     hours = "GPU-hours" if on.startswith("cuda") and "," not in on else f"hours on {on}"
     lines = [
         f"# Cost of the {scale} run and the projected paper-scale DAG",

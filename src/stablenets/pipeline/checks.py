@@ -64,11 +64,13 @@ def cross_field_errors(config: dict) -> list[str]:
             f"pnp.n_images: {pnp['n_images']} is more than the {bsds.name} test set "
             f"({bsds.n_test} images)"
         )
-    if pnp["tv"]["val_images"] > bsds.n_val:  # the TV weight would be chosen on fewer
-        errors.append(
-            f"pnp.tv.val_images: {pnp['tv']['val_images']} is more than the {bsds.name} "
-            f"validation set ({bsds.n_val} images)"
-        )
+    for section in ("denoising", "pnp"):  # a TV weight would be chosen on fewer images
+        asked = config[section]["tv"]["val_images"]
+        if asked is not None and asked > bsds.n_val:
+            errors.append(
+                f"{section}.tv.val_images: {asked} is more than the {bsds.name} validation set "
+                f"({bsds.n_val} images)"
+            )
     try:  # on the images PnP deblurs: a kernel larger than they are fails there
         norm = GaussianBlur(pnp["blur"]["size"], pnp["blur"]["sigma"], bsds.image).norm()
     except ValueError as err:

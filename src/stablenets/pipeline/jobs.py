@@ -535,11 +535,12 @@ def evaluate_denoiser(
 
 
 def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = print) -> None:
-    """TV denoising baseline; its weight is chosen on the validation split, never on test."""
+    """TV denoising baseline; its weight is chosen on validation images (the first
+    ``tv.val_images`` of the split, all if null), never on test."""
     device = _setup(spec)
     ev, tv_spec = spec["evaluate"], spec["tv"]
     val, _ = _split(data_path, "val", "denoising")
-    val = val.to(device)
+    val = val[: tv_spec["val_images"]].to(device)
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
     weight, scores = tv.select_tv_weight(
         val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"]
@@ -561,6 +562,7 @@ def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = pri
         "empirical_lipschitz": None,
         "tv_weight": weight,
         "tv_validation_scores": list(scores),
+        "tv_validation_images": len(val),
         "tv_iterations": solved.iterations,
         "tv_distance": solved.distance,
         **_denoising_attrs(sets),

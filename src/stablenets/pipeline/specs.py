@@ -41,8 +41,20 @@ class Jobs:
         self.seeds = list(config["seeds"])
         self.sigmas = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
 
-    def _common(self, seed: int | None = None) -> dict[str, Any]:
-        out = {"device": self.config["device"], "threads": self.config["threads"]}
+    def device(self, kind: str) -> str:
+        """Where a job of resource ``kind`` computes: the config's ``device``, except that
+        ``auto`` is the CPU for a kind that asks for no GPU (``resources.<kind>.gpu`` 0). On SLURM
+        such a job lands on a node without one; on a workstation it must not take memory from
+        the GPU that ``resources: gpu`` lends to one job at a time (a training job sizes its
+        sub-step limit from the memory free when it starts); and the cost it measures
+        (``cost.csv``) is the one it will have on a cluster."""
+        setting = self.config["device"]
+        if setting == "auto" and not self.config["resources"][kind].get("gpu"):
+            return "cpu"
+        return setting
+
+    def _common(self, kind: str, seed: int | None = None) -> dict[str, Any]:
+        out = {"device": self.device(kind), "threads": self.config["threads"]}
         if seed is not None:
             out["seed"] = int(seed)
         return out
@@ -66,7 +78,7 @@ class Jobs:
         section = self.config[task]
         v = section["variants"][variant]
         spec = {
-            **self._common(seed),
+            **self._common("train", seed),
             "task": task,
             "variant": variant,
             "model": v["model"],
@@ -84,7 +96,11 @@ class Jobs:
 
     def eval_spec(self, task: str, variant: str, seed: int, sigma: str | None = None) -> str:
         section = self.config[task]
-        spec = {**self._common(seed), "variant": variant, "evaluate": section["evaluate"]}
+        spec = {
+            **self._common("evaluate", seed),
+            "variant": variant,
+            "evaluate": section["evaluate"],
+        }
         if task == "denoising":
             spec["sigma"] = _sigma(task, sigma)
         return self.dump(spec)
@@ -92,7 +108,7 @@ class Jobs:
     def tv_spec(self, sigma: str) -> str:
         section = self.config["denoising"]
         spec = {
-            **self._common(0),
+            **self._common("data", 0),  # rule evaluate_tv_denoising's kind
             "sigma": float(sigma),
             "evaluate": section["evaluate"],
             "tv": section["tv"],
@@ -100,7 +116,12 @@ class Jobs:
         return self.dump(spec)
 
     def pnp_spec(self, variant: str, seed: int) -> str:
-        return self.dump({**self._common(seed), "variant": variant, "pnp": self.config["pnp"]})
+        """A PnP job's spec, or with ``variant`` ``tv`` the TV baseline's (rule ``tv_deblur``,
+        resource kind ``data``)."""
+        kind = "data" if variant == "tv" else "evaluate"
+        return self.dump(
+            {**self._common(kind, seed), "variant": variant, "pnp": self.config["pnp"]}
+        )
 
     def resources(self, kind: str) -> dict[str, Any]:
         res = dict(self.config["resources"][kind])
