@@ -14,6 +14,7 @@ from stablenets.evaluation.tv import (
     GRADIENT_NORM_SQ,
     divergence2d,
     gradient2d,
+    project_dual_ball,
     select_tv_weight,
     tv_denoise,
 )
@@ -33,6 +34,17 @@ def test_gradient_divergence_adjoint(shape: tuple[int, ...]) -> None:
     lhs = (gradient2d(x) * p).sum()
     rhs = -(x * divergence2d(p)).sum()
     assert torch.allclose(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("couple_channels", [False, True])
+def test_gradient_divergence_and_the_dual_projection_are_differentiable(couple_channels) -> None:
+    """Written in place for speed, they still carry exact gradients (a TV loss can use them)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 3, 5, 7), generator=gen, dtype=torch.float64, requires_grad=True)
+    p = torch.randn((2, 3, 2, 5, 7), generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gradient2d, (x,))
+    assert torch.autograd.gradcheck(divergence2d, (p,))
+    assert torch.autograd.gradcheck(lambda q: project_dual_ball(q, 0.5, couple_channels), (p,))
 
 
 def test_gradient_neumann_and_norm_bound() -> None:

@@ -26,38 +26,32 @@ GRADIENT_NORM_SQ = 8.0
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_difference(x: Tensor, dim: int) -> Tensor:
-    """``(D x)_i = x_{i+1} - x_i`` for ``i < n-1`` and 0 at the last index (Neumann)."""
-    zero = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat([torch.diff(x, dim=dim), zero], dim=dim)
-
-
-def _backward_difference_adjoint(p: Tensor, dim: int) -> Tensor:
-    """``-D^T p``: ``p_i - p_{i-1}`` with ``p_{-1} = 0`` and ``p_{n-1}`` treated as 0."""
-    n = p.shape[dim]
-    zero = torch.zeros_like(p.narrow(dim, 0, 1))
-    q = p.narrow(dim, 0, n - 1)
-    return torch.cat([q, zero], dim=dim) - torch.cat([zero, q], dim=dim)
-
-
 def gradient2d(x: Tensor) -> Tensor:
     """Forward-difference gradient with Neumann boundary, ``(..., H, W) -> (..., 2, H, W)``.
 
     Component 0 is ``x[i+1, j] - x[i, j]`` (zero on the last row), component 1 is
     ``x[i, j+1] - x[i, j]`` (zero on the last column). ``||gradient2d||^2 <= 8``.
     """
-    return torch.stack([_forward_difference(x, -2), _forward_difference(x, -1)], dim=-3)
+    g = x.new_zeros(*x.shape[:-2], 2, *x.shape[-2:])  # written in place: differentiable too
+    g[..., 0, :-1, :] = x[..., 1:, :] - x[..., :-1, :]
+    g[..., 1, :, :-1] = x[..., :, 1:] - x[..., :, :-1]
+    return g
 
 
 def divergence2d(p: Tensor) -> Tensor:
     """Discrete divergence, the exact negative adjoint of :func:`gradient2d`.
 
     ``(..., 2, H, W) -> (..., H, W)`` with ``<gradient2d(x), p> = -<x, divergence2d(p)>`` for
-    every ``x`` and every ``p`` (including ``p`` that is non-zero on the last row/column).
+    every ``x`` and every ``p`` (including ``p`` that is non-zero on the last row/column):
+    ``p_i - p_{i-1}`` along each axis with ``p_{-1} = 0`` and ``p_{n-1}`` treated as 0.
     """
-    return _backward_difference_adjoint(p[..., 0, :, :], -2) + _backward_difference_adjoint(
-        p[..., 1, :, :], -1
-    )
+    rows, cols = p[..., 0, :-1, :], p[..., 1, :, :-1]
+    d = p.new_zeros(p.shape[:-3] + p.shape[-2:])
+    d[..., :-1, :] += rows
+    d[..., 1:, :] -= rows
+    d[..., :, :-1] += cols
+    d[..., :, 1:] -= cols
+    return d
 
 
 def project_dual_ball(p: Tensor, radius: float, couple_channels: bool = False) -> Tensor:
@@ -69,9 +63,11 @@ def project_dual_ball(p: Tensor, radius: float, couple_channels: bool = False) -
     """
     if radius == 0:
         return torch.zeros_like(p)
-    dims = (1, 2) if couple_channels else (2,)
-    norm = p.pow(2).sum(dim=dims, keepdim=True).sqrt()
-    return p / torch.clamp(norm / radius, min=1.0)
+    if couple_channels:
+        norm = p.pow(2).sum(dim=(1, 2), keepdim=True).sqrt()
+    else:  # one pass over the two directions (a reduction over a dimension of 2 is slow)
+        norm = torch.hypot(p[:, :, 0], p[:, :, 1]).unsqueeze(2)
+    return p / (norm / radius).clamp(min=1.0)
 
 
 # --------------------------------------------------------------------------------------------
