@@ -15,7 +15,7 @@ rule train_classifier:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("train"),
+        **JOBS.resources("train_classifier"),
     params:
         spec=lambda w: JOBS.train_spec("classification", w.variant, w.seed),
         workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
@@ -38,7 +38,7 @@ rule evaluate_classifier:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("evaluate"),
+        **JOBS.resources("evaluate_classifier"),
     params:
         spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
         workdir=lambda w: R(f"checkpoints/eval/classification/{w.variant}/seed{w.seed}"),

@@ -18,7 +18,7 @@ rule cost:
     conda:
         "../../environment.yml"
     resources:
-        **JOBS.resources("report"),
+        **JOBS.resources("cost"),
     params:
         spec=json.dumps(
             {

@@ -19,7 +19,7 @@ rule prepare_data:
     # The cache folder is a resource of the job, not a param (a rerun trigger): the checksummed
     # archive makes the same data wherever it is kept, so moving it reruns nothing.
     resources:
-        **JOBS.resources("data"),
+        **JOBS.resources("prepare_data"),
         cache=config["data"]["cache_dir"],
     params:
         spec=lambda w: JOBS.data_spec(w.dataset),

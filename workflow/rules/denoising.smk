@@ -15,7 +15,7 @@ rule train_denoiser:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("train"),
+        **JOBS.resources("train_denoiser"),
     params:
         spec=lambda w: JOBS.train_spec("denoising", w.variant, w.seed, w.sigma),
         workdir=lambda w: R(
@@ -40,7 +40,7 @@ rule evaluate_denoiser:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("evaluate"),
+        **JOBS.resources("evaluate_denoiser"),
     params:
         spec=lambda w: JOBS.eval_spec("denoising", w.variant, w.seed, w.sigma),
     shell:
@@ -61,7 +61,7 @@ rule evaluate_tv_denoising:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("data"),
+        **JOBS.resources("evaluate_tv_denoising"),
     params:
         spec=lambda w: JOBS.tv_spec(w.sigma),
     shell:

@@ -41,7 +41,7 @@ rule table:
     conda:
         "../../environment.yml"
     resources:
-        **JOBS.resources("report"),
+        **JOBS.resources("table"),
     params:
         spec=lambda w: json.dumps({"kind": w.table}),
     shell:
@@ -66,7 +66,7 @@ rule figure:
     conda:
         "../../environment.yml"
     resources:
-        **JOBS.resources("report"),
+        **JOBS.resources("figure"),
     params:
         spec=lambda w: json.dumps(
             {"kind": w.figure, "sigma": config["pnp"]["noise_level"]}
@@ -87,7 +87,7 @@ rule summary:
     conda:
         "../../environment.yml"
     resources:
-        **JOBS.resources("report"),
+        **JOBS.resources("summary"),
     params:
         spec=json.dumps({"scale": SCALE, "config": config}, sort_keys=True),
     shell:

@@ -15,7 +15,7 @@ rule pnp_deblur:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("evaluate"),
+        **JOBS.resources("pnp_deblur"),
     params:
         spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
     shell:
@@ -36,7 +36,7 @@ rule tv_deblur:
         "../../environment.yml"
     threads: config["threads"]
     resources:
-        **JOBS.resources("data"),
+        **JOBS.resources("tv_deblur"),
     params:
         spec=JOBS.pnp_spec("tv", 0),
     shell:

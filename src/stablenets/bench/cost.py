@@ -60,22 +60,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from stablenets.pipeline.specs import Jobs, sigma_label
+from stablenets.pipeline.specs import RULE_KINDS, Jobs, sigma_label
 
 __all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost", "projected_by_rule"]
 
-# rule -> resource kind (the rules' ``JOBS.resources(kind)``)
-RULES = {
-    "prepare_data": "data",
-    "train_classifier": "train",
-    "evaluate_classifier": "evaluate",
-    "train_denoiser": "train",
-    "evaluate_denoiser": "evaluate",
-    "evaluate_tv_denoising": "data",
-    "pnp_deblur": "evaluate",
-    "tv_deblur": "data",
-}
-TASK = {"classifier": "classification", "denoiser": "denoising"}
+#: The rules whose jobs are measured and projected: every rule of the paper DAG but the reports.
+RULES = [rule for rule, kind in RULE_KINDS.items() if kind != "report"]
 COLUMNS = [
     "row", "rule", "variant", "sigma", "seed", "device", "wall_s", "max_rss_mb", "unit", "units",
     "seconds_per_unit", "fixed_s", "s_per_validation", "s_per_checkpoint", "s_per_point_pgd",
@@ -372,7 +362,7 @@ class Paper:
         return 1
 
     def resources(self, job: Job) -> dict[str, Any]:
-        return self.config["resources"][RULES[job.rule]]
+        return self.config["resources"][RULE_KINDS[job.rule]]
 
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""

@@ -14,11 +14,32 @@ from typing import Any
 
 from stablenets.pipeline import outputs
 
-__all__ = ["Jobs", "FIGURES", "TABLES"]
+__all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS"]
 
 #: The tables and figures, from the registry (declared where each is built: ``outputs``).
 TABLES = outputs.names("table")
 FIGURES = outputs.names("figure")
+
+
+#: Each rule's resource kind (``config.resources.<kind>``), the one place it is written: what the
+#: rule asks SLURM for (``Jobs.resources``), where its job computes under ``device: auto``
+#: (``Jobs.device``) and which runtime limit its projected cost is held to (``bench.cost``).
+RULE_KINDS = {
+    "prepare_data": "data",
+    "train_classifier": "train",
+    "evaluate_classifier": "evaluate",
+    "train_denoiser": "train",
+    "evaluate_denoiser": "evaluate",
+    "evaluate_tv_denoising": "data",
+    "pnp_deblur": "evaluate",
+    "tv_deblur": "data",
+    "table": "report",
+    "figure": "report",
+    "summary": "report",
+    "cost": "report",
+}
+#: A task's models in rule names (``train_classifier``, ``evaluate_denoiser``).
+MODEL_NOUN = {"classification": "classifier", "denoising": "denoiser"}
 
 
 def sigma_label(sigma: float) -> str:
@@ -41,20 +62,20 @@ class Jobs:
         self.seeds = list(config["seeds"])
         self.sigmas = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
 
-    def device(self, kind: str) -> str:
-        """Where a job of resource ``kind`` computes: the config's ``device``, except that
-        ``auto`` is the CPU for a kind that asks for no GPU (``resources.<kind>.gpu`` 0). On SLURM
+    def device(self, rule: str) -> str:
+        """Where a job of ``rule`` computes: the config's ``device``, except that ``auto`` is the
+        CPU for a rule whose resource kind asks for no GPU (``resources.<kind>.gpu`` 0). On SLURM
         such a job lands on a node without one; on a workstation it must not take memory from
         the GPU that ``resources: gpu`` lends to one job at a time (a training job sizes its
         sub-step limit from the memory free when it starts); and the cost it measures
         (``cost.csv``) is the one it will have on a cluster."""
         setting = self.config["device"]
-        if setting == "auto" and not self.config["resources"][kind].get("gpu"):
+        if setting == "auto" and not self.config["resources"][RULE_KINDS[rule]].get("gpu"):
             return "cpu"
         return setting
 
-    def _common(self, kind: str, seed: int | None = None) -> dict[str, Any]:
-        out = {"device": self.device(kind), "threads": self.config["threads"]}
+    def _common(self, rule: str, seed: int | None = None) -> dict[str, Any]:
+        out = {"device": self.device(rule), "threads": self.config["threads"]}
         if seed is not None:
             out["seed"] = int(seed)
         return out
@@ -78,7 +99,7 @@ class Jobs:
         section = self.config[task]
         v = section["variants"][variant]
         spec = {
-            **self._common("train", seed),
+            **self._common(f"train_{MODEL_NOUN[task]}", seed),
             "task": task,
             "variant": variant,
             "model": v["model"],
@@ -97,7 +118,7 @@ class Jobs:
     def eval_spec(self, task: str, variant: str, seed: int, sigma: str | None = None) -> str:
         section = self.config[task]
         spec = {
-            **self._common("evaluate", seed),
+            **self._common(f"evaluate_{MODEL_NOUN[task]}", seed),
             "variant": variant,
             "evaluate": section["evaluate"],
         }
@@ -108,7 +129,7 @@ class Jobs:
     def tv_spec(self, sigma: str) -> str:
         section = self.config["denoising"]
         spec = {
-            **self._common("data", 0),  # rule evaluate_tv_denoising's kind
+            **self._common("evaluate_tv_denoising", 0),
             "sigma": float(sigma),
             "evaluate": section["evaluate"],
             "tv": section["tv"],
@@ -116,15 +137,16 @@ class Jobs:
         return self.dump(spec)
 
     def pnp_spec(self, variant: str, seed: int) -> str:
-        """A PnP job's spec, or with ``variant`` ``tv`` the TV baseline's (rule ``tv_deblur``,
-        resource kind ``data``)."""
-        kind = "data" if variant == "tv" else "evaluate"
+        """A PnP job's spec, or with ``variant`` ``tv`` the TV baseline's (rule ``tv_deblur``)."""
+        rule = "tv_deblur" if variant == "tv" else "pnp_deblur"
         return self.dump(
-            {**self._common(kind, seed), "variant": variant, "pnp": self.config["pnp"]}
+            {**self._common(rule, seed), "variant": variant, "pnp": self.config["pnp"]}
         )
 
-    def resources(self, kind: str) -> dict[str, Any]:
-        res = dict(self.config["resources"][kind])
+    def resources(self, rule: str) -> dict[str, Any]:
+        """What a job of ``rule`` asks the scheduler for: its kind's ``resources`` entry, without
+        the GPU keys where it asks for none."""
+        res = dict(self.config["resources"][RULE_KINDS[rule]])
         if not res.get("gpu"):
             res.pop("gpu", None)
             res.pop("cpus_per_gpu", None)
