@@ -363,10 +363,17 @@ def test_checkpoint_from_another_config_is_ignored_with_a_log_line(server, datas
     assert "ignoring checkpoint" in text and "resumed" not in text
 
 
-def test_slurm_profile_requeues_and_signals_training_and_evaluation_jobs_before_the_time_limit():
+def test_slurm_profile_requeues_and_signals_every_job_that_saves_progress_before_the_time_limit():
     profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
     assert profile.get("slurm-requeue") is True
-    for rule in ("train_classifier", "train_denoiser", "evaluate_classifier"):
+    resumable = [  # the rules whose job saves its progress in a --workdir
+        block.split(":", 1)[0].strip()
+        for path in sorted((ROOT / "workflow/rules").glob("*.smk"))
+        for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]
+        if "--workdir" in block
+    ]
+    assert {"train_classifier", "evaluate_classifier", "pnp_deblur", "tv_deblur"} <= set(resumable)
+    for rule in resumable:
         settings = json.dumps(profile.get("set-resources", {}).get(rule, {}))
         # SIGUSR1 or SIGTERM (both save and exit 75), sent to every process of the job
         # step, not only to the batch shell ("B:"), which would not pass it on
@@ -845,11 +852,15 @@ def test_out_of_memory_is_recognised_on_either_device(err, expected):
 
 def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has ...")
-    pnp = cli._out_of_memory_line("pnp", {"pnp": {"batch_size": 20}}, err)
+    pnp = cli._out_of_memory_line("pnp", {"pnp": {"batch_size": 20, "group_size": 40}}, err)
     assert pnp == (
         "stablenets pnp: error: out of memory (CUDA, tried to allocate 7.50 GiB): lower "
-        "pnp.batch_size (now 20); a rerun starts it again"
+        "pnp.batch_size (now 20) or pnp.group_size (now 40); what the job saved is kept, and a "
+        "rerun resumes from it"
     )
+    tv_deblur = cli._out_of_memory_line("tv-deblur", {"pnp": {"group_size": 40}}, MemoryError())
+    assert tv_deblur.endswith("lower pnp.group_size (now 40); what the job saved is kept, and a "
+                              "rerun resumes from it")  # fmt: skip
     train = {"batch_size": 128, "max_substeps": "auto", "memory_fraction": 0.8}
     auto = cli._out_of_memory_line(
         "train", {"task": "denoising", "train": train, "eval_batch": 4}, err
@@ -857,9 +868,10 @@ def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
     assert "lower denoising.train.batch_size (now 128), denoising.train.memory_fraction (now " \
         "0.8) or denoising.eval_batch (now 4); what the job saved is kept" in auto, auto  # fmt: skip
     tv = cli._out_of_memory_line("evaluate-tv", {}, MemoryError())
-    assert tv.endswith(
-        "out of memory (host): run it where more memory is free; a rerun starts it again"
-    )
+    assert tv.endswith("out of memory (host): run it where more memory is free; what the job "
+                       "saved is kept, and a rerun resumes from it")  # fmt: skip
+    dry = cli._out_of_memory_line("evaluate-denoiser", {"evaluate": {"batch_size": 5}}, err)
+    assert dry.endswith("lower denoising.evaluate.batch_size (now 5); a rerun starts it again")
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

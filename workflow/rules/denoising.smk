@@ -64,6 +64,7 @@ rule evaluate_tv_denoising:
         **JOBS.resources("evaluate_tv_denoising"),
     params:
         spec=lambda w: JOBS.tv_spec(w.sigma),
+        workdir=lambda w: R(f"checkpoints/eval/denoising/sigma{w.sigma}/tv"),
     shell:
         "python -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} --workdir {params.workdir} > {log} 2>&1"

@@ -18,9 +18,10 @@ rule pnp_deblur:
         **JOBS.resources("pnp_deblur"),
     params:
         spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
+        workdir=lambda w: R(f"checkpoints/pnp/sigma{w.sigma}/{w.variant}/seed{w.seed}"),
     shell:
         "python -m stablenets pnp --spec {params.spec:q} --model {input.model}"
-        " --data {input.data} --out {output} > {log} 2>&1"
+        " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"
 
 
 rule tv_deblur:
@@ -39,6 +40,7 @@ rule tv_deblur:
         **JOBS.resources("tv_deblur"),
     params:
         spec=JOBS.pnp_spec("tv", 0),
+        workdir=R("checkpoints/pnp/tv"),
     shell:
         "python -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} --workdir {params.workdir} > {log} 2>&1"

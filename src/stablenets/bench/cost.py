@@ -35,8 +35,10 @@ same variant, else of the same model, else the rule's first measured job:
   the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
 * denoiser evaluation (unit: test image), TV denoising (unit: image solve, its test images
   plus its validation images per candidate weight), PnP and TV deblurring (unit: image
-  iteration, images x mean iterations): the job records no split, so fixed = 0 and the whole
-  wall time scales (an upper estimate); paper units = the paper's test images, TV denoising's
+  iteration, images x their iterations, TV's choice of weight included), each counted as the
+  job ran them (``image_solves_run``, ``image_iterations_run``: a rerun that resumed a killed
+  job's saved groups and scores counts only its own): the job records no split, so fixed = 0
+  and the whole wall time scales (an upper estimate); paper units = the paper's test images, TV denoising's
   plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
   images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
   candidate weight, as its measured units do) for deblurring;
@@ -268,11 +270,11 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
     device = str(attrs.get("device", ""))
     if job.rule == "evaluate_denoiser":
         return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec, device=device)
+    # what this run computed (its wall time's), not what a killed run before it saved
     if job.rule == "evaluate_tv_denoising":  # its choice of weight included
-        units = attrs["psnr"] + int(attrs["tv_validation_images"]) * len(spec["tv"]["weights"])
+        units = int(attrs["image_solves_run"])
         return Measured(job, wall, rss, "image solve", units, wall, spec, device=device)
-    units = attrs["psnr_final"] * float(attrs["mean_iterations"])
-    units += int(attrs.get("tv_validation_image_iterations", 0))  # TV's choice of its weight
+    units = int(attrs["image_iterations_run"])  # TV's choice of its weight included
     return Measured(job, wall, rss, "image-iteration", units, wall, spec, device=device)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -507,10 +507,12 @@ def select_tv_deblur_weight(
     iters: int,
     tol: float,
     log: Callable[[str], None] | None = None,
+    found: MutableMapping[float, float] | None = None,
 ) -> TVChoice:
     """The :func:`tv_deblur` weight with the best mean PSNR (peak 1, as PnP's) on ``observed``
-    *validation* images (:func:`stablenets.evaluation.tv.select_weight`): PnP is compared with
-    the baseline at its best weight for the blur and noise at hand, not at a guess."""
+    *validation* images (:func:`stablenets.evaluation.tv.select_weight`, whose ``found`` resumes
+    a killed choice): PnP is compared with the baseline at its best weight for the blur and
+    noise at hand, not at a guess. ``image_iterations`` counts the solves run by this call."""
     image_iterations = 0
 
     def solve(y: Tensor, weight: float) -> Tensor:
@@ -519,5 +521,5 @@ def select_tv_deblur_weight(
         image_iterations += ran * len(y)
         return x
 
-    weight, scores = select_weight(solve, observed, clean, weights, 1.0, log=log)
+    weight, scores = select_weight(solve, observed, clean, weights, 1.0, log=log, found=found)
     return TVChoice(weight, scores, image_iterations)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import NamedTuple, TypedDict, Unpack
 
 import torch
@@ -178,6 +178,7 @@ def select_weight(
     peak: str | float = "max",
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
+    found: MutableMapping[float, float] | None = None,
 ) -> tuple[float, list[float]]:
     """The regularisation weight whose reconstructions ``solve(observed, weight)`` have the best
     mean PSNR against ``clean``; every baseline picks its weight so, on *validation* images
@@ -186,24 +187,31 @@ def select_weight(
     Returns the chosen weight and the mean PSNR of every weight, in the order given (ties go to
     the first). ``batch_size`` bounds the memory by solving that many images at a time. ``log``
     gets a line per weight (its PSNR, elapsed time, ETA): at paper size on a CPU a weight takes
-    minutes.
+    minutes. ``found``: the scores known so far, by weight; a weight in it is not solved again,
+    and each new score goes into it as soon as it is known (a job passes its saved progress,
+    ``pipeline.resume``, so that a killed choice resumes where it stopped).
     """
     if len(weights) == 0:
         raise ValueError("choosing a regularisation weight needs at least one weight")
+    found = {} if found is None else found
     step = batch_size or observed.shape[0]
-    scores, start = [], time.monotonic()
-    for k, w in enumerate(weights, 1):
+    todo = [w for w in weights if w not in found]
+    if log is not None and len(todo) < len(weights):
+        log(f"TV weights: {len(weights) - len(todo)} of {len(weights)} scores found before")
+    start = time.monotonic()
+    for k, w in enumerate(todo, 1):
         values = [
             psnr(solve(observed[i : i + step], w), clean[i : i + step], peak)
             for i in range(0, observed.shape[0], step)
         ]
-        scores.append(float(torch.cat(values).mean()))
+        found[w] = float(torch.cat(values).mean())
         if log is not None:
             elapsed = time.monotonic() - start
             log(
-                f"TV weight {w:g} ({k}/{len(weights)}): validation PSNR {scores[-1]:.2f} dB, "
-                f"{timing(k, len(weights), elapsed)}"
+                f"TV weight {w:g} ({k}/{len(todo)}): validation PSNR {found[w]:.2f} dB, "
+                f"{timing(k, len(todo), elapsed)}"
             )
+    scores = [found[w] for w in weights]
     best = max(range(len(weights)), key=lambda i: scores[i])
     return float(weights[best]), scores
 
@@ -216,10 +224,11 @@ def select_tv_weight(
     peak: str | float = "max",
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
+    found: MutableMapping[float, float] | None = None,
     **tv_kwargs: Unpack[TVOptions],
 ) -> tuple[float, list[float]]:
     """:func:`select_weight` for :func:`tv_denoise` (``noisy``/``clean``: validation images)."""
     return select_weight(
         lambda y, w: tv_denoise(y, w, iters, **tv_kwargs).x, noisy, clean, weights, peak,
-        batch_size, log,
+        batch_size, log, found,
     )  # fmt: skip

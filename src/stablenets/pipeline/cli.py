@@ -32,9 +32,11 @@ _JOBS = {
                             "certify and attack a classifier"),
     "evaluate-denoiser": (_RUN, "evaluate_denoiser", ["model", "data", "out"],
                           "denoising PSNR of a model"),
-    "evaluate-tv": (_RUN, "evaluate_tv_denoising", ["data", "out"], "TV denoising PSNR"),
-    "pnp": (_RUN, "run_pnp", ["model", "data", "out"], "PnP deblurring with a denoiser"),
-    "tv-deblur": (_RUN, "run_tv_deblur", ["data", "out"], "TV deblurring"),
+    "evaluate-tv": (_RUN, "evaluate_tv_denoising", ["data", "out", "workdir"],
+                    "TV denoising PSNR"),
+    "pnp": (_RUN, "run_pnp", ["model", "data", "out", "workdir"],
+            "PnP deblurring with a denoiser"),
+    "tv-deblur": (_RUN, "run_tv_deblur", ["data", "out", "workdir"], "TV deblurring"),
     "table": (_REPORT, "make_table", ["inputs", "out"], "a table from result files"),
     "figure": (_REPORT, "make_figure", ["inputs", "out"], "a figure from result files"),
     "summary": (_REPORT, "write_summary", ["inputs", "out"], "the results summary"),
@@ -59,7 +61,10 @@ _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
     "evaluate-classifier": ([("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
                             True),
     "evaluate-denoiser": ([("denoising.evaluate.batch_size", ("evaluate", "batch_size"))], False),
-    "pnp": ([("pnp.batch_size", ("pnp", "batch_size"))], False),
+    "pnp": ([("pnp.batch_size", ("pnp", "batch_size")),
+             ("pnp.group_size", ("pnp", "group_size"))], True),
+    "tv-deblur": ([("pnp.group_size", ("pnp", "group_size"))], True),
+    "evaluate-tv": ([], True),
 }  # fmt: skip
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from stablenets import data
-from stablenets.atomic import atomic_path, remove_stale_temporaries
 from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.losses import loss_label
@@ -35,6 +34,7 @@ from stablenets.nn.models import (
     save_model,
 )
 from stablenets.nn.operators import pinned_weights
+from stablenets.pipeline.resume import SavedProgress, in_groups
 from stablenets.pipeline.runtime import (
     config_hash,
     provenance,
@@ -214,6 +214,7 @@ _RUN_ONLY = {
         "stop_after",
     ),
     "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
+    "pnp": ("log_every",),
 }
 
 
@@ -221,7 +222,7 @@ def _progress_hash(spec: dict) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
     the spec without its ``_RUN_ONLY`` settings."""
     kept = {k: v for k, v in spec.items() if k not in _RUN_ONLY[""]}
-    for section in ("train", "evaluate"):
+    for section in ("train", "evaluate", "pnp"):
         if section in spec:
             kept[section] = {k: v for k, v in spec[section].items() if k not in _RUN_ONLY[section]}
     return config_hash(kept)
@@ -281,18 +282,16 @@ def _sweep(
     ev: dict,
     log: Log,
 ) -> radius_sweep.SweepState:
-    """Run (or resume) the radius sweep, saving its state to ``progress``; a stop signal saves
-    and raises ``Interrupted`` (exit 75)."""
-    for stale in remove_stale_temporaries(progress):
-        log(f"removed {stale.name}, the temporary of an interrupted progress write")
-    state = _resume_sweep(progress, key, log) or start()
+    """Run (or resume) the radius sweep, saving its state to ``progress`` every
+    ``save_every_s``; a stop signal saves and raises ``Interrupted`` (exit 75)."""
+    saved = SavedProgress(progress, key, log)
+    state = _resumed_sweep(saved, log) or start()
     last = [time.monotonic()]
     with StopFlag() as stop:
 
         def save(s: radius_sweep.SweepState, force: bool = False) -> None:
             if force or stop.raised or time.monotonic() - last[0] >= ev["save_every_s"]:
-                with atomic_path(progress) as tmp:
-                    torch.save({"key": key, "state": s.to_dict()}, tmp)
+                saved["state"] = s.to_dict()
                 last[0] = time.monotonic()
 
         try:
@@ -312,20 +311,19 @@ def _sweep(
     return state
 
 
-def _resume_sweep(progress: Path, key: str, log: Log) -> radius_sweep.SweepState | None:
-    if not progress.exists():
-        return None
-    try:
-        saved = torch.load(progress, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: start afresh, said in the log
-        log(f"ignoring unreadable {progress}: {err}")
-        return None
-    if saved.get("key") != key:
-        log(f"ignoring {progress}: written for {saved.get('key')}, this run is {key}")
+def _resumed_sweep(saved: SavedProgress, log: Log) -> radius_sweep.SweepState | None:
+    if "state" not in saved:
         return None
     state = radius_sweep.SweepState(**saved["state"])
-    log(f"resuming from {progress} at eps {state.radius_index + 1} of the sweep")
+    log(f"resuming from {saved.path} at eps {state.radius_index + 1} of the sweep")
     return state
+
+
+def _resume_key(spec: dict, inputs: list[Path], version: str) -> str:
+    """What saved progress must match to resume: the same job (``_progress_hash``) on the same
+    input files (their sha256), saved in the same layout (``version``)."""
+    digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in inputs]
+    return "-".join([_progress_hash(spec), *digests, version])
 
 
 def evaluate_classifier(
@@ -346,9 +344,7 @@ def evaluate_classifier(
     eps, std_eps = radius_sweep.evaluation_radii(ev)
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
-    digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in (model_path, data_path)]
-    # the same job on the same model and data, saved in this version's layout
-    key = "-".join([_progress_hash(spec), *digests, f"v{radius_sweep.STATE_VERSION}"])
+    key = _resume_key(spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}")
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
@@ -534,17 +530,26 @@ def evaluate_denoiser(
     )
 
 
-def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = print) -> None:
+def evaluate_tv_denoising(
+    spec: dict, data_path: Path, out: Path, workdir: Path, log: Log = print
+) -> None:
     """TV denoising baseline; its weight is chosen on validation images (the first
-    ``tv.val_images`` of the split, all if null), never on test."""
+    ``tv.val_images`` of the split, all if null), never on test. Each weight's score is saved in
+    ``workdir`` as it is found: a killed job's rerun resumes the choice there (SIGTERM stops it
+    at the next score, exit 75)."""
     device = _setup(spec)
     ev, tv_spec = spec["evaluate"], spec["tv"]
     val, _ = _split(data_path, "val", "denoising")
     val = val[: tv_spec["val_images"]].to(device)
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
-    weight, scores = tv.select_tv_weight(
-        val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"]
-    )
+    with StopFlag() as stop:
+        key = _resume_key(spec, [data_path], "tv-denoising-v1")
+        found = SavedProgress(workdir / "progress.pt", key, log, stop).section("validation")
+        resumed = len(found)
+        weight, scores = tv.select_tv_weight(
+            val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"],
+            found=found,
+        )  # fmt: skip
     clean, noisy = _noisy_test(spec, data_path, device)
     log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
     solved = tv.tv_denoise(noisy, weight, tv_spec["iters"], tol=tv_spec["tol"])
@@ -565,6 +570,8 @@ def evaluate_tv_denoising(spec: dict, data_path: Path, out: Path, log: Log = pri
         "tv_validation_images": len(val),
         "tv_iterations": solved.iterations,
         "tv_distance": solved.distance,
+        # this run's (a resumed one's weight choice did less): its cost (``bench.cost``)
+        "image_solves_run": len(noisy) + (len(scores) - resumed) * len(val),
         **_denoising_attrs(sets),
         **provenance(spec, -1, device),
     }
@@ -608,8 +615,12 @@ def _pnp_attrs(
     }
 
 
-def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log = print) -> None:
-    """PnP forward–backward deblurring with a trained denoiser, with convergence bookkeeping.
+def run_pnp(
+    spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
+) -> None:
+    """PnP forward–backward deblurring with a trained denoiser, with convergence bookkeeping,
+    ``pnp.group_size`` images at a time, each group saved in ``workdir`` as it ends (a killed
+    job's rerun resumes after the last saved group; SIGTERM stops it at the next, exit 75).
 
     For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing:
     a violation fails the job naming the model and the image.
@@ -617,72 +628,124 @@ def run_pnp(spec: dict, model_path: Path, data_path: Path, out: Path, log: Log =
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
-    size = (clean.shape[-2], clean.shape[-1])
-    alpha = model.averagedness(size)
-    with pinned_weights(model):  # hashed once, not at every iteration
+    alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
+    ran = [0]  # image-iterations of the groups this run solves (a resumed run's cost)
+
+    def solve(group: slice) -> dict[str, torch.Tensor]:
         x, hist = pnp.pnp_forward_backward(
-            lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever n_images
-            blur,
-            observed,
-            p["eta"],
-            p["relax"],
-            p["max_iter"],
-            p["tol"],
-            reference=clean,
-            blowup=p["blowup"],
-            log=log,
-            log_every=p["log_every"],
-        )
-    hist = {k: v.cpu().numpy() for k, v in hist.items()}
-    eps32 = float(torch.finfo(torch.float32).eps)
-    monotone = True
-    for i, diffs in enumerate(hist["step_norm"]):
-        atol = p["nonincreasing_atol_eps"] * eps32 * float(clean[i].norm())
-        ok = pnp.check_nonincreasing(diffs, rtol=p["nonincreasing_rtol"], atol=atol) is None
-        monotone &= ok
-        if alpha is not None and not ok:
-            pnp.assert_nonincreasing(
-                diffs, spec["variant"], f"test image {i}", p["nonincreasing_rtol"], atol
-            )
-    final = metrics.psnr(x, clean, peak=1.0).cpu().numpy()
+            lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever the group
+            blur, observed[group], p["eta"], p["relax"], p["max_iter"], p["tol"],
+            reference=clean[group], blowup=p["blowup"], log=log, log_every=p["log_every"],
+        )  # fmt: skip
+        hist["monotone"] = _monotone(hist["step_norm"], clean[group], group.start, alpha, spec)
+        ran[0] += int(hist["iterations"].sum())
+        return {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
+
+    key = _resume_key(spec, [model_path, data_path], _DEBLUR_LAYOUT)
+    with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
+        progress = SavedProgress(workdir / "progress.pt", key, log, stop)
+        hist = _joined(in_groups(progress, len(clean), p["group_size"], solve, "PnP", log))
+    final, recon, monotone = hist.pop("psnr_final"), hist.pop("recon"), bool(hist["monotone"].all())
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     attrs = {
         "method": "pnp",
         "variant": spec["variant"],
         "nonincreasing": monotone,
-        "lipschitz_bound": model.lipschitz_bound(size),
+        "lipschitz_bound": model.lipschitz_bound((clean.shape[-2], clean.shape[-1])),
         "averagedness": alpha,
         **_pnp_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
+        "image_iterations_run": ran[0],
         **provenance(spec, spec["seed"], device),
     }
-    _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, x, p["n_show"])
+    _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
     log(
         f"PnP {spec['variant']}: PSNR {attrs['observed_mean_psnr']:.2f} -> "
         f"{attrs['mean_psnr']:.2f} dB, iterations {hist['iterations']}, monotone {monotone}"
     )
 
 
-def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> None:
+# The layout of a PnP or TV deblurring job's saved groups (``_resume_key``).
+_DEBLUR_LAYOUT = "deblur-v1"
+
+
+def _monotone(
+    step_norms: torch.Tensor, clean: torch.Tensor, first: int, alpha: float | None, spec: dict
+) -> torch.Tensor:
+    """Per image, whether its step norms are non-increasing to float32 rounding; for a denoiser
+    with an averagedness guarantee (``alpha``) an increase fails the job, naming the image (its
+    index in the test set: ``first`` is the group's first)."""
+    p, eps32 = spec["pnp"], float(torch.finfo(torch.float32).eps)
+    flags = []
+    for i, diffs in enumerate(step_norms):
+        atol = p["nonincreasing_atol_eps"] * eps32 * float(clean[i].norm())
+        ok = pnp.check_nonincreasing(diffs, rtol=p["nonincreasing_rtol"], atol=atol) is None
+        if alpha is not None and not ok:
+            pnp.assert_nonincreasing(
+                diffs, spec["variant"], f"test image {first + i}", p["nonincreasing_rtol"], atol
+            )
+        flags.append(ok)
+    return torch.tensor(flags)
+
+
+def _group_images(
+    x: torch.Tensor, clean: torch.Tensor, first: int, n_show: int
+) -> dict[str, torch.Tensor]:
+    """What a deblurring job keeps of a group's reconstructions: their PSNR (peak 1) and those
+    among the first ``n_show`` of the test set (``first``: the group's first image)."""
+    return {
+        "psnr_final": metrics.psnr(x, clean, peak=1.0).cpu(),
+        "recon": x[: max(n_show - first, 0)].cpu(),
+    }
+
+
+def _joined(groups: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """The groups' results as arrays over all their images, in order; per-iteration histories
+    (image x iteration) padded with NaN, as after an image stops, to the longest group's."""
+    out = {}
+    for key in groups[0]:
+        parts = [g[key] for g in groups]
+        if parts[0].dim() == 2:
+            k = max(t.shape[1] for t in parts)
+            parts = [torch.nn.functional.pad(t, (0, k - t.shape[1]), value=math.nan) for t in parts]
+        out[key] = torch.cat(parts).numpy()
+    return out
+
+
+def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Log = print) -> None:
     """TV-regularised deblurring baseline; its weight is chosen on validation images (blurred and
-    noised as the test images, with their own noise draw), never on test."""
+    noised as the test images, with their own noise draw), never on test. Each weight's score
+    and each group of ``pnp.group_size`` test images is saved in ``workdir`` as it is found: a
+    killed job's rerun resumes from there (SIGTERM stops it at the next save, exit 75)."""
     device = _setup(spec)
     p, tv_spec = spec["pnp"], spec["pnp"]["tv"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     val, _ = _split(data_path, "val", "denoising")
     val = val[: tv_spec["val_images"]].to(device)
-    choice = pnp.select_tv_deblur_weight(
-        pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur, tv_spec["weights"],
-        tv_spec["iters"], tv_spec["tol"], log=log,
-    )  # fmt: skip
-    weight = choice.weight
-    log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
-    x, ran = pnp.tv_deblur(
-        observed, blur, weight, tv_spec["iters"], tv_spec["tol"], log=log,
-        log_every=p["log_every"],
-    )  # fmt: skip
-    final = metrics.psnr(x, clean, peak=1.0).cpu().numpy()
+    with StopFlag() as stop:
+        key = _resume_key(spec, [data_path], _DEBLUR_LAYOUT)
+        progress = SavedProgress(workdir / "progress.pt", key, log, stop)
+        choice = pnp.select_tv_deblur_weight(
+            pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur,
+            tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], log=log,
+            found=progress.section("validation"),
+        )  # fmt: skip
+        weight = choice.weight
+        log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
+        ran = [choice.image_iterations]  # this run's image-iterations (a resumed run's cost)
+
+        def solve(group: slice) -> dict[str, torch.Tensor]:
+            x, k = pnp.tv_deblur(
+                observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], log=log,
+                log_every=p["log_every"],
+            )  # fmt: skip
+            ran[0] += k * len(x)
+            iterations = torch.full((len(x),), k)  # a group stops together
+            return {"iterations": iterations, **_group_images(x, clean[group], group.start,
+                                                              p["n_show"])}  # fmt: skip
+
+        hist = _joined(in_groups(progress, len(clean), p["group_size"], solve, "TV deblur", log))
+    final, recon, iters = hist.pop("psnr_final"), hist.pop("recon"), hist["iterations"]
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
-    iters = np.full(len(final), ran)  # the batch stops together
     attrs = {
         "method": "tv",
         "variant": "tv",
@@ -696,12 +759,12 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, log: Log = print) -> N
         "tv_validation_scores": choice.scores,
         "tv_validation_images": len(val),
         "tv_validation_image_iterations": choice.image_iterations,
+        "image_iterations_run": ran[0],
         **provenance(spec, spec["seed"], device),
     }
-    _write_pnp(out, attrs, {"iterations": iters}, final, observed_psnr, clean, observed, x,
-               p["n_show"])  # fmt: skip
+    _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
     psnrs = f"{attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB"
-    log(f"TV deblur: weight {weight:g}, {ran} iterations, PSNR {psnrs}")
+    log(f"TV deblur: weight {weight:g}, at most {int(iters.max())} iterations, PSNR {psnrs}")
 
 
 def _write_pnp(
@@ -712,16 +775,18 @@ def _write_pnp(
     observed_psnr: np.ndarray,
     clean: torch.Tensor,
     observed: torch.Tensor,
-    x: torch.Tensor,
-    n_show: int,
+    recon: np.ndarray,
 ) -> None:
+    """A deblurring job's result file: PSNRs and iterations per image, the first ``len(recon)``
+    images clean, observed and reconstructed, and the per-iteration histories it recorded."""
+    n_show = len(recon)
     datasets = {
         "psnr_final": final,
         "psnr_observed": observed_psnr,
         "iterations": np.asarray(hist["iterations"]),
         "images/clean": clean[:n_show],
         "images/observed": observed[:n_show],
-        "images/recon": x[:n_show],
+        "images/recon": recon,
     }
     for key in ("step_norm", "psnr_1", "residual"):
         if key in hist:

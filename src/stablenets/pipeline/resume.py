@@ -1,0 +1,140 @@
+"""What a killed job's rerun resumes from: the progress it saved, one file per job.
+
+``SavedProgress`` holds a job's named entries in one torch file that every assignment rewrites
+atomically (``atomic_path``), tagged with the job's ``key`` (its spec's hash, its inputs'
+digests, the layout's version). A rerun of the same job reads it back; a file of another key, or
+one that cannot be read, is ignored with a log line and overwritten. Given a ``StopFlag``, every
+save is also where the job stops on SIGTERM/SIGUSR1 (``Interrupted``, exit 75): it stops with
+nothing lost. ``in_groups`` runs a job image group by image group, each group saved as it ends.
+Training keeps its own checkpoints (``train.checkpoints``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from stablenets.atomic import atomic_path, remove_stale_temporaries
+from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.progress import timing
+
+__all__ = ["SavedProgress", "in_groups"]
+
+Log = Callable[[str], None]
+T = TypeVar("T")
+
+
+class SavedProgress(MutableMapping[str, Any]):
+    """A job's saved entries (tensors, numbers, strings, and lists and dicts of them: what
+    ``torch.load(weights_only=True)`` reads back), written through to ``path`` at every
+    assignment."""
+
+    def __init__(self, path: Path, key: str, log: Log, stop: StopFlag | None = None) -> None:
+        self.path, self.key, self.stop = Path(path), key, stop
+        for stale in remove_stale_temporaries(self.path):
+            log(f"removed {stale.name}, the temporary of an interrupted progress write")
+        self._entries = self._read(log)
+
+    def _read(self, log: Log) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # any unreadable file: start afresh, said in the log
+            log(f"ignoring unreadable {self.path}: {err}")
+            return {}
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            found = saved.get("key") if isinstance(saved, dict) else type(saved).__name__
+            log(f"ignoring {self.path}: written for {found}, this run is {self.key}")
+            return {}
+        return {name: value for name, value in saved.items() if name != "key"}
+
+    def save(self) -> None:
+        """Write every entry; then, if a stop signal arrived, end the job (``Interrupted``)."""
+        with atomic_path(self.path) as tmp:
+            torch.save({"key": self.key, **self._entries}, tmp)
+        if self.stop is not None and self.stop.raised:
+            raise Interrupted(
+                f"signal {self.stop.signum}: progress {self.path} written; rerun to resume"
+            )
+
+    def section(self, name: str) -> MutableMapping[Any, Any]:
+        """The entry ``name`` as a dict whose every assignment is saved (``save``)."""
+        return _Section(self, name)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._entries[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._entries[name] = value
+        self.save()
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+        self.save()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _Section(MutableMapping[Any, Any]):
+    """One entry of a ``SavedProgress``, a dict written through to its file."""
+
+    def __init__(self, owner: SavedProgress, name: str) -> None:
+        self._owner, self._name = owner, name
+        if not isinstance(owner._entries.get(name), dict):
+            owner._entries[name] = {}
+
+    @property
+    def _data(self) -> dict[Any, Any]:
+        return self._owner._entries[self._name]
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._data[key] = value
+        self._owner.save()
+
+    def __delitem__(self, key: Any) -> None:
+        del self._data[key]
+        self._owner.save()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def in_groups(
+    progress: SavedProgress,
+    n: int,
+    size: int,
+    solve: Callable[[slice], T],
+    what: str,
+    log: Log,
+) -> list[T]:
+    """``solve`` over images ``0 .. n-1`` in consecutive groups of ``size``, in order; each
+    group's result is saved (section ``groups``, by its first image) as it ends, and a rerun
+    solves only the groups not saved. A line per group: images done, elapsed time, ETA."""
+    groups = progress.section("groups")
+    starts = range(0, n, size)
+    todo = [s for s in starts if s not in groups]
+    if len(todo) < len(starts):
+        log(f"{what}: resuming from {progress.path}, {len(starts) - len(todo)} of "
+            f"{len(starts)} image groups saved")  # fmt: skip
+    begin = time.monotonic()
+    for done, start in enumerate(todo, 1):
+        end = min(start + size, n)
+        groups[start] = solve(slice(start, end))
+        log(f"{what}: images {start + 1}-{end} of {n} done, "
+            f"{timing(done, len(todo), time.monotonic() - begin)}")  # fmt: skip
+    return [groups[s] for s in starts]

@@ -1,0 +1,262 @@
+"""Saved progress (``stablenets.pipeline.resume``) and the deblurring and TV jobs that resume
+from it: killed, rerun, the same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from snakemake.utils import update_config
+
+from stablenets import data
+from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.nn.models import build_model, save_model
+from stablenets.pipeline.config import validate_config
+from stablenets.pipeline.resume import SavedProgress, in_groups
+from stablenets.pipeline.specs import Jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----- SavedProgress and in_groups --------------------------------------------------------------
+
+
+def test_every_assignment_is_saved_and_read_back_by_a_rerun_of_the_same_job(tmp_path):
+    path, lines = tmp_path / "work" / "progress.pt", []
+    saved = SavedProgress(path, "job-a", lines.append)
+    assert len(saved) == 0 and not path.exists()
+    saved["state"] = {"radius_index": 3, "points": torch.arange(4)}
+    scores = saved.section("validation")
+    scores[0.001] = 29.5  # weights as keys
+    groups = saved.section("groups")
+    groups[20] = {"psnr_final": torch.tensor([30.0, 31.0])}  # first images as keys
+    again = SavedProgress(path, "job-a", lines.append)
+    assert again["state"]["radius_index"] == 3
+    assert torch.equal(again["state"]["points"], torch.arange(4))
+    assert dict(again.section("validation")) == {0.001: 29.5}
+    assert torch.equal(again.section("groups")[20]["psnr_final"], torch.tensor([30.0, 31.0]))
+    assert lines == []
+    del again.section("validation")[0.001]
+    assert dict(SavedProgress(path, "job-a", lines.append).section("validation")) == {}
+
+
+def test_progress_of_another_job_or_unreadable_or_half_written_is_ignored_with_a_log_line(
+    tmp_path,
+):
+    path, lines = tmp_path / "progress.pt", []
+    SavedProgress(path, "job-a", lines.append)["state"] = 1
+    assert len(SavedProgress(path, "job-b", lines.append)) == 0
+    assert lines == [f"ignoring {path}: written for job-a, this run is job-b"]
+    path.write_bytes(b"not a torch file")
+    lines.clear()
+    assert len(SavedProgress(path, "job-a", lines.append)) == 0
+    assert lines[0].startswith(f"ignoring unreadable {path}")
+    torch.save([1, 2], path)  # a file, but not of this layout
+    lines.clear()
+    assert len(SavedProgress(path, "job-a", lines.append)) == 0 and "written for list" in lines[0]
+    stale = tmp_path / ".progress.pt.abc.tmp"  # what a writer killed mid-write leaves
+    stale.write_bytes(b"partial")
+    lines.clear()
+    SavedProgress(path, "job-a", lines.append)
+    assert not stale.exists() and "removed .progress.pt.abc.tmp" in lines[0]
+
+
+def test_a_stop_signal_ends_the_job_at_its_next_save_with_that_save_written(tmp_path):
+    path = tmp_path / "progress.pt"
+    with StopFlag() as stop:
+        saved = SavedProgress(path, "job", print, stop)
+        saved.section("groups")[0] = torch.ones(2)  # no signal yet: goes on
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(Interrupted, match=f"progress {path} written; rerun to resume"):
+            saved.section("groups")[2] = torch.zeros(2)
+    assert sorted(SavedProgress(path, "job", print).section("groups")) == [0, 2]
+
+
+def test_in_groups_solves_only_the_groups_a_killed_run_did_not_save(tmp_path):
+    path, calls = tmp_path / "progress.pt", []
+
+    def solve(group: slice) -> torch.Tensor:
+        calls.append(group.start)
+        if group.start == 6 and len(calls) == 3:  # the first run dies in its third group
+            raise KeyboardInterrupt
+        return torch.arange(group.start, group.stop, dtype=torch.float64) ** 2
+
+    with pytest.raises(KeyboardInterrupt):
+        in_groups(SavedProgress(path, "job", print), 10, 3, solve, "test", print)
+    lines: list[str] = []
+    results = in_groups(SavedProgress(path, "job", print), 10, 3, solve, "test", lines.append)
+    assert calls == [0, 3, 6, 6, 9]
+    assert torch.equal(torch.cat(results), torch.arange(10, dtype=torch.float64) ** 2)
+    assert lines[0] == f"test: resuming from {path}, 2 of 4 image groups saved"
+    assert [line.split(",")[0] for line in lines[1:]] == [
+        "test: images 7-9 of 10 done",
+        "test: images 10-10 of 10 done",
+    ]
+    assert all("elapsed" in line and "ETA" in line for line in lines[1:])
+
+
+# ----- the PnP and TV jobs, killed and rerun -------------------------------------------------
+
+# Each group takes about a second on one thread, so that the kill lands between groups.
+PNP = {"n_images": 6, "group_size": 2, "n_show": 3, "max_iter": 60, "tol": 1.0e-12,
+       "tv": {"iters": 150, "tol": 1.0e-12, "val_images": 2}}  # fmt: skip
+
+
+def smoke_jobs(overrides: dict) -> Jobs:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((ROOT / "config/smoke.yaml").read_text()))
+    update_config(config, {"threads": 1, **overrides})
+    return Jobs(validate_config(config, ROOT / "workflow/schemas/config.schema.yaml"))
+
+
+@pytest.fixture(scope="module")
+def deblurring(tmp_path_factory) -> dict:
+    """BSDS-like photos, an (untrained) averaged smoke denoiser and the jobs' specs."""
+    out = tmp_path_factory.mktemp("deblurring")
+    jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3}}})
+    photos = out / "bsds500.h5"
+    data.make_smoke_photos(photos, (48, 64), 4, 4, 6, 0)
+    torch.manual_seed(0)
+    variant = jobs.config["denoising"]["variants"]["averaged"]
+    model = out / "model.pt"
+    save_model(build_model(variant["model"], **variant["kwargs"]), model)
+    return {
+        "pnp": (json.loads(jobs.pnp_spec("averaged", 0)), ["--model", str(model)]),
+        "tv-deblur": (json.loads(jobs.pnp_spec("tv", 0)), []),
+        "evaluate-tv": (json.loads(jobs.tv_spec("0.05")), []),
+        "data": photos,
+    }
+
+
+def command(deblurring: dict, job: str, out: Path) -> list[str]:
+    spec, model = deblurring[job]
+    return [
+        sys.executable, "-m", "stablenets", job, "--spec", json.dumps(spec), *model,
+        "--data", str(deblurring["data"]), "--out", str(out / "result.h5"),
+        "--workdir", str(out / "work"),
+    ]  # fmt: skip
+
+
+def weights(deblurring: dict, job: str) -> list[float]:
+    spec = deblurring[job][0]
+    return (spec["tv"] if job == "evaluate-tv" else spec["pnp"]["tv"])["weights"]
+
+
+def run(deblurring: dict, job: str, out: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        command(deblurring, job, out), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def numbers(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset and attribute of a result file but the machine's (time, commit)."""
+    with h5py.File(path) as fh:
+        found = {}
+        fh.visititems(lambda k, v: found.update({k: v[()]}) if isinstance(v, h5py.Dataset) else 0)
+        found.update({f"attr {k}": v for k, v in fh.attrs.items()})
+    return {k: v for k, v in found.items() if k != "attr git_commit"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(deblurring, tmp_path_factory):
+    """The result file of an uninterrupted run of a job, run once per job."""
+    done: dict[str, Path] = {}
+
+    def result(job: str) -> Path:
+        if job not in done:
+            out = tmp_path_factory.mktemp(job)
+            assert "found before" not in run(deblurring, job, out).stdout
+            done[job] = out / "result.h5"
+        return done[job]
+
+    return result
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal arrays, NaN equal to NaN where the values are numbers."""
+    try:
+        return np.array_equal(a, b, equal_nan=True)
+    except TypeError:  # strings
+        return np.array_equal(a, b)
+
+
+def saved_entries(path: Path, section: str) -> int:
+    try:
+        return len(torch.load(path, weights_only=True)[section])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError, OSError):
+        return 0
+
+
+def kill_when_saved(proc: subprocess.Popen, path: Path, section: str, count: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if saved_entries(path, section) >= count:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the job ended before it saved {count} entries of {section}")
+
+
+@pytest.mark.parametrize(
+    ("job", "section", "count"),
+    [("pnp", "groups", 1), ("tv-deblur", "validation", 2), ("tv-deblur", "groups", 1),
+     ("evaluate-tv", "validation", 2)],
+)  # fmt: skip
+def test_a_deblurring_or_tv_job_killed_half_way_resumes_to_the_numbers_of_an_uninterrupted_run(
+    deblurring, uninterrupted, job, section, count, tmp_path
+):
+    proc = subprocess.Popen(command(deblurring, job, tmp_path), stdout=subprocess.DEVNULL)
+    kill_when_saved(proc, tmp_path / "work" / "progress.pt", section, count)
+    assert not (tmp_path / "result.h5").exists()
+    resumed = run(deblurring, job, tmp_path)
+    if section == "groups":
+        assert "image groups saved" in resumed.stdout, resumed.stdout
+    else:
+        assert f"of {len(weights(deblurring, job))} scores found before" in resumed.stdout
+    expected, got = numbers(uninterrupted(job)), numbers(tmp_path / "result.h5")
+    assert expected.keys() == got.keys()
+    # what this run computed (its cost): less than the whole job's
+    counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations"}
+    run_only = {f"attr {k}" for k in counts} & set(expected)
+    assert run_only and all(got[k] < expected[k] for k in run_only), run_only
+    differ = [k for k in expected if k not in run_only and not same(expected[k], got[k])]
+    assert not differ, [(k, expected[k], got[k]) for k in differ]
+
+
+def test_the_deblurring_jobs_log_a_line_per_group_and_pnp_checks_every_image(deblurring, tmp_path):
+    done = run(deblurring, "pnp", tmp_path)
+    groups = [line for line in done.stdout.splitlines() if line.startswith("PnP: images")]
+    assert [line.split(",")[0] for line in groups] == [
+        f"PnP: images {i}-{i + 1} of 6 done" for i in (1, 3, 5)
+    ]
+    with h5py.File(tmp_path / "result.h5") as fh:
+        assert fh["history/step_norm"].shape[0] == 6 and fh["images/recon"].shape[0] == 3
+        assert fh.attrs["nonincreasing"] and (fh["iterations"][()] == PNP["max_iter"]).all()
+
+
+def test_sigterm_stops_a_deblurring_job_at_its_next_save_with_exit_75(deblurring, tmp_path):
+    proc = subprocess.Popen(
+        command(deblurring, "tv-deblur", tmp_path), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    path = tmp_path / "work" / "progress.pt"
+    deadline = time.time() + 300
+    while saved_entries(path, "validation") < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert f"progress {path} written; rerun to resume" in err and "Traceback" not in err
+    assert 2 <= saved_entries(path, "validation") < len(weights(deblurring, "tv-deblur"))
