@@ -222,7 +222,7 @@ def _progress_hash(spec: dict) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
     the spec without its ``_RUN_ONLY`` settings."""
     kept = {k: v for k, v in spec.items() if k not in _RUN_ONLY[""]}
-    for section in ("train", "evaluate", "pnp"):
+    for section in (name for name in _RUN_ONLY if name):
         if section in spec:
             kept[section] = {k: v for k, v in spec[section].items() if k not in _RUN_ONLY[section]}
     return config_hash(kept)
@@ -535,8 +535,8 @@ def evaluate_tv_denoising(
 ) -> None:
     """TV denoising baseline; its weight is chosen on validation images (the first
     ``tv.val_images`` of the split, all if null), never on test. Each weight's score is saved in
-    ``workdir`` as it is found: a killed job's rerun resumes the choice there (SIGTERM stops it
-    at the next score, exit 75)."""
+    ``workdir`` as it is found: a killed job's rerun resumes the choice there (SIGTERM during
+    the choice stops it at the next score, exit 75). The test images are solved in one go."""
     device = _setup(spec)
     ev, tv_spec = spec["evaluate"], spec["tv"]
     val, _ = _split(data_path, "val", "denoising")
