@@ -867,9 +867,11 @@ def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
     )  # the limit is a share of the memory: that share is what to lower
     assert "lower denoising.train.batch_size (now 128), denoising.train.memory_fraction (now " \
         "0.8) or denoising.eval_batch (now 4); what the job saved is kept" in auto, auto  # fmt: skip
-    tv = cli._out_of_memory_line("evaluate-tv", {}, MemoryError())
-    assert tv.endswith("out of memory (host): run it where more memory is free; what the job "
-                       "saved is kept, and a rerun resumes from it")  # fmt: skip
+    tv = cli._out_of_memory_line("evaluate-tv", {"tv": {"group_size": 20}}, MemoryError())
+    assert tv.endswith("out of memory (host): lower denoising.tv.group_size (now 20); what the "
+                       "job saved is kept, and a rerun resumes from it")  # fmt: skip
+    fixed = cli._out_of_memory_line("prepare-data", {}, MemoryError())
+    assert fixed.endswith("run it where more memory is free; a rerun starts it again")
     dry = cli._out_of_memory_line("evaluate-denoiser", {"evaluate": {"batch_size": 5}}, err)
     assert dry.endswith("lower denoising.evaluate.batch_size (now 5); a rerun starts it again")
 

@@ -122,7 +122,7 @@ def smoke_jobs(overrides: dict) -> Jobs:
 def deblurring(tmp_path_factory) -> dict:
     """BSDS-like photos, an (untrained) averaged smoke denoiser and the jobs' specs."""
     out = tmp_path_factory.mktemp("deblurring")
-    jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3}}})
+    jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3, "group_size": 2}}})
     photos = out / "bsds500.h5"
     data.make_smoke_photos(photos, (48, 64), 4, 4, 6, 0)
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def kill_when_saved(proc: subprocess.Popen, path: Path, section: str, count: int
 @pytest.mark.parametrize(
     ("job", "section", "count"),
     [("pnp", "groups", 1), ("tv-deblur", "validation", 2), ("tv-deblur", "groups", 1),
-     ("evaluate-tv", "validation", 2)],
+     ("evaluate-tv", "validation", 2), ("evaluate-tv", "groups", 1)],
 )  # fmt: skip
 def test_a_deblurring_or_tv_job_killed_half_way_resumes_to_the_numbers_of_an_uninterrupted_run(
     deblurring, uninterrupted, job, section, count, tmp_path

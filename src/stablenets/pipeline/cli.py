@@ -64,7 +64,7 @@ _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
     "pnp": ([("pnp.batch_size", ("pnp", "batch_size")),
              ("pnp.group_size", ("pnp", "group_size"))], True),
     "tv-deblur": ([("pnp.group_size", ("pnp", "group_size"))], True),
-    "evaluate-tv": ([], True),
+    "evaluate-tv": ([("denoising.tv.group_size", ("tv", "group_size"))], True),
 }  # fmt: skip
 
 

@@ -453,14 +453,14 @@ def _batched(
     return torch.cat(parts)
 
 
-def _crops(
-    clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, ev: dict
-) -> dict[str, torch.Tensor]:
-    k, (h, w) = ev["crops"], ev["crop_size"]
-    h, w = min(h, clean.shape[-2]), min(w, clean.shape[-1])
-    top, left = (clean.shape[-2] - h) // 2, (clean.shape[-1] - w) // 2
-    pick = {"clean": clean, "noisy": noisy, "denoised": denoised}
-    return {f"crops/{n}": t[:k, :, top : top + h, left : left + w] for n, t in pick.items()}
+def _crops(images: dict[str, torch.Tensor], ev: dict, first: int = 0) -> dict[str, torch.Tensor]:
+    """The centre ``crop_size`` crops of those of ``images`` (named sets of the same shape)
+    among the test set's first ``crops`` (``first``: the index of their first image)."""
+    k, (h, w) = max(ev["crops"] - first, 0), ev["crop_size"]
+    height, width = next(iter(images.values())).shape[-2:]
+    h, w = min(h, height), min(w, width)
+    top, left = (height - h) // 2, (width - w) // 2
+    return {f"crops/{n}": t[:k, :, top : top + h, left : left + w] for n, t in images.items()}
 
 
 def _psnr_sets(
@@ -521,7 +521,7 @@ def evaluate_denoiser(
         **_denoising_attrs(sets),
         **provenance(spec, spec["seed"], device),
     }
-    crops = _crops(clean, noisy, denoised, ev)
+    crops = _crops({"clean": clean, "noisy": noisy, "denoised": denoised}, ev)
     crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
     write_results(out, attrs, {**sets, "image_index": np.arange(len(clean)), **crops})
     log(
@@ -534,31 +534,53 @@ def evaluate_tv_denoising(
     spec: dict, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
     """TV denoising baseline; its weight is chosen on validation images (the first
-    ``tv.val_images`` of the split, all if null), never on test. Each weight's score is saved in
-    ``workdir`` as it is found: a killed job's rerun resumes the choice there (SIGTERM during
-    the choice stops it at the next score, exit 75). The test images are solved in one go."""
+    ``tv.val_images`` of the split, all if null), never on test. Each weight's score, then each
+    group of ``tv.group_size`` denoised test images, is saved in ``workdir`` as it ends: a killed
+    job's rerun resumes there (SIGTERM stops it at the next save, exit 75)."""
     device = _setup(spec)
     ev, tv_spec = spec["evaluate"], spec["tv"]
     val, _ = _split(data_path, "val", "denoising")
     val = val[: tv_spec["val_images"]].to(device)
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
+    clean, noisy = _noisy_test(spec, data_path, device)
     with StopFlag() as stop:
-        key = _resume_key(spec, [data_path], "tv-denoising-v1")
-        found = SavedProgress(workdir / "progress.pt", key, log, stop).section("validation")
-        resumed = len(found)
+        key = _resume_key(spec, [data_path], "tv-denoising-v2")
+        progress = SavedProgress(workdir / "progress.pt", key, log, stop)
+        found = progress.section("validation")
+        solves = (len(tv_spec["weights"]) - len(found)) * len(val)  # what this run solves
         weight, scores = tv.select_tv_weight(
             val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"],
             found=found,
         )  # fmt: skip
-    clean, noisy = _noisy_test(spec, data_path, device)
-    log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
-    solved = tv.tv_denoise(noisy, weight, tv_spec["iters"], tol=tv_spec["tol"])
+        log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
+
+        def solve(group: slice) -> dict[str, torch.Tensor]:
+            nonlocal solves
+            solved = tv.tv_denoise(noisy[group], weight, tv_spec["iters"], tol=tv_spec["tol"])
+            solves += len(solved.x)
+            kept = {
+                **_psnr_sets(solved.x, noisy[group], clean[group]),
+                **_crops({"denoised": solved.x}, ev, group.start),
+                "tv_iterations": torch.tensor([solved.iterations]),
+                "tv_distance": torch.tensor([solved.distance]),
+            }
+            return {name: t.cpu() for name, t in kept.items()}
+
+        groups = in_groups(progress, len(clean), tv_spec["group_size"], solve, "TV", log)
+    sets = {name: torch.from_numpy(t) for name, t in _joined(groups).items()}
+    iterations, distance = (
+        int(sets.pop("tv_iterations").max()),
+        float(sets.pop("tv_distance").max()),
+    )
     log(
-        f"TV: {solved.iterations} iterations, within {solved.distance:.2g} of the minimiser "
+        f"TV: at most {iterations} iterations, within {distance:.2g} of the minimiser "
         f"(relative, certified by the duality gap; tol {tv_spec['tol']:g})"
     )
-    denoised = solved.x
-    sets = _psnr_sets(denoised, noisy, clean)
+    crops = {
+        **_crops({"clean": clean, "noisy": noisy}, ev),
+        "crops/denoised": sets.pop("crops/denoised"),
+    }
+    crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
     attrs = {
         "variant": "tv",
         "sigma": float(spec["sigma"]),
@@ -568,15 +590,12 @@ def evaluate_tv_denoising(
         "tv_weight": weight,
         "tv_validation_scores": list(scores),
         "tv_validation_images": len(val),
-        "tv_iterations": solved.iterations,
-        "tv_distance": solved.distance,
-        # this run's (a resumed one's weight choice did less): its cost (``bench.cost``)
-        "image_solves_run": len(noisy) + (len(scores) - resumed) * len(val),
+        "tv_iterations": iterations,
+        "tv_distance": distance,
+        "image_solves_run": solves,  # this run's (a resumed one did less): its cost, bench.cost
         **_denoising_attrs(sets),
         **provenance(spec, -1, device),
     }
-    crops = _crops(clean, noisy, denoised, ev)
-    crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
     write_results(out, attrs, {**sets, "image_index": np.arange(len(clean)), **crops})
     log(f"TV weight {weight} (validation scores {scores}): PSNR {attrs['mean_psnr']:.2f} dB")
 
