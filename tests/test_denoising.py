@@ -138,11 +138,12 @@ def test_tv_denoise_batched_matches_single() -> None:
 def test_select_tv_weight_interior() -> None:
     clean = piecewise_constant(c=1, h=24, w=32)
     noisy = fixed_noise(clean, 0.1, seed=3)
-    weights = [1e-3, 0.03, 0.1, 0.3, 3.0]
-    chosen, scores = select_tv_weight(noisy, clean, weights, iters=100)
+    weights, lines = [1e-3, 0.03, 0.1, 0.3, 3.0], []
+    chosen, scores = select_tv_weight(noisy, clean, weights, iters=100, log=lines.append)
     assert len(scores) == len(weights)
     assert chosen == weights[max(range(len(scores)), key=scores.__getitem__)]
     assert chosen not in (weights[0], weights[-1])
+    assert len(lines) == len(weights)  # a line per weight, no warning: the best is inside
     _, chunked = select_tv_weight(noisy, clean, weights[:2], iters=20, batch_size=1)
     _, whole = select_tv_weight(noisy, clean, weights[:2], iters=20)
     assert chunked == pytest.approx(whole, abs=1e-9)
@@ -154,9 +155,11 @@ def test_select_tv_weight_logs_a_line_per_weight_with_its_psnr_and_an_eta() -> N
     clean = piecewise_constant(c=1, h=24, w=32)
     noisy = fixed_noise(clean, 0.1, seed=3)
     lines: list[str] = []
-    _, scores = select_tv_weight(noisy, clean, [0.03, 0.1], iters=20, log=lines.append)
-    assert len(lines) == 2
-    for k, (line, w, score) in enumerate(zip(lines, [0.03, 0.1], scores, strict=True), 1):
+    chosen, scores = select_tv_weight(noisy, clean, [0.03, 0.1], iters=20, log=lines.append)
+    assert len(lines) == 3  # a line per weight, then: the best is at the candidates' edge
+    edge = "smallest" if chosen == 0.03 else "largest"
+    assert lines[2].startswith(f"TV weight {chosen:g} is the {edge} candidate: the best weight")
+    for k, (line, w, score) in enumerate(zip(lines[:2], [0.03, 0.1], scores, strict=True), 1):
         assert re.fullmatch(
             rf"TV weight {w:g} \({k}/2\): validation PSNR {score:.2f} dB, elapsed \d+ s, "
             r"ETA \d+ s",

@@ -213,6 +213,10 @@ def select_weight(
             )
     scores = [found[w] for w in weights]
     best = max(range(len(weights)), key=lambda i: scores[i])
+    edge = {min(weights): "smallest", max(weights): "largest"}.get(weights[best])
+    if log is not None and edge and len(weights) > 1:
+        log(f"TV weight {weights[best]:g} is the {edge} candidate: the best weight may lie "
+            "beyond the candidates; widen them to be sure the baseline is at its best")  # fmt: skip
     return float(weights[best]), scores
 
 
