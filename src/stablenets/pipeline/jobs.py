@@ -277,14 +277,12 @@ def _sweep(
     plan: radius_sweep.SweepPlan,
     start: Callable[[], radius_sweep.SweepState],
     name: str,
-    progress: Path,
-    key: str,
+    saved: SavedProgress,
     ev: dict,
     log: Log,
 ) -> radius_sweep.SweepState:
-    """Run (or resume) the radius sweep, saving its state to ``progress`` every
+    """Run (or resume) the radius sweep, saving its state to ``saved`` every
     ``save_every_s``; a stop signal saves and raises ``Interrupted`` (exit 75)."""
-    saved = SavedProgress(progress, key, log)
     state = _resumed_sweep(saved, log) or start()
     last = [time.monotonic()]
     with StopFlag() as stop:
@@ -307,7 +305,9 @@ def _sweep(
             raise
         save(state, force=True)  # finished too: a rerun (a run-only setting changed) resumes here
         if stop.raised:
-            raise Interrupted(f"signal {stop.signum}: progress {progress} written; rerun to resume")
+            raise Interrupted(
+                f"signal {stop.signum}: progress {saved.path} written; rerun to resume"
+            )
     return state
 
 
@@ -319,11 +319,20 @@ def _resumed_sweep(saved: SavedProgress, log: Log) -> radius_sweep.SweepState | 
     return state
 
 
-def _resume_key(spec: dict, inputs: list[Path], version: str) -> str:
-    """What saved progress must match to resume: the same job (``_progress_hash``) on the same
-    input files (their sha256), saved in the same layout (``version``)."""
+def _saved_progress(
+    spec: dict,
+    inputs: list[Path],
+    layout: str,
+    workdir: Path,
+    log: Log,
+    stop: StopFlag | None = None,
+) -> SavedProgress:
+    """The job's progress file in ``workdir``. A rerun resumes from it only if it was saved by
+    the same job (``_progress_hash``) on the same input files (their sha256) in the same
+    ``layout``; given ``stop``, every save is where a signal ends the job."""
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in inputs]
-    return "-".join([_progress_hash(spec), *digests, version])
+    key = "-".join([_progress_hash(spec), *digests, layout])
+    return SavedProgress(workdir / "progress.pt", key, log, stop)
 
 
 def evaluate_classifier(
@@ -344,11 +353,13 @@ def evaluate_classifier(
     eps, std_eps = radius_sweep.evaluation_radii(ev)
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
-    key = _resume_key(spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}")
+    saved = _saved_progress(
+        spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}", workdir, log
+    )
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     state = _sweep(
         model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
-        spec["variant"], workdir / "progress.pt", key, ev, log,
+        spec["variant"], saved, ev, log,
     )  # fmt: skip
     if plan.search is not None:
         if graphs := plan.search.summary():
@@ -544,8 +555,7 @@ def evaluate_tv_denoising(
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
     clean, noisy = _noisy_test(spec, data_path, device)
     with StopFlag() as stop:
-        key = _resume_key(spec, [data_path], "tv-denoising-v2")
-        progress = SavedProgress(workdir / "progress.pt", key, log, stop)
+        progress = _saved_progress(spec, [data_path], "tv-denoising-v2", workdir, log, stop)
         found = progress.section("validation")
         solves = (len(tv_spec["weights"]) - len(found)) * len(val)  # what this run solves
         weight, scores = tv.select_tv_weight(
@@ -648,21 +658,23 @@ def run_pnp(
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
-    ran = [0]  # image-iterations of the groups this run solves (a resumed run's cost)
+    ran = 0  # image-iterations of the groups this run solves (a resumed run's cost)
 
     def solve(group: slice) -> dict[str, torch.Tensor]:
+        nonlocal ran
         x, hist = pnp.pnp_forward_backward(
             lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever the group
             blur, observed[group], p["eta"], p["relax"], p["max_iter"], p["tol"],
             reference=clean[group], blowup=p["blowup"], log=log, log_every=p["log_every"],
         )  # fmt: skip
         hist["monotone"] = _monotone(hist["step_norm"], clean[group], group.start, alpha, spec)
-        ran[0] += int(hist["iterations"].sum())
+        ran += int(hist["iterations"].sum())
         return {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
 
-    key = _resume_key(spec, [model_path, data_path], _DEBLUR_LAYOUT)
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
-        progress = SavedProgress(workdir / "progress.pt", key, log, stop)
+        progress = _saved_progress(
+            spec, [model_path, data_path], _DEBLUR_LAYOUT, workdir, log, stop
+        )
         hist = _joined(in_groups(progress, len(clean), p["group_size"], solve, "PnP", log))
     final, recon, monotone = hist.pop("psnr_final"), hist.pop("recon"), bool(hist["monotone"].all())
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
@@ -673,7 +685,7 @@ def run_pnp(
         "lipschitz_bound": model.lipschitz_bound((clean.shape[-2], clean.shape[-1])),
         "averagedness": alpha,
         **_pnp_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
-        "image_iterations_run": ran[0],
+        "image_iterations_run": ran,
         **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
@@ -683,7 +695,7 @@ def run_pnp(
     )
 
 
-# The layout of a PnP or TV deblurring job's saved groups (``_resume_key``).
+# The layout of a PnP or TV deblurring job's saved groups (``_saved_progress``).
 _DEBLUR_LAYOUT = "deblur-v1"
 
 
@@ -741,8 +753,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     val, _ = _split(data_path, "val", "denoising")
     val = val[: tv_spec["val_images"]].to(device)
     with StopFlag() as stop:
-        key = _resume_key(spec, [data_path], _DEBLUR_LAYOUT)
-        progress = SavedProgress(workdir / "progress.pt", key, log, stop)
+        progress = _saved_progress(spec, [data_path], _DEBLUR_LAYOUT, workdir, log, stop)
         choice = pnp.select_tv_deblur_weight(
             pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur,
             tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], log=log,
@@ -750,14 +761,15 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         )  # fmt: skip
         weight = choice.weight
         log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
-        ran = [choice.image_iterations]  # this run's image-iterations (a resumed run's cost)
+        ran = choice.image_iterations  # this run's image-iterations (a resumed run's cost)
 
         def solve(group: slice) -> dict[str, torch.Tensor]:
+            nonlocal ran
             x, k = pnp.tv_deblur(
                 observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], log=log,
                 log_every=p["log_every"],
             )  # fmt: skip
-            ran[0] += k * len(x)
+            ran += k * len(x)
             iterations = torch.full((len(x),), k)  # a group stops together
             return {"iterations": iterations, **_group_images(x, clean[group], group.start,
                                                               p["n_show"])}  # fmt: skip
@@ -778,7 +790,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "tv_validation_scores": choice.scores,
         "tv_validation_images": len(val),
         "tv_validation_image_iterations": choice.image_iterations,
-        "image_iterations_run": ran[0],
+        "image_iterations_run": ran,
         **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
