@@ -100,10 +100,12 @@ def test_smoke_denoisers_improve_psnr_and_respect_their_bounds(smoke_run):
 
 
 @pytest.mark.slow
-def test_a_denoiser_evaluation_logs_its_test_batches_and_lipschitz_search_with_etas(smoke_run):
+def test_a_denoiser_evaluation_logs_its_image_groups_and_lipschitz_search_with_etas(smoke_run):
     log = (smoke_run / "logs/smoke/evaluate_denoiser/sigma0.05/averaged/seed0.log").read_text()
-    batches = re.findall(r"^denoised (\d+)/(\d+) test images, elapsed \d+ s, ETA \d+ s$", log, re.M)
-    assert batches and batches[-1][0] == batches[-1][1], log
+    groups = re.findall(
+        r"^denoiser: images (\d+)-(\d+) of (\d+) done, elapsed \d+ s, ETA \d+ s$", log, re.M
+    )
+    assert len(groups) >= 2 and groups[-1][1] == groups[-1][2], log  # smoke: groups of 4
     search = re.findall(
         r"^Lipschitz search step (\d+)/(\d+): largest ratio \S+, elapsed \d+ s, ETA \d+ s$",
         log,

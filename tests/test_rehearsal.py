@@ -188,6 +188,23 @@ def test_every_job_of_the_paper_dag_gets_a_finite_projection_and_the_totals_name
     assert "evaluate_classifier/nonexpansive" in slow[slow["row"] == "total"]["basis"].iloc[0]
 
 
+def test_a_job_whose_rerun_only_read_back_its_saved_work_is_no_basis_for_a_projection():
+    run = fake_run(eval_wall=40.0)
+    resumed = Measured(Job("evaluate_denoiser", "averaged", "0.15", 0), 3.0, 0, "test image", 0,
+                       3.0, {})  # fmt: skip
+    at = next(i for i, m in enumerate(run) if m.job == resumed.job)
+    run[at] = resumed  # its rate would be 3 s / 0 images
+    rows = pd.DataFrame(cost_rows(run, paper()))
+    mine = rows[(rows["row"] == "paper") & (rows["rule"] == "evaluate_denoiser")]
+    assert mine["projected_h"].map(math.isfinite).all()
+    assert mine["basis"].str.contains("evaluate_denoiser/sigma0.15/dncnn/").all(), mine["basis"]
+    measured = rows[(rows["row"] == "rehearsal") & (rows["rule"] == "evaluate_denoiser")]
+    assert measured["seconds_per_unit"].isna().sum() == 1
+    run = [m for m in run if m.job.rule != "evaluate_denoiser" or m is resumed]
+    with pytest.raises(ValueError, match="no measured evaluate_denoiser job to project"):
+        cost_rows(run, paper())
+
+
 # --------------------------------------------------------------------------------------------
 # a tiny `make rehearsal`
 

@@ -872,8 +872,11 @@ def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
                        "job saved is kept, and a rerun resumes from it")  # fmt: skip
     fixed = cli._out_of_memory_line("prepare-data", {}, MemoryError())
     assert fixed.endswith("run it where more memory is free; a rerun starts it again")
-    dry = cli._out_of_memory_line("evaluate-denoiser", {"evaluate": {"batch_size": 5}}, err)
-    assert dry.endswith("lower denoising.evaluate.batch_size (now 5); a rerun starts it again")
+    ev = {"evaluate": {"batch_size": 5, "group_size": 20}}
+    denoiser = cli._out_of_memory_line("evaluate-denoiser", ev, err)
+    assert denoiser.endswith("lower denoising.evaluate.batch_size (now 5) or "
+                             "denoising.evaluate.group_size (now 20); what the job saved is kept, "
+                             "and a rerun resumes from it")  # fmt: skip
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(
@@ -1520,13 +1523,15 @@ def test_a_checkpoint_for_another_model_fails_the_job_naming_both(tmp_path, caps
     )
     spec.update(variant="heun", sigma=0.05)
     argv[1] = json.dumps(spec)
-    assert cli.main(["evaluate-denoiser", *argv, "--out", str(tmp_path / "b.h5")]) == 1
+    out = ["--out", str(tmp_path / "b.h5"), "--workdir", str(tmp_path / "w")]
+    assert cli.main(["evaluate-denoiser", *argv, *out]) == 1
     one_error_line(
         capsys.readouterr().err, str(path), "trained for variant 'euler', this job expects 'heun'"
     )
     spec.update(variant="euler", sigma=0.1)
     argv[1] = json.dumps(spec)
-    assert cli.main(["evaluate-denoiser", *argv, "--out", str(tmp_path / "c.h5")]) == 1
+    out = ["--out", str(tmp_path / "c.h5"), "--workdir", str(tmp_path / "w")]
+    assert cli.main(["evaluate-denoiser", *argv, *out]) == 1
     one_error_line(capsys.readouterr().err, "trained for sigma 0.05, this job expects 0.1")
     assert not list(tmp_path.glob("[abc].h5"))
 

@@ -1,5 +1,5 @@
-"""Saved progress (``stablenets.pipeline.resume``) and the deblurring and TV jobs that resume
-from it: killed, rerun, the same numbers."""
+"""Saved progress (``stablenets.pipeline.resume``) and the deblurring and denoising evaluation
+jobs that resume from it: killed, rerun, the same numbers."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_in_groups_solves_only_the_groups_a_killed_run_did_not_save(tmp_path):
     assert all("elapsed" in line and "ETA" in line for line in lines[1:])
 
 
-# ----- the PnP and TV jobs, killed and rerun -------------------------------------------------
+# ----- the PnP, TV and denoiser evaluation jobs, killed and rerun -------------------------------------------------
 
 # Each group takes about a second on one thread, so that the kill lands between groups.
 PNP = {"n_images": 6, "group_size": 2, "n_show": 3, "max_iter": 60, "tol": 1.0e-12,
@@ -122,7 +122,10 @@ def smoke_jobs(overrides: dict) -> Jobs:
 def deblurring(tmp_path_factory) -> dict:
     """BSDS-like photos, an (untrained) averaged smoke denoiser and the jobs' specs."""
     out = tmp_path_factory.mktemp("deblurring")
-    jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3, "group_size": 2}}})
+    # the denoiser's groups take milliseconds: its kill lands in its Lipschitz search, after them
+    evaluate = {"group_size": 2, "lipschitz_search": {"steps": 100}}
+    jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3, "group_size": 2},
+                                                 "evaluate": evaluate}})  # fmt: skip
     photos = out / "bsds500.h5"
     data.make_smoke_photos(photos, (48, 64), 4, 4, 6, 0)
     torch.manual_seed(0)
@@ -133,6 +136,10 @@ def deblurring(tmp_path_factory) -> dict:
         "pnp": (json.loads(jobs.pnp_spec("averaged", 0)), ["--model", str(model)]),
         "tv-deblur": (json.loads(jobs.pnp_spec("tv", 0)), []),
         "evaluate-tv": (json.loads(jobs.tv_spec("0.05")), []),
+        "evaluate-denoiser": (
+            json.loads(jobs.eval_spec("denoising", "averaged", 0, "0.05")),
+            ["--model", str(model)],
+        ),
         "data": photos,
     }
 
@@ -212,9 +219,10 @@ def kill_when_saved(proc: subprocess.Popen, path: Path, section: str, count: int
 @pytest.mark.parametrize(
     ("job", "section", "count"),
     [("pnp", "groups", 1), ("tv-deblur", "validation", 2), ("tv-deblur", "groups", 1),
-     ("evaluate-tv", "validation", 2), ("evaluate-tv", "groups", 1)],
+     ("evaluate-tv", "validation", 2), ("evaluate-tv", "groups", 1),
+     ("evaluate-denoiser", "groups", 1)],
 )  # fmt: skip
-def test_a_deblurring_or_tv_job_killed_half_way_resumes_to_the_numbers_of_an_uninterrupted_run(
+def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of_an_uninterrupted_run(
     deblurring, uninterrupted, job, section, count, tmp_path
 ):
     proc = subprocess.Popen(command(deblurring, job, tmp_path), stdout=subprocess.DEVNULL)
@@ -228,7 +236,8 @@ def test_a_deblurring_or_tv_job_killed_half_way_resumes_to_the_numbers_of_an_uni
     expected, got = numbers(uninterrupted(job)), numbers(tmp_path / "result.h5")
     assert expected.keys() == got.keys()
     # what this run computed (its cost): less than the whole job's
-    counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations"}
+    counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations",
+              "test_images_run"}  # fmt: skip
     run_only = {f"attr {k}" for k in counts} & set(expected)
     assert run_only and all(got[k] < expected[k] for k in run_only), run_only
     differ = [k for k in expected if k not in run_only and not same(expected[k], got[k])]

@@ -43,9 +43,12 @@ rule evaluate_denoiser:
         **JOBS.resources("evaluate_denoiser"),
     params:
         spec=lambda w: JOBS.eval_spec("denoising", w.variant, w.seed, w.sigma),
+        workdir=lambda w: R(
+            f"checkpoints/eval/denoising/sigma{w.sigma}/{w.variant}/seed{w.seed}"
+        ),
     shell:
         "python -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
-        " --data {input.data} --out {output} > {log} 2>&1"
+        " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"
 
 
 rule evaluate_tv_denoising:

@@ -36,9 +36,10 @@ same variant, else of the same model, else the rule's first measured job:
 * denoiser evaluation (unit: test image), TV denoising (unit: image solve, its test images
   plus its validation images per candidate weight), PnP and TV deblurring (unit: image
   iteration, images x their iterations, TV's choice of weight included), each counted as the
-  job ran them (``image_solves_run``, ``image_iterations_run``: a rerun that resumed a killed
-  job's saved groups and scores counts only its own): the job records no split, so fixed = 0
-  and the whole wall time scales (an upper estimate); paper units = the paper's test images, TV denoising's
+  job ran them (``test_images_run``, ``image_solves_run``, ``image_iterations_run``: a rerun
+  that resumed a killed job's saved groups and scores counts only its own; one that computed
+  none is no basis for a projection): the job records no split, so fixed = 0 and the whole
+  wall time scales (an upper estimate); paper units = the paper's test images, TV denoising's
   plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
   images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
   candidate weight, as its measured units do) for deblurring;
@@ -173,6 +174,11 @@ def _benchmark(path: Path) -> tuple[float, float]:
     return float(row["s"]), float(rss)
 
 
+def _ratio(a: float, b: float) -> float:
+    """``a / b``, NaN for nothing measured (``b`` 0)."""
+    return a / b if b else math.nan
+
+
 def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured:
     import pandas as pd
 
@@ -194,7 +200,7 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
         "substeps_max": int(substeps.max()),
         "lr_last": float(train["lr"].iloc[-1]),
         "peak_memory_mb": float(extra["peak_memory_mb"]),
-        **{f"s_per_{p}": s / n if n else math.nan for p, (s, n) in parts.items() if p != "step"},
+        **{f"s_per_{p}": _ratio(s, n) for p, (s, n) in parts.items() if p != "step"},
     }
     spec = json.loads(extra["config"])
     variable = sum(s for s, _ in parts.values())
@@ -228,12 +234,10 @@ def _train_seconds(m: Measured, train: dict[str, Any], steps: float) -> float:
 
 
 def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Attributes of a result file (with the lengths of its ``psnr`` and ``psnr_final``
-    datasets: the images a job processed) and the job specification it records."""
+    """Attributes of a result file and the job specification it records."""
     from stablenets.pipeline.runtime import read_results
 
-    attrs, data = read_results(path, ("psnr", "psnr_final"))
-    attrs.update({key: len(values) for key, values in data.items()})
+    attrs = read_results(path, ())[0]
     return attrs, json.loads(attrs["config"])
 
 
@@ -268,9 +272,10 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
         return Measured(job, wall, rss, "dataset", 1, wall, {})
     attrs, spec = _attrs(path)
     device = str(attrs.get("device", ""))
+    # units: what this run computed (its wall time's), not what a killed run before it saved
     if job.rule == "evaluate_denoiser":
-        return Measured(job, wall, rss, "test image", attrs["psnr"], wall, spec, device=device)
-    # what this run computed (its wall time's), not what a killed run before it saved
+        units = int(attrs["test_images_run"])
+        return Measured(job, wall, rss, "test image", units, wall, spec, device=device)
     if job.rule == "evaluate_tv_denoising":  # its choice of weight included
         units = int(attrs["image_solves_run"])
         return Measured(job, wall, rss, "image solve", units, wall, spec, device=device)
@@ -397,8 +402,9 @@ class Paper:
 
 def _basis(job: Job, measured: list[Measured], paper: Paper) -> Measured | None:
     """The measured job a paper job rests on: same rule and variant, else same model, else the
-    rule's first measured job."""
-    same_rule = [m for m in measured if m.job.rule == job.rule]
+    rule's first measured job; only jobs that computed something (a rerun that read back all
+    its work from saved progress measured no rate)."""
+    same_rule = [m for m in measured if m.job.rule == job.rule and m.units > 0]
     for m in same_rule:
         if (m.job.variant, m.job.dataset) == (job.variant, job.dataset):
             return m
@@ -455,6 +461,8 @@ def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
     row: dict[str, Any] = {"row": "rehearsal", "rule": m.job.rule, "basis": "measured"}
     if m.job.variant and paper.variant(m.job.task, m.job.variant) is None:
         row.update(projected_h=math.nan)  # not a paper variant
+    elif not m.units:  # a rerun that read back all its work: no rate measured
+        row.update(projected_h=math.nan, basis="measured nothing: resumed its saved work")
     else:
         units, seconds, _ = project(m.job, m, paper)
         row.update(_row("rehearsal", m.job, paper, units, seconds, "measured"))
@@ -467,7 +475,7 @@ def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
         max_rss_mb=m.max_rss_mb,
         unit=m.unit,
         units=m.units,
-        seconds_per_unit=m.parts.get("step", (m.variable_s, m.units))[0] / m.units,
+        seconds_per_unit=_ratio(m.parts.get("step", (m.variable_s, m.units))[0], m.units),
         fixed_s=m.fixed_s,
         **{k: v for k, v in m.stats.items() if k in COLUMNS},
     )

@@ -42,7 +42,6 @@ from stablenets.pipeline.runtime import (
     write_results,
     write_sidecar,
 )
-from stablenets.progress import timing
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import is_out_of_memory, peak_memory_mb
@@ -444,24 +443,10 @@ def _noisy_test(
     return clean.to(device), noisy.to(device)
 
 
-def _batched(
-    model: torch.nn.Module, x: torch.Tensor, batch: int, log: Log | None = None
-) -> torch.Tensor:
-    """``model`` on ``x`` in batches; with ``log``, a line every tenth of them (elapsed, ETA):
-    full-size denoising of the test set takes minutes where no GPU runs it. (PnP calls it at
-    every iteration, silently: it logs its own lines.)"""
-    parts, chunks, start = [], x.split(batch), time.monotonic()
-    every = max(1, len(chunks) // 10)
+def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``model`` on ``x`` in batches of ``batch``: the memory is that of one batch."""
     with torch.no_grad(), pinned_weights(model):
-        for k, chunk in enumerate(chunks, 1):
-            parts.append(model(chunk))
-            if log is not None and (k % every == 0 or k == len(chunks)):
-                elapsed = time.monotonic() - start
-                log(
-                    f"denoised {sum(len(p) for p in parts)}/{len(x)} test images, "
-                    f"{timing(k, len(chunks), elapsed)}"
-                )
-    return torch.cat(parts)
+        return torch.cat([model(chunk) for chunk in x.split(batch)])
 
 
 def _crops(images: dict[str, torch.Tensor], ev: dict, first: int = 0) -> dict[str, torch.Tensor]:
@@ -496,27 +481,72 @@ def _denoising_attrs(sets: dict[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
+def _denoised_in_groups(
+    progress: SavedProgress,
+    clean: torch.Tensor,
+    noisy: torch.Tensor,
+    denoise: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    ev: dict,
+    size: int,
+    what: str,
+    log: Log,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The test images' PSNR sets (``_psnr_sets``) and their first ``ev["crops"]`` crops, the
+    images denoised ``size`` at a time (``in_groups``: each group saved in ``progress`` as it
+    ends). ``denoise`` maps a group's noisy images to their denoised images and any further
+    per-group tensors to keep (returned with the PSNR sets)."""
+
+    def solve(group: slice) -> dict[str, torch.Tensor]:
+        x, extra = denoise(noisy[group])
+        kept = {
+            **_psnr_sets(x, noisy[group], clean[group]),
+            **_crops({"denoised": x}, ev, group.start),
+            **extra,
+        }
+        return {name: t.cpu() for name, t in kept.items()}
+
+    groups = in_groups(progress, len(clean), size, solve, what, log)
+    sets = {name: torch.from_numpy(t) for name, t in _joined(groups).items()}
+    crops = {
+        **_crops({"clean": clean, "noisy": noisy}, ev),
+        "crops/denoised": sets.pop("crops/denoised"),
+        "crops/psnr": sets["psnr"][: ev["crops"]],
+    }
+    return sets, crops
+
+
 def evaluate_denoiser(
-    spec: dict, model_path: Path, data_path: Path, out: Path, log: Log = print
+    spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
-    """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz."""
+    """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz.
+    Each group of ``evaluate.group_size`` denoised test images, then the empirical Lipschitz
+    bound, is saved in ``workdir`` as it ends: a killed job's rerun resumes there (SIGTERM stops
+    it at the next save, exit 75)."""
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
-    ev = spec["evaluate"]
+    ev, audit = spec["evaluate"], spec["evaluate"]["lipschitz_search"]
     clean, noisy = _noisy_test(spec, data_path, device)
-    denoised = _batched(model, noisy, ev["batch_size"], log)
-    sets = _psnr_sets(denoised, noisy, clean)
-    audit = ev["lipschitz_search"]
-    lower = robustness.lipschitz_lower_bound(
-        model,
-        noisy[: audit["images"]],
-        audit["steps"],
-        audit["lr"],
-        audit["delta_scale"],
-        spec["seed"],
-        log,
-    )
-    bound = model.lipschitz_bound((clean.shape[-2], clean.shape[-1]))
-    alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
+    size = (clean.shape[-2], clean.shape[-1])
+    bound, alpha = model.lipschitz_bound(size), model.averagedness(size)
+    images = 0  # test images this run denoises (a resumed run's cost)
+
+    def denoise(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nonlocal images
+        images += len(x)
+        return _batched(model, x, ev["batch_size"]), {}
+
+    with StopFlag() as stop:
+        progress = _saved_progress(
+            spec, [model_path, data_path], _DENOISER_LAYOUT, workdir, log, stop
+        )
+        sets, crops = _denoised_in_groups(
+            progress, clean, noisy, denoise, ev, ev["group_size"], "denoiser", log
+        )
+        if "empirical_lipschitz" not in progress:
+            progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
+                model, noisy[: audit["images"]], audit["steps"], audit["lr"],
+                audit["delta_scale"], spec["seed"], log,
+            )  # fmt: skip
+    lower = float(progress["empirical_lipschitz"])
     if lower > bound:
         raise robustness.InvariantError(
             f"denoiser {spec['variant']!r}: empirical Lipschitz {lower:.6g} exceeds the certified "
@@ -529,16 +559,19 @@ def evaluate_denoiser(
         "averagedness": alpha,
         "empirical_lipschitz": lower,
         "tv_weight": math.nan,
+        "test_images_run": images,  # this run's (a resumed one did less): its cost, bench.cost
         **_denoising_attrs(sets),
         **provenance(spec, spec["seed"], device),
     }
-    crops = _crops({"clean": clean, "noisy": noisy, "denoised": denoised}, ev)
-    crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
     write_results(out, attrs, {**sets, "image_index": np.arange(len(clean)), **crops})
     log(
         f"{spec['variant']}: PSNR {attrs['mean_psnr']:.2f} dB (noisy {attrs['noisy_mean_psnr']:.2f})"
         f", Lipschitz {lower:.4f} <= {bound:.4f}"
     )
+
+
+# The layout of a denoiser evaluation's saved groups and bound (``_saved_progress``).
+_DENOISER_LAYOUT = "denoiser-v1"
 
 
 def evaluate_tv_denoising(
@@ -564,20 +597,18 @@ def evaluate_tv_denoising(
         )  # fmt: skip
         log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
 
-        def solve(group: slice) -> dict[str, torch.Tensor]:
+        def denoise(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             nonlocal solves
-            solved = tv.tv_denoise(noisy[group], weight, tv_spec["iters"], tol=tv_spec["tol"])
+            solved = tv.tv_denoise(x, weight, tv_spec["iters"], tol=tv_spec["tol"])
             solves += len(solved.x)
-            kept = {
-                **_psnr_sets(solved.x, noisy[group], clean[group]),
-                **_crops({"denoised": solved.x}, ev, group.start),
+            return solved.x, {
                 "tv_iterations": torch.tensor([solved.iterations]),
                 "tv_distance": torch.tensor([solved.distance]),
             }
-            return {name: t.cpu() for name, t in kept.items()}
 
-        groups = in_groups(progress, len(clean), tv_spec["group_size"], solve, "TV", log)
-    sets = {name: torch.from_numpy(t) for name, t in _joined(groups).items()}
+        sets, crops = _denoised_in_groups(
+            progress, clean, noisy, denoise, ev, tv_spec["group_size"], "TV", log
+        )
     iterations, distance = (
         int(sets.pop("tv_iterations").max()),
         float(sets.pop("tv_distance").max()),
@@ -586,11 +617,6 @@ def evaluate_tv_denoising(
         f"TV: at most {iterations} iterations, within {distance:.2g} of the minimiser "
         f"(relative, certified by the duality gap; tol {tv_spec['tol']:g})"
     )
-    crops = {
-        **_crops({"clean": clean, "noisy": noisy}, ev),
-        "crops/denoised": sets.pop("crops/denoised"),
-    }
-    crops["crops/psnr"] = sets["psnr"][: ev["crops"]]
     attrs = {
         "variant": "tv",
         "sigma": float(spec["sigma"]),
