@@ -84,18 +84,23 @@ def test_a_stop_signal_ends_the_job_at_its_next_save_with_that_save_written(tmp_
 def test_in_groups_solves_only_the_groups_a_killed_run_did_not_save(tmp_path):
     path, calls = tmp_path / "progress.pt", []
 
-    def solve(group: slice) -> torch.Tensor:
+    def solve(group: slice) -> dict[str, torch.Tensor]:
         calls.append(group.start)
         if group.start == 6 and len(calls) == 3:  # the first run dies in its third group
             raise KeyboardInterrupt
-        return torch.arange(group.start, group.stop, dtype=torch.float64) ** 2
+        squares = torch.arange(group.start, group.stop, dtype=torch.float64) ** 2
+        history = torch.ones(len(squares), 1 + group.start // 3)  # each group's own length
+        return {"squares": squares, "history": history}
 
     with pytest.raises(KeyboardInterrupt):
         in_groups(SavedProgress(path, "job", print), 10, 3, solve, "test", print)
     lines: list[str] = []
     results = in_groups(SavedProgress(path, "job", print), 10, 3, solve, "test", lines.append)
     assert calls == [0, 3, 6, 6, 9]
-    assert torch.equal(torch.cat(results), torch.arange(10, dtype=torch.float64) ** 2)
+    assert np.array_equal(results["squares"], np.arange(10.0) ** 2)
+    history = results["history"]  # joined, padded with NaN to the longest group's
+    assert history.shape == (10, 4) and np.isnan(history[:3, 1:]).all()
+    assert (history[9] == 1).all() and np.array_equal(np.isnan(history[6]), [0, 0, 0, 1])
     assert lines[0] == f"test: resuming from {path}, 2 of 4 image groups saved"
     assert [line.split(",")[0] for line in lines[1:]] == [
         "test: images 7-9 of 10 done",

@@ -505,8 +505,8 @@ def _denoised_in_groups(
         }
         return {name: t.cpu() for name, t in kept.items()}
 
-    groups = in_groups(progress, len(clean), size, solve, what, log)
-    sets = {name: torch.from_numpy(t) for name, t in _joined(groups).items()}
+    joined = in_groups(progress, len(clean), size, solve, what, log)
+    sets = {name: torch.from_numpy(t) for name, t in joined.items()}
     crops = {
         **_crops({"clean": clean, "noisy": noisy}, ev),
         "crops/denoised": sets.pop("crops/denoised"),
@@ -701,7 +701,7 @@ def run_pnp(
         progress = _saved_progress(
             spec, [model_path, data_path], _DEBLUR_LAYOUT, workdir, log, stop
         )
-        hist = _joined(in_groups(progress, len(clean), p["group_size"], solve, "PnP", log))
+        hist = in_groups(progress, len(clean), p["group_size"], solve, "PnP", log)
     final, recon, monotone = hist.pop("psnr_final"), hist.pop("recon"), bool(hist["monotone"].all())
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     attrs = {
@@ -755,19 +755,6 @@ def _group_images(
     }
 
 
-def _joined(groups: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """The groups' results as arrays over all their images, in order; per-iteration histories
-    (image x iteration) padded with NaN, as after an image stops, to the longest group's."""
-    out = {}
-    for key in groups[0]:
-        parts = [g[key] for g in groups]
-        if parts[0].dim() == 2:
-            k = max(t.shape[1] for t in parts)
-            parts = [torch.nn.functional.pad(t, (0, k - t.shape[1]), value=math.nan) for t in parts]
-        out[key] = torch.cat(parts).numpy()
-    return out
-
-
 def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Log = print) -> None:
     """TV-regularised deblurring baseline; its weight is chosen on validation images (blurred and
     noised as the test images, with their own noise draw), never on test. Each weight's score
@@ -800,7 +787,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
             return {"iterations": iterations, **_group_images(x, clean[group], group.start,
                                                               p["n_show"])}  # fmt: skip
 
-        hist = _joined(in_groups(progress, len(clean), p["group_size"], solve, "TV deblur", log))
+        hist = in_groups(progress, len(clean), p["group_size"], solve, "TV deblur", log)
     final, recon, iters = hist.pop("psnr_final"), hist.pop("recon"), hist["iterations"]
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     attrs = {

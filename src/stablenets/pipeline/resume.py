@@ -5,17 +5,20 @@ atomically (``atomic_path``), tagged with the job's ``key`` (its spec's hash, it
 digests, the layout's version). A rerun of the same job reads it back; a file of another key, or
 one that cannot be read, is ignored with a log line and overwritten. Given a ``StopFlag``, every
 save is also where the job stops on SIGTERM/SIGUSR1 (``Interrupted``, exit 75): it stops with
-nothing lost. ``in_groups`` runs a job image group by image group, each group saved as it ends.
+nothing lost. ``in_groups`` runs a job image group by image group, each group saved as it ends,
+and joins the groups' results.
 Training keeps its own checkpoints (``train.checkpoints``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import numpy as np
 import torch
 
 from stablenets.atomic import atomic_path, remove_stale_temporaries
@@ -25,7 +28,6 @@ from stablenets.progress import timing
 __all__ = ["SavedProgress", "in_groups"]
 
 Log = Callable[[str], None]
-T = TypeVar("T")
 
 
 class SavedProgress(MutableMapping[str, Any]):
@@ -118,13 +120,14 @@ def in_groups(
     progress: SavedProgress,
     n: int,
     size: int,
-    solve: Callable[[slice], T],
+    solve: Callable[[slice], dict[str, torch.Tensor]],
     what: str,
     log: Log,
-) -> list[T]:
-    """``solve`` over images ``0 .. n-1`` in consecutive groups of ``size``, in order; each
-    group's result is saved (section ``groups``, by its first image) as it ends, and a rerun
-    solves only the groups not saved. A line per group: images done, elapsed time, ETA."""
+) -> dict[str, np.ndarray]:
+    """``solve`` over images ``0 .. n-1`` in consecutive groups of ``size``, in order, joined
+    (``_joined``); each group's result (named tensors, first dimension its images) is saved
+    (section ``groups``, by its first image) as it ends, and a rerun solves only the groups not
+    saved. A line per group: images done, elapsed time, ETA."""
     groups = progress.section("groups")
     starts = range(0, n, size)
     todo = [s for s in starts if s not in groups]
@@ -137,4 +140,17 @@ def in_groups(
         groups[start] = solve(slice(start, end))
         log(f"{what}: images {start + 1}-{end} of {n} done, "
             f"{timing(done, len(todo), time.monotonic() - begin)}")  # fmt: skip
-    return [groups[s] for s in starts]
+    return _joined([groups[s] for s in starts])
+
+
+def _joined(groups: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """The groups' results as arrays over all their images, in order; per-iteration histories
+    (image x iteration) padded with NaN, as after an image stops, to the longest group's."""
+    out = {}
+    for key in groups[0]:
+        parts = [g[key] for g in groups]
+        if parts[0].dim() == 2:
+            k = max(t.shape[1] for t in parts)
+            parts = [torch.nn.functional.pad(t, (0, k - t.shape[1]), value=math.nan) for t in parts]
+        out[key] = torch.cat(parts).numpy()
+    return out
