@@ -287,7 +287,8 @@ def test_out_of_memory_keeps_the_progress_and_says_which_batch_size_to_lower(
     assert err == [
         "stablenets evaluate-classifier: error: out of memory (CUDA, tried to allocate 2.00 GiB): "
         f"lower classification.evaluate.batch_size (now {spec['evaluate']['batch_size']}); what "
-        "the job saved is kept, and a rerun resumes from it"
+        "the job saved is kept, and a rerun resumes from it unless it changes "
+        "classification.evaluate.batch_size, which starts it again"
     ]
     saved = torch.load(tmp_path / "work" / "progress.pt", weights_only=True)["state"]
     assert sum(saved["points"].values()) > 0

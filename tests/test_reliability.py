@@ -850,33 +850,45 @@ def test_out_of_memory_is_recognised_on_either_device(err, expected):
     assert is_out_of_memory(err) is expected
 
 
-def test_the_out_of_memory_line_promises_a_resume_only_for_jobs_that_resume():
+def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes():
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has ...")
     pnp = cli._out_of_memory_line("pnp", {"pnp": {"batch_size": 20, "group_size": 40}}, err)
     assert pnp == (
         "stablenets pnp: error: out of memory (CUDA, tried to allocate 7.50 GiB): lower "
         "pnp.batch_size (now 20) or pnp.group_size (now 40); what the job saved is kept, and a "
-        "rerun resumes from it"
+        "rerun resumes from it unless it changes pnp.group_size, which starts it again"
     )
     tv_deblur = cli._out_of_memory_line("tv-deblur", {"pnp": {"group_size": 40}}, MemoryError())
     assert tv_deblur.endswith("lower pnp.group_size (now 40); what the job saved is kept, and a "
-                              "rerun resumes from it")  # fmt: skip
+                              "rerun resumes from it unless it changes pnp.group_size, which "
+                              "starts it again")  # fmt: skip
     train = {"batch_size": 128, "max_substeps": "auto", "memory_fraction": 0.8}
     auto = cli._out_of_memory_line(
         "train", {"task": "denoising", "train": train, "eval_batch": 4}, err
-    )  # the limit is a share of the memory: that share is what to lower
-    assert "lower denoising.train.batch_size (now 128), denoising.train.memory_fraction (now " \
-        "0.8) or denoising.eval_batch (now 4); what the job saved is kept" in auto, auto  # fmt: skip
+    )  # the limit is a share of the memory: that share is what to lower, and keeps the progress
+    assert auto.endswith(
+        "lower denoising.train.batch_size (now 128), denoising.train.memory_fraction (now 0.8) or "
+        "denoising.eval_batch (now 4); what the job saved is kept, and a rerun resumes from it "
+        "unless it changes denoising.train.batch_size or denoising.eval_batch, which starts it "
+        "again"
+    ), auto
+    train = {"batch_size": 128, "max_substeps": 3000}
+    capped = cli._out_of_memory_line("train", {"task": "classification", "train": train}, err)
+    assert "unless it changes classification.train.batch_size or classification.eval_batch," \
+        in capped and "max_substeps (now 3000)" in capped  # fmt: skip
     tv = cli._out_of_memory_line("evaluate-tv", {"tv": {"group_size": 20}}, MemoryError())
     assert tv.endswith("out of memory (host): lower denoising.tv.group_size (now 20); what the "
-                       "job saved is kept, and a rerun resumes from it")  # fmt: skip
+                       "job saved is kept, and a rerun resumes from it unless it changes "
+                       "denoising.tv.group_size, which starts it again")  # fmt: skip
     fixed = cli._out_of_memory_line("prepare-data", {}, MemoryError())
     assert fixed.endswith("run it where more memory is free; a rerun starts it again")
     ev = {"evaluate": {"batch_size": 5, "group_size": 20}}
     denoiser = cli._out_of_memory_line("evaluate-denoiser", ev, err)
     assert denoiser.endswith("lower denoising.evaluate.batch_size (now 5) or "
                              "denoising.evaluate.group_size (now 20); what the job saved is kept, "
-                             "and a rerun resumes from it")  # fmt: skip
+                             "and a rerun resumes from it unless it changes "
+                             "denoising.evaluate.batch_size or denoising.evaluate.group_size, "
+                             "which starts it again")  # fmt: skip
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

@@ -107,6 +107,11 @@ def test_in_groups_solves_only_the_groups_a_killed_run_did_not_save(tmp_path):
         "test: images 10-10 of 10 done",
     ]
     assert all("elapsed" in line and "ETA" in line for line in lines[1:])
+    lines.clear()  # the same progress read by a run with groups of 4: nothing of it is reused
+    again = in_groups(SavedProgress(path, "job", print), 10, 4, solve, "test", lines.append)
+    assert calls[5:] == [0, 4, 8] and np.array_equal(again["squares"], results["squares"])
+    assert lines[0] == f"test: ignoring the groups of 3 images saved in {path}: this run's " \
+        "groups have 4"  # fmt: skip
 
 
 # ----- the PnP, TV and denoiser evaluation jobs, killed and rerun -------------------------------------------------
@@ -127,7 +132,8 @@ def smoke_jobs(overrides: dict) -> Jobs:
 def deblurring(tmp_path_factory) -> dict:
     """BSDS-like photos, an (untrained) averaged smoke denoiser and the jobs' specs."""
     out = tmp_path_factory.mktemp("deblurring")
-    # the denoiser's groups take milliseconds: its kill lands in its Lipschitz search, after them
+    # the denoiser's groups take milliseconds: its kill lands in its Lipschitz search, after
+    # them (a kill within its groups: test_a_denoiser_evaluation_resumes_after_its_last_...)
     evaluate = {"group_size": 2, "lipschitz_search": {"steps": 100}}
     jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3, "group_size": 2},
                                                  "evaluate": evaluate}})  # fmt: skip
@@ -239,14 +245,46 @@ def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of
     else:
         assert f"of {len(weights(deblurring, job))} scores found before" in resumed.stdout
     expected, got = numbers(uninterrupted(job)), numbers(tmp_path / "result.h5")
-    assert expected.keys() == got.keys()
     # what this run computed (its cost): less than the whole job's
     counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations",
               "test_images_run"}  # fmt: skip
     run_only = {f"attr {k}" for k in counts} & set(expected)
     assert run_only and all(got[k] < expected[k] for k in run_only), run_only
-    differ = [k for k in expected if k not in run_only and not same(expected[k], got[k])]
+    assert_same_but(expected, got, run_only)
+
+
+RUN_TIMES = {"attr denoising_s_run"}  # clocks: never equal from one run to the next
+
+
+def assert_same_but(expected: dict, got: dict, run_only: set[str]) -> None:
+    assert expected.keys() == got.keys()
+    differ = [
+        k for k in expected if k not in run_only | RUN_TIMES and not same(expected[k], got[k])
+    ]
     assert not differ, [(k, expected[k], got[k]) for k in differ]
+
+
+def test_a_denoiser_evaluation_resumes_after_its_last_saved_group_then_searches_its_bound(
+    deblurring, tmp_path
+):
+    """Its groups take milliseconds, so the SIGKILL above lands after them, in its Lipschitz
+    search: here its progress file is cut back to one of its three groups and no bound, as a
+    kill in its second group leaves it."""
+    run(deblurring, "evaluate-denoiser", tmp_path)
+    expected = numbers(tmp_path / "result.h5")
+    path = tmp_path / "work" / "progress.pt"
+    saved = torch.load(path, weights_only=True)
+    assert sorted(saved["groups"]) == [0, 2, 4] and "empirical_lipschitz" in saved
+    del saved["empirical_lipschitz"]
+    saved["groups"] = {0: saved["groups"][0]}
+    torch.save(saved, path)
+    (tmp_path / "result.h5").unlink()
+    resumed = run(deblurring, "evaluate-denoiser", tmp_path).stdout
+    assert "denoiser: resuming from" in resumed and "1 of 3 image groups saved" in resumed
+    assert "Lipschitz search step" in resumed, resumed
+    got = numbers(tmp_path / "result.h5")
+    assert (expected["attr test_images_run"], got["attr test_images_run"]) == (6, 4)
+    assert_same_but(expected, got, {"attr test_images_run"})
 
 
 def test_the_deblurring_jobs_log_a_line_per_group_and_pnp_checks_every_image(deblurring, tmp_path):

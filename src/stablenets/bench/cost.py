@@ -33,16 +33,20 @@ same variant, else of the same model, else the rule's first measured job:
   ``ceil(log2(num))`` attacks per point; a bisection the run did not do but the paper does is
   estimated as ``clean accuracy * N * ceil(log2(num))`` attacks at the strong pass's rate. With
   the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
-* denoiser evaluation (unit: test image), TV denoising (unit: image solve, its test images
-  plus its validation images per candidate weight), PnP and TV deblurring (unit: image
-  iteration, images x their iterations, TV's choice of weight included), each counted as the
-  job ran them (``test_images_run``, ``image_solves_run``, ``image_iterations_run``: a rerun
-  that resumed a killed job's saved groups and scores counts only its own; one that computed
-  none is no basis for a projection): the job records no split, so fixed = 0 and the whole
-  wall time scales (an upper estimate); paper units = the paper's test images, TV denoising's
+* denoiser evaluation: rate = the seconds it denoised test images for per image
+  (``denoising_s_run``, ``test_images_run``), fixed = the rest (loading, the Lipschitz search,
+  whose settings the rehearsal keeps at the paper's); paper units = the paper's test images;
+* TV denoising (unit: image solve, its test images plus its validation images per candidate
+  weight), PnP and TV deblurring (unit: image iteration, images x their iterations, TV's choice
+  of weight included): the job records no split, so fixed = 0 and the whole wall time scales
+  (an upper estimate); paper units = the paper's test images, TV denoising's
   plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
   images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
   candidate weight, as its measured units do) for deblurring;
+* each of these counts its units as the job ran them (``test_images_run``,
+  ``image_solves_run``, ``image_iterations_run``): a rerun that resumed a killed job's saved
+  groups and scores counts only its own, and one that computed none is no basis for a
+  projection;
 * data: the stand-in's generation as measured (not the paper's download).
 
 ``N`` is the paper's ``n_test``, or the test split of the run's data file (the rehearsal's
@@ -274,8 +278,9 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
     device = str(attrs.get("device", ""))
     # units: what this run computed (its wall time's), not what a killed run before it saved
     if job.rule == "evaluate_denoiser":
-        units = int(attrs["test_images_run"])
-        return Measured(job, wall, rss, "test image", units, wall, spec, device=device)
+        units, seconds = int(attrs["test_images_run"]), float(attrs["denoising_s_run"])
+        return Measured(job, wall, rss, "test image", units, min(seconds, wall), spec,
+                        device=device)  # fmt: skip
     if job.rule == "evaluate_tv_denoising":  # its choice of weight included
         units = int(attrs["image_solves_run"])
         return Measured(job, wall, rss, "image solve", units, wall, spec, device=device)

@@ -84,24 +84,36 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
     where = "CUDA" if "CUDA" in text else "CPU" if "CPUAllocator" in text else "host"
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", text)
     what = where + (f", tried to allocate {asked[1]}" if asked else "")
+    from stablenets.pipeline.specs import RUN_ONLY
+
     settings, resumes = _MEMORY_SETTINGS.get(job, ([], False))
-    keys = []
+    keys, restart = [], []  # restart: the settings saved progress is tied to
     for key, path in settings:
         value = _at(spec, path)
         if path == ("train", "max_substeps") and value == "auto":  # the limit is a share
-            key, value = (
+            key, path = (
                 key.replace("max_substeps", "memory_fraction"),
-                _at(spec, path[:-1] + ("memory_fraction",)),
+                (*path[:-1], "memory_fraction"),
             )
-        keys.append(f"{key.format(task=spec.get('task', '<task>'))} (now {value})")
-    advice = (
-        f"lower {', '.join(keys[:-1])}{' or ' if len(keys) > 1 else ''}{keys[-1]}"
-        if keys
-        else "run it where more memory is free"
-    )
-    rerun = "what the job saved is kept, and a rerun resumes from it" if resumes else (
-        "a rerun starts it again")  # fmt: skip
+            value = _at(spec, path)
+        key = key.format(task=spec.get("task", "<task>"))
+        keys.append(f"{key} (now {value})")
+        if path[-1] not in RUN_ONLY.get("" if len(path) == 1 else path[0], ()):
+            restart.append(key)
+    advice = f"lower {_either(keys)}" if keys else "run it where more memory is free"
+    if not resumes:
+        rerun = "a rerun starts it again"
+    elif restart:
+        rerun = (f"what the job saved is kept, and a rerun resumes from it unless it changes "
+                 f"{_either(restart)}, which starts it again")  # fmt: skip
+    else:
+        rerun = "what the job saved is kept, and a rerun resumes from it"
     return f"stablenets {job}: error: out of memory ({what}): {advice}; {rerun}"
+
+
+def _either(names: list[str]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _parser() -> argparse.ArgumentParser:

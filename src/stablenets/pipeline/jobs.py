@@ -42,6 +42,7 @@ from stablenets.pipeline.runtime import (
     write_results,
     write_sidecar,
 )
+from stablenets.pipeline.specs import RUN_ONLY
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import is_out_of_memory, peak_memory_mb
@@ -195,35 +196,13 @@ def train_model(
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
 
 
-# Settings that change no number a job computes, so saved progress made under other values
-# resumes: where it runs (device and threads, and whether the attacks replay CUDA graphs: all up
-# to rounding), how often it says so or saves, and
-# the limits that only stop a run (a run stopped by one resumes from its last good checkpoint
-# when rerun with a higher limit; ``stop_after`` ends the full run's schedule early, so a later
-# stop goes on from the earlier one). A rerun that Snakemake starts because one of them changed
-# therefore resumes: a finished training from its last checkpoint in seconds.
-_RUN_ONLY = {
-    "": ("device", "threads"),
-    "train": (
-        "log_every",
-        "checkpoint_every",
-        "max_norm",
-        "max_substeps",
-        "memory_fraction",
-        "stop_after",
-    ),
-    "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
-    "pnp": ("log_every",),
-}
-
-
 def _progress_hash(spec: dict) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
-    the spec without its ``_RUN_ONLY`` settings."""
-    kept = {k: v for k, v in spec.items() if k not in _RUN_ONLY[""]}
-    for section in (name for name in _RUN_ONLY if name):
+    the spec without its ``RUN_ONLY`` settings."""
+    kept = {k: v for k, v in spec.items() if k not in RUN_ONLY[""]}
+    for section in (name for name in RUN_ONLY if name):
         if section in spec:
-            kept[section] = {k: v for k, v in spec[section].items() if k not in _RUN_ONLY[section]}
+            kept[section] = {k: v for k, v in spec[section].items() if k not in RUN_ONLY[section]}
     return config_hash(kept)
 
 
@@ -527,12 +506,14 @@ def evaluate_denoiser(
     clean, noisy = _noisy_test(spec, data_path, device)
     size = (clean.shape[-2], clean.shape[-1])
     bound, alpha = model.lipschitz_bound(size), model.averagedness(size)
-    images = 0  # test images this run denoises (a resumed run's cost)
+    images, seconds = 0, 0.0  # test images this run denoises, and in what time: its cost
 
     def denoise(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        nonlocal images
-        images += len(x)
-        return _batched(model, x, ev["batch_size"]), {}
+        nonlocal images, seconds
+        start = time.monotonic()
+        denoised = _batched(model, x, ev["batch_size"])
+        images, seconds = images + len(x), seconds + time.monotonic() - start
+        return denoised, {}
 
     with StopFlag() as stop:
         progress = _saved_progress(
@@ -560,6 +541,7 @@ def evaluate_denoiser(
         "empirical_lipschitz": lower,
         "tv_weight": math.nan,
         "test_images_run": images,  # this run's (a resumed one did less): its cost, bench.cost
+        "denoising_s_run": seconds,  # the rest of its wall time: loading, the Lipschitz search
         **_denoising_attrs(sets),
         **provenance(spec, spec["seed"], device),
     }

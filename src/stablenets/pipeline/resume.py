@@ -127,7 +127,14 @@ def in_groups(
     """``solve`` over images ``0 .. n-1`` in consecutive groups of ``size``, in order, joined
     (``_joined``); each group's result (named tensors, first dimension its images) is saved
     (section ``groups``, by its first image) as it ends, and a rerun solves only the groups not
-    saved. A line per group: images done, elapsed time, ETA."""
+    saved. A line per group: images done, elapsed time, ETA. Groups saved with another ``size``
+    are solved again (their first images are not this run's)."""
+    if progress.get("group_size", size) != size:
+        log(f"{what}: ignoring the groups of {progress['group_size']} images saved in "
+            f"{progress.path}: this run's groups have {size}")  # fmt: skip
+        progress.pop("groups", None)
+    if progress.get("group_size") != size:
+        progress["group_size"] = size
     groups = progress.section("groups")
     starts = range(0, n, size)
     todo = [s for s in starts if s not in groups]

@@ -14,7 +14,7 @@ from typing import Any
 
 from stablenets.pipeline import outputs
 
-__all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS"]
+__all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS", "RUN_ONLY"]
 
 #: The tables and figures, from the registry (declared where each is built: ``outputs``).
 TABLES = outputs.names("table")
@@ -52,6 +52,32 @@ def _sigma(task: str, sigma: str | None) -> float:
     if sigma is None:
         raise ValueError(f"a {task} job needs a noise level (sigma), got None")
     return float(sigma)
+
+
+#: Settings that change no number a job computes, so saved progress made under other values
+#: resumes (``pipeline.jobs`` hashes a spec without them): where it runs (device and threads, and
+#: whether the attacks replay CUDA graphs: all up to rounding), how often it says so or saves,
+#: and the limits that only stop a run (a run stopped by one resumes from its last good
+#: checkpoint when rerun with a higher limit; ``stop_after`` ends the full run's schedule early,
+#: so a later stop goes on from the earlier one). A rerun that Snakemake starts because one of
+#: them changed therefore resumes: a finished training from its last checkpoint in seconds.
+RUN_ONLY: dict[str, tuple[str, ...]] = {
+    "": ("device", "threads"),
+    "train": (
+        "log_every",
+        "checkpoint_every",
+        "max_norm",
+        "max_substeps",
+        "memory_fraction",
+        "stop_after",
+    ),
+    "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
+    "pnp": ("log_every", "batch_size"),  # images per denoiser call: memory, not the numbers
+}
+
+# What the TV denoising job reads of ``denoising.evaluate`` (the test images, their noise and
+# crops): the trained denoisers' settings there would rerun it for nothing.
+_TV_EVALUATE = ("n_test", "noise_seed", "crops", "crop_size")
 
 
 class Jobs:
@@ -131,7 +157,7 @@ class Jobs:
         spec = {
             **self._common("evaluate_tv_denoising", 0),
             "sigma": float(sigma),
-            "evaluate": section["evaluate"],
+            "evaluate": {k: section["evaluate"][k] for k in _TV_EVALUATE},
             "tv": section["tv"],
         }
         return self.dump(spec)
