@@ -1601,6 +1601,7 @@ TIMING_OR_PROVENANCE = {
     "epoch_time_s",
     "peak_memory_mb",
     "images_per_s",
+    "denoising_s_run",
     "git_commit",
     "versions",
 }
