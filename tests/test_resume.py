@@ -134,7 +134,7 @@ def deblurring(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("deblurring")
     # the denoiser's groups take milliseconds: its kill lands in its Lipschitz search, after
     # them (a kill within its groups: test_a_denoiser_evaluation_resumes_after_its_last_...)
-    evaluate = {"group_size": 2, "lipschitz_search": {"steps": 100}}
+    evaluate = {"group_size": 2, "lipschitz_search": {"steps": 25}}
     jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3, "group_size": 2},
                                                  "evaluate": evaluate}})  # fmt: skip
     photos = out / "bsds500.h5"
