@@ -84,7 +84,7 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
     where = "CUDA" if "CUDA" in text else "CPU" if "CPUAllocator" in text else "host"
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", text)
     what = where + (f", tried to allocate {asked[1]}" if asked else "")
-    from stablenets.pipeline.specs import RUN_ONLY
+    from stablenets.pipeline.specs import run_only
 
     settings, resumes = _MEMORY_SETTINGS.get(job, ([], False))
     keys, restart = [], []  # restart: the settings saved progress is tied to
@@ -98,7 +98,7 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
             value = _at(spec, path)
         key = key.format(task=spec.get("task", "<task>"))
         keys.append(f"{key} (now {value})")
-        if path[-1] not in RUN_ONLY.get("" if len(path) == 1 else path[0], ()):
+        if not run_only(path):
             restart.append(key)
     advice = f"lower {_either(keys)}" if keys else "run it where more memory is free"
     if not resumes:

@@ -42,7 +42,7 @@ from stablenets.pipeline.runtime import (
     write_results,
     write_sidecar,
 )
-from stablenets.pipeline.specs import RUN_ONLY
+from stablenets.pipeline.specs import RUN_ONLY, run_only
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import is_out_of_memory, peak_memory_mb
@@ -199,10 +199,10 @@ def train_model(
 def _progress_hash(spec: dict) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
     the spec without its ``RUN_ONLY`` settings."""
-    kept = {k: v for k, v in spec.items() if k not in RUN_ONLY[""]}
+    kept = {k: v for k, v in spec.items() if not run_only((k,))}
     for section in (name for name in RUN_ONLY if name):
         if section in spec:
-            kept[section] = {k: v for k, v in spec[section].items() if k not in RUN_ONLY[section]}
+            kept[section] = {k: v for k, v in spec[section].items() if not run_only((section, k))}
     return config_hash(kept)
 
 

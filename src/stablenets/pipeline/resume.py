@@ -125,15 +125,16 @@ def in_groups(
     log: Log,
 ) -> dict[str, np.ndarray]:
     """``solve`` over images ``0 .. n-1`` in consecutive groups of ``size``, in order, joined
-    (``_joined``); each group's result (named tensors, first dimension its images) is saved
+    (``_joined``); each group's result (named tensors: one row per image, or per group) is saved
     (section ``groups``, by its first image) as it ends, and a rerun solves only the groups not
     saved. A line per group: images done, elapsed time, ETA. Groups saved with another ``size``
     are solved again (their first images are not this run's)."""
-    if progress.get("group_size", size) != size:
-        log(f"{what}: ignoring the groups of {progress['group_size']} images saved in "
-            f"{progress.path}: this run's groups have {size}")  # fmt: skip
-        progress.pop("groups", None)
-    if progress.get("group_size") != size:
+    saved_size = progress.get("group_size")
+    if saved_size != size:
+        if "groups" in progress:
+            log(f"{what}: ignoring the groups of {saved_size} images saved in "
+                f"{progress.path}: this run's groups have {size}")  # fmt: skip
+            del progress["groups"]
         progress["group_size"] = size
     groups = progress.section("groups")
     starts = range(0, n, size)

@@ -14,7 +14,7 @@ from typing import Any
 
 from stablenets.pipeline import outputs
 
-__all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS", "RUN_ONLY"]
+__all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS", "RUN_ONLY", "run_only"]
 
 #: The tables and figures, from the registry (declared where each is built: ``outputs``).
 TABLES = outputs.names("table")
@@ -74,6 +74,13 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
     "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
     "pnp": ("log_every", "batch_size"),  # images per denoiser call: memory, not the numbers
 }
+
+
+def run_only(path: tuple[str, ...]) -> bool:
+    """Whether the spec's setting at ``path`` (``("threads",)``, ``("train", "max_norm")``) is
+    one of the ``RUN_ONLY`` settings."""
+    return path[-1] in RUN_ONLY.get(path[0] if len(path) > 1 else "", ())
+
 
 # What the TV denoising job reads of ``denoising.evaluate`` (the test images, their noise and
 # crops): the trained denoisers' settings there would rerun it for nothing.
