@@ -70,15 +70,41 @@ def test_progress_of_another_job_or_unreadable_or_half_written_is_ignored_with_a
     assert not stale.exists() and "removed .progress.pt.abc.tmp" in lines[0]
 
 
-def test_a_stop_signal_ends_the_job_at_its_next_save_with_that_save_written(tmp_path):
+def test_a_stop_signal_ends_the_job_at_its_next_stop_point_with_everything_saved(tmp_path):
     path = tmp_path / "progress.pt"
     with StopFlag() as stop:
         saved = SavedProgress(path, "job", print, stop)
-        saved.section("groups")[0] = torch.ones(2)  # no signal yet: goes on
+        saved.section("groups")[0] = torch.ones(2)
+        saved.stop_point()  # no signal yet: goes on
         os.kill(os.getpid(), signal.SIGTERM)
+        saved.section("groups")[2] = torch.zeros(2)  # a save does not stop the job
         with pytest.raises(Interrupted, match=f"progress {path} written; rerun to resume"):
-            saved.section("groups")[2] = torch.zeros(2)
+            saved.stop_point()
     assert sorted(SavedProgress(path, "job", print).section("groups")) == [0, 2]
+
+
+@pytest.mark.parametrize("signalled", [1, 2])
+def test_a_signal_during_a_group_stops_before_the_next_and_during_the_last_lets_it_finish(
+    tmp_path, signalled
+):
+    path, calls = tmp_path / "progress.pt", []
+
+    def solve(group: slice) -> dict[str, torch.Tensor]:
+        calls.append(group.start)
+        if len(calls) == signalled:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"index": torch.arange(group.start, group.stop)}
+
+    with StopFlag() as stop:
+        progress = SavedProgress(path, "job", print, stop)
+        if signalled == 1:
+            with pytest.raises(Interrupted):
+                in_groups(progress, 4, 2, solve, "test", print)
+        else:
+            assert np.array_equal(in_groups(progress, 4, 2, solve, "test", print)["index"],
+                                  np.arange(4))  # fmt: skip
+    assert calls == [0, 2][:signalled]
+    assert sorted(SavedProgress(path, "job", print).section("groups")) == calls
 
 
 def test_in_groups_solves_only_the_groups_a_killed_run_did_not_save(tmp_path):
@@ -298,7 +324,7 @@ def test_the_deblurring_jobs_log_a_line_per_group_and_pnp_checks_every_image(deb
         assert fh.attrs["nonincreasing"] and (fh["iterations"][()] == PNP["max_iter"]).all()
 
 
-def test_sigterm_stops_a_deblurring_job_at_its_next_save_with_exit_75(deblurring, tmp_path):
+def test_sigterm_stops_a_deblurring_job_before_its_next_unit_with_exit_75(deblurring, tmp_path):
     proc = subprocess.Popen(
         command(deblurring, "tv-deblur", tmp_path), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,

@@ -707,48 +707,66 @@ def test_an_unsound_certificate_fails_when_an_example_lies_inside_a_certified_ra
         run_sweep(model, x, y, sweep_plan(pgd=closest), lip / 20)
 
 
-def test_a_sweep_stopped_after_any_batch_and_resumed_from_its_saved_state_gives_the_same_result():
+class StopAt:
+    """A sweep's ``stop``: true at its ``at``-th poll (before that batch) and after; it records
+    the polls and every saved state."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.polls, self.saved = at, 0, []
+
+    def __call__(self) -> bool:
+        self.polls += 1
+        return self.polls >= self.at
+
+    def save(self, state: SweepState) -> None:
+        self.saved.append(copy.deepcopy(state.to_dict()))
+
+
+def test_a_sweep_stopped_before_any_batch_and_resumed_from_its_saved_state_gives_the_same_result():
     model, x, y, lip = linear_case(4)
     strong = partial(pgd_l2, steps=30, rel_step=0.05, restarts=2)
     plan = sweep_plan(
         strong=strong, strong_radii=frozenset({0.2}), bisect_radii=np.linspace(0.05, 0.5, 10)
     )
     full = run_sweep(model, x, y, plan, lip)
-    for stop_after in (1, 3, 6):
-        saved: list = []
-
-        def save(s, saved=saved):
-            saved.append(copy.deepcopy(s.to_dict()))
-
-        def stop(count=[0], after=stop_after):  # noqa: B006 - a counter per loop iteration
-            count[0] += 1
-            return count[0] == after
-
-        m, correct = margins(model, x, y, 64)
+    m, correct = margins(model, x, y, 64)
+    for at in (2, 4, 7):
+        stop = StopAt(at)
         state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
-        sweep(model, x, y, plan, state, save=save, stop=stop, log=lambda line: None)
-        resumed = run_sweep_from(model, x, y, plan, SweepState(**saved[-1]))
+        sweep(model, x, y, plan, state, save=stop.save, stop=stop, log=lambda line: None)
+        assert stop.polls == at and state.radius_index < len(plan.radii)  # returned with work left
+        resumed = run_sweep_from(model, x, y, plan, SweepState(**stop.saved[-1]))
         for key in ("break_radius", "pgd_break_radius", "certified_radius"):
-            assert torch.equal(getattr(resumed, key), getattr(full, key)), (stop_after, key)
+            assert torch.equal(getattr(resumed, key), getattr(full, key)), (at, key)
     swept = sweep(model, x, y, plan, SweepState.start(full.correct, full.certified_radius, 3),
                   log=lambda line: None)  # fmt: skip
-    stops = 0
-    for stop_after in (1, 2, 4):  # now inside the bisection
-        saved = []
-
-        def save(s, saved=saved):
-            saved.append(copy.deepcopy(s.to_dict()))
-
-        def stop(count=[0], after=stop_after):  # noqa: B006 - a counter per loop iteration
-            count[0] += 1
-            return count[0] == after
-
+    for at in (2, 3, 4):  # now inside the bisection (4 batches)
+        stop = StopAt(at)
         state = SweepState(**copy.deepcopy(swept.to_dict()))
-        bisect(model, x, y, plan, state, save=save, stop=stop, log=lambda line: None)
-        stops += len(saved) >= stop_after
-        resumed = run_sweep_from(model, x, y, plan, SweepState(**saved[-1]))
-        assert torch.equal(resumed.break_radius, full.break_radius), stop_after
-    assert stops == 3  # every stop landed inside the bisection
+        bisect(model, x, y, plan, state, save=stop.save, stop=stop, log=lambda line: None)
+        assert stop.polls == at, at  # the stop landed inside the bisection
+        resumed = run_sweep_from(model, x, y, plan, SweepState(**stop.saved[-1]))
+        assert torch.equal(resumed.break_radius, full.break_radius), at
+
+
+def test_a_stop_asked_during_the_last_batch_lets_the_sweep_and_the_bisection_finish():
+    model, x, y, lip = linear_case(4)
+    plan = sweep_plan(
+        strong=partial(pgd_l2, steps=30, rel_step=0.05, restarts=2),
+        strong_radii=frozenset({0.2}), bisect_radii=np.linspace(0.05, 0.5, 10),
+    )  # fmt: skip
+    full = run_sweep(model, x, y, plan, lip)
+    state = SweepState.start(full.correct, full.certified_radius, plan.seed)
+    counting = StopAt(math.inf)
+    sweep(model, x, y, plan, state, stop=counting, log=lambda line: None)
+    bisect(model, x, y, plan, state, stop=counting, log=lambda line: None)
+    assert counting.polls > 3  # one poll per batch, none after the last
+    last = StopAt(counting.polls + 1)  # the stop arrives during the last batch
+    state = SweepState.start(full.correct, full.certified_radius, plan.seed)
+    sweep(model, x, y, plan, state, stop=last, log=lambda line: None)
+    bisect(model, x, y, plan, state, stop=last, log=lambda line: None)
+    assert state.radius_index == len(plan.radii) and not (state.lo < state.hi).any()
+    assert torch.equal(state.break_radius, full.break_radius)
 
 
 def run_sweep_from(model, x, y, plan, state):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from stablenets.train.augment import AugmentConfig, augment, random_crop, random
 from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
     DivergenceError,
+    Interrupted,
     SubstepLimit,
     SubstepLimitError,
     TrainConfig,
@@ -99,10 +102,11 @@ def _tiny_run(
     tmp_path: Path,
     task_type: type[ClassificationTask] = ClassificationTask,
     time: float | None = None,
+    on_line: Callable[[str], None] | None = None,
     **train_kwargs,
 ) -> tuple[list[str], RunState]:
     """A seeded nonexpansive classifier (2 blocks, integration time ``time``) trained on random
-    8x8 images; its log lines."""
+    8x8 images; its log lines (each also given to ``on_line``)."""
     torch.manual_seed(0)
     model = build_model("nonexpansive_classifier", **TINY, time=time)
     g = torch.Generator().manual_seed(0)
@@ -110,7 +114,13 @@ def _tiny_run(
     task = task_type(x, y, x[:16], y[:16], AugmentConfig(), eval_batch=16)
     cfg = TrainConfig(batch_size=8, **{"lr_max": 0.05, "val_every": 100, **train_kwargs})
     logs: list[str] = []
-    _, state = train(model, task, cfg, tmp_path, "h", logs.append)
+
+    def log(line: str) -> None:
+        logs.append(line)
+        if on_line is not None:
+            on_line(line)
+
+    _, state = train(model, task, cfg, tmp_path, "h", log)
     return logs, state
 
 
@@ -591,6 +601,24 @@ def test_a_run_stopped_early_is_checkpointed_at_its_last_step_and_a_later_stop_r
     assert f"resumed from {tmp_path / 'checkpoint.pt'} at step 5" in logs and state.step == 12
     assert (state.validations, state.checkpoints, state.startup_steps) == (4, 4, 2)
     assert state.validation_s > 0 and state.checkpoint_s > 0 and 0 < state.startup_s < state.elapsed
+
+
+def test_a_stop_signal_checkpoints_and_stops_the_run_but_at_its_last_step_lets_it_finish(tmp_path):
+    def signal_at(step: int) -> Callable[[str], None]:
+        """SIGTERM at the progress line of the ``step``-th step (rows count from 0)."""
+
+        def on_line(line: str) -> None:
+            if line.startswith(f"step {step - 1}/"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return on_line
+
+    with pytest.raises(Interrupted, match="at step 3: checkpoint .* written; rerun to resume"):
+        _tiny_run(tmp_path / "early", steps=6, log_every=1, on_line=signal_at(3))
+    assert read_checkpoint(tmp_path / "early" / "checkpoint.pt")["run"]["step"] == 3
+    _, state = _tiny_run(tmp_path / "last", steps=6, log_every=1, on_line=signal_at(6))
+    assert state.step == 6
+    assert read_checkpoint(tmp_path / "last" / "checkpoint.pt")["run"]["step"] == 6
 
 
 def test_settings_that_change_no_number_leave_the_progress_hash_so_their_change_resumes():

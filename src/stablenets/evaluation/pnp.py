@@ -508,11 +508,13 @@ def select_tv_deblur_weight(
     tol: float,
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
+    stop_point: Callable[[], None] | None = None,
 ) -> TVChoice:
     """The :func:`tv_deblur` weight with the best mean PSNR (peak 1, as PnP's) on ``observed``
-    *validation* images (:func:`stablenets.evaluation.tv.select_weight`, whose ``found`` resumes
-    a killed choice): PnP is compared with the baseline at its best weight for the blur and
-    noise at hand, not at a guess. ``image_iterations`` counts the solves run by this call."""
+    *validation* images (:func:`stablenets.evaluation.tv.select_weight`, whose ``found`` and
+    ``stop_point`` resume and stop a killed choice): PnP is compared with the baseline at its
+    best weight for the blur and noise at hand, not at a guess. ``image_iterations`` counts the
+    solves run by this call."""
     image_iterations = 0
 
     def solve(y: Tensor, weight: float) -> Tensor:
@@ -521,5 +523,7 @@ def select_tv_deblur_weight(
         image_iterations += ran * len(y)
         return x
 
-    weight, scores = select_weight(solve, observed, clean, weights, 1.0, log=log, found=found)
+    weight, scores = select_weight(
+        solve, observed, clean, weights, 1.0, log=log, found=found, stop_point=stop_point
+    )
     return TVChoice(weight, scores, image_iterations)

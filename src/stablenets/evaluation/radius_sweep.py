@@ -382,8 +382,9 @@ def sweep(
 
     Resumable: ``save(state)`` is called after every batch; rerunning with the saved state
     attacks exactly the batches an uninterrupted run would (seeds per radius, pass and batch).
-    ``stop()`` is polled after every batch: when true, the state is saved and returned early
-    (``state.radius_index < len(plan.radii)``). One log line per radius (and after a batch when
+    ``stop()`` is polled before every batch: when true, the state is returned as it stands, with
+    that batch not begun (``state.radius_index < len(plan.radii)``); after the last batch it is
+    not polled, so a stop asked during it lets the sweep finish. One log line per radius (and after a batch when
     ``log_every_s`` passed since the last): radius, points left, robust accuracy so far, elapsed
     time, ETA; and while one attack call runs longer, a line every ``log_every_s`` naming it.
     """
@@ -402,6 +403,8 @@ def sweep(
                 attacks = [plan.pgd, plan.strong] if pass_name == "audit" else [
                     plan.strong if pass_name == "strong" else plan.pgd]  # fmt: skip
                 while state.done < len(state.todo):
+                    if stop():
+                        return state
                     b = state.done // plan.batch_size
                     idx = state.todo[state.done : state.done + plan.batch_size]
                     xb, yb = x[idx].to(device), y[idx].to(device).long()
@@ -430,15 +433,11 @@ def sweep(
                     if time.perf_counter() - last_line > log_every_s and not radius_ends:
                         log(_progress_line(plan, state, e, started))
                         last_line = time.perf_counter()
-                    if stop():
-                        return state
                 state.pass_index, state.todo, state.done = state.pass_index + 1, None, 0
             log(_progress_line(plan, state, e, started))
             last_line = time.perf_counter()
             state.radius_index, state.pass_index = k + 1, 0
             save(state)
-            if stop():
-                return state
     return state
 
 
@@ -668,6 +667,8 @@ def bisect(
                 mid = (state.lo[live] + state.hi[live]) // 2
                 state.todo, state.done = live[torch.argsort(mid, stable=True)], 0
             while state.done < len(state.todo):
+                if stop():
+                    return state
                 idx = _next_group(plan, state)
                 m = int((state.lo[idx[0]] + state.hi[idx[0]]) // 2)
                 e = float(grid[m])
@@ -691,8 +692,6 @@ def bisect(
                 state.points["bisect"] += len(idx)
                 state.done += len(idx)
                 save(state)
-                if stop():
-                    return state
             left = int((state.lo < state.hi).sum())
             log(
                 f"bisection round {state.round + 1}: {len(state.todo)} points attacked, {left} "

@@ -179,6 +179,7 @@ def select_weight(
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
+    stop_point: Callable[[], None] | None = None,
 ) -> tuple[float, list[float]]:
     """The regularisation weight whose reconstructions ``solve(observed, weight)`` have the best
     mean PSNR against ``clean``; every baseline picks its weight so, on *validation* images
@@ -189,7 +190,8 @@ def select_weight(
     gets a line per weight (its PSNR, elapsed time, ETA): at paper size on a CPU a weight takes
     minutes. ``found``: the scores known so far, by weight; a weight in it is not solved again,
     and each new score goes into it as soon as it is known (a job passes its saved progress,
-    ``pipeline.resume``, so that a killed choice resumes where it stopped).
+    ``pipeline.resume``, so that a killed choice resumes where it stopped). ``stop_point`` is
+    called before each weight is solved: a job's ends it there once a stop signal arrived.
     """
     if len(weights) == 0:
         raise ValueError("choosing a regularisation weight needs at least one weight")
@@ -200,6 +202,8 @@ def select_weight(
         log(f"TV weights: {len(weights) - len(todo)} of {len(weights)} scores found before")
     start = time.monotonic()
     for k, w in enumerate(todo, 1):
+        if stop_point is not None:
+            stop_point()
         values = [
             psnr(solve(observed[i : i + step], w), clean[i : i + step], peak)
             for i in range(0, observed.shape[0], step)
@@ -229,10 +233,11 @@ def select_tv_weight(
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
+    stop_point: Callable[[], None] | None = None,
     **tv_kwargs: Unpack[TVOptions],
 ) -> tuple[float, list[float]]:
     """:func:`select_weight` for :func:`tv_denoise` (``noisy``/``clean``: validation images)."""
     return select_weight(
         lambda y, w: tv_denoise(y, w, iters, **tv_kwargs).x, noisy, clean, weights, peak,
-        batch_size, log, found,
+        batch_size, log, found, stop_point,
     )  # fmt: skip

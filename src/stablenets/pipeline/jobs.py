@@ -18,7 +18,7 @@ import torch
 
 from stablenets import data
 from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
-from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.interrupt import StopFlag
 from stablenets.nn.losses import loss_label
 from stablenets.nn.models import (
     CLASSIFIERS,
@@ -259,33 +259,36 @@ def _sweep(
     ev: dict,
     log: Log,
 ) -> radius_sweep.SweepState:
-    """Run (or resume) the radius sweep, saving its state to ``saved`` every
-    ``save_every_s``; a stop signal saves and raises ``Interrupted`` (exit 75)."""
+    """Run (or resume) the radius sweep, saving its state to ``saved`` every ``save_every_s``
+    and at its end; a stop signal (``saved.stop``) ends the job before its next batch
+    (``saved.stop_point``, exit 75), and one during the last batch lets the sweep finish."""
     state = _resumed_sweep(saved, log) or start()
-    last = [time.monotonic()]
-    with StopFlag() as stop:
+    last, stopped = time.monotonic(), False
 
-        def save(s: radius_sweep.SweepState, force: bool = False) -> None:
-            if force or stop.raised or time.monotonic() - last[0] >= ev["save_every_s"]:
-                saved["state"] = s.to_dict()
-                last[0] = time.monotonic()
+    def save(s: radius_sweep.SweepState, force: bool = False) -> None:
+        nonlocal last
+        if force or time.monotonic() - last >= ev["save_every_s"]:
+            saved["state"] = s.to_dict()
+            last = time.monotonic()
 
-        try:
-            for search in (radius_sweep.sweep, radius_sweep.bisect):
-                if not stop.raised:
-                    state = search(
-                        model, x, y, plan, state, name, save, lambda: stop.raised, log,
-                        ev["log_every_s"],
-                    )  # fmt: skip
-        except Exception as err:
-            if is_out_of_memory(err):  # the state is that after the last whole batch: keep it
-                save(state, force=True)
-            raise
-        save(state, force=True)  # finished too: a rerun (a run-only setting changed) resumes here
-        if stop.raised:
-            raise Interrupted(
-                f"signal {stop.signum}: progress {saved.path} written; rerun to resume"
-            )
+    def stop() -> bool:  # polled before each batch: true, the search returns with work left
+        nonlocal stopped
+        stopped = saved.stop is not None and saved.stop.raised
+        return stopped
+
+    try:
+        for search in (radius_sweep.sweep, radius_sweep.bisect):
+            if not stopped:
+                state = search(
+                    model, x, y, plan, state, name, save, stop, log, ev["log_every_s"]
+                )  # fmt: skip
+    except Exception as err:
+        if is_out_of_memory(err):  # the state is that after the last whole batch: keep it
+            save(state, force=True)
+        raise
+    save(state, force=True)  # finished too: a rerun (a run-only setting changed) resumes here
+    if stopped:
+        saved.stop_point()
     return state
 
 
@@ -307,7 +310,7 @@ def _saved_progress(
 ) -> SavedProgress:
     """The job's progress file in ``workdir``. A rerun resumes from it only if it was saved by
     the same job (``_progress_hash``) on the same input files (their sha256) in the same
-    ``layout``; given ``stop``, every save is where a signal ends the job."""
+    ``layout``; given ``stop``, its ``stop_point`` is where a signal ends the job."""
     digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in inputs]
     key = "-".join([_progress_hash(spec), *digests, layout])
     return SavedProgress(workdir / "progress.pt", key, log, stop)
@@ -318,7 +321,9 @@ def evaluate_classifier(
 ) -> None:
     """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs. One
     radius sweep (``radius_sweep.sweep``) attacks each point only where it can change a number,
-    audits a sample of certified points, and resumes from ``workdir`` when killed."""
+    audits a sample of certified points; its state, then the empirical Lipschitz bound, are saved
+    in ``workdir``: a killed job's rerun resumes there (SIGTERM stops it before its next batch or
+    the bound's search, exit 75)."""
     model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
     x, y = _split(data_path, "test", "classification")
@@ -331,18 +336,25 @@ def evaluate_classifier(
     eps, std_eps = radius_sweep.evaluation_radii(ev)
     cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
-    saved = _saved_progress(
-        spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}", workdir, log
-    )
     log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
-    state = _sweep(
-        model, x, y, plan, lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
-        spec["variant"], saved, ev, log,
-    )  # fmt: skip
-    if plan.search is not None:
-        if graphs := plan.search.summary():
-            log(graphs)
-        plan.search.release()
+    with StopFlag() as stop:
+        saved = _saved_progress(
+            spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}", workdir, log, stop
+        )
+        state = _sweep(
+            model, x, y, plan,
+            lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
+            spec["variant"], saved, ev, log,
+        )  # fmt: skip
+        if plan.search is not None:
+            if graphs := plan.search.summary():
+                log(graphs)
+            plan.search.release()
+        if "empirical_lipschitz" not in saved:
+            saved.stop_point()
+            saved["empirical_lipschitz"] = _classifier_lower_bound(
+                model, x.to(device), ev, spec["seed"], lip, log
+            )
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
     # holds by construction (the sweep fails on a break radius below a certified one): a guard
@@ -362,9 +374,7 @@ def evaluate_classifier(
         "epoch_time_s": extra.get("epoch_time_s", math.nan),
         "peak_memory_mb": extra.get("peak_memory_mb", math.nan),
         "base_width": getattr(model, "base_width", math.nan),
-        "empirical_lipschitz": _classifier_lower_bound(
-            model, x.to(device), ev, spec["seed"], lip, log
-        ),
+        "empirical_lipschitz": float(saved["empirical_lipschitz"]),
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
@@ -500,7 +510,7 @@ def evaluate_denoiser(
     """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz.
     Each group of ``evaluate.group_size`` denoised test images, then the empirical Lipschitz
     bound, is saved in ``workdir`` as it ends: a killed job's rerun resumes there (SIGTERM stops
-    it at the next save, exit 75)."""
+    it before its next unit, exit 75)."""
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     ev, audit = spec["evaluate"], spec["evaluate"]["lipschitz_search"]
     clean, noisy = _noisy_test(spec, data_path, device)
@@ -523,6 +533,7 @@ def evaluate_denoiser(
             progress, clean, noisy, denoise, ev, ev["group_size"], "denoiser", log
         )
         if "empirical_lipschitz" not in progress:
+            progress.stop_point()
             progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
                 model, noisy[: audit["images"]], audit["steps"], audit["lr"],
                 audit["delta_scale"], spec["seed"], log,
@@ -562,7 +573,7 @@ def evaluate_tv_denoising(
     """TV denoising baseline; its weight is chosen on validation images (the first
     ``tv.val_images`` of the split, all if null), never on test. Each weight's score, then each
     group of ``tv.group_size`` denoised test images, is saved in ``workdir`` as it ends: a killed
-    job's rerun resumes there (SIGTERM stops it at the next save, exit 75)."""
+    job's rerun resumes there (SIGTERM stops it before its next unit, exit 75)."""
     device = _setup(spec)
     ev, tv_spec = spec["evaluate"], spec["tv"]
     val, _ = _split(data_path, "val", "denoising")
@@ -575,7 +586,7 @@ def evaluate_tv_denoising(
         solves = (len(tv_spec["weights"]) - len(found)) * len(val)  # what this run solves
         weight, scores = tv.select_tv_weight(
             val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"],
-            found=found,
+            found=found, stop_point=progress.stop_point,
         )  # fmt: skip
         log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
 
@@ -657,7 +668,7 @@ def run_pnp(
 ) -> None:
     """PnP forward–backward deblurring with a trained denoiser, with convergence bookkeeping,
     ``pnp.group_size`` images at a time, each group saved in ``workdir`` as it ends (a killed
-    job's rerun resumes after the last saved group; SIGTERM stops it at the next, exit 75).
+    job's rerun resumes after the last saved group; SIGTERM stops it before the next, exit 75).
 
     For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing:
     a violation fails the job naming the model and the image.
@@ -741,7 +752,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     """TV-regularised deblurring baseline; its weight is chosen on validation images (blurred and
     noised as the test images, with their own noise draw), never on test. Each weight's score
     and each group of ``pnp.group_size`` test images is saved in ``workdir`` as it is found: a
-    killed job's rerun resumes from there (SIGTERM stops it at the next save, exit 75)."""
+    killed job's rerun resumes from there (SIGTERM stops it before its next unit, exit 75)."""
     device = _setup(spec)
     p, tv_spec = spec["pnp"], spec["pnp"]["tv"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
@@ -752,7 +763,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         choice = pnp.select_tv_deblur_weight(
             pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur,
             tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], log=log,
-            found=progress.section("validation"),
+            found=progress.section("validation"), stop_point=progress.stop_point,
         )  # fmt: skip
         weight = choice.weight
         log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")

@@ -3,10 +3,11 @@
 ``SavedProgress`` holds a job's named entries in one torch file that every assignment rewrites
 atomically (``atomic_path``), tagged with the job's ``key`` (its spec's hash, its inputs'
 digests, the layout's version). A rerun of the same job reads it back; a file of another key, or
-one that cannot be read, is ignored with a log line and overwritten. Given a ``StopFlag``, every
-save is also where the job stops on SIGTERM/SIGUSR1 (``Interrupted``, exit 75): it stops with
-nothing lost. ``in_groups`` runs a job image group by image group, each group saved as it ends,
-and joins the groups' results.
+one that cannot be read, is ignored with a log line and overwritten. Given a ``StopFlag``, the
+job stops on SIGTERM/SIGUSR1 where it calls ``stop_point``, before each unit of work
+(``Interrupted``, exit 75): everything done is saved, and a signal that arrives during the last
+unit lets the job finish instead of costing a requeue. ``in_groups`` runs a job image group by
+image group, each group saved as it ends, and joins the groups' results.
 Training keeps its own checkpoints (``train.checkpoints``).
 """
 
@@ -56,9 +57,13 @@ class SavedProgress(MutableMapping[str, Any]):
         return {name: value for name, value in saved.items() if name != "key"}
 
     def save(self) -> None:
-        """Write every entry; then, if a stop signal arrived, end the job (``Interrupted``)."""
+        """Write every entry (atomically: a kill leaves the previous file)."""
         with atomic_path(self.path) as tmp:
             torch.save({"key": self.key, **self._entries}, tmp)
+
+    def stop_point(self) -> None:
+        """Where a job may stop, before a unit of work: if a stop signal arrived, end the job
+        (``Interrupted``; every entry is already saved)."""
         if self.stop is not None and self.stop.raised:
             raise Interrupted(
                 f"signal {self.stop.signum}: progress {self.path} written; rerun to resume"
@@ -127,7 +132,8 @@ def in_groups(
     """``solve`` over images ``0 .. n-1`` in consecutive groups of ``size``, in order, joined
     (``_joined``); each group's result (named tensors: one row per image, or per group) is saved
     (section ``groups``, by its first image) as it ends, and a rerun solves only the groups not
-    saved. A line per group: images done, elapsed time, ETA. Groups saved with another ``size``
+    saved; a stop signal ends the job before a group starts (``stop_point``), never after the
+    last. A line per group: images done, elapsed time, ETA. Groups saved with another ``size``
     are solved again (their first images are not this run's)."""
     saved_size = progress.get("group_size")
     if saved_size != size:
@@ -144,6 +150,7 @@ def in_groups(
             f"{len(starts)} image groups saved")  # fmt: skip
     begin = time.monotonic()
     for done, start in enumerate(todo, 1):
+        progress.stop_point()
         end = min(start + size, n)
         groups[start] = solve(slice(start, end))
         log(f"{what}: images {start + 1}-{end} of {n} done, "

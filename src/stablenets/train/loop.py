@@ -6,7 +6,8 @@ step number (``tasks.step_batch``), so a run killed and resumed from its checkpo
 the same weights as an uninterrupted one (on the CPU).
 
 Checkpoints (``<workdir>/checkpoint.pt``) are written atomically every ``checkpoint_every`` steps
-and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit); one from a different
+and when SIGUSR1/SIGTERM arrives (SLURM sends one before the time limit), after which the run
+stops (``Interrupted``) unless that step was its last; one from a different
 configuration (another ``config_hash``) is ignored with a log line, never silently resumed.
 A non-finite loss or an exploding norm estimate stops the run with ``DivergenceError``; a forward
 pass whose integrator sub-steps would not fit in memory with ``SubstepLimitError``, before it
@@ -478,7 +479,7 @@ def train(
                     "checkpoint",
                     lambda: save(ckpt_path, config_hash, model, opt, sched, state),
                 )
-            if stop.signum is not None:
+            if stop.signum is not None and not last:  # at the last step: finish instead
                 raise Interrupted(
                     f"signal {stop.signum} at step {state.step}: checkpoint {ckpt_path} written; "
                     "rerun to resume"
