@@ -158,8 +158,8 @@ def smoke_jobs(overrides: dict) -> Jobs:
 def deblurring(tmp_path_factory) -> dict:
     """BSDS-like photos, an (untrained) averaged smoke denoiser and the jobs' specs."""
     out = tmp_path_factory.mktemp("deblurring")
-    # the denoiser's groups take milliseconds: its kill lands in its Lipschitz search, after
-    # them (a kill within its groups: test_a_denoiser_evaluation_resumes_after_its_last_...)
+    # the denoiser's groups take milliseconds: its kill waits for its Lipschitz search's first
+    # save (a kill within its groups: test_a_denoiser_evaluation_resumes_after_its_last_...)
     evaluate = {"group_size": 2, "lipschitz_search": {"steps": 25}}
     jobs = smoke_jobs({"pnp": PNP, "denoising": {"tv": {"val_images": 3, "group_size": 2},
                                                  "evaluate": evaluate}})  # fmt: skip
@@ -257,7 +257,7 @@ def kill_when_saved(proc: subprocess.Popen, path: Path, section: str, count: int
     ("job", "section", "count"),
     [("pnp", "groups", 1), ("tv-deblur", "validation", 2), ("tv-deblur", "groups", 1),
      ("evaluate-tv", "validation", 2), ("evaluate-tv", "groups", 1),
-     ("evaluate-denoiser", "groups", 1)],
+     ("evaluate-denoiser", "lipschitz_search", 1)],
 )  # fmt: skip
 def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of_an_uninterrupted_run(
     deblurring, uninterrupted, job, section, count, tmp_path
@@ -268,6 +268,9 @@ def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of
     resumed = run(deblurring, job, tmp_path)
     if section == "groups":
         assert "image groups saved" in resumed.stdout, resumed.stdout
+    elif section == "lipschitz_search":  # killed in its search, after every group
+        assert "Lipschitz search: resuming at step" in resumed.stdout, resumed.stdout
+        assert "of 3 image groups saved" in resumed.stdout, resumed.stdout
     else:
         assert f"of {len(weights(deblurring, job))} scores found before" in resumed.stdout
     expected, got = numbers(uninterrupted(job)), numbers(tmp_path / "result.h5")
@@ -294,20 +297,20 @@ def test_a_denoiser_evaluation_resumes_after_its_last_saved_group_then_searches_
     deblurring, tmp_path
 ):
     """Its groups take milliseconds, so the SIGKILL above lands after them, in its Lipschitz
-    search: here its progress file is cut back to one of its three groups and no bound, as a
-    kill in its second group leaves it."""
+    search: here its progress file is cut back to one of its three groups, no search and no
+    bound, as a kill in its second group leaves it."""
     run(deblurring, "evaluate-denoiser", tmp_path)
     expected = numbers(tmp_path / "result.h5")
     path = tmp_path / "work" / "progress.pt"
     saved = torch.load(path, weights_only=True)
     assert sorted(saved["groups"]) == [0, 2, 4] and "empirical_lipschitz" in saved
-    del saved["empirical_lipschitz"]
+    del saved["empirical_lipschitz"], saved["lipschitz_search"]
     saved["groups"] = {0: saved["groups"][0]}
     torch.save(saved, path)
     (tmp_path / "result.h5").unlink()
     resumed = run(deblurring, "evaluate-denoiser", tmp_path).stdout
     assert "denoiser: resuming from" in resumed and "1 of 3 image groups saved" in resumed
-    assert "Lipschitz search step" in resumed, resumed
+    assert "Lipschitz search step" in resumed and "search: resuming" not in resumed, resumed
     got = numbers(tmp_path / "result.h5")
     assert (expected["attr test_images_run"], got["attr test_images_run"]) == (6, 4)
     assert_same_but(expected, got, {"attr test_images_run"})

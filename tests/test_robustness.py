@@ -1096,6 +1096,32 @@ def test_the_lipschitz_search_measures_the_network_not_the_rounding_of_its_float
     assert next(model.parameters()).dtype == torch.float32  # the model itself is left as it was
 
 
+class Stop(Exception):
+    """What a job's stop point raises (``Interrupted``), here raised at a chosen save."""
+
+
+@pytest.mark.parametrize("stopped_at", [1, 4, 9])
+def test_a_lipschitz_search_stopped_at_a_save_resumes_to_the_uninterrupted_ratio(stopped_at):
+    model, x = random_linear(4, seed=41), inner_points(3, seed=42)
+    settings = dict(steps=30, lr=1e-2, seed=5)
+    whole = lipschitz_lower_bound(model, x, **settings)
+    saved: dict = {}
+    saves = iter(range(1, 11))
+
+    def stop_point() -> None:
+        if next(saves) == stopped_at:
+            raise Stop
+
+    with pytest.raises(Stop):
+        lipschitz_lower_bound(model, x, **settings, saved=saved, stop_point=stop_point)
+    assert saved["state"]["step"] == 3 * stopped_at  # a save every tenth of the 31 steps
+    lines: list[str] = []
+    resumed = lipschitz_lower_bound(model, x, **settings, log=lines.append, saved=saved)
+    assert resumed == whole  # bit for bit: Adam's moments and the largest ratio came back
+    assert lines[0] == f"Lipschitz search: resuming at step {3 * stopped_at + 1}/31"
+    assert lines[1].startswith(f"Lipschitz search step {3 * stopped_at + 3}/31: ")
+
+
 def test_the_lipschitz_search_is_a_lower_bound_and_logs_a_tenth_of_its_steps_without_changing_it():
     model = random_linear(4, seed=41)
     x = inner_points(3, seed=42)

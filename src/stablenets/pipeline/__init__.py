@@ -9,7 +9,7 @@ Needs the ``pipeline`` extra. Logic lives in the layers below; these modules wir
 * :mod:`~stablenets.pipeline.cli`: ``python -m stablenets <job>``, one entry point per rule.
 * :mod:`~stablenets.pipeline.jobs`: the training, evaluation and PnP jobs (files in, files out).
 * :mod:`~stablenets.pipeline.resume`: the progress a job saves as it goes (sweep states, image
-  groups, TV weight scores, a denoiser's empirical Lipschitz bound), which its rerun resumes
+  groups, TV weight scores, the Lipschitz search's state and bound), which its rerun resumes
   from.
 * :mod:`~stablenets.pipeline.runtime`: device choice, provenance, result files.
 * :mod:`~stablenets.pipeline.tables`, :mod:`~stablenets.pipeline.figures`,

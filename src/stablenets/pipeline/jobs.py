@@ -321,9 +321,9 @@ def evaluate_classifier(
 ) -> None:
     """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs. One
     radius sweep (``radius_sweep.sweep``) attacks each point only where it can change a number,
-    audits a sample of certified points; its state, then the empirical Lipschitz bound, are saved
-    in ``workdir``: a killed job's rerun resumes there (SIGTERM stops it before its next batch or
-    the bound's search, exit 75)."""
+    audits a sample of certified points; its state, then each tenth of the empirical Lipschitz
+    search and its bound, are saved in ``workdir``: a killed job's rerun resumes there (SIGTERM
+    stops it before its next batch or tenth of the search, exit 75)."""
     model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
     x, y = _split(data_path, "test", "classification")
@@ -353,7 +353,7 @@ def evaluate_classifier(
         if "empirical_lipschitz" not in saved:
             saved.stop_point()
             saved["empirical_lipschitz"] = _classifier_lower_bound(
-                model, x.to(device), ev, spec["seed"], lip, log
+                model, x.to(device), ev, spec["seed"], lip, saved, log
             )
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
@@ -407,14 +407,22 @@ def _per_point(state: radius_sweep.SweepState, pass_name: str) -> float:
 
 
 def _classifier_lower_bound(
-    model: StableModel, x: torch.Tensor, ev: dict, seed: int, bound: float, log: Log
+    model: StableModel,
+    x: torch.Tensor,
+    ev: dict,
+    seed: int,
+    bound: float,
+    saved: SavedProgress,
+    log: Log,
 ) -> float:
-    """Empirical Lipschitz lower bound of the logits map near test images (adversarial search);
-    above the certified ``bound`` it would prove the certificate wrong, so that fails the job."""
+    """Empirical Lipschitz lower bound of the logits map near test images (adversarial search,
+    resumable from ``saved``); above the certified ``bound`` it would prove the certificate
+    wrong, so that fails the job."""
     audit = ev["lipschitz_search"]
     lower = robustness.lipschitz_lower_bound(
-        model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed, log
-    )
+        model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed, log,
+        saved.section("lipschitz_search"), saved.stop_point,
+    )  # fmt: skip
     if lower > bound:
         raise robustness.InvariantError(
             f"classifier: empirical Lipschitz {lower:.6g} exceeds the certified bound {bound:.6g}"
@@ -508,9 +516,9 @@ def evaluate_denoiser(
     spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
     """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz.
-    Each group of ``evaluate.group_size`` denoised test images, then the empirical Lipschitz
-    bound, is saved in ``workdir`` as it ends: a killed job's rerun resumes there (SIGTERM stops
-    it before its next unit, exit 75)."""
+    Each group of ``evaluate.group_size`` denoised test images, then each tenth of the
+    empirical Lipschitz search and its bound, is saved in ``workdir`` as it ends: a killed
+    job's rerun resumes there (SIGTERM stops it before its next unit, exit 75)."""
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     ev, audit = spec["evaluate"], spec["evaluate"]["lipschitz_search"]
     clean, noisy = _noisy_test(spec, data_path, device)
@@ -536,7 +544,8 @@ def evaluate_denoiser(
             progress.stop_point()
             progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
                 model, noisy[: audit["images"]], audit["steps"], audit["lr"],
-                audit["delta_scale"], spec["seed"], log,
+                audit["delta_scale"], spec["seed"], log, progress.section("lipschitz_search"),
+                progress.stop_point,
             )  # fmt: skip
     lower = float(progress["empirical_lipschitz"])
     if lower > bound:
