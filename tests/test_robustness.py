@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import itertools
 import math
 import re
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from conftest import tf32_flags
 from torch import Tensor, nn
 
+from stablenets.evaluation import radius_sweep
 from stablenets.evaluation.radius_sweep import (
     SearchModel,
     SweepPlan,
@@ -46,6 +49,7 @@ from stablenets.evaluation.robustness import (
     predict,
     robust_accuracy_curve,
 )
+from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.operators import full_float32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -722,6 +726,12 @@ class StopAt:
         self.saved.append(copy.deepcopy(state.to_dict()))
 
 
+def resume_points(stop: StopAt, state: SweepState) -> list[SweepState]:
+    """The states a rerun may start from: the state as returned (what the job saves when a
+    search returns early) and the last one saved after a batch."""
+    return [SweepState(**copy.deepcopy(d)) for d in [state.to_dict(), *stop.saved[-1:]]]
+
+
 def test_a_sweep_stopped_before_any_batch_and_resumed_from_its_saved_state_gives_the_same_result():
     model, x, y, lip = linear_case(4)
     strong = partial(pgd_l2, steps=30, rel_step=0.05, restarts=2)
@@ -730,41 +740,55 @@ def test_a_sweep_stopped_before_any_batch_and_resumed_from_its_saved_state_gives
     )
     full = run_sweep(model, x, y, plan, lip)
     m, correct = margins(model, x, y, 64)
-    for at in (2, 4, 7):
+    for at in (1, 2, 4, 7):
         stop = StopAt(at)
         state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
         sweep(model, x, y, plan, state, save=stop.save, stop=stop, log=lambda line: None)
         assert stop.polls == at and state.radius_index < len(plan.radii)  # returned with work left
-        resumed = run_sweep_from(model, x, y, plan, SweepState(**stop.saved[-1]))
-        for key in ("break_radius", "pgd_break_radius", "certified_radius"):
-            assert torch.equal(getattr(resumed, key), getattr(full, key)), (at, key)
+        for start in resume_points(stop, state):
+            resumed = run_sweep_from(model, x, y, plan, start)
+            for key in ("break_radius", "pgd_break_radius", "certified_radius"):
+                assert torch.equal(getattr(resumed, key), getattr(full, key)), (at, key)
     swept = sweep(model, x, y, plan, SweepState.start(full.correct, full.certified_radius, 3),
                   log=lambda line: None)  # fmt: skip
-    for at in (2, 3, 4):  # now inside the bisection (4 batches)
+    for at in (1, 2, 3, 4):  # now inside the bisection (4 batches)
         stop = StopAt(at)
         state = SweepState(**copy.deepcopy(swept.to_dict()))
         bisect(model, x, y, plan, state, save=stop.save, stop=stop, log=lambda line: None)
         assert stop.polls == at, at  # the stop landed inside the bisection
-        resumed = run_sweep_from(model, x, y, plan, SweepState(**stop.saved[-1]))
-        assert torch.equal(resumed.break_radius, full.break_radius), at
+        for start in resume_points(stop, state):
+            resumed = run_sweep_from(model, x, y, plan, start)
+            assert torch.equal(resumed.break_radius, full.break_radius), at
 
 
-def test_a_stop_asked_during_the_last_batch_lets_the_sweep_and_the_bisection_finish():
+def test_a_stop_asked_during_the_last_attack_call_is_never_seen_so_the_job_finishes(monkeypatch):
+    """The sweep and the bisection poll ``stop`` before each batch, none after the last: a
+    signal that arrives while the last batch is attacked never answers true, so the job
+    (``pipeline.jobs._sweep``, which stops only on a true answer) writes its result."""
     model, x, y, lip = linear_case(4)
     plan = sweep_plan(
         strong=partial(pgd_l2, steps=30, rel_step=0.05, restarts=2),
         strong_radii=frozenset({0.2}), bisect_radii=np.linspace(0.05, 0.5, 10),
     )  # fmt: skip
+    real, calls = radius_sweep._attack_batch, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(radius_sweep, "_attack_batch", counted)
     full = run_sweep(model, x, y, plan, lip)
+    total, answers = len(calls), []
+    calls.clear()
+
+    def stop() -> bool:  # the signal arrives once the last attack call has started
+        answers.append(len(calls) >= total)
+        return answers[-1]
+
     state = SweepState.start(full.correct, full.certified_radius, plan.seed)
-    counting = StopAt(math.inf)
-    sweep(model, x, y, plan, state, stop=counting, log=lambda line: None)
-    bisect(model, x, y, plan, state, stop=counting, log=lambda line: None)
-    assert counting.polls > 3  # one poll per batch, none after the last
-    last = StopAt(counting.polls + 1)  # the stop arrives during the last batch
-    state = SweepState.start(full.correct, full.certified_radius, plan.seed)
-    sweep(model, x, y, plan, state, stop=last, log=lambda line: None)
-    bisect(model, x, y, plan, state, stop=last, log=lambda line: None)
+    sweep(model, x, y, plan, state, stop=stop, log=lambda line: None)
+    bisect(model, x, y, plan, state, stop=stop, log=lambda line: None)
+    assert len(calls) == total and len(answers) > 3 and not any(answers)
     assert state.radius_index == len(plan.radii) and not (state.lo < state.hi).any()
     assert torch.equal(state.break_radius, full.break_radius)
 
@@ -1096,30 +1120,63 @@ def test_the_lipschitz_search_measures_the_network_not_the_rounding_of_its_float
     assert next(model.parameters()).dtype == torch.float32  # the model itself is left as it was
 
 
-class Stop(Exception):
-    """What a job's stop point raises (``Interrupted``), here raised at a chosen save."""
+class SignalAt(StopFlag):
+    """A ``StopFlag`` whose signal arrives during a chosen step of a Lipschitz search (no real
+    signal): a forward pre-hook counts the search's passes, two per step."""
+
+    def __init__(self, model: nn.Module, step: int) -> None:
+        super().__init__()
+        self.passes = 0
+
+        def count(module: nn.Module, args: tuple) -> None:
+            self.passes += 1
+            if self.passes == 2 * step:
+                self.signum = signal.SIGTERM
+
+        model.register_forward_pre_hook(count)  # the search's float64 copy keeps the hook
 
 
-@pytest.mark.parametrize("stopped_at", [1, 4, 9])
-def test_a_lipschitz_search_stopped_at_a_save_resumes_to_the_uninterrupted_ratio(stopped_at):
-    model, x = random_linear(4, seed=41), inner_points(3, seed=42)
-    settings = dict(steps=30, lr=1e-2, seed=5)
-    whole = lipschitz_lower_bound(model, x, **settings)
-    saved: dict = {}
-    saves = iter(range(1, 11))
+def tanh_net() -> nn.Module:
+    """A seeded nonlinear map: its ratio depends on the base point, and need not grow."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Flatten(), nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
 
-    def stop_point() -> None:
-        if next(saves) == stopped_at:
-            raise Stop
 
-    with pytest.raises(Stop):
-        lipschitz_lower_bound(model, x, **settings, saved=saved, stop_point=stop_point)
-    assert saved["state"]["step"] == 3 * stopped_at  # a save every tenth of the 31 steps
+def through_a_file(saved: dict) -> dict:
+    """``saved`` written and read back as a job's progress file is."""
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# lr 0.01: the ratio grows to the end (it depends on x' and d); lr 0.3: the largest ratio is
+# found in the first steps and never again (it depends on the saved largest ratio)
+@pytest.mark.parametrize(("signalled", "lr"), [(1, 1e-2), (7, 1e-2), (30, 1e-2), (7, 0.3)])
+def test_a_lipschitz_search_stopped_by_a_signal_resumes_to_the_uninterrupted_ratio(signalled, lr):
+    x, settings = inner_points(3, seed=42), dict(steps=30, lr=lr, seed=5)
+    whole = lipschitz_lower_bound(tanh_net(), x, **settings)
+    model, saved = tanh_net(), {}
+    stop = SignalAt(model, signalled)
+    with pytest.raises(Interrupted, match=f"after step {signalled} of 31, its state saved"):
+        lipschitz_lower_bound(model, x, **settings, saved=saved, stop=stop)
+    assert saved["state"]["step"] == signalled  # the step it was in ended first
     lines: list[str] = []
-    resumed = lipschitz_lower_bound(model, x, **settings, log=lines.append, saved=saved)
-    assert resumed == whole  # bit for bit: Adam's moments and the largest ratio came back
-    assert lines[0] == f"Lipschitz search: resuming at step {3 * stopped_at + 1}/31"
-    assert lines[1].startswith(f"Lipschitz search step {3 * stopped_at + 3}/31: ")
+    resumed = lipschitz_lower_bound(
+        tanh_net(), x, **settings, log=lines.append, saved=through_a_file(saved)
+    )
+    assert resumed == whole  # bit for bit: x', d, Adam's moments and the largest ratio came back
+    assert lines[0] == f"Lipschitz search: resuming at step {signalled + 1}/31"
+
+
+def test_a_lipschitz_search_saves_every_tenth_and_a_signal_in_its_last_step_lets_it_end():
+    x, settings = inner_points(3, seed=42), dict(steps=30, lr=1e-2, seed=5)
+    whole = lipschitz_lower_bound(tanh_net(), x, **settings)
+    model, saved = tanh_net(), {}
+    stop = SignalAt(model, 31)
+    assert lipschitz_lower_bound(model, x, **settings, saved=saved, stop=stop) == whole
+    assert stop.raised and saved["state"]["step"] == 30  # its last tenth, what a SIGKILL leaves
+    assert lipschitz_lower_bound(tanh_net(), x, **settings, saved=through_a_file(saved)) == whole
 
 
 def test_the_lipschitz_search_is_a_lower_bound_and_logs_a_tenth_of_its_steps_without_changing_it():

@@ -323,7 +323,7 @@ def evaluate_classifier(
     radius sweep (``radius_sweep.sweep``) attacks each point only where it can change a number,
     audits a sample of certified points; its state, then each tenth of the empirical Lipschitz
     search and its bound, are saved in ``workdir``: a killed job's rerun resumes there (SIGTERM
-    stops it before its next batch or tenth of the search, exit 75)."""
+    stops it before its next batch or search step, exit 75)."""
     model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
     x, y = _split(data_path, "test", "classification")
@@ -421,7 +421,7 @@ def _classifier_lower_bound(
     audit = ev["lipschitz_search"]
     lower = robustness.lipschitz_lower_bound(
         model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed, log,
-        saved.section("lipschitz_search"), saved.stop_point,
+        saved.section("lipschitz_search"), saved.stop,
     )  # fmt: skip
     if lower > bound:
         raise robustness.InvariantError(
@@ -518,7 +518,8 @@ def evaluate_denoiser(
     """PSNR per test image under a fixed, seeded noise draw; certified and empirical Lipschitz.
     Each group of ``evaluate.group_size`` denoised test images, then each tenth of the
     empirical Lipschitz search and its bound, is saved in ``workdir`` as it ends: a killed
-    job's rerun resumes there (SIGTERM stops it before its next unit, exit 75)."""
+    job's rerun resumes there (SIGTERM stops it before its next group or search step, exit
+    75)."""
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     ev, audit = spec["evaluate"], spec["evaluate"]["lipschitz_search"]
     clean, noisy = _noisy_test(spec, data_path, device)
@@ -545,7 +546,7 @@ def evaluate_denoiser(
             progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
                 model, noisy[: audit["images"]], audit["steps"], audit["lr"],
                 audit["delta_scale"], spec["seed"], log, progress.section("lipschitz_search"),
-                progress.stop_point,
+                progress.stop,
             )  # fmt: skip
     lower = float(progress["empirical_lipschitz"])
     if lower > bound:
