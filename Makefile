@@ -85,10 +85,8 @@ device-kit: $(STAMP)
 	@echo "$$(ls $(DEVICE_KIT)/whl | wc -l) wheels in $(DEVICE_KIT)/whl"
 	du -sh $(DEVICE_KIT)
 
-# Two workers (pytest-xdist): one runs the smoke DAG and the tests that read it (about half the
-# suite's time, much of it waiting on SLURM), the other everything else (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/pytest -q
 
 # tests/test_layers.py: the layering contract (nn < evaluation, data < train < pipeline < bench)
 # and the library's imports without the pipeline extra; basedpyright: the types (pyproject.toml).

@@ -1,6 +1,5 @@
-"""Shared test setup: one torch thread per test module, a cartoon test image, the smoke
-pipeline run once per session, and the tests' split between two workers (``make test`` runs
-``pytest -n 2 --dist loadgroup``)."""
+"""Shared test setup: one torch thread per test module, a cartoon test image, and the smoke
+pipeline run once per session."""
 
 from __future__ import annotations
 
@@ -10,15 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from workflow_helpers import SMOKE_PROFILE, copy_workflow, snakemake
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that reads the session's smoke run (``smoke_run``), the end-to-end SLURM test
-    among them, in one group: one worker runs the smoke DAG once and them in order, while the
-    other runs the rest (pytest-xdist's ``loadgroup``; a run without ``-n`` ignores it)."""
-    for item in items:
-        if "smoke_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("smoke_run"))
 
 
 @pytest.fixture(autouse=True, scope="module")
