@@ -675,8 +675,9 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     while a training job runs; the same ``make smoke`` again clears the dead Snakemake's lock,
     redoes the incomplete jobs, resumes the training from its checkpoint and ends with the
     uninterrupted run's tables and weights. The same seed gives bit-identical results: the
-    datasets, a denoiser's evaluation file, weights and training log (all but timings and
-    provenance) equal those of the session's smoke run, made in another copy."""
+    datasets, a denoiser's evaluation file, weights and training log (all but timings,
+    provenance and ``RUN_HISTORY``) equal those of the session's smoke run, made in another
+    copy."""
     work = copy_workflow(tmp_path / "wf")
     t0 = time.monotonic()
     first = make_smoke(work, tmp_path / "first.out")

@@ -384,9 +384,10 @@ def sweep(
     attacks exactly the batches an uninterrupted run would (seeds per radius, pass and batch).
     ``stop()`` is polled before every batch: when true, the state is returned as it stands, with
     that batch not begun (``state.radius_index < len(plan.radii)``); after the last batch it is
-    not polled, so a stop asked during it lets the sweep finish. One log line per radius (and after a batch when
-    ``log_every_s`` passed since the last): radius, points left, robust accuracy so far, elapsed
-    time, ETA; and while one attack call runs longer, a line every ``log_every_s`` naming it.
+    not polled, so a stop asked during it lets the sweep finish. One log line per radius (and
+    after a batch when ``log_every_s`` passed since the last): radius, points left, robust
+    accuracy so far, elapsed time, ETA; and while one attack call runs longer, a line every
+    ``log_every_s`` naming it.
     """
     device = model_device(model)
     started, last_line = time.perf_counter(), time.perf_counter()

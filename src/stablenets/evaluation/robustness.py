@@ -570,8 +570,8 @@ def lipschitz_lower_bound(
     Resumable: at each of those tenths the search's state (its step, ``x'``, ``d``, Adam's
     moments, the largest ratio) goes into ``saved["state"]`` (a job passes a section of its
     saved progress, ``pipeline.resume``), and after any step but the last once ``stop`` says a
-    signal arrived, which then ends the search (``Interrupted``): a step takes a minute at
-    paper size on a CPU, a tenth half an hour. A search given a ``saved`` that holds a state
+    signal arrived, which then ends the search (``Interrupted``): at paper size on a CPU a step
+    takes minutes, a tenth about half an hour. A search given a ``saved`` that holds a state
     goes on from it to the ratio an uninterrupted search finds.
     """
     exact = copy.deepcopy(model).double()
