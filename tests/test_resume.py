@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -304,7 +305,8 @@ def test_a_denoiser_evaluation_resumes_after_its_last_saved_group_then_searches_
     path = tmp_path / "work" / "progress.pt"
     saved = torch.load(path, weights_only=True)
     assert sorted(saved["groups"]) == [0, 2, 4] and "empirical_lipschitz" in saved
-    del saved["empirical_lipschitz"], saved["lipschitz_search"]
+    assert "lipschitz_search" not in saved  # its state leaves once the bound is saved
+    del saved["empirical_lipschitz"]
     saved["groups"] = {0: saved["groups"][0]}
     torch.save(saved, path)
     (tmp_path / "result.h5").unlink()
@@ -341,3 +343,24 @@ def test_sigterm_stops_a_deblurring_job_before_its_next_unit_with_exit_75(deblur
     assert proc.returncode == 75, err
     assert f"progress {path} written; rerun to resume" in err and "Traceback" not in err
     assert 2 <= saved_entries(path, "validation") < len(weights(deblurring, "tv-deblur"))
+
+
+def test_sigterm_in_a_denoisers_lipschitz_search_saves_its_state_and_names_the_progress_file(
+    deblurring, tmp_path
+):
+    proc = subprocess.Popen(
+        command(deblurring, "evaluate-denoiser", tmp_path), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    path = tmp_path / "work" / "progress.pt"
+    deadline = time.time() + 300
+    while saved_entries(path, "lipschitz_search") < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    stopped = "the Lipschitz search stopped after step [0-9]+ of 26, its state saved in "
+    assert re.search(stopped + re.escape(f"{path}; rerun to resume"), err), err
+    assert "Traceback" not in err
+    saved = torch.load(path, weights_only=True)
+    assert "empirical_lipschitz" not in saved and saved["lipschitz_search"]["state"]["step"] > 0

@@ -634,6 +634,6 @@ def _ratio_search(
         if stop is not None and stop.raised:
             raise Interrupted(
                 f"signal {stop.signum}: the Lipschitz search stopped after step {k} of "
-                f"{steps + 1}{', its state saved' if saved is not None else ''}; rerun to resume"
+                f"{steps + 1}{', its state saved' if saved is not None else ''}"
             )
     return best

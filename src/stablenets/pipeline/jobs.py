@@ -18,7 +18,7 @@ import torch
 
 from stablenets import data
 from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
-from stablenets.interrupt import StopFlag
+from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.losses import loss_label
 from stablenets.nn.models import (
     CLASSIFIERS,
@@ -350,11 +350,9 @@ def evaluate_classifier(
             if graphs := plan.search.summary():
                 log(graphs)
             plan.search.release()
-        if "empirical_lipschitz" not in saved:
-            saved.stop_point()
-            saved["empirical_lipschitz"] = _classifier_lower_bound(
-                model, x.to(device), ev, spec["seed"], lip, saved, log
-            )
+        lower = _empirical_lipschitz(
+            model, x.to(device), ev, spec["seed"], lip, "classifier", saved, log
+        )
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
     # holds by construction (the sweep fails on a break radius below a certified one): a guard
@@ -374,7 +372,7 @@ def evaluate_classifier(
         "epoch_time_s": extra.get("epoch_time_s", math.nan),
         "peak_memory_mb": extra.get("peak_memory_mb", math.nan),
         "base_width": getattr(model, "base_width", math.nan),
-        "empirical_lipschitz": float(saved["empirical_lipschitz"]),
+        "empirical_lipschitz": lower,
         "best_step": extra.get("best_step", -1),
         "n_test": len(y),
         "strong_method": radius_sweep.strong_label(ev["strong"], ev["precision"]),
@@ -406,26 +404,37 @@ def _per_point(state: radius_sweep.SweepState, pass_name: str) -> float:
     return state.seconds[pass_name] / n if n else math.nan
 
 
-def _classifier_lower_bound(
-    model: StableModel,
+def _empirical_lipschitz(
+    model: torch.nn.Module,
     x: torch.Tensor,
     ev: dict,
     seed: int,
     bound: float,
-    saved: SavedProgress,
+    what: str,
+    progress: SavedProgress,
     log: Log,
 ) -> float:
-    """Empirical Lipschitz lower bound of the logits map near test images (adversarial search,
-    resumable from ``saved``); above the certified ``bound`` it would prove the certificate
-    wrong, so that fails the job."""
-    audit = ev["lipschitz_search"]
-    lower = robustness.lipschitz_lower_bound(
-        model, x[: audit["images"]], audit["steps"], audit["lr"], audit["delta_scale"], seed, log,
-        saved.section("lipschitz_search"), saved.stop,
-    )  # fmt: skip
+    """Empirical Lipschitz lower bound of ``model`` near the first ``lipschitz_search.images``
+    of ``x`` (``robustness.lipschitz_lower_bound``), saved in ``progress``: the search's state
+    (section ``lipschitz_search``, tens of MB on the paper's full-size images) until its bound
+    is saved, then the bound alone. Above the certified ``bound`` it would prove the
+    certificate wrong, which fails the job (``what`` names the model)."""
+    search = ev["lipschitz_search"]
+    if "empirical_lipschitz" not in progress:
+        progress.stop_point()
+        try:
+            progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
+                model, x[: search["images"]], search["steps"], search["lr"],
+                search["delta_scale"], seed, log, progress.section("lipschitz_search"),
+                progress.stop,
+            )  # fmt: skip
+        except Interrupted as stopped:
+            raise Interrupted(f"{stopped} in {progress.path}; rerun to resume") from None
+    progress.pop("lipschitz_search", None)  # a kill before this keeps both: a rerun ends here
+    lower = float(progress["empirical_lipschitz"])
     if lower > bound:
         raise robustness.InvariantError(
-            f"classifier: empirical Lipschitz {lower:.6g} exceeds the certified bound {bound:.6g}"
+            f"{what}: empirical Lipschitz {lower:.6g} exceeds the certified bound {bound:.6g}"
         )
     return lower
 
@@ -521,7 +530,7 @@ def evaluate_denoiser(
     job's rerun resumes there (SIGTERM stops it before its next group or search step, exit
     75)."""
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
-    ev, audit = spec["evaluate"], spec["evaluate"]["lipschitz_search"]
+    ev = spec["evaluate"]
     clean, noisy = _noisy_test(spec, data_path, device)
     size = (clean.shape[-2], clean.shape[-1])
     bound, alpha = model.lipschitz_bound(size), model.averagedness(size)
@@ -541,18 +550,8 @@ def evaluate_denoiser(
         sets, crops = _denoised_in_groups(
             progress, clean, noisy, denoise, ev, ev["group_size"], "denoiser", log
         )
-        if "empirical_lipschitz" not in progress:
-            progress.stop_point()
-            progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
-                model, noisy[: audit["images"]], audit["steps"], audit["lr"],
-                audit["delta_scale"], spec["seed"], log, progress.section("lipschitz_search"),
-                progress.stop,
-            )  # fmt: skip
-    lower = float(progress["empirical_lipschitz"])
-    if lower > bound:
-        raise robustness.InvariantError(
-            f"denoiser {spec['variant']!r}: empirical Lipschitz {lower:.6g} exceeds the certified "
-            f"bound {bound:.6g}"
+        lower = _empirical_lipschitz(
+            model, noisy, ev, spec["seed"], bound, f"denoiser {spec['variant']!r}", progress, log
         )
     attrs = {
         "variant": spec["variant"],
