@@ -329,38 +329,33 @@ def test_the_deblurring_jobs_log_a_line_per_group_and_pnp_checks_every_image(deb
         assert fh.attrs["nonincreasing"] and (fh["iterations"][()] == PNP["max_iter"]).all()
 
 
-def test_sigterm_stops_a_deblurring_job_before_its_next_unit_with_exit_75(deblurring, tmp_path):
+def sigterm_when_saved(deblurring: dict, job: str, section: str, out: Path) -> tuple[Path, str]:
+    """Runs ``job``, sends it SIGTERM once its progress file holds an entry of ``section``, and
+    checks it exits 75 without a traceback; its progress file and stderr."""
     proc = subprocess.Popen(
-        command(deblurring, "tv-deblur", tmp_path), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    path = tmp_path / "work" / "progress.pt"
+        command(deblurring, job, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    path = out / "work" / "progress.pt"
     deadline = time.time() + 300
-    while saved_entries(path, "validation") < 1 and time.time() < deadline:
+    while saved_entries(path, section) < 1 and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err
-    assert f"progress {path} written; rerun to resume" in err and "Traceback" not in err
+    assert proc.returncode == 75 and "Traceback" not in err, err
+    return path, err
+
+
+def test_sigterm_stops_a_deblurring_job_before_its_next_unit_with_exit_75(deblurring, tmp_path):
+    path, err = sigterm_when_saved(deblurring, "tv-deblur", "validation", tmp_path)
+    assert f"progress {path} written; rerun to resume" in err
     assert 2 <= saved_entries(path, "validation") < len(weights(deblurring, "tv-deblur"))
 
 
 def test_sigterm_in_a_denoisers_lipschitz_search_saves_its_state_and_names_the_progress_file(
     deblurring, tmp_path
 ):
-    proc = subprocess.Popen(
-        command(deblurring, "evaluate-denoiser", tmp_path), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    path = tmp_path / "work" / "progress.pt"
-    deadline = time.time() + 300
-    while saved_entries(path, "lipschitz_search") < 1 and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err
+    path, err = sigterm_when_saved(deblurring, "evaluate-denoiser", "lipschitz_search", tmp_path)
     stopped = "the Lipschitz search stopped after step [0-9]+ of 26, its state saved in "
     assert re.search(stopped + re.escape(f"{path}; rerun to resume"), err), err
-    assert "Traceback" not in err
     saved = torch.load(path, weights_only=True)
     assert "empirical_lipschitz" not in saved and saved["lipschitz_search"]["state"]["step"] > 0
