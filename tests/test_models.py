@@ -14,10 +14,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import stablenets
-from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, compose_averaged
+from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.nn.families import AOLBlock, OrthogonalBlock, SLLBlock
 from stablenets.nn.losses import build_loss
 from stablenets.nn.models import (
     CLASSIFIERS,
+    DENOISER_BLOCKS,
     MODELS,
     build_model,
     load_model,
@@ -60,6 +62,8 @@ DENOISERS = [
 ]
 
 RESULTS: dict[str, tuple[float, float]] = {}  # label -> (largest ratio found, bound)
+
+BLOCKS = (NonexpansiveBlock, ResidualBlock, SLLBlock, AOLBlock, OrthogonalBlock)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -251,6 +255,48 @@ def test_a_classifier_refuses_inputs_of_another_size_than_its_certificate():
     model(torch.zeros(1, 3, *size, dtype=torch.float64))
     with pytest.raises(ValueError, match=rf"certified for \({size[0]}, {size[1]}\) inputs, got"):
         model(torch.zeros(1, 3, size[0] // 2, size[1] // 2, dtype=torch.float64))
+
+
+# Every model, the denoiser with each of its blocks: a model's bound certifies each block at its
+# stage's image size, so no block may change that size, whatever kernel a user asks for.
+EVERY_MODEL = [(name, {}) for name in MODELS if name != "nonexpansive_denoiser"] + [
+    ("nonexpansive_denoiser", {"block": block}) for block in DENOISER_BLOCKS
+]
+# Blocks of pairs A^T A (the paper's, CPL, SLL) or of circular convolutions (orthogonal) keep the
+# size with every kernel; those of one zero-padded convolution a step keep it with odd ones only.
+ONE_CONVOLUTION = {"aol_classifier", "resnet_classifier", "dncnn", "aol"}
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4])
+@pytest.mark.parametrize(("name", "extra"), EVERY_MODEL)
+def test_every_block_keeps_its_image_size_or_the_model_refuses_the_kernel(name, extra, kernel_size):
+    """An even kernel with padding ``k // 2`` grows the image by a pixel a convolution: an AOL
+    block would then run on a larger grid than its bound was certified for (a review measured
+    an AOL classifier's logits at 21x its bound so). A model of such blocks refuses an even
+    kernel in one line; the others take it and keep every block's size."""
+    small = SMALL.get(name, SMALL["nonexpansive_classifier"] if name in CLASSIFIERS else {})
+    kwargs = {**small, **extra, "kernel_size": kernel_size}
+    refuses = kernel_size % 2 == 0 and {name, extra.get("block")} & ONE_CONVOLUTION
+    if refuses:
+        with pytest.raises(
+            ValueError, match=f"odd kernel_size to keep the image size; got {kernel_size}"
+        ):
+            build_model(name, **kwargs)
+        return
+    model = build_model(name, **kwargs).double().eval()
+    changed = []
+
+    def keeps_size(block: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        if out.shape != inputs[0].shape:
+            changed.append((type(block).__name__, tuple(inputs[0].shape), tuple(out.shape)))
+
+    hooked = [b.register_forward_hook(keeps_size) for b in model.modules() if isinstance(b, BLOCKS)]
+    size = model.sizes[0] if name in CLASSIFIERS else model.input_size
+    x = torch.rand(1, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    assert not changed, changed
+    assert hooked or out.shape == x.shape  # DnCNN: layers, no blocks; x - net(x) keeps the size
 
 
 @pytest.mark.parametrize("residual", [False, True])

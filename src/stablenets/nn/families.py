@@ -47,7 +47,13 @@ from torch.nn import functional as F
 
 from stablenets.nn.activations import MonotoneActivation, build_activation
 from stablenets.nn.blocks import INIT_POWER_ITERS, NonexpansiveBlock
-from stablenets.nn.operators import Conv2dOperator, LinearOperator, autocast_off, spatial_size
+from stablenets.nn.operators import (
+    Conv2dOperator,
+    LinearOperator,
+    autocast_off,
+    same_padding,
+    spatial_size,
+)
 
 __all__ = [
     "FAMILIES",
@@ -416,7 +422,9 @@ def build_family_block(
 ) -> FamilyBlock:
     """One ``width -> width`` block of ``family`` acting on ``size`` images (zero padding
     ``kernel_size // 2``, circular for ``orthogonal``; ``power_size``: the power-iteration grid
-    of ``cpl``, see ``Conv2dOperator``)."""
+    of ``cpl``, see ``Conv2dOperator``). Every block keeps the image size, which the models'
+    bounds assume (each block is certified at its stage's size): ``aol``, a single convolution,
+    takes only an odd ``kernel_size`` (``same_padding``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown block family {family!r}; allowed: {list(FAMILIES)}")
     if family == "cpl" and integrator != "euler":
@@ -425,7 +433,7 @@ def build_family_block(
     if family == "orthogonal":
         return OrthogonalBlock(CayleyConv(width, kernel_size), act)
     if family == "aol":
-        pad = kernel_size // 2
+        pad = same_padding(kernel_size, "block 'aol'")
         conv = AOLConv(width, width, kernel_size, size, power_size, padding=pad, dirac_init=True)
         return AOLBlock(conv, act)
     conv = Conv2dOperator(width, width, kernel_size, size, power_size, padding=kernel_size // 2)

@@ -38,7 +38,7 @@ from stablenets.nn.blocks import (
     compose_averaged,
 )
 from stablenets.nn.families import FAMILIES, FamilyBlock, build_family_block
-from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator
+from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator, same_padding
 
 __all__ = [
     "Classifier",
@@ -123,8 +123,8 @@ def _block_factory(
     """Return ``make(width, size)`` building one block of the requested kind (the paper's
     blocks start at norm ``init_norm``, with PyTorch's biases when ``torch_bias``)."""
 
-    def conv(width: int, size: Size) -> Conv2dOperator:
-        op = Conv2dOperator(width, width, kernel, size, padding=kernel // 2)
+    def conv(width: int, size: Size, padding: int = kernel // 2) -> Conv2dOperator:
+        op = Conv2dOperator(width, width, kernel, size, padding=padding)
         return _torch_biased(op, torch_bias)
 
     def make(width: int, size: Size) -> Block:
@@ -138,7 +138,10 @@ def _block_factory(
                 init_norm=init_norm,
             )
         if block == "residual":
-            return ResidualBlock(conv(width, size), conv(width, size), build_activation(activation))
+            pad = same_padding(kernel, "block 'residual'")
+            return ResidualBlock(
+                conv(width, size, pad), conv(width, size, pad), build_activation(activation)
+            )
         if block in FAMILIES:
             return build_family_block(block, width, size, kernel, activation, theta, integrator)
         raise ValueError(f"unknown block {block!r}; allowed: {list(BLOCKS)}")
@@ -353,10 +356,13 @@ class NonexpansiveDenoiser(StableModel):
         return alpha
 
     def averagedness(self, input_size: Size | None = None) -> float | None:
-        """alpha-averagedness of the ``eval()`` denoiser, or ``None`` when nothing is guaranteed.
+        """alpha-averagedness of the ``eval()`` denoiser on ``input_size`` images (default: the
+        size it was built for), or ``None`` when nothing is guaranteed.
 
         ``P^T T P`` keeps ``T``'s averagedness; ``I - N`` is ``(1 - alpha)``-averaged when ``N`` is
-        alpha-averaged with ``alpha <= 1/2``.
+        alpha-averaged with ``alpha <= 1/2``. The denoiser runs on any size, and its sub-step
+        counts, so alpha, follow the certified norms at that size: ask for the size it runs on
+        (a smaller image may take fewer sub-steps and be less averaged).
         """
         alpha = self._network_averagedness(input_size or self.input_size)
         if alpha is None or not self.residual:
@@ -387,7 +393,7 @@ class DnCNN(StableModel):
     ) -> None:
         super().__init__()
         self.input_size = _size(input_size)
-        pad = kernel_size // 2
+        pad = same_padding(kernel_size, "dncnn")
 
         def conv(cin: int, cout: int, bias: bool) -> Conv2dOperator:
             return Conv2dOperator(cin, cout, kernel_size, self.input_size, padding=pad, bias=bias)

@@ -56,6 +56,7 @@ __all__ = [
     "Conv2dOperator",
     "CERTIFICATE_SLACK",
     "conv_symbol_taps",
+    "same_padding",
     "torus_norm_bound",
     "power_iteration_all",
     "pinned_weights",
@@ -115,6 +116,18 @@ def spatial_size(x: torch.Tensor) -> tuple[int, int] | None:
     ``(C, H, W)``; ``None`` for a dense operator's ``(N, F)``. Certified bounds depend on it: a
     bound for another size is no bound."""
     return (x.shape[-2], x.shape[-1]) if x.dim() >= 3 else None
+
+
+def same_padding(kernel_size: int, what: str) -> int:
+    """The zero padding ``(k - 1) / 2`` with which one stride-1 convolution of an odd
+    ``kernel_size`` keeps the image size; an even kernel cannot (``k // 2`` grows the image by a
+    pixel, ``(k - 2) / 2`` shrinks it), which ``what`` (the layer asking) is told as a
+    ``ValueError``. A pair ``A^T A`` keeps the size with ``k // 2`` at any ``k``."""
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"{what} needs an odd kernel_size to keep the image size; got {kernel_size}"
+        )
+    return kernel_size // 2
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
