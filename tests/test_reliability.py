@@ -886,13 +886,15 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
                        "denoising.tv.group_size, which starts it again")  # fmt: skip
     fixed = cli._out_of_memory_line("prepare-data", {}, MemoryError())
     assert fixed.endswith("run it where more memory is free; a rerun starts it again")
-    ev = {"evaluate": {"batch_size": 5, "group_size": 20}}
+    ev = {"evaluate": {"batch_size": 5, "group_size": 20, "lipschitz_search": {"images": 2}}}
     denoiser = cli._out_of_memory_line("evaluate-denoiser", ev, err)
-    assert denoiser.endswith("lower denoising.evaluate.batch_size (now 5) or "
-                             "denoising.evaluate.group_size (now 20); what the job saved is kept, "
-                             "and a rerun resumes from it unless it changes "
-                             "denoising.evaluate.batch_size or denoising.evaluate.group_size, "
-                             "which starts it again")  # fmt: skip
+    assert denoiser.endswith("lower denoising.evaluate.batch_size (now 5), "
+                             "denoising.evaluate.group_size (now 20) or "
+                             "denoising.evaluate.lipschitz_search.images (now 2); what the job "
+                             "saved is kept, and a rerun resumes from it unless it changes "
+                             "denoising.evaluate.batch_size, denoising.evaluate.group_size or "
+                             "denoising.evaluate.lipschitz_search.images, which starts it again"
+                             ), denoiser  # fmt: skip
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(
@@ -1103,6 +1105,15 @@ BAD_CONFIGS = {
     "more PnP images than the test set": (
         {"pnp": {"n_images": 9}},
         "pnp.n_images: 9 is more than the BSDS500 test set (8 images)",
+    ),
+    "an evaluation on more test images than there are": (  # the caption would quote them
+        {"denoising": {"evaluate": {"n_test": 9}}},
+        "denoising.evaluate.n_test: 9 is more than the BSDS500 test set (8 images)",
+    ),
+    "a Lipschitz search on more images than are evaluated": (
+        {"classification": {"evaluate": {"lipschitz_search": {"images": 51}}}},
+        "classification.evaluate.lipschitz_search.images: 51 is more than the 50 test images "
+        "evaluated",
     ),
     "a TV deblurring weight chosen on more validation images than there are": (
         {"pnp": {"tv": {"val_images": 9}}},

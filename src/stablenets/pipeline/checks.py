@@ -58,6 +58,7 @@ def cross_field_errors(config: dict) -> list[str]:
             f"pnp.noise_level: {pnp['noise_level']} is not one of denoising.noise_levels "
             f"{config['denoising']['noise_levels']}"
         )
+    errors += _evaluation_size_errors(config, shapes)
     bsds = shapes["denoising"]
     if pnp["n_images"] > bsds.n_test:  # the job would deblur fewer, saying nothing
         errors.append(
@@ -82,6 +83,27 @@ def cross_field_errors(config: dict) -> list[str]:
                 "forward-backward iteration"
             )
     return errors + _job_time_errors(config, bsds)
+
+
+def _evaluation_size_errors(config: dict, shapes: dict[str, DataShape]) -> list[str]:
+    """Evaluations asked for more test images than there are: a job would evaluate fewer,
+    saying nothing, and the report's captions would quote the number asked."""
+    errors = []
+    for task, shape in shapes.items():
+        ev = config[task]["evaluate"]
+        asked, search = ev.get("n_test"), ev["lipschitz_search"]["images"]
+        if asked is not None and asked > shape.n_test:
+            errors.append(
+                f"{task}.evaluate.n_test: {asked} is more than the {shape.name} test set "
+                f"({shape.n_test} images)"
+            )
+        evaluated = min(asked or shape.n_test, shape.n_test)
+        if search > evaluated:
+            errors.append(
+                f"{task}.evaluate.lipschitz_search.images: {search} is more than the "
+                f"{evaluated} test images evaluated"
+            )
+    return errors
 
 
 def _data_shapes(config: dict) -> dict[str, DataShape]:

@@ -61,7 +61,10 @@ _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
     "evaluate-classifier": ([("classification.evaluate.batch_size", ("evaluate", "batch_size"))],
                             True),
     "evaluate-denoiser": ([("denoising.evaluate.batch_size", ("evaluate", "batch_size")),
-                           ("denoising.evaluate.group_size", ("evaluate", "group_size"))], True),
+                           ("denoising.evaluate.group_size", ("evaluate", "group_size")),
+                           # its float64 search takes them all at once: 6.5 GB for 2 at 321x481
+                           ("denoising.evaluate.lipschitz_search.images",
+                            ("evaluate", "lipschitz_search", "images"))], True),
     "pnp": ([("pnp.batch_size", ("pnp", "batch_size")),
              ("pnp.group_size", ("pnp", "group_size"))], True),
     "tv-deblur": ([("pnp.group_size", ("pnp", "group_size"))], True),
