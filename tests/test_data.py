@@ -384,6 +384,38 @@ def test_read_split_errors_name_the_problem(tmp_path):
     assert y is None and x.shape == (1, 1, 2, 2)
 
 
+def _hand_written(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:
+    """A dataset file made by hand, not by ``write_h5``, which would refuse some of these."""
+    with h5py.File(path, "w") as f:
+        f.attrs["num_classes"] = classes
+        f.create_dataset("test/images", data=images)
+        f.create_dataset("test/labels", data=labels)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (np.zeros((0, 3, 4, 4), np.uint8), np.zeros(0, np.int64), "split 'test' has no images"),
+        (np.zeros((3, 3, 4, 4), np.uint8), np.zeros(2, np.int64),
+         r"'labels' has shape \(2,\), expected first axis 3"),
+        (np.zeros((3, 3, 4, 4), np.uint8), np.array([0, 10, 11]),
+         r"test/labels holds 10, outside 0 \.\. 9 \(2 labels\)"),
+        (np.zeros((3, 3, 4, 4), np.uint8), np.array([0, -1, 2]),
+         r"test/labels holds -1, outside 0 \.\. 9 \(1 labels\)"),
+        (np.zeros((3, 3, 4, 4), np.uint8), np.zeros(3, np.float32), "'labels' must be a 1-D integer"),
+    ],
+)  # fmt: skip
+def test_a_hand_written_split_a_job_cannot_use_fails_in_one_line_naming_the_file(
+    tmp_path, images, labels, message
+):
+    """Without these checks the jobs failed deep inside: an IndexError in the loss or the
+    margins, a ZeroDivisionError in validation, an FFT error in PnP."""
+    path = _hand_written(tmp_path / "hand.h5", images, labels, classes=10)
+    with pytest.raises(D.DataError, match=f"hand.h5: .*{message}"):
+        D.read_split(path, "test")
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10
 # --------------------------------------------------------------------------------------------
