@@ -170,11 +170,19 @@ def test_data_rules_download_verify_and_convert_real_format_archives(tmp_path):
         assert fh["test/images"].shape[1:] == (3, 10, 14)
 
 
-def test_paper_scale_dry_run_lists_every_job():
-    run = snakemake(ROOT, "-n", "--quiet", "rules", timeout=300)
+def test_paper_scale_dry_run_lists_every_job(tmp_path):
+    """Also of a noise level whose path label has an exponent (``5e-05``: ``sigma_label``)."""
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["denoising"]["noise_levels"].append(5.0e-5)
+    overlay = tmp_path / "tiny_sigma.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"denoising": {"noise_levels": cfg["denoising"]["noise_levels"]}})
+    )
+    run = snakemake(
+        ROOT, "-n", "--quiet", "rules", "--configfile", "config.yaml", str(overlay), timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     text = run.stdout + run.stderr
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     n_cls = len(cfg["classification"]["variants"]) * len(cfg["seeds"])
     n_den = (
         len(cfg["denoising"]["variants"])

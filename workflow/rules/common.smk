@@ -27,7 +27,7 @@ wildcard_constraints:
     dataset="cifar10|bsds500",
     variant="[A-Za-z0-9_]+",
     seed="[0-9]+",
-    sigma="[0-9.]+",
+    sigma="[0-9.]+(e-[0-9]+)?",  # specs.sigma_label: 0.15, 5e-05
 
 
 def R(path):
