@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -295,13 +296,14 @@ def assert_same_but(expected: dict, got: dict, run_only: set[str]) -> None:
 
 
 def test_a_denoiser_evaluation_resumes_after_its_last_saved_group_then_searches_its_bound(
-    deblurring, tmp_path
+    deblurring, uninterrupted, tmp_path
 ):
     """Its groups take milliseconds, so the SIGKILL above lands after them, in its Lipschitz
-    search: here its progress file is cut back to one of its three groups, no search and no
-    bound, as a kill in its second group leaves it."""
-    run(deblurring, "evaluate-denoiser", tmp_path)
-    expected = numbers(tmp_path / "result.h5")
+    search: here the progress file an uninterrupted run left is cut back to one of its three
+    groups, no search and no bound, as a kill in its second group leaves it."""
+    done = uninterrupted("evaluate-denoiser")
+    expected = numbers(done)
+    shutil.copytree(done.parent / "work", tmp_path / "work")
     path = tmp_path / "work" / "progress.pt"
     saved = torch.load(path, weights_only=True)
     assert sorted(saved["groups"]) == [0, 2, 4] and "empirical_lipschitz" in saved
@@ -309,7 +311,6 @@ def test_a_denoiser_evaluation_resumes_after_its_last_saved_group_then_searches_
     del saved["empirical_lipschitz"]
     saved["groups"] = {0: saved["groups"][0]}
     torch.save(saved, path)
-    (tmp_path / "result.h5").unlink()
     resumed = run(deblurring, "evaluate-denoiser", tmp_path).stdout
     assert "denoiser: resuming from" in resumed and "1 of 3 image groups saved" in resumed
     assert "Lipschitz search step" in resumed and "search: resuming" not in resumed, resumed
