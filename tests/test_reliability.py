@@ -1333,6 +1333,19 @@ def test_a_job_on_the_other_tasks_dataset_or_on_a_missing_gpu_fails_with_one_lin
     one_error_line(capsys.readouterr().err, "device: 'cuda:99' requested but this machine has")
 
 
+def test_model_arguments_the_model_refuses_fail_training_in_one_line_naming_the_variant(
+    dataset, tmp_path, capsys
+):
+    """The config's checks know the arguments' names, not whether the model takes their values
+    (that needs building it: minutes for a paper-size AOL denoiser)."""
+    spec = {**SPEC, "kwargs": {**SPEC["kwargs"], "stages": 6}}
+    assert cli.main(train_args(spec, dataset, tmp_path)) == 1
+    one_error_line(
+        capsys.readouterr().err,
+        "classification.variants.tiny.kwargs: input_size 16 is too small for 6 stages",
+    )
+
+
 def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset, tmp_path, capsys):
     """What the job reads and the spec lacks, top-level or nested: one line, not a traceback.
     A KeyError that names a key the spec has (a bug inside the job) keeps its traceback."""

@@ -173,7 +173,11 @@ def train_model(
 ) -> None:
     """Train one (variant, seed); resumable from ``workdir``; writes the best model and its log."""
     device = _setup(spec)
-    model = build_model(spec["model"], **_model_kwargs(spec, data_path)).to(device)
+    kwargs = _model_kwargs(spec, data_path)
+    try:  # arguments the config's checks cannot judge without building it (minutes at paper size)
+        model = build_model(spec["model"], **kwargs).to(device)
+    except ValueError as err:
+        raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from None
     task = _task(spec, data_path, device)
     cfg = _settings(TrainConfig, "train", spec["train"], seed=int(spec["seed"]))
     chash = _progress_hash(spec)
