@@ -333,6 +333,20 @@ def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
         assert float(torch.linalg.matrix_norm(m, 2)) <= 1 + 1e-12
 
 
+@pytest.mark.parametrize("size", [(5, 6), (32, 32)])
+def test_a_dirac_initialised_aol_convolution_is_the_identity_and_its_power_vector_a_fixed_point(
+    size,
+):
+    """Why one power iteration at its construction is enough: another leaves it unchanged."""
+    torch.manual_seed(0)
+    conv = AOLConv(4, 4, 3, size, padding=1, dirac_init=True)
+    x = torch.randn(2, 4, *size)
+    assert torch.equal(conv(x), x) and float(conv.sigma_estimate) == 1.0
+    u = conv.u.clone()
+    conv.power_iteration(19)
+    assert torch.equal(conv.u, u) and float(conv.sigma_estimate) == 1.0
+
+
 def test_aol_refuses_a_rescaling_it_could_not_honour():
     """``P D`` is invariant under the weight's scale, so the scripts' ``rescale_`` would leave the
     norm where it was and return the old estimate; it says so instead."""
