@@ -1337,7 +1337,7 @@ def test_model_arguments_the_model_refuses_fail_training_in_one_line_naming_the_
     dataset, tmp_path, capsys
 ):
     """The config's checks know the arguments' names, not whether the model takes their values
-    (that needs building it: minutes for a paper-size AOL denoiser)."""
+    (that needs building every model: 30 s for the paper's on a CPU, at each Snakemake start)."""
     spec = {**SPEC, "kwargs": {**SPEC["kwargs"], "stages": 6}}
     assert cli.main(train_args(spec, dataset, tmp_path)) == 1
     one_error_line(

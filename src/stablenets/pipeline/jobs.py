@@ -174,7 +174,8 @@ def train_model(
     """Train one (variant, seed); resumable from ``workdir``; writes the best model and its log."""
     device = _setup(spec)
     kwargs = _model_kwargs(spec, data_path)
-    try:  # arguments the config's checks cannot judge without building it (minutes at paper size)
+    try:  # values the config's checks cannot judge without building every model (30 s at paper
+        # size on a CPU, at each Snakemake start)
         model = build_model(spec["model"], **kwargs).to(device)
     except ValueError as err:
         raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from None
