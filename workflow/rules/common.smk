@@ -4,6 +4,7 @@ import os
 import sys
 
 from stablenets.pipeline.config import validate_config
+from stablenets.pipeline.labels import SIGMA_LABEL
 from stablenets.pipeline.specs import FIGURES, TABLES, Jobs
 
 config.update(
@@ -27,7 +28,7 @@ wildcard_constraints:
     dataset="cifar10|bsds500",
     variant="[A-Za-z0-9_]+",
     seed="[0-9]+",
-    sigma="[0-9.]+(e-[0-9]+)?",  # specs.sigma_label: 0.15, 5e-05
+    sigma=SIGMA_LABEL,
 
 
 def R(path):

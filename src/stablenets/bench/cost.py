@@ -67,7 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from stablenets.pipeline.specs import RULE_KINDS, Jobs, sigma_label
+from stablenets.pipeline.labels import sigma_label
+from stablenets.pipeline.specs import RULE_KINDS, Jobs
 
 __all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost", "projected_by_rule"]
 

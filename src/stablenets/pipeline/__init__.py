@@ -6,6 +6,7 @@ Needs the ``pipeline`` extra. Logic lives in the layers below; these modules wir
 * :mod:`~stablenets.pipeline.checks`: the rules across keys (models against the data, schedules,
   attacks, PnP), each problem one line naming the key, before any job runs.
 * :mod:`~stablenets.pipeline.specs`: from the config to each job's JSON spec and target lists.
+* :mod:`~stablenets.pipeline.labels`: the noise level as the paths spell it (``sigma0.15``).
 * :mod:`~stablenets.pipeline.cli`: ``python -m stablenets <job>``, one entry point per rule.
 * :mod:`~stablenets.pipeline.jobs`: the training, evaluation and PnP jobs (files in, files out).
 * :mod:`~stablenets.pipeline.resume`: the progress a job saves as it goes (sweep states, image

@@ -223,7 +223,7 @@ def _job_time_errors(config: dict, bsds: DataShape) -> list[str]:
     the classifier evaluation's attacks and grid, denoiser patches larger than the images, and
     noise levels that share one path label (the second would never be trained)."""
     from stablenets.evaluation.radius_sweep import check_settings
-    from stablenets.pipeline.specs import sigma_label
+    from stablenets.pipeline.labels import sigma_label
 
     errors = []
     try:

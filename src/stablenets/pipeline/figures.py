@@ -37,6 +37,7 @@ from matplotlib.typing import LineStyleType
 
 from stablenets.atomic import atomic_path
 from stablenets.pipeline import outputs
+from stablenets.pipeline.labels import sigma_in_path
 from stablenets.pipeline.runtime import read_results
 
 __all__ = [
@@ -689,20 +690,13 @@ _PNP_SETS = (
 )
 
 
-def _sigma_from_path(path: Path) -> str:
-    for part in reversed(path.parts[:-1]):
-        if re.fullmatch(r"sigma[0-9.eE+-]+", part):
-            return part.removeprefix("sigma")
-    return ""
-
-
 def _pnp_labels(results: list[_Result]) -> dict[int, str]:
     """Legend label per result: the variant, plus the denoiser's σ when several are shown."""
-    sigmas = {_sigma_from_path(r.path) for r in results if r.name != "tv"}
+    sigmas = {sigma_in_path(r.path) for r in results if r.name != "tv"}
     several = len(sigmas) > 1
     labels = {}
     for i, r in enumerate(results):
-        sigma = _sigma_from_path(r.path)
+        sigma = sigma_in_path(r.path)
         labels[i] = f"{r.name} (σ = {sigma})" if several and sigma else r.name
     return labels
 

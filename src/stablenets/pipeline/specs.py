@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stablenets.pipeline import outputs
+from stablenets.pipeline.labels import sigma_label
 
 __all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS", "RUN_ONLY", "run_only"]
 
@@ -40,11 +41,6 @@ RULE_KINDS = {
 }
 #: A task's models in rule names (``train_classifier``, ``evaluate_denoiser``).
 MODEL_NOUN = {"classification": "classifier", "denoising": "denoiser"}
-
-
-def sigma_label(sigma: float) -> str:
-    """Noise level as it appears in paths (``0.15`` -> ``"0.15"``)."""
-    return f"{sigma:g}"
 
 
 def _sigma(task: str, sigma: str | None) -> float:

@@ -15,7 +15,6 @@ figures.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import pandas as pd
 
 from stablenets.atomic import atomic_write
 from stablenets.pipeline import outputs
+from stablenets.pipeline.labels import sigma_in_path
 from stablenets.pipeline.runtime import read_results
 
 __all__ = [
@@ -177,18 +177,6 @@ def radius_label(eps: float) -> str:
     return f"{eps:.3g}"
 
 
-def _sigma_from_path(path: Path) -> float:
-    """The denoiser noise level from a ``sigma<s>`` folder in ``path``, NaN when none."""
-    for part in reversed(path.parts[:-1]):
-        match = re.fullmatch(r"sigma([0-9.eE+-]+)", part)
-        if match:
-            try:
-                return float(match.group(1))
-            except ValueError:
-                continue
-    return math.nan
-
-
 def _classification_record(path: Path) -> dict[str, Any]:
     attrs, data = read_results(path, ["standard_eps", *(f"standard_{m}" for m in _RADIUS_METRICS)])
     radii = np.asarray(data["standard_eps"], dtype=float)
@@ -242,11 +230,11 @@ def _denoising_record(path: Path) -> dict[str, Any]:
 
 
 def _pnp_record(path: Path) -> dict[str, Any]:
-    a = _attrs(path)
+    a, sigma = _attrs(path), sigma_in_path(path)  # the denoiser's folder; TV deblurring has none
     return {
         "method": str(a.get("method", "")),
         "variant": str(a.get("variant", path.parent.name)),
-        "denoiser_sigma": _sigma_from_path(path),
+        "denoiser_sigma": math.nan if sigma is None else float(sigma),
         "seed": a.get("seed", -1),
         # PnP's PSNR has peak 1 (jobs.run_pnp), the denoising table's peak max(x)^2: named so
         "observed_psnr_1": _num(a, "observed_mean_psnr"),
