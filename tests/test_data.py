@@ -400,10 +400,12 @@ def _hand_written(path: Path, images: np.ndarray, labels: np.ndarray, classes: i
         (np.zeros((3, 3, 4, 4), np.uint8), np.zeros(2, np.int64),
          r"'labels' has shape \(2,\), expected first axis 3"),
         (np.zeros((3, 3, 4, 4), np.uint8), np.array([0, 10, 11]),
-         r"test/labels holds 10, outside 0 \.\. 9 \(2 labels\)"),
+         r"test/labels holds 10, outside 0 \.\. 9 \(2 of 3 labels\)"),
         (np.zeros((3, 3, 4, 4), np.uint8), np.array([0, -1, 2]),
-         r"test/labels holds -1, outside 0 \.\. 9 \(1 labels\)"),
+         r"test/labels holds -1, outside 0 \.\. 9 \(1 of 3 labels\)"),
         (np.zeros((3, 3, 4, 4), np.uint8), np.zeros(3, np.float32), "'labels' must be a 1-D integer"),
+        (np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64),
+         r"needs 'images' as a uint8 \(N, C, H, W\) array, not uint8 \(3, 4, 4\)"),
     ],
 )  # fmt: skip
 def test_a_hand_written_split_a_job_cannot_use_fails_in_one_line_naming_the_file(

@@ -333,18 +333,20 @@ def test_aol_rescaling_matches_the_dense_gram_rows_and_is_nonexpansive():
         assert float(torch.linalg.matrix_norm(m, 2)) <= 1 + 1e-12
 
 
-@pytest.mark.parametrize("size", [(5, 6), (32, 32)])
+@pytest.mark.parametrize(("width", "size"), [(4, (5, 6)), (64, (40, 48))])
 def test_a_dirac_initialised_aol_convolution_is_the_identity_and_its_power_vector_a_fixed_point(
-    size,
+    width, size
 ):
-    """Why one power iteration at its construction is enough: another leaves it unchanged."""
+    """Why one power iteration at its construction is enough: more leave its estimate exactly 1
+    and its power vector the same up to rounding (the normalisation's)."""
     torch.manual_seed(0)
-    conv = AOLConv(4, 4, 3, size, padding=1, dirac_init=True)
-    x = torch.randn(2, 4, *size)
+    conv = AOLConv(width, width, 3, size, padding=1, dirac_init=True)
+    x = torch.randn(2, width, *size)
     assert torch.equal(conv(x), x) and float(conv.sigma_estimate) == 1.0
     u = conv.u.clone()
     conv.power_iteration(19)
-    assert torch.equal(conv.u, u) and float(conv.sigma_estimate) == 1.0
+    assert float(conv.sigma_estimate) == 1.0
+    torch.testing.assert_close(conv.u, u, rtol=0, atol=1e-8)
 
 
 def test_aol_refuses_a_rescaling_it_could_not_honour():

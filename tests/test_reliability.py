@@ -1495,6 +1495,10 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     mismatched = tmp_path / "mismatched.pt"
     torch.save(ckpt, mismatched)
     refused(mismatched, "does not fit")
+    ckpt["kwargs"].update(width=6, block="aol", kernel_size=4)  # what older code took
+    refused_kernel = tmp_path / "even_kernel.pt"
+    torch.save(ckpt, refused_kernel)
+    refused(refused_kernel, "block 'aol' needs an odd kernel_size to keep the image size; got 4")
     assert not list(tmp_path.glob(".*.tmp"))
     assert isinstance(load_model(good), type(model))
 

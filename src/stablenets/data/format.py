@@ -42,7 +42,10 @@ def _check_split(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> dic
     """Validate one split's arrays and return them with labels cast to int64."""
     images = arrays.get("images")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"{path}: split {name!r} needs 'images' as a uint8 (N, C, H, W) array")
+        found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else "none"
+        raise DataError(
+            f"{path}: split {name!r} needs 'images' as a uint8 (N, C, H, W) array, not {found}"
+        )
     out: dict[str, Any] = {}
     for key, value in arrays.items():
         value = np.asarray(value)
@@ -149,9 +152,9 @@ def split_size(path: Path, split: str) -> int:
 
 def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One split as float32 images in [0, 1] (N, C, H, W) and int64 labels (None if absent).
-    A file not written by :func:`write_h5` (made or edited by hand) is checked as it would
-    have been, and for images and labels a job can use: a split with no images, or labels
-    outside ``0 .. num_classes - 1`` (the file's attribute), is a ``DataError``."""
+    A file made or edited by hand is checked as :func:`write_h5` checks a split, and for what a
+    job can use: a split with no images, or labels outside ``0 .. num_classes - 1`` (the file's
+    attribute), is a ``DataError``."""
     with _open_h5(path) as f:
         group = f.get(split)
         if not isinstance(group, h5py.Group) or "images" not in group:
@@ -162,24 +165,23 @@ def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | Non
         except OSError as exc:
             raise DataError(f"{path}: split {split!r} is unreadable ({exc})") from exc
         classes = f.attrs.get("num_classes")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"{path}: {split}/images is {images.dtype} {images.shape}, not uint8 NCHW")
+    found = {"images": images} if labels is None else {"images": images, "labels": labels}
+    checked = _check_split(path, split, found)
     if len(images) == 0:
         raise DataError(f"{path}: split {split!r} has no images")
-    if labels is not None:
-        labels = _check_split(path, split, {"images": images, "labels": labels})["labels"]
-        _check_labels(path, split, labels, None if classes is None else int(classes))
+    y = checked.get("labels")
+    if y is not None:
+        _check_labels(path, split, y, None if classes is None else int(classes))
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
-    y = None if labels is None else torch.from_numpy(labels)
-    return x, y
+    return x, None if y is None else torch.from_numpy(y)
 
 
 def _check_labels(path: Path, split: str, labels: np.ndarray, classes: int | None) -> None:
     """Labels a classifier can score: from 0, and below ``classes`` where the file says it."""
-    top = "" if classes is None else f" .. {classes - 1}"
+    allowed = "negative" if classes is None else f"outside 0 .. {classes - 1}"
     outside = labels < 0 if classes is None else (labels < 0) | (labels >= classes)
     if outside.any():
         raise DataError(
-            f"{path}: {split}/labels holds {int(labels[outside][0])}, outside 0{top} "
-            f"({int(outside.sum())} labels)"
+            f"{path}: {split}/labels holds {int(labels[outside][0])}, {allowed} "
+            f"({int(outside.sum())} of {len(labels)} labels)"
         )

@@ -250,8 +250,9 @@ class AOLConv(Conv2dOperator):
                 raise ValueError("AOLConv dirac_init needs in_channels == out_channels")
             with torch.no_grad():
                 nn.init.dirac_(self.weight)
-            # P D = I: every vector is a top singular vector, so one iteration leaves the state
-            # twenty would (each takes 0.25 s at 321x481 on a CPU, at every build and load)
+            # P D = I: every vector is a top singular vector, so one iteration gives the estimate
+            # twenty would (exactly 1) and the power vector up to rounding (each iteration
+            # takes 0.25 s at 321x481 on a CPU, at every build and load)
             self.power_iteration(1)
 
     def rescale_(self, norm: float, n_iters: int) -> torch.Tensor:

@@ -562,7 +562,10 @@ def load_model(
         raise CheckpointError(
             f"checkpoint {path} holds model {ckpt['name']!r}, expected {expect_name!r}"
         )
-    model = build_model(ckpt["name"], **ckpt["kwargs"])
+    try:  # e.g. an even kernel that older code took
+        model = build_model(ckpt["name"], **ckpt["kwargs"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {first_line(err)}") from err
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -178,7 +178,7 @@ def train_model(
         # size on a CPU, at each Snakemake start)
         model = build_model(spec["model"], **kwargs).to(device)
     except ValueError as err:
-        raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from None
+        raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from err
     task = _task(spec, data_path, device)
     cfg = _settings(TrainConfig, "train", spec["train"], seed=int(spec["seed"]))
     chash = _progress_hash(spec)
@@ -356,7 +356,7 @@ def evaluate_classifier(
                 log(graphs)
             plan.search.release()
         lower = _empirical_lipschitz(
-            model, x.to(device), ev, spec["seed"], lip, "classifier", saved, log
+            model, x, ev, spec["seed"], lip, f"classifier {spec['variant']!r}", saved, log
         )
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     clean = float(correct.double().mean())
@@ -420,18 +420,19 @@ def _empirical_lipschitz(
     log: Log,
 ) -> float:
     """Empirical Lipschitz lower bound of ``model`` near the first ``lipschitz_search.images``
-    of ``x`` (``robustness.lipschitz_lower_bound``), saved in ``progress``: the search's state
-    (section ``lipschitz_search``, tens of MB on the paper's full-size images) until its bound
-    is saved, then the bound alone. Above the certified ``bound`` it would prove the
-    certificate wrong, which fails the job (``what`` names the model)."""
+    of ``x`` (``robustness.lipschitz_lower_bound``; ``x`` on any device, those images alone
+    go to the model's), saved in ``progress``: the search's state (section
+    ``lipschitz_search``, tens of MB on the paper's full-size images) until its bound is saved,
+    then the bound alone. Above the certified ``bound`` it would prove the certificate wrong,
+    which fails the job (``what`` names the model)."""
     search = ev["lipschitz_search"]
     if "empirical_lipschitz" not in progress:
         progress.stop_point()
+        near = x[: search["images"]].to(next(model.parameters()).device)
         try:
             progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
-                model, x[: search["images"]], search["steps"], search["lr"],
-                search["delta_scale"], seed, log, progress.section("lipschitz_search"),
-                progress.stop,
+                model, near, search["steps"], search["lr"], search["delta_scale"], seed, log,
+                progress.section("lipschitz_search"), progress.stop,
             )  # fmt: skip
         except Interrupted as stopped:
             raise Interrupted(f"{stopped} in {progress.path}; rerun to resume") from None
