@@ -575,10 +575,9 @@ def lipschitz_lower_bound(
     goes on from it to the ratio an uninterrupted search finds.
     """
     exact = copy.deepcopy(model).double()
+    near = x.detach().to(model_device(model), torch.float64)  # ``x`` may lie on another device
     with eval_mode(exact):
-        return _ratio_search(
-            exact, x.detach().double(), steps, lr, delta_scale, seed, log, saved, stop
-        )
+        return _ratio_search(exact, near, steps, lr, delta_scale, seed, log, saved, stop)
 
 
 def _ratio_search(

@@ -174,8 +174,9 @@ def train_model(
     """Train one (variant, seed); resumable from ``workdir``; writes the best model and its log."""
     device = _setup(spec)
     kwargs = _model_kwargs(spec, data_path)
-    try:  # values the config's checks cannot judge without building every model (30 s at paper
-        # size on a CPU, at each Snakemake start)
+    # values the config's checks cannot judge without building every model (30 s at paper size
+    # on a CPU, at each Snakemake start): refused here, named by their config key
+    try:
         model = build_model(spec["model"], **kwargs).to(device)
     except ValueError as err:
         raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from err
@@ -420,19 +421,19 @@ def _empirical_lipschitz(
     log: Log,
 ) -> float:
     """Empirical Lipschitz lower bound of ``model`` near the first ``lipschitz_search.images``
-    of ``x`` (``robustness.lipschitz_lower_bound``; ``x`` on any device, those images alone
-    go to the model's), saved in ``progress``: the search's state (section
-    ``lipschitz_search``, tens of MB on the paper's full-size images) until its bound is saved,
-    then the bound alone. Above the certified ``bound`` it would prove the certificate wrong,
-    which fails the job (``what`` names the model)."""
+    of ``x`` (``robustness.lipschitz_lower_bound``, which moves them to the model's device),
+    saved in ``progress``: the search's state (section ``lipschitz_search``, tens of MB on the
+    paper's full-size images) until its bound is saved, then the bound alone. Above the
+    certified ``bound`` it would prove the certificate wrong, which fails the job (``what``
+    names the model)."""
     search = ev["lipschitz_search"]
     if "empirical_lipschitz" not in progress:
         progress.stop_point()
-        near = x[: search["images"]].to(next(model.parameters()).device)
         try:
             progress["empirical_lipschitz"] = robustness.lipschitz_lower_bound(
-                model, near, search["steps"], search["lr"], search["delta_scale"], seed, log,
-                progress.section("lipschitz_search"), progress.stop,
+                model, x[: search["images"]], search["steps"], search["lr"],
+                search["delta_scale"], seed, log, progress.section("lipschitz_search"),
+                progress.stop,
             )  # fmt: skip
         except Interrupted as stopped:
             raise Interrupted(f"{stopped} in {progress.path}; rerun to resume") from None
