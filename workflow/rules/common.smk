@@ -5,12 +5,16 @@ import sys
 
 from stablenets.pipeline.config import validate_config
 from stablenets.pipeline.labels import SIGMA_LABEL
-from stablenets.pipeline.specs import FIGURES, TABLES, Jobs
+from stablenets.pipeline import outputs
+from stablenets.pipeline.specs import Jobs
 
 config.update(
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 )
 JOBS = Jobs(config)
+# The tables and figures, from their registry (reading it imports pandas and seaborn, which the
+# jobs' entry point does not: it imports specs, not the registry).
+TABLES, FIGURES = outputs.names("table"), outputs.names("figure")
 
 
 envvars:

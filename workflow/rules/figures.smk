@@ -2,9 +2,9 @@
 # Seconds of pandas and matplotlib each: on a cluster they run where Snakemake runs instead of
 # waiting in the queue as jobs of their own.
 # Which tables and figures there are, and what each is built from, is the registry's
-# (stablenets.pipeline.outputs: TABLES, FIGURES, JOBS.inputs). Each one's report caption is
-# workflow/report/<kind>s/<name>.rst; Snakemake takes one caption file per rule, so they are
-# joined into one template per rule, kept under .snakemake/.
+# (stablenets.pipeline.outputs: TABLES and FIGURES of common.smk, JOBS.inputs). Each one's report
+# caption is workflow/report/<kind>s/<name>.rst; Snakemake takes one caption file per rule, so
+# they are joined into one template per rule, kept under .snakemake/.
 from stablenets.pipeline.outputs import KINDS, report_caption
 
 CAPTIONS = {

@@ -15,12 +15,7 @@ from typing import Any
 from stablenets.pipeline import outputs
 from stablenets.pipeline.labels import sigma_label
 
-__all__ = ["Jobs", "FIGURES", "TABLES", "RULE_KINDS", "RUN_ONLY", "run_only"]
-
-#: The tables and figures, from the registry (declared where each is built: ``outputs``).
-TABLES = outputs.names("table")
-FIGURES = outputs.names("figure")
-
+__all__ = ["Jobs", "RULE_KINDS", "RUN_ONLY", "run_only"]
 
 #: Each rule's resource kind (``config.resources.<kind>``), the one place it is written: what the
 #: rule asks SLURM for (``Jobs.resources``), where its job computes under ``device: auto``
@@ -229,6 +224,10 @@ class Jobs:
         return getattr(self, outputs.get(kind, name).source)(R)
 
     def final_outputs(self, R: Callable[[str], str]) -> list[str]:
-        tables = [R(f"tables/{t}.{ext}") for t in TABLES for ext in ("csv", "md", "tex")]
-        figures = [R(f"figures/{f}.{ext}") for f in FIGURES for ext in ("pdf", "png")]
+        tables = [
+            R(f"tables/{t}.{ext}") for t in outputs.names("table") for ext in ("csv", "md", "tex")
+        ]
+        figures = [
+            R(f"figures/{f}.{ext}") for f in outputs.names("figure") for ext in ("pdf", "png")
+        ]
         return tables + figures + [R("summary.md")]
