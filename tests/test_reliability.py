@@ -1499,6 +1499,15 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     refused_kernel = tmp_path / "even_kernel.pt"
     torch.save(ckpt, refused_kernel)
     refused(refused_kernel, "block 'aol' needs an odd kernel_size to keep the image size; got 4")
+    for key in ("name", "kwargs", "state_dict"):  # a training run's checkpoint has none
+        torch.save({k: v for k, v in ckpt.items() if k != key}, partial := tmp_path / key)
+        refused(partial, "holds no model")
+    for value in (float("nan"), float("inf")):  # a diverged training's weights
+        ckpt = torch.load(good, weights_only=True)
+        name = sorted(ckpt["state_dict"])[-1]
+        ckpt["state_dict"][name].view(-1)[-1] = value
+        torch.save(ckpt, diverged := tmp_path / "diverged.pt")
+        refused(diverged, f"{re.escape(name)} holds NaN or infinite values")
     assert not list(tmp_path.glob(".*.tmp"))
     assert isinstance(load_model(good), type(model))
 

@@ -553,14 +553,31 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return ckpt
 
 
+def non_finite_entry(state: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding a NaN or an infinity:
+    such weights would give NaN bounds and chance-level accuracies without a word."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not torch.isfinite(value).all():
+                return name
+    return None
+
+
 def load_model(
     path: Path, map_location: str | torch.device = "cpu", expect_name: str | None = None
 ) -> StableModel:
     """Rebuild the model saved at ``path``, in ``eval()`` mode."""
     ckpt = read_checkpoint(path, map_location)
+    parts = (ckpt.get("name"), ckpt.get("kwargs"), ckpt.get("state_dict"))
+    if not isinstance(parts[0], str) or not all(isinstance(p, Mapping) for p in parts[1:]):
+        raise CheckpointError(f"checkpoint {path} holds no model (a training run's checkpoint?)")
     if expect_name is not None and ckpt["name"] != expect_name:
         raise CheckpointError(
             f"checkpoint {path} holds model {ckpt['name']!r}, expected {expect_name!r}"
+        )
+    if (broken := non_finite_entry(ckpt["state_dict"])) is not None:
+        raise CheckpointError(
+            f"checkpoint {path}: {broken} holds NaN or infinite values (a diverged training?)"
         )
     try:  # e.g. an even kernel that older code took
         model = build_model(ckpt["name"], **ckpt["kwargs"])
