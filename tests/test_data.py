@@ -375,7 +375,7 @@ def test_read_split_errors_name_the_problem(tmp_path):
     with pytest.raises(D.DataError, match="corrupt.h5: not a readable HDF5"):
         D.read_split(corrupt, "train")
     out = tmp_path / "d.h5"
-    D.write_h5(out, {"train": {"images": np.zeros((1, 1, 2, 2), np.uint8)}}, {})
+    D.write_h5(out, {"train": {"images": np.ones((1, 1, 2, 2), np.uint8)}}, {})
     with pytest.raises(D.DataError, match=r"no split 'test'.*\['train'\]"):
         D.read_split(out, "test")
     with pytest.raises(D.DataError, match=r"no split 'test'.*\['train'\]"):
@@ -384,13 +384,19 @@ def test_read_split_errors_name_the_problem(tmp_path):
     assert y is None and x.shape == (1, 1, 2, 2)
 
 
-def _hand_written(path: Path, images: np.ndarray, labels: np.ndarray, classes: int) -> Path:
-    """A dataset file made by hand, not by ``write_h5``, which would refuse some of these."""
+def _hand_written(path: Path, images: np.ndarray, labels: np.ndarray | None, classes: int) -> Path:
+    """A dataset file made by hand, not by ``write_h5``, which would refuse some of these;
+    ``labels`` None: a denoising file."""
     with h5py.File(path, "w") as f:
         f.attrs["num_classes"] = classes
         f.create_dataset("test/images", data=images)
-        f.create_dataset("test/labels", data=labels)
+        if labels is not None:
+            f.create_dataset("test/labels", data=labels)
     return path
+
+
+#: Three 4x4 photos, the second all black (a denoiser's PSNR, peaked at its maximum, is -inf).
+_ONE_BLACK = np.stack([np.full((3, 4, 4), v, np.uint8) for v in (7, 0, 255)])
 
 
 @pytest.mark.parametrize(
@@ -406,13 +412,15 @@ def _hand_written(path: Path, images: np.ndarray, labels: np.ndarray, classes: i
         (np.zeros((3, 3, 4, 4), np.uint8), np.zeros(3, np.float32), "'labels' must be a 1-D integer"),
         (np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64),
          r"needs 'images' as a uint8 \(N, C, H, W\) array, not uint8 \(3, 4, 4\)"),
+        (_ONE_BLACK, None, r"test/images\[1\] is all black: its PSNR .* undefined \(1 of 3\)"),
     ],
 )  # fmt: skip
 def test_a_hand_written_split_a_job_cannot_use_fails_in_one_line_naming_the_file(
     tmp_path, images, labels, message
 ):
     """Without these checks the jobs failed deep inside: an IndexError in the loss or the
-    margins, a ZeroDivisionError in validation, an FFT error in PnP."""
+    margins, a ZeroDivisionError in validation, an FFT error in PnP; an all-black test photo
+    gave a PSNR of -inf (and a validation one a best that never improves)."""
     path = _hand_written(tmp_path / "hand.h5", images, labels, classes=10)
     with pytest.raises(D.DataError, match=f"hand.h5: .*{message}"):
         D.read_split(path, "test")

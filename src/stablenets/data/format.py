@@ -153,8 +153,9 @@ def split_size(path: Path, split: str) -> int:
 def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One split as float32 images in [0, 1] (N, C, H, W) and int64 labels (None if absent).
     A file made or edited by hand is checked as :func:`write_h5` checks a split, and for what a
-    job can use: a split with no images, or labels outside ``0 .. num_classes - 1`` (the file's
-    attribute), is a ``DataError``."""
+    job can use: a split with no images, labels outside ``0 .. num_classes - 1`` (the file's
+    attribute), or an all-black image in a split without labels (a denoising split: its PSNR
+    has no peak) is a ``DataError``."""
     with _open_h5(path) as f:
         group = f.get(split)
         if not isinstance(group, h5py.Group) or "images" not in group:
@@ -172,8 +173,21 @@ def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | Non
     y = checked.get("labels")
     if y is not None:
         _check_labels(path, split, y, None if classes is None else int(classes))
+    else:
+        _check_not_black(path, split, images)
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
     return x, None if y is None else torch.from_numpy(y)
+
+
+def _check_not_black(path: Path, split: str, images: np.ndarray) -> None:
+    """Images a denoiser can be scored on: the PSNR's peak is each image's maximum (the
+    paper's), so an all-black image has none (its PSNR would be -inf)."""
+    black = images.reshape(len(images), -1).max(axis=1) == 0
+    if black.any():
+        raise DataError(
+            f"{path}: {split}/images[{int(black.argmax())}] is all black: its PSNR "
+            f"(peak: the image's maximum) is undefined ({int(black.sum())} of {len(images)})"
+        )
 
 
 def _check_labels(path: Path, split: str, labels: np.ndarray, classes: int | None) -> None:
