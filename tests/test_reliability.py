@@ -892,9 +892,10 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
                              "denoising.evaluate.group_size (now 20) or "
                              "denoising.evaluate.lipschitz_search.images (now 2); what the job "
                              "saved is kept, and a rerun resumes from it unless it changes "
-                             "denoising.evaluate.batch_size, denoising.evaluate.group_size or "
-                             "denoising.evaluate.lipschitz_search.images, which starts it again"
-                             ), denoiser  # fmt: skip
+                             "denoising.evaluate.batch_size or denoising.evaluate.group_size, "
+                             "which starts it again (a change of "
+                             "denoising.evaluate.lipschitz_search.images redoes only its "
+                             "Lipschitz search)"), denoiser  # fmt: skip
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

@@ -319,6 +319,27 @@ def test_a_denoiser_evaluation_resumes_after_its_last_saved_group_then_searches_
     assert_same_but(expected, got, {"attr test_images_run"})
 
 
+def test_other_lipschitz_search_settings_redo_the_search_alone_and_keep_the_image_groups(
+    deblurring, uninterrupted, tmp_path
+):
+    """Out of memory in its search, the job's line advises fewer search images: the rerun with
+    them keeps every saved image group (hours at paper size) and searches again."""
+    done = uninterrupted("evaluate-denoiser")
+    shutil.copytree(done.parent / "work", tmp_path / "work")
+    spec, model = deblurring["evaluate-denoiser"]
+    search = {**spec["evaluate"]["lipschitz_search"], "images": 1}
+    fewer = {**spec, "evaluate": {**spec["evaluate"], "lipschitz_search": search}}
+    rerun = run({**deblurring, "evaluate-denoiser": (fewer, model)}, "evaluate-denoiser", tmp_path)
+    assert "3 of 3 image groups saved" in rerun.stdout, rerun.stdout
+    assert "the Lipschitz search's settings changed: searching again" in rerun.stdout
+    assert "Lipschitz search step" in rerun.stdout and "search: resuming" not in rerun.stdout
+    expected, got = numbers(done), numbers(tmp_path / "result.h5")
+    assert got["attr test_images_run"] == 0
+    changed = {k for k in expected if k not in RUN_TIMES and not same(expected[k], got[k])}
+    provenance = {"attr config", "attr config_hash"}  # the spec it ran with
+    assert changed == {"attr test_images_run", "attr empirical_lipschitz", *provenance}, changed
+
+
 def test_the_deblurring_jobs_log_a_line_per_group_and_pnp_checks_every_image(deblurring, tmp_path):
     done = run(deblurring, "pnp", tmp_path)
     groups = [line for line in done.stdout.splitlines() if line.startswith("PnP: images")]

@@ -359,15 +359,17 @@ class NonexpansiveDenoiser(StableModel):
         """alpha-averagedness of the ``eval()`` denoiser on ``input_size`` images (default: the
         size it was built for), or ``None`` when nothing is guaranteed.
 
-        ``P^T T P`` keeps ``T``'s averagedness; ``I - N`` is ``(1 - alpha)``-averaged when ``N`` is
-        alpha-averaged with ``alpha <= 1/2``. The denoiser runs on any size, and its sub-step
+        ``P^T T P`` keeps ``T``'s averagedness. For ``N = (1 - alpha) I + alpha R`` (``R``
+        non-expansive), ``I - N = 2 alpha F`` with ``F = (I - R) / 2`` firmly non-expansive, so
+        ``I - N`` is firmly non-expansive (1/2-averaged, tight) when ``alpha <= 1/2`` and not even
+        non-expansive in general above. The denoiser runs on any size, and its sub-step
         counts, so alpha, follow the certified norms at that size: ask for the size it runs on
         (a smaller image may take fewer sub-steps and be less averaged).
         """
         alpha = self._network_averagedness(input_size or self.input_size)
         if alpha is None or not self.residual:
             return alpha
-        return 1.0 - alpha if alpha <= 0.5 else None
+        return 0.5 if alpha <= 0.5 else None
 
     def lipschitz_bound(self, input_size: Size | None = None) -> float:
         """Product of block bounds; residual: ``min(1 + Lip(N), 2 alpha)`` (``I - N = alpha (I -

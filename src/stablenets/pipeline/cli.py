@@ -87,10 +87,10 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
     where = "CUDA" if "CUDA" in text else "CPU" if "CPUAllocator" in text else "host"
     asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", text)
     what = where + (f", tried to allocate {asked[1]}" if asked else "")
-    from stablenets.pipeline.specs import run_only
+    from stablenets.pipeline.specs import SEARCH_SETTINGS, run_only
 
     settings, resumes = _MEMORY_SETTINGS.get(job, ([], False))
-    keys, restart = [], []  # restart: the settings saved progress is tied to
+    keys, restart, search = [], [], []  # restart: the settings saved progress is tied to
     for key, path in settings:
         value = _at(spec, path)
         if path == ("train", "max_substeps") and value == "auto":  # the limit is a share
@@ -101,7 +101,9 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
             value = _at(spec, path)
         key = key.format(task=spec.get("task", "<task>"))
         keys.append(f"{key} (now {value})")
-        if not run_only(path):
+        if path[: len(SEARCH_SETTINGS)] == SEARCH_SETTINGS:
+            search.append(key)
+        elif not run_only(path):
             restart.append(key)
     advice = f"lower {_either(keys)}" if keys else "run it where more memory is free"
     if not resumes:
@@ -111,6 +113,8 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
                  f"{_either(restart)}, which starts it again")  # fmt: skip
     else:
         rerun = "what the job saved is kept, and a rerun resumes from it"
+    if resumes and search:
+        rerun += f" (a change of {_either(search)} redoes only its Lipschitz search)"
     return f"stablenets {job}: error: out of memory ({what}): {advice}; {rerun}"
 
 

@@ -42,7 +42,7 @@ from stablenets.pipeline.runtime import (
     write_results,
     write_sidecar,
 )
-from stablenets.pipeline.specs import RUN_ONLY, run_only
+from stablenets.pipeline.specs import RUN_ONLY, SEARCH_SETTINGS, run_only
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import is_out_of_memory, peak_memory_mb
@@ -204,7 +204,11 @@ def train_model(
 
 def _progress_hash(spec: dict) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
-    the spec without its ``RUN_ONLY`` settings."""
+    the spec without its ``RUN_ONLY`` settings and its Lipschitz search's (``SEARCH_SETTINGS``,
+    which ``_empirical_lipschitz`` checks itself)."""
+    section, name = SEARCH_SETTINGS
+    if name in spec.get(section, {}):
+        spec = {**spec, section: {k: v for k, v in spec[section].items() if k != name}}
     kept = {k: v for k, v in spec.items() if not run_only((k,))}
     for section in (name for name in RUN_ONLY if name):
         if section in spec:
@@ -425,8 +429,14 @@ def _empirical_lipschitz(
     saved in ``progress``: the search's state (section ``lipschitz_search``, tens of MB on the
     paper's full-size images) until its bound is saved, then the bound alone. Above the
     certified ``bound`` it would prove the certificate wrong, which fails the job (``what``
-    names the model)."""
-    search = ev["lipschitz_search"]
+    names the model). Saved with the search's settings: other settings search again."""
+    search = ev[SEARCH_SETTINGS[1]]
+    if progress.get("lipschitz_settings") != (settings := config_hash(search)):
+        if {"empirical_lipschitz", "lipschitz_search"} & set(progress):
+            log("the Lipschitz search's settings changed: searching again (the rest is kept)")
+        progress.pop("empirical_lipschitz", None)
+        progress.pop("lipschitz_search", None)
+        progress["lipschitz_settings"] = settings
     if "empirical_lipschitz" not in progress:
         progress.stop_point()
         try:
@@ -700,7 +710,8 @@ def run_pnp(
         x, hist = pnp.pnp_forward_backward(
             lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever the group
             blur, observed[group], p["eta"], p["relax"], p["max_iter"], p["tol"],
-            reference=clean[group], blowup=p["blowup"], log=log, log_every=p["log_every"],
+            reference=clean[group], denoiser_alpha=alpha, blowup=p["blowup"], log=log,
+            log_every=p["log_every"],
         )  # fmt: skip
         hist["monotone"] = _monotone(hist["step_norm"], clean[group], group.start, alpha, spec)
         ran += int(hist["iterations"].sum())

@@ -15,7 +15,7 @@ from typing import Any
 from stablenets.pipeline import outputs
 from stablenets.pipeline.labels import sigma_label
 
-__all__ = ["Jobs", "RULE_KINDS", "RUN_ONLY", "run_only"]
+__all__ = ["Jobs", "RULE_KINDS", "RUN_ONLY", "SEARCH_SETTINGS", "run_only"]
 
 #: Each rule's resource kind (``config.resources.<kind>``), the one place it is written: what the
 #: rule asks SLURM for (``Jobs.resources``), where its job computes under ``device: auto``
@@ -65,6 +65,13 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
     "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
     "pnp": ("log_every", "batch_size"),  # images per denoiser call: memory, not the numbers
 }
+
+
+#: Where a spec keeps the settings of its job's empirical Lipschitz search (both evaluations).
+#: Saved progress records them with the search's own state and bound, not in the job's progress
+#: key: changing them (fewer images after running out of memory) redoes the search alone and
+#: keeps the saved sweep or image groups.
+SEARCH_SETTINGS = ("evaluate", "lipschitz_search")
 
 
 def run_only(path: tuple[str, ...]) -> bool:
