@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from stablenets import data as D
+from stablenets.data.format import SCORED_SPLITS
 from stablenets.data.synthetic import _load_photo
 
 # the module (``stablenets.data.download`` is also the package's name for its function)
@@ -356,7 +357,7 @@ def test_write_h5_round_trip(tmp_path):
 
 
 def test_write_h5_rejects_bad_input_and_keeps_nothing(tmp_path):
-    good = np.zeros((2, 1, 3, 3), np.uint8)
+    good = np.ones((2, 1, 3, 3), np.uint8)
     out = tmp_path / "bad.h5"
     with pytest.raises(D.DataError, match="uint8"):
         D.write_h5(out, {"train": {"images": good.astype(np.float32)}}, {})
@@ -424,6 +425,19 @@ def test_a_hand_written_split_a_job_cannot_use_fails_in_one_line_naming_the_file
     path = _hand_written(tmp_path / "hand.h5", images, labels, classes=10)
     with pytest.raises(D.DataError, match=f"hand.h5: .*{message}"):
         D.read_split(path, "test")
+
+
+def test_the_data_rule_refuses_an_all_black_scored_photo_and_keeps_black_training_ones(tmp_path):
+    """A training photo is cut into patches, where a black one is harmless; a validation or
+    test photo is scored by a PSNR peaked at its maximum. ``write_h5`` (the data rule) refuses
+    the latter, so no file a job would refuse is ever written."""
+    train = {"images": _ONE_BLACK}
+    D.write_h5(tmp_path / "ok.h5", {"train": train, "val": {"images": _ONE_BLACK[:1]}}, {})
+    assert D.read_split(tmp_path / "ok.h5", "train")[0].shape == (3, 3, 4, 4)
+    for split in SCORED_SPLITS:
+        with pytest.raises(D.DataError, match=rf"bad.h5: {split}/images\[1\] is all black"):
+            D.write_h5(tmp_path / "bad.h5", {"train": train, split: train}, {})
+        assert not (tmp_path / "bad.h5").exists()
 
 
 # --------------------------------------------------------------------------------------------

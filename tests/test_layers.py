@@ -436,8 +436,8 @@ def test_import_stablenets_gives_the_api_and_the_subpackages_and_imports_torch_o
 
 def test_the_model_jobs_entry_point_imports_no_plotting_or_table_library():
     """Every training, evaluation and deblurring job starts by importing ``pipeline.jobs``;
-    pandas, matplotlib and seaborn (a second per start, 49 starts in the smoke run) are the
-    report jobs' alone."""
+    pandas, matplotlib, seaborn and its scipy (a second per start, 49 starts in the smoke run)
+    are the report jobs' alone."""
     script = "import sys, stablenets.pipeline.jobs\nprint(' '.join(sorted(sys.modules)))\n"
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True

@@ -302,7 +302,7 @@ def test_every_block_keeps_its_image_size_or_the_model_refuses_the_kernel(name, 
 @pytest.mark.parametrize("residual", [False, True])
 def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(residual):
     # (depth, theta, time, weight factor, bias). Residual: I - N is 1/2-averaged only when N is
-    # alpha-averaged with alpha <= 1/2 (formerly certified (1 - alpha)-averaged: sound, looser): one Euler block with theta = 0.5 (alpha = 1/2), or
+    # alpha-averaged with alpha <= 1/2: one Euler block with theta = 0.5 (alpha = 1/2), or
     # three with theta = 0.2 and T = 0.38 (one sub-step each at norm 1, alpha about 0.41; at the
     # default T = 1 / 1.02^2, theta = 0.2 only splits each block into three sub-steps, about
     # 0.35-averaged together). A bias of 3 puts every unit in its linear region, where the attack
@@ -334,8 +334,10 @@ def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(re
                 adversary(model, (3, 8, 10), averaged_objective(alpha / 3), steps=30, images=True)
                 > 0
             )
-        if residual:  # 2 alpha_N, alpha_N <= 1/2 the network's
-            assert alpha == 0.5 and model.lipschitz_bound() <= 1.0
+        if residual:  # I - N = alpha_N (I - R): Lipschitz 2 alpha_N <= 1
+            network = model._network_averagedness(model.input_size)
+            assert alpha == 0.5 and network is not None and network <= 0.5
+            assert model.lipschitz_bound() == pytest.approx(2 * network, rel=1e-12)
 
 
 def test_averagedness_is_none_when_not_guaranteed():

@@ -82,6 +82,8 @@ def test_the_rules_and_targets_take_their_names_from_the_registry() -> None:
     expected = {f"tables/{t}.{ext}" for t in outputs.names("table") for ext in ("csv", "md", "tex")}
     expected |= {f"figures/{f}.{ext}" for f in outputs.names("figure") for ext in ("pdf", "png")}
     assert targets == expected | {"summary.md"}
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    assert 'TABLES, FIGURES = outputs.names("table"), outputs.names("figure")' in common
     rules = (ROOT / "workflow" / "rules" / "figures.smk").read_text()
     for kind, names in (("table", "TABLES"), ("figure", "FIGURES")):
         assert f'{kind}="|".join({names})' in rules and f'caption=CAPTIONS["{kind}"]' in rules

@@ -16,12 +16,9 @@ import pytest
 import torch
 import yaml
 from test_data import make_bsds_archive, make_cifar_archive, md5_of
-from workflow_helpers import BIN, ROOT, SMOKE_PROFILE, copy_workflow, snakemake
+from workflow_helpers import BIN, FIGURES, ROOT, SMOKE_PROFILE, TABLES, copy_workflow, snakemake
 
-from stablenets.pipeline.outputs import names
 from stablenets.pipeline.runtime import read_results
-
-TABLES, FIGURES = names("table"), names("figure")
 
 
 @pytest.mark.slow

@@ -26,6 +26,8 @@ import torch
 from stablenets.atomic import atomic_path
 
 SPLITS = ("train", "val", "test")
+#: The splits a denoiser is scored on (validation and test PSNR); training uses patches alone.
+SCORED_SPLITS = ("val", "test")
 _JSON_ATTRS_KEY = "json_attrs"
 
 
@@ -39,7 +41,8 @@ class DataError(ValueError):
 
 
 def _check_split(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Validate one split's arrays and return them with labels cast to int64."""
+    """Validate one split's arrays and return them with labels cast to int64; a denoising split
+    (no labels) that is scored must hold no all-black image (``_check_not_black``)."""
     images = arrays.get("images")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
         found = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else "none"
@@ -59,6 +62,8 @@ def _check_split(path: Path, name: str, arrays: Mapping[str, np.ndarray]) -> dic
                 raise DataError(f"{path}: split {name!r} 'labels' must be a 1-D integer array")
             value = value.astype(np.int64)
         out[key] = value
+    if "labels" not in out and name in SCORED_SPLITS:
+        _check_not_black(path, name, images)
     return out
 
 
@@ -153,9 +158,8 @@ def split_size(path: Path, split: str) -> int:
 def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One split as float32 images in [0, 1] (N, C, H, W) and int64 labels (None if absent).
     A file made or edited by hand is checked as :func:`write_h5` checks a split, and for what a
-    job can use: a split with no images, labels outside ``0 .. num_classes - 1`` (the file's
-    attribute), or an all-black image in a split without labels (a denoising split: its PSNR
-    has no peak) is a ``DataError``."""
+    job can use: a split with no images, or labels outside ``0 .. num_classes - 1`` (the file's
+    attribute), is a ``DataError``."""
     with _open_h5(path) as f:
         group = f.get(split)
         if not isinstance(group, h5py.Group) or "images" not in group:
@@ -173,8 +177,6 @@ def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | Non
     y = checked.get("labels")
     if y is not None:
         _check_labels(path, split, y, None if classes is None else int(classes))
-    else:
-        _check_not_black(path, split, images)
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
     return x, None if y is None else torch.from_numpy(y)
 

@@ -14,10 +14,10 @@ The gradient step ``G = I - eta K^T K`` is ``(eta ||K||^2 / 2)``-averaged for
 (Combettes–Yamada) ``alpha_T = (a1 + a2 - 2 a1 a2) / (1 - a1 a2)``, and the relaxed iteration
 converges to a fixed point of ``T`` (when one exists) for ``0 < lambda < 1 / alpha_T``. For
 ``lambda <= 1 / alpha_T`` the relaxed operator is non-expansive, hence the step differences
-``||x_{k+1} - x_k||`` are non-increasing: this is the diagnostic checked here. It is necessary,
-not sufficient: without a fixed point the steps stay constant while the iterates drift away (a
-blur whose transfer function has zeros and a denoiser that shifts), so convergence is the
-relative change's tolerance being reached (``converged``).
+``||x_{k+1} - x_k||`` are non-increasing: this is the diagnostic checked here, of the guarantee,
+not of convergence. Without a fixed point (a blur whose transfer function has zeros and a
+denoiser that shifts) the steps stay bounded away from zero while the iterates drift off, and
+the relative change still falls towards ``tol``: ``converged`` is a stopping rule, not a proof.
 """
 
 from __future__ import annotations
@@ -224,9 +224,9 @@ def _check_parameters(
     eta: float, relax: float, norm_sq: float, denoiser_alpha: float | None
 ) -> None:
     """Raise ``ValueError`` unless ``0 < eta < 2 / ||K||^2`` (an averaged gradient step) and the
-    relaxation is allowed: with ``denoiser_alpha`` below ``1 / alpha_T``, which makes the whole
-    iteration averaged; without it (no guarantee for the denoiser, so none for the iteration) at
-    most 1."""
+    relaxation is allowed: given ``denoiser_alpha``, ``0 < relax < 1 / alpha_T``, which makes the
+    whole iteration averaged; without it (no guarantee for the denoiser, so none for the
+    iteration) ``0 < relax <= 1``."""
     eta_max = 2.0 / norm_sq
     if not 0.0 < eta < eta_max:
         raise ValueError(

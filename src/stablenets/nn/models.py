@@ -555,7 +555,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return ckpt
 
 
-def non_finite_entry(state: Mapping[str, Any]) -> str | None:
+def _non_finite_entry(state: Mapping[str, Any]) -> str | None:
     """The name of the first floating-point tensor of ``state`` holding a NaN or an infinity:
     such weights would give NaN bounds and chance-level accuracies without a word."""
     for name, value in state.items():
@@ -577,7 +577,7 @@ def load_model(
         raise CheckpointError(
             f"checkpoint {path} holds model {ckpt['name']!r}, expected {expect_name!r}"
         )
-    if (broken := non_finite_entry(ckpt["state_dict"])) is not None:
+    if (broken := _non_finite_entry(ckpt["state_dict"])) is not None:
         raise CheckpointError(
             f"checkpoint {path}: {broken} holds NaN or infinite values (a diverged training?)"
         )

@@ -206,9 +206,9 @@ def _progress_hash(spec: dict) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
     the spec without its ``RUN_ONLY`` settings and its Lipschitz search's (``SEARCH_SETTINGS``,
     which ``_empirical_lipschitz`` checks itself)."""
-    section, name = SEARCH_SETTINGS
-    if name in spec.get(section, {}):
-        spec = {**spec, section: {k: v for k, v in spec[section].items() if k != name}}
+    where, search = SEARCH_SETTINGS
+    if search in spec.get(where, {}):
+        spec = {**spec, where: {k: v for k, v in spec[where].items() if k != search}}
     kept = {k: v for k, v in spec.items() if not run_only((k,))}
     for section in (name for name in RUN_ONLY if name):
         if section in spec:

@@ -5,8 +5,8 @@
 record the output's name, the :class:`~stablenets.pipeline.specs.Jobs` target list its inputs
 come from and, for a table, what its Markdown and LaTeX and the summary say about it. The rules
 (``TABLES`` and ``FIGURES`` of ``workflow/rules/common.smk``, ``Jobs.inputs``), the report entry
-points and the summary read only this registry. Each output's report caption is the file ``workflow/report/<kind>s/<name>.rst``
-(:func:`report_caption`).
+points and the summary read only this registry. Each output's report caption is the file
+``workflow/report/<kind>s/<name>.rst`` (:func:`report_caption`).
 
 Reading the registry imports the module that declares that kind of output (pandas and h5py for
 tables, matplotlib and seaborn for figures), never torch.
