@@ -828,7 +828,11 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
     psnrs = f"{attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB"
-    log(f"TV deblur: weight {weight:g}, at most {int(iters.max())} iterations, PSNR {psnrs}")
+    capped = int((iters >= tv_spec["iters"]).sum())
+    cap = (
+        f" ({capped} of {len(iters)} images stopped at pnp.tv.iters, not at tol)" if capped else ""
+    )
+    log(f"TV deblur: weight {weight:g}, at most {int(iters.max())} iterations{cap}, PSNR {psnrs}")
 
 
 def _write_pnp(
