@@ -291,6 +291,24 @@ def test_tv_deblur_improves_psnr(deblur_problem) -> None:
     assert 1 < early < ran <= 200
 
 
+def test_tv_deblur_reaches_its_minimiser_at_small_and_large_weights() -> None:
+    """The primal step is ``step / weight``. With a fixed one (``step = weight``: tau = 1), 300
+    iterations stopped 12 % from the minimiser at the grid's smallest weight, and a photo's
+    PSNR then measured the early stop's own regularisation, not TV's."""
+    clean = cartoon(n=1, h=32, w=40)
+    blur = GaussianBlur(9, 1.6, clean.shape[1:])
+    y = observe(clean, blur, 0.01, seed=7)
+    for weight in (0.00025, 0.008):
+        minimiser, _ = tv_deblur(y, blur, weight, iters=10_000, tol=0.0)
+        x, ran = tv_deblur(y, blur, weight, iters=300, tol=1e-5)
+        fixed, _ = tv_deblur(y, blur, weight, iters=300, tol=1e-5, step=weight)
+        distance = {k: float((z - minimiser).norm() / minimiser.norm()) for k, z in
+                    (("scaled", x), ("fixed", fixed))}  # fmt: skip
+        assert distance["scaled"] < 3e-3, (weight, ran, distance)
+        if weight < 0.001:
+            assert distance["fixed"] > 0.1 and ran < 300, (ran, distance)
+
+
 def test_the_tv_deblurring_weight_is_the_best_of_its_candidates_on_the_images_given() -> None:
     # validation cartoons (not the deblur_problem's): the choice is a real one, strictly inside
     # the candidates, and each score is that weight's mean PSNR as tv_deblur gives it

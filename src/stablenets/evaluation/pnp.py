@@ -452,7 +452,7 @@ def tv_deblur(
     weight: float,
     iters: int = 300,
     tol: float = 1e-5,
-    tau: float = 1.0,
+    step: float = 0.01,
     x0: Tensor | None = None,
     couple_channels: bool = False,
     log: Callable[[str], None] | None = None,
@@ -462,7 +462,11 @@ def tv_deblur(
     iterations it ran.
 
     Chambolle–Pock with ``grad`` as the split operator and the data term's exact FFT prox
-    (:meth:`CircularBlur.data_prox`), steps ``tau * sigma * 8 = 1`` (``||grad||^2 <= 8``):
+    (:meth:`CircularBlur.data_prox`), steps ``tau = step / weight`` and ``tau * sigma * 8 = 1``
+    (``||grad||^2 <= 8``; ``tau = 1`` for weight 0). The primal step scales as the inverse of
+    the dual ball's radius, which balances the two: with a fixed ``tau = 1``, 300 iterations
+    left the smaller weights 2-5e-2 from the minimiser, with ``step = 0.01`` 1-3e-3
+    (benchmarks/README.md).
 
         p_{k+1}    = proj_{|p| <= weight}(p_k + sigma grad xbar_k)
         x_{k+1}    = prox_{tau data}(x_k + tau div p_{k+1})
@@ -474,6 +478,7 @@ def tv_deblur(
     """
     if weight < 0:
         raise ValueError(f"TV weight must be non-negative, got {weight}")
+    tau = step / weight if weight > 0 else 1.0
     sigma = 1.0 / (tau * GRADIENT_NORM_SQ)
     x = (y if x0 is None else x0).clone()
     x_bar = x
@@ -512,6 +517,7 @@ def select_tv_deblur_weight(
     weights: Sequence[float],
     iters: int,
     tol: float,
+    step: float = 0.01,
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
     stop_point: Callable[[], None] | None = None,
@@ -525,7 +531,7 @@ def select_tv_deblur_weight(
 
     def solve(y: Tensor, weight: float) -> Tensor:
         nonlocal image_iterations
-        x, ran = tv_deblur(y, blur, weight, iters, tol)
+        x, ran = tv_deblur(y, blur, weight, iters, tol, step)
         image_iterations += ran * len(y)
         return x
 

@@ -789,7 +789,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         progress = _saved_progress(spec, [data_path], _DEBLUR_LAYOUT, workdir, log, stop)
         choice = pnp.select_tv_deblur_weight(
             pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur,
-            tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], log=log,
+            tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], tv_spec["step"], log=log,
             found=progress.section("validation"), stop_point=progress.stop_point,
         )  # fmt: skip
         weight = choice.weight
@@ -799,8 +799,8 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         def solve(group: slice) -> dict[str, torch.Tensor]:
             nonlocal ran
             x, k = pnp.tv_deblur(
-                observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], log=log,
-                log_every=p["log_every"],
+                observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], tv_spec["step"],
+                log=log, log_every=p["log_every"],
             )  # fmt: skip
             ran += k * len(x)
             iterations = torch.full((len(x),), k)  # a group stops together
