@@ -1126,7 +1126,7 @@ BAD_CONFIGS = {
     ),
     "a TV deblurring weight given alone, as before its choice on validation images": (
         {"pnp": {"tv": {"weight": 0.01}}},
-        "pnp.tv.weight: unknown key; allowed: iters, tol, val_images, val_noise_seed, weights",
+        "pnp.tv.weight: unknown key; allowed: iters, step, tol, val_images, val_noise_seed, weights",
     ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},
