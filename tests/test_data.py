@@ -414,6 +414,7 @@ _ONE_BLACK = np.stack([np.full((3, 4, 4), v, np.uint8) for v in (7, 0, 255)])
         (np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.int64),
          r"needs 'images' as a uint8 \(N, C, H, W\) array, not uint8 \(3, 4, 4\)"),
         (_ONE_BLACK, None, r"test/images\[1\] is all black: its PSNR .* undefined \(1 of 3\)"),
+        (_ONE_BLACK[:0], None, "split 'test' has no images"),  # nothing to find black
     ],
 )  # fmt: skip
 def test_a_hand_written_split_a_job_cannot_use_fails_in_one_line_naming_the_file(

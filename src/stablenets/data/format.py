@@ -184,7 +184,7 @@ def read_split(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | Non
 def _check_not_black(path: Path, split: str, images: np.ndarray) -> None:
     """Images a denoiser can be scored on: the PSNR's peak is each image's maximum (the
     paper's), so an all-black image has none (its PSNR would be -inf)."""
-    black = images.reshape(len(images), -1).max(axis=1) == 0
+    black = images.max(axis=(1, 2, 3), initial=0) == 0  # initial: an empty split has none
     if black.any():
         raise DataError(
             f"{path}: {split}/images[{int(black.argmax())}] is all black: its PSNR "
