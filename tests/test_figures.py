@@ -18,7 +18,9 @@ matplotlib.use("Agg")
 
 from stablenets.pipeline import outputs
 from stablenets.pipeline.figures import (
+    EXTRA_COLORS,
     FAMILY_COLORS,
+    KNOWN_COLORS,
     KNOWN_MODELS,
     SIZE_SHADES,
     _one_log_per_variant,
@@ -265,6 +267,16 @@ def test_model_colors_deterministic_and_distinct() -> None:
     assert mixed["resnet"] == known["resnet"]
     assert mixed["alpha"] != mixed["zeta"]
     assert model_colors(["alpha", "zeta"]) == {k: mixed[k] for k in ("alpha", "zeta")}
+
+
+def test_the_spelled_out_colours_are_seaborns_palettes() -> None:
+    """``KNOWN_COLORS`` and ``EXTRA_COLORS`` are written as hex codes (importing seaborn at
+    every Snakemake start cost 1.8 s): they stay seaborn's "colorblind" and "dark" palettes."""
+    import seaborn as sns
+
+    colorblind = [to_hex(c) for c in sns.color_palette("colorblind", 10)]
+    assert KNOWN_COLORS == (*colorblind[:7], colorblind[9], "#b8850a", colorblind[7])
+    assert EXTRA_COLORS == tuple(to_hex(c) for c in sns.color_palette("dark", 10))
 
 
 def test_family_colours_are_fixed_distinct_and_shaded_by_size() -> None:

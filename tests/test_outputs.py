@@ -245,3 +245,18 @@ def test_the_report_jobs_start_without_torch() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"
+
+
+def test_reading_the_registry_imports_no_seaborn() -> None:
+    """Every Snakemake start reads it (``common.smk``): seaborn and the scipy.stats it imports
+    took 1.8 s of each start; only drawing a figure needs seaborn."""
+    code = (
+        "import sys\n"
+        "from stablenets.pipeline import outputs\n"
+        "for kind in outputs.KINDS:\n"
+        "    outputs.names(kind)\n"
+        "print(sorted(m for m in ('seaborn', 'scipy.stats') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

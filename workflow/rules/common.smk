@@ -12,7 +12,7 @@ config.update(
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 )
 JOBS = Jobs(config)
-# The tables and figures, from their registry (reading it imports pandas and seaborn, which the
+# The tables and figures, from their registry (reading it imports pandas and matplotlib, which the
 # jobs' entry point does not: it imports specs, not the registry).
 TABLES, FIGURES = outputs.names("table"), outputs.names("figure")
 

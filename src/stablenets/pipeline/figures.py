@@ -26,7 +26,6 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
@@ -70,16 +69,24 @@ KNOWN_MODELS = (
     "tv",
     "observed",
 )
-_CB = sns.color_palette("colorblind", 10)  # Wong / seaborn colour-blind-safe palette
-#: Colours of ``KNOWN_MODELS`` (TV gets a darker yellow than the palette's, observed grey).
-KNOWN_COLORS = tuple(to_hex(c) for c in (*_CB[:7], _CB[9], "#b8850a", _CB[7]))
+#: Colours of ``KNOWN_MODELS``: seaborn's colour-blind-safe ``"colorblind"`` palette (Wong),
+#: spelled out so that reading the figures' registry does not import seaborn (1.8 s at every
+#: Snakemake start); TV gets a darker yellow than the palette's, observed its grey.
+KNOWN_COLORS = (
+    *("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4"),
+    *("#56b4e9", "#b8850a", "#949494"),
+)
 #: The layer families (issue 12): one hue each from Paul Tol's colour-blind-safe "muted" set
 #: (none of them in ``KNOWN_COLORS``); a size preset ``<family>_<size>`` takes a lighter shade
 #: of it, lighter for smaller sizes.
 FAMILY_COLORS = {"cpl": "#882255", "sll": "#44aa99", "aol": "#999933", "orthogonal": "#332288"}
 SIZE_SHADES = ("XS", "S", "M", "L")
 #: Colours for unknown names, taken in their sorted order (cycled if more are needed).
-EXTRA_COLORS = tuple(to_hex(c) for c in sns.color_palette("dark", 10))
+#: seaborn's ``"dark"`` palette, spelled out as ``KNOWN_COLORS`` is.
+EXTRA_COLORS = (
+    *("#001c7f", "#b1400d", "#12711c", "#8c0800", "#591e71"),
+    *("#592f0d", "#a23582", "#3c3c3c", "#b8850a", "#006374"),
+)
 
 PNG_DPI = 150
 FONT_SCALE = 1.1
@@ -116,6 +123,8 @@ CORNER_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, 
 def set_style() -> None:
     """The one style of all figures: seaborn ``paper`` context, white grid, colour-blind
     palette, embedded TrueType fonts."""
+    import seaborn as sns  # here, not at import: see KNOWN_COLORS
+
     sns.set_theme(
         context="paper",
         style="whitegrid",
@@ -139,6 +148,8 @@ def _family_color(name: str) -> str | None:
         return None
     if not size:
         return FAMILY_COLORS[family]
+    import seaborn as sns
+
     shades = sns.light_palette(FAMILY_COLORS[family], n_colors=len(SIZE_SHADES) + 3)[2:-1]
     return to_hex(shades[SIZE_SHADES.index(size)])
 

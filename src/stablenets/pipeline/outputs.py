@@ -9,7 +9,7 @@ points and the summary read only this registry. Each output's report caption is 
 ``workflow/report/<kind>s/<name>.rst`` (:func:`report_caption`).
 
 Reading the registry imports the module that declares that kind of output (pandas and h5py for
-tables, matplotlib and seaborn for figures), never torch.
+tables, matplotlib for figures), never torch or seaborn.
 """
 
 from __future__ import annotations
