@@ -423,6 +423,10 @@ def test_pnp_convergence_figure(pnp_paths: list[Path], tmp_path: Path) -> None:
     assert averaged.get_ydata()[-1] == pytest.approx(np.mean(last))
     colors = line_colors(fig)
     assert colors == model_colors(["averaged", "dncnn", "tv", "observed"])
+    # every image's steps fall, so their mean does, though the images stop at different
+    # iterations (a mean over the images still running rose) and one reaches an exact zero
+    step = [line for line in step_ax.lines if line.get_gid() == "averaged"][0].get_ydata()
+    assert np.isfinite(step).all() and (np.diff(step) <= 0).all(), step
 
 
 def test_pnp_convergence_without_histories(tmp_path: Path) -> None:
@@ -545,3 +549,28 @@ def test_the_training_figures_pick_the_lowest_noise_level_and_seed_as_numbers() 
     assert _one_log_per_variant(paths) == {
         "euler": Path("models/denoising/sigma0.05/euler/seed2/train_log.csv")
     }
+
+
+def test_seeds_evaluated_on_other_radii_are_an_error_naming_the_file_not_a_mixed_curve(
+    tmp_path: Path,
+) -> None:
+    """Interpolated onto the first file's grid and held flat past its end, a seed of an older
+    config plotted 0.225 where the true mean was 0.15."""
+    first, second = (classification_eval(tmp_path, "nonexpansive", s) for s in (0, 1))
+    with h5py.File(second, "r+") as fh:
+        fh["eps"][...] = 0.5 * fh["eps"][()]
+    with pytest.raises(ValueError, match=f"{second} and {first} hold different eps radii"):
+        robustness_figure([first, second], tmp_path / "robustness")
+    with h5py.File(second, "r+") as fh:
+        fh["eps"][...] = 2 * fh["eps"][()]
+        fh["standard_eps"][...] = fh["standard_eps"][()][::-1]
+    with pytest.raises(ValueError, match="hold different standard_eps radii"):
+        families_figure([first, second], tmp_path / "families")
+
+
+def test_a_result_file_without_a_curve_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = classification_eval(tmp_path, "resnet", 0)
+    with h5py.File(path, "r+") as fh:
+        del fh["certified"]
+    with pytest.raises(ValueError, match=f"{path}: has no certified"):
+        robustness_figure([path], tmp_path / "robustness")

@@ -47,7 +47,11 @@ def _render(template: str, config: dict, kind: str, name: str) -> str:
     """A caption as ``snakemake --report`` renders it (Snakemake 9: a loader-less environment,
     ``trim_blocks`` and ``lstrip_blocks``), strict about undefined names."""
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    snakemake = SimpleNamespace(config=config, wildcards=SimpleNamespace(**{kind: name}))
+    snakemake = SimpleNamespace(
+        config=config,
+        wildcards=SimpleNamespace(**{kind: name}),
+        params=SimpleNamespace(**specs.Jobs(config).caption_params()),  # what the rules pass
+    )
     macros = outputs.caption_macros(CAPTIONS)  # what report_caption puts first
     if not template.startswith(macros):
         template = macros + template
@@ -260,3 +264,25 @@ def test_reading_the_registry_imports_no_seaborn() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "caption",
+    ["tables/classification.rst", "tables/families.rst", "figures/robustness.rst",
+     "figures/families.rst"],
+)  # fmt: skip
+def test_the_classification_captions_name_the_attack_that_ran_and_the_test_images_scored(
+    caption: str,
+) -> None:
+    """At smoke scale the strong attack is APGD-CE with 10 iterations on the first 50 test
+    images; the captions said ``autoattack`` (the method's name) and nothing of the images."""
+    config = load_config(CONFIGS["smoke"], SCHEMA)
+    kind, name = caption.removesuffix(".rst").split("/")
+    shown = " ".join(_render((CAPTIONS / caption).read_text(), config, kind[:-1], name).split())
+    assert "``autoattack apgd-ce (10 iterations)``" in shown
+    assert "the first 50 test images" in shown
+    paper = load_config(CONFIGS["paper"], SCHEMA)
+    shown = " ".join(_render((CAPTIONS / caption).read_text(), paper, kind[:-1], name).split())
+    assert "every test image" in shown
+    rules = (ROOT / "workflow" / "rules" / "figures.smk").read_text()
+    assert rules.count("**JOBS.caption_params(),") == 2  # the table and figure rules

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +21,7 @@ from stablenets.pipeline.tables import (
     families_table,
     pnp_table,
     radius_label,
+    table_notes,
     write_table,
 )
 
@@ -348,3 +350,73 @@ def test_families_table_groups_by_family_with_bounds_and_costs(tmp_path: Path) -
     shown = display_frame(df)
     assert "time per epoch (s)" in shown.columns and "peak memory (MB)" in shown.columns
     assert shown.set_index("variant").loc["nonexpansive", "clean acc. (%)"] == "62.0 ± 2.8"
+
+
+def test_nearby_standard_radii_keep_their_own_columns_and_a_shared_label_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Labelled to 3 digits, 0.5 and 0.5004 shared one column and one value was lost."""
+    path = classification_file(tmp_path, "nonexpansive", 0)
+    with h5py.File(path, "r+") as fh:
+        del fh["standard_eps"]
+        fh["standard_eps"] = np.array([0.5, 0.5004, 0.6])
+    row = classification_table([path]).loc[0]
+    assert row["certified@0.5"] == pytest.approx(0.40)
+    assert row["certified@0.5004"] == pytest.approx(0.25)
+    with h5py.File(path, "r+") as fh:
+        fh["standard_eps"][...] = np.array([0.5, 0.5 + 1e-9, 0.6])
+    with pytest.raises(ValueError, match=f"{path}: two standard radii share a label"):
+        classification_table([path])
+
+
+@pytest.mark.parametrize(
+    ("table", "make", "remove"),
+    [
+        (classification_table, classification_file, "clean_accuracy"),
+        (classification_table, classification_file, "standard_certified"),
+        (denoising_table, denoising_file, "mean_psnr"),
+        (pnp_table, lambda root, v, s: pnp_file(root, v, s, 0, 1), "mean_psnr"),
+    ],
+)
+def test_a_result_file_without_a_metric_its_table_shows_is_an_error_naming_it(
+    tmp_path: Path, table, make, remove: str
+) -> None:
+    """Read as NaN, the metric's column was dropped or showed 'n/a: not applicable'."""
+    path = make(tmp_path, "dncnn" if table is not classification_table else "resnet", 0)
+    with h5py.File(path, "r+") as fh:
+        del (fh.attrs if remove in fh.attrs else fh)[remove]
+    with pytest.raises(ValueError, match=f"{path}: has no {remove}; not a complete result"):
+        table([path])
+
+
+def test_a_standard_curve_of_another_length_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = classification_file(tmp_path, "resnet", 0)
+    with h5py.File(path, "r+") as fh:
+        del fh["standard_pgd"]
+        fh["standard_pgd"] = np.zeros(2)
+    with pytest.raises(ValueError, match=f"{path}: standard_pgd has 2 values for 3"):
+        classification_table([path])
+
+
+def test_the_summary_headline_reads_the_smallest_standard_radius_whatever_the_config_says(
+    tmp_path: Path,
+) -> None:
+    """It read 36/255 by name, and a config without that radius failed the summary job."""
+    path = classification_file(tmp_path, "nonexpansive", 0)
+    with h5py.File(path, "r+") as fh:
+        fh["standard_eps"][...] = np.array([0.6, 0.5, 0.7])
+    row = classification_table([path]).loc[0]
+    line = outputs.get("table", "classification").headline(row.to_dict())
+    assert "certified 25.0% and empirical" in line and "at ε = 0.5," in line
+
+
+def test_one_seed_tables_say_nothing_of_a_spread_over_seeds(
+    classification_paths: list[Path], pnp_paths: list[Path]
+) -> None:
+    one = table_notes(classification_table(classification_paths[:1]))
+    assert "over seeds" not in one and "n/a: not applicable to that model." in one
+    several = table_notes(classification_table(classification_paths))
+    assert "All ±: standard deviation over seeds." in several
+    assert "or the seed std of a single seed" in several
+    shown = display_frame(pnp_table(pnp_paths))
+    assert "diverged images (all seeds)" in shown.columns

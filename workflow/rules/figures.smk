@@ -43,6 +43,7 @@ rule table:
     resources:
         **JOBS.resources("table"),
     params:
+        **JOBS.caption_params(),
         spec=lambda w: json.dumps({"kind": w.table}),
     shell:
         "python -m stablenets table --spec {params.spec:q}"
@@ -68,6 +69,7 @@ rule figure:
     resources:
         **JOBS.resources("figure"),
     params:
+        **JOBS.caption_params(),
         spec=lambda w: json.dumps(
             {"kind": w.figure, "sigma": config["pnp"]["noise_level"]}
         ),

@@ -210,8 +210,29 @@ class _Result:
             return math.nan
 
 
-def _read(path: Path, datasets: Sequence[str]) -> _Result:
-    return _Result(Path(path), *read_results(Path(path), datasets))
+def _read(path: Path, datasets: Sequence[str], required: Iterable[str] = ()) -> _Result:
+    """A result file's attributes and ``datasets``; each of ``required`` must be there."""
+    return _Result(Path(path), *read_results(Path(path), datasets, required))
+
+
+def _common_grid(results: Sequence[_Result], key: str, curves: Iterable[str]) -> np.ndarray:
+    """The radii ``key`` every result was evaluated at, with a value per radius in each of
+    ``curves``; an error naming the file where not (two files whose radii differ: one was
+    evaluated under an older config, and mixed, their curves would be averaged or labelled at
+    radii one of them never saw)."""
+    grid = results[0].data[key].astype(np.float64)
+    for r in results:
+        other = r.data[key].astype(np.float64)
+        if other.shape != grid.shape or not np.allclose(other, grid, rtol=1e-9, atol=0.0):
+            raise ValueError(
+                f"{r.path} and {results[0].path} hold different {key} radii (one was "
+                "evaluated under another config): rerun the older evaluation"
+            )
+        for curve in curves:
+            if r.data[curve].shape != grid.shape:
+                raise ValueError(f"{r.path}: {curve} has {r.data[curve].size} values for "
+                                 f"{grid.size} radii")  # fmt: skip
+    return grid
 
 
 def _first_seed(
@@ -278,13 +299,19 @@ def _band(
     gid: str,
     center: str,
     steps: bool = False,
+    log: bool = False,
 ) -> None:
     """``center`` (mean or median) line over the rows of ``rows`` with a light min-max band;
-    ``steps``: piecewise constant (integer counts)."""
+    ``steps``: piecewise constant (integer counts); ``log``: for a log axis, the band's lower
+    edge stops at the smallest positive value and a non-positive centre is not drawn."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are expected
         middle = np.nanmean(rows, 0) if center == "mean" else np.nanmedian(rows, 0)
         low, high = np.nanmin(rows, 0), np.nanmax(rows, 0)
+    if log:
+        positive = rows[rows > 0]
+        low = np.maximum(low, positive.min()) if positive.size else low
+        middle = np.where(middle > 0, middle, np.nan)
     if rows.shape[0] > 1:
         step = "post" if steps else None
         ax.fill_between(
@@ -340,12 +367,10 @@ _ROBUST_SETS = ("eps", "certified", "empirical", "pgd")
 
 
 def _mean_curves(results: list[_Result]) -> dict[str, np.ndarray]:
-    """Curves averaged over seeds on the first seed's ε grid."""
-    eps = results[0].data["eps"].astype(np.float64)
-    out: dict[str, np.ndarray] = {"eps": eps}
+    """Curves averaged over seeds, which share their ε grid."""
+    out: dict[str, np.ndarray] = {"eps": _common_grid(results, "eps", CURVE_STYLES)}
     for curve in CURVE_STYLES:
-        stacked = [np.interp(eps, r.data["eps"], r.data[curve]) for r in results]
-        out[curve] = np.mean(stacked, axis=0)
+        out[curve] = np.mean([r.data[curve] for r in results], axis=0)
     out["clean"] = np.array([np.mean([r.number("clean_accuracy") for r in results])])
     return out
 
@@ -355,7 +380,7 @@ def robustness_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     """Robust accuracy (%) against the L2 radius ε: certified dashed, strongest empirical
     solid, PGD dotted, clean accuracy marked at ε = 0; one colour per model (mean over
     seeds)."""
-    groups = _group(_read(p, _ROBUST_SETS) for p in eval_paths)
+    groups = _group(_read(p, _ROBUST_SETS, [*_ROBUST_SETS, "clean_accuracy"]) for p in eval_paths)
     if not groups:
         raise ValueError("no evaluation files given")
     colors = model_colors(groups)
@@ -410,7 +435,7 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     """Layer families side by side (mean over seeds): clean, empirical and certified accuracy
     at the smallest standard radius (bars), certified accuracy against the standard radii, and
     training time per epoch; one colour per variant, as in the robustness figure."""
-    groups = _group(_read(p, _FAMILY_SETS) for p in eval_paths)
+    groups = _group(_read(p, _FAMILY_SETS, [*_FAMILY_SETS, "clean_accuracy"]) for p in eval_paths)
     if not groups:
         raise ValueError("no classification result files given")
     names = _family_order(groups)
@@ -418,7 +443,8 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     fig, axes = _new_figure(1, 3, FAMILY_PANEL_SIZE)
     bars, curve, timing = axes[0]
     x = np.arange(len(names))
-    radii = groups[names[0]][0].data["standard_eps"]
+    every = [r for name in names for r in groups[name]]
+    radii = _common_grid(every, "standard_eps", ["standard_certified", "standard_empirical"])
     first = int(np.argmin(radii))  # the smallest standard radius, whatever the config's order
     width = 0.8 / len(FAMILY_BARS)
     for i, name in enumerate(names):
@@ -735,9 +761,9 @@ def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: st
     _band(axes[0], np.arange(1, psnr.shape[1] + 1), psnr, color, name, "mean")
     steps = [r.data["history/step_norm"] for r in have if "history/step_norm" in r.data]
     if steps:
-        norm = _stack(steps)
-        norm[norm <= 0] = np.nan  # log scale
-        _band(axes[1], np.arange(1, norm.shape[1] + 1), norm, color, name, "mean")
+        # held as the PSNR is: a mean over the images still running rises when the fastest stop
+        norm = _forward_fill(_stack(steps))
+        _band(axes[1], np.arange(1, norm.shape[1] + 1), norm, color, name, "mean", log=True)
     return True
 
 
@@ -772,8 +798,9 @@ def _focus_psnr(ax: Axes, results: list[_Result], observed: float) -> None:
 @outputs.figure(name="pnp_convergence", source="pnp_runs")
 def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
     """PSNR (dB, peak 1) and ``||x_{k+1} - x_k||`` (log scale) against iteration: mean over
-    test images (and seeds) with a light min-max band, one colour per method; methods without
-    a history (TV) as a horizontal line at their final PSNR, the observed PSNR dotted."""
+    test images (and seeds) with a light min-max band, an image that stopped held at its last
+    value (so an averaged denoiser's mean step never rises), one colour per method; methods
+    without a history (TV) as a horizontal line at their final PSNR, the observed PSNR dotted."""
     results = [_read(p, _PNP_SETS) for p in pnp_paths]
     if not results:
         raise ValueError("no PnP result files given")

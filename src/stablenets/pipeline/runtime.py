@@ -176,10 +176,12 @@ def _dataset_names(fh: h5py.File) -> list[str]:
 
 
 def read_results(
-    path: Path, datasets: Iterable[str] | None = None
+    path: Path, datasets: Iterable[str] | None = None, required: Iterable[str] = ()
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Attributes (plain values, :func:`attr_value`) and datasets (by ``a/b`` name) of a results
-    file: the ``datasets`` it has, every one when ``None``."""
+    file: the ``datasets`` it has, every one when ``None``. Each name in ``required`` (an
+    attribute, or one of ``datasets``) must be there: a table or figure without it would show a
+    gap or a wrong number, so its absence is an error naming the file."""
     try:
         fh = h5py.File(path, "r")
     except OSError as err:  # h5py's message does not always name the file
@@ -188,6 +190,12 @@ def read_results(
         attrs = {key: attr_value(value) for key, value in fh.attrs.items()}
         names = _dataset_names(fh) if datasets is None else datasets
         data = {k: np.asarray(fh[k]) for k in names if isinstance(fh.get(k), h5py.Dataset)}
+    missing = [k for k in required if k not in attrs and k not in data]
+    if missing:
+        raise ValueError(
+            f"{path}: has no {', '.join(missing)}; not a complete result file of this version "
+            "(rerun the job that writes it)"
+        )
     return attrs, data
 
 

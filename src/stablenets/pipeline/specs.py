@@ -183,6 +183,15 @@ class Jobs:
             res.pop("cpus_per_gpu", None)
         return res
 
+    def caption_params(self) -> dict[str, str]:
+        """What the report captions say that the config does not spell: ``strong_attack``, the
+        strongest attack as it ran (``autoattack apgd-ce (10 iterations)``), not its method's
+        name. The ``table`` and ``figure`` rules pass it as ``params``."""
+        from stablenets.evaluation.radius_sweep import strong_label
+
+        ev = self.config["classification"]["evaluate"]
+        return {"strong_attack": strong_label(ev["strong"], ev["precision"])}
+
     # ----- targets -------------------------------------------------------------------------
 
     def classification_evals(self, R: Callable[[str], str]) -> list[str]:

@@ -135,7 +135,7 @@ COLUMNS: dict[str, Column] = {
     "iterations": Column("iterations", fmt="{:.1f}"),
     # one decimal: 1 unconverged image of 200 must not round to 100 %
     "converged_fraction": Column("converged", unit="%", scale=100.0, fmt="{:.1f}"),
-    "diverged_count": Column("diverged images", fmt="{:.0f}", agg="sum"),
+    "diverged_count": Column("diverged images (all seeds)", fmt="{:.0f}", agg="sum"),
     "nonincreasing": Column("non-increasing steps", agg="all"),
 }
 
@@ -157,8 +157,9 @@ _LATEX_UNICODE = {"ε": r"$\varepsilon$", "σ": r"$\sigma$", "α": r"$\alpha$", 
 # ----------------------------------------------------------------------------- reading
 
 
-def _attrs(path: Path) -> dict[str, Any]:
-    return read_results(path, ())[0]
+def _attrs(path: Path, required: Iterable[str] = ()) -> dict[str, Any]:
+    """The attributes of a result file; each of ``required`` must be one of them."""
+    return read_results(path, (), required)[0]
 
 
 def _num(attrs: dict[str, Any], key: str) -> float:
@@ -170,16 +171,32 @@ def _num(attrs: dict[str, Any], key: str) -> float:
 
 
 def radius_label(eps: float) -> str:
-    """``36/255`` for radii on the 1/255 grid, else a short decimal."""
+    """``36/255`` for radii on the 1/255 grid, else a decimal of 6 significant digits."""
     k = eps * RADIUS_DENOMINATOR
     if abs(k - round(k)) < 1e-6 and round(k) > 0:
         return f"{round(k)}/{RADIUS_DENOMINATOR}"
-    return f"{eps:.3g}"
+    return f"{eps:.6g}"
+
+
+def _standard_radii(path: Path, data: dict[str, np.ndarray]) -> list[str]:
+    """The labels of a file's standard radii, one per value of each ``standard_*`` curve; an
+    error naming the file where two radii share a label or a curve has another length."""
+    labels = [radius_label(float(eps)) for eps in np.asarray(data["standard_eps"], dtype=float)]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"{path}: two standard radii share a label: {labels}")
+    for metric in _RADIUS_METRICS:
+        if len(data[f"standard_{metric}"]) != len(labels):
+            raise ValueError(
+                f"{path}: standard_{metric} has {len(data[f'standard_{metric}'])} values for "
+                f"{len(labels)} standard radii"
+            )
+    return labels
 
 
 def _classification_record(path: Path) -> dict[str, Any]:
-    attrs, data = read_results(path, ["standard_eps", *(f"standard_{m}" for m in _RADIUS_METRICS)])
-    radii = np.asarray(data["standard_eps"], dtype=float)
+    names = ["standard_eps", *(f"standard_{m}" for m in _RADIUS_METRICS)]
+    attrs, data = read_results(path, names, required=[*names, "clean_accuracy"])
+    radii = _standard_radii(path, data)
     standard = {m: np.asarray(data[f"standard_{m}"], dtype=float) for m in _RADIUS_METRICS}
     record: dict[str, Any] = {
         "variant": str(attrs.get("variant", path.parent.name)),
@@ -188,8 +205,8 @@ def _classification_record(path: Path) -> dict[str, Any]:
         "clean_accuracy": _num(attrs, "clean_accuracy"),
     }
     for metric in _RADIUS_METRICS:
-        for eps, value in zip(radii, standard[metric], strict=True):
-            record[f"{metric}{RADIUS_SEP}{radius_label(float(eps))}"] = float(value)
+        for label, value in zip(radii, standard[metric], strict=True):
+            record[f"{metric}{RADIUS_SEP}{label}"] = float(value)
     for key in _CLASSIFICATION_SCALARS:
         record[key] = _num(attrs, key)
     record["strong_method"] = str(attrs.get("strong_method", ""))
@@ -211,7 +228,7 @@ _CLASSIFICATION_SCALARS = (
 
 
 def _denoising_record(path: Path) -> dict[str, Any]:
-    a = _attrs(path)
+    a = _attrs(path, ["mean_psnr", "mean_psnr_1", "noisy_mean_psnr", "noisy_mean_psnr_1"])
     return {
         "sigma": _num(a, "sigma"),
         "variant": str(a.get("variant", path.stem)),
@@ -230,7 +247,8 @@ def _denoising_record(path: Path) -> dict[str, Any]:
 
 
 def _pnp_record(path: Path) -> dict[str, Any]:
-    a, sigma = _attrs(path), sigma_in_path(path)  # the denoiser's folder; TV deblurring has none
+    # the denoiser's folder; TV deblurring has none
+    a, sigma = _attrs(path, ["observed_mean_psnr", "mean_psnr"]), sigma_in_path(path)
     return {
         "method": str(a.get("method", "")),
         "variant": str(a.get("variant", path.parent.name)),
@@ -324,11 +342,21 @@ def _aggregate(records: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFra
     return pd.DataFrame.from_records(rows)
 
 
+def _radius_value(label: str) -> float:
+    """The radius of a :func:`radius_label`."""
+    top, _, bottom = label.partition("/")
+    return float(top) / float(bottom) if bottom else float(top)
+
+
 def _classification_headline(row: outputs.Row) -> str:
+    """Accuracies at the smallest standard radius (36/255 in the paper)."""
+    prefix = "certified" + RADIUS_SEP
+    radii = [k.removeprefix(prefix) for k in row if k.startswith(prefix) and not _derived(k)]
+    eps = min(radii, key=_radius_value)
     return (
         f"- {row['variant']}: clean {100 * row['clean_accuracy']:.1f}%, certified "
-        f"{100 * row['certified@36/255']:.1f}% and empirical "
-        f"{100 * row['empirical@36/255']:.1f}% at ε = 36/255, certified Lipschitz "
+        f"{100 * row[prefix + eps]:.1f}% and empirical "
+        f"{100 * row['empirical' + RADIUS_SEP + eps]:.1f}% at ε = {eps}, certified Lipschitz "
         f"bound {row['lipschitz_bound']:.4g}"
     )
 
@@ -499,11 +527,13 @@ def table_notes(df: pd.DataFrame) -> str:
             f"{', '.join(image)}: mean ± standard deviation over test images (pooled over "
             "seeds); 'seed std': standard deviation of the per-seed means."
         )
-    if any(column_spec(c).agg == "mean" for c in names):
+    several = SEEDS in df.columns and bool((df[SEEDS] > 1).any())
+    if several and any(column_spec(c).agg == "mean" for c in names):
         notes.append(f"{'Other' if image else 'All'} ±: standard deviation over seeds.")
     if any(c.endswith(SEED_COUNT_SUFFIX) for c in df.columns):
         notes.append("(k of n seeds): the other seeds' result files have no value there.")
-    notes.append(f"{MISSING}: not applicable.")
+    one = ", or the seed std of a single seed" if several else ""
+    notes.append(f"{MISSING}: not applicable to that model{one}.")
     return " ".join(notes)
 
 
