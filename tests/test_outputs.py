@@ -286,3 +286,19 @@ def test_the_classification_captions_name_the_attack_that_ran_and_the_test_image
     assert "every test image" in shown
     rules = (ROOT / "workflow" / "rules" / "figures.smk").read_text()
     assert rules.count("**JOBS.caption_params(),") == 2  # the table and figure rules
+
+
+def test_the_robustness_figure_draws_the_paper_models_unless_the_config_names_others() -> None:
+    """With every layer family at every width, 18 classifiers drew 54 curves in one plot; the
+    families figure compares them, the robustness figure shows the variants without a size."""
+    paper = load_config(CONFIGS["paper"], SCHEMA)
+    assert len(paper["classification"]["variants"]) == 18
+    drawn = specs.Jobs(paper).robustness_evals(lambda path: path)
+    assert drawn == [f"eval/classification/{v}/seed0.h5" for v in ("nonexpansive", "resnet")]
+    assert outputs.get("figure", "robustness").source == "robustness_evals"
+    paper["classification"]["robustness_figure"] = ["resnet", "cpl_S"]
+    drawn = specs.Jobs(paper).robustness_evals(lambda path: path)
+    assert drawn == [f"eval/classification/{v}/seed0.h5" for v in ("resnet", "cpl_S")]
+    families = {k: v for k, v in paper["classification"]["variants"].items() if "size" in v}
+    paper["classification"].update(variants=families, robustness_figure=None)
+    assert len(specs.Jobs(paper).robustness_evals(lambda path: path)) == 16  # each has a size

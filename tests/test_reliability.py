@@ -1174,6 +1174,11 @@ BAD_CONFIGS = {
         {"pnp": {"blur": {"size": 8}}},
         "pnp.blur: Gaussian kernel size must be a positive odd integer, got 8",
     ),
+    "a robustness figure of a variant that does not run": (
+        {"classification": {"select": ["nonexpansive"], "robustness_figure": ["resnet"]}},
+        "classification.robustness_figure: ['resnet'] are not among the variants that run; "
+        "allowed: ['nonexpansive']",
+    ),
     "noise levels of one path label": (
         {"denoising": {"noise_levels": [0.05, 0.050000001]}},
         "denoising.noise_levels: [0.05, 0.050000001] share path labels ['0.05', '0.05']",

@@ -283,6 +283,12 @@ def _variant_option_errors(config: dict, task: str) -> list[str]:
             f"{task}.select: {unknown} are not {task} variants; "
             f"allowed: {sorted(section['variants'])}"
         )
+    drawn = [v for v in section.get("robustness_figure") or [] if v not in _selected(section)]
+    if drawn:
+        errors.append(
+            f"{task}.robustness_figure: {drawn} are not among the variants that run; "
+            f"allowed: {sorted(_selected(section))}"
+        )
     if task == "denoising" and section.get("select"):
         dropped = [d for d in config["pnp"]["denoisers"] if d not in section["select"]]
         if dropped:

@@ -375,7 +375,7 @@ def _mean_curves(results: list[_Result]) -> dict[str, np.ndarray]:
     return out
 
 
-@outputs.figure(name="robustness", source="classification_evals")
+@outputs.figure(name="robustness", source="robustness_evals")
 def robustness_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
     """Robust accuracy (%) against the L2 radius ε: certified dashed, strongest empirical
     solid, PGD dotted, clean accuracy marked at ε = 0; one colour per model (mean over

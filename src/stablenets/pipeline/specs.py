@@ -194,12 +194,20 @@ class Jobs:
 
     # ----- targets -------------------------------------------------------------------------
 
-    def classification_evals(self, R: Callable[[str], str]) -> list[str]:
-        return [
-            R(f"eval/classification/{v}/seed{s}.h5")
-            for v in self.variants("classification")
-            for s in self.seeds
-        ]
+    def classification_evals(
+        self, R: Callable[[str], str], variants: list[str] | None = None
+    ) -> list[str]:
+        """Every seed's evaluation of ``variants`` (``None``: every classifier variant)."""
+        chosen = self.variants("classification") if variants is None else variants
+        return [R(f"eval/classification/{v}/seed{s}.h5") for v in chosen for s in self.seeds]
+
+    def robustness_evals(self, R: Callable[[str], str]) -> list[str]:
+        """The evaluations the robustness figure draws: ``classification.robustness_figure``'s
+        variants; by default those without a size preset (the paper's models: with every family
+        at every width, 18 classifiers drew 54 curves), or every variant when each has one."""
+        section = self.config["classification"]
+        unsized = [v for v in self.variants("classification") if "size" not in section["variants"][v]]
+        return self.classification_evals(R, section["robustness_figure"] or unsized or None)
 
     def classification_logs(self, R: Callable[[str], str]) -> list[str]:
         return [
