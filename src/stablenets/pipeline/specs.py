@@ -206,7 +206,9 @@ class Jobs:
         variants; by default those without a size preset (the paper's models: with every family
         at every width, 18 classifiers drew 54 curves), or every variant when each has one."""
         section = self.config["classification"]
-        unsized = [v for v in self.variants("classification") if "size" not in section["variants"][v]]
+        unsized = [
+            v for v in self.variants("classification") if "size" not in section["variants"][v]
+        ]
         return self.classification_evals(R, section["robustness_figure"] or unsized or None)
 
     def classification_logs(self, R: Callable[[str], str]) -> list[str]:
