@@ -6,6 +6,7 @@ BSR_bsds500.tgz layouts, only smaller) and served through file:// URLs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.server
@@ -16,6 +17,7 @@ import pickle
 import re
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -99,11 +101,16 @@ def cifar_batch(rng: np.random.Generator, n: int, label: str) -> dict:
     }
 
 
-def make_cifar_archive(folder: Path, n_per_batch: int = 6, n_test: int = 8, test=True) -> tuple:
-    """A tiny cifar-10-python.tar.gz: 5 training batches, test batch, meta and readme."""
+def make_cifar_archive(
+    folder: Path, n_per_batch: int = 6, n_test: int = 8, test=True, first_label: int | None = None
+) -> tuple:
+    """A tiny cifar-10-python.tar.gz: 5 training batches, test batch, meta and readme
+    (``first_label``: the test batch's first label instead of a drawn one)."""
     rng = np.random.default_rng(7)
     batches = [cifar_batch(rng, n_per_batch, f"training batch {i} of 5") for i in range(1, 6)]
     test_batch = cifar_batch(rng, n_test, "testing batch 1 of 1")
+    if first_label is not None:
+        test_batch[b"labels"][0] = first_label
     meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": 6}
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "cifar-10-python.tar.gz"
@@ -269,6 +276,70 @@ def test_download_lists_every_failed_url(tmp_path):
     assert all(url in str(err.value) for url in dead)
     assert "unsupported URL scheme" in str(err.value)
     assert leftovers(tmp_path) == [] and not (tmp_path / "dest.bin").exists()
+
+
+def test_a_full_or_read_only_cache_fails_once_naming_the_folder_not_each_mirror(
+    tmp_path, monkeypatch
+):
+    """A full disk was reported as each mirror's failure, after downloading from the next one
+    again; a read-only cache likewise, without naming the folder."""
+    (tmp_path / "file.bin").write_bytes(b"payload")
+    md5 = md5_of(tmp_path / "file.bin")
+    urls = [(tmp_path / "file.bin").as_uri(), (tmp_path / "file.bin").as_uri()]
+    tried = []
+
+    def full(url, target, *args):
+        tried.append(url)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DOWNLOAD, "_fetch", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(D.DataError) as err:
+        D.download(urls, cache / "a.bin", md5=md5)
+    assert str(err.value) == (
+        f"cache folder {cache}: No space left on device while downloading {urls[0]}"
+    )
+    assert tried == urls[:1] and leftovers(cache) == []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(DOWNLOAD.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(D.DataError, match=f"^cache folder {cache}: cannot write: Read-only"):
+        D.download(urls, cache / "b.bin", md5=md5)
+    assert tried == urls[:1]
+
+
+def test_a_killed_downloads_temporary_is_removed_and_a_live_ones_kept(tmp_path):
+    """A download killed mid-way left ``.<archive>.*.part`` (up to 170 MB) that no rerun
+    removed; another job's download into the same cache, still growing, must be left alone."""
+    (tmp_path / "file.bin").write_bytes(b"payload")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead, live = cache / ".a.bin.dead.part", cache / ".a.bin.live.part"
+    for part in (dead, live):
+        part.write_bytes(b"half")
+    old = time.time() - DOWNLOAD.STALE_DOWNLOAD_S - 1
+    os.utime(dead, (old, old))
+    lines: list[str] = []
+    D.download([(tmp_path / "file.bin").as_uri()], cache / "a.bin",
+               md5=md5_of(tmp_path / "file.bin"), log=lines.append)  # fmt: skip
+    assert sorted(p.name for p in cache.iterdir()) == [live.name, "a.bin"]
+    assert f"removed {dead}, left by a download that was killed" in lines
+
+
+def test_the_data_job_removes_what_a_killed_conversion_left_beside_its_output(tmp_path):
+    from stablenets.pipeline.jobs import prepare_data
+
+    out = tmp_path / "data" / "bsds500.h5"
+    (out.parent / f".{out.name}.k1l2" / "archive").mkdir(parents=True)  # an extraction folder
+    (out.parent / f".{out.name}.x9.tmp").write_bytes(b"half an HDF5 file")
+    photos = {"size": [40, 48], "n_train": 4, "n_val": 2, "n_test": 2, "seed": 0}
+    spec = {"dataset": "bsds500", "source": "photos", "photos": photos}
+    lines: list[str] = []
+    prepare_data(spec, tmp_path / "cache", out, log=lines.append)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert sum("left by a conversion that was killed" in line for line in lines) == 2
 
 
 def test_offline_a_cached_archive_that_fails_its_checksum_is_named_with_both_digests(tmp_path):
@@ -489,6 +560,28 @@ def test_prepare_cifar10_without_test_batch_fails_and_writes_nothing(tmp_path):
     archive, _, _ = make_cifar_archive(tmp_path, test=False)
     out = tmp_path / "out" / "cifar10.h5"
     with pytest.raises(D.DataError, match="test_batch"):
+        D.prepare_cifar10(archive, out, 0.1, 0, {})
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_gzip_archive_whose_crc_fails_is_refused_not_converted(tmp_path):
+    """tarfile stops at the end-of-archive block, before gzip's CRC: a damaged stream whose
+    checksum a user took from that damaged copy converted to other pixels without a word."""
+    archive, _, _ = make_cifar_archive(tmp_path)
+    damaged = bytearray(archive.read_bytes())
+    damaged[-8] ^= 0x01  # the CRC-32 of the uncompressed data, in gzip's trailer
+    archive.write_bytes(bytes(damaged))
+    out = tmp_path / "out" / "cifar10.h5"
+    with pytest.raises(D.DataError, match=f"{archive}: cannot extract: CRC check failed"):
+        D.prepare_cifar10(archive, out, 0.1, 0, {})
+    assert leftovers(out.parent) == []
+
+
+def test_prepare_cifar10_refuses_a_negative_label_and_writes_nothing(tmp_path):
+    """It was written, and only a training or evaluation job refused it."""
+    archive, _, _ = make_cifar_archive(tmp_path, first_label=-1)
+    out = tmp_path / "out" / "cifar10.h5"
+    with pytest.raises(D.DataError, match="test_batch: label -1 is negative"):
         D.prepare_cifar10(archive, out, 0.1, 0, {})
     assert list(out.parent.iterdir()) == []
 

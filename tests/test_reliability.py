@@ -1174,6 +1174,11 @@ BAD_CONFIGS = {
         {"pnp": {"blur": {"size": 8}}},
         "pnp.blur: Gaussian kernel size must be a positive odd integer, got 8",
     ),
+    "a BSDS500 crop of a portrait's size": (  # the photographs are turned to landscape first
+        {"data": {"bsds500": {"source": "download", "size": [481, 321]}}},
+        "data.bsds500.size: [481, 321] is larger than the BSDS500 photographs (321x481, "
+        "portraits turned to landscape)",
+    ),
     "a robustness figure of a variant that does not run": (
         {"classification": {"select": ["nonexpansive"], "robustness_figure": ["resnet"]}},
         "classification.robustness_figure: ['resnet'] are not among the variants that run; "

@@ -13,7 +13,9 @@ import this module.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,16 +67,29 @@ def atomic_write(path: Path | str, data: str | bytes, encoding: str = "utf-8") -
             tmp.write_text(data, encoding=encoding)
 
 
-def remove_stale_temporaries(path: Path | str) -> list[Path]:
-    """Remove the temporaries a killed writer of ``path`` left behind; returns what was removed.
+def remove_stale_temporaries(
+    path: Path | str, suffix: str = "", idle_s: float | None = None
+) -> list[Path]:
+    """Remove the temporaries (files, or folders a writer extracts into) that a killed writer of
+    ``path`` left behind, those ending in ``suffix``; returns what was removed.
 
-    Only call this where one process at a time writes ``path`` (e.g. a training job's own
-    checkpoint): it cannot tell a dead writer's file from a live one's.
+    Without ``idle_s``, call this only where one process at a time writes ``path`` (e.g. a
+    training job's own checkpoint): it cannot tell a dead writer's file from a live one's. With
+    it, only temporaries unmodified for ``idle_s`` seconds go (a live writer's grows).
     """
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    stale = sorted(path.parent.glob(f"{_temporary_prefix(path)}*"))
-    for leftover in stale:
-        leftover.unlink(missing_ok=True)
+    stale = []
+    for leftover in sorted(path.parent.glob(f"{_temporary_prefix(path)}*{suffix}")):
+        try:
+            if idle_s is not None and time.time() - leftover.stat().st_mtime < idle_s:
+                continue
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        except FileNotFoundError:  # another process removed it first
+            continue
+        stale.append(leftover)
     return stale

@@ -67,6 +67,8 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path.name}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072)")
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path.name}: {labels.shape[0]} labels for {data.shape[0]} images")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path.name}: label {int(labels.min())} is negative")
     return data.reshape(-1, *_CIFAR_SHAPE), labels
 
 

@@ -4,8 +4,10 @@ has been checked (no path, link or device escapes the destination).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
+import lzma
 import os
 import re
 import shutil
@@ -16,17 +18,22 @@ import time
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stablenets.atomic import atomic_path
+from stablenets.atomic import atomic_path, remove_stale_temporaries
 from stablenets.data.format import DataError
 
 _CHUNK_BYTES = 1 << 20
 PROGRESS_EVERY_S = 10.0  # seconds between a download's progress lines
 _MAX_LINK_HOPS = 40  # symlink chain length treated as a loop, as the OS does
+# a download's temporary unmodified this long was left by a killed download (a live one grows)
+STALE_DOWNLOAD_S = 900.0
+# errors of the cache's own disk, which the next mirror would meet again
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +133,9 @@ def download(
     A checksum is mandatory: an unverified dataset would make every result downstream
     unreproducible. The file is streamed to a temporary name beside ``dest``, verified and
     renamed, so ``dest`` is either absent or complete. An existing ``dest`` with the right
-    checksum is kept without touching the network. ``timeout`` is per connection, in seconds.
+    checksum is kept without touching the network; temporaries of downloads killed before
+    (unmodified for ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket
+    operation (the connection, each read).
     ``log`` gets a progress line (MB done, rate, ETA) every ``progress_every_s`` seconds, one at
     the end of each fetch, and one per failed mirror.
     """
@@ -136,6 +145,9 @@ def download(
     if not urls:
         raise DataError(f"{dest}: no URL given")
     failures = []
+    for stale in remove_stale_temporaries(dest, ".part", idle_s=STALE_DOWNLOAD_S):
+        if log is not None:
+            log(f"removed {stale}, left by a download that was killed")
     if dest.is_file():
         try:
             _check_digests(dest, expected, str(dest))
@@ -144,7 +156,11 @@ def download(
             failures.append(f"the cached copy: {exc}")  # said if no URL answers (offline)
             if log is not None:
                 log(f"fetching again: {exc}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a cache it cannot write to fails here, once, not as every mirror's failure
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=dest.parent).close()
+    except OSError as exc:
+        raise DataError(f"cache folder {dest.parent}: cannot write: {exc.strerror}") from None
     for url in urls:
         try:
             with atomic_path(dest, suffix=".part") as tmp:  # renamed onto dest only if verified
@@ -152,6 +168,10 @@ def download(
                 _check_digests(tmp, expected, url)
         # URLError is an OSError, DataError a ValueError; HTTPException covers truncation.
         except (OSError, ValueError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+                raise DataError(
+                    f"cache folder {dest.parent}: {exc.strerror} while downloading {url}"
+                ) from None
             failures.append(f"{url}: {exc}")
             if log is not None:
                 log(f"failed {url}: {exc}")
@@ -233,7 +253,9 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 
 def _extract_tar(archive: Path, into: Path) -> list[str]:
-    """Check every tar member, then extract with tarfile's ``data`` filter as a second guard."""
+    """Check every tar member, then extract with tarfile's ``data`` filter as a second guard;
+    then read the compressed stream to its end, where gzip keeps its CRC: tarfile stops at the
+    end-of-archive block, so a flipped byte inside the stream changed pixels without a word."""
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         links = {"/".join(_parts(m.name)): m.linkname for m in members if m.issym()}
@@ -243,6 +265,10 @@ def _extract_tar(archive: Path, into: Path) -> list[str]:
             tar.extractall(into, members=members, filter="data")
         except tarfile.FilterError as exc:
             raise DataError(f"{archive}: refused by tarfile's data filter: {exc}") from exc
+        stream = tar.fileobj
+        if stream is not None:
+            while stream.read(_CHUNK_BYTES):
+                pass
     return [m.name for m in members if m.isfile()]
 
 
@@ -294,7 +320,9 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
         else:
             raise DataError(f"{archive}: not a tar or zip archive")
         os.replace(tmp, dest)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+    # a corrupt compressed stream: OSError (gzip, bz2), zlib.error or lzma.LZMAError
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error,
+            lzma.LZMAError) as exc:  # fmt: skip
         raise DataError(f"{archive}: cannot extract: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,11 +8,19 @@ from typing import Any, NamedTuple
 
 from stablenets.data.cifar10 import random_split
 
-__all__ = ["CIFAR10_ARCHIVE_TRAIN", "DataShape", "bsds500_shape", "cifar10_shape"]
+__all__ = [
+    "BSDS500_IMAGE",
+    "CIFAR10_ARCHIVE_TRAIN",
+    "DataShape",
+    "bsds500_shape",
+    "cifar10_shape",
+]
 
 CIFAR10_ARCHIVE_TRAIN = 50_000  # the official archive's training batches, split into train/val
 _CIFAR10 = {"test": 10_000, "image": (32, 32), "classes": 10}
 _BSDS500 = {"train": 200, "val": 100, "test": 200}  # the official splits
+#: (H, W) of every BSDS500 photograph, portraits turned to landscape: the largest crop.
+BSDS500_IMAGE = (321, 481)
 
 
 class DataShape(NamedTuple):

@@ -121,7 +121,7 @@ def _data_fit_errors(config: dict, shapes: dict[str, DataShape]) -> list[str]:
     will see: a batch larger than the training set (the task's once, a variant's own), a model
     built for other classes, channels or images, AutoAttack on fewer classes than it needs, a
     validation split that rounds to nothing."""
-    errors = []
+    errors = _crop_errors(config["data"]["bsds500"])
     cifar = shapes["classification"]
     if cifar.n_val == 0:  # a fraction of the archive can round to none
         fraction = config["data"]["cifar10"]["val_fraction"]
@@ -144,6 +144,19 @@ def _data_fit_errors(config: dict, shapes: dict[str, DataShape]) -> list[str]:
         ]
         errors += _model_fit_errors(task, _selected(section), shape)
     return errors + _attack_class_errors(config["classification"]["evaluate"]["strong"], cifar)
+
+
+def _crop_errors(bsds: dict) -> list[str]:
+    """A BSDS500 crop larger than the photographs (the data job would refuse the first one)."""
+    from stablenets.data.shapes import BSDS500_IMAGE
+
+    if bsds["source"] != "download":
+        return []
+    (height, width), (most_h, most_w) = bsds["size"], BSDS500_IMAGE
+    if height <= most_h and width <= most_w:
+        return []
+    return [f"data.bsds500.size: {bsds['size']} is larger than the BSDS500 photographs "
+            f"({most_h}x{most_w}, portraits turned to landscape)"]  # fmt: skip
 
 
 def _model_fit_errors(task: str, variants: dict[str, dict], shape: DataShape) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from stablenets import data
+from stablenets.atomic import remove_stale_temporaries
 from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.losses import loss_label
@@ -69,6 +70,8 @@ def prepare_data(spec: dict, cache: Path, out: Path, log: Log = print) -> None:
     """Download (checksummed, into the folder ``cache``) and convert a dataset, or generate the
     offline smoke stand-in."""
     source = spec["source"]
+    for stale in remove_stale_temporaries(out):  # one job at a time writes ``out``
+        log(f"removed {stale}, left by a conversion that was killed")
     prov = {"source": source, "dataset": spec["dataset"]}
     seed = (spec.get(source) or {}).get("seed", spec.get("split_seed", -1))  # -1: no seed
     extra = provenance(spec, seed)  # config hash, seed, package versions, git commit
