@@ -337,7 +337,7 @@ def test_the_data_job_removes_what_a_killed_conversion_left_beside_its_output(tm
     photos = {"size": [40, 48], "n_train": 4, "n_val": 2, "n_test": 2, "seed": 0}
     spec = {"dataset": "bsds500", "source": "photos", "photos": photos}
     lines: list[str] = []
-    prepare_data(spec, tmp_path / "cache", out, log=lines.append)
+    prepare_data(spec, tmp_path / "cache", [], out, log=lines.append)
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
     assert sum("left by a conversion that was killed" in line for line in lines) == 2
 

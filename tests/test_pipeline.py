@@ -154,6 +154,8 @@ def archive_overlay(work: Path, cache: Path, cifar: Path, bsds: Path, cifar_md5:
 
 
 def test_data_rules_download_verify_and_convert_real_format_archives(tmp_path):
+    """Then a mirror added to the URLs reruns nothing: the data would be the same, and every
+    evaluation's saved progress is tied to the data file."""
     work = copy_workflow(tmp_path / "wf")
     cifar, _, _ = make_cifar_archive(tmp_path / "srv")
     bsds, _ = make_bsds_archive(tmp_path / "srv")
@@ -167,6 +169,14 @@ def test_data_rules_download_verify_and_convert_real_format_archives(tmp_path):
         assert md5_of(cifar) in str(dict(fh.attrs))
     with h5py.File(work / targets[1]) as fh:
         assert fh["test/images"].shape[1:] == (3, 10, 14)
+    settings = yaml.safe_load(extra.read_text())
+    settings["data"]["bsds500"]["urls"].append("https://mirror.example.org/BSR_bsds500.tgz")
+    extra.write_text(yaml.safe_dump(settings))
+    again = snakemake(
+        work, *targets, "-n", "--cores", "2", "--configfile", "config.yaml", str(extra)
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
 
 
 def test_paper_scale_dry_run_lists_every_job(tmp_path):

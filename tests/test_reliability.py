@@ -1827,13 +1827,13 @@ def test_two_jobs_downloading_into_one_cache_at_once_both_get_the_verified_archi
             "dataset": "cifar10",
             "source": "download",
             "archive": archive.name,
-            "urls": [f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"],
             "md5": md5_of(archive),
             "val_fraction": 0.2,
             "split_seed": 0,
         }
+        urls = [f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"]
         argv = [sys.executable, "-m", "stablenets", "prepare-data", "--spec", json.dumps(spec),
-                "--cache", str(cache)]  # fmt: skip
+                "--cache", str(cache), "--urls", json.dumps(urls)]  # fmt: skip
         procs = [
             subprocess.Popen(
                 [*argv, "--out", str(tmp_path / f"out{i}" / "cifar10.h5")],

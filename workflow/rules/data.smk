@@ -16,13 +16,15 @@ rule prepare_data:
     conda:
         "../../environment.yml"
     threads: 1
-    # The cache folder is a resource of the job, not a param (a rerun trigger): the checksummed
-    # archive makes the same data wherever it is kept, so moving it reruns nothing.
+    # The cache folder and the URLs are resources of the job, not params (a rerun trigger): the
+    # checksummed archive makes the same data wherever it is kept and whichever mirror served it,
+    # so moving the cache or adding a mirror reruns nothing.
     resources:
         **JOBS.resources("prepare_data"),
         cache=config["data"]["cache_dir"],
+        urls=lambda w: JOBS.data_urls(w.dataset),
     params:
         spec=lambda w: JOBS.data_spec(w.dataset),
     shell:
         "python -m stablenets prepare-data --spec {params.spec:q} "
-        "--cache {resources.cache:q} --out {output} > {log} 2>&1"
+        "--cache {resources.cache:q} --urls {resources.urls:q} --out {output} > {log} 2>&1"

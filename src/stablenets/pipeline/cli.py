@@ -26,7 +26,8 @@ _RUN, _REPORT, _COST = (
 )
 # job -> (module, function, path arguments, help).
 _JOBS = {
-    "prepare-data": (_RUN, "prepare_data", ["cache", "out"], "download and convert a dataset"),
+    "prepare-data": (_RUN, "prepare_data", ["cache", "urls", "out"],
+                     "download and convert a dataset"),
     "train": (_RUN, "train_model", ["data", "model", "log", "workdir"], "train a model"),
     "evaluate-classifier": (_RUN, "evaluate_classifier", ["model", "data", "out", "workdir"],
                             "certify and attack a classifier"),
@@ -132,8 +133,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--spec", required=True, help="job specification as JSON")
         for arg in paths:
             nargs = "+" if arg == "inputs" else None
-            p.add_argument(f"--{arg}", required=True, type=Path, nargs=nargs)
+            kind = _url_list if arg == "urls" else Path
+            p.add_argument(f"--{arg}", required=True, type=kind, nargs=nargs)
     return parser
+
+
+def _url_list(text: str) -> list[str]:
+    """``--urls``: a JSON list of URLs (``[]`` for a generated dataset)."""
+    try:
+        urls = json.loads(text)
+    except json.JSONDecodeError:
+        urls = None
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise argparse.ArgumentTypeError(f"not a JSON list of URLs: {text!r}")
+    return urls
 
 
 def _spec(text: str) -> dict:

@@ -66,9 +66,9 @@ _CLASSIFIER_KINDS = (Classifier,)
 _DENOISER_KINDS = (NonexpansiveDenoiser, DnCNN)
 
 
-def prepare_data(spec: dict, cache: Path, out: Path, log: Log = print) -> None:
-    """Download (checksummed, into the folder ``cache``) and convert a dataset, or generate the
-    offline smoke stand-in."""
+def prepare_data(spec: dict, cache: Path, urls: list[str], out: Path, log: Log = print) -> None:
+    """Download (checksummed, into the folder ``cache``, from the first of ``urls`` that serves
+    it) and convert a dataset, or generate the offline smoke stand-in."""
     source = spec["source"]
     for stale in remove_stale_temporaries(out):  # one job at a time writes ``out``
         log(f"removed {stale}, left by a conversion that was killed")
@@ -77,10 +77,8 @@ def prepare_data(spec: dict, cache: Path, out: Path, log: Log = print) -> None:
     extra = provenance(spec, seed)  # config hash, seed, package versions, git commit
     if source == "download":
         archive = cache / spec["archive"]
-        data.download(
-            spec["urls"], archive, md5=spec.get("md5"), sha256=spec.get("sha256"), log=log
-        )
-        prov.update(urls=spec["urls"], md5=spec.get("md5"), sha256=spec.get("sha256"))
+        data.download(urls, archive, md5=spec.get("md5"), sha256=spec.get("sha256"), log=log)
+        prov.update(md5=spec.get("md5"), sha256=spec.get("sha256"))
         if spec["dataset"] == "cifar10":
             data.prepare_cifar10(
                 archive, out, spec["val_fraction"], spec["split_seed"], prov, extra_attrs=extra

@@ -116,12 +116,19 @@ class Jobs:
         return json.dumps(spec, sort_keys=True)
 
     def data_spec(self, dataset: str) -> str:
-        """A dataset's spec; not where its archive is cached (``data.cache_dir``, given to the
-        job apart): the checksummed archive makes the same data wherever it is kept, so moving
-        the cache reruns nothing downstream."""
+        """A dataset's spec; not where its archive is cached (``data.cache_dir``) nor the URLs
+        it is fetched from (:meth:`data_urls`), both given to the job apart: the checksummed
+        archive makes the same data wherever it is kept and from whichever mirror it came, so
+        moving the cache or adding a mirror reruns nothing downstream."""
         spec = copy.deepcopy(self.config["data"][dataset])
+        spec.pop("urls", None)
         spec.update(dataset=dataset)
         return self.dump(spec)
+
+    def data_urls(self, dataset: str) -> str:
+        """The URLs a dataset's archive is fetched from, in order (mirrors after the first), as a
+        JSON list; empty for a generated stand-in."""
+        return json.dumps(self.config["data"][dataset].get("urls") or [])
 
     def variants(self, task: str) -> list[str]:
         return list(self.config[task]["variants"])
