@@ -619,6 +619,26 @@ def test_bound_follows_in_place_edits(index):
 
 
 @pytest.mark.parametrize("index", range(2))
+def test_a_bfloat16_operator_has_the_bound_of_its_rounded_weight(index):
+    """Its content stamp went through numpy, which has no bfloat16: every bound failed."""
+    op = _ops_for_cache()[index].to(torch.bfloat16)
+    exact = _ops_for_cache()[index]
+    with torch.no_grad():
+        exact.weight.copy_(op.weight.double())
+    assert op.norm_bound() == pytest.approx(exact.norm_bound(), rel=1e-12)
+
+
+@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_weight_with_a_non_finite_entry_has_no_bound_and_says_so(index, value):
+    op = _ops_for_cache()[index]
+    with torch.no_grad():
+        op.weight.view(-1)[3] = value
+    with pytest.raises(ValueError, match="a NaN or infinite entry; its norm has no bound"):
+        op.norm_bound()
+
+
+@pytest.mark.parametrize("index", range(2))
 def test_bound_follows_data_assignment(index):
     op = _ops_for_cache()[index]
     before = op.norm_bound()

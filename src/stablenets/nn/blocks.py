@@ -5,13 +5,22 @@ Non-expansive block. It integrates ``dx/dt = -A^T sigma(A x + b)`` over a fixed 
 
     n = ceil(T L ||A||^2 / (2 r theta)),   so that   h nu <= r theta,   nu = L ||A||^2 / 2.
 
-``r`` is the integrator's step radius and ``theta`` in (0, 1] (``theta < 1`` makes Euler blocks
-averaged). ``T = r / (L sigma_0^2)`` as in the authors' scripts (``T = 1`` at an initial norm of 1,
-where one sub-step uses half the radius); ``theta`` enters the step rule only: with
-``theta >= 1/2`` a block starts at one sub-step and needs a second once its norm grows past
-``sqrt(2 theta) sigma_0``; with ``theta < 1/2`` it starts at ``ceil(1 / (2 theta))``. In
-training the cheap power-iteration estimate of ``||A||`` drives ``n``; in ``eval()``
-the certified upper bound does, so the claim holds for the network that is evaluated.
+``r`` is the integrator's step radius and ``theta`` in (0, 1]: with Euler and ``theta < 1`` each
+sub-step is ``theta``-averaged (at most), and the block, ``n`` sub-steps composed, is averaged
+with their composed constant (``averagedness``), larger than ``theta`` once ``n > 1``.
+``T = r / (L sigma_0^2)`` as in the authors' scripts (``T = 1`` at an initial norm of 1, where one
+sub-step uses half the radius); ``theta`` enters the step rule only: with ``theta >= 1/2`` a
+block starts at one sub-step and needs a second once its norm grows past ``sqrt(2 theta)
+sigma_0``; below, it starts at ``ceil(1 / (2 theta (1 + TIME_HEADROOM)^2))`` (one sub-step down
+to ``theta`` = 0.481). In training the cheap power-iteration estimate of ``||A||`` drives ``n``;
+in ``eval()`` the certified upper bound does, so the claim holds for the network that is
+evaluated. Nothing caps ``n`` in ``eval()``: it grows with the square of the norm (a block whose
+norm grew 100-fold takes 10,000 times the sub-steps), so load a model that training's guards
+passed (``train.max_norm``, ``train.max_substeps``) or look at ``schedule()`` first.
+
+The integration time is a float64 buffer: ``.half()`` or ``.to(torch.bfloat16)`` rounds it like
+every other tensor (0.9612 -> 0.9609), which changes the network for good (a later ``.double()``
+does not bring it back); its bound and forward pass stay consistent with each other.
 
 Residual baseline. ``x - B sigma(A x + b)`` with unconstrained ``A`` and ``B``: its Lipschitz
 bound ``1 + ||B|| L ||A||`` can exceed 1 even when ``||A|| = ||B|| = 1`` (the paper's 2^k example).
@@ -59,7 +68,9 @@ class NonexpansiveBlock(nn.Module):
         operator: the linear map ``A`` (its bias is ``b``).
         activation: monotone ``sigma`` with Lipschitz constant ``L``.
         integrator: name of an explicit RK method (``euler``, ``heun``, ``ssprk3``, ``rk4``...).
-        theta: safety factor in (0, 1]; ``theta < 1`` with Euler gives an averaged block.
+        theta: safety factor in (0, 1]; ``theta < 1`` with Euler makes each sub-step
+            ``theta``-averaged and the block averaged (``averagedness``: composed over the
+            sub-steps, so above ``theta`` once there are several).
         time: integration time ``T``; by default ``r / (L sigma_0^2)`` as in the authors'
             scripts, with ``sigma_0 = (1 + TIME_HEADROOM)`` times the warm-started power-iteration
             estimate (``operator.warm_start``): a design choice, deterministic, nothing certified

@@ -270,7 +270,10 @@ class Classifier(StableModel):
     def lipschitz_estimate(self) -> torch.Tensor:
         """Cheap training-time estimate of ``lipschitz_bound()``: the same product with
         power-iteration norms (one warm-started iteration per call), differentiable in the
-        weights; for margin losses, never a certificate."""
+        weights; for margin losses, never a certificate. A non-expansive block counts as 1, as
+        it is in ``eval()``; in ``train()`` its sub-steps follow the estimate, which can lag a
+        large weight step (a review measured a train-mode block at Lipschitz 18.7, 0.99998 in
+        ``eval()``)."""
         est = _sigma_estimate(self.lift)
         for stage, transition, _ in self.stage_layers():
             for block in stage:

@@ -507,9 +507,11 @@ class LinearOperator(nn.Module):
 
     def _content_stamp(self) -> tuple:
         """A fingerprint of the weight's *content*: no edit, however made, leaves a stale bound.
-        It copies the weight to the host (a device synchronisation on a GPU)."""
+        It copies the weight to the host (a device synchronisation on a GPU); its bytes, as numpy
+        has no bfloat16."""
         w = self.weight.detach()
-        digest = hashlib.blake2b(w.cpu().contiguous().numpy().tobytes(), digest_size=16)
+        raw = w.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digest = hashlib.blake2b(raw, digest_size=16)
         return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
 
     def _cached(self, what: Hashable, compute: Callable[[], _T]) -> _T:
@@ -533,11 +535,17 @@ class LinearOperator(nn.Module):
         return cache[key]
 
     def norm_bound(self, input_size: tuple[int, int] | None = None) -> float:
-        """Certified upper bound of ``||A||_2`` (cached until the weight changes)."""
-        return self._cached(
-            ("norm", input_size),
-            lambda: self._certified_norm(input_size) * (1.0 + CERTIFICATE_SLACK),
-        )
+        """Certified upper bound of ``||A||_2`` (cached until the weight changes); an error for a
+        weight with a NaN or infinite entry, which has none."""
+        return self._cached(("norm", input_size), lambda: self._checked_norm(input_size))
+
+    def _checked_norm(self, input_size: tuple[int, int] | None) -> float:
+        if not bool(torch.isfinite(self.weight.detach()).all()):
+            raise ValueError(
+                f"{type(self).__name__} of weight {tuple(self.weight.shape)}: a NaN or infinite "
+                "entry; its norm has no bound"
+            )
+        return self._certified_norm(input_size) * (1.0 + CERTIFICATE_SLACK)
 
     def _certified_norm(self, input_size: tuple[int, int] | None) -> float:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -593,7 +601,8 @@ class Conv2dOperator(LinearOperator):
 
     ``input_size`` is the spatial size the operator acts on and the default size for
     ``norm_bound``; ``power_size`` (default ``input_size``) is the grid of the power-iteration
-    vector, smaller for speed on large images (the estimate is a lower bound either way). The
+    vector, smaller for speed on large images (the estimate is then a lower bound of the norm at
+    ``input_size``; on a larger grid it is one of the norm there, which can exceed it). The
     adjoint of ``y = conv(x)`` is the transposed convolution with the output padding that
     restores ``x``'s size.
     """
