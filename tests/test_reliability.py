@@ -836,6 +836,7 @@ def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_c
         "classification.train.max_substeps (now 1000000) or classification.eval_batch (now "
         f"{spec['eval_batch']})",
         "a rerun resumes from it",
+        "; last good checkpoint ",
     )
     assert "block" not in line
 
@@ -873,13 +874,12 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
     assert auto.endswith(
         "lower denoising.train.batch_size (now 128), denoising.train.memory_fraction (now 0.8) or "
         "denoising.eval_batch (now 4); what the job saved is kept, and a rerun resumes from it "
-        "unless it changes denoising.train.batch_size or denoising.eval_batch, which starts it "
-        "again"
-    ), auto
+        "unless it changes denoising.train.batch_size, which starts it again"
+    ), auto  # eval_batch only batches validation: lowering it keeps the finished steps
     train = {"batch_size": 128, "max_substeps": 3000}
     capped = cli._out_of_memory_line("train", {"task": "classification", "train": train}, err)
-    assert "unless it changes classification.train.batch_size or classification.eval_batch," \
-        in capped and "max_substeps (now 3000)" in capped  # fmt: skip
+    assert "unless it changes classification.train.batch_size, which" in capped
+    assert "max_substeps (now 3000)" in capped
     tv = cli._out_of_memory_line("evaluate-tv", {"tv": {"group_size": 20}}, MemoryError())
     assert tv.endswith("out of memory (host): lower denoising.tv.group_size (now 20); what the "
                        "job saved is kept, and a rerun resumes from it unless it changes "

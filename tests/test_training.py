@@ -621,13 +621,62 @@ def test_a_stop_signal_checkpoints_and_stops_the_run_but_at_its_last_step_lets_i
     assert read_checkpoint(tmp_path / "last" / "checkpoint.pt")["run"]["step"] == 6
 
 
+def test_a_stop_after_off_the_validation_grid_leaves_a_later_full_run_as_if_uninterrupted(
+    tmp_path,
+):
+    """The stop's validation competed for the best: going on past it kept step 5's weights
+    (a step the uninterrupted run never validated) and an extra row. Now it counts only for a
+    run that ends there."""
+    settings = {"steps": 40, "val_every": 10, "checkpoint_every": 10}
+    _, whole = _tiny_run(tmp_path / "whole", **settings)
+    logs, stopped = _tiny_run(tmp_path / "parts", stop_after=5, **settings)
+    assert stopped.best_step == 5 and [r["step"] for r in stopped.rows if r["kind"] == "val"] == [5]
+    assert any("a stop off the validation grid" in line for line in logs)
+    _, parts = _tiny_run(tmp_path / "parts", **settings)
+
+    def seen(state: RunState) -> list:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in state.rows]
+
+    assert seen(parts) == seen(whole) and parts.best_step == whole.best_step == 10
+    a, b = (read_checkpoint(tmp_path / d / "checkpoint.pt")["run"] for d in ("whole", "parts"))
+    assert all(torch.equal(a["best_state"][k], b["best_state"][k]) for k in a["best_state"])
+
+
+def test_the_saved_models_sub_steps_are_those_of_its_best_weights_not_the_last_step() -> None:
+    """The table shows them beside the best weights' accuracy; sub-steps grow with the norms,
+    so the final step's overstated an earlier best's cost."""
+    from stablenets.pipeline.jobs import _saved_substeps
+
+    rows = [{"step": s, "kind": "train", "substeps": 2 + s} for s in range(0, 40, 4)]
+    rows.insert(3, {"step": 10, "kind": "val", "metric": 0.5})
+    model = build_model("nonexpansive_classifier", **TINY)
+    assert _saved_substeps(model, rows, best_step=10) == 2 + 8  # weights after step row 9: 8
+    assert _saved_substeps(model, rows, best_step=40) == 2 + 36
+
+
+class _SignalWhileValidating(ClassificationTask):
+    def validate(self, model):
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's TERM, arriving while it validates
+        return super().validate(model)
+
+
+def test_a_stop_signal_during_validation_still_writes_the_checkpoint_it_announces(tmp_path):
+    """The write was decided before validating: the job said 'checkpoint written', wrote none
+    and a rerun lost every step since the last one (up to 499 at the paper's settings)."""
+    with pytest.raises(Interrupted, match="at step 6: checkpoint .* written; rerun to resume"):
+        _tiny_run(tmp_path, _SignalWhileValidating, steps=20, val_every=6, checkpoint_every=10)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["run"]["step"] == 6
+    logs, state = _tiny_run(tmp_path, steps=20, val_every=6, checkpoint_every=10)
+    assert f"resumed from {tmp_path / 'checkpoint.pt'} at step 6" in logs and state.step == 20
+
+
 def test_settings_that_change_no_number_leave_the_progress_hash_so_their_change_resumes():
     """Where a job runs, how often it logs or saves, and the limits that only stop it: a rerun
     that Snakemake starts because one changed resumes (a finished training in seconds)."""
     spec = {"model": "m", "seed": 0, "device": "auto", "threads": 4,
             "train": {"steps": 12, "lr_max": 1.0, "log_every": 10}}  # fmt: skip
     same = [
-        {**spec, "device": "cuda:1", "threads": 8},
+        {**spec, "device": "cuda:1", "threads": 8, "eval_batch": 7},
         *({**spec, "train": {**spec["train"], k: v}} for k, v in (
             ("stop_after", 5), ("log_every", 1), ("checkpoint_every", 7), ("max_substeps", 9),
             ("max_substeps", "auto"), ("memory_fraction", 0.5), ("max_norm", 3.0))),

@@ -208,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         memory = _loaded("stablenets.train.memory", "is_out_of_memory")
         if not args.debug and memory is not None and memory(err):
-            print(_out_of_memory_line(args.job, spec, err), file=sys.stderr)
+            line = _out_of_memory_line(args.job, spec, err)
+            if args.job == "train":  # where the rerun resumes from, as the divergence errors say
+                from stablenets.train.checkpoints import last_good
+
+                line += f"; last good checkpoint {last_good(args.workdir / 'checkpoint.pt')}"
+            print(line, file=sys.stderr)
             return 1
         missing = _missing_spec_key(err, spec)
         if not args.debug and missing is not None:

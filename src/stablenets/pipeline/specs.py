@@ -47,13 +47,14 @@ def _sigma(task: str, sigma: str | None) -> float:
 
 #: Settings that change no number a job computes, so saved progress made under other values
 #: resumes (``pipeline.jobs`` hashes a spec without them): where it runs (device and threads, and
-#: whether the attacks replay CUDA graphs: all up to rounding), how often it says so or saves,
+#: whether the attacks replay CUDA graphs: all up to rounding), how many images a training job
+#: validates at once (``eval_batch``: memory, up to rounding), how often it says so or saves,
 #: and the limits that only stop a run (a run stopped by one resumes from its last good
 #: checkpoint when rerun with a higher limit; ``stop_after`` ends the full run's schedule early,
 #: so a later stop goes on from the earlier one). A rerun that Snakemake starts because one of
 #: them changed therefore resumes: a finished training from its last checkpoint in seconds.
 RUN_ONLY: dict[str, tuple[str, ...]] = {
-    "": ("device", "threads"),
+    "": ("device", "threads", "eval_batch"),
     "train": (
         "log_every",
         "checkpoint_every",

@@ -34,7 +34,10 @@ class RunState:
     log rows and the time spent, saved in every checkpoint. ``elapsed`` counts the training
     steps, of which ``startup_s`` the first step of each process (start-up: CUDA context,
     cuDNN tuning, graph capture; ``startup_steps`` of them); validations and checkpoint writes
-    are counted apart, as their number per step differs between runs (``bench.cost``)."""
+    are counted apart, as their number per step differs between runs (``bench.cost``).
+    ``stop_metric``: the validation at a ``stop_after`` stop off the validation grid, kept out
+    of the best so far (a later run past the stop drops it, as the uninterrupted run never
+    had it)."""
 
     step: int = 0
     best_metric: float = -math.inf
@@ -48,6 +51,7 @@ class RunState:
     validations: int = 0
     checkpoint_s: float = 0.0
     checkpoints: int = 0
+    stop_metric: float | None = None
 
     def time_split(self) -> dict[str, float]:
         """Start-up, validation and checkpoint seconds and counts, for the model's record."""
@@ -72,7 +76,11 @@ def resume(
     except CheckpointError as err:
         log(f"ignoring unreadable checkpoint: {err}")
         return RunState()
-    if ckpt.get("kind") != RESUME_FORMAT or ckpt.get("config_hash") != config_hash:
+    if ckpt.get("kind") != RESUME_FORMAT:
+        log(f"ignoring checkpoint {path}: written in format {ckpt.get('kind')!r}, this code "
+            f"resumes {RESUME_FORMAT!r}")  # fmt: skip
+        return RunState()
+    if ckpt.get("config_hash") != config_hash:
         log(
             f"ignoring checkpoint {path}: written for config {ckpt.get('config_hash')}, "
             f"this run is {config_hash}"

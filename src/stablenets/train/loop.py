@@ -26,6 +26,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -453,6 +454,9 @@ def train(
             f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}: its best "
             f"model (step {state.best_step}) is kept; delete the checkpoint to stop at {end}"
         )
+    if state.stop_metric is not None and state.step < end:  # going on past an earlier stop
+        state.rows = [r for r in state.rows if not (r["kind"] == "val" and r["step"] == state.step)]
+        state.stop_metric = None
     progress = _Progress(end, state.step, device)
     start = state.step
     with StopFlag() as stop:
@@ -467,13 +471,16 @@ def train(
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
             last = state.step == end
-            validate = state.step % cfg.val_every == 0 or last
-            write = state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None
-            if validate or write:
-                _check_weights(state.step, model, ckpt_path)
+            on_grid = state.step % cfg.val_every == 0 or state.step == cfg.steps
+            validate = on_grid or last
             if validate:
-                _timed(state, "validation", lambda: _validate(model, task, state, log))
-            if write:
+                _check_weights(state.step, model, ckpt_path)
+                check = functools.partial(_validate, model, task, state, log, on_grid)
+                _timed(state, "validation", check)
+            # after validating: a stop signal that arrived meanwhile gets its checkpoint too
+            if state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None:
+                if not validate:
+                    _check_weights(state.step, model, ckpt_path)
                 _timed(
                     state,
                     "checkpoint",
@@ -486,6 +493,10 @@ def train(
                 )
     if graphs is not None:
         log(graphs.summary())
+    if state.stop_metric is not None and state.stop_metric > state.best_metric:
+        # stopped off the grid (stop_after) with the best weights: they are the model's
+        state.best_metric, state.best_step = state.stop_metric, state.step
+        return model.eval(), state
     if state.best_state is None:
         raise RuntimeError(f"training ended at step {state.step} without a validation to keep")
     model.load_state_dict(state.best_state)
@@ -676,20 +687,29 @@ def _train_step(
         state.rows.append(_row(state.step, loss_value, task.metric(out, targets), lr, model, speed))
 
 
-def _validate(model: StableModel, task: Task, state: RunState, log: Log) -> None:
+def _validate(
+    model: StableModel, task: Task, state: RunState, log: Log, on_grid: bool = True
+) -> None:
+    """Validate, log, and keep the weights when best. Off the grid (a ``stop_after`` stop) the
+    metric is ``state.stop_metric``, compared with the best only when the run ends there: a
+    later run past the stop then selects exactly as the uninterrupted one."""
     model.eval()
     metric = task.validate(model)
     state.rows.append({"step": state.step, "kind": "val", "metric": metric})
     last = next((r for r in reversed(state.rows) if r["kind"] == "train"), {})
-    if metric > state.best_metric:
+    if not on_grid:
+        state.stop_metric = metric
+    elif metric > state.best_metric:
         state.best_metric, state.best_step = metric, state.step
         state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # loss, lr, sub-steps and speed are those of the last logged step, named when it is not the
     # step just run (``log_every`` apart, or before a resume)
     logged = "" if last.get("step", state.step - 1) == state.step - 1 else f" (step {last['step']})"
+    best = f"best {state.best_metric:.4f} @ {state.best_step}" if state.best_step >= 0 else "first"
+    where = "" if on_grid else ", a stop off the validation grid"
     log(
         f"step {state.step} loss {last.get('loss', float('nan')):.4f}{logged} "
-        f"val_{task.metric_name} {metric:.4f} (best {state.best_metric:.4f} @ {state.best_step}) "
+        f"val_{task.metric_name} {metric:.4f} ({best}{where}) "
         f"lr {last.get('lr', float('nan')):.3g} substeps {last.get('substeps', 0)} "
         f"img/s {_rate(last.get('images_per_s', float('nan')))} elapsed {state.elapsed:.0f}s"
     )
