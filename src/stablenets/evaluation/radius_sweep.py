@@ -41,6 +41,7 @@ from stablenets.evaluation.robustness import (
     pgd_l2,
     predict,
 )
+from stablenets.nn.operators import full_float32
 
 if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
     pass
@@ -371,12 +372,12 @@ def sweep(
     """Sweep the radii of ``plan`` in increasing order, attacking each point only where it can
     change a number, and return the final state (``state.accuracies(eps)`` gives the curves).
 
-    At radius ε a point needs no attack when it is misclassified, certified (``r_cert > ε``: no
-    attack can move it, so the audit alone attacks a sample of such points) or already broken
-    (an adversarial example found at ε' <= ε lies in the ε-ball too). The cheap attack runs on
-    every correct, uncertified point at every radius, so its curve is that of the attack run at
-    each radius on its own (the paper's PGD curve); the strong attack runs on what no attack has
-    broken. A found example at distance d (checked <= ε) sets the point's break radius to
+    At radius ε the strong attack needs no point that is misclassified, certified (``r_cert >
+    ε``: no attack can move it, so the audit alone attacks a sample of such points) or already
+    broken (an adversarial example found at ε' <= ε lies in the ε-ball too). The cheap attack
+    (PGD) runs on every correct, uncertified point at every radius, broken or not, on purpose:
+    its curve is then that of the attack run at each radius on its own (the paper's PGD
+    curve). A found example at distance d (checked <= ε) sets the point's break radius to
     min(current, d), so it counts at every radius >= d. A break radius
     below the certified radius, or an audited certified point flipped, raises ``InvariantError``.
 
@@ -464,11 +465,6 @@ class SearchModel:
     their largest magnitude: far above rounding (TF32, bf16; other batch sizes may take other
     kernels), far below what a wrong graph or a model mixing samples gives."""
 
-    @property
-    def is_plain(self) -> bool:
-        """Whether the search model is the model itself, on any device."""
-        return self.precision == "float32" and not self.cuda_graphs
-
     def __call__(self, model: nn.Module) -> nn.Module:
         """The search model of ``model`` (the same object for every call on one model; the model
         itself where there is nothing to change: float32, and no graphs or no CUDA)."""
@@ -499,32 +495,33 @@ class SearchModel:
 
 
 def fast_search(attack: SeededAttack, search: SearchModel) -> SeededAttack:
-    """``attack`` searching on ``search(model)`` (low precision, CUDA graphs), with the float32
-    eager model the judge; ``attack`` itself when the search model is the model.
+    """``attack`` searching on ``search(model)`` (low precision, CUDA graphs, or the model
+    itself in the device's float32: TF32 convolutions on a GPU), with the float32 eager model,
+    at full precision, the judge.
 
     A faster search is not a looser count: the sweep counts only examples that fool the float32
-    eager model (``_attack_batch``). Where the search model is fooled but the float32 one is not
-    (a point that bf16 rounding misclassifies already, which AutoAttack then leaves unattacked,
-    or an example on the boundary), the attack runs again on the float32 eager model on those
-    points, with the same seed (its random draws then differ from a float32 run of the whole
-    batch). The search can still be weaker than float32's:
+    eager model (``_attack_batch``). Where the search's arithmetic is fooled but the judge is
+    not (a point that bf16 or TF32 rounding misclassifies already, or an example on the
+    boundary, as FAB's are: AutoAttack stops attacking a point it believes fooled, and the
+    point then counted as surviving, which also lifted the bisection's lower bound), the attack
+    runs again on those points on the float32 eager model at full precision, with the same seed
+    (its random draws then differ from a float32 run of the whole batch). Two extra forward
+    passes per call find them. The search can still be weaker than float32's:
     ``stablenets.bench.evaluation --precision`` (``--cuda-graphs``) measures it.
     """
-    if search.is_plain:
-        return attack
 
     def run(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int = 0) -> Tensor:
         low = search(model)
-        if low is model:  # graphs asked for, on a CPU
-            return attack(model, x, y, eps, seed=seed)
         x_adv = attack(low, x, y, eps, seed=seed)
-        with eval_mode(model):
+        with eval_mode(model), torch.no_grad():
             device = model_device(model)
             xa, yd = x_adv.to(device), y.to(device)
-            doubtful = (predict(low, xa) != yd) & (predict(model, xa) == yd)
+            seen = low(xa).argmax(dim=1) != yd  # as the search's own arithmetic saw it
+            doubtful = seen & (predict(model, xa) == yd)
         idx = torch.nonzero(doubtful).squeeze(1).to(x.device)
         if idx.numel():
-            x_adv[idx] = attack(model, x[idx], y[idx], eps, seed=seed).to(x_adv.device)
+            with full_float32():
+                x_adv[idx] = attack(model, x[idx], y[idx], eps, seed=seed).to(x_adv.device)
         return x_adv
 
     return run

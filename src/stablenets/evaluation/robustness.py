@@ -123,8 +123,9 @@ class Autocast(nn.Module):
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor) -> Tensor:
-    """The predicted class of each sample (argmax of the logits), in ``full_float32``."""
-    with full_float32():
+    """The predicted class of each sample (argmax of the logits), in ``full_float32`` and
+    evaluation mode (as every function here; its flags restored after)."""
+    with eval_mode(model), full_float32():
         return model(x).argmax(dim=1)
 
 
