@@ -236,34 +236,32 @@ def test_only_the_runtime_opens_result_files_in_the_pipeline() -> None:
     assert opening == ["runtime.py"]
 
 
+def imported_by(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh Python has imported once it ran ``code``."""
+    script = f"import sys\n{code}\nprint(sorted(m for m in {modules!r} if m in sys.modules))\n"
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.replace("'", '"'))
+
+
 def test_the_report_jobs_start_without_torch() -> None:
     code = (
-        "import sys\n"
         "from stablenets.pipeline import cli, outputs\n"
         "for job in ('table', 'figure', 'summary'):\n"
         "    cli._job(job)\n"
         "for kind in outputs.KINDS:\n"
-        "    outputs.registered(kind)\n"
-        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+        "    outputs.registered(kind)"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "[]"
+    assert imported_by(code, ("torch", "torchvision")) == []
 
 
 def test_reading_the_registry_imports_no_seaborn() -> None:
     """Every Snakemake start reads it (``common.smk``): seaborn and the scipy.stats it imports
     took 1.8 s of each start; only drawing a figure needs seaborn."""
-    code = (
-        "import sys\n"
-        "from stablenets.pipeline import outputs\n"
-        "for kind in outputs.KINDS:\n"
-        "    outputs.names(kind)\n"
-        "print(sorted(m for m in ('seaborn', 'scipy.stats') if m in sys.modules))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "[]"
+    code = "from stablenets.pipeline import outputs\nfor kind in outputs.KINDS:\n    outputs.names(kind)"
+    assert imported_by(code, ("seaborn", "scipy.stats")) == []
 
 
 @pytest.mark.parametrize(
