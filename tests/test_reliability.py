@@ -39,6 +39,7 @@ from workflow_helpers import (
     BIN,
     ROOT,
     SMOKE_PROFILE,
+    SNAKEMAKE,
     copy_workflow,
     local_env,
     snakemake,
@@ -726,6 +727,58 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     evaluation = "eval/denoising/sigma0.05/averaged/seed0.h5"
     for name in ("data/cifar10.h5", "data/bsds500.h5", evaluation):
         assert_same_h5(local / name, results / name)
+
+
+def test_every_rule_replaces_its_shell_by_its_job_so_that_signals_reach_the_job_alone():
+    """The test below shows why, for one rule; this one holds every rule to it."""
+    shells = [
+        block.split("shell:", 1)[1].split('"')[1]
+        for path in sorted((ROOT / "workflow/rules").glob("*.smk"))
+        for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]
+        if "shell:" in block  # not the target rules
+    ]
+    assert len(shells) >= 12 and all(s.startswith("exec python -m stablenets ") for s in shells)
+
+
+@pytest.mark.slow
+def test_sigterm_to_snakemake_and_its_jobs_waits_for_the_training_to_save_and_exit_75(tmp_path):
+    """What SLURM does at a job's time limit (``--signal=TERM@...``) and ``scancel`` do: SIGTERM
+    to every process of the job step, Snakemake and its job alike. The job's shell is replaced
+    by the job (``exec``), so Snakemake waits while the training, held stopped here, finishes
+    its step, writes a checkpoint and exits 75; a rerun resumes at that step. A job left behind
+    its shell would be orphaned: Snakemake would end at once and, on a cluster, the step's
+    teardown would kill the job before it saved."""
+    work = copy_workflow(tmp_path / "wf")
+    config = [f"{k}={json.dumps(v)}" for k, v in KILL_SUBSET.items()]
+    args = [SNAKEMAKE, *SMOKE_PROFILE, "--config", *config, "--", KILLED_MODEL]
+    out = tmp_path / "first.out"
+    first = subprocess.Popen(
+        args, cwd=work, env=local_env(), stdout=out.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    ckpt, t0 = work / KILLED_CHECKPOINT, time.monotonic()
+    while not (trainers := training_processes(work, ckpt)) or not ckpt.exists():
+        assert first.poll() is None, out.read_text()[-3000:]
+        assert time.monotonic() - t0 < 600, "no checkpoint in time"
+        time.sleep(0.1)
+    (trainer,) = trainers
+    os.kill(trainer, signal.SIGSTOP)
+    os.killpg(first.pid, signal.SIGTERM)
+    time.sleep(3)
+    assert first.poll() is None, "Snakemake ended while its job had not saved"
+    os.kill(trainer, signal.SIGCONT)
+    assert first.wait(timeout=120) != 0
+    joblog = (work / "logs/smoke/train_classifier/resnet/seed0.log").read_text()
+    said = re.search(
+        rf"signal 15 at step (\d+): checkpoint {re.escape(KILLED_CHECKPOINT)} written", joblog
+    )
+    assert said, joblog[-2000:]
+    assert not training_processes(work, ckpt) and not (work / KILLED_MODEL).exists()
+
+    second = snakemake(work, *SMOKE_PROFILE, "--config", *config, "--", KILLED_MODEL)
+    assert second.returncode == 0, second.stderr[-3000:]
+    joblog = (work / "logs/smoke/train_classifier/resnet/seed0.log").read_text()
+    assert f"resumed from {KILLED_CHECKPOINT} at step {said[1]}" in joblog, joblog[-2000:]
 
 
 # ============================================================================================

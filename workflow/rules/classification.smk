@@ -20,7 +20,7 @@ rule train_classifier:
         spec=lambda w: JOBS.train_spec("classification", w.variant, w.seed),
         workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
     shell:
-        "python -m stablenets train --spec {params.spec:q} --data {input.data}"
+        "exec python -m stablenets train --spec {params.spec:q} --data {input.data}"
         " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
 
 
@@ -43,5 +43,5 @@ rule evaluate_classifier:
         spec=lambda w: JOBS.eval_spec("classification", w.variant, w.seed),
         workdir=lambda w: R(f"checkpoints/eval/classification/{w.variant}/seed{w.seed}"),
     shell:
-        "python -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
+        "exec python -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"

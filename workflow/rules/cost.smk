@@ -30,7 +30,7 @@ rule cost:
             sort_keys=True,
         ),
     shell:
-        "python -m stablenets cost --spec {params.spec:q} --inputs {input}"
+        "exec python -m stablenets cost --spec {params.spec:q} --inputs {input}"
         " --out {output.csv} > {log} 2>&1"
 
 

@@ -26,5 +26,5 @@ rule prepare_data:
     params:
         spec=lambda w: JOBS.data_spec(w.dataset),
     shell:
-        "python -m stablenets prepare-data --spec {params.spec:q} "
+        "exec python -m stablenets prepare-data --spec {params.spec:q} "
         "--cache {resources.cache:q} --urls {resources.urls:q} --out {output} > {log} 2>&1"

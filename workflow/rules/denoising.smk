@@ -22,7 +22,7 @@ rule train_denoiser:
             f"checkpoints/denoising/sigma{w.sigma}/{w.variant}/seed{w.seed}"
         ),
     shell:
-        "python -m stablenets train --spec {params.spec:q} --data {input.data}"
+        "exec python -m stablenets train --spec {params.spec:q} --data {input.data}"
         " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
 
 
@@ -47,7 +47,7 @@ rule evaluate_denoiser:
             f"checkpoints/eval/denoising/sigma{w.sigma}/{w.variant}/seed{w.seed}"
         ),
     shell:
-        "python -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
+        "exec python -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"
 
 
@@ -69,5 +69,5 @@ rule evaluate_tv_denoising:
         spec=lambda w: JOBS.tv_spec(w.sigma),
         workdir=lambda w: R(f"checkpoints/eval/denoising/sigma{w.sigma}/tv"),
     shell:
-        "python -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
+        "exec python -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
         " --out {output} --workdir {params.workdir} > {log} 2>&1"

@@ -46,7 +46,7 @@ rule table:
         **JOBS.caption_params(),
         spec=lambda w: json.dumps({"kind": w.table}),
     shell:
-        "python -m stablenets table --spec {params.spec:q}"
+        "exec python -m stablenets table --spec {params.spec:q}"
         " --inputs {input} --out {output.csv} > {log} 2>&1"
 
 
@@ -74,7 +74,7 @@ rule figure:
             {"kind": w.figure, "sigma": config["pnp"]["noise_level"]}
         ),
     shell:
-        "python -m stablenets figure --spec {params.spec:q}"
+        "exec python -m stablenets figure --spec {params.spec:q}"
         " --inputs {input} --out {output.pdf} > {log} 2>&1"
 
 
@@ -93,5 +93,5 @@ rule summary:
     params:
         spec=json.dumps({"scale": SCALE, "config": config}, sort_keys=True),
     shell:
-        "python -m stablenets summary --spec {params.spec:q} --inputs {input.tables}"
+        "exec python -m stablenets summary --spec {params.spec:q} --inputs {input.tables}"
         " --out {output} > {log} 2>&1"

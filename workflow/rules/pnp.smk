@@ -20,7 +20,7 @@ rule pnp_deblur:
         spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
         workdir=lambda w: R(f"checkpoints/pnp/sigma{w.sigma}/{w.variant}/seed{w.seed}"),
     shell:
-        "python -m stablenets pnp --spec {params.spec:q} --model {input.model}"
+        "exec python -m stablenets pnp --spec {params.spec:q} --model {input.model}"
         " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"
 
 
@@ -42,5 +42,5 @@ rule tv_deblur:
         spec=JOBS.pnp_spec("tv", 0),
         workdir=R("checkpoints/pnp/tv"),
     shell:
-        "python -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
+        "exec python -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
         " --out {output} --workdir {params.workdir} > {log} 2>&1"
