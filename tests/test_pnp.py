@@ -23,6 +23,7 @@ from stablenets.evaluation.pnp import (
     tv_deblur,
     uniform_kernel,
 )
+from stablenets.pipeline import jobs
 
 
 def random_kernel(kh: int, kw: int, seed: int = 0) -> torch.Tensor:
@@ -178,6 +179,28 @@ def test_pnp_runs_its_denoiser_in_full_float32_and_restores_the_tf32_flags(deblu
     assert tf32_flags() == (True, True)
 
 
+class _FlagsSeen(torch.nn.Module):
+    """The identity, recording the TF32 flags of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tf32_flags())
+        return x
+
+
+@pytest.mark.usefixtures("tf32_on")
+def test_the_denoising_table_runs_its_denoiser_in_full_float32_as_pnp_does():
+    """The denoiser evaluation's batches (``jobs._batched``, also PnP's denoiser calls): the
+    table's PSNRs and PnP's come from the same arithmetic."""
+    model = _FlagsSeen()
+    x = torch.rand(5, 1, 4, 4)
+    assert torch.equal(jobs._batched(model, x, 2), x)
+    assert model.seen == [(False, False)] * 3 and tf32_flags() == (True, True)
+
+
 def test_pnp_relaxation_beyond_one_with_declared_averagedness(deblur_problem) -> None:
     clean, blur, y = deblur_problem
     eta, alpha = 1.0, 0.5
@@ -233,6 +256,11 @@ def test_pnp_expansive_denoiser_reported_as_diverged(deblur_problem) -> None:
     assert bool(hist["diverged"].all()) and not bool(hist["converged"].any())
     assert int(hist["iterations"].max()) < 300
     assert torch.isfinite(x).all()
+    # the history's last numbers are the returned (last acceptable) iterate's, as the table's
+    for n, k in enumerate(hist["iterations"].tolist()):
+        assert hist["psnr_1"][n, k - 1].isnan() and hist["residual"][n, k - 1].isnan()
+        assert hist["step_norm"][n, k - 1] > hist["step_norm"][n, k - 2]
+        assert torch.allclose(hist["psnr_1"][n, k - 2], psnr(x[n : n + 1], clean[n : n + 1], 1.0))
     assert check_nonincreasing(hist["step_norm"][0]) is not None
     with pytest.raises(RuntimeError, match="'doubling'.*'img0'"):
         assert_nonincreasing(hist["step_norm"][0], model="doubling", image="img0")

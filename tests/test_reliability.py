@@ -1612,8 +1612,9 @@ def test_checkpoints_load_weights_only_and_never_run_pickled_code(tmp_path):
 
 
 def test_a_checkpoint_for_another_model_fails_the_job_naming_both(tmp_path, capsys):
-    """An evaluation given a checkpoint of the wrong kind of model, or of another variant,
-    fails with one line instead of attacking a denoiser or evaluating the wrong network."""
+    """An evaluation or PnP job given a checkpoint of the wrong kind of model, or of another
+    variant or noise level, fails with one line instead of attacking a denoiser or evaluating
+    the wrong network."""
     trained = {"task": "denoising", "variant": "euler", "sigma": 0.05, "seed": 0}
     path = tmp_path / "model.pt"
     model = _model("nonexpansive_denoiser", width=6, depth=3, input_size=(8, 10))
@@ -1650,7 +1651,13 @@ def test_a_checkpoint_for_another_model_fails_the_job_naming_both(tmp_path, caps
     out = ["--out", str(tmp_path / "c.h5"), "--workdir", str(tmp_path / "w")]
     assert cli.main(["evaluate-denoiser", *argv, *out]) == 1
     one_error_line(capsys.readouterr().err, "trained for sigma 0.05, this job expects 0.1")
-    assert not list(tmp_path.glob("[abc].h5"))
+    # PnP plugs in the denoisers of its rule's noise level, and checks it too
+    pnp = Jobs(validate_config(smoke_config(), SCHEMA)).pnp_spec("euler", 0, "0.1")
+    argv[1] = pnp.replace('"device": "auto"', '"device": "cpu"')
+    out = ["--out", str(tmp_path / "d.h5"), "--workdir", str(tmp_path / "w")]
+    assert cli.main(["pnp", *argv, *out]) == 1
+    one_error_line(capsys.readouterr().err, "trained for sigma 0.05, this job expects 0.1")
+    assert not list(tmp_path.glob("[abcd].h5"))
 
 
 EVIL_TAR_MEMBERS = {

@@ -156,6 +156,30 @@ def smoke_jobs(overrides: dict) -> Jobs:
     return Jobs(validate_config(config, ROOT / "workflow/schemas/config.schema.yaml"))
 
 
+# (setting changed, whether it changes the PnP job's spec, whether the TV baseline's)
+DEBLUR_SETTINGS = [
+    ({"pnp": {"eta": 0.5}}, True, False),
+    ({"pnp": {"max_iter": 10}}, True, False),
+    ({"pnp": {"tv": {"weights": [0.001]}}}, False, True),
+    ({"pnp": {"tv": {"iters": 10}}}, False, True),
+    ({"pnp": {"noise": 0.02}}, True, True),
+    ({"pnp": {"n_images": 5}}, True, True),
+    ({"pnp": {"denoisers": ["averaged"]}}, False, False),  # another list: no job's numbers
+]
+
+
+@pytest.mark.parametrize(("change", "pnp_changes", "tv_changes"), DEBLUR_SETTINGS)
+def test_a_deblurring_setting_reruns_only_the_jobs_it_concerns(change, pnp_changes, tv_changes):
+    """A PnP or TV baseline spec holds what its job reads: a PnP setting reruns the PnP jobs
+    alone, a TV one the baseline alone, the problem's both, and every ``pnp`` key is read by
+    one of them or names which jobs run."""
+    before, after = smoke_jobs({}), smoke_jobs(change)
+    pnp, tv = (lambda j: j.pnp_spec("averaged", 0, "0.15")), (lambda j: j.pnp_spec("tv", 0))
+    assert (pnp(before) != pnp(after), tv(before) != tv(after)) == (pnp_changes, tv_changes)
+    read = {*json.loads(pnp(before))["pnp"], *json.loads(tv(before))["pnp"]}
+    assert read | {"denoisers", "noise_level"} == set(before.config["pnp"])
+
+
 @pytest.fixture(scope="module")
 def deblurring(tmp_path_factory) -> dict:
     """BSDS-like photos, an (untrained) averaged smoke denoiser and the jobs' specs."""
@@ -172,7 +196,7 @@ def deblurring(tmp_path_factory) -> dict:
     model = out / "model.pt"
     save_model(build_model(variant["model"], **variant["kwargs"]), model)
     return {
-        "pnp": (json.loads(jobs.pnp_spec("averaged", 0)), ["--model", str(model)]),
+        "pnp": (json.loads(jobs.pnp_spec("averaged", 0, "0.05")), ["--model", str(model)]),
         "tv-deblur": (json.loads(jobs.pnp_spec("tv", 0)), []),
         "evaluate-tv": (json.loads(jobs.tv_spec("0.05")), []),
         "evaluate-denoiser": (

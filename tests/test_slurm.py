@@ -138,7 +138,7 @@ def _device_by_rule(config: dict) -> dict[str, str]:
         "train_denoiser": jobs.train_spec("denoising", "averaged", 0, sigma),
         "evaluate_denoiser": jobs.eval_spec("denoising", "averaged", 0, sigma),
         "evaluate_tv_denoising": jobs.tv_spec(sigma),
-        "pnp_deblur": jobs.pnp_spec("averaged", 0),
+        "pnp_deblur": jobs.pnp_spec("averaged", 0, sigma),
         "tv_deblur": jobs.pnp_spec("tv", 0),
     }
     return {rule: json.loads(spec)["device"] for rule, spec in specs.items()}

@@ -17,7 +17,7 @@ rule pnp_deblur:
     resources:
         **JOBS.resources("pnp_deblur"),
     params:
-        spec=lambda w: JOBS.pnp_spec(w.variant, w.seed),
+        spec=lambda w: JOBS.pnp_spec(w.variant, w.seed, w.sigma),
         workdir=lambda w: R(f"checkpoints/pnp/sigma{w.sigma}/{w.variant}/seed{w.seed}"),
     shell:
         "exec python -m stablenets pnp --spec {params.spec:q} --model {input.model}"

@@ -380,18 +380,25 @@ def _record(
     tol: float,
     limit: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Append one iteration to ``history``; return CPU masks (diverged, converged) over ``idx``."""
+    """Append one iteration to ``history``; return CPU masks (diverged, converged) over ``idx``.
+
+    A diverged image's rejected iterate records its step (the evidence) but NaN residual and
+    PSNRs: the image keeps its last acceptable iterate, whose numbers are the row before."""
     step = _norms(x_new - x_old)
     finite = torch.isfinite(x_new).flatten(1).all(dim=1) & torch.isfinite(step)
     step = torch.where(finite, step, torch.full_like(step, math.inf))
     rel = step / _norms(x_old).clamp_min(torch.finfo(x_old.dtype).tiny)
+    bad = ~finite | (_norms(x_new) > limit[idx.to(limit.device)])
     records = {"step_norm": step, "relative_change": rel}
     records["residual"] = _norms(blur.forward(x_new) - y)
     if reference is not None:
         records["psnr_1"] = psnr(x_new, reference, 1.0)
         records["psnr_max"] = psnr(x_new, reference, "max")
+    for key in ("residual", "psnr_1", "psnr_max"):
+        if key in records:
+            records[key] = records[key].masked_fill(bad.to(records[key].device), math.nan)
     history.add(idx, **records)
-    bad = (~finite | (_norms(x_new) > limit[idx.to(limit.device)])).cpu()
+    bad = bad.cpu()
     conv = ((rel < tol).cpu()) & ~bad
     return bad, conv
 

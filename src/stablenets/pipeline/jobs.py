@@ -34,7 +34,7 @@ from stablenets.nn.models import (
     read_checkpoint,
     save_model,
 )
-from stablenets.nn.operators import pinned_weights
+from stablenets.nn.operators import full_float32, pinned_weights
 from stablenets.pipeline.resume import SavedProgress, in_groups
 from stablenets.pipeline.runtime import (
     config_hash,
@@ -470,8 +470,9 @@ def _noisy_test(
 
 
 def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``model`` on ``x`` in batches of ``batch``: the memory is that of one batch."""
-    with torch.no_grad(), pinned_weights(model):
+    """``model`` on ``x`` in batches of ``batch``: the memory is that of one batch. In full
+    float32 (no TF32 on a GPU): the denoising table's PSNRs come from the arithmetic PnP uses."""
+    with torch.no_grad(), pinned_weights(model), full_float32():
         return torch.cat([model(chunk) for chunk in x.split(batch)])
 
 
@@ -669,7 +670,7 @@ def _deblur_problem(
     return clean, blur, observed
 
 
-def _pnp_attrs(
+def _deblur_attrs(
     spec: dict,
     hist: dict[str, np.ndarray],
     final: np.ndarray,
@@ -678,8 +679,6 @@ def _pnp_attrs(
 ) -> dict[str, Any]:
     p = spec["pnp"]
     return {
-        "eta": p["eta"],
-        "relax": p["relax"],
         "noise": p["noise"],
         "blur_size": p["blur"]["size"],
         "blur_sigma": p["blur"]["sigma"],
@@ -733,7 +732,9 @@ def run_pnp(
         "nonincreasing": monotone,
         "lipschitz_bound": model.lipschitz_bound((clean.shape[-2], clean.shape[-1])),
         "averagedness": alpha,
-        **_pnp_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
+        "eta": p["eta"],
+        "relax": p["relax"],
+        **_deblur_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
         "image_iterations_run": ran,
         **provenance(spec, spec["seed"], device),
     }
@@ -819,7 +820,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "nonincreasing": None,  # not recorded: TV keeps no step history (the table says n/a)
         "lipschitz_bound": None,
         "averagedness": None,
-        **_pnp_attrs(spec, {}, final, observed_psnr, iters),
+        **_deblur_attrs(spec, {}, final, observed_psnr, iters),
         "converged_fraction": math.nan,
         "tv_weight": weight,
         "tv_weights": list(tv_spec["weights"]),

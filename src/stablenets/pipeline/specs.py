@@ -85,6 +85,24 @@ def run_only(path: tuple[str, ...]) -> bool:
 # crops): the trained denoisers' settings there would rerun it for nothing.
 _TV_EVALUATE = ("n_test", "noise_seed", "crops", "crop_size")
 
+# What a deblurring job reads of ``pnp``: the problem and its bookkeeping (both jobs), then the
+# PnP iteration (``pnp_deblur``) or the TV baseline (``tv_deblur``). Neither job's spec holds the
+# other's settings, nor the list of denoisers: changing them reruns the jobs they concern alone.
+_DEBLUR_PROBLEM = ("n_images", "n_show", "group_size", "log_every", "blur", "noise", "seed")
+_DEBLUR_METHOD = {
+    "pnp_deblur": (
+        "batch_size",
+        "eta",
+        "relax",
+        "max_iter",
+        "tol",
+        "blowup",
+        "nonincreasing_rtol",
+        "nonincreasing_atol_eps",
+    ),
+    "tv_deblur": ("tv",),
+}
+
 
 class Jobs:
     """Job specifications and targets of one validated configuration."""
@@ -175,12 +193,16 @@ class Jobs:
         }
         return self.dump(spec)
 
-    def pnp_spec(self, variant: str, seed: int) -> str:
-        """A PnP job's spec, or with ``variant`` ``tv`` the TV baseline's (rule ``tv_deblur``)."""
+    def pnp_spec(self, variant: str, seed: int, sigma: str | None = None) -> str:
+        """A PnP job's spec (its denoiser trained at noise level ``sigma``), or with ``variant``
+        ``tv`` the TV baseline's (rule ``tv_deblur``, no noise level)."""
         rule = "tv_deblur" if variant == "tv" else "pnp_deblur"
-        return self.dump(
-            {**self._common(rule, seed), "variant": variant, "pnp": self.config["pnp"]}
-        )
+        section = self.config["pnp"]
+        pnp = {k: section[k] for k in (*_DEBLUR_PROBLEM, *_DEBLUR_METHOD[rule])}
+        spec = {**self._common(rule, seed), "variant": variant, "pnp": pnp}
+        if rule == "pnp_deblur":
+            spec["sigma"] = _sigma("pnp", sigma)
+        return self.dump(spec)
 
     def resources(self, rule: str) -> dict[str, Any]:
         """What a job of ``rule`` asks the scheduler for: its kind's ``resources`` entry, without
