@@ -4,15 +4,17 @@
 # the Snakemake, jsonschema and pyautoattack that the device's python3 lacks). Then the call:
 #   run  command: bash benchmarks/run_device_rehearsal.sh 600   carry: [".gpu"]   timeout_s: 600
 # The argument is the seconds the whole call may take (default 600, a call's limit): `make
-# rehearsal` gets what is left of them less RESERVE_S (default 60) for the copies at the end, and
-# is stopped by `timeout` (its process group: Snakemake and its jobs) when that runs out.
+# rehearsal` gets what is left of them less RESERVE_S (default 90: 15 s for `timeout -k` to end it,
+# at most PARTIAL_S, default 45, for the partial cost, and 30 s of margin for the copies at the
+# end), and is stopped by `timeout` (its process group: Snakemake and its jobs) when that runs out.
 #
 # Everything goes to $OUT as it happens. At most 8 files come back, 2 folders down at most, so
 # the many small files travel as one tarball:
 #   device.log        GPU, python, torch, the kit's install, this script's steps
 #   make.log          the output of `make rehearsal` (Snakemake's and the jobs'), streamed
 #   cost.csv cost.md summary.md   results/rehearsal/'s, when the run got that far
-#   cost-partial.csv cost-partial.md   when it did not: the cost of the jobs that finished (below)
+#   cost-partial.csv cost-partial.md cost-partial.provenance.json   when it did not: the cost
+#                     of the jobs that finished (below), written straight into $OUT
 #   pass-times.csv    seconds per image-pass of the paper classifier at batches 500, 2000, 8000
 #                     (PASS_BATCHES), float32 and bf16, eager and from CUDA graphs, when time
 #                     is left after the rehearsal (and the attack-graph tests, in device.log)
@@ -38,9 +40,10 @@
 #         bash benchmarks/run_device_rehearsal.sh
 set -u
 LIMIT=${1:-600}
-RESERVE_S=${RESERVE_S:-60}
+RESERVE_S=${RESERVE_S:-90}
+PARTIAL_S=${PARTIAL_S:-45}
 : "${OUT:?OUT: the folder that comes back}"
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) && export OUT  # (the partial cost writes there)
 PY=$(command -v "${DEVICE_PYTHON:-python3}") || { echo "no ${DEVICE_PYTHON:-python3}" >&2; exit 2; }
 case $PY in /*) ;; *) PY=$PWD/$PY ;; esac
 KIT=${KIT:-.gpu}
@@ -141,10 +144,14 @@ fi
 for f in cost.csv cost.md summary.md; do
     [ -f "results/rehearsal/$f" ] && cp "results/rehearsal/$f" "$OUT/"
 done
-if [ ! -f results/rehearsal/cost.csv ] && [ -d benchmarks/rehearsal ]; then
-    log "partial cost of the finished jobs (cost-partial.csv)"
-    # partial cost: the `cost` rule's function on the benchmark TSVs that exist
-    timeout 45 python - >>"$LOG" 2>&1 <<'EOF'
+T=$((LIMIT - SECONDS - 10))  # the partial cost's time: PARTIAL_S, less if the call ends before
+T=$((T < PARTIAL_S ? T : PARTIAL_S))
+if [ ! -f results/rehearsal/cost.csv ] && [ -d benchmarks/rehearsal ] && [ "$T" -ge 5 ]; then
+    log "partial cost of the finished jobs, at most $T s ($OUT/cost-partial.csv)"
+    # partial cost: the `cost` rule's function on the benchmark TSVs that exist, into $OUT at
+    # once (a call cut after it still brings it back)
+    timeout -k 5 "$T" python - >>"$LOG" 2>&1 <<'EOF'
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -158,7 +165,7 @@ results, bench = Path("results/rehearsal"), Path("benchmarks/rehearsal")
 done = [Path(p) for p in benchmark_files(config, lambda p: f"{bench}/{p}") if Path(p).is_file()]
 print(f"{len(done)} of {len(dag_jobs(config))} jobs finished")
 spec = {"config": config, "results": str(results), "benchmarks": str(bench), "schema": schema}
-out = results / "cost-partial.csv"
+out = Path(os.environ["OUT"]) / "cost-partial.csv"
 try:
     write_cost(spec, done, out)
 except ValueError as err:  # a rule with no finished job: nothing to project its paper jobs from
@@ -172,9 +179,7 @@ except ValueError as err:  # a rule with no finished job: nothing to project its
                      "fixed_s": m.fixed_s, **m.stats})
     pd.DataFrame(rows).to_csv(out, index=False)
 EOF
-    for f in cost-partial.csv cost-partial.md; do
-        [ -f "results/rehearsal/$f" ] && cp "results/rehearsal/$f" "$OUT/"
-    done
+    log "partial cost: rc $?"
 fi
 
 # Issue 19's levers, with what time is left. First whether the attack graphs replay the eager

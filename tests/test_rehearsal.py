@@ -17,6 +17,7 @@ from workflow_helpers import BIN, ROOT, copy_workflow, local_env
 
 from stablenets.bench.cost import (
     RULES,
+    BenchRow,
     Job,
     Measured,
     Paper,
@@ -26,6 +27,7 @@ from stablenets.bench.cost import (
     dag_jobs,
     measure,
     project,
+    projected_by_rule,
     write_cost,
 )
 from stablenets.pipeline.config import overlay, validate_config
@@ -94,8 +96,8 @@ def test_training_projects_fixed_seconds_plus_steps_validations_and_checkpoints_
     job = Job("train_classifier", "nonexpansive", seed=0)
     parts = {"step": (20.0, 2000), "validation": (3.0, 3), "checkpoint": (1.0, 2)}
     measured = Measured(job, 100.0, 0.0, "step", 2000, 24.0, {}, parts)  # 76 s fixed
-    units, seconds, basis = project(job, measured, paper())
-    assert (units, basis) == (40_000, job.label())
+    units, seconds, basis, complete = project(job, measured, paper())
+    assert (units, basis, complete) == (40_000, job.label(), True)
     assert seconds == pytest.approx(76.0 + 0.01 * 40_000 + 1.0 * 108 + 0.5 * 80)
 
 
@@ -108,8 +110,9 @@ def test_the_first_step_of_each_process_is_retimed_at_the_others_rate_so_start_u
 
 
 def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times_n_over_n():
-    """(wall - fixed) * 10,000 / 500 for every pass but the audit (at most audit_certified
-    points per radius whatever the test-set size)."""
+    """(wall - fixed) * 10,000 / 500 for every pass but the audit: its seconds per point audited
+    times the paper's slots (4 radii x 100 certified points, whatever the test-set size), here
+    400 though the rehearsal audited only the 100 points it had certified."""
     parts = {
         "pgd": (30.0, 1000),
         "strong": (100.0, 200),
@@ -117,8 +120,8 @@ def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times
         "bisect": (50.0, 500),
     }
     measured = fake_eval({"n_test": 500}, parts, wall=260.0)
-    units, seconds, _ = project(measured.job, measured, paper())
-    assert units == 10_000 and seconds == pytest.approx(60.0 + (30 + 100 + 50) * 20 + 20)
+    units, seconds, _, _ = project(measured.job, measured, paper())
+    assert units == 10_000 and seconds == pytest.approx(60.0 + (30 + 100 + 50) * 20 + 0.2 * 400)
 
 
 def test_a_bisection_the_rehearsal_left_out_is_estimated_at_the_strong_attacks_rate():
@@ -129,8 +132,8 @@ def test_a_bisection_the_rehearsal_left_out_is_estimated_at_the_strong_attacks_r
         **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
     parts = {"pgd": (30.0, 1000), "strong": (100.0, 200), "audit": (20.0, 100), "bisect": (0.0, 0)}
     measured = fake_eval(run, parts, wall=160.0)
-    _, seconds, basis = project(measured.job, measured, paper())
-    pgd, strong, audit = 30 * 20 * 42 / 40, 100 * 20 * 4, 20 * 4
+    _, seconds, basis, _ = project(measured.job, measured, paper())
+    pgd, strong, audit = 30 * 20 * 42 / 40, 100 * 20 * 4, 20 / 100 * 400
     bisect = 100 / 200 * 0.5 * 10_000 * 6  # s per point x clean points x attacks per point
     assert seconds == pytest.approx(10.0 + pgd + strong + audit + bisect)
     assert "bisection estimated at the strong pass's rate" in basis
@@ -143,13 +146,97 @@ def fake_train(job: Job, wall: float, steps: int, step_s: float) -> Measured:
 
 def test_an_unmeasured_variant_is_projected_by_the_benchmarked_step_time_ratio_and_its_stages():
     train = fake_train(Job("train_classifier", "nonexpansive", seed=0), 30.0, 100, 1.0)
-    bench = {("classifier", 16, "cuda_graphs replayed"): 7.5, ("cpl", 16, ""): 15.0}
-    _, seconds, basis = project(Job("train_classifier", "cpl_XS", seed=0), train, paper(bench))
+    bench = {("classifier", 16, "cuda_graphs replayed"): BenchRow(7.5, 15),
+             ("cpl", 16, ""): BenchRow(15.0, 15)}  # fmt: skip
+    _, seconds, basis, _ = project(Job("train_classifier", "cpl_XS", seed=0), train, paper(bench))
     assert seconds == pytest.approx(29.0 + 2 * 0.01 * 40_000)  # no graphed CPL row: eager, 2x
     assert "x 2 (benchmarked step ('cpl', 16) / ('classifier', 16), cpl_XS: eager row" in basis
     denoiser = fake_train(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 10, 1.0)
-    _, seconds, basis = project(Job("train_denoiser", "heun", "0.15", 0), denoiser, paper())
+    _, seconds, basis, _ = project(Job("train_denoiser", "heun", "0.15", 0), denoiser, paper())
     assert seconds == pytest.approx(29.0 + 2 * 0.1 * 40_000) and "stages only" in basis
+
+
+def test_a_layer_family_is_projected_at_its_benchmark_rows_sub_steps_not_the_measured_ones():
+    """The paper classifier's rate covers the 35 sub-steps it ran on average, its benchmark row
+    15: a CPL classifier (fixed cost) is its row's time over the classifier row's times the
+    measured rate brought to 15 sub-steps, in training and evaluation alike; the paper
+    classifier itself keeps its measured rate (a lower bound)."""
+    bench = {("classifier", 16, "cuda_graphs replayed"): BenchRow(7.5, 15),
+             ("cpl", 16, ""): BenchRow(15.0, 15)}  # fmt: skip
+    job = Job("train_classifier", "nonexpansive", seed=0)
+    measured = Measured(job, 30.0, 0, "step", 100, 1.0, {}, {"step": (1.0, 100)}, substeps=35)
+    cpl = Job("train_classifier", "cpl_XS", seed=0)
+    _, seconds, basis, _ = project(cpl, measured, paper(bench))
+    assert seconds == pytest.approx(29.0 + 2 * 15 / 35 * 0.01 * 40_000)
+    assert "at the row's 15 sub-steps, not the 35 measured" in basis
+    _, own, _, _ = project(job, measured, paper(bench))
+    assert own == pytest.approx(29.0 + 0.01 * 40_000)
+    parts = {"pgd": (30.0, 1000), "strong": (100.0, 200), "audit": (20.0, 100), "bisect": (5, 50)}
+    evaluation = fake_eval({"n_test": 500}, parts, wall=160.0)
+    evaluation.substeps = 35
+    _, at_own, _, _ = project(evaluation.job, evaluation, paper(bench))
+    _, at_cpl, _, _ = project(
+        Job("evaluate_classifier", "cpl_XS", seed=0), evaluation, paper(bench)
+    )
+    assert at_cpl - 5.0 == pytest.approx(2 * 15 / 35 * (at_own - 5.0))  # 5 s fixed
+
+
+def test_a_strong_pass_that_attacked_no_point_takes_another_evaluations_rate_or_is_incomplete():
+    """The rehearsal's strong pass found nothing to attack (0 points): not 0 s at paper scale,
+    but every clean point at the paper's 4 radii (and 6 bisection attacks each) at the rate of
+    another evaluation's strong pass; with none, the projection says it is incomplete, its fits
+    unknown, and the totals name it."""
+    run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
+        **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
+    parts = {"pgd": (30.0, 1000), "strong": (0.0, 0), "audit": (20.0, 100), "bisect": (0.0, 0)}
+    measured = fake_eval(run, parts, wall=60.0)
+    other = fake_eval(run, {**parts, "strong": (50.0, 100)}, wall=99.0, variant="resnet")
+    _, seconds, basis, complete = project(measured.job, measured, paper(), [measured, other])
+    clean = 0.5 * 10_000
+    expected = 10.0 + 30 * 20 * 42 / 40 + 0.2 * 400 + 0.5 * clean * (4 + 6)
+    assert complete and seconds == pytest.approx(expected)
+    assert "strong pass: no point attacked here" in basis
+    assert "strong pass's rate of evaluate_classifier/resnet/seed0" in basis
+    _, alone, basis, _ = project(measured.job, measured, paper())  # the audit's rate, 0.2 s
+    assert alone == pytest.approx(expected + clean * (4 + 6) * (0.2 - 0.5))
+    assert "strong pass: no point attacked here" in basis and "the audit pass's rate" in basis
+    parts["audit"] = (0.0, 0)  # nor by the audit (its rate, an upper bound, would stand in)
+    unattacked = [  # the run's evaluations, neither with a point attacked by the strong pass
+        fake_eval(run, parts, 60.0, m.job.variant) if m.job.rule == "evaluate_classifier" else m
+        for m in fake_run(eval_wall=40.0)
+    ]
+    rows = pd.DataFrame(cost_rows(unattacked, paper()))
+    mine = rows[(rows["row"] == "paper") & (rows["rule"] == "evaluate_classifier")]
+    assert mine["fits"].isna().all() and mine["basis"].str.contains("pass strong attacked no").all()
+    gpu = rows[rows["row"] == "total"].iloc[0]
+    assert pd.isna(gpu["fits"]) and "projected incomplete" in gpu["basis"]
+    assert "evaluate_classifier/cpl_XS" in gpu["basis"]
+
+
+def test_a_job_projected_incomplete_is_listed_by_rule_with_its_fits_unknown(tmp_path):
+    """``bench.training --cost`` reads ``fits`` back: empty (unknown) is not a fit."""
+    path = tmp_path / "cost.csv"
+    pd.DataFrame([
+        {"row": "paper", "rule": "evaluate_classifier", "variant": v, "sigma": "",
+         "projected_h": 0.5, "runtime_min": 240, "fits": fits}
+        for v, fits in (("cpl_XS", True), ("sll_XS", None))
+    ]).to_csv(path, index=False)  # fmt: skip
+    (by_rule,) = projected_by_rule(path, {"evaluate_classifier"})
+    assert by_rule["over"] == ["sll_XS (fits unknown)"] and by_rule["jobs"] == 2
+
+
+def test_pnp_projects_its_fixed_seconds_plus_its_solves_rate_times_the_paper_iterations(tmp_path):
+    """Start-up, the model and its Lipschitz bound (wall less ``deblur_s_run``) stay fixed; only
+    the solves scale to the paper's image-iterations."""
+    root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
+    tsv.write_text("s\th:m:s\tmax_rss\n50.0\t0:00:50\t900.0\n")
+    job = Job("pnp_deblur", "averaged", "0.15", 0)
+    attrs = {"config": json.dumps({}), "image_iterations_run": 600, "deblur_s_run": 6.0}
+    write_results(job.results(root), attrs, {})
+    measured = measure(job, tsv, root)
+    assert (measured.units, measured.variable_s, measured.fixed_s) == (600, 6.0, 44.0)
+    units, seconds, basis, _ = project(job, measured, paper())
+    assert seconds == pytest.approx(44.0 + 6.0 / 600 * units) and "upper estimate" not in basis
 
 
 def fake_run(eval_wall: float) -> list[Measured]:
@@ -269,6 +356,8 @@ def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path)
     assert (trained["substeps_first"] >= 1).all() and (trained["peak_memory_mb"] > 0).all()
     attacked = measured[measured["rule"] == "evaluate_classifier"]
     assert (attacked["fixed_s"] > 0).all() and (attacked["seconds_per_unit"] >= 0).all()
+    deblurred = measured[measured["rule"].isin(["pnp_deblur", "tv_deblur"])]  # start-up: fixed
+    assert len(deblurred) == 2 and (deblurred["fixed_s"] > 0).all(), deblurred
     dag = cost[cost["row"] == "paper"]
     assert len(dag) == len(dag_jobs(PAPER)) and dag["projected_h"].map(math.isfinite).all()
     assert dag[dag["variant"] == "resnet"]["basis"].str.startswith("train_classifier/nonexp").any()
@@ -318,7 +407,7 @@ def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_recor
     points = {"pgd": 200, "strong": 10, "audit": 0, "bisect": 4}
     write_results(
         job.results(root),
-        {"config": json.dumps(spec), "n_test": 100, "clean_accuracy": 0.5}
+        {"config": json.dumps(spec), "n_test": 100, "clean_accuracy": 0.5, "total_substeps": 35}
         | {f"seconds_per_point_{p}": r for p, r in rates.items()}
         | {f"attacked_points_{p}": n for p, n in points.items()},
         {},
@@ -327,7 +416,7 @@ def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_recor
     assert (measured.wall_s, measured.max_rss_mb, measured.units) == (12.5, 900.0, 100)
     assert measured.variable_s == 8.0 and measured.fixed_s == 4.5
     assert measured.parts["strong"] == (5.0, 10) and measured.stats["s_per_point_pgd"] == 0.01
-    assert measured.parts["audit"] == (0.0, 0)
+    assert measured.parts["audit"] == (0.0, 0) and measured.substeps == 35
 
 
 def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight(tmp_path):
@@ -342,12 +431,12 @@ def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight
     write_results(job.results(root), attrs | {"image_solves_run": 200 + 4 * weights}, {})
     measured = measure(job, tsv, root)
     assert (measured.unit, measured.units) == ("image solve", 200 + 4 * weights)
-    units, seconds, _ = project(job, measured, paper())  # the paper: the whole split, 100
+    units, seconds, _, _ = project(job, measured, paper())  # the paper: the whole split, 100
     assert units == 200 + 100 * weights
     assert seconds == pytest.approx(22.0 / (200 + 4 * weights) * units)
     tv = PAPER["pnp"]["tv"]  # deblurring: 200 test images and val_images per weight, 300 its
     deblur = Measured(Job("tv_deblur"), 5.0, 0, "image-iteration", 600, 5.0, {})
-    units, _, _ = project(deblur.job, deblur, paper())
+    units, _, _, _ = project(deblur.job, deblur, paper())
     assert units == (200 + tv["val_images"] * len(tv["weights"])) * tv["iters"]
 
 
@@ -380,3 +469,30 @@ def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_
     assert "9.27.1\nimports ok" in log  # the stand-in's snakemake, then python on PATH
     assert "no time left for make rehearsal" in log
     assert not (out / "make.log").exists() and not (work / "results").exists()
+
+
+def test_the_device_rehearsal_script_writes_the_partial_cost_straight_into_out(tmp_path):
+    """A run cut before any job finished (benchmarks/rehearsal/ there, no cost.csv): the partial
+    cost goes to $OUT as it is written, not to results/ to be copied later (a call cut in
+    between would lose it); here no make (its reserve leaves it under 10 s), and no job to
+    project from: the measured jobs alone, none."""
+    work = copy_workflow(tmp_path / "work")
+    (work / "src").symlink_to(ROOT / "src")
+    (work / "benchmarks" / "rehearsal").mkdir(parents=True)
+    shutil.copy2(ROOT / "benchmarks" / "run_device_rehearsal.sh", work / "benchmarks")
+    shutil.copytree(ROOT / "benchmarks" / "results", work / "benchmarks" / "results")
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python"), "KIT": "none",
+           "RESERVE_S": "75"}  # fmt: skip
+    run = subprocess.run(
+        ["bash", "benchmarks/run_device_rehearsal.sh", "80"],
+        cwd=work,
+        env={**local_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = (out / "device.log").read_text()
+    assert run.returncode == 124 and "no time left for make rehearsal" in log, log
+    assert "partial cost: rc 0" in log and "0 of " in log, log
+    assert (out / "cost-partial.csv").is_file() and not (work / "results").exists()

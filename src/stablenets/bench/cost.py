@@ -28,18 +28,25 @@ same variant, else of the same model, else the rule's first measured job:
 * classifier evaluation: one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
   the pass's seconds per attacked point (the job's ``seconds_per_point_*`` and
   ``attacked_points_*``), points scaled to the paper's settings: pgd and strong by
-  ``N / n`` (test points) and by their radii, audit by its radii and ``audit_certified`` only (at
-  most that many certified points per radius, whatever ``N``), bisect by ``N / n`` and its
-  ``ceil(log2(num))`` attacks per point; a bisection the run did not do but the paper does is
-  estimated as ``clean accuracy * N * ceil(log2(num))`` attacks at the strong pass's rate. With
-  the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
+  ``N / n`` (test points) and by their radii, bisect by ``N / n`` and its ``ceil(log2(num))``
+  attacks per point; the audit is the rate per point audited times the paper's slots (radii x
+  ``audit_certified``: at most that many certified points per radius, whatever ``N``; an upper
+  estimate). A pass the paper runs that attacked no point here (not run, or nothing left to
+  attack) is estimated at an upper bound, every clean point (``clean accuracy * N``) at each of
+  its radii (the bisection: its attacks per point; the audit: its slots), at the rate of the
+  first of: this job's pass (the bisection: its own, then the strong pass's), another
+  evaluation's same pass times ``f`` of the two variants; where none attacked a point, the
+  pass is left out and the projection marked incomplete (``fits`` empty, the totals name it).
+  With the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
 * denoiser evaluation: rate = the seconds it denoised test images for per image
   (``denoising_s_run``, ``test_images_run``), fixed = the rest (loading, the Lipschitz search,
   whose settings the rehearsal keeps at the paper's); paper units = the paper's test images;
-* TV denoising (unit: image solve, its test images plus its validation images per candidate
-  weight), PnP and TV deblurring (unit: image iteration, images x their iterations, TV's choice
-  of weight included): the job records no split, so fixed = 0 and the whole wall time scales
-  (an upper estimate); paper units = the paper's test images, TV denoising's
+* PnP and TV deblurring (unit: image iteration, images x their iterations, TV's choice of
+  weight included): rate = the seconds of its solves (``deblur_s_run``; its whole wall time
+  where a result predates it), fixed = the rest (start-up, loading, PnP's model and Lipschitz
+  bound); TV denoising (unit: image solve, its test images plus its validation images per
+  candidate weight) records no split, so fixed = 0 and the whole wall time scales (an upper
+  estimate); paper units = the paper's test images, TV denoising's
   plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
   images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
   candidate weight, as its measured units do) for deblurring;
@@ -54,6 +61,13 @@ stand-ins have the real sizes). ``f`` is 1 for the same variant; else the ratio 
 variants' benchmarked training-step times (``cost.bench``: ``ours`` rows run with each variant's
 own options, ``rows.bench_key``, at its width) times their integrators' stages per sub-step
 (the benchmark runs Euler); a variant without a row is assumed to cost the same, said in ``basis``.
+For a paper variant of another model (a layer family projected from the paper classifier),
+``f`` also brings the basis's measured rate to the sub-steps of its benchmark row (row
+``substeps_total`` / the basis's mean measured sub-steps: its training log's, or the evaluated
+model's ``total_substeps``): the family's blocks cost the same at every step, where the paper
+classifier's rate covers the sub-steps it ran, which grow with the learning rate (15 -> about 51
+over the rehearsal). The paper classifier's own projection keeps its measured sub-steps: a lower
+bound, as they keep growing past the rehearsal's steps.
 Per-point rates measured on batches smaller than the paper's are upper estimates on a GPU, whose
 small attack batches are launch-bound.
 """
@@ -62,10 +76,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from stablenets.pipeline.labels import sigma_label
 from stablenets.pipeline.specs import RULE_KINDS, Jobs
@@ -165,6 +179,7 @@ class Measured:
     parts: dict[str, tuple[float, float]] = field(default_factory=dict)  # pass -> (s, points)
     stats: dict[str, Any] = field(default_factory=dict)
     device: str = ""  # what the job computed on (its outputs' ``device``; "" if unrecorded)
+    substeps: float = 0.0  # its model's mean total sub-steps over the work measured (0: none)
 
     @property
     def fixed_s(self) -> float:
@@ -210,7 +225,7 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
     spec = json.loads(extra["config"])
     variable = sum(s for s, _ in parts.values())
     return Measured(job, wall, rss, "step", steps, variable, spec, parts, stats,
-                    str(extra.get("device", "")))  # fmt: skip
+                    str(extra.get("device", "")), float(substeps.mean()))  # fmt: skip
 
 
 _OCCASIONAL = {"validation": "val_every", "checkpoint": "checkpoint_every"}
@@ -262,7 +277,7 @@ def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> M
     attack = sum(s for s, _ in parts.values())
     n = int(attrs["n_test"])
     return Measured(job, wall, rss, "test point", n, attack, spec, parts, stats,
-                    str(attrs.get("device", "")))  # fmt: skip
+                    str(attrs.get("device", "")), float(attrs.get("total_substeps", 0)))  # fmt: skip
 
 
 def measure(job: Job, tsv: Path, root: Path) -> Measured:
@@ -286,7 +301,9 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
         units = int(attrs["image_solves_run"])
         return Measured(job, wall, rss, "image solve", units, wall, spec, device=device)
     units = int(attrs["image_iterations_run"])  # TV's choice of its weight included
-    return Measured(job, wall, rss, "image-iteration", units, wall, spec, device=device)
+    # the seconds of its solves (``deblur_s_run``); a result written before it was recorded: all
+    seconds = min(float(attrs.get("deblur_s_run", wall)), wall)
+    return Measured(job, wall, rss, "image-iteration", units, seconds, spec, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,23 +332,72 @@ def _pass_counts(ev: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def _eval_seconds(m: Measured, paper_ev: dict[str, Any], n_paper: float) -> tuple[float, str]:
-    """Attack seconds of a classifier evaluation at paper scale, per pass (module docstring)."""
-    run, paper = _pass_counts(m.spec["evaluate"]), _pass_counts(paper_ev)
-    scale = n_paper / m.units
-    rate = {p: s / n if n else 0.0 for p, (s, n) in m.parts.items()}
-    seconds, notes = 0.0, []
-    for p, (_, points) in m.parts.items():
-        if run[p]:
-            seconds += rate[p] * points / run[p] * paper[p] * (1.0 if p == "audit" else scale)
-        elif paper[p] and p == "bisect" and rate["strong"]:
-            seconds += rate["strong"] * m.stats["clean_accuracy"] * n_paper * paper[p]
-            cheaper = paper_ev["strong"].get("grid_attacks") is not None
-            notes.append("bisection estimated at the strong pass's rate"
-                         + (" (an upper bound: its grid_attacks cost less)" if cheaper else ""))  # fmt: skip
-        elif paper[p]:
-            notes.append(f"pass {p} not measured: not included")
-    return seconds, "; ".join(notes)
+def _eval_seconds(
+    m: Measured, paper: Paper, n_paper: float, others: Sequence[Measured]
+) -> tuple[float, list[str], bool]:
+    """Attack seconds of a classifier evaluation at paper scale, per pass (module docstring), a
+    note per pass not projected from its own measured points (and always one for the strong
+    pass), and whether every pass the paper runs has a rate (else the seconds are a lower
+    bound: a pass that attacked no point in any evaluation is left out)."""
+    from stablenets.evaluation.radius_sweep import PASSES
+
+    run = _pass_counts(m.spec["evaluate"])
+    want = _pass_counts(paper.config["classification"]["evaluate"])
+    seconds, notes, complete = 0.0, [], True
+    for p in (p for p in PASSES if want[p]):
+        s, points = m.parts[p]
+        if points and run[p]:  # the audit: at most its slots, whatever N; the others: N / n
+            scale = 1 / points if p == "audit" else n_paper / m.units / run[p]
+            seconds += s * scale * want[p]
+            if p == "strong":
+                notes.append(f"strong pass: {points:.0f} points at {run[p]} radii, "
+                             f"{s / points:.3g} s each, scaled to {want[p]} radii and N / n")  # fmt: skip
+            continue
+        found = _pass_rate(m, _STAND_INS.get(p, (p,)), others, paper)
+        if found is None:
+            complete = False
+            notes.append(f"pass {p} attacked no point in any evaluation: not projected "
+                         "(incomplete, a lower bound)")  # fmt: skip
+            continue
+        rate, source = found
+        count = want[p] if p == "audit" else m.stats["clean_accuracy"] * n_paper * want[p]
+        seconds += rate * count
+        notes.append(_estimate_note(p, source, paper))
+    return seconds, notes, complete
+
+
+def _pass_rate(
+    m: Measured, passes: tuple[str, ...], others: Sequence[Measured], paper: Paper
+) -> tuple[float, str] | None:
+    """Seconds per attacked point of the first of ``passes`` with points, for ``m``'s model: its
+    own, else that of the first other classifier evaluation that attacked points in it, times
+    ``factor`` (``m``'s variant's cost over that one's); with the pass and job it came from.
+    None where no evaluation attacked a point in any of them."""
+    for p in passes:
+        for o in (m, *(o for o in others if o is not m and o.job.rule == m.job.rule)):
+            s, n = o.parts.get(p, (0.0, 0))
+            if n:
+                f = 1.0 if o is m else paper.factor(m.job, o)[0]
+                source = "" if o is m else f" of {o.job.label()} x {f:.3g}"
+                return s / n * f, f"the {p} pass's rate{source}"
+    return None
+
+
+_STAND_INS = {"strong": ("strong", "audit"), "bisect": ("bisect", "strong", "audit")}
+"""The passes whose rate stands in for a pass that attacked no point, in order: the audit runs
+PGD and the strong attack on certified points, which survive it (its most expensive case): an
+upper bound of the strong attack's rate."""
+
+
+def _estimate_note(p: str, source: str, paper: Paper) -> str:
+    """How a pass with no measured point of its own was estimated (``_eval_seconds``)."""
+    if p == "bisect":
+        cheaper = paper.config["classification"]["evaluate"]["strong"].get("grid_attacks")
+        return (f"bisection estimated at {source}"
+                + (" (an upper bound: its grid_attacks cost less)" if cheaper else ""))  # fmt: skip
+    points = "slots" if p == "audit" else "clean points x radii"
+    return (f"{p} pass: no point attacked here, estimated as every one of the paper's {points} at "
+            f"{source} (an upper bound)")  # fmt: skip
 
 
 @dataclass
@@ -340,7 +406,7 @@ class Paper:
 
     config: dict[str, Any]
     test_sizes: dict[str, int]  # dataset -> test split of the run's data files
-    bench: dict[tuple[str, Any, str], float]  # (bench model, width, options) -> ms per step
+    bench: dict[tuple[str, Any, str], BenchRow]  # (bench model, width, options) -> its row
 
     def variant(self, task: str, name: str) -> dict[str, Any] | None:
         return self.config[task]["variants"].get(name)
@@ -384,7 +450,7 @@ class Paper:
         if job.variant == basis.job.variant:
             return 1.0, ""
         task = job.task
-        keys, stages, eager = [], [], []
+        keys, stages, eager, models = [], [], [], []
         for name in (job.variant, basis.job.variant):
             v = self.variant(task, name)
             if v is None:
@@ -393,6 +459,7 @@ class Paper:
             key, fallback = bench_key(self.bench, BENCH_NAME.get(v["model"]), width,
                                       self.train(task, name))  # fmt: skip
             keys.append(key)
+            models.append(v["model"])
             eager += [name] if fallback else []
             kwargs = v.get("kwargs", {})
             stages.append(STAGES[kwargs.get("integrator", "euler")])
@@ -401,9 +468,33 @@ class Paper:
         note = f", block {block}: Euler block's time assumed" if block else ""
         note += f", {' and '.join(eager)}: eager row, no graphed one" if eager else ""
         if keys[0] in self.bench and keys[1] in self.bench:
-            f *= self.bench[keys[0]] / self.bench[keys[1]]
+            f *= self.bench[keys[0]].step_ms / self.bench[keys[1]].step_ms
+            if models[0] != models[1]:
+                scale, how = _at_row_substeps(basis, self.bench[keys[1]])
+                f, note = f * scale, note + how
             return f, f" x {f:.3g} (benchmarked step {keys[0][:2]} / {keys[1][:2]}{note})"
         return f, f" x {f:.3g} (stages only: not benchmarked{note})"
+
+
+class BenchRow(NamedTuple):
+    """What the projection reads of a benchmark row: its step time and the total sub-steps its
+    model took (0: a model without them)."""
+
+    step_ms: float
+    substeps: int
+
+
+def _at_row_substeps(basis: Measured, row: BenchRow) -> tuple[float, str]:
+    """The factor that brings ``basis``'s measured rate to its benchmark ``row``'s sub-steps,
+    for a paper job of another model: a layer family's blocks cost the same at every step,
+    where the measured rate of a non-expansive classifier covers the sub-steps it ran (15 ->
+    about 51 over the rehearsal), which the ``row``'s time (at 15) does not. 1 where either
+    has no sub-steps."""
+    if not (basis.substeps and row.substeps):
+        return 1.0, ""
+    return row.substeps / basis.substeps, (
+        f", at the row's {row.substeps} sub-steps, not the {basis.substeps:.3g} measured"
+    )
 
 
 def _basis(job: Job, measured: list[Measured], paper: Paper) -> Measured | None:
@@ -421,31 +512,54 @@ def _basis(job: Job, measured: list[Measured], paper: Paper) -> Measured | None:
     return same_rule[0] if same_rule else None
 
 
-def project(job: Job, basis: Measured, paper: Paper) -> tuple[float, float, str]:
-    """``(paper units, projected seconds, basis text)`` of a paper job from a measured job."""
+class Projection(NamedTuple):
+    """A paper job's units of work, projected seconds and basis text; ``complete``: false where
+    part of its work had no measured rate (the seconds a lower bound, whether it fits unknown)."""
+
+    units: float
+    seconds: float
+    basis: str
+    complete: bool = True
+
+
+def project(job: Job, basis: Measured, paper: Paper, others: Sequence[Measured] = ()) -> Projection:
+    """A paper job's projection from a measured job (``others``: the run's measured jobs, whose
+    attack rates stand in for a pass ``basis`` attacked no point in)."""
     f, how = paper.factor(job, basis)
     units = paper.units(job)
     text = f"{basis.job.label()}{how}"
     train = paper.train(job.task, job.variant) if job.rule.startswith("train_") else {}
     if train.get("budget_minutes"):
-        return units, basis.fixed_s + 60 * train["budget_minutes"], f"{text}: budget_minutes"
+        return Projection(units, basis.fixed_s + 60 * train["budget_minutes"],
+                          f"{text}: budget_minutes")  # fmt: skip
     if train:
-        return units, basis.fixed_s + f * _train_seconds(basis, train, units), text
+        return Projection(units, basis.fixed_s + f * _train_seconds(basis, train, units), text)
     if job.rule == "evaluate_classifier":
-        seconds, notes = _eval_seconds(basis, paper.config["classification"]["evaluate"], units)
-        return units, basis.fixed_s + f * seconds, text + (f"; {notes}" if notes else "")
+        seconds, notes, complete = _eval_seconds(basis, paper, units, others)
+        text += "".join(f"; {note}" for note in notes)
+        return Projection(units, basis.fixed_s + f * seconds, text, complete)
     if job.rule == "prepare_data":
         text += " (as measured: the run's data source)"
     elif basis.fixed_s == 0:
         text += " (fixed costs included: upper estimate)"
-    return units, basis.fixed_s + f * basis.variable_s / basis.units * units, text
+    return Projection(units, basis.fixed_s + f * basis.variable_s / basis.units * units, text)
 
 
 # --------------------------------------------------------------------------------------------
 # the report
 
 
-def _row(kind: str, job: Job, paper: Paper, units: float, seconds: float, basis: str) -> dict:
+def _row(
+    kind: str,
+    job: Job,
+    paper: Paper,
+    units: float,
+    seconds: float,
+    basis: str,
+    complete: bool = True,
+) -> dict:
+    """A job's projection against its runtime limit (``fits`` None where ``complete`` is false:
+    unknown)."""
     res = paper.resources(job)
     hours = seconds / 3600
     return {
@@ -457,21 +571,21 @@ def _row(kind: str, job: Job, paper: Paper, units: float, seconds: float, basis:
         "paper_units": units,
         "projected_h": hours,
         "runtime_min": res["runtime"],
-        "fits": bool(60 * hours <= res["runtime"]),
+        "fits": bool(60 * hours <= res["runtime"]) if complete else None,
         "gpu": res.get("gpu", 0),
         "basis": basis,
     }
 
 
-def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
+def _measured_row(m: Measured, paper: Paper, others: Sequence[Measured]) -> dict[str, Any]:
     row: dict[str, Any] = {"row": "rehearsal", "rule": m.job.rule, "basis": "measured"}
     if m.job.variant and paper.variant(m.job.task, m.job.variant) is None:
         row.update(projected_h=math.nan)  # not a paper variant
     elif not m.units:  # a rerun that read back all its work: no rate measured
         row.update(projected_h=math.nan, basis="measured nothing: resumed its saved work")
     else:
-        units, seconds, _ = project(m.job, m, paper)
-        row.update(_row("rehearsal", m.job, paper, units, seconds, "measured"))
+        units, seconds, _, complete = project(m.job, m, paper, others)
+        row.update(_row("rehearsal", m.job, paper, units, seconds, "measured", complete))
     row.update(
         variant=m.job.variant or m.job.dataset,
         sigma=m.job.sigma,
@@ -490,33 +604,41 @@ def _measured_row(m: Measured, paper: Paper) -> dict[str, Any]:
 
 def cost_rows(measured: list[Measured], paper: Paper) -> list[dict[str, Any]]:
     """The rows of ``cost.csv``: the run's jobs, the paper DAG's jobs and the totals."""
-    rows = [_measured_row(m, paper) for m in measured]
+    rows = [_measured_row(m, paper, measured) for m in measured]
     dag = []
     for job in dag_jobs(paper.config):
         basis = _basis(job, measured, paper)
         if basis is None:
             raise ValueError(f"cost: no measured {job.rule} job to project {job.label()} from")
-        dag.append(_row("paper", job, paper, *project(job, basis, paper)))
+        dag.append(_row("paper", job, paper, *project(job, basis, paper, measured)))
     for label, chosen in (
         ("GPU jobs (train + evaluate + PnP)", [r for r in dag if r["gpu"]]),
         ("all jobs", dag),
     ):
-        late = [f"{r['rule']}/{r['variant']}" for r in chosen if not r["fits"]]
-        rows.append(
-            {
-                "row": "total",
-                "rule": label,
-                "units": len(chosen),
-                "projected_h": sum(r["projected_h"] for r in chosen),
-                "fits": not late,
-                "basis": "over their runtime: " + (", ".join(late) if late else "none"),
-            }
-        )
+        rows.append({"row": "total", "rule": label, **_total(chosen)})
     return rows + dag
 
 
-def _bench_rates(paths: list[Path]) -> dict[tuple[str, Any, str], float]:
-    """ms per step of the ``ours`` rows of benchmark CSVs (a later file's row replaces)."""
+def _total(chosen: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of projected jobs, whether all fit, naming those over their runtime and those
+    projected incomplete (then the sum is a lower bound and, none over, ``fits`` unknown)."""
+    named = [f"{r['rule']}/{r['variant']}" for r in chosen]
+    late = [n for n, r in zip(named, chosen, strict=True) if r["fits"] is False]
+    unknown = [n for n, r in zip(named, chosen, strict=True) if r["fits"] is None]
+    basis = "over their runtime: " + (", ".join(late) if late else "none")
+    if unknown:
+        basis += "; projected incomplete (the total a lower bound): " + ", ".join(unknown)
+    return {
+        "units": len(chosen),
+        "projected_h": sum(r["projected_h"] for r in chosen),
+        "fits": False if late else None if unknown else True,
+        "basis": basis,
+    }
+
+
+def _bench_rates(paths: list[Path]) -> dict[tuple[str, Any, str], BenchRow]:
+    """ms per step and total sub-steps of the ``ours`` rows of benchmark CSVs (a later file's
+    row replaces)."""
     import csv
 
     rates = {}
@@ -527,7 +649,8 @@ def _bench_rates(paths: list[Path]) -> dict[tuple[str, Any, str], float]:
             for r in csv.DictReader(fh):
                 if r["impl"] == "ours":
                     width = int(r["base_width"]) if r["base_width"] else ""
-                    rates[(r["model"], width, r["options"])] = float(r["step_ms"])
+                    row = BenchRow(float(r["step_ms"]), int(r["substeps_total"] or 0))
+                    rates[(r["model"], width, r["options"])] = row
     return rates
 
 
@@ -552,6 +675,15 @@ def _test_size(path: Path) -> int:
     from stablenets.data.format import split_size
 
     return split_size(path, "test")
+
+
+SUBSTEP_NOTE = (
+    "A model with adaptive sub-steps is projected at the mean sub-steps it ran here: a lower "
+    "bound for its own jobs, as its sub-steps keep growing past the rehearsal's steps with the "
+    "learning rate. A layer family projected from it is brought to its benchmark row's "
+    "sub-steps first (its blocks cost the same at every step)."
+)
+"""cost.md's note on the sub-steps behind the projections (``factor``)."""
 
 
 def _markdown(
@@ -591,6 +723,7 @@ def _markdown(
             f"{r['lr_last']:.3g} at the last logged step; sub-steps {r['substeps_first']:.0f} "
             f"first, {r['substeps_last']:.0f} last, {r['substeps_max']:.0f} at most"
         )
+    lines += ["", SUBSTEP_NOTE]
     shown = {
         "rehearsal": ["rule", "variant", "wall_s", "unit", "units", "seconds_per_unit", "fixed_s",
                       "s_per_validation", "peak_memory_mb", "projected_h", "runtime_min", "fits"],
@@ -667,6 +800,7 @@ def projected_by_rule(cost_csv: Path, rules: set[str]) -> list[dict[str, Any]]:
         by["projected_h"] += hours
         by["each_h"] = max(by["each_h"], hours)
         by["runtime_min"] = float(r["runtime_min"])
-        if r["fits"] != "True":
-            by["over"].append("/".join(x for x in (r["variant"], r["sigma"]) if x))
+        if r["fits"] != "True":  # "" where a pass had no rate: unknown
+            name = "/".join(x for x in (r["variant"], r["sigma"]) if x)
+            by["over"].append(name + (" (fits unknown)" if not r["fits"] else ""))
     return list(out.values())

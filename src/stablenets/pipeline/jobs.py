@@ -705,10 +705,11 @@ def run_pnp(
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
-    ran = 0  # image-iterations of the groups this run solves (a resumed run's cost)
+    ran, seconds = 0, 0.0  # image-iterations of the groups this run solves, and their time
 
     def solve(group: slice) -> dict[str, torch.Tensor]:
-        nonlocal ran
+        nonlocal ran, seconds
+        start = time.monotonic()
         x, hist = pnp.pnp_forward_backward(
             lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever the group
             blur, observed[group], p["eta"], p["relax"], p["max_iter"], p["tol"],
@@ -717,7 +718,9 @@ def run_pnp(
         )  # fmt: skip
         hist["monotone"] = _monotone(hist["step_norm"], clean[group], group.start, alpha, spec)
         ran += int(hist["iterations"].sum())
-        return {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
+        kept = {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
+        seconds += time.monotonic() - start
+        return kept
 
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
         progress = _saved_progress(
@@ -736,6 +739,7 @@ def run_pnp(
         "relax": p["relax"],
         **_deblur_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
         "image_iterations_run": ran,
+        "deblur_s_run": seconds,  # the rest of its wall time: loading, the model, its bound
         **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
@@ -791,6 +795,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     val = val[: tv_spec["val_images"]].to(device)
     with StopFlag() as stop:
         progress = _saved_progress(spec, [data_path], _DEBLUR_LAYOUT, workdir, log, stop)
+        start = time.monotonic()  # the seconds of its solves, choice included: its cost
         choice = pnp.select_tv_deblur_weight(
             pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur,
             tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], tv_spec["step"], log=log,
@@ -799,17 +804,21 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         weight = choice.weight
         log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
         ran = choice.image_iterations  # this run's image-iterations (a resumed run's cost)
+        seconds = time.monotonic() - start
 
         def solve(group: slice) -> dict[str, torch.Tensor]:
-            nonlocal ran
+            nonlocal ran, seconds
+            start = time.monotonic()
             x, k = pnp.tv_deblur(
                 observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], tv_spec["step"],
                 log=log, log_every=p["log_every"],
             )  # fmt: skip
             ran += k * len(x)
             iterations = torch.full((len(x),), k)  # a group stops together
-            return {"iterations": iterations, **_group_images(x, clean[group], group.start,
+            kept = {"iterations": iterations, **_group_images(x, clean[group], group.start,
                                                               p["n_show"])}  # fmt: skip
+            seconds += time.monotonic() - start
+            return kept
 
         hist = in_groups(progress, len(clean), p["group_size"], solve, "TV deblur", log)
     final, recon, iters = hist.pop("psnr_final"), hist.pop("recon"), hist["iterations"]
@@ -828,6 +837,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "tv_validation_images": len(val),
         "tv_validation_image_iterations": choice.image_iterations,
         "image_iterations_run": ran,
+        "deblur_s_run": seconds,  # the rest of its wall time: start-up, loading
         **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
