@@ -130,9 +130,13 @@ def test_a_declared_table_is_built_summarised_and_headlined(registry: None, tmp_
     assert jobs.inputs("table", "toy", here) == jobs.pnp_runs(here)  # what its rule reads
     spec = {"scale": "smoke", "config": config}
     summary = tmp_path / "results" / "summary.md"
+    (tmp_path / "results" / "figures").mkdir()
+    for drawn in ("toy.png", ".toy.png.1kijrzog.png"):  # the second: a killed writer's temporary
+        (tmp_path / "results" / "figures" / drawn).touch()
     reports.write_summary(spec, [out.with_suffix(".md")], summary, log=lambda line: None)
     text = summary.read_text()
     assert "- toy a: 20.0 dB\n- toy b: 30.0 dB" in text and "## A toy table\n\nToy results" in text
+    assert "- figures: `results/smoke/figures/*.{pdf,png}` (toy)\n" in text
 
 
 def test_a_declared_figure_is_drawn_through_the_one_call(registry: None, tmp_path) -> None:

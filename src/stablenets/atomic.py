@@ -2,9 +2,10 @@
 
 ``atomic_path(path)`` yields a fresh temporary name in ``path``'s folder; when the block ends
 without an exception the file is flushed to disk (``fsync``), given the permissions ``open``
-would give a new file, and renamed onto ``path`` (``os.replace`` is atomic within a folder). A
-reader therefore sees either the old file or the complete new one, never a partial file, even
-when the writer is killed with SIGKILL; on an exception the temporary file is removed. A writer
+would give a new file, and renamed onto ``path`` (``os.replace`` is atomic within a folder),
+and the folder is flushed too, so that the rename survives a crash of the machine. A reader
+therefore sees either the old file or the complete new one, never a partial file, even when the
+writer is killed with SIGKILL; on an exception the temporary file is removed. A writer
 killed outright leaves its hidden ``.<name>.*<suffix>`` temporary behind, which
 ``remove_stale_temporaries`` clears. Only the standard library is used, so every layer may
 import this module.
@@ -25,11 +26,41 @@ __all__ = ["atomic_path", "atomic_write", "remove_stale_temporaries"]
 TMP_SUFFIX = ".tmp"
 
 
-def new_file_mode() -> int:
-    """The permissions ``open`` gives a new file (0o666 less the umask); ``mkstemp`` uses 0o600."""
-    umask = os.umask(0)
+def _read_umask() -> int:
+    """The process's umask: from ``/proc/self/status`` where Linux shows it, else by setting it
+    and setting it back (once, at import: another thread could create a file meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def new_file_mode() -> int:
+    """The permissions ``open`` gives a new file (0o666 less the umask, as read at import: a later
+    ``os.umask`` is not seen); ``mkstemp`` uses 0o600."""
+    return 0o666 & ~_UMASK
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename in it) to disk, where the system can (not Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot flush a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -56,6 +87,7 @@ def atomic_path(path: Path | str, suffix: str = TMP_SUFFIX) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
 
 
 def atomic_write(path: Path | str, data: str | bytes, encoding: str = "utf-8") -> None:

@@ -1,16 +1,23 @@
 """Stale Snakemake locks: clear the one a killed Snakemake left behind, never a live run's.
 
-Snakemake locks its working directory (``.snakemake/locks/``) while it runs and removes the lock
-when it ends, also on Ctrl-C. A Snakemake killed with SIGKILL (the OOM killer, ``kill -9``, a
+Snakemake locks its working directory (``.snakemake/locks/*.lock``) while it runs and removes the
+lock when it ends, also on Ctrl-C. A Snakemake killed with SIGKILL (the OOM killer, ``kill -9``, a
 lost session's process group) cannot, and the next run stops at "Directory cannot be locked"
 asking for ``snakemake --unlock``, which removes a live run's lock just as readily.
 
 ``python -m stablenets.pipeline.locks [snakemake options]``, which ``make smoke``, ``make
-smoke-slurm`` and ``make rehearsal`` run before Snakemake, unlocks (``snakemake <options>
---unlock``) only when no process of the workflow runs in this directory: no Snakemake, and no job
-that a killed Snakemake left running (``python -m stablenets <job>``: a rerun would start a
-second writer of its checkpoint). Otherwise it leaves the lock and names the process, in one
-line; without a lock it does nothing.
+smoke-slurm`` and ``make rehearsal`` run before Snakemake, removes the lock files only when no
+process of the workflow runs in this directory: no Snakemake, and no job that a killed Snakemake
+left running (``python -m stablenets <job>``: a rerun would start a second writer of its
+checkpoint). Otherwise it leaves the lock and names the process, in one line, and exits 0: a
+Snakemake whose outputs differ from the live run's (another scale) may start beside it, which
+Snakemake's own lock allows. Without a lock it does nothing.
+
+The removal is what ``snakemake --unlock`` does with its default file persistence (Snakemake
+reads only ``.snakemake/locks/<n>.{input,output}.lock``), less its window: only the lock files
+seen by the check go, after a second look finds no new lock file and no workflow process (a
+Snakemake that started meanwhile keeps its lock), and two runs of this tool in one directory take
+turns (an ``flock`` on ``.snakemake/stablenets-unlock.flock``).
 
 SLURM jobs a killed Snakemake left in the queue (this user's jobs of Snakemake's SLURM executor,
 comment ``rule_...``, working directory here) would be such second writers on other nodes. When
@@ -18,19 +25,27 @@ each was submitted from this machine (SLURM's ``AllocNode``) and no Snakemake ru
 Snakemake is dead: they are cancelled (``scancel``: SIGTERM, on which training and evaluation
 save their progress and exit), the tool waits until they and their processes on this machine
 are gone (``CANCEL_WAIT_S``), looks once more for a Snakemake or new jobs, and unlocks; the rerun
-resubmits them and they resume. The lock stays, with one line saying why, for jobs submitted
-from another machine (whose Snakemake this machine cannot see) or from one SLURM does not name,
-and for a SLURM run (``executor: slurm`` in its profiles) while ``squeue`` does not answer.
+resumes them. The lock stays, with one line saying why, for jobs submitted from another machine
+(whose Snakemake this machine cannot see) or from one SLURM does not name, and while ``squeue``
+does not answer for a SLURM run: one whose options say ``executor: slurm`` (``--executor``, or a
+profile's ``config.yaml``), or whose dead Snakemake left a job marked incomplete with a cluster
+job id (``.snakemake/incomplete/``), as a SLURM run killed before a local one does.
 
-Processes are read from ``/proc`` (command line and working directory, this user's only: another
-user's Snakemake cannot write here). Without ``/proc`` (macOS) ``ps`` gives command lines but not
-directories, so any Snakemake or job of this user keeps the lock. Snakemake's default file
-persistence is assumed (``--persistence-backend db`` keeps its locks in the database: unlock by
-hand).
+Processes are read from ``/proc``, every user's: a workflow process counts when its working
+directory is this directory or one below it, compared by device and inode, so that a Snakemake in
+a container that mounts the project at another path counts too. Where its working directory
+cannot be read (another user's process) it counts when another user may write here: the
+directory or its ``.snakemake`` is group- or other-writable, or is not this user's. Without
+``/proc`` (macOS) ``ps`` gives this user's command lines but no directories, so any Snakemake or
+job of this user keeps the lock. A Snakemake on another machine that shares the file system is
+not seen. Snakemake's default file persistence is assumed (``--persistence-backend db`` keeps its
+locks in the database: unlock by hand).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
@@ -40,6 +55,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +76,9 @@ PROC = Path("/proc")
 # How long cancelled jobs may take to leave: SLURM's KillWait (30 s by default) between SIGTERM
 # and SIGKILL, plus a checkpoint write and the controller's bookkeeping.
 CANCEL_WAIT_S = 300.0
+# Held by this tool while it checks and removes a lock (beside Snakemake's own files).
+TOOL_LOCK = Path(".snakemake") / "stablenets-unlock.flock"
+_MAX_DEPTH = 256  # folders walked up from a working directory
 
 
 def is_workflow_command(argv: list[str]) -> bool:
@@ -72,18 +91,49 @@ def is_workflow_command(argv: list[str]) -> bool:
 
 
 def _proc_processes() -> Iterator[tuple[int, list[str], Path]]:
-    """``(pid, argv, cwd)`` of this user's processes, from ``/proc``."""
+    """``(pid, argv, /proc/<pid>)`` of every user's processes whose command line can be read."""
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if entry.stat().st_uid != os.getuid():
-                continue
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-            cwd = Path(os.readlink(entry / "cwd"))
-        except OSError:  # ended meanwhile
+        except OSError:  # ended meanwhile, or hidden
             continue
-        yield int(entry.name), argv, cwd
+        yield int(entry.name), argv, entry
+
+
+def _file_id(path: Path | str) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
+def _works_in(entry: Path, directory: tuple[int, int]) -> bool:
+    """Whether the process of ``/proc/<pid>`` ``entry`` works in the folder of device and inode
+    ``directory`` or below it: its ``cwd``, then ``cwd/..`` and so on up to its root, which the
+    kernel walks in the process's own mounts (a bind mount at another path is the same folder).
+    Raises ``OSError`` where the directory cannot be read (``FileNotFoundError``: it ended)."""
+    path, last = entry / "cwd", None
+    for _ in range(_MAX_DEPTH):
+        here = _file_id(path)
+        if here == directory:
+            return True
+        if here == last:  # the root is its own parent
+            return False
+        path, last = path / "..", here
+    return False
+
+
+def _shared(directory: Path) -> bool:
+    """Whether another user may write Snakemake's files in ``directory``: it or its
+    ``.snakemake`` is group- or other-writable, or not this user's (mode bits only)."""
+    for folder in (directory, directory / LOCK_DIR.parent):
+        try:
+            found = folder.stat()
+        except FileNotFoundError:
+            continue
+        if found.st_uid != os.geteuid() or found.st_mode & 0o022:
+            return True
+    return False
 
 
 def _ps_processes() -> Iterator[tuple[int, list[str], None]]:
@@ -117,17 +167,29 @@ def _inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
+def _counts(entry: Path, directory: Path, here: tuple[int, int]) -> bool:
+    """Whether the workflow process of ``/proc/<pid>`` ``entry`` may work in ``directory`` (of
+    device and inode ``here``): it does (``_works_in``), or its directory cannot be read and
+    another user may write there (``_shared``)."""
+    try:
+        return _works_in(entry, here)
+    except FileNotFoundError:  # ended meanwhile
+        return False
+    except OSError:  # another user's: /proc does not say
+        return _shared(directory)
+
+
 def workflow_processes(directory: Path, jobs: Collection[int] = ()) -> list[tuple[int, str]]:
-    """``(pid, command line)`` of the Snakemake and job processes (``is_workflow_command``) working
-    in ``directory`` or below it, but those of the SLURM jobs ``jobs``; where directories cannot be
-    read (no ``/proc``), every one."""
-    directory = directory.resolve()
+    """``(pid, command line)`` of the Snakemake and job processes (``is_workflow_command``) of any
+    user working in ``directory`` or below it (``_counts``), but those of the SLURM jobs ``jobs``;
+    where directories cannot be read (no ``/proc``), every one of this user."""
     found = []
+    here = _file_id(directory)
     processes = _proc_processes() if PROC.is_dir() else _ps_processes()
-    for pid, argv, cwd in processes:
+    for pid, argv, entry in processes:
         if pid == os.getpid() or not is_workflow_command(argv):
             continue
-        if cwd is not None and not _inside(cwd, directory):
+        if entry is not None and not _counts(entry, directory, here):
             continue
         if jobs and _slurm_job_of(pid) in jobs:
             continue
@@ -253,7 +315,11 @@ def _leaving(directory: Path, why: str) -> str:
 def _holders_line(directory: Path, holders: list[tuple[int, str]]) -> str:
     pid, command = holders[0]
     more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
-    return _leaving(directory, f"pid {pid} ({command[:120]}){more} runs in {directory}")
+    return _leaving(
+        directory,
+        f"pid {pid} ({command[:120]}){more} runs in {directory}; a Snakemake with other outputs "
+        "may start beside it, one with the same must wait for it (not --unlock)",
+    )
 
 
 def _orphans_kept(directory: Path, jobs: list[SlurmJob]) -> str | None:
@@ -278,6 +344,13 @@ def _orphans_kept(directory: Path, jobs: list[SlurmJob]) -> str | None:
     return None
 
 
+def _options(args: list[str]) -> Iterator[tuple[str, str]]:
+    """``(flag, value)`` of each option that may take one: ``--flag value`` or ``--flag=value``."""
+    for arg, following in zip(args, [*args[1:], ""], strict=True):
+        flag, equals, value = arg.partition("=")
+        yield (flag, value) if equals and flag.startswith("--") else (arg, following)
+
+
 def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
     """Whether the Snakemake run of ``snakemake_args`` submits to SLURM: ``--executor slurm``,
     or a profile named by ``--profile``/``--workflow-profile`` (or ``$SNAKEMAKE_PROFILE``) whose
@@ -285,7 +358,7 @@ def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
     import yaml
 
     profiles = [os.environ.get("SNAKEMAKE_PROFILE", "")]
-    for flag, value in zip(snakemake_args, snakemake_args[1:], strict=False):
+    for flag, value in _options(snakemake_args):
         if flag in ("--executor", "-e") and value == "slurm":
             return True
         if flag in ("--profile", "--workflow-profile"):
@@ -300,49 +373,119 @@ def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
     return False
 
 
+def _left_cluster_jobs(directory: Path) -> bool:
+    """Whether a stopped Snakemake left a job marked incomplete with a cluster job id
+    (``.snakemake/incomplete/``, ``{"external_jobid": ...}``): the run was a SLURM run, whatever
+    the options of the next one say."""
+    for record in (directory / LOCK_DIR.parent / "incomplete").rglob("*"):
+        try:
+            if record.is_file() and json.loads(record.read_text()).get("external_jobid"):
+                return True
+        except (OSError, ValueError, AttributeError):  # not a record
+            continue
+    return False
+
+
+def _lock_files(directory: Path) -> dict[Path, tuple[int, int]]:
+    """Snakemake's lock files in ``directory``, each with its device and inode."""
+    found = {}
+    for path in (directory / LOCK_DIR).glob("*.lock"):
+        try:
+            found[path] = _file_id(path)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return found
+
+
+@contextmanager
+def _serialised(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory``'s ``TOOL_LOCK``, so that two runs of this
+    tool in one directory check and remove one after the other."""
+    path = directory / TOOL_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only: flock needs no more
+    except OSError as err:
+        raise RuntimeError(f"cannot open {path}: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove(files: dict[Path, tuple[int, int]]) -> None:
+    """Remove each of ``files`` that is still the file it was (same device and inode)."""
+    for path, seen in files.items():
+        try:
+            if _file_id(path) == seen:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise RuntimeError(f"cannot remove {path}: {err.strerror}") from None
+
+
+def _cancel_dead_runs_jobs(directory: Path, queued: dict[int, str]) -> str | None:
+    """Cancel and await (``cancel_orphans``) the SLURM jobs ``queued`` of a dead Snakemake of
+    this machine; the line saying why the lock stays instead, or ``None``."""
+    jobs = _with_hosts(queued)
+    if kept := _orphans_kept(directory, jobs):
+        return kept
+    cancel_orphans(directory, jobs)
+    if new := (_queued(directory) or {}).keys() - queued.keys():
+        return _leaving(directory, f"SLURM jobs {_ids(new)} were submitted meanwhile")
+    return None
+
+
+def _appeared(
+    directory: Path, seen: dict[Path, tuple[int, int]], jobs: Collection[int]
+) -> str | None:
+    """The line saying why the lock stays when, since the lock files ``seen`` were listed, a
+    Snakemake wrote a new one or a workflow process (but of the SLURM jobs ``jobs``) runs in
+    ``directory``; else ``None``."""
+    if new := sorted(p.name for p, key in _lock_files(directory).items() if seen.get(p) != key):
+        return _leaving(directory, f"a Snakemake locked it meanwhile ({', '.join(new)})")
+    if holders := workflow_processes(directory, jobs):
+        return _holders_line(directory, holders)
+    return None
+
+
 def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
     """Remove ``directory``'s Snakemake lock if no workflow process runs there; the line that
     says what was done, or ``None`` when there is no lock. Raises ``RuntimeError`` (one line)
-    when ``snakemake --unlock`` fails or cancelled SLURM jobs do not end.
+    when a lock file cannot be removed or cancelled SLURM jobs do not end.
 
     Before unlocking, the SLURM jobs a dead Snakemake of this machine left running are cancelled
-    and awaited (``cancel_orphans``), then the directory is checked once more (a Snakemake that
-    started meanwhile keeps its lock); jobs submitted from another machine keep the lock."""
-    if not any((directory / LOCK_DIR).glob("*.lock")):
+    and awaited (``cancel_orphans``); jobs submitted from another machine keep the lock. Then
+    the directory is checked once more (``_appeared``: a Snakemake that started meanwhile keeps
+    its lock) and only the lock files listed at first are removed (``_remove``)."""
+    if not _lock_files(directory):
         return None
-    queued = _queued(directory)
-    if queued is None:
-        if _uses_slurm(snakemake_args, directory):
-            return _leaving(
-                directory,
-                "squeue does not answer, so this machine cannot tell whether SLURM jobs of the "
-                "stopped Snakemake still run; rerun once it does, or unlock by hand",
-            )
-        queued = {}  # a local run on a machine with SLURM's client but no cluster
-    if holders := workflow_processes(directory, queued):
-        return _holders_line(directory, holders)
-    cancelled = ""
-    if queued:
-        jobs = _with_hosts(queued)
-        if kept := _orphans_kept(directory, jobs):
-            return kept
-        cancel_orphans(directory, jobs)
+    with _serialised(directory):
+        seen = _lock_files(directory)
+        if not seen:  # another run of this tool removed it meanwhile
+            return None
+        queued = _queued(directory)
+        if queued is None:
+            if _uses_slurm(snakemake_args, directory) or _left_cluster_jobs(directory):
+                return _leaving(
+                    directory,
+                    "squeue does not answer, so this machine cannot tell whether SLURM jobs of "
+                    "the stopped Snakemake still run; rerun once it does, or unlock by hand",
+                )
+            queued = {}  # a local run on a machine with SLURM's client but no cluster
         if holders := workflow_processes(directory, queued):
             return _holders_line(directory, holders)
-        if new := (_queued(directory) or {}).keys() - queued.keys():
-            return _leaving(directory, f"SLURM jobs {_ids(new)} were submitted meanwhile")
-        cancelled = (
-            f"; cancelled the SLURM jobs it left running ({_ids(queued)}): the rerun resumes them"
-        )
-    done = subprocess.run(
-        [sys.executable, "-m", "snakemake", *snakemake_args, "--unlock"],
-        cwd=directory,
-        capture_output=True,
-        text=True,
+        if queued and (kept := _cancel_dead_runs_jobs(directory, queued)):
+            return kept
+        if kept := _appeared(directory, seen, queued):
+            return kept
+        _remove(seen)
+    cancelled = (
+        f"; cancelled the SLURM jobs it left running ({_ids(queued)}): the rerun resumes them"
+        if queued
+        else ""
     )
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"snakemake --unlock failed in {directory}: {last}")
     return (
         f"removed the lock a stopped Snakemake left in {directory / LOCK_DIR} "
         f"(no Snakemake or job runs there){cancelled}"

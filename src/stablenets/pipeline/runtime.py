@@ -47,21 +47,55 @@ __all__ = [
 
 _PACKAGES = ("stablenets", "torch", "torchvision", "numpy", "h5py", "snakemake")
 _LOCK_DIR = Path(tempfile.gettempdir()) / "stablenets-gpu-locks"
-_held_locks: list[Any] = []
+_held_locks: list[int] = []  # descriptors of the GPU lock files this process holds
+
+
+def _shared_lock_dir(directory: Path) -> None:
+    """Create ``directory`` as ``/tmp`` is (mode 1777: every user adds lock files, none removes
+    another's); one this user made before with a narrower mode is widened."""
+    directory.mkdir(mode=0o1777, exist_ok=True)  # the umask narrows the mode: chmod below
+    found = directory.stat()
+    if found.st_uid == os.geteuid() and found.st_mode & 0o7777 != 0o1777:
+        os.chmod(directory, 0o1777)
+
+
+def _open_gpu_lock(path: Path) -> int:
+    """A read-only descriptor of ``path`` (``flock`` needs no more), made readable by every user
+    when this process creates it, so that another user's jobs can take it too."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o444)
+    if os.fstat(fd).st_uid == os.geteuid():
+        os.fchmod(fd, 0o444)  # the umask may have narrowed it
+    return fd
+
+
+def _claim_gpu_in(directory: Path, count: int) -> int | None:
+    """Index of the first GPU whose lock file in ``directory`` this process can take (kept until
+    exit), ``None`` when another process holds each. Raises ``OSError`` where the folder or a
+    file cannot be used (another user's, a link)."""
+    _shared_lock_dir(directory)
+    for index in range(count):
+        fd = _open_gpu_lock(directory / f"gpu{index}.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _held_locks.append(fd)
+        return index
+    return None
 
 
 def _claim_gpu(count: int) -> int:
-    """Index of the first GPU whose lock file this process can take (kept until exit)."""
-    _LOCK_DIR.mkdir(exist_ok=True)
-    for index in range(count):
-        fh = open(_LOCK_DIR / f"gpu{index}.lock", "w")  # noqa: SIM115 - held for the process
+    """Index of the first GPU no other stablenets job holds: lock files in ``_LOCK_DIR``, shared
+    by every user, or, where those cannot be used (another user's), in this user's own
+    ``_LOCK_DIR-<uid>`` (which sees this user's jobs only); with every GPU held, or neither
+    folder usable, one by pid: the choice of a GPU never stops a job."""
+    for directory in (_LOCK_DIR, _LOCK_DIR.with_name(f"{_LOCK_DIR.name}-{os.geteuid()}")):
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
+            index = _claim_gpu_in(directory, count)
+        except OSError:
             continue
-        _held_locks.append(fh)
-        return index
+        return os.getpid() % count if index is None else index
     return os.getpid() % count
 
 
