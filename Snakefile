@@ -4,6 +4,21 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+import sys
+
+from stablenets.pipeline.config import ConfigError, read_layers
+
+# The config files (the workflow's, then each --configfile) and --config, as given: read here
+# first, a YAML error or a key given twice stops Snakemake in one line naming the file; later
+# errors name the file that set their key.
+try:
+    LAYERS = read_layers(
+        ["config.yaml", *workflow.overwrite_configfiles],
+        workflow.config_settings.config,
+    )
+except ConfigError as err:
+    sys.exit(str(err))
+
 
 configfile: "config.yaml"
 

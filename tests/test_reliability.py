@@ -9,6 +9,7 @@ hostile archives, concurrent jobs writing into one results tree and one download
 from __future__ import annotations
 
 import copy
+import fcntl
 import functools
 import http.server
 import json
@@ -16,11 +17,13 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zipfile
@@ -46,7 +49,7 @@ from workflow_helpers import (
     training_processes,
 )
 
-from stablenets import data
+from stablenets import atomic, data
 from stablenets.nn.models import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -55,7 +58,7 @@ from stablenets.nn.models import (
     read_checkpoint,
     save_model,
 )
-from stablenets.pipeline import cli, locks
+from stablenets.pipeline import cli, locks, runtime
 from stablenets.pipeline import jobs as pipeline_jobs
 from stablenets.pipeline.config import ConfigError, load_config, overlay, validate_config
 from stablenets.pipeline.runtime import config_hash, provenance, read_results, sidecar_path
@@ -419,6 +422,31 @@ def test_outputs_are_replaced_atomically_even_when_the_writer_is_killed(tmp_path
         assert not re.search(r"os\.replace\(|\.replace\(path\)|mkstemp\(", text), path.name
 
 
+def test_an_atomic_write_flushes_the_file_then_its_folder_and_leaves_the_umask_alone(
+    tmp_path, monkeypatch
+):
+    """After the rename the folder is flushed too (the rename reaches the disk); the new file
+    gets the mode ``open`` gives, from the umask read at import: ``os.umask``, which sets it for
+    every thread, is not called (another thread's new file would get mode 0o666 meanwhile)."""
+    (tmp_path / "plain").write_text("")  # the mode open gives
+    flushed, fsync = [], os.fsync
+
+    def record(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def umask(mask: int) -> int:
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "fsync", record)
+    monkeypatch.setattr(os, "umask", umask)
+    atomic.atomic_write(tmp_path / "out" / "result.csv", "a,b\n")
+    assert flushed[0].startswith(str(tmp_path / "out" / ".result.csv."))
+    assert flushed[1:] == [str(tmp_path / "out")]
+    modes = [(tmp_path / p).stat().st_mode & 0o777 for p in ("out/result.csv", "plain")]
+    assert modes[0] == modes[1]
+
+
 def test_every_profile_reruns_the_incomplete_jobs_of_a_killed_snakemake():
     """``make smoke``, ``make smoke-slurm`` and plain ``snakemake`` (the default profile) redo
     the jobs a killed Snakemake left marked incomplete instead of stopping at them."""
@@ -467,8 +495,9 @@ def test_the_unlock_helper_never_unlocks_while_a_snakemake_runs_in_the_directory
     tmp_path, monkeypatch
 ):
     """A lock stays while a Snakemake runs in the workflow's directory (or below it), and with
-    no ``/proc`` while any Snakemake of this user runs; once none does, ``snakemake --unlock``
-    removes it. A Snakemake in another directory does not count."""
+    no ``/proc`` while any Snakemake of this user runs; the line says that a Snakemake of other
+    outputs may start beside it, not to unlock. Once none runs, the lock files go. A Snakemake
+    in another directory does not count."""
     for key, value in local_env().items():
         monkeypatch.setenv(key, value)
     work = copy_workflow(tmp_path / "wf")
@@ -480,7 +509,11 @@ def test_the_unlock_helper_never_unlocks_while_a_snakemake_runs_in_the_directory
     try:
         said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
         assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: pid {inside.pid} (")
-        assert said.endswith(f"runs in {work}") and lock.exists()
+        assert said.endswith(
+            f"runs in {work}; a Snakemake with other outputs may start beside it, one with the "
+            "same must wait for it (not --unlock)"
+        )
+        assert lock.exists()
         inside.kill()
         inside.wait()
         with monkeypatch.context() as m:  # no /proc: command lines only, every directory
@@ -610,16 +643,28 @@ def test_slurm_jobs_whose_snakemake_may_live_keep_the_lock(
 
 def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monkeypatch):
     """``squeue`` failing (no controller answers): a SLURM run's lock stays, as its jobs may
-    still run; a local run (SLURM's client installed, no cluster) is unlocked as before."""
+    still run: one whose options say so (``--opt value`` or ``--opt=value``), or one whose dead
+    Snakemake left a job marked incomplete with a cluster job id, whatever the next run's options
+    say; a local run (SLURM's client installed, no cluster) is unlocked as before."""
     for key, value in local_env().items():
         monkeypatch.setenv(key, value)
     work, lock = _locked_workflow(tmp_path)
     bin_dir = _fake_slurm(tmp_path, work, "localhost")
     (tmp_path / "slurm/down").touch()
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    said = locks.unlock_if_stale(work, SLURM_PROFILES)
-    assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer")
+    kept = f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer"
+    for args in (
+        SLURM_PROFILES,
+        ["--executor=slurm"],
+        ["--workflow-profile=workflow/profiles/slurm"],
+    ):
+        assert locks.unlock_if_stale(work, args).startswith(kept), args
+    record = work / ".snakemake/incomplete/cmVzdWx0cy9zbW9rZS9tb2RlbHM="  # Snakemake's record
+    record.parent.mkdir(parents=True)
+    record.write_text('{"external_jobid": "7"}')
+    assert locks.unlock_if_stale(work, list(SMOKE_PROFILE)).startswith(kept)
     assert lock.exists()
+    record.write_text('{"external_jobid": null}')  # a local job
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
     assert said.startswith("removed the lock") and not lock.exists()
 
@@ -637,6 +682,186 @@ def test_slurm_jobs_are_left_alone_while_their_snakemake_runs_here(tmp_path, mon
         snakemake.wait()
     assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: pid {snakemake.pid} (")
     assert lock.exists() and not (tmp_path / "slurm/cancelled").exists()
+
+
+def test_a_snakemake_that_mounts_the_directory_at_another_path_keeps_the_lock(
+    tmp_path, monkeypatch
+):
+    """A Snakemake in a container that bind-mounts the project at another path (here a mount
+    namespace of its own, made by ``unshare``) works in the same folder under another name: it
+    keeps the lock, as its working directory is compared by device and inode."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    (work / "results").mkdir(exist_ok=True)
+    mount, script = tmp_path / "mnt", tmp_path / "bin" / "snakemake"
+    mount.mkdir()
+    script.parent.mkdir()
+    script.write_text("import time\ntime.sleep(300)\n")
+    inside = 'mount --bind "$1" "$2" && cd "$2/results" && exec "$3" "$4"'
+    proc = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", inside, "sh",
+         str(work), str(mount), sys.executable, str(script)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0")[0] != sys.executable:
+            if proc.poll() is not None:  # it never exec'd the fake Snakemake
+                pytest.skip(f"no mount namespace here: {proc.stderr.read().strip()}")
+            time.sleep(0.01)
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(mount / "results")  # another path
+        said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: pid {proc.pid} (")
+    assert lock.exists()
+
+
+def test_a_snakemake_whose_directory_cannot_be_read_keeps_the_lock_where_others_may_write(
+    tmp_path, monkeypatch
+):
+    """Another user's Snakemake (its command line readable in ``/proc``, its working directory
+    not) may run here when the directory is group- or other-writable: the lock stays. In a
+    directory only this user may write it does not count. (A symlink loop stands in for the
+    unreadable directory: another user's gives EACCES, which root never gets.)"""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    entry = tmp_path / "proc" / "4242"
+    entry.mkdir(parents=True)
+    (entry / "cmdline").write_bytes(b"python\0/usr/bin/snakemake\0--cores\0004\0")
+    (entry / "cwd").symlink_to(entry / "cwd")
+    monkeypatch.setattr(locks, "PROC", entry.parent)
+    for folder in (work, work / ".snakemake"):
+        folder.chmod(0o755)
+    assert locks.workflow_processes(work) == []
+    work.chmod(0o775)
+    assert locks.workflow_processes(work) == [(4242, "python /usr/bin/snakemake --cores 4")]
+    said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    assert said.startswith(
+        f"leaving the lock in {work / locks.LOCK_DIR}: pid 4242 (python /usr/bin/snakemake "
+        f"--cores 4) runs in {work}"
+    )
+    assert lock.exists()
+    work.chmod(0o755)
+    assert locks.unlock_if_stale(work, list(SMOKE_PROFILE)).startswith("removed the lock")
+    assert not lock.exists()
+
+
+def test_a_lock_written_while_the_unlock_helper_checks_is_left_with_the_stale_one(
+    tmp_path, monkeypatch
+):
+    """A Snakemake that locks the directory just after the helper looked for processes keeps
+    its lock, and the stale one stays too (``snakemake --unlock`` re-read the workflow for
+    seconds, then removed the whole lock folder)."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    new = lock.with_name("1.output.lock")
+    scan = locks.workflow_processes
+
+    def scan_then_lock(directory: Path, jobs: tuple = ()) -> list[tuple[int, str]]:
+        found = scan(directory, jobs)
+        new.write_text(f"{work / 'results/smoke/tables/pnp.csv'}\n")  # a Snakemake starts
+        return found
+
+    monkeypatch.setattr(locks, "workflow_processes", scan_then_lock)
+    said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    assert said == (
+        f"leaving the lock in {work / locks.LOCK_DIR}: a Snakemake locked it meanwhile "
+        "(1.output.lock)"
+    )
+    assert lock.exists() and new.exists()
+
+
+def test_two_runs_of_the_unlock_helper_take_turns(tmp_path, monkeypatch):
+    """While one run of the helper holds ``.snakemake/stablenets-unlock.flock`` (it checks or
+    removes), another waits for it (``/proc/locks`` shows its request blocked) and removes
+    nothing; then it goes on."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    said: queue.Queue = queue.Queue()
+    flock = work / ".snakemake/stablenets-unlock.flock"
+    with open(flock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        other = threading.Thread(
+            target=lambda: said.put(locks.unlock_if_stale(work, list(SMOKE_PROFILE)))
+        )
+        other.start()
+        waiting = re.compile(rf"^\d+: -> FLOCK .* [0-9a-f:]+:{os.stat(flock).st_ino} ", re.M)
+        deadline = time.monotonic() + 30
+        while not waiting.search(Path("/proc/locks").read_text()):
+            assert time.monotonic() < deadline and other.is_alive(), "it did not wait"
+            time.sleep(0.01)
+        assert lock.exists()
+    other.join(timeout=60)
+    assert said.get_nowait().startswith("removed the lock") and not lock.exists()
+
+
+# A job choosing its GPU among two with the lock folder argv[1]; it holds its lock until stdin
+# closes.
+CLAIM_GPU = r"""
+import sys
+from pathlib import Path
+from stablenets.pipeline import runtime
+runtime._LOCK_DIR = Path(sys.argv[1])
+print(runtime._claim_gpu(2), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_jobs_of_two_users_share_the_gpu_locks(monkeypatch):
+    """The first job makes the lock folder as ``/tmp`` is (1777) and its lock file readable by
+    all; a job of another user then takes the second GPU through the same folder instead of
+    failing on the first user's files. As root the second job runs as ``nobody`` (its effective
+    uid, in this process for a moment); otherwise the same user's lock file made read-only
+    stands in for another user's."""
+    where = Path(tempfile.mkdtemp(prefix="stablenets-test-"))  # beside /tmp's: all may enter
+    where.chmod(0o755)
+    folder = where / "gpu-locks"
+    monkeypatch.setattr(runtime, "_LOCK_DIR", folder)
+    monkeypatch.setattr(runtime, "_held_locks", [])
+    first = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_GPU, str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout.readline() == "0\n"
+        modes = folder.stat().st_mode & 0o7777, (folder / "gpu0.lock").stat().st_mode & 0o777
+        assert modes == (0o1777, 0o444)
+        if os.geteuid() == 0:
+            os.seteuid(65534)
+            try:
+                second = runtime._claim_gpu(2)
+            finally:
+                os.seteuid(0)
+        else:
+            (folder / "gpu0.lock").chmod(0o444)
+            second = runtime._claim_gpu(2)
+    finally:
+        for fd in runtime._held_locks:
+            os.close(fd)
+        first.communicate("")
+        shutil.rmtree(where)
+    assert second == 1
+
+
+def test_a_gpu_lock_folder_that_cannot_be_used_gives_way_to_this_users_own(tmp_path, monkeypatch):
+    """Where the shared lock folder cannot be used (another user's files; here a folder where
+    the first lock file should be), a job takes its GPU through this user's own folder instead
+    of failing."""
+    monkeypatch.setattr(runtime, "_LOCK_DIR", tmp_path / "gpu-locks")
+    monkeypatch.setattr(runtime, "_held_locks", [])
+    (tmp_path / "gpu-locks" / "gpu0.lock").mkdir(parents=True)
+    try:
+        assert runtime._claim_gpu(2) == 0
+        assert runtime._claim_gpu(2) == 1  # the first is held
+    finally:
+        for fd in runtime._held_locks:
+            os.close(fd)
+    assert (tmp_path / f"gpu-locks-{os.geteuid()}" / "gpu1.lock").is_file()
 
 
 # The smoke subset of the kill test (one model per rule): the whole smoke DAG runs once per
@@ -1241,6 +1466,15 @@ BAD_CONFIGS = {
         {"denoising": {"noise_levels": [0.05, 0.050000001]}},
         "denoising.noise_levels: [0.05, 0.050000001] share path labels ['0.05', '0.05']",
     ),
+    "a seed past 64-bit generators": (
+        {"seeds": [0, 2**40]},
+        "seeds.1: 1099511627776 is greater than the maximum of 2147483647",
+    ),
+    "standard radii of one table column": (
+        {"classification": {"evaluate": {"standard_eps": [0.1411764706, 0.14117647]}}},
+        "classification.evaluate.standard_eps: [0.1411764706, 0.14117647] share table columns "
+        "['36/255', '36/255']",
+    ),
 }
 
 
@@ -1312,20 +1546,28 @@ def test_autoattack_on_fewer_classes_than_its_losses_need_fails_before_training(
 
 
 def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_path):
-    """Broken YAML names the file, line and column; a file holding a list names what it holds;
-    an empty overlay changes nothing."""
+    """Broken YAML names the file, line and column; a key given twice (a copied variant block
+    left under its old name) names both lines; a file holding a list names what it holds; an
+    empty overlay changes nothing; a bad value names the file that set it."""
     broken, listed, empty = tmp_path / "broken.yaml", tmp_path / "list.yaml", tmp_path / "e.yaml"
     broken.write_text("pnp:\n  denoisers: [averaged, dncnn\nseeds: [0]\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("classification:\n  variants:\n    euler: {}\n    heun: {}\n    euler: {}\n")
     listed.write_text("- seeds\n- 0\n")
     empty.write_text("# nothing yet\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: [0]\npnp:\n  eta: 5.0\n")
     base = [ROOT / "config.yaml", ROOT / "config" / "smoke.yaml"]
     for path, message in (
         (broken, f"config: {broken}: not valid YAML: line 3, column 6: "),  # + PyYAML's words
+        (twice, f"config: {twice}: not valid YAML: line 5, column 5: key 'euler' given twice"),
         (listed, f"config: {listed}: holds a list, not a mapping of settings"),
+        (bad, f"invalid configuration:\n  {bad}: pnp.eta: 5.0 must be < 2/||K||^2"),
     ):
         with pytest.raises(ConfigError) as err:
             load_config([*base, path], SCHEMA)
-        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+        said = str(err.value)
+        assert said.startswith(message) and said.count("\n") == (path == bad), said
     assert load_config([*base, empty], SCHEMA) == load_config(base, SCHEMA)
 
 
@@ -1410,6 +1652,23 @@ def test_model_arguments_the_model_refuses_fail_training_in_one_line_naming_the_
     )
 
 
+def test_a_null_model_argument_reaches_the_job_where_it_is_not_the_models_default():
+    """``init_norm: null`` (PyTorch's initialisation) is not the paper classifier's default (1):
+    the job builds what the config says. ``power_size: null`` is the denoisers' default: the
+    spec is as without it."""
+    kwargs = {"variants": {"nonexpansive": {"kwargs": {"init_norm": None}}}}
+    jobs = Jobs(validate_config(smoke_config(classification=kwargs), SCHEMA))
+    spec = json.loads(jobs.train_spec("classification", "nonexpansive", 0))["kwargs"]
+    assert "init_norm" in spec and spec["init_norm"] is None
+    torch.manual_seed(0)
+    built = build_model("nonexpansive_classifier", **spec)
+    torch.manual_seed(0)
+    rescaled = build_model("nonexpansive_classifier", **{**spec, "init_norm": 1.0})
+    assert not torch.equal(built.lift.weight, rescaled.lift.weight)
+    denoiser = json.loads(jobs.train_spec("denoising", "euler", 0, "0.05"))
+    assert "power_size" not in denoiser["kwargs"]
+
+
 def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset, tmp_path, capsys):
     """What the job reads and the spec lacks, top-level or nested: one line, not a traceback.
     A KeyError that names a key the spec has (a bug inside the job) keeps its traceback."""
@@ -1477,7 +1736,21 @@ def test_a_bad_config_stops_snakemake_before_any_job(tmp_path):
     bad.write_text("pnp:\n  eta: 5.0\n")
     run = snakemake(work, "-n", "--configfile", "config.yaml", str(bad), timeout=300)
     assert run.returncode != 0
-    assert "pnp.eta: 5.0 must be < 2/||K||^2" in run.stdout + run.stderr
+    said = run.stderr.splitlines()
+    assert said[-1] == "  config/bad.yaml: pnp.eta: 5.0 must be < 2/||K||^2 = 2 for a convergent " \
+        "forward-backward iteration", run.stderr  # fmt: skip
+    assert said[-2] == "invalid configuration:" and 'File "' not in run.stderr  # no traceback
+    bad.write_text("pnp:\n  eta: 0.5\n  eta: 5.0\n")  # Snakemake's loader keeps the last
+    run = snakemake(work, "-n", "--configfile", "config.yaml", str(bad), timeout=300)
+    assert run.returncode != 0 and run.stderr.splitlines()[-1] == (
+        "config: config/bad.yaml: not valid YAML: line 3, column 3: key 'eta' given twice "
+        "(first on line 2)"
+    ), run.stderr
+    run = snakemake(work, "-n", "--config", "pnp={eta: 0.5}", timeout=300)
+    assert run.returncode != 0 and run.stderr.splitlines()[-1] == (
+        "  --config: pnp.eta: '0.5' is not of type 'number' (--config gives nested values as "
+        "strings: set it in a --configfile)"
+    ), run.stderr
     assert not (work / "results").exists()
 
 

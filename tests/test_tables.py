@@ -13,6 +13,7 @@ from fake_results import STANDARD_EPS, write_classification, write_denoising, wr
 
 from stablenets.pipeline import outputs
 from stablenets.pipeline.config import load_config
+from stablenets.pipeline.labels import radius_label
 from stablenets.pipeline.reports import make_table, write_summary
 from stablenets.pipeline.tables import (
     classification_table,
@@ -20,7 +21,6 @@ from stablenets.pipeline.tables import (
     display_frame,
     families_table,
     pnp_table,
-    radius_label,
     table_notes,
     write_table,
 )

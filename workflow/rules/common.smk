@@ -3,14 +3,19 @@ import json
 import os
 import sys
 
-from stablenets.pipeline.config import validate_config
+from stablenets.pipeline.config import ConfigError, validate_config
 from stablenets.pipeline.labels import SIGMA_LABEL
 from stablenets.pipeline import outputs
 from stablenets.pipeline.specs import Jobs
 
-config.update(
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
-)
+try:
+    config.update(
+        validate_config(
+            config, workflow.source_path("../schemas/config.schema.yaml"), LAYERS
+        )
+    )
+except ConfigError as err:  # its lines, without Snakemake's traceback
+    sys.exit(str(err))
 JOBS = Jobs(config)
 # The tables and figures, from their registry (reading it imports pandas and matplotlib, which the
 # jobs' entry point does not: it imports specs, not the registry).

@@ -234,9 +234,10 @@ def _attack_class_errors(strong: dict, data: DataShape) -> list[str]:
 def _job_time_errors(config: dict, bsds: DataShape) -> list[str]:
     """Settings that the jobs themselves would reject, hours into a run (after training):
     the classifier evaluation's attacks and grid, denoiser patches larger than the images, and
-    noise levels that share one path label (the second would never be trained)."""
+    noise levels that share one path label (the second would never be trained), standard radii
+    that share one table column (the table job would refuse them)."""
     from stablenets.evaluation.radius_sweep import check_settings
-    from stablenets.pipeline.labels import sigma_label
+    from stablenets.pipeline.labels import radius_label, sigma_label
 
     errors = []
     try:
@@ -253,6 +254,13 @@ def _job_time_errors(config: dict, bsds: DataShape) -> list[str]:
         errors.append(
             f"denoising.noise_levels: {config['denoising']['noise_levels']} share path labels "
             f"{labels}; give levels that differ in their 6 significant digits"
+        )
+    radii = config["classification"]["evaluate"]["standard_eps"]
+    labels = [radius_label(eps) for eps in radii]
+    if len(set(labels)) < len(labels):
+        errors.append(
+            f"classification.evaluate.standard_eps: {radii} share table columns {labels}; give "
+            "radii that differ in their 6 significant digits"
         )
     return errors
 

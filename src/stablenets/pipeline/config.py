@@ -8,7 +8,7 @@ Errors are one line naming the key (dotted path) and what was expected, e.g.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,37 @@ from jsonschema.protocols import Validator
 
 from stablenets.pipeline.checks import cross_field_errors
 
-__all__ = ["ConfigError", "SCHEMA", "load_config", "load_schema", "overlay", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "Layers",
+    "SCHEMA",
+    "load_config",
+    "load_schema",
+    "overlay",
+    "read_layers",
+    "validate_config",
+]
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")  # relative to the repository root
 
 
 class ConfigError(ValueError):
     """A configuration that the schema or a cross-field rule rejects; ``problems``: one line
-    each (the message lists them under ``invalid configuration:``)."""
+    each (the message lists them under ``invalid configuration:``), each after ``where`` it was
+    set (a file, ``--config``; ``config`` where unknown)."""
 
-    def __init__(self, problems: list[str], heading: bool = True) -> None:
+    def __init__(
+        self, problems: list[str], heading: bool = True, where: Sequence[str] | None = None
+    ) -> None:
         self.problems = problems
-        lines = [f"config: {p}" for p in problems]
+        where = where or ["config"] * len(problems)
+        lines = [f"{w}: {p}" for w, p in zip(where, problems, strict=True)]
         super().__init__("\n  ".join(["invalid configuration:", *lines]) if heading else lines[0])
+
+
+#: Settings as they were given, in the order they are laid over each other: (where, settings),
+#: ``where`` a file name or ``--config``. Errors name the last layer that sets their key.
+Layers = Sequence[tuple[str, dict[str, Any]]]
 
 
 def _with_defaults(base: type[Validator]) -> type[Validator]:
@@ -155,8 +173,11 @@ def _resolve_variants(config: dict) -> None:
             }
 
 
-def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, Any]:
-    """Return ``config`` with defaults filled in; raise ``ConfigError`` listing every problem."""
+def validate_config(
+    config: dict[str, Any], schema: dict | Path, layers: Layers = ()
+) -> dict[str, Any]:
+    """Return ``config`` with defaults filled in; raise ``ConfigError`` listing every problem,
+    each named by the last of ``layers`` (what ``config`` was merged from) that sets its key."""
     if isinstance(schema, (str, Path)):
         schema = load_schema(Path(schema))
     config = copy.deepcopy(config)
@@ -165,9 +186,62 @@ def validate_config(config: dict[str, Any], schema: dict | Path) -> dict[str, An
     if not errors:
         errors = cross_field_errors(config)
     if errors:
-        raise ConfigError(errors)
+        where = [_origin(e, layers) for e in errors]
+        raise ConfigError([_hinted(e, w) for e, w in zip(errors, where, strict=True)], where=where)
     _resolve_variants(config)
     return config
+
+
+def _origin(problem: str, layers: Layers) -> str:
+    """Where the key a problem names (``pnp.eta: ...``) was set: the last layer that sets it,
+    or the value above it (a list, a mapping replaced whole); ``config`` when none does (a
+    default, a key left out)."""
+    path = problem.split(": ", 1)[0].split(".")
+    for where, settings in reversed(layers):
+        node: Any = settings
+        for key in path:
+            if not isinstance(node, dict):
+                break
+            if key not in node:
+                node = None
+                break
+            node = node[key]
+        if node is not None:
+            return where
+    return "config"
+
+
+def _hinted(problem: str, where: str) -> str:
+    """A type error of a ``--config`` value, with why: Snakemake passes its nested values as
+    strings (``--config 'pnp={eta: 0.5}'`` gives ``'0.5'``)."""
+    if where == "--config" and "' is not of type" in problem:
+        return f"{problem} (--config gives nested values as strings: set it in a --configfile)"
+    return problem
+
+
+def read_layers(paths: Sequence[Path | str], command_line: Mapping[str, Any] = {}) -> Layers:
+    """The settings of each config file (``--configfile``), then of ``--config``: each file a
+    mapping without a key given twice, or one ``ConfigError`` line naming it (Snakemake's own
+    loader keeps the last of two equal keys, and says neither file nor line of a YAML error)."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError([f"{path}: cannot read: {err.strerror}"], heading=False) from None
+        shown = _shown(Path(path))
+        layers.append((shown, _settings(shown, text)))
+    if command_line:
+        layers.append(("--config", dict(command_line)))
+    return layers
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it is inside it (a shorter line)."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -185,20 +259,17 @@ def overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_config(paths: Path | str | Sequence[Path | str], schema: dict | Path = SCHEMA) -> dict:
     """The config the workflow runs with ``--configfile paths...``: the files overlaid in order
     (:func:`overlay`), validated against ``schema`` with defaults filled in."""
+    layers = read_layers([paths] if isinstance(paths, (str, Path)) else paths)
     config: dict[str, Any] = {}
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError([f"{path}: cannot read: {err.strerror}"], heading=False) from None
-        config = overlay(config, _settings(path, text))
-    return validate_config(config, schema)
+    for _, settings in layers:
+        config = overlay(config, settings)
+    return validate_config(config, schema, layers)
 
 
 def _settings(path: Path | str, text: str) -> dict[str, Any]:
     """The mapping a config file holds (empty for an empty file); one line if it holds none."""
     try:
-        settings = yaml.safe_load(text)
+        settings = yaml.load(text, _UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -210,3 +281,26 @@ def _settings(path: Path | str, text: str) -> dict[str, Any]:
         kind = type(settings).__name__
         raise ConfigError([f"{path}: holds a {kind}, not a mapping of settings"], heading=False)
     return settings
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so a variant block copied and left under its old name would replace the first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping names it
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (first on line {first[key]})",
+                key_node.start_mark,
+            )  # fmt: skip
+        first[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)

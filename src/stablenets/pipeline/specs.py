@@ -38,6 +38,16 @@ RULE_KINDS = {
 MODEL_NOUN = {"classification": "classifier", "denoising": "denoiser"}
 
 
+def _model_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A variant's model arguments for its job: a null that is the model's default is left out
+    (the model is the same, and so is the spec), one that is not is kept (``init_norm: null``
+    builds PyTorch's initialisation, not the default rescaling)."""
+    from stablenets.nn.models import model_defaults  # torch: only where a spec is made
+
+    defaults = model_defaults(model)
+    return {k: v for k, v in kwargs.items() if v is not None or defaults.get(k) is not None}
+
+
 def _sigma(task: str, sigma: str | None) -> float:
     """The noise level of a job that needs one (a ``sigma`` path label as a number)."""
     if sigma is None:
@@ -160,7 +170,7 @@ class Jobs:
             "task": task,
             "variant": variant,
             "model": v["model"],
-            "kwargs": {k: val for k, val in v.get("kwargs", {}).items() if val is not None},
+            "kwargs": _model_kwargs(v["model"], v.get("kwargs", {})),
             "train": {**section["train"], **v.get("train", {})},
             "eval_batch": section["eval_batch"],
         }

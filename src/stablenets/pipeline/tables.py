@@ -25,7 +25,7 @@ import pandas as pd
 
 from stablenets.atomic import atomic_write
 from stablenets.pipeline import outputs
-from stablenets.pipeline.labels import sigma_in_path
+from stablenets.pipeline.labels import radius_label, sigma_in_path
 from stablenets.pipeline.runtime import read_results
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "pnp_table",
     "write_table",
     "display_frame",
-    "radius_label",
     "column_spec",
     "table_notes",
 ]
@@ -45,7 +44,6 @@ __all__ = [
 STD_SUFFIX = "_std"  # column holding the spread of the column before it
 SEED_STD_SUFFIX = "_seed_std"  # spread over seeds where ``_std`` is the spread over images
 RADIUS_SEP = "@"  # ``certified@36/255``: a metric at one of the standard radii
-RADIUS_DENOMINATOR = 255  # radii are labelled as multiples of 1/255 when they are
 MISSING = "n/a"  # what a table shows for NaN
 SEEDS = "seeds"  # the column counting the result files behind a row
 SEED_COUNT_SUFFIX = "_n_seeds"  # seeds behind a value, where fewer than the row's (the rest NaN)
@@ -168,14 +166,6 @@ def _num(attrs: dict[str, Any], key: str) -> float:
         return float(attrs[key])
     except (KeyError, TypeError, ValueError):
         return math.nan
-
-
-def radius_label(eps: float) -> str:
-    """``36/255`` for radii on the 1/255 grid, else a decimal of 6 significant digits."""
-    k = eps * RADIUS_DENOMINATOR
-    if abs(k - round(k)) < 1e-6 and round(k) > 0:
-        return f"{round(k)}/{RADIUS_DENOMINATOR}"
-    return f"{eps:.6g}"
 
 
 def _standard_radii(path: Path, data: dict[str, np.ndarray]) -> list[str]:
