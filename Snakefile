@@ -6,14 +6,18 @@ min_version("9.0")
 
 import sys
 
-from stablenets.pipeline.config import ConfigError, read_layers
+from stablenets.pipeline.config import ConfigError, read_layers, snakemake_files
 
 # The config files (the workflow's, then each --configfile) and --config, as given: read here
 # first, a YAML error or a key given twice stops Snakemake in one line naming the file; later
 # errors name the file that set their key.
 try:
     LAYERS = read_layers(
-        ["config.yaml", *workflow.overwrite_configfiles],
+        snakemake_files(
+            "config.yaml",
+            workflow.overwrite_configfiles,
+            workflow.config_settings.replace_workflow_config,
+        ),
         workflow.config_settings.config,
     )
 except ConfigError as err:

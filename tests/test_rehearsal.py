@@ -213,6 +213,25 @@ def test_a_strong_pass_that_attacked_no_point_takes_another_evaluations_rate_or_
     assert "evaluate_classifier/cpl_XS" in gpu["basis"]
 
 
+def test_a_rate_borrowed_from_another_model_is_brought_to_the_sub_steps_the_borrower_ran():
+    """The paper classifier ran 51 sub-steps (its row: 15) and its strong pass attacked nothing:
+    the ResNet's rate, carried over by the rows' step times, is at 15 sub-steps; the classifier's
+    own rates are at 51, so the borrowed one is scaled to 51 too (not left 3.4x low)."""
+    bench = {("classifier", 16, "cuda_graphs replayed"): BenchRow(7.5, 15),
+             ("resnet", 16, "cuda_graphs replayed"): BenchRow(5.0, 0)}  # fmt: skip
+    run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
+        **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
+    parts = {"pgd": (30.0, 1000), "strong": (0.0, 0), "audit": (20.0, 100), "bisect": (0.0, 0)}
+    mine = fake_eval(run, parts, wall=60.0)
+    resnet = fake_eval(run, {**parts, "strong": (50.0, 100)}, wall=99.0, variant="resnet")
+    at = {}
+    for substeps in (None, 51):
+        mine.substeps = substeps
+        at[substeps] = project(mine.job, mine, paper(bench), [mine, resnet])[1]
+    borrowed = 0.5 * 7.5 / 5.0 * 0.5 * 10_000 * (4 + 6)  # rate x f x clean points x attacks
+    assert at[51] - at[None] == pytest.approx(borrowed * (51 / 15 - 1))
+
+
 def test_a_job_projected_incomplete_is_listed_by_rule_with_its_fits_unknown(tmp_path):
     """``bench.training --cost`` reads ``fits`` back: empty (unknown) is not a fit."""
     path = tmp_path / "cost.csv"

@@ -60,7 +60,13 @@ from stablenets.nn.models import (
 )
 from stablenets.pipeline import cli, locks, runtime
 from stablenets.pipeline import jobs as pipeline_jobs
-from stablenets.pipeline.config import ConfigError, load_config, overlay, validate_config
+from stablenets.pipeline.config import (
+    ConfigError,
+    load_config,
+    overlay,
+    snakemake_files,
+    validate_config,
+)
 from stablenets.pipeline.runtime import config_hash, provenance, read_results, sidecar_path
 from stablenets.pipeline.specs import Jobs
 from stablenets.train.memory import is_out_of_memory
@@ -718,13 +724,15 @@ def test_a_snakemake_that_mounts_the_directory_at_another_path_keeps_the_lock(
     assert lock.exists()
 
 
-def test_a_snakemake_whose_directory_cannot_be_read_keeps_the_lock_where_others_may_write(
+def test_a_snakemake_whose_directory_cannot_be_read_keeps_the_lock_where_it_may_hold_it(
     tmp_path, monkeypatch
 ):
-    """Another user's Snakemake (its command line readable in ``/proc``, its working directory
-    not) may run here when the directory is group- or other-writable: the lock stays. In a
-    directory only this user may write it does not count. (A symlink loop stands in for the
-    unreadable directory: another user's gives EACCES, which root never gets.)"""
+    """A Snakemake whose working directory ``/proc`` does not give (another user's, or this
+    user's under another group) keeps the lock when it may hold it: it runs as this user or
+    root, or its user owns a lock file. Another user's Snakemake elsewhere on a shared machine
+    does not keep this user's stale lock. (A symlink loop stands in for the unreadable
+    directory: another user's gives EACCES, which root never gets; as root the fake process is
+    handed to another user with ``chown``.)"""
     for key, value in local_env().items():
         monkeypatch.setenv(key, value)
     work, lock = _locked_workflow(tmp_path)
@@ -733,18 +741,21 @@ def test_a_snakemake_whose_directory_cannot_be_read_keeps_the_lock_where_others_
     (entry / "cmdline").write_bytes(b"python\0/usr/bin/snakemake\0--cores\0004\0")
     (entry / "cwd").symlink_to(entry / "cwd")
     monkeypatch.setattr(locks, "PROC", entry.parent)
-    for folder in (work, work / ".snakemake"):
-        folder.chmod(0o755)
-    assert locks.workflow_processes(work) == []
-    work.chmod(0o775)
-    assert locks.workflow_processes(work) == [(4242, "python /usr/bin/snakemake --cores 4")]
+    command = "python /usr/bin/snakemake --cores 4 [its working directory cannot be read]"
+    assert locks.workflow_processes(work) == [(4242, command)]  # this user's
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
     assert said.startswith(
         f"leaving the lock in {work / locks.LOCK_DIR}: pid 4242 (python /usr/bin/snakemake "
-        f"--cores 4) runs in {work}"
-    )
+        f"--cores 4) may run in {work} [its working directory cannot be read]"
+    ), said
     assert lock.exists()
-    work.chmod(0o755)
+    if os.geteuid() != 0:
+        return  # handing a process to another user needs root
+    os.chown(entry, 65534, 65534)
+    assert locks.workflow_processes(work) == []  # another user's, elsewhere
+    os.chown(lock, 65534, 65534)
+    assert locks.workflow_processes(work) == [(4242, command)]  # the lock's owner
+    os.chown(lock, 0, 0)
     assert locks.unlock_if_stale(work, list(SMOKE_PROFILE)).startswith("removed the lock")
     assert not lock.exists()
 
@@ -848,13 +859,15 @@ def test_jobs_of_two_users_share_the_gpu_locks(monkeypatch):
     assert second == 1
 
 
-def test_a_gpu_lock_folder_that_cannot_be_used_gives_way_to_this_users_own(tmp_path, monkeypatch):
-    """Where the shared lock folder cannot be used (another user's files; here a folder where
-    the first lock file should be), a job takes its GPU through this user's own folder instead
-    of failing."""
+def test_a_gpu_lock_folder_that_is_a_link_gives_way_to_this_users_own(tmp_path, monkeypatch):
+    """Where the shared lock folder is a link (which another user could plant in ``/tmp``, to
+    one of this user's folders), nothing is changed through it: a job takes its GPU through
+    this user's own folder instead, the link's target keeps its mode and gets no lock file."""
+    victim = tmp_path / "private"
+    victim.mkdir(mode=0o700)
+    (tmp_path / "gpu-locks").symlink_to(victim)
     monkeypatch.setattr(runtime, "_LOCK_DIR", tmp_path / "gpu-locks")
     monkeypatch.setattr(runtime, "_held_locks", [])
-    (tmp_path / "gpu-locks" / "gpu0.lock").mkdir(parents=True)
     try:
         assert runtime._claim_gpu(2) == 0
         assert runtime._claim_gpu(2) == 1  # the first is held
@@ -862,6 +875,7 @@ def test_a_gpu_lock_folder_that_cannot_be_used_gives_way_to_this_users_own(tmp_p
         for fd in runtime._held_locks:
             os.close(fd)
     assert (tmp_path / f"gpu-locks-{os.geteuid()}" / "gpu1.lock").is_file()
+    assert victim.stat().st_mode & 0o7777 == 0o700 and not list(victim.iterdir())
 
 
 # The smoke subset of the kill test (one model per rule): the whole smoke DAG runs once per
@@ -1569,6 +1583,26 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_p
         said = str(err.value)
         assert said.startswith(message) and said.count("\n") == (path == bad), said
     assert load_config([*base, empty], SCHEMA) == load_config(base, SCHEMA)
+    # what Snakemake reads is read: JSON (tabs included), YAML anchors and merge keys
+    merged, tabbed = tmp_path / "merged.yaml", tmp_path / "tabbed.json"
+    merged.write_text(
+        "pnp:\n  tv: &tv {iters: 7, tol: 0.001}\ndenoising:\n  tv: {<<: *tv, tol: 0.01}\n"
+    )
+    tabbed.write_text('{\n\t"pnp": {"max_iter": 9}}')
+    config = load_config([*base, merged, tabbed], SCHEMA)
+    assert config["denoising"]["tv"]["iters"] == 7 and config["denoising"]["tv"]["tol"] == 0.01
+    assert config["pnp"]["max_iter"] == 9
+
+
+def test_the_config_files_read_before_snakemake_are_those_snakemake_reads(tmp_path):
+    """The workflow's config.yaml, skipped where absent with --configfile files given (Snakemake
+    goes on with them) or with --replace-workflow-config, then each --configfile."""
+    own, over = tmp_path / "config.yaml", tmp_path / "over.yaml"
+    assert snakemake_files(own, [over], replace=False) == [over]  # absent
+    own.write_text("seeds: [0]\n")
+    assert snakemake_files(own, [over], replace=False) == [own, over]
+    assert snakemake_files(own, [over], replace=True) == [over]
+    assert snakemake_files(own, [], replace=False) == [own]
 
 
 # Keys a config may leave out with no default to fill them: the code does without them.
@@ -1751,6 +1785,22 @@ def test_a_bad_config_stops_snakemake_before_any_job(tmp_path):
         "  --config: pnp.eta: '0.5' is not of type 'number' (--config gives nested values as "
         "strings: set it in a --configfile)"
     ), run.stderr
+    assert not (work / "results").exists()
+
+
+def test_a_misspelt_cost_input_stops_snakemake_before_any_job(tmp_path):
+    """The cost report's paper configuration and benchmark files are the ``cost`` rule's inputs:
+    a path misspelt is named before the DAG runs, not by its last job."""
+    work = copy_workflow(tmp_path / "wf")
+    for key, value in (("paper_config", "confg.yaml"), ("bench", ["benchmarks/results/no.csv"])):
+        over = work / "config" / "cost.yaml"
+        over.write_text(yaml.safe_dump({"cost": {key: value}}))
+        args = ["--configfile", "config/smoke.yaml", str(over), "--", "all_with_cost"]
+        run = snakemake(work, "-n", *SMOKE_PROFILE, *args, timeout=300)
+        assert run.returncode != 0, run.stdout[-2000:]
+        missing = value if isinstance(value, str) else value[0]
+        said = run.stdout + run.stderr
+        assert "Missing input files for rule cost" in said and missing in said, said[-2000:]
     assert not (work / "results").exists()
 
 

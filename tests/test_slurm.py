@@ -105,7 +105,12 @@ def test_cluster_profile_requests_gpus_only_for_training_and_evaluation():
         assert f"-t {res['runtime']}" in call and f"--mem {res['mem_mb']}" in call, call
         assert "--requeue" in call, call
     train = _sbatch(paper, "train_denoiser", threads)
-    assert re.search(r"--signal=(B:)?(TERM|USR1)@\d+", train), train
+    # every process of the job step, not the batch shell alone ("B:", which would not pass it
+    # on), and early enough to save: the lead is within each resumable job's time limit
+    lead = re.search(r"--signal=(?:SIG)?(?:TERM|USR1)@(\d+)", train)
+    assert lead, train
+    for kind in ("train", "evaluate", "data"):
+        assert int(lead[1]) < 60 * paper["resources"][kind]["runtime"] / 2, kind
     for rule in ("tv_deblur", "evaluate_tv_denoising"):
         call = _sbatch(paper, rule, 1)
         assert "--gpus" not in call and "gpu" not in call.replace("-p gpu", ""), call

@@ -9,7 +9,11 @@ localrules:
 
 rule cost:
     input:
-        benchmark_files(config, B),
+        # what the projection reads besides the jobs' benchmarks: a path misspelt stops the
+        # DAG before any job (not the last one), a file edited reruns the report
+        jobs=benchmark_files(config, B),
+        paper_config=config["cost"]["paper_config"],
+        bench=config["cost"]["bench"],
     output:
         csv=R("cost.csv"),
         md=R("cost.md"),
@@ -30,7 +34,7 @@ rule cost:
             sort_keys=True,
         ),
     shell:
-        "exec python -m stablenets cost --spec {params.spec:q} --inputs {input}"
+        "exec python -m stablenets cost --spec {params.spec:q} --inputs {input.jobs}"
         " --out {output.csv} > {log} 2>&1"
 
 

@@ -377,7 +377,7 @@ def _pass_rate(
         for o in (m, *(o for o in others if o is not m and o.job.rule == m.job.rule)):
             s, n = o.parts.get(p, (0.0, 0))
             if n:
-                f = 1.0 if o is m else paper.factor(m.job, o)[0]
+                f = 1.0 if o is m else paper.factor(m.job, o)[0] * paper.to_measured(m, o)
                 source = "" if o is m else f" of {o.job.label()} x {f:.3g}"
                 return s / n * f, f"the {p} pass's rate{source}"
     return None
@@ -443,6 +443,20 @@ class Paper:
     def resources(self, job: Job) -> dict[str, Any]:
         return self.config["resources"][RULE_KINDS[job.rule]]
 
+    def to_measured(self, m: Measured, other: Measured) -> float:
+        """What brings a rate that ``factor(m.job, other)`` carried over from another model
+        (at ``m``'s benchmark row's sub-steps) to the sub-steps ``m`` ran, as ``m``'s own
+        measured rates are: the inverse of ``_at_row_substeps`` for ``m``; 1 for one model."""
+        from stablenets.bench.rows import BENCH_NAME, bench_key, variant_width
+
+        v = self.variant(m.job.task, m.job.variant)
+        if v is None or v["model"] == _model(self, other):
+            return 1.0
+        width = variant_width(m.job.task, v, self.config)
+        key, _ = bench_key(self.bench, BENCH_NAME.get(v["model"]), width,
+                           self.train(m.job.task, m.job.variant))  # fmt: skip
+        return 1.0 / _at_row_substeps(m, self.bench[key])[0] if key in self.bench else 1.0
+
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""
         from stablenets.bench.rows import BENCH_NAME, STAGES, bench_key, variant_width
@@ -482,6 +496,10 @@ class BenchRow(NamedTuple):
 
     step_ms: float
     substeps: int
+
+
+def _model(paper: Paper, m: Measured) -> str | None:
+    return (paper.variant(m.job.task, m.job.variant) or {}).get("model")
 
 
 def _at_row_substeps(basis: Measured, row: BenchRow) -> tuple[float, str]:

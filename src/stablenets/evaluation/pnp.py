@@ -382,21 +382,19 @@ def _record(
 ) -> tuple[Tensor, Tensor]:
     """Append one iteration to ``history``; return CPU masks (diverged, converged) over ``idx``.
 
-    A diverged image's rejected iterate records its step (the evidence) but NaN residual and
-    PSNRs: the image keeps its last acceptable iterate, whose numbers are the row before."""
+    A diverged image's rejected iterate records its step (the evidence) but the residual and
+    PSNRs of the iterate it keeps and returns (the last acceptable one), as its results do."""
     step = _norms(x_new - x_old)
     finite = torch.isfinite(x_new).flatten(1).all(dim=1) & torch.isfinite(step)
     step = torch.where(finite, step, torch.full_like(step, math.inf))
     rel = step / _norms(x_old).clamp_min(torch.finfo(x_old.dtype).tiny)
     bad = ~finite | (_norms(x_new) > limit[idx.to(limit.device)])
+    kept = torch.where(bad.to(x_new.device).view(-1, *[1] * (x_new.dim() - 1)), x_old, x_new)
     records = {"step_norm": step, "relative_change": rel}
-    records["residual"] = _norms(blur.forward(x_new) - y)
+    records["residual"] = _norms(blur.forward(kept) - y)
     if reference is not None:
-        records["psnr_1"] = psnr(x_new, reference, 1.0)
-        records["psnr_max"] = psnr(x_new, reference, "max")
-    for key in ("residual", "psnr_1", "psnr_max"):
-        if key in records:
-            records[key] = records[key].masked_fill(bad.to(records[key].device), math.nan)
+        records["psnr_1"] = psnr(kept, reference, 1.0)
+        records["psnr_max"] = psnr(kept, reference, "max")
     history.add(idx, **records)
     bad = bad.cpu()
     conv = ((rel < tol).cpu()) & ~bad

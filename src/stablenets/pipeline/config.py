@@ -8,6 +8,7 @@ Errors are one line naming the key (dotted path) and what was expected, e.g.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "load_schema",
     "overlay",
     "read_layers",
+    "snakemake_files",
     "validate_config",
 ]
 
@@ -219,6 +221,16 @@ def _hinted(problem: str, where: str) -> str:
     return problem
 
 
+def snakemake_files(
+    workflow_file: Path | str, command_line: Sequence[Path | str], replace: bool
+) -> list[Path | str]:
+    """The config files Snakemake reads, in order: the workflow's ``configfile:`` (none with
+    ``--replace-workflow-config``, nor where it is absent and ``--configfile`` files are given,
+    as Snakemake skips it then), then each ``--configfile``."""
+    skip = replace or (bool(command_line) and not Path(workflow_file).exists())
+    return [*([] if skip else [workflow_file]), *command_line]
+
+
 def read_layers(paths: Sequence[Path | str], command_line: Mapping[str, Any] = {}) -> Layers:
     """The settings of each config file (``--configfile``), then of ``--config``: each file a
     mapping without a key given twice, or one ``ConfigError`` line naming it (Snakemake's own
@@ -267,14 +279,14 @@ def load_config(paths: Path | str | Sequence[Path | str], schema: dict | Path = 
 
 
 def _settings(path: Path | str, text: str) -> dict[str, Any]:
-    """The mapping a config file holds (empty for an empty file); one line if it holds none."""
+    """The mapping a config file holds (empty for an empty file); one line if it holds none.
+    JSON first, then YAML, as Snakemake reads a config file."""
     try:
-        settings = yaml.load(text, _UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError([f"{path}: not valid YAML: {at}{problem}"], heading=False) from None
+        settings = json.loads(text, object_pairs_hook=_unique_pairs)
+    except ValueError as err:
+        if isinstance(err, _RepeatedKey):
+            raise ConfigError([f"{path}: not valid JSON: {err}"], heading=False) from None
+        settings = _yaml_settings(path, text)
     if settings is None:
         return {}
     if not isinstance(settings, dict):
@@ -283,14 +295,40 @@ def _settings(path: Path | str, text: str) -> dict[str, Any]:
     return settings
 
 
+class _RepeatedKey(ValueError):
+    """A key given twice in one mapping."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's mapping, refusing a key given twice."""
+    keys = [key for key, _ in pairs]
+    if repeated := sorted({key for key in keys if keys.count(key) > 1}):
+        raise _RepeatedKey(f"key {repeated[0]!r} given twice")
+    return dict(pairs)
+
+
+def _yaml_settings(path: Path | str, text: str) -> Any:
+    """What a YAML config file holds; one line naming the file, line and problem if invalid."""
+    try:
+        return yaml.load(text, _UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"{path}: not valid YAML: {at}{problem}"], heading=False) from None
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
     silently, so a variant block copied and left under its old name would replace the first."""
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """A mapping (merge keys ``<<`` laid in as PyYAML does), refusing a key given twice in it."""
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in may be overridden: only those written here count
         key = loader.construct_object(key_node)
         if not isinstance(key, Hashable):
             continue  # construct_mapping names it

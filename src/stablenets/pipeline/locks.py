@@ -34,12 +34,13 @@ job id (``.snakemake/incomplete/``), as a SLURM run killed before a local one do
 Processes are read from ``/proc``, every user's: a workflow process counts when its working
 directory is this directory or one below it, compared by device and inode, so that a Snakemake in
 a container that mounts the project at another path counts too. Where its working directory
-cannot be read (another user's process) it counts when another user may write here: the
-directory or its ``.snakemake`` is group- or other-writable, or is not this user's. Without
-``/proc`` (macOS) ``ps`` gives this user's command lines but no directories, so any Snakemake or
-job of this user keeps the lock. A Snakemake on another machine that shares the file system is
-not seen. Snakemake's default file persistence is assumed (``--persistence-backend db`` keeps its
-locks in the database: unlock by hand).
+cannot be read it counts when it may hold the lock: it runs as this user (under another group)
+or root, or its user owns one of the lock files; another user's Snakemake elsewhere on a shared
+machine does not keep this user's stale lock. Without ``/proc`` (macOS) ``ps`` gives this user's
+command lines but no directories, so any Snakemake or job of this user keeps the lock. A
+Snakemake on another machine that shares the file system is not seen. Snakemake's default file
+persistence is assumed (``--persistence-backend db`` keeps its locks in the database: unlock by
+hand).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -123,29 +124,37 @@ def _works_in(entry: Path, directory: tuple[int, int]) -> bool:
     return False
 
 
-def _shared(directory: Path) -> bool:
-    """Whether another user may write Snakemake's files in ``directory``: it or its
-    ``.snakemake`` is group- or other-writable, or not this user's (mode bits only)."""
-    for folder in (directory, directory / LOCK_DIR.parent):
+def _may_lock_here(entry: Path, directory: Path) -> bool:
+    """Whether the process of ``/proc/<pid>`` ``entry``, whose working directory cannot be read,
+    may hold ``directory``'s lock: it runs as this user (under another group, which hides its
+    directory too) or as root, or its user owns one of the lock files. Other users' processes
+    elsewhere on a shared machine do not keep a stale lock of this user's."""
+    try:
+        uid = entry.stat().st_uid
+    except FileNotFoundError:  # ended meanwhile
+        return False
+    if uid in (0, os.geteuid()):
+        return True
+    owners = set()
+    for path in (directory / LOCK_DIR).glob("*.lock"):
         try:
-            found = folder.stat()
+            owners.add(path.stat().st_uid)
         except FileNotFoundError:
             continue
-        if found.st_uid != os.geteuid() or found.st_mode & 0o022:
-            return True
-    return False
+    return uid in owners
 
 
 def _ps_processes() -> Iterator[tuple[int, list[str], None]]:
     """``(pid, argv, None)`` of this user's processes, from ``ps`` (arguments split at spaces;
     no working directory)."""
-    out = subprocess.run(
+    done = subprocess.run(
         ["ps", "-ww", "-U", str(os.getuid()), "-o", "pid=", "-o", "args="],  # -ww: whole lines
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
-    for line in out.splitlines():
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ps failed, so no process can be checked: {done.stderr.strip()}")
+    for line in done.stdout.splitlines():
         pid, _, args = line.strip().partition(" ")
         yield int(pid), args.split(), None
 
@@ -167,16 +176,17 @@ def _inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def _counts(entry: Path, directory: Path, here: tuple[int, int]) -> bool:
+def _counts(entry: Path, directory: Path, here: tuple[int, int]) -> str | None:
     """Whether the workflow process of ``/proc/<pid>`` ``entry`` may work in ``directory`` (of
-    device and inode ``here``): it does (``_works_in``), or its directory cannot be read and
-    another user may write there (``_shared``)."""
+    device and inode ``here``): ``"runs in"`` where it does (``_works_in``), ``"may run in"``
+    where its directory cannot be read and it may hold the lock (``_may_lock_here``), else
+    ``None``."""
     try:
-        return _works_in(entry, here)
+        return "runs in" if _works_in(entry, here) else None
     except FileNotFoundError:  # ended meanwhile
-        return False
-    except OSError:  # another user's: /proc does not say
-        return _shared(directory)
+        return None
+    except OSError:  # another user's, or another group's: /proc does not say
+        return "may run in" if _may_lock_here(entry, directory) else None
 
 
 def workflow_processes(directory: Path, jobs: Collection[int] = ()) -> list[tuple[int, str]]:
@@ -189,12 +199,15 @@ def workflow_processes(directory: Path, jobs: Collection[int] = ()) -> list[tupl
     for pid, argv, entry in processes:
         if pid == os.getpid() or not is_workflow_command(argv):
             continue
-        if entry is not None and not _counts(entry, directory, here):
+        where = "runs in" if entry is None else _counts(entry, directory, here)
+        if where is None or (jobs and _slurm_job_of(pid) in jobs):
             continue
-        if jobs and _slurm_job_of(pid) in jobs:
-            continue
-        found.append((pid, " ".join(argv)))
+        found.append((pid, " ".join(argv) + ("" if where == "runs in" else _UNREAD)))
     return found
+
+
+# Said of a process that may work in the directory: /proc does not give its directory.
+_UNREAD = " [its working directory cannot be read]"
 
 
 class SlurmJob(NamedTuple):
@@ -315,10 +328,12 @@ def _leaving(directory: Path, why: str) -> str:
 def _holders_line(directory: Path, holders: list[tuple[int, str]]) -> str:
     pid, command = holders[0]
     more = f" and {len(holders) - 1} more" if len(holders) > 1 else ""
+    command, unread, _ = command.partition(_UNREAD)
+    where = f"may run in {directory}{_UNREAD}" if unread else f"runs in {directory}"
     return _leaving(
         directory,
-        f"pid {pid} ({command[:120]}){more} runs in {directory}; a Snakemake with other outputs "
-        "may start beside it, one with the same must wait for it (not --unlock)",
+        f"pid {pid} ({command[:120]}){more} {where}; a Snakemake with other outputs may start "
+        "beside it, one with the same must wait for it (not --unlock)",
     )
 
 
@@ -346,7 +361,8 @@ def _orphans_kept(directory: Path, jobs: list[SlurmJob]) -> str | None:
 
 def _options(args: list[str]) -> Iterator[tuple[str, str]]:
     """``(flag, value)`` of each option that may take one: ``--flag value`` or ``--flag=value``."""
-    for arg, following in zip(args, [*args[1:], ""], strict=True):
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else ""
         flag, equals, value = arg.partition("=")
         yield (flag, value) if equals and flag.startswith("--") else (arg, following)
 
@@ -402,12 +418,15 @@ def _serialised(directory: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``directory``'s ``TOOL_LOCK``, so that two runs of this
     tool in one directory check and remove one after the other."""
     path = directory / TOOL_LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only: flock needs no more
+    try:  # for writing: NFS turns flock into a POSIX lock, exclusive only on such a descriptor
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise RuntimeError(f"cannot open {path}: {err.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # a file system without locks (Lustre without -o flock): unserialised, the second look
+        # before removing (``_appeared``) still guards a live run
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

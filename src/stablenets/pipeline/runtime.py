@@ -22,6 +22,7 @@ import platform
 import subprocess
 import tempfile
 from collections.abc import Iterable
+from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,34 +53,57 @@ _held_locks: list[int] = []  # descriptors of the GPU lock files this process ho
 
 def _shared_lock_dir(directory: Path) -> None:
     """Create ``directory`` as ``/tmp`` is (mode 1777: every user adds lock files, none removes
-    another's); one this user made before with a narrower mode is widened."""
-    directory.mkdir(mode=0o1777, exist_ok=True)  # the umask narrows the mode: chmod below
-    found = directory.stat()
-    if found.st_uid == os.geteuid() and found.st_mode & 0o7777 != 0o1777:
-        os.chmod(directory, 0o1777)
+    another's); one this user made before with a narrower mode is widened. A link there (which
+    another user could plant) raises ``OSError``: nothing is changed through it."""
+    with suppress(FileExistsError):
+        directory.mkdir(mode=0o1777)  # the umask narrows the mode: chmod below
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        found = os.fstat(fd)
+        if found.st_uid == os.geteuid() and found.st_mode & 0o7777 != 0o1777:
+            os.fchmod(fd, 0o1777)
+    finally:
+        os.close(fd)
 
 
-def _open_gpu_lock(path: Path) -> int:
+def _open_gpu_lock(path: Path) -> int | None:
     """A read-only descriptor of ``path`` (``flock`` needs no more), made readable by every user
-    when this process creates it, so that another user's jobs can take it too."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o444)
-    if os.fstat(fd).st_uid == os.geteuid():
+    when this process creates it; ``None`` where this user may not open it (another user's file
+    in a sticky folder under ``fs.protected_regular``: that GPU is skipped). The file is opened
+    as it is, else created exclusively: opening another user's file with ``O_CREAT`` is what
+    ``protected_regular`` refuses."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    while True:
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            return None
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o444)
+        except FileExistsError:  # another job created it meanwhile: open it as it is
+            continue
         os.fchmod(fd, 0o444)  # the umask may have narrowed it
-    return fd
+        return fd
 
 
 def _claim_gpu_in(directory: Path, count: int) -> int | None:
     """Index of the first GPU whose lock file in ``directory`` this process can take (kept until
-    exit), ``None`` when another process holds each. Raises ``OSError`` where the folder or a
-    file cannot be used (another user's, a link)."""
+    exit), ``None`` when another process holds each. Raises ``OSError`` where the folder cannot
+    be used (another user's, a link)."""
     _shared_lock_dir(directory)
     for index in range(count):
         fd = _open_gpu_lock(directory / f"gpu{index}.lock")
+        if fd is None:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as err:
             os.close(fd)
-            continue
+            if isinstance(err, BlockingIOError):
+                continue
+            raise
         _held_locks.append(fd)
         return index
     return None
