@@ -33,7 +33,7 @@
 # folder (default .gpu: whl/ installed into SITE, default /tmp/site, and site/ used as is), or
 # `none`: install nothing and take every package from DEVICE_PYTHON's own site-packages (the
 # local test); PYTHONPATH, if set, is searched after src/ and the kit. The rules run
-# `python -m stablenets ...`: a throwaway folder whose bin/ holds `python` (a link to
+# `python -m stablenets ...`: a throwaway folder whose bin/ holds `python` (a script running
 # DEVICE_PYTHON) and `snakemake` stands in for the venv (`make rehearsal VENV=<it> STAMP=`).
 # Checked on the CPU with a tiny config/rehearsal.yaml (tests/test_rehearsal.py's TINY), in a
 # clone:  DEVICE_PYTHON=$PWD/.venv/bin/python KIT=none OUT=/tmp/kit_out \
@@ -65,27 +65,30 @@ log "device; limit ${LIMIT} s, reserve ${RESERVE_S} s; python $PY; kit $KIT"
 
 # The kit: wheels into SITE (no index, no dependencies: the kit is the closure), pyautoattack as is.
 if [ "$KIT" = none ]; then
-    KITPATH=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    KITPATH=  # the interpreter's own packages (the stand-in below keeps its venv)
 else
     log "installing the kit into $SITE"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$KIT"/whl/*.whl >>"$LOG" 2>&1 || { log "kit install failed"; exit 1; }
     KITPATH=$KIT/site:$SITE
 fi
-export PYTHONPATH=$ROOT/src:$KITPATH${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$ROOT/src${KITPATH:+:$KITPATH}${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 GIT_PYTHON_REFRESH=quiet MPLBACKEND=Agg
 
-# The stand-in venv: bin/python -> DEVICE_PYTHON (a link keeps sys.executable in bin/, whose
-# folder the workflow puts first on the jobs' PATH), bin/snakemake runs it.
+# The stand-in venv for make: bin/python runs DEVICE_PYTHON, bin/snakemake runs it with -m
+# snakemake. Scripts, not links: a link to a venv's interpreter (the device's python3 is
+# /opt/torch/.venv/bin/python3) starts the base interpreter without the venv's packages, torch
+# among them. The jobs run the `python` beside sys.executable: DEVICE_PYTHON's.
 VENV=$(mktemp -d /tmp/rehearsal-venv.XXXXXX)
 SNAP=$(mktemp /tmp/rehearsal-snap.XXXXXX)
 trap 'rm -rf "$VENV" "$SNAP" "$SNAP.last"' EXIT
-mkdir "$VENV/bin" && ln -s "$PY" "$VENV/bin/python"
-printf '#!/bin/sh\nexec "%s/bin/python" -m snakemake "$@"\n' "$VENV" >"$VENV/bin/snakemake"
-chmod +x "$VENV/bin/snakemake"
+mkdir "$VENV/bin"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" >"$VENV/bin/python"
+printf '#!/bin/sh\nexec "%s" -m snakemake "$@"\n' "$PY" >"$VENV/bin/snakemake"
+chmod +x "$VENV/bin/python" "$VENV/bin/snakemake"
 export PATH=$VENV/bin:$PATH
 { "$VENV/bin/snakemake" --version &&
-  python -c "import stablenets, jsonschema, pyautoattack; print('imports ok')"
+  python -c "import stablenets, jsonschema, pyautoattack, torch, pytest; print('imports ok')"
 } >>"$LOG" 2>&1 || { log "the kit does not import"; tail -n 20 "$LOG"; exit 1; }
 
 snapshot() {  # snapshot TMP: the small files of the run so far, into $OUT/rehearsal.tar.gz

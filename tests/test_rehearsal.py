@@ -462,7 +462,9 @@ def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight
 def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_out(tmp_path):
     """benchmarks/run_device_rehearsal.sh in its local mode (KIT=none: this venv's packages) with
     no time left for `make rehearsal`: the stand-in venv runs Snakemake and the pipeline's
-    imports, device.log is in $OUT, and it stops before make (rc 124 as when cut)."""
+    imports from the interpreter's own packages (this venv's, as the device's python3 is a venv:
+    a link to it would start the base interpreter without them), device.log is in $OUT, and it
+    stops before make (rc 124 as when cut)."""
     script = ROOT / "benchmarks" / "run_device_rehearsal.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     if shutil.which("shellcheck"):

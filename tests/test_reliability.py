@@ -823,6 +823,20 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.parametrize(("setting", "current"), [("auto", 1), ("cuda:1", 1), ("cuda", 0)])
+def test_the_gpu_a_job_chooses_becomes_its_current_device(setting, current, monkeypatch):
+    """CUDA graphs capture on the current device's streams, and a context on GPU 0 takes memory
+    from its job: a job on GPU 1 (here ``auto`` finding GPU 0 held) makes GPU 1 current. (No GPU
+    here: torch.cuda's answers are stood in for.)"""
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(runtime, "_claim_gpu", lambda count: 1)
+    device = runtime.select_device(setting)
+    assert (device.type, chosen) == ("cuda", [current])
+
+
 def test_jobs_of_two_users_share_the_gpu_locks(monkeypatch):
     """The first job makes the lock folder as ``/tmp`` is (1777) and its lock file readable by
     all; a job of another user then takes the second GPU through the same folder instead of
@@ -1139,6 +1153,8 @@ def test_without_the_substep_limit_the_runaway_run_dies_in_the_allocator(smoke_c
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."), True),
         (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
         (MemoryError(), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."), True),
         (RuntimeError("shape mismatch"), False),
         (ValueError("can't allocate memory"), False),
     ],

@@ -191,10 +191,13 @@ class GraphedModel(nn.Module):
         static = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         static[: len(x)] = x.detach()
         static.requires_grad_(True)
+        before = None if self.emulate else torch.cuda.current_stream()
         try:
             capture = (self._emulated if self.emulate else self._graphed)(static)
             self._check(capture, x)
         except RuntimeError as err:
+            if before is not None:  # a capture that fails at its end leaves its stream on
+                torch.cuda.set_stream(before)
             self._failed(key, err)
             return None
         self._captures[key] = capture

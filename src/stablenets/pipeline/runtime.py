@@ -124,15 +124,18 @@ def _claim_gpu(count: int) -> int:
 
 
 def select_device(setting: str) -> torch.device:
-    """``auto`` -> a free CUDA device if any, else the CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as is."""
+    """``auto`` -> a free CUDA device if any, else the CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as is.
+    A CUDA device chosen is made the current one: CUDA graphs capture on the current device's
+    streams, and a context opened on GPU 0 would take memory from the job that owns it."""
     import torch  # here, not at the top: the report jobs run without torch (reports.py)
 
     if setting == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         count = torch.cuda.device_count()
-        return torch.device("cuda", _claim_gpu(count) if count > 1 else 0)
-    device = torch.device(setting)
+        device = torch.device("cuda", _claim_gpu(count) if count > 1 else 0)
+    else:
+        device = torch.device(setting)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
@@ -140,6 +143,7 @@ def select_device(setting: str) -> torch.device:
                 f"device: {setting!r} requested but this machine has {count} CUDA device(s); "
                 "use auto (a GPU if there is one, else the CPU) or cpu"
             )
+        torch.cuda.set_device(device.index or 0)
     return device
 
 

@@ -139,14 +139,16 @@ class StepGraphs:
         allocates."""
         return [(tuple(n for n, _ in key[3]), tuple(map(bool, key[4]))) for key in self._graphs]
 
-    def turn_off(self, why: str, short: str) -> None:
-        """Train eagerly from now on, the graphs dropped and their memory pool given back (a
-        capture that failed, or a pass that needs the pool's memory), with a log line."""
+    def turn_off(self, why: str, short: str, release: bool = True) -> None:
+        """Train eagerly from now on, the graphs dropped, with a log line; their memory pool
+        given back (``release``: a pass that needs the pool's memory), not after a capture that
+        failed (the allocator may still count it as under way, and refuse or assert)."""
         self.enabled, self.off = False, short
         self._graphs.clear()
         self._norms.clear()
         self._zero_grad()
-        torch.cuda.empty_cache()
+        if release:
+            torch.cuda.empty_cache()
         self.log(f"cuda graphs off for this run: {why}; training eagerly")
 
     def summary(self) -> str:
@@ -171,12 +173,13 @@ class StepGraphs:
 
     def _capture_graph(self, fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T] | None:
         """``(graph, fn's outputs)`` with ``fn`` captured, or ``None`` (graphs off, logged)."""
-        graph = torch.cuda.CUDAGraph()
+        graph, before = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 result = fn()
         except RuntimeError as err:
-            self.turn_off(f"capture failed ({first_line(err)})", "capture failed")
+            torch.cuda.set_stream(before)  # a capture that fails at its end leaves its stream on
+            self.turn_off(f"capture failed ({first_line(err)})", "capture failed", release=False)
             return None
         return graph, result
 

@@ -39,12 +39,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# What an allocation failure says where it is a plain RuntimeError: the CPU allocator, and CUDA
+# libraries or the driver running out inside a call (cuBLAS, cuSOLVER, a kernel launch).
+_OUT_OF_MEMORY = ("can't allocate memory", "CUDA error: out of memory", "_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure: ``torch.OutOfMemoryError`` (CUDA), the CPU
-    allocator's ``RuntimeError`` ("can't allocate memory") or Python's ``MemoryError``."""
+    """Whether ``err`` is an allocation failure: ``torch.OutOfMemoryError`` (the CUDA caching
+    allocator), Python's ``MemoryError``, or a ``RuntimeError`` (``torch.AcceleratorError`` is
+    one) saying so (``_OUT_OF_MEMORY``)."""
     if isinstance(err, MemoryError | torch.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    return isinstance(err, RuntimeError) and any(said in str(err) for said in _OUT_OF_MEMORY)
 
 
 def free_memory(device: torch.device) -> tuple[int, str]:
