@@ -258,6 +258,20 @@ def test_pnp_projects_its_fixed_seconds_plus_its_solves_rate_times_the_paper_ite
     assert seconds == pytest.approx(44.0 + 6.0 / 600 * units) and "upper estimate" not in basis
 
 
+def test_tv_denoising_projects_its_fixed_seconds_plus_its_solves_rate(tmp_path):
+    """Start-up and loading (wall less ``denoising_s_run``) stay fixed; only the solves scale
+    to the paper's test images and validation solves."""
+    root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
+    tsv.write_text("s\th:m:s\tmax_rss\n30.0\t0:00:30\t900.0\n")
+    job = Job("evaluate_tv_denoising", sigma="0.15")
+    attrs = {"config": json.dumps({}), "image_solves_run": 40, "denoising_s_run": 8.0}
+    write_results(job.results(root), attrs, {})
+    measured = measure(job, tsv, root)
+    assert (measured.units, measured.variable_s, measured.fixed_s) == (40, 8.0, 22.0)
+    units, seconds, basis, _ = project(job, measured, paper())
+    assert seconds == pytest.approx(22.0 + 8.0 / 40 * units) and "upper estimate" not in basis
+
+
 def fake_run(eval_wall: float) -> list[Measured]:
     """One measured job per rule, the rehearsal's variants."""
     out = [Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {}) for d in SIZES]

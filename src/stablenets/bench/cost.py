@@ -45,8 +45,7 @@ same variant, else of the same model, else the rule's first measured job:
   weight included): rate = the seconds of its solves (``deblur_s_run``; its whole wall time
   where a result predates it), fixed = the rest (start-up, loading, PnP's model and Lipschitz
   bound); TV denoising (unit: image solve, its test images plus its validation images per
-  candidate weight) records no split, so fixed = 0 and the whole wall time scales (an upper
-  estimate); paper units = the paper's test images, TV denoising's
+  candidate weight) likewise, its solves' seconds ``denoising_s_run``; paper units = the paper's test images, TV denoising's
   plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
   images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
   candidate weight, as its measured units do) for deblurring;
@@ -299,7 +298,8 @@ def measure(job: Job, tsv: Path, root: Path) -> Measured:
                         device=device)  # fmt: skip
     if job.rule == "evaluate_tv_denoising":  # its choice of weight included
         units = int(attrs["image_solves_run"])
-        return Measured(job, wall, rss, "image solve", units, wall, spec, device=device)
+        seconds = min(float(attrs.get("denoising_s_run", wall)), wall)  # all where unrecorded
+        return Measured(job, wall, rss, "image solve", units, seconds, spec, device=device)
     units = int(attrs["image_iterations_run"])  # TV's choice of its weight included
     # the seconds of its solves (``deblur_s_run``); a result written before it was recorded: all
     seconds = min(float(attrs.get("deblur_s_run", wall)), wall)
