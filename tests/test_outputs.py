@@ -131,12 +131,15 @@ def test_a_declared_table_is_built_summarised_and_headlined(registry: None, tmp_
     spec = {"scale": "smoke", "config": config}
     summary = tmp_path / "results" / "summary.md"
     (tmp_path / "results" / "figures").mkdir()
-    for drawn in ("toy.png", ".toy.png.1kijrzog.png"):  # the second: a killed writer's temporary
+    # a killed writer's temporary, a figure of an earlier config: neither is the rule's input
+    for drawn in (".robustness.png.1kijrzog.png", "removed.png"):
         (tmp_path / "results" / "figures" / drawn).touch()
     reports.write_summary(spec, [out.with_suffix(".md")], summary, log=lambda line: None)
     text = summary.read_text()
     assert "- toy a: 20.0 dB\n- toy b: 30.0 dB" in text and "## A toy table\n\nToy results" in text
-    assert "- figures: `results/smoke/figures/*.{pdf,png}` (toy)\n" in text
+    listed = ", ".join(sorted(outputs.names("figure")))
+    assert f"- figures: `results/smoke/figures/*.{{pdf,png}}` ({listed})\n" in text
+    assert "removed" not in text and "1kijrzog" not in text
 
 
 def test_a_declared_figure_is_drawn_through_the_one_call(registry: None, tmp_path) -> None:

@@ -67,7 +67,13 @@ from stablenets.pipeline.config import (
     snakemake_files,
     validate_config,
 )
-from stablenets.pipeline.runtime import config_hash, provenance, read_results, sidecar_path
+from stablenets.pipeline.runtime import (
+    config_hash,
+    provenance,
+    read_results,
+    sidecar_path,
+    write_results,
+)
 from stablenets.pipeline.specs import Jobs
 from stablenets.train.memory import is_out_of_memory
 
@@ -1720,8 +1726,9 @@ def test_a_null_model_argument_reaches_the_job_where_it_is_not_the_models_defaul
 
 
 def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset, tmp_path, capsys):
-    """What the job reads and the spec lacks, top-level or nested: one line, not a traceback.
-    A KeyError that names a key the spec has (a bug inside the job) keeps its traceback."""
+    """What the job reads and the spec lacks, top-level or nested, also where the key is
+    elsewhere in the spec (``pnp.seed`` beside ``seed``): one line, not a traceback. A KeyError
+    of a job's own dict keeps its traceback."""
     for i, spec in enumerate(
         (
             {k: v for k, v in SPEC.items() if k != "train"},
@@ -1747,9 +1754,16 @@ def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset
 
     # a KeyError of a job's own dict (a checkpoint's, a log row's) keeps its traceback
     assert cli._missing_spec_key(raised(lambda spec: own_dict()), SPEC) is None
-    # a key the spec has, elsewhere: a bug, not a missing key
-    assert cli._missing_spec_key(raised(lambda spec: spec["steps"]), SPEC) is None
+    # a key the spec has elsewhere (train.steps) is missing where it is read
+    assert cli._missing_spec_key(raised(lambda spec: spec["steps"]), SPEC) == "steps"
     assert cli._missing_spec_key(ValueError("nope"), SPEC) is None
+    photos = tmp_path / "photos.h5"
+    data.make_smoke_photos(photos, (16, 24), 4, 2, 2, 0)
+    pnp = {"n_images": 2, "noise": 0.01, "blur": {"size": 3, "sigma": 1.0}, "tv": {}}
+    tv = {"seed": 0, "device": "cpu", "variant": "tv", "pnp": pnp}  # pnp.seed left out
+    args = ["--data", str(photos), "--out", str(tmp_path / "tv.h5"), "--workdir", str(tmp_path)]
+    assert cli.main(["tv-deblur", "--spec", json.dumps(tv), *args]) == 1
+    one_error_line(capsys.readouterr().err, "--spec has no key 'seed' where the job reads it")
 
 
 def test_a_finished_training_rerun_with_other_threads_or_intervals_resumes_at_its_end(
@@ -1778,6 +1792,26 @@ def test_a_report_job_on_a_junk_or_missing_result_file_fails_with_one_line_namin
         args = ["table", "--spec", json.dumps({"kind": "classification"}), "--inputs", str(path)]
         assert cli.main([*args, "--out", str(tmp_path / "t.csv")]) == 1
         one_error_line(capsys.readouterr().err, f"{path}: not a readable results file")
+
+
+def test_a_damaged_result_file_is_read_or_refused_in_one_line_naming_it(tmp_path):
+    """HDF5 keeps no checksums: a result file with one byte changed may still read; where it
+    does not, HDF5's own errors (RuntimeError, KeyError among them) become one line naming the
+    file. 200 seeded single-byte changes of one file."""
+    good = tmp_path / "good.h5"
+    write_results(good, {"variant": "a", "mean_psnr": 20.0}, {"history/psnr": np.arange(50.0)})
+    raw, rng, refused = bytearray(good.read_bytes()), random.Random(0), 0
+    for i in range(200):
+        bad = bytearray(raw)
+        bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"bad{i}.h5"
+        path.write_bytes(bytes(bad))
+        try:
+            read_results(path)
+        except ValueError as err:
+            assert str(err).startswith(f"{path}: ") and "\n" not in str(err), err
+            refused += 1
+    assert refused > 0
 
 
 def test_a_bad_config_stops_snakemake_before_any_job(tmp_path):

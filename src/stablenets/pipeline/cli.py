@@ -160,23 +160,28 @@ def _spec(text: str) -> dict:
 
 
 def _missing_spec_key(err: Exception, spec: dict) -> str | None:
-    """The key of a ``KeyError`` raised where the job reads its spec (the innermost frame holds
-    the spec, or a part of it) and named nowhere in the spec: a hand-written spec lacks it.
+    """The key of a ``KeyError`` raised where the job reads its spec: the innermost frame holds
+    the spec, or a part of it, and one of those or a part below lacks the key (a hand-written
+    spec lacks it there, though the key may be elsewhere: ``pnp.seed`` beside ``seed``).
     ``None`` for any other error, which keeps its traceback (``--debug`` shows every one)."""
     if type(err) is not KeyError or not err.args or err.__traceback__ is None:
         return None
-    key, parts, todo = err.args[0], set(), [spec]
+    key, parts, todo = err.args[0], {}, [spec]
     while todo:
         node = todo.pop()
-        if key in node:
-            return None
-        parts.add(id(node))
+        parts[id(node)] = node
         todo += [v for v in node.values() if isinstance(v, dict)]
     tb = err.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
-    reading = any(id(v) in parts for v in tb.tb_frame.f_locals.values())
-    return str(key) if reading else None
+    read = [parts[id(v)] for v in tb.tb_frame.f_locals.values() if id(v) in parts]
+    below = [part for part in read for part in _and_below(part)]
+    return str(key) if any(key not in part for part in below) else None
+
+
+def _and_below(part: dict) -> list[dict]:
+    """``part`` and every mapping nested in it."""
+    return [part, *(d for v in part.values() if isinstance(v, dict) for d in _and_below(v))]
 
 
 def _log(message: str) -> None:
@@ -217,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         missing = _missing_spec_key(err, spec)
         if not args.debug and missing is not None:
-            print(f"stablenets {args.job}: error: --spec has no key {missing!r}", file=sys.stderr)
+            print(
+                f"stablenets {args.job}: error: --spec has no key {missing!r} where the job "
+                "reads it",
+                file=sys.stderr,
+            )
             return 1
         clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
         # OSError: the machine said no (a read-only or full disk, a missing file, permissions)

@@ -71,8 +71,7 @@ def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -
         "",
     ]
     lines += ["## Headline numbers", "", *_headlines(inputs), ""]
-    drawn = (Path(out).parent / "figures").glob("*.png")  # not a killed writer's .<name>.*.png
-    figures = ", ".join(sorted(p.stem for p in drawn if not p.name.startswith(".")))
+    figures = ", ".join(sorted(outputs.names("figure")))  # the rule's inputs: no stale file
     for path in inputs:
         title = outputs.get("table", Path(path).stem).title
         lines += [f"## {title}", "", Path(path).read_text().strip(), ""]

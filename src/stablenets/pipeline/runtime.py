@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from stablenets.atomic import atomic_path, atomic_write
+from stablenets.errors import first_line
 
 if TYPE_CHECKING:
     import torch
@@ -245,13 +246,12 @@ def read_results(
     attribute, or one of ``datasets``) must be there: a table or figure without it would show a
     gap or a wrong number, so its absence is an error naming the file."""
     try:
-        fh = h5py.File(path, "r")
-    except OSError as err:  # h5py's message does not always name the file
-        raise ValueError(f"{path}: not a readable results file ({err})") from None
-    with fh:
-        attrs = {key: attr_value(value) for key, value in fh.attrs.items()}
-        names = _dataset_names(fh) if datasets is None else datasets
-        data = {k: np.asarray(fh[k]) for k in names if isinstance(fh.get(k), h5py.Dataset)}
+        with h5py.File(path, "r") as fh:
+            attrs = {key: attr_value(value) for key, value in fh.attrs.items()}
+            names = _dataset_names(fh) if datasets is None else datasets
+            data = {k: np.asarray(fh[k]) for k in names if isinstance(fh.get(k), h5py.Dataset)}
+    except (OSError, RuntimeError, KeyError) as err:  # HDF5's, on a damaged file: name it
+        raise ValueError(f"{path}: not a readable results file ({first_line(err)})") from None
     missing = [k for k in required if k not in attrs and k not in data]
     if missing:
         raise ValueError(
