@@ -244,32 +244,26 @@ def test_a_job_projected_incomplete_is_listed_by_rule_with_its_fits_unknown(tmp_
     assert by_rule["over"] == ["sll_XS (fits unknown)"] and by_rule["jobs"] == 2
 
 
-def test_pnp_projects_its_fixed_seconds_plus_its_solves_rate_times_the_paper_iterations(tmp_path):
-    """Start-up, the model and its Lipschitz bound (wall less ``deblur_s_run``) stay fixed; only
-    the solves scale to the paper's image-iterations."""
+@pytest.mark.parametrize(
+    ("job", "units", "seconds"),
+    [
+        (Job("pnp_deblur", "averaged", "0.15", 0), {"image_iterations_run": 600}, "deblur_s_run"),
+        (Job("evaluate_tv_denoising", sigma="0.15"), {"image_solves_run": 600}, "denoising_s_run"),
+    ],
+)
+def test_a_solver_job_projects_its_fixed_seconds_plus_its_solves_rate(
+    job, units, seconds, tmp_path
+):
+    """PnP: start-up, the model and its Lipschitz bound; TV denoising: start-up and loading
+    (wall less the solves' seconds) stay fixed; only the solves scale to the paper's units."""
     root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
     tsv.write_text("s\th:m:s\tmax_rss\n50.0\t0:00:50\t900.0\n")
-    job = Job("pnp_deblur", "averaged", "0.15", 0)
-    attrs = {"config": json.dumps({}), "image_iterations_run": 600, "deblur_s_run": 6.0}
-    write_results(job.results(root), attrs, {})
+    write_results(job.results(root), {"config": json.dumps({}), **units, seconds: 6.0}, {})
     measured = measure(job, tsv, root)
     assert (measured.units, measured.variable_s, measured.fixed_s) == (600, 6.0, 44.0)
-    units, seconds, basis, _ = project(job, measured, paper())
-    assert seconds == pytest.approx(44.0 + 6.0 / 600 * units) and "upper estimate" not in basis
-
-
-def test_tv_denoising_projects_its_fixed_seconds_plus_its_solves_rate(tmp_path):
-    """Start-up and loading (wall less ``denoising_s_run``) stay fixed; only the solves scale
-    to the paper's test images and validation solves."""
-    root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
-    tsv.write_text("s\th:m:s\tmax_rss\n30.0\t0:00:30\t900.0\n")
-    job = Job("evaluate_tv_denoising", sigma="0.15")
-    attrs = {"config": json.dumps({}), "image_solves_run": 40, "denoising_s_run": 8.0}
-    write_results(job.results(root), attrs, {})
-    measured = measure(job, tsv, root)
-    assert (measured.units, measured.variable_s, measured.fixed_s) == (40, 8.0, 22.0)
-    units, seconds, basis, _ = project(job, measured, paper())
-    assert seconds == pytest.approx(22.0 + 8.0 / 40 * units) and "upper estimate" not in basis
+    paper_units, projected, basis, _ = project(job, measured, paper())
+    assert projected == pytest.approx(44.0 + 6.0 / 600 * paper_units)
+    assert "upper estimate" not in basis
 
 
 def fake_run(eval_wall: float) -> list[Measured]:
