@@ -45,10 +45,11 @@ same variant, else of the same model, else the rule's first measured job:
   weight included): rate = the seconds of its solves (``deblur_s_run``; its whole wall time
   where a result predates it), fixed = the rest (start-up, loading, PnP's model and Lipschitz
   bound); TV denoising (unit: image solve, its test images plus its validation images per
-  candidate weight) likewise, its solves' seconds ``denoising_s_run``; paper units = the paper's test images, TV denoising's
-  plus its ``tv.val_images`` (the whole validation split if null) x candidate weights, and
-  images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose images include ``val_images`` per
-  candidate weight, as its measured units do) for deblurring;
+  candidate weight) likewise, its solves' seconds ``denoising_s_run``; paper units = the
+  paper's test images, TV denoising's plus its ``tv.val_images`` (the whole validation split
+  if null) x candidate weights, and images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose
+  images include ``val_images`` per candidate weight, as its measured units do) for
+  deblurring;
 * each of these counts its units as the job ran them (``test_images_run``,
   ``image_solves_run``, ``image_iterations_run``): a rerun that resumed a killed job's saved
   groups and scores counts only its own, and one that computed none is no basis for a
@@ -443,23 +444,27 @@ class Paper:
     def resources(self, job: Job) -> dict[str, Any]:
         return self.config["resources"][RULE_KINDS[job.rule]]
 
+    def bench_key(self, task: str, name: str, v: dict[str, Any]) -> tuple[tuple, bool]:
+        """The benchmark row key of variant ``name`` (``v``) and whether it fell back to an
+        eager row (``rows.bench_key``)."""
+        from stablenets.bench.rows import BENCH_NAME, bench_key, variant_width
+
+        width = variant_width(task, v, self.config)
+        return bench_key(self.bench, BENCH_NAME.get(v["model"]), width, self.train(task, name))
+
     def to_measured(self, m: Measured, other: Measured) -> float:
         """What brings a rate that ``factor(m.job, other)`` carried over from another model
         (at ``m``'s benchmark row's sub-steps) to the sub-steps ``m`` ran, as ``m``'s own
         measured rates are: the inverse of ``_at_row_substeps`` for ``m``; 1 for one model."""
-        from stablenets.bench.rows import BENCH_NAME, bench_key, variant_width
-
         v = self.variant(m.job.task, m.job.variant)
         if v is None or v["model"] == _model(self, other):
             return 1.0
-        width = variant_width(m.job.task, v, self.config)
-        key, _ = bench_key(self.bench, BENCH_NAME.get(v["model"]), width,
-                           self.train(m.job.task, m.job.variant))  # fmt: skip
+        key, _ = self.bench_key(m.job.task, m.job.variant, v)
         return 1.0 / _at_row_substeps(m, self.bench[key])[0] if key in self.bench else 1.0
 
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""
-        from stablenets.bench.rows import BENCH_NAME, STAGES, bench_key, variant_width
+        from stablenets.bench.rows import STAGES
 
         if job.variant == basis.job.variant:
             return 1.0, ""
@@ -469,9 +474,7 @@ class Paper:
             v = self.variant(task, name)
             if v is None:
                 return 1.0, f" ({name} is not a paper variant: same cost assumed)"
-            width = variant_width(task, v, self.config)
-            key, fallback = bench_key(self.bench, BENCH_NAME.get(v["model"]), width,
-                                      self.train(task, name))  # fmt: skip
+            key, fallback = self.bench_key(task, name, v)
             keys.append(key)
             models.append(v["model"])
             eager += [name] if fallback else []

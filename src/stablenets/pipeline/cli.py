@@ -160,28 +160,22 @@ def _spec(text: str) -> dict:
 
 
 def _missing_spec_key(err: Exception, spec: dict) -> str | None:
-    """The key of a ``KeyError`` raised where the job reads its spec: the innermost frame holds
-    the spec, or a part of it, and one of those or a part below lacks the key (a hand-written
-    spec lacks it there, though the key may be elsewhere: ``pnp.seed`` beside ``seed``).
-    ``None`` for any other error, which keeps its traceback (``--debug`` shows every one)."""
+    """The key of a ``KeyError`` raised where the job reads its spec (the innermost frame holds
+    the spec, or a part of it): a hand-written spec lacks it there, though a key of that name
+    may be elsewhere (``pnp.seed`` beside ``seed``). ``None`` for any other error, which keeps
+    its traceback (``--debug`` shows every one)."""
     if type(err) is not KeyError or not err.args or err.__traceback__ is None:
         return None
-    key, parts, todo = err.args[0], {}, [spec]
+    parts, todo = set(), [spec]
     while todo:
         node = todo.pop()
-        parts[id(node)] = node
+        parts.add(id(node))
         todo += [v for v in node.values() if isinstance(v, dict)]
     tb = err.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
-    read = [parts[id(v)] for v in tb.tb_frame.f_locals.values() if id(v) in parts]
-    below = [part for part in read for part in _and_below(part)]
-    return str(key) if any(key not in part for part in below) else None
-
-
-def _and_below(part: dict) -> list[dict]:
-    """``part`` and every mapping nested in it."""
-    return [part, *(d for v in part.values() if isinstance(v, dict) for d in _and_below(v))]
+    reading = any(id(v) in parts for v in tb.tb_frame.f_locals.values())
+    return str(err.args[0]) if reading else None
 
 
 def _log(message: str) -> None:

@@ -231,7 +231,9 @@ def snakemake_files(
     return [*([] if skip else [workflow_file]), *command_line]
 
 
-def read_layers(paths: Sequence[Path | str], command_line: Mapping[str, Any] = {}) -> Layers:
+def read_layers(
+    paths: Sequence[Path | str], command_line: Mapping[str, Any] | None = None
+) -> Layers:
     """The settings of each config file (``--configfile``), then of ``--config``: each file a
     mapping without a key given twice, or one ``ConfigError`` line naming it (Snakemake's own
     loader keeps the last of two equal keys, and says neither file nor line of a YAML error)."""
@@ -283,9 +285,9 @@ def _settings(path: Path | str, text: str) -> dict[str, Any]:
     JSON first, then YAML, as Snakemake reads a config file."""
     try:
         settings = json.loads(text, object_pairs_hook=_unique_pairs)
-    except ValueError as err:
-        if isinstance(err, _RepeatedKey):
-            raise ConfigError([f"{path}: not valid JSON: {err}"], heading=False) from None
+    except _RepeatedKey as err:
+        raise ConfigError([f"{path}: not valid JSON: {err}"], heading=False) from None
+    except json.JSONDecodeError:
         settings = _yaml_settings(path, text)
     if settings is None:
         return {}

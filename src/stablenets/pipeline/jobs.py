@@ -708,11 +708,10 @@ def run_pnp(
     p = spec["pnp"]
     clean, blur, observed = _deblur_problem(spec, data_path, device)
     alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
-    ran, seconds = 0, 0.0  # image-iterations of the groups this run solves, and their time
+    ran = 0  # image-iterations of the groups this run solves (a resumed run's cost)
 
     def solve(group: slice) -> dict[str, torch.Tensor]:
-        nonlocal ran, seconds
-        start = time.monotonic()
+        nonlocal ran
         x, hist = pnp.pnp_forward_backward(
             lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever the group
             blur, observed[group], p["eta"], p["relax"], p["max_iter"], p["tol"],
@@ -721,15 +720,15 @@ def run_pnp(
         )  # fmt: skip
         hist["monotone"] = _monotone(hist["step_norm"], clean[group], group.start, alpha, spec)
         ran += int(hist["iterations"].sum())
-        kept = {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
-        seconds += time.monotonic() - start
-        return kept
+        return {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
 
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
         progress = _saved_progress(
             spec, [model_path, data_path], _DEBLUR_LAYOUT, workdir, log, stop
         )
+        start = time.monotonic()
         hist = in_groups(progress, len(clean), p["group_size"], solve, "PnP", log)
+        seconds = time.monotonic() - start  # this run's solves: the rest is loading, the model
     final, recon, monotone = hist.pop("psnr_final"), hist.pop("recon"), bool(hist["monotone"].all())
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     attrs = {
@@ -742,7 +741,7 @@ def run_pnp(
         "relax": p["relax"],
         **_deblur_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
         "image_iterations_run": ran,
-        "deblur_s_run": seconds,  # the rest of its wall time: loading, the model, its bound
+        "deblur_s_run": seconds,
         **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
@@ -807,23 +806,20 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         weight = choice.weight
         log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
         ran = choice.image_iterations  # this run's image-iterations (a resumed run's cost)
-        seconds = time.monotonic() - start
 
         def solve(group: slice) -> dict[str, torch.Tensor]:
-            nonlocal ran, seconds
-            start = time.monotonic()
+            nonlocal ran
             x, k = pnp.tv_deblur(
                 observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], tv_spec["step"],
                 log=log, log_every=p["log_every"],
             )  # fmt: skip
             ran += k * len(x)
             iterations = torch.full((len(x),), k)  # a group stops together
-            kept = {"iterations": iterations, **_group_images(x, clean[group], group.start,
+            return {"iterations": iterations, **_group_images(x, clean[group], group.start,
                                                               p["n_show"])}  # fmt: skip
-            seconds += time.monotonic() - start
-            return kept
 
         hist = in_groups(progress, len(clean), p["group_size"], solve, "TV deblur", log)
+        seconds = time.monotonic() - start  # this run's solves: the rest is start-up, loading
     final, recon, iters = hist.pop("psnr_final"), hist.pop("recon"), hist["iterations"]
     observed_psnr = metrics.psnr(observed, clean, peak=1.0).cpu().numpy()
     attrs = {
@@ -840,7 +836,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "tv_validation_images": len(val),
         "tv_validation_image_iterations": choice.image_iterations,
         "image_iterations_run": ran,
-        "deblur_s_run": seconds,  # the rest of its wall time: start-up, loading
+        "deblur_s_run": seconds,
         **provenance(spec, spec["seed"], device),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
