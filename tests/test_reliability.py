@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -2151,6 +2152,73 @@ def test_every_smoke_output_carries_config_hash_seed_versions_and_commit(smoke_r
         kinds[path.suffix] = kinds.get(path.suffix, 0) + 1
     assert {".h5", ".pt", ".csv", ".md", ".tex", ".pdf", ".png"} <= set(kinds), kinds
     assert kinds[".csv"] >= 3 + 8  # three tables and every training log
+
+
+@pytest.mark.slow
+def test_every_job_output_names_the_sha256_of_the_files_it_was_made_from(smoke_run):
+    """A result file or model says which data and model files it came from, so a user holding
+    one can tell whether it matches the model beside it; evaluation, PnP and TV read the very
+    files they name."""
+    results = smoke_run / "results" / "smoke"
+    outputs = [*results.glob("eval/**/*.h5"), *results.glob("pnp/**/*.h5")]
+    outputs += results.glob("models/**/model.pt")
+    assert len(outputs) >= 18, outputs
+    for path in outputs:
+        if path.suffix == ".pt":
+            inputs = read_checkpoint(path)["extra"]["inputs"]
+        else:
+            inputs = json.loads(read_results(path, ())[0]["inputs"])
+        named = {Path(record["path"]).name for record in inputs}
+        dataset = "cifar10.h5" if "classification" in path.parts else "bsds500.h5"
+        trained = path.suffix == ".h5" and path.stem != "tv"
+        assert named == ({"model.pt"} if trained else set()) | {dataset}, (path, named)
+        for record in inputs:
+            file = smoke_run / record["path"]
+            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+            assert record["sha256"] == digest, (path, record["path"])
+            if file.name == "model.pt":  # this variant's and seed's model
+                assert (file.parent.parent.name, file.parent.name) == (path.parent.name, path.stem)
+
+
+def test_a_result_says_whether_the_code_it_came_from_differed_from_its_commit(
+    tmp_path, monkeypatch
+):
+    """``git_dirty``: false in a clean checkout, true once a tracked file is edited, unknown
+    (NaN in HDF5) outside a repository; a new file the commit lacks does not count."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = functools.partial(subprocess.run, cwd=repo, check=True, capture_output=True)
+    git(["git", "init", "-q"])
+    (repo / "code.py").write_text("x = 1\n")
+    git(["git", "add", "code.py"])
+    git(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"])
+    head = git(["git", "rev-parse", "HEAD"], text=True).stdout.strip()
+
+    def state(folder: Path) -> tuple[str, bool | None]:
+        monkeypatch.setattr(runtime, "_PACKAGE_DIR", folder)
+        runtime._git_state.cache_clear()
+        record = provenance({}, 0)
+        return record["git_commit"], record["git_dirty"]
+
+    try:
+        (repo / "new.py").write_text("")
+        assert state(repo) == (head, False)
+        (repo / "code.py").write_text("x = 2\n")
+        assert state(repo) == (head, True)
+        assert state(tmp_path) == ("unknown", None)
+    finally:
+        runtime._git_state.cache_clear()
+
+
+def test_an_input_digest_follows_the_file_when_it_is_replaced(tmp_path):
+    """Digests are computed once per file version: a file replaced (same size, atomically) is
+    hashed again, never answered from the cache."""
+    path = tmp_path / "model.pt"
+    atomic.atomic_write(path, "a" * 100)
+    first = runtime.file_sha256(path)
+    atomic.atomic_write(path, "b" * 100)
+    assert runtime.file_sha256(path) == hashlib.sha256(b"b" * 100).hexdigest() != first
+    assert runtime.input_record(path) == {"path": str(path), "sha256": runtime.file_sha256(path)}
 
 
 # ============================================================================================

@@ -38,6 +38,7 @@ from stablenets.nn.operators import full_float32, pinned_weights
 from stablenets.pipeline.resume import SavedProgress, in_groups
 from stablenets.pipeline.runtime import (
     config_hash,
+    file_sha256,
     provenance,
     select_device,
     write_results,
@@ -198,7 +199,7 @@ def train_model(
         peak_memory_mb=peak_memory_mb(device),
         total_substeps=_saved_substeps(model, state.rows, state.best_step),
         **state.time_split(),
-        **provenance(spec, spec["seed"], device),
+        **provenance(spec, spec["seed"], device, [data_path]),
     )
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
 
@@ -324,7 +325,7 @@ def _saved_progress(
     """The job's progress file in ``workdir``. A rerun resumes from it only if it was saved by
     the same job (``_progress_hash``) on the same input files (their sha256) in the same
     ``layout``; given ``stop``, its ``stop_point`` is where a signal ends the job."""
-    digests = [data.file_digests(p, ["sha256"])["sha256"][:16] for p in inputs]
+    digests = [file_sha256(p)[:16] for p in inputs]
     key = "-".join([_progress_hash(spec), *digests, layout])
     return SavedProgress(workdir / "progress.pt", key, log, stop)
 
@@ -396,7 +397,7 @@ def evaluate_classifier(
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
         **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},
         **_accuracy_attrs(eps, acc),
-        **provenance(spec, spec["seed"], device),
+        **provenance(spec, spec["seed"], device, [model_path, data_path]),
     }
     datasets = {"eps": eps, **acc, "standard_eps": std_eps}
     datasets.update({f"standard_{k}": v for k, v in std.items()})
@@ -584,7 +585,7 @@ def evaluate_denoiser(
         "test_images_run": images,  # this run's (a resumed one did less): its cost, bench.cost
         "denoising_s_run": seconds,  # the rest of its wall time: loading, the Lipschitz search
         **_denoising_attrs(sets),
-        **provenance(spec, spec["seed"], device),
+        **provenance(spec, spec["seed"], device, [model_path, data_path]),
     }
     write_results(out, attrs, {**sets, "image_index": np.arange(len(clean)), **crops})
     log(
@@ -656,7 +657,7 @@ def evaluate_tv_denoising(
         "image_solves_run": solves,  # this run's (a resumed one did less): its cost, bench.cost
         "denoising_s_run": seconds,
         **_denoising_attrs(sets),
-        **provenance(spec, -1, device),
+        **provenance(spec, -1, device, [data_path]),
     }
     write_results(out, attrs, {**sets, "image_index": np.arange(len(clean)), **crops})
     log(f"TV weight {weight} (validation scores {scores}): PSNR {attrs['mean_psnr']:.2f} dB")
@@ -742,7 +743,7 @@ def run_pnp(
         **_deblur_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
         "image_iterations_run": ran,
         "deblur_s_run": seconds,
-        **provenance(spec, spec["seed"], device),
+        **provenance(spec, spec["seed"], device, [model_path, data_path]),
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
     log(
@@ -837,7 +838,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "tv_validation_image_iterations": choice.image_iterations,
         "image_iterations_run": ran,
         "deblur_s_run": seconds,
-        **provenance(spec, spec["seed"], device),
+        **provenance(spec, -1, device, [data_path]),  # no seed: nothing trained
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
     psnrs = f"{attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB"

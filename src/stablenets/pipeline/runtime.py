@@ -3,8 +3,9 @@
 * ``select_device("auto")`` picks CUDA when present; with several GPUs visible it takes the first
   one no other stablenets job holds (an exclusive ``flock`` per GPU), so concurrent local jobs do
   not all land on GPU 0.
-* ``provenance(spec, seed, device)`` records the config hash, seed, package versions and git
-  commit that every output carries in its attributes, and the device a job computed on.
+* ``provenance(spec, seed, device, inputs)`` records the config hash, seed, package versions and
+  git commit (and whether the checkout differed from it) that every output carries in its
+  attributes, the device a job computed on and the sha256 of each file it was made from.
 * ``write_results(path, attrs, datasets)`` writes an HDF5 file atomically; ``read_results`` is
   the one reader of result files (tables, figures, sidecars, tests), with one conversion of
   attributes to plain Python values (``attr_value``).
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +42,8 @@ __all__ = [
     "select_device",
     "config_hash",
     "provenance",
+    "file_sha256",
+    "input_record",
     "write_results",
     "attr_value",
     "read_results",
@@ -48,6 +52,7 @@ __all__ = [
 ]
 
 _PACKAGES = ("stablenets", "torch", "torchvision", "numpy", "h5py", "snakemake")
+_PACKAGE_DIR = Path(__file__).parent
 _LOCK_DIR = Path(tempfile.gettempdir()) / "stablenets-gpu-locks"
 _held_locks: list[int] = []  # descriptors of the GPU lock files this process holds
 
@@ -154,18 +159,26 @@ def config_hash(spec: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+@functools.cache
+def _git_state() -> tuple[str, bool | None]:
+    """The checkout's ``HEAD`` commit, and whether its tracked files differ from it (``None``
+    where that is not known), as at a job's first record: a result computed from edited code
+    says so instead of naming a commit it did not come from."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=10, cwd=_PACKAGE_DIR
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return "unknown", None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return commit, None if changes is None else bool(changes)
 
 
 def versions() -> dict[str, str]:
@@ -178,17 +191,23 @@ def versions() -> dict[str, str]:
     return found
 
 
-def provenance(spec: dict, seed: int, device: torch.device | None = None) -> dict[str, Any]:
-    """Attributes every output carries: what produced it, from which code, and (for a job that
-    computes) on which device: ``cpu`` or ``cuda:0 NVIDIA H100 80GB HBM3``, so a time recorded
-    with it (training time, seconds per point, ``cost.csv``) says what it was measured on."""
+def provenance(
+    spec: dict, seed: int, device: torch.device | None = None, inputs: Iterable[Path] = ()
+) -> dict[str, Any]:
+    """Attributes every output carries: what produced it, from which code (commit, and whether
+    the checkout differed from it), from which files (``inputs``: each one's sha256, and its
+    config hash and seed where it records them) and (for a job that computes) on which device:
+    ``cpu`` or ``cuda:0 NVIDIA H100 80GB HBM3``, so a time recorded with it (training time,
+    seconds per point, ``cost.csv``) says what it was measured on."""
     return {
         "config_hash": config_hash(spec),
         "config": json.dumps(spec, sort_keys=True, default=str),
         "seed": int(seed),
         "versions": json.dumps(versions(), sort_keys=True),
-        "git_commit": _git_commit(),
+        "git_commit": _git_state()[0],
+        "git_dirty": _git_state()[1],
         **({"device": device_label(device)} if device is not None else {}),
+        **({"inputs": [input_record(Path(p)) for p in inputs]} if inputs else {}),
     }
 
 
@@ -266,12 +285,29 @@ def sidecar_path(path: Path) -> Path:
     return Path(path).with_suffix(".provenance.json")
 
 
-def _input_record(path: Path) -> dict[str, Any]:
-    """Config hash and seed of an input file: HDF5 attributes, else its own sidecar."""
-    record: dict[str, Any] = {"path": str(path)}
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, computed once per file version (path, inode, size, mtime):
+    a job's progress key and its provenance hash its inputs once between them."""
+    path = Path(path)
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def input_record(path: Path) -> dict[str, Any]:
+    """What an output records of a file it was made from: its path and sha256, and its config
+    hash and seed (HDF5 attributes, else its own sidecar) where it has them."""
+    record: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
     try:
         if path.suffix == ".h5":
             found = read_results(path, ())[0]
+        elif path.suffix == ".pt":
+            return record
         else:
             found = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
@@ -286,13 +322,11 @@ def write_sidecar(path: Path, spec: dict, seed: int, inputs: Any = ()) -> Path:
     ``seed`` is the job's seed, or -1 for an aggregate of several seeds (listed in ``seeds``).
     Written before the output itself, so an output never lacks its record.
     """
-    records = [_input_record(Path(p)) for p in inputs]
-    record = {
-        **provenance(spec, seed),
-        "output": Path(path).name,
-        "inputs": records,
-        "seeds": sorted({int(r["seed"]) for r in records if r.get("seed", -1) >= 0}),
-    }
+    record = {**provenance(spec, seed), "inputs": [input_record(Path(p)) for p in inputs]}
+    record.update(
+        output=Path(path).name,
+        seeds=sorted({int(r["seed"]) for r in record["inputs"] if r.get("seed", -1) >= 0}),
+    )
     side = sidecar_path(path)
     atomic_write(side, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return side
