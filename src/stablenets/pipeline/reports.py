@@ -82,7 +82,8 @@ def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -
         f"--workflow-profile <profile> --report results/{scale}/report.html`",
         f"- tables: `results/{scale}/tables/*.{{csv,md,tex}}`",
         f"- figures: `results/{scale}/figures/*.{{pdf,png}}` ({figures})",
-        f"- per-model results (HDF5, with config hash, seed, versions, git commit): "
+        f"- per-model results (HDF5, with config hash, seed, versions, git commit, the sha256 "
+        f"of the model and data files): "
         f"`results/{scale}/eval/`, `results/{scale}/pnp/`",
         f"- trained models and training logs: `results/{scale}/models/`",
         f"- logs per rule: `logs/{scale}/`; timings per rule: `benchmarks/{scale}/`",
