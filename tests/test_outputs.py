@@ -121,12 +121,14 @@ def test_a_declared_table_is_built_summarised_and_headlined(registry: None, tmp_
                              "psnr": [r["mean_psnr"] for r in rows]})  # fmt: skip
 
     out = tmp_path / "results" / "tables" / "toy.csv"
-    reports.make_table({"kind": "toy"}, _toy_results(tmp_path), out, log=lambda line: None)
-    assert pd.read_csv(out)["psnr"].tolist() == [20.0, 30.0]
-    assert out.with_suffix(".md").read_text().startswith("Toy results\n")
-    assert "\\caption{Toy results}" in out.with_suffix(".tex").read_text()
     config = load_config(CONFIGS["smoke"], SCHEMA)
     jobs, here = specs.Jobs(config), lambda path: path
+    spec = json.loads(jobs.report_spec("table", "toy"))
+    reports.make_table(spec, _toy_results(tmp_path), out, log=lambda line: None)
+    assert pd.read_csv(out)["psnr"].tolist() == [20.0, 30.0]
+    caption = "Toy results; photos stand-in for BSDS500, smoke scale"
+    assert out.with_suffix(".md").read_text().startswith(caption + "\n")
+    assert f"\\caption{{{caption}}}" in out.with_suffix(".tex").read_text()
     assert jobs.inputs("table", "toy", here) == jobs.pnp_runs(here)  # what its rule reads
     spec = {"scale": "smoke", "config": config}
     summary = tmp_path / "results" / "summary.md"
@@ -177,6 +179,8 @@ def test_the_rule_caption_shows_each_outputs_own_caption(kind: str, scale: str, 
         # Jinja drops the newline that ends a template: the joined one has it before `elif`
         assert shown.rstrip("\n") == _render(own, config, kind, name)
         assert shown.strip() and "{{" not in shown
+        if kind == "table":  # the report embeds the CSV: the caption says where the rest is
+            assert f"tables/{name}.md" in " ".join(shown.split()), name
 
 
 OWN_SETTINGS = {  # caption -> what it says of the smoke config's variants' own training settings

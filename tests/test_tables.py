@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from stablenets.pipeline import outputs
 from stablenets.pipeline.config import load_config
 from stablenets.pipeline.labels import radius_label
 from stablenets.pipeline.reports import make_table, write_summary
+from stablenets.pipeline.specs import Jobs
 from stablenets.pipeline.tables import (
     classification_table,
     denoising_table,
@@ -284,6 +286,24 @@ def test_write_table_files(classification_paths: list[Path], tmp_path: Path) -> 
     assert body.count(r"\\") == 2  # one LaTeX row per variant
 
 
+@pytest.mark.parametrize(
+    ("scale", "expected"),
+    [
+        ("smoke", ["synthetic stand-in for CIFAR-10", "photos stand-in for BSDS500"]),
+        ("paper", ["CIFAR-10", "BSDS500"]),
+    ],
+)
+def test_a_tables_caption_names_the_data_and_the_scale_it_was_computed_on(scale, expected):
+    """A Markdown or LaTeX table pasted elsewhere says whether it came from the real datasets
+    or their stand-ins, at which scale."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "config.yaml"] + ([root / "config" / "smoke.yaml"] if scale == "smoke" else [])
+    jobs = Jobs(load_config(files, root / "workflow" / "schemas" / "config.schema.yaml"))
+    specs = [json.loads(jobs.report_spec("table", name)) for name in ("classification", "pnp")]
+    assert [spec["data"] for spec in specs] == expected
+    assert {spec["scale"] for spec in specs} == {scale}
+
+
 def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
     classification_paths: list[Path], denoising_paths: list[Path], pnp_paths: list[Path], tmp_path
 ) -> None:
@@ -291,8 +311,9 @@ def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
     inputs = {"classification": classification_paths, "denoising": denoising_paths}
     inputs["pnp"] = pnp_paths
     for name, paths in inputs.items():
-        make_table({"kind": name}, paths, out / "tables" / f"{name}.csv", log=lambda line: None)
-        caption = outputs.get("table", name).caption
+        spec = {"kind": name, "scale": "smoke", "data": "d"}
+        make_table(spec, paths, out / "tables" / f"{name}.csv", log=lambda line: None)
+        caption = f"{outputs.get('table', name).caption}; d, smoke scale"
         assert (out / "tables" / f"{name}.md").read_text().startswith(f"{caption}\n\n|")
     root = Path(__file__).resolve().parents[1]
     config = load_config(

@@ -44,7 +44,7 @@ rule table:
         **JOBS.resources("table"),
     params:
         **JOBS.caption_params(),
-        spec=lambda w: json.dumps({"kind": w.table}),
+        spec=lambda w: JOBS.report_spec("table", w.table),
     shell:
         "exec python -m stablenets table --spec {params.spec:q}"
         " --inputs {input} --out {output.csv} > {log} 2>&1"
@@ -70,9 +70,7 @@ rule figure:
         **JOBS.resources("figure"),
     params:
         **JOBS.caption_params(),
-        spec=lambda w: json.dumps(
-            {"kind": w.figure, "sigma": config["pnp"]["noise_level"]}
-        ),
+        spec=lambda w: JOBS.report_spec("figure", w.figure),
     shell:
         "exec python -m stablenets figure --spec {params.spec:q}"
         " --inputs {input} --out {output.pdf} > {log} 2>&1"

@@ -10,12 +10,15 @@ from stablenets.data.cifar10 import random_split
 
 __all__ = [
     "BSDS500_IMAGE",
+    "DATASET_NAMES",
     "CIFAR10_ARCHIVE_TRAIN",
     "DataShape",
     "bsds500_shape",
     "cifar10_shape",
 ]
 
+#: Each configured dataset (a key of the config's ``data``) by the name readers know it by.
+DATASET_NAMES = {"cifar10": "CIFAR-10", "bsds500": "BSDS500"}
 CIFAR10_ARCHIVE_TRAIN = 50_000  # the official archive's training batches, split into train/val
 _CIFAR10 = {"test": 10_000, "image": (32, 32), "classes": 10}
 _BSDS500 = {"train": 200, "val": 100, "test": 200}  # the official splits
@@ -43,10 +46,10 @@ def cifar10_shape(spec: dict[str, Any]) -> DataShape:
         s = spec["synthetic"]
         size = int(s["image_size"])
         sizes = int(s["n_train"]), int(s["n_val"]), int(s["n_test"])
-        return DataShape("CIFAR-10", *sizes, (size, size), int(s["num_classes"]))
+        return DataShape(DATASET_NAMES["cifar10"], *sizes, (size, size), int(s["num_classes"]))
     train, val = random_split(CIFAR10_ARCHIVE_TRAIN, spec["val_fraction"], spec["split_seed"])
     sizes = len(train), len(val), _CIFAR10["test"]
-    return DataShape("CIFAR-10", *sizes, _CIFAR10["image"], _CIFAR10["classes"])
+    return DataShape(DATASET_NAMES["cifar10"], *sizes, _CIFAR10["image"], _CIFAR10["classes"])
 
 
 def bsds500_shape(spec: dict[str, Any]) -> DataShape:
@@ -56,7 +59,7 @@ def bsds500_shape(spec: dict[str, Any]) -> DataShape:
         p = spec["photos"]
         height, width = p["size"]
         sizes = int(p["n_train"]), int(p["n_val"]), int(p["n_test"])
-        return DataShape("BSDS500", *sizes, (height, width), None)
+        return DataShape(DATASET_NAMES["bsds500"], *sizes, (height, width), None)
     height, width = spec["size"]
     sizes = _BSDS500["train"], _BSDS500["val"], _BSDS500["test"]
-    return DataShape("BSDS500", *sizes, (height, width), None)
+    return DataShape(DATASET_NAMES["bsds500"], *sizes, (height, width), None)

@@ -24,11 +24,13 @@ Log = Callable[[str], None]
 
 
 def make_table(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
-    """``tables/<name>.{csv,md,tex}`` of the registered table ``spec["kind"]``."""
+    """``tables/<name>.{csv,md,tex}`` of the registered table ``spec["kind"]``, captioned with
+    its declared caption, the data it was computed on and the scale (``Jobs.report_spec``)."""
     table = outputs.get("table", spec["kind"])
     df = table.build([Path(p) for p in inputs])
     write_sidecar(out, spec, -1, inputs)
-    write_table(df, Path(out).with_suffix(""), table.caption)
+    caption = f"{table.caption}; {spec['data']}, {spec['scale']} scale"
+    write_table(df, Path(out).with_suffix(""), caption)
     log(f"wrote {table.name} table with {len(df)} rows")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from stablenets.pipeline import outputs
 from stablenets.pipeline.labels import sigma_label
 
-__all__ = ["Jobs", "RULE_KINDS", "RUN_ONLY", "SEARCH_SETTINGS", "run_only"]
+__all__ = ["Jobs", "RULE_KINDS", "RUN_ONLY", "SEARCH_SETTINGS", "data_label", "run_only"]
 
 #: Each rule's resource kind (``config.resources.<kind>``), the one place it is written: what the
 #: rule asks SLURM for (``Jobs.resources``), where its job computes under ``device: auto``
@@ -34,6 +34,15 @@ RULE_KINDS = {
     "summary": "report",
     "cost": "report",
 }
+#: The dataset behind each target list (``Jobs.<source>``) a table or figure is built from.
+_SOURCE_DATASET = {
+    "classification_evals": "cifar10",
+    "robustness_evals": "cifar10",
+    "classification_logs": "cifar10",
+    "denoising_evals": "bsds500",
+    "denoising_logs": "bsds500",
+    "pnp_runs": "bsds500",
+}
 #: A task's models in rule names (``train_classifier``, ``evaluate_denoiser``).
 MODEL_NOUN = {"classification": "classifier", "denoising": "denoiser"}
 
@@ -46,6 +55,16 @@ def _model_kwargs(model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
     defaults = model_defaults(model)
     return {k: v for k, v in kwargs.items() if v is not None or defaults.get(k) is not None}
+
+
+def data_label(dataset: str, spec: dict[str, Any]) -> str:
+    """What a caption calls the data of ``data.<dataset>`` (``spec``): ``CIFAR-10`` where the
+    real archive is downloaded, ``synthetic stand-in for CIFAR-10`` where it is not, so that a
+    table pasted elsewhere does not claim data it was not computed on."""
+    from stablenets.data.shapes import DATASET_NAMES  # torch: only where a spec is made
+
+    name = DATASET_NAMES[dataset]
+    return name if spec["source"] == "download" else f"{spec['source']} stand-in for {name}"
 
 
 def _sigma(task: str, sigma: str | None) -> float:
@@ -288,6 +307,21 @@ class Jobs:
         """The result files or training logs a table or figure (``kind``) is built from: the
         target list its declaration names (``outputs``)."""
         return getattr(self, outputs.get(kind, name).source)(R)
+
+    def report_spec(self, kind: str, name: str) -> str:
+        """A table or figure job's spec: its ``name`` (key ``kind``, as the entry point reads
+        it), the scale and the data its inputs came from (``data_label``), which its Markdown
+        and LaTeX caption say; a figure also gets the noise level of PnP's denoisers (the one
+        ``denoising_examples`` shows)."""
+        dataset = _SOURCE_DATASET[outputs.get(kind, name).source]
+        spec: dict[str, Any] = {
+            "kind": name,
+            "scale": self.config["scale"],
+            "data": data_label(dataset, self.config["data"][dataset]),
+        }
+        if kind == "figure":
+            spec["sigma"] = self.config["pnp"]["noise_level"]
+        return self.dump(spec)
 
     def final_outputs(self, R: Callable[[str], str]) -> list[str]:
         tables = [

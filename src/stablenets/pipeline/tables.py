@@ -354,7 +354,7 @@ def _classification_headline(row: outputs.Row) -> str:
 @outputs.table(
     name="classification",
     source="classification_evals",
-    caption="CIFAR-10 robustness (L2, inputs in [0, 1])",
+    caption="Classification robustness (L2, inputs in [0, 1])",
     title="Classification: robustness",
     headline=_classification_headline,
 )
