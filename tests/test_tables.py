@@ -369,7 +369,7 @@ def test_families_table_groups_by_family_with_bounds_and_costs(tmp_path: Path) -
     assert list(df["train_loss"]) == ["margin (ε 0.141, T 0.25)", "cross-entropy"]
     assert not any(c.startswith("pgd") or c.startswith("auc") for c in df.columns)
     shown = display_frame(df)
-    assert "time per epoch (s)" in shown.columns and "peak memory (MB)" in shown.columns
+    assert "time per epoch (s)" in shown.columns and "peak memory (MiB)" in shown.columns
     assert shown.set_index("variant").loc["nonexpansive", "clean acc. (%)"] == "62.0 ± 2.8"
 
 

@@ -117,7 +117,7 @@ COLUMNS: dict[str, Column] = {
     "family": Column("family", agg="key"),
     "base_width": Column("width", fmt="{:.0f}", agg="fixed"),
     "epoch_time_s": Column("time per epoch", unit="s", fmt="{:.3g}"),
-    "peak_memory_mb": Column("peak memory", unit="MB", fmt="{:,.0f}"),
+    "peak_memory_mb": Column("peak memory", unit="MiB", fmt="{:,.0f}"),
     # denoising
     "psnr": Column("PSNR", agg="image", **_DB),
     "psnr_1": Column("PSNR peak 1", agg="image", **_DB),
