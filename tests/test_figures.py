@@ -33,6 +33,7 @@ from stablenets.pipeline.figures import (
     save_figure,
     training_figure,
 )
+from stablenets.pipeline.labels import radius_label
 
 PDF_MAGIC = b"%PDF-"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -574,3 +575,86 @@ def test_a_result_file_without_a_curve_is_an_error_naming_it(tmp_path: Path) -> 
         del fh["certified"]
     with pytest.raises(ValueError, match=f"{path}: has no certified"):
         robustness_figure([path], tmp_path / "robustness")
+
+
+def diverging_pnp(root: Path, at: int) -> Path:
+    """A DnCNN PnP run whose first image diverges at its ``at``-th step (0-based column): its
+    step norm there is ``+inf`` (what pnp records for a non-finite iterate), NaN after."""
+    path = pnp_result(root, "dncnn", 0)
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["diverged_count"] = 1
+        step, psnr = fh["history/step_norm"][()], fh["history/psnr_1"][()]
+        step[0, at], step[0, at + 1 :], psnr[0, at + 1 :] = np.inf, np.nan, np.nan
+        fh["history/step_norm"][...], fh["history/psnr_1"][...] = step, psnr
+    return path
+
+
+def test_a_diverged_image_leaves_the_mean_step_and_the_curve_stays_drawn(tmp_path: Path) -> None:
+    """An infinite step held to every later iteration made the mean and the band's upper edge
+    infinite: the method's curve vanished at the first divergence. The diverged image leaves
+    the mean from its divergence on, the others (held when they stopped) keep it finite, and a
+    marker at the top of the axes shows where it diverged."""
+    at = 5
+    path = diverging_pnp(tmp_path, at)
+    fig = pnp_convergence_figure([path], tmp_path / "diverged")
+    step_ax = fig.axes[1]
+    mean, *markers = [line for line in step_ax.lines if line.get_gid() == "dncnn"]
+    y = np.asarray(mean.get_ydata(), dtype=float)
+    assert np.isfinite(y).all(), y
+    with h5py.File(path, "r") as fh:
+        step = fh["history/step_norm"][()]
+    assert y[at - 1] == pytest.approx(np.mean(step[:, at - 1]))  # all three images
+    others = pd.DataFrame(step[1:]).ffill(axis=1).to_numpy()  # held when they stopped
+    np.testing.assert_allclose(y[at:], others[:, at:].mean(0))  # without the diverged one
+    for band in step_ax.collections:
+        assert np.isfinite(band.get_paths()[0].vertices).all()
+    assert [list(m.get_xdata()) for m in markers] == [[at]]  # its step x_{at+1} - x_at
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "dncnn (diverged 1/3)" in labels
+    assert any("diverged" in t for t in labels if not t.startswith("dncnn"))  # the marker's key
+
+
+def test_the_step_panel_plots_each_step_where_its_label_puts_it(
+    pnp_paths: list[Path], tmp_path: Path
+) -> None:
+    """``history/step_norm[:, j]`` is ``||x_{j+1} - x_j||`` (pnp's iteration j + 1 from
+    ``x_j``): under the label ``||x_{k+1} - x_k||`` it belongs at k = j; ``history/psnr_1[:, j]``
+    is the PSNR of ``x_{j+1}``, at k = j + 1."""
+    fig = pnp_convergence_figure(pnp_paths, tmp_path / "indexing")
+    psnr_ax, step_ax = fig.axes
+    assert step_ax.get_ylabel() == r"$\Vert x_{k+1} - x_k \Vert$"
+    step = [line for line in step_ax.lines if line.get_gid() == "averaged"][0]
+    psnr = [line for line in psnr_ax.lines if line.get_gid() == "averaged"][0]
+    with h5py.File(pnp_paths[0], "r") as fh:
+        first_step, first_psnr = fh["history/step_norm"][:, 0], fh["history/psnr_1"][:, 0]
+    assert step.get_xdata()[0] == 0 and step.get_ydata()[0] == pytest.approx(first_step.mean())
+    assert psnr.get_xdata()[0] == 1 and psnr.get_ydata()[0] == pytest.approx(first_psnr.mean())
+
+
+def test_the_families_figure_labels_an_off_grid_radius_as_the_tables_do(tmp_path: Path) -> None:
+    """A standard radius of 0.1 is 25.5/255: written ``26/255`` the label named a radius that
+    was never evaluated; the tables write ``0.1`` (``radius_label``)."""
+    paths = [classification_eval(tmp_path, v, 0) for v in ("nonexpansive", "resnet")]
+    for path in paths:
+        with h5py.File(path, "r+") as fh:
+            fh["standard_eps"][...] = [0.1, 0.2, 0.3]
+    fig = families_figure(paths, tmp_path / "families")
+    assert fig.axes[0].get_ylabel() == f"accuracy at ε = {radius_label(0.1)} (%)"
+    assert radius_label(0.1) == "0.1"
+
+
+def test_the_training_figures_say_which_noise_level_and_seed_they_show(tmp_path: Path) -> None:
+    """One log per variant is drawn (the lowest noise level and seed): the legend names it."""
+    logs = [
+        training_log(tmp_path, f"denoising/sigma{sigma}", "euler", 0, seed=seed)
+        for sigma in ("0.15", "0.05")
+        for seed in (1, 0)
+    ]
+    build = outputs.get("figure", "training_denoising").build
+    fig = build(logs, tmp_path / "denoising", {"kind": "training_denoising"})
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "euler (σ = 0.05, seed 0)" in labels
+    classification = [training_log(tmp_path, "classification", "resnet", 0, seed=s) for s in (2, 1)]
+    build = outputs.get("figure", "training_classification").build
+    fig = build(classification, tmp_path / "classification", {"kind": "training_classification"})
+    assert "resnet (seed 1)" in [t.get_text() for legend in fig.legends for t in legend.get_texts()]

@@ -36,7 +36,7 @@ from matplotlib.typing import LineStyleType
 
 from stablenets.atomic import atomic_path
 from stablenets.pipeline import outputs
-from stablenets.pipeline.labels import sigma_in_path
+from stablenets.pipeline.labels import radius_label, sigma_in_path
 from stablenets.pipeline.runtime import read_results
 
 __all__ = [
@@ -117,6 +117,7 @@ TRAIN_VAL_STYLES: dict[str, LineStyleType] = {"train": "-", "val": "--"}
 # horizontal reference lines (PnP)
 REFERENCE_STYLES: dict[str, LineStyleType] = {"observed": ":", "final": "-."}
 PSNR_MARGIN_DB = 3.0  # PnP PSNR axis: margin around the non-diverged results and observed
+DIVERGED_MARKER = "x"  # PnP step panel: where an image diverged (an infinite step)
 CORNER_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.85, "linewidth": 0}
 
 
@@ -324,6 +325,10 @@ def _band_handle(label: str) -> Patch:
     return Patch(color="0.3", alpha=BAND_ALPHA, label=label)
 
 
+def _diverged_handle() -> Line2D:
+    return Line2D([], [], color="0.3", marker=DIVERGED_MARKER, ls="none", label="diverged (∞ step)")
+
+
 def _show_image(ax: Axes, chw: np.ndarray) -> None:
     """A (C, H, W) image clipped to [0, 1], without ticks."""
     image = np.clip(np.asarray(chw, dtype=np.float64), 0.0, 1.0)
@@ -477,7 +482,7 @@ def families_figure(eval_paths: Iterable[Path], stem: Path) -> Figure:
         )
     for ax in (bars, timing):
         ax.set_xticks(x, names, rotation=45, ha="right")
-    bars.set_ylabel(f"accuracy at ε = {255 * radii[first]:.0f}/255 (%)")
+    bars.set_ylabel(f"accuracy at ε = {radius_label(float(radii[first]))} (%)")
     bars.set_ylim(0, 100)
     curve.set_xlabel("L2 radius ε (/255)")
     curve.set_ylabel("certified accuracy (%)")
@@ -579,6 +584,16 @@ def _one_log_per_variant(paths: list[Path]) -> dict[str, Path]:
     return chosen
 
 
+def _run_label(name: str, path: Path) -> str:
+    """``euler (σ = 0.05, seed 0)``: the run a training log is of, read from its path
+    (``.../sigma<s>/<variant>/seed<k>/train_log.csv``), so that a reader knows which of the
+    variant's runs the figure shows (one per variant: ``_one_log_per_variant``)."""
+    parts = [f"σ = {sigma}"] if (sigma := sigma_in_path(path)) is not None else []
+    if re.fullmatch(r"seed\d+", path.parent.name):
+        parts.append(f"seed {path.parent.name.removeprefix('seed')}")
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
 def _sigma_and_seed(path: Path) -> tuple[float, int]:
     """``(sigma, seed)`` of a training log's path, as numbers (``seed10`` after ``seed2``)."""
     sigma = next((float(p[5:]) for p in path.parts if p.startswith("sigma")), 0.0)
@@ -593,7 +608,8 @@ def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
     """Training diagnostics against step, one colour per model: loss, accuracy or PSNR (train
     solid, validation dashed), learning rate, total sub-steps, and for models with constrained
     blocks the per-block norm estimates and sub-steps (median line, min-max band over blocks).
-    Panels no log has are left out."""
+    Panels no log has are left out; the legend names each model's run (noise level, seed) as
+    its log's path does."""
     if not log_paths:
         raise ValueError("no training logs given")
     metric_label, scale = _metric_label(log_paths.values())
@@ -611,6 +627,7 @@ def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = _new_figure(nrows, ncols, PANEL_SIZE)
     colors = model_colors(logs)
+    runs = {n: _run_label(n, Path(log_paths[n])) for n in logs}
     for ax, panel in zip(axes.flat, panels, strict=False):
         for name, log in logs.items():
             if _shows(log, panel.key):
@@ -623,7 +640,7 @@ def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
         fig.delaxes(ax)
     _side_legends(
         fig,
-        ("model", _model_handles(colors)),
+        ("model", _model_handles(colors, runs)),
         (
             "curve",
             [
@@ -753,7 +770,23 @@ def _forward_fill(rows: np.ndarray) -> np.ndarray:
     return pd.DataFrame(rows).ffill(axis=1).to_numpy()
 
 
+def _held_steps(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step norms with each image that stopped held at its last value (as the PSNR is: a mean
+    over the images still running rises when the fastest stop), except an image that diverged
+    (pnp records ``+inf`` for a non-finite iterate): held, its infinite step made the mean and
+    the band infinite, and the method's curve vanished; it leaves from its divergence on (NaN).
+    Also the column where each image diverged, -1 where it did not."""
+    diverged = np.isinf(rows)
+    at = np.where(diverged.any(1), diverged.argmax(1), -1)
+    held = _forward_fill(np.where(diverged, np.nan, rows))
+    gone = (at[:, None] >= 0) & (np.arange(rows.shape[1])[None] >= at[:, None])
+    return np.where(gone, np.nan, held), at
+
+
 def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: str) -> bool:
+    """PSNR of ``x_k`` at ``k`` (``history/psnr_1[:, j]`` is that of ``x_{j+1}``) and the step
+    ``||x_{k+1} - x_k||`` at ``k`` (``history/step_norm[:, j]`` is ``||x_{j+1} - x_j||``), an
+    image's divergence marked at the top of the step panel; False when there is no history."""
     have = [r for r in results if "history/psnr_1" in r.data and r.data["history/psnr_1"].size]
     if not have:
         return False
@@ -761,10 +794,18 @@ def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: st
     _band(axes[0], np.arange(1, psnr.shape[1] + 1), psnr, color, name, "mean")
     steps = [r.data["history/step_norm"] for r in have if "history/step_norm" in r.data]
     if steps:
-        # held as the PSNR is: a mean over the images still running rises when the fastest stop
-        norm = _forward_fill(_stack(steps))
-        _band(axes[1], np.arange(1, norm.shape[1] + 1), norm, color, name, "mean", log=True)
+        norm, diverged = _held_steps(_stack(steps))
+        _band(axes[1], np.arange(norm.shape[1]), norm, color, name, "mean", log=True)
+        if (diverged >= 0).any():
+            _mark_divergence(axes[1], diverged[diverged >= 0], color, name)
     return True
+
+
+def _mark_divergence(ax: Axes, ks: np.ndarray, color: str, gid: str) -> None:
+    """``DIVERGED_MARKER`` at the top of ``ax`` at each iteration ``ks`` where an image's step
+    was infinite (no value to plot it at on the log axis)."""
+    ax.plot(ks, np.ones(len(ks)), ls="none", marker=DIVERGED_MARKER, color=color, gid=gid,
+            transform=ax.get_xaxis_transform(), clip_on=False)  # fmt: skip
 
 
 def _diverged_label(label: str, results: list[_Result]) -> str:
@@ -797,10 +838,12 @@ def _focus_psnr(ax: Axes, results: list[_Result], observed: float) -> None:
 
 @outputs.figure(name="pnp_convergence", source="pnp_runs")
 def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
-    """PSNR (dB, peak 1) and ``||x_{k+1} - x_k||`` (log scale) against iteration: mean over
-    test images (and seeds) with a light min-max band, an image that stopped held at its last
-    value (so an averaged denoiser's mean step never rises), one colour per method; methods
-    without a history (TV) as a horizontal line at their final PSNR, the observed PSNR dotted."""
+    """PSNR (dB, peak 1) of ``x_k`` and ``||x_{k+1} - x_k||`` (log scale) against iteration
+    ``k``: mean over test images (and seeds) with a light min-max band, an image that stopped
+    held at its last value (so an averaged denoiser's mean step never rises), one that diverged
+    left out of the steps from its divergence on and marked there, one colour per method;
+    methods without a history (TV) as a horizontal line at their final PSNR, the observed PSNR
+    dotted."""
     results = [_read(p, _PNP_SETS) for p in pnp_paths]
     if not results:
         raise ValueError("no PnP result files given")
@@ -838,6 +881,8 @@ def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
         Line2D([], [], color="0.3", ls=REFERENCE_STYLES["final"], label="final (no history)"),
         _band_handle("min-max over images"),
     ]
+    if any(line.get_marker() == DIVERGED_MARKER for line in axes[1].lines):
+        refs.append(_diverged_handle())
     methods = {label: colors[variant[label]] for label in order}
     _side_legends(fig, ("method", _model_handles(methods)), ("reference", refs))
     return _finish(fig, stem)
