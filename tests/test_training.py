@@ -124,6 +124,37 @@ def _tiny_run(
     return logs, state
 
 
+def test_the_budget_is_timed_on_the_weights_the_run_starts_from(tmp_path, monkeypatch):
+    """``budget_minutes``: the timed copy steps at learning rate 0, so its norms, and the
+    sub-steps that they set and that a step costs, are those the run starts with; a schedule of
+    the timed steps' own reached its peak rate within them and timed a model never trained."""
+    import stablenets.train.loop as loop
+
+    copies, counts = [], []
+    build = loop.step_graphs
+
+    def recorded(model, *args, **kwargs):  # noqa: ANN202
+        copies.append(model)
+        return build(model, *args, **kwargs)
+
+    def timed(step: Callable[[], None], sync: Callable[[], None]) -> float:
+        for _ in range(6):
+            step()
+            counts.append([b.last_substeps for b in copies[0].constrained_blocks()])
+        return 1.0  # s per step: the budget below gives 3 steps
+
+    monkeypatch.setattr(loop, "step_graphs", recorded)
+    monkeypatch.setattr(loop.budget, "seconds_per_step", timed)
+    torch.manual_seed(0)
+    start = build_model("nonexpansive_classifier", **TINY, time=4.0).state_dict()
+    _, state = _tiny_run(tmp_path, time=4.0, steps=2, budget_minutes=0.05, lr_max=2.0)
+    assert state.step == 3
+    probe = copies[0].state_dict()
+    power = (".u", ".sigma_estimate")  # the power iteration's state: it runs at every step
+    assert all(torch.equal(probe[k], v) for k, v in start.items() if not k.endswith(power))
+    assert all(c == counts[0] for c in counts), counts
+
+
 PROGRESS = re.compile(
     r"step (\d+)/(\d+) loss (\S+) lr (\S+) substeps (\d+) ms/step ([0-9.]+) "
     r"peak_mem (\d+)MiB eta (\d+s|\d+m\d\ds|\d+h\d\dm)"

@@ -544,14 +544,18 @@ def _budgeted(
     log: Log,
 ) -> TrainConfig:
     """``cfg`` with ``steps`` derived from ``budget_minutes``: timed on a copy of the model once,
-    then read back from ``workdir/budget.json`` on resume (see ``budget.py``)."""
+    then read back from ``workdir/budget.json`` on resume (see ``budget.py``). The copy steps
+    at learning rate 0: every step costs what a step of the run costs, on the weights the run
+    starts from (a schedule of the timed steps' own would reach its peak rate within them,
+    grow the norms and so the sub-steps, and time a model the run never trains)."""
     if cfg.budget_minutes is None:
         return cfg
 
     def measure() -> float:
         probe = copy.deepcopy(model)
         calls = budget.WARMUP_STEPS + budget.TIMED_STEPS
-        opt, sched = make_optimizer(probe, dataclasses.replace(cfg, steps=calls + 1))
+        opt, _ = make_optimizer(probe, dataclasses.replace(cfg, steps=calls + 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 0.0)  # the weights stay
         state = RunState()
         graphs = step_graphs(probe, task, cfg, device, log)
 
