@@ -1767,6 +1767,28 @@ def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset
     one_error_line(capsys.readouterr().err, "--spec has no key 'seed' where the job reads it")
 
 
+STAND_IN = {"n_train": 8, "n_val": 4, "n_test": 4, "num_classes": 2, "image_size": 8,
+            "noise": 0.1, "seed": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "needle"),
+    [
+        ({**STAND_IN, "n_test": None}, "missing a required argument: 'n_test'"),
+        ({**STAND_IN, "n_tset": 4}, "unexpected keyword argument 'n_tset'"),
+    ],
+)
+def test_a_hand_written_stand_in_data_spec_with_a_setting_missing_or_misspelt_fails_in_one_line(
+    synthetic, needle, tmp_path, capsys
+):
+    synthetic = {k: v for k, v in synthetic.items() if v is not None}
+    spec = {"source": "synthetic", "dataset": "cifar10", "synthetic": synthetic}
+    args = ["--cache", str(tmp_path), "--urls", "[]", "--out", str(tmp_path / "d.h5")]
+    assert cli.main(["prepare-data", "--spec", json.dumps(spec), *args]) == 1
+    one_error_line(capsys.readouterr().err, "--spec synthetic: ", needle)
+    assert not (tmp_path / "d.h5").exists()
+
+
 def test_a_finished_training_rerun_with_other_threads_or_intervals_resumes_at_its_end(
     dataset, tmp_path
 ):

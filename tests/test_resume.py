@@ -3,6 +3,7 @@ jobs that resume from it: killed, rerun, the same numbers."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -178,6 +179,29 @@ def test_a_deblurring_setting_reruns_only_the_jobs_it_concerns(change, pnp_chang
     assert (pnp(before) != pnp(after), tv(before) != tv(after)) == (pnp_changes, tv_changes)
     read = {*json.loads(pnp(before))["pnp"], *json.loads(tv(before))["pnp"]}
     assert read | {"denoisers", "noise_level"} == set(before.config["pnp"])
+
+
+DATA_SETTINGS = [  # (change, whether it changes the smoke data jobs' specs)
+    ({"data": {"cifar10": {"val_fraction": 0.1, "split_seed": 3, "md5": None}}}, False),
+    ({"data": {"bsds500": {"size": [300, 400], "archive": "other.tgz"}}}, False),
+    ({"data": {"cifar10": {"synthetic": {"noise": 0.1}}}}, True),
+    ({"data": {"bsds500": {"photos": {"seed": 1}}}}, True),
+]
+
+
+@pytest.mark.parametrize(("change", "changes"), DATA_SETTINGS)
+def test_a_data_setting_of_the_other_source_reruns_no_data_job(change, changes):
+    """A stand-in's data job reads its own section alone: the real archive's settings (split,
+    checksum, crop) change neither its spec nor, through its file, any job after it; and the
+    other way round."""
+    before, after = smoke_jobs({}), smoke_jobs(change)
+    specs = [(j.data_spec("cifar10"), j.data_spec("bsds500")) for j in (before, after)]
+    assert (specs[0] != specs[1]) == changes
+    paper = copy.deepcopy(before.config)
+    for name in ("cifar10", "bsds500"):
+        paper["data"][name]["source"] = "download"
+        downloaded = json.loads(Jobs(paper).data_spec(name))
+        assert {"synthetic", "photos", "urls"}.isdisjoint(downloaded), downloaded
 
 
 @pytest.fixture(scope="module")

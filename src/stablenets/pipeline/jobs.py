@@ -6,6 +6,8 @@ Logic lives in the library layers below; this module wires files to them and rec
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import time
@@ -86,19 +88,9 @@ def prepare_data(spec: dict, cache: Path, urls: list[str], out: Path, log: Log =
             )
         else:
             data.prepare_bsds500(archive, out, tuple(spec["size"]), prov, extra_attrs=extra)
-    elif source == "synthetic":
-        data.make_synthetic_classification(out, **spec["synthetic"], extra_attrs=extra)
-    elif source == "photos":
-        p = spec["photos"]
-        data.make_smoke_photos(
-            out,
-            tuple(p["size"]),
-            p["n_train"],
-            p["n_val"],
-            p["n_test"],
-            p["seed"],
-            extra_attrs=extra,
-        )
+    elif source in ("synthetic", "photos"):  # the stand-ins: their section is their arguments
+        make = {"synthetic": data.make_synthetic_classification, "photos": data.make_smoke_photos}
+        _settings(functools.partial(make[source], out, extra_attrs=extra), source, spec[source])
     else:
         raise ValueError(f"data source {source!r} unknown; allowed: download, synthetic, photos")
     log(f"wrote {out} from {source}")
@@ -129,9 +121,10 @@ def _settings(
     spec's ``section`` is one line naming it, not a traceback (the pipeline's specs are
     schema-checked; ``--debug`` shows the original error)."""
     try:
-        return cls(**values, **given)
+        inspect.signature(cls).bind(**values, **given)  # the arguments alone: not cls's own errors
     except TypeError as err:
         raise ValueError(f"--spec {section}: {err}") from err
+    return cls(**values, **given)
 
 
 def _task(spec: dict, data_path: Path, device: torch.device) -> ClassificationTask | DenoisingTask:

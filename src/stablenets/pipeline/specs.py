@@ -34,6 +34,9 @@ RULE_KINDS = {
     "summary": "report",
     "cost": "report",
 }
+#: What a data job reads of its ``data.<dataset>`` section where the archive is downloaded:
+#: the archive, its checksums, and how it is split (CIFAR-10) or cropped (BSDS500).
+_DOWNLOAD_READS = ("archive", "md5", "sha256", "val_fraction", "split_seed", "size")
 #: The dataset behind each target list (``Jobs.<source>``) a table or figure is built from.
 _SOURCE_DATASET = {
     "classification_evals": "cifar10",
@@ -164,13 +167,18 @@ class Jobs:
         return json.dumps(spec, sort_keys=True)
 
     def data_spec(self, dataset: str) -> str:
-        """A dataset's spec; not where its archive is cached (``data.cache_dir``) nor the URLs
-        it is fetched from (:meth:`data_urls`), both given to the job apart: the checksummed
-        archive makes the same data wherever it is kept and from whichever mirror it came, so
-        moving the cache or adding a mirror reruns nothing downstream."""
-        spec = copy.deepcopy(self.config["data"][dataset])
-        spec.pop("urls", None)
-        spec.update(dataset=dataset)
+        """A dataset's spec: what its source reads (``_DOWNLOAD_READS``, or the stand-in's own
+        section), so that a setting of the other source (the paper's ``val_fraction`` under a
+        synthetic stand-in) reruns neither the data job nor every job after it. Not where its
+        archive is cached (``data.cache_dir``) nor the URLs it is fetched from
+        (:meth:`data_urls`), both given to the job apart: the checksummed archive makes the same
+        data wherever it is kept and from whichever mirror it came, so moving the cache or
+        adding a mirror reruns nothing downstream."""
+        section = self.config["data"][dataset]
+        source = section["source"]
+        reads = _DOWNLOAD_READS if source == "download" else (source,)
+        spec = {key: copy.deepcopy(section[key]) for key in reads if key in section}
+        spec.update(source=source, dataset=dataset)
         return self.dump(spec)
 
     def data_urls(self, dataset: str) -> str:
