@@ -22,12 +22,14 @@ from stablenets.nn.activations import build_activation
 from stablenets.nn.blocks import NonexpansiveBlock
 from stablenets.nn.families import (
     FAMILIES,
+    AOLBlock,
     AOLConv,
     CayleyConv,
     CPLBlock,
     SLLBlock,
     abs_gram_rowsums,
     build_family_block,
+    token_power_size,
 )
 from stablenets.nn.losses import MarginLoss, build_loss, margin_loss
 from stablenets.nn.models import build_model, load_model, save_model
@@ -361,6 +363,77 @@ def test_aol_refuses_a_rescaling_it_could_not_honour():
     torch.testing.assert_close(_matrix(op.matvec, (2, 6, 6)).detach(), before)
 
 
+def _state_mib(module: nn.Module) -> float:
+    return sum(v.numel() * v.element_size() for v in module.state_dict().values()) / 2**20
+
+
+@pytest.mark.parametrize("family", ["sll", "aol"])
+def test_sll_and_aol_denoisers_at_the_paper_size_hold_no_image_sized_power_vector(family):
+    """Neither block iterates its power vector, which on the whole 321 x 481 image made the
+    denoiser's state 378 MiB (1.4 MiB of parameters), twice that in a training checkpoint: on
+    the token grid (``token_power_size``) the state is little more than the parameters."""
+    model = build_model("nonexpansive_denoiser", block=family, input_size=[321, 481])
+    assert _state_mib(model) < 2.0
+    assert all(block.operator.u.shape == (1, 64, 3, 3) for block in model.blocks)
+    assert token_power_size((321, 481), 3) == (3, 3) and token_power_size((2, 9), 5) == (2, 5)
+
+
+def _full_grid_block(family: str, size: tuple[int, int]) -> nn.Module:
+    """The block ``build_family_block(family, 8, size)`` was before ``token_power_size``: the
+    power vector on the whole image."""
+    act = build_activation("leaky_relu")
+    if family == "sll":
+        return SLLBlock(Conv2dOperator(8, 8, 3, size, padding=1), act)
+    return AOLBlock(AOLConv(8, 8, 3, size, padding=1, dirac_init=True), act)
+
+
+@pytest.mark.parametrize("family", ["sll", "aol"])
+def test_sll_and_aol_blocks_on_the_token_grid_compute_what_the_full_grid_ones_did(family):
+    """The same seed (the weight is drawn before ``u``) gives the same weights and AOL's dirac
+    start the same estimate, 1; with the same (stressed) weights, the same outputs and certified
+    bound, bit for bit: neither reads the power vector. A state with the full-size vector (a
+    checkpoint written before) loads and leaves the token one in place."""
+    size = (12, 10)
+    torch.manual_seed(0)
+    block = build_family_block(family, 8, size)
+    torch.manual_seed(0)
+    full = _full_grid_block(family, size)
+    assert block.operator.u.shape[-2:] == (3, 3) and full.operator.u.shape[-2:] == size
+    old, new = full.state_dict(), block.state_dict()
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.endswith(".u"))
+    assert float(block.operator.sigma_estimate) == float(full.operator.sigma_estimate)
+    if family == "aol":
+        assert float(block.operator.sigma_estimate) == 1.0
+    block, full = _stress(block, 3.0), _stress(full, 3.0)
+    x = torch.randn(2, 8, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for mode in (True, False):
+        with torch.no_grad():
+            assert torch.equal(block.train(mode)(x), full.train(mode)(x)), mode
+    assert block.lipschitz_bound(size) == full.lipschitz_bound(size)
+    token = block.operator.u.clone()
+    block.load_state_dict(full.state_dict())
+    assert torch.equal(block.operator.u, token)
+    with torch.no_grad():
+        assert torch.equal(block(x), full(x))
+
+
+def test_sll_scaling_under_bf16_autocast_is_the_float32_one():
+    """``T >= A A^T`` carries SLL's bound 1: under bf16 autocast its row sums came out up to
+    0.28 % low (64 channels). As AOL's rescaling, ``T`` is computed with autocast off, and
+    ``q`` still gets its gradient through it."""
+    torch.manual_seed(0)
+    block = build_family_block("sll", 64, (32, 32))
+    with torch.no_grad():
+        plain = block.scaling()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = block.scaling()
+    assert amp.dtype == torch.float32 and torch.equal(amp, plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(torch.rand(1, 64, 32, 32)).float().sum().backward()
+    assert block.log_q.grad is not None and bool(block.log_q.grad.abs().sum() > 0)
+
+
 # --------------------------------------------------------------------------------------------
 # Orthogonal convolution: exact on the circular grid
 
@@ -647,6 +720,26 @@ def test_each_block_reads_the_settings_the_config_lets_through():
     from stablenets.nn.models import _BLOCK_READS, BLOCKS
 
     assert set(_BLOCK_READS) == set(BLOCKS)  # a new block must say what it reads
+
+
+def test_a_power_size_given_to_an_sll_or_aol_denoiser_is_named_unused_and_changes_nothing():
+    """SLL and AOL carry a token power grid whatever ``power_size`` says: the config's check
+    names it (it reached their unused power vectors before); the paper's block and CPL read it."""
+    from stablenets.nn.models import unused_arguments
+
+    small = {"width": 4, "depth": 2, "input_size": [12, 10]}
+    x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    for block in ("nonexpansive", "cpl", "sll", "aol"):
+        named = unused_arguments("nonexpansive_denoiser", {"block": block, "power_size": [8, 8]})
+        assert named == ([] if block in ("nonexpansive", "cpl") else ["power_size"]), block
+        if named:
+            outputs = []
+            for extra in ({}, {"power_size": [8, 8]}):
+                torch.manual_seed(0)
+                model = build_model("nonexpansive_denoiser", block=block, **small, **extra)
+                with torch.no_grad():
+                    outputs.append(model.eval()(x))
+            assert torch.equal(*outputs), block
 
 
 def test_the_registry_keeps_each_constructor_signature_and_its_defaults():

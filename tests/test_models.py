@@ -247,6 +247,65 @@ def test_the_resnet_keeps_pytorchs_initialisation_and_the_families_zero_biases()
     assert not any(bool(op.bias.detach().any()) for op in _operators(cpl) if op.bias is not None)
 
 
+def test_resnet_init_norm_starts_its_residual_convolutions_at_that_norm_too():
+    """``init_norm`` starts lift, transitions, head and the paper's blocks at that norm: the
+    ResNet's blocks are two convolutions each, rescaled as the skeleton (before, only the
+    skeleton was). The default (``None``) keeps PyTorch's draws, which ``init_norm`` only scales,
+    biases kept."""
+    scaled = _build("resnet_classifier", init_norm=1.0).double()
+    raw = _build("resnet_classifier").double()
+    pairs = [
+        (getattr(s, conv), getattr(r, conv))
+        for s, r in zip(scaled.modules(), raw.modules(), strict=True)
+        if isinstance(s, ResidualBlock)
+        for conv in ("first", "second")
+    ]
+    assert len(pairs) == 8
+    for s, r in pairs:
+        # converged: the norm, from below; the 20-iteration warm start is within a few % at 4
+        # and 8 channels on 8x8 (as the non-expansive blocks' start)
+        norm = float(copy.deepcopy(s).power_iteration(2000))
+        assert 1.0 - 1e-7 <= norm <= 1.05
+        # rescale_'s estimate 1, refreshed by one more (non-decreasing) iteration
+        assert 1.0 - 1e-6 <= float(s.sigma_estimate) <= norm * (1 + 1e-6)
+        ratio = (s.weight / r.weight).detach()
+        assert torch.allclose(ratio, ratio.flatten()[0], rtol=1e-6)
+        assert torch.equal(s.bias, r.bias)
+    assert max(abs(r.norm_bound() - 1) for _, r in pairs) > 0.05
+
+
+@pytest.mark.parametrize("block", ["sll", "aol"])
+def test_an_sll_or_aol_denoiser_checkpoint_at_a_large_size_is_small_and_round_trips(
+    block, tmp_path
+):
+    """Its file holds the parameters, not power vectors of the image's size (before: 4.9 MB a
+    block at width 8 and 321 x 481); it loads to the same model, and so does a checkpoint written
+    before, with those vectors (never read: the loaded blocks keep their token ones)."""
+    kwargs = {"block": block, "width": 8, "depth": 2, "input_size": [321, 481]}
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_denoiser", **kwargs).eval()
+    with torch.no_grad():
+        for op in _operators(model):  # away from AOL's identity start
+            op.weight.add_(0.1 * torch.randn_like(op.weight))
+    path = tmp_path / "model.pt"
+    save_model(model, path)
+    assert path.stat().st_size < 64 * 2**10
+    x = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    ckpt = read_checkpoint(path)
+    for key in list(ckpt["state_dict"]):
+        if key.endswith(".u"):
+            ckpt["state_dict"][key] = torch.randn(1, 8, 321, 481)
+    torch.save(ckpt, tmp_path / "old.pt")
+    for loaded in (load_model(path), load_model(tmp_path / "old.pt")):
+        state, other = model.state_dict(), loaded.state_dict()
+        assert state.keys() == other.keys()
+        assert all(torch.equal(state[k], other[k]) for k in state if not k.endswith(".u"))
+        assert all(other[k].shape == (1, 8, 3, 3) for k in other if k.endswith(".u"))
+        with torch.no_grad():
+            assert torch.equal(model(x), loaded(x))
+        assert loaded.lipschitz_bound((20, 24)) == model.lipschitz_bound((20, 24))
+
+
 def test_a_classifier_refuses_inputs_of_another_size_than_its_certificate():
     """A smaller image makes the global mean larger (1/sqrt(H W)): the bound of the built size
     would not hold, so the forward pass says so instead."""

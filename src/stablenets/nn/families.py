@@ -65,6 +65,7 @@ __all__ = [
     "OrthogonalBlock",
     "abs_gram_rowsums",
     "build_family_block",
+    "token_power_size",
     "FamilyBlock",
 ]
 
@@ -184,6 +185,27 @@ class CPLBlock(NonexpansiveBlock):
         return 1.0
 
 
+def token_power_size(size: Size, kernel_size: int) -> Size:
+    """The power-iteration grid of the ``sll`` and ``aol`` operators: ``size`` capped at the
+    kernel's. Neither block iterates its power vector (SLL's bound needs no norm, AOL's is
+    ``norm_bound``); AOL's ``dirac_init`` reads it once, where ``P D = I`` gives the estimate 1
+    on any grid. A full-size vector (``64 x 321 x 481`` floats: 39 MB a block at the denoiser's
+    size) would only fill the model files; on this grid it is ``64 x 3 x 3``."""
+    return (min(size[0], kernel_size), min(size[1], kernel_size))
+
+
+def _keep_own_power_vector(
+    block: SLLBlock | AOLBlock, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load-state-dict pre-hook of the blocks that never read their power vector: a ``u`` of
+    another grid (the full-size one of checkpoints written before ``token_power_size``) is
+    replaced by the block's own, so those checkpoints still load, to the same model."""
+    key = prefix + "operator.u"
+    own = block.operator.u
+    if key in state_dict and state_dict[key].shape != own.shape:
+        state_dict[key] = own.detach().clone()
+
+
 # --------------------------------------------------------------------------------------------
 # SLL
 
@@ -206,10 +228,14 @@ class SLLBlock(nn.Module):
         self.operator, self.activation, self.theta = operator, activation, float(theta)
         hidden = operator.weight.shape[0]
         self.log_q = nn.Parameter(torch.zeros(hidden))
+        self.register_load_state_dict_pre_hook(_keep_own_power_vector)
 
     def scaling(self) -> torch.Tensor:
-        """``t_i = sum_j |A A^T|_ij q_j / q_i`` (one per hidden channel)."""
-        return abs_gram_rowsums(self.operator.weight, "out", self.log_q.exp())
+        """``t_i = sum_j |A A^T|_ij q_j / q_i`` (one per hidden channel), never under autocast:
+        the bound 1 rests on ``T >= A A^T``, and bf16 row sums come out up to 0.3 % low."""
+        w = self.operator.weight
+        with autocast_off({w.device.type}):  # as AOLConv.rescaled: in the weight's precision
+            return abs_gram_rowsums(w, "out", self.log_q.exp())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inv_t = _safe_inverse(self.scaling())
@@ -320,6 +346,7 @@ class AOLBlock(nn.Module):
     def __init__(self, operator: AOLConv, activation: MonotoneActivation) -> None:
         super().__init__()
         self.operator, self.activation = operator, activation
+        self.register_load_state_dict_pre_hook(_keep_own_power_vector)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.operator(x))
@@ -425,7 +452,8 @@ def build_family_block(
 ) -> FamilyBlock:
     """One ``width -> width`` block of ``family`` acting on ``size`` images (zero padding
     ``kernel_size // 2``, circular for ``orthogonal``; ``power_size``: the power-iteration grid
-    of ``cpl``, see ``Conv2dOperator``). Every block keeps the image size, which the models'
+    of ``cpl``, see ``Conv2dOperator``; ``sll`` and ``aol``, which never iterate theirs, carry a
+    token one, ``token_power_size``). Every block keeps the image size, which the models'
     bounds assume (each block is certified at its stage's size): ``aol``, a single convolution,
     takes only an odd ``kernel_size`` (``same_padding``)."""
     if family not in FAMILIES:
@@ -435,6 +463,8 @@ def build_family_block(
     act = build_activation(activation)
     if family == "orthogonal":
         return OrthogonalBlock(CayleyConv(width, kernel_size), act)
+    if family != "cpl":
+        power_size = token_power_size(size, kernel_size)
     if family == "aol":
         pad = same_padding(kernel_size, "block 'aol'")
         conv = AOLConv(width, width, kernel_size, size, power_size, padding=pad, dirac_init=True)

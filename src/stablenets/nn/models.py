@@ -110,6 +110,14 @@ def _torch_biased(op: _Op, torch_bias: bool = True) -> _Op:
     return op
 
 
+def _init_normed(op: _Op, init_norm: float | None) -> _Op:
+    """``op`` rescaled to the norm estimate ``init_norm`` (``rescale_``: the scripts start their
+    constrained layers at norm 1 so), unchanged when ``None``."""
+    if init_norm is not None:
+        op.rescale_(init_norm, INIT_POWER_ITERS)
+    return op
+
+
 def _block_factory(
     block: str,
     activation: str,
@@ -121,7 +129,8 @@ def _block_factory(
     torch_bias: bool,
 ) -> Callable[[int, Size], Block]:
     """Return ``make(width, size)`` building one block of the requested kind (the paper's
-    blocks start at norm ``init_norm``, with PyTorch's biases when ``torch_bias``)."""
+    blocks start at norm ``init_norm``: the non-expansive block's operator, each of the residual
+    block's two convolutions; with PyTorch's biases when ``torch_bias``)."""
 
     def conv(width: int, size: Size, padding: int = kernel // 2) -> Conv2dOperator:
         op = Conv2dOperator(width, width, kernel, size, padding=padding)
@@ -139,9 +148,8 @@ def _block_factory(
             )
         if block == "residual":
             pad = same_padding(kernel, "block 'residual'")
-            return ResidualBlock(
-                conv(width, size, pad), conv(width, size, pad), build_activation(activation)
-            )
+            first, second = (_init_normed(conv(width, size, pad), init_norm) for _ in range(2))
+            return ResidualBlock(first, second, build_activation(activation))
         if block in FAMILIES:
             return build_family_block(block, width, size, kernel, activation, theta, integrator)
         raise ValueError(f"unknown block {block!r}; allowed: {list(BLOCKS)}")
@@ -189,7 +197,8 @@ class Classifier(StableModel):
     residual block, or one of the other 1-Lipschitz families (``cpl``, ``sll``, ``aol``,
     ``orthogonal``; see ``families.py``).
 
-    ``init_norm``: lift, transitions, head and the paper's blocks start at this norm
+    ``init_norm``: lift, transitions, head and the paper's blocks (the non-expansive block's
+    operator, both convolutions of the residual block) start at this norm estimate
     (``LinearOperator.rescale_``), then train freely, as the scripts build their non-expansive
     classifier (``nonexpansive_classifier``'s default: 1); ``None`` keeps PyTorch's
     initialisation, as the scripts' ResNet does (the default of the others: the families are not
@@ -236,9 +245,7 @@ class Classifier(StableModel):
         self.final_size = size
         self.head = DenseOperator(width, num_classes)
         for op in (self.lift, *self.transitions, self.head):
-            _torch_biased(cast(LinearOperator, op), torch_bias)
-            if init_norm is not None:
-                cast(LinearOperator, op).rescale_(init_norm, INIT_POWER_ITERS)
+            _init_normed(_torch_biased(cast(LinearOperator, op), torch_bias), init_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.sizes[0]:  # the global mean's 1/sqrt(HW) depends on it
@@ -455,12 +462,15 @@ DENOISERS = frozenset(DENOISER_MODELS)
 
 # The block settings of the skeletons, and those each block reads: given to another block, a
 # setting would change nothing (an AOL block has no theta; only the paper's blocks integrate).
-# ``init_norm`` and ``torch_bias`` also set a classifier's lift, transitions and head.
-_BLOCK_SETTINGS = frozenset({"integrator", "theta", "time", "init_norm", "torch_bias"})
+# ``init_norm`` and ``torch_bias`` also set a classifier's lift, transitions and head;
+# ``power_size`` is the denoiser's (SLL and AOL carry a token grid: ``token_power_size``).
+_BLOCK_SETTINGS = frozenset(
+    {"integrator", "theta", "time", "init_norm", "torch_bias", "power_size"}
+)
 _BLOCK_READS: dict[str, frozenset[str]] = {
     "nonexpansive": _BLOCK_SETTINGS,
-    "residual": frozenset({"torch_bias"}),
-    "cpl": frozenset({"theta", "integrator"}),  # the integrator: Euler only
+    "residual": frozenset({"torch_bias", "init_norm"}),
+    "cpl": frozenset({"theta", "integrator", "power_size"}),  # the integrator: Euler only
     "sll": frozenset({"theta"}),
     "aol": frozenset(),
     "orthogonal": frozenset(),
