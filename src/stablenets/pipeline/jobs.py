@@ -190,7 +190,7 @@ def train_model(
         train_time_s=state.elapsed,
         epoch_time_s=state.elapsed / max(state.step, 1) * task.steps_per_epoch(cfg.batch_size),
         peak_memory_mb=peak_memory_mb(device),
-        total_substeps=_saved_substeps(model, state.rows, state.best_step),
+        total_substeps=_saved_substeps(model),
         **state.time_split(),
         **provenance(spec, spec["seed"], device, [data_path]),
     )
@@ -211,11 +211,11 @@ def _progress_hash(spec: dict) -> str:
     return config_hash(kept)
 
 
-def _saved_substeps(model: StableModel, rows: list[dict], best_step: int) -> int:
-    """The training sub-steps of the saved (best) weights: the last logged step before them
-    (sub-steps grow with the norms, so the final step's overstated an earlier best's)."""
-    train_rows = [r for r in rows if r["kind"] == "train" and r["step"] < max(best_step, 1)]
-    return int(train_rows[-1]["substeps"]) if train_rows else model.total_substeps()
+def _saved_substeps(model: StableModel) -> int:
+    """The sub-steps of the training pass that led to the saved (best) weights: each constrained
+    block's count at the norm estimate saved with them. Sub-steps grow with the norms, so the
+    final step's overstated an earlier best's; and a logged step's depends on ``log_every``."""
+    return sum(b.substeps(b.operator.sigma_value()) for b in model.constrained_blocks())
 
 
 def _trained_settings(extra: dict) -> dict:
