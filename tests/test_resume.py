@@ -327,7 +327,7 @@ def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of
         assert f"of {len(weights(deblurring, job))} scores found before" in resumed.stdout
     expected, got = numbers(uninterrupted(job)), numbers(tmp_path / "result.h5")
     # what this run computed (its cost): less than the whole job's
-    counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations",
+    counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations_run",
               "test_images_run"}  # fmt: skip
     run_only = {f"attr {k}" for k in counts} & set(expected)
     assert run_only and all(got[k] < expected[k] for k in run_only), run_only

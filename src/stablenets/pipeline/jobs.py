@@ -828,7 +828,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "tv_weights": list(tv_spec["weights"]),
         "tv_validation_scores": choice.scores,
         "tv_validation_images": len(val),
-        "tv_validation_image_iterations": choice.image_iterations,
+        "tv_validation_image_iterations_run": choice.image_iterations,  # a resumed run: its own
         "image_iterations_run": ran,
         "deblur_s_run": seconds,
         **provenance(spec, -1, device, [data_path]),  # no seed: nothing trained
