@@ -462,9 +462,9 @@ def tv_deblur(
     couple_channels: bool = False,
     log: Callable[[str], None] | None = None,
     log_every: int = 25,
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, Tensor]:
     """TV deblurring ``argmin_x 1/2 ||K x - y||^2 + weight * ||grad x||_{2,1}``, and the
-    iterations it ran.
+    iterations each image ran (``(N,)``, on the CPU).
 
     Chambolle–Pock with ``grad`` as the split operator and the data term's exact FFT prox
     (:meth:`CircularBlur.data_prox`), steps ``tau = step / weight`` and ``tau * sigma * 8 = 1``
@@ -477,9 +477,11 @@ def tv_deblur(
         x_{k+1}    = prox_{tau data}(x_k + tau div p_{k+1})
         xbar_{k+1} = 2 x_{k+1} - x_k
 
-    Stops after ``iters`` iterations or when every image's relative change is below ``tol``.
-    ``log`` gets a line every ``log_every`` iterations (the largest relative change, elapsed
-    time, an upper ETA), as ``pnp_forward_backward`` does.
+    An image stops after ``iters`` iterations or once its relative change is below ``tol``, and
+    is then held: its result is the one it has alone, whichever images share its batch (they
+    are computed until the last stops). ``log`` gets a line every ``log_every`` iterations (the
+    largest relative change of the images running, elapsed time, an upper ETA), as
+    ``pnp_forward_backward`` does.
     """
     if weight < 0:
         raise ValueError(f"TV weight must be non-negative, got {weight}")
@@ -489,21 +491,33 @@ def tv_deblur(
     x_bar = x
     p = torch.zeros_like(gradient2d(x))
     prox = blur.data_prox(y, tau)
-    start, k = time.monotonic(), 0
+    iterations = torch.full((len(x),), iters, dtype=torch.long)
+    running = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    start = time.monotonic()
     for k in range(1, iters + 1):
-        p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
-        x_new = prox(x + tau * divergence2d(p))
-        x_bar = 2.0 * x_new - x
+        p_new = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
+        x_new = prox(x + tau * divergence2d(p_new))
         change = relative_change(x_new, x)
-        x = x_new
-        if bool((change < tol).all()):
+        p = torch.where(_per_image(running, p), p_new, p)
+        x_bar = torch.where(_per_image(running, x), 2.0 * x_new - x, x_bar)
+        x = torch.where(_per_image(running, x), x_new, x)
+        stopped = running & (change < tol)
+        iterations[stopped.cpu()] = k
+        running = running & ~stopped
+        if not bool(running.any()):
             break
         if log is not None and k % log_every == 0:
             log(
-                f"TV deblur iteration {k}/{iters}: {len(x)} images, largest relative change "
-                f"{float(change.max()):.2e}, {timing(k, iters, time.monotonic() - start, upper=True)}"
+                f"TV deblur iteration {k}/{iters}: {int(running.sum())} of {len(x)} images "
+                f"running, largest relative change {float(change[running].max()):.2e}, "
+                f"{timing(k, iters, time.monotonic() - start, upper=True)}"
             )
-    return x, k
+    return x, iterations
+
+
+def _per_image(mask: Tensor, like: Tensor) -> Tensor:
+    """An ``(N,)`` mask shaped to broadcast over ``like``'s images (its first dimension)."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 class TVChoice(NamedTuple):
@@ -537,7 +551,7 @@ def select_tv_deblur_weight(
     def solve(y: Tensor, weight: float) -> Tensor:
         nonlocal image_iterations
         x, ran = tv_deblur(y, blur, weight, iters, tol, step)
-        image_iterations += ran * len(y)
+        image_iterations += int(ran.max()) * len(y)  # computed until the last image stopped
         return x
 
     weight, scores = select_weight(

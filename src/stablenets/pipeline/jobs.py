@@ -745,8 +745,9 @@ def run_pnp(
     )
 
 
-# The layout of a PnP or TV deblurring job's saved groups (``_saved_progress``).
-_DEBLUR_LAYOUT = "deblur-v1"
+# The layout of a PnP or TV deblurring job's saved groups (``_saved_progress``); v2: TV's images
+# stop one by one (v1's groups stopped together: not resumed beside v2's).
+_DEBLUR_LAYOUT = "deblur-v2"
 
 
 def _monotone(
@@ -803,12 +804,11 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
 
         def solve(group: slice) -> dict[str, torch.Tensor]:
             nonlocal ran
-            x, k = pnp.tv_deblur(
+            x, iterations = pnp.tv_deblur(
                 observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], tv_spec["step"],
                 log=log, log_every=p["log_every"],
             )  # fmt: skip
-            ran += k * len(x)
-            iterations = torch.full((len(x),), k)  # a group stops together
+            ran += int(iterations.max()) * len(x)  # computed until the group's last stopped
             return {"iterations": iterations, **_group_images(x, clean[group], group.start,
                                                               p["n_show"])}  # fmt: skip
 
@@ -823,7 +823,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "lipschitz_bound": None,
         "averagedness": None,
         **_deblur_attrs(spec, {}, final, observed_psnr, iters),
-        "converged_fraction": math.nan,
+        "converged_fraction": float(np.mean(iters < tv_spec["iters"])),  # stopped at tol
         "tv_weight": weight,
         "tv_weights": list(tv_spec["weights"]),
         "tv_validation_scores": choice.scores,
