@@ -4,7 +4,9 @@ loaded) to the HDF5 layout of :mod:`stablenets.data.format`, with a seeded valid
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,11 +47,40 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# What unpickling damaged bytes raises besides UnpicklingError: a flipped opcode or length
+# calls an allowed global with wrong arguments, or numpy's __setstate__ with a wrong state.
+_DAMAGED_PICKLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    LookupError,  # KeyError, IndexError, an unknown encoding
+    AttributeError,
+    ArithmeticError,  # OverflowError: a length beyond any size
+    MemoryError,
+    RuntimeError,  # numpy's, on a state it cannot restore
+    SystemError,  # numpy's, likewise
+)
+
+
+def _check_memo(path: Path, data: bytes) -> None:
+    """Refuse a memo index beyond the pickle's own length before unpickling: the C unpickler
+    sizes its memo by the largest index, so one flipped bit in a ``LONG_BINPUT`` allocated and
+    cleared many GB (the machine's memory). ``genops`` only parses (damage: ``ValueError``)."""
+    for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and isinstance(arg, int) and arg > count:
+            raise DataError(f"{path.name}: not a CIFAR-10 pickle (memo index {arg} at op {count})")
+
+
 def _load_pickle(path: Path) -> dict:
+    """One pickle of the archive, unpickled from memory (a damaged length asks for no more than
+    it holds: from the file, one flipped bit allocated many GB) with only the globals
+    ``_PICKLE_ALLOWED``; a damaged one is a ``DataError`` naming the member."""
     try:
-        with open(path, "rb") as handle:
-            obj = _CifarUnpickler(handle, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        data = path.read_bytes()
+        _check_memo(path, data)
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _DAMAGED_PICKLE as exc:
         raise DataError(f"{path.name}: not a CIFAR-10 pickle ({exc})") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{path.name}: expected a dict, got {type(obj).__name__}")
@@ -61,8 +92,11 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = _load_pickle(path)
     if b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{path.name}: missing b'data' or b'labels'")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    try:
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as exc:  # labels that are not integers
+        raise DataError(f"{path.name}: b'data' or b'labels' is not an array ({exc})") from exc
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(_CIFAR_SHAPE):
         raise DataError(f"{path.name}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072)")
     if labels.shape != (data.shape[0],):

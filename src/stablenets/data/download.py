@@ -5,6 +5,7 @@ has been checked (no path, link or device escapes the destination).
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import http.client
 import lzma
@@ -15,6 +16,7 @@ import stat
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stablenets.atomic import atomic_path, remove_stale_temporaries
+from stablenets.atomic import atomic_path, new_file_mode, remove_stale_temporaries
 from stablenets.data.format import DataError
 
 _CHUNK_BYTES = 1 << 20
@@ -32,6 +34,10 @@ PROGRESS_EVERY_S = 10.0  # seconds between a download's progress lines
 _MAX_LINK_HOPS = 40  # symlink chain length treated as a loop, as the OS does
 # a download's temporary unmodified this long was left by a killed download (a live one grows)
 STALE_DOWNLOAD_S = 900.0
+# the partial download a rerun resumes, beside the file: ``.<name><PARTIAL_SUFFIX>``
+PARTIAL_SUFFIX = ".partial"
+# times the partial is opened again when the one locked was renamed or removed meanwhile
+_LOCK_TRIES = 10
 # errors of the cache's own disk, which the next mirror would meet again
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -78,10 +84,11 @@ def verify_checksum(path: Path, md5: str | None = None, sha256: str | None = Non
     _check_digests(path, expected, str(path))
 
 
-def _progress(url: str, done: int, total: int | None, seconds: float) -> str:
+def _progress(url: str, done: int, total: int | None, seconds: float, resumed: int = 0) -> str:
     """``downloading <url>: 41.9 of 170.5 MB (25 %), 4.2 MB/s, ETA 31 s`` (no size, no ETA
-    when the server does not say how long the file is)."""
-    rate = done / max(seconds, 1e-9)
+    when the server does not say how long the file is); the rate counts the bytes fetched in the
+    ``seconds``, not the ``resumed`` ones an earlier run fetched."""
+    rate = (done - resumed) / max(seconds, 1e-9)
     if not total:
         return f"downloading {url}: {done / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s"
     eta = (total - done) / rate if rate > 0 else float("inf")
@@ -91,31 +98,155 @@ def _progress(url: str, done: int, total: int | None, seconds: float) -> str:
     )
 
 
+def _open_from(url: str, offset: int, timeout: float) -> tuple[Any, int]:
+    """The response to ``url`` and the byte it starts at: ``offset`` where an http(s) server
+    answered ``Range: bytes=<offset>-`` with 206 and that range, else 0: the file is fetched
+    whole after a 200 (a server without ranges), from a ``file:`` URL, and after a 416 (as many
+    bytes held as the file has, or more: they are not trusted to be it)."""
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https", "file"):
+        raise DataError(f"unsupported URL scheme {scheme!r}")
+    request = urllib.request.Request(url)
+    if offset and scheme != "file":
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not offset:
+            raise
+        exc.close()
+        return _open_from(url, 0, timeout)
+    ranged = response.headers.get("Content-Range", "")
+    if getattr(response, "status", None) == 206 and ranged.startswith(f"bytes {offset}-"):
+        return response, offset
+    return response, 0
+
+
 def _fetch(
     url: str,
     target: Path,
     timeout: float,
     log: Callable[[str], None] | None = None,
     every_s: float = PROGRESS_EVERY_S,
-) -> None:
-    """Stream ``url`` (http, https or file) into ``target``; with ``log``, a progress line
+) -> int:
+    """Stream ``url`` (http, https or file) into ``target``, resuming: the bytes ``target``
+    already holds (a killed download's) are asked for no more, and the rest appended where the
+    server sends just that (``_open_from``); otherwise ``target`` is written from its start.
+    Returns the byte it resumed at (0: written whole). With ``log``, a progress line
     (``_progress``) every ``every_s`` seconds and one at the end."""
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme not in ("http", "https", "file"):
-        raise DataError(f"unsupported URL scheme {scheme!r}")
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+    held = target.stat().st_size if target.exists() else 0
+    response, start_at = _open_from(url, held, timeout)
+    with response, open(target, "ab" if start_at else "wb") as out:
+        if log is not None and start_at:
+            log(f"resuming {url} at {start_at / 1e6:.1f} MB")
         length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        done, start = 0, time.monotonic()
+        total = start_at + int(length) if length and length.isdigit() else None
+        done, start = start_at, time.monotonic()
         last = start
         while chunk := response.read(_CHUNK_BYTES):
             out.write(chunk)
             done += len(chunk)
             if log is not None and time.monotonic() - last >= every_s:
                 last = time.monotonic()
-                log(_progress(url, done, total, last - start))
+                log(_progress(url, done, total, last - start, start_at))
+        if total is not None and done < total:  # http.client ends a cut-off body quietly
+            raise ConnectionError(f"the connection closed after {done} of {total} bytes")
         if log is not None:
-            log(f"downloaded {url}: {done / 1e6:.1f} MB in {time.monotonic() - start:.0f} s")
+            got = (done - start_at) / 1e6
+            log(f"downloaded {url}: {got:.1f} MB in {time.monotonic() - start:.0f} s")
+    return start_at
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not renamed or removed)."""
+    try:
+        named, opened = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _lock_partial(partial: Path) -> int | None:
+    """``partial`` opened (created if absent) and locked (``flock``) by this process, or None
+    where another process holds the lock (it is downloading into it) or it cannot be opened.
+    One its holder renamed or removed before the lock was had is not locked but opened anew."""
+    for _ in range(_LOCK_TRIES):
+        try:
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held by another download
+            os.close(fd)
+            return None
+        if _same_file(fd, partial):
+            return fd
+        os.close(fd)
+    return None
+
+
+@contextmanager
+def _partial_download(dest: Path) -> Iterator[Path | None]:
+    """The partial download ``.<name>.partial`` beside ``dest``, locked for this process while
+    the block runs, for a download to resume (``_resume``); None where another process holds it
+    (that one downloads into it, this one into a temporary of its own, as both did before; each
+    is verified and renamed). Left holding bytes, it stays for the next run; empty, it goes."""
+    partial = dest.with_name(f".{dest.name}{PARTIAL_SUFFIX}")
+    fd = _lock_partial(partial)
+    if fd is None:
+        yield None
+        return
+    try:
+        yield partial
+    finally:
+        if os.fstat(fd).st_size == 0 and _same_file(fd, partial):
+            partial.unlink()  # before the lock goes: no other process can hold it yet
+        os.close(fd)
+
+
+def _install(partial: Path, dest: Path) -> None:
+    """Rename a verified ``partial`` onto ``dest`` as ``atomic_path`` does: flushed to disk with
+    the permissions of a new file, then the folder flushed, so the rename survives a crash."""
+    with open(partial, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(partial, new_file_mode())
+    os.replace(partial, dest)
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    except OSError:  # a file system that cannot flush a folder
+        pass
+    finally:
+        os.close(folder)
+
+
+def _resume(
+    url: str,
+    partial: Path,
+    dest: Path,
+    expected: Mapping[str, str],
+    timeout: float,
+    log: Callable[[str], None] | None,
+    every_s: float,
+) -> None:
+    """Fetch ``url`` into the locked ``partial``, resuming the bytes it holds (a killed run's),
+    check it and rename it onto ``dest``. A file that fails its checksum is emptied, never
+    resumed again; a resumed one is then fetched again whole (its first part may be another
+    file's: a mirror's damaged copy, an older version), a whole one raises the checksum error."""
+    while True:
+        resumed = _fetch(url, partial, timeout, log, every_s)
+        try:
+            _check_digests(partial, expected, url)
+        except DataError as exc:
+            os.truncate(partial, 0)
+            if not resumed:
+                raise
+            if log is not None:
+                log(f"fetching {url} again from its start: the resumed file failed ({exc})")
+            continue
+        _install(partial, dest)
+        return
 
 
 def download(
@@ -131,10 +262,13 @@ def download(
     """Download ``dest`` from the first URL (mirrors in order) whose content has the checksum.
 
     A checksum is mandatory: an unverified dataset would make every result downstream
-    unreproducible. The file is streamed to a temporary name beside ``dest``, verified and
-    renamed, so ``dest`` is either absent or complete. An existing ``dest`` with the right
-    checksum is kept without touching the network; temporaries of downloads killed before
-    (unmodified for ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket
+    unreproducible. The file is streamed to ``.<name>.partial`` beside ``dest``, verified and
+    renamed, so ``dest`` is either absent or complete. A download that was killed or cut off
+    resumes there: the rest is asked for with an http ``Range`` and appended (from the start
+    where a server sends the whole file). While another process downloads into it (a lock
+    says so), this one downloads into a temporary of its own. An existing ``dest`` with the
+    right checksum is kept without touching the network; temporaries of downloads killed
+    before (unmodified for ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket
     operation (the connection, each read).
     ``log`` gets a progress line (MB done, rate, ETA) every ``progress_every_s`` seconds, one at
     the end of each fetch, and one per failed mirror.
@@ -161,22 +295,26 @@ def download(
         tempfile.TemporaryFile(dir=dest.parent).close()
     except OSError as exc:
         raise DataError(f"cache folder {dest.parent}: cannot write: {exc.strerror}") from None
-    for url in urls:
-        try:
-            with atomic_path(dest, suffix=".part") as tmp:  # renamed onto dest only if verified
-                _fetch(url, tmp, timeout, log, progress_every_s)
-                _check_digests(tmp, expected, url)
-        # URLError is an OSError, DataError a ValueError; HTTPException covers truncation.
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
-                raise DataError(
-                    f"cache folder {dest.parent}: {exc.strerror} while downloading {url}"
-                ) from None
-            failures.append(f"{url}: {exc}")
-            if log is not None:
-                log(f"failed {url}: {exc}")
-            continue
-        return dest
+    with _partial_download(dest) as partial:
+        for url in urls:
+            try:
+                if partial is not None:
+                    _resume(url, partial, dest, expected, timeout, log, progress_every_s)
+                    return dest
+                with atomic_path(dest, suffix=".part") as tmp:  # renamed only if verified
+                    _fetch(url, tmp, timeout, log, progress_every_s)
+                    _check_digests(tmp, expected, url)
+            # URLError is an OSError, DataError a ValueError; HTTPException covers truncation.
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+                    raise DataError(
+                        f"cache folder {dest.parent}: {exc.strerror} while downloading {url}"
+                    ) from None
+                failures.append(f"{url}: {exc}")
+                if log is not None:
+                    log(f"failed {url}: {exc}")
+                continue
+            return dest
     raise DataError(f"{dest.name}: every URL failed: " + " | ".join(failures))
 
 
@@ -259,8 +397,14 @@ def _extract_tar(archive: Path, into: Path) -> list[str]:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
         links = {"/".join(_parts(m.name)): m.linkname for m in members if m.issym()}
+        before: set[str] = set()
         for m in members:
             _check_member(archive, m.name, _tar_kind(m), m.linkname or None, links)
+            if m.islnk() and "/".join(_parts(m.linkname)) not in before:  # tarfile: KeyError
+                raise DataError(
+                    f"{archive}: hardlink {m.name!r} -> {m.linkname!r} names no member before it"
+                )
+            before.add("/".join(_parts(m.name)))
         try:
             tar.extractall(into, members=members, filter="data")
         except tarfile.FilterError as exc:
@@ -281,10 +425,22 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return "file"
 
 
+def _check_zip_readable(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuse a member zipfile cannot read, which it says only when it gets there, outside the
+    errors of a damaged archive: an encrypted one (RuntimeError) or one compressed by a method
+    it lacks, e.g. deflate64 (NotImplementedError). Opening it reads its header alone."""
+    try:
+        zf.open(info).close()
+    except (RuntimeError, NotImplementedError) as exc:
+        raise DataError(f"{archive}: member {info.filename!r} cannot be read: {exc}") from exc
+
+
 def _extract_zip(archive: Path, into: Path) -> list[str]:
     """Check every zip member (zipfile writes symlinks as plain files), then extract."""
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        for info in infos:
+            _check_zip_readable(archive, zf, info)
         links = {
             "/".join(_parts(i.filename)): zf.read(i).decode("utf-8", "replace")
             for i in infos
