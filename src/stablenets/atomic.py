@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "remove_stale_temporaries"]
+__all__ = ["atomic_path", "atomic_write", "install", "remove_stale_temporaries"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -80,14 +80,21 @@ def atomic_path(path: Path | str, suffix: str = TMP_SUFFIX) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
+        install(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+
+
+def install(written: Path | str, path: Path | str) -> None:
+    """Rename the finished file ``written`` onto ``path`` (in the same folder) so that a crash
+    leaves one or the other whole: its bytes flushed to disk first, the permissions of a new
+    file (not ``mkstemp``'s 0o600), the folder flushed after the rename."""
+    with open(written, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(written, new_file_mode())
+    os.replace(written, path)
+    _fsync_folder(Path(path).parent)
 
 
 def atomic_write(path: Path | str, data: str | bytes, encoding: str = "utf-8") -> None:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stablenets.atomic import atomic_path, new_file_mode, remove_stale_temporaries
+from stablenets.atomic import atomic_path, install, remove_stale_temporaries
 from stablenets.data.format import DataError
 
 _CHUNK_BYTES = 1 << 20
@@ -205,22 +205,6 @@ def _partial_download(dest: Path) -> Iterator[Path | None]:
         os.close(fd)
 
 
-def _install(partial: Path, dest: Path) -> None:
-    """Rename a verified ``partial`` onto ``dest`` as ``atomic_path`` does: flushed to disk with
-    the permissions of a new file, then the folder flushed, so the rename survives a crash."""
-    with open(partial, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.chmod(partial, new_file_mode())
-    os.replace(partial, dest)
-    folder = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    except OSError:  # a file system that cannot flush a folder
-        pass
-    finally:
-        os.close(folder)
-
-
 def _resume(
     url: str,
     partial: Path,
@@ -245,7 +229,7 @@ def _resume(
             if log is not None:
                 log(f"fetching {url} again from its start: the resumed file failed ({exc})")
             continue
-        _install(partial, dest)
+        install(partial, dest)  # as atomic_path does: flushed, a new file's mode
         return
 
 
