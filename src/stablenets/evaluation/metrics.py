@@ -24,6 +24,12 @@ from torch import Tensor
 # --------------------------------------------------------------------------------------------
 
 
+def per_image(v: Tensor, like: Tensor) -> Tensor:
+    """An ``(N,)`` vector (a value or mask per image) shaped to broadcast over ``like`` of shape
+    ``(N, ...)``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
 def psnr(x: Tensor, ref: Tensor, peak: str | float = "max") -> Tensor:
     """Peak signal-to-noise ratio per image, ``10 log10(peak^2 / MSE)``, in dB.
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stablenets.evaluation.metrics import fixed_noise, psnr
+from stablenets.evaluation.metrics import fixed_noise, per_image, psnr
 from stablenets.evaluation.tv import (
     GRADIENT_NORM_SQ,
     divergence2d,
@@ -389,7 +389,7 @@ def _record(
     step = torch.where(finite, step, torch.full_like(step, math.inf))
     rel = step / _norms(x_old).clamp_min(torch.finfo(x_old.dtype).tiny)
     bad = ~finite | (_norms(x_new) > limit[idx.to(limit.device)])
-    kept = torch.where(bad.to(x_new.device).view(-1, *[1] * (x_new.dim() - 1)), x_old, x_new)
+    kept = torch.where(per_image(bad.to(x_new.device), x_new), x_old, x_new)
     records = {"step_norm": step, "relative_change": rel}
     records["residual"] = _norms(blur.forward(kept) - y)
     if reference is not None:
@@ -498,9 +498,9 @@ def tv_deblur(
         p_new = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
         x_new = prox(x + tau * divergence2d(p_new))
         change = relative_change(x_new, x)
-        p = torch.where(_per_image(running, p), p_new, p)
-        x_bar = torch.where(_per_image(running, x), 2.0 * x_new - x, x_bar)
-        x = torch.where(_per_image(running, x), x_new, x)
+        p = torch.where(per_image(running, p), p_new, p)
+        x_bar = torch.where(per_image(running, x), 2.0 * x_new - x, x_bar)
+        x = torch.where(per_image(running, x), x_new, x)
         stopped = running & (change < tol)
         iterations[stopped.cpu()] = k
         running = running & ~stopped
@@ -513,11 +513,6 @@ def tv_deblur(
                 f"{timing(k, iters, time.monotonic() - start, upper=True)}"
             )
     return x, iterations
-
-
-def _per_image(mask: Tensor, like: Tensor) -> Tensor:
-    """An ``(N,)`` mask shaped to broadcast over ``like``'s images (its first dimension)."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 class TVChoice(NamedTuple):

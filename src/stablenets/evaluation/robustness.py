@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stablenets.evaluation.metrics import per_image
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.operators import full_float32, pinned_weights
 from stablenets.progress import timing
@@ -93,11 +94,6 @@ def check_eps(eps: float) -> None:
 def flat_norm(t: Tensor) -> Tensor:
     """Per-sample L2 norm ``||t_i||_2`` over all but the first axis."""
     return t.flatten(1).norm(dim=1)
-
-
-def _per_sample(v: Tensor, like: Tensor) -> Tensor:
-    """Reshape a (N,) vector to broadcast against ``like`` of shape (N, ...)."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 class Autocast(nn.Module):
@@ -222,7 +218,7 @@ def project_l2(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """
     delta = x_adv - x
     factor = (eps / flat_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
-    return (x + delta * _per_sample(factor, delta)).clamp(0.0, 1.0)
+    return (x + delta * per_image(factor, delta)).clamp(0.0, 1.0)
 
 
 def _ce_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -251,7 +247,7 @@ def _pgd_run(
         x_adv = (x + eps * noise).clamp(0.0, 1.0)
     for _ in range(steps):
         grad = _ce_gradient(model, x_adv, y)
-        direction = grad / _per_sample(flat_norm(grad).clamp_min(_TINY), grad)
+        direction = grad / per_image(flat_norm(grad).clamp_min(_TINY), grad)
         x_adv = project_l2(x_adv + step_size * direction, x, eps)
     return x_adv.detach()
 
