@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +32,42 @@ from stablenets.bench.rows import MODEL_SPECS
 from stablenets.nn.models import build_model
 from stablenets.nn.operators import power_iteration_all
 from stablenets.pipeline.config import ConfigError, load_config
+from stablenets.train.cuda_graphs import StepGraphs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / bench.SCHEMA
+
+
+CAPTURE_S = 1000.0  # what a stubbed capture takes of the clock (``fake_cuda_graphs``)
+
+
+def fake_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """torch.cuda's streams and graphs stubbed (no GPU here), so that the real ``StepGraphs``
+    runs on the CPU: a capture runs its work eagerly, a replay does nothing. Each capture takes
+    ``CAPTURE_S`` of ``time.perf_counter``, a clock then that far ahead (no real time); the
+    returned list holds how far."""
+    ahead, real = [0.0], time.perf_counter
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class Graph:
+        def replay(self) -> None:
+            pass
+
+    @contextlib.contextmanager
+    def graph(g: Graph, pool: object = None) -> Iterator[None]:
+        yield
+        ahead[0] += CAPTURE_S
+
+    stubs = {"graph_pool_handle": lambda: None, "Stream": Stream, "current_stream": Stream,
+             "stream": lambda s: contextlib.nullcontext(), "CUDAGraph": Graph, "graph": graph,
+             "synchronize": lambda: None}  # fmt: skip
+    for name, stub in stubs.items():
+        monkeypatch.setattr(torch.cuda, name, stub)
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + ahead[0])
+    return ahead
 
 
 def _stretch(model, factor: float):
@@ -84,6 +120,37 @@ def test_quick_bench_writes_a_well_formed_csv(tmp_path):
     ours, ref = read[0], read[1]
     assert ours["substeps_total"] == ref["substeps_total"]
     assert float(ours["flops_per_step"]) == pytest.approx(float(ref["flops_per_step"]), rel=0.05)
+
+
+def test_a_graphed_benchmark_times_no_capture_and_is_replayed_only_when_none_happened(monkeypatch):
+    """``--cuda-graphs``: step 1 runs eagerly and step 2 captures (``StepGraphs``), so the
+    warm-up is at least those two (the default ``--warmup 1`` timed the capture); and a row is
+    ``replayed`` only when its timed steps neither ran eagerly nor captured (a key seen once in
+    the warm-up is captured in a timed step, which is no eager step)."""
+    fake_cuda_graphs(monkeypatch)
+    model = torch.nn.Linear(4, 2)
+
+    def forward_loss(x: torch.Tensor, t: torch.Tensor, capturing: bool):
+        out = model(x)
+        return out, torch.nn.functional.cross_entropy(out, t)
+
+    def worker(batches: list[int], warmup: int) -> dict:
+        graphs, sizes = StepGraphs(model, forward_loss, 8, lambda _: None), iter(batches)
+
+        def step() -> None:
+            n = next(sizes)
+            graphs(torch.rand(n, 4), torch.zeros(n, dtype=torch.long))
+
+        monkeypatch.setattr(bench, "_build", lambda job, device: (model, None, None, None, None))
+        monkeypatch.setattr(bench, "_stepper", lambda *args: (step, graphs))
+        job = {"threads": torch.get_num_threads(), "device": "cpu", "warmup": warmup, "steps": 3,
+               "flops": False}  # fmt: skip
+        return bench.run_worker(job)
+
+    same = worker([3] * 5, warmup=1)  # warm-up: eager, capture; timed: 3 replays
+    assert same["graphs"] == "replayed" and same["elapsed"] < CAPTURE_S
+    late = worker([3, 5, 3, 3, 3], warmup=2)  # warm-up: two keys once each; timed: a capture
+    assert late["graphs"] != "replayed" and "1 captured, 3 steps replayed" in late["graphs"]
 
 
 @pytest.mark.parametrize(
@@ -341,12 +408,9 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
         bench.project_hours(csv_path, cfg_path, schema=SCHEMA)
 
 
-def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_evaluation_and_pnp(
-    tmp_path, capsys
-):
-    """``--project``: each training job against ``resources.train.runtime`` (a longer one needs
-    that many submissions, resuming); ``--cost`` adds the evaluation and PnP jobs of a
-    rehearsal's ``cost.csv`` by rule, naming those over their runtime, and the DAG's total."""
+def _projection_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A benchmark CSV (the classifier at 1 s per step), a config (9,000 classifier steps: 2.5 h;
+    the averaged denoiser, no row: 0 h) and a rehearsal's cost.csv."""
     csv_path = tmp_path / "cuda.csv"
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=bench.COLUMNS)
@@ -372,7 +436,16 @@ def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_eval
         dict(paper, rule="train_classifier", variant="nonexpansive", projected_h=99.0),
         dict(paper, row="total", rule="all jobs", variant="", projected_h=999.0),
     ]).to_csv(cost_csv, index=False)  # fmt: skip
+    return csv_path, cfg_path, cost_csv
 
+
+def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_evaluation_and_pnp(
+    tmp_path, capsys
+):
+    """``--project``: each training job against ``resources.train.runtime`` (a longer one needs
+    that many submissions, resuming); ``--cost`` adds the evaluation and PnP jobs of a
+    rehearsal's ``cost.csv`` by rule, naming those over their runtime, and the DAG's total."""
+    csv_path, cfg_path, cost_csv = _projection_inputs(tmp_path)
     bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA)])
     out = capsys.readouterr().out
     assert re.search(r"2\.5 h +1 job\(s\) +2\.50 h each, over 60 min: 3 submissions +"
@@ -385,13 +458,56 @@ def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_eval
     assert re.search(r"5\.5 h +2 job\(s\) +5\.00 h at most, 1 over 240 min: cpl_L +"
                      r"evaluate_classifier", out), out  # fmt: skip
     assert re.search(r"0\.2 h +1 job\(s\) +0\.25 h at most, fits +pnp_deblur", out), out
-    assert "train_classifier" not in out  # training is projected from the step benchmarks
-    assert re.search(r"8\.2 h  the whole DAG: training \(for .*\) \+ evaluation, PnP", out), out
+    assert "the whole DAG" in out
     with pytest.raises(SystemExit):  # --cost alone: argparse's one-line usage error
         bench.parse_args(["--cost", str(cost_csv)])
     with pytest.raises(ValueError, match=r"lacks the columns \['fits'"):
         pd.read_csv(cost_csv).drop(columns=["fits"]).to_csv(cost_csv, index=False)
         bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--cost", str(cost_csv)])
+
+
+def test_step_only_training_hours_are_a_lower_bound_and_the_dag_takes_the_rehearsals_instead(
+    tmp_path, capsys
+):
+    """The benchmark rows pin about one sub-step per block and time steps alone: ``--project``
+    says its training hours are a lower bound; with ``--cost`` the whole DAG takes the
+    rehearsal's training projections (measured sub-step growth, validations, checkpoints:
+    99 h here, not the classifier's 2.5 h) where cost.csv has them, and the step-only ones for
+    the rest (the denoiser's train rule is not in this cost.csv)."""
+    csv_path, cfg_path, cost_csv = _projection_inputs(tmp_path)
+    args = ["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA)]
+    bench.main(args)
+    out = capsys.readouterr().out
+    assert "these training hours: lower bound: steps alone, at the benchmark rows' pinned" in out
+    bench.main([*args, "--cost", str(cost_csv)])
+    out = capsys.readouterr().out
+    assert re.search(r"99\.0 h +1 job\(s\) +99\.00 h at most, fits +train_classifier", out), out
+    total = re.search(r"([0-9.]+) h  the whole DAG: training: train_classifier of .*cost\.csv "
+                      r"\(measured sub-steps, validations, checkpoints\) \+ the step-only "
+                      r"denoising above", out)  # fmt: skip
+    assert total is not None, out
+    assert float(total[1]) == pytest.approx(99.0 + 5.5 + 0.25, abs=0.06)  # not 2.5 + 5.75
+
+
+def test_a_denoisers_step_time_is_scaled_by_the_rows_theta_over_its_own(tmp_path):
+    """The denoiser's row runs theta 1 (at about one sub-step per block); at the same norms the
+    averaged denoiser (theta 0.5) takes twice the sub-steps of Euler: twice its hours."""
+    csv_path = tmp_path / "cuda.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=bench.COLUMNS)
+        writer.writeheader()
+        writer.writerow(
+            dict({c: "" for c in bench.COLUMNS}, model="denoiser", impl="ours", batch="5",
+                 height="321", width="481", step_ms="100")
+        )  # fmt: skip
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["denoising"]["select"] = config["pnp"]["denoisers"] = ["euler", "averaged"]
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    got = {label: h for label, _, h in bench.project_hours(csv_path, cfg_path, schema=SCHEMA)}
+    steps = config["denoising"]["train"]["steps"]
+    assert got["denoising/euler"] == pytest.approx(steps * 0.1 / 3600)
+    assert got["denoising/averaged"] == pytest.approx(2 * steps * 0.1 / 3600)
 
 
 def test_the_partial_remat_benchmark_times_each_choice_and_more_blocks_checkpointed_keep_less():

@@ -158,7 +158,7 @@ def test_select_tv_weight_logs_a_line_per_weight_with_its_psnr_and_an_eta() -> N
     chosen, scores = select_tv_weight(noisy, clean, [0.03, 0.1], iters=20, log=lines.append)
     assert len(lines) == 3  # a line per weight, then: the best is at the candidates' edge
     edge = "smallest" if chosen == 0.03 else "largest"
-    assert lines[2].startswith(f"TV weight {chosen:g} is the {edge} candidate: the best weight")
+    assert lines[2].startswith(f"TV weight {chosen:g} is the {edge} candidate: the best value")
     for k, (line, w, score) in enumerate(zip(lines[:2], [0.03, 0.1], scores, strict=True), 1):
         assert re.fullmatch(
             rf"TV weight {w:g} \({k}/2\): validation PSNR {score:.2f} dB, elapsed \d+ s, "

@@ -614,6 +614,27 @@ def test_a_diverged_image_leaves_the_mean_step_and_the_curve_stays_drawn(tmp_pat
     assert any("diverged" in t for t in labels if not t.startswith("dncnn"))  # the marker's key
 
 
+def test_an_image_stopped_by_the_blow_up_bound_leaves_the_mean_step_where_it_diverged(
+    tmp_path: Path,
+) -> None:
+    """An iterate past ``pnp.blowup`` times the start's norm is rejected with a finite (huge)
+    step: only the result's per-image ``diverged`` says so. It is marked at its last step and
+    leaves the mean there, as a non-finite one does."""
+    at = 5
+    path = pnp_result(tmp_path, "dncnn", 0)
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["diverged_count"] = 1
+        step, psnr = fh["history/step_norm"][()], fh["history/psnr_1"][()]
+        step[0, at], step[0, at + 1 :], psnr[0, at + 1 :] = 1e9, np.nan, np.nan
+        fh["history/step_norm"][...], fh["history/psnr_1"][...] = step, psnr
+        fh["diverged"] = np.array([True, False, False])
+    fig = pnp_convergence_figure([path], tmp_path / "blowup")
+    mean, *markers = [line for line in fig.axes[1].lines if line.get_gid() == "dncnn"]
+    others = pd.DataFrame(step[1:]).ffill(axis=1).to_numpy()
+    np.testing.assert_allclose(np.asarray(mean.get_ydata(), float)[at:], others[:, at:].mean(0))
+    assert [list(m.get_xdata()) for m in markers] == [[at]]
+
+
 def test_the_step_panel_plots_each_step_where_its_label_puts_it(
     pnp_paths: list[Path], tmp_path: Path
 ) -> None:

@@ -120,6 +120,12 @@ def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run)
         assert fh.attrs["nonincreasing"] == 1
         assert fh.attrs["averagedness"] < 1
         assert fh.attrs["mean_psnr"] > fh.attrs["observed_mean_psnr"]
+    # its denoiser strength is the best of the candidates on the 4 validation images
+    pnp, sets = read_results(path)
+    assert sets["diverged"].dtype == bool and sets["diverged"].sum() == pnp["diverged_count"]
+    scores, strengths = (json.loads(pnp[k]) for k in ("strength_validation_scores", "strengths"))
+    assert pnp["validation_images"] == 4 and len(scores) == len(strengths) == 2
+    assert pnp["strength"] == strengths[int(np.argmax(scores))]
     tv = read_results(smoke_run / "results/smoke/pnp/tv.h5")
     # TV keeps no step history: no monotonicity is claimed; it records the iterations it ran
     assert math.isnan(tv[0]["nonincreasing"])
@@ -130,7 +136,7 @@ def test_smoke_pnp_with_the_averaged_denoiser_converges_monotonically(smoke_run)
     assert tv[0]["tv_validation_images"] == 4 and len(scores) == len(weights) == 6
     assert tv[0]["tv_weight"] == weights[int(np.argmax(scores))]
     table = (smoke_run / "results/smoke/tables/pnp.md").read_text()
-    assert "PSNR peak 1 (dB)" in table and "| tv " in table
+    assert "PSNR peak 1 (dB)" in table and "| tv " in table and "denoiser strength β" in table
 
 
 def archive_overlay(work: Path, cache: Path, cifar: Path, bsds: Path, cifar_md5: str) -> Path:

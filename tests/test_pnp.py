@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from audit import adversary, averaged_objective
 from conftest import cartoon, tf32_flags
 
 from stablenets.evaluation.metrics import fixed_noise, psnr
@@ -19,10 +20,14 @@ from stablenets.evaluation.pnp import (
     gaussian_kernel,
     observe,
     pnp_forward_backward,
+    relaxed_denoiser,
+    select_pnp_strength,
     select_tv_deblur_weight,
     tv_deblur,
     uniform_kernel,
 )
+from stablenets.evaluation.tv import tv_denoise
+from stablenets.nn import build_model
 from stablenets.pipeline import jobs
 
 
@@ -361,8 +366,8 @@ def test_the_tv_deblurring_weight_is_the_best_of_its_candidates_on_the_images_gi
     lines: list[str] = []
     choice = select_tv_deblur_weight(observed, clean, blur, weights, 60, 1e-5, log=lines.append)
     assert len(choice.scores) == len(weights) == len(lines)
-    assert choice.weight == weights[max(range(len(weights)), key=choice.scores.__getitem__)]
-    assert choice.weight not in (weights[0], weights[-1]), choice.scores
+    assert choice.value == weights[max(range(len(weights)), key=choice.scores.__getitem__)]
+    assert choice.value not in (weights[0], weights[-1]), choice.scores
     ran = [tv_deblur(observed, blur, w, 60, 1e-5) for w in weights]
     for score, (x, _) in zip(choice.scores, ran, strict=True):
         assert score == pytest.approx(float(psnr(x, clean, 1.0).mean()), abs=1e-9)
@@ -415,3 +420,96 @@ def test_pnp_with_the_denoiser_applied_in_chunks_is_the_same_iteration(deblur_pr
     )
     assert torch.equal(whole[0], chunked[0])
     assert all(torch.equal(whole[1][k], chunked[1][k]) for k in ("iterations", "converged"))
+
+
+# ----- PnP's weight: the denoiser's strength, chosen on validation images --------------------
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.3, 0.05])
+def test_a_denoiser_at_strength_beta_is_beta_alpha_averaged_under_attack(strength) -> None:
+    """One Euler block (theta 1/2) with every unit in its linear region (bias 3), where its
+    map is about as contractive as its bound says: the attack finds no violation of beta alpha,
+    and does find one of beta alpha / 3, so the check is not vacuous."""
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_denoiser", width=6, depth=1, input_size=(8, 10), theta=0.5)
+    model = model.double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.fill_(3.0)
+    alpha = model.averagedness()
+    assert alpha is not None and 0 < alpha < 1
+    relaxed = relaxed_denoiser(model, strength)
+    gamma = strength * alpha
+    assert adversary(relaxed, (3, 8, 10), averaged_objective(gamma), steps=60, images=True) <= 1e-9
+    attack = adversary(relaxed, (3, 8, 10), averaged_objective(gamma / 3), steps=30, images=True)
+    assert attack > 0
+    with pytest.raises(ValueError, match="strength must be positive"):
+        relaxed_denoiser(model, 0.0)
+
+
+def tv_prox(weight: float):
+    """A denoiser whose regulariser is known: the TV proximal map at ``weight`` (firmly
+    non-expansive, 1/2-averaged)."""
+    return lambda v: tv_denoise(v, weight, 200, tol=1e-6).x
+
+
+def test_a_denoiser_too_strong_for_the_problem_is_plugged_in_at_the_strength_best_on_validation():
+    """A TV prox far too strong for noise 0.01 (the sigma-0.15 denoiser's situation): at full
+    strength PnP loses to the observation; the chosen strength is the best of the candidates on
+    the validation images, strictly inside them, and each score is that strength's mean PSNR as
+    PnP gives it; its runs keep the guarantee (the check sees every strength's steps)."""
+    clean = cartoon(n=2, h=24, w=28).flip(-2)
+    blur = GaussianBlur(9, 1.6, clean.shape[1:])
+    observed = observe(clean, blur, 0.01, seed=5)
+    denoiser, strengths = tv_prox(0.3), [1.0, 0.1, 0.01, 1e-4]
+    checked: list[float] = []
+
+    def check(history: dict[str, torch.Tensor], strength: float) -> None:
+        checked.append(strength)
+        for steps in history["step_norm"]:
+            assert check_nonincreasing(steps, atol=1e-9) is None, strength
+
+    lines: list[str] = []
+    choice = select_pnp_strength(
+        denoiser, blur, observed, clean, strengths, 1.0, 0.5, check, lines.append, max_iter=80
+    )
+    assert checked == strengths and len(lines) == len(strengths)
+    assert lines[0].startswith("PnP denoiser strength 1 (1/4): validation PSNR ")
+    assert choice.value == strengths[max(range(4), key=choice.scores.__getitem__)]
+    assert choice.value not in (strengths[0], strengths[-1]), choice.scores
+    assert choice.scores[0] < float(psnr(observed, clean, 1.0).mean()) < max(choice.scores)
+    runs = [
+        pnp_forward_backward(relaxed_denoiser(denoiser, b), blur, observed, 1.0, max_iter=80)
+        for b in strengths
+    ]
+    for score, (x, _) in zip(choice.scores, runs, strict=True):
+        assert score == pytest.approx(float(psnr(x, clean, 1.0).mean()), abs=1e-9)
+    assert choice.image_iterations == sum(int(h["iterations"].sum()) for _, h in runs)
+
+
+def test_a_strength_choice_resumes_from_the_scores_found_before_and_stops_where_asked():
+    clean = cartoon(n=1, h=16, w=20)
+    blur = GaussianBlur(5, 1.0, clean.shape[1:])
+    observed = observe(clean, blur, 0.01, seed=3)
+    found: dict[float, float] = {}
+    calls: list[int] = []
+
+    def stop_after_one() -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise InterruptedError
+
+    smooth = smoothing_denoiser(clean.shape[1:])
+    with pytest.raises(InterruptedError):
+        select_pnp_strength(smooth, blur, observed, clean, [1.0, 0.5], 1.0,
+                            found=found, stop_point=stop_after_one, max_iter=20)  # fmt: skip
+    assert list(found) == [1.0]
+    lines: list[str] = []
+    resumed = select_pnp_strength(
+        smooth, blur, observed, clean, [1.0, 0.5], 1.0, log=lines.append, found=found, max_iter=20
+    )
+    whole = select_pnp_strength(smooth, blur, observed, clean, [1.0, 0.5], 1.0, max_iter=20)
+    assert resumed.scores == whole.scores and resumed.value == whole.value
+    assert lines[0] == "PnP denoiser strengths: 1 of 2 scores found before"
+    assert resumed.image_iterations < whole.image_iterations

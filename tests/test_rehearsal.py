@@ -4,15 +4,19 @@ schedule, the overlay at the paper's sizes, the cost projection on fake jobs, an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
 
 import pandas as pd
 import pytest
+import torch
 import yaml
+from test_bench import CAPTURE_S, fake_cuda_graphs
 from workflow_helpers import BIN, ROOT, copy_workflow, local_env
 
 from stablenets.bench.cost import (
@@ -30,8 +34,14 @@ from stablenets.bench.cost import (
     projected_by_rule,
     write_cost,
 )
+from stablenets.nn.models import build_model
 from stablenets.pipeline.config import overlay, validate_config
 from stablenets.pipeline.runtime import write_results
+from stablenets.train import loop
+from stablenets.train.augment import AugmentConfig
+from stablenets.train.budget import budget_steps
+from stablenets.train.cuda_graphs import StepGraphs
+from stablenets.train.tasks import ClassificationTask
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 PAPER = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
@@ -102,11 +112,40 @@ def test_training_projects_fixed_seconds_plus_steps_validations_and_checkpoints_
 
 
 def test_the_first_step_of_each_process_is_retimed_at_the_others_rate_so_start_up_stays_fixed():
-    # 50 steps of 10 ms, the first of each of two processes 2 s (CUDA graph capture): 5.98 s
+    # 50 steps of 10 ms, the first of each of two processes 2 s (CUDA context, cuDNN): 4.48 s
     extra = {"train_time_s": 4.0 + 48 * 0.01, "startup_s": 4.0, "startup_steps": 2}
     assert _steady_time(extra, 50) == pytest.approx(50 * 0.01)  # what 50 steady steps take
     assert _steady_time({"train_time_s": 2.49}, 50) == 2.49  # unrecorded: as is
     assert _steady_time({**extra, "startup_steps": 50}, 50) == extra["train_time_s"]
+
+
+def test_the_first_graph_capture_is_start_up_not_a_projected_step(tmp_path, monkeypatch):
+    """``StepGraphs`` captures a key on its second sighting (step 2; the power iteration on its
+    second call too), after the first step's start-up: the loop counts the captures' seconds as
+    start-up, which the projection keeps fixed, not as steps' time scaled to 40,000. The real
+    loop and ``StepGraphs`` on the CPU, CUDA stubbed, each capture taking 1,000 s of the clock."""
+    ahead = fake_cuda_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        input_size=8)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    task = ClassificationTask(x, y, x[:8], y[:8], AugmentConfig(), eval_batch=8)
+    cfg = loop.TrainConfig(steps=6, batch_size=4, lr_max=0.05, val_every=6, cuda_graphs=True)
+    made: list[StepGraphs] = []
+
+    def step_graphs(model, task, cfg, device, log) -> StepGraphs:
+        forward_loss = functools.partial(loop._forward_loss, model, task, cfg, device)
+        made.append(StepGraphs(model, forward_loss, cfg.cuda_graph_cache, log))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "step_graphs", step_graphs)
+    _, state = loop.train(model, task, cfg, tmp_path, "h", lambda _: None)
+    assert made[0].captures >= 1 and ahead[0] >= 2 * CAPTURE_S  # the step's and the norms'
+    steady = _steady_time({"train_time_s": state.elapsed, **state.time_split()}, 6)
+    assert steady < 60, steady  # 6 small steps' seconds, not 2,000 x 6 / 5
+    assert state.startup_s >= ahead[0] and state.startup_steps == 1  # step 1 and the captures
+    assert made[0].capture_s >= ahead[0]
 
 
 def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times_n_over_n():
@@ -127,14 +166,14 @@ def test_evaluation_with_the_paper_attacks_projects_fixed_plus_attack_time_times
 def test_a_bisection_the_rehearsal_left_out_is_estimated_at_the_strong_attacks_rate():
     """Run: strong attack at one radius, no bisection; paper: 4 standard radii (3 of them off
     the 40-radius grid: 42 PGD radii against 40) and ceil(log2 40) = 6 bisection attacks per
-    clean point."""
+    test point."""
     run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
         **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
     parts = {"pgd": (30.0, 1000), "strong": (100.0, 200), "audit": (20.0, 100), "bisect": (0.0, 0)}
     measured = fake_eval(run, parts, wall=160.0)
     _, seconds, basis, _ = project(measured.job, measured, paper())
     pgd, strong, audit = 30 * 20 * 42 / 40, 100 * 20 * 4, 20 / 100 * 400
-    bisect = 100 / 200 * 0.5 * 10_000 * 6  # s per point x clean points x attacks per point
+    bisect = 100 / 200 * 10_000 * 6  # s per point x test points x attacks per point
     assert seconds == pytest.approx(10.0 + pgd + strong + audit + bisect)
     assert "bisection estimated at the strong pass's rate" in basis
 
@@ -153,7 +192,9 @@ def test_an_unmeasured_variant_is_projected_by_the_benchmarked_step_time_ratio_a
     assert "x 2 (benchmarked step ('cpl', 16) / ('classifier', 16), cpl_XS: eager row" in basis
     denoiser = fake_train(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 10, 1.0)
     _, seconds, basis, _ = project(Job("train_denoiser", "heun", "0.15", 0), denoiser, paper())
-    assert seconds == pytest.approx(29.0 + 2 * 0.1 * 40_000) and "stages only" in basis
+    # 2 stages, theta 1 for the averaged one's 0.5: half the sub-steps at the same norms
+    assert seconds == pytest.approx(29.0 + 2 * 0.5 * 0.1 * 40_000)
+    assert "stages and theta only" in basis
 
 
 def test_a_layer_family_is_projected_at_its_benchmark_rows_sub_steps_not_the_measured_ones():
@@ -183,7 +224,7 @@ def test_a_layer_family_is_projected_at_its_benchmark_rows_sub_steps_not_the_mea
 
 def test_a_strong_pass_that_attacked_no_point_takes_another_evaluations_rate_or_is_incomplete():
     """The rehearsal's strong pass found nothing to attack (0 points): not 0 s at paper scale,
-    but every clean point at the paper's 4 radii (and 6 bisection attacks each) at the rate of
+    but every test point at the paper's 4 radii (and 6 bisection attacks each) at the rate of
     another evaluation's strong pass; with none, the projection says it is incomplete, its fits
     unknown, and the totals name it."""
     run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
@@ -192,7 +233,7 @@ def test_a_strong_pass_that_attacked_no_point_takes_another_evaluations_rate_or_
     measured = fake_eval(run, parts, wall=60.0)
     other = fake_eval(run, {**parts, "strong": (50.0, 100)}, wall=99.0, variant="resnet")
     _, seconds, basis, complete = project(measured.job, measured, paper(), [measured, other])
-    clean = 0.5 * 10_000
+    clean = 10_000  # every test point: an upper bound whatever the rehearsal model's accuracy
     expected = 10.0 + 30 * 20 * 42 / 40 + 0.2 * 400 + 0.5 * clean * (4 + 6)
     assert complete and seconds == pytest.approx(expected)
     assert "strong pass: no point attacked here" in basis
@@ -213,6 +254,65 @@ def test_a_strong_pass_that_attacked_no_point_takes_another_evaluations_rate_or_
     assert "evaluate_classifier/cpl_XS" in gpu["basis"]
 
 
+def test_a_pass_that_attacked_no_point_is_bounded_by_every_paper_test_point_not_the_accuracy():
+    """The rehearsal's partially trained model (0.11 accurate after 100 steps on the CPU) may
+    leave the strong pass nothing to attack, and the paper model is far more accurate: the
+    upper bound counts every test point at the paper's radii (4 strong, 6 bisection attacks),
+    the same whatever the rehearsal model's clean accuracy."""
+    run = {"n_test": 500, "standard_eps": [0.1411764706], "strong": {
+        **PAPER["classification"]["evaluate"]["strong"], "on_grid": False}}  # fmt: skip
+    parts = {"pgd": (30.0, 1000), "strong": (0.0, 0), "audit": (20.0, 100), "bisect": (0.0, 0)}
+    projected = []
+    for clean in (0.11, 0.75):
+        measured = fake_eval(run, parts, wall=60.0)
+        measured.stats["clean_accuracy"] = clean
+        projected.append(project(measured.job, measured, paper()))
+    bound = 0.2 * 10_000 * (4 + 6)  # the audit's rate x every test point x radii and attacks
+    expected = 10.0 + 30 * 20 * 42 / 40 + 0.2 * 400 + bound
+    assert [p.seconds for p in projected] == pytest.approx([expected, expected])
+    assert "every one of the paper's test points x radii at the audit pass's rate (an upper " \
+        "bound" in projected[0].basis  # fmt: skip
+
+
+def test_a_denoisers_rate_carried_to_another_theta_scales_by_theta_basis_over_theta_job():
+    """``n = ceil(T L ||A||^2 / (2 r theta))``: at the same norms the averaged denoiser (theta
+    0.5) takes twice the sub-steps of Euler (theta 1), whose benchmark row it shares; the
+    rehearsal trains only the averaged one. Euler's training and evaluation are projected at
+    half its rate per step or image, and back."""
+    bench = {("denoiser", "", ""): BenchRow(100.0, 13)}
+    averaged, euler = (Job("train_denoiser", v, "0.15", 0) for v in ("averaged", "euler"))
+    _, seconds, basis, _ = project(euler, fake_train(averaged, 30.0, 10, 1.0), paper(bench))
+    assert seconds == pytest.approx(29.0 + 0.5 * 0.1 * 40_000)
+    assert "theta 1 for 0.5: x 0.5 sub-steps" in basis
+    _, seconds, _, _ = project(averaged, fake_train(euler, 30.0, 10, 1.0), paper(bench))
+    assert seconds == pytest.approx(29.0 + 2 * 0.1 * 40_000)
+    evaluation = Measured(Job("evaluate_denoiser", "averaged", "0.15", 0), 30.0, 0, "test image",
+                          10, 20.0, {})  # fmt: skip
+    _, seconds, _, _ = project(Job("evaluate_denoiser", "euler", "0.15", 0), evaluation,
+                               paper(bench))  # fmt: skip
+    assert seconds == pytest.approx(10.0 + 0.5 * 2.0 * 200)  # 200 test images
+
+
+def test_a_budget_minutes_projection_adds_validations_and_checkpoints_at_the_steps_it_buys():
+    """``train/budget.py``: a budget covers the steps alone (validation and checkpoints come on
+    top) and the job derives its steps from its step time: 120 minutes at 10 ms per step are
+    720,000 steps, each ``val_every`` validated and each ``checkpoint_every`` written; the
+    paper units are those steps."""
+    config = json.loads(json.dumps(PAPER))
+    config["classification"]["variants"]["nonexpansive"]["train"] = {"budget_minutes": 120}
+    train = config["classification"]["train"]
+    job = Job("train_classifier", "nonexpansive", seed=0)
+    parts = {"step": (10.0, 1000), "validation": (6.0, 3), "checkpoint": (1.0, 2)}
+    measured = Measured(job, 37.0, 0, "step", 1000, 17.0, {}, parts)  # 20 s fixed
+    units, seconds, basis, _ = project(job, measured, Paper(config, SIZES, {}))
+    steps = budget_steps(120, 0.01)
+    validations = math.ceil(steps / train["val_every"])
+    checkpoints = math.ceil(steps / train["checkpoint_every"])
+    assert units == steps and validations > 1000
+    assert seconds == pytest.approx(20.0 + 7200.0 + 2.0 * validations + 0.5 * checkpoints)
+    assert f"budget_minutes, {steps} steps at the projected rate" in basis
+
+
 def test_a_rate_borrowed_from_another_model_is_brought_to_the_sub_steps_the_borrower_ran():
     """The paper classifier ran 51 sub-steps (its row: 15) and its strong pass attacked nothing:
     the ResNet's rate, carried over by the rows' step times, is at 15 sub-steps; the classifier's
@@ -228,7 +328,7 @@ def test_a_rate_borrowed_from_another_model_is_brought_to_the_sub_steps_the_borr
     for substeps in (None, 51):
         mine.substeps = substeps
         at[substeps] = project(mine.job, mine, paper(bench), [mine, resnet])[1]
-    borrowed = 0.5 * 7.5 / 5.0 * 0.5 * 10_000 * (4 + 6)  # rate x f x clean points x attacks
+    borrowed = 0.5 * 7.5 / 5.0 * 10_000 * (4 + 6)  # rate x f x test points x attacks
     assert at[51] - at[None] == pytest.approx(borrowed * (51 / 15 - 1))
 
 
@@ -349,7 +449,13 @@ TINY = {
         "evaluate": {"crop_size": [16, 16], "lipschitz_search": {"steps": 5}},
         "tv": {"iters": 10},
     },
-    "pnp": {"denoisers": ["averaged"], "max_iter": 10, "tv": {"iters": 10, "val_images": 2}},
+    "pnp": {
+        "denoisers": ["averaged"],
+        "max_iter": 10,
+        "val_images": 2,
+        "strengths": [1.0, 0.3],
+        "tv": {"iters": 10},
+    },  # fmt: skip
     "resources": {
         kind: {"runtime": 10, "mem_mb": 2000, "gpu": 0} for kind in ("train", "evaluate")
     },
@@ -461,10 +567,14 @@ def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight
     units, seconds, _, _ = project(job, measured, paper())  # the paper: the whole split, 100
     assert units == 200 + 100 * weights
     assert seconds == pytest.approx(22.0 / (200 + 4 * weights) * units)
-    tv = PAPER["pnp"]["tv"]  # deblurring: 200 test images and val_images per weight, 300 its
+    p = PAPER["pnp"]  # deblurring: 200 test images and val_images per candidate, 300 its
     deblur = Measured(Job("tv_deblur"), 5.0, 0, "image-iteration", 600, 5.0, {})
     units, _, _, _ = project(deblur.job, deblur, paper())
-    assert units == (200 + tv["val_images"] * len(tv["weights"])) * tv["iters"]
+    assert units == (200 + p["val_images"] * len(p["tv"]["weights"])) * p["tv"]["iters"]
+    deblur = Measured(Job("pnp_deblur", "averaged", "0.15", 0), 5.0, 0, "image-iteration", 600,
+                      5.0, {})  # fmt: skip
+    units, _, _, _ = project(deblur.job, deblur, paper())
+    assert units == (200 + p["val_images"] * len(p["strengths"])) * p["max_iter"]
 
 
 def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_out(tmp_path):
@@ -483,7 +593,8 @@ def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_
     (work / "benchmarks").mkdir()
     shutil.copy2(script, work / "benchmarks")
     out = tmp_path / "out"
-    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python"), "KIT": "none", "RESERVE_S": "0"}
+    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none",
+           "RESERVE_S": "0"}  # fmt: skip
     run = subprocess.run(
         ["bash", "benchmarks/run_device_rehearsal.sh", "1"],  # a 1 s call: no time for make
         cwd=work,
@@ -511,7 +622,7 @@ def test_the_device_rehearsal_script_writes_the_partial_cost_straight_into_out(t
     shutil.copy2(ROOT / "benchmarks" / "run_device_rehearsal.sh", work / "benchmarks")
     shutil.copytree(ROOT / "benchmarks" / "results", work / "benchmarks" / "results")
     out = tmp_path / "out"
-    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python"), "KIT": "none",
+    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none",
            "RESERVE_S": "75"}  # fmt: skip
     run = subprocess.run(
         ["bash", "benchmarks/run_device_rehearsal.sh", "80"],
@@ -525,3 +636,62 @@ def test_the_device_rehearsal_script_writes_the_partial_cost_straight_into_out(t
     assert run.returncode == 124 and "no time left for make rehearsal" in log, log
     assert "partial cost: rc 0" in log and "0 of " in log, log
     assert (out / "cost-partial.csv").is_file() and not (work / "results").exists()
+
+
+def test_the_device_script_needs_no_pytest_for_the_rehearsal_and_skips_only_the_graph_tests(
+    tmp_path,
+):
+    """The kit brings no pytest, which the device's python3 may lack: the rehearsal's imports do
+    not include it, and the optional graph tests are skipped with a line. Here a pytest that
+    fails to import, and time for the graph tests but not for make (its reserve)."""
+    work = copy_workflow(tmp_path / "work")
+    (work / "src").symlink_to(ROOT / "src")
+    (work / "benchmarks").mkdir()
+    shutil.copy2(ROOT / "benchmarks" / "run_device_rehearsal.sh", work / "benchmarks")
+    nopytest = tmp_path / "nopytest"
+    nopytest.mkdir()
+    (nopytest / "pytest.py").write_text('raise ImportError("no pytest on this device")\n')
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none",
+           "RESERVE_S": "195", "PYTHONPATH": str(nopytest)}  # fmt: skip
+    run = subprocess.run(
+        ["bash", "benchmarks/run_device_rehearsal.sh", "200"],  # graph tests: 175 s less setup
+        cwd=work,
+        env={**local_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = (out / "device.log").read_text()
+    assert run.returncode == 124, log
+    assert "imports ok" in log and "the kit does not import" not in log
+    assert "no time left for make rehearsal" in log and "no pytest: graph tests skipped" in log
+
+
+def test_reap_kills_the_cut_runs_python3_jobs_of_this_checkout_and_no_other(tmp_path):
+    """The rules run ``python -m stablenets ...``, the stand-in ``python`` execs the device's
+    python3: a job's command line is ``.../python3 -m stablenets ...``. The script's ``reap``
+    (run as it defines it) kills such a job running in the checkout, not one elsewhere."""
+    script = (ROOT / "benchmarks" / "run_device_rehearsal.sh").read_text()
+    reap = re.search(r"^reap\(\) \{.*?^\}$", script, re.M | re.S)
+    assert reap is not None
+    fake = tmp_path / "fake" / "stablenets"  # a job that outlives the run
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text("import time\ntime.sleep(120)\n")
+    here, there = (tmp_path / "checkout").resolve(), (tmp_path / "other").resolve()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    jobs = []
+    for cwd in (here, there):
+        cwd.mkdir()
+        command = [str(BIN / "python3"), "-m", "stablenets", "train", "--spec", "x"]
+        jobs.append(subprocess.Popen(command, cwd=cwd, env=env))
+    try:
+        bash = f'ROOT={here}\nlog() {{ echo "$*"; }}\n{reap[0]}\nreap\n'
+        done = subprocess.run(["bash", "-c", bash], capture_output=True, text=True, timeout=60)
+        assert jobs[0].wait(timeout=10) == -9, done.stdout + done.stderr
+        assert jobs[1].poll() is None and "killed 1 job(s)" in done.stdout
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()

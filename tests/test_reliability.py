@@ -1432,8 +1432,8 @@ BAD_CONFIGS = {
         "evaluated",
     ),
     "a TV deblurring weight chosen on more validation images than there are": (
-        {"pnp": {"tv": {"val_images": 9}}},
-        "pnp.tv.val_images: 9 is more than the BSDS500 validation set (8 images)",
+        {"pnp": {"val_images": 9}},
+        "pnp.val_images: 9 is more than the BSDS500 validation set (8 images)",
     ),
     "a TV denoising weight chosen on more validation images than there are": (
         {"denoising": {"tv": {"val_images": 12}}},
@@ -1441,7 +1441,7 @@ BAD_CONFIGS = {
     ),
     "a TV deblurring weight given alone, as before its choice on validation images": (
         {"pnp": {"tv": {"weight": 0.01}}},
-        "pnp.tv.weight: unknown key; allowed: iters, step, tol, val_images, val_noise_seed, weights",
+        "pnp.tv.weight: unknown key; allowed: iters, step, tol, weights",
     ),
     "a PnP denoiser twice": (
         {"pnp": {"denoisers": ["averaged", "averaged"]}},

@@ -147,7 +147,7 @@ def test_in_groups_solves_only_the_groups_a_killed_run_did_not_save(tmp_path):
 
 # Each group takes about a second on one thread, so that the kill lands between groups.
 PNP = {"n_images": 6, "group_size": 2, "n_show": 3, "max_iter": 60, "tol": 1.0e-12,
-       "tv": {"iters": 150, "tol": 1.0e-12, "val_images": 2}}  # fmt: skip
+       "val_images": 2, "strengths": [1.0, 0.3], "tv": {"iters": 150, "tol": 1.0e-12}}  # fmt: skip
 
 
 def smoke_jobs(overrides: dict) -> Jobs:
@@ -242,6 +242,8 @@ def command(deblurring: dict, job: str, out: Path) -> list[str]:
 
 def weights(deblurring: dict, job: str) -> list[float]:
     spec = deblurring[job][0]
+    if job == "pnp":
+        return spec["pnp"]["strengths"]
     return (spec["tv"] if job == "evaluate-tv" else spec["pnp"]["tv"])["weights"]
 
 
@@ -305,7 +307,8 @@ def kill_when_saved(proc: subprocess.Popen, path: Path, section: str, count: int
 
 @pytest.mark.parametrize(
     ("job", "section", "count"),
-    [("pnp", "groups", 1), ("tv-deblur", "validation", 2), ("tv-deblur", "groups", 1),
+    [("pnp", "validation", 1), ("pnp", "groups", 1), ("tv-deblur", "validation", 2),
+     ("tv-deblur", "groups", 1),
      ("evaluate-tv", "validation", 2), ("evaluate-tv", "groups", 1),
      ("evaluate-denoiser", "lipschitz_search", 1)],
 )  # fmt: skip
@@ -328,7 +331,7 @@ def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of
     expected, got = numbers(uninterrupted(job)), numbers(tmp_path / "result.h5")
     # what this run computed (its cost): less than the whole job's
     counts = {"image_iterations_run", "image_solves_run", "tv_validation_image_iterations_run",
-              "test_images_run"}  # fmt: skip
+              "validation_image_iterations_run", "test_images_run"}  # fmt: skip
     run_only = {f"attr {k}" for k in counts} & set(expected)
     assert run_only and all(got[k] < expected[k] for k in run_only), run_only
     assert_same_but(expected, got, run_only)

@@ -24,32 +24,37 @@ same variant, else of the same model, else the rule's first measured job:
   and checkpoint writes (rate = seconds per validation or write; paper counts =
   ``ceil(steps / val_every)`` and ``ceil(steps / checkpoint_every)``: both happen at the last
   step too). A rehearsal validates 3 times in 1,000 steps, the paper 108 times in 40,000, so
-  these are not fixed costs. With ``budget_minutes``: the fixed seconds plus that budget;
+  these are not fixed costs. With ``budget_minutes``: the fixed seconds plus that budget plus
+  the validations and checkpoint writes at the steps it buys at the projected step rate
+  (``budget.budget_steps``: the job's own rule; paper units those steps);
 * classifier evaluation: one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
   the pass's seconds per attacked point (the job's ``seconds_per_point_*`` and
   ``attacked_points_*``), points scaled to the paper's settings: pgd and strong by
   ``N / n`` (test points) and by their radii, bisect by ``N / n`` and its ``ceil(log2(num))``
   attacks per point; the audit is the rate per point audited times the paper's slots (radii x
   ``audit_certified``: at most that many certified points per radius, whatever ``N``; an upper
-  estimate). A pass the paper runs that attacked no point here (not run, or nothing left to
-  attack) is estimated at an upper bound, every clean point (``clean accuracy * N``) at each of
-  its radii (the bisection: its attacks per point; the audit: its slots), at the rate of the
-  first of: this job's pass (the bisection: its own, then the strong pass's), another
+  estimate). The points a measured pass attacked are those of the rehearsal's partially trained
+  model (correct, uncertified, unbroken), scaled by ``N / n``: the paper model's may be more
+  (``ATTACK_NOTE``, in cost.md). A pass the paper runs that attacked no point here (not run, or
+  nothing left to attack) is estimated at an upper bound, every test point (``N``, not the
+  rehearsal model's clean accuracy times ``N``) at each of its radii (the bisection: its
+  attacks per point; the audit: its slots), at the rate of the first of: this job's pass (the
+  bisection: its own, then the strong pass's), another
   evaluation's same pass times ``f`` of the two variants; where none attacked a point, the
   pass is left out and the projection marked incomplete (``fits`` empty, the totals name it).
   With the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
 * denoiser evaluation: rate = the seconds it denoised test images for per image
   (``denoising_s_run``, ``test_images_run``), fixed = the rest (loading, the Lipschitz search,
   whose settings the rehearsal keeps at the paper's); paper units = the paper's test images;
-* PnP and TV deblurring (unit: image iteration, images x their iterations, TV's choice of
-  weight included): rate = the seconds of its solves (``deblur_s_run``; its whole wall time
+* PnP and TV deblurring (unit: image iteration, images x their iterations, the choice of
+  PnP's strength and TV's weight included): rate = the seconds of its solves (``deblur_s_run``; its whole wall time
   where a result predates it), fixed = the rest (start-up, loading, PnP's model and Lipschitz
   bound); TV denoising (unit: image solve, its test images plus its validation images per
   candidate weight) likewise, its solves' seconds ``denoising_s_run``; paper units = the
   paper's test images, TV denoising's plus its ``tv.val_images`` (the whole validation split
-  if null) x candidate weights, and images x ``max_iter`` (PnP) or ``tv.iters`` (TV, whose
-  images include ``val_images`` per candidate weight, as its measured units do) for
-  deblurring;
+  if null) x candidate weights, and images x ``max_iter`` (PnP) or ``tv.iters`` (TV) for
+  deblurring, whose images include ``pnp.val_images`` per candidate (PnP's strengths, TV's
+  weights), as its measured units do;
 * each of these counts its units as the job ran them (``test_images_run``,
   ``image_solves_run``, ``image_iterations_run``): a rerun that resumed a killed job's saved
   groups and scores counts only its own, and one that computed none is no basis for a
@@ -60,7 +65,10 @@ same variant, else of the same model, else the rule's first measured job:
 stand-ins have the real sizes). ``f`` is 1 for the same variant; else the ratio of the two
 variants' benchmarked training-step times (``cost.bench``: ``ours`` rows run with each variant's
 own options, ``rows.bench_key``, at its width) times their integrators' stages per sub-step
-(the benchmark runs Euler); a variant without a row is assumed to cost the same, said in ``basis``.
+(the benchmark runs Euler) and, for two non-expansive blocks, theta of the basis over theta of
+the job (``rows.substep_theta``: at the same norms, sub-steps scale with ``1 / theta``; the
+``averaged`` denoiser, theta 0.5, takes twice Euler's); a variant without a row is assumed to
+cost the same, said in ``basis``.
 For a paper variant of another model (a layer family projected from the paper classifier),
 ``f`` also brings the basis's measured rate to the sub-steps of its benchmark row (row
 ``substeps_total`` / the basis's mean measured sub-steps: its training log's, or the evaluated
@@ -233,23 +241,30 @@ _OCCASIONAL = {"validation": "val_every", "checkpoint": "checkpoint_every"}
 
 
 def _steady_time(extra: dict[str, Any], steps: int) -> float:
-    """``train_time_s`` with the first step of each process re-timed at the rate of the others
-    (``startup_s`` over ``startup_steps``, the loop's record): a first step carries start-up
-    (CUDA context, cuDNN autotuning, CUDA graph capture), which over a short run (the
-    rehearsal's ResNet: 50 steps) would weigh on the projected 40,000. Unrecorded, or no other
-    step: ``train_time_s`` as is."""
+    """``train_time_s`` less the start-up the loop recorded (``startup_s``): the first step of
+    each process (``startup_steps`` of them: CUDA context, cuDNN autotuning), re-timed at the
+    rate of the others, and the seconds of every CUDA graph capture (``StepGraphs.capture_s``;
+    a key is captured on its second sighting, in a later step, whose replay stays a step). Over
+    a short run (the rehearsal's ResNet: 50 steps) these would weigh on the projected 40,000;
+    so they stay fixed, the captures of the rehearsal's sub-step counts only (a paper run's
+    later counts are captured too: a lower bound). Unrecorded, or no other step:
+    ``train_time_s`` as is."""
     total, first = float(extra["train_time_s"]), int(extra.get("startup_steps", 0))
     if not first or steps <= first:
         return total
     return (total - min(float(extra["startup_s"]), total)) * steps / (steps - first)
 
 
-def _train_seconds(m: Measured, train: dict[str, Any], steps: float) -> float:
-    """Step, validation and checkpoint seconds of ``steps`` paper steps (module docstring)."""
+def _train_seconds(
+    m: Measured, train: dict[str, Any], steps: float, parts: Sequence[str] = ("step", *_OCCASIONAL)
+) -> float:
+    """Step, validation and checkpoint seconds of ``steps`` paper steps (module docstring), of
+    ``parts`` of them."""
     seconds = 0.0
     for p, (s, n) in m.parts.items():
-        count = steps if p == "step" else math.ceil(steps / train[_OCCASIONAL[p]])
-        seconds += s / n * count if n else 0.0
+        if p in parts:
+            count = steps if p == "step" else math.ceil(steps / train[_OCCASIONAL[p]])
+            seconds += s / n * count if n else 0.0
     return seconds
 
 
@@ -361,7 +376,7 @@ def _eval_seconds(
                          "(incomplete, a lower bound)")  # fmt: skip
             continue
         rate, source = found
-        count = want[p] if p == "audit" else m.stats["clean_accuracy"] * n_paper * want[p]
+        count = want[p] if p == "audit" else n_paper * want[p]  # every test point: a bound
         seconds += rate * count
         notes.append(_estimate_note(p, source, paper))
     return seconds, notes, complete
@@ -396,9 +411,10 @@ def _estimate_note(p: str, source: str, paper: Paper) -> str:
         cheaper = paper.config["classification"]["evaluate"]["strong"].get("grid_attacks")
         return (f"bisection estimated at {source}"
                 + (" (an upper bound: its grid_attacks cost less)" if cheaper else ""))  # fmt: skip
-    points = "slots" if p == "audit" else "clean points x radii"
+    points = "slots" if p == "audit" else "test points x radii"
     return (f"{p} pass: no point attacked here, estimated as every one of the paper's {points} at "
-            f"{source} (an upper bound)")  # fmt: skip
+            f"{source} (an upper bound: it attacks only the correct, uncertified, unbroken "
+            "ones)")  # fmt: skip
 
 
 @dataclass
@@ -433,12 +449,15 @@ class Paper:
             n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
             tv, n_val = cfg["denoising"]["tv"], bsds500_shape(cfg["data"]["bsds500"]).n_val
             return min(n_test or size, size) + (tv["val_images"] or n_val) * len(tv["weights"])
-        if job.rule == "pnp_deblur":
-            return min(cfg["pnp"]["n_images"], self.test_sizes["bsds500"]) * cfg["pnp"]["max_iter"]
-        if job.rule == "tv_deblur":
-            tv = cfg["pnp"]["tv"]
-            images = min(cfg["pnp"]["n_images"], self.test_sizes["bsds500"])
-            return (images + tv["val_images"] * len(tv["weights"])) * tv["iters"]
+        if job.rule in ("pnp_deblur", "tv_deblur"):  # the test images, then each candidate's
+            p = cfg["pnp"]
+            images = min(p["n_images"], self.test_sizes["bsds500"])
+            candidates, iters = (
+                (p["strengths"], p["max_iter"])
+                if job.rule == "pnp_deblur"
+                else (p["tv"]["weights"], p["tv"]["iters"])
+            )
+            return (images + p["val_images"] * len(candidates)) * iters
         return 1
 
     def resources(self, job: Job) -> dict[str, Any]:
@@ -464,12 +483,12 @@ class Paper:
 
     def factor(self, job: Job, basis: Measured) -> tuple[float, str]:
         """``f``: the paper variant's cost over the basis variant's (module docstring)."""
-        from stablenets.bench.rows import STAGES
+        from stablenets.bench.rows import STAGES, substep_theta
 
         if job.variant == basis.job.variant:
             return 1.0, ""
         task = job.task
-        keys, stages, eager, models = [], [], [], []
+        keys, stages, eager, models, thetas = [], [], [], [], []
         for name in (job.variant, basis.job.variant):
             v = self.variant(task, name)
             if v is None:
@@ -480,9 +499,14 @@ class Paper:
             eager += [name] if fallback else []
             kwargs = v.get("kwargs", {})
             stages.append(STAGES[kwargs.get("integrator", "euler")])
+            thetas.append(substep_theta(v))
         f = stages[0] / stages[1]
         block = (self.variant(task, job.variant) or {}).get("kwargs", {}).get("block")
         note = f", block {block}: Euler block's time assumed" if block else ""
+        if thetas[0] and thetas[1] and thetas[0] != thetas[1]:  # sub-steps ~ 1 / theta
+            more = thetas[1] / thetas[0]
+            f *= more
+            note += f", theta {thetas[0]:g} for {thetas[1]:g}: x {more:.3g} sub-steps"
         note += f", {' and '.join(eager)}: eager row, no graphed one" if eager else ""
         if keys[0] in self.bench and keys[1] in self.bench:
             f *= self.bench[keys[0]].step_ms / self.bench[keys[1]].step_ms
@@ -490,7 +514,7 @@ class Paper:
                 scale, how = _at_row_substeps(basis, self.bench[keys[1]])
                 f, note = f * scale, note + how
             return f, f" x {f:.3g} (benchmarked step {keys[0][:2]} / {keys[1][:2]}{note})"
-        return f, f" x {f:.3g} (stages only: not benchmarked{note})"
+        return f, f" x {f:.3g} (stages and theta only: not benchmarked{note})"
 
 
 class BenchRow(NamedTuple):
@@ -543,6 +567,22 @@ class Projection(NamedTuple):
     complete: bool = True
 
 
+def _budget_projection(basis: Measured, train: dict[str, Any], f: float, text: str) -> Projection:
+    """A training job with ``budget_minutes``: the steps that budget buys at the projected step
+    rate (``f`` times the basis's; ``budget.budget_steps``, as the job derives them), their
+    minutes, and the validations and checkpoint writes at that many steps, which the budget
+    leaves out (``train/budget.py``), plus the fixed seconds."""
+    from stablenets.train.budget import budget_steps
+
+    s, n = basis.parts.get("step", (basis.variable_s, basis.units))
+    steps = budget_steps(train["budget_minutes"], f * s / n)
+    occasional = f * _train_seconds(basis, train, steps, parts=tuple(_OCCASIONAL))
+    seconds = basis.fixed_s + 60 * train["budget_minutes"] + occasional
+    return Projection(
+        steps, seconds, f"{text}: budget_minutes, {steps} steps at the projected rate"
+    )
+
+
 def project(job: Job, basis: Measured, paper: Paper, others: Sequence[Measured] = ()) -> Projection:
     """A paper job's projection from a measured job (``others``: the run's measured jobs, whose
     attack rates stand in for a pass ``basis`` attacked no point in)."""
@@ -551,8 +591,7 @@ def project(job: Job, basis: Measured, paper: Paper, others: Sequence[Measured] 
     text = f"{basis.job.label()}{how}"
     train = paper.train(job.task, job.variant) if job.rule.startswith("train_") else {}
     if train.get("budget_minutes"):
-        return Projection(units, basis.fixed_s + 60 * train["budget_minutes"],
-                          f"{text}: budget_minutes")  # fmt: skip
+        return _budget_projection(basis, train, f, text)
     if train:
         return Projection(units, basis.fixed_s + f * _train_seconds(basis, train, units), text)
     if job.rule == "evaluate_classifier":
@@ -706,6 +745,14 @@ SUBSTEP_NOTE = (
 )
 """cost.md's note on the sub-steps behind the projections (``factor``)."""
 
+ATTACK_NOTE = (
+    "An attack pass is projected from the points it attacked here, those of the rehearsal's "
+    "partially trained model (correct, not certified, not yet broken), times N / n: a paper "
+    "model with more such points attacks more. A pass that attacked no point here is projected "
+    "at every test point (an upper bound)."
+)
+"""cost.md's note on the points behind the attack passes' projections (``_eval_seconds``)."""
+
 
 def _markdown(
     rows: list[dict[str, Any]], scale: str, paper_path: str, seeds: int, unlike: list[str]
@@ -744,7 +791,7 @@ def _markdown(
             f"{r['lr_last']:.3g} at the last logged step; sub-steps {r['substeps_first']:.0f} "
             f"first, {r['substeps_last']:.0f} last, {r['substeps_max']:.0f} at most"
         )
-    lines += ["", SUBSTEP_NOTE]
+    lines += ["", SUBSTEP_NOTE, "", ATTACK_NOTE]
     shown = {
         "rehearsal": ["rule", "variant", "wall_s", "unit", "units", "seconds_per_unit", "fixed_s",
                       "s_per_validation", "peak_memory_mb", "projected_h", "runtime_min", "fits"],

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stablenets.nn.integrators import INTEGRATORS
-from stablenets.nn.models import Classifier
+from stablenets.nn.models import Classifier, model_block, model_defaults
 
 __all__ = [
     "MODEL_SPECS",
@@ -20,6 +20,7 @@ __all__ = [
     "variant_width",
     "variant_options",
     "bench_key",
+    "substep_theta",
 ]
 
 # name -> (model, kwargs, task, paper batch, paper size, baseline implementation, warm-up fraction)
@@ -78,6 +79,18 @@ def variant_options(train: dict, graphs: bool = True) -> str:
     if train.get("remat", "auto") != "auto":
         opts.append(f"remat {'on' if train['remat'] else 'off'}")
     return " ".join(opts)
+
+
+def substep_theta(variant: Mapping[str, Any]) -> float | None:
+    """``theta`` of a variant whose blocks take adaptive sub-steps (the paper's non-expansive
+    block; its kwargs', else its model's default), ``None`` for other blocks (CPL: one step
+    whatever theta; the ResNet, SLL, AOL, ...: none). At the same norms such a block takes
+    about ``1 / theta`` times the sub-steps of a ``theta = 1`` one: ``n = ceil(T L ||A||^2 /
+    (2 r theta))``, where the default ``T`` does not depend on theta."""
+    kwargs = variant.get("kwargs", {})
+    if model_block(variant["model"], kwargs) != "nonexpansive":
+        return None
+    return float(kwargs.get("theta", model_defaults(variant["model"])["theta"]))
 
 
 def bench_key(

@@ -50,6 +50,7 @@ from stablenets.bench.rows import (
     STAGES,
     bench_key,
     classifier_width,
+    substep_theta,
     variant_width,
 )
 from stablenets.nn.families import FAMILIES
@@ -74,6 +75,7 @@ QUICK = {
 }
 _PREPARED: dict[str, StableModel] = {}  # state path -> prepared model (in-process runs)
 BIG_PIXELS = 100_000  # images above this many pixels get --big-steps / --big-repeats
+GRAPH_WARMUP = 2  # --cuda-graphs: step 1 runs eagerly, step 2 captures (``StepGraphs``' policy)
 PROFILE_ROWS = 25  # --profile: rows of the printed table
 STEADY_POWER_ITERS = 50  # prepare_state: iterations beyond construction's 20, then
 STEADY_MARGIN = 0.9  # each block's time this far below its one-sub-step limit
@@ -347,19 +349,22 @@ def run_worker(job: dict) -> dict:
         step, graphs = _stepper(job, model, task, cfg, opt, sched, device, Path(tmp))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         base = _rss_mb()
-        for _ in range(job["warmup"]):
+        # with graphs, the warm-up includes the capture: a timed one would be extrapolated
+        warmup = job["warmup"] if graphs is None else max(job["warmup"], GRAPH_WARMUP)
+        for _ in range(warmup):
             step()
         sync()
         if device.type == "cuda" and graphs is None:  # graph pools are allocated at capture
             torch.cuda.reset_peak_memory_stats(device)
-        eager_before = graphs.eager_steps if graphs is not None else 0
+        before = _graph_work(graphs)
         with _profiler(job, device):
             t0 = time.perf_counter()
             for _ in range(job["steps"]):
                 step()
             sync()
             elapsed = time.perf_counter() - t0
-        replayed = graphs is not None and graphs.eager_steps == eager_before
+        # replayed: every timed step one replay, no eager step and no capture among them
+        replayed = graphs is not None and _graph_work(graphs) == before
         if device.type == "cuda":
             peak, kind = (
                 torch.cuda.max_memory_allocated(device) / 2**20,
@@ -383,6 +388,14 @@ def run_worker(job: dict) -> dict:
         "flops": flops,
         "graphs": "" if graphs is None else ("replayed" if replayed else graphs.summary()),
     }
+
+
+def _graph_work(graphs: StepGraphs | None) -> tuple[int, int, float]:
+    """What ``graphs`` did other than replaying: eager steps, captures kept, capture seconds
+    (the power iteration's capture too)."""
+    if graphs is None:
+        return 0, 0, 0.0
+    return graphs.eager_steps, graphs.captures, graphs.capture_s
 
 
 def _spawn(job: dict) -> dict:
@@ -475,6 +488,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
         if args.widths and spec["task"] == "classification":
             widths = args.widths
         for width, impl in ((w, i) for w in widths for i in impls):
+            graphed = args.cuda_graphs and impl in ("ours", "plain")
             jobs.append(
                 dict(
                     model=name,
@@ -484,7 +498,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                     size=list(size),
                     device=str(args.device),
                     threads=args.threads,
-                    warmup=args.warmup,
+                    warmup=max(args.warmup, GRAPH_WARMUP) if graphed else args.warmup,
                     steps=args.big_steps if big else args.steps,
                     repeats=args.big_repeats if big else args.repeats,
                     substeps=args.substeps,
@@ -493,7 +507,7 @@ def _jobs(args: argparse.Namespace) -> list[dict]:
                     cudnn_benchmark=args.cudnn_benchmark and impl == "ours",
                     inprocess=args.inprocess,
                     remat=args.remat,
-                    cuda_graphs=args.cuda_graphs and impl in ("ours", "plain"),
+                    cuda_graphs=graphed,
                     profile=args.profile,
                 )
             )
@@ -631,11 +645,15 @@ def project_hours(
     graphs: an upper bound), or with ``options`` for every variant (e.g.
     ``"amp channels_last"``), for the variant's model at its base width. A non-expansive
     variant's step time is scaled by its integrator's stages per sub-step (the benchmark runs
-    Euler) and by the ratio of its batch x pixels to the benchmarked ones (none at paper scale;
-    linear in pixels, as the convolutions are); a variant with ``budget_minutes`` costs exactly that. Jobs: classification and
-    denoising variants x seeds (x noise levels), after ``select``. Evaluation, PnP and data jobs
-    are not included. The config is validated against ``schema`` first (``load_config``).
-    Returns ``(job kind, count, hours)`` rows; a label with parentheses marks an assumption."""
+    Euler), by the benchmark's theta over its theta (``rows.substep_theta``: sub-steps scale
+    with ``1 / theta``) and by the ratio of its batch x pixels to the benchmarked ones (none at
+    paper scale; linear in pixels, as the convolutions are); a variant with ``budget_minutes``
+    costs exactly that. Steps only, at the rows' sub-steps (``prepare_state`` pins about one
+    per block; a paper run's grow with the learning rate), without validations, checkpoints or
+    start-up: a lower bound (``_print_projection`` says so). Jobs: classification and denoising
+    variants x seeds (x noise levels), after ``select``. Evaluation, PnP and data jobs are not
+    included. The config is validated against ``schema`` first (``load_config``). Returns
+    ``(job kind, count, hours)`` rows; a label with parentheses marks an assumption."""
     cfg = load_config(config_path, schema)
     rates = {}
     for path in [csv_paths] if isinstance(csv_paths, Path) else csv_paths:
@@ -670,6 +688,10 @@ def project_hours(
             row = rates[key]
             step_s = float(row["step_ms"]) / 1000
             step_s *= STAGES.get(v.get("kwargs", {}).get("integrator", "euler"), 1)
+            theta, spec = substep_theta(v), MODEL_SPECS.get(str(key[0]))
+            row_theta = substep_theta(spec) if spec else None  # the benchmark's
+            if theta and row_theta:  # sub-steps ~ 1 / theta at the same norms
+                step_s *= row_theta / theta
             pixels = (32, 32) if task == "classification" else tuple(cfg["data"]["bsds500"]["size"])
             if task == "denoising" and section.get("patch"):
                 pixels = tuple(section["patch"])
@@ -687,11 +709,20 @@ def _fits(hours_each: float, runtime_min: float) -> str:
     return f"over {runtime_min:.0f} min: {math.ceil(60 * hours_each / runtime_min)} submissions"
 
 
+TRAIN_RULES = {"classification": "train_classifier", "denoising": "train_denoiser"}
+STEP_ONLY = (
+    "lower bound: steps alone, at the benchmark rows' pinned sub-steps (about one per block; a "
+    "paper run's grow with the learning rate), no validation, checkpoint or start-up (a "
+    "budget_minutes variant: its minutes of steps alone)"
+)
+
+
 def _print_projection(args: argparse.Namespace) -> None:
-    """``--project``: the training jobs from step benchmarks (``project_hours``), each against
-    ``resources.train.runtime``; with ``--cost``, the evaluation, PnP and data jobs a rehearsal
-    projected (``cost.projected_by_rule``, for the paper config that rehearsal named) and the
-    whole DAG."""
+    """``--project``: the training jobs from step benchmarks (``project_hours``: a lower bound,
+    said in one line), each against ``resources.train.runtime``; with ``--cost``, the jobs a
+    rehearsal projected (``cost.projected_by_rule``, for the paper config that rehearsal named)
+    and the whole DAG, with the rehearsal's training projections (measured sub-step growth,
+    validations and checkpoints) where ``cost.csv`` has them, else the step-only ones."""
     from stablenets.bench.cost import RULES, projected_by_rule
 
     config = load_config(Path(args.config), Path(args.schema))
@@ -708,20 +739,31 @@ def _print_projection(args: argparse.Namespace) -> None:
           f"{', '.join(args.project)})")  # fmt: skip
     trained = sum(h for *_, h in rows)
     print(f"{trained:10.1f} h  training, with the assumed ones")
+    print(f"{'':12s}  these training hours: {STEP_ONLY}")
     if args.cost is None:
         print("evaluation, PnP and data jobs: not projected (add --cost "
               "results/rehearsal/cost.csv of a `make rehearsal` on the device)")  # fmt: skip
         return
-    others = projected_by_rule(Path(args.cost), {r for r in RULES if not r.startswith("train_")})
+    others = projected_by_rule(Path(args.cost), set(RULES))
     for r in others:
         fits = "fits"
         if r["over"]:
             fits = f"{len(r['over'])} over {r['runtime_min']:.0f} min: {', '.join(r['over'][:4])}"
         print(f"{r['projected_h']:10.1f} h  {r['jobs']:3d} job(s)  {r['each_h']:6.2f} h at most, "
               f"{fits:24s}  {r['rule']} (from {args.cost})")  # fmt: skip
-    total = trained + sum(r["projected_h"] for r in others)
-    print(f"{total:10.1f} h  the whole DAG: training (for {args.config}) + evaluation, PnP and "
-          f"data (for the paper config of {args.cost})")  # fmt: skip
+    projected = {r["rule"] for r in others}
+    used = [rule for rule in TRAIN_RULES.values() if rule in projected]
+    step_only = [task for task, rule in TRAIN_RULES.items() if rule not in projected]
+    total = sum(r["projected_h"] for r in others)
+    total += sum(h for job, _, h in rows if job.split("/")[0] in step_only)
+    training = []
+    if used:
+        training.append(f"{', '.join(used)} of {args.cost} (measured sub-steps, validations, "
+                        "checkpoints)")  # fmt: skip
+    if step_only:
+        training.append(f"the step-only {' and '.join(step_only)} above (for {args.config})")
+    print(f"{total:10.1f} h  the whole DAG: training: {' + '.join(training)}; evaluation, PnP "
+          f"and data (for the paper config of {args.cost})")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -737,7 +779,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (recorded)")
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    p.add_argument("--warmup", type=int, default=1, help="excluded warm-up steps per process")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help=f"excluded warm-up steps per process (with --cuda-graphs at least {GRAPH_WARMUP}: "
+        "the capture's)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     p.add_argument("--big-steps", type=int, default=1, help="timed steps for >100k-pixel images")
     p.add_argument("--big-repeats", type=int, default=1, help="repeats for >100k-pixel images")

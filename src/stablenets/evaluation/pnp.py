@@ -18,6 +18,12 @@ converges to a fixed point of ``T`` (when one exists) for ``0 < lambda < 1 / alp
 not of convergence. Without a fixed point (a blur whose transfer function has zeros and a
 denoiser that shifts) the steps stay bounded away from zero while the iterates drift off, and
 the relative change still falls towards ``tol``: ``converged`` is a stopping rule, not a proof.
+
+PnP has no regularisation weight of its own: a denoiser trained at noise level ``sigma`` plugs in
+a regulariser of about that strength, whatever the problem's noise. Its *strength* ``beta``,
+``D_beta = (1 - beta) I + beta D`` (:func:`relaxed_denoiser`), is that weight: it is chosen on
+validation images (:func:`select_pnp_strength`) as the TV baseline's weight is, and keeps the
+guarantee (``D_beta`` is ``beta alpha``-averaged).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, MutableMapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -47,13 +53,16 @@ __all__ = [
     "CircularBlur",
     "GaussianBlur",
     "LinearOperator",
-    "TVChoice",
+    "Choice",
+    "PnPOptions",
     "assert_nonincreasing",
     "check_nonincreasing",
     "forward_backward_averagedness",
     "gaussian_kernel",
     "observe",
     "pnp_forward_backward",
+    "relaxed_denoiser",
+    "select_pnp_strength",
     "select_tv_deblur_weight",
     "tv_deblur",
     "uniform_kernel",
@@ -248,6 +257,27 @@ def _check_parameters(
             f"relaxation {relax} must lie in (0, 1/alpha_T) = (0, {relax_max:.6g}) for a "
             f"{denoiser_alpha}-averaged denoiser and eta={eta}"
         )
+
+
+def relaxed_denoiser(
+    denoiser: Callable[[Tensor], Tensor], strength: float
+) -> Callable[[Tensor], Tensor]:
+    """The denoiser at strength ``beta``: ``D_beta(v) = v + beta (D(v) - v)``.
+
+    The strength is PnP's regularisation weight. At a fixed point ``x = D_beta(z)``,
+    ``z = x - eta grad f(x)``, the step balances the data term against the denoiser's pull:
+    ``eta grad f(x) = beta (D(z) - z)``; for ``D = prox_phi``, ``D(z) - z = -grad M_phi(z)``
+    (the Moreau envelope's gradient), so ``x`` minimises about ``f + (beta / eta) phi``: a
+    denoiser trained at a noise level far above the problem's needs ``beta << 1``. If ``D`` is
+    ``alpha``-averaged, ``D = (1 - alpha) I + alpha N`` with ``N`` non-expansive, then
+    ``D_beta = (1 - beta alpha) I + beta alpha N`` is ``beta alpha``-averaged for
+    ``0 < beta < 1 / alpha``: the PnP iteration's guarantee holds at every strength up to 1.
+    """
+    if not strength > 0.0:
+        raise ValueError(f"denoiser strength must be positive, got {strength}")
+    if strength == 1.0:
+        return denoiser
+    return lambda v: v + strength * (denoiser(v) - v)
 
 
 def _norms(x: Tensor) -> Tensor:
@@ -515,11 +545,12 @@ def tv_deblur(
     return x, iterations
 
 
-class TVChoice(NamedTuple):
-    """The TV deblurring weight chosen on validation images, every candidate's mean PSNR, and
-    the image-iterations the choice took (its cost, ``bench.cost``)."""
+class Choice(NamedTuple):
+    """A deblurring method's weight chosen on validation images (TV's weight, PnP's denoiser
+    strength), every candidate's mean PSNR, and the image-iterations the choice took (its cost,
+    ``bench.cost``)."""
 
-    weight: float
+    value: float
     scores: list[float]
     image_iterations: int
 
@@ -535,7 +566,7 @@ def select_tv_deblur_weight(
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
     stop_point: Callable[[], None] | None = None,
-) -> TVChoice:
+) -> Choice:
     """The :func:`tv_deblur` weight with the best mean PSNR (peak 1, as PnP's) on ``observed``
     *validation* images (:func:`stablenets.evaluation.tv.select_weight`, whose ``found`` and
     ``stop_point`` resume and stop a killed choice): PnP is compared with the baseline at its
@@ -552,4 +583,53 @@ def select_tv_deblur_weight(
     weight, scores = select_weight(
         solve, observed, clean, weights, 1.0, log=log, found=found, stop_point=stop_point
     )
-    return TVChoice(weight, scores, image_iterations)
+    return Choice(weight, scores, image_iterations)
+
+
+class PnPOptions(TypedDict, total=False):
+    """The keyword options of :func:`pnp_forward_backward` that a strength's runs share."""
+
+    relax: float
+    max_iter: int
+    tol: float
+    blowup: float
+
+
+def select_pnp_strength(
+    denoiser: Callable[[Tensor], Tensor],
+    blur: LinearOperator,
+    observed: Tensor,
+    clean: Tensor,
+    strengths: Sequence[float],
+    eta: float,
+    denoiser_alpha: float | None = None,
+    check: Callable[[dict[str, Tensor], float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    found: MutableMapping[float, float] | None = None,
+    stop_point: Callable[[], None] | None = None,
+    **options: Unpack[PnPOptions],
+) -> Choice:
+    """The denoiser strength (:func:`relaxed_denoiser`) whose PnP reconstructions of the
+    ``observed`` *validation* images have the best mean PSNR (peak 1) against ``clean``: PnP is
+    compared with TV at its best weight as TV is (:func:`select_tv_deblur_weight`; ``found``
+    and ``stop_point`` resume and stop a killed choice). ``check(history, strength)`` sees each
+    strength's histories (a job checks their step norms as it does the test images').
+    ``image_iterations`` counts the denoiser calls per image run by this call."""
+    image_iterations = 0
+
+    def solve(y: Tensor, strength: float) -> Tensor:
+        nonlocal image_iterations
+        alpha = None if denoiser_alpha is None else strength * denoiser_alpha
+        x, history = pnp_forward_backward(
+            relaxed_denoiser(denoiser, strength), blur, y, eta, denoiser_alpha=alpha, **options
+        )
+        image_iterations += int(history["iterations"].sum())
+        if check is not None:
+            check(history, strength)
+        return x
+
+    strength, scores = select_weight(
+        solve, observed, clean, strengths, 1.0, log=log, found=found, stop_point=stop_point,
+        label="PnP denoiser strength",
+    )  # fmt: skip
+    return Choice(strength, scores, image_iterations)

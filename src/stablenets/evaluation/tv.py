@@ -180,10 +180,12 @@ def select_weight(
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
     stop_point: Callable[[], None] | None = None,
+    label: str = "TV weight",
 ) -> tuple[float, list[float]]:
     """The regularisation weight whose reconstructions ``solve(observed, weight)`` have the best
-    mean PSNR against ``clean``; every baseline picks its weight so, on *validation* images
-    (never the test set), so that it is compared at its best, not at a guess.
+    mean PSNR against ``clean``; every method with a weight picks it so, on *validation* images
+    (never the test set), so that it is compared at its best, not at a guess. ``label`` names
+    the weight in the log lines (``TV weight``, ``PnP denoiser strength``).
 
     Returns the chosen weight and the mean PSNR of every weight, in the order given (ties go to
     the first). ``batch_size`` bounds the memory by solving that many images at a time. ``log``
@@ -199,7 +201,7 @@ def select_weight(
     step = batch_size or observed.shape[0]
     todo = [w for w in weights if w not in found]
     if log is not None and len(todo) < len(weights):
-        log(f"TV weights: {len(weights) - len(todo)} of {len(weights)} scores found before")
+        log(f"{label}s: {len(weights) - len(todo)} of {len(weights)} scores found before")
     start = time.monotonic()
     for k, w in enumerate(todo, 1):
         if stop_point is not None:
@@ -212,15 +214,15 @@ def select_weight(
         if log is not None:
             elapsed = time.monotonic() - start
             log(
-                f"TV weight {w:g} ({k}/{len(todo)}): validation PSNR {found[w]:.2f} dB, "
+                f"{label} {w:g} ({k}/{len(todo)}): validation PSNR {found[w]:.2f} dB, "
                 f"{timing(k, len(todo), elapsed)}"
             )
     scores = [found[w] for w in weights]
     best = max(range(len(weights)), key=lambda i: scores[i])
     edge = {min(weights): "smallest", max(weights): "largest"}.get(weights[best])
     if log is not None and edge and len(weights) > 1:
-        log(f"TV weight {weights[best]:g} is the {edge} candidate: the best weight may lie "
-            "beyond the candidates; widen them to be sure the baseline is at its best")  # fmt: skip
+        log(f"{label} {weights[best]:g} is the {edge} candidate: the best value may lie "
+            "beyond the candidates; widen them to be sure the method is at its best")  # fmt: skip
     return float(weights[best]), scores
 
 

@@ -65,11 +65,12 @@ def cross_field_errors(config: dict) -> list[str]:
             f"pnp.n_images: {pnp['n_images']} is more than the {bsds.name} test set "
             f"({bsds.n_test} images)"
         )
-    for section in ("denoising", "pnp"):  # a TV weight would be chosen on fewer images
-        asked = config[section]["tv"]["val_images"]
+    # a weight would be chosen on fewer images than asked
+    for key, asked in (("denoising.tv", config["denoising"]["tv"]["val_images"]),
+                       ("pnp", pnp["val_images"])):  # fmt: skip
         if asked is not None and asked > bsds.n_val:
             errors.append(
-                f"{section}.tv.val_images: {asked} is more than the {bsds.name} validation set "
+                f"{key}.val_images: {asked} is more than the {bsds.name} validation set "
                 f"({bsds.n_val} images)"
             )
     try:  # on the images PnP deblurs: a kernel larger than they are fails there

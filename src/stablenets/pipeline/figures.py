@@ -735,6 +735,7 @@ def denoising_examples_figure(
 # ----------------------------------------------------------------------------- plug-and-play
 
 _PNP_SETS = (
+    "diverged",
     "history/step_norm",
     "history/psnr_1",
     "images/clean",
@@ -770,13 +771,20 @@ def _forward_fill(rows: np.ndarray) -> np.ndarray:
     return pd.DataFrame(rows).ffill(axis=1).to_numpy()
 
 
-def _held_steps(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _held_steps(
+    rows: np.ndarray, flagged: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Step norms with each image that stopped held at its last value (as the PSNR is: a mean
-    over the images still running rises when the fastest stop), except an image that diverged
-    (pnp records ``+inf`` for a non-finite iterate): held, its infinite step made the mean and
-    the band infinite, and the method's curve vanished; it leaves from its divergence on (NaN).
+    over the images still running rises when the fastest stop), except an image that diverged:
+    held, its rejected step (``+inf`` for a non-finite iterate, a huge one for an iterate past
+    the blow-up bound) made the mean and the band infinite or huge, and the method's curve
+    vanished; it leaves from its divergence on (NaN). An image diverged where its step is
+    infinite, or at its last step where ``flagged`` (the result's per-image ``diverged``).
     Also the column where each image diverged, -1 where it did not."""
     diverged = np.isinf(rows)
+    if flagged is not None:
+        last = np.where(np.isnan(rows), -1, np.arange(rows.shape[1])[None]).max(1)
+        diverged[np.flatnonzero(flagged), last[np.flatnonzero(flagged)]] = True
     at = np.where(diverged.any(1), diverged.argmax(1), -1)
     held = _forward_fill(np.where(diverged, np.nan, rows))
     gone = (at[:, None] >= 0) & (np.arange(rows.shape[1])[None] >= at[:, None])
@@ -792,9 +800,11 @@ def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: st
         return False
     psnr = _forward_fill(_stack([r.data["history/psnr_1"] for r in have]))
     _band(axes[0], np.arange(1, psnr.shape[1] + 1), psnr, color, name, "mean")
-    steps = [r.data["history/step_norm"] for r in have if "history/step_norm" in r.data]
-    if steps:
-        norm, diverged = _held_steps(_stack(steps))
+    stepped = [r for r in have if "history/step_norm" in r.data]
+    if stepped:
+        steps = [r.data["history/step_norm"] for r in stepped]
+        flags = [r.data.get("diverged", np.zeros(len(s), bool)) for r, s in zip(stepped, steps)]
+        norm, diverged = _held_steps(_stack(steps), np.concatenate(flags).astype(bool))
         _band(axes[1], np.arange(norm.shape[1]), norm, color, name, "mean", log=True)
         if (diverged >= 0).any():
             _mark_divergence(axes[1], diverged[diverged >= 0], color, name)

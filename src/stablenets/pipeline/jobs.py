@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -656,15 +656,27 @@ def evaluate_tv_denoising(
     log(f"TV weight {weight} (validation scores {scores}): PSNR {attrs['mean_psnr']:.2f} dB")
 
 
-def _deblur_problem(
-    spec: dict, data_path: Path, device: torch.device
-) -> tuple[torch.Tensor, pnp.GaussianBlur, torch.Tensor]:
+class _DeblurProblem(NamedTuple):
+    """A deblurring job's images: the test images and their observations, the validation images
+    a weight is chosen on and theirs (blurred and noised alike, with their own noise draw)."""
+
+    clean: torch.Tensor
+    observed: torch.Tensor
+    val: torch.Tensor
+    val_observed: torch.Tensor
+    blur: pnp.GaussianBlur
+
+
+def _deblur_problem(spec: dict, data_path: Path, device: torch.device) -> _DeblurProblem:
     p = spec["pnp"]
     clean, _ = _split(data_path, "test", "denoising")
     clean = clean[: p["n_images"]].to(device)
+    val, _ = _split(data_path, "val", "denoising")
+    val = val[: p["val_images"]].to(device)
     blur = pnp.GaussianBlur(p["blur"]["size"], p["blur"]["sigma"], tuple(clean.shape[1:]))
     observed = pnp.observe(clean, blur, p["noise"], p["seed"])
-    return clean, blur, observed
+    val_observed = pnp.observe(val, blur, p["noise"], p["val_noise_seed"])
+    return _DeblurProblem(clean, observed, val, val_observed, blur)
 
 
 def _deblur_attrs(
@@ -700,27 +712,47 @@ def run_pnp(
     """
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     p = spec["pnp"]
-    clean, blur, observed = _deblur_problem(spec, data_path, device)
+    clean, observed, val, val_observed, blur = _deblur_problem(spec, data_path, device)
     alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
-    ran = 0  # image-iterations of the groups this run solves (a resumed run's cost)
+    options = pnp.PnPOptions(
+        relax=p["relax"], max_iter=p["max_iter"], tol=p["tol"], blowup=p["blowup"]
+    )
 
-    def solve(group: slice) -> dict[str, torch.Tensor]:
-        nonlocal ran
-        x, hist = pnp.pnp_forward_backward(
-            lambda v: _batched(model, v, p["batch_size"]),  # memory bounded whatever the group
-            blur, observed[group], p["eta"], p["relax"], p["max_iter"], p["tol"],
-            reference=clean[group], denoiser_alpha=alpha, blowup=p["blowup"], log=log,
-            log_every=p["log_every"],
-        )  # fmt: skip
-        hist["monotone"] = _monotone(hist["step_norm"], clean[group], group.start, alpha, spec)
-        ran += int(hist["iterations"].sum())
-        return {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
+    def denoise(v: torch.Tensor) -> torch.Tensor:
+        return _batched(model, v, p["batch_size"])  # memory bounded whatever the group
+
+    def check(hist: dict[str, torch.Tensor], strength: float) -> None:
+        relaxed = None if alpha is None else strength * alpha
+        _monotone(
+            hist["step_norm"], val, 0, relaxed, spec, f"validation image at strength {strength:g}"
+        )
 
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
         progress = _saved_progress(
             spec, [model_path, data_path], _DEBLUR_LAYOUT, workdir, log, stop
         )
-        start = time.monotonic()
+        start = time.monotonic()  # the seconds of its solves, the choice included: its cost
+        choice = pnp.select_pnp_strength(
+            denoise, blur, val_observed, val, p["strengths"], p["eta"], alpha, check, log,
+            progress.section("validation"), progress.stop_point, **options,
+        )  # fmt: skip
+        strength, ran = choice.value, choice.image_iterations  # ran: this run's (a resumed one's)
+        relaxed = None if alpha is None else strength * alpha
+        log(f"PnP denoiser strength {strength:g} chosen on {len(val)} validation images")
+
+        def solve(group: slice) -> dict[str, torch.Tensor]:
+            nonlocal ran
+            x, hist = pnp.pnp_forward_backward(
+                pnp.relaxed_denoiser(denoise, strength), blur, observed[group], p["eta"],
+                reference=clean[group], denoiser_alpha=relaxed, log=log,
+                log_every=p["log_every"], **options,
+            )  # fmt: skip
+            hist["monotone"] = _monotone(
+                hist["step_norm"], clean[group], group.start, relaxed, spec
+            )
+            ran += int(hist["iterations"].sum())
+            return {**hist, **_group_images(x, clean[group], group.start, p["n_show"])}
+
         hist = in_groups(progress, len(clean), p["group_size"], solve, "PnP", log)
         seconds = time.monotonic() - start  # this run's solves: the rest is loading, the model
     final, recon, monotone = hist.pop("psnr_final"), hist.pop("recon"), bool(hist["monotone"].all())
@@ -730,11 +762,16 @@ def run_pnp(
         "variant": spec["variant"],
         "nonincreasing": monotone,
         "lipschitz_bound": model.lipschitz_bound((clean.shape[-2], clean.shape[-1])),
-        "averagedness": alpha,
+        "averagedness": alpha,  # the trained denoiser's; the one plugged in: strength * alpha
         "eta": p["eta"],
         "relax": p["relax"],
+        "strength": strength,
+        "strengths": list(p["strengths"]),
+        "strength_validation_scores": choice.scores,
+        "validation_images": len(val),
+        "validation_image_iterations_run": choice.image_iterations,  # a resumed run: its own
         **_deblur_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
-        "image_iterations_run": ran,
+        "image_iterations_run": ran,  # the choice's included
         "deblur_s_run": seconds,
         **provenance(spec, spec["seed"], device, [model_path, data_path]),
     }
@@ -751,11 +788,16 @@ _DEBLUR_LAYOUT = "deblur-v2"
 
 
 def _monotone(
-    step_norms: torch.Tensor, clean: torch.Tensor, first: int, alpha: float | None, spec: dict
+    step_norms: torch.Tensor,
+    clean: torch.Tensor,
+    first: int,
+    alpha: float | None,
+    spec: dict,
+    images: str = "test image",
 ) -> torch.Tensor:
     """Per image, whether its step norms are non-increasing to float32 rounding; for a denoiser
     with an averagedness guarantee (``alpha``) an increase fails the job, naming the image (its
-    index in the test set: ``first`` is the group's first)."""
+    index among ``images``: ``first`` is the group's first)."""
     p, eps32 = spec["pnp"], float(torch.finfo(torch.float32).eps)
     flags = []
     for i, diffs in enumerate(step_norms):
@@ -763,7 +805,7 @@ def _monotone(
         ok = pnp.check_nonincreasing(diffs, rtol=p["nonincreasing_rtol"], atol=atol) is None
         if alpha is not None and not ok:
             pnp.assert_nonincreasing(
-                diffs, spec["variant"], f"test image {first + i}", p["nonincreasing_rtol"], atol
+                diffs, spec["variant"], f"{images} {first + i}", p["nonincreasing_rtol"], atol
             )
         flags.append(ok)
     return torch.tensor(flags)
@@ -787,18 +829,16 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     killed job's rerun resumes from there (SIGTERM stops it before its next unit, exit 75)."""
     device = _setup(spec)
     p, tv_spec = spec["pnp"], spec["pnp"]["tv"]
-    clean, blur, observed = _deblur_problem(spec, data_path, device)
-    val, _ = _split(data_path, "val", "denoising")
-    val = val[: tv_spec["val_images"]].to(device)
+    clean, observed, val, val_observed, blur = _deblur_problem(spec, data_path, device)
     with StopFlag() as stop:
         progress = _saved_progress(spec, [data_path], _DEBLUR_LAYOUT, workdir, log, stop)
         start = time.monotonic()  # the seconds of its solves, choice included: its cost
         choice = pnp.select_tv_deblur_weight(
-            pnp.observe(val, blur, p["noise"], tv_spec["val_noise_seed"]), val, blur,
-            tv_spec["weights"], tv_spec["iters"], tv_spec["tol"], tv_spec["step"], log=log,
-            found=progress.section("validation"), stop_point=progress.stop_point,
+            val_observed, val, blur, tv_spec["weights"], tv_spec["iters"], tv_spec["tol"],
+            tv_spec["step"], log=log, found=progress.section("validation"),
+            stop_point=progress.stop_point,
         )  # fmt: skip
-        weight = choice.weight
+        weight = choice.value
         log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
         ran = choice.image_iterations  # this run's image-iterations (a resumed run's cost)
 
@@ -863,6 +903,8 @@ def _write_pnp(
         "images/observed": observed[:n_show],
         "images/recon": recon,
     }
+    if "diverged" in hist:  # PnP's (TV does not diverge)
+        datasets["diverged"] = np.asarray(hist["diverged"])
     for key in ("step_norm", "psnr_1", "residual"):
         if key in hist:
             datasets[f"history/{key}"] = np.asarray(hist[key])

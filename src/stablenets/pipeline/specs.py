@@ -120,7 +120,10 @@ _TV_EVALUATE = ("n_test", "noise_seed", "crops", "crop_size")
 # What a deblurring job reads of ``pnp``: the problem and its bookkeeping (both jobs), then the
 # PnP iteration (``pnp_deblur``) or the TV baseline (``tv_deblur``). Neither job's spec holds the
 # other's settings, nor the list of denoisers: changing them reruns the jobs they concern alone.
-_DEBLUR_PROBLEM = ("n_images", "n_show", "group_size", "log_every", "blur", "noise", "seed")
+_DEBLUR_PROBLEM = (
+    *("n_images", "n_show", "group_size", "log_every", "blur", "noise", "seed"),
+    *("val_images", "val_noise_seed"),  # the validation images a weight is chosen on
+)
 _DEBLUR_METHOD = {
     "pnp_deblur": (
         "batch_size",
@@ -131,6 +134,7 @@ _DEBLUR_METHOD = {
         "blowup",
         "nonincreasing_rtol",
         "nonincreasing_atol_eps",
+        "strengths",
     ),
     "tv_deblur": ("tv",),
 }

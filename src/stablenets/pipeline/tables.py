@@ -128,6 +128,7 @@ COLUMNS: dict[str, Column] = {
     ),
     "averagedness": Column("averagedness α", fmt="{:.3g}", std_fmt="{:.2g}"),
     "tv_weight": Column("TV weight", fmt="{:.4g}", agg="fixed"),
+    "strength": Column("denoiser strength β", fmt="{:.3g}", std_fmt="{:.2g}"),
     # plug-and-play
     "observed_psnr_1": Column("observed PSNR peak 1", agg="fixed", **_DB),
     "iterations": Column("iterations", fmt="{:.1f}"),
@@ -255,6 +256,7 @@ def _pnp_record(path: Path) -> dict[str, Any]:
         "lipschitz_bound": _num(a, "lipschitz_bound"),
         "averagedness": _num(a, "averagedness"),
         "tv_weight": _num(a, "tv_weight"),  # TV's, chosen on validation images
+        "strength": _num(a, "strength"),  # PnP's, chosen on validation images
     }
 
 
@@ -447,7 +449,7 @@ def pnp_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per (method, variant[, denoiser σ]): observed and final PSNR (peak 1; ± over
     images), iterations, converged fraction, diverged images (summed over seeds), the
     non-increasing-steps flag (1 only if it held for every seed), Lipschitz, averagedness, TV
-    weight."""
+    weight, PnP denoiser strength."""
     records = [_pnp_record(Path(p)) for p in paths]
     return _aggregate(records, ["method", "variant", "denoiser_sigma"])
 

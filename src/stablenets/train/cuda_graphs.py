@@ -28,10 +28,15 @@ The power iteration before each step (``operators.fused_power_iteration``: no ho
 shape) is captured once too, on its second call; its estimates then reach the host in the one
 synchronisation a step needs to choose its counts. The optimiser step and the batch stay eager
 (a few kernels each).
+
+``capture_s`` sums the seconds spent capturing (failed captures included): one-off work that the
+training loop counts as start-up (``RunState.startup_s``), not as a step's time, so that a cost
+projection does not extrapolate it to every step of the paper's schedule.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +98,7 @@ class StepGraphs:
         self._stream = torch.cuda.Stream()
         self.enabled, self.off = True, ""
         self.captures = self.replays = self.eager_steps = 0
+        self.capture_s = 0.0  # seconds spent capturing (``_capture_graph``), failures included
         self._norms: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FusedEstimates]] = {}
 
     def __call__(
@@ -173,6 +179,8 @@ class StepGraphs:
 
     def _capture_graph(self, fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T] | None:
         """``(graph, fn's outputs)`` with ``fn`` captured, or ``None`` (graphs off, logged)."""
+        torch.cuda.synchronize()  # the work queued before (the step's) is not the capture's
+        t0 = time.perf_counter()  # (``torch.cuda.graph`` synchronises on entry too)
         graph, before = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
@@ -181,6 +189,8 @@ class StepGraphs:
             torch.cuda.set_stream(before)  # a capture that fails at its end leaves its stream on
             self.turn_off(f"capture failed ({first_line(err)})", "capture failed", release=False)
             return None
+        finally:
+            self.capture_s += time.perf_counter() - t0
         return graph, result
 
     def _forward_backward(

@@ -461,12 +461,15 @@ def train(
     start = state.step
     with StopFlag() as stop:
         while state.step < end:
+            captured = graphs.capture_s if graphs is not None else 0.0
             t0 = time.perf_counter()
             _train_step(model, task, cfg, opt, sched, state, device, ckpt_path, limit, graphs, log)
             dt = time.perf_counter() - t0
             state.elapsed += dt
             if state.step == start:  # this process's start-up
                 state.startup_s, state.startup_steps = state.startup_s + dt, state.startup_steps + 1
+            elif graphs is not None:  # a CUDA graph captured in this step (one-off): start-up too
+                state.startup_s += min(graphs.capture_s - captured, dt)
             state.step += 1
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
