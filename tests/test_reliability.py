@@ -490,6 +490,66 @@ def test_the_unlock_helper_counts_snakemake_and_pipeline_job_processes_only():
     assert not any(locks.is_workflow_command(argv) for argv in others)
 
 
+def test_the_unlock_helper_counts_a_snakemake_or_job_however_python_or_a_wrapper_starts_it(
+    tmp_path, monkeypatch
+):
+    """Python's options before the script (``-u``, ``-X utf8``, ``-W ignore``), ``-m`` glued to
+    its module or naming a submodule, Nix's and Guix's wrapped programs: each is a Snakemake
+    (or a job). Told generously (one counted wrongly only keeps a lock), but not by an
+    option's value or a path that merely names the package (the project's folder). A live
+    ``python -u .../snakemake`` keeps its lock."""
+    snakemake = [
+        ["/v/bin/python3.11", "-u", "/v/bin/snakemake", "--cores", "2"],
+        ["python", "-X", "utf8", "/v/bin/snakemake"],
+        ["python", "-W", "ignore", "/v/bin/snakemake"],
+        ["python", "-Wignore", "-Xutf8", "-uB", "/v/bin/snakemake"],
+        ["python", "-msnakemake", "-n"],
+        ["python", "-m", "snakemake.cli", "-n"],
+        ["python3", "-um", "snakemake"],
+        ["/nix/store/a-python3/bin/python3.11", "/nix/store/b-snakemake/bin/.snakemake-wrapped"],
+        ["/nix/store/b-snakemake/bin/.snakemake-wrapped", "--cores", "2"],
+        ["/nix/store/a-python3/bin/.python3.11-wrapped", "-m", "snakemake"],
+        ["/gnu/store/c-snakemake/bin/.snakemake-real"],
+    ]
+    jobs = [
+        ["python", "-u", "-X", "utf8", "-m", "stablenets", "train"],
+        ["python", "-mstablenets", "train"],
+        ["python", "-m", "stablenets.pipeline.cli", "train"],
+        ["/v/bin/python3.11", "-u", "/v/bin/stablenets", "train"],
+        ["/v/bin/stablenets", "train"],
+    ]
+    others = [
+        ["python", "-u", "-m", "stablenets.pipeline.locks", "--cores", "2"],
+        ["python", "-X", "stablenets", "x.py"],  # an option's value
+        ["python", "/work/stablenets/benchmarks/x.py"],
+        ["vim", "/home/u/stablenets"],  # the project's folder, named like the package
+        ["python", "-c", "print('snakemake')"],
+    ]
+    assert [argv for argv in snakemake + jobs if not locks.is_workflow_command(argv)] == []
+    assert [argv for argv in others if locks.is_workflow_command(argv)] == []
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work = tmp_path / "wf"
+    lock = work / locks.LOCK_DIR / "0.output.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{work / 'out.txt'}\n")
+    script = tmp_path / "bin" / "snakemake"
+    script.parent.mkdir()
+    script.write_text("import time\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-u", str(script)], cwd=work)
+    try:
+        deadline = time.time() + 60
+        while str(script) not in Path(f"/proc/{proc.pid}/cmdline").read_text():  # exec'd
+            assert time.time() < deadline
+            time.sleep(0.01)
+        said = locks.unlock_if_stale(work, [])
+        assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: pid {proc.pid} (")
+        assert lock.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def start_fake_snakemake(script_dir: Path, cwd: Path) -> subprocess.Popen:
     """A sleeping process with a Snakemake's command line (``python .../snakemake``) in ``cwd``."""
     script = script_dir / "snakemake"

@@ -4,6 +4,7 @@ jobs that resume from it: killed, rerun, the same numbers."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -71,6 +72,46 @@ def test_progress_of_another_job_or_unreadable_or_half_written_is_ignored_with_a
     lines.clear()
     SavedProgress(path, "job-a", lines.append)
     assert not stale.exists() and "removed .progress.pt.abc.tmp" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.EIO, "Input/output error"), OSError(errno.EACCES, "Permission denied"),
+     MemoryError()],
+    ids=["EIO", "EACCES", "MemoryError"],
+)  # fmt: skip
+def test_progress_the_machine_fails_to_read_stops_the_job_and_is_kept_but_a_truncated_file_not(
+    tmp_path, monkeypatch, failure
+):
+    """A read of a job's progress file that fails on the machine's side (a network file
+    system's I/O error, permissions, memory) raises (an ``OSError`` in one line naming the
+    file) and leaves the file for the next rerun, which resumes from it; a truncated file
+    (whatever torch raises for it) is ignored with a log line, as before."""
+    path, lines = tmp_path / "progress.pt", []
+    SavedProgress(path, "job-a", lines.append)["state"] = {"done": torch.arange(100)}
+    saved = path.read_bytes()
+    load = torch.load
+
+    def fails_once(*args, **kwargs) -> object:  # noqa: ANN002, ANN003
+        if not failed:
+            failed.append(1)
+            raise failure
+        return load(*args, **kwargs)
+
+    failed: list[int] = []
+    monkeypatch.setattr(torch, "load", fails_once)
+    with pytest.raises(type(failure)) as err:
+        SavedProgress(path, "job-a", lines.append)
+    if isinstance(failure, OSError):
+        assert err.value.errno == failure.errno and str(path) in str(err.value)
+        assert len(str(err.value).splitlines()) == 1, str(err.value)
+    assert path.read_bytes() == saved and lines == []
+    again = SavedProgress(path, "job-a", lines.append)
+    assert torch.equal(again["state"]["done"], torch.arange(100)) and lines == []
+    for cut in (0, len(saved) // 2, len(saved) - 1):
+        path.write_bytes(saved[:cut])
+        assert len(SavedProgress(path, "job-a", lines.append)) == 0
+        assert lines.pop().startswith(f"ignoring unreadable {path}: "), cut
 
 
 def test_a_stop_signal_ends_the_job_at_its_next_stop_point_with_everything_saved(tmp_path):

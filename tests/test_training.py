@@ -4,11 +4,13 @@ and resume, signals, foreign checkpoints and divergence are in test_reliability.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from stablenets.train.loop import (
     TrainConfig,
     _check_substeps,
     _remat,
+    _set_remat,
+    _size,
     make_optimizer,
     train,
 )
@@ -156,23 +160,82 @@ def test_the_budget_is_timed_on_the_weights_the_run_starts_from(tmp_path, monkey
 
 
 PROGRESS = re.compile(
-    r"step (\d+)/(\d+) loss (\S+) lr (\S+) substeps (\d+) ms/step ([0-9.]+) "
-    r"peak_mem (\d+)MiB eta (\d+s|\d+m\d\ds|\d+h\d\dm)"
+    r"step (\d+)/(\d+) loss (\S+) lr (\S+) substeps (\d+) ms/step ([0-9.]+|n/a) "
+    r"peak_mem (\d+)MiB eta (\d+s|\d+m\d\ds|\d+h\d\dm|n/a)"
 )
 
 
 def test_a_progress_line_every_log_every_steps_gives_loss_lr_substeps_time_memory_and_eta(
     tmp_path,
 ):
+    """The first line, after this process's first step alone (its start-up), has no pace yet:
+    ``ms/step n/a`` and ``eta n/a``; the later ones do."""
     logs, state = _tiny_run(tmp_path, steps=9, log_every=4)
     lines = [m for line in logs if (m := PROGRESS.fullmatch(line))]
     rows = [r for r in state.rows if r["kind"] == "train"]
     assert [int(m[1]) for m in lines] == [r["step"] for r in rows] == [0, 4, 8]
     for m, row in zip(lines, rows, strict=True):
         assert int(m[2]) == 9 and int(m[5]) == row["substeps"] >= 2
-        assert m[3] == f"{row['loss']:.4f}" and m[4] == f"{row['lr']:.3g}"
-        assert float(m[6]) > 0 and int(m[7]) > 0
+        assert m[3] == f"{row['loss']:.4f}" and m[4] == f"{row['lr']:.3g}" and int(m[7]) > 0
+    assert (lines[0][6], lines[0][8]) == ("n/a", "n/a")
+    assert all(float(m[6]) > 0 for m in lines[1:])
     assert lines[-1][8] == "0s"  # the last logged step is the last step
+
+
+def test_the_pace_and_time_left_of_progress_lines_leave_the_start_up_of_the_first_step_out(
+    tmp_path, monkeypatch
+):
+    """A first step that takes 2 s longer (start-up: the CUDA context, cuDNN's tuning, a graph
+    capture) is in no line's ms/step or eta: not in a fresh run's, whose first line has none
+    yet, nor after a resume, whose first line comes steps after its first step."""
+    import stablenets.train.loop as loop
+
+    step = loop._train_step
+
+    def slow_start(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if not calls:
+            time.sleep(2.0)
+        calls.append(1)
+        step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", slow_start)
+    paces = {}
+    for name, kwargs in (("fresh", {"stop_after": 5}), ("resumed", {})):
+        calls: list[int] = []
+        logs, _ = _tiny_run(tmp_path, steps=12, log_every=4, checkpoint_every=100, **kwargs)
+        lines = [m for line in logs if (m := PROGRESS.fullmatch(line))]
+        paces[name] = [(int(m[1]), m[6], m[8]) for m in lines]
+    assert [s for s, _, _ in paces["fresh"]] == [0, 4] and paces["fresh"][0][1:] == ("n/a", "n/a")
+    assert [s for s, _, _ in paces["resumed"]] == [8]  # resumed at step 5
+    # 2 s over a window of 4 or 3 steps would be 500 ms/step or more, the time left over 1 s
+    for _, pace, eta in (paces["fresh"][1], paces["resumed"][0]):
+        assert float(pace) < 500 and eta in ("0s", "1s"), paces
+
+
+def test_cuda_graph_captures_in_a_progress_window_are_left_out_of_its_pace(monkeypatch):
+    """Seconds counted as start-up in a later step (CUDA graph captures, ``startup_s``) are not
+    in the pace of the line whose window holds them. A stand-in clock: 5 s of start-up in the
+    first step, then 4 steps of 0.1 s and a 2 s capture."""
+    import stablenets.train.loop as loop
+
+    clock = iter([0.0, 5.0, 7.4])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    progress = loop._Progress(105, 0, torch.device("cpu"))
+    progress.started(1, 5.0)
+    state = RunState(step=5, startup_s=7.0, rows=[{"step": 4, "loss": 1.0, "lr": 0.1,
+                                                   "substeps": 2}])  # fmt: skip
+    line = progress.line(state)
+    assert " ms/step 100.0 " in line and line.endswith(" eta 10s"), line
+
+
+def test_a_remat_setting_other_than_auto_true_or_false_is_refused_in_one_line():
+    """``remat: off`` (or ``no``, ``"False"``, a typo) would be true, checkpointing every block."""
+    for remat in ("off", "no", "False", "ato", 1, None):
+        with pytest.raises(ValueError) as err:
+            TrainConfig(steps=10, batch_size=2, remat=remat)  # type: ignore[arg-type]
+        assert str(err.value) == f"remat must be 'auto', true or false, got {remat!r}"
+    for remat in ("auto", True, False):
+        assert TrainConfig(steps=10, batch_size=2, remat=remat).remat == remat
 
 
 def test_the_validation_line_names_the_step_its_loss_and_lr_come_from_when_not_the_last(
@@ -396,9 +459,31 @@ def test_a_pass_that_fits_alone_but_not_beside_the_graphs_pool_turns_the_graphs_
     assert checked_pool.enabled, "the pool was priced as the pass runs now"
 
 
+def test_the_graphs_pool_is_priced_at_the_largest_pass_ever_captured_also_once_evicted(tmp_path):
+    """The graphs share one memory pool, which keeps the blocks of a graph evicted from the
+    cache (they go only with the last graph sharing the pool): a pass beside the pool is
+    priced against the largest pass ever captured, not only those still cached."""
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        input_size=8).train()  # fmt: skip
+    cost = activation_cost(model, torch.rand(1, 3, 8, 8), 8)
+    counts = tuple(b.substeps(b.current_norm()) for b in model.constrained_blocks())
+    big = tuple(3 * n for n in counts)
+    need, held = cost.bytes(counts, [False] * 2), cost.bytes(big, [False] * 2)
+    ckpt = tmp_path / "checkpoint.pt"
+    graphs = _Graphs(big)  # the big pass captured: it fits beside it, just
+    _check_substeps(0, model, SubstepLimit(None, cost, need + held, 2 * need + held, "t"), ckpt,
+                    graphs, print)  # type: ignore[arg-type]  # fmt: skip
+    assert graphs.enabled
+    graphs.captured = [(tuple(2 * n for n in counts), (False, False))]  # the big one evicted
+    _check_substeps(1, model, SubstepLimit(None, cost, need + held - 1, 2 * need + held, "t"),
+                    ckpt, graphs, print)  # type: ignore[arg-type]  # fmt: skip
+    assert not graphs.enabled and f"graphs' memory pool ({_size(held)})" in graphs.why, graphs.why
+
+
 def test_the_budget_before_a_pass_shrinks_with_the_memory_free_then_never_grows(monkeypatch):
-    """Freed memory an allocator keeps in fragments (counted by ``ulimit -v``), or another
-    process, can leave less than at the start: the budget follows it down, never up."""
+    """Another process (or memory this one's heap gave back and someone took) can leave less
+    than at the start: the budget follows it down, never up."""
     start = SubstepLimit(None, None, budget=800, free=1000, where="at start", fraction=0.8,
                          device=torch.device("cpu"))  # fmt: skip
     for free, budget, where in ((500, 400, "now"), (2000, 800, "at start")):
@@ -406,6 +491,49 @@ def test_the_budget_before_a_pass_shrinks_with_the_memory_free_then_never_grows(
         now = start.now()
         assert (now.budget, now.where) == (budget, where)
     assert SubstepLimit(None, budget=5).now().budget == 5  # no device: a fixed budget
+
+
+@pytest.mark.parametrize("remat", [(False, False), None])  # fixed unchecked; remat: auto
+def test_a_pass_that_fit_fits_again_at_its_counts_when_only_its_freed_memory_is_missing(
+    tmp_path, monkeypatch, remat
+):
+    """CPU, ``max_substeps: auto``: the activations a pass freed stay in this process's heap,
+    which the kernel counts as taken (the memory free drops by them), but the next pass reuses
+    them. At the same counts the next pass still runs unchecked; another process taking
+    memory, or the heap giving its memory back to someone else, still stops it (or, under
+    ``remat: auto``, checkpoints it). Free memory and the heap's free bytes are stand-ins."""
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", **TINY, time=REMAT_TIME).train()
+    cost = activation_cost(model, torch.rand(1, 3, 8, 8), 8)
+    counts = [b.substeps(b.current_norm()) for b in model.constrained_blocks()]
+    need = cost.bytes(counts, [False] * len(counts))
+    start = 3 * need // 2  # room for the pass (80 %: 1.2 passes), not for the pass twice
+    limit = SubstepLimit(None, cost, budget=int(0.8 * start), free=start, where="at start",
+                         remat=remat, fraction=0.8, device=torch.device("cpu"))  # fmt: skip
+    ckpt = tmp_path / "checkpoint.pt"
+
+    def before_pass(step: int, free: int, heap: int) -> list[bool | None]:
+        monkeypatch.setattr("stablenets.train.loop.free_memory", lambda d: (free, "here"))
+        monkeypatch.setattr("stablenets.train.loop.heap_free", lambda: heap, raising=False)
+        _check_substeps(step, model, limit, ckpt, None, print)
+        return [b.checkpoint_substeps for b in model.constrained_blocks()]
+
+    assert not any(before_pass(0, start, 0))
+    # the pass ran: its activations, freed, are in the heap (with some more)
+    assert not any(before_pass(1, start - need, 2 * need)), "the same pass, refused or checked"
+    assert not any(before_pass(2, start - need, need))
+    # room for the pass with both blocks checkpointed, not unchecked
+    room = math.ceil(cost.bytes(counts, [True] * len(counts)) / 0.8)
+    assert int(0.8 * room) < need
+    pressed = {"another process took memory": (room // 2, room - room // 2),
+               "the heap gave the pass back, someone took it": (room, 0)}  # fmt: skip
+    for why, (free, heap) in pressed.items():
+        if remat is None:
+            assert any(before_pass(3, free, heap)), why
+            _set_remat(model, [False] * len(counts))
+        else:
+            with pytest.raises(SubstepLimitError, match="above the"):
+                before_pass(3, free, heap)
 
 
 # 2 sub-steps in all (one per block) for eight steps, 6 at step 8
@@ -474,6 +602,32 @@ def test_remat_auto_checkpoints_the_fewest_sub_steps_that_make_the_pass_fit():
             assert _rerun_substeps(counts, chosen) == best, (counts, budget, chosen)
             seen["some"] += 1
     assert min(seen.values()) > 20, seen
+
+
+def test_remat_auto_says_at_once_that_nothing_fits_a_runaway_pass_without_its_dynamic_program(
+    monkeypatch,
+):
+    """1.5 million sub-steps (a norm below ``max_norm`` can ask for 10,000x the initial count)
+    over 15 blocks of the paper classifier's sizes: even every block checkpointed keeps more
+    than the budget, which a bound says before the dynamic program over the sub-step total
+    (seconds and hundreds of MiB at this count) would run; ``None`` in well under a second."""
+    from stablenets.train import memory
+
+    stages = tuple([3 * 4 * 64 * 32 * 32] * 5 + [3 * 4 * 128 * 16 * 16] * 5
+                   + [3 * 4 * 256 * 8 * 8] * 5)  # fmt: skip
+    cost = memory.ActivationCost(stages=stages, inputs=tuple(s // 3 for s in stages),
+                                 shared=(0,) * 15, checkpointable=(True,) * 15, fixed=10**6,
+                                 batch=128)  # fmt: skip
+    counts = [100_000] * 15
+
+    def no_program(*args: object) -> None:
+        raise AssertionError("the dynamic program ran")
+
+    monkeypatch.setattr(memory, "_frees", no_program)
+    t0 = time.perf_counter()
+    assert cost.cheapest_remat(counts, budget=40 * 2**30) is None
+    assert time.perf_counter() - t0 < 0.5
+    assert cost.bytes(counts, [True] * 15) > 40 * 2**30  # (nothing fits indeed)
 
 
 def test_remat_auto_checkpoints_the_cheapest_blocks_each_pass_needs_with_bitwise_same_weights(
@@ -632,6 +786,63 @@ def test_a_run_stopped_early_is_checkpointed_at_its_last_step_and_a_later_stop_r
     assert f"resumed from {tmp_path / 'checkpoint.pt'} at step 5" in logs and state.step == 12
     assert (state.validations, state.checkpoints, state.startup_steps) == (4, 4, 2)
     assert state.validation_s > 0 and state.checkpoint_s > 0 and 0 < state.startup_s < state.elapsed
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.EIO, "Input/output error"), OSError(errno.EACCES, "Permission denied"),
+     OSError(errno.ESTALE, "Stale file handle"), MemoryError()],
+    ids=["EIO", "EACCES", "ESTALE", "MemoryError"],
+)  # fmt: skip
+def test_a_checkpoint_the_machine_fails_to_read_stops_the_rerun_and_is_kept_for_the_next(
+    tmp_path, monkeypatch, failure
+):
+    """A read of ``checkpoint.pt`` that fails on the machine's side (a network file system's
+    I/O error, permissions, memory) is not a damaged file: the rerun stops with that error (an
+    ``OSError`` in one line naming the file, which the CLI prints as such) instead of starting
+    at step 0 and overwriting the intact checkpoint at its first save; the next rerun resumes
+    from it."""
+    _tiny_run(tmp_path, steps=12, stop_after=5, checkpoint_every=4)
+    ckpt = tmp_path / "checkpoint.pt"
+    saved = ckpt.read_bytes()
+    load = torch.load
+
+    def fails_once(*args, **kwargs) -> object:  # noqa: ANN002, ANN003
+        if not failed:
+            failed.append(1)
+            raise failure
+        return load(*args, **kwargs)
+
+    failed: list[int] = []
+    monkeypatch.setattr(torch, "load", fails_once)
+    with pytest.raises(type(failure)) as err:
+        _tiny_run(tmp_path, steps=12, checkpoint_every=4)
+    if isinstance(failure, OSError):
+        assert err.value.errno == failure.errno and str(ckpt) in str(err.value)
+        assert len(str(err.value).splitlines()) == 1, str(err.value)
+    assert ckpt.read_bytes() == saved
+    logs, state = _tiny_run(tmp_path, steps=12, checkpoint_every=4)
+    assert f"resumed from {ckpt} at step 5" in logs and state.step == 12
+
+
+def test_a_truncated_checkpoint_is_ignored_with_a_log_line_and_the_run_starts_afresh(tmp_path):
+    """Truncated anywhere (torch then raises ``EOFError``, ``RuntimeError`` of its zip reader,
+    ``UnpicklingError`` or an ``OSError`` with ``EINVAL``), the checkpoint is a damaged file: the
+    run starts at step 0, saying so in the log, and overwrites it."""
+    _tiny_run(tmp_path / "full", steps=12, stop_after=5, checkpoint_every=4)
+    saved = (tmp_path / "full" / "checkpoint.pt").read_bytes()
+    for cut in (0, 1, len(saved) // 2, len(saved) - 100, len(saved) - 1):
+        work = tmp_path / f"cut{cut}"
+        work.mkdir()
+        (work / "checkpoint.pt").write_bytes(saved[:cut])
+        logs, state = _tiny_run(work, steps=12, stop_after=2, checkpoint_every=4)
+        said = [line for line in logs if "checkpoint" in line]
+        assert said[0].startswith(
+            f"ignoring unreadable checkpoint: checkpoint {work / 'checkpoint.pt'} is unreadable "
+            "(truncated or foreign): "
+        ), (cut, said)
+        assert not any("resumed" in line for line in logs) and state.startup_steps == 1
+        assert read_checkpoint(work / "checkpoint.pt")["run"]["step"] == 2
 
 
 def test_a_stop_signal_checkpoints_and_stops_the_run_but_at_its_last_step_lets_it_finish(tmp_path):

@@ -17,6 +17,7 @@ vectors and integration times included); ``load_model(path)`` rebuilds the model
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import math
@@ -552,14 +553,37 @@ def save_model(model: StableModel, path: Path, **extra: Any) -> None:
     )
 
 
+def is_transient_read_error(err: BaseException) -> bool:
+    """Whether ``err``, raised by ``torch.load``, is the machine's failure rather than the
+    file's: an ``OSError`` (EIO or ESTALE of a network file system, EACCES, ENOMEM), a
+    ``MemoryError``, or torch's CPU allocator running out. The file may then be intact, so a
+    rerun must read it again rather than start afresh and overwrite it. Not ``EINVAL``: torch's
+    zip reader raises it for a truncated or damaged archive (seeking past its end), as it
+    raises ``RuntimeError``, ``pickle.UnpicklingError``, ``EOFError`` or ``UnicodeDecodeError``
+    for others (measured with torch 2.x at every truncation of a checkpoint)."""
+    if isinstance(err, MemoryError):
+        return True
+    if isinstance(err, OSError):
+        return err.errno != errno.EINVAL
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint dict with ``weights_only=True``; one clear error for any bad file."""
+    """Load a checkpoint dict with ``weights_only=True``; one clear error for any bad file
+    (``CheckpointError``). A read the machine fails (``is_transient_read_error``) raises
+    instead: an ``OSError`` naming the file, or the memory error as it is."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
+        if is_transient_read_error(err):
+            if isinstance(err, OSError):
+                why = err.strerror or first_line(err)
+                said = f"cannot read checkpoint {path} now ({why}); it is left as it is: rerun"
+                raise (OSError(said) if err.errno is None else OSError(err.errno, said)) from err
+            raise
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or foreign): {first_line(err)}"
         ) from None

@@ -803,7 +803,10 @@ def _draw_history(axes: np.ndarray, name: str, results: list[_Result], color: st
     stepped = [r for r in have if "history/step_norm" in r.data]
     if stepped:
         steps = [r.data["history/step_norm"] for r in stepped]
-        flags = [r.data.get("diverged", np.zeros(len(s), bool)) for r, s in zip(stepped, steps)]
+        flags = [
+            r.data.get("diverged", np.zeros(len(s), bool))
+            for r, s in zip(stepped, steps, strict=True)
+        ]
         norm, diverged = _held_steps(_stack(steps), np.concatenate(flags).astype(bool))
         _band(axes[1], np.arange(norm.shape[1]), norm, color, name, "mean", log=True)
         if (diverged >= 0).any():

@@ -31,16 +31,18 @@ does not answer for a SLURM run: one whose options say ``executor: slurm`` (``--
 profile's ``config.yaml``), or whose dead Snakemake left a job marked incomplete with a cluster
 job id (``.snakemake/incomplete/``), as a SLURM run killed before a local one does.
 
-Processes are read from ``/proc``, every user's: a workflow process counts when its working
-directory is this directory or one below it, compared by device and inode, so that a Snakemake in
-a container that mounts the project at another path counts too. Where its working directory
-cannot be read it counts when it may hold the lock: it runs as this user (under another group)
-or root, or its user owns one of the lock files; another user's Snakemake elsewhere on a shared
-machine does not keep this user's stale lock. Without ``/proc`` (macOS) ``ps`` gives this user's
-command lines but no directories, so any Snakemake or job of this user keeps the lock. A
-Snakemake on another machine that shares the file system is not seen. Snakemake's default file
-persistence is assumed (``--persistence-backend db`` keeps its locks in the database: unlock by
-hand).
+A Snakemake counts however it was started (``snakemake``, Python with its options before the
+script, ``-m snakemake``, a Nix or Guix wrapper: ``is_workflow_command``, generous, since one
+counted wrongly only keeps a lock). Processes are read from ``/proc``, every user's: a workflow
+process counts when its working directory is this directory or one below it, compared by device
+and inode, so that a Snakemake in a container that mounts the project at another path counts too.
+Where its working directory cannot be read it counts when it may hold the lock: it runs as this
+user (under another group) or root, or its user owns one of the lock files; another user's
+Snakemake elsewhere on a shared machine does not keep this user's stale lock. Without ``/proc``
+(macOS) ``ps`` gives this user's command lines but no directories, so any Snakemake or job of
+this user keeps the lock. A Snakemake on another machine that shares the file system is not seen.
+Snakemake's default file persistence is assumed (``--persistence-backend db`` keeps its locks in
+the database: unlock by hand).
 """
 
 from __future__ import annotations
@@ -82,13 +84,86 @@ TOOL_LOCK = Path(".snakemake") / "stablenets-unlock.flock"
 _MAX_DEPTH = 256  # folders walked up from a working directory
 
 
-def is_workflow_command(argv: list[str]) -> bool:
-    """Whether ``argv`` runs Snakemake (``snakemake``, ``python .../bin/snakemake``, ``python -m
-    snakemake``) or a pipeline job (``python -m stablenets <job>``)."""
-    if any(Path(arg).name == "snakemake" for arg in argv[:2]):
+# Program names (a path's last part) of Snakemake, of the pipeline's console script and of
+# Python: as installed, and as Nix (``.snakemake-wrapped``, ``.python3.11-wrapped``) or Guix
+# (``.snakemake-real``) wrap them.
+_WRAPPED = r"(?:-wrapped|-real)*"
+_SNAKEMAKE = re.compile(rf"\.*snakemake{_WRAPPED}")
+_JOB_SCRIPT = re.compile(rf"\.*stablenets{_WRAPPED}")
+_PYTHON = re.compile(rf"\.*(?:python|pypy)[\w.]*{_WRAPPED}")
+# Python's options that take a value (``-W ignore``, ``-Wignore``; ``-c`` and ``-m`` end them)
+_PYTHON_VALUED = "WX"
+# Modules of the pipeline that are not a job of the workflow: this tool
+_NOT_JOBS = ("stablenets.pipeline.locks",)
+
+
+def _python_runs(argv: list[str]) -> tuple[str, str] | None:
+    """What Python's command line ``argv`` runs after its options: ``("module", name)`` (``-m
+    name``, ``-mname``, also after ``-u``, ``-X utf8``, ``-W ignore``, ``-Im``...), ``("script",
+    path)``, or ``None`` (``-c``, standard input, an interactive session)."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg == "-" or not arg.startswith("-"):
+            break
+        if arg.startswith("--"):  # --check-hash-based-pycs takes a value
+            i += 2 if arg == "--check-hash-based-pycs" else 1
+            continue
+        for j, flag in enumerate(arg[1:], start=2):  # a cluster: -uB, -Wignore, -msnakemake
+            rest = arg[j:]
+            if flag in "cm":
+                value = rest or (argv[i + 1] if i + 1 < len(argv) else "")
+                return ("module", value) if flag == "m" else None
+            if flag in _PYTHON_VALUED:
+                i += 0 if rest else 1  # its value: the rest of the word, or the next word
+                break
+        i += 1
+    return ("script", argv[i]) if i < len(argv) else None
+
+
+def _modules(argv: list[str]) -> Iterator[str]:
+    """Every module ``argv`` names with ``-m`` (``-m mod`` or ``-mmod``), wherever it stands."""
+    for i, arg in enumerate(argv):
+        if arg == "-m" and i + 1 < len(argv):
+            yield argv[i + 1]
+        elif arg.startswith("-m") and len(arg) > 2:
+            yield arg[2:]
+
+
+def _is_workflow_module(module: str) -> bool:
+    """Snakemake (``snakemake``, ``snakemake.cli``...) or the pipeline's jobs (``stablenets``,
+    ``stablenets.<module>``) but this tool."""
+    if module == "snakemake" or module.startswith("snakemake."):
         return True
-    modules = (module for flag, module in zip(argv, argv[1:], strict=False) if flag == "-m")
-    return any(module in ("snakemake", "stablenets") for module in modules)
+    return (module == "stablenets" or module.startswith("stablenets.")) and (
+        module not in _NOT_JOBS
+    )
+
+
+def is_workflow_command(argv: list[str]) -> bool:
+    """Whether ``argv`` runs Snakemake or a pipeline job (``python -m stablenets <job>``), told
+    generously (one wrongly counted only keeps a lock): any word naming a Snakemake program
+    (``snakemake``, ``python .../bin/snakemake``, Nix's ``.snakemake-wrapped``), ``-m
+    snakemake`` or ``-m snakemake.<module>`` anywhere (``-msnakemake`` too), the jobs' module
+    ``-m stablenets[.<module>]`` anywhere, and the console script ``stablenets`` run as the
+    program (also by Python after its options: ``python -u -X utf8 .../bin/stablenets``; not
+    a mere path named so, such as the project's folder given to an editor)."""
+    if not argv:
+        return False
+    if any(_SNAKEMAKE.fullmatch(Path(arg).name) for arg in argv):
+        return True
+    if any(_is_workflow_module(module) for module in _modules(argv)):
+        return True
+    program: str | None = argv[0]
+    if _PYTHON.fullmatch(Path(argv[0]).name):
+        runs = _python_runs(argv)
+        if runs is not None and runs[0] == "module":
+            return _is_workflow_module(runs[1])
+        program = None if runs is None else runs[1]
+    return program is not None and bool(_JOB_SCRIPT.fullmatch(Path(program).name))
 
 
 def _proc_processes() -> Iterator[tuple[int, list[str], Path]]:

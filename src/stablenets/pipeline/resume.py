@@ -3,7 +3,8 @@
 ``SavedProgress`` holds a job's named entries in one torch file that every assignment rewrites
 atomically (``atomic_path``), tagged with the job's ``key`` (its spec's hash, its inputs'
 digests, the layout's version). A rerun of the same job reads it back; a file of another key, or
-one that cannot be read, is ignored with a log line and overwritten. Given a ``StopFlag``, the
+a damaged or foreign one, is ignored with a log line and overwritten; a read the machine fails
+(an I/O error, memory) raises, leaving the file for the next rerun. Given a ``StopFlag``, the
 job stops on SIGTERM/SIGUSR1 where it calls ``stop_point``, before each unit of work
 (``Interrupted``, exit 75): everything done is saved, and a signal that arrives during the last
 unit lets the job finish instead of costing a requeue. ``in_groups`` runs a job image group by
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 
 from stablenets.atomic import atomic_path, remove_stale_temporaries
+from stablenets.errors import first_line
 from stablenets.interrupt import Interrupted, StopFlag
+from stablenets.nn.models import is_transient_read_error
 from stablenets.progress import timing
 
 __all__ = ["SavedProgress", "in_groups"]
@@ -47,7 +50,16 @@ class SavedProgress(MutableMapping[str, Any]):
             return {}
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # any unreadable file: start afresh, said in the log
+        except Exception as err:  # a damaged or foreign file: start afresh, said in the log
+            if is_transient_read_error(err):  # the machine's: the file may be intact, keep it
+                if isinstance(err, OSError):
+                    why = err.strerror or first_line(err)
+                    said = (f"cannot read progress {self.path} now ({why}); it is left as it "
+                            "is: rerun to resume from it")  # fmt: skip
+                    raise (
+                        OSError(said) if err.errno is None else OSError(err.errno, said)
+                    ) from err
+                raise
             log(f"ignoring unreadable {self.path}: {err}")
             return {}
         if not isinstance(saved, dict) or saved.get("key") != self.key:

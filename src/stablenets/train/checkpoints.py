@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from stablenets.errors import first_line
 from stablenets.nn.models import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -32,9 +33,13 @@ Log = Callable[[str], None]
 class RunState:
     """Where a run stands: the step, the best validation metric so far and its weights, the
     log rows and the time spent, saved in every checkpoint. ``elapsed`` counts the training
-    steps, of which ``startup_s`` the first step of each process (start-up: CUDA context,
-    cuDNN tuning, graph capture; ``startup_steps`` of them); validations and checkpoint writes
-    are counted apart, as their number per step differs between runs (``bench.cost``).
+    steps, of which ``startup_s`` is one-off start-up: the whole first step of each process
+    (the CUDA context, cuDNN tuning; ``startup_steps`` counts these steps), plus the seconds
+    that later steps spent capturing CUDA graphs (``StepGraphs.capture_s``: the power
+    iteration's and each step graph's, captured at their second call, failed captures
+    included; at most the step's own time, the step itself staying one of the run, not
+    counted in ``startup_steps``); validations and checkpoint writes are counted apart, as
+    their number per step differs between runs (``bench.cost``).
     ``stop_metric``: the validation at a ``stop_after`` stop off the validation grid, kept out
     of the best so far (a later run past the stop drops it, as the uninterrupted run never
     had it)."""
@@ -68,7 +73,11 @@ def resume(
     sched: torch.optim.lr_scheduler.LRScheduler,
     log: Log,
 ) -> RunState:
-    """Restore a compatible checkpoint, or start afresh with a log line saying why."""
+    """Restore a compatible checkpoint, or start afresh with a log line saying why: one of
+    another configuration or format, or a damaged or foreign file (``CheckpointError``). A
+    read that fails on the machine's side (an I/O error of a network file system, permissions,
+    memory) raises (``read_checkpoint``): the file may be intact, and starting afresh would
+    overwrite it at the first save."""
     if not path.exists():
         return RunState()
     try:
@@ -124,3 +133,5 @@ def last_good(ckpt: Path) -> str:
         return f"{ckpt} (step {read_checkpoint(ckpt)['run']['step']})"
     except (CheckpointError, KeyError, TypeError):
         return f"{ckpt} (unreadable)"
+    except (OSError, MemoryError, RuntimeError) as err:  # the machine's, not the file's: named
+        return f"{ckpt} (not read now: {first_line(err)})"

@@ -30,8 +30,9 @@ import functools
 import math
 import sys
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
@@ -47,7 +48,13 @@ from stablenets.nn.operators import fused_power_iteration, remember_estimates
 from stablenets.train import budget
 from stablenets.train.checkpoints import RunState, last_good, resume, save
 from stablenets.train.cuda_graphs import StepGraphs
-from stablenets.train.memory import ActivationCost, activation_cost, free_memory, peak_memory_mb
+from stablenets.train.memory import (
+    ActivationCost,
+    activation_cost,
+    free_memory,
+    heap_free,
+    peak_memory_mb,
+)
 from stablenets.train.tasks import (
     ClassificationTask,
     DenoisingTask,
@@ -132,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"max_substeps must be 'auto' or >= 1, got {self.max_substeps!r}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not (self.remat == "auto" or isinstance(self.remat, bool)):  # "off" would be true
+            raise ValueError(f"remat must be 'auto', true or false, got {self.remat!r}")
         steps = None if self.budget_minutes is not None else self.steps  # derived later
         problems = schedule_problems(steps, self.warmup, self.lr_initial, self.lr_max)
         if problems:
@@ -210,6 +219,15 @@ def _check_finite(
         )
 
 
+@dataclass
+class _Passes:
+    """The most bytes a pass kept (``ActivationCost.bytes``) among those a limit let run: the
+    largest of the holes their freed activations leave in this process's heap, which its next
+    pass reuses. Shared by every ``SubstepLimit.now()`` of one limit."""
+
+    largest: int = 0
+
+
 @dataclass(frozen=True)
 class SubstepLimit:
     """What ``train.max_substeps`` allows a forward pass: ``count`` sub-steps in total, or
@@ -217,7 +235,8 @@ class SubstepLimit:
     ``fraction`` of the memory found free (``free`` bytes, ``where``) at the start, or less
     before a pass (``now``). ``remat``: each block's checkpointing, fixed; ``None``
     (``remat: auto`` under ``auto``): chosen before each pass, off while the pass fits without,
-    else the cheapest that fits (``ActivationCost.cheapest_remat``)."""
+    else the cheapest that fits (``ActivationCost.cheapest_remat``). ``passes``: what the passes
+    run so far kept (``_check_substeps`` records each)."""
 
     count: int | None
     cost: ActivationCost | None = None
@@ -227,16 +246,30 @@ class SubstepLimit:
     remat: tuple[bool, ...] | None = None
     fraction: float = 0.8
     device: torch.device | None = None  # None: the budget is fixed
+    passes: _Passes = field(default_factory=_Passes, compare=False, repr=False)
 
     def now(self) -> SubstepLimit:
         """The limit before a pass: the start's budget, or the smaller one that the memory
-        free now allows (the process's allocator keeps freed memory in fragments, which
-        ``ulimit -v`` counts; another process may have taken some)."""
+        free now allows (another process may have taken some), never a larger one.
+
+        Free now counts, as CUDA's ``free_memory`` does with what its caching allocator holds
+        unused, the memory this process's own heap holds free for it on the CPU
+        (``memory.heap_free``), up to what its largest pass so far kept: the kernel counts the
+        activations a pass freed as taken (the resident set, ``ulimit -v``, the cgroup), but
+        the next pass reuses them, so a pass that fit before still fits at the same counts
+        while only its own freed memory is missing (``free`` is then what this process can
+        still allocate ``where`` the limit is: its heap's free part included). What other
+        processes take, or memory the allocator gave back to the kernel and someone took,
+        lowers the budget still."""
         if self.device is None:
             return self
         free, where = free_memory(self.device)
         if int(self.fraction * free) >= self.budget:
             return self
+        if self.device.type == "cpu" and self.passes.largest > 0:
+            free += min(heap_free(), self.passes.largest)
+            if int(self.fraction * free) >= self.budget:
+                return self
         return dataclasses.replace(self, budget=int(self.fraction * free), free=free, where=where)
 
 
@@ -322,6 +355,7 @@ def _check_substeps(
         remat = _remat(limit, counts)
         need = cost.bytes(counts, remat)
         if need <= limit.budget:
+            limit.passes.largest = max(limit.passes.largest, need)
             if _set_remat(model, remat) and limit.remat is None:
                 log(f"remat: {sum(remat)} of {len(remat)} blocks checkpointed from step {step}, "
                     f"where the pass takes {sum(counts)} sub-steps: {_size(need)} of the "
@@ -364,6 +398,13 @@ def _set_remat(model: StableModel, remat: list[bool]) -> bool:
     return changed
 
 
+# The most bytes a pass captured into a ``StepGraphs``' memory pool kept, of every pass seen
+# captured while the graphs are on: the graphs share one pool, which keeps its blocks until
+# every graph sharing it is gone (a graph evicted from the cache leaves its memory reserved
+# there, for captures only), and the power iteration's graph shares it for the whole run.
+_POOL_PEAK: weakref.WeakKeyDictionary[StepGraphs, int] = weakref.WeakKeyDictionary()
+
+
 def _make_room(
     graphs: StepGraphs | None,
     counts: list[int],
@@ -371,13 +412,15 @@ def _make_room(
     need: int,
     limit: SubstepLimit,
 ) -> None:
-    """Turn ``graphs`` off when a pass they do not replay would not fit beside their pool."""
+    """Turn ``graphs`` off when a pass they do not replay would not fit beside their pool: as
+    large as the largest pass ever captured into it (``_POOL_PEAK``), also one since evicted."""
     if graphs is None or not graphs.enabled or limit.cost is None:
         return
     captured = graphs.captured_passes()
+    held = max((limit.cost.bytes(c, r) for c, r in captured), default=0)
+    held = _POOL_PEAK[graphs] = max(held, _POOL_PEAK.get(graphs, 0))
     if (tuple(counts), tuple(remat)) in captured:
         return
-    held = max((limit.cost.bytes(c, r) for c, r in captured), default=0)
     if need + held > limit.budget:
         graphs.turn_off(
             f"the pass at {sum(counts)} sub-steps ({_size(need)}) would not fit beside the "
@@ -468,6 +511,7 @@ def train(
             state.elapsed += dt
             if state.step == start:  # this process's start-up
                 state.startup_s, state.startup_steps = state.startup_s + dt, state.startup_steps + 1
+                progress.started(state.step + 1, state.startup_s)  # the pace leaves it out
             elif graphs is not None:  # a CUDA graph captured in this step (one-off): start-up too
                 state.startup_s += min(graphs.capture_s - captured, dt)
             state.step += 1
@@ -509,22 +553,38 @@ def train(
 class _Progress:
     """The progress line of a logged step: its row (step, loss, lr, total sub-steps), the wall
     time per step since the previous line (validation and checkpoints included), the peak
-    memory so far and the time left at that pace."""
+    memory so far and the time left at that pace. The pace leaves start-up out
+    (``RunState.startup_s``): it starts at the end of this process's first step
+    (``started``), whose start-up (the CUDA context, cuDNN's tuning) would make the first
+    line's time left many times too long, and a later window's CUDA graph captures are not
+    counted in it. The first line, with no step timed yet, gives ``ms/step n/a`` and
+    ``eta n/a``."""
 
     def __init__(self, steps: int, step: int, device: torch.device) -> None:
         self.steps, self.step, self.device = steps, step, device
-        self.time = time.perf_counter()
+        self.time, self.startup = time.perf_counter(), 0.0
+
+    def started(self, step: int, startup_s: float) -> None:
+        """The first step of this process ended at ``step``, the run's start-up at
+        ``startup_s`` seconds: time the pace from here."""
+        self.time, self.step, self.startup = time.perf_counter(), step, startup_s
 
     def line(self, state: RunState) -> str:
         now = time.perf_counter()
-        per_step = (now - self.time) / max(state.step - self.step, 1)
-        self.time, self.step = now, state.step
+        timed = state.step - self.step
+        spent = max(now - self.time - (state.startup_s - self.startup), 0.0)
+        per_step = spent / max(timed, 1)
+        self.time, self.step, self.startup = now, state.step, state.startup_s
         row = state.rows[-1]
+        pace, eta = (
+            (f"{1000 * per_step:.1f}", _duration(per_step * (self.steps - state.step)))
+            if timed > 0
+            else ("n/a", "n/a")
+        )
         return (
             f"step {row['step']}/{self.steps} loss {row['loss']:.4f} lr {row['lr']:.3g} "
-            f"substeps {row['substeps']} ms/step {1000 * per_step:.1f} "
-            f"peak_mem {peak_memory_mb(self.device):.0f}MiB "
-            f"eta {_duration(per_step * (self.steps - state.step))}"
+            f"substeps {row['substeps']} ms/step {pace} "
+            f"peak_mem {peak_memory_mb(self.device):.0f}MiB eta {eta}"
         )
 
 

@@ -11,6 +11,7 @@ it also picks the blocks to checkpoint in a pass that would not fit unchecked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import resource
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "peak_memory_mb",
     "is_out_of_memory",
     "free_memory",
+    "heap_free",
     "ActivationCost",
     "activation_cost",
 ]
@@ -70,6 +72,40 @@ def free_memory(device: torch.device) -> tuple[int, str]:
         mapped = _fields(Path("/proc/self/status")).get("VmSize", 0)
         limits.append((soft - mapped, "left under ulimit -v"))
     return min(limits, default=(UNKNOWN_FREE, "free (no limit found)"))
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 and later): ``size_t`` counters."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    """glibc's ``mallinfo2``, or ``None`` where the C library has none (not glibc, or older)."""
+    try:
+        call = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    call.restype, call.argtypes = _Mallinfo2, []
+    return call
+
+
+def heap_free() -> int:
+    """Bytes that this process's C allocator (glibc ``malloc``, which the CPU tensors come from)
+    holds free: memory that freed tensors left in its heap (``mallinfo2().fordblks``, all
+    arenas). The process reuses it for its next allocations, but the kernel counts it as taken
+    (the resident set, ``VmSize`` under ``ulimit -v``, the cgroup's usage), so ``free_memory``
+    does not include it: the CPU's counterpart of the memory CUDA's caching allocator reserved
+    but does not use. 0 where the C library does not say (no glibc 2.33 or later). Walks the
+    allocator's free lists (about a millisecond with thousands of fragments): called only where
+    the memory free now would lower the budget of a pass (``loop.SubstepLimit.now``)."""
+    call = _mallinfo2()
+    return 0 if call is None else int(call().fordblks)
 
 
 # What ``free_memory`` says where it finds no limit (no /proc: not Linux): the guard then stops
@@ -182,11 +218,17 @@ class ActivationCost:
         ``bytes = unchecked - sum_{i in S} f_i + B max_{i in S} stages_i``. For each level ``t``
         of the last term this is a 0/1 knapsack over the blocks with ``stages_i <= t``: the
         fewest sub-steps freeing at least ``unchecked + B t - budget``, exact by dynamic
-        programming over the sub-step total (``_frees``, cached for the last few counts); the
-        cheapest level wins."""
+        programming over the sub-step total (``_frees``, cached for the last counts); the
+        cheapest level wins. That program takes time and memory in proportion to the sub-step
+        total, which a runaway norm makes huge (1.5 million sub-steps: seconds and hundreds of
+        MiB) just when nothing fits: ``None`` comes first, without it, where even the best case
+        (every block that frees memory checkpointed, at the lowest level) keeps more than
+        ``budget``."""
         unchecked = self.bytes(counts, [False] * len(counts))
         if unchecked <= budget:
             return [False] * len(counts)
+        if self._fewest_bytes(counts, unchecked) > budget:
+            return None
         best: tuple[int, int] | None = None  # (sub-steps run again, blocks as a bit mask)
         for level, table in _frees(self, tuple(counts)):
             need = unchecked + self.batch * level - budget
@@ -195,8 +237,23 @@ class ActivationCost:
                 best = (steps, table[steps][1])
         return None if best is None else [bool(best[1] >> i & 1) for i in range(len(counts))]
 
+    def _fewest_bytes(self, counts: Sequence[int], unchecked: int) -> int:
+        """A lower bound of what any checkpointing keeps at ``counts`` (``unchecked``: none):
+        ``unchecked - sum_i f_i + B min_i stages_i`` over the checkpointable blocks, ``f_i > 0``
+        in the sum (no choice frees more, nor recomputes less than the smallest block's
+        stages); ``unchecked`` where no block can be checkpointed."""
+        frees = [
+            self.block_bytes(i, n, False) - self.block_bytes(i, n, True)
+            for i, n in enumerate(counts)
+            if self.checkpointable[i]
+        ]
+        if not frees:
+            return unchecked
+        level = min(s for s, c in zip(self.stages, self.checkpointable, strict=True) if c)
+        return unchecked - sum(f for f in frees if f > 0) + self.batch * level
 
-@functools.lru_cache(maxsize=4)
+
+@functools.lru_cache(maxsize=2)
 def _frees(
     cost: ActivationCost, counts: tuple[int, ...]
 ) -> list[tuple[int, list[tuple[int, int]]]]:
