@@ -11,7 +11,8 @@ sigma 0.15 on these photos). PnP forward-backward (eta 1) runs at every strength
 ``D_beta = (1 - beta) I + beta D`` on scikit-image's astronaut, coffee and chelsea resized to
 ``--size``, blurred as the paper's problem (9x9, sigma 1.6) with noise 0.01; TV deblurring runs at
 the best of the config's weights on the same images. Printed: mean PSNR (peak 1) of each, the
-observation's, and how many images each strength's run stopped at ``tol``. One thread.
+observation's, how many images each strength's run stopped at ``tol``, and the strength the job's
+rule would pick (the best among those that converged on every image). One thread.
 """
 
 from __future__ import annotations
@@ -57,14 +58,23 @@ def main() -> None:
     def denoiser(v: torch.Tensor) -> torch.Tensor:
         return tv_denoise(v, args.denoiser_weight, 200, tol=1e-4).x
 
+    converged = {}
     for strength in args.strengths:
         start = time.monotonic()
         x, history = pnp.pnp_forward_backward(
             pnp.relaxed_denoiser(denoiser, strength), blur, observed, 1.0, max_iter=args.iters
         )
-        print(f"PnP strength {strength:g}: {float(psnr(x, clean, 1.0).mean()):.2f} dB, "
+        score = float(psnr(x, clean, 1.0).mean())
+        if history["converged"].all():
+            converged[strength] = score
+        print(f"PnP strength {strength:g}: {score:.2f} dB, "
               f"{int(history['converged'].sum())} of {len(x)} stopped at tol, "
               f"{time.monotonic() - start:.0f} s")  # fmt: skip
+    if converged:  # the job's rule (pnp.select_pnp_strength), here on the images themselves
+        best = max(converged, key=converged.__getitem__)
+        print(
+            f"the best strength that converged on every image: {best:g}, {converged[best]:.2f} dB"
+        )
     scores = {
         w: float(psnr(pnp.tv_deblur(observed, blur, w, args.iters)[0], clean, 1.0).mean())
         for w in args.tv_weights

@@ -243,6 +243,36 @@ def test_a_finished_evaluation_rerun_with_other_intervals_resumes_at_its_end(
     assert not differ, [(k, expected[k], got[k]) for k in differ]
 
 
+def test_a_resumed_sweep_whose_clean_predictions_differ_from_this_runs_writes_its_own_clean_accuracy(
+    trained, uninterrupted, tmp_path
+):
+    """A rerun on another thread count (run-only) resumes the saved sweep, whose clean
+    predictions may differ from this run's on points within rounding of the boundary (e5 of the
+    review), simulated by a correct point marked misclassified in the saved state: the clean
+    accuracy written and logged is the state's, which its curves count, and one line says on how
+    many points the two differ."""
+    shutil.copytree(uninterrupted[0] / "work", tmp_path / "work")
+    path = tmp_path / "work" / "progress.pt"
+    saved = torch.load(path, weights_only=True)
+    state = saved["state"]
+    i = int(torch.nonzero(state["correct"])[0])
+    state["correct"][i] = False
+    for key in ("certified_radius", "break_radius", "pgd_break_radius"):
+        state[key][i] = 0.0  # as SweepState.start leaves a misclassified point
+    torch.save(saved, path)
+    spec, model, dataset = trained
+    done = run(({**spec, "threads": 2}, model, dataset), tmp_path)
+    assert done.returncode == 0, done.stderr
+    n = EVALUATE["n_test"]
+    assert f"clean predictions differ from this run's on 1 of {n} points" in done.stdout
+    clean = float(state["correct"].double().mean())
+    assert done.stdout.count(f"clean {clean:.4f}") == 2, done.stdout  # both lines that say it
+    with h5py.File(tmp_path / "eval.h5") as fh, h5py.File(uninterrupted[0] / "eval.h5") as ref:
+        assert fh.attrs["clean_accuracy"] == clean
+        assert clean == pytest.approx(ref.attrs["clean_accuracy"] - 1 / n, abs=1e-12)
+        assert fh["empirical"][0] <= clean
+
+
 def test_saved_progress_resumes_whatever_the_saving_and_logging_intervals_and_graphs():
     spec = json.loads(smoke_jobs().eval_spec("classification", VARIANT, 0))
     run_only = dict(save_every_s=600, log_every_s=1, cuda_graphs=True, cuda_graph_max_batch=64)

@@ -113,8 +113,8 @@ def compare(
     model: nn.Module, x: Tensor, y: Tensor, plan: radius_sweep.SweepPlan, lipschitz: float
 ) -> tuple[list[dict], dict[str, float]]:
     """Rows per radius (both curves) and the two times, measured in one run."""
-    margin, correct = robustness.margins(model, x, y, plan.batch_size)
-    cert = robustness.certified_radius(margin, correct, lipschitz)
+    margin, correct, rounding = robustness.clean_margins(model, x, y, plan.batch_size)
+    cert = robustness.certified_radius(margin, correct, lipschitz, rounding)  # as the job's
     t0 = time.perf_counter()
     old = per_radius(model, x, y, plan, cert)
     t_old = time.perf_counter() - t0
@@ -158,8 +158,8 @@ def compare_sweeps(
     label) and both times, measured in one run. A cheaper config must not be a weaker one:
     ``max_excess_pp`` is how far the second curve rises above the reference's."""
     (ref, ref_ev), (label, _) = evs.items()
-    margin, correct = robustness.margins(model, x, y, ref_ev["batch_size"])
-    cert = robustness.certified_radius(margin, correct, lipschitz)
+    margin, correct, rounding = robustness.clean_margins(model, x, y, ref_ev["batch_size"])
+    cert = robustness.certified_radius(margin, correct, lipschitz, rounding)  # as the job's
     plans = {name: radius_sweep.SweepPlan.from_config(ev, seed) for name, ev in evs.items()}
     curves, times = {}, {}
     for name, plan in plans.items():

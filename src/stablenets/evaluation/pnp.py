@@ -586,6 +586,11 @@ def select_tv_deblur_weight(
     return Choice(weight, scores, image_iterations)
 
 
+def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    """``log`` with ``prefix`` before each line."""
+    return lambda line: log(prefix + line)
+
+
 class PnPOptions(TypedDict, total=False):
     """The keyword options of :func:`pnp_forward_backward` that a strength's runs share."""
 
@@ -593,6 +598,7 @@ class PnPOptions(TypedDict, total=False):
     max_iter: int
     tol: float
     blowup: float
+    log_every: int
 
 
 def select_pnp_strength(
@@ -606,30 +612,49 @@ def select_pnp_strength(
     check: Callable[[dict[str, Tensor], float], None] | None = None,
     log: Callable[[str], None] | None = None,
     found: MutableMapping[float, float] | None = None,
+    converged: MutableMapping[float, float] | None = None,
     stop_point: Callable[[], None] | None = None,
     **options: Unpack[PnPOptions],
 ) -> Choice:
     """The denoiser strength (:func:`relaxed_denoiser`) whose PnP reconstructions of the
-    ``observed`` *validation* images have the best mean PSNR (peak 1) against ``clean``: PnP is
-    compared with TV at its best weight as TV is (:func:`select_tv_deblur_weight`; ``found``
-    and ``stop_point`` resume and stop a killed choice). ``check(history, strength)`` sees each
-    strength's histories (a job checks their step norms as it does the test images').
+    ``observed`` *validation* images have the best mean PSNR (peak 1) against ``clean``, among
+    the strengths whose runs converged on every one of them (stopped at ``tol``; all strengths
+    if none did, with a log line): PnP is compared with TV at its best weight as TV is
+    (:func:`select_tv_deblur_weight`), and at a fixed point, as TV at its minimiser. Why only
+    converged ones: as ``beta -> 0`` PnP becomes gradient descent on the data term, whose
+    iterates regularise by stopping early; at the iteration cap a strength too small to
+    converge would win on that alone (a random network then scores as well as no denoiser).
+
+    ``found`` and ``converged`` (each strength's converged fraction) resume a killed choice,
+    ``stop_point`` stops it (:func:`stablenets.evaluation.tv.select_weight`);
+    ``check(history, strength)`` sees each strength's histories (a job checks their step norms
+    as it does the test images'); ``log`` also gets each run's progress lines.
     ``image_iterations`` counts the denoiser calls per image run by this call."""
     image_iterations = 0
+    found = {} if found is None else found
+    converged = {} if converged is None else converged
+    for strength in [s for s in found if s not in converged]:  # solved again: unknown
+        del found[strength]
 
     def solve(y: Tensor, strength: float) -> Tensor:
         nonlocal image_iterations
         alpha = None if denoiser_alpha is None else strength * denoiser_alpha
+        lines = None if log is None else _prefixed(log, f"validation at strength {strength:g}: ")
         x, history = pnp_forward_backward(
-            relaxed_denoiser(denoiser, strength), blur, y, eta, denoiser_alpha=alpha, **options
-        )
+            relaxed_denoiser(denoiser, strength), blur, y, eta, denoiser_alpha=alpha, log=lines,
+            **options,
+        )  # fmt: skip
         image_iterations += int(history["iterations"].sum())
+        converged[strength] = float(history["converged"].double().mean())
         if check is not None:
             check(history, strength)
         return x
 
     strength, scores = select_weight(
         solve, observed, clean, strengths, 1.0, log=log, found=found, stop_point=stop_point,
-        label="PnP denoiser strength",
+        label="PnP denoiser strength", eligible=lambda s: converged[s] == 1.0,
     )  # fmt: skip
+    if log is not None and not any(converged[s] == 1.0 for s in strengths):
+        log("PnP denoiser strength: no strength converged on every validation image within "
+            "max_iter; chosen among all (its score is that of the capped iterations)")  # fmt: skip
     return Choice(strength, scores, image_iterations)

@@ -4,7 +4,7 @@ Each point is attacked only where it can change a number: PGD at every radius on
 uncertified points (the paper's protocol: its curve is PGD's own at each radius); the strong
 attack (AutoAttack) at the standard radii on what nothing broke, and over the grid by bisection
 between each point's certified radius and the smallest radius an attack broke it at; a sample of
-certified points audited. The state
+certified points audited, each at its own certified radius. The state
 (:class:`SweepState`) is saved between radii, so a killed evaluation resumes where it stopped.
 The attacks may search on a faster model (:class:`SearchModel`: bf16, CUDA graphs from
 :mod:`stablenets.evaluation.attack_graphs`), the float32 eager model judging every example
@@ -30,9 +30,11 @@ from torch import Tensor, nn
 
 from stablenets.evaluation.attack_graphs import GraphedModel
 from stablenets.evaluation.robustness import (
+    BALL_REL_TOL,
     Autocast,
     InvariantError,
     autoattack_l2,
+    ball_tolerance,
     check_eps,
     check_in_ball,
     eval_mode,
@@ -53,12 +55,15 @@ options bound), with ``||x_adv - x||_2 <= eps`` per sample; ``seed`` makes each 
 
 PASSES = ("pgd", "strong", "audit", "bisect")
 """What a sweep runs at each radius, in order: the cheap attack on every correct, uncertified
-point, the strong attack on every point no attack has broken yet, and the certificate audit; then
-the strong attack's bisection over ``SweepPlan.bisect_radii``."""
+point, the strong attack on every point no attack has broken yet, and the certificate audit (a
+sample of the points certified there, each attacked at its own certified radius); then the strong
+attack's bisection over ``SweepPlan.bisect_radii``."""
 
-STATE_VERSION = 2
-"""The layout and meaning of a saved :class:`SweepState` (2: PGD's breaks kept per radius); saved
-progress of another version is not resumed."""
+STATE_VERSION = 3
+"""The layout and meaning of a saved :class:`SweepState` (2: PGD's breaks kept per radius; 3: the
+audit attacks each point at its own certified radius, one point per batch, and the job's
+certificates allow for the margin's rounding); saved progress of another version is not
+resumed."""
 
 RADIUS_DECIMALS = 12
 """Radii are attacked, recorded and read at this many decimals (:func:`radius_key`)."""
@@ -84,8 +89,14 @@ class SweepPlan:
     """What to run: the radii (any order; swept increasing), the attacks and the audit.
 
     ``strong_radii`` are the radii at which the strong attack runs (the standard radii, or every
-    radius); ``audit_radii`` those at which ``audit_size`` certified points (a fixed, seeded
-    sample) are attacked by both attacks: a certified point flipped proves the certificate wrong.
+    radius); ``audit_radii`` those at which ``audit_size`` points certified there (a fixed,
+    seeded sample) are attacked by both attacks, each near its own certified radius
+    (``audit_radius``): a certified point flipped proves the certificate wrong. The attacks take
+    one radius per call, so the sample is attacked in groups of points whose certified radii lie
+    within ``audit_group_ratio`` of the group's smallest, at that smallest radius: every point
+    is attacked at least at ``1 / audit_group_ratio`` of its certified radius, in a few calls
+    (one per point would cost a call of AutoAttack's, seconds on a GPU, each). ``ball_rel_tol``
+    is the ball check's relative slack (``robustness.ball_tolerance``).
     ``bisect_radii`` are the radii the strong attack covers by bisection afterwards (``bisect``),
     with ``grid`` where given (a cheaper attack than at the standard radii, ``grid_attacks``).
     ``search`` is the search model the attacks share (``from_config``; its ``summary`` goes to
@@ -100,7 +111,8 @@ class SweepPlan:
     audit_size: int
     batch_size: int
     seed: int = 0
-    radius_tol: float = 1e-5
+    audit_group_ratio: float = 1.2
+    ball_rel_tol: float = BALL_REL_TOL
     bisect_radii: np.ndarray = field(default_factory=lambda: np.zeros(0))
     search: SearchModel | None = None
     grid: SeededAttack | None = None
@@ -143,6 +155,7 @@ class SweepPlan:
             audit_size=ev["audit_certified"],
             batch_size=ev["batch_size"],
             seed=seed,
+            audit_group_ratio=ev["audit_group_ratio"],
             bisect_radii=eps if bisect_grid else np.zeros(0),
             search=search,
             grid=fast_search(grid_attack(strong, ev["batch_size"]), search) if cheaper else None,
@@ -245,7 +258,8 @@ def _todo(plan: SweepPlan, state: SweepState, pass_name: str, e: float) -> Tenso
         return torch.nonzero(live & (state.break_radius > e)).squeeze(1)
     order = state.audit_order
     certified = state.correct[order] & (state.certified_radius[order] > e)
-    return order[certified][: plan.audit_size]
+    sample = order[certified][: plan.audit_size]  # attacked in increasing certified radius:
+    return sample[torch.argsort(state.certified_radius[sample], stable=True)]  # _audit_group
 
 
 def _attack_batch(
@@ -255,15 +269,48 @@ def _attack_batch(
     y: Tensor,
     e: float,
     seed: int,
-    radius_tol: float,
+    rel_tol: float,
 ) -> Tensor:
     """Distances of the adversarial examples ``attack`` found (inf where it found none); every
-    example is checked to lie in the ε-ball and in [0, 1] first."""
+    example is checked to lie in the ε-ball, up to its float32 rounding
+    (``robustness.ball_tolerance``: far below any radius read), and in [0, 1] first. A distance
+    is clamped to ε within that rounding alone, so that an example the attack put on the sphere
+    counts at ε. Distance 0: the point is misclassified at its clean input in this batch."""
     x_adv = attack(model, x, y, e, seed=seed).to(x.device)
-    check_in_ball(x_adv, x, e, radius_tol)
+    check_in_ball(x_adv, x, e, rel_tol)
     fooled = predict(model, x_adv) != y
     dist = flat_norm(x_adv.double() - x.double()).clamp(max=e)
     return torch.where(fooled, dist, torch.full_like(dist, math.inf)).cpu()
+
+
+AUDIT_SLACK = 1e-3
+"""The audit attacks a point this far (relatively) inside its certified radius (``audit_radius``).
+Far below anything the curves resolve (their grid's step is 0.026: a bound wrong by more than
+0.1 % is caught), and well above the rounding of the certificate itself: on a tight 3x32x32
+linear model whose logits cancel (sums of terms 100x larger than the logits), certified radii
+exceeded the exact (float64) distance by up to 3e-4 of it, net of ``robustness.MARGIN_ROUNDING``
+too (which scales with the logits). A flip that close would be rounding, not an unsound bound."""
+
+
+def _audit_group(plan: SweepPlan, state: SweepState) -> Tensor:
+    """The audit's next group: from the next point of its sample (sorted by certified radius,
+    ``_todo``), the points whose certified radius is within ``plan.audit_group_ratio`` of it, at
+    most ``plan.batch_size``. A function of the state alone, so a resumed sweep groups alike."""
+    assert state.todo is not None
+    rest = state.todo[state.done : state.done + plan.batch_size]
+    radii = state.certified_radius[rest]
+    return rest[: int((radii <= radii[0] * plan.audit_group_ratio).sum())]
+
+
+def audit_radius(certified: float, e: float, x: Tensor, rel_tol: float = BALL_REL_TOL) -> float:
+    """The radius an audited point certified at ``e`` to radius ``r`` (a group's smallest; ``x``:
+    its samples, whose size sets the rounding allowance) is attacked at: ``r (1 - AUDIT_SLACK)``, less the ball check's rounding allowance
+    (``robustness.ball_tolerance``) so that every example it accepts lies inside that; at least
+    ``e``. Why: the certificate claims ``r``, so it is tested there; an attack limited to ``e``
+    can only flip a point whose true radius is below ``e``, and the certificate of a point
+    certified at ``e`` is least often wrong there."""
+    inside = (certified * (1 - AUDIT_SLACK) - ball_tolerance(0.0, x, rel_tol)) / (1 + rel_tol)
+    return max(inside, e)
 
 
 @contextmanager
@@ -297,15 +344,21 @@ def _expected(state: SweepState, pass_name: str, points: int) -> str:
 
 
 def _record(
-    state: SweepState, pass_name: str, idx: Tensor, dist: Tensor, e: float, name: str
+    state: SweepState,
+    pass_name: str,
+    idx: Tensor,
+    dist: Tensor,
+    e: float,
+    name: str,
+    log: Callable[[str], None],
 ) -> None:
+    """Record a batch's break distances (``_attack_batch``): the break radii (and PGD's and the
+    strong attack's own records); an audited point flipped, or a break below a certified radius,
+    raises ``InvariantError``. A certified point broken at distance 0 is a disagreement about its
+    clean label (``_clean_label_disagreements``), not a break of its certificate."""
+    _clean_label_disagreements(state, idx, dist, name, log)
     if pass_name == "audit":
-        flipped = torch.isfinite(dist)
-        if flipped.any():
-            raise InvariantError(
-                f"model {name!r}: {int(flipped.sum())} of {len(idx)} audited points certified at "
-                f"eps={e:.4g} were flipped by an attack: the Lipschitz certificate is unsound"
-            )
+        _check_audit(state, idx, dist, e, name)
         return
     state.break_radius[idx] = torch.minimum(state.break_radius[idx], dist)
     if pass_name == "strong":  # the bisection's lower bounds (fixed before it starts)
@@ -323,6 +376,43 @@ def _record(
             f"model {name!r}: point {i} has an adversarial example at distance "
             f"{float(state.break_radius[i]):.6g} inside its certified radius "
             f"{float(state.certified_radius[i]):.6g}: the Lipschitz certificate is unsound"
+        )
+
+
+def _clean_label_disagreements(
+    state: SweepState, idx: Tensor, dist: Tensor, name: str, log: Callable[[str], None]
+) -> None:
+    """Certified points misclassified at their clean input in this batch (an "example" at
+    distance 0: the attacks return such a point unchanged): their float32 logits, computed in
+    another batch than the margins, rounded to another class. That is a disagreement about the
+    clean label (a margin within rounding beyond ``robustness.MARGIN_ROUNDING``), not an unsound
+    certificate: the points count as not certified and broken at radius 0 (robust nowhere;
+    clean accuracy keeps them), with one log line."""
+    zero = (dist == 0) & (state.certified_radius[idx] > 0)
+    if not zero.any():
+        return
+    points = idx[zero]
+    log(
+        f"model {name!r}: {len(points)} certified point(s) misclassified at the clean input in an "
+        f"attack batch (point {int(points[0])}, certified radius "
+        f"{float(state.certified_radius[points[0]]):.3g}): the clean prediction depends on the "
+        "batch's float rounding; counted not certified and broken at radius 0"
+    )
+    state.certified_radius[points] = 0.0
+    state.break_radius[points] = 0.0
+
+
+def _check_audit(state: SweepState, idx: Tensor, dist: Tensor, e: float, name: str) -> None:
+    """An audited point with an adversarial example inside its certified radius (the audit
+    attacks it there: ``audit_radius``) proves the certificate wrong: ``InvariantError`` naming
+    it."""
+    flipped = dist < state.certified_radius[idx]
+    if flipped.any():
+        i, d = int(idx[flipped][0]), float(dist[flipped][0])
+        raise InvariantError(
+            f"model {name!r}: audited point {i}, certified at eps={e:.4g} to radius "
+            f"{float(state.certified_radius[i]):.6g}, was flipped by an attack at distance "
+            f"{d:.6g}: the Lipschitz certificate is unsound"
         )
 
 
@@ -357,6 +447,57 @@ def _progress_line(plan: SweepPlan, state: SweepState, e: float, started: float)
     )
 
 
+def _sweep_batch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    plan: SweepPlan,
+    state: SweepState,
+    pass_name: str,
+    name: str,
+    log: Callable[[str], None],
+    log_every_s: float,
+) -> None:
+    """Attack the pass's next batch at the current radius with the pass's attacks (the audit:
+    both), record what they found (``_record``) and count it done. A batch is
+    ``plan.batch_size`` points; in the audit a group of points with close certified radii
+    (``_audit_group``), attacked at the smallest's (``audit_radius``: the attacks take one
+    radius per call)."""
+    assert state.todo is not None
+    k, e, audit = state.radius_index, float(plan.radii[state.radius_index]), pass_name == "audit"
+    # the batch's seed key: its index, or in the audit its first point's place in the sample
+    b = state.done if audit else state.done // plan.batch_size
+    idx = (
+        _audit_group(plan, state)
+        if audit
+        else state.todo[state.done : state.done + plan.batch_size]
+    )
+    device = model_device(model)
+    xb, yb = x[idx].to(device), y[idx].to(device).long()
+    at = e
+    if audit:
+        at = audit_radius(float(state.certified_radius[idx[0]]), e, xb, plan.ball_rel_tol)
+    attacks = [plan.pgd, plan.strong] if audit else [
+        plan.strong if pass_name == "strong" else plan.pgd]  # fmt: skip
+    t0 = time.perf_counter()
+    what = (
+        f"eps {e:.4f} ({k + 1}/{len(plan.radii)}), {pass_name} attack on points "
+        f"{state.done + 1}-{state.done + len(idx)} of {len(state.todo)}"
+        f"{f' at their smallest certified radius {at:.4f}' if audit else ''}"
+        f"{_expected(state, pass_name, len(idx))}"
+    )
+    for attack in filter(None, attacks):
+        seed = _batch_seed(plan.seed, k, pass_name, b)
+        with _heartbeat(log, log_every_s, what):
+            dist = _attack_batch(model, attack, xb, yb, at, seed, plan.ball_rel_tol)
+        _record(state, pass_name, idx, dist, radius_key(e), name, log)
+    if audit:
+        state.audited[radius_key(e)] = state.audited.get(radius_key(e), 0) + len(idx)
+    state.seconds[pass_name] += time.perf_counter() - t0
+    state.points[pass_name] += len(idx)
+    state.done += len(idx)
+
+
 def sweep(
     model: nn.Module,
     x: Tensor,
@@ -373,13 +514,15 @@ def sweep(
     change a number, and return the final state (``state.accuracies(eps)`` gives the curves).
 
     At radius ε the strong attack needs no point that is misclassified, certified (``r_cert >
-    ε``: no attack can move it, so the audit alone attacks a sample of such points) or already
-    broken (an adversarial example found at ε' <= ε lies in the ε-ball too). The cheap attack
-    (PGD) runs on every correct, uncertified point at every radius, broken or not, on purpose:
-    its curve is then that of the attack run at each radius on its own (the paper's PGD
-    curve). A found example at distance d (checked <= ε) sets the point's break radius to
-    min(current, d), so it counts at every radius >= d. A break radius
-    below the certified radius, or an audited certified point flipped, raises ``InvariantError``.
+    ε``: no attack can move it, so the audit alone attacks a sample of such points, each at its
+    own certified radius) or already broken (an adversarial example found at ε' <= ε lies in the
+    ε-ball too). The cheap attack (PGD) runs on every correct, uncertified point at every radius,
+    broken or not, on purpose: its curve is then that of the attack run at each radius on its
+    own (the paper's PGD curve). A found example at distance d (checked <= ε up to its rounding)
+    sets the point's break radius to min(current, d), so it counts at every radius >= d. A break
+    radius below the certified radius, or an audited certified point flipped, raises
+    ``InvariantError``; a certified point misclassified at its clean input in an attack batch
+    (rounding) is logged and counted not certified and broken at 0 instead.
 
     Resumable: ``save(state)`` is called after every batch; rerunning with the saved state
     attacks exactly the batches an uninterrupted run would (seeds per radius, pass and batch).
@@ -390,7 +533,6 @@ def sweep(
     accuracy so far, elapsed time, ETA; and while one attack call runs longer, a line every
     ``log_every_s`` naming it.
     """
-    device = model_device(model)
     started, last_line = time.perf_counter(), time.perf_counter()
     with eval_mode(model):
         while state.radius_index < len(plan.radii):
@@ -402,32 +544,10 @@ def sweep(
                     state.todo, state.done = _todo(plan, state, pass_name, e), 0
                     if pass_name == "pgd":  # its curve has a value here, even with nothing to do
                         state.pgd_broken[radius_key(e)] = torch.zeros_like(state.correct)
-                attacks = [plan.pgd, plan.strong] if pass_name == "audit" else [
-                    plan.strong if pass_name == "strong" else plan.pgd]  # fmt: skip
                 while state.done < len(state.todo):
                     if stop():
                         return state
-                    b = state.done // plan.batch_size
-                    idx = state.todo[state.done : state.done + plan.batch_size]
-                    xb, yb = x[idx].to(device), y[idx].to(device).long()
-                    t0 = time.perf_counter()
-                    what = (
-                        f"eps {e:.4f} ({k + 1}/{len(plan.radii)}), {pass_name} attack on points "
-                        f"{state.done + 1}-{state.done + len(idx)} of {len(state.todo)}"
-                        f"{_expected(state, pass_name, len(idx))}"
-                    )
-                    for attack in filter(None, attacks):
-                        seed = _batch_seed(plan.seed, k, pass_name, b)
-                        with _heartbeat(log, log_every_s, what):
-                            dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
-                        _record(state, pass_name, idx, dist, radius_key(e), name)
-                    if pass_name == "audit":
-                        state.audited[radius_key(e)] = state.audited.get(radius_key(e), 0) + len(
-                            idx
-                        )
-                    state.seconds[pass_name] += time.perf_counter() - t0
-                    state.points[pass_name] += len(idx)
-                    state.done += len(idx)
+                    _sweep_batch(model, x, y, plan, state, pass_name, name, log, log_every_s)
                     save(state)
                     radius_ends = state.done == len(state.todo) and state.pass_index + 1 == len(
                         passes
@@ -679,8 +799,8 @@ def bisect(
                     f"{_expected(state, 'bisect', len(idx))}"
                 )
                 with _heartbeat(log, log_every_s, what):
-                    dist = _attack_batch(model, attack, xb, yb, e, seed, plan.radius_tol)
-                _record(state, "bisect", idx, dist, e, name)
+                    dist = _attack_batch(model, attack, xb, yb, e, seed, plan.ball_rel_tol)
+                _record(state, "bisect", idx, dist, e, name, log)
                 fooled = torch.isfinite(dist)
                 first = torch.searchsorted(grid, dist[fooled].contiguous())
                 state.hi[idx[fooled]] = torch.minimum(state.hi[idx[fooled]], first)

@@ -181,11 +181,13 @@ def select_weight(
     found: MutableMapping[float, float] | None = None,
     stop_point: Callable[[], None] | None = None,
     label: str = "TV weight",
+    eligible: Callable[[float], bool] | None = None,
 ) -> tuple[float, list[float]]:
     """The regularisation weight whose reconstructions ``solve(observed, weight)`` have the best
     mean PSNR against ``clean``; every method with a weight picks it so, on *validation* images
     (never the test set), so that it is compared at its best, not at a guess. ``label`` names
-    the weight in the log lines (``TV weight``, ``PnP denoiser strength``).
+    the weight in the log lines (``TV weight``, ``PnP denoiser strength``). ``eligible``, asked
+    once every score is known, restricts the choice (to all candidates when it admits none).
 
     Returns the chosen weight and the mean PSNR of every weight, in the order given (ties go to
     the first). ``batch_size`` bounds the memory by solving that many images at a time. ``log``
@@ -218,7 +220,8 @@ def select_weight(
                 f"{timing(k, len(todo), elapsed)}"
             )
     scores = [found[w] for w in weights]
-    best = max(range(len(weights)), key=lambda i: scores[i])
+    allowed = [w for w in weights if eligible is None or eligible(w)] or list(weights)
+    best = max(range(len(weights)), key=lambda i: (weights[i] in allowed, scores[i]))
     edge = {min(weights): "smallest", max(weights): "largest"}.get(weights[best])
     if log is not None and edge and len(weights) > 1:
         log(f"{label} {weights[best]:g} is the {edge} candidate: the best value may lie "

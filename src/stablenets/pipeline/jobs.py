@@ -260,16 +260,15 @@ def _sweep(
     x: torch.Tensor,
     y: torch.Tensor,
     plan: radius_sweep.SweepPlan,
-    start: Callable[[], radius_sweep.SweepState],
+    state: radius_sweep.SweepState,
     name: str,
     saved: SavedProgress,
     ev: dict,
     log: Log,
 ) -> radius_sweep.SweepState:
-    """Run (or resume) the radius sweep, saving its state to ``saved`` every ``save_every_s``
-    and at its end; a stop signal (``saved.stop``) ends the job before its next batch
-    (``saved.stop_point``, exit 75), and one during the last batch lets the sweep finish."""
-    state = _resumed_sweep(saved, log) or start()
+    """Run (or go on with a resumed) radius sweep, saving its state to ``saved`` every
+    ``save_every_s`` and at its end; a stop signal (``saved.stop``) ends the job before its next
+    batch (``saved.stop_point``, exit 75), and one during the last batch lets the sweep finish."""
     last, stopped = time.monotonic(), False
 
     def save(s: radius_sweep.SweepState, force: bool = False) -> None:
@@ -299,11 +298,25 @@ def _sweep(
     return state
 
 
-def _resumed_sweep(saved: SavedProgress, log: Log) -> radius_sweep.SweepState | None:
+def _resumed_sweep(
+    saved: SavedProgress, correct: torch.Tensor, log: Log
+) -> radius_sweep.SweepState | None:
+    """The saved sweep state, if any. Its clean predictions (``correct``, which its curves and
+    certificates come from) are kept even where this run's (``correct``) differ, with one log
+    line saying on how many points: float32 logits round differently on another device or
+    thread count (run-only settings, so such a rerun resumes), and a point within rounding of
+    the boundary may change sides."""
     if "state" not in saved:
         return None
     state = radius_sweep.SweepState(**saved["state"])
     log(f"resuming from {saved.path} at eps {state.radius_index + 1} of the sweep")
+    differ = int((state.correct != correct.cpu()).sum())
+    if differ:
+        log(
+            f"the saved sweep's clean predictions differ from this run's on {differ} of "
+            f"{len(correct)} points (float rounding: another device or thread count); the saved "
+            "ones are kept, as its curves and the clean accuracy"
+        )
     return state
 
 
@@ -326,11 +339,13 @@ def _saved_progress(
 def evaluate_classifier(
     spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
-    """Clean, certified (certified Lipschitz bound) and empirical robust accuracy; AUCs. One
-    radius sweep (``radius_sweep.sweep``) attacks each point only where it can change a number,
-    audits a sample of certified points; its state, then each tenth of the empirical Lipschitz
-    search and its bound, are saved in ``workdir``: a killed job's rerun resumes there (SIGTERM
-    stops it before its next batch or search step, exit 75)."""
+    """Clean, certified (certified Lipschitz bound, margins net of their float32 rounding:
+    ``robustness.clean_margins``) and empirical robust accuracy; AUCs. One radius sweep
+    (``radius_sweep.sweep``) attacks each point only where it can change a number, audits a
+    sample of certified points, each at its own certified radius; its state, then each tenth of
+    the empirical Lipschitz search and its bound, are saved in ``workdir``: a killed job's rerun
+    resumes there (SIGTERM stops it before its next batch or search step, exit 75), and its
+    clean accuracy is that of the resumed state (``_resumed_sweep``)."""
     model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
     ev = spec["evaluate"]
     x, y = _split(data_path, "test", "classification")
@@ -338,21 +353,20 @@ def evaluate_classifier(
         raise data.DataError(f"{data_path}: the test split has no labels to evaluate against")
     if ev.get("n_test"):
         x, y = x[: ev["n_test"]], y[: ev["n_test"]]
-    margin, correct = robustness.margins(model, x, y, ev["batch_size"])
+    margin, correct, rounding = robustness.clean_margins(model, x, y, ev["batch_size"])
     lip = model.lipschitz_bound()
     eps, std_eps = radius_sweep.evaluation_radii(ev)
-    cert_radius = robustness.certified_radius(margin, correct, lip)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
-    log(f"{spec['variant']}: clean {float(correct.double().mean()):.4f}, Lipschitz bound {lip:.4g}")
     with StopFlag() as stop:
         saved = _saved_progress(
             spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}", workdir, log, stop
         )
-        state = _sweep(
-            model, x, y, plan,
-            lambda: radius_sweep.SweepState.start(correct, cert_radius, spec["seed"]),
-            spec["variant"], saved, ev, log,
-        )  # fmt: skip
+        state = _resumed_sweep(saved, correct, log) or radius_sweep.SweepState.start(
+            correct, robustness.certified_radius(margin, correct, lip, rounding), spec["seed"]
+        )
+        clean = float(state.correct.double().mean())  # what the curves count: the state's
+        log(f"{spec['variant']}: clean {clean:.4f}, Lipschitz bound {lip:.4g}")
+        state = _sweep(model, x, y, plan, state, spec["variant"], saved, ev, log)
         if plan.search is not None:
             if graphs := plan.search.summary():
                 log(graphs)
@@ -361,7 +375,6 @@ def evaluate_classifier(
             model, x, ev, spec["seed"], lip, f"classifier {spec['variant']!r}", saved, log
         )
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
-    clean = float(correct.double().mean())
     # holds by construction (the sweep fails on a break radius below a certified one): a guard
     robustness.check_invariant(eps, acc["certified"], acc["empirical"], clean, spec["variant"])
     log(
@@ -715,8 +728,9 @@ def run_pnp(
     clean, observed, val, val_observed, blur = _deblur_problem(spec, data_path, device)
     alpha = model.averagedness((clean.shape[-2], clean.shape[-1]))
     options = pnp.PnPOptions(
-        relax=p["relax"], max_iter=p["max_iter"], tol=p["tol"], blowup=p["blowup"]
-    )
+        relax=p["relax"], max_iter=p["max_iter"], tol=p["tol"], blowup=p["blowup"],
+        log_every=p["log_every"],
+    )  # fmt: skip
 
     def denoise(v: torch.Tensor) -> torch.Tensor:
         return _batched(model, v, p["batch_size"])  # memory bounded whatever the group
@@ -724,7 +738,12 @@ def run_pnp(
     def check(hist: dict[str, torch.Tensor], strength: float) -> None:
         relaxed = None if alpha is None else strength * alpha
         _monotone(
-            hist["step_norm"], val, 0, relaxed, spec, f"validation image at strength {strength:g}"
+            hist["step_norm"],
+            val,
+            0,
+            relaxed,
+            spec,
+            f"validation image {{}} at strength {strength:g}",
         )
 
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
@@ -732,9 +751,10 @@ def run_pnp(
             spec, [model_path, data_path], _DEBLUR_LAYOUT, workdir, log, stop
         )
         start = time.monotonic()  # the seconds of its solves, the choice included: its cost
+        converged = progress.section("validation_converged")
         choice = pnp.select_pnp_strength(
             denoise, blur, val_observed, val, p["strengths"], p["eta"], alpha, check, log,
-            progress.section("validation"), progress.stop_point, **options,
+            progress.section("validation"), converged, progress.stop_point, **options,
         )  # fmt: skip
         strength, ran = choice.value, choice.image_iterations  # ran: this run's (a resumed one's)
         relaxed = None if alpha is None else strength * alpha
@@ -744,8 +764,7 @@ def run_pnp(
             nonlocal ran
             x, hist = pnp.pnp_forward_backward(
                 pnp.relaxed_denoiser(denoise, strength), blur, observed[group], p["eta"],
-                reference=clean[group], denoiser_alpha=relaxed, log=log,
-                log_every=p["log_every"], **options,
+                reference=clean[group], denoiser_alpha=relaxed, log=log, **options,
             )  # fmt: skip
             hist["monotone"] = _monotone(
                 hist["step_norm"], clean[group], group.start, relaxed, spec
@@ -768,6 +787,8 @@ def run_pnp(
         "strength": strength,
         "strengths": list(p["strengths"]),
         "strength_validation_scores": choice.scores,
+        # each strength's fraction of validation images converged: the choice is among those at 1
+        "strength_validation_converged": [converged[s] for s in p["strengths"]],
         "validation_images": len(val),
         "validation_image_iterations_run": choice.image_iterations,  # a resumed run: its own
         **_deblur_attrs(spec, hist, final, observed_psnr, hist["iterations"]),
@@ -793,11 +814,11 @@ def _monotone(
     first: int,
     alpha: float | None,
     spec: dict,
-    images: str = "test image",
+    images: str = "test image {}",
 ) -> torch.Tensor:
     """Per image, whether its step norms are non-increasing to float32 rounding; for a denoiser
-    with an averagedness guarantee (``alpha``) an increase fails the job, naming the image (its
-    index among ``images``: ``first`` is the group's first)."""
+    with an averagedness guarantee (``alpha``) an increase fails the job, naming the image
+    (``images`` with its index: ``first`` is the group's first)."""
     p, eps32 = spec["pnp"], float(torch.finfo(torch.float32).eps)
     flags = []
     for i, diffs in enumerate(step_norms):
@@ -805,7 +826,7 @@ def _monotone(
         ok = pnp.check_nonincreasing(diffs, rtol=p["nonincreasing_rtol"], atol=atol) is None
         if alpha is not None and not ok:
             pnp.assert_nonincreasing(
-                diffs, spec["variant"], f"{images} {first + i}", p["nonincreasing_rtol"], atol
+                diffs, spec["variant"], images.format(first + i), p["nonincreasing_rtol"], atol
             )
         flags.append(ok)
     return torch.tensor(flags)
