@@ -53,3 +53,18 @@ def smoke_run(tmp_path_factory) -> Path:
     done = snakemake(work, *SMOKE_PROFILE)
     assert done.returncode == 0, done.stderr[-4000:]
     return work
+
+
+def fail_torch_load_once(monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+    """``torch.load`` raises ``failure`` at its next call, then loads as usual: a read the
+    machine fails once (an I/O error of a network file system, permissions, memory)."""
+    load = torch.load
+    failed: list[int] = []
+
+    def fails_once(*args, **kwargs) -> object:  # noqa: ANN002, ANN003
+        if not failed:
+            failed.append(1)
+            raise failure
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", fails_once)

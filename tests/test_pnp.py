@@ -497,8 +497,6 @@ def test_a_denoiser_too_strong_for_the_problem_is_plugged_in_at_the_best_strengt
 
 
 def test_a_strength_choice_resumes_from_the_scores_found_before_and_stops_where_asked():
-    """A score found without its converged fraction (a kill between the two saves) is solved
-    again."""
     clean = cartoon(n=1, h=16, w=20)
     blur = GaussianBlur(5, 1.0, clean.shape[1:])
     observed = observe(clean, blur, 0.01, seed=3)
@@ -524,7 +522,3 @@ def test_a_strength_choice_resumes_from_the_scores_found_before_and_stops_where_
     assert resumed.scores == whole.scores and resumed.value == whole.value
     assert lines[0] == "PnP denoiser strengths: 1 of 2 scores found before"
     assert resumed.image_iterations < whole.image_iterations
-    del converged[1.0]
-    again = select_pnp_strength(smooth, blur, observed, clean, [1.0, 0.5], 1.0, found=found,
-                                converged=converged, max_iter=20)  # fmt: skip
-    assert again.image_iterations < whole.image_iterations and list(converged) == [0.5, 1.0]

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -577,6 +578,20 @@ def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight
     assert units == (200 + p["val_images"] * len(p["strengths"])) * p["max_iter"]
 
 
+def device_script(work: Path, out: Path, limit: str, **env: str) -> subprocess.CompletedProcess:
+    """benchmarks/run_device_rehearsal.sh run in ``work`` for ``limit`` seconds in its local mode
+    (KIT=none, this venv's ``python3``), writing into ``out``; ``env`` adds to its environment."""
+    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none", **env}
+    return subprocess.run(
+        ["bash", "benchmarks/run_device_rehearsal.sh", limit],
+        cwd=work,
+        env={**local_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_out(tmp_path):
     """benchmarks/run_device_rehearsal.sh in its local mode (KIT=none: this venv's packages) with
     no time left for `make rehearsal`: the stand-in venv runs Snakemake and the pipeline's
@@ -593,16 +608,7 @@ def test_the_device_rehearsal_script_sets_up_python_and_snakemake_and_logs_into_
     (work / "benchmarks").mkdir()
     shutil.copy2(script, work / "benchmarks")
     out = tmp_path / "out"
-    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none",
-           "RESERVE_S": "0"}  # fmt: skip
-    run = subprocess.run(
-        ["bash", "benchmarks/run_device_rehearsal.sh", "1"],  # a 1 s call: no time for make
-        cwd=work,
-        env={**local_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = device_script(work, out, "1", RESERVE_S="0")  # a 1 s call: no time for make
     assert run.returncode == 124, run.stdout + run.stderr
     log = (out / "device.log").read_text()
     assert "kit none" in log and "torch" in log
@@ -622,16 +628,7 @@ def test_the_device_rehearsal_script_writes_the_partial_cost_straight_into_out(t
     shutil.copy2(ROOT / "benchmarks" / "run_device_rehearsal.sh", work / "benchmarks")
     shutil.copytree(ROOT / "benchmarks" / "results", work / "benchmarks" / "results")
     out = tmp_path / "out"
-    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none",
-           "RESERVE_S": "75"}  # fmt: skip
-    run = subprocess.run(
-        ["bash", "benchmarks/run_device_rehearsal.sh", "80"],
-        cwd=work,
-        env={**local_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = device_script(work, out, "80", RESERVE_S="75")
     log = (out / "device.log").read_text()
     assert run.returncode == 124 and "no time left for make rehearsal" in log, log
     assert "partial cost: rc 0" in log and "0 of " in log, log
@@ -652,16 +649,8 @@ def test_the_device_script_needs_no_pytest_for_the_rehearsal_and_skips_only_the_
     nopytest.mkdir()
     (nopytest / "pytest.py").write_text('raise ImportError("no pytest on this device")\n')
     out = tmp_path / "out"
-    env = {"OUT": str(out), "DEVICE_PYTHON": str(BIN / "python3"), "KIT": "none",
-           "RESERVE_S": "195", "PYTHONPATH": str(nopytest)}  # fmt: skip
-    run = subprocess.run(
-        ["bash", "benchmarks/run_device_rehearsal.sh", "200"],  # graph tests: 175 s less setup
-        cwd=work,
-        env={**local_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # time for the graph tests (175 s less set-up), not for make (its reserve)
+    run = device_script(work, out, "200", RESERVE_S="195", PYTHONPATH=str(nopytest))
     log = (out / "device.log").read_text()
     assert run.returncode == 124, log
     assert "imports ok" in log and "the kit does not import" not in log

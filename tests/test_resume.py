@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import fail_torch_load_once
 from snakemake.utils import update_config
 
 from stablenets import data
@@ -90,16 +91,7 @@ def test_progress_the_machine_fails_to_read_stops_the_job_and_is_kept_but_a_trun
     path, lines = tmp_path / "progress.pt", []
     SavedProgress(path, "job-a", lines.append)["state"] = {"done": torch.arange(100)}
     saved = path.read_bytes()
-    load = torch.load
-
-    def fails_once(*args, **kwargs) -> object:  # noqa: ANN002, ANN003
-        if not failed:
-            failed.append(1)
-            raise failure
-        return load(*args, **kwargs)
-
-    failed: list[int] = []
-    monkeypatch.setattr(torch, "load", fails_once)
+    fail_torch_load_once(monkeypatch, failure)
     with pytest.raises(type(failure)) as err:
         SavedProgress(path, "job-a", lines.append)
     if isinstance(failure, OSError):

@@ -1448,3 +1448,52 @@ def test_the_lipschitz_search_is_a_lower_bound_and_logs_a_tenth_of_its_steps_wit
     ]
     assert steps == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31], lines
     assert all(re.search(r", elapsed \d+ s, ETA \d+ s$", line) for line in lines)
+
+
+def tight_binary(seed: int, n: int) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """A binary linear model on 3x32x32 images whose certificate is exact (``sqrt(2) L`` is the
+    norm of ``w_0 - w_1``), ``n`` points, their labels and the unit normal of the boundary."""
+    g = torch.Generator().manual_seed(seed)
+    w = 0.2 * torch.randn(3 * 32 * 32, generator=g)
+    model = linear_model(torch.stack([w, -w]), torch.stack([-0.5 * w.sum(), 0.5 * w.sum()]))
+    x = 0.5 + 0.15 * (2 * torch.rand(n, 3, 32, 32, generator=g) - 1)
+    return model, x, predictions(model, x), (w / w.norm()).double()
+
+
+@pytest.mark.parametrize(("overstated", "unsound"), [(1e-4, False), (1e-2, True)])
+def test_a_break_within_rounding_of_a_certificate_lowers_it_and_a_deeper_one_fails(
+    overstated, unsound
+):
+    """A minimal-norm attack (an oracle just across the boundary) on certificates overstated by
+    1e-4 of themselves, float32 rounding's order (review of session 29): each break lowers its
+    point's certificate to the example's distance with a log line, no "unsound" error; by 1 %,
+    the job fails. The caller's certificates are not written to."""
+    model, x, y, u = tight_binary(22, 60)
+
+    def oracle(model, xb, yb, eps, seed):
+        towards = torch.where(yb == 0, -1.0, 1.0).double()[:, None] * u
+        gap = (xb.flatten(1).double() - 0.5) @ u * torch.where(yb == 0, 1.0, -1.0).double()
+        step = torch.clamp(gap * (1 + 1e-6), max=eps)[:, None]
+        return (xb.flatten(1).double() + step * towards).float().view_as(xb).clamp(0, 1)
+
+    m, correct = margins(model, x, y, 60)
+    cert = certified_radius(m, correct, spectral_norm(model) / (1 + overstated))
+    before = cert.clone()
+    e = float(cert.quantile(0.9))
+    plan = sweep_plan(radii=(0.0, e), pgd=oracle)
+    lines: list[str] = []
+    if unsound:
+        with pytest.raises(InvariantError, match="the Lipschitz certificate is unsound"):
+            sweep(model, x, y, plan, SweepState.start(correct, cert, 0), log=lines.append)
+        return
+    state = sweep(model, x, y, plan, SweepState.start(correct, cert, 0), log=lines.append)
+    lowered = state.certified_radius < before
+    assert lowered.sum() >= 10 and torch.equal(cert, before)
+    assert (state.certified_radius[lowered] >= before[lowered] * (1 - 1e-3)).all()
+    assert (state.break_radius[lowered] == state.certified_radius[lowered]).all()
+    assert any("float32 rounding of the margin" in line for line in lines)
+
+
+def test_an_audit_group_ratio_below_one_is_refused_in_one_line() -> None:
+    with pytest.raises(ValueError, match="audit_group_ratio must be at least 1, got 0.5"):
+        sweep_plan(audit_group_ratio=0.5)

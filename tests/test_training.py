@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fail_torch_load_once
 from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.models import StableModel, build_model, read_checkpoint
@@ -805,16 +806,7 @@ def test_a_checkpoint_the_machine_fails_to_read_stops_the_rerun_and_is_kept_for_
     _tiny_run(tmp_path, steps=12, stop_after=5, checkpoint_every=4)
     ckpt = tmp_path / "checkpoint.pt"
     saved = ckpt.read_bytes()
-    load = torch.load
-
-    def fails_once(*args, **kwargs) -> object:  # noqa: ANN002, ANN003
-        if not failed:
-            failed.append(1)
-            raise failure
-        return load(*args, **kwargs)
-
-    failed: list[int] = []
-    monkeypatch.setattr(torch, "load", fails_once)
+    fail_torch_load_once(monkeypatch, failure)
     with pytest.raises(type(failure)) as err:
         _tiny_run(tmp_path, steps=12, checkpoint_every=4)
     if isinstance(failure, OSError):

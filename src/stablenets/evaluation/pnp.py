@@ -631,10 +631,7 @@ def select_pnp_strength(
     as it does the test images'); ``log`` also gets each run's progress lines.
     ``image_iterations`` counts the denoiser calls per image run by this call."""
     image_iterations = 0
-    found = {} if found is None else found
-    converged = {} if converged is None else converged
-    for strength in [s for s in found if s not in converged]:  # solved again: unknown
-        del found[strength]
+    converged = {} if converged is None else converged  # saved before its score: never behind
 
     def solve(y: Tensor, strength: float) -> Tensor:
         nonlocal image_iterations

@@ -129,6 +129,8 @@ class SweepPlan:
         self.strong_radii = frozenset(map(radius_key, self.strong_radii))
         self.audit_radii = frozenset(map(radius_key, self.audit_radii))
         self.bisect_radii = np.unique(canonical_radii(self.bisect_radii))
+        if not self.audit_group_ratio >= 1.0:
+            raise ValueError(f"audit_group_ratio must be at least 1, got {self.audit_group_ratio}")
 
     @classmethod
     def from_config(
@@ -212,8 +214,8 @@ class SweepState:
         unbroken = torch.full((n,), math.inf, dtype=torch.float64)
         unbroken[~correct] = 0.0
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return cls(correct, certified_radius.detach().cpu().double(), unbroken, unbroken.clone(),
-                   order)  # fmt: skip
+        certified = certified_radius.detach().cpu().double().clone()  # the sweep may lower it
+        return cls(correct, certified, unbroken, unbroken.clone(), order)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,13 +285,16 @@ def _attack_batch(
     return torch.where(fooled, dist, torch.full_like(dist, math.inf)).cpu()
 
 
-AUDIT_SLACK = 1e-3
-"""The audit attacks a point this far (relatively) inside its certified radius (``audit_radius``).
+CERTIFICATE_SLACK = 1e-3
+"""How far (relatively) inside its certified radius an adversarial example proves the
+certificate unsound; one within it lowers the certificate to its distance, with a log line
+(``_overstated_by_rounding``). The audit attacks a point this far inside (``audit_radius``).
 Far below anything the curves resolve (their grid's step is 0.026: a bound wrong by more than
 0.1 % is caught), and well above the rounding of the certificate itself: on a tight 3x32x32
 linear model whose logits cancel (sums of terms 100x larger than the logits), certified radii
-exceeded the exact (float64) distance by up to 3e-4 of it, net of ``robustness.MARGIN_ROUNDING``
-too (which scales with the logits). A flip that close would be rounding, not an unsound bound."""
+exceeded the exact (float64) distance by up to 3.7e-4 of it, net of
+``robustness.MARGIN_ROUNDING`` too (which scales with the logits, not with the terms that
+cancel): a minimal-norm attack finds such examples."""
 
 
 def _audit_group(plan: SweepPlan, state: SweepState) -> Tensor:
@@ -302,15 +307,17 @@ def _audit_group(plan: SweepPlan, state: SweepState) -> Tensor:
     return rest[: int((radii <= radii[0] * plan.audit_group_ratio).sum())]
 
 
-def audit_radius(certified: float, e: float, x: Tensor, rel_tol: float = BALL_REL_TOL) -> float:
-    """The radius an audited point certified at ``e`` to radius ``r`` (a group's smallest; ``x``:
-    its samples, whose size sets the rounding allowance) is attacked at: ``r (1 - AUDIT_SLACK)``, less the ball check's rounding allowance
-    (``robustness.ball_tolerance``) so that every example it accepts lies inside that; at least
-    ``e``. Why: the certificate claims ``r``, so it is tested there; an attack limited to ``e``
-    can only flip a point whose true radius is below ``e``, and the certificate of a point
-    certified at ``e`` is least often wrong there."""
-    inside = (certified * (1 - AUDIT_SLACK) - ball_tolerance(0.0, x, rel_tol)) / (1 + rel_tol)
-    return max(inside, e)
+def audit_radius(certified: float, x: Tensor, rel_tol: float = BALL_REL_TOL) -> float:
+    """The radius an audited point certified to radius ``r`` (a group's smallest; ``x``: its
+    samples, whose size sets the rounding allowance) is attacked at: ``r (1 -
+    CERTIFICATE_SLACK)``, less the ball check's rounding allowance (``robustness.ball_tolerance``)
+    so that every example it accepts lies that far inside, where a flip proves the bound wrong.
+    Why: the certificate claims ``r``, so it is tested there; an attack limited to the standard
+    radius ``e`` it was sampled at can only flip a point whose true radius is below ``e``, and
+    the certificate of a point certified at ``e`` is least often wrong there. (Not floored at
+    ``e``: for ``r`` within the slack of ``e`` an example at ``e`` would be rounding.)"""
+    tolerance = ball_tolerance(0.0, x, rel_tol)
+    return (certified * (1 - CERTIFICATE_SLACK) - tolerance) / (1 + rel_tol)
 
 
 @contextmanager
@@ -357,6 +364,7 @@ def _record(
     raises ``InvariantError``. A certified point broken at distance 0 is a disagreement about its
     clean label (``_clean_label_disagreements``), not a break of its certificate."""
     _clean_label_disagreements(state, idx, dist, name, log)
+    _overstated_by_rounding(state, idx, dist, name, log)
     if pass_name == "audit":
         _check_audit(state, idx, dist, e, name)
         return
@@ -400,6 +408,29 @@ def _clean_label_disagreements(
     )
     state.certified_radius[points] = 0.0
     state.break_radius[points] = 0.0
+
+
+def _overstated_by_rounding(
+    state: SweepState, idx: Tensor, dist: Tensor, name: str, log: Callable[[str], None]
+) -> None:
+    """Points with an adversarial example inside their certified radius by less than
+    ``CERTIFICATE_SLACK`` of it: the float32 margin overstated the certificate by rounding
+    (an attack of minimal norm reaches it), which is no proof of an unsound bound. Their
+    certified radius becomes the example's distance (the example proves no more), their break
+    radius at most that, with one log line."""
+    cert = state.certified_radius[idx]
+    close = (dist < cert) & (dist >= cert * (1 - CERTIFICATE_SLACK))
+    if not close.any():
+        return
+    points, found = idx[close], dist[close]
+    log(
+        f"model {name!r}: {len(points)} point(s) broken within {CERTIFICATE_SLACK:g} of their "
+        f"certified radius (point {int(points[0])}: {float(found[0]):.6g} against "
+        f"{float(state.certified_radius[points[0]]):.6g}): float32 rounding of the margin; "
+        "their certified radius lowered to the example's distance"
+    )
+    state.certified_radius[points] = found
+    state.break_radius[points] = torch.minimum(state.break_radius[points], found)
 
 
 def _check_audit(state: SweepState, idx: Tensor, dist: Tensor, e: float, name: str) -> None:
@@ -476,7 +507,7 @@ def _sweep_batch(
     xb, yb = x[idx].to(device), y[idx].to(device).long()
     at = e
     if audit:
-        at = audit_radius(float(state.certified_radius[idx[0]]), e, xb, plan.ball_rel_tol)
+        at = audit_radius(float(state.certified_radius[idx[0]]), xb, plan.ball_rel_tol)
     attacks = [plan.pgd, plan.strong] if audit else [
         plan.strong if pass_name == "strong" else plan.pgd]  # fmt: skip
     t0 = time.perf_counter()

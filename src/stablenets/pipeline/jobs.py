@@ -747,9 +747,7 @@ def run_pnp(
         )
 
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
-        progress = _saved_progress(
-            spec, [model_path, data_path], _DEBLUR_LAYOUT, workdir, log, stop
-        )
+        progress = _saved_progress(spec, [model_path, data_path], _PNP_LAYOUT, workdir, log, stop)
         start = time.monotonic()  # the seconds of its solves, the choice included: its cost
         converged = progress.section("validation_converged")
         choice = pnp.select_pnp_strength(
@@ -803,9 +801,11 @@ def run_pnp(
     )
 
 
-# The layout of a PnP or TV deblurring job's saved groups (``_saved_progress``); v2: TV's images
-# stop one by one (v1's groups stopped together: not resumed beside v2's).
-_DEBLUR_LAYOUT = "deblur-v2"
+# The layout of a TV (PnP) deblurring job's saved groups (``_saved_progress``); v2: TV's images
+# stop one by one (v1's groups stopped together: not resumed beside v2's); pnp-v3: PnP's
+# strength is chosen among those that converge, each strength's converged fraction saved before
+# its score (earlier progress could resume groups solved at another strength).
+_DEBLUR_LAYOUT, _PNP_LAYOUT = "deblur-v2", "pnp-v3"
 
 
 def _monotone(
