@@ -121,6 +121,7 @@ def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) 
         "nonincreasing": monotone,
         "averagedness": 0.6 if variant == "averaged" else None,
         "tv_weight": 0.004 if tv else None,
+        "strength": None if tv else 0.1,
     }
     images = np.zeros((1, 3, 4, 4), dtype=np.float32)
     datasets = {
@@ -245,6 +246,8 @@ def test_pnp_table(pnp_paths: list[Path]) -> None:
     assert df.loc["tv", "tv_weight"] == pytest.approx(0.004) and math.isnan(av["tv_weight"])
     shown = display_frame(pnp_table(pnp_paths)).set_index("variant")
     assert shown.loc["tv", "TV weight"] == "0.004" and shown.loc["averaged", "TV weight"] == "n/a"
+    assert shown.loc["tv", "denoiser strength β"] == "n/a"
+    assert shown.loc["averaged", "denoiser strength β"].startswith("0.1")
 
 
 def test_flag_false_if_any_seed_fails(tmp_path: Path) -> None:
@@ -329,8 +332,10 @@ def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
     )
     assert "- denoiser dncnn (σ = 0.15): 30.00 dB (noisy 17.00 dB)\n" in text
     assert (
-        "- PnP dncnn: 25.00 dB peak 1 (observed 22.00 dB), 2 diverged, steps not monotone\n" in text
+        "- PnP dncnn: 25.00 dB peak 1 (observed 22.00 dB) at denoiser strength 0.1, 2 diverged, "
+        "steps not monotone\n" in text
     )
+    assert "- PnP tv: 24.00 dB peak 1 (observed 22.00 dB) at weight 0.004, 0 diverged" in text
     sections = [line for line in text.splitlines() if line.startswith("## ")][2:-1]
     assert sections == [f"## {outputs.get('table', name).title}" for name in inputs]
 

@@ -429,10 +429,12 @@ def _pnp_headline(row: outputs.Row) -> str:
     verdict = (
         "" if math.isnan(flag) else ", non-increasing steps" if flag else ", steps not monotone"
     )
-    diverged = row["diverged_count"]
+    diverged, strength, weight = row["diverged_count"], row["strength"], row["tv_weight"]
     return (
         f"- PnP {row['variant']}: {row['psnr_1']:.2f} dB peak 1 (observed "
         f"{row['observed_psnr_1']:.2f} dB)"
+        + ("" if math.isnan(strength) else f" at denoiser strength {strength:.3g}")
+        + ("" if math.isnan(weight) else f" at weight {weight:.4g}")
         + ("" if math.isnan(diverged) else f", {int(diverged)} diverged")
         + verdict
     )
