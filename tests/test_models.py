@@ -642,3 +642,9 @@ def test_module_apply_reaches_every_operator_of_a_model(name):
         if n in {type(m).__name__ for m in model.modules() if isinstance(m, LinearOperator)}
     )
     assert len(seen) == len(list(model.modules()))
+
+
+def test_a_classifier_without_stages_is_refused_where_it_is_built():
+    """It built, then its forward and its bound failed with an ``IndexError``."""
+    with pytest.raises(ValueError, match="at least one stage, got stages=0"):
+        build_model("nonexpansive_classifier", base_width=4, stages=0, input_size=8)

@@ -772,3 +772,9 @@ def test_a_copy_made_inside_pinned_weights_is_not_pinned():
     with torch.no_grad():
         twin[1].weight.mul_(3.0)
     assert twin[1].norm_bound() == pytest.approx(3 * before, rel=1e-12)
+
+
+def test_a_norm_bound_asked_for_a_list_size_is_the_tuple_sizes():
+    """Constructors take sizes as lists; ``norm_bound`` did not (its cache key must hash)."""
+    op = Conv2dOperator(2, 3, 3, (5, 6))
+    assert op.norm_bound([5, 6]) == op.norm_bound((5, 6))

@@ -1820,7 +1820,8 @@ def test_a_hand_written_spec_missing_a_key_fails_with_one_line_naming_it(dataset
     assert cli._missing_spec_key(ValueError("nope"), SPEC) is None
     photos = tmp_path / "photos.h5"
     data.make_smoke_photos(photos, (16, 24), 4, 2, 2, 0)
-    pnp = {"n_images": 2, "noise": 0.01, "blur": {"size": 3, "sigma": 1.0}, "tv": {}}
+    pnp = {"n_images": 2, "val_images": 2, "val_noise_seed": 8, "noise": 0.01,
+           "blur": {"size": 3, "sigma": 1.0}, "tv": {}}  # fmt: skip
     tv = {"seed": 0, "device": "cpu", "variant": "tv", "pnp": pnp}  # pnp.seed left out
     args = ["--data", str(photos), "--out", str(tmp_path / "tv.h5"), "--workdir", str(tmp_path)]
     assert cli.main(["tv-deblur", "--spec", json.dumps(tv), *args]) == 1

@@ -232,6 +232,8 @@ class Classifier(StableModel):
         )
         self.base_width = base_width
         self.lift = Conv2dOperator(in_channels, base_width, 1, size)
+        if stages < 1:
+            raise ValueError(f"a classifier needs at least one stage, got stages={stages}")
         self.sizes: list[Size] = []
         self.stages = nn.ModuleList()
         self.transitions = nn.ModuleList()

@@ -537,7 +537,8 @@ class LinearOperator(nn.Module):
     def norm_bound(self, input_size: tuple[int, int] | None = None) -> float:
         """Certified upper bound of ``||A||_2`` (cached until the weight changes); an error for a
         weight with a NaN or infinite entry, which has none."""
-        return self._cached(("norm", input_size), lambda: self._checked_norm(input_size))
+        size = None if input_size is None else _pair(input_size)  # a list too: hashable
+        return self._cached(("norm", size), lambda: self._checked_norm(size))
 
     def _checked_norm(self, input_size: tuple[int, int] | None) -> float:
         if not bool(torch.isfinite(self.weight.detach()).all()):
