@@ -4,7 +4,7 @@ Each point is attacked only where it can change a number: PGD at every radius on
 uncertified points (the paper's protocol: its curve is PGD's own at each radius); the strong
 attack (AutoAttack) at the standard radii on what nothing broke, and over the grid by bisection
 between each point's certified radius and the smallest radius an attack broke it at; a sample of
-certified points audited, each at its own certified radius. The state
+certified points audited, each near its own certified radius. The state
 (:class:`SweepState`) is saved between radii, so a killed evaluation resumes where it stopped.
 The attacks may search on a faster model (:class:`SearchModel`: bf16, CUDA graphs from
 :mod:`stablenets.evaluation.attack_graphs`), the float32 eager model judging every example
@@ -56,13 +56,13 @@ options bound), with ``||x_adv - x||_2 <= eps`` per sample; ``seed`` makes each 
 PASSES = ("pgd", "strong", "audit", "bisect")
 """What a sweep runs at each radius, in order: the cheap attack on every correct, uncertified
 point, the strong attack on every point no attack has broken yet, and the certificate audit (a
-sample of the points certified there, each attacked at its own certified radius); then the strong
+sample of the points certified there, each attacked near its own certified radius); then the strong
 attack's bisection over ``SweepPlan.bisect_radii``."""
 
 STATE_VERSION = 3
 """The layout and meaning of a saved :class:`SweepState` (2: PGD's breaks kept per radius; 3: the
-audit attacks each point at its own certified radius, one point per batch, and the job's
-certificates allow for the margin's rounding); saved progress of another version is not
+audit attacks each point near its own certified radius, in groups of close radii, and the
+job's certificates allow for the margin's rounding); saved progress of another version is not
 resumed."""
 
 RADIUS_DECIMALS = 12

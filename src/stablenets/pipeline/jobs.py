@@ -342,7 +342,7 @@ def evaluate_classifier(
     """Clean, certified (certified Lipschitz bound, margins net of their float32 rounding:
     ``robustness.clean_margins``) and empirical robust accuracy; AUCs. One radius sweep
     (``radius_sweep.sweep``) attacks each point only where it can change a number, audits a
-    sample of certified points, each at its own certified radius; its state, then each tenth of
+    sample of certified points, each near its own certified radius; its state, then each tenth of
     the empirical Lipschitz search and its bound, are saved in ``workdir``: a killed job's rerun
     resumes there (SIGTERM stops it before its next batch or search step, exit 75), and its
     clean accuracy is that of the resumed state (``_resumed_sweep``)."""
@@ -716,12 +716,14 @@ def _deblur_attrs(
 def run_pnp(
     spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
-    """PnP forward–backward deblurring with a trained denoiser, with convergence bookkeeping,
-    ``pnp.group_size`` images at a time, each group saved in ``workdir`` as it ends (a killed
-    job's rerun resumes after the last saved group; SIGTERM stops it before the next, exit 75).
+    """PnP forward–backward deblurring with a trained denoiser at its strength chosen on the
+    validation images (``pnp.select_pnp_strength``: the best that converges there), with
+    convergence bookkeeping, ``pnp.group_size`` test images at a time. Each strength's score and
+    each group is saved in ``workdir`` as it ends (a killed job's rerun resumes after the last;
+    SIGTERM stops it before the next, exit 75).
 
-    For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing:
-    a violation fails the job naming the model and the image.
+    For a denoiser with an averagedness guarantee, ``||x_{k+1} - x_k||`` must be non-increasing,
+    on the validation runs too: a violation fails the job naming the model and the image.
     """
     model, _, device = _load(model_path, spec, "denoising", _DENOISER_KINDS)
     p = spec["pnp"]
