@@ -63,7 +63,9 @@ from stablenets.pipeline import cli, locks, runtime
 from stablenets.pipeline import jobs as pipeline_jobs
 from stablenets.pipeline.config import (
     ConfigError,
+    check_spec,
     load_config,
+    load_schema,
     overlay,
     snakemake_files,
     validate_config,
@@ -2436,3 +2438,46 @@ def test_two_jobs_downloading_into_one_cache_at_once_both_get_the_verified_archi
     assert md5_of(cache / archive.name) == md5_of(archive)
     first, second = (tmp_path / f"out{i}" / "cifar10.h5" for i in range(2))
     assert_same_h5(first, second)
+
+
+def test_a_hand_written_spec_with_a_wrong_type_or_unknown_key_fails_in_one_line(tmp_path, capsys):
+    """Where the config schema describes a spec's section (``config.SPEC_SECTIONS``), a
+    hand-written spec is checked as the config is: a string for a number, a float for an
+    integer and a misspelt key, each named in one line, before the job reads anything."""
+    pnp = {"n_images": 2, "noise": "0.01", "blur": {"size": 3.0, "sigma": 1.0}, "sed": 7}
+    spec = {"seed": 0, "device": "cpu", "variant": "tv", "pnp": pnp}
+    args = ["--data", str(tmp_path / "absent.h5"), "--out", str(tmp_path / "tv.h5"),
+            "--workdir", str(tmp_path)]  # fmt: skip
+    assert cli.main(["tv-deblur", "--spec", json.dumps(spec), *args]) == 1
+    one_error_line(
+        capsys.readouterr().err,
+        "--spec pnp.sed: unknown key; allowed: ",
+        "--spec pnp.blur.size: 3.0 is not of type 'integer'",
+        "--spec pnp.noise: '0.01' is not of type 'number'",
+    )
+    assert not (tmp_path / "tv.h5").exists()
+
+
+@pytest.mark.parametrize("overlay", [None, "smoke", "rehearsal"])
+def test_every_spec_the_pipeline_writes_passes_the_check_of_hand_written_specs(overlay):
+    """The check must never refuse what the Snakefile writes (its sections are subsets of
+    validated config sections, a variant's training settings merged in)."""
+    files = [ROOT / "config.yaml"] + ([ROOT / "config" / f"{overlay}.yaml"] if overlay else [])
+    jobs = Jobs(load_config(files, ROOT / "workflow/schemas/config.schema.yaml"))
+    schema = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
+    sigma = str(jobs.config["denoising"]["noise_levels"][0])
+    specs = [("evaluate-tv", jobs.tv_spec(sigma)), ("tv-deblur", jobs.pnp_spec("tv", 0))]
+    specs.append(("pnp", jobs.pnp_spec("averaged", 0, str(jobs.config["pnp"]["noise_level"]))))
+    for task, job in (
+        ("classification", "evaluate-classifier"),
+        ("denoising", "evaluate-denoiser"),
+    ):
+        s = None if task == "classification" else sigma
+        for v in jobs.variants(task):
+            specs += [
+                ("train", jobs.train_spec(task, v, 0, s)),
+                (job, jobs.eval_spec(task, v, 0, s)),
+            ]
+    for job, text in specs:
+        check_spec(job, json.loads(text), schema)
+    assert len(specs) > 10

@@ -159,6 +159,17 @@ def _spec(text: str) -> dict:
     return spec
 
 
+def _check_spec(job: str, spec: dict) -> None:
+    """Check ``spec`` against the config schema of this code's checkout (``config.check_spec``:
+    a value of the wrong type or range, an unknown key, in one line). Where the code runs from
+    an installed package without the workflow folder there is no schema to check against."""
+    from stablenets.pipeline import config
+
+    schema = Path(__file__).resolve().parents[3] / config.SCHEMA
+    if schema.is_file():
+        config.check_spec(job, spec, config.load_schema(schema))
+
+
 def _missing_spec_key(err: Exception, spec: dict) -> str | None:
     """The key of a ``KeyError`` raised where the job reads its spec (the innermost frame holds
     the spec, or a part of it): a hand-written spec lacks it there, though a key of that name
@@ -199,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     spec: dict = {}
     try:
         spec = _spec(args.spec)
+        _check_spec(args.job, spec)
         _job(args.job)(spec, *(getattr(args, p) for p in paths), log=_log)
     except Exception as err:
         interrupted = _loaded("stablenets.interrupt", "Interrupted")

@@ -23,6 +23,8 @@ __all__ = [
     "ConfigError",
     "Layers",
     "SCHEMA",
+    "SPEC_SECTIONS",
+    "check_spec",
     "load_config",
     "load_schema",
     "overlay",
@@ -159,6 +161,69 @@ def _schema_errors(config: dict, schema: dict) -> list[str]:
     validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     return [_describe(_telling(e)) for e in errors]
+
+
+#: Where a job's spec sections sit in the config schema (``{task}``: the spec's ``task``), every
+#: job's ``device`` and ``threads`` included: a spec written by hand is checked there
+#: (``check_spec``) before its job reads it, as the config is.
+SPEC_SECTIONS: dict[str, dict[str, str]] = {
+    "train": {
+        "train": "{task}.train",
+        "eval_batch": "{task}.eval_batch",
+        "augment": "classification.augment",
+        "patch": "denoising.patch",
+        "noise_seed": "denoising.noise_seed",
+    },
+    "evaluate-classifier": {"evaluate": "classification.evaluate"},
+    "evaluate-denoiser": {"evaluate": "denoising.evaluate"},
+    "evaluate-tv": {"evaluate": "denoising.evaluate", "tv": "denoising.tv"},
+    "pnp": {"pnp": "pnp"},
+    "tv-deblur": {"pnp": "pnp"},
+}
+_EVERY_JOB = {"device": "device", "threads": "threads"}
+
+_PlainValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
+
+
+def _without_required(node: Any) -> Any:
+    """A schema with no ``required`` anywhere: a spec holds the parts of a section its job reads."""
+    if isinstance(node, dict):
+        return {k: _without_required(v) for k, v in node.items() if k != "required"}
+    if isinstance(node, list):
+        return [_without_required(v) for v in node]
+    return node
+
+
+def _section_schema(schema: dict, path: str) -> dict | None:
+    node: Any = schema
+    for key in path.split("."):
+        node = node.get("properties", {}).get(key) if isinstance(node, dict) else None
+    return node
+
+
+def check_spec(job: str, spec: dict, schema: dict) -> None:
+    """Raise ``ValueError`` (one line, every problem) where a job's spec has a value of the
+    wrong type or range, or an unknown key, in a section the config schema describes
+    (``SPEC_SECTIONS``): the Snakefile writes specs from a validated config, but one written by
+    hand would otherwise fail deep in the job with a traceback."""
+    problems = []
+    defs = _without_required(schema.get("$defs", {}))
+    for key, path in {**_EVERY_JOB, **SPEC_SECTIONS.get(job, {})}.items():
+        section = _section_schema(schema, path.format(task=spec.get("task", "")))
+        if key not in spec or section is None:
+            continue
+        validator = _PlainValidator({**_without_required(section), "$defs": defs})
+        for error in sorted(validator.iter_errors(spec[key]), key=lambda e: list(e.path)):
+            what = _describe(_telling(error))
+            top = what.startswith("<top level>")
+            problems.append(
+                f"--spec {key}" + (what.removeprefix("<top level>") if top else f".{what}")
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _resolve_variants(config: dict) -> None:
