@@ -409,11 +409,12 @@ def test_measuring_the_activation_cost_leaves_the_model_as_it_was(mode):
 
 
 class _Graphs:
-    """What ``_check_substeps`` reads of ``StepGraphs`` (CUDA-only): the passes captured."""
+    """What ``_check_substeps`` reads of ``StepGraphs`` (CUDA-only): the passes captured, the
+    pool's high-water mark."""
 
     def __init__(self, *counts: tuple[int, ...], remat: bool = False) -> None:
         self.captured = [(c, (remat,) * len(c)) for c in counts]
-        self.enabled, self.why = True, ""
+        self.enabled, self.why, self.pool_peak = True, "", 0
 
     def captured_passes(self) -> list[tuple[tuple[int, ...], tuple[bool, ...]]]:
         return self.captured

@@ -79,10 +79,8 @@ def _strict_integer(checker: object, instance: object) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-_Validator = validators.extend(
-    _with_defaults(Draft202012Validator),
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
-)
+_TYPES = Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer)
+_Validator = validators.extend(_with_defaults(Draft202012Validator), type_checker=_TYPES)
 
 
 def load_schema(path: Path) -> dict:
@@ -182,10 +180,7 @@ SPEC_SECTIONS: dict[str, dict[str, str]] = {
 }
 _EVERY_JOB = {"device": "device", "threads": "threads"}
 
-_PlainValidator = validators.extend(
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
-)
+_PlainValidator = validators.extend(Draft202012Validator, type_checker=_TYPES)  # no defaults
 
 
 def _without_required(node: Any) -> Any:

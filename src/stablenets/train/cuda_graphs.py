@@ -99,6 +99,10 @@ class StepGraphs:
         self.enabled, self.off = True, ""
         self.captures = self.replays = self.eager_steps = 0
         self.capture_s = 0.0  # seconds spent capturing (``_capture_graph``), failures included
+        # the most bytes a pass captured into the shared pool kept (the training loop prices
+        # them): the pool keeps its blocks until every graph sharing it is gone, so a graph
+        # evicted from the cache leaves its memory reserved there, for captures only
+        self.pool_peak = 0
         self._norms: dict[tuple, tuple[torch.cuda.CUDAGraph | None, FusedEstimates]] = {}
 
     def __call__(

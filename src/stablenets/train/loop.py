@@ -30,7 +30,6 @@ import functools
 import math
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,13 +397,6 @@ def _set_remat(model: StableModel, remat: list[bool]) -> bool:
     return changed
 
 
-# The most bytes a pass captured into a ``StepGraphs``' memory pool kept, of every pass seen
-# captured while the graphs are on: the graphs share one pool, which keeps its blocks until
-# every graph sharing it is gone (a graph evicted from the cache leaves its memory reserved
-# there, for captures only), and the power iteration's graph shares it for the whole run.
-_POOL_PEAK: weakref.WeakKeyDictionary[StepGraphs, int] = weakref.WeakKeyDictionary()
-
-
 def _make_room(
     graphs: StepGraphs | None,
     counts: list[int],
@@ -413,12 +405,13 @@ def _make_room(
     limit: SubstepLimit,
 ) -> None:
     """Turn ``graphs`` off when a pass they do not replay would not fit beside their pool: as
-    large as the largest pass ever captured into it (``_POOL_PEAK``), also one since evicted."""
+    large as the largest pass ever captured into it (``StepGraphs.pool_peak``), also one since
+    evicted."""
     if graphs is None or not graphs.enabled or limit.cost is None:
         return
     captured = graphs.captured_passes()
     held = max((limit.cost.bytes(c, r) for c, r in captured), default=0)
-    held = _POOL_PEAK[graphs] = max(held, _POOL_PEAK.get(graphs, 0))
+    held = graphs.pool_peak = max(held, graphs.pool_peak)
     if (tuple(counts), tuple(remat)) in captured:
         return
     if need + held > limit.budget:
