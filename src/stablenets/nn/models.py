@@ -17,7 +17,6 @@ vectors and integration times included); ``load_model(path)`` rebuilds the model
 
 from __future__ import annotations
 
-import errno
 import functools
 import inspect
 import math
@@ -30,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stablenets.atomic import atomic_path
-from stablenets.errors import first_line
+from stablenets.errors import first_line, raise_if_transient
 from stablenets.nn.activations import build_activation
 from stablenets.nn.blocks import (
     INIT_POWER_ITERS,
@@ -555,24 +554,9 @@ def save_model(model: StableModel, path: Path, **extra: Any) -> None:
     )
 
 
-def is_transient_read_error(err: BaseException) -> bool:
-    """Whether ``err``, raised by ``torch.load``, is the machine's failure rather than the
-    file's: an ``OSError`` (EIO or ESTALE of a network file system, EACCES, ENOMEM), a
-    ``MemoryError``, or torch's CPU allocator running out. The file may then be intact, so a
-    rerun must read it again rather than start afresh and overwrite it. Not ``EINVAL``: torch's
-    zip reader raises it for a truncated or damaged archive (seeking past its end), as it
-    raises ``RuntimeError``, ``pickle.UnpicklingError``, ``EOFError`` or ``UnicodeDecodeError``
-    for others (measured with torch 2.x at every truncation of a checkpoint)."""
-    if isinstance(err, MemoryError):
-        return True
-    if isinstance(err, OSError):
-        return err.errno != errno.EINVAL
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint dict with ``weights_only=True``; one clear error for any bad file
-    (``CheckpointError``). A read the machine fails (``is_transient_read_error``) raises
+    (``CheckpointError``). A read the machine fails (``errors.is_transient_read_error``) raises
     instead: an ``OSError`` naming the file, or the memory error as it is."""
     path = Path(path)
     if not path.is_file():
@@ -580,12 +564,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for truncated or foreign files
-        if is_transient_read_error(err):
-            if isinstance(err, OSError):
-                why = err.strerror or first_line(err)
-                said = f"cannot read checkpoint {path} now ({why}); it is left as it is: rerun"
-                raise (OSError(said) if err.errno is None else OSError(err.errno, said)) from err
-            raise
+        raise_if_transient(err, f"checkpoint {path}")
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or foreign): {first_line(err)}"
         ) from None

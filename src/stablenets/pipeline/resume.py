@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from stablenets.atomic import atomic_path, remove_stale_temporaries
-from stablenets.errors import first_line
+from stablenets.errors import raise_if_transient
 from stablenets.interrupt import Interrupted, StopFlag
-from stablenets.nn.models import is_transient_read_error
 from stablenets.progress import timing
 
 __all__ = ["SavedProgress", "in_groups"]
@@ -51,15 +50,7 @@ class SavedProgress(MutableMapping[str, Any]):
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged or foreign file: start afresh, said in the log
-            if is_transient_read_error(err):  # the machine's: the file may be intact, keep it
-                if isinstance(err, OSError):
-                    why = err.strerror or first_line(err)
-                    said = (f"cannot read progress {self.path} now ({why}); it is left as it "
-                            "is: rerun to resume from it")  # fmt: skip
-                    raise (
-                        OSError(said) if err.errno is None else OSError(err.errno, said)
-                    ) from err
-                raise
+            raise_if_transient(err, f"progress {self.path}")  # the machine's: the file is kept
             log(f"ignoring unreadable {self.path}: {err}")
             return {}
         if not isinstance(saved, dict) or saved.get("key") != self.key:
