@@ -502,6 +502,24 @@ def test_while_another_download_holds_the_partial_this_one_uses_a_temporary_of_i
     assert leftovers(dest.parent) == [partial_of(dest).name]
 
 
+def test_a_killed_runs_partial_goes_once_the_file_is_downloaded_and_verified(tmp_path):
+    """It stayed beside the verified file for good (nothing resumes it); one another process
+    holds stays with it."""
+    dest = tmp_path / "cache" / "file.bin"
+    dest.parent.mkdir()
+    dest.write_bytes(b"payload")
+    md5 = md5_of(dest)
+    partial_of(dest).write_bytes(b"pay")
+    with open(partial_of(dest), "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        D.download(["http://127.0.0.1:9/unused"], dest, md5=md5)
+        assert partial_of(dest).read_bytes() == b"pay"
+    lines: list[str] = []
+    assert D.download(["http://127.0.0.1:9/unused"], dest, md5=md5, log=lines.append) == dest
+    assert leftovers(dest.parent) == [] and dest.read_bytes() == b"payload"
+    assert lines == [f"removed {partial_of(dest)}: file.bin is downloaded and verified"]
+
+
 # --------------------------------------------------------------------------------------------
 # safe extraction
 # --------------------------------------------------------------------------------------------

@@ -205,6 +205,17 @@ def _partial_download(dest: Path) -> Iterator[Path | None]:
         os.close(fd)
 
 
+def _discard_partial(dest: Path, log: Callable[[str], None] | None) -> None:
+    """Remove the partial download of a verified ``dest`` (a killed run's, which another run
+    then completed): nothing would resume it, and it may be as large as the file. One that
+    another process holds is left to it."""
+    with _partial_download(dest) as partial:
+        if partial is not None and partial.stat().st_size > 0:
+            os.truncate(partial, 0)  # removed as the block ends, under the lock
+            if log is not None:
+                log(f"removed {partial}: {dest.name} is downloaded and verified")
+
+
 def _resume(
     url: str,
     partial: Path,
@@ -251,8 +262,8 @@ def download(
     resumes there: the rest is asked for with an http ``Range`` and appended (from the start
     where a server sends the whole file). While another process downloads into it (a lock
     says so), this one downloads into a temporary of its own. An existing ``dest`` with the
-    right checksum is kept without touching the network; temporaries of downloads killed
-    before (unmodified for ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket
+    right checksum is kept without touching the network (a partial beside it is removed);
+    temporaries of downloads killed before (unmodified for ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket
     operation (the connection, each read).
     ``log`` gets a progress line (MB done, rate, ETA) every ``progress_every_s`` seconds, one at
     the end of each fetch, and one per failed mirror.
@@ -269,11 +280,13 @@ def download(
     if dest.is_file():
         try:
             _check_digests(dest, expected, str(dest))
-            return dest
         except DataError as exc:  # stale or corrupt copy: fetch it again, replacing it atomically
             failures.append(f"the cached copy: {exc}")  # said if no URL answers (offline)
             if log is not None:
                 log(f"fetching again: {exc}")
+        else:
+            _discard_partial(dest, log)
+            return dest
     try:  # a cache it cannot write to fails here, once, not as every mirror's failure
         dest.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=dest.parent).close()
