@@ -384,7 +384,7 @@ def test_projection_covers_every_family_and_size_and_budgets(tmp_path):
         for row in rows[:1] + rows[-1:]:
             writer.writerow(dict(row, step_ms="5.0", options="cuda_graphs replayed"))
     config["classification"]["train"] = dict(train, cuda_graphs=True)
-    margin = {"name": "margin", "eps": 0.1}
+    margin = {"name": "margin", "offset": 0.1}
     config["classification"]["variants"]["cpl_XS"]["train"] = {"loss": margin}
     config["classification"]["variants"]["cpl_S"]["train"]["loss"] = margin
     config["classification"]["variants"]["cpl_M"]["train"] = {"amp": True}

@@ -347,7 +347,7 @@ def test_bf16_autocast_step_keeps_the_power_iteration_in_full_precision(device, 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_margin_loss_keeps_every_power_iteration_in_full_precision(device, tmp_path):
-    loss_spec = {"name": "margin", "eps": 0.1, "temperature": 0.25}
+    loss_spec = {"name": "margin", "offset": 0.1, "temperature": 0.25}
     low, full, loss, _, _ = _bf16_step(device, tmp_path, loss_spec)
     assert math.isfinite(loss)
     for op, ref in zip(_operators(low), _operators(full), strict=True):
@@ -481,7 +481,7 @@ def test_pnp_deblurring_on_the_device_matches_the_cpu(device):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 GRAPH_CASES = ["nonexpansive_euler", "nonexpansive_rk4", "resnet", "cpl", "sll", "aol",
                "orthogonal", "denoiser_euler", "denoiser_cpl", "dncnn"]  # fmt: skip
-MARGIN = {"name": "margin", "eps": 0.1411764706, "temperature": 0.25}
+MARGIN = {"name": "margin", "offset": 0.3993073588, "temperature": 0.25}
 # (case, loss): every case with its task's loss, every classifier with the margin loss too
 GRAPH_RUNS = [(case, None) for case in GRAPH_CASES] + [
     (case, "margin") for case in GRAPH_CASES[:7]]  # fmt: skip

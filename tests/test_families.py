@@ -485,26 +485,26 @@ def test_margin_loss_uses_the_models_lipschitz_estimate_with_gradient():
     out = model(x)
     est = model.lipschitz_estimate()
     assert est.requires_grad and float(est.detach()) > 0
-    crit = MarginLoss(eps=0.5, temperature=0.25)
+    crit = MarginLoss(offset=0.5, temperature=0.25)
 
     class Fixed(nn.Module):
         def lipschitz_estimate(self) -> torch.Tensor:
             return torch.tensor(2.0)
 
-    expected = margin_loss(out, y, math.sqrt(2) * 0.5 * 2.0, 0.25)
+    expected = margin_loss(out, y, 0.5 * 2.0, 0.25)
     assert torch.equal(crit(Fixed(), out, y), expected)
     loss = crit(model, out, y)
     loss.backward()
     assert model.head.weight.grad is not None and model.lift.weight.grad.abs().sum() > 0
     assert build_loss(None) is None
     assert torch.equal(
-        build_loss({"name": "margin", "eps": 0.0})(model, out, y), F.cross_entropy(out, y)
+        build_loss({"name": "margin", "offset": 0.0})(model, out, y), F.cross_entropy(out, y)
     )
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
-        build_loss({"name": "hinge", "eps": 0.1})
+        build_loss({"name": "hinge", "offset": 0.1})
     with pytest.raises(ValueError, match="lipschitz_estimate"):
         build_loss(
-            {"name": "margin", "eps": 0.1}, build_model("dncnn", width=4, depth=3, input_size=8)
+            {"name": "margin", "offset": 0.1}, build_model("dncnn", width=4, depth=3, input_size=8)
         )
 
 
@@ -550,7 +550,7 @@ def test_training_with_a_budget_and_the_margin_loss(tmp_path):
         checkpoint_every=1000,
         log_every=1,
         budget_minutes=0.01,  # 0.6 s of training steps
-        loss={"name": "margin", "eps": 0.14, "temperature": 0.25},
+        loss={"name": "margin", "offset": 0.14, "temperature": 0.25},
     )
     logs: list[str] = []
     fresh = copy.deepcopy(model)
@@ -581,7 +581,10 @@ def test_config_sizes_select_and_family_variants():
         for size, width in {"XS": 16, "S": 32, "M": 64, "L": 128}.items():
             v = variants[f"{family}_{size}"]
             assert v["model"] == f"{family}_classifier" and v["kwargs"]["base_width"] == width
-            assert v["train"]["loss"]["name"] == "margin"
+            # Prach et al. 2024's loss: offset 2 sqrt(2) eps at eps 36/255, temperature 1/4
+            loss = v["train"]["loss"]
+            assert loss["name"] == "margin" and loss["temperature"] == 0.25
+            assert loss["offset"] == pytest.approx(2 * math.sqrt(2) * 36 / 255, rel=1e-9)
     assert validate_config(cfg, SCHEMA) == cfg  # idempotent
     raw = _paper()
     raw["classification"]["select"] = ["resnet", "aol_S"]
@@ -602,7 +605,7 @@ def test_config_sizes_select_and_family_variants():
             "either size or kwargs.base_width",
         ),
         ({"select": ["nonexpansive", "nope"]}, r"select: \['nope'\] are not classification"),
-        ({"train": {"loss": {"name": "hinge", "eps": 0.1}}}, "'hinge' is not allowed"),
+        ({"train": {"loss": {"name": "hinge", "offset": 0.1}}}, "'hinge' is not allowed"),
         ({"train": {"budget_minutes": -1}}, "budget_minutes"),
         (
             {"variants": {"x": {"model": "cpl_classifier", "kwargs": {"integrator": "rk4"}}}},
@@ -634,7 +637,7 @@ def test_config_errors_name_the_key(patch, message):
 
 def test_denoising_rejects_the_margin_loss_and_sizes():
     raw = _paper()
-    raw["denoising"]["train"]["loss"] = {"name": "margin", "eps": 0.1}
+    raw["denoising"]["train"]["loss"] = {"name": "margin", "offset": 0.1}
     raw["denoising"]["variants"]["euler"]["size"] = "S"
     with pytest.raises(ConfigError, match="classification only") as err:
         validate_config(raw, SCHEMA)
@@ -763,8 +766,8 @@ def test_a_loss_is_labelled_for_tables_by_what_it_is_and_its_settings():
     from stablenets.nn.losses import loss_label
 
     assert loss_label(None) == "cross-entropy"
-    margin = {"name": "margin", "eps": 0.1411764706, "temperature": 0.25}
-    assert loss_label(margin) == "margin (ε 0.141, T 0.25)"
-    assert loss_label({"name": "margin", "eps": 0.5}) == "margin (ε 0.5, T 1)"
+    margin = {"name": "margin", "offset": 0.3993073588, "temperature": 0.25}
+    assert loss_label(margin) == "margin (offset 0.399, T 0.25)"
+    assert loss_label({"name": "margin", "offset": 0.5}) == "margin (offset 0.5, T 1)"
     with pytest.raises(ValueError, match="unknown loss"):
-        loss_label({"name": "hinge", "eps": 0.1})
+        loss_label({"name": "hinge", "offset": 0.1})

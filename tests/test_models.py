@@ -500,7 +500,7 @@ def test_the_margin_loss_and_its_gradient_read_nothing_on_the_host(name: str):
     model = build_model(name, **SMALL.get(name, {})).train()
     size = model.input_size if hasattr(model, "input_size") else model.sizes[0]
     x, y = torch.rand(4, 3, *size), torch.randint(0, 10, (4,))
-    criterion = build_loss({"name": "margin", "eps": 0.1, "temperature": 0.25})
+    criterion = build_loss({"name": "margin", "offset": 0.1, "temperature": 0.25})
     assert criterion is not None
     out = model(x)
     with _HostReads() as reads:

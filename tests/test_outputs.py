@@ -196,7 +196,7 @@ def test_captions_list_each_variants_own_training_settings_but_the_loss(caption:
     """A reader of the tables sees which variants trained otherwise than the defaults the
     caption states (the loss has its own table column)."""
     config = load_config(CONFIGS["smoke"], SCHEMA)
-    margin = {"name": "margin", "eps": 0.1, "temperature": 0.25}
+    margin = {"name": "margin", "offset": 0.1, "temperature": 0.25}
     config["classification"]["variants"]["resnet"]["train"]["loss"] = margin
     kind, name = caption.removesuffix(".rst").split("/")
     shown = " ".join(_render((CAPTIONS / caption).read_text(), config, kind[:-1], name).split())

@@ -72,7 +72,7 @@ def test_smoke_classifiers_beat_chance_and_satisfy_the_invariant(smoke_run):
             assert fh.attrs["strong_method"] == "autoattack apgd-ce (10 iterations)", path
             # what it was trained with: the families the margin loss, the others cross-entropy
             margin = path.parent.name.split("_")[0] in {"cpl", "sll", "aol", "orthogonal"}
-            assert fh.attrs["train_loss"].startswith("margin (ε ") == margin, path
+            assert fh.attrs["train_loss"].startswith("margin (offset ") == margin, path
             # per point: certified radius (lower bound) <= break radius (upper bound)
             cert_r, break_r = fh["certified_radius"][()], fh["break_radius"][()]
             assert (cert_r <= break_r).all() and (break_r <= fh["pgd_break_radius"][()]).all()

@@ -1404,13 +1404,13 @@ BAD_CONFIGS = {
         {"denoising": {"variants": {"euler": {"kwargs": {"integrator": "rk5"}}}}},
         "denoising.variants.euler.kwargs.integrator: 'rk5' is not allowed; allowed: [",
     ),
-    "margin loss eps of the wrong type": (
+    "margin loss offset of the wrong type": (
         {
             "classification": {
-                "variants": {"resnet": {"train": {"loss": {"name": "margin", "eps": "x"}}}}
+                "variants": {"resnet": {"train": {"loss": {"name": "margin", "offset": "x"}}}}
             }
         },
-        "classification.variants.resnet.train.loss.eps: 'x' is not of type 'number'",
+        "classification.variants.resnet.train.loss.offset: 'x' is not of type 'number'",
     ),  # fmt: skip
     "misspelt key": (
         {"classification": {"train": {"stepz": 3}}},

@@ -62,7 +62,7 @@ def classification_file(root: Path, variant: str, seed: int) -> Path:
         "auc_empirical": 0.25,
         "n_test": 100,
         "strong_method": "autoattack",
-        "train_loss": "cross-entropy" if variant == "resnet" else "margin (ε 0.141, T 0.25)",
+        "train_loss": "cross-entropy" if variant == "resnet" else "margin (offset 0.399, T 0.25)",
         "base_width": 8 if variant == "resnet" else 16,
         "empirical_lipschitz": 0.5 * lip,
         "epoch_time_s": 3.0 + seed,
@@ -179,7 +179,7 @@ def test_classification_mean_std_and_seeds(classification_paths: list[Path]) -> 
     assert ne["lipschitz_bound"] == pytest.approx(1.1)
     assert df.loc["resnet", "n_params"] == 497_000
     assert ne["model"] == "nonexpansive_classifier"
-    assert ne["train_loss"] == "margin (ε 0.141, T 0.25)"
+    assert ne["train_loss"] == "margin (offset 0.399, T 0.25)"
     assert df.loc["resnet", "train_loss"] == "cross-entropy"
     for metric in ("certified", "empirical", "pgd"):
         assert f"{metric}@72/255" in df.columns
@@ -371,7 +371,7 @@ def test_families_table_groups_by_family_with_bounds_and_costs(tmp_path: Path) -
     assert row["empirical_lipschitz"] == pytest.approx(0.55)
     assert row["lipschitz_bound"] == pytest.approx(1.1)
     assert row["epoch_time_s"] == pytest.approx(3.5) and row["peak_memory_mb"] == 500.0
-    assert list(df["train_loss"]) == ["margin (ε 0.141, T 0.25)", "cross-entropy"]
+    assert list(df["train_loss"]) == ["margin (offset 0.399, T 0.25)", "cross-entropy"]
     assert not any(c.startswith("pgd") or c.startswith("auc") for c in df.columns)
     shown = display_frame(df)
     assert "time per epoch (s)" in shown.columns and "peak memory (MiB)" in shown.columns

@@ -122,7 +122,7 @@ def _wrong_kind(error: ValidationError) -> bool:
 
 def _telling(error: ValidationError) -> ValidationError:
     """The error of a ``oneOf`` that says what is wrong: the first one from a branch whose type
-    fits the value (``{name: margin}`` against ``null | {name, eps}``: eps is missing), else
+    fits the value (``{name: margin}`` against ``null | {name, offset}``: offset is missing), else
     what every branch wanted (``1000.0 is not of type 'null' or of type 'integer'``)."""
     whole = [c for c in error.context if _wrong_kind(c)]
     fitting = [c for c in error.context if c not in whole]

@@ -108,7 +108,7 @@ class TrainConfig:
     max_substeps: int | Literal["auto"] = "auto"
     memory_fraction: float = 0.8
     seed: int = 0
-    loss: dict | None = None  # None: the task's loss; {name: margin, eps, temperature}
+    loss: dict | None = None  # None: the task's loss; {name: margin, offset, temperature}
     budget_minutes: float | None = None  # when set, ``steps`` is derived from it (budget.py)
     amp: bool = False  # CUDA: forward/backward under bf16 autocast
     channels_last: bool = False  # NHWC model and batches
