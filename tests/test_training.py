@@ -84,6 +84,22 @@ def test_a_step_draws_its_slice_of_a_seeded_epoch_permutation():
     assert torch.equal(epoch_batch(size, batch, 0, 0), epoch0[:10])
 
 
+def test_no_two_seeds_or_steps_draw_the_same_augmentation_and_none_the_initialisations():
+    """Seeded ``seed * 1_000_003 + step``, seed 0 drew at step 1,000,003 (a long budgeted run)
+    what seed 1 drew at step 0, and seed 0's step 0 what ``torch.manual_seed(0)`` drew for the
+    weights."""
+    from stablenets.train.tasks import step_generator
+
+    def draw(g: torch.Generator) -> torch.Tensor:
+        return torch.rand(8, generator=g)
+
+    cpu = torch.device("cpu")
+    draws = [draw(step_generator(s, t, cpu)) for s, t in [(0, 0), (0, 1), (1, 0), (0, 1_000_003)]]
+    draws.append(draw(torch.Generator().manual_seed(0)))
+    assert len({tuple(d.tolist()) for d in draws}) == len(draws)
+    assert torch.equal(draws[1], draw(step_generator(0, 1, cpu)))  # (seed, step) alone decide
+
+
 def test_the_loop_trains_on_its_seeds_epoch_batches(tmp_path, monkeypatch):
     """Every step's images come from ``epoch_batch`` with the run's seed and step, on the
     images' device (the seed of ``TrainConfig``, not a constant)."""
@@ -539,8 +555,8 @@ def test_a_pass_that_fit_fits_again_at_its_counts_when_only_its_freed_memory_is_
 
 
 # 2 sub-steps in all (one per block) for eight steps, 6 at step 8
-GROWING = {"steps": 10, "log_every": 1, "lr_max": 1.5, "warmup": 0.3}
-# at T = 15: 8 sub-steps per block for six steps, then the second block grows to 14 at step 9
+GROWING = {"steps": 10, "log_every": 1, "lr_max": 2.0, "warmup": 0.3}
+# at T = 15: 8 sub-steps per block for seven steps, then the second block grows to 9 at step 7
 REMAT_GROWING, REMAT_TIME = {**GROWING, "lr_max": 0.4}, 15.0
 
 
@@ -859,13 +875,14 @@ def test_a_stop_signal_checkpoints_and_stops_the_run_but_at_its_last_step_lets_i
 def test_a_stop_after_off_the_validation_grid_leaves_a_later_full_run_as_if_uninterrupted(
     tmp_path,
 ):
-    """The stop's validation competed for the best: going on past it kept step 5's weights
+    """The stop's validation competed for the best: going on past it kept step 6's weights
     (a step the uninterrupted run never validated) and an extra row. Now it counts only for a
     run that ends there."""
-    settings = {"steps": 40, "val_every": 10, "checkpoint_every": 10}
+    settings = {"steps": 20, "val_every": 10, "checkpoint_every": 10}
     _, whole = _tiny_run(tmp_path / "whole", **settings)
-    logs, stopped = _tiny_run(tmp_path / "parts", stop_after=5, **settings)
-    assert stopped.best_step == 5 and [r["step"] for r in stopped.rows if r["kind"] == "val"] == [5]
+    logs, stopped = _tiny_run(tmp_path / "parts", stop_after=6, **settings)
+    assert stopped.best_step == 6 and [r["step"] for r in stopped.rows if r["kind"] == "val"] == [6]
+    assert stopped.best_metric > whole.best_metric  # the stop's weights would win if they could
     assert any("a stop off the validation grid" in line for line in logs)
     _, parts = _tiny_run(tmp_path / "parts", **settings)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -21,17 +22,28 @@ from stablenets.nn.models import (
 )
 from stablenets.train.augment import AugmentConfig, augment
 
+# the streams a run draws from, apart: a step's augmentation or noise, an epoch's permutation
+_STEP_STREAM, _EPOCH_STREAM = 0, 1
+
+
+def _stream_seed(seed: int, index: int, stream: int) -> int:
+    """A 64-bit seed mixed from ``(seed, index, stream)`` by ``numpy.random.SeedSequence``: no
+    two triples share one (``seed * K + index`` gave seed s at step K seed s + 1's step 0, and
+    seed 0's step 0 the stream that initialised the weights)."""
+    mixed = np.random.SeedSequence([int(seed), int(index), stream]).generate_state(1, np.uint64)
+    return int(mixed[0])
+
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of one training step: depends only on ``(seed, step)``."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device=device).manual_seed(_stream_seed(seed, step, _STEP_STREAM))
 
 
 @lru_cache(maxsize=2)
 def _permutation(size: int, seed: int, epoch: int, device: str) -> torch.Tensor:
     """Drawn on the CPU (the same on every device), copied to ``device`` once per epoch: a
     per-step host-to-device copy of the indices would wait for the queued GPU work."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 2**40)  # apart from the steps'
+    g = torch.Generator().manual_seed(_stream_seed(seed, epoch, _EPOCH_STREAM))
     return torch.randperm(size, generator=g).to(device)
 
 
