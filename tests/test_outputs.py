@@ -22,7 +22,7 @@ from fake_results import write_pnp
 
 from stablenets.pipeline import outputs, reports, specs
 from stablenets.pipeline.config import load_config
-from stablenets.pipeline.runtime import read_results, write_results
+from stablenets.pipeline.runtime import RUN_RECORD, content_sha256, read_results, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ROOT / "workflow" / "report"
@@ -311,3 +311,34 @@ def test_the_robustness_figure_draws_the_paper_models_unless_the_config_names_ot
     families = {k: v for k, v in paper["classification"]["variants"].items() if "size" in v}
     paper["classification"].update(variants=families, robustness_figure=None)
     assert len(specs.Jobs(paper).robustness_evals(lambda path: path)) == 16  # each has a size
+
+
+def test_an_inputs_content_digest_sees_its_numbers_and_model_not_the_record_of_its_run(tmp_path):
+    """Saved progress keyed on an input's file bytes: a model saved again by a resumed training
+    (its new times and memory) or data written again under a new commit threw a finished
+    evaluation's saved sweep away. The content digest changes with a weight, a pixel or an
+    attribute the file holds, not with the run record ``provenance`` writes."""
+    import torch
+
+    from stablenets.nn.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model("nonexpansive_classifier", base_width=4, stages=1, input_size=8)
+    a, b, c = (tmp_path / f"{n}.pt" for n in "abc")
+    save_model(model, a, train_time_s=1.0, git_commit="1" * 40, peak_memory_mb=3.0)
+    save_model(model, b, train_time_s=2.5, git_commit="2" * 40, peak_memory_mb=9.0)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6
+    save_model(model, c, train_time_s=1.0, git_commit="1" * 40, peak_memory_mb=3.0)
+    assert a.read_bytes() != b.read_bytes()
+    assert content_sha256(a) == content_sha256(b) != content_sha256(c)
+
+    images = np.arange(96, dtype=np.uint8).reshape(2, 3, 4, 4)
+    record = {key: f"run {i}" for i, key in enumerate(RUN_RECORD)}
+    write_results(tmp_path / "d.h5", {"task": "denoising", **record}, {"test/images": images})
+    first = content_sha256(tmp_path / "d.h5")
+    write_results(tmp_path / "d.h5", {"task": "denoising"}, {"test/images": images})
+    assert content_sha256(tmp_path / "d.h5") == first
+    for attrs, pixels in [({"task": "classification"}, images), ({"task": "denoising"}, images ^ 1)]:
+        write_results(tmp_path / "d.h5", attrs, {"test/images": pixels})
+        assert content_sha256(tmp_path / "d.h5") != first

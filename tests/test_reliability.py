@@ -1855,18 +1855,47 @@ def test_a_hand_written_stand_in_data_spec_with_a_setting_missing_or_misspelt_fa
 def test_a_finished_training_rerun_with_other_threads_or_intervals_resumes_at_its_end(
     dataset, tmp_path
 ):
-    """Snakemake reruns a job whose spec changed; a change of where it runs or how often it
-    logs or saves changes no number, so the rerun resumes from the last checkpoint: no step is
-    trained again and the model is the same."""
+    """Snakemake reruns a job whose spec changed; a change of where it runs, how often it
+    logs or saves, or how it spends memory (recomputed sub-steps, CUDA graphs and how many it
+    keeps: these restarted it from step 0) changes no number, so the rerun resumes from the last
+    checkpoint: no step is trained again and the model is the same."""
     work, first, again = tmp_path / "work", tmp_path / "a", tmp_path / "b"
     pipeline_jobs.train_model(SPEC, dataset, first / "m.pt", first / "l.csv", work, log=str)
-    changed = {**SPEC, "threads": 2, "train": {**SPEC["train"], "log_every": 1}}
+    memory = {"remat": True, "cuda_graphs": True, "cuda_graph_cache": 2}  # CPU: graphs unused
+    changed = {**SPEC, "threads": 2, "train": {**SPEC["train"], "log_every": 1, **memory}}
     lines: list[str] = []
     pipeline_jobs.train_model(changed, dataset, again / "m.pt", again / "l.csv", work, lines.append)
     assert f"resumed from {work / 'checkpoint.pt'} at step 40" in lines
     assert not [line for line in lines if re.match(r"step \d+/40 loss", line)], lines
     weights = [read_checkpoint(d / "m.pt")["state_dict"] for d in (first, again)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _rewritten(path: Path, out: Path, **attrs: object) -> Path:
+    """A copy of the HDF5 file ``path`` at ``out`` with ``attrs`` set (written again)."""
+    shutil.copyfile(path, out)
+    with h5py.File(out, "a") as fh:
+        fh.attrs.update(attrs)
+    return out
+
+
+def test_a_training_rerun_on_other_data_starts_afresh_and_on_the_same_data_rewritten_resumes(
+    dataset, tmp_path
+):
+    """The checkpoint's key was the spec alone: data generated again with another seed (or
+    split, or downloaded in place of the stand-in) reran the job, which resumed the finished
+    checkpoint of the old data and recorded the new data's sha256 beside it. Now the key holds
+    what the data file holds; the same data written again under another commit still resumes."""
+    work, lines = tmp_path / "work", []
+    pipeline_jobs.train_model(SPEC, dataset, tmp_path / "m.pt", tmp_path / "l.csv", work, str)
+    same = _rewritten(dataset, tmp_path / "same.h5", git_commit="0" * 40, versions="{}")
+    pipeline_jobs.train_model(SPEC, same, tmp_path / "m.pt", tmp_path / "l.csv", work, lines.append)
+    assert f"resumed from {work / 'checkpoint.pt'} at step 40" in lines
+    other, lines = tmp_path / "other.h5", []
+    data.make_synthetic_classification(other, 200, 50, 50, 10, 16, 0.05, 1)
+    pipeline_jobs.train_model(SPEC, other, tmp_path / "m.pt", tmp_path / "l.csv", work, lines.append)
+    assert not [line for line in lines if line.startswith("resumed")], lines
+    assert any(line.startswith(f"ignoring checkpoint {work / 'checkpoint.pt'}") for line in lines)
 
 
 def test_a_report_job_on_a_junk_or_missing_result_file_fails_with_one_line_naming_it(

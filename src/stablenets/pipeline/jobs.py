@@ -40,7 +40,7 @@ from stablenets.nn.operators import full_float32, pinned_weights
 from stablenets.pipeline.resume import SavedProgress, in_groups
 from stablenets.pipeline.runtime import (
     config_hash,
-    file_sha256,
+    content_sha256,
     provenance,
     select_device,
     write_results,
@@ -177,7 +177,7 @@ def train_model(
         raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from err
     task = _task(spec, data_path, device)
     cfg = _settings(TrainConfig, "train", spec["train"], seed=int(spec["seed"]))
-    chash = _progress_hash(spec)
+    chash = f"{_progress_hash(spec)}-{content_sha256(data_path)[:16]}"  # new data: new run
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
     write_sidecar(out_log, spec, spec["seed"])
@@ -329,9 +329,10 @@ def _saved_progress(
     stop: StopFlag | None = None,
 ) -> SavedProgress:
     """The job's progress file in ``workdir``. A rerun resumes from it only if it was saved by
-    the same job (``_progress_hash``) on the same input files (their sha256) in the same
-    ``layout``; given ``stop``, its ``stop_point`` is where a signal ends the job."""
-    digests = [file_sha256(p)[:16] for p in inputs]
+    the same job (``_progress_hash``) on inputs holding the same (``content_sha256``: the same
+    weights or images, whatever run record they carry) in the same ``layout``; given ``stop``,
+    its ``stop_point`` is where a signal ends the job."""
+    digests = [content_sha256(p)[:16] for p in inputs]
     key = "-".join([_progress_hash(spec), *digests, layout])
     return SavedProgress(workdir / "progress.pt", key, log, stop)
 

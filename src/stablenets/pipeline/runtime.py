@@ -43,6 +43,7 @@ __all__ = [
     "config_hash",
     "provenance",
     "file_sha256",
+    "content_sha256",
     "input_record",
     "write_results",
     "attr_value",
@@ -297,6 +298,52 @@ def file_sha256(path: Path) -> str:
 def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# the attributes ``provenance`` writes about the run (code, machine, config text), not about
+# what the file holds: two files that differ only there hold the same thing
+RUN_RECORD = ("config", "config_hash", "versions", "git_commit", "git_dirty", "device", "inputs")
+# what a model file holds for the jobs that read it: the model, not its training's record
+_MODEL_CONTENT = ("format", "name", "kwargs", "state_dict")
+
+
+def content_sha256(path: Path) -> str:
+    """The sha256 of what an input file holds for the jobs that read it, blind to the record of
+    the run that wrote it: an HDF5 file's datasets and attributes less ``RUN_RECORD``, a model
+    file's model (``_MODEL_CONTENT``: not its training's times, memory or commit), any other
+    file's bytes. Saved progress keys on it: a model saved again by a resumed training (new
+    timings) or data written again under a new commit leave a job's saved work valid, new
+    weights or new images do not. Computed once per file version, as ``file_sha256``."""
+    path = Path(path)
+    stat = path.stat()
+    return _content_sha256(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _content_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    if path.endswith(".h5"):
+        with h5py.File(path, "r") as fh:
+            attrs = {k: attr_value(v) for k, v in fh.attrs.items() if k not in RUN_RECORD}
+            digest.update(json.dumps(attrs, sort_keys=True, default=str).encode())
+            for name in sorted(_dataset_names(fh)):
+                array = np.ascontiguousarray(fh[name])
+                digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
+                digest.update(array.tobytes())
+    elif path.endswith(".pt"):
+        import torch
+
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        held = {k: saved.get(k) for k in _MODEL_CONTENT} if isinstance(saved, dict) else saved
+        state = held.pop("state_dict", None) if isinstance(held, dict) else None
+        digest.update(json.dumps(held, sort_keys=True, default=str).encode())
+        for name, tensor in sorted((state or {}).items()):
+            array = tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy()
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(array.tobytes())
+    else:
+        return _sha256(path, inode, size, mtime_ns)
+    return digest.hexdigest()
 
 
 def input_record(path: Path) -> dict[str, Any]:

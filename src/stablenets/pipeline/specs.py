@@ -79,7 +79,8 @@ def _sigma(task: str, sigma: str | None) -> float:
 
 #: Settings that change no number a job computes, so saved progress made under other values
 #: resumes (``pipeline.jobs`` hashes a spec without them): where it runs (device and threads, and
-#: whether the attacks replay CUDA graphs: all up to rounding), how many images a training job
+#: whether training steps or attacks replay CUDA graphs, how many graphs training keeps, whether
+#: its sub-steps are recomputed in backward: all up to rounding), how many images a training job
 #: validates at once (``eval_batch``: memory, up to rounding), how often it says so or saves,
 #: and the limits that only stop a run (a run stopped by one resumes from its last good
 #: checkpoint when rerun with a higher limit; ``stop_after`` ends the full run's schedule early,
@@ -94,6 +95,9 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "max_substeps",
         "memory_fraction",
         "stop_after",
+        "remat",
+        "cuda_graphs",
+        "cuda_graph_cache",
     ),
     "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
     "pnp": ("log_every", "batch_size"),  # images per denoiser call: memory, not the numbers
