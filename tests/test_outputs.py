@@ -339,6 +339,9 @@ def test_an_inputs_content_digest_sees_its_numbers_and_model_not_the_record_of_i
     first = content_sha256(tmp_path / "d.h5")
     write_results(tmp_path / "d.h5", {"task": "denoising"}, {"test/images": images})
     assert content_sha256(tmp_path / "d.h5") == first
-    for attrs, pixels in [({"task": "classification"}, images), ({"task": "denoising"}, images ^ 1)]:
+    for attrs, pixels in [
+        ({"task": "classification"}, images),
+        ({"task": "denoising"}, images ^ 1),
+    ]:
         write_results(tmp_path / "d.h5", attrs, {"test/images": pixels})
         assert content_sha256(tmp_path / "d.h5") != first

@@ -1893,7 +1893,9 @@ def test_a_training_rerun_on_other_data_starts_afresh_and_on_the_same_data_rewri
     assert f"resumed from {work / 'checkpoint.pt'} at step 40" in lines
     other, lines = tmp_path / "other.h5", []
     data.make_synthetic_classification(other, 200, 50, 50, 10, 16, 0.05, 1)
-    pipeline_jobs.train_model(SPEC, other, tmp_path / "m.pt", tmp_path / "l.csv", work, lines.append)
+    pipeline_jobs.train_model(
+        SPEC, other, tmp_path / "m.pt", tmp_path / "l.csv", work, lines.append
+    )
     assert not [line for line in lines if line.startswith("resumed")], lines
     assert any(line.startswith(f"ignoring checkpoint {work / 'checkpoint.pt'}") for line in lines)
 
