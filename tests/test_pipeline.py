@@ -223,6 +223,14 @@ def test_paper_scale_dry_run_lists_every_job(tmp_path):
         assert re.search(rf"^{rule}\s+{count}$", text, re.M), (rule, count, text[-2000:])
 
 
+def test_a_target_of_a_variant_the_config_lacks_is_snakemakes_no_rule_line_not_a_traceback():
+    """Its spec's ``KeyError`` surfaced as a traceback from a params function."""
+    for target in ("eval/classification/foo/seed0.h5", "pnp/sigma0.15/resnet/seed0.h5"):
+        run = snakemake(ROOT, "-n", "--configfile", "config.yaml", "--", f"results/paper/{target}")
+        assert run.returncode != 0 and "Traceback" not in run.stderr + run.stdout
+        assert f"No rule to produce results/paper/{target}" in run.stderr + run.stdout
+
+
 def test_workflow_is_lint_clean():
     fmt = subprocess.run(
         [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],

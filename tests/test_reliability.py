@@ -1900,6 +1900,26 @@ def test_a_training_rerun_on_other_data_starts_afresh_and_on_the_same_data_rewri
     assert any(line.startswith(f"ignoring checkpoint {work / 'checkpoint.pt'}") for line in lines)
 
 
+def test_pnp_steps_that_grow_stop_the_job_in_one_line_naming_the_model_and_image(
+    monkeypatch, tmp_path, capsys
+):
+    """The non-increasing-steps guarantee raised a plain RuntimeError, which the command line
+    showed as a traceback of ten frames; it is an ``InvariantError`` like the certificates'."""
+    from stablenets.evaluation import pnp
+
+    def job(spec: dict, *paths: Path, log: Callable[[str], None]) -> None:
+        pnp.assert_nonincreasing([1.0, 0.5, 0.75], model="euler", image="test 3")
+
+    monkeypatch.setattr(cli, "_job", lambda name: job)
+    paths = [f"--{p}={tmp_path / p}" for p in ("model", "data", "out", "workdir")]
+    assert cli.main(["pnp", "--spec", "{}", *paths]) == 1
+    one_error_line(
+        capsys.readouterr().err,
+        "stablenets pnp: error: PnP step differences ||x_(k+1) - x_k|| increase for model "
+        "'euler' on image 'test 3' at iteration 2",
+    )
+
+
 def test_a_report_job_on_a_junk_or_missing_result_file_fails_with_one_line_naming_it(
     tmp_path, capsys
 ):

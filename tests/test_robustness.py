@@ -21,6 +21,7 @@ import yaml
 from conftest import tf32_flags
 from torch import Tensor, nn
 
+from stablenets.errors import InvariantError
 from stablenets.evaluation import radius_sweep
 from stablenets.evaluation.radius_sweep import (
     SearchModel,
@@ -36,7 +37,6 @@ from stablenets.evaluation.radius_sweep import (
 )
 from stablenets.evaluation.robustness import (
     Autocast,
-    InvariantError,
     accuracy,
     auc,
     autoattack_l2,

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["first_line", "is_transient_read_error", "raise_if_transient"]
+__all__ = ["InvariantError", "first_line", "is_transient_read_error", "raise_if_transient"]
+
+
+class InvariantError(RuntimeError):
+    """A property the method guarantees failed on a run's numbers (certified <= empirical <=
+    clean at some radius, a certificate an attack broke, PnP steps that grew): the job stops with
+    one line naming it, its outputs unwritten."""
 
 
 def first_line(err: BaseException) -> str:

@@ -11,6 +11,8 @@ rule train_classifier:
         L("train_classifier/{variant}/seed{seed}.log"),
     benchmark:
         B("train_classifier/{variant}/seed{seed}.tsv")
+    wildcard_constraints:
+        variant=JOBS.variant_pattern("classification"),
     conda:
         "../../environment.yml"
     threads: config["threads"]
@@ -34,6 +36,8 @@ rule evaluate_classifier:
         L("evaluate_classifier/{variant}/seed{seed}.log"),
     benchmark:
         B("evaluate_classifier/{variant}/seed{seed}.tsv")
+    wildcard_constraints:
+        variant=JOBS.variant_pattern("classification"),
     conda:
         "../../environment.yml"
     threads: config["threads"]

@@ -11,6 +11,8 @@ rule train_denoiser:
         L("train_denoiser/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
         B("train_denoiser/sigma{sigma}/{variant}/seed{seed}.tsv")
+    wildcard_constraints:
+        variant=JOBS.variant_pattern("denoising"),
     conda:
         "../../environment.yml"
     threads: config["threads"]
@@ -36,6 +38,8 @@ rule evaluate_denoiser:
         L("evaluate_denoiser/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
         B("evaluate_denoiser/sigma{sigma}/{variant}/seed{seed}.tsv")
+    wildcard_constraints:
+        variant=JOBS.variant_pattern("denoising"),
     conda:
         "../../environment.yml"
     threads: config["threads"]

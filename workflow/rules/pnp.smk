@@ -11,6 +11,8 @@ rule pnp_deblur:
         L("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.log"),
     benchmark:
         B("pnp_deblur/sigma{sigma}/{variant}/seed{seed}.tsv")
+    wildcard_constraints:
+        variant=JOBS.variant_pattern("denoising"),
     conda:
         "../../environment.yml"
     threads: config["threads"]

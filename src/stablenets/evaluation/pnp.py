@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stablenets.errors import InvariantError
 from stablenets.evaluation.metrics import fixed_noise, per_image, psnr
 from stablenets.evaluation.tv import (
     GRADIENT_NORM_SQ,
@@ -463,14 +464,14 @@ def assert_nonincreasing(
     rtol: float = 1e-5,
     atol: float = 0.0,
 ) -> None:
-    """Raise ``RuntimeError`` naming model and image if :func:`check_nonincreasing` fails."""
+    """Raise ``InvariantError`` naming model and image if :func:`check_nonincreasing` fails."""
     k = check_nonincreasing(diffs, rtol=rtol, atol=atol)
     if k is None:
         return
     d = np.asarray(diffs.detach().cpu() if isinstance(diffs, Tensor) else diffs, dtype=float)
     d = d.reshape(-1)
     before = f"{d[k - 1]:.6e} -> " if k > 0 else ""
-    raise RuntimeError(
+    raise InvariantError(
         f"PnP step differences ||x_(k+1) - x_k|| increase for model {model!r} on image "
         f"{image!r} at iteration {k}: {before}{d[k]:.6e} (rtol={rtol}, atol={atol})"
     )

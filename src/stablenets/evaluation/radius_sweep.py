@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stablenets.errors import InvariantError
 from stablenets.evaluation.attack_graphs import GraphedModel
 from stablenets.evaluation.robustness import (
     BALL_REL_TOL,
     Autocast,
-    InvariantError,
     autoattack_l2,
     ball_tolerance,
     check_eps,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stablenets.errors import InvariantError
 from stablenets.evaluation.metrics import per_image
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.operators import full_float32, pinned_weights
@@ -46,10 +47,6 @@ Attack = Callable[[nn.Module, Tensor, Tensor, float], Tensor]
 
 SQRT2 = math.sqrt(2.0)
 _TINY = 1e-12  # guards divisions by a zero norm
-
-
-class InvariantError(RuntimeError):
-    """Raised when certified <= empirical <= clean fails at some radius."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ _CLEAR_ERRORS = {
     "stablenets.data.format": ["DataError"],
     "stablenets.nn.models": ["CheckpointError"],
     "stablenets.train.loop": ["DivergenceError"],
-    "stablenets.evaluation.robustness": ["InvariantError"],
+    "stablenets.errors": ["InvariantError"],
 }
 
 

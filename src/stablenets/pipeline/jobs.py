@@ -20,6 +20,7 @@ import torch
 
 from stablenets import data
 from stablenets.atomic import remove_stale_temporaries
+from stablenets.errors import InvariantError
 from stablenets.evaluation import metrics, pnp, radius_sweep, robustness, tv
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.losses import loss_label
@@ -461,7 +462,7 @@ def _empirical_lipschitz(
     progress.pop("lipschitz_search", None)  # a kill before this keeps both: a rerun ends here
     lower = float(progress["empirical_lipschitz"])
     if lower > bound:
-        raise robustness.InvariantError(
+        raise InvariantError(
             f"{what}: empirical Lipschitz {lower:.6g} exceeds the certified bound {bound:.6g}"
         )
     return lower

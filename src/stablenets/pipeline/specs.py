@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -196,6 +197,12 @@ class Jobs:
 
     def variants(self, task: str) -> list[str]:
         return list(self.config[task]["variants"])
+
+    def variant_pattern(self, task: str) -> str:
+        """The ``{variant}`` wildcard of ``task``'s rules: its configured variants alone, so that
+        a target of another is Snakemake's "no rule to produce" line, not a ``KeyError``
+        traceback from a spec."""
+        return "|".join(re.escape(v) for v in self.variants(task))
 
     def train_spec(self, task: str, variant: str, seed: int, sigma: str | None = None) -> str:
         section = self.config[task]
