@@ -1238,12 +1238,12 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
     assert pnp == (
         "stablenets pnp: error: out of memory (CUDA, tried to allocate 7.50 GiB): lower "
         "pnp.batch_size (now 20) or pnp.group_size (now 40); what the job saved is kept, and a "
-        "rerun resumes from it unless it changes pnp.group_size, which starts it again"
+        "rerun resumes from it (a change of pnp.group_size solves its saved image groups again)"
     )
     tv_deblur = cli._out_of_memory_line("tv-deblur", {"pnp": {"group_size": 40}}, MemoryError())
     assert tv_deblur.endswith("lower pnp.group_size (now 40); what the job saved is kept, and a "
-                              "rerun resumes from it unless it changes pnp.group_size, which "
-                              "starts it again")  # fmt: skip
+                              "rerun resumes from it (a change of pnp.group_size solves its "
+                              "saved image groups again)")  # fmt: skip
     train = {"batch_size": 128, "max_substeps": "auto", "memory_fraction": 0.8}
     auto = cli._out_of_memory_line(
         "train", {"task": "denoising", "train": train, "eval_batch": 4}, err
@@ -1259,8 +1259,8 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
     assert "max_substeps (now 3000)" in capped
     tv = cli._out_of_memory_line("evaluate-tv", {"tv": {"group_size": 20}}, MemoryError())
     assert tv.endswith("out of memory (host): lower denoising.tv.group_size (now 20); what the "
-                       "job saved is kept, and a rerun resumes from it unless it changes "
-                       "denoising.tv.group_size, which starts it again")  # fmt: skip
+                       "job saved is kept, and a rerun resumes from it (a change of "
+                       "denoising.tv.group_size solves its saved image groups again)")  # fmt: skip
     fixed = cli._out_of_memory_line("prepare-data", {}, MemoryError())
     assert fixed.endswith("run it where more memory is free; a rerun starts it again")
     ev = {"evaluate": {"batch_size": 5, "group_size": 20, "lipschitz_search": {"images": 2}}}
@@ -1269,10 +1269,10 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
                              "denoising.evaluate.group_size (now 20) or "
                              "denoising.evaluate.lipschitz_search.images (now 2); what the job "
                              "saved is kept, and a rerun resumes from it unless it changes "
-                             "denoising.evaluate.batch_size or denoising.evaluate.group_size, "
-                             "which starts it again (a change of "
+                             "denoising.evaluate.batch_size, which starts it again (a change of "
                              "denoising.evaluate.lipschitz_search.images redoes only its "
-                             "Lipschitz search)"), denoiser  # fmt: skip
+                             "Lipschitz search) (a change of denoising.evaluate.group_size "
+                             "solves its saved image groups again)"), denoiser  # fmt: skip
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

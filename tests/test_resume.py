@@ -214,6 +214,25 @@ def test_a_deblurring_setting_reruns_only_the_jobs_it_concerns(change, pnp_chang
     assert read | {"denoisers", "noise_level"} == set(before.config["pnp"])
 
 
+def test_a_group_size_change_keeps_the_scores_and_search_saved_beside_the_groups():
+    """The group size (what an out-of-memory line tells a user to lower) was in the saved
+    progress's key: lowering it threw away PnP's strength and TV's weight validation scores
+    and the denoiser's Lipschitz search, hours at paper size, where only the groups (saved by
+    their size, ``in_groups``) need solving again."""
+    from stablenets.pipeline.jobs import _progress_hash
+
+    def specs(jobs: Jobs) -> list[str]:
+        return [jobs.pnp_spec("averaged", 0, "0.15"), jobs.pnp_spec("tv", 0), jobs.tv_spec("0.15"),
+                jobs.eval_spec("denoising", "averaged", 0, "0.15")]  # fmt: skip
+
+    smaller = {"pnp": {"group_size": 1}, "denoising": {"evaluate": {"group_size": 1},
+                                                       "tv": {"group_size": 1}}}  # fmt: skip
+    pairs = list(zip(specs(smoke_jobs({})), specs(smoke_jobs(smaller)), strict=True))
+    assert all(before != after for before, after in pairs)  # Snakemake reruns each job
+    for before, after in pairs:
+        assert _progress_hash(json.loads(before)) == _progress_hash(json.loads(after))
+
+
 DATA_SETTINGS = [  # (change, whether it changes the smoke data jobs' specs)
     ({"data": {"cifar10": {"val_fraction": 0.1, "split_seed": 3, "md5": None}}}, False),
     ({"data": {"bsds500": {"size": [300, 400], "archive": "other.tgz"}}}, False),

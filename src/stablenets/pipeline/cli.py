@@ -91,7 +91,8 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
     from stablenets.pipeline.specs import SEARCH_SETTINGS, run_only
 
     settings, resumes = _MEMORY_SETTINGS.get(job, ([], False))
-    keys, restart, search = [], [], []  # restart: the settings saved progress is tied to
+    # restart: the settings saved progress is tied to; regroup: those its image groups are
+    keys, restart, search, regroup = [], [], [], []
     for key, path in settings:
         value = _at(spec, path)
         if path == ("train", "max_substeps") and value == "auto":  # the limit is a share
@@ -106,6 +107,8 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
             search.append(key)
         elif not run_only(path):
             restart.append(key)
+        elif path[-1] == "group_size":  # groups saved by their size (resume.in_groups)
+            regroup.append(key)
     advice = f"lower {_either(keys)}" if keys else "run it where more memory is free"
     if not resumes:
         rerun = "a rerun starts it again"
@@ -116,6 +119,8 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
         rerun = "what the job saved is kept, and a rerun resumes from it"
     if resumes and search:
         rerun += f" (a change of {_either(search)} redoes only its Lipschitz search)"
+    if resumes and regroup:
+        rerun += f" (a change of {_either(regroup)} solves its saved image groups again)"
     return f"stablenets {job}: error: out of memory ({what}): {advice}; {rerun}"
 
 

@@ -100,8 +100,17 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "cuda_graphs",
         "cuda_graph_cache",
     ),
-    "evaluate": ("log_every_s", "save_every_s", "cuda_graphs", "cuda_graph_max_batch"),
-    "pnp": ("log_every", "batch_size"),  # images per denoiser call: memory, not the numbers
+    # group_size: images solved at once, each on its own; groups saved with another size are
+    # solved again (``resume.in_groups``), the validation scores and search saved beside them kept
+    "evaluate": (
+        "log_every_s",
+        "save_every_s",
+        "cuda_graphs",
+        "cuda_graph_max_batch",
+        "group_size",
+    ),
+    "pnp": ("log_every", "batch_size", "group_size"),  # batch_size: images per denoiser call
+    "tv": ("group_size",),
 }
 
 
