@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import math
 import os
 import re
@@ -143,6 +144,25 @@ def _tiny_run(
 
     _, state = train(model, task, cfg, tmp_path, "h", log)
     return logs, state
+
+
+def test_a_budgeted_run_that_lost_its_step_count_takes_its_checkpoints_schedule(
+    tmp_path, monkeypatch
+):
+    """With ``budget.json`` gone and the checkpoint kept, the rerun measured the step time
+    again: another count than the schedule the checkpoint restored, so the run stopped at that
+    schedule's end with the scheduler's traceback (or ended before its rate annealed)."""
+    from stablenets.train import budget
+
+    settings = {"steps": 10_000, "budget_minutes": 1.0, "val_every": 1000, "log_every": 5}
+    monkeypatch.setattr(budget, "seconds_per_step", lambda *a, **k: 6.0)  # 10 steps
+    _tiny_run(tmp_path, stop_after=4, **settings)
+    (tmp_path / "budget.json").unlink()
+    monkeypatch.setattr(budget, "seconds_per_step", lambda *a, **k: 5.0)  # 12 steps
+    logs, state = _tiny_run(tmp_path, **settings)
+    assert state.step == 10 and f"resumed from {tmp_path / 'checkpoint.pt'} at step 4" in logs
+    assert any("10 steps, the schedule of the checkpoint resumed" in line for line in logs)
+    assert json.loads((tmp_path / "budget.json").read_text())["steps"] == 10
 
 
 def test_the_budget_is_timed_on_the_weights_the_run_starts_from(tmp_path, monkeypatch):

@@ -58,9 +58,11 @@ def resolve_steps(
     minutes: float,
     measure: Callable[[], float],
     log: Callable[[str], None] = print,
+    resumed: Callable[[], int | None] = lambda: None,
 ) -> int:
     """The step count of this run: read from ``path`` when it was derived for the same config
-    and budget, else measured (``measure()`` returns seconds per step) and written there."""
+    and budget, else the one of the checkpoint the run resumes (``resumed()``, ``None`` where
+    there is none), else measured (``measure()`` returns seconds per step); written there."""
     path = Path(path)
     if path.exists():
         try:
@@ -71,6 +73,14 @@ def resolve_steps(
             log(f"ignoring {path}: written for another config or budget")
         except (ValueError, KeyError, TypeError):
             log(f"ignoring unreadable {path}")
+    steps = resumed()
+    if steps is not None:
+        record = {"config_hash": config_hash, "budget_minutes": minutes, "steps": steps}
+        atomic_write(path, json.dumps(record, indent=1))
+        log(
+            f"budget {minutes} min: {steps} steps, the schedule of the checkpoint resumed (-> {path})"
+        )
+        return steps
     step_seconds = measure()
     steps = budget_steps(minutes, step_seconds)
     record = {

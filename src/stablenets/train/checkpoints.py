@@ -23,9 +23,10 @@ from stablenets.nn.models import (
     read_checkpoint,
 )
 
-# v2 (session 17): batches by epochs and erasing first; a v1 checkpoint would resume a run that
+# v2 (session 17): batches by epochs and erasing first; v3 (session 30): each step's and epoch's
+# draws seeded through SeedSequence. A checkpoint of an earlier version would resume a run that
 # drew otherwise, so it is ignored with a log line
-RESUME_FORMAT = "stablenets-resume-v2"
+RESUME_FORMAT = "stablenets-resume-v3"
 Log = Callable[[str], None]
 
 
@@ -101,6 +102,22 @@ def resume(
     state = RunState(**ckpt["run"])
     log(f"resumed from {path} at step {state.step}")
     return state
+
+
+def scheduled_steps(path: Path, config_hash: str) -> int | None:
+    """The length of the learning-rate schedule of the checkpoint at ``path`` that :func:`resume`
+    would restore (``None``: none there, or one it would not restore). A ``budget_minutes`` run
+    whose derived step count was lost (``budget.json``) takes it back from here: measured again,
+    it would differ from the schedule the checkpoint resumes, and the run would stop at that
+    schedule's end with a traceback, or end before its learning rate has annealed."""
+    try:
+        ckpt = read_checkpoint(path, map_location="cpu")
+    except CheckpointError:
+        return None
+    if ckpt.get("kind") != RESUME_FORMAT or ckpt.get("config_hash") != config_hash:
+        return None
+    total = ckpt.get("scheduler", {}).get("total_steps")
+    return int(total) if isinstance(total, int) else None
 
 
 def save(

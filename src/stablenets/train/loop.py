@@ -45,7 +45,7 @@ from stablenets.nn.models import (
 )
 from stablenets.nn.operators import fused_power_iteration, remember_estimates
 from stablenets.train import budget
-from stablenets.train.checkpoints import RunState, last_good, resume, save
+from stablenets.train.checkpoints import RunState, last_good, resume, save, scheduled_steps
 from stablenets.train.cuda_graphs import StepGraphs
 from stablenets.train.memory import (
     ActivationCost,
@@ -623,8 +623,9 @@ def _budgeted(
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         return budget.seconds_per_step(step, sync=sync)
 
-    path = workdir / "budget.json"
-    steps = budget.resolve_steps(path, config_hash, cfg.budget_minutes, measure, log)
+    path, ckpt = workdir / "budget.json", workdir / "checkpoint.pt"
+    resumed = functools.partial(scheduled_steps, ckpt, config_hash)
+    steps = budget.resolve_steps(path, config_hash, cfg.budget_minutes, measure, log, resumed)
     return dataclasses.replace(cfg, steps=steps)
 
 
