@@ -13,10 +13,12 @@ import pytest
 from fake_results import STANDARD_EPS, write_classification, write_denoising, write_pnp
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from test_outputs import CAPTIONS, CONFIGS, SCHEMA, _render
 
 matplotlib.use("Agg")
 
 from stablenets.pipeline import outputs
+from stablenets.pipeline.config import load_config
 from stablenets.pipeline.figures import (
     EXTRA_COLORS,
     FAMILY_COLORS,
@@ -679,3 +681,38 @@ def test_the_training_figures_say_which_noise_level_and_seed_they_show(tmp_path:
     build = outputs.get("figure", "training_classification").build
     fig = build(classification, tmp_path / "classification", {"kind": "training_classification"})
     assert "resnet (seed 1)" in [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def _caption(name: str, config: dict) -> str:
+    """The figure caption ``name`` as the report renders it, on one line."""
+    return " ".join(
+        _render((CAPTIONS / f"figures/{name}.rst").read_text(), config, "figure", name).split()
+    )
+
+
+@pytest.mark.parametrize("task", ["classification", "denoising"])
+def test_a_task_wide_training_budget_is_what_the_training_captions_say(task: str) -> None:
+    """With ``train.budget_minutes`` set for a task, the training figures' captions still said
+    '40000 steps by default', a count no run trained for."""
+    config = load_config(CONFIGS["paper"], SCHEMA)
+    config[task]["train"]["budget_minutes"] = 120
+    shown = _caption(f"training_{task}", config)
+    assert "(a budget of 120 min (steps derived per run) by default;" in shown
+    assert f"{config[task]['train']['steps']} steps" not in shown
+
+
+def test_the_pnp_convergence_caption_says_the_legend_counts_diverged_images(
+    tmp_path: Path,
+) -> None:
+    """The legend's 'diverged k/n' counts test images over all of a method's runs; the caption
+    said it counted diverged runs."""
+    paths = [pnp_result(tmp_path / f"seed{seed}", "dncnn", seed) for seed in (0, 1)]
+    with h5py.File(paths[0], "r+") as fh:
+        fh.attrs["diverged_count"] = 2
+        images = len(fh["psnr_final"])
+    fig = pnp_convergence_figure(paths, tmp_path / "diverged")
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert f"dncnn (diverged 2/{2 * images})" in labels
+    shown = _caption("pnp_convergence", load_config(CONFIGS["smoke"], SCHEMA))
+    assert "the legend counts a method's diverged test images" in shown
+    assert "diverged runs" not in shown

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fake_results import STANDARD_EPS, write_classification, write_denoising, write_pnp
+from test_outputs import CAPTIONS, CONFIGS, SCHEMA, _render
 
 from stablenets.pipeline import outputs
 from stablenets.pipeline.config import load_config
@@ -18,6 +19,8 @@ from stablenets.pipeline.labels import radius_label
 from stablenets.pipeline.reports import make_table, write_summary
 from stablenets.pipeline.specs import Jobs
 from stablenets.pipeline.tables import (
+    COLUMNS,
+    RADIUS_SEP,
     classification_table,
     denoising_table,
     display_frame,
@@ -60,6 +63,7 @@ def classification_file(root: Path, variant: str, seed: int) -> Path:
         "auc_certified": 0.1 + 0.01 * seed,
         "auc_pgd": 0.3,
         "auc_empirical": 0.25,
+        "audited_certified": 12,
         "n_test": 100,
         "strong_method": "autoattack",
         "train_loss": "cross-entropy" if variant == "resnet" else "margin (offset 0.399, T 0.25)",
@@ -116,7 +120,7 @@ def pnp_file(root: Path, variant: str, seed: int, diverged: int, monotone: int) 
         "mean_psnr": 25.0 + seed,
         "std_psnr": 1.0,
         "mean_iterations": 100.0 + 20 * seed,
-        "converged_fraction": None if tv else 1.0 - 0.5 * seed,
+        "converged_fraction": 1.0 - 0.5 * seed,
         "diverged_count": diverged,
         "nonincreasing": monotone,
         "averagedness": 0.6 if variant == "averaged" else None,
@@ -400,8 +404,12 @@ def test_nearby_standard_radii_keep_their_own_columns_and_a_shared_label_is_refu
     [
         (classification_table, classification_file, "clean_accuracy"),
         (classification_table, classification_file, "standard_certified"),
+        (classification_table, classification_file, "lipschitz_bound"),
+        (classification_table, classification_file, "auc_certified"),
         (denoising_table, denoising_file, "mean_psnr"),
+        (denoising_table, denoising_file, "empirical_lipschitz"),
         (pnp_table, lambda root, v, s: pnp_file(root, v, s, 0, 1), "mean_psnr"),
+        (pnp_table, lambda root, v, s: pnp_file(root, v, s, 0, 1), "strength"),
     ],
 )
 def test_a_result_file_without_a_metric_its_table_shows_is_an_error_naming_it(
@@ -446,3 +454,119 @@ def test_one_seed_tables_say_nothing_of_a_spread_over_seeds(
     assert "or the seed std of a single seed" in several
     shown = display_frame(pnp_table(pnp_paths))
     assert "diverged images (all seeds)" in shown.columns
+
+
+def _pnp(root: Path, variant: str, seed: int) -> Path:
+    return pnp_file(root, variant, seed, diverged=0, monotone=1)
+
+
+@pytest.mark.parametrize(
+    ("table", "make", "variant", "key"),
+    [
+        (classification_table, classification_file, "resnet", "clean_accuracy"),
+        (classification_table, classification_file, "resnet", "lipschitz_bound"),
+        (classification_table, classification_file, "resnet", "standard_empirical"),
+        (families_table, classification_file, "resnet", "empirical_lipschitz"),
+        (denoising_table, denoising_file, "dncnn", "mean_psnr"),
+        (denoising_table, denoising_file, "dncnn", "lipschitz_bound"),
+        (denoising_table, denoising_file, "tv", "tv_weight"),
+        (pnp_table, _pnp, "dncnn", "mean_psnr"),
+        (pnp_table, _pnp, "dncnn", "strength"),
+        (pnp_table, _pnp, "tv", "tv_weight"),
+    ],
+)
+def test_a_nan_metric_its_model_has_is_an_error_naming_the_file_and_the_key(
+    tmp_path: Path, table, make, variant: str, key: str
+) -> None:
+    """Read as NaN, a failed job's PSNR, accuracy or bound showed as 'n/a: not applicable to that
+    model', and a column NaN in every row was dropped from the table."""
+    path = make(tmp_path, variant, 0 if variant != "tv" else -1)
+    with h5py.File(path, "r+") as fh:
+        if key in fh.attrs:
+            fh.attrs[key] = math.nan
+        else:
+            fh[key][0] = math.nan
+    with pytest.raises(ValueError, match=f"^{path}: {key} is .*nan.*, not a finite number$"):
+        table([path])
+
+
+def test_seeds_that_chose_different_settings_list_them_never_their_mean(tmp_path: Path) -> None:
+    """PnP's strength and TV's weight are chosen per run among the config's candidates: the
+    table averaged them (β = 0.55 ± 0.64 from 1 and 0.1, never run) and the summary quoted it."""
+    paths = [_pnp(tmp_path, "averaged", seed) for seed in (0, 1, 2)]
+    tv = [_pnp(tmp_path / f"tv{seed}", "tv", seed) for seed in (0, 1)]
+    for path, value, key in [
+        (paths[0], 1.0, "strength"),
+        (paths[1], 0.1, "strength"),
+        (paths[2], 0.1, "strength"),
+        (tv[1], 0.001, "tv_weight"),
+    ]:
+        with h5py.File(path, "r+") as fh:
+            fh.attrs[key] = value
+    df = pnp_table(paths + tv).set_index("variant")
+    assert df.loc["averaged", "strength"] == "1 (seed 0), 0.1 (seeds 1, 2)"
+    assert df.loc["tv", "tv_weight"] == "0.004 (seed 0), 0.001 (seed 1)"
+    assert pnp_table(paths[1:]).loc[0, "strength"] == pytest.approx(0.1)  # agreeing: a number
+    stem = tmp_path / "tables" / "pnp"
+    write_table(pnp_table(paths + tv), stem, "PnP")
+    headline = outputs.get("table", "pnp").headline
+    assert headline is not None
+    lines = [headline(row) for row in pd.read_csv(stem.with_suffix(".csv")).to_dict("records")]
+    assert "at denoiser strength 1 (seed 0), 0.1 (seeds 1, 2)," in lines[0]
+    assert "at weight 0.004 (seed 0), 0.001 (seed 1)," in lines[1]
+
+
+def test_every_column_label_is_ascii_in_latex(tmp_path: Path) -> None:
+    """β (the PnP strength's label) went into the .tex file unescaped: a LaTeX table without
+    unicode support fails to compile."""
+    names = [*COLUMNS, f"certified{RADIUS_SEP}36/255"]
+    df = pd.DataFrame({name: [1.0] for name in names})
+    stem = tmp_path / "all"
+    write_table(df, stem, "every column")
+    tex = stem.with_suffix(".tex").read_text()
+    header = tex.split(r"\toprule")[1].split(r"\midrule")[0]
+    assert all(COLUMNS[name].label.split()[0] in header for name in ("strength", "averagedness"))
+    assert tex.isascii(), sorted({ch for ch in tex if not ch.isascii()})
+
+
+def test_bounds_are_rounded_the_way_they_hold(tmp_path: Path) -> None:
+    """To 3 significant digits an averagedness of 0.9996 read '1' (no averagedness at all), and
+    to 4 a Lipschitz bound of 1.00004 read '1', hiding that it exceeds 1."""
+    path = denoising_file(tmp_path, "euler_residual", 0)
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["averagedness"] = 0.9996
+        fh.attrs["lipschitz_bound"] = 1.00004
+        fh.attrs["empirical_lipschitz"] = 0.99996
+    shown = display_frame(denoising_table([path])).loc[0]
+    assert shown["averagedness α"] == "0.9996"
+    assert shown["Lipschitz bound"] == "1.001"
+    assert shown["empirical Lipschitz (lower bound)"] == "0.9999"
+    path = classification_file(tmp_path, "nonexpansive", 0)
+    with h5py.File(path, "r+") as fh:
+        fh.attrs["lipschitz_bound"] = 1.00004
+    row = classification_table([path]).loc[0].to_dict()
+    headline = outputs.get("table", "classification").headline
+    assert headline is not None and headline(row).endswith("certified Lipschitz bound 1.001")
+
+
+TABLE_CAPTIONS = ("tables/classification.rst", "tables/denoising.rst")
+
+
+def test_a_task_wide_training_budget_is_what_the_summary_and_the_captions_say(
+    tmp_path: Path,
+) -> None:
+    """With ``train.budget_minutes`` set for a task, the summary and the table captions still
+    said '40000 steps', a count no run trained for."""
+    config = load_config(CONFIGS["paper"], SCHEMA)
+    for task in ("classification", "denoising"):
+        config[task]["train"]["budget_minutes"] = 120
+    budget = "a budget of 120 min (steps derived per run)"
+    out = tmp_path / "summary.md"
+    write_summary({"scale": "paper", "config": config}, [], out, lambda _: None)
+    run = out.read_text().split("## Headline numbers")[0]
+    assert run.count(budget) == 2 and " steps" not in run
+    for caption in TABLE_CAPTIONS:
+        kind, name = caption.removesuffix(".rst").split("/")
+        shown = " ".join(_render((CAPTIONS / caption).read_text(), config, kind[:-1], name).split())
+        assert f"Training by default: {budget}, batch" in shown
+        assert f"{config['classification']['train']['steps']} steps" not in shown

@@ -822,8 +822,8 @@ def _mark_divergence(ax: Axes, ks: np.ndarray, color: str, gid: str) -> None:
 
 
 def _diverged_label(label: str, results: list[_Result]) -> str:
-    """``label``, plus how many of its runs diverged when any did (the PSNR axis is then cut
-    below, so the legend must say where the curve went)."""
+    """``label``, plus how many of its test images diverged (over all its runs) when any did (the
+    PSNR axis is then cut below, so the legend must say where the curve went)."""
     runs = [r for r in results if "diverged_count" in r.attrs]
     diverged = sum(int(r.attrs["diverged_count"]) for r in runs)
     if not diverged:

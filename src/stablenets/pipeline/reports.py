@@ -52,6 +52,15 @@ def _headlines(tables: list[Path]) -> list[str]:
     return out
 
 
+def _training_length(train: dict) -> str:
+    """How long a task's default training runs: its ``steps``, or the ``budget_minutes`` that
+    replaces them (the captions' ``training_length`` macro says the same)."""
+    budget = train.get("budget_minutes")
+    if budget is None:
+        return f"{train['steps']} steps"
+    return f"a budget of {budget:g} min (steps derived per run)"
+
+
 def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -> None:
     """``summary.md``: what was run, the headline tables, and where every file is."""
     cfg, scale = spec["config"], spec["scale"]
@@ -62,11 +71,11 @@ def write_summary(spec: dict, inputs: list[Path], out: Path, log: Log = print) -
         "",
         f"- seeds: {cfg['seeds']}; device setting: `{cfg['device']}`",
         f"- classifiers: {', '.join(cfg['classification']['variants'])} "
-        f"({cfg['classification']['train']['steps']} steps, batch "
+        f"({_training_length(cfg['classification']['train'])}, batch "
         f"{cfg['classification']['train']['batch_size']}, unless a variant overrides them)",
         f"- denoisers: {', '.join(cfg['denoising']['variants'])} + TV, noise levels "
-        f"{cfg['denoising']['noise_levels']} ({cfg['denoising']['train']['steps']} steps unless a "
-        "variant overrides them)",
+        f"{cfg['denoising']['noise_levels']} ({_training_length(cfg['denoising']['train'])} "
+        "unless a variant overrides them)",
         f"- PnP deblurring: {', '.join(cfg['pnp']['denoisers'])} + TV; Gaussian blur "
         f"{cfg['pnp']['blur']['size']}x{cfg['pnp']['blur']['size']}, σ_blur "
         f"{cfg['pnp']['blur']['sigma']}, noise {cfg['pnp']['noise']}, η {cfg['pnp']['eta']}",

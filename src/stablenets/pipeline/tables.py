@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
@@ -39,14 +40,18 @@ __all__ = [
     "display_frame",
     "column_spec",
     "table_notes",
+    "choice_text",
+    "format_bound",
 ]
 
 STD_SUFFIX = "_std"  # column holding the spread of the column before it
 SEED_STD_SUFFIX = "_seed_std"  # spread over seeds where ``_std`` is the spread over images
 RADIUS_SEP = "@"  # ``certified@36/255``: a metric at one of the standard radii
-MISSING = "n/a"  # what a table shows for NaN
+MISSING = "n/a"  # what a table shows for NaN: only where a metric does not apply to a model
+TV = "tv"  # the TV baseline's variant (and deblurring method): no Lipschitz numbers, a weight
 SEEDS = "seeds"  # the column counting the result files behind a row
 SEED_COUNT_SUFFIX = "_n_seeds"  # seeds behind a value, where fewer than the row's (the rest NaN)
+CHOICE_FMT = "{:g}"  # a chosen setting (one of the config's candidates) as the config writes it
 _TEXT_COLUMNS = (
     "method",
     "family",
@@ -64,8 +69,12 @@ class Column:
     ``agg``: ``key`` (groups rows), ``first`` (descriptive text), ``mean`` (mean and std over
     seeds), ``fixed`` (mean only: the same for every seed by design, e.g. the noisy PSNR),
     ``image`` (mean; the per-seed image spread pooled into ``_std``; spread of seed means in
-    ``_seed_std``), ``sum`` (counts), ``all`` (0/1 flags: true only if true for every seed).
-    ``fmt`` formats a (scaled) value, ``std_fmt`` its spread (default ``fmt``).
+    ``_seed_std``), ``sum`` (counts), ``all`` (0/1 flags: true only if true for every seed),
+    ``choice`` (a setting each seed chose: the value when they agree, else each choice with its
+    seeds, never their mean, a setting no run used).
+    ``fmt`` formats a (scaled) value, ``std_fmt`` its spread (default ``fmt``). ``bound``:
+    ``upper`` or ``lower`` for a bound, rounded up or down to ``fmt``'s significant digits (with
+    more where an upper bound below 1 would round to 1), never past what it guarantees.
     """
 
     label: str
@@ -74,6 +83,7 @@ class Column:
     fmt: str = "{:.3g}"
     agg: str = "mean"
     std_fmt: str = ""
+    bound: str = ""
 
     @property
     def spread_fmt(self) -> str:
@@ -110,7 +120,7 @@ COLUMNS: dict[str, Column] = {
     "auc_empirical": Column("AUC empirical", fmt="{:.3f}"),
     "auc_pgd": Column("AUC PGD", fmt="{:.3f}"),
     "audited_certified": Column("audits of certified points", fmt="{:.0f}"),
-    "lipschitz_bound": Column("Lipschitz bound", fmt="{:.4g}", std_fmt="{:.2g}"),
+    "lipschitz_bound": Column("Lipschitz bound", fmt="{:.4g}", std_fmt="{:.2g}", bound="upper"),
     "n_params": Column("parameters", fmt="{:,.0f}", agg="fixed"),
     "total_substeps": Column("total sub-steps", fmt="{:.1f}"),
     "train_time_s": Column("training time", unit="s", fmt="{:.0f}"),
@@ -124,11 +134,11 @@ COLUMNS: dict[str, Column] = {
     "noisy_psnr": Column("noisy PSNR", agg="fixed", **_DB),
     "noisy_psnr_1": Column("noisy PSNR peak 1", agg="fixed", **_DB),
     "empirical_lipschitz": Column(
-        "empirical Lipschitz (lower bound)", fmt="{:.4g}", std_fmt="{:.2g}"
+        "empirical Lipschitz (lower bound)", fmt="{:.4g}", std_fmt="{:.2g}", bound="lower"
     ),
-    "averagedness": Column("averagedness α", fmt="{:.3g}", std_fmt="{:.2g}"),
-    "tv_weight": Column("TV weight", fmt="{:.4g}", agg="fixed"),
-    "strength": Column("denoiser strength β", fmt="{:.3g}", std_fmt="{:.2g}"),
+    "averagedness": Column("averagedness α", fmt="{:.3g}", std_fmt="{:.2g}", bound="upper"),
+    "tv_weight": Column("TV weight", fmt=CHOICE_FMT, agg="choice"),
+    "strength": Column("denoiser strength β", fmt=CHOICE_FMT, agg="choice"),
     # plug-and-play
     "observed_psnr_1": Column("observed PSNR peak 1", agg="fixed", **_DB),
     "iterations": Column("iterations", fmt="{:.1f}"),
@@ -150,15 +160,69 @@ _LATEX_SPECIAL = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
 }
-_LATEX_UNICODE = {"ε": r"$\varepsilon$", "σ": r"$\sigma$", "α": r"$\alpha$", "±": r"$\pm$"}
+_LATEX_UNICODE = {
+    "ε": r"$\varepsilon$",
+    "σ": r"$\sigma$",
+    "α": r"$\alpha$",
+    "β": r"$\beta$",
+    "±": r"$\pm$",
+}
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _attrs(path: Path, required: Iterable[str] = ()) -> dict[str, Any]:
-    """The attributes of a result file; each of ``required`` must be one of them."""
-    return read_results(path, (), required)[0]
+# What every result file of a kind holds as a finite number (jobs.py writes it so), by attribute
+# name: read as NaN, a failed or foreign file's value showed as 'n/a: not applicable' or its
+# column vanished. Costs written with a NaN fallback (training time, memory, width) are not here.
+_CLASSIFICATION_FINITE = (
+    "clean_accuracy",
+    "auc_certified",
+    "auc_empirical",
+    "auc_pgd",
+    "lipschitz_bound",
+    "empirical_lipschitz",
+    "n_params",
+    "audited_certified",
+)
+_DENOISING_FINITE = ("mean_psnr", "mean_psnr_1", "noisy_mean_psnr", "noisy_mean_psnr_1")
+_DEBLUR_FINITE = (
+    "observed_mean_psnr",
+    "mean_psnr",
+    "mean_iterations",
+    "converged_fraction",
+    "diverged_count",
+)
+# ... and by model: TV's chosen weight; a trained denoiser's Lipschitz numbers (its averagedness
+# only where one is guaranteed: not here), and in PnP its chosen strength and step flag
+_TV_FINITE = ("tv_weight",)
+_DENOISER_FINITE = ("lipschitz_bound", "empirical_lipschitz")
+_PNP_FINITE = ("lipschitz_bound", "nonincreasing", "strength")
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number, or an array of them."""
+    try:
+        return bool(np.isfinite(np.asarray(value, dtype=float)).all())
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_finite(path: Path, values: dict[str, Any], keys: Iterable[str]) -> None:
+    """An error naming the file and the key where one of ``keys`` is not in ``values`` or not a
+    finite number there."""
+    for key in keys:
+        if key not in values:
+            raise ValueError(f"{path}: has no {key}; not a complete result file (rerun its job)")
+        if not _finite(values[key]):
+            raise ValueError(f"{path}: {key} is {values[key]!r}, not a finite number")
+
+
+def _attrs(path: Path, finite: Iterable[str] = ()) -> dict[str, Any]:
+    """The attributes of a result file; each of ``finite`` must be one, a finite number."""
+    attrs = read_results(path, ())[0]
+    _check_finite(path, attrs, finite)
+    return attrs
 
 
 def _num(attrs: dict[str, Any], key: str) -> float:
@@ -186,7 +250,9 @@ def _standard_radii(path: Path, data: dict[str, np.ndarray]) -> list[str]:
 
 def _classification_record(path: Path) -> dict[str, Any]:
     names = ["standard_eps", *(f"standard_{m}" for m in _RADIUS_METRICS)]
-    attrs, data = read_results(path, names, required=[*names, "clean_accuracy"])
+    attrs, data = read_results(path, names, required=names)
+    _check_finite(path, attrs, _CLASSIFICATION_FINITE)
+    _check_finite(path, data, names)
     radii = _standard_radii(path, data)
     standard = {m: np.asarray(data[f"standard_{m}"], dtype=float) for m in _RADIUS_METRICS}
     record: dict[str, Any] = {
@@ -219,7 +285,8 @@ _CLASSIFICATION_SCALARS = (
 
 
 def _denoising_record(path: Path) -> dict[str, Any]:
-    a = _attrs(path, ["mean_psnr", "mean_psnr_1", "noisy_mean_psnr", "noisy_mean_psnr_1"])
+    a = _attrs(path, _DENOISING_FINITE)
+    _check_finite(path, a, _TV_FINITE if a.get("variant") == TV else _DENOISER_FINITE)
     return {
         "sigma": _num(a, "sigma"),
         "variant": str(a.get("variant", path.stem)),
@@ -239,7 +306,8 @@ def _denoising_record(path: Path) -> dict[str, Any]:
 
 def _pnp_record(path: Path) -> dict[str, Any]:
     # the denoiser's folder; TV deblurring has none
-    a, sigma = _attrs(path, ["observed_mean_psnr", "mean_psnr"]), sigma_in_path(path)
+    a, sigma = _attrs(path, _DEBLUR_FINITE), sigma_in_path(path)
+    _check_finite(path, a, _TV_FINITE if a.get("method") == TV else _PNP_FINITE)
     return {
         "method": str(a.get("method", "")),
         "variant": str(a.get("variant", path.parent.name)),
@@ -289,14 +357,40 @@ def _seed_std(values: pd.Series) -> float:
     return float(cast(float, finite.std(ddof=1)))
 
 
+def _choices(values: pd.Series, seeds: pd.Series, fmt: str) -> float | str:
+    """The setting the seeds chose: the value where they agree (NaN where none has one), else
+    each distinct choice with its seeds, ``1 (seed 0), 0.1 (seeds 1, 2)``."""
+    distinct = list(dict.fromkeys(values.dropna()))
+    if len(distinct) <= 1:
+        return float(distinct[0]) if distinct else math.nan
+    parts = []
+    for value in distinct:
+        chose = [str(seed) for seed in seeds[values == value]]
+        plural = "s" if len(chose) > 1 else ""
+        parts.append(f"{fmt.format(value)} (seed{plural} {', '.join(chose)})")
+    return ", ".join(parts)
+
+
+def choice_text(value: Any) -> str:
+    """A ``choice`` column's cell as the tables show it, also read back from the CSV file (where
+    a column holding the seeds' differing choices is text): a number as :data:`CHOICE_FMT`."""
+    try:
+        return CHOICE_FMT.format(float(value))
+    except ValueError:
+        return str(value)
+
+
 def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {SEEDS: len(group)}
     for name in metrics:
-        agg, values = column_spec(name).agg, _series(group, name)
+        spec = column_spec(name)
+        agg, values = spec.agg, _series(group, name)
         if agg == "first":
             row[name] = values.iloc[0]
             continue
-        if agg == "fixed":
+        if agg == "choice":
+            row[name] = _choices(values, _series(group, "seed"), spec.fmt)
+        elif agg == "fixed":
             row[name] = float(values.mean())
         elif agg == "sum":
             row[name] = float(values.sum(min_count=1))
@@ -349,7 +443,7 @@ def _classification_headline(row: outputs.Row) -> str:
         f"- {row['variant']}: clean {100 * row['clean_accuracy']:.1f}%, certified "
         f"{100 * row[prefix + eps]:.1f}% and empirical "
         f"{100 * row['empirical' + RADIUS_SEP + eps]:.1f}% at ε = {eps}, certified Lipschitz "
-        f"bound {row['lipschitz_bound']:.4g}"
+        f"bound {format_bound(row['lipschitz_bound'], COLUMNS['lipschitz_bound'].fmt)}"
     )
 
 
@@ -433,8 +527,8 @@ def _pnp_headline(row: outputs.Row) -> str:
     return (
         f"- PnP {row['variant']}: {row['psnr_1']:.2f} dB peak 1 (observed "
         f"{row['observed_psnr_1']:.2f} dB)"
-        + ("" if math.isnan(strength) else f" at denoiser strength {strength:.3g}")
-        + ("" if math.isnan(weight) else f" at weight {weight:.4g}")
+        + ("" if pd.isna(strength) else f" at denoiser strength {choice_text(strength)}")
+        + ("" if pd.isna(weight) else f" at weight {choice_text(weight)}")
         + ("" if math.isnan(diverged) else f", {int(diverged)} diverged")
         + verdict
     )
@@ -459,6 +553,30 @@ def pnp_table(paths: Iterable[Path]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- display
 
 
+def _significant_digits(fmt: str) -> int:
+    """The significant digits of a ``{:.Ng}`` format; an error naming any other."""
+    digits = fmt.removeprefix("{:.").removesuffix("g}")
+    if not digits.isdigit():
+        raise ValueError(f"a bound's format must be '{{:.Ng}}', not {fmt!r}")
+    return int(digits)
+
+
+def format_bound(value: float, fmt: str, upper: bool = True) -> str:
+    """A bound to ``fmt``'s (``{:.Ng}``) significant digits, rounded up (an upper bound) or down
+    (a lower bound) so that it still holds as shown; an upper bound below 1 with the digits it
+    needs to stay below 1 (an averagedness of 0.9996 shown as 1 reads as none)."""
+    if value == 0 or not math.isfinite(value):
+        return fmt.format(value)
+    exact = Decimal(repr(value))  # the shortest decimal that reads back as ``value``
+    digits = _significant_digits(fmt)
+    while True:
+        step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+        shown = exact.quantize(step, rounding=ROUND_CEILING if upper else ROUND_FLOOR)
+        if not (upper and value < 1 <= shown) or shown == exact:
+            return f"{float(shown):.{digits}g}"
+        digits += 1
+
+
 def _format_value(value: Any, spec: Column, spread: bool = False) -> str:
     if isinstance(value, str):
         return value or MISSING
@@ -468,6 +586,8 @@ def _format_value(value: Any, spec: Column, spread: bool = False) -> str:
         return "yes" if value >= 1 else "no"
     if spec.fmt == "{:d}":
         return str(int(value))
+    if spec.bound and not spread:
+        return format_bound(float(value) * spec.scale, spec.fmt, spec.bound == "upper")
     return (spec.spread_fmt if spread else spec.fmt).format(float(value) * spec.scale)
 
 
@@ -477,7 +597,8 @@ def _header(spec: Column) -> str:
 
 def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Strings for readers: ``mean ± std`` cells, scaled units, headers with units; drops
-    columns with no value at all."""
+    columns with no value at all (a metric that applies to none of the rows: one a row's model
+    has is a finite number in its result file, or the table was refused)."""
     out: dict[str, list[str]] = {}
     for name in df.columns:
         if _derived(name) or _series(df, name).isna().all():
