@@ -2414,7 +2414,7 @@ def test_parallel_training_jobs_share_nothing_and_match_sequential_runs(tmp_path
     for (variant, seed), model in zip(CONCURRENT_JOBS, models, strict=True):
         spec = json.loads(jobs.train_spec("classification", variant, seed))
         log = (work / f"logs/conc/train_classifier/{variant}/seed{seed}.log").read_text()
-        resume = pipeline_jobs._progress_hash(spec)  # the spec's hash without the run-only settings
+        resume = pipeline_jobs._training_hash(spec, data_path)  # without run-only settings
         assert re.findall(r"^training .*", log, re.M) == [
             f"training {variant} seed {seed} on cpu (config {resume})"
         ]

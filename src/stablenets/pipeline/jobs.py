@@ -178,7 +178,7 @@ def train_model(
         raise ValueError(f"{spec['task']}.variants.{spec['variant']}.kwargs: {err}") from err
     task = _task(spec, data_path, device)
     cfg = _settings(TrainConfig, "train", spec["train"], seed=int(spec["seed"]))
-    chash = f"{_progress_hash(spec)}-{content_sha256(data_path)[:16]}"  # new data: new run
+    chash = _training_hash(spec, data_path)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
     write_sidecar(out_log, spec, spec["seed"])
@@ -210,6 +210,12 @@ def _progress_hash(spec: dict) -> str:
         if section in spec:
             kept[section] = {k: v for k, v in spec[section].items() if not run_only((section, k))}
     return config_hash(kept)
+
+
+def _training_hash(spec: dict, data_path: Path) -> str:
+    """The hash a training checkpoint must match to resume: the job's (``_progress_hash``) and
+    what its data file holds (``content_sha256``): other images or splits, a new run."""
+    return f"{_progress_hash(spec)}-{content_sha256(data_path)[:16]}"
 
 
 def _saved_substeps(model: StableModel) -> int:
