@@ -114,6 +114,44 @@ def test_family_block_survives_attack(family, width, factor):
     assert ratio > 0.05 * bound
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", [(4, 5), (4, 6)])
+def test_every_family_block_maps_an_unbatched_image_as_the_batch_of_that_image(family, size):
+    """A ``(C, H, W)`` input is the one-image batch ``(1, C, H, W)``. Before, SLL scaled by its
+    per-channel ``T^{-1}`` viewed as ``(1, C)``, lined up with the image's *width*: a wrong
+    output when ``W == C`` (here ``(4, 5)`` with 5 channels), a broadcast error otherwise; the
+    orthogonal block's einsum refused a 3-D input."""
+    torch.manual_seed(7)
+    block = _stress(build_family_block(family, 5, size), 4.0)
+    x = torch.randn(5, *size, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = block(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, block(x[None])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_an_unbatched_sll_block_survives_attack():
+    """The unbatched SLL map keeps its bound 1. Before, with hidden channels of very different
+    row sums and ``W == C``, the misaligned ``T^{-1}`` (previous test) gave Lipschitz 376."""
+    torch.manual_seed(0)
+    channels, size = 5, (4, 5)
+    block = build_family_block("sll", channels, size, 3, "relu")
+    with torch.no_grad():
+        block.operator.weight.mul_(torch.logspace(-2, 1, channels).view(-1, 1, 1, 1))
+        block.operator.bias.fill_(1.0)
+    block = block.double().eval()
+
+    def each(z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([block(image) for image in z])
+
+    shape = (channels, *size)
+    bound = block.lipschitz_bound(size)
+    ratio = adversary(each, shape, steps=40, starts=4)
+    local = _jacobian_norm(each, shape)
+    RESULTS["sll block unbatched, W == C"] = (max(ratio, local), bound)
+    assert ratio <= bound * (1 + TOL) and local <= bound * (1 + TOL), (ratio, local)
+    assert local > 0.5
+
+
 @pytest.mark.parametrize("family", ["cpl", "sll"])
 def test_dense_family_blocks_survive_attack(family):
     g = torch.Generator().manual_seed(0)
@@ -457,6 +495,60 @@ def test_cayley_convolution_is_orthogonal_on_the_circular_grid(size):
     shifted = conv.matvec(torch.roll(x, (1, 2), dims=(2, 3)))
     torch.testing.assert_close(shifted, torch.roll(y, (1, 2), dims=(2, 3)))
     assert conv.padding_mode == "circular"
+
+
+@pytest.mark.parametrize("channels", [16, 64])
+def test_the_float32_cayley_symbol_is_unitary_to_its_last_rounding_at_large_weights(channels):
+    """``norm_bound`` states 1 exactly, so ``Q(w)`` must be unitary up to the final float32
+    rounding (``sigma_max - 1`` about 4e-8, ``2^-24 sqrt(C)`` at worst). Before, the Cayley solve
+    ``(I + V)^{-1} (I - V)`` ran in complex64, and its error grew with ``||V||``: at weights
+    x1000, ``sigma_max`` exceeded 1 by 3.5e-5 (16 channels) and 2.4e-4 (64)."""
+    conv = CayleyConv(channels, 3, generator=torch.Generator().manual_seed(channels)).eval()
+    with torch.no_grad():
+        conv.weight.mul_(1000.0)
+    q = conv.symbol((8, 8))  # eval(): the map certified and evaluated
+    assert q.dtype == torch.complex64
+    singular = torch.linalg.svdvals(q.detach().to(torch.complex128))
+    assert float((singular - 1).abs().max()) < 2e-7
+
+
+def _circular_convolution(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The dense matrix of ``y[o, i, j] = sum_{c, a, b} W[o, c, a, b] x[c, i - a, j - b]``,
+    indices modulo ``size``: every tap, wherever it wraps to."""
+    out, cin, k1, k2 = weight.shape
+    n1, n2 = size
+    dense = torch.zeros(out, n1, n2, cin, n1, n2, dtype=weight.dtype)
+    for a in range(k1):
+        for b in range(k2):
+            for i in range(n1):
+                for j in range(n2):
+                    dense[:, i, j, :, (i - a) % n1, (j - b) % n2] += weight[:, :, a, b]
+    return dense.reshape(out * n1 * n2, cin * n1 * n2)
+
+
+@pytest.mark.parametrize("size", [(2, 2), (2, 5), (1, 4), (5, 4)])
+def test_a_cayley_convolution_on_a_grid_smaller_than_its_kernel_is_the_circular_one(size):
+    """On a grid smaller than the kernel (a 2x2 last stage with 3x3 kernels) ``Q`` is the
+    Cayley transform ``(I + K - K^T)^{-1} (I - K + K^T)`` of the circular convolution ``K`` with
+    every tap wrapped. Before, ``rfft2(W, s=size)`` cropped the taps beyond the grid (on 2x2, 5
+    of 9 were dropped and got no gradient): still orthogonal, but not the documented map. On
+    ``(5, 4)``, a grid the kernel fits, it pins the convention (orthogonality alone would not:
+    any symbol gives an orthogonal, shift-commuting ``Q``)."""
+    g = torch.Generator().manual_seed(3)
+    conv = CayleyConv(2, 3, generator=g).double()
+    with torch.no_grad():
+        conv.weight.mul_(3.0)
+        q = _matrix(conv.matvec, (2, *size))
+    k = _circular_convolution(conv.weight.detach(), size)
+    eye = torch.eye(k.shape[0], dtype=torch.float64)
+    expected = torch.linalg.solve(eye + k - k.T, eye - k + k.T)
+    torch.testing.assert_close(q, expected, rtol=0, atol=1e-12)
+    x, r = torch.randn(2, 1, 2, *size, generator=g, dtype=torch.float64)
+    conv.weight.grad = None
+    (conv(x) * r).sum().backward()  # (||Q x||^2 would not do: it is ||x||^2 for every W)
+    # Every tap of a channel pair reaches the map (the diagonal pairs' need not: on a 2x2 grid
+    # every symbol is real, and V = A - A^T cancels them).
+    assert conv.weight.grad is not None and bool((conv.weight.grad[0, 1] != 0).all())
 
 
 # --------------------------------------------------------------------------------------------
