@@ -8,6 +8,9 @@ import copy
 import inspect
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -510,6 +513,29 @@ def test_the_float32_cayley_symbol_is_unitary_to_its_last_rounding_at_large_weig
     assert q.dtype == torch.complex64
     singular = torch.linalg.svdvals(q.detach().to(torch.complex128))
     assert float((singular - 1).abs().max()) < 2e-7
+
+
+_WIDE_CAYLEY = """
+import torch
+from stablenets.nn.families import CayleyConv
+torch.set_num_threads(2)
+conv = CayleyConv(192, 3, generator=torch.Generator().manual_seed(0))
+x = torch.rand(2, 192, 4, 4, generator=torch.Generator().manual_seed(1))
+conv(x).square().sum().backward()  # training: forward and backward
+q = conv.eval().symbol((4, 4)).to(torch.complex128)
+print(float((torch.linalg.svdvals(q) - 1).abs().max()))
+"""
+
+
+def test_a_wide_cayley_convolution_runs_on_several_cpu_threads():
+    """The batched CPU solve of oneMKL (torch 2.14.1) fails with two threads from about 150
+    channels, forward and backward: 'Parameter 6 was incorrect on entry to ZLASWP', then a hang
+    (the medium and large orthogonal classifiers have 256 and 512). Solved one system at a time,
+    it runs and the symbol stays unitary."""
+    run = subprocess.run([sys.executable, "-c", _WIDE_CAYLEY], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})  # fmt: skip
+    assert run.returncode == 0 and "LASWP" not in run.stdout + run.stderr, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 1e-6
 
 
 def _circular_convolution(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
