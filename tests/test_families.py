@@ -887,5 +887,9 @@ def test_a_loss_is_labelled_for_tables_by_what_it_is_and_its_settings():
     margin = {"name": "margin", "offset": 0.3993073588, "temperature": 0.25}
     assert loss_label(margin) == "margin (offset 0.399, T 0.25)"
     assert loss_label({"name": "margin", "offset": 0.5}) == "margin (offset 0.5, T 1)"
+    # a model trained before the offset was named: its eps meant the offset sqrt(2) eps (its
+    # evaluation raised a TypeError after its whole sweep)
+    legacy = {"name": "margin", "eps": 0.1411764706, "temperature": 0.25}
+    assert loss_label(legacy) == "margin (offset 0.2, T 0.25)"
     with pytest.raises(ValueError, match="unknown loss"):
         loss_label({"name": "hinge", "offset": 0.1})

@@ -131,9 +131,12 @@ def tv_denoise(
         xbar_{k+1} = x_{k+1} + theta_k (x_{k+1} - x_k)
 
     with ``tau_0 sigma_0 ||grad||^2 <= tau_0 sigma_0 * 8 = 1`` (the product is invariant under
-    acceleration). Stops after ``iters`` iterations or, checked every ``check_every``, once the
-    duality gap certifies every image within ``tol`` of the minimiser (``||x - x*|| <= tol
-    ||x||``, :func:`tv_gap_distance`). Not on the relative change ``||x_{k+1} - x_k||``: with
+    acceleration). Each image stops after ``iters`` iterations or, checked every
+    ``check_every``, once the duality gap certifies it within ``tol`` of the minimiser
+    (``||x - x*|| <= tol ||x||``, :func:`tv_gap_distance`), each on its own: an image's answer
+    is that of its solve alone, whatever images share its batch (a batch that ran until its
+    slowest image stopped moved the others' PSNR by up to 0.013 dB). ``iterations``: until the
+    last image stopped; ``distance``: the largest of the images' certified distances. Not on the relative change ``||x_{k+1} - x_k||``: with
     acceleration the steps shrink whether or not ``x`` is near ``x*``, and that rule stopped
     160x ``tol`` away (0.1 dB off). ``y`` has shape ``(N, C, H, W)``.
     """
@@ -142,22 +145,29 @@ def tv_denoise(
     if weight == 0:
         return TVResult(y.clone(), 0, 0.0)
     sigma = 1.0 / (tau * GRADIENT_NORM_SQ)
-    x = y.clone()
-    x_bar = x
-    p = torch.zeros_like(gradient2d(y))
-    k, distance = 0, math.inf
-    while k < iters:
+    out = y.clone()  # each image's answer, written as it stops
+    live = torch.arange(len(y), device=y.device)  # the images still iterating
+    x, y_live = y.clone(), y
+    x_bar, p = x, torch.zeros_like(gradient2d(y))
+    k, distance = 0, 0.0
+    while k < iters and len(live):
         p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
-        x_new = (x + tau * divergence2d(p) + tau * y) / (1.0 + tau)
+        x_new = (x + tau * divergence2d(p) + tau * y_live) / (1.0 + tau)
         theta = 1.0 / math.sqrt(1.0 + 2.0 * tau) if accelerate else 1.0
         tau, sigma = theta * tau, sigma / theta
         x_bar = x_new + theta * (x_new - x)
         x, k = x_new, k + 1
         if k % check_every == 0 or k == iters:
-            distance = float(tv_gap_distance(x, p, y, weight, couple_channels).max())
-            if distance <= tol:
-                break
-    return TVResult(x, k, distance)
+            gap = tv_gap_distance(x, p, y_live, weight, couple_channels)
+            stop = gap <= tol if k < iters else torch.ones_like(gap, dtype=torch.bool)
+            if bool(stop.any()):  # these stop here: their answer is that of a solve alone
+                out[live[stop]] = x[stop]
+                distance = max(distance, float(gap[stop].max()))
+                keep = ~stop
+                live, x, x_bar, p, y_live = live[keep], x[keep], x_bar[keep], p[keep], y_live[keep]
+    if len(live):  # no iteration ran
+        distance = math.inf
+    return TVResult(out, k, distance)
 
 
 class TVOptions(TypedDict, total=False):

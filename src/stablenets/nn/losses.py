@@ -19,6 +19,7 @@ Config (``classification.train.loss``): ``null`` (the task's own loss) or
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -89,9 +90,16 @@ def build_loss(spec: dict[str, Any] | None, model: nn.Module | None = None) -> M
 
 def loss_label(spec: dict[str, Any] | None, task_loss: str = "cross-entropy") -> str:
     """What a model was trained with, for tables: ``task_loss`` for ``None`` (the task's own),
-    else ``margin (offset 0.399, T 0.25)``."""
+    else ``margin (offset 0.399, T 0.25)``; a spec saved with a model trained before the
+    offset was named (its ``eps``: the offset ``sqrt(2) eps`` it trained with) as that offset,
+    so its evaluation does not fail after its sweep."""
     if spec is None:
         return task_loss
+    if "eps" in spec and "offset" not in spec:  # a model trained before the offset was named
+        spec = {
+            **{k: v for k, v in spec.items() if k != "eps"},
+            "offset": math.sqrt(2) * spec["eps"],
+        }
     criterion = build_loss(spec)
     assert criterion is not None
     return f"{spec['name']} (offset {criterion.offset:.3g}, T {criterion.temperature:g})"
