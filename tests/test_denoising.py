@@ -149,6 +149,18 @@ def test_tv_denoise_stops_each_image_on_its_own_so_its_answer_is_its_solve_alone
     torch.testing.assert_close(together.x, torch.cat([run.x for run in alone]), rtol=0, atol=1e-12)
 
 
+def test_tv_refuses_images_not_shaped_n_c_h_w() -> None:
+    """A (N, H, W) batch paired two rows as one pixel's gradient directions in the dual ball's
+    projection: an answer 0.27 off, certified at distance 0."""
+    from stablenets.evaluation.pnp import GaussianBlur, tv_deblur
+
+    grey = fixed_noise(piecewise_constant(c=1), 0.1, seed=0)
+    with pytest.raises(ValueError, match=r"TV needs images shaped \(N, C, H, W\), got shape \(2, "):
+        tv_denoise(grey[:, 0], 0.1, iters=20)
+    with pytest.raises(ValueError, match=r"TV needs images shaped \(N, C, H, W\)"):
+        tv_deblur(grey[:, 0], GaussianBlur(3, 1.0, grey.shape[1:]), 0.1, iters=5)
+
+
 def test_select_tv_weight_interior() -> None:
     clean = piecewise_constant(c=1, h=24, w=32)
     noisy = fixed_noise(clean, 0.1, seed=3)

@@ -100,6 +100,14 @@ def tv_gap_distance(
     return (2 * (primal - dual).clamp_min(0)).sqrt() / x.flatten(1).norm(dim=1).clamp_min(1e-300)
 
 
+def check_images(y: Tensor) -> None:
+    """Refuse anything but a batch of images ``(N, C, H, W)``: the dual ball's projection takes
+    ``p``'s axes as (image, channel, direction, row, column), and a ``(N, H, W)`` input paired
+    two rows as one pixel's directions, a wrong answer certified exact."""
+    if y.dim() != 4:
+        raise ValueError(f"TV needs images shaped (N, C, H, W), got shape {tuple(y.shape)}")
+
+
 class TVResult(NamedTuple):
     """A TV denoising: the images, the iterations run and the largest certified relative
     distance to the minimiser (:func:`tv_gap_distance`) at the end."""
@@ -142,6 +150,7 @@ def tv_denoise(
     """
     if weight < 0:
         raise ValueError(f"TV weight must be non-negative, got {weight}")
+    check_images(y)
     if weight == 0:
         return TVResult(y.clone(), 0, 0.0)
     sigma = 1.0 / (tau * GRADIENT_NORM_SQ)
