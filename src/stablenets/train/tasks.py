@@ -27,9 +27,9 @@ _STEP_STREAM, _EPOCH_STREAM = 0, 1
 
 
 def _stream_seed(seed: int, index: int, stream: int) -> int:
-    """A 64-bit seed mixed from ``(seed, index, stream)`` by ``numpy.random.SeedSequence``: no
-    two triples share one (``seed * K + index`` gave seed s at step K seed s + 1's step 0, and
-    seed 0's step 0 the stream that initialised the weights)."""
+    """A 64-bit seed mixed from ``(seed, index, stream)`` by ``numpy.random.SeedSequence``: two
+    triples share one only by a hash collision (``seed * K + index`` gave seed s at step K what
+    seed s + 1 drew at step 0, and seed 0's step 0 the stream that initialised the weights)."""
     mixed = np.random.SeedSequence([int(seed), int(index), stream]).generate_state(1, np.uint64)
     return int(mixed[0])
 
