@@ -370,14 +370,18 @@ class AOLBlock(nn.Module):
 # Orthogonal convolution (Cayley transform in the Fourier domain)
 
 
+# the largest systems the CPU solves batched (see ``_solve``): half the smallest that failed
+_CPU_BATCHED_SOLVE_MAX = 64
+
+
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.solve(a, b)`` over a batch of square systems (``b`` of ``a``'s shape); on
-    the CPU one system at a time. The batched CPU solve (oneMKL's LU in the torch 2.14.1
-    wheels) fails with several threads from about 150 channels: "Parameter 6 was incorrect on
-    entry to ZLASWP", then a hang or wrong pivots, forward and backward. One at a time it does
-    not, and it was as fast on 2 cores (0.12 against 0.15 s for 544 systems of 16, forward and
-    backward)."""
-    if a.device.type != "cpu":
+    the CPU, systems larger than ``_CPU_BATCHED_SOLVE_MAX`` one at a time. The batched CPU solve
+    (oneMKL's LU in the torch 2.14.1 wheels) fails with several threads from about 150
+    channels (2 or 8 threads; it ran up to 100): "Parameter 6 was incorrect on entry to
+    ZLASWP", then a hang or wrong pivots, forward and backward. One at a time it does not; for
+    small systems the batch is twice as fast (the XS orthogonal classifier's training step)."""
+    if a.device.type != "cpu" or a.shape[-1] <= _CPU_BATCHED_SOLVE_MAX:
         return torch.linalg.solve(a, b)
     shape = a.shape
     pairs = zip(a.reshape(-1, *shape[-2:]).unbind(0), b.reshape(-1, *shape[-2:]).unbind(0),
