@@ -144,9 +144,10 @@ def tv_denoise(
     (``||x - x*|| <= tol ||x||``, :func:`tv_gap_distance`), each on its own: an image's answer
     is that of its solve alone, whatever images share its batch (a batch that ran until its
     slowest image stopped moved the others' PSNR by up to 0.013 dB). ``iterations``: until the
-    last image stopped; ``distance``: the largest of the images' certified distances. Not on the relative change ``||x_{k+1} - x_k||``: with
-    acceleration the steps shrink whether or not ``x`` is near ``x*``, and that rule stopped
-    160x ``tol`` away (0.1 dB off). ``y`` has shape ``(N, C, H, W)``.
+    last image stopped; ``distance``: the largest of the images' certified distances. Not on the
+    relative change ``||x_{k+1} - x_k||``: with acceleration the steps shrink whether or not
+    ``x`` is near ``x*``, and that rule stopped 160x ``tol`` away (0.1 dB off). ``y`` has shape
+    ``(N, C, H, W)``.
     """
     if weight < 0:
         raise ValueError(f"TV weight must be non-negative, got {weight}")
