@@ -26,13 +26,15 @@ import pytest
 import torch
 import yaml
 
+from stablenets.bench import cost
 from stablenets.bench import training as bench
 from stablenets.bench.reference import from_model
 from stablenets.bench.rows import MODEL_SPECS
 from stablenets.nn.models import build_model
 from stablenets.nn.operators import power_iteration_all
-from stablenets.pipeline.config import ConfigError, load_config
+from stablenets.pipeline.config import ConfigError, load_config, validate_config
 from stablenets.train.cuda_graphs import StepGraphs
+from stablenets.train.memory import ActivationCost, is_out_of_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / bench.SCHEMA
@@ -440,15 +442,16 @@ def _projection_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_evaluation_and_pnp(
-    tmp_path, capsys
+    tmp_path, capsys, monkeypatch
 ):
     """``--project``: each training job against ``resources.train.runtime`` (a longer one needs
     that many submissions, resuming); ``--cost`` adds the evaluation and PnP jobs of a
     rehearsal's ``cost.csv`` by rule, naming those over their runtime, and the DAG's total."""
+    monkeypatch.chdir(ROOT)  # the SLURM profile's stop lead (cost.SLURM_PROFILE)
     csv_path, cfg_path, cost_csv = _projection_inputs(tmp_path)
     bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA)])
     out = capsys.readouterr().out
-    assert re.search(r"2\.5 h +1 job\(s\) +2\.50 h each, over 60 min: 3 submissions +"
+    assert re.search(r"2\.5 h +1 job\(s\) +2\.50 h each, over 60 min less 300s: 3 submissions +"
                      r"classification/nonexpansive\n", out), out  # fmt: skip
     assert "evaluation, PnP and data jobs: not projected" in out
 
@@ -467,13 +470,14 @@ def test_projection_says_which_jobs_fit_their_runtime_and_adds_a_rehearsals_eval
 
 
 def test_step_only_training_hours_are_a_lower_bound_and_the_dag_takes_the_rehearsals_instead(
-    tmp_path, capsys
+    tmp_path, capsys, monkeypatch
 ):
     """The benchmark rows pin about one sub-step per block and time steps alone: ``--project``
     says its training hours are a lower bound; with ``--cost`` the whole DAG takes the
     rehearsal's training projections (measured sub-step growth, validations, checkpoints:
     99 h here, not the classifier's 2.5 h) where cost.csv has them, and the step-only ones for
     the rest (the denoiser's train rule is not in this cost.csv)."""
+    monkeypatch.chdir(ROOT)  # the SLURM profile's stop lead (cost.SLURM_PROFILE)
     csv_path, cfg_path, cost_csv = _projection_inputs(tmp_path)
     args = ["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA)]
     bench.main(args)
@@ -525,3 +529,113 @@ def test_the_partial_remat_benchmark_times_each_choice_and_more_blocks_checkpoin
     assert blocks[:2] == [0, 10] and 0 < blocks[2] < blocks[3] < blocks[4] < 10, blocks
     assert kept[0] > kept[2] > kept[3] > kept[4] > kept[1], kept
     assert all(float(row[4]) > 0 for row in rows), rows
+
+
+# --------------------------------------------------------------------------------------------
+# what the memory guard and the projections count
+
+
+def _raised_from(inner: BaseException, outer: BaseException, how: str) -> BaseException:
+    """``outer`` as raised from ``inner`` (``how="__cause__"``: ``raise outer from inner``) or
+    while handling it (``"__context__"``)."""
+    setattr(outer, how, inner)
+    return outer
+
+
+@pytest.mark.parametrize(
+    "err, expected",
+    [
+        (RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED"), True),
+        (RuntimeError("CUDA driver error: out of memory"), True),
+        (_raised_from(RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED"),
+                      ValueError("the Cayley transform failed"), "__cause__"), True),
+        (_raised_from(RuntimeError("CUDA driver error: out of memory"),
+                      OSError("No space left on device"), "__context__"), False),
+        (RuntimeError("cuFFT error: CUFFT_INVALID_SIZE"), False),
+        (RuntimeError("CUDA driver error: invalid device context"), False),
+        (_raised_from(RuntimeError("shape mismatch"), ValueError("bad batch"), "__cause__"), False),
+    ],
+)  # fmt: skip
+def test_cufft_and_driver_allocation_failures_are_out_of_memory_even_when_wrapped(err, expected):
+    """An error raised while handling one (a save on a full disk) is reported as itself."""
+    assert is_out_of_memory(err) is expected
+
+
+def test_a_chain_of_exceptions_that_loops_back_is_no_out_of_memory_and_ends():
+    first, second = RuntimeError("a"), RuntimeError("b")
+    first.__cause__, second.__cause__ = second, first
+    assert is_out_of_memory(first) is False
+
+
+def test_a_recomputed_sub_step_holds_its_weight_derived_tensors_so_the_cheapest_choice_changes():
+    """Block 0 keeps 100 bytes derived from its weights per sub-step (``shared``), block 1 none:
+    checkpointing block 0 frees little and its recomputed sub-step holds them again, so at a
+    budget of 150 bytes only block 1 checkpointed fits (142 bytes), not block 0 (171), which a
+    count of its activations alone (71) would have chosen as the fewest sub-steps run again."""
+    kept = ActivationCost(stages=(10, 30), inputs=(1, 1), shared=(100, 0),
+                          checkpointable=(True, True), fixed=0, batch=1)  # fmt: skip
+    counts = [1, 2]
+    assert kept.bytes(counts, [True, False]) == 1 + 2 * 30 + (10 + 100)
+    assert kept.bytes(counts, [False, True]) == (10 + 100) + 2 * 1 + 30
+    assert kept.cheapest_remat(counts, 150) == [False, True]
+    assert kept.cheapest_remat(counts, 112) is None  # both: 1 + 2 + 110 = 113
+
+
+def test_a_job_fits_its_runtime_only_within_the_limit_less_the_slurm_profiles_stop_lead(
+    monkeypatch,
+):
+    """The SLURM profile stops every job that saves progress 300 s before its limit: a job of
+    238 minutes with a 240-minute runtime is stopped at 235 and needs a second submission, one
+    of 230 fits; cost.csv's ``fits`` and ``--project``'s line say the same."""
+    monkeypatch.chdir(ROOT)  # cost.SLURM_PROFILE is relative to the repository root
+    assert cost.stop_lead_s("train_classifier") == cost.stop_lead_s("evaluate_classifier") == 300
+    assert cost.submissions(238 / 60, 240, 300) == 2
+    assert cost.submissions(230 / 60, 240, 300) == 1
+    assert cost.submissions(3 * 235 / 60, 240, 300) == 3
+    paper = cost.Paper({"resources": {"evaluate": {"runtime": 240, "gpu": 1}}}, {}, {})
+    job = cost.Job("evaluate_classifier", "nonexpansive", seed=0)
+    assert cost._row("paper", job, paper, 1, 238 * 60, "x")["fits"] is False
+    assert cost._row("paper", job, paper, 1, 230 * 60, "x")["fits"] is True
+    assert bench._fits(238 / 60, 240, "train_denoiser") == "over 240 min less 300s: 2 submissions"
+    assert bench._fits(230 / 60, 240, "train_denoiser") == "fits"
+
+
+def test_the_stop_lead_is_each_rules_signal_time_in_the_profile_and_a_missing_profile_is_named(
+    tmp_path,
+):
+    profile = tmp_path / "config.yaml"
+    profile.write_text(yaml.safe_dump({
+        "default-resources": {"runtime": 60},
+        "set-resources": {
+            "train_classifier": {"slurm_extra": "'--signal=TERM@120'"},
+            "pnp_deblur": {"slurm_extra": "'--signal=B:TERM'"},  # sbatch's default: 60 s
+            "tv_deblur": {"mem_mb": 1000},
+        },
+    }))  # fmt: skip
+    leads = {r: cost.stop_lead_s(r, profile) for r in ("train_classifier", "pnp_deblur",
+                                                       "tv_deblur", "prepare_data")}  # fmt: skip
+    assert leads == {"train_classifier": 120, "pnp_deblur": 60, "tv_deblur": 0, "prepare_data": 0}
+    with pytest.raises(ValueError, match=r"^cost: .*nowhere\.yaml does not exist [^\n]*$"):
+        cost.stop_lead_s("train_classifier", tmp_path / "nowhere.yaml")
+    with pytest.raises(ValueError, match="leaves nothing before the stop"):
+        cost.submissions(1.0, 5, 300)
+
+
+def test_paper_units_count_no_more_validation_images_than_the_split_holds():
+    """TV denoising, PnP and TV deblurring choose on ``val[:val_images]``: asking for more than
+    the BSDS500 validation split's 100 images counts 100 per candidate, as the jobs run."""
+    config = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
+    config["denoising"]["tv"]["val_images"] = config["pnp"]["val_images"] = 1000
+    paper = cost.Paper(config, {"cifar10": 10_000, "bsds500": 200}, {})
+    tv, p = config["denoising"]["tv"], config["pnp"]
+    test = min(config["denoising"]["evaluate"]["n_test"] or 200, 200)
+    assert paper.units(cost.Job("evaluate_tv_denoising", sigma="0.15")) == (
+        test + 100 * len(tv["weights"])
+    )
+    images = min(p["n_images"], 200)
+    deblur = paper.units(cost.Job("pnp_deblur", "averaged", "0.03", 0))
+    assert deblur == (images + 100 * len(p["strengths"])) * p["max_iter"]
+    weights, iters = len(p["tv"]["weights"]), p["tv"]["iters"]
+    assert paper.units(cost.Job("tv_deblur")) == (images + 100 * weights) * iters
+    p["val_images"] = 20  # fewer: as asked
+    assert paper.units(cost.Job("tv_deblur")) == (images + 20 * weights) * iters

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _py2pickle import py2_pickle
 from PIL import Image
 
 from stablenets import data as D
@@ -110,10 +112,16 @@ def cifar_batch(rng: np.random.Generator, n: int, label: str) -> dict:
 
 
 def make_cifar_archive(
-    folder: Path, n_per_batch: int = 6, n_test: int = 8, test=True, first_label: int | None = None
+    folder: Path,
+    n_per_batch: int = 6,
+    n_test: int = 8,
+    test=True,
+    first_label: float | None = None,
+    py2: bool = False,
 ) -> tuple:
     """A tiny cifar-10-python.tar.gz: 5 training batches, test batch, meta and readme
-    (``first_label``: the test batch's first label instead of a drawn one)."""
+    (``first_label``: the test batch's first label instead of a drawn one; ``py2``: every
+    pickle as Python 2's cPickle wrote the official ones)."""
     rng = np.random.default_rng(7)
     batches = [cifar_batch(rng, n_per_batch, f"training batch {i} of 5") for i in range(1, 6)]
     test_batch = cifar_batch(rng, n_test, "testing batch 1 of 1")
@@ -122,16 +130,17 @@ def make_cifar_archive(
     meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": 6}
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / "cifar-10-python.tar.gz"
+    dumps = py2_pickle if py2 else functools.partial(pickle.dumps, protocol=2)
     with tarfile.open(archive, "w:gz") as tar:
         add_dir(tar, "cifar-10-batches-py")
         for i, batch in enumerate(batches, start=1):
-            payload = pickle.dumps(batch, protocol=2)
+            payload = dumps(batch)
             if i == 1:  # the official files were pickled before numpy.core became numpy._core
                 payload = payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
             add_bytes(tar, f"cifar-10-batches-py/data_batch_{i}", payload)
         if test:
-            add_bytes(tar, "cifar-10-batches-py/test_batch", pickle.dumps(test_batch, protocol=2))
-        add_bytes(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+            add_bytes(tar, "cifar-10-batches-py/test_batch", dumps(test_batch))
+        add_bytes(tar, "cifar-10-batches-py/batches.meta", dumps(meta))
         add_bytes(tar, "cifar-10-batches-py/readme.html", b"<html></html>")
     return archive, batches, test_batch
 
@@ -384,10 +393,11 @@ def no_proxy(monkeypatch):
 
 
 @contextlib.contextmanager
-def range_server(payload: bytes, cut: int | None = None):
+def range_server(payload: bytes, cut: int | None = None, misrange: int = 0):
     """A local http server of ``payload`` that honours ``Range: bytes=<n>-`` (206), and cuts the
-    first response off after ``cut`` bytes (a download dropped or killed mid-way); yields its
-    URL and the Range header of each request (None: none)."""
+    first response off after ``cut`` bytes (a download dropped or killed mid-way); with
+    ``misrange``, a range is answered from that many bytes before the one asked for (206 and
+    its Content-Range). Yields its URL and the Range header of each request (None: none)."""
     requests: list[str | None] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -398,7 +408,7 @@ def range_server(payload: bytes, cut: int | None = None):
             ranged = self.headers.get("Range")
             requests.append(ranged)
             match = re.fullmatch(r"bytes=(\d+)-", ranged or "")
-            start = int(match.group(1)) if match else 0
+            start = int(match.group(1)) - misrange if match else 0
             self.send_response(206 if match else 200)
             if match:
                 self.send_header(
@@ -438,6 +448,39 @@ def test_a_download_cut_off_mid_way_resumes_with_a_range_request_and_verifies(tm
     assert f"resuming {url} at 0.1 MB" in lines
     done = re.compile(rf"downloaded {re.escape(url)}: 0\.2 MB in \d+ s")  # this run's bytes
     assert any(done.fullmatch(line) for line in lines), lines
+
+
+def test_a_partial_that_holds_the_whole_file_is_installed_offline_without_a_request(
+    tmp_path, no_proxy
+):
+    """A download killed after its last byte, before its rename: the rerun asked for the bytes
+    after the end, got a 416 and fetched the whole file again (offline: failed, with the
+    verified bytes on disk)."""
+    payload = np.random.default_rng(2).bytes(20_000)
+    dest = tmp_path / "cache" / "file.bin"
+    dest.parent.mkdir()
+    partial_of(dest).write_bytes(payload)
+    lines: list[str] = []
+    offline = (tmp_path / "gone").as_uri()
+    md5 = hashlib.md5(payload).hexdigest()
+    assert D.download([offline], dest, md5=md5, log=lines.append) == dest
+    assert dest.read_bytes() == payload and leftovers(dest.parent) == []
+    assert lines == [f"installed {partial_of(dest)}: it held all of file.bin, verified"]
+
+
+def test_a_206_of_another_range_than_asked_is_fetched_again_whole_not_appended_or_kept(
+    tmp_path, no_proxy
+):
+    """A server answering ``bytes=1000-`` with ``bytes 500-``: the body was written as if it
+    were the whole file, failed its checksum, and the resumable bytes were thrown away."""
+    payload = np.random.default_rng(3).bytes(30_000)
+    dest = tmp_path / "cache" / "file.bin"
+    dest.parent.mkdir()
+    partial_of(dest).write_bytes(payload[:1000])
+    with range_server(payload, misrange=500) as (url, requests):
+        D.download([url], dest, md5=hashlib.md5(payload).hexdigest())
+    assert requests == ["bytes=1000-", None]
+    assert dest.read_bytes() == payload and leftovers(dest.parent) == []
 
 
 def test_a_partial_download_is_fetched_whole_where_the_server_ignores_the_range(tmp_path, no_proxy):
@@ -916,13 +959,58 @@ def test_a_gzip_archive_whose_crc_fails_is_refused_not_converted(tmp_path):
     assert leftovers(out.parent) == []
 
 
-def test_prepare_cifar10_refuses_a_negative_label_and_writes_nothing(tmp_path):
-    """It was written, and only a training or evaluation job refused it."""
-    archive, _, _ = make_cifar_archive(tmp_path, first_label=-1)
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        (-1, r"label -1 is outside 0 \.\. 9 \(1 of 8 labels\)"),
+        (10, r"label 10 is outside 0 \.\. 9 \(1 of 8 labels\)"),  # no batches.meta says 10
+        (1.7, "b'labels' are float64, not integers"),  # was truncated to class 1
+    ],
+    ids=["negative", "ten", "float"],
+)
+def test_prepare_cifar10_refuses_a_label_outside_the_ten_classes_and_writes_nothing(
+    tmp_path, label, message
+):
+    """It was written, and only a training or evaluation job refused it (a float: never)."""
+    archive, _, _ = make_cifar_archive(tmp_path, first_label=label)
     out = tmp_path / "out" / "cifar10.h5"
-    with pytest.raises(D.DataError, match="test_batch: label -1 is negative"):
+    with pytest.raises(D.DataError, match=f"^test_batch: {message}$"):
         D.prepare_cifar10(archive, out, 0.1, 0, {})
     assert list(out.parent.iterdir()) == []
+
+
+def test_the_classes_are_the_ten_of_cifar10_with_or_without_batches_meta(tmp_path):
+    """Without batches.meta they were counted from the largest label seen (a model for 10
+    classes then met a file saying fewer); a meta with another number of names is refused."""
+    assert CIFAR._class_names(tmp_path / "no_meta") == [str(k) for k in range(10)]
+    meta = tmp_path / "batches.meta"
+    meta.write_bytes(py2_pickle({b"label_names": [n.encode() for n in CLASS_NAMES[:9]]}))
+    with pytest.raises(D.DataError, match="^batches.meta: 9 label_names, not 10$"):
+        CIFAR._class_names(meta)
+
+
+def test_official_python2_cpickle_batches_convert_exactly(tmp_path):
+    """The official archive was pickled by Python 2's cPickle (its ``str`` as SHORT_BINSTRING and
+    BINSTRING, numpy as ``numpy.core``), which Python 3's pickle cannot write: the other
+    tests' archives never exercised that format."""
+    archive, batches, test_batch = make_cifar_archive(tmp_path / "served", py2=True)
+    with tarfile.open(archive) as tar:
+        raw = tar.extractfile("cifar-10-batches-py/data_batch_2").read()
+    assert raw.startswith(b"\x80\x02}q\x01(U\x0bbatch_labelq\x02U\x15training batch 2 of 5")
+    ops = {op.name for op, _, _ in pickletools.genops(raw)}
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= ops and not ops & {"SHORT_BINBYTES", "BINBYTES"}
+    out = tmp_path / "cifar10.h5"
+    D.prepare_cifar10(archive, out, val_fraction=0.2, split_seed=5, provenance={})
+    arrays = h5_arrays(out)
+    x_all = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    y_all = np.concatenate([b[b"labels"] for b in batches])
+    for split in ("train", "val"):
+        idx = arrays[f"{split}/source_index"]
+        assert np.array_equal(arrays[f"{split}/images"], x_all[idx])
+        assert np.array_equal(arrays[f"{split}/labels"], y_all[idx])
+    assert np.array_equal(arrays["test/images"], test_batch[b"data"].reshape(-1, 3, 32, 32))
+    assert arrays["test/labels"].tolist() == test_batch[b"labels"]
+    assert D.read_attrs(out)["class_names"] == CLASS_NAMES
 
 
 def test_prepare_cifar10_refuses_a_pickle_that_runs_code(tmp_path):
@@ -949,7 +1037,8 @@ def _batch_pickle(labels: list) -> bytes:
         (b"\x80\x02}q\x00K\x01a.", "no attribute 'append'"),  # AttributeError
         (b"\x80\x02]K\x00K\x01s.", "index out of range"),  # IndexError
         (b"\x80\x02}r\xff\xff\xff\xff.", "memo index 4294967295"),  # the C memo: 64 GB
-        (_batch_pickle([b"x", b"y"]), "is not an array"),  # ValueError
+        (_batch_pickle([[0], [1, 2]]), "is not an array"),  # ValueError: ragged
+        (_batch_pickle([b"x", b"y"]), "b'labels' are |S1, not integers"),
     ],
 )
 def test_a_damaged_cifar_pickle_is_a_data_error_naming_the_member(tmp_path, payload, reason):
@@ -959,6 +1048,16 @@ def test_a_damaged_cifar_pickle_is_a_data_error_naming_the_member(tmp_path, payl
     member.write_bytes(payload)
     with pytest.raises(D.DataError, match=f"^data_batch_1: .*{reason}"):
         CIFAR._cifar_batch(member)
+
+
+def test_a_memo_index_beyond_the_pickle_is_said_once_in_one_line(tmp_path):
+    """The check's own DataError was caught as damage and wrapped again: ``data_batch_9: not a
+    CIFAR-10 pickle (data_batch_9: not a CIFAR-10 pickle (memo index ...))``."""
+    member = tmp_path / "data_batch_9"
+    member.write_bytes(b"\x80\x02}r\xff\xff\xff\xff.")
+    with pytest.raises(D.DataError) as err:
+        CIFAR._cifar_batch(member)
+    assert str(err.value) == "data_batch_9: not a CIFAR-10 pickle (memo index 4294967295 at op 2)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from audit import adversary
 from torch import nn
 from torch.nn import functional as F
 
+from stablenets.nn import families, operators
 from stablenets.nn.activations import build_activation
 from stablenets.nn.blocks import NonexpansiveBlock
 from stablenets.nn.families import (
@@ -36,7 +37,12 @@ from stablenets.nn.families import (
 )
 from stablenets.nn.losses import MarginLoss, build_loss, margin_loss
 from stablenets.nn.models import build_model, load_model, save_model
-from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator
+from stablenets.nn.operators import (
+    Conv2dOperator,
+    DenseOperator,
+    LinearOperator,
+    pinned_weights,
+)
 from stablenets.pipeline.config import ConfigError, validate_config
 from stablenets.train import budget
 from stablenets.train.augment import AugmentConfig
@@ -536,6 +542,53 @@ def test_a_wide_cayley_convolution_runs_on_several_cpu_threads():
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})  # fmt: skip
     assert run.returncode == 0 and "LASWP" not in run.stdout + run.stderr, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < 1e-6
+
+
+def _count_solves(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = families._solve
+    monkeypatch.setattr(families, "_solve", lambda a, b: calls.append(1) or real(a, b))
+    return calls
+
+
+def test_a_pinned_orthogonal_classifier_solves_each_cayley_symbol_once(monkeypatch):
+    """An attack makes thousands of passes through one fixed map: within ``pinned_weights``
+    each block's Cayley transform (a float64 solve per frequency) is solved on the first pass
+    and held, giving the logits and input gradients of the unpinned model bit for bit."""
+    torch.manual_seed(0)
+    model = build_model("orthogonal_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        num_classes=3, input_size=8).eval()  # fmt: skip
+    blocks = sum(isinstance(m, CayleyConv) for m in model.modules())
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    logits = model(x)
+    (grad,) = torch.autograd.grad(logits.square().sum(), x)
+    calls = _count_solves(monkeypatch)
+    with pinned_weights(model):
+        for _ in range(3):  # passes with a gradient and without
+            pinned = model(x)
+            (pinned_grad,) = torch.autograd.grad(pinned.square().sum(), x)
+            with torch.no_grad():
+                assert torch.equal(model(x), logits)
+            assert torch.equal(pinned, logits) and torch.equal(pinned_grad, grad)
+    assert blocks >= 2 and len(calls) == blocks
+    model(x)  # outside the scope: solved afresh each pass, nothing held
+    assert len(calls) == 2 * blocks and not any(m in operators._PINS for m in model.modules())
+
+
+def test_a_cayley_weight_edited_inside_a_pinned_scope_is_reported_and_not_kept(monkeypatch):
+    """The symbol held in a scope is the entry weight's: an edit inside it raises on exit
+    (its passes used the held map), and the next scope solves the edited weight's map."""
+    conv = CayleyConv(3, 3, generator=torch.Generator().manual_seed(2)).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError, match="changed inside pinned_weights"):
+        with pinned_weights(conv), torch.no_grad():
+            before = conv(x)
+            conv.weight.mul_(2.0)
+    with pinned_weights(conv), torch.no_grad():
+        after = conv(x)
+    with torch.no_grad():
+        torch.testing.assert_close(after, conv(x), rtol=0, atol=0)
+    assert not torch.allclose(after, before)
 
 
 def _circular_convolution(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -7,7 +7,8 @@ what the job recorded itself, and writes ``cost.csv`` and ``cost.md`` beside the
 * one ``rehearsal`` row per job of the run: its unit of work, how many it did, seconds per unit,
   the fixed seconds (wall minus the seconds that scale with the units), sub-steps and learning
   rate of training, seconds per point of each attack pass, peak memory, and the projected hours
-  of the same job at paper scale with the runtime limit of its resource kind and ``fits``;
+  of the same job at paper scale with the runtime limit of its resource kind and ``fits``
+  (``submissions``: within the limit less the stop lead of the SLURM profile, ``stop_lead_s``);
 * one ``paper`` row per job of the paper DAG (``cost.paper_config``: every variant, seed and
   noise level), with ``basis``, the measured job its projection rests on;
 * ``total`` rows: the GPU jobs (train + evaluate + PnP: resource kinds with ``gpu`` > 0), all jobs.
@@ -78,12 +79,18 @@ over the rehearsal). The paper classifier's own projection keeps its measured su
 bound, as they keep growing past the rehearsal's steps.
 Per-point rates measured on batches smaller than the paper's are upper estimates on a GPU, whose
 small attack batches are launch-bound.
+
+``fits`` assumes the SLURM profile (``SLURM_PROFILE``), which stops a job of a rule it signals
+(``--signal=TERM@<seconds>``) that long before its runtime limit, to save its progress and be
+resubmitted; the local executor stops nothing early (and sets no runtime limit).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +99,16 @@ from typing import Any, NamedTuple, cast
 from stablenets.pipeline.labels import sigma_label
 from stablenets.pipeline.specs import RULE_KINDS, Jobs
 
-__all__ = ["Job", "dag_jobs", "benchmark_files", "project", "write_cost", "projected_by_rule"]
+__all__ = [
+    "Job",
+    "dag_jobs",
+    "benchmark_files",
+    "project",
+    "write_cost",
+    "projected_by_rule",
+    "stop_lead_s",
+    "submissions",
+]
 
 #: The rules whose jobs are measured and projected: every rule of the paper DAG but the reports.
 RULES = [rule for rule, kind in RULE_KINDS.items() if kind != "report"]
@@ -444,11 +460,10 @@ class Paper:
             n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
             return min(n_test or size, size)
         if job.rule == "evaluate_tv_denoising":
-            from stablenets.data.shapes import bsds500_shape
-
             n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
-            tv, n_val = cfg["denoising"]["tv"], bsds500_shape(cfg["data"]["bsds500"]).n_val
-            return min(n_test or size, size) + (tv["val_images"] or n_val) * len(tv["weights"])
+            tv = cfg["denoising"]["tv"]
+            chosen_on = self.val_images(tv["val_images"]) * len(tv["weights"])
+            return min(n_test or size, size) + chosen_on
         if job.rule in ("pnp_deblur", "tv_deblur"):  # the test images, then each candidate's
             p = cfg["pnp"]
             images = min(p["n_images"], self.test_sizes["bsds500"])
@@ -457,8 +472,17 @@ class Paper:
                 if job.rule == "pnp_deblur"
                 else (p["tv"]["weights"], p["tv"]["iters"])
             )
-            return (images + p["val_images"] * len(candidates)) * iters
+            return (images + self.val_images(p["val_images"]) * len(candidates)) * iters
         return 1
+
+    def val_images(self, asked: int | None) -> int:
+        """The validation images a TV weight or PnP strength is chosen on: ``asked`` of the
+        BSDS500 validation split, the whole split where null or more (the jobs take
+        ``val[:asked]``)."""
+        from stablenets.data.shapes import bsds500_shape
+
+        n_val = bsds500_shape(self.config["data"]["bsds500"]).n_val
+        return min(asked or n_val, n_val)
 
     def resources(self, job: Job) -> dict[str, Any]:
         return self.config["resources"][RULE_KINDS[job.rule]]
@@ -609,6 +633,60 @@ def project(job: Job, basis: Measured, paper: Paper, others: Sequence[Measured] 
 # the report
 
 
+SLURM_PROFILE = Path("workflow/profiles/slurm/config.yaml")  # relative to the repository root
+"""The cluster profile whose ``slurm_extra`` says, per rule, when SLURM stops a job."""
+
+SLURM_SIGNAL = re.compile(r"--signal=(?:[RB]+:)?\w+(?:@(\d+))?")
+"""sbatch's ``--signal=[{R|B}:]<sig>[@<seconds before the time limit>]``."""
+
+SLURM_SIGNAL_DEFAULT_S = 60
+"""sbatch's lead where ``--signal`` gives no ``@<seconds>``."""
+
+
+@functools.cache
+def _stop_leads(profile: Path) -> dict[str, int]:
+    """The stop lead of each rule of ``set-resources`` in a Snakemake SLURM profile (its
+    ``slurm_extra``, else ``default-resources``'s), and of every other rule (key ``""``)."""
+    import yaml
+
+    if not profile.is_file():
+        raise ValueError(
+            f"cost: {profile} does not exist (the SLURM profile that says when jobs stop)"
+        )
+    settings = yaml.safe_load(profile.read_text()) or {}
+    default = settings.get("default-resources") or {}
+
+    def lead(extra: str) -> int:
+        signal = SLURM_SIGNAL.search(extra)
+        return 0 if signal is None else int(signal[1] or SLURM_SIGNAL_DEFAULT_S)
+
+    leads = {"": lead(str(default.get("slurm_extra", "")))}
+    for rule, res in (settings.get("set-resources") or {}).items():
+        leads[rule] = lead(str({**default, **res}.get("slurm_extra", "")))
+    return leads
+
+
+def stop_lead_s(rule: str, profile: Path = SLURM_PROFILE) -> int:
+    """Seconds before its runtime limit at which the SLURM ``profile`` stops a job of ``rule``
+    (``--signal=TERM@<seconds>``: the job saves its progress, exits 75 and is resubmitted); 0
+    where the profile signals none (the job runs to its limit)."""
+    leads = _stop_leads(profile)
+    return leads.get(rule, leads[""])
+
+
+def submissions(hours: float, runtime_min: float, lead_s: float) -> int:
+    """How many submissions a job of ``hours`` needs with a runtime limit of ``runtime_min``
+    minutes, each stopped ``lead_s`` seconds before that limit (``stop_lead_s``) and resumed by
+    the next: 1 where it fits."""
+    usable_min = runtime_min - lead_s / 60
+    if usable_min <= 0:
+        raise ValueError(
+            f"a runtime of {runtime_min:g} min leaves nothing before the stop {lead_s:g} s "
+            "ahead of its limit"
+        )
+    return max(1, math.ceil(60 * hours / usable_min))
+
+
 def _row(
     kind: str,
     job: Job,
@@ -618,10 +696,11 @@ def _row(
     basis: str,
     complete: bool = True,
 ) -> dict:
-    """A job's projection against its runtime limit (``fits`` None where ``complete`` is false:
-    unknown)."""
+    """A job's projection against its runtime limit less its stop lead (``submissions``;
+    ``fits`` None where ``complete`` is false: unknown)."""
     res = paper.resources(job)
     hours = seconds / 3600
+    fits = submissions(hours, res["runtime"], stop_lead_s(job.rule)) == 1 if complete else None
     return {
         "row": kind,
         "rule": job.rule,
@@ -631,7 +710,7 @@ def _row(
         "paper_units": units,
         "projected_h": hours,
         "runtime_min": res["runtime"],
-        "fits": bool(60 * hours <= res["runtime"]) if complete else None,
+        "fits": fits,
         "gpu": res.get("gpu", 0),
         "basis": basis,
     }

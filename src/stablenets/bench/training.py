@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn import functional as F
 
+from stablenets.bench.cost import RULES, projected_by_rule, stop_lead_s, submissions
 from stablenets.bench.rows import (
     BENCH_NAME,
     MODEL_SPECS,
@@ -701,12 +702,13 @@ def project_hours(
     return out
 
 
-def _fits(hours_each: float, runtime_min: float) -> str:
-    """Whether one job's projected hours fit its ``resources.*.runtime``; a training job that
-    does not resumes from its checkpoint in the next submission (``retries`` on SLURM)."""
-    if 60 * hours_each <= runtime_min:
-        return "fits"
-    return f"over {runtime_min:.0f} min: {math.ceil(60 * hours_each / runtime_min)} submissions"
+def _fits(hours_each: float, runtime_min: float, rule: str) -> str:
+    """Whether one job of ``rule`` fits its ``resources.*.runtime`` less the SLURM profile's
+    stop lead (``cost.submissions``); a training job that does not resumes from its checkpoint
+    in the next submission (``retries`` on SLURM)."""
+    lead = stop_lead_s(rule)
+    count = submissions(hours_each, runtime_min, lead)
+    return "fits" if count == 1 else f"over {runtime_min:.0f} min less {lead}s: {count} submissions"
 
 
 TRAIN_RULES = {"classification": "train_classifier", "denoising": "train_denoiser"}
@@ -719,12 +721,11 @@ STEP_ONLY = (
 
 def _print_projection(args: argparse.Namespace) -> None:
     """``--project``: the training jobs from step benchmarks (``project_hours``: a lower bound,
-    said in one line), each against ``resources.train.runtime``; with ``--cost``, the jobs a
-    rehearsal projected (``cost.projected_by_rule``, for the paper config that rehearsal named)
-    and the whole DAG, with the rehearsal's training projections (measured sub-step growth,
-    validations and checkpoints) where ``cost.csv`` has them, else the step-only ones."""
-    from stablenets.bench.cost import RULES, projected_by_rule
-
+    said in one line), each against ``resources.train.runtime`` less the SLURM stop lead
+    (``_fits``); with ``--cost``, the jobs a rehearsal projected (``cost.projected_by_rule``, for
+    the paper config that rehearsal named) and the whole DAG, with the rehearsal's training
+    projections (measured sub-step growth, validations and checkpoints) where ``cost.csv`` has
+    them, else the step-only ones."""
     config = load_config(Path(args.config), Path(args.schema))
     rows = project_hours(
         [Path(f) for f in args.project], Path(args.config), args.project_options, Path(args.schema)
@@ -732,7 +733,7 @@ def _print_projection(args: argparse.Namespace) -> None:
     limit = config["resources"]["train"]["runtime"]
     for job, count, hours in rows:
         each = hours / count if count else 0.0
-        fits = _fits(each, limit) if count else "not projected"
+        fits = _fits(each, limit, TRAIN_RULES[job.split("/")[0]]) if count else "not projected"
         print(f"{hours:10.1f} h  {count:3d} job(s)  {each:6.2f} h each, {fits:24s}  {job}")
     paper = sum(h for job, _, h in rows if "(" not in job)
     print(f"{paper:10.1f} h  total of the benchmarked paper variants (from "

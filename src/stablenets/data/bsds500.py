@@ -34,9 +34,14 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise DataError(f"{path.name}: unreadable image ({exc})") from exc
 
 
+def _is_portrait(image: np.ndarray) -> bool:
+    """Whether an (H, W, 3) image is taller than wide: it is transposed, and the file named."""
+    return image.shape[0] > image.shape[1]
+
+
 def _landscape_crop(image: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:
     """Transpose a portrait image to landscape, then centre-crop to ``size`` (H, W)."""
-    if image.shape[0] > image.shape[1]:
+    if _is_portrait(image):
         image = image.transpose(1, 0, 2)
     h, w = image.shape[:2]
     th, tw = size
@@ -54,7 +59,7 @@ def _bsds_split(folder: Path, size: tuple[int, int]) -> tuple[np.ndarray, list[s
     images, transposed = [], []
     for path in files:
         raw = _read_rgb(path)
-        if raw.shape[0] > raw.shape[1]:
+        if _is_portrait(raw):
             transposed.append(path.name)
         images.append(_landscape_crop(raw, size, path.name).transpose(2, 0, 1))
     return np.stack(images), [p.name for p in files], transposed

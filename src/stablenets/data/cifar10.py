@@ -20,6 +20,8 @@ from stablenets.data.format import DataError, write_h5
 # The official CIFAR-10 python archive: format constants, not tunables.
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_SHAPE = (3, 32, 32)
+#: The classes of CIFAR-10, labelled 0 .. 9 (``data.shapes`` reports them to the config checks).
+CIFAR10_CLASSES = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,13 +65,14 @@ _DAMAGED_PICKLE = (
 )
 
 
-def _check_memo(path: Path, data: bytes) -> None:
+def _check_memo(data: bytes) -> None:
     """Refuse a memo index beyond the pickle's own length before unpickling: the C unpickler
     sizes its memo by the largest index, so one flipped bit in a ``LONG_BINPUT`` allocated and
-    cleared many GB (the machine's memory). ``genops`` only parses (damage: ``ValueError``)."""
+    cleared many GB (the machine's memory). ``genops`` only parses (damage: ``ValueError``).
+    Raises what damage raises (``UnpicklingError``), for ``_load_pickle`` to name the file."""
     for count, (op, arg, _) in enumerate(pickletools.genops(data)):
         if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and isinstance(arg, int) and arg > count:
-            raise DataError(f"{path.name}: not a CIFAR-10 pickle (memo index {arg} at op {count})")
+            raise pickle.UnpicklingError(f"memo index {arg} at op {count}")
 
 
 def _load_pickle(path: Path) -> dict:
@@ -78,7 +81,7 @@ def _load_pickle(path: Path) -> dict:
     ``_PICKLE_ALLOWED``; a damaged one is a ``DataError`` naming the member."""
     try:
         data = path.read_bytes()
-        _check_memo(path, data)
+        _check_memo(data)
         obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _DAMAGED_PICKLE as exc:
         raise DataError(f"{path.name}: not a CIFAR-10 pickle ({exc})") from exc
@@ -88,25 +91,33 @@ def _load_pickle(path: Path) -> dict:
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one CIFAR-10 batch file."""
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one CIFAR-10 batch file. Labels
+    must be integers of the ``CIFAR10_CLASSES`` classes: a float would be truncated to another
+    class, and one beyond them fail a job only once it trains or evaluates."""
     batch = _load_pickle(path)
     if b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{path.name}: missing b'data' or b'labels'")
     try:
-        data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (ValueError, TypeError, OverflowError) as exc:  # labels that are not integers
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except (ValueError, TypeError) as exc:  # ragged lists
         raise DataError(f"{path.name}: b'data' or b'labels' is not an array ({exc})") from exc
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != np.prod(_CIFAR_SHAPE):
         raise DataError(f"{path.name}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072)")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path.name}: b'labels' are {labels.dtype}, not integers")
     if labels.shape != (data.shape[0],):
-        raise DataError(f"{path.name}: {labels.shape[0]} labels for {data.shape[0]} images")
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{path.name}: label {int(labels.min())} is negative")
-    return data.reshape(-1, *_CIFAR_SHAPE), labels
+        raise DataError(f"{path.name}: b'labels' has shape {labels.shape}, not ({len(data)},)")
+    outside = labels[(labels < 0) | (labels >= CIFAR10_CLASSES)]
+    if outside.size:
+        raise DataError(
+            f"{path.name}: label {int(outside[0])} is outside 0 .. {CIFAR10_CLASSES - 1}"
+            f" ({outside.size} of {labels.size} labels)"
+        )
+    return data.reshape(-1, *_CIFAR_SHAPE), labels.astype(np.int64)
 
 
 def _batch_number(path: Path) -> int:
+    """The ``N`` of ``data_batch_N``: batches sort by it, so ``data_batch_10`` follows 9."""
     return int(path.name.rsplit("_", 1)[1])
 
 
@@ -121,15 +132,16 @@ def _cifar_files(root: Path, archive: Path) -> tuple[list[Path], Path, Path]:
     return train, test, folder / "batches.meta"
 
 
-def _class_names(meta: Path, num_classes: int) -> list[str]:
-    """Class names from ``batches.meta`` when present, else the label numbers."""
+def _class_names(meta: Path) -> list[str]:
+    """The ``CIFAR10_CLASSES`` class names from ``batches.meta`` when present, else the label
+    numbers."""
     if meta.is_file():
         names = _load_pickle(meta).get(b"label_names")
         if names:
-            if len(names) < num_classes:
-                raise DataError(f"{meta.name}: {len(names)} label_names for {num_classes} classes")
+            if len(names) != CIFAR10_CLASSES:
+                raise DataError(f"{meta.name}: {len(names)} label_names, not {CIFAR10_CLASSES}")
             return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    return [str(k) for k in range(num_classes)]
+    return [str(k) for k in range(CIFAR10_CLASSES)]
 
 
 def random_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +175,7 @@ def prepare_cifar10(
         x_all = np.concatenate([p[0] for p in parts])
         y_all = np.concatenate([p[1] for p in parts])
         x_test, y_test = _cifar_batch(test_file)
-        num_classes = int(max(y_all.max(), y_test.max())) + 1
-        class_names = _class_names(meta, num_classes)
+        class_names = _class_names(meta)
     train_idx, val_idx = random_split(len(y_all), val_fraction, split_seed)
     splits = {
         "train": {

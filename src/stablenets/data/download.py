@@ -65,6 +65,11 @@ def _expected_digests(md5: str | None, sha256: str | None, what: str) -> dict[st
     return expected
 
 
+def _holds(path: Path, expected: Mapping[str, str]) -> bool:
+    """Whether ``path`` hashes to every digest in ``expected``."""
+    return file_digests(path, list(expected)) == dict(expected)
+
+
 def _check_digests(path: Path, expected: Mapping[str, str], source: str) -> None:
     """Raise DataError naming ``source`` when ``path`` does not hash to ``expected``."""
     actual = file_digests(path, list(expected))
@@ -101,8 +106,9 @@ def _progress(url: str, done: int, total: int | None, seconds: float, resumed: i
 def _open_from(url: str, offset: int, timeout: float) -> tuple[Any, int]:
     """The response to ``url`` and the byte it starts at: ``offset`` where an http(s) server
     answered ``Range: bytes=<offset>-`` with 206 and that range, else 0: the file is fetched
-    whole after a 200 (a server without ranges), from a ``file:`` URL, and after a 416 (as many
-    bytes held as the file has, or more: they are not trusted to be it)."""
+    whole after a 200 (a server without ranges), from a ``file:`` URL, after a 416 (as many
+    bytes held as the file has, or more: they are not trusted to be it) and after a 206 of
+    another range (neither the rest nor the whole file: it is asked for again, whole)."""
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https", "file"):
         raise DataError(f"unsupported URL scheme {scheme!r}")
@@ -116,9 +122,12 @@ def _open_from(url: str, offset: int, timeout: float) -> tuple[Any, int]:
             raise
         exc.close()
         return _open_from(url, 0, timeout)
-    ranged = response.headers.get("Content-Range", "")
-    if getattr(response, "status", None) == 206 and ranged.startswith(f"bytes {offset}-"):
+    status, ranged = getattr(response, "status", None), response.headers.get("Content-Range", "")
+    if status == 206 and ranged.startswith(f"bytes {offset}-"):
         return response, offset
+    if status == 206 and offset:  # another range than asked: neither the rest nor the whole
+        response.close()
+        return _open_from(url, 0, timeout)
     return response, 0
 
 
@@ -245,7 +254,7 @@ def _resume(
 
 
 def download(
-    urls: list[str],
+    urls: str | Sequence[str],
     dest: Path,
     md5: str | None = None,
     sha256: str | None = None,
@@ -254,19 +263,21 @@ def download(
     log: Callable[[str], None] | None = None,
     progress_every_s: float = PROGRESS_EVERY_S,
 ) -> Path:
-    """Download ``dest`` from the first URL (mirrors in order) whose content has the checksum.
+    """Download ``dest`` from the first of ``urls`` (one, or mirrors in order) whose content has
+    the checksum.
 
     A checksum is mandatory: an unverified dataset would make every result downstream
     unreproducible. The file is streamed to ``.<name>.partial`` beside ``dest``, verified and
     renamed, so ``dest`` is either absent or complete. A download that was killed or cut off
     resumes there: the rest is asked for with an http ``Range`` and appended (from the start
-    where a server sends the whole file). While another process downloads into it (a lock
-    says so), this one downloads into a temporary of its own. An existing ``dest`` with the
-    right checksum is kept without touching the network (a partial beside it is removed);
-    temporaries of downloads killed before (unmodified for ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket
-    operation (the connection, each read).
-    ``log`` gets a progress line (MB done, rate, ETA) every ``progress_every_s`` seconds, one at
-    the end of each fetch, and one per failed mirror.
+    where a server sends the whole file or another range); one that already holds the whole
+    file (killed before its rename) is renamed without touching the network. While another
+    process downloads into it (a lock says so), this one downloads into a temporary of its own.
+    An existing ``dest`` with the right checksum is kept without touching the network (a
+    partial beside it is removed); temporaries of downloads killed before (unmodified for
+    ``STALE_DOWNLOAD_S``) are removed. ``timeout``: seconds per socket operation (the
+    connection, each read). ``log`` gets a progress line (MB done, rate, ETA) every
+    ``progress_every_s`` seconds, one at the end of each fetch, and one per failed mirror.
     """
     dest = Path(dest)
     urls = [urls] if isinstance(urls, str) else list(urls)
@@ -293,6 +304,11 @@ def download(
     except OSError as exc:
         raise DataError(f"cache folder {dest.parent}: cannot write: {exc.strerror}") from None
     with _partial_download(dest) as partial:
+        if partial is not None and _holds(partial, expected):
+            install(partial, dest)
+            if log is not None:
+                log(f"installed {partial}: it held all of {dest.name}, verified")
+            return dest
         for url in urls:
             try:
                 if partial is not None:
@@ -378,6 +394,8 @@ def _check_member(
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
+    """What ``_check_member`` needs to know of a tar member: symlink, hardlink, device (or
+    fifo) or file (a directory counts as one)."""
     if member.issym():
         return "symlink"
     if member.islnk():
@@ -414,6 +432,9 @@ def _extract_tar(archive: Path, into: Path) -> list[str]:
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
+    """What ``_check_member`` needs to know of a zip member, from the Unix mode its external
+    attributes may hold (zipfile itself treats every member as a file): symlink, device (or
+    fifo, socket) or file."""
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         return "symlink"

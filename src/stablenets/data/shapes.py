@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from stablenets.data.cifar10 import random_split
+from stablenets.data.cifar10 import CIFAR10_CLASSES, random_split
 
 __all__ = [
     "BSDS500_IMAGE",
@@ -20,7 +20,7 @@ __all__ = [
 #: Each configured dataset (a key of the config's ``data``) by the name readers know it by.
 DATASET_NAMES = {"cifar10": "CIFAR-10", "bsds500": "BSDS500"}
 CIFAR10_ARCHIVE_TRAIN = 50_000  # the official archive's training batches, split into train/val
-_CIFAR10 = {"test": 10_000, "image": (32, 32), "classes": 10}
+_CIFAR10 = {"test": 10_000, "image": (32, 32), "classes": CIFAR10_CLASSES}
 _BSDS500 = {"train": 200, "val": 100, "test": 200}  # the official splits
 #: (H, W) of every BSDS500 photograph, portraits turned to landscape: the largest crop.
 BSDS500_IMAGE = (321, 481)

@@ -50,6 +50,7 @@ from stablenets.nn.blocks import INIT_POWER_ITERS, NonexpansiveBlock
 from stablenets.nn.operators import (
     Conv2dOperator,
     LinearOperator,
+    Pinnable,
     autocast_off,
     same_padding,
     spatial_size,
@@ -402,7 +403,7 @@ def wrapped_kernel(weight: torch.Tensor, size: Size) -> torch.Tensor:
     return padded.reshape(*weight.shape[:-2], r1, n1, r2, n2).sum(dim=(-4, -2))
 
 
-class CayleyConv(nn.Module):
+class CayleyConv(Pinnable):
     """Orthogonal circular convolution ``C -> C`` (Trockman & Kolter 2021), with bias.
 
     The kernel ``W`` (``C x C x k x k``) is wrapped onto the input's grid (``wrapped_kernel``:
@@ -443,15 +444,22 @@ class CayleyConv(nn.Module):
         ``sigma_max - 1`` up to ``2.4e-4`` at ``C = 64``, weights x1000, ``1.3e-2`` at
         ``C = 512``. Training solves in the weight's precision: its map needs no certificate,
         and the float64 solve costs about twice the complex64 one on a CPU (1.8 s against 0.9 s
-        at ``C = 512`` on an 8x8 grid, one thread), more on GPUs slow in float64.
+        at ``C = 512`` on an 8x8 grid, one thread), more on GPUs slow in float64. Within
+        ``pinned_weights`` (an attack) solved once per grid and precision, and held there.
         """
-        solve = self.weight.dtype if self.training else torch.float64
+        dtype = dtype or torch.promote_types(self.weight.dtype, torch.complex64)
+        if self.training:
+            return self._cayley(size, self.weight.dtype, dtype)
+        key = ("symbol", tuple(size), dtype, self.weight.device)
+        return self._while_pinned(key, lambda: self._cayley(size, torch.float64, dtype))
+
+    def _cayley(self, size: Size, solve: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+        """``Q`` solved from the weight in ``solve`` precision, rounded to ``dtype``."""
         w = wrapped_kernel(self.weight.to(solve), size)
         a = torch.fft.rfft2(w).permute(2, 3, 0, 1)  # (n1, m, C, C)
         v = a - a.mH
         eye = torch.eye(self.channels, dtype=v.dtype, device=v.device)
-        q = _solve(eye + v, eye - v)
-        return q.to(dtype or torch.promote_types(self.weight.dtype, torch.complex64))
+        return _solve(eye + v, eye - v).to(dtype)
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """The orthogonal part ``Q x`` (bias-free), ``x`` batched or not: ``Q`` rounded once, to

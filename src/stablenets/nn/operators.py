@@ -40,6 +40,7 @@ Every certified norm is inflated by ``CERTIFICATE_SLACK`` for float64 rounding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import weakref
@@ -51,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
+    "Pinnable",
     "LinearOperator",
     "DenseOperator",
     "Conv2dOperator",
@@ -398,7 +400,36 @@ def _default_init(
     return weight, nn.Parameter(torch.zeros(shape[0])) if bias else None
 
 
-class LinearOperator(nn.Module):
+class Pinnable(nn.Module):
+    """A module whose ``weight`` a ``pinned_weights`` scope may take as fixed: it has a content
+    stamp, and may hold values derived from the weight for the length of that scope."""
+
+    weight: nn.Parameter
+
+    def _content_stamp(self) -> tuple:
+        """A fingerprint of the weight's *content*: no edit, however made, leaves a stale bound.
+        It copies the weight to the host (a device synchronisation on a GPU); its bytes, as numpy
+        has no bfloat16."""
+        w = self.weight.detach()
+        raw = w.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digest = hashlib.blake2b(raw, digest_size=16)
+        return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
+
+    def _while_pinned(self, what: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, without autograd, held under ``what`` while a ``pinned_weights`` scope
+        pins this module and freed when it ends; outside one, ``compute()`` each call. Within a
+        scope the value is a constant of the fixed weight: no gradient reaches the weight
+        through it (an attack differentiates the input only)."""
+        pin = _PINS.get(self)
+        if pin is None:
+            return compute()
+        if what not in pin.values:
+            with torch.no_grad():
+                pin.values[what] = compute()
+        return pin.values[what]
+
+
+class LinearOperator(Pinnable):
     """Base class: a learnable linear map with bias, adjoint and norm information."""
 
     weight: nn.Parameter
@@ -505,15 +536,6 @@ class LinearOperator(nn.Module):
     def _adjoint_with(self, w: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _content_stamp(self) -> tuple:
-        """A fingerprint of the weight's *content*: no edit, however made, leaves a stale bound.
-        It copies the weight to the host (a device synchronisation on a GPU); its bytes, as numpy
-        has no bfloat16."""
-        w = self.weight.detach()
-        raw = w.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        digest = hashlib.blake2b(raw, digest_size=16)
-        return (digest.hexdigest(), str(w.dtype), tuple(w.shape))
-
     def _cached(self, what: Hashable, compute: Callable[[], _T]) -> _T:
         """``compute()`` cached under ``what`` until the weight's content changes (entries of
         other weights are dropped on the first miss).
@@ -523,7 +545,8 @@ class LinearOperator(nn.Module):
         costs far more): a weight edited inside its scope gets the bound of its own content,
         filed under that content, never under the entry's stamp, where it would outlive an edit
         undone before the scope ends (no version counter sees ``.data`` swapped and restored)."""
-        pinned = _PINS.get(self)
+        pin = _PINS.get(self)
+        pinned = None if pin is None else pin.stamp
         key = (pinned if pinned is not None else self._content_stamp(), what)
         cache = self._bound_cache
         if key not in cache and pinned is not None:
@@ -892,12 +915,21 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
 
 # The operators pinned by a live ``pinned_weights`` scope, with their stamps: held outside the
 # modules, so that a copy (``copy.deepcopy``, ``torch.save``) made inside a scope is not pinned.
-_PINS: weakref.WeakKeyDictionary[LinearOperator, tuple] = weakref.WeakKeyDictionary()
+@dataclasses.dataclass
+class _Pin:
+    """A pinned module's content stamp on entry, and its values held for the scope."""
+
+    stamp: tuple
+    values: dict[Hashable, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+_PINS: weakref.WeakKeyDictionary[Pinnable, _Pin] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
 def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """Take ``model``'s operator weights as fixed within this scope (an attack, a PnP run).
+    """Take the weights of ``model``'s ``Pinnable`` modules as fixed within this scope (an
+    attack, a PnP run).
 
     A certified bound is cached under a hash of the weight's content, so every ``eval()`` forward
     pass hashes every block's weight: a copy to the host and, on a GPU, a device synchronisation
@@ -906,20 +938,23 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     ``RuntimeError`` naming it, since bounds looked up after the change may have been stale.
     A bound first computed inside the scope is filed under the content it was computed for
     (``LinearOperator._cached``), so an edit put back before the exit leaves no stale bound
-    behind. Operators already pinned by an enclosing scope are left to it."""
+    behind. Values a module derives from its weight alone may be held for the scope
+    (``Pinnable._while_pinned``: an orthogonal convolution's Cayley transform, a float64 solve
+    per frequency, taken once instead of at every pass) and are freed on exit. Modules already
+    pinned by an enclosing scope are left to it."""
     ours = [
         (name, op)
         for name, op in model.named_modules()
-        if isinstance(op, LinearOperator) and op not in _PINS
+        if isinstance(op, Pinnable) and op not in _PINS
     ]
-    pins = {op: op._content_stamp() for _, op in ours}
+    pins = {op: _Pin(op._content_stamp()) for _, op in ours}
     _PINS.update(pins)
     try:
         yield model
     finally:  # unpinned whatever happened: an error of the body passes unchanged
         for op in pins:
             del _PINS[op]
-    changed = [name for name, op in ours if op._content_stamp() != pins[op]]
+    changed = [name for name, op in ours if op._content_stamp() != pins[op].stamp]
     if changed:
         raise RuntimeError(
             f"weights of {', '.join(changed)} changed inside pinned_weights(): certified bounds "

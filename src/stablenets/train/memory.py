@@ -42,17 +42,35 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # What an allocation failure says where it is a plain RuntimeError: the CPU allocator, and CUDA
-# libraries or the driver running out inside a call (cuBLAS, cuSOLVER, a kernel launch).
-_OUT_OF_MEMORY = ("can't allocate memory", "CUDA error: out of memory", "_STATUS_ALLOC_FAILED")
+# libraries or the driver running out inside a call (cuBLAS, cuSOLVER, cuFFT, a kernel launch, a
+# driver API call; torch's ATen/cuda/Exceptions.h, ATen/native/cuda/CuFFTUtils.h and
+# c10/cuda/driver_api.h write these).
+_OUT_OF_MEMORY = (
+    "can't allocate memory",
+    "CUDA error: out of memory",
+    "CUDA driver error: out of memory",
+    "_STATUS_ALLOC_FAILED",
+    "CUFFT_ALLOC_FAILED",
+)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure: ``torch.OutOfMemoryError`` (the CUDA caching
-    allocator), Python's ``MemoryError``, or a ``RuntimeError`` (``torch.AcceleratorError`` is
-    one) saying so (``_OUT_OF_MEMORY``)."""
-    if isinstance(err, MemoryError | torch.OutOfMemoryError):
-        return True
-    return isinstance(err, RuntimeError) and any(said in str(err) for said in _OUT_OF_MEMORY)
+    """Whether ``err``, or an exception it was raised from (its ``__cause__`` chain: a wrapper
+    that re-raises an allocation failure ``from`` it hides it otherwise), is an allocation
+    failure: ``torch.OutOfMemoryError`` (the CUDA caching allocator), Python's
+    ``MemoryError``, or a ``RuntimeError`` (``torch.AcceleratorError`` is one) saying so
+    (``_OUT_OF_MEMORY``). Not ``__context__``: an error raised while handling an allocation
+    failure (a save that fails on a full disk) is that error, to be reported as itself."""
+    seen: set[int] = set()
+    here: BaseException | None = err
+    while here is not None and id(here) not in seen:  # a chain can loop back on itself
+        if isinstance(here, MemoryError | torch.OutOfMemoryError) or (
+            isinstance(here, RuntimeError) and any(said in str(here) for said in _OUT_OF_MEMORY)
+        ):
+            return True
+        seen.add(id(here))
+        here = here.__cause__
+    return False
 
 
 def free_memory(device: torch.device) -> tuple[int, str]:
@@ -175,13 +193,14 @@ class ActivationCost:
     ``n_i`` of the constrained blocks at batch size ``B``, each block's sub-steps checkpointed
     (``r_i``) or not::
 
-        bytes(n, r) = B (fixed + sum_i n_i kept_i + transient) + sum_i n_i shared_i
+        bytes(n, r) = B (fixed + sum_i n_i kept_i) + sum_i n_i shared_i + transient
 
     ``kept_i`` is what one sub-step keeps per image: ``stages_i`` (its stages' activations), or
     ``inputs_i`` (its input alone) when checkpointed; ``shared_i``: what an unchecked sub-step
     keeps whatever the batch (tensors derived from the weights); ``fixed``: the layers outside
-    the blocks, per image; ``transient``: the largest checkpointed ``stages_i``, which the
-    backward pass recomputes one sub-step at a time. Exact for what the model's forward pass
+    the blocks, per image; ``transient``: the largest ``B stages_i + shared_i`` of the
+    checkpointed blocks (``substep_bytes``), what the backward pass holds while it recomputes one
+    of their sub-steps, which it does one at a time. Exact for what the model's forward pass
     saves in eager mode; ``memory_fraction`` leaves the rest free: the gradients in flight,
     what the loss saves (the denoiser's loss keeps the last block's output, 0.3 % at paper
     size), and, under bf16 in a CUDA graph (no autocast cache), a cast of the weights per call.
@@ -198,16 +217,23 @@ class ActivationCost:
         blocks = [
             self.block_bytes(i, n, r) for i, (n, r) in enumerate(zip(counts, remat, strict=True))
         ]
-        recomputed = [
-            s for s, r, c in zip(self.stages, remat, self.checkpointable, strict=True) if r and c
-        ]
-        return self.batch * (self.fixed + max(recomputed, default=0)) + sum(blocks)
+        transient = max(
+            (self.substep_bytes(i) for i, r in enumerate(remat) if r and self.checkpointable[i]),
+            default=0,
+        )
+        return self.batch * self.fixed + transient + sum(blocks)
+
+    def substep_bytes(self, i: int) -> int:
+        """What one unchecked sub-step of block ``i`` keeps: its activations and its tensors
+        derived from the weights; also what the backward pass holds while it recomputes one
+        checkpointed sub-step."""
+        return self.batch * self.stages[i] + self.shared[i]
 
     def block_bytes(self, i: int, count: int, remat: bool) -> int:
         """What ``count`` sub-steps of block ``i`` keep, checkpointed (``remat``) or not."""
         if remat and self.checkpointable[i]:
             return count * self.batch * self.inputs[i]
-        return count * (self.batch * self.stages[i] + self.shared[i])
+        return count * self.substep_bytes(i)
 
     def cheapest_remat(self, counts: Sequence[int], budget: int) -> list[bool] | None:
         """The blocks to checkpoint so that a pass at ``counts`` keeps at most ``budget`` bytes
@@ -215,9 +241,9 @@ class ActivationCost:
         block's sub-steps): none where the pass fits unchecked, ``None`` where nothing fits.
 
         With ``S`` the checkpointed blocks and ``f_i`` what checkpointing block ``i`` frees,
-        ``bytes = unchecked - sum_{i in S} f_i + B max_{i in S} stages_i``. For each level ``t``
-        of the last term this is a 0/1 knapsack over the blocks with ``stages_i <= t``: the
-        fewest sub-steps freeing at least ``unchecked + B t - budget``, exact by dynamic
+        ``bytes = unchecked - sum_{i in S} f_i + max_{i in S} substep_bytes(i)``. For each level
+        ``t`` of the last term this is a 0/1 knapsack over the blocks with ``substep_bytes(i) <=
+        t``: the fewest sub-steps freeing at least ``unchecked + t - budget``, exact by dynamic
         programming over the sub-step total (``_frees``, cached for the last counts); the
         cheapest level wins. That program takes time and memory in proportion to the sub-step
         total, which a runaway norm makes huge (1.5 million sub-steps: seconds and hundreds of
@@ -231,7 +257,7 @@ class ActivationCost:
             return None
         best: tuple[int, int] | None = None  # (sub-steps run again, blocks as a bit mask)
         for level, table in _frees(self, tuple(counts)):
-            need = unchecked + self.batch * level - budget
+            need = unchecked + level - budget
             steps = next((s for s, (freed, _) in enumerate(table) if freed >= need), None)
             if steps is not None and (best is None or steps < best[0]):
                 best = (steps, table[steps][1])
@@ -239,9 +265,9 @@ class ActivationCost:
 
     def _fewest_bytes(self, counts: Sequence[int], unchecked: int) -> int:
         """A lower bound of what any checkpointing keeps at ``counts`` (``unchecked``: none):
-        ``unchecked - sum_i f_i + B min_i stages_i`` over the checkpointable blocks, ``f_i > 0``
-        in the sum (no choice frees more, nor recomputes less than the smallest block's
-        stages); ``unchecked`` where no block can be checkpointed."""
+        ``unchecked - sum_i f_i + min_i substep_bytes(i)`` over the checkpointable blocks,
+        ``f_i > 0`` in the sum (no choice frees more, nor holds less while it recomputes than
+        the smallest block's sub-step); ``unchecked`` where no block can be checkpointed."""
         frees = [
             self.block_bytes(i, n, False) - self.block_bytes(i, n, True)
             for i, n in enumerate(counts)
@@ -249,23 +275,24 @@ class ActivationCost:
         ]
         if not frees:
             return unchecked
-        level = min(s for s, c in zip(self.stages, self.checkpointable, strict=True) if c)
-        return unchecked - sum(f for f in frees if f > 0) + self.batch * level
+        level = min(self.substep_bytes(i) for i, c in enumerate(self.checkpointable) if c)
+        return unchecked - sum(f for f in frees if f > 0) + level
 
 
 @functools.lru_cache(maxsize=2)
 def _frees(
     cost: ActivationCost, counts: tuple[int, ...]
 ) -> list[tuple[int, list[tuple[int, int]]]]:
-    """For each level ``t`` of the checkpointable blocks' ``stages``: ``table[s]``, the most
-    bytes that checkpointing blocks with ``stages <= t`` and at most ``s`` sub-steps in all
-    frees, and which blocks (a bit mask)."""
+    """For each level ``t`` of the checkpointable blocks' ``substep_bytes``: ``table[s]``, the
+    most bytes that checkpointing blocks with ``substep_bytes <= t`` and at most ``s`` sub-steps
+    in all frees, and which blocks (a bit mask)."""
     out = []
-    for level in sorted({st for st, c in zip(cost.stages, cost.checkpointable, strict=True) if c}):
+    held = [cost.substep_bytes(i) for i in range(len(counts))]
+    for level in sorted({h for h, c in zip(held, cost.checkpointable, strict=True) if c}):
         table = [(0, 0)] * (sum(counts) + 1)
         for i, n in enumerate(counts):
             freed = cost.block_bytes(i, n, False) - cost.block_bytes(i, n, True)
-            if not cost.checkpointable[i] or cost.stages[i] > level or freed <= 0:
+            if not cost.checkpointable[i] or held[i] > level or freed <= 0:
                 continue
             for s in range(len(table) - 1, n - 1, -1):  # each block once: from the top down
                 if (more := table[s - n][0] + freed) > table[s][0]:
