@@ -85,8 +85,11 @@ device-kit: $(STAMP)
 	@echo "$$(ls $(DEVICE_KIT)/whl | wc -l) wheels in $(DEVICE_KIT)/whl"
 	du -sh $(DEVICE_KIT)
 
+# Tests on TEST_WORKERS processes (pytest-xdist; 0: in this one): most run in-process on one
+# torch thread, so two workers use both cores; the smoke pipeline's readers share one worker.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # tests/test_layers.py: the layering contract (nn < evaluation, data < train < pipeline < bench)
 # and the library's imports without the pipeline extra; basedpyright: the types (pyproject.toml).

@@ -1,5 +1,5 @@
 """Shared test setup: one torch thread per test module, a cartoon test image, and the smoke
-pipeline run once per session."""
+pipeline run once per session (on one worker: its readers form one xdist group)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def smoke_run(tmp_path_factory) -> Path:
     done = snakemake(work, *SMOKE_PROFILE)
     assert done.returncode == 0, done.stderr[-4000:]
     return work
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that read the smoke pipeline's results share one ``xdist_group``: under
+    ``make test``'s workers (pytest-xdist, ``--dist loadgroup``) they run on one worker, so the
+    pipeline runs once (a session fixture is per worker)."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smoke"))
 
 
 def fail_torch_load_once(monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +23,17 @@ from stablenets.pipeline.runtime import read_results
 
 
 @pytest.mark.slow
+def test_under_xdist_the_smoke_readers_share_one_worker_so_the_pipeline_runs_once(
+    request, smoke_run
+):
+    """``make test`` runs two workers with ``--dist loadgroup``; the readers of ``smoke_run``
+    carry one ``xdist_group`` (conftest.py), which xdist appends to their node ids. Without it
+    each worker ran the smoke pipeline (pytest 9.2 dropped the suffix: pytest-xdist#1386)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        pytest.skip("not under pytest-xdist: one process runs the pipeline once anyway")
+    assert request.node.nodeid.endswith("@smoke"), request.node.nodeid
+
+
 def test_smoke_produces_every_table_and_figure(smoke_run):
     results = smoke_run / "results" / "smoke"
     for table in TABLES:

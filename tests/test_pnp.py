@@ -317,22 +317,36 @@ def test_check_nonincreasing() -> None:
 
 def test_tv_deblur_improves_psnr(deblur_problem) -> None:
     clean, blur, y = deblur_problem
-    x, ran = tv_deblur(y, blur, 0.01, iters=200)
+    x, ran, _ = tv_deblur(y, blur, 0.01, iters=200)
     gain = psnr(x, clean, 1.0) - psnr(y, clean, 1.0)
     assert torch.all(gain > 5.0), gain
     assert torch.all(psnr(x, clean, 1.0) > psnr(tv_deblur(y, blur, 0.01, iters=2)[0], clean, 1.0))
-    _, early = tv_deblur(y, blur, 0.01, iters=200, tol=1e-3)  # it says where each stopped
+    _, early, _ = tv_deblur(y, blur, 0.01, iters=200, tol=1e-3)  # it says where each stopped
     assert torch.all((1 < early) & (early < ran) & (ran <= 200)), (early, ran)
+
+
+def test_a_tv_deblurred_image_that_meets_tol_at_its_last_iteration_converged(deblur_problem):
+    """Converged means stopped at ``tol``, whichever iteration that was: with ``iters`` set to
+    the iteration an image stops at, it converges having run them all (a count below ``iters``
+    said it had not); one iteration fewer and it has not."""
+    _, blur, y = deblur_problem
+    _, ran, converged = tv_deblur(y, blur, 0.01, iters=300, tol=1e-3)
+    assert bool(converged.all()) and int(ran.max()) < 300, ran
+    last = int(ran.max())
+    _, at_last, converged = tv_deblur(y, blur, 0.01, iters=last, tol=1e-3)
+    assert at_last.tolist() == ran.tolist() and bool(converged.all())
+    _, short, converged = tv_deblur(y, blur, 0.01, iters=last - 1, tol=1e-3)
+    assert converged.tolist() == (ran < last).tolist() and not bool(converged.all()), short
 
 
 def test_a_tv_deblurred_image_is_the_same_alone_or_in_a_batch(deblur_problem) -> None:
     """Each image stops at its own tolerance and is held there: its result and its iteration
     count do not depend on which images share its group (a group stopped together before)."""
     _, blur, y = deblur_problem
-    together, ran = tv_deblur(y, blur, 0.01, iters=300, tol=1e-4)
+    together, ran, _ = tv_deblur(y, blur, 0.01, iters=300, tol=1e-4)
     assert len(set(ran.tolist())) > 1, ran  # they stop at different iterations
     for i in range(len(y)):
-        alone, ran_alone = tv_deblur(y[i : i + 1], blur, 0.01, iters=300, tol=1e-4)
+        alone, ran_alone, _ = tv_deblur(y[i : i + 1], blur, 0.01, iters=300, tol=1e-4)
         assert ran_alone.tolist() == [int(ran[i])]
         torch.testing.assert_close(alone[0], together[i], rtol=0, atol=1e-6)
 
@@ -345,9 +359,9 @@ def test_tv_deblur_reaches_its_minimiser_at_small_and_large_weights() -> None:
     blur = GaussianBlur(9, 1.6, clean.shape[1:])
     y = observe(clean, blur, 0.01, seed=7)
     for weight in (0.00025, 0.008):
-        minimiser, _ = tv_deblur(y, blur, weight, iters=10_000, tol=0.0)
-        x, ran = tv_deblur(y, blur, weight, iters=300, tol=1e-5)
-        fixed, _ = tv_deblur(y, blur, weight, iters=300, tol=1e-5, step=weight)
+        minimiser = tv_deblur(y, blur, weight, iters=10_000, tol=0.0)[0]
+        x, ran, _ = tv_deblur(y, blur, weight, iters=300, tol=1e-5)
+        fixed = tv_deblur(y, blur, weight, iters=300, tol=1e-5, step=weight)[0]
         distance = {k: float((z - minimiser).norm() / minimiser.norm()) for k, z in
                     (("scaled", x), ("fixed", fixed))}  # fmt: skip
         assert distance["scaled"] < 3e-3, (weight, ran, distance)
@@ -368,9 +382,9 @@ def test_the_tv_deblurring_weight_is_the_best_of_its_candidates_on_the_images_gi
     assert choice.value == weights[max(range(len(weights)), key=choice.scores.__getitem__)]
     assert choice.value not in (weights[0], weights[-1]), choice.scores
     ran = [tv_deblur(observed, blur, w, 60, 1e-5) for w in weights]
-    for score, (x, _) in zip(choice.scores, ran, strict=True):
+    for score, (x, _, _) in zip(choice.scores, ran, strict=True):
         assert score == pytest.approx(float(psnr(x, clean, 1.0).mean()), abs=1e-9)
-    assert choice.image_iterations == sum(int(k.max()) * len(clean) for _, k in ran)
+    assert choice.image_iterations == sum(int(k.max()) * len(clean) for _, k, _ in ran)
     with pytest.raises(ValueError, match="at least one weight"):
         select_tv_deblur_weight(observed, clean, blur, [], 60, 1e-5)
 
@@ -378,8 +392,8 @@ def test_the_tv_deblurring_weight_is_the_best_of_its_candidates_on_the_images_gi
 def test_tv_deblur_says_how_far_it_is_every_log_every_iterations(deblur_problem) -> None:
     clean, blur, y = deblur_problem
     lines: list[str] = []
-    x, ran = tv_deblur(y, blur, 0.01, iters=12, tol=0.0, log=lines.append, log_every=5)
-    assert ran.tolist() == [12] * len(y)
+    x, ran, converged = tv_deblur(y, blur, 0.01, iters=12, tol=0.0, log=lines.append, log_every=5)
+    assert ran.tolist() == [12] * len(y) and not bool(converged.any())  # tol 0: never met
     assert torch.equal(x, tv_deblur(y, blur, 0.01, iters=12, tol=0.0)[0])
     assert [int(re.match(r"TV deblur iteration (\d+)/12: ", line)[1]) for line in lines] == [5, 10]
     for line in lines:

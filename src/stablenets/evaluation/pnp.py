@@ -494,9 +494,10 @@ def tv_deblur(
     couple_channels: bool = False,
     log: Callable[[str], None] | None = None,
     log_every: int = 25,
-) -> tuple[Tensor, Tensor]:
-    """TV deblurring ``argmin_x 1/2 ||K x - y||^2 + weight * ||grad x||_{2,1}``, and the
-    iterations each image ran (``(N,)``, on the CPU).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TV deblurring ``argmin_x 1/2 ||K x - y||^2 + weight * ||grad x||_{2,1}``, the iterations
+    each image ran and whether it stopped at ``tol`` (``(N,)`` each, on the CPU: an image that
+    met ``tol`` at the last iteration converged too, though it ran them all).
 
     Chambolle–Pock with ``grad`` as the split operator and the data term's exact FFT prox
     (:meth:`CircularBlur.data_prox`), steps ``tau = step / weight`` and ``tau * sigma * 8 = 1``
@@ -527,6 +528,7 @@ def tv_deblur(
     p = torch.zeros_like(gradient2d(x))
     prox = blur.data_prox(y, tau)
     iterations = torch.full((len(x),), iters, dtype=torch.long)
+    converged = torch.zeros(len(x), dtype=torch.bool)
     running = torch.ones(len(x), dtype=torch.bool, device=x.device)
     start = time.monotonic()
     for k in range(1, iters + 1):
@@ -538,6 +540,7 @@ def tv_deblur(
         x = torch.where(per_image(running, x), x_new, x)
         stopped = running & (change < tol)
         iterations[stopped.cpu()] = k
+        converged |= stopped.cpu()
         running = running & ~stopped
         if not bool(running.any()):
             break
@@ -547,7 +550,7 @@ def tv_deblur(
                 f"running, largest relative change {float(change[running].max()):.2e}, "
                 f"{timing(k, iters, time.monotonic() - start, upper=True)}"
             )
-    return x, iterations
+    return x, iterations, converged
 
 
 class Choice(NamedTuple):
@@ -581,7 +584,7 @@ def select_tv_deblur_weight(
 
     def solve(y: Tensor, weight: float) -> Tensor:
         nonlocal image_iterations
-        x, ran = tv_deblur(y, blur, weight, iters, tol, step)
+        x, ran, _ = tv_deblur(y, blur, weight, iters, tol, step)
         image_iterations += int(ran.max()) * len(y)  # computed until the last image stopped
         return x
 

@@ -812,10 +812,11 @@ def run_pnp(
 
 
 # The layout of a TV (PnP) deblurring job's saved groups (``_saved_progress``); v2: TV's images
-# stop one by one (v1's groups stopped together: not resumed beside v2's); pnp-v3: PnP's
+# stop one by one (v1's groups stopped together: not resumed beside v2's), v3: each image's
+# ``converged`` saved (one that met tol at the last iteration converged); pnp-v3: PnP's
 # strength is chosen among those that converge, each strength's converged fraction saved before
 # its score (earlier progress could resume groups solved at another strength).
-_DEBLUR_LAYOUT, _PNP_LAYOUT = "deblur-v2", "pnp-v3"
+_DEBLUR_LAYOUT, _PNP_LAYOUT = "deblur-v3", "pnp-v3"
 
 
 def _monotone(
@@ -875,13 +876,13 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
 
         def solve(group: slice) -> dict[str, torch.Tensor]:
             nonlocal ran
-            x, iterations = pnp.tv_deblur(
+            x, iterations, converged = pnp.tv_deblur(
                 observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], tv_spec["step"],
                 log=log, log_every=p["log_every"],
             )  # fmt: skip
             ran += int(iterations.max()) * len(x)  # computed until the group's last stopped
-            return {"iterations": iterations, **_group_images(x, clean[group], group.start,
-                                                              p["n_show"])}  # fmt: skip
+            return {"iterations": iterations, "converged": converged,
+                    **_group_images(x, clean[group], group.start, p["n_show"])}  # fmt: skip
 
         hist = in_groups(progress, len(clean), p["group_size"], solve, "TV deblur", log)
         seconds = time.monotonic() - start  # this run's solves: the rest is start-up, loading
@@ -893,8 +894,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
         "nonincreasing": None,  # not recorded: TV keeps no step history (the table says n/a)
         "lipschitz_bound": None,
         "averagedness": None,
-        **_deblur_attrs(spec, {}, final, observed_psnr, iters),
-        "converged_fraction": float(np.mean(iters < tv_spec["iters"])),  # stopped at tol
+        **_deblur_attrs(spec, hist, final, observed_psnr, iters),  # converged: stopped at tol
         "tv_weight": weight,
         "tv_weights": list(tv_spec["weights"]),
         "tv_validation_scores": choice.scores,
@@ -906,7 +906,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     }
     _write_pnp(out, attrs, hist, final, observed_psnr, clean, observed, recon)
     psnrs = f"{attrs['observed_mean_psnr']:.2f} -> {attrs['mean_psnr']:.2f} dB"
-    capped = int((iters >= tv_spec["iters"]).sum())
+    capped = int((~hist["converged"]).sum())
     cap = (
         f" ({capped} of {len(iters)} images stopped at pnp.tv.iters, not at tol)" if capped else ""
     )
