@@ -7,6 +7,8 @@ graphs. The graphs themselves are ``tests/test_cuda.py``'s (skipped without a GP
 
 from __future__ import annotations
 
+import gc
+import weakref
 from functools import partial
 
 import pytest
@@ -17,6 +19,7 @@ from stablenets.evaluation.attack_graphs import GraphedModel, bucket
 from stablenets.evaluation.radius_sweep import SearchModel, fast_search
 from stablenets.evaluation.robustness import Autocast, autoattack_l2, eval_mode, pgd_l2
 from stablenets.nn.models import build_model
+from stablenets.nn.operators import held_values
 
 SHAPE = (3, 8, 8)
 
@@ -161,6 +164,31 @@ def test_a_weight_edited_after_a_capture_drops_the_graphs():
     weight.data = weight.data.clone()  # the same values in a new storage
     graphed(x)
     assert graphed.captures == 3
+
+
+def test_a_capture_keeps_what_its_scope_held_alive_for_the_scopes_after_it():
+    """An orthogonal block's Cayley symbol is held by the ``pinned_weights`` scope of an attack
+    (``eval_mode``) and freed when it ends; a CUDA graph captured in that scope reads its
+    memory, and replays in the next scope (the sweep's, then the bisection's): the capture keeps
+    it alive, unchanged, as long as the capture lives."""
+    torch.manual_seed(2)
+    model = build_model("orthogonal_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        num_classes=5, input_size=8).eval()  # fmt: skip
+    graphed = graphed_model(model)
+    x = points(3, seed=8)
+    with eval_mode(model):
+        graphed(x)
+        held = [weakref.ref(t) for t in held_values(model)]
+        expected = graphed(x)
+    assert graphed.captures == 1 and len(held) == 2
+    gc.collect()
+    assert all(ref() is not None for ref in held)  # the scope ended; the capture keeps them
+    with eval_mode(model):
+        torch.testing.assert_close(graphed(x), expected, rtol=0, atol=0)
+    assert graphed.captures == 1 and graphed.replays >= 2
+    graphed.release()
+    gc.collect()
+    assert all(ref() is None for ref in held)
 
 
 def test_pgd_and_autoattack_find_the_same_examples_on_the_graphed_model():

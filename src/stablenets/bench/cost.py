@@ -677,13 +677,10 @@ def stop_lead_s(rule: str, profile: Path = SLURM_PROFILE) -> int:
 def submissions(hours: float, runtime_min: float, lead_s: float) -> int:
     """How many submissions a job of ``hours`` needs with a runtime limit of ``runtime_min``
     minutes, each stopped ``lead_s`` seconds before that limit (``stop_lead_s``) and resumed by
-    the next: 1 where it fits."""
+    the next: 1 where it fits; 0 where none can (the stop comes before the job's start)."""
     usable_min = runtime_min - lead_s / 60
     if usable_min <= 0:
-        raise ValueError(
-            f"a runtime of {runtime_min:g} min leaves nothing before the stop {lead_s:g} s "
-            "ahead of its limit"
-        )
+        return 0
     return max(1, math.ceil(60 * hours / usable_min))
 
 

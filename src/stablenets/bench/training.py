@@ -708,6 +708,8 @@ def _fits(hours_each: float, runtime_min: float, rule: str) -> str:
     in the next submission (``retries`` on SLURM)."""
     lead = stop_lead_s(rule)
     count = submissions(hours_each, runtime_min, lead)
+    if count == 0:
+        return f"never: {runtime_min:.0f} min is within the {lead}s stop lead"
     return "fits" if count == 1 else f"over {runtime_min:.0f} min less {lead}s: {count} submissions"
 
 

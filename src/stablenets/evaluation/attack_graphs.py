@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from stablenets.errors import first_line
+from stablenets.nn.operators import held_values
 
 __all__ = ["GraphedModel", "bucket"]
 
@@ -63,6 +64,9 @@ class _Capture:
     backward: Callable[[], None]
     generation: int = 0
     filled: int = 0  # rows of x holding a real sample since the last zeroing
+    # what pinned_weights held when captured (a Cayley symbol): the graphs read their memory,
+    # so they live as long as the capture, past the scope (nn.operators.held_values)
+    held: list[Tensor] = field(default_factory=list)
 
 
 class _Replay(torch.autograd.Function):
@@ -200,6 +204,7 @@ class GraphedModel(nn.Module):
                 torch.cuda.set_stream(before)
             self._failed(key, err)
             return None
+        capture.held = held_values(self.model)
         self._captures[key] = capture
         self._marks = _touch_marks(self.model)
         self.captures += 1

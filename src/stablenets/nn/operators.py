@@ -62,6 +62,7 @@ __all__ = [
     "torus_norm_bound",
     "power_iteration_all",
     "pinned_weights",
+    "held_values",
     "full_float32",
 ]
 
@@ -419,12 +420,13 @@ class Pinnable(nn.Module):
         """``compute()``, without autograd, held under ``what`` while a ``pinned_weights`` scope
         pins this module and freed when it ends; outside one, ``compute()`` each call. Within a
         scope the value is a constant of the fixed weight: no gradient reaches the weight
-        through it (an attack differentiates the input only)."""
+        through it (an attack differentiates the input only), and a weight edited inside the
+        scope keeps the entry's value until it ends (where the edit, unless undone, raises)."""
         pin = _PINS.get(self)
         if pin is None:
             return compute()
-        if what not in pin.values:
-            with torch.no_grad():
+        if what not in pin.values:  # a plain tensor even if first asked for in inference mode
+            with torch.inference_mode(False), torch.no_grad():
                 pin.values[what] = compute()
         return pin.values[what]
 
@@ -952,6 +954,9 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:  # unpinned whatever happened: an error of the body passes unchanged
+        held = [v for pin in pins.values() for v in pin.values.values()]
+        if any(v.is_cuda for v in held):  # kernels queued on any stream may still read them
+            torch.cuda.synchronize()
         for op in pins:
             del _PINS[op]
     changed = [name for name, op in ours if op._content_stamp() != pins[op].stamp]
@@ -960,6 +965,14 @@ def pinned_weights(model: nn.Module) -> Iterator[nn.Module]:
             f"weights of {', '.join(changed)} changed inside pinned_weights(): certified bounds "
             "used there may be stale"
         )
+
+
+def held_values(model: nn.Module) -> list[torch.Tensor]:
+    """The values live ``pinned_weights`` scopes hold for ``model``'s modules
+    (``Pinnable._while_pinned``). A CUDA graph captured over them reads their memory: it keeps
+    them alive beyond the scope (its weights unchanged, they stay the scope's values)."""
+    pins = [_PINS.get(m) for m in model.modules() if isinstance(m, Pinnable)]
+    return [v for pin in pins if pin is not None for v in pin.values.values()]
 
 
 @contextlib.contextmanager

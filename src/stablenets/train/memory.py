@@ -60,7 +60,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     failure: ``torch.OutOfMemoryError`` (the CUDA caching allocator), Python's
     ``MemoryError``, or a ``RuntimeError`` (``torch.AcceleratorError`` is one) saying so
     (``_OUT_OF_MEMORY``). Not ``__context__``: an error raised while handling an allocation
-    failure (a save that fails on a full disk) is that error, to be reported as itself."""
+    failure (a save that fails on a full disk) is that error, to be reported as itself; nor
+    past a ``ValueError``, which says what was wrong with the input (damaged data whose sizes
+    could not be allocated)."""
     seen: set[int] = set()
     here: BaseException | None = err
     while here is not None and id(here) not in seen:  # a chain can loop back on itself
@@ -69,7 +71,7 @@ def is_out_of_memory(err: BaseException) -> bool:
         ):
             return True
         seen.add(id(here))
-        here = here.__cause__
+        here = None if isinstance(here, ValueError) else here.__cause__
     return False
 
 
