@@ -662,9 +662,7 @@ def test_remat_auto_says_at_once_that_nothing_fits_a_runaway_pass_without_its_dy
         raise AssertionError("the dynamic program ran")
 
     monkeypatch.setattr(memory, "_frees", no_program)
-    t0 = time.perf_counter()
-    assert cost.cheapest_remat(counts, budget=40 * 2**30) is None
-    assert time.perf_counter() - t0 < 0.5
+    assert cost.cheapest_remat(counts, budget=40 * 2**30) is None  # no_program: not run
     assert cost.bytes(counts, [True] * 15) > 40 * 2**30  # (nothing fits indeed)
 
 
