@@ -493,6 +493,25 @@ def test_step_only_training_hours_are_a_lower_bound_and_the_dag_takes_the_rehear
     assert float(total[1]) == pytest.approx(99.0 + 5.5 + 0.25, abs=0.06)  # not 2.5 + 5.75
 
 
+def test_a_rule_that_fits_at_the_rehearsals_sub_steps_is_said_to_fit_at_a_lower_bound(
+    tmp_path, capsys, monkeypatch
+):
+    """``--cost``: a rule whose jobs' ``basis`` says they rest on the rehearsal's sub-steps
+    (``cost.SUBSTEP_BOUND``: the paper classifier's) fits at a lower bound, not plainly; the
+    others (no such basis) plainly."""
+    monkeypatch.chdir(ROOT)  # the SLURM profile's stop lead (cost.SLURM_PROFILE)
+    csv_path, cfg_path, cost_csv = _projection_inputs(tmp_path)
+    rows = pd.read_csv(cost_csv)
+    rows["basis"] = "measured"
+    rows.loc[rows["rule"] == "train_classifier", "basis"] = f"measured; {cost.SUBSTEP_BOUND}"
+    rows.to_csv(cost_csv, index=False)
+    bench.main(["--project", str(csv_path), "--config", str(cfg_path), "--schema", str(SCHEMA),
+                "--cost", str(cost_csv)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"99\.00 h at most, fits, at a lower bound +train_classifier", out), out
+    assert re.search(r"0\.25 h at most, fits +pnp_deblur", out), out
+
+
 def test_a_denoisers_step_time_is_scaled_by_the_rows_theta_over_its_own(tmp_path):
     """The denoiser's row runs theta 1 (at about one sub-step per block); at the same norms the
     averaged denoiser (theta 0.5) takes twice the sub-steps of Euler: twice its hours."""

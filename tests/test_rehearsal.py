@@ -4,6 +4,7 @@ schedule, the overlay at the paper's sizes, the cost projection on fake jobs, an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -20,8 +21,11 @@ import yaml
 from test_bench import CAPTURE_S, fake_cuda_graphs
 from workflow_helpers import BIN, ROOT, copy_workflow, local_env
 
+from stablenets import data
 from stablenets.bench.cost import (
     RULES,
+    SUBSTEP_BOUND,
+    UNRECORDED_RUN,
     BenchRow,
     Job,
     Measured,
@@ -35,7 +39,9 @@ from stablenets.bench.cost import (
     projected_by_rule,
     write_cost,
 )
-from stablenets.nn.models import build_model
+from stablenets.bench.rows import substep_theta
+from stablenets.nn.models import build_model, read_checkpoint, save_model
+from stablenets.pipeline import jobs as pipeline_jobs
 from stablenets.pipeline.config import overlay, validate_config
 from stablenets.pipeline.runtime import write_results
 from stablenets.train import loop
@@ -108,7 +114,7 @@ def test_training_projects_fixed_seconds_plus_steps_validations_and_checkpoints_
     parts = {"step": (20.0, 2000), "validation": (3.0, 3), "checkpoint": (1.0, 2)}
     measured = Measured(job, 100.0, 0.0, "step", 2000, 24.0, {}, parts)  # 76 s fixed
     units, seconds, basis, complete = project(job, measured, paper())
-    assert (units, basis, complete) == (40_000, job.label(), True)
+    assert (units, basis, complete) == (40_000, f"{job.label()}; {SUBSTEP_BOUND}", True)
     assert seconds == pytest.approx(76.0 + 0.01 * 40_000 + 1.0 * 108 + 0.5 * 80)
 
 
@@ -396,7 +402,7 @@ def test_every_job_of_the_paper_dag_gets_a_finite_projection_and_the_totals_name
     gpu, every = rows[rows["row"] == "total"].itertuples()
     assert gpu.projected_h == pytest.approx(dag.loc[dag["gpu"] > 0, "projected_h"].sum())
     assert every.projected_h == pytest.approx(dag["projected_h"].sum())
-    assert gpu.fits and gpu.basis == "over their runtime: none"
+    assert gpu.fits and gpu.basis.startswith("over their runtime: none; ")  # (sub-steps next)
     slow = pd.DataFrame(cost_rows(fake_run(eval_wall=40.0 + 4 * 3600), paper()))  # 4 h fixed
     late = slow[(slow["row"] == "paper") & ~slow["fits"].astype(bool)]
     assert set(late["rule"]) == {"evaluate_classifier"}
@@ -490,6 +496,8 @@ def test_a_tiny_make_rehearsal_runs_every_job_kind_and_writes_cost_csv(tmp_path)
     assert (trained["substeps_first"] >= 1).all() and (trained["peak_memory_mb"] > 0).all()
     attacked = measured[measured["rule"] == "evaluate_classifier"]
     assert (attacked["fixed_s"] > 0).all() and (attacked["seconds_per_unit"] >= 0).all()
+    # training and the classifier evaluation recorded their run's own seconds (jobs: *_run)
+    assert not measured["basis"].str.contains(UNRECORDED_RUN, regex=False).any()
     deblurred = measured[measured["rule"].isin(["pnp_deblur", "tv_deblur"])]  # start-up: fixed
     assert len(deblurred) == 2 and (deblurred["fixed_s"] > 0).all(), deblurred
     dag = cost[cost["row"] == "paper"]
@@ -576,6 +584,139 @@ def test_the_tv_baselines_are_measured_and_projected_with_their_choice_of_weight
                       5.0, {})  # fmt: skip
     units, _, _, _ = project(deblur.job, deblur, paper())
     assert units == (200 + p["val_images"] * len(p["strengths"])) * p["max_iter"]
+
+
+# The clocks of a job resumed once: its totals count the killed run's 1,000 steps (14 s) and this
+# run's 1,000: 10 s of steps once its first (start-up, 2 s) is re-timed at the others' 10 ms,
+# 1 s of validations and 0.5 s of checkpoint writes; its benchmark's 20 s wall time is this
+# run's alone: 8.5 s fixed.
+TOTALS = {"train_time_s": 26.0, "startup_s": 4.0, "startup_steps": 2, "validation_s": 3.0,
+          "validations": 3, "checkpoint_s": 1.0, "checkpoints": 2}  # fmt: skip
+THIS_RUN = {"steps_run": 1000, "train_time_s_run": 2.0 + 999 * 0.01, "startup_s_run": 2.0,
+            "startup_steps_run": 1, "validation_s_run": 1.0, "validations_run": 1,
+            "checkpoint_s_run": 0.5, "checkpoints_run": 1}  # fmt: skip
+
+
+def measured_training(tmp_path: Path, extra: dict) -> Measured:
+    """``measure`` of a trained classifier of 2,000 steps (20 s wall) with these clocks."""
+    job = Job("train_classifier", "nonexpansive", seed=0)
+    root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
+    root.mkdir(parents=True)
+    tsv.write_text("s\th:m:s\tmax_rss\n20.0\t0:00:20\t900.0\n")
+    model = build_model("nonexpansive_classifier", base_width=4, stages=2, blocks_per_stage=1,
+                        input_size=8)  # fmt: skip
+    path = job.results(root)
+    path.parent.mkdir(parents=True)
+    save_model(model, path, config=json.dumps({}), peak_memory_mb=1.0, **extra)
+    pd.DataFrame([
+        {"step": 0, "kind": "train", "substeps": 15, "lr": 0.01},
+        {"step": 2000, "kind": "val", "substeps": 0, "lr": 0.01},
+    ]).to_csv(path.with_name("train_log.csv"), index=False)  # fmt: skip
+    return measure(job, tsv, root)
+
+
+def test_a_resumed_training_job_keeps_the_fixed_seconds_of_its_last_run_not_wall_less_all_runs(
+    tmp_path,
+):
+    """Wall less every run's 29 s of steps, validations and writes was 0 (clamped): the job
+    projected without its start-up and loading. Its rates stay every run's (2,000 steps)."""
+    measured = measured_training(tmp_path, TOTALS | THIS_RUN)
+    assert measured.fixed_s == pytest.approx(20.0 - (10.0 + 1.0 + 0.5))
+    assert measured.parts["step"] == (pytest.approx(22.0 * 2000 / 1998), 2000)
+    assert measured.parts["validation"] == (3.0, 3) and measured.caveat == ""
+    old = measured_training(tmp_path / "old", TOTALS)  # a model saved before the *_run clocks
+    assert old.fixed_s == 0.0 and old.caveat == UNRECORDED_RUN
+    _, _, basis, _ = project(old.job, old, paper())
+    assert UNRECORDED_RUN in basis
+
+
+def test_a_resumed_training_records_its_own_runs_steps_and_seconds_beside_every_runs(tmp_path):
+    """A job stopped after 5 of 10 steps (``stop_after``), then run on to the end: the second
+    run's ``*_run`` clocks are its 5 steps, its own start-up step and validation, the totals
+    both runs'; a run that started afresh has its totals as its own."""
+    dataset = tmp_path / "cifar.h5"
+    data.make_synthetic_classification(dataset, 64, 16, 16, 10, 16, 0.05, 0)
+    spec = {
+        "task": "classification", "variant": "tiny", "model": "nonexpansive_classifier",
+        "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16},
+        "train": {"steps": 10, "batch_size": 16, "lr_max": 0.05, "val_every": 5,
+                  "checkpoint_every": 5, "log_every": 5, "stop_after": 5},
+        "augment": {"crop_padding": 2, "flip": True, "erase_p": 0.5},
+        "eval_batch": 16, "seed": 0, "device": "cpu", "threads": 1,
+    }  # fmt: skip
+    work, extras = tmp_path / "work", []
+    for stop_after in (5, None):
+        spec["train"]["stop_after"] = stop_after
+        out = tmp_path / f"stop{stop_after}"
+        pipeline_jobs.train_model(spec, dataset, out / "m.pt", out / "l.csv", work, str)
+        extras.append(read_checkpoint(out / "m.pt")["extra"])
+    first, second = extras
+    assert first["steps_run"] == 5 and first["train_time_s_run"] == first["train_time_s"]
+    assert (second["steps_run"], second["startup_steps_run"], second["startup_steps"]) == (5, 1, 2)
+    assert second["validations_run"] == 1 and second["validations"] == 2
+    assert second["train_time_s_run"] == pytest.approx(
+        second["train_time_s"] - first["train_time_s"]
+    )
+
+
+def test_a_resumed_evaluation_keeps_its_last_runs_fixed_seconds_and_scales_its_clean_pass(
+    tmp_path,
+):
+    """The sweep's seconds per pass count every run's (8 s), the benchmark's 12.5 s this run's:
+    2 s of attacks and 0.5 s of its clean pass over its 100 points leave 10 s fixed, and the
+    clean pass is a part at 5 ms a point, 50 s over the paper's 10,000 (it was fixed)."""
+    job = Job("evaluate_classifier", "resnet", seed=0)
+    root, tsv = tmp_path / "results", tmp_path / "bench.tsv"
+    tsv.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t900.0\n")
+    spec = {"evaluate": PAPER["classification"]["evaluate"]}
+    rates = {"pgd": 0.01, "strong": 0.5, "audit": float("nan"), "bisect": 0.25}
+    points = {"pgd": 200, "strong": 10, "audit": 0, "bisect": 4}
+    attrs = (
+        {"config": json.dumps(spec), "n_test": 100, "clean_accuracy": 0.5}
+        | {f"seconds_per_point_{p}": r for p, r in rates.items()}
+        | {f"attacked_points_{p}": n for p, n in points.items()}
+    )
+    run = {"seconds_attacks_run": 2.0, "seconds_clean_run": 0.5}
+    write_results(job.results(root), attrs | run, {})
+    measured = measure(job, tsv, root)
+    assert measured.fixed_s == 10.0 and measured.parts["clean"] == (0.5, 100)
+    _, seconds, basis, _ = project(job, measured, paper())
+    attacks = dataclasses.replace(measured, parts={**measured.parts, "clean": (0.0, 0)})
+    _, without, _, _ = project(job, attacks, paper())
+    assert seconds - without == pytest.approx(0.5 / 100 * 10_000) and UNRECORDED_RUN not in basis
+    write_results(job.results(root), attrs, {})  # a result recorded before this run's seconds
+    old = measure(job, tsv, root)
+    assert old.fixed_s == 12.5 - 8.0 and "clean" not in old.parts
+    assert "its clean pass among them (not scaled to N)" in project(job, old, paper()).basis
+
+
+def test_the_jobs_of_a_model_with_adaptive_sub_steps_say_their_fits_rests_on_a_lower_bound():
+    """Their projections keep the rehearsal's sub-steps (``SUBSTEP_NOTE``): every row of such a
+    variant (the paper classifier, the non-expansive denoisers: training, evaluation, PnP) says
+    so in ``basis``, ``fits`` staying a bool its readers compare (``projected_by_rule``,
+    ``_total``); the ResNet, the layer families and DnCNN do not; the totals count them."""
+    rows = pd.DataFrame(cost_rows(fake_run(eval_wall=40.0), paper()))
+    jobs = rows[rows["row"].isin(["rehearsal", "paper"])]
+
+    def adaptive(r: pd.Series) -> bool:
+        task = "classification" if r["rule"].endswith("_classifier") else "denoising"
+        v = PAPER[task]["variants"].get(r["variant"])
+        return v is not None and substep_theta(v) is not None
+
+    bounded = jobs.apply(adaptive, axis=1)
+    said = jobs["basis"].str.contains(SUBSTEP_BOUND, regex=False)
+    assert bounded.any() and (~bounded).any() and (said == bounded).all()
+    assert set(jobs.loc[said, "rule"]) == {
+        "train_classifier",
+        "evaluate_classifier",
+        "train_denoiser",
+        "evaluate_denoiser",
+        "pnp_deblur",
+    }
+    assert jobs["fits"].isin([True, False]).all()
+    gpu = rows[rows["row"] == "total"].iloc[0]
+    count = (said & (rows["row"] == "paper") & (rows["gpu"] > 0)).sum()
+    assert f"; {count} projected at the rehearsal's sub-steps (a lower bound)" in gpu["basis"]
 
 
 def device_script(work: Path, out: Path, limit: str, **env: str) -> subprocess.CompletedProcess:

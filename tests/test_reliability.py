@@ -2224,6 +2224,12 @@ TIMING_OR_PROVENANCE = {
     "peak_memory_mb",
     "images_per_s",
     "denoising_s_run",
+    "train_time_s_run",
+    "startup_s_run",
+    "validation_s_run",
+    "checkpoint_s_run",
+    "seconds_clean_run",
+    "seconds_attacks_run",
     "git_commit",
     "versions",
     "inputs",  # the models' sha256: their files hold their training times
@@ -2232,7 +2238,8 @@ TIMING_OR_PROVENANCE = {
 
 # What a run did rather than what it computed: a run killed and resumed has two start-ups, and
 # its rerun evaluates only the test images the killed one left.
-RUN_HISTORY = {"startup_steps", "test_images_run"}
+RUN_HISTORY = {"startup_steps", "test_images_run", "steps_run", "startup_steps_run",
+               "validations_run", "checkpoints_run"}  # fmt: skip
 
 
 def assert_same_h5(a: Path, b: Path) -> None:

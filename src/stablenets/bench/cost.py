@@ -17,7 +17,13 @@ A paper job ``p`` is projected from the measured job ``m`` of the same rule, pre
 same variant, else of the same model, else the rule's first measured job:
 
     seconds(p) = fixed(m) + f * sum over parts of  rate(m, part) * paper_units(p, part)
-    fixed(m)   = max(wall(m) - variable(m), 0)
+    fixed(m)   = max(wall(m) - variable(m, this run), 0)
+
+The rates are those of every run of ``m`` (a resumed job's clocks total them); the fixed seconds
+are those of the run that wrote its result, whose wall time its benchmark has: the seconds that
+scale with the units of that run alone (training's and the sweep's ``*_run`` attributes, the
+solver jobs' own). A result written before training and the classifier evaluation recorded
+them takes every run's, which leaves a resumed job too few fixed seconds (said in ``basis``).
 
 * training: three parts, from the loop's own clocks (``RunState``): steps (rate =
   ``train_time_s`` / steps run, each process's first step re-timed at the others' rate, its
@@ -28,7 +34,10 @@ same variant, else of the same model, else the rule's first measured job:
   these are not fixed costs. With ``budget_minutes``: the fixed seconds plus that budget plus
   the validations and checkpoint writes at the steps it buys at the projected step rate
   (``budget.budget_steps``: the job's own rule; paper units those steps);
-* classifier evaluation: one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
+* classifier evaluation: its clean pass (the logits and margins of the ``n`` test points, which
+  its clean accuracy and certificates come from; ``seconds_clean_run``: rate per test point,
+  paper units ``N``; the device's first forward pass, start-up included, scales with it: an
+  upper estimate), and one part per pass of the radius sweep (``radius_sweep.PASSES``), rate =
   the pass's seconds per attacked point (the job's ``seconds_per_point_*`` and
   ``attacked_points_*``), points scaled to the paper's settings: pgd and strong by
   ``N / n`` (test points) and by their radii, bisect by ``N / n`` and its ``ceil(log2(num))``
@@ -43,7 +52,8 @@ same variant, else of the same model, else the rule's first measured job:
   bisection: its own, then the strong pass's), another
   evaluation's same pass times ``f`` of the two variants; where none attacked a point, the
   pass is left out and the projection marked incomplete (``fits`` empty, the totals name it).
-  With the paper's attack settings this is ``fixed + (wall - fixed) * N / n`` (audit aside);
+  With the paper's attack settings and a run not resumed this is ``fixed + (wall - fixed) *
+  N / n`` (audit aside);
 * denoiser evaluation: rate = the seconds it denoised test images for per image
   (``denoising_s_run``, ``test_images_run``), fixed = the rest (loading, the Lipschitz search,
   whose settings the rehearsal keeps at the paper's); paper units = the paper's test images;
@@ -76,7 +86,11 @@ For a paper variant of another model (a layer family projected from the paper cl
 model's ``total_substeps``): the family's blocks cost the same at every step, where the paper
 classifier's rate covers the sub-steps it ran, which grow with the learning rate (15 -> about 51
 over the rehearsal). The paper classifier's own projection keeps its measured sub-steps: a lower
-bound, as they keep growing past the rehearsal's steps.
+bound, as they keep growing past the rehearsal's steps. So do the jobs of every variant with
+adaptive sub-steps (the non-expansive denoisers' too): their rows say so in ``basis``
+(``SUBSTEP_BOUND``: their ``fits`` rests on a lower bound) and the totals count them; ``fits``
+stays a bool (or empty: unknown), which ``_total``, ``projected_by_rule`` and cost.csv's readers
+compare as such.
 Per-point rates measured on batches smaller than the paper's are upper estimates on a GPU, whose
 small attack batches are launch-bound.
 
@@ -204,10 +218,17 @@ class Measured:
     stats: dict[str, Any] = field(default_factory=dict)
     device: str = ""  # what the job computed on (its outputs' ``device``; "" if unrecorded)
     substeps: float = 0.0  # its model's mean total sub-steps over the work measured (0: none)
+    # the run that wrote the result: its seconds that scale with the units, where variable_s
+    # totals every run of a resumed job (None: variable_s is this run's); what its basis says
+    # of a result recorded without them
+    run_variable_s: float | None = None
+    caveat: str = ""
 
     @property
     def fixed_s(self) -> float:
-        return max(self.wall_s - self.variable_s, 0.0)
+        """The wall time of the run that wrote the result less its own variable seconds."""
+        own = self.variable_s if self.run_variable_s is None else self.run_variable_s
+        return max(self.wall_s - own, 0.0)
 
 
 def _benchmark(path: Path) -> tuple[float, float]:
@@ -248,8 +269,28 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
     }
     spec = json.loads(extra["config"])
     variable = sum(s for s, _ in parts.values())
+    run = _training_run_s(extra)
     return Measured(job, wall, rss, "step", steps, variable, spec, parts, stats,
-                    str(extra.get("device", "")), float(substeps.mean()))  # fmt: skip
+                    str(extra.get("device", "")), float(substeps.mean()), run,
+                    "" if run is not None else UNRECORDED_RUN)  # fmt: skip
+
+
+def _training_run_s(extra: dict[str, Any]) -> float | None:
+    """The seconds of steps (``_steady_time``), validations and checkpoint writes of the run
+    that saved the model (its ``<clock>_run``: ``RunState.run_clocks``); None where it predates
+    them."""
+    if "steps_run" not in extra:
+        return None
+    clocks = {k: extra[f"{k}_run"] for k in ("train_time_s", "startup_s", "startup_steps")}
+    steps = _steady_time(clocks, int(extra["steps_run"]))
+    return steps + sum(float(extra[f"{p}_s_run"]) for p in _OCCASIONAL)
+
+
+UNRECORDED_RUN = (
+    "; recorded without its last run's own seconds: fixed = wall less every run's (too few after "
+    "a resume)"
+)
+"""What a measured job's ``basis`` says where it did not record its last run's seconds."""
 
 
 _OCCASIONAL = {"validation": "val_every", "checkpoint": "checkpoint_every"}
@@ -294,10 +335,13 @@ def _attrs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> Measured:
     """Seconds and attacked points per pass of the radius sweep, from the job's result file
-    (``seconds_per_point_<pass>`` and ``attacked_points_<pass>``)."""
+    (``seconds_per_point_<pass>`` and ``attacked_points_<pass>``: every run's), and the seconds
+    of its clean pass over its ``n_test`` points and of its attacks in the run that wrote it
+    (``seconds_clean_run``, ``seconds_attacks_run``)."""
     from stablenets.evaluation.radius_sweep import PASSES
 
     attrs, spec = _attrs(path)
+    n = int(attrs["n_test"])
     parts = {}
     for p in PASSES:
         points = float(attrs[f"attacked_points_{p}"])
@@ -305,10 +349,14 @@ def _measure_classifier_eval(job: Job, path: Path, wall: float, rss: float) -> M
         parts[p] = (rate * points if points else 0.0, points)
     stats = {f"s_per_point_{p}": float(attrs[f"seconds_per_point_{p}"]) for p in PASSES}
     stats["clean_accuracy"] = float(attrs["clean_accuracy"])
-    attack = sum(s for s, _ in parts.values())
-    n = int(attrs["n_test"])
-    return Measured(job, wall, rss, "test point", n, attack, spec, parts, stats,
-                    str(attrs.get("device", "")), float(attrs.get("total_substeps", 0)))  # fmt: skip
+    run, caveat = None, UNRECORDED_RUN + ", its clean pass among them (not scaled to N)"
+    if "seconds_clean_run" in attrs:  # the clean pass: a part, per test point
+        parts["clean"] = (float(attrs["seconds_clean_run"]), n)
+        run, caveat = float(attrs["seconds_attacks_run"]) + parts["clean"][0], ""
+    variable = sum(s for s, _ in parts.values())
+    return Measured(job, wall, rss, "test point", n, variable, spec, parts, stats,
+                    str(attrs.get("device", "")), float(attrs.get("total_substeps", 0)), run,
+                    caveat)  # fmt: skip
 
 
 def measure(job: Job, tsv: Path, root: Path) -> Measured:
@@ -367,15 +415,16 @@ def _pass_counts(ev: dict[str, Any]) -> dict[str, int]:
 def _eval_seconds(
     m: Measured, paper: Paper, n_paper: float, others: Sequence[Measured]
 ) -> tuple[float, list[str], bool]:
-    """Attack seconds of a classifier evaluation at paper scale, per pass (module docstring), a
-    note per pass not projected from its own measured points (and always one for the strong
-    pass), and whether every pass the paper runs has a rate (else the seconds are a lower
-    bound: a pass that attacked no point in any evaluation is left out)."""
+    """Seconds of a classifier evaluation's clean pass and attacks at paper scale, per pass
+    (module docstring), a note per pass not projected from its own measured points (and always
+    one for the strong pass), and whether every pass the paper runs has a rate (else the
+    seconds are a lower bound: a pass that attacked no point in any evaluation is left out)."""
     from stablenets.evaluation.radius_sweep import PASSES
 
     run = _pass_counts(m.spec["evaluate"])
     want = _pass_counts(paper.config["classification"]["evaluate"])
-    seconds, notes, complete = 0.0, [], True
+    clean_s, n = m.parts.get("clean", (0.0, 0))  # none recorded: among the fixed seconds
+    seconds, notes, complete = (clean_s / n * n_paper if n else 0.0), [], True
     for p in (p for p in PASSES if want[p]):
         s, points = m.parts[p]
         if points and run[p]:  # the audit: at most its slots, whatever N; the others: N / n
@@ -581,6 +630,25 @@ def _basis(job: Job, measured: list[Measured], paper: Paper) -> Measured | None:
     return same_rule[0] if same_rule else None
 
 
+SUBSTEP_BOUND = "at the rehearsal's sub-steps, which keep growing: fits rests on a lower bound"
+"""What the ``basis`` of a job of a model with adaptive sub-steps says (``SUBSTEP_NOTE``)."""
+
+
+def _substep_bound(job: Job, paper: Paper) -> str:
+    """``SUBSTEP_BOUND`` for a paper job of a variant whose blocks take adaptive sub-steps
+    (``rows.substep_theta``), whose training, evaluation or PnP is projected at the sub-steps
+    the rehearsal's model ran (or its benchmark row's): fewer than the paper model's. Not for
+    a ``budget_minutes`` training job, whose steps are its budget's whatever they cost."""
+    from stablenets.bench.rows import substep_theta
+
+    v = paper.variant(job.task, job.variant)
+    if v is None or substep_theta(v) is None:
+        return ""
+    if job.rule.startswith("train_") and paper.train(job.task, job.variant).get("budget_minutes"):
+        return ""
+    return f"; {SUBSTEP_BOUND}"
+
+
 class Projection(NamedTuple):
     """A paper job's units of work, projected seconds and basis text; ``complete``: false where
     part of its work had no measured rate (the seconds a lower bound, whether it fits unknown)."""
@@ -612,7 +680,7 @@ def project(job: Job, basis: Measured, paper: Paper, others: Sequence[Measured] 
     attack rates stand in for a pass ``basis`` attacked no point in)."""
     f, how = paper.factor(job, basis)
     units = paper.units(job)
-    text = f"{basis.job.label()}{how}"
+    text = f"{basis.job.label()}{how}{basis.caveat}{_substep_bound(job, paper)}"
     train = paper.train(job.task, job.variant) if job.rule.startswith("train_") else {}
     if train.get("budget_minutes"):
         return _budget_projection(basis, train, f, text)
@@ -721,7 +789,8 @@ def _measured_row(m: Measured, paper: Paper, others: Sequence[Measured]) -> dict
         row.update(projected_h=math.nan, basis="measured nothing: resumed its saved work")
     else:
         units, seconds, _, complete = project(m.job, m, paper, others)
-        row.update(_row("rehearsal", m.job, paper, units, seconds, "measured", complete))
+        basis = f"measured{m.caveat}{_substep_bound(m.job, paper)}"
+        row.update(_row("rehearsal", m.job, paper, units, seconds, basis, complete))
     row.update(
         variant=m.job.variant or m.job.dataset,
         sigma=m.job.sigma,
@@ -757,13 +826,17 @@ def cost_rows(measured: list[Measured], paper: Paper) -> list[dict[str, Any]]:
 
 def _total(chosen: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of projected jobs, whether all fit, naming those over their runtime and those
-    projected incomplete (then the sum is a lower bound and, none over, ``fits`` unknown)."""
+    projected incomplete (then the sum is a lower bound and, none over, ``fits`` unknown), and
+    counting those whose ``fits`` rests on a lower bound (``SUBSTEP_BOUND``)."""
     named = [f"{r['rule']}/{r['variant']}" for r in chosen]
     late = [n for n, r in zip(named, chosen, strict=True) if r["fits"] is False]
     unknown = [n for n, r in zip(named, chosen, strict=True) if r["fits"] is None]
     basis = "over their runtime: " + (", ".join(late) if late else "none")
     if unknown:
         basis += "; projected incomplete (the total a lower bound): " + ", ".join(unknown)
+    bounded = sum(SUBSTEP_BOUND in r["basis"] for r in chosen)
+    if bounded:
+        basis += f"; {bounded} projected at the rehearsal's sub-steps (a lower bound)"
     return {
         "units": len(chosen),
         "projected_h": sum(r["projected_h"] for r in chosen),
@@ -816,8 +889,9 @@ def _test_size(path: Path) -> int:
 SUBSTEP_NOTE = (
     "A model with adaptive sub-steps is projected at the mean sub-steps it ran here: a lower "
     "bound for its own jobs, as its sub-steps keep growing past the rehearsal's steps with the "
-    "learning rate. A layer family projected from it is brought to its benchmark row's "
-    "sub-steps first (its blocks cost the same at every step)."
+    "learning rate; their fits rests on it (their basis in cost.csv says so). A layer family "
+    "projected from it is brought to its benchmark row's sub-steps first (its blocks cost the "
+    "same at every step)."
 )
 """cost.md's note on the sub-steps behind the projections (``factor``)."""
 
@@ -919,9 +993,11 @@ def write_cost(
 
 def projected_by_rule(cost_csv: Path, rules: set[str]) -> list[dict[str, Any]]:
     """The paper DAG's jobs of ``rules`` in a run's ``cost.csv`` (its ``paper`` rows), by rule:
-    ``rule``, ``jobs``, ``projected_h`` (summed), ``each_h`` (the longest job), ``runtime_min``
-    and ``over`` (the jobs projected past their runtime). For ``bench.training --project``,
-    which projects the training jobs itself from step benchmarks."""
+    ``rule``, ``jobs``, ``projected_h`` (summed), ``each_h`` (the longest job), ``runtime_min``,
+    ``over`` (the jobs projected past their runtime) and ``lower_bound`` (whether any rests on
+    the rehearsal's sub-steps: ``SUBSTEP_BOUND`` in its ``basis``, a column a file may lack).
+    For ``bench.training --project``, which projects the training jobs itself from step
+    benchmarks."""
     import csv
 
     if not cost_csv.is_file():
@@ -938,12 +1014,14 @@ def projected_by_rule(cost_csv: Path, rules: set[str]) -> list[dict[str, Any]]:
         hours = float(r["projected_h"])
         by = out.setdefault(
             r["rule"],
-            {"rule": r["rule"], "jobs": 0, "projected_h": 0.0, "each_h": 0.0, "over": []},
-        )
+            {"rule": r["rule"], "jobs": 0, "projected_h": 0.0, "each_h": 0.0, "over": [],
+             "lower_bound": False},
+        )  # fmt: skip
         by["jobs"] += 1
         by["projected_h"] += hours
         by["each_h"] = max(by["each_h"], hours)
         by["runtime_min"] = float(r["runtime_min"])
+        by["lower_bound"] |= SUBSTEP_BOUND in (r.get("basis") or "")
         if r["fits"] != "True":  # "" where a pass had no rate: unknown
             name = "/".join(x for x in (r["variant"], r["sigma"]) if x)
             by["over"].append(name + (" (fits unknown)" if not r["fits"] else ""))

@@ -725,9 +725,10 @@ def _print_projection(args: argparse.Namespace) -> None:
     """``--project``: the training jobs from step benchmarks (``project_hours``: a lower bound,
     said in one line), each against ``resources.train.runtime`` less the SLURM stop lead
     (``_fits``); with ``--cost``, the jobs a rehearsal projected (``cost.projected_by_rule``, for
-    the paper config that rehearsal named) and the whole DAG, with the rehearsal's training
-    projections (measured sub-step growth, validations and checkpoints) where ``cost.csv`` has
-    them, else the step-only ones."""
+    the paper config that rehearsal named; a rule that fits at the rehearsal's sub-steps is said
+    to fit at a lower bound) and the whole DAG, with the rehearsal's training projections
+    (measured sub-step growth, validations and checkpoints) where ``cost.csv`` has them, else
+    the step-only ones."""
     config = load_config(Path(args.config), Path(args.schema))
     rows = project_hours(
         [Path(f) for f in args.project], Path(args.config), args.project_options, Path(args.schema)
@@ -749,7 +750,7 @@ def _print_projection(args: argparse.Namespace) -> None:
         return
     others = projected_by_rule(Path(args.cost), set(RULES))
     for r in others:
-        fits = "fits"
+        fits = "fits, at a lower bound" if r["lower_bound"] else "fits"  # cost.SUBSTEP_BOUND
         if r["over"]:
             fits = f"{len(r['over'])} over {r['runtime_min']:.0f} min: {', '.join(r['over'][:4])}"
         print(f"{r['projected_h']:10.1f} h  {r['jobs']:3d} job(s)  {r['each_h']:6.2f} h at most, "

@@ -193,6 +193,7 @@ def train_model(
         peak_memory_mb=peak_memory_mb(device),
         total_substeps=_saved_substeps(model),
         **state.time_split(),
+        **state.run_clocks(),
         **provenance(spec, spec["seed"], device, [data_path]),
     )
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
@@ -361,7 +362,9 @@ def evaluate_classifier(
         raise data.DataError(f"{data_path}: the test split has no labels to evaluate against")
     if ev.get("n_test"):
         x, y = x[: ev["n_test"]], y[: ev["n_test"]]
+    clean_start = time.perf_counter()
     margin, correct, rounding = robustness.clean_margins(model, x, y, ev["batch_size"])
+    clean_s = time.perf_counter() - clean_start  # this run's: a resumed one computes it again
     lip = model.lipschitz_bound()
     eps, std_eps = radius_sweep.evaluation_radii(ev)
     plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
@@ -374,6 +377,7 @@ def evaluate_classifier(
         )
         clean = float(state.correct.double().mean())  # what the curves count: the state's
         log(f"{spec['variant']}: clean {clean:.4f}, Lipschitz bound {lip:.4g}")
+        attacked_s = sum(state.seconds.values())  # a resumed sweep's: earlier runs'
         state = _sweep(model, x, y, plan, state, spec["variant"], saved, ev, log)
         if plan.search is not None:
             if graphs := plan.search.summary():
@@ -410,6 +414,10 @@ def evaluate_classifier(
         "audited_certified": int(sum(state.audited.values())),
         **{f"seconds_per_point_{p}": _per_point(state, p) for p in radius_sweep.PASSES},
         **{f"attacked_points_{p}": state.points[p] for p in radius_sweep.PASSES},
+        # this run's own seconds (the sweep's totals count every run's), for bench.cost: its
+        # clean pass (the n_test points' logits and margins) and its attacks
+        "seconds_clean_run": clean_s,
+        "seconds_attacks_run": sum(state.seconds.values()) - attacked_s,
         **_accuracy_attrs(eps, acc),
         **provenance(spec, spec["seed"], device, [model_path, data_path]),
     }

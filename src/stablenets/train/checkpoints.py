@@ -58,12 +58,24 @@ class RunState:
     checkpoint_s: float = 0.0
     checkpoints: int = 0
     stop_metric: float | None = None
+    # the clocks this process resumed at (``resume``; not saved: each run has its own)
+    resumed_at: dict[str, float] = field(default_factory=dict)
 
     def time_split(self) -> dict[str, float]:
         """Start-up, validation and checkpoint seconds and counts, for the model's record."""
         keys = ("startup_s", "startup_steps", "validation_s", "validations", "checkpoint_s",
                 "checkpoints")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
+
+    def clocks(self) -> dict[str, float]:
+        """Steps, training seconds and the time split: totals over every run of a job."""
+        return {"steps": self.step, "train_time_s": self.elapsed, **self.time_split()}
+
+    def run_clocks(self) -> dict[str, float]:
+        """This run's own clocks (``<clock>_run``): the totals less those it resumed at. A
+        benchmark's wall time is one run's, and ``bench.cost`` takes this run's seconds from it
+        to leave its fixed seconds."""
+        return {f"{k}_run": v - self.resumed_at.get(k, 0) for k, v in self.clocks().items()}
 
 
 def resume(
@@ -100,6 +112,7 @@ def resume(
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     state = RunState(**ckpt["run"])
+    state.resumed_at = state.clocks()
     log(f"resumed from {path} at step {state.step}")
     return state
 
@@ -136,7 +149,7 @@ def save(
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "run": state.__dict__,
+            "run": {k: v for k, v in state.__dict__.items() if k != "resumed_at"},
         },
         path,
     )
