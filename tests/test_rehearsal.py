@@ -630,6 +630,17 @@ def test_a_resumed_training_job_keeps_the_fixed_seconds_of_its_last_run_not_wall
     assert UNRECORDED_RUN in basis
 
 
+def test_a_resumed_run_of_one_start_up_step_keeps_its_start_up_fixed(tmp_path):
+    """A run resumed one step before the end times that step with its start-up (3 s): it is
+    counted at every run's steady rate (22 s over 1,998 steady steps), the rest of it fixed.
+    Timed by its own clock, the whole start-up counted as a step the paper's 40,000 repeat."""
+    one_step = {"steps_run": 1, "train_time_s_run": 3.0, "startup_s_run": 3.0,
+                "startup_steps_run": 1, "validation_s_run": 1.0, "validations_run": 1,
+                "checkpoint_s_run": 0.5, "checkpoints_run": 1}  # fmt: skip
+    measured = measured_training(tmp_path, TOTALS | one_step)
+    assert measured.fixed_s == pytest.approx(20.0 - (22.0 / 1998 + 1.0 + 0.5))
+
+
 def test_a_resumed_training_records_its_own_runs_steps_and_seconds_beside_every_runs(tmp_path):
     """A job stopped after 5 of 10 steps (``stop_after``), then run on to the end: the second
     run's ``*_run`` clocks are its 5 steps, its own start-up step and validation, the totals

@@ -33,7 +33,8 @@ them takes every run's, which leaves a resumed job too few fixed seconds (said i
   step too). A rehearsal validates 3 times in 1,000 steps, the paper 108 times in 40,000, so
   these are not fixed costs. With ``budget_minutes``: the fixed seconds plus that budget plus
   the validations and checkpoint writes at the steps it buys at the projected step rate
-  (``budget.budget_steps``: the job's own rule; paper units those steps);
+  (``budget.budget_steps``: the job's own rule; paper units those steps; a resumed
+  rehearsal job's fixed seconds leave out the budget's calibration, run by its first run only);
 * classifier evaluation: its clean pass (the logits and margins of the ``n`` test points, which
   its clean accuracy and certificates come from; ``seconds_clean_run``: rate per test point,
   paper units ``N``; the device's first forward pass, start-up included, scales with it: an
@@ -269,21 +270,24 @@ def _measure_training(job: Job, path: Path, wall: float, rss: float) -> Measured
     }
     spec = json.loads(extra["config"])
     variable = sum(s for s, _ in parts.values())
-    run = _training_run_s(extra)
+    run = _training_run_s(extra, _ratio(*parts["step"]))
     return Measured(job, wall, rss, "step", steps, variable, spec, parts, stats,
                     str(extra.get("device", "")), float(substeps.mean()), run,
                     "" if run is not None else UNRECORDED_RUN)  # fmt: skip
 
 
-def _training_run_s(extra: dict[str, Any]) -> float | None:
-    """The seconds of steps (``_steady_time``), validations and checkpoint writes of the run
-    that saved the model (its ``<clock>_run``: ``RunState.run_clocks``); None where it predates
-    them."""
+def _training_run_s(extra: dict[str, Any], step_s: float) -> float | None:
+    """The variable seconds of the run that saved the model (its ``<clock>_run``:
+    ``RunState.run_clocks``): its steps' (``_steady_time``: its start-up stays fixed; a run
+    whose steps were all start-up has them at ``step_s``, every run's steady rate), its
+    validations' and checkpoint writes'; None where it predates them."""
     if "steps_run" not in extra:
         return None
-    clocks = {k: extra[f"{k}_run"] for k in ("train_time_s", "startup_s", "startup_steps")}
-    steps = _steady_time(clocks, int(extra["steps_run"]))
-    return steps + sum(float(extra[f"{p}_s_run"]) for p in _OCCASIONAL)
+    run = {k: extra[f"{k}_run"] for k in ("train_time_s", "startup_s", "startup_steps")}
+    steps = int(extra["steps_run"])
+    own = steps > int(run["startup_steps"])  # a steady step of its own to time the others by
+    step_seconds = _steady_time(run, steps) if own else steps * step_s if steps else 0.0
+    return step_seconds + sum(float(extra[f"{p}_s_run"]) for p in _OCCASIONAL)
 
 
 UNRECORDED_RUN = (
