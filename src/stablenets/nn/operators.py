@@ -915,8 +915,6 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     return stored
 
 
-# The operators pinned by a live ``pinned_weights`` scope, with their stamps: held outside the
-# modules, so that a copy (``copy.deepcopy``, ``torch.save``) made inside a scope is not pinned.
 @dataclasses.dataclass
 class _Pin:
     """A pinned module's content stamp on entry, and its values held for the scope."""
@@ -925,6 +923,8 @@ class _Pin:
     values: dict[Hashable, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+# The modules pinned by a live ``pinned_weights`` scope, with their pins: held outside the
+# modules, so that a copy (``copy.deepcopy``, ``torch.save``) made inside a scope is not pinned.
 _PINS: weakref.WeakKeyDictionary[Pinnable, _Pin] = weakref.WeakKeyDictionary()
 
 
