@@ -238,7 +238,7 @@ def robust_fig(classification_paths: list[Path], root: Path) -> Figure:
 
 @pytest.fixture(scope="module")
 def training_fig(training_logs: dict[str, Path], root: Path) -> Figure:
-    return training_figure(training_logs, root / "figures" / "training")
+    return training_figure(training_logs, root / "figures" / "training", "classification")
 
 
 @pytest.fixture()
@@ -335,7 +335,7 @@ def test_training_figure_without_blocks_denoising(tmp_path: Path) -> None:
     """A log without block columns and without sub-steps: three panels in a 2x2 grid (the
     fourth axes removed), the metric as PSNR for a denoising log."""
     bare = training_log(tmp_path, "denoising/sigma0.15", "dncnn", 0, drop=("substeps",))
-    fig = training_figure({"dncnn": bare}, tmp_path / "bare")
+    fig = training_figure({"dncnn": bare}, tmp_path / "bare", "denoising")
     assert_no_empty_axes(fig)
     assert [ax.get_ylabel() for ax in fig.axes] == [
         "training loss",
@@ -344,9 +344,30 @@ def test_training_figure_without_blocks_denoising(tmp_path: Path) -> None:
     ]
     metric = fig.axes[1]
     assert max(max(line.get_ydata()) for line in metric.lines) < 1  # PSNR values are not scaled
-    classification = training_log(tmp_path, "classification", "resnet", 0)
-    with pytest.raises(ValueError, match="classification and denoising"):
-        training_figure({"dncnn": bare, "resnet": classification}, tmp_path / "mixed")
+
+
+def test_the_training_figures_take_their_task_from_the_registry_not_the_scales_name(
+    tmp_path: Path,
+) -> None:
+    """A scale named ``denoising`` made the classification figure a PSNR plot, and one named
+    ``sigma_test`` crashed the denoising figure (``float('_test')``): the task is the figure's,
+    the noise level the nearest ``sigma<label>`` folder's."""
+    root = tmp_path / "sigma_test" / "denoising"
+    logs = [training_log(root, "classification", "resnet", 0, seed=s) for s in (2, 1)]
+    build = outputs.get("figure", "training_classification").build
+    fig = build(logs, tmp_path / "classification", {"kind": "training_classification"})
+    assert fig.axes[1].get_ylabel() == "accuracy (%)"
+    logs = [training_log(root, "denoising/sigma0.15", "dncnn", 0, seed=s) for s in (2, 1)]
+    build = outputs.get("figure", "training_denoising").build
+    fig = build(logs, tmp_path / "denoising", {"kind": "training_denoising"})
+    assert fig.axes[1].get_ylabel() == "PSNR (dB, peak max(x)²)"
+
+
+def test_training_logs_without_data_are_an_error_naming_them(tmp_path: Path) -> None:
+    empty = tmp_path / "train_log.csv"
+    empty.write_text("step,kind,loss,metric,lr\n")
+    with pytest.raises(ValueError, match=f"training logs without data: {empty}"):
+        training_figure({"dncnn": empty}, tmp_path / "empty", "denoising")
 
 
 def test_denoising_examples_figure(denoising_paths: list[Path], tmp_path: Path) -> None:
@@ -474,7 +495,9 @@ def test_training_figure_leaves_models_without_substeps_out_of_that_panel(tmp_pa
     log = pd.read_csv(plain)
     log.loc[log["kind"] == "train", "substeps"] = 0
     log.to_csv(plain, index=False)
-    fig = training_figure({"nonexpansive": blocks, "resnet": plain}, tmp_path / "t")
+    fig = training_figure(
+        {"nonexpansive": blocks, "resnet": plain}, tmp_path / "t", "classification"
+    )
     labels = [ax.get_ylabel() for ax in fig.axes]
     panel = fig.axes[labels.index("total sub-steps")]
     assert {line.get_gid() for line in panel.lines} == {"nonexpansive"}

@@ -245,7 +245,7 @@ def test_a_target_of_a_variant_the_config_lacks_is_snakemakes_no_rule_line_not_a
 
 def test_workflow_is_lint_clean():
     fmt = subprocess.run(
-        [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+        [str(BIN / "snakefmt"), "--check", "workflow/Snakefile", "workflow/rules"],
         cwd=ROOT,
         capture_output=True,
         text=True,

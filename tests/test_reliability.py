@@ -464,7 +464,14 @@ def test_an_atomic_write_flushes_the_file_then_its_folder_and_leaves_the_umask_a
 
 def test_every_profile_reruns_the_incomplete_jobs_of_a_killed_snakemake():
     """``make smoke``, ``make smoke-slurm`` and plain ``snakemake`` (the default profile) redo
-    the jobs a killed Snakemake left marked incomplete instead of stopping at them."""
+    the jobs a killed Snakemake left marked incomplete instead of stopping at them. A plain
+    ``snakemake`` does load the default profile: Snakemake looks for ``profiles/default`` beside
+    the Snakefile, which with the Snakefile at the root it never found (``workflow/Snakefile``
+    now), so the README's command ran without it (nor its GPU count)."""
+    run = snakemake(ROOT, "-n", "--quiet", "rules", timeout=300)
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said[-2000:]
+    assert "Using workflow specific profile workflow/profiles/default" in said, said[-2000:]
     for name in ("default", "smoke", "slurm"):
         profile = yaml.safe_load((ROOT / f"workflow/profiles/{name}/config.yaml").read_text())
         assert profile.get("rerun-incomplete") is True, name

@@ -15,7 +15,7 @@ from stablenets.pipeline import outputs
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
-WORKFLOW_FILES = ("Snakefile", "workflow", "config.yaml", "config", "environment.yml", "Makefile")
+WORKFLOW_FILES = ("workflow", "config.yaml", "config", "environment.yml", "Makefile")
 SMOKE_PROFILE = ("--workflow-profile", "workflow/profiles/smoke")
 #: The tables and figures the pipeline makes, from their registry (as the rules read them).
 TABLES, FIGURES = outputs.names("table"), outputs.names("figure")

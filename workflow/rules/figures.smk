@@ -10,7 +10,7 @@ from stablenets.pipeline.outputs import KINDS, report_caption
 CAPTIONS = {
     kind: report_caption(
         kind,
-        os.path.join(workflow.basedir, "workflow", "report"),
+        os.path.join(workflow.basedir, "report"),
         os.path.join(".snakemake", "stablenets", "report", f"{kind}.rst"),
     )
     for kind in KINDS

@@ -513,8 +513,8 @@ def tv_deblur(
         xbar_{k+1} = 2 x_{k+1} - x_k
 
     An image stops after ``iters`` iterations or once its relative change is below ``tol``, and
-    is then held: its result is the one it has alone, whichever images share its batch (they
-    are computed until the last stops). ``log`` gets a line every ``log_every`` iterations (the
+    is then dropped from the batch: its result is the one it has alone, whichever images share
+    its batch, and the others run on without it. ``log`` gets a line every ``log_every`` iterations (the
     largest relative change of the images running, elapsed time, an upper ETA), as
     ``pnp_forward_backward`` does.
     """
@@ -524,33 +524,36 @@ def tv_deblur(
     tau = step / weight if weight > 0 else 1.0
     sigma = 1.0 / (tau * GRADIENT_NORM_SQ)
     x = (y if x0 is None else x0).clone()
-    x_bar = x
-    p = torch.zeros_like(gradient2d(x))
+    out = x.clone()  # each image's answer, written as it stops
+    live = torch.arange(len(x), device=x.device)  # the images still running
+    x_bar, p, y_live = x, torch.zeros_like(gradient2d(x)), y
     prox = blur.data_prox(y, tau)
     iterations = torch.full((len(x),), iters, dtype=torch.long)
     converged = torch.zeros(len(x), dtype=torch.bool)
-    running = torch.ones(len(x), dtype=torch.bool, device=x.device)
     start = time.monotonic()
     for k in range(1, iters + 1):
-        p_new = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
-        x_new = prox(x + tau * divergence2d(p_new))
+        p = project_dual_ball(p + sigma * gradient2d(x_bar), weight, couple_channels)
+        x_new = prox(x + tau * divergence2d(p))
         change = relative_change(x_new, x)
-        p = torch.where(per_image(running, p), p_new, p)
-        x_bar = torch.where(per_image(running, x), 2.0 * x_new - x, x_bar)
-        x = torch.where(per_image(running, x), x_new, x)
-        stopped = running & (change < tol)
-        iterations[stopped.cpu()] = k
-        converged |= stopped.cpu()
-        running = running & ~stopped
-        if not bool(running.any()):
-            break
+        x_bar, x = 2.0 * x_new - x, x_new
+        stop = change < tol
+        if bool(stop.any()):  # these stop here, dropped from the batch
+            done = live[stop].cpu()
+            out[live[stop]] = x[stop]
+            iterations[done], converged[done] = k, True
+            keep = ~stop
+            live, x, x_bar, p, y_live = live[keep], x[keep], x_bar[keep], p[keep], y_live[keep]
+            if not len(live):
+                break
+            prox = blur.data_prox(y_live, tau)
         if log is not None and k % log_every == 0:
             log(
-                f"TV deblur iteration {k}/{iters}: {int(running.sum())} of {len(x)} images "
-                f"running, largest relative change {float(change[running].max()):.2e}, "
+                f"TV deblur iteration {k}/{iters}: {len(live)} of {len(out)} images "
+                f"running, largest relative change {float(change[~stop].max()):.2e}, "
                 f"{timing(k, iters, time.monotonic() - start, upper=True)}"
             )
-    return x, iterations, converged
+    out[live] = x  # those that ran every iteration
+    return out, iterations, converged
 
 
 class Choice(NamedTuple):

@@ -536,11 +536,17 @@ def _panel_columns(log: pd.DataFrame, key: str) -> list[str]:
     return [key] if key in log.columns else []
 
 
-def _metric_label(paths: Iterable[Path]) -> tuple[str, float]:
-    tasks = {"denoising" in Path(p).parts for p in paths}
-    if len(tasks) > 1:
-        raise ValueError("training logs of classification and denoising in one figure")
-    return ("PSNR (dB, peak max(x)²)", 1.0) if tasks == {True} else ("accuracy (%)", 100.0)
+# The training figure's metric panel per task: label and the scale of the logged values.
+TRAINING_METRICS = {
+    "classification": ("accuracy (%)", 100.0),
+    "denoising": ("PSNR (dB, peak max(x)²)", 1.0),
+}
+
+
+def _task_option(task: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The ``options`` of a training figure's registration: its task, which names the metric
+    (not guessed from the logs' paths, where a scale may be called ``denoising``)."""
+    return lambda spec: {"task": task}
 
 
 def _log_rows(log: pd.DataFrame, kind: str) -> pd.DataFrame:
@@ -596,23 +602,31 @@ def _run_label(name: str, path: Path) -> str:
 
 def _sigma_and_seed(path: Path) -> tuple[float, int]:
     """``(sigma, seed)`` of a training log's path, as numbers (``seed10`` after ``seed2``)."""
-    sigma = next((float(p[5:]) for p in path.parts if p.startswith("sigma")), 0.0)
-    return sigma, int(path.parent.name.removeprefix("seed"))
+    sigma = sigma_in_path(path)
+    return float(sigma) if sigma is not None else 0.0, int(path.parent.name.removeprefix("seed"))
 
 
 @outputs.figure(
-    name="training_classification", source="classification_logs", inputs=_one_log_per_variant
+    name="training_classification",
+    source="classification_logs",
+    inputs=_one_log_per_variant,
+    options=_task_option("classification"),
 )
-@outputs.figure(name="training_denoising", source="denoising_logs", inputs=_one_log_per_variant)
-def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
+@outputs.figure(
+    name="training_denoising",
+    source="denoising_logs",
+    inputs=_one_log_per_variant,
+    options=_task_option("denoising"),
+)
+def training_figure(log_paths: Mapping[str, Path], stem: Path, task: str) -> Figure:
     """Training diagnostics against step, one colour per model: loss, accuracy or PSNR (train
     solid, validation dashed), learning rate, total sub-steps, and for models with constrained
     blocks the per-block norm estimates and sub-steps (median line, min-max band over blocks).
     Panels no log has are left out; the legend names each model's run (noise level, seed) as
-    its log's path does."""
+    its log's path does. ``task`` (``TRAINING_METRICS``) names the metric."""
     if not log_paths:
         raise ValueError("no training logs given")
-    metric_label, scale = _metric_label(log_paths.values())
+    metric_label, scale = TRAINING_METRICS[task]
     logs = {n: pd.read_csv(log_paths[n]) for n in _ordered(log_paths)}
     panels = [
         _Panel("loss", "training loss", log_y=True),
@@ -623,6 +637,8 @@ def training_figure(log_paths: Mapping[str, Path], stem: Path) -> Figure:
         _Panel("block_substeps", "sub-steps per block"),
     ]
     panels = [p for p in panels if any(_shows(g, p.key) for g in logs.values())]
+    if not panels:
+        raise ValueError(f"training logs without data: {', '.join(map(str, log_paths.values()))}")
     ncols = 3 if len(panels) > 4 else min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = _new_figure(nrows, ncols, PANEL_SIZE)

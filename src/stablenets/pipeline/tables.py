@@ -15,6 +15,7 @@ figures.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -71,7 +72,9 @@ class Column:
     ``image`` (mean; the per-seed image spread pooled into ``_std``; spread of seed means in
     ``_seed_std``), ``sum`` (counts), ``all`` (0/1 flags: true only if true for every seed),
     ``choice`` (a setting each seed chose: the value when they agree, else each choice with its
-    seeds, never their mean, a setting no run used).
+    seeds, never their mean, a setting no run used), ``bound`` (a bound of each seed's model:
+    the largest over seeds for an upper bound, the smallest for a lower one, which holds for
+    every seed's model; a mean of bounds holds for none of them).
     ``fmt`` formats a (scaled) value, ``std_fmt`` its spread (default ``fmt``). ``bound``:
     ``upper`` or ``lower`` for a bound, rounded up or down to ``fmt``'s significant digits (with
     more where an upper bound below 1 would round to 1), never past what it guarantees.
@@ -120,7 +123,7 @@ COLUMNS: dict[str, Column] = {
     "auc_empirical": Column("AUC empirical", fmt="{:.3f}"),
     "auc_pgd": Column("AUC PGD", fmt="{:.3f}"),
     "audited_certified": Column("audits of certified points", fmt="{:.0f}"),
-    "lipschitz_bound": Column("Lipschitz bound", fmt="{:.4g}", std_fmt="{:.2g}", bound="upper"),
+    "lipschitz_bound": Column("Lipschitz bound", fmt="{:.4g}", agg="bound", bound="upper"),
     "n_params": Column("parameters", fmt="{:,.0f}", agg="fixed"),
     "total_substeps": Column("total sub-steps", fmt="{:.1f}"),
     "train_time_s": Column("training time", unit="s", fmt="{:.0f}"),
@@ -134,15 +137,15 @@ COLUMNS: dict[str, Column] = {
     "noisy_psnr": Column("noisy PSNR", agg="fixed", **_DB),
     "noisy_psnr_1": Column("noisy PSNR peak 1", agg="fixed", **_DB),
     "empirical_lipschitz": Column(
-        "empirical Lipschitz (lower bound)", fmt="{:.4g}", std_fmt="{:.2g}", bound="lower"
+        "empirical Lipschitz (lower bound)", fmt="{:.4g}", agg="bound", bound="lower"
     ),
-    "averagedness": Column("averagedness α", fmt="{:.3g}", std_fmt="{:.2g}", bound="upper"),
+    "averagedness": Column("averagedness α", fmt="{:.3g}", agg="bound", bound="upper"),
     "tv_weight": Column("TV weight", fmt=CHOICE_FMT, agg="choice"),
     "strength": Column("denoiser strength β", fmt=CHOICE_FMT, agg="choice"),
     # plug-and-play
     "observed_psnr_1": Column("observed PSNR peak 1", agg="fixed", **_DB),
     "iterations": Column("iterations", fmt="{:.1f}"),
-    # one decimal: 1 unconverged image of 200 must not round to 100 %
+    # never 100 % with an image unconverged (``_below_full``)
     "converged_fraction": Column("converged", unit="%", scale=100.0, fmt="{:.1f}"),
     "diverged_count": Column("diverged images (all seeds)", fmt="{:.0f}", agg="sum"),
     "nonincreasing": Column("non-increasing steps", agg="all"),
@@ -396,6 +399,8 @@ def _aggregate_group(group: pd.DataFrame, metrics: Sequence[str]) -> dict[str, A
             row[name] = float(values.sum(min_count=1))
         elif agg == "all":
             row[name] = float(values.min()) if values.notna().any() else math.nan
+        elif agg == "bound":
+            row[name] = float(values.max() if spec.bound == "upper" else values.min())
         elif agg == "image":
             row[name] = float(values.mean())
             spread = _series(group, name + STD_SUFFIX).dropna()
@@ -588,7 +593,20 @@ def _format_value(value: Any, spec: Column, spread: bool = False) -> str:
         return str(int(value))
     if spec.bound and not spread:
         return format_bound(float(value) * spec.scale, spec.fmt, spec.bound == "upper")
+    if spec.unit == "%" and not spread and float(value) < 1:
+        return _below_full(float(value) * spec.scale, spec.fmt)
     return (spec.spread_fmt if spread else spec.fmt).format(float(value) * spec.scale)
+
+
+def _below_full(percent: float, fmt: str) -> str:
+    """A percentage below 100 as ``fmt`` shows it, rounded down where it would round to 100: one
+    image of 2,000 unconverged is 99.9 %, not 100.0 %, which reads as all of them."""
+    shown = fmt.format(percent)
+    fixed = re.fullmatch(r"\{:\.(\d+)f\}", fmt)
+    if float(shown) < 100 or fixed is None:
+        return shown
+    digits = int(fixed[1])
+    return f"{math.floor(percent * 10**digits) / 10**digits:.{digits}f}"
 
 
 def _header(spec: Column) -> str:
@@ -645,6 +663,12 @@ def table_notes(df: pd.DataFrame) -> str:
     several = SEEDS in df.columns and bool((df[SEEDS] > 1).any())
     if several and any(column_spec(c).agg == "mean" for c in names):
         notes.append(f"{'Other' if image else 'All'} ±: standard deviation over seeds.")
+    bounds = [column_spec(c).label for c in names if column_spec(c).agg == "bound"]
+    if several and bounds:
+        notes.append(
+            f"{', '.join(bounds)}: the one that holds for every seed's model (the largest of "
+            "upper bounds, the smallest of lower bounds)."
+        )
     if any(c.endswith(SEED_COUNT_SUFFIX) for c in df.columns):
         notes.append("(k of n seeds): the other seeds' result files have no value there.")
     one = ", or the seed std of a single seed" if several else ""
