@@ -751,6 +751,59 @@ def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monk
     assert said.startswith("removed the lock") and not lock.exists()
 
 
+def test_a_snakemake_the_process_list_does_not_show_keeps_its_lock_by_its_live_marker(tmp_path):
+    """A Snakemake in another container or PID namespace (or hidden by hidepid) is not in this
+    machine's process list: its lock was removed under it. The marker its Snakefile holds keeps
+    the lock until that process ends, SIGKILL included; ``-d`` names the directory."""
+    work, lock = _locked_workflow(tmp_path)
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from stablenets.pipeline.locks import hold_live_marker; "
+        "hold_live_marker(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
+    )
+    hidden = subprocess.Popen(  # its command line and directory are no Snakemake's
+        [sys.executable, "-c", code, str(work)], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert hidden.stdout.readline() == "held\n"
+        assert locks.workflow_processes(work) == []
+        said = locks.unlock_if_stale(work, [])
+        assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: a process holds")
+        assert lock.exists()
+    finally:
+        hidden.kill()
+        hidden.wait()
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "stablenets.pipeline.locks", "-d", str(work)],
+        cwd=tmp_path, capture_output=True, text=True, env=local_env(),
+    )  # fmt: skip
+    assert elsewhere.returncode == 0 and "removed the lock" in elsewhere.stderr, elsewhere.stderr
+    assert not lock.exists()
+
+
+def test_a_profile_named_as_snakemake_finds_it_keeps_a_slurm_runs_lock_while_squeue_fails(
+    tmp_path, monkeypatch
+):
+    """``--profile cluster`` found in the user's profile folder (and ``$SNAKEMAKE_PROFILE``
+    naming it) with ``executor: slurm``: only ``<dir>/<name>/config.yaml`` was read, so the run
+    was taken for a local one and its lock removed while its jobs might run."""
+    for key, value in local_env().items():
+        monkeypatch.setenv(key, value)
+    work, lock = _locked_workflow(tmp_path)
+    bin_dir = _fake_slurm(tmp_path, work, "localhost")
+    (tmp_path / "slurm/down").touch()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    user = tmp_path / "xdg"
+    (user / "snakemake/cluster").mkdir(parents=True)
+    (user / "snakemake/cluster/config.yaml").write_text("executor: slurm\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(user))
+    kept = f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer"
+    assert locks.unlock_if_stale(work, ["--profile", "cluster"]).startswith(kept)
+    monkeypatch.setenv("SNAKEMAKE_PROFILE", "cluster")
+    assert locks.unlock_if_stale(work, []).startswith(kept)
+    assert lock.exists()
+
+
 def test_slurm_jobs_are_left_alone_while_their_snakemake_runs_here(tmp_path, monkeypatch):
     """A live Snakemake in the directory keeps the lock and its SLURM jobs: nothing cancelled."""
     work, lock = _locked_workflow(tmp_path)
@@ -1025,6 +1078,7 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     assert len(trainers) == 1 and not (work / KILLED_MODEL).exists(), ended
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))  # the live run keeps its lock
     assert said.startswith("leaving the lock in"), said
+    assert locks._marker_held(work), "the live Snakemake does not hold its marker"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = time.monotonic() - t0
@@ -1032,6 +1086,7 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     while locks.workflow_processes(work):  # the killed processes are gone in a moment
         assert time.monotonic() - t0 < 660
         time.sleep(0.05)
+    assert not locks._marker_held(work), "SIGKILL left the marker held"
 
     second = make_smoke(work, tmp_path / "second.out")
     assert second.wait(timeout=1200) == 0, (tmp_path / "second.out").read_text()[-4000:]

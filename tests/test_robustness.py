@@ -863,6 +863,42 @@ def test_the_audit_attacks_each_point_near_its_own_certified_radius_and_catches_
     assert len(calls) == len(sample) if ratio == 1.0 else len(calls) <= len(sample) / 3
 
 
+def test_each_certified_point_is_audited_once_over_the_standard_radii():
+    """An audit attacks a point at its own certified radius, whichever standard radius drew it:
+    the samples of two standard radii (mostly the same points, certified at both) re-attacked
+    them and the table counted them twice. Now the second sample holds only points the first
+    did not."""
+    model = random_linear(10, 0, scale=0.3).eval()
+    x = inner_points(400, 0, half_width=0.2)
+    y = predictions(model, x)
+    true_lip = float(torch.linalg.matrix_norm(model[1].weight.detach().double(), 2))
+    m, correct = margins(model, x, y, 500)
+    cert = certified_radius(m, correct, true_lip)
+    small, large = 0.01, 0.03  # the model's radii reach 0.08
+    assert int((correct & (cert > large)).sum()) >= 10
+
+    def none(model, xb, yb, eps, seed):  # flips nothing: every sampled point is audited
+        return xb
+
+    plan = sweep_plan(radii=(0.0, small, large), pgd=none, strong=none,
+                      audit_radii=frozenset({small, large}), audit_size=5, seed=0)  # fmt: skip
+    state = sweep(model, x, y, plan, SweepState.start(correct, cert, 0), log=lambda s: None)
+    key = radius_sweep.radius_key
+    assert state.audited == {key(small): 5, key(large): 5}
+    assert int(state.audited_points.sum()) == 10  # ten distinct points
+    assert bool((correct & (cert > small))[state.audited_points].all())
+
+
+def test_bisect_refuses_a_sweep_that_has_not_finished():
+    """Its bounds would be fixed before the sweep found its later breaks, and kept after."""
+    model, x, y, lip = linear_case(4)
+    plan = sweep_plan(strong=partial(pgd_l2, steps=5), bisect_radii=np.linspace(0.05, 0.5, 10))
+    m, correct = margins(model, x, y, 64)
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    with pytest.raises(ValueError, match=r"bisect needs a finished sweep, this one stopped at "):
+        bisect(model, x, y, plan, state, log=lambda line: None)
+
+
 def test_a_sound_certificate_as_tight_as_it_gets_survives_the_audit_at_its_own_radius():
     """A binary linear model on 3x32x32 images whose certificate is exact (``sqrt(2) L`` is the
     norm of ``w_0 - w_1``) and an oracle attack straight at the boundary, to the sphere: the
@@ -940,8 +976,15 @@ class StopAt:
 
 def resume_points(stop: StopAt, state: SweepState) -> list[SweepState]:
     """The states a rerun may start from: the state as returned (what the job saves when a
-    search returns early) and the last one saved after a batch."""
-    return [SweepState(**copy.deepcopy(d)) for d in [state.to_dict(), *stop.saved[-1:]]]
+    search returns early) and the last one saved after a batch, each written and read back as
+    the job's saved progress is (``torch.save``, ``torch.load(weights_only=True)``)."""
+    states = []
+    for saved in [state.to_dict(), *stop.saved[-1:]]:
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        buffer.seek(0)
+        states.append(SweepState(**torch.load(buffer, weights_only=True)))
+    return states
 
 
 def test_a_sweep_stopped_before_any_batch_and_resumed_from_its_saved_state_gives_the_same_result():
@@ -961,9 +1004,12 @@ def test_a_sweep_stopped_before_any_batch_and_resumed_from_its_saved_state_gives
         assert stop.polls == at and state.radius_index < len(plan.radii)  # returned with work left
         for start in resume_points(stop, state):
             resumed = run_sweep_from(model, x, y, plan, start)
-            for key in ("break_radius", "pgd_break_radius", "certified_radius"):
+            for key in ("break_radius", "pgd_break_radius", "certified_radius", "audited_points"):
                 assert torch.equal(getattr(resumed, key), getattr(full, key)), (at, key)
             assert (resumed.audited, resumed.points) == (full.audited, full.points), at
+            curves, expected = resumed.accuracies(plan.radii), full.accuracies(plan.radii)
+            for curve in ("certified", "empirical", "pgd"):  # PGD's is read per radius
+                np.testing.assert_array_equal(curves[curve], expected[curve], err_msg=curve)
     swept = sweep(model, x, y, plan, SweepState.start(full.correct, full.certified_radius, 3),
                   log=lambda line: None)  # fmt: skip
     for at in (1, 2, 3):  # now inside the bisection (3 batches)

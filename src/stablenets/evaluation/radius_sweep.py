@@ -59,10 +59,11 @@ point, the strong attack on every point no attack has broken yet, and the certif
 sample of the points certified there, each attacked near its own certified radius); then the strong
 attack's bisection over ``SweepPlan.bisect_radii``."""
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 """The layout and meaning of a saved :class:`SweepState` (2: PGD's breaks kept per radius; 3: the
 audit attacks each point near its own certified radius, in groups of close radii, and the
-job's certificates allow for the margin's rounding); saved progress of another version is not
+job's certificates allow for the margin's rounding; 4: a point is audited once, its sample
+drawn from the points no radius audited yet); saved progress of another version is not
 resumed."""
 
 RADIUS_DECIMALS = 12
@@ -194,6 +195,7 @@ class SweepState:
     break_radius: Tensor
     pgd_break_radius: Tensor
     audit_order: Tensor
+    audited_points: Tensor
     radius_index: int = 0
     pass_index: int = 0
     todo: Tensor | None = None
@@ -215,7 +217,8 @@ class SweepState:
         unbroken[~correct] = 0.0
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         certified = certified_radius.detach().cpu().double().clone()  # the sweep may lower it
-        return cls(correct, certified, unbroken, unbroken.clone(), order)
+        audited = torch.zeros(n, dtype=torch.bool)
+        return cls(correct, certified, unbroken, unbroken.clone(), order, audited)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,10 +261,12 @@ def _todo(plan: SweepPlan, state: SweepState, pass_name: str, e: float) -> Tenso
         return torch.nonzero(live).squeeze(1)
     if pass_name == "strong":
         return torch.nonzero(live & (state.break_radius > e)).squeeze(1)
+    # The audit: each point once (at its own certified radius, whichever standard radius drew
+    # it: a second audit would repeat the first), in increasing certified radius (_audit_group).
     order = state.audit_order
     certified = state.correct[order] & (state.certified_radius[order] > e)
-    sample = order[certified][: plan.audit_size]  # attacked in increasing certified radius:
-    return sample[torch.argsort(state.certified_radius[sample], stable=True)]  # _audit_group
+    sample = order[certified & ~state.audited_points[order]][: plan.audit_size]
+    return sample[torch.argsort(state.certified_radius[sample], stable=True)]
 
 
 def _attack_batch(
@@ -524,6 +529,7 @@ def _sweep_batch(
         _record(state, pass_name, idx, dist, radius_key(e), name, log)
     if audit:
         state.audited[radius_key(e)] = state.audited.get(radius_key(e), 0) + len(idx)
+        state.audited_points[idx] = True
     state.seconds[pass_name] += time.perf_counter() - t0
     state.points[pass_name] += len(idx)
     state.done += len(idx)
@@ -801,6 +807,11 @@ def bisect(
     attack = plan.bisect_attack
     if len(plan.bisect_radii) == 0 or attack is None:
         return state
+    if state.radius_index < len(plan.radii):  # its bounds would miss the sweep's later breaks
+        raise ValueError(
+            f"model {name!r}: bisect needs a finished sweep, this one stopped at radius "
+            f"{state.radius_index + 1} of {len(plan.radii)}; resume it with sweep first"
+        )
     device, started = model_device(model), time.perf_counter()
     if state.lo is None:
         state.lo, state.hi = _bisection_bounds(plan, state)

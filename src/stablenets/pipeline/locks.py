@@ -43,6 +43,15 @@ Snakemake elsewhere on a shared machine does not keep this user's stale lock. Wi
 this user keeps the lock. A Snakemake on another machine that shares the file system is not seen.
 Snakemake's default file persistence is assumed (``--persistence-backend db`` keeps its locks in
 the database: unlock by hand).
+
+A Snakemake the process list does not show (one in another container or PID namespace that
+mounts the same folder, or hidden by ``/proc``'s ``hidepid``) still keeps its lock: the
+workflow's Snakefile takes a shared ``flock`` on ``.snakemake/stablenets-live.flock`` when it is
+read (``hold_live_marker``), which the kernel releases when that process ends, however it ends,
+and the lock is removed only where an exclusive one can be had at once (on a file system without
+locks, the process list alone decides). ``--directory``/``-d`` among the options names the
+directory, as for Snakemake; profiles are looked for where Snakemake looks (a path, or a name in
+the user's and the system's profile folders).
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ __all__ = [
     "slurm_jobs",
     "cancel_orphans",
     "unlock_if_stale",
+    "hold_live_marker",
     "main",
 ]
 
@@ -81,6 +91,9 @@ PROC = Path("/proc")
 CANCEL_WAIT_S = 300.0
 # Held by this tool while it checks and removes a lock (beside Snakemake's own files).
 TOOL_LOCK = Path(".snakemake") / "stablenets-unlock.flock"
+# Held (shared) by every Snakemake of the workflow from the reading of its Snakefile to its end.
+LIVE_MARKER = Path(".snakemake") / "stablenets-live.flock"
+_HELD: dict[tuple[int, int], int] = {}  # this process's live markers (device, inode) -> fd
 _MAX_DEPTH = 256  # folders walked up from a working directory
 
 
@@ -384,7 +397,7 @@ def cancel_orphans(directory: Path, jobs: list[SlurmJob], wait_s: float = CANCEL
             for sig in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped one acts on it
                 try:
                     os.kill(pid, sig)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):  # ended, its pid taken by another
                     pass
         signalled |= set(left)
         time.sleep(0.5)
@@ -445,23 +458,45 @@ def _options(args: list[str]) -> Iterator[tuple[str, str]]:
 def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
     """Whether the Snakemake run of ``snakemake_args`` submits to SLURM: ``--executor slurm``,
     or a profile named by ``--profile``/``--workflow-profile`` (or ``$SNAKEMAKE_PROFILE``) whose
-    ``config.yaml`` says ``executor: slurm``."""
+    config file says ``executor: slurm`` (``_profile_files``)."""
     import yaml
 
-    profiles = [os.environ.get("SNAKEMAKE_PROFILE", "")]
+    profiles = [("--profile", os.environ.get("SNAKEMAKE_PROFILE", ""))]
     for flag, value in _options(snakemake_args):
         if flag in ("--executor", "-e") and value == "slurm":
             return True
         if flag in ("--profile", "--workflow-profile"):
-            profiles.append(value)
-    for profile in filter(None, profiles):
-        config = directory / profile / "config.yaml"
-        try:
-            if (yaml.safe_load(config.read_text()) or {}).get("executor") == "slurm":
-                return True
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue
+            profiles.append((flag, value))
+    for flag, profile in profiles:
+        for config in _profile_files(profile, directory, by_name=flag == "--profile"):
+            try:
+                if (yaml.safe_load(config.read_text()) or {}).get("executor") == "slurm":
+                    return True
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
     return False
+
+
+def _profile_files(profile: str, directory: Path, by_name: bool) -> list[Path]:
+    """The config files a profile may be read from: the file ``profile``, or ``config.yaml``
+    in the folder ``profile``, relative to ``directory`` or to where this tool runs; for a
+    ``--profile`` also the one Snakemake finds by name (``snakemake.cli.get_profile_dir``: the
+    user's and the system's profile folders, ``profile.yaml`` too)."""
+    if not profile:
+        return []
+    found = []
+    for path in (directory / profile, Path(profile)):
+        found.append(path if path.is_file() else path / "config.yaml")
+    if by_name:
+        try:
+            from snakemake.cli import get_profile_dir
+
+            named = get_profile_dir(profile)
+        except Exception:  # noqa: BLE001 - Snakemake absent or changed: the paths above stay
+            named = None
+        if named is not None:
+            found.append(Path(named[1]))
+    return found
 
 
 def _left_cluster_jobs(directory: Path) -> bool:
@@ -536,12 +571,62 @@ def _appeared(
 ) -> str | None:
     """The line saying why the lock stays when, since the lock files ``seen`` were listed, a
     Snakemake wrote a new one or a workflow process (but of the SLURM jobs ``jobs``) runs in
-    ``directory``; else ``None``."""
+    ``directory``, or when a Snakemake holds the live marker (``_marker_held``: checked here,
+    after the SLURM jobs of a dead Snakemake, whose own Snakemake processes hold it, ended);
+    else ``None``."""
     if new := sorted(p.name for p, key in _lock_files(directory).items() if seen.get(p) != key):
         return _leaving(directory, f"a Snakemake locked it meanwhile ({', '.join(new)})")
     if holders := workflow_processes(directory, jobs):
         return _holders_line(directory, holders)
+    if _marker_held(directory):
+        return _leaving(
+            directory,
+            f"a process holds {directory / LIVE_MARKER}: a Snakemake of this workflow runs "
+            "that this machine's process list does not show (in another container or PID "
+            "namespace, or hidden by /proc's hidepid); rerun once it has ended",
+        )
     return None
+
+
+def hold_live_marker(directory: Path) -> None:
+    """Hold a shared ``flock`` on ``directory``'s ``LIVE_MARKER`` until this process ends (the
+    workflow's Snakefile calls it): the kernel releases it however the process ends, SIGKILL
+    included, so a held marker means a live Snakemake, wherever it runs. Not inherited by the
+    jobs. Does nothing where the folder cannot be written or the file system has no locks."""
+    path = directory / LIVE_MARKER
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    key = os.fstat(fd)
+    if (key.st_dev, key.st_ino) in _HELD:  # held already (the Snakefile read twice)
+        os.close(fd)
+        return
+    try:  # for writing too: NFS turns flock into a POSIX lock, which needs the descriptor's mode
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return
+    _HELD[key.st_dev, key.st_ino] = fd
+
+
+def _marker_held(directory: Path) -> bool:
+    """Whether a process holds ``directory``'s ``LIVE_MARKER`` (an exclusive ``flock`` cannot be
+    had at once); ``False`` without the file or where the file system has no locks."""
+    try:
+        fd = os.open(directory / LIVE_MARKER, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
@@ -587,11 +672,16 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stablenets.pipeline.locks [snakemake options]`` in the workflow's directory; the
-    options are those of the Snakemake run that follows (profiles, ``--config``)."""
+    """``python -m stablenets.pipeline.locks [snakemake options]`` in the workflow's directory (or
+    the one ``--directory``/``-d`` names); the options are those of the Snakemake run that
+    follows (profiles, ``--config``)."""
     args = sys.argv[1:] if argv is None else argv
+    directory = next(
+        (Path(value) for flag, value in _options(args) if flag in ("--directory", "-d") and value),
+        Path.cwd(),
+    )
     try:
-        said = unlock_if_stale(Path.cwd(), args)
+        said = unlock_if_stale(directory.absolute(), args)
     except RuntimeError as err:
         print(f"stablenets.pipeline.locks: error: {err}", file=sys.stderr)
         return 1
