@@ -751,11 +751,16 @@ def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monk
     assert said.startswith("removed the lock") and not lock.exists()
 
 
-def test_a_snakemake_the_process_list_does_not_show_keeps_its_lock_by_its_live_marker(tmp_path):
+def test_a_snakemake_the_process_list_does_not_show_keeps_its_lock_by_its_live_marker(
+    tmp_path, monkeypatch
+):
     """A Snakemake in another container or PID namespace (or hidden by hidepid) is not in this
     machine's process list: its lock was removed under it. The marker its Snakefile holds keeps
-    the lock until that process ends, SIGKILL included; ``-d`` names the directory."""
+    the lock until that process ends, SIGKILL included, and its SLURM jobs (submitted from this
+    machine's name) are not cancelled; ``-d`` names the directory."""
     work, lock = _locked_workflow(tmp_path)
+    bin_dir = _fake_slurm(tmp_path, work, socket.gethostname())
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     code = (
         "import sys, time; from pathlib import Path; "
         "from stablenets.pipeline.locks import hold_live_marker; "
@@ -767,12 +772,13 @@ def test_a_snakemake_the_process_list_does_not_show_keeps_its_lock_by_its_live_m
     try:
         assert hidden.stdout.readline() == "held\n"
         assert locks.workflow_processes(work) == []
-        said = locks.unlock_if_stale(work, [])
+        said = locks.unlock_if_stale(work, ["--executor", "slurm"])
         assert said.startswith(f"leaving the lock in {work / locks.LOCK_DIR}: a process holds")
-        assert lock.exists()
+        assert lock.exists() and not (tmp_path / "slurm/cancelled").exists()
     finally:
         hidden.kill()
         hidden.wait()
+    monkeypatch.setenv("PATH", os.environ["PATH"].removeprefix(f"{bin_dir}:"))
     elsewhere = subprocess.run(
         [sys.executable, "-m", "stablenets.pipeline.locks", "-d", str(work)],
         cwd=tmp_path, capture_output=True, text=True, env=local_env(),
@@ -785,8 +791,9 @@ def test_a_profile_named_as_snakemake_finds_it_keeps_a_slurm_runs_lock_while_squ
     tmp_path, monkeypatch
 ):
     """``--profile cluster`` found in the user's profile folder (and ``$SNAKEMAKE_PROFILE``
-    naming it) with ``executor: slurm``: only ``<dir>/<name>/config.yaml`` was read, so the run
-    was taken for a local one and its lock removed while its jobs might run."""
+    naming it), ``--workflow-profile slurm`` (``workflow/profiles/slurm``) and the default
+    workflow profile, with ``executor: slurm``: only ``<dir>/<name>/config.yaml`` was read, so
+    the run was taken for a local one and its lock removed while its jobs might run."""
     for key, value in local_env().items():
         monkeypatch.setenv(key, value)
     work, lock = _locked_workflow(tmp_path)
@@ -800,6 +807,12 @@ def test_a_profile_named_as_snakemake_finds_it_keeps_a_slurm_runs_lock_while_squ
     kept = f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer"
     assert locks.unlock_if_stale(work, ["--profile", "cluster"]).startswith(kept)
     monkeypatch.setenv("SNAKEMAKE_PROFILE", "cluster")
+    assert locks.unlock_if_stale(work, []).startswith(kept)
+    monkeypatch.delenv("SNAKEMAKE_PROFILE")
+    # a workflow profile by its short name, found in workflow/profiles/ as Snakemake finds it
+    assert locks.unlock_if_stale(work, ["--workflow-profile", "slurm"]).startswith(kept)
+    default = work / "workflow/profiles/default/config.yaml"  # read without the option
+    default.write_text(default.read_text() + "executor: slurm\n")
     assert locks.unlock_if_stale(work, []).startswith(kept)
     assert lock.exists()
 

@@ -588,7 +588,7 @@ def select_tv_deblur_weight(
     def solve(y: Tensor, weight: float) -> Tensor:
         nonlocal image_iterations
         x, ran, _ = tv_deblur(y, blur, weight, iters, tol, step)
-        image_iterations += int(ran.max()) * len(y)  # computed until the last image stopped
+        image_iterations += int(ran.sum())  # each image until it stopped
         return x
 
     weight, scores = select_weight(

@@ -888,7 +888,7 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
                 observed[group], blur, weight, tv_spec["iters"], tv_spec["tol"], tv_spec["step"],
                 log=log, log_every=p["log_every"],
             )  # fmt: skip
-            ran += int(iterations.max()) * len(x)  # computed until the group's last stopped
+            ran += int(iterations.sum())  # each image until it stopped
             return {"iterations": iterations, "converged": converged,
                     **_group_images(x, clean[group], group.start, p["n_show"])}  # fmt: skip
 

@@ -462,11 +462,15 @@ def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
     import yaml
 
     profiles = [("--profile", os.environ.get("SNAKEMAKE_PROFILE", ""))]
+    workflow_profile = "default"  # what Snakemake reads without --workflow-profile
     for flag, value in _options(snakemake_args):
         if flag in ("--executor", "-e") and value == "slurm":
             return True
-        if flag in ("--profile", "--workflow-profile"):
+        if flag == "--profile":
             profiles.append((flag, value))
+        if flag == "--workflow-profile":
+            workflow_profile = "" if value == "none" else value
+    profiles.append(("--workflow-profile", workflow_profile))
     for flag, profile in profiles:
         for config in _profile_files(profile, directory, by_name=flag == "--profile"):
             try:
@@ -480,12 +484,17 @@ def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
 def _profile_files(profile: str, directory: Path, by_name: bool) -> list[Path]:
     """The config files a profile may be read from: the file ``profile``, or ``config.yaml``
     in the folder ``profile``, relative to ``directory`` or to where this tool runs; for a
-    ``--profile`` also the one Snakemake finds by name (``snakemake.cli.get_profile_dir``: the
-    user's and the system's profile folders, ``profile.yaml`` too)."""
+    ``--workflow-profile`` also ``profiles/<profile>`` there and beside the Snakefile
+    (``workflow/``), as Snakemake looks; for a ``--profile`` the one Snakemake finds by name
+    (``snakemake.cli.get_profile_dir``: the user's and the system's profile folders,
+    ``profile.yaml`` too)."""
     if not profile:
         return []
     found = []
-    for path in (directory / profile, Path(profile)):
+    places = [directory, Path()]
+    if not by_name:
+        places += [directory / "profiles", directory / "workflow" / "profiles"]
+    for path in (place / profile for place in places):
         found.append(path if path.is_file() else path / "config.yaml")
     if by_name:
         try:
@@ -570,33 +579,36 @@ def _appeared(
     directory: Path, seen: dict[Path, tuple[int, int]], jobs: Collection[int]
 ) -> str | None:
     """The line saying why the lock stays when, since the lock files ``seen`` were listed, a
-    Snakemake wrote a new one or a workflow process (but of the SLURM jobs ``jobs``) runs in
-    ``directory``, or when a Snakemake holds the live marker (``_marker_held``: checked here,
-    after the SLURM jobs of a dead Snakemake, whose own Snakemake processes hold it, ended);
-    else ``None``."""
+    Snakemake wrote a new one, a workflow process (but of the SLURM jobs ``jobs``) runs in
+    ``directory`` or one holds the live marker (``_marker_held``); else ``None``."""
     if new := sorted(p.name for p, key in _lock_files(directory).items() if seen.get(p) != key):
         return _leaving(directory, f"a Snakemake locked it meanwhile ({', '.join(new)})")
     if holders := workflow_processes(directory, jobs):
         return _holders_line(directory, holders)
     if _marker_held(directory):
-        return _leaving(
-            directory,
-            f"a process holds {directory / LIVE_MARKER}: a Snakemake of this workflow runs "
-            "that this machine's process list does not show (in another container or PID "
-            "namespace, or hidden by /proc's hidepid); rerun once it has ended",
-        )
+        return _marker_line(directory)
     return None
+
+
+def _marker_line(directory: Path) -> str:
+    return _leaving(
+        directory,
+        f"a process holds {directory / LIVE_MARKER}: a Snakemake of this workflow runs that "
+        "this machine's process list does not show (in another container or PID namespace, "
+        "or hidden by /proc's hidepid); rerun once it has ended",
+    )
 
 
 def hold_live_marker(directory: Path) -> None:
     """Hold a shared ``flock`` on ``directory``'s ``LIVE_MARKER`` until this process ends (the
-    workflow's Snakefile calls it): the kernel releases it however the process ends, SIGKILL
-    included, so a held marker means a live Snakemake, wherever it runs. Not inherited by the
-    jobs. Does nothing where the folder cannot be written or the file system has no locks."""
+    workflow's Snakefile calls it in the main Snakemake, not in those SLURM jobs run): the kernel
+    releases it however the process ends, SIGKILL included, so a held marker means a live
+    Snakemake, wherever it runs. Not inherited by the jobs. Does nothing where the folder cannot
+    be written or the file system has no locks."""
     path = directory / LIVE_MARKER
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # as umask allows
     except OSError:
         return
     key = os.fstat(fd)
@@ -655,6 +667,8 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
             queued = {}  # a local run on a machine with SLURM's client but no cluster
         if holders := workflow_processes(directory, queued):
             return _holders_line(directory, holders)
+        if _marker_held(directory):  # before cancelling: the jobs may be a live run's
+            return _marker_line(directory)
         if queued and (kept := _cancel_dead_runs_jobs(directory, queued)):
             return kept
         if kept := _appeared(directory, seen, queued):

@@ -462,8 +462,8 @@ def _classification_headline(row: outputs.Row) -> str:
 def classification_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per classifier variant: clean, certified, strongest-empirical and PGD accuracy at
     the standard radii (fractions), AUCs, Lipschitz bound, size, sub-steps, training time, and
-    how many audits of certified points the strong attack ran (summed over the standard radii: a
-    point certified at several is audited, and counted, at each)."""
+    how many audits of certified points the strong attack ran (summed over the standard radii,
+    each point audited once)."""
     return _aggregate([_classification_record(Path(p)) for p in paths], ["variant"])
 
 
