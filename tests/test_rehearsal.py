@@ -670,6 +670,34 @@ def test_a_resumed_training_records_its_own_runs_steps_and_seconds_beside_every_
     )
 
 
+def test_a_rerun_that_trains_no_step_keeps_the_peak_memory_and_device_of_the_runs_that_did(
+    tmp_path, monkeypatch
+):
+    """A finished training rerun for a run-only setting (``log_every``) resumes its checkpoint
+    at the end and trains no step: it wrote its own process's peak memory (of a run that never
+    trained: tiny on a GPU) and its own device. Now the largest of the runs that trained."""
+    dataset = tmp_path / "cifar.h5"
+    data.make_synthetic_classification(dataset, 64, 16, 16, 10, 16, 0.05, 0)
+    spec = {
+        "task": "classification", "variant": "tiny", "model": "nonexpansive_classifier",
+        "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16},
+        "train": {"steps": 4, "batch_size": 16, "lr_max": 0.05, "val_every": 2,
+                  "checkpoint_every": 2, "log_every": 2},
+        "augment": {"crop_padding": 2, "flip": True, "erase_p": 0.5},
+        "eval_batch": 16, "seed": 0, "device": "cpu", "threads": 1,
+    }  # fmt: skip
+    work = tmp_path / "work"
+    pipeline_jobs.train_model(spec, dataset, tmp_path / "a.pt", tmp_path / "a.csv", work, str)
+    trained = read_checkpoint(tmp_path / "a.pt")["extra"]
+    assert trained["peak_memory_mb"] > 0 and trained["device"] == "cpu"
+    monkeypatch.setattr(pipeline_jobs, "peak_memory_mb", lambda device: 1e9)  # the rerun's own
+    spec["train"]["log_every"] = 1
+    pipeline_jobs.train_model(spec, dataset, tmp_path / "b.pt", tmp_path / "b.csv", work, str)
+    rerun = read_checkpoint(tmp_path / "b.pt")["extra"]
+    assert rerun["steps_run"] == 0
+    assert (rerun["peak_memory_mb"], rerun["device"]) == (trained["peak_memory_mb"], "cpu")
+
+
 def test_a_resumed_evaluation_keeps_its_last_runs_fixed_seconds_and_scales_its_clean_pass(
     tmp_path,
 ):

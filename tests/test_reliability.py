@@ -1091,7 +1091,7 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     assert len(trainers) == 1 and not (work / KILLED_MODEL).exists(), ended
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))  # the live run keeps its lock
     assert said.startswith("leaving the lock in"), said
-    assert locks._marker_held(work), "the live Snakemake does not hold its marker"
+    assert locks._marker_held(work, settle_s=0), "the live Snakemake does not hold its marker"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = time.monotonic() - t0
@@ -1099,7 +1099,7 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     while locks.workflow_processes(work):  # the killed processes are gone in a moment
         assert time.monotonic() - t0 < 660
         time.sleep(0.05)
-    assert not locks._marker_held(work), "SIGKILL left the marker held"
+    assert not locks._marker_held(work), "SIGKILL left the marker held"  # once its files close
 
     second = make_smoke(work, tmp_path / "second.out")
     assert second.wait(timeout=1200) == 0, (tmp_path / "second.out").read_text()[-4000:]
@@ -1332,10 +1332,14 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
     capped = cli._out_of_memory_line("train", {"task": "classification", "train": train}, err)
     assert "unless it changes classification.train.batch_size, which" in capped
     assert "max_substeps (now 3000)" in capped
-    tv = cli._out_of_memory_line("evaluate-tv", {"tv": {"group_size": 20}}, MemoryError())
-    assert tv.endswith("out of memory (host): lower denoising.tv.group_size (now 20); what the "
-                       "job saved is kept, and a rerun resumes from it (a change of "
-                       "denoising.tv.group_size solves its saved image groups again)")  # fmt: skip
+    tv = cli._out_of_memory_line(
+        "evaluate-tv", {"tv": {"group_size": 20, "val_images": None}}, MemoryError()
+    )  # the weight is chosen on every validation image at once: their number counts too
+    assert tv.endswith("out of memory (host): lower denoising.tv.group_size (now 20) or "
+                       "denoising.tv.val_images (now None); what the job saved is kept, and a "
+                       "rerun resumes from it unless it changes denoising.tv.val_images, which "
+                       "starts it again (a change of denoising.tv.group_size solves its saved "
+                       "image groups again)")  # fmt: skip
     fixed = cli._out_of_memory_line("prepare-data", {}, MemoryError())
     assert fixed.endswith("run it where more memory is free; a rerun starts it again")
     ev = {"evaluate": {"batch_size": 5, "group_size": 20, "lipschitz_search": {"images": 2}}}
@@ -1343,11 +1347,14 @@ def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes()
     assert denoiser.endswith("lower denoising.evaluate.batch_size (now 5), "
                              "denoising.evaluate.group_size (now 20) or "
                              "denoising.evaluate.lipschitz_search.images (now 2); what the job "
-                             "saved is kept, and a rerun resumes from it unless it changes "
-                             "denoising.evaluate.batch_size, which starts it again (a change of "
+                             "saved is kept, and a rerun resumes from it (a change of "
                              "denoising.evaluate.lipschitz_search.images redoes only its "
                              "Lipschitz search) (a change of denoising.evaluate.group_size "
                              "solves its saved image groups again)"), denoiser  # fmt: skip
+    # a denoiser's images are denoised each on its own: its batch size keeps every saved group,
+    # as a classifier's does not (its attacks are seeded per batch)
+    classifier = cli._out_of_memory_line("evaluate-classifier", ev, err)
+    assert "unless it changes classification.evaluate.batch_size, which starts" in classifier
 
 
 def test_runaway_substeps_stop_the_job_in_one_line_naming_the_block_and_a_resumable_checkpoint(

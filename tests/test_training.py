@@ -957,11 +957,18 @@ def test_settings_that_change_no_number_leave_the_progress_hash_so_their_change_
         {**spec, "device": "cuda:1", "threads": 8, "eval_batch": 7},
         *({**spec, "train": {**spec["train"], k: v}} for k, v in (
             ("stop_after", 5), ("log_every", 1), ("checkpoint_every", 7), ("max_substeps", 9),
-            ("max_substeps", "auto"), ("memory_fraction", 0.5), ("max_norm", 3.0))),
+            ("max_substeps", "auto"), ("memory_fraction", 0.5), ("max_norm", 3.0),
+            ("cudnn_benchmark", True), ("channels_last", True))),
     ]  # fmt: skip
     assert {_progress_hash(s) for s in same} == {_progress_hash(spec)}
     for changed in ({**spec, "seed": 1}, {**spec, "train": {**spec["train"], "lr_max": 0.5}}):
         assert _progress_hash(changed) != _progress_hash(spec)
+    # a denoiser's evaluation denoises each image on its own: its batch size is memory alone;
+    # a classifier's seeds its attacks per batch
+    ev = {"model": "m", "seed": 0, "evaluate": {"batch_size": 8, "n_test": 10}}
+    smaller = {**ev, "evaluate": {**ev["evaluate"], "batch_size": 2}}
+    assert _progress_hash(smaller, "evaluate-denoiser") == _progress_hash(ev, "evaluate-denoiser")
+    assert _progress_hash(smaller) != _progress_hash(ev)
 
 
 class _NaNGradientAtStep3(ClassificationTask):

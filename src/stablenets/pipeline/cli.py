@@ -69,7 +69,9 @@ _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
     "pnp": ([("pnp.batch_size", ("pnp", "batch_size")),
              ("pnp.group_size", ("pnp", "group_size"))], True),
     "tv-deblur": ([("pnp.group_size", ("pnp", "group_size"))], True),
-    "evaluate-tv": ([("denoising.tv.group_size", ("tv", "group_size"))], True),
+    # its weight is chosen on every validation image at once (37 MB each at 321x481)
+    "evaluate-tv": ([("denoising.tv.group_size", ("tv", "group_size")),
+                     ("denoising.tv.val_images", ("tv", "val_images"))], True),
 }  # fmt: skip
 
 
@@ -105,7 +107,7 @@ def _out_of_memory_line(job: str, spec: dict, err: BaseException) -> str:
         keys.append(f"{key} (now {value})")
         if path[: len(SEARCH_SETTINGS)] == SEARCH_SETTINGS:
             search.append(key)
-        elif not run_only(path):
+        elif not run_only(path, job):
             restart.append(key)
         elif path[-1] == "group_size":  # groups saved by their size (resume.in_groups)
             regroup.append(key)

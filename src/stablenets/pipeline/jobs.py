@@ -47,7 +47,7 @@ from stablenets.pipeline.runtime import (
     write_results,
     write_sidecar,
 )
-from stablenets.pipeline.specs import RUN_ONLY, SEARCH_SETTINGS, run_only
+from stablenets.pipeline.specs import SEARCH_SETTINGS, run_only
 from stablenets.train.augment import AugmentConfig
 from stablenets.train.loop import TrainConfig, train, write_log
 from stablenets.train.memory import is_out_of_memory, peak_memory_mb
@@ -181,7 +181,7 @@ def train_model(
     chash = _training_hash(spec, data_path)
     log(f"training {spec['variant']} seed {spec['seed']} on {device} (config {chash})")
     model, state = train(model, task, cfg, workdir, chash, log)
-    write_sidecar(out_log, spec, spec["seed"])
+    write_sidecar(out_log, spec, spec["seed"], [data_path])
     write_log(state.rows, out_log)
     save_model(
         model,
@@ -190,26 +190,26 @@ def train_model(
         best_metric=state.best_metric,
         train_time_s=state.elapsed,
         epoch_time_s=state.elapsed / max(state.step, 1) * task.steps_per_epoch(cfg.batch_size),
-        peak_memory_mb=peak_memory_mb(device),
+        peak_memory_mb=state.peak_memory_mb or peak_memory_mb(device),  # where steps ran
         total_substeps=_saved_substeps(model),
         **state.time_split(),
         **state.run_clocks(),
-        **provenance(spec, spec["seed"], device, [data_path]),
+        **provenance(spec, spec["seed"], state.device or device, [data_path]),
     )
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
 
 
-def _progress_hash(spec: dict) -> str:
+def _progress_hash(spec: dict, job: str | None = None) -> str:
     """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
-    the spec without its ``RUN_ONLY`` settings and its Lipschitz search's (``SEARCH_SETTINGS``,
-    which ``_empirical_lipschitz`` checks itself)."""
+    the spec without its ``RUN_ONLY`` settings (and ``job``'s own, ``JOB_RUN_ONLY``) and its
+    Lipschitz search's (``SEARCH_SETTINGS``, which ``_empirical_lipschitz`` checks itself)."""
     where, search = SEARCH_SETTINGS
     if search in spec.get(where, {}):
         spec = {**spec, where: {k: v for k, v in spec[where].items() if k != search}}
-    kept = {k: v for k, v in spec.items() if not run_only((k,))}
-    for section in (name for name in RUN_ONLY if name):
-        if section in spec:
-            kept[section] = {k: v for k, v in spec[section].items() if not run_only((section, k))}
+    kept = {k: v for k, v in spec.items() if not run_only((k,), job)}
+    for section, value in spec.items():
+        if isinstance(value, dict) and section in kept:
+            kept[section] = {k: v for k, v in value.items() if not run_only((section, k), job)}
     return config_hash(kept)
 
 
@@ -335,13 +335,14 @@ def _saved_progress(
     workdir: Path,
     log: Log,
     stop: StopFlag | None = None,
+    job: str | None = None,
 ) -> SavedProgress:
     """The job's progress file in ``workdir``. A rerun resumes from it only if it was saved by
-    the same job (``_progress_hash``) on inputs holding the same (``content_sha256``: the same
-    weights or images, whatever run record they carry) in the same ``layout``; given ``stop``,
-    its ``stop_point`` is where a signal ends the job."""
+    the same job (``_progress_hash``, ``job``'s run-only settings aside) on inputs holding the
+    same (``content_sha256``: the same weights or images, whatever run record they carry) in
+    the same ``layout``; given ``stop``, its ``stop_point`` is where a signal ends the job."""
     digests = [content_sha256(p)[:16] for p in inputs]
-    key = "-".join([_progress_hash(spec), *digests, layout])
+    key = "-".join([_progress_hash(spec, job), *digests, layout])
     return SavedProgress(workdir / "progress.pt", key, log, stop)
 
 
@@ -589,7 +590,7 @@ def evaluate_denoiser(
 
     with StopFlag() as stop:
         progress = _saved_progress(
-            spec, [model_path, data_path], _DENOISER_LAYOUT, workdir, log, stop
+            spec, [model_path, data_path], _DENOISER_LAYOUT, workdir, log, stop, _DENOISER_JOB
         )
         sets, crops = _denoised_in_groups(
             progress, clean, noisy, denoise, ev, ev["group_size"], "denoiser", log
@@ -616,8 +617,10 @@ def evaluate_denoiser(
     )
 
 
-# The layout of a denoiser evaluation's saved groups and bound (``_saved_progress``).
-_DENOISER_LAYOUT = "denoiser-v1"
+# The layout of a denoiser evaluation's saved groups and bound (``_saved_progress``; v2: in full
+# float32, no TF32) and the job's command (its run-only settings, ``specs.JOB_RUN_ONLY``).
+_DENOISER_LAYOUT = "denoiser-v2"
+_DENOISER_JOB = "evaluate-denoiser"
 
 
 def evaluate_tv_denoising(
@@ -634,7 +637,8 @@ def evaluate_tv_denoising(
     val_noisy = metrics.fixed_noise(val, float(spec["sigma"]), int(tv_spec["val_noise_seed"]))
     clean, noisy = _noisy_test(spec, data_path, device)
     with StopFlag() as stop:
-        progress = _saved_progress(spec, [data_path], "tv-denoising-v2", workdir, log, stop)
+        # v3: each image stops at its own tolerance
+        progress = _saved_progress(spec, [data_path], "tv-denoising-v3", workdir, log, stop)
         found = progress.section("validation")
         solves = (len(tv_spec["weights"]) - len(found)) * len(val)  # what this run solves
         start = time.monotonic()

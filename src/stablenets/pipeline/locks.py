@@ -94,6 +94,9 @@ TOOL_LOCK = Path(".snakemake") / "stablenets-unlock.flock"
 # Held (shared) by every Snakemake of the workflow from the reading of its Snakefile to its end.
 LIVE_MARKER = Path(".snakemake") / "stablenets-live.flock"
 _HELD: dict[tuple[int, int], int] = {}  # this process's live markers (device, inode) -> fd
+# How long a held marker is looked at again before it counts: a process killed a moment ago has
+# left the process list (its command line goes with its memory) before its files are closed.
+MARKER_SETTLE_S = 3.0
 _MAX_DEPTH = 256  # folders walked up from a working directory
 
 
@@ -623,22 +626,28 @@ def hold_live_marker(directory: Path) -> None:
     _HELD[key.st_dev, key.st_ino] = fd
 
 
-def _marker_held(directory: Path) -> bool:
-    """Whether a process holds ``directory``'s ``LIVE_MARKER`` (an exclusive ``flock`` cannot be
-    had at once); ``False`` without the file or where the file system has no locks."""
+def _marker_held(directory: Path, settle_s: float = MARKER_SETTLE_S) -> bool:
+    """Whether a process holds ``directory``'s ``LIVE_MARKER``: an exclusive ``flock`` cannot be
+    had within ``settle_s`` (``MARKER_SETTLE_S``); ``False`` without the file or where the file
+    system has no locks."""
     try:
         fd = os.open(directory / LIVE_MARKER, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
+    deadline = time.monotonic() + settle_s
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return True
+                time.sleep(0.05)
+            except OSError:
+                return False
     finally:
         os.close(fd)
-    return False
 
 
 def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:

@@ -193,13 +193,18 @@ def versions() -> dict[str, str]:
 
 
 def provenance(
-    spec: dict, seed: int, device: torch.device | None = None, inputs: Iterable[Path] = ()
+    spec: dict, seed: int, device: torch.device | str | None = None, inputs: Iterable[Path] = ()
 ) -> dict[str, Any]:
     """Attributes every output carries: what produced it, from which code (commit, and whether
     the checkout differed from it), from which files (``inputs``: each one's sha256, and its
     config hash and seed where it records them) and (for a job that computes) on which device:
     ``cpu`` or ``cuda:0 NVIDIA H100 80GB HBM3``, so a time recorded with it (training time,
-    seconds per point, ``cost.csv``) says what it was measured on."""
+    seconds per point, ``cost.csv``) says what it was measured on; a ``str`` is such a label
+    already (``train.memory.device_label``: a training's steps may have run elsewhere)."""
+    if device is not None and not isinstance(device, str):
+        from stablenets.train.memory import device_label  # torch: not for the report jobs
+
+        device = device_label(device)
     return {
         "config_hash": config_hash(spec),
         "config": json.dumps(spec, sort_keys=True, default=str),
@@ -207,18 +212,9 @@ def provenance(
         "versions": json.dumps(versions(), sort_keys=True),
         "git_commit": _git_state()[0],
         "git_dirty": _git_state()[1],
-        **({"device": device_label(device)} if device is not None else {}),
+        **({"device": device} if device is not None else {}),
         **({"inputs": [input_record(Path(p)) for p in inputs]} if inputs else {}),
     }
-
-
-def device_label(device: torch.device) -> str:
-    """``cpu``, or a CUDA device's index and name."""
-    import torch
-
-    if device.type != "cuda":
-        return device.type
-    return f"{device} {torch.cuda.get_device_name(device)}"
 
 
 def _attr(value: Any) -> Any:

@@ -16,7 +16,15 @@ from typing import Any
 from stablenets.pipeline import outputs
 from stablenets.pipeline.labels import sigma_label
 
-__all__ = ["Jobs", "RULE_KINDS", "RUN_ONLY", "SEARCH_SETTINGS", "data_label", "run_only"]
+__all__ = [
+    "Jobs",
+    "RULE_KINDS",
+    "RUN_ONLY",
+    "JOB_RUN_ONLY",
+    "SEARCH_SETTINGS",
+    "data_label",
+    "run_only",
+]
 
 #: Each rule's resource kind (``config.resources.<kind>``), the one place it is written: what the
 #: rule asks SLURM for (``Jobs.resources``), where its job computes under ``device: auto``
@@ -99,6 +107,8 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "remat",
         "cuda_graphs",
         "cuda_graph_cache",
+        "channels_last",
+        "cudnn_benchmark",
     ),
     # group_size: images solved at once, each on its own; groups saved with another size are
     # solved again (``resume.in_groups``), the validation scores and search saved beside them kept
@@ -121,9 +131,19 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
 SEARCH_SETTINGS = ("evaluate", "lipschitz_search")
 
 
-def run_only(path: tuple[str, ...]) -> bool:
+#: ``RUN_ONLY`` settings of one job alone (by its command's name): a denoiser's evaluation
+#: denoises each image on its own, so its batch size bounds memory alone (up to rounding), where
+#: a classifier's evaluation seeds each batch's attacks by the batch.
+JOB_RUN_ONLY: dict[str, tuple[tuple[str, ...], ...]] = {
+    "evaluate-denoiser": (("evaluate", "batch_size"),),
+}
+
+
+def run_only(path: tuple[str, ...], job: str | None = None) -> bool:
     """Whether the spec's setting at ``path`` (``("threads",)``, ``("train", "max_norm")``) is
-    one of the ``RUN_ONLY`` settings."""
+    one of the ``RUN_ONLY`` settings, or of ``job``'s (``JOB_RUN_ONLY``)."""
+    if path in JOB_RUN_ONLY.get(job or "", ()):
+        return True
     return path[-1] in RUN_ONLY.get(path[0] if len(path) > 1 else "", ())
 
 
@@ -163,16 +183,16 @@ class Jobs:
         self.sigmas = [sigma_label(s) for s in config["denoising"]["noise_levels"]]
 
     def device(self, rule: str) -> str:
-        """Where a job of ``rule`` computes: the config's ``device``, except that ``auto`` is the
-        CPU for a rule whose resource kind asks for no GPU (``resources.<kind>.gpu`` 0). On SLURM
-        such a job lands on a node without one; on a workstation it must not take memory from
-        the GPU that ``resources: gpu`` lends to one job at a time (a training job sizes its
-        sub-step limit from the memory free when it starts); and the cost it measures
-        (``cost.csv``) is the one it will have on a cluster."""
-        setting = self.config["device"]
-        if setting == "auto" and not self.config["resources"][RULE_KINDS[rule]].get("gpu"):
+        """Where a job of ``rule`` computes: the config's ``device``, except that a rule whose
+        resource kind asks for no GPU (``resources.<kind>.gpu`` 0) computes on the CPU whatever
+        the setting (``auto`` or ``cuda``). On SLURM such a job lands on a node without one; on a
+        workstation it must not take memory from the GPU that ``resources: gpu`` lends to one
+        job at a time (a training job sizes its sub-step limit from the memory free when it
+        starts); and the cost it measures (``cost.csv``) is the one it will have on a
+        cluster."""
+        if not self.config["resources"][RULE_KINDS[rule]].get("gpu"):
             return "cpu"
-        return setting
+        return self.config["device"]
 
     def _common(self, rule: str, seed: int | None = None) -> dict[str, Any]:
         out = {"device": self.device(rule), "threads": self.config["threads"]}

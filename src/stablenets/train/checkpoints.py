@@ -43,7 +43,9 @@ class RunState:
     their number per step differs between runs (``bench.cost``).
     ``stop_metric``: the validation at a ``stop_after`` stop off the validation grid, kept out
     of the best so far (a later run past the stop drops it, as the uninterrupted run never
-    had it)."""
+    had it). ``peak_memory_mb`` and ``device``: the largest peak memory of the runs that trained
+    steps and the device (``train.memory.device_label``) of the last of them, so that a rerun
+    that trains none (its checkpoint already at the end) does not record its own."""
 
     step: int = 0
     best_metric: float = -math.inf
@@ -58,6 +60,8 @@ class RunState:
     checkpoint_s: float = 0.0
     checkpoints: int = 0
     stop_metric: float | None = None
+    peak_memory_mb: float = 0.0
+    device: str = ""
     # the clocks this process resumed at (``resume``; not saved: each run has its own)
     resumed_at: dict[str, float] = field(default_factory=dict)
 

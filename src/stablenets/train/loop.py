@@ -50,6 +50,7 @@ from stablenets.train.cuda_graphs import StepGraphs
 from stablenets.train.memory import (
     ActivationCost,
     activation_cost,
+    device_label,
     free_memory,
     heap_free,
     peak_memory_mb,
@@ -495,6 +496,8 @@ def train(
         state.stop_metric = None
     progress = _Progress(end, state.step, device)
     start = state.step
+    if state.step < end:  # this run trains: its steps run here
+        state.device = device_label(device)
     with StopFlag() as stop:
         while state.step < end:
             captured = graphs.capture_s if graphs is not None else 0.0
@@ -508,6 +511,7 @@ def train(
             elif graphs is not None:  # a CUDA graph captured in this step (one-off): start-up too
                 state.startup_s += min(graphs.capture_s - captured, dt)
             state.step += 1
+            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
             last = state.step == end

@@ -24,6 +24,7 @@ from stablenets.nn.blocks import NonexpansiveBlock
 from stablenets.nn.models import StableModel
 
 __all__ = [
+    "device_label",
     "peak_memory_mb",
     "is_out_of_memory",
     "free_memory",
@@ -31,6 +32,13 @@ __all__ = [
     "ActivationCost",
     "activation_cost",
 ]
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu``, or a CUDA device's index and name (``cuda:0 NVIDIA H100 80GB HBM3``)."""
+    if device.type != "cuda":
+        return device.type
+    return f"{device} {torch.cuda.get_device_name(device)}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
