@@ -49,7 +49,9 @@ from stablenets.evaluation.robustness import (
     margins,
     pgd_l2,
     predict,
+    robust_accuracy,
     robust_accuracy_curve,
+    unit_l2,
 )
 from stablenets.interrupt import Interrupted, StopFlag
 from stablenets.nn.operators import full_float32
@@ -377,6 +379,46 @@ def test_certified_radius_is_exact_when_the_bound_is_tight() -> None:
     assert torch.allclose(radius, exact_distance(model, x, y), rtol=1e-4, atol=1e-6)
 
 
+def test_pgd_breaks_points_whose_cross_entropy_gradient_underflows_the_old_norm_floor() -> None:
+    """Points 0.3 from a linear boundary, logit margin about 60: the gradient is about e^-60.
+    Divided by its norm floored at 1e-12, the step shrank by e^-48 and PGD at ε = 0.5 broke 6 %
+    of them (none without its random start); a unit step breaks every one."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(DIM, generator=g)
+    w = w / w.norm()
+    model = linear_model(torch.stack([100 * w, -100 * w]), torch.zeros(2))
+    base = 0.5 + 0.05 * (torch.rand(64, DIM, generator=g) - 0.5)
+    x = (base - (base @ w)[:, None] * w + 0.3 * w).view(64, *SHAPE)  # 0.3 from the boundary
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    y = torch.zeros(64, dtype=torch.long)
+    x_adv = pgd_l2(model, x, y, 0.5, steps=100, rel_step=0.05, random_start=False)
+    assert bool((predictions(model, x_adv) != y).all())
+    tiny = torch.full((2, *SHAPE), 1e-30)
+    tiny[1] = 0.0
+    unit = unit_l2(tiny)
+    assert torch.allclose(unit[0].norm(), torch.tensor(1.0)) and bool((unit[1] == 0).all())
+
+
+def test_robust_accuracy_runs_its_attack_as_its_examples_are_judged_in_full_float32(
+    monkeypatch,
+) -> None:
+    """On a GPU AutoAttack in TF32 stopped at points broken only in TF32, which the float32
+    judge then counted as robust (9 of 96 on the review's stand-in)."""
+    model = random_linear(10, seed=22, scale=0.2)
+    x = inner_points(8, seed=23)
+    y = predictions(model, x)
+    seen = []
+
+    def attack(model, xb, yb, eps):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return xb
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert robust_accuracy(model, x, y, 0.1, attack, batch_size=4) == 1.0
+    assert seen == [(False, False)] * 2
+
+
 def test_certified_accuracy_counts_and_is_never_beaten_by_pgd() -> None:
     model = random_linear(10, seed=22, scale=0.2)
     x = inner_points(120, seed=23)
@@ -391,6 +433,9 @@ def test_certified_accuracy_counts_and_is_never_beaten_by_pgd() -> None:
     ]
     assert np.allclose(cert, manual)
     assert np.all(np.diff(cert) <= 0) and cert[0] == pytest.approx(correct.double().mean().item())
+    # a margin within its rounding certifies nothing, as in certified_radius
+    allowance = m.double().clamp_min(0) + 1e-9
+    assert (certified_accuracy(m, correct, lip, grid, tolerance=allowance) == 0).all()
     strong = partial(pgd_l2, steps=50, rel_step=0.05, restarts=2)
     empirical = robust_accuracy_curve(model, x, y, grid, strong, batch_size=64)
     check_invariant(grid, cert, empirical, accuracy(model, x, y, 64), "linear")
