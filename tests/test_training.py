@@ -23,7 +23,13 @@ from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.models import StableModel, build_model, read_checkpoint
 from stablenets.pipeline.jobs import _progress_hash
-from stablenets.train.augment import AugmentConfig, augment, random_crop, random_erase
+from stablenets.train.augment import (
+    AugmentConfig,
+    augment,
+    random_crop,
+    random_erase,
+    random_flip,
+)
 from stablenets.train.checkpoints import RunState
 from stablenets.train.loop import (
     DivergenceError,
@@ -65,6 +71,41 @@ def test_augmentation_erases_before_it_crops_as_the_scripts():
     g = torch.Generator().manual_seed(3)
     erased = random_erase(x, cfg, g)
     torch.testing.assert_close(got, random_crop(erased, cfg.crop_padding, g), rtol=0, atol=0)
+
+
+def test_each_augmentation_is_what_the_scripts_transforms_do():
+    """Each part against its definition: a flip mirrors left-right (``x.flip(-1)``, never
+    up-down); a crop shifts the image within 2 pixels, zeros filling only what it shifted in
+    (zero padding, not reflection); an erased hole is one rectangle of 5-20 % of the image."""
+    x = torch.rand(256, 3, 16, 16) + 1  # no zero pixel of its own
+    flipped = random_flip(x, torch.Generator().manual_seed(0))
+    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    assert bool((mirrored | (flipped == x).flatten(1).all(1)).all())
+    assert 0.35 < float(mirrored.float().mean()) < 0.65
+    cropped = random_crop(x, 2, torch.Generator().manual_seed(0))
+    zeros = cropped == 0
+    assert not bool(zeros[..., 2:-2, 2:-2].any())  # the centre always comes from the image
+    for i in range(len(x)):  # each crop is x shifted by one offset, zeros shifted in
+        hits = [
+            (dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+            if torch.equal(cropped[i], _shifted(x[i], dy, dx))
+        ]  # fmt: skip
+        assert len(hits) == 1, i
+    erased = random_erase(x, AugmentConfig(erase_p=1.0), torch.Generator().manual_seed(0))
+    hole = (erased == 0)[:, 0]
+    assert bool(((erased == 0) == hole[:, None]).all())  # every channel alike
+    area = hole.flatten(1).float().mean(1)
+    assert bool((area > 0.04).all() and (area < 0.22).all())  # 5-20 %, up to rounding
+    rows, cols = hole.any(2), hole.any(1)
+    box = rows.sum(1) * cols.sum(1)  # a rectangle fills its bounding box
+    assert torch.equal(box, hole.flatten(1).sum(1))
+
+
+def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` moved by ``(dy, dx)`` pixels, zeros shifted in."""
+    padded = torch.nn.functional.pad(image, (2, 2, 2, 2))
+    h, w = image.shape[-2:]
+    return padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
 
 
 def test_a_step_draws_its_slice_of_a_seeded_epoch_permutation():
@@ -780,6 +821,10 @@ def test_a_schedule_one_cycle_cannot_take_is_refused_in_one_line_before_any_step
         make_optimizer(model, TrainConfig(steps=steps + 1, batch_size=1, warmup=warmup))
     with pytest.raises(ValueError, match="lr_initial 0.01 must be below lr_max 0.01"):
         TrainConfig(steps=10, batch_size=1, lr_initial=0.01, lr_max=0.01)
+    # no anneal left at warm-up 1: every step trained, then a division by zero at the last
+    for warmup in (1.0, 1, 0.0):
+        with pytest.raises(ValueError, match=f"warmup {warmup} must lie strictly between 0 and 1"):
+            TrainConfig(steps=10, batch_size=1, warmup=warmup)
     budgeted = TrainConfig(steps=2, batch_size=1, budget_minutes=5.0)  # steps: a placeholder
     with pytest.raises(ValueError, match="warmup 0.5 x steps 2 is one warm-up step"):
         make_optimizer(model, budgeted)  # where the derived steps meet the schedule
@@ -888,6 +933,19 @@ def test_a_stop_signal_checkpoints_and_stops_the_run_but_at_its_last_step_lets_i
     _, state = _tiny_run(tmp_path / "last", steps=6, log_every=1, on_line=signal_at(6))
     assert state.step == 6
     assert read_checkpoint(tmp_path / "last" / "checkpoint.pt")["run"]["step"] == 6
+    # during start-up (the run's first line, before any step): it killed the process; now the
+    # run stops after its first step, saved
+    sent: list[str] = []
+
+    def at_start_up(line: str) -> None:
+        if not sent:
+            sent.append(line)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted, match="at step 1: checkpoint .* written; rerun to resume"):
+        _tiny_run(tmp_path / "start", steps=6, log_every=1, on_line=at_start_up)
+    assert not sent[0].startswith("step ")
+    assert read_checkpoint(tmp_path / "start" / "checkpoint.pt")["run"]["step"] == 1
 
 
 def test_a_stop_after_off_the_validation_grid_leaves_a_later_full_run_as_if_uninterrupted(

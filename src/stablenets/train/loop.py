@@ -153,9 +153,16 @@ def schedule_problems(
     """What keeps ``make_optimizer``'s one-cycle schedule from running as meant: ``OneCycleLR``
     divides by its warm-up's length ``warmup * steps - 1`` (a warm-up of exactly one step
     divides by zero; ``steps`` ``None``: not known yet, as before a ``budget_minutes``
-    calibration), and a start at or above the peak would warm up downward."""
+    calibration) and by its anneal's (none at ``warmup`` 1: every step trained, then a
+    division by zero before the last checkpoint), and a start at or above the peak would warm
+    up downward."""
     problems = []
-    if steps is not None and warmup * steps == 1.0:
+    if not 0.0 < warmup < 1.0:
+        problems.append(
+            f"warmup {warmup} must lie strictly between 0 and 1 (a fraction of the steps, the "
+            "rest annealing)"
+        )
+    elif steps is not None and warmup * steps == 1.0:
         problems.append(
             f"warmup {warmup} x steps {steps} is one warm-up step, which the one-cycle schedule "
             "cannot take (it divides by the warm-up's length - 1): change steps or warmup"
@@ -474,31 +481,35 @@ def train(
     ckpt_path = workdir / "checkpoint.pt"
     for stale in remove_stale_temporaries(ckpt_path):  # a write killed mid-way (SIGKILL)
         log(f"removed {stale.name}, the temporary of an interrupted checkpoint write")
-    device = next(model.parameters()).device
-    build_loss(cfg.loss, model)  # fail before any step on a bad loss
-    prepare_for_speed(model, cfg)
-    limit = substep_limit(model, task, cfg, device)
-    cfg = _budgeted(model, task, cfg, workdir, config_hash, device, limit, log)
-    opt, sched = make_optimizer(model, cfg)
-    state = resume(ckpt_path, config_hash, model, opt, sched, log)
-    _log_limit(model, limit, log)
-    graphs = step_graphs(model, task, cfg, device, log)
-    end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
-    if end < cfg.steps:
-        log(f"stopping after {end} steps of the {cfg.steps}-step schedule (stop_after)")
-    if state.step > end:
-        log(
-            f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}: its best "
-            f"model (step {state.best_step}) is kept; delete the checkpoint to stop at {end}"
-        )
-    if state.stop_metric is not None and state.step < end:  # going on past an earlier stop
-        state.rows = [r for r in state.rows if not (r["kind"] == "val" and r["step"] == state.step)]
-        state.stop_metric = None
-    progress = _Progress(end, state.step, device)
-    start = state.step
-    if state.step < end:  # this run trains: its steps run here
-        state.device = device_label(device)
+    # from the start: a stop signal during start-up (the budget's calibration, the resume, graph
+    # set-up) stops the run after its first step, saved, instead of killing it
     with StopFlag() as stop:
+        device = next(model.parameters()).device
+        build_loss(cfg.loss, model)  # fail before any step on a bad loss
+        prepare_for_speed(model, cfg)
+        limit = substep_limit(model, task, cfg, device)
+        cfg = _budgeted(model, task, cfg, workdir, config_hash, device, limit, log)
+        opt, sched = make_optimizer(model, cfg)
+        state = resume(ckpt_path, config_hash, model, opt, sched, log)
+        _log_limit(model, limit, log)
+        graphs = step_graphs(model, task, cfg, device, log)
+        end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
+        if end < cfg.steps:
+            log(f"stopping after {end} steps of the {cfg.steps}-step schedule (stop_after)")
+        if state.step > end:
+            log(
+                f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}: its best "
+                f"model (step {state.best_step}) is kept; delete the checkpoint to stop at {end}"
+            )
+        if state.stop_metric is not None and state.step < end:  # going on past an earlier stop
+            state.rows = [
+                r for r in state.rows if not (r["kind"] == "val" and r["step"] == state.step)
+            ]
+            state.stop_metric = None
+        progress = _Progress(end, state.step, device)
+        start = state.step
+        if state.step < end:  # this run trains: its steps run here
+            state.device = device_label(device)
         while state.step < end:
             captured = graphs.capture_s if graphs is not None else 0.0
             t0 = time.perf_counter()
@@ -788,7 +799,10 @@ def _rate(images_per_s: float) -> str:
 
 
 def write_log(rows: list[dict], path: Path) -> None:
-    """The per-step log as CSV (train and validation rows; blank where not applicable)."""
+    """The per-step log as CSV (train and validation rows; blank where not applicable). A train
+    row's ``step`` is the index of the step it logs (from 0: the one run with its ``lr``), a
+    validation row's the number of steps done (its weights are those after train row
+    ``step - 1``), as the divergence errors and checkpoints count them."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
