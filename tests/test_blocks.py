@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from stablenets.nn.activations import build_activation
-from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock, compose_averaged
-from stablenets.nn.integrators import get_integrator
+from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock
+from stablenets.nn.integrators import compose_averaged, get_integrator
 from stablenets.nn.models import MODELS, build_model
 from stablenets.nn.operators import CERTIFICATE_SLACK, Conv2dOperator, DenseOperator
 
@@ -287,7 +287,8 @@ def test_averagedness_of_euler_blocks():
         a = compose_averaged(a, a_step)
     assert block.substeps(block.operator.norm_bound()) == 4
     assert block.averagedness() == pytest.approx(a, rel=1e-12)
-    assert _conv_block("heun", theta=0.5).averagedness() is None
+    for integrator in ("rk4", "midpoint"):  # radius 0: nothing guaranteed
+        assert _conv_block(integrator, theta=0.5).averagedness() is None
     block = _conv_block("euler", theta=0.9)
     _to_design_norm(block)
     assert block.averagedness() == pytest.approx(0.9, rel=1e-12)
@@ -361,9 +362,15 @@ def test_conv_block_is_nonexpansive_under_attack(
     assert ratio > 0.5
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv"])
-def test_averaged_euler_block_satisfies_the_averagedness_inequality_under_attack(kind):
-    block = _dense_block("euler", 0.5) if kind == "dense" else _conv_block("euler", 0.5)
+@pytest.mark.parametrize(
+    ("kind", "integrator", "theta"),
+    [("dense", "euler", 0.5), ("conv", "euler", 0.5), ("dense", "heun", 0.5),
+     ("conv", "heun", 1.0), ("dense", "ssprk3", 1.0), ("conv", "ssprk3", 0.5)],
+)  # fmt: skip
+def test_averaged_block_satisfies_the_averagedness_inequality_under_attack(kind, integrator, theta):
+    """Euler's sub-steps, and Heun's and SSPRK3's (convex combinations of Euler steps: averaged
+    even at theta 1, where an Euler step is merely non-expansive)."""
+    block = (_dense_block if kind == "dense" else _conv_block)(integrator, theta)
     shape = (8,) if kind == "dense" else (3, 6, 5)
     block.eval()
     for factor in (1.0, 1.5):
@@ -371,7 +378,7 @@ def test_averaged_euler_block_satisfies_the_averagedness_inequality_under_attack
         alpha = block.averagedness()
         assert alpha is not None and 0 < alpha < 1
         worst = adversary(block, shape, averaged_objective(alpha), steps=80, starts=6)
-        print(f"{kind} euler theta=0.5 alpha={alpha:.4f}: max violation {worst:.3e}")
+        print(f"{kind} {integrator} theta={theta} alpha={alpha:.4f}: max violation {worst:.3e}")
         assert worst <= TOL
         # With a smaller claimed alpha the inequality fails: the audit can detect violations.
         assert adversary(block, shape, averaged_objective(alpha / 3), steps=30) > 0

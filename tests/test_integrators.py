@@ -196,3 +196,47 @@ def test_linear_gradient_fields_are_contracted_within_the_step_rule(name):
     m = _random_matrix(6, 2.0, seed=7, kind="psd")
     euler = float(torch.linalg.matrix_norm(_step_matrix(INTEGRATORS["euler"], m, 1.2), 2))
     assert euler == pytest.approx(1.4, rel=1e-10)
+
+
+@pytest.mark.parametrize("h_nu", [0.2, 0.5, 1.0])
+def test_a_step_is_averaged_as_its_shu_osher_form_of_euler_steps_says(h_nu):
+    """From the tableau: Euler ``h nu``; Heun ``x/2 + E(E(x))/2``; SSPRK3 ``x/3 + 2/3 E(U(x))``
+    with ``U = 3/4 I + 1/4 E o E`` (E: an ``h nu``-averaged Euler step, merely non-expansive at
+    1); none for the schemes of radius 0."""
+    from stablenets.nn.integrators import compose_averaged
+
+    step = compose_averaged(h_nu, h_nu)
+    expected = {
+        "euler": h_nu if h_nu < 1 else None,
+        "heun": step / 2,
+        "ssprk3": 2 / 3 * compose_averaged(h_nu, step / 4),
+        "midpoint": None,
+        "rk4": None,
+    }
+    for name, alpha in expected.items():
+        got = get_integrator(name).averagedness(h_nu)
+        assert got == (None if alpha is None else pytest.approx(alpha, rel=1e-12)), name
+    assert get_integrator("heun").averagedness(1.5) is None  # past the radius: no guarantee
+
+
+def test_an_averaged_step_satisfies_the_averagedness_inequality_on_linear_gradient_fields():
+    """``f(x) = -M x`` with ``M`` symmetric, eigenvalues in ``[0, ell]`` (the gradient of a convex
+    quadratic): one step ``S`` of each SSP scheme, at ``h nu`` its averagedness is given for,
+    satisfies ``||Sx - Sy||^2 <= ||x - y||^2 - (1 - a)/a ||(I - S)x - (I - S)y||^2`` at the
+    extreme eigenvalues and between them."""
+    ell = 2.0
+    for name in ("euler", "heun", "ssprk3"):
+        tableau = get_integrator(name)
+        for h_nu in (0.3, 0.9, 1.0):
+            alpha = tableau.averagedness(h_nu)
+            if alpha is None:
+                continue
+            h = 2 * h_nu / ell
+            for lam in np.linspace(0.0, ell, 41):  # a scalar mode of M
+                s = float(
+                    tableau.step(
+                        lambda x, lam=lam: -lam * x, torch.tensor(1.0, dtype=torch.float64), h
+                    )
+                )
+                gap = 1 - s**2 - (1 - alpha) / alpha * (1 - s) ** 2
+                assert gap >= -1e-12, (name, h_nu, lam, s, alpha)

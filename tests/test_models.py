@@ -14,8 +14,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import stablenets
-from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock, compose_averaged
+from stablenets.nn.blocks import TIME_HEADROOM, NonexpansiveBlock, ResidualBlock
 from stablenets.nn.families import AOLBlock, OrthogonalBlock, SLLBlock
+from stablenets.nn.integrators import compose_averaged
 from stablenets.nn.losses import build_loss
 from stablenets.nn.models import (
     CLASSIFIERS,
@@ -400,7 +401,7 @@ def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(re
 
 
 def test_averagedness_is_none_when_not_guaranteed():
-    assert _build("nonexpansive_denoiser", integrator="heun", theta=0.5).averagedness() is None
+    assert _build("nonexpansive_denoiser", integrator="rk4", theta=0.5).averagedness() is None
     model = _build("nonexpansive_denoiser", integrator="euler", theta=0.5, residual=True)
     # Three blocks, each alpha-averaged with alpha just under 1/2 (the default integration time
     # leaves headroom), compose to about 3/4 > 1/2: no guarantee for I - N.

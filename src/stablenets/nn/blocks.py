@@ -35,10 +35,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.activations import MonotoneActivation
-from stablenets.nn.integrators import get_integrator
+from stablenets.nn.integrators import compose_averaged, get_integrator
 from stablenets.nn.operators import LinearOperator, host_copy, remember_host_copy, spatial_size
 
-__all__ = ["INIT_POWER_ITERS", "NonexpansiveBlock", "ResidualBlock", "compose_averaged"]
+__all__ = ["INIT_POWER_ITERS", "NonexpansiveBlock", "ResidualBlock"]
 
 
 # Sub-step inputs above this size are checkpointed in training (see NonexpansiveBlock): at batch
@@ -51,14 +51,6 @@ TIME_HEADROOM = 0.02
 # construction: from the symbol's peak, a 64-channel 3x3 convolution's estimate is then within
 # 0.02-0.3 % of its norm (``Conv2dOperator.warm_start``).
 INIT_POWER_ITERS = 20
-
-
-def compose_averaged(a1: float, a2: float) -> float:
-    """Averagedness of ``T1 o T2`` for ``a_i``-averaged ``T_i`` (Combettes & Yamada 2015).
-
-    ``alpha = (a1 + a2 - 2 a1 a2) / (1 - a1 a2)``, valid for ``a1, a2`` in [0, 1).
-    """
-    return (a1 + a2 - 2 * a1 * a2) / (1 - a1 * a2)
 
 
 class NonexpansiveBlock(nn.Module):
@@ -217,15 +209,15 @@ class NonexpansiveBlock(nn.Module):
     def averagedness(self, input_size: tuple[int, int] | None = None) -> float | None:
         """``alpha`` such that the ``eval()`` block is alpha-averaged, or ``None``.
 
-        Defined for Euler: each sub-step ``I - h grad(phi)`` is ``(h ell / 2)``-averaged when
-        ``h ell < 2`` (Baillon–Haddad), and ``n`` sub-steps compose by ``compose_averaged``.
+        Each sub-step's (``ButcherTableau.averagedness`` at ``h nu = h ell / 2``: Euler's
+        ``I - h grad(phi)`` is ``h nu``-averaged (Baillon–Haddad), Heun's and SSPRK3's convex
+        combinations of Euler steps are too, RK4 and the midpoint rule guarantee nothing), and
+        ``n`` sub-steps compose by ``compose_averaged``.
         """
-        if self.tableau.name != "euler":
-            return None
         norm = self.operator.norm_bound(input_size)
         n = self.substeps(norm)
-        alpha_step = self.time_value() / n * self._ell(norm) / 2
-        if alpha_step >= 1:
+        alpha_step = self.tableau.averagedness(self.time_value() / n * self._ell(norm) / 2)
+        if alpha_step is None:
             return None
         alpha = alpha_step
         for _ in range(n - 1):

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["ButcherTableau", "threshold_factor", "get_integrator", "INTEGRATORS"]
+__all__ = [
+    "ButcherTableau",
+    "threshold_factor",
+    "compose_averaged",
+    "get_integrator",
+    "INTEGRATORS",
+]
 
 _BISECTION_TOL = 1e-12
 _NONNEG_TOL = 1e-14
@@ -44,12 +50,8 @@ def threshold_factor(A: np.ndarray, b: np.ndarray, r_max: float | None = None) -
 
     For explicit methods ``R`` is at most the number of stages, which bounds the search.
     """
-    A = np.asarray(A, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
     s = len(b)
-    K = np.zeros((s + 1, s + 1))
-    K[:s, :s] = A
-    K[s, :s] = b
+    K = _stage_matrix(np.asarray(A, dtype=np.float64), np.asarray(b, dtype=np.float64))
     if not _absolutely_monotone_at(K, 0.0):
         return 0.0
     hi = float(r_max if r_max is not None else s + 1)
@@ -61,6 +63,26 @@ def threshold_factor(A: np.ndarray, b: np.ndarray, r_max: float | None = None) -
         lo, hi = (mid, hi) if _absolutely_monotone_at(K, mid) else (lo, mid)
     snapped = round(lo, _SNAP_DIGITS)  # exact rational radii (1, 2, ...) come out exactly
     return snapped if snapped >= lo and _absolutely_monotone_at(K, snapped) else lo
+
+
+def compose_averaged(a1: float, a2: float) -> float:
+    """Averagedness of ``T1 o T2`` for ``a_i``-averaged ``T_i`` (Combettes & Yamada 2015).
+
+    ``alpha = (a1 + a2 - 2 a1 a2) / (1 - a1 a2)``, valid for ``a1, a2`` in [0, 1); 1 (merely
+    non-expansive) where either is 1.
+    """
+    if a1 >= 1 or a2 >= 1:
+        return 1.0
+    return (a1 + a2 - 2 * a1 * a2) / (1 - a1 * a2)
+
+
+def _stage_matrix(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``K = [[A, 0], [b^T, 0]]``: the stages and the step's result as rows."""
+    s = len(b)
+    K = np.zeros((s + 1, s + 1))
+    K[:s, :s] = A
+    K[s, :s] = b
+    return K
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,35 @@ class ButcherTableau:
             if bi != 0:
                 out = out + _times(h, bi) * k
         return out
+
+    def averagedness(self, h_nu: float) -> float | None:
+        """``alpha`` such that one step of size ``h`` is alpha-averaged on every field
+        ``-grad(phi)``, ``phi`` convex with an ``ell``-Lipschitz gradient, ``h_nu = h ell / 2``;
+        ``None`` where that is not below 1, or where the radius ``R`` is 0.
+
+        The canonical Shu–Osher form at ``R`` writes each stage as a convex combination of ``x``
+        and Euler steps of size ``h / R`` from earlier stages (``K (I + R K)^{-1} >= 0`` is what
+        ``R`` certifies, module docstring):
+
+            Y_i = d_i x + sum_j R P_ij E(Y_j),   P = K (I + R K)^{-1},  d = (I + R K)^{-1} e,
+
+        with ``E = I - (h / R) grad(phi)`` ``(h nu / R)``-averaged (Baillon–Haddad). A composition
+        is averaged with ``compose_averaged``'s constant, a convex combination with the weighted
+        sum of its parts' (the identity's 0; Combettes & Yamada 2015). Euler: ``h nu``; Heun:
+        ``x/2 + E(E(x))/2``, half of two Euler steps composed (1/2 even at ``h nu = 1``).
+        """
+        if self.radius <= 0:
+            return None
+        a_euler = h_nu / self.radius
+        if not 0 <= a_euler <= 1:
+            return None
+        K = _stage_matrix(np.asarray(self.A), np.asarray(self.b))
+        weights = np.clip(self.radius * K @ np.linalg.inv(np.eye(len(K)) + self.radius * K), 0, 1)
+        alphas: list[float] = []
+        for row in weights:
+            alphas.append(sum(w * compose_averaged(a_euler, alphas[j])
+                              for j, w in enumerate(row[: len(alphas)]) if w > 0))  # fmt: skip
+        return float(alphas[-1]) if alphas[-1] < 1 else None
 
     def stagewise_lipschitz(self, h_ell: float) -> float:
         """Sound Lipschitz bound of one step when ``f`` is ``ell``-Lipschitz (``h_ell = h ell``).

@@ -35,9 +35,9 @@ from stablenets.nn.blocks import (
     INIT_POWER_ITERS,
     NonexpansiveBlock,
     ResidualBlock,
-    compose_averaged,
 )
 from stablenets.nn.families import FAMILIES, FamilyBlock, build_family_block
+from stablenets.nn.integrators import compose_averaged
 from stablenets.nn.operators import Conv2dOperator, DenseOperator, LinearOperator, same_padding
 
 __all__ = [
