@@ -1604,14 +1604,9 @@ BAD_CONFIGS = {
         {"classification": {"evaluate": {"pgd": {"restarts": 2, "random_start": False}}}},
         "classification.evaluate.pgd: restarts > 1 without random_start would repeat the same",
     ),
-    "grid attacks of a PGD strong attack": (
-        {
-            "classification": {
-                "evaluate": {"strong": {"method": "pgd", "grid_attacks": ["apgd-ce"]}}
-            }
-        },
-        "classification.evaluate.strong.grid_attacks: AutoAttack attacks of the grid bisection; "
-        "they need method autoattack and grid_search bisect, not pgd and bisect",
+    "a number YAML reads as text": (
+        {"pnp": {"tol": "1e-5"}},
+        "pnp.tol: '1e-5' is not of type 'number' (YAML reads 1e-5 as text: write it with a dot",
     ),
     "decreasing radius grid": (
         {"classification": {"evaluate": {"eps": {"start": 1.0, "stop": 0.5}}}},
@@ -1676,6 +1671,21 @@ def test_a_bad_config_value_fails_with_one_line_naming_the_key(case):
     assert message in problems[0], problems[0]
 
 
+def test_switching_the_strong_attack_to_pgd_needs_no_other_edit():
+    """``strong: {method: pgd}`` over the paper's settings was refused for their AutoAttack
+    ``grid_attacks``: settings of the other method are ignored, as ``steps`` is with AutoAttack."""
+    from stablenets.evaluation.radius_sweep import SweepPlan, runs_grid_attacks
+
+    raw = copy.deepcopy(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    raw["classification"]["evaluate"]["strong"]["method"] = "pgd"
+    assert raw["classification"]["evaluate"]["strong"]["grid_attacks"] is not None
+    strong = validate_config(raw, SCHEMA)["classification"]["evaluate"]["strong"]
+    assert not runs_grid_attacks(strong)
+    ev = validate_config(raw, SCHEMA)["classification"]["evaluate"]
+    plan = SweepPlan.from_config(ev, seed=0, log=lambda line: None)
+    assert plan.grid is None  # the bisection runs the strong PGD
+
+
 def test_autoattack_on_fewer_classes_than_its_losses_need_fails_before_training():
     """pyautoattack's targeted DLR loss reads the fourth largest logit: APGD-T on three classes
     fails with an IndexError inside the attack, after training. The config names both runs that
@@ -1738,17 +1748,21 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_p
     empty.write_text("# nothing yet\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("seeds: [0]\npnp:\n  eta: 5.0\n")
+    misspelt = tmp_path / "misspelt.yaml"  # two in one mapping: each its own line, each named
+    misspelt.write_text("pnp:\n  etaa: 1.0\n  tola: 2.0\n")
     base = [ROOT / "config.yaml", ROOT / "config" / "smoke.yaml"]
-    for path, message in (
-        (broken, f"config: {broken}: not valid YAML: line 3, column 6: "),  # + PyYAML's words
-        (twice, f"config: {twice}: not valid YAML: line 5, column 5: key 'euler' given twice"),
-        (listed, f"config: {listed}: holds a list, not a mapping of settings"),
-        (bad, f"invalid configuration:\n  {bad}: pnp.eta: 5.0 must be < 2/||K||^2"),
+    for path, message, lines in (
+        (broken, f"config: {broken}: not valid YAML: line 3, column 6: ", 0),  # + PyYAML's
+        (twice, f"config: {twice}: not valid YAML: line 5, column 5: key 'euler' given twice", 0),
+        (listed, f"config: {listed}: holds a list, not a mapping of settings", 0),
+        (bad, f"invalid configuration:\n  {bad}: pnp.eta: 5.0 must be < 2/||K||^2", 1),
+        (misspelt, f"invalid configuration:\n  {misspelt}: pnp.etaa: unknown key; allowed:", 2),
     ):
         with pytest.raises(ConfigError) as err:
             load_config([*base, path], SCHEMA)
         said = str(err.value)
-        assert said.startswith(message) and said.count("\n") == (path == bad), said
+        assert said.startswith(message) and said.count("\n") == lines, said
+    assert f"\n  {misspelt}: pnp.tola: unknown key" in said
     assert load_config([*base, empty], SCHEMA) == load_config(base, SCHEMA)
     # what Snakemake reads is read: JSON (tabs included), YAML anchors and merge keys
     merged, tabbed = tmp_path / "merged.yaml", tmp_path / "tabbed.json"
@@ -2069,7 +2083,13 @@ def test_a_misspelt_cost_input_stops_snakemake_before_any_job(tmp_path):
         assert run.returncode != 0, run.stdout[-2000:]
         missing = value if isinstance(value, str) else value[0]
         said = run.stdout + run.stderr
-        assert "Missing input files for rule cost" in said and missing in said, said[-2000:]
+        expected = (  # the paper configuration is read when the workflow starts
+            f"config: cost.paper_config: {missing} is not a valid whole configuration: "
+            f"{missing}: cannot read"
+            if key == "paper_config"
+            else "Missing input files for rule cost"
+        )
+        assert expected in said and missing in said and "Traceback" not in said, said[-2000:]
     assert not (work / "results").exists()
 
 

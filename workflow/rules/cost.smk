@@ -1,6 +1,12 @@
 # What each job of this run cost and the projected hours of the paper-scale DAG (bench/cost.py):
 # results/<scale>/cost.{csv,md}. `make rehearsal` asks for all_with_cost: every output and it.
-from stablenets.bench.cost import benchmark_files
+from stablenets.bench.cost import benchmark_files, read_paper_config
+
+COST_SCHEMA = str(workflow.source_path("../schemas/config.schema.yaml"))
+try:  # read now, not first by the last job of a rehearsal
+    read_paper_config(config["cost"]["paper_config"], Path(COST_SCHEMA))
+except ValueError as err:
+    sys.exit(f"config: {err}")
 
 
 localrules:
@@ -29,7 +35,7 @@ rule cost:
                 "config": config,
                 "results": R(""),
                 "benchmarks": B(""),
-                "schema": str(workflow.source_path("../schemas/config.schema.yaml")),
+                "schema": COST_SCHEMA,
             },
             sort_keys=True,
         ),

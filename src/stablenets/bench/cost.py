@@ -119,6 +119,7 @@ __all__ = [
     "dag_jobs",
     "benchmark_files",
     "project",
+    "read_paper_config",
     "write_cost",
     "projected_by_rule",
     "stop_lead_s",
@@ -958,6 +959,21 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
+def read_paper_config(path: str | Path, schema: Path) -> dict[str, Any]:
+    """``cost.paper_config`` read and validated as a whole configuration; a ``ValueError`` (one
+    line naming the key and file) where it is not, e.g. an overlay given for it. The workflow
+    reads it when it starts (``cost.smk``), not only the last job."""
+    from stablenets.pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(path, schema)
+    except ConfigError as err:
+        raise ValueError(
+            f"cost.paper_config: {path} is not a valid whole configuration: "
+            + "; ".join(err.problems)
+        ) from None
+
+
 def write_cost(
     spec: dict[str, Any], inputs: list[Path], out: Path, log: Callable[[str], None] = print
 ) -> None:
@@ -967,7 +983,6 @@ def write_cost(
     import pandas as pd
 
     from stablenets.atomic import atomic_write
-    from stablenets.pipeline.config import ConfigError, load_config
     from stablenets.pipeline.runtime import write_sidecar
 
     run, root, bench = spec["config"], Path(spec["results"]), Path(spec["benchmarks"])
@@ -977,13 +992,7 @@ def write_cost(
         raise ValueError(f"cost: {unknown} are not benchmark files of this run's jobs")
     measured = [measure(by_tsv[Path(p)], Path(p), root) for p in inputs]
     paper_path = run["cost"]["paper_config"]
-    try:
-        paper_config = load_config(paper_path, Path(spec["schema"]))
-    except ConfigError as err:  # e.g. an overlay given for the whole paper configuration
-        raise ValueError(
-            f"cost.paper_config: {paper_path} is not a valid whole configuration: "
-            + "; ".join(err.problems)
-        ) from None
+    paper_config = read_paper_config(paper_path, Path(spec["schema"]))
     sizes = {m.job.dataset: _test_size(m.job.results(root)) for m in measured if m.job.dataset}
     paper = Paper(paper_config, sizes, _bench_rates([Path(p) for p in run["cost"]["bench"]]))
     rows = cost_rows(measured, paper)

@@ -709,9 +709,12 @@ def grid_attack(cfg: dict[str, Any], batch_size: int) -> SeededAttack:
 
 
 def runs_grid_attacks(strong: dict[str, Any]) -> bool:
-    """Whether an evaluation runs ``strong.grid_attacks``: given, and the grid is bisected."""
+    """Whether an evaluation runs ``strong.grid_attacks``: given, with method ``autoattack``, and
+    the grid is bisected; elsewhere they are ignored, as ``steps`` is with AutoAttack (a user
+    switching ``method`` to ``pgd`` need not also clear them)."""
     return (
         strong.get("grid_attacks") is not None
+        and strong["method"] == "autoattack"
         and strong["on_grid"]
         and strong["grid_search"] == "bisect"
     )
@@ -724,13 +727,6 @@ def check_settings(ev: dict[str, Any]) -> None:
     if not ev["eps"]["start"] < ev["eps"]["stop"]:  # one radius: no curve, an AUC of 0
         raise ValueError(f"eps: start {ev['eps']['start']} must be below stop {ev['eps']['stop']}")
     strong = ev["strong"]
-    if strong.get("grid_attacks") is not None and (
-        strong["method"] != "autoattack" or strong["grid_search"] != "bisect"
-    ):
-        raise ValueError(
-            "strong.grid_attacks: AutoAttack attacks of the grid bisection; they need method "
-            f"autoattack and grid_search bisect, not {strong['method']} and {strong['grid_search']}"
-        )
     for key, attack in (
         ("pgd", functools.partial(pgd_l2, **ev["pgd"])),
         ("strong", strong_attack(strong, ev["batch_size"])),

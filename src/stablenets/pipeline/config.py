@@ -92,7 +92,9 @@ def _where(error: ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError) -> list[str]:
+    """The problems an error is: one per unknown key (each named by the layer that set it),
+    else one."""
     where = _where(error)
     if (
         error.validator == "additionalProperties"
@@ -101,11 +103,27 @@ def _describe(error: ValidationError) -> str:
     ):
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
-        keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
-        return f"{keys}: unknown key; allowed: {', '.join(allowed)}"
+        return [
+            f"{f'{where}.{k}' if where != '<top level>' else k}: unknown key; allowed: "
+            f"{', '.join(allowed)}"
+            for k in extra
+        ]
     if error.validator == "enum":
-        return f"{where}: {error.instance!r} is not allowed; allowed: {error.validator_value}"
-    return f"{where}: {error.message}"
+        return [f"{where}: {error.instance!r} is not allowed; allowed: {error.validator_value}"]
+    return [f"{where}: {error.message}{_number_as_text(error)}"]
+
+
+def _number_as_text(error: ValidationError) -> str:
+    """Why a number came as text: YAML 1.1 (PyYAML, Snakemake's reader) reads ``1e-5`` without
+    a dot as a string."""
+    value = error.instance
+    if error.validator != "type" or not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-5)"
 
 
 def _wrong_kind(error: ValidationError) -> bool:
@@ -158,7 +176,7 @@ def _name_errors(node: object, where: str = "") -> list[str]:
 def _schema_errors(config: dict, schema: dict) -> list[str]:
     validator = _Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    return [_describe(_telling(e)) for e in errors]
+    return [problem for e in errors for problem in _describe(_telling(e))]
 
 
 #: Where a job's spec sections sit in the config schema (``{task}``: the spec's ``task``), every
@@ -212,11 +230,11 @@ def check_spec(job: str, spec: dict, schema: dict) -> None:
             continue
         validator = _PlainValidator({**_without_required(section), "$defs": defs})
         for error in sorted(validator.iter_errors(spec[key]), key=lambda e: list(e.path)):
-            what = _describe(_telling(error))
-            top = what.startswith("<top level>")
-            problems.append(
-                f"--spec {key}" + (what.removeprefix("<top level>") if top else f".{what}")
-            )
+            for what in _describe(_telling(error)):
+                top = what.startswith("<top level>")
+                problems.append(
+                    f"--spec {key}" + (what.removeprefix("<top level>") if top else f".{what}")
+                )
     if problems:
         raise ValueError("; ".join(problems))
 
