@@ -536,16 +536,19 @@ def test_an_overlay_given_as_the_paper_configuration_is_named_by_its_key(tmp_pat
     assert message.startswith(f"cost.paper_config: {paper} is not a valid whole configuration: ")
     assert "'resources' is a required property" in message and "\n" not in message
     assert not (tmp_path / "cost.csv").exists()
-    # and the workflow says so when it starts, not after the rehearsal's last job
+    # and a workflow asked for the cost report says so when it starts, not after the
+    # rehearsal's last job; one not asked for it is not stopped by it
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump({"cost": {"paper_config": paper}}))
-    dry = subprocess.run(
-        [str(BIN / "snakemake"), "-n", "--configfile", "config.yaml", str(wrong)],
-        cwd=ROOT, capture_output=True, text=True, env=local_env(), timeout=600,
-    )  # fmt: skip
-    said = dry.stdout + dry.stderr
-    assert dry.returncode != 0 and f"config: cost.paper_config: {paper} is not a valid" in said
-    assert "Traceback" not in said, said[-2000:]
+    for targets, stopped in ((["--", "all_with_cost"], True), (["--quiet", "rules"], False)):
+        dry = subprocess.run(
+            [str(BIN / "snakemake"), "-n", "--configfile", "config.yaml", str(wrong), *targets],
+            cwd=ROOT, capture_output=True, text=True, env=local_env(), timeout=600,
+        )  # fmt: skip
+        said = dry.stdout + dry.stderr
+        assert (dry.returncode != 0) == stopped, said[-2000:]
+        assert (f"config: cost.paper_config: {paper} is not a valid" in said) == stopped
+        assert "Traceback" not in said, said[-2000:]
 
 
 def test_an_evaluation_is_measured_from_the_seconds_and_points_per_pass_it_records(tmp_path):

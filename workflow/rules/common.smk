@@ -8,12 +8,9 @@ from stablenets.pipeline.labels import SIGMA_LABEL
 from stablenets.pipeline import outputs
 from stablenets.pipeline.specs import Jobs
 
+CONFIG_SCHEMA = str(workflow.source_path("../schemas/config.schema.yaml"))
 try:
-    config.update(
-        validate_config(
-            config, workflow.source_path("../schemas/config.schema.yaml"), LAYERS
-        )
-    )
+    config.update(validate_config(config, CONFIG_SCHEMA, LAYERS))
 except ConfigError as err:  # its lines, without Snakemake's traceback
     sys.exit(str(err))
 JOBS = Jobs(config)
@@ -57,3 +54,17 @@ def B(path):
 
 def final_outputs():
     return JOBS.final_outputs(R)
+
+
+def cost_paper_config(wildcards) -> str:
+    """`cost.paper_config`, read when the DAG has the cost job in it (not first by the last job
+    of a rehearsal): one not a whole configuration stops Snakemake before any job, one line.
+    """
+    from stablenets.bench.cost import read_paper_config
+
+    path = config["cost"]["paper_config"]
+    try:
+        read_paper_config(path, Path(CONFIG_SCHEMA))
+    except ValueError as err:
+        sys.exit(f"config: {err}")
+    return path

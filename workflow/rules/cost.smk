@@ -1,12 +1,6 @@
 # What each job of this run cost and the projected hours of the paper-scale DAG (bench/cost.py):
 # results/<scale>/cost.{csv,md}. `make rehearsal` asks for all_with_cost: every output and it.
-from stablenets.bench.cost import benchmark_files, read_paper_config
-
-COST_SCHEMA = str(workflow.source_path("../schemas/config.schema.yaml"))
-try:  # read now, not first by the last job of a rehearsal
-    read_paper_config(config["cost"]["paper_config"], Path(COST_SCHEMA))
-except ValueError as err:
-    sys.exit(f"config: {err}")
+from stablenets.bench.cost import benchmark_files
 
 
 localrules:
@@ -18,7 +12,7 @@ rule cost:
         # what the projection reads besides the jobs' benchmarks: a path misspelt stops the
         # DAG before any job (not the last one), a file edited reruns the report
         jobs=benchmark_files(config, B),
-        paper_config=config["cost"]["paper_config"],
+        paper_config=cost_paper_config,
         bench=config["cost"]["bench"],
     output:
         csv=R("cost.csv"),
@@ -35,7 +29,7 @@ rule cost:
                 "config": config,
                 "results": R(""),
                 "benchmarks": B(""),
-                "schema": COST_SCHEMA,
+                "schema": CONFIG_SCHEMA,
             },
             sort_keys=True,
         ),

@@ -478,7 +478,9 @@ upper bound of the strong attack's rate."""
 def _estimate_note(p: str, source: str, paper: Paper) -> str:
     """How a pass with no measured point of its own was estimated (``_eval_seconds``)."""
     if p == "bisect":
-        cheaper = paper.config["classification"]["evaluate"]["strong"].get("grid_attacks")
+        from stablenets.evaluation.radius_sweep import runs_grid_attacks
+
+        cheaper = runs_grid_attacks(paper.config["classification"]["evaluate"]["strong"])
         return (f"bisection estimated at {source}"
                 + (" (an upper bound: its grid_attacks cost less)" if cheaper else ""))  # fmt: skip
     points = "slots" if p == "audit" else "test points x radii"

@@ -208,7 +208,7 @@ def certified_radius(
     _check_lipschitz(lipschitz)
     m = margins.detach().cpu().double() - torch.as_tensor(tolerance, dtype=torch.float64)
     radius = m / (SQRT2 * lipschitz)
-    return torch.where(correct.cpu() & (m > 0), radius, torch.zeros_like(radius))
+    return torch.where(correct.detach().cpu().bool() & (m > 0), radius, torch.zeros_like(radius))
 
 
 def certified_accuracy(
@@ -290,7 +290,9 @@ def unit_l2(g: Tensor) -> Tensor:
     """``g / ||g||_2`` per sample, 0 where ``g`` is 0. Scaled by its largest entry first: the
     cross-entropy gradient of a point of margin 60 is about ``e^-60``, whose squares underflow
     in float32, and a floor of 1e-12 on its norm shrank the step by that factor (PGD at ε = 0.5
-    broke 6 % of points 0.3 from the boundary at margin 60, 98 % now)."""
+    broke 6 % of points 0.3 from the boundary at margin 60, 98 % now). Past a margin of about
+    104 float32's softmax is exactly one-hot and the gradient exactly 0: cross-entropy PGD (the
+    paper's, foolbox's) has no direction there; the strong attack's margin losses do."""
     scale = g.flatten(1).abs().amax(dim=1)
     g = g / per_image(torch.where(scale > 0, scale, torch.ones_like(scale)), g)
     return g / per_image(flat_norm(g).clamp_min(_TINY), g)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,14 +115,14 @@ def _describe(error: ValidationError) -> list[str]:
 
 
 def _number_as_text(error: ValidationError) -> str:
-    """Why a number came as text: YAML 1.1 (PyYAML, Snakemake's reader) reads ``1e-5`` without
-    a dot as a string."""
-    value = error.instance
-    if error.validator != "type" or not isinstance(value, str):
+    """Why a number came as text: YAML 1.1 (PyYAML, Snakemake's reader) reads an exponent
+    without a dot (``1e-5``) as a string; said where a number (not an integer) is wanted."""
+    value, wanted = error.instance, error.validator_value
+    if error.validator != "type" or "number" not in (
+        wanted if isinstance(wanted, list) else [wanted]
+    ):
         return ""
-    try:
-        float(value)
-    except ValueError:
+    if not isinstance(value, str) or not re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", value.strip()):
         return ""
     return f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-5)"
 
