@@ -654,20 +654,27 @@ def test_a_resumed_run_of_one_start_up_step_keeps_its_start_up_fixed(tmp_path):
     assert measured.fixed_s == pytest.approx(20.0 - (22.0 / 1998 + 1.0 + 0.5))
 
 
-def test_a_resumed_training_records_its_own_runs_steps_and_seconds_beside_every_runs(tmp_path):
-    """A job stopped after 5 of 10 steps (``stop_after``), then run on to the end: the second
-    run's ``*_run`` clocks are its 5 steps, its own start-up step and validation, the totals
-    both runs'; a run that started afresh has its totals as its own."""
+def tiny_training(tmp_path: Path, steps: int, every: int) -> tuple[Path, dict]:
+    """A synthetic 16x16 CIFAR-like file and the spec of a tiny classifier's training job that
+    validates, saves and logs every ``every`` steps."""
     dataset = tmp_path / "cifar.h5"
     data.make_synthetic_classification(dataset, 64, 16, 16, 10, 16, 0.05, 0)
     spec = {
         "task": "classification", "variant": "tiny", "model": "nonexpansive_classifier",
         "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16},
-        "train": {"steps": 10, "batch_size": 16, "lr_max": 0.05, "val_every": 5,
-                  "checkpoint_every": 5, "log_every": 5, "stop_after": 5},
+        "train": {"steps": steps, "batch_size": 16, "lr_max": 0.05, "val_every": every,
+                  "checkpoint_every": every, "log_every": every},
         "augment": {"crop_padding": 2, "flip": True, "erase_p": 0.5},
         "eval_batch": 16, "seed": 0, "device": "cpu", "threads": 1,
     }  # fmt: skip
+    return dataset, spec
+
+
+def test_a_resumed_training_records_its_own_runs_steps_and_seconds_beside_every_runs(tmp_path):
+    """A job stopped after 5 of 10 steps (``stop_after``), then run on to the end: the second
+    run's ``*_run`` clocks are its 5 steps, its own start-up step and validation, the totals
+    both runs'; a run that started afresh has its totals as its own."""
+    dataset, spec = tiny_training(tmp_path, steps=10, every=5)
     work, extras = tmp_path / "work", []
     for stop_after in (5, None):
         spec["train"]["stop_after"] = stop_after
@@ -689,16 +696,7 @@ def test_a_rerun_that_trains_no_step_keeps_the_peak_memory_and_device_of_the_run
     """A finished training rerun for a run-only setting (``log_every``) resumes its checkpoint
     at the end and trains no step: it wrote its own process's peak memory (of a run that never
     trained: tiny on a GPU) and its own device. Now the largest of the runs that trained."""
-    dataset = tmp_path / "cifar.h5"
-    data.make_synthetic_classification(dataset, 64, 16, 16, 10, 16, 0.05, 0)
-    spec = {
-        "task": "classification", "variant": "tiny", "model": "nonexpansive_classifier",
-        "kwargs": {"base_width": 4, "stages": 2, "blocks_per_stage": 1, "input_size": 16},
-        "train": {"steps": 4, "batch_size": 16, "lr_max": 0.05, "val_every": 2,
-                  "checkpoint_every": 2, "log_every": 2},
-        "augment": {"crop_padding": 2, "flip": True, "erase_p": 0.5},
-        "eval_batch": 16, "seed": 0, "device": "cpu", "threads": 1,
-    }  # fmt: skip
+    dataset, spec = tiny_training(tmp_path, steps=4, every=2)
     work = tmp_path / "work"
     pipeline_jobs.train_model(spec, dataset, tmp_path / "a.pt", tmp_path / "a.csv", work, str)
     trained = read_checkpoint(tmp_path / "a.pt")["extra"]

@@ -723,18 +723,23 @@ def test_slurm_jobs_whose_snakemake_may_live_keep_the_lock(
     assert (tmp_path / "slurm/cancelled").exists() == bool(after_cancel)
 
 
-def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monkeypatch):
-    """``squeue`` failing (no controller answers): a SLURM run's lock stays, as its jobs may
-    still run: one whose options say so (``--opt value`` or ``--opt=value``), or one whose dead
-    Snakemake left a job marked incomplete with a cluster job id, whatever the next run's options
-    say; a local run (SLURM's client installed, no cluster) is unlocked as before."""
+def _silent_squeue(tmp_path: Path, monkeypatch) -> tuple[Path, Path, str]:
+    """A locked workflow on a machine whose ``squeue`` does not answer; the line of a kept lock."""
     for key, value in local_env().items():
         monkeypatch.setenv(key, value)
     work, lock = _locked_workflow(tmp_path)
     bin_dir = _fake_slurm(tmp_path, work, "localhost")
     (tmp_path / "slurm/down").touch()
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    kept = f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer"
+    return work, lock, f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer"
+
+
+def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monkeypatch):
+    """``squeue`` failing (no controller answers): a SLURM run's lock stays, as its jobs may
+    still run: one whose options say so (``--opt value`` or ``--opt=value``), or one whose dead
+    Snakemake left a job marked incomplete with a cluster job id, whatever the next run's options
+    say; a local run (SLURM's client installed, no cluster) is unlocked as before."""
+    work, lock, kept = _silent_squeue(tmp_path, monkeypatch)
     for args in (
         SLURM_PROFILES,
         ["--executor=slurm"],
@@ -794,17 +799,11 @@ def test_a_profile_named_as_snakemake_finds_it_keeps_a_slurm_runs_lock_while_squ
     naming it), ``--workflow-profile slurm`` (``workflow/profiles/slurm``) and the default
     workflow profile, with ``executor: slurm``: only ``<dir>/<name>/config.yaml`` was read, so
     the run was taken for a local one and its lock removed while its jobs might run."""
-    for key, value in local_env().items():
-        monkeypatch.setenv(key, value)
-    work, lock = _locked_workflow(tmp_path)
-    bin_dir = _fake_slurm(tmp_path, work, "localhost")
-    (tmp_path / "slurm/down").touch()
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    work, lock, kept = _silent_squeue(tmp_path, monkeypatch)
     user = tmp_path / "xdg"
     (user / "snakemake/cluster").mkdir(parents=True)
     (user / "snakemake/cluster/config.yaml").write_text("executor: slurm\n")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(user))
-    kept = f"leaving the lock in {work / locks.LOCK_DIR}: squeue does not answer"
     assert locks.unlock_if_stale(work, ["--profile", "cluster"]).startswith(kept)
     monkeypatch.setenv("SNAKEMAKE_PROFILE", "cluster")
     assert locks.unlock_if_stale(work, []).startswith(kept)

@@ -846,6 +846,17 @@ def test_a_margin_within_float_rounding_certifies_nothing_so_no_attack_batch_dis
         assert any("misclassified at the clean input" in line for line in lines) == said
 
 
+def audited_linear_case() -> tuple[nn.Module, Tensor, Tensor, float, Tensor, Tensor]:
+    """A 10-class linear model, 400 inner points labelled by it, its exact Lipschitz constant
+    and the points' margins: the audit tests' case."""
+    model = random_linear(10, 0, scale=0.3).eval()
+    x = inner_points(400, 0, half_width=0.2)
+    y = predictions(model, x)
+    true_lip = float(torch.linalg.matrix_norm(model[1].weight.detach().double(), 2))
+    m, correct = margins(model, x, y, 500)
+    return model, x, y, true_lip, m, correct
+
+
 @pytest.mark.parametrize("ratio", [1.0, 1.2])
 def test_the_audit_attacks_each_point_near_its_own_certified_radius_and_catches_more_wrong_certificates(
     ratio,
@@ -857,11 +868,7 @@ def test_the_audit_attacks_each_point_near_its_own_certified_radius_and_catches_
     that ball); every flip is a real one (inside the certified radius), named in the error; the
     sound bound flips none of its sample, in one attack call per group (per point at ratio 1,
     far fewer at 1.2)."""
-    model = random_linear(10, 0, scale=0.3).eval()
-    x = inner_points(400, 0, half_width=0.2)
-    y = predictions(model, x)
-    true_lip = float(torch.linalg.matrix_norm(model[1].weight.detach().double(), 2))
-    m, correct = margins(model, x, y, 500)
+    model, x, y, true_lip, m, correct = audited_linear_case()
     exact = exact_distance(model, x, y)
     e = 36 / 255
     calls: list[int] = []
@@ -913,11 +920,7 @@ def test_each_certified_point_is_audited_once_over_the_standard_radii():
     the samples of two standard radii (mostly the same points, certified at both) re-attacked
     them and the table counted them twice. Now the second sample holds only points the first
     did not."""
-    model = random_linear(10, 0, scale=0.3).eval()
-    x = inner_points(400, 0, half_width=0.2)
-    y = predictions(model, x)
-    true_lip = float(torch.linalg.matrix_norm(model[1].weight.detach().double(), 2))
-    m, correct = margins(model, x, y, 500)
+    model, x, y, true_lip, m, correct = audited_linear_case()
     cert = certified_radius(m, correct, true_lip)
     small, large = 0.01, 0.03  # the model's radii reach 0.08
     assert int((correct & (cert > large)).sum()) >= 10
