@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[pipeline,test]'
 	touch $(STAMP)
 
-# A Snakemake killed with SIGKILL leaves its lock behind: stablenets.pipeline.locks removes it first, but
+# stablenets.pipeline.config first reads the config files the profile passes (a YAML error: one line
+# naming the file, where Snakemake's names none). A Snakemake killed with SIGKILL leaves its lock
+# behind: stablenets.pipeline.locks removes it first, but
 # only when no Snakemake or job of the workflow still runs in this directory (one line says
 # which). SMOKE_CONFIG adds `--config` entries, as SMOKE_SLURM_CONFIG below (tests run subsets).
 SMOKE_CONFIG ?=
 SMOKE_ARGS = --workflow-profile workflow/profiles/smoke --cores $(CORES) \
 	$(if $(SMOKE_CONFIG),--config $(SMOKE_CONFIG))
 smoke: $(STAMP)
+	$(BIN)/python -m stablenets.pipeline.config $(SMOKE_ARGS)
 	$(BIN)/python -m stablenets.pipeline.locks $(SMOKE_ARGS)
 	$(BIN)/snakemake $(SMOKE_ARGS)
 
@@ -42,6 +45,7 @@ SMOKE_SLURM_CONFIG ?=
 SMOKE_SLURM_ARGS = --profile workflow/profiles/slurm --profile $(SLURM_PROFILE) \
 	--workflow-profile workflow/profiles/smoke --config scale=smoke-slurm $(SMOKE_SLURM_CONFIG)
 smoke-slurm: $(STAMP)
+	$(BIN)/python -m stablenets.pipeline.config $(SMOKE_SLURM_ARGS)
 	$(BIN)/python -m stablenets.pipeline.locks $(SMOKE_SLURM_ARGS)
 	$(BIN)/snakemake $(SMOKE_SLURM_ARGS)
 
@@ -55,6 +59,7 @@ REHEARSAL_CONFIG ?=
 REHEARSAL_ARGS = --workflow-profile workflow/profiles/rehearsal \
 	$(if $(REHEARSAL_CONFIG),--config $(REHEARSAL_CONFIG))
 rehearsal: $(STAMP)
+	$(BIN)/python -m stablenets.pipeline.config $(REHEARSAL_ARGS)
 	$(BIN)/python -m stablenets.pipeline.locks $(REHEARSAL_ARGS)
 	$(BIN)/snakemake all_with_cost $(REHEARSAL_ARGS)
 

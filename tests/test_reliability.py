@@ -2640,3 +2640,31 @@ def test_every_spec_the_pipeline_writes_passes_the_check_of_hand_written_specs(o
     for job, text in specs:
         check_spec(job, json.loads(text), schema)
     assert len(specs) > 10
+
+
+def test_a_yaml_error_in_a_file_the_profile_passes_is_one_line_naming_it(
+    tmp_path, capsys, monkeypatch
+):
+    """``make smoke``'s profile passes ``config.yaml`` and ``config/smoke.yaml`` as
+    ``--configfile``, which Snakemake reads before the Snakefile: a YAML error there was its
+    "not valid JSON or YAML" without file or line. ``make smoke`` now reads them first."""
+    from stablenets.pipeline import config as pipeline_config
+
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pnp:\n  eta: [1.0\n")
+    (profile / "config.yaml").write_text(yaml.safe_dump({"configfile": [str(broken)]}))
+    args = ["--workflow-profile", str(profile), "--cores", "2"]
+    assert pipeline_config.command_line_files(args) == [str(broken)]
+    assert pipeline_config.main(args) == 1
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"config: {broken}: not valid YAML: line 3") and "\n" not in said
+    # the command line's --configfile replaces the profile's, as in Snakemake
+    assert pipeline_config.command_line_files([*args, "--configfile", "a.yaml"]) == ["a.yaml"]
+    monkeypatch.chdir(ROOT)  # the profile's paths: relative to where Snakemake runs
+    assert pipeline_config.main(["--workflow-profile", "workflow/profiles/smoke"]) == 0
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("smoke", "smoke-slurm", "rehearsal"):
+        recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M)[1]
+        assert recipe.index("-m stablenets.pipeline.config") < recipe.index("/snakemake "), recipe
