@@ -2649,6 +2649,7 @@ def test_a_yaml_error_in_a_file_the_profile_passes_is_one_line_naming_it(
     ``--configfile``, which Snakemake reads before the Snakefile: a YAML error there was its
     "not valid JSON or YAML" without file or line. ``make smoke`` now reads them first."""
     from stablenets.pipeline import config as pipeline_config
+    from stablenets.pipeline.snakemake_args import config_files
 
     profile = tmp_path / "profile"
     profile.mkdir()
@@ -2656,12 +2657,12 @@ def test_a_yaml_error_in_a_file_the_profile_passes_is_one_line_naming_it(
     broken.write_text("pnp:\n  eta: [1.0\n")
     (profile / "config.yaml").write_text(yaml.safe_dump({"configfile": [str(broken)]}))
     args = ["--workflow-profile", str(profile), "--cores", "2"]
-    assert pipeline_config.command_line_files(args) == [str(broken)]
+    assert config_files(args, tmp_path) == [str(broken)]
     assert pipeline_config.main(args) == 1
     said = capsys.readouterr().err.strip()
     assert said.startswith(f"config: {broken}: not valid YAML: line 3") and "\n" not in said
     # the command line's --configfile replaces the profile's, as in Snakemake
-    assert pipeline_config.command_line_files([*args, "--configfile", "a.yaml"]) == ["a.yaml"]
+    assert config_files([*args, "--configfile", "a.yaml"], tmp_path) == ["a.yaml"]
     monkeypatch.chdir(ROOT)  # the profile's paths: relative to where Snakemake runs
     assert pipeline_config.main(["--workflow-profile", "workflow/profiles/smoke"]) == 0
     makefile = (ROOT / "Makefile").read_text()

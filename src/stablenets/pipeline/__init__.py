@@ -19,4 +19,6 @@ Needs the ``pipeline`` extra. Logic lives in the layers below; these modules wir
   where it is built.
 * :mod:`~stablenets.bench.cost`: measured cost per job and projected hours (rehearsal).
 * :mod:`~stablenets.pipeline.locks`: clearing a stale Snakemake lock safely.
+* :mod:`~stablenets.pipeline.snakemake_args`: a Snakemake command line's options, profiles and
+  config files, as Snakemake reads them (for the tools run before it).
 """

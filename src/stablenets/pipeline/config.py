@@ -425,42 +425,19 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[An
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def command_line_files(snakemake_args: Sequence[str]) -> list[str]:
-    """The config files a Snakemake run of ``snakemake_args`` reads before its Snakefile, in
-    order: each ``--configfile``, or where none is given its workflow profile's ``configfile``
-    (``--workflow-profile``: a profile gives defaults, the command line overrides them); paths
-    as given (relative to where Snakemake runs)."""
-    files: list[str] = []
-    profile: str | None = None
-    args = list(snakemake_args)
-    for i, arg in enumerate(args):
-        flag, equals, value = arg.partition("=")
-        if flag == "--workflow-profile":
-            profile = value if equals else (args[i + 1] if i + 1 < len(args) else None)
-        if flag in ("--configfile", "--configfiles"):
-            given = [value] if equals else []
-            for later in args[i + 1 :] if not equals else []:
-                if later.startswith("-"):
-                    break
-                given.append(later)
-            files += given
-    if files or profile is None:
-        return files
-    path = Path(profile) / "config.yaml"
-    listed = yaml.safe_load(path.read_text()).get("configfile", []) if path.is_file() else []
-    return [listed] if isinstance(listed, str) else list(listed)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stablenets.pipeline.config [snakemake options]``: read the config files the
-    Snakemake run of these options reads before its Snakefile (``command_line_files``) as the
+    Snakemake run of these options reads before its Snakefile (``snakemake_args.config_files``,
+    from where it runs) as the
     workflow reads its own: a YAML error or a key given twice is one line naming the file and
     line (Snakemake's says "not valid JSON or YAML" and neither). ``make smoke`` and ``make
     rehearsal`` run it first, whose profiles pass ``config.yaml`` so."""
     import sys
 
+    from stablenets.pipeline.snakemake_args import config_files
+
     try:
-        read_layers(command_line_files(sys.argv[1:] if argv is None else argv))
+        read_layers(config_files(sys.argv[1:] if argv is None else argv, Path.cwd()))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1

@@ -71,6 +71,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
 
+from stablenets.pipeline.snakemake_args import options, profile_settings
+
 __all__ = [
     "LOCK_DIR",
     "CANCEL_WAIT_S",
@@ -91,7 +93,7 @@ PROC = Path("/proc")
 CANCEL_WAIT_S = 300.0
 # Held by this tool while it checks and removes a lock (beside Snakemake's own files).
 TOOL_LOCK = Path(".snakemake") / "stablenets-unlock.flock"
-# Held (shared) by every Snakemake of the workflow from the reading of its Snakefile to its end.
+# Held (shared) by the main Snakemake of the workflow from the reading of its Snakefile to its end.
 LIVE_MARKER = Path(".snakemake") / "stablenets-live.flock"
 _HELD: dict[tuple[int, int], int] = {}  # this process's live markers (device, inode) -> fd
 # How long a held marker is looked at again before it counts: a process killed a moment ago has
@@ -450,65 +452,12 @@ def _orphans_kept(directory: Path, jobs: list[SlurmJob]) -> str | None:
     return None
 
 
-def _options(args: list[str]) -> Iterator[tuple[str, str]]:
-    """``(flag, value)`` of each option that may take one: ``--flag value`` or ``--flag=value``."""
-    for i, arg in enumerate(args):
-        following = args[i + 1] if i + 1 < len(args) else ""
-        flag, equals, value = arg.partition("=")
-        yield (flag, value) if equals and flag.startswith("--") else (arg, following)
-
-
 def _uses_slurm(snakemake_args: list[str], directory: Path) -> bool:
     """Whether the Snakemake run of ``snakemake_args`` submits to SLURM: ``--executor slurm``,
-    or a profile named by ``--profile``/``--workflow-profile`` (or ``$SNAKEMAKE_PROFILE``) whose
-    config file says ``executor: slurm`` (``_profile_files``)."""
-    import yaml
-
-    profiles = [("--profile", os.environ.get("SNAKEMAKE_PROFILE", ""))]
-    workflow_profile = "default"  # what Snakemake reads without --workflow-profile
-    for flag, value in _options(snakemake_args):
-        if flag in ("--executor", "-e") and value == "slurm":
-            return True
-        if flag == "--profile":
-            profiles.append((flag, value))
-        if flag == "--workflow-profile":
-            workflow_profile = "" if value == "none" else value
-    profiles.append(("--workflow-profile", workflow_profile))
-    for flag, profile in profiles:
-        for config in _profile_files(profile, directory, by_name=flag == "--profile"):
-            try:
-                if (yaml.safe_load(config.read_text()) or {}).get("executor") == "slurm":
-                    return True
-            except (OSError, yaml.YAMLError, AttributeError):
-                continue
-    return False
-
-
-def _profile_files(profile: str, directory: Path, by_name: bool) -> list[Path]:
-    """The config files a profile may be read from: the file ``profile``, or ``config.yaml``
-    in the folder ``profile``, relative to ``directory`` or to where this tool runs; for a
-    ``--workflow-profile`` also ``profiles/<profile>`` there and beside the Snakefile
-    (``workflow/``), as Snakemake looks; for a ``--profile`` the one Snakemake finds by name
-    (``snakemake.cli.get_profile_dir``: the user's and the system's profile folders,
-    ``profile.yaml`` too)."""
-    if not profile:
-        return []
-    found = []
-    places = [directory, Path()]
-    if not by_name:
-        places += [directory / "profiles", directory / "workflow" / "profiles"]
-    for path in (place / profile for place in places):
-        found.append(path if path.is_file() else path / "config.yaml")
-    if by_name:
-        try:
-            from snakemake.cli import get_profile_dir
-
-            named = get_profile_dir(profile)
-        except Exception:  # noqa: BLE001 - Snakemake absent or changed: the paths above stay
-            named = None
-        if named is not None:
-            found.append(Path(named[1]))
-    return found
+    or a profile it loads says ``executor: slurm`` (``snakemake_args.profile_settings``)."""
+    if any(f in ("--executor", "-e") and v == "slurm" for f, v in options(snakemake_args)):
+        return True
+    return any(s.get("executor") == "slurm" for s in profile_settings(snakemake_args, directory))
 
 
 def _left_cluster_jobs(directory: Path) -> bool:
@@ -700,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     follows (profiles, ``--config``)."""
     args = sys.argv[1:] if argv is None else argv
     directory = next(
-        (Path(value) for flag, value in _options(args) if flag in ("--directory", "-d") and value),
+        (Path(value) for flag, value in options(args) if flag in ("--directory", "-d") and value),
         Path.cwd(),
     )
     try:
