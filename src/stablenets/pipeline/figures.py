@@ -837,11 +837,17 @@ def _mark_divergence(ax: Axes, ks: np.ndarray, color: str, gid: str) -> None:
             transform=ax.get_xaxis_transform(), clip_on=False)  # fmt: skip
 
 
+def _diverged(result: _Result) -> int:
+    """How many of a run's test images diverged: 0 where it records none (TV: NaN)."""
+    count = float(result.attrs.get("diverged_count", math.nan))
+    return 0 if math.isnan(count) else int(count)
+
+
 def _diverged_label(label: str, results: list[_Result]) -> str:
     """``label``, plus how many of its test images diverged (over all its runs) when any did (the
     PSNR axis is then cut below, so the legend must say where the curve went)."""
     runs = [r for r in results if "diverged_count" in r.attrs]
-    diverged = sum(int(r.attrs["diverged_count"]) for r in runs)
+    diverged = sum(_diverged(r) for r in runs)
     if not diverged:
         return label
     total = sum(len(r.data["psnr_final"]) for r in runs if "psnr_final" in r.data)
@@ -854,7 +860,7 @@ def _focus_psnr(ax: Axes, results: list[_Result], observed: float) -> None:
     flatten every other curve."""
     values = [observed]
     for r in results:
-        if int(r.attrs.get("diverged_count", 0)):
+        if _diverged(r):
             continue
         values.append(r.number("mean_psnr"))
         history = r.data.get("history/psnr_1")
@@ -922,7 +928,8 @@ def pnp_reconstructions_figure(
     pnp_paths: Iterable[Path], stem: Path, n_images: int = N_EXAMPLES
 ) -> Figure:
     """Grid: clean, observed (blurred and noisy), then each method's reconstruction (lowest
-    seed), with its PSNR (dB, peak 1, computed on the shown image) in the corner."""
+    seed), with its PSNR (dB, peak 1) in the corner: the table's, of the iterate itself, which
+    may leave [0, 1]; the image is shown clipped to [0, 1]."""
     results = [_read(p, _PNP_SETS) for p in pnp_paths]
     if not results:
         raise ValueError("no PnP result files given")

@@ -729,7 +729,8 @@ def _deblur_attrs(
         "std_psnr": float(np.nanstd(final, ddof=1)) if len(final) > 1 else math.nan,
         "mean_iterations": float(np.mean(iters)),
         "converged_fraction": float(np.mean(hist.get("converged", np.zeros(len(final))))),
-        "diverged_count": int(np.sum(hist.get("diverged", np.zeros(len(final))))),
+        # TV records no divergence (it is a convex solver): none, not a count of 0
+        "diverged_count": int(np.sum(hist["diverged"])) if "diverged" in hist else None,
     }
 
 

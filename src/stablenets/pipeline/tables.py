@@ -194,13 +194,12 @@ _DEBLUR_FINITE = (
     "mean_psnr",
     "mean_iterations",
     "converged_fraction",
-    "diverged_count",
 )
 # ... and by model: TV's chosen weight; a trained denoiser's Lipschitz numbers (its averagedness
 # only where one is guaranteed: not here), and in PnP its chosen strength and step flag
 _TV_FINITE = ("tv_weight",)
 _DENOISER_FINITE = ("lipschitz_bound", "empirical_lipschitz")
-_PNP_FINITE = ("lipschitz_bound", "nonincreasing", "strength")
+_PNP_FINITE = ("lipschitz_bound", "nonincreasing", "strength", "diverged_count")
 
 
 def _finite(value: Any) -> bool:
@@ -523,6 +522,11 @@ def denoising_table(paths: Iterable[Path]) -> pd.DataFrame:
     return _aggregate([_denoising_record(Path(p)) for p in paths], ["sigma", "variant"])
 
 
+def _deblur_label(row: outputs.Row) -> str:
+    """``PnP <denoiser>``, or the TV baseline by its name (it plugs in no denoiser)."""
+    return "TV deblurring (baseline)" if row["method"] == TV else f"PnP {row['variant']}"
+
+
 def _pnp_headline(row: outputs.Row) -> str:
     flag = row["nonincreasing"]
     verdict = (
@@ -530,7 +534,7 @@ def _pnp_headline(row: outputs.Row) -> str:
     )
     diverged, strength, weight = row["diverged_count"], row["strength"], row["tv_weight"]
     return (
-        f"- PnP {row['variant']}: {row['psnr_1']:.2f} dB peak 1 (observed "
+        f"- {_deblur_label(row)}: {row['psnr_1']:.2f} dB peak 1 (observed "
         f"{row['observed_psnr_1']:.2f} dB)"
         + ("" if pd.isna(strength) else f" at denoiser strength {choice_text(strength)}")
         + ("" if pd.isna(weight) else f" at weight {choice_text(weight)}")
