@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from audit import adversary, averaged_objective
 from conftest import cartoon, tf32_flags
 
@@ -54,8 +55,10 @@ BLURS = [
     (lambda s: GaussianBlur(5, 2.0, s), (2, 10, 10)),
     (lambda s: CircularBlur(uniform_kernel(3), s), (1, 5, 8)),
     (lambda s: CircularBlur.from_kernel(random_kernel(4, 3), s), (2, 9, 6)),
+    (lambda s: CircularBlur.from_kernel(random_kernel(25, 25), s), (3, 321, 481)),  # BSDS size
 ]
-BLUR_IDS = ["gauss3-7x9", "gauss9-16x11", "gauss5-10x10", "box3-5x8", "random4x3-9x6"]
+BLUR_IDS = ["gauss3-7x9", "gauss9-16x11", "gauss5-10x10", "box3-5x8", "random4x3-9x6",
+            "random25x25-321x481"]  # fmt: skip
 
 
 @pytest.mark.parametrize(("make", "shape"), BLURS, ids=BLUR_IDS)
@@ -238,6 +241,27 @@ def test_pnp_per_image_stopping(deblur_problem) -> None:
     assert bool(hist["converged"].all())
     assert torch.isnan(hist["step_norm"][0, 1:]).all()
     assert torch.equal(x[0], torch.zeros_like(x[0]))
+
+
+def test_a_pnp_image_is_the_same_alone_or_in_a_batch_where_images_stop_at_different_steps() -> None:
+    """Images leave the batch as they stop; each one's iterate and step history must be those of
+    its run alone (NaN after its stop), whatever the others do."""
+    torch.manual_seed(0)
+    clean = F.interpolate(torch.rand(4, 3, 7, 9, dtype=torch.float64), size=(37, 53),
+                          mode="bilinear")  # fmt: skip
+    clean[2] *= 0.2
+    blur = GaussianBlur(9, 1.6, clean.shape[1:])
+    y = observe(clean, blur, 0.01, seed=7).float()
+    denoise = smoothing_denoiser(clean.shape[1:])
+    x, hist = pnp_forward_backward(denoise, blur, y, 1.5, tol=1e-5, reference=clean.float())
+    stops = hist["iterations"].tolist()
+    assert len(set(stops)) > 1, stops  # the batch really shrinks
+    for i, k in enumerate(stops):
+        alone, own = pnp_forward_backward(denoise, blur, y[i : i + 1], 1.5, tol=1e-5)
+        assert int(own["iterations"][0]) == k
+        assert torch.equal(alone[0], x[i])
+        assert torch.equal(own["step_norm"][0], hist["step_norm"][i, :k])
+        assert torch.isnan(hist["step_norm"][i, k:]).all()
 
 
 @pytest.mark.parametrize("eta", [2.0, 2.5, 0.0, -1.0])
