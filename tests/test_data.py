@@ -271,12 +271,12 @@ def test_a_download_says_how_far_it_is_with_rate_and_eta(tmp_path, monkeypatch):
             server.shutdown()
     assert lines[0].startswith(f"failed {base}/missing.bin: HTTP Error 404")
     progress = lines[1:-1]
-    assert len(progress) == 4, lines  # one per chunk read at every_s = 0
-    assert re.fullmatch(
-        rf"downloading {base}/big\.bin: 1\.0 of 3\.1 MB \(33 %\), [\d.]+ MB/s, ETA \d+ s",
-        progress[0],
-    ), progress[0]
-    assert "3.1 of 3.1 MB (100 %)" in progress[-1]
+    assert len(progress) >= 4, lines  # one per chunk read at every_s = 0 (at most 1 MiB each)
+    line = re.compile(
+        rf"downloading {base}/big\.bin: ([\d.]+) of 3\.1 MB \(\d+ %\), [\d.]+ [kM]B/s, ETA \d+ s"
+    )
+    done = [float(line.fullmatch(p).group(1)) for p in progress]  # type: ignore[union-attr]
+    assert done == sorted(done) and "3.1 of 3.1 MB (100 %)" in progress[-1], progress
     assert re.fullmatch(rf"downloaded {base}/big\.bin: 3\.1 MB in \d+ s", lines[-1]), lines[-1]
     assert (tmp_path / "b.bin").read_bytes() == (tmp_path / "big.bin").read_bytes()
 
@@ -284,6 +284,12 @@ def test_a_download_says_how_far_it_is_with_rate_and_eta(tmp_path, monkeypatch):
 def test_download_progress_without_a_length_gives_no_eta():
     line = DOWNLOAD._progress("file:///x", 2_500_000, None, 2.0)
     assert line == "downloading file:///x: 2.5 MB, 1.2 MB/s"
+
+
+def test_a_slow_download_gives_its_rate_in_kb_per_second():
+    """BSDS500's host serves at a few kB/s: "0.0 MB/s" said nothing."""
+    line = DOWNLOAD._progress("file:///x", 90_000, 1_000_000, 18.0)
+    assert line == "downloading file:///x: 0.1 of 1.0 MB (9 %), 5.0 kB/s, ETA 182 s"
 
 
 def test_download_lists_every_failed_url(tmp_path):
@@ -527,6 +533,73 @@ def test_a_resumed_download_that_fails_its_checksum_is_fetched_again_whole_or_re
     assert f"{url}: checksum mismatch, expected md5 {'0' * 32}, got " in str(err.value)
     assert requests[2:] == ["bytes=1000-", None]
     assert list(dest.parent.iterdir()) == []
+
+
+def test_a_slow_servers_bytes_reach_the_partial_and_the_log_as_they_arrive(tmp_path, no_proxy):
+    """``read(1 MiB)`` waited for a whole MiB: at a slow server's kB/s, minutes without a
+    progress line or a byte on disk for a killed run's rerun to resume."""
+    payload = np.random.default_rng(4).bytes(300_000)
+    dest = tmp_path / "cache" / "file.bin"
+    seen: list[int] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[:1000])
+            self.wfile.flush()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not partial_of(dest).stat().st_size:
+                time.sleep(0.02)  # the rest waits until the first bytes are on disk (or 5 s)
+            seen.append(partial_of(dest).stat().st_size)
+            self.wfile.write(payload[1000:])
+
+    lines: list[str] = []
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/file.bin"
+            D.download([url], dest, md5=hashlib.md5(payload).hexdigest(), log=lines.append,
+                       progress_every_s=0)  # fmt: skip
+        finally:
+            server.shutdown()
+    assert seen == [1000] and dest.read_bytes() == payload
+    first = re.compile(
+        rf"downloading {re.escape(url)}: 0\.0 of 0\.3 MB \(0 %\), [\d.]+ [kM]B/s, .*"
+    )
+    assert first.fullmatch(lines[0]), lines
+
+
+@pytest.mark.parametrize("locks", ["lockf", "none"])
+def test_a_file_system_without_flock_resumes_under_a_posix_lock_or_leaves_no_empty_partial(
+    tmp_path, no_proxy, monkeypatch, locks
+):
+    """Lustre without ``-o flock`` answers ENOSYS: every flock error read as "held by another
+    download", so a cut-off download never resumed and an empty partial stayed for good."""
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(DOWNLOAD.fcntl, "flock", unsupported)
+    if locks == "none":
+        monkeypatch.setattr(DOWNLOAD.fcntl, "lockf", unsupported)
+    payload = np.random.default_rng(5).bytes(300_000)
+    md5 = hashlib.md5(payload).hexdigest()
+    dest = tmp_path / "cache" / "file.bin"
+    with range_server(payload, cut=100_000) as (url, requests):
+        with pytest.raises(D.DataError, match="connection closed"):
+            D.download([url], dest, md5=md5)
+        if locks == "lockf":
+            assert partial_of(dest).read_bytes() == payload[:100_000]
+        else:
+            assert leftovers(dest.parent) == []  # nothing to resume without a lock, nothing left
+        D.download([url], dest, md5=md5)
+    assert requests == [None, "bytes=100000-" if locks == "lockf" else None]
+    assert dest.read_bytes() == payload and leftovers(dest.parent) == []
 
 
 def test_while_another_download_holds_the_partial_this_one_uses_a_temporary_of_its_own(

@@ -355,7 +355,9 @@ def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
         "- PnP dncnn: 25.00 dB peak 1 (observed 22.00 dB) at denoiser strength 0.1, 2 diverged, "
         "steps not monotone\n" in text
     )
-    assert "- TV deblurring (baseline): 24.00 dB peak 1 (observed 22.00 dB) at weight 0.004\n" in text
+    assert (
+        "- TV deblurring (baseline): 24.00 dB peak 1 (observed 22.00 dB) at weight 0.004\n" in text
+    )
     sections = [line for line in text.splitlines() if line.startswith("## ")][2:-1]
     assert sections == [f"## {outputs.get('table', name).title}" for name in inputs]
 

@@ -94,12 +94,13 @@ def _progress(url: str, done: int, total: int | None, seconds: float, resumed: i
     when the server does not say how long the file is); the rate counts the bytes fetched in the
     ``seconds``, not the ``resumed`` ones an earlier run fetched."""
     rate = (done - resumed) / max(seconds, 1e-9)
+    speed = f"{rate / 1e6:.1f} MB/s" if rate >= 1e6 else f"{rate / 1e3:.1f} kB/s"
     if not total:
-        return f"downloading {url}: {done / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s"
+        return f"downloading {url}: {done / 1e6:.1f} MB, {speed}"
     eta = (total - done) / rate if rate > 0 else float("inf")
     return (
         f"downloading {url}: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({100 * done / total:.0f} %), "
-        f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f} s"
+        f"{speed}, ETA {eta:.0f} s"
     )
 
 
@@ -152,8 +153,11 @@ def _fetch(
         total = start_at + int(length) if length and length.isdigit() else None
         done, start = start_at, time.monotonic()
         last = start
-        while chunk := response.read(_CHUNK_BYTES):
+        # read1: what has arrived, up to a chunk (read waits for a whole MiB, which a server at
+        # kB/s takes minutes to send: no progress line, no byte on disk for a kill to keep)
+        while chunk := response.read1(_CHUNK_BYTES):
             out.write(chunk)
+            out.flush()  # on disk as it arrives: a kill keeps it for the rerun to resume
             done += len(chunk)
             if log is not None and time.monotonic() - last >= every_s:
                 last = time.monotonic()
@@ -176,23 +180,41 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _lock_partial(partial: Path) -> int | None:
-    """``partial`` opened (created if absent) and locked (``flock``) by this process, or None
-    where another process holds the lock (it is downloading into it) or it cannot be opened.
+    """``partial`` opened (created if absent) and locked (``_lock``) by this process, or None
+    where another process holds the lock (it is downloading into it), the file system serves no
+    lock, or it cannot be opened.
     One its holder renamed or removed before the lock was had is not locked but opened anew."""
     for _ in range(_LOCK_TRIES):
         try:
             fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError: held by another download
+        lock = _lock(fd)
+        if lock != "locked":
+            if lock == "none" and os.fstat(fd).st_size == 0 and _same_file(fd, partial):
+                partial.unlink()  # no download keeps a partial here: none is left behind
             os.close(fd)
             return None
         if _same_file(fd, partial):
             return fd
         os.close(fd)
     return None
+
+
+def _lock(fd: int) -> str:
+    """Lock ``fd`` for this process without waiting: ``"locked"``, ``"held"`` (by another
+    process) or ``"none"`` (this file system serves no lock). ``flock``, else a POSIX record
+    lock: a file system without ``flock`` (Lustre mounted without ``-o flock``: ENOSYS) may
+    serve ``lockf``, as NFS does."""
+    for lock in (fcntl.flock, fcntl.lockf):
+        try:
+            lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EWOULDBLOCK/EAGAIN, EACCES
+            return "held"
+        except OSError:  # ENOSYS, ENOLCK, EOPNOTSUPP: not this kind of lock here
+            continue
+        return "locked"
+    return "none"
 
 
 @contextmanager
