@@ -614,7 +614,7 @@ def test_a_job_fits_its_runtime_only_within_the_limit_less_the_slurm_profiles_st
     assert cost.submissions(238 / 60, 240, 300) == 2
     assert cost.submissions(230 / 60, 240, 300) == 1
     assert cost.submissions(3 * 235 / 60, 240, 300) == 3
-    paper = cost.Paper({"resources": {"evaluate": {"runtime": 240, "gpu": 1}}}, {}, {})
+    paper = cost.Paper({"resources": {"evaluate": {"runtime": 240, "gpu": 1}}}, {})
     job = cost.Job("evaluate_classifier", "nonexpansive", seed=0)
     assert cost._row("paper", job, paper, 1, 238 * 60, "x")["fits"] is False
     assert cost._row("paper", job, paper, 1, 230 * 60, "x")["fits"] is True
@@ -643,12 +643,26 @@ def test_the_stop_lead_is_each_rules_signal_time_in_the_profile_and_a_missing_pr
     assert bench._fits(1e-3, 5, "train_classifier").startswith("never: 5 min is within")
 
 
+def test_paper_units_count_the_paper_configurations_test_splits_not_the_runs():
+    """The projection took its test sizes from the run's data files: a run with 300 CIFAR-10 and
+    8 BSDS500 stand-in test images projected the paper's evaluations on 300 and 8 images."""
+    config = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
+    config["classification"]["evaluate"]["n_test"] = config["denoising"]["evaluate"]["n_test"] = (
+        None
+    )
+    paper = cost.Paper(config, {})
+    assert paper.units(cost.Job("evaluate_classifier", "nonexpansive", seed=0)) == 10_000
+    assert paper.units(cost.Job("evaluate_denoiser", "averaged", "0.15", 0)) == 200
+    smoke = cost.Paper(load_config([ROOT / "config.yaml", ROOT / "config/smoke.yaml"], SCHEMA), {})
+    assert [smoke.test_size(d) for d in ("cifar10", "bsds500")] == [300, 8]  # stand-ins: theirs
+
+
 def test_paper_units_count_no_more_validation_images_than_the_split_holds():
     """TV denoising, PnP and TV deblurring choose on ``val[:val_images]``: asking for more than
     the BSDS500 validation split's 100 images counts 100 per candidate, as the jobs run."""
     config = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
     config["denoising"]["tv"]["val_images"] = config["pnp"]["val_images"] = 1000
-    paper = cost.Paper(config, {"cifar10": 10_000, "bsds500": 200}, {})
+    paper = cost.Paper(config, {})
     tv, p = config["denoising"]["tv"], config["pnp"]
     test = min(config["denoising"]["evaluate"]["n_test"] or 200, 200)
     assert paper.units(cost.Job("evaluate_tv_denoising", sigma="0.15")) == (

@@ -40,6 +40,7 @@ from stablenets.bench.cost import (
     write_cost,
 )
 from stablenets.bench.rows import substep_theta
+from stablenets.data.shapes import DATASET_NAMES
 from stablenets.nn.models import build_model, read_checkpoint, save_model
 from stablenets.pipeline import jobs as pipeline_jobs
 from stablenets.pipeline.config import overlay, validate_config
@@ -52,7 +53,6 @@ from stablenets.train.tasks import ClassificationTask
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 PAPER = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()), SCHEMA)
-SIZES = {"cifar10": 10_000, "bsds500": 200}
 
 
 def rehearsal_config() -> dict:
@@ -97,7 +97,7 @@ def test_the_rehearsal_overlay_is_valid_and_keeps_the_paper_sizes_models_and_sch
 
 
 def paper(bench: dict | None = None) -> Paper:
-    return Paper(PAPER, SIZES, bench or {})
+    return Paper(PAPER, bench or {})
 
 
 def fake_eval(evaluate: dict, parts: dict, wall: float, variant: str = "nonexpansive") -> Measured:
@@ -311,7 +311,7 @@ def test_a_budget_minutes_projection_adds_validations_and_checkpoints_at_the_ste
     job = Job("train_classifier", "nonexpansive", seed=0)
     parts = {"step": (10.0, 1000), "validation": (6.0, 3), "checkpoint": (1.0, 2)}
     measured = Measured(job, 37.0, 0, "step", 1000, 17.0, {}, parts)  # 20 s fixed
-    units, seconds, basis, _ = project(job, measured, Paper(config, SIZES, {}))
+    units, seconds, basis, _ = project(job, measured, Paper(config, {}))
     steps = budget_steps(120, 0.01)
     validations = math.ceil(steps / train["val_every"])
     checkpoints = math.ceil(steps / train["checkpoint_every"])
@@ -375,7 +375,7 @@ def test_a_solver_job_projects_its_fixed_seconds_plus_its_solves_rate(
 
 def fake_run(eval_wall: float) -> list[Measured]:
     """One measured job per rule, the rehearsal's variants."""
-    out = [Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {}) for d in SIZES]
+    out = [Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {}) for d in DATASET_NAMES]
     for v in ("nonexpansive", "resnet"):
         out.append(fake_train(Job("train_classifier", v, seed=0), 30.0, 2000, 15.0))
         parts = {"pgd": (5.0, 500), "strong": (20.0, 100), "audit": (5.0, 50), "bisect": (0.0, 0)}

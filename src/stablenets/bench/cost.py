@@ -494,7 +494,6 @@ class Paper:
     """The paper-scale configuration and what the projection needs from the run."""
 
     config: dict[str, Any]
-    test_sizes: dict[str, int]  # dataset -> test split of the run's data files
     bench: dict[tuple[str, Any, str], BenchRow]  # (bench model, width, options) -> its row
 
     def variant(self, task: str, name: str) -> dict[str, Any] | None:
@@ -510,19 +509,19 @@ class Paper:
         if job.rule.startswith("train_"):
             return self.train(job.task, job.variant)["steps"]
         if job.rule == "evaluate_classifier":
-            n_test, size = cfg["classification"]["evaluate"]["n_test"], self.test_sizes["cifar10"]
+            n_test, size = cfg["classification"]["evaluate"]["n_test"], self.test_size("cifar10")
             return min(n_test or size, size)
         if job.rule == "evaluate_denoiser":
-            n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
+            n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_size("bsds500")
             return min(n_test or size, size)
         if job.rule == "evaluate_tv_denoising":
-            n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_sizes["bsds500"]
+            n_test, size = cfg["denoising"]["evaluate"]["n_test"], self.test_size("bsds500")
             tv = cfg["denoising"]["tv"]
             chosen_on = self.val_images(tv["val_images"]) * len(tv["weights"])
             return min(n_test or size, size) + chosen_on
         if job.rule in ("pnp_deblur", "tv_deblur"):  # the test images, then each candidate's
             p = cfg["pnp"]
-            images = min(p["n_images"], self.test_sizes["bsds500"])
+            images = min(p["n_images"], self.test_size("bsds500"))
             candidates, iters = (
                 (p["strengths"], p["max_iter"])
                 if job.rule == "pnp_deblur"
@@ -530,6 +529,14 @@ class Paper:
             )
             return (images + self.val_images(p["val_images"]) * len(candidates)) * iters
         return 1
+
+    def test_size(self, dataset: str) -> int:
+        """The test split of ``dataset`` in the paper configuration's ``data`` (the official
+        archive's, or its stand-in's): not the run's, whose stand-ins may be smaller."""
+        from stablenets.data.shapes import bsds500_shape, cifar10_shape
+
+        shape = {"cifar10": cifar10_shape, "bsds500": bsds500_shape}[dataset]
+        return shape(self.config["data"][dataset]).n_test
 
     def val_images(self, asked: int | None) -> int:
         """The validation images a TV weight or PnP strength is chosen on: ``asked`` of the
@@ -887,12 +894,6 @@ def _unlike_the_paper(run: dict[str, Any], paper: dict[str, Any]) -> list[str]:
     return out
 
 
-def _test_size(path: Path) -> int:
-    from stablenets.data.format import split_size
-
-    return split_size(path, "test")
-
-
 SUBSTEP_NOTE = (
     "A model with adaptive sub-steps is projected at the mean sub-steps it ran here: a lower "
     "bound for its own jobs, as its sub-steps keep growing past the rehearsal's steps with the "
@@ -995,8 +996,7 @@ def write_cost(
     measured = [measure(by_tsv[Path(p)], Path(p), root) for p in inputs]
     paper_path = run["cost"]["paper_config"]
     paper_config = read_paper_config(paper_path, Path(spec["schema"]))
-    sizes = {m.job.dataset: _test_size(m.job.results(root)) for m in measured if m.job.dataset}
-    paper = Paper(paper_config, sizes, _bench_rates([Path(p) for p in run["cost"]["bench"]]))
+    paper = Paper(paper_config, _bench_rates([Path(p) for p in run["cost"]["bench"]]))
     rows = cost_rows(measured, paper)
     write_sidecar(out, spec, -1, [m.job.results(root) for m in measured])
     atomic_write(Path(out), pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
