@@ -590,6 +590,12 @@ class Paper:
         f = stages[0] / stages[1]
         block = (self.variant(task, job.variant) or {}).get("kwargs", {}).get("block")
         note = f", block {block}: Euler block's time assumed" if block else ""
+        # a block of fixed cost (CPL, SLL, ...) on a sub-stepping basis of its model (one
+        # benchmark row): an Euler block at theta 1, at the row's sub-steps, not the growth
+        # the basis ran into
+        fixed = block is not None and thetas[0] is None and thetas[1] is not None
+        if fixed:
+            thetas[0] = 1.0
         if thetas[0] and thetas[1] and thetas[0] != thetas[1]:  # sub-steps ~ 1 / theta
             more = thetas[1] / thetas[0]
             f *= more
@@ -597,7 +603,7 @@ class Paper:
         note += f", {' and '.join(eager)}: eager row, no graphed one" if eager else ""
         if keys[0] in self.bench and keys[1] in self.bench:
             f *= self.bench[keys[0]].step_ms / self.bench[keys[1]].step_ms
-            if models[0] != models[1]:
+            if models[0] != models[1] or fixed:
                 scale, how = _at_row_substeps(basis, self.bench[keys[1]])
                 f, note = f * scale, note + how
             return f, f" x {f:.3g} (benchmarked step {keys[0][:2]} / {keys[1][:2]}{note})"
