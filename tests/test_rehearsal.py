@@ -217,6 +217,7 @@ def test_a_layer_family_is_projected_at_its_benchmark_rows_sub_steps_not_the_mea
     _, seconds, basis, _ = project(cpl, measured, paper(bench))
     assert seconds == pytest.approx(29.0 + 2 * 15 / 35 * 0.01 * 40_000)
     assert "at the row's 15 sub-steps, not the 35 measured" in basis
+    assert "margin loss for the task's loss: same step time assumed" in basis  # rows: cross-entropy
     _, own, _, _ = project(job, measured, paper(bench))
     assert own == pytest.approx(29.0 + 0.01 * 40_000)
     parts = {"pgd": (30.0, 1000), "strong": (100.0, 200), "audit": (20.0, 100), "bisect": (5, 50)}
@@ -393,7 +394,10 @@ def test_a_solver_job_projects_its_fixed_seconds_plus_its_solves_rate(
 
 def fake_run(eval_wall: float) -> list[Measured]:
     """One measured job per rule, the rehearsal's variants."""
-    out = [Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {}) for d in DATASET_NAMES]
+    out = [
+        Measured(Job("prepare_data", dataset=d), 5.0, 0, "dataset", 1, 5.0, {})
+        for d in DATASET_NAMES
+    ]
     for v in ("nonexpansive", "resnet"):
         out.append(fake_train(Job("train_classifier", v, seed=0), 30.0, 2000, 15.0))
         parts = {"pgd": (5.0, 500), "strong": (20.0, 100), "audit": (5.0, 50), "bisect": (0.0, 0)}

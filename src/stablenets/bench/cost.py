@@ -601,6 +601,13 @@ class Paper:
             f *= more
             note += f", theta {thetas[0]:g} for {thetas[1]:g}: x {more:.3g} sub-steps"
         note += f", {' and '.join(eager)}: eager row, no graphed one" if eager else ""
+        losses = [
+            f"{name} loss" if name else "the task's loss"
+            for name in ((self.train(task, n).get("loss") or {}).get("name")
+                         for n in (job.variant, basis.job.variant))
+        ]  # fmt: skip
+        if losses[0] != losses[1]:  # the benchmark rows time the task's own loss
+            note += f", {losses[0]} for {losses[1]}: same step time assumed"
         if keys[0] in self.bench and keys[1] in self.bench:
             f *= self.bench[keys[0]].step_ms / self.bench[keys[1]].step_ms
             if models[0] != models[1] or fixed:

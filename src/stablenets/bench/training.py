@@ -686,6 +686,8 @@ def project_hours(
                 continue
             if "block" in v.get("kwargs", {}):
                 label += f" (block {v['kwargs']['block']}: not benchmarked, Euler time assumed)"
+            if train.get("loss"):  # the benchmark times the task's own loss
+                label += f" ({train['loss']['name']} loss: the cross-entropy step's time assumed)"
             row = rates[key]
             step_s = float(row["step_ms"]) / 1000
             step_s *= STAGES.get(v.get("kwargs", {}).get("integrator", "euler"), 1)
