@@ -359,6 +359,24 @@ def test_every_block_keeps_its_image_size_or_the_model_refuses_the_kernel(name, 
     assert hooked or out.shape == x.shape  # DnCNN: layers, no blocks; x - net(x) keeps the size
 
 
+@pytest.mark.parametrize(("name", "extra"), EVERY_MODEL)
+def test_one_unbatched_image_gives_what_it_gives_in_a_batch(name, extra):
+    """Blocks take ``(C, H, W)`` as ``(N, C, H, W)``; the denoiser sliced the height as if it
+    were the channels (a (3, 8, 10) image gave a (6, 3, 10) tensor) and the classifier failed."""
+    small = SMALL.get(name, SMALL["nonexpansive_classifier"] if name in CLASSIFIERS else {})
+    model = build_model(name, **{**small, **extra}).double().eval()
+    size = model.sizes[0] if name in CLASSIFIERS else model.input_size
+    x = torch.rand(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if name == "dncnn":  # its batch norm takes batches only, and says so
+        with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+            model(x[1])
+        return
+    with torch.no_grad():
+        batched, alone = model(x), model(x[1])
+    assert alone.shape == batched.shape[1:]
+    assert torch.allclose(alone, batched[1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_averaged_denoiser_satisfies_the_averagedness_inequality_under_attack(residual):
     # (depth, theta, time, weight factor, bias). Residual: I - N is 1/2-averaged only when N is

@@ -258,7 +258,7 @@ class Classifier(StableModel):
         x = self.lift(x)
         for stage, transition in zip(self.stages, self.transitions, strict=True):
             x = F.avg_pool2d(transition(stage(x)), 2)
-        return self.head(x.mean(dim=(2, 3)))
+        return self.head(x.mean(dim=(-2, -1)))  # (N,) C, H, W: batched or one image
 
     def stage_layers(self) -> Iterator[tuple[list[Block], Conv2dOperator, Size]]:
         """``(blocks, transition, input size)`` of each stage."""
@@ -348,7 +348,7 @@ class NonexpansiveDenoiser(StableModel):
     def network(self, x: torch.Tensor) -> torch.Tensor:
         """``N(x) = P^T (blocks) P x`` with ``P`` the zero-padding isometry."""
         z = F.pad(x, (0, 0, 0, 0, 0, self.width - self.channels))
-        return self.blocks(z)[:, : self.channels]
+        return self.blocks(z)[..., : self.channels, :, :]  # (N,) C, H, W: batched or one image
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.network(x)

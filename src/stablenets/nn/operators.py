@@ -34,7 +34,10 @@ bounds tighten small grids; the certificate is the minimum of those computed:
   ``_DENSE_MARGINS`` in turn; exact to 1e-5 where boundary effects make the others loose
   (8x8 grids: 2-3 %).
 
-Every certified norm is inflated by ``CERTIFICATE_SLACK`` for float64 rounding.
+Every certified norm is inflated by ``CERTIFICATE_SLACK`` for float64 rounding. A float32
+network's own rounding (its parameters cast or computed in float32: AOL's rescaling, a step
+size, about 1e-7 relative) is not in it: the certified radius leaves it to the margins'
+rounding tolerance (README, "The bounds certify the network in exact arithmetic").
 """
 
 from __future__ import annotations
