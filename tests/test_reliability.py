@@ -1458,7 +1458,7 @@ BAD_CONFIGS = {
     ),
     "more memory than there is": (
         {"denoising": {"train": {"memory_fraction": 1.5}}},
-        "denoising.train.memory_fraction: 1.5 is greater than the maximum of 1",
+        "denoising.train.memory_fraction: 1.5 is greater than the maximum of 0.95",
     ),
     "unknown model": (
         {"denoising": {"variants": {"euler": {"model": "transformer"}}}},

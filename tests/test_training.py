@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import fail_torch_load_once
 from torch.utils.checkpoint import checkpoint
 
@@ -44,7 +45,12 @@ from stablenets.train.loop import (
     make_optimizer,
     train,
 )
-from stablenets.train.memory import _CGROUPS, _cgroup_left, activation_cost
+from stablenets.train.memory import (
+    _CGROUPS,
+    MAX_MEMORY_FRACTION,
+    _cgroup_left,
+    activation_cost,
+)
 from stablenets.train.tasks import ClassificationTask, DenoisingTask, epoch_batch
 
 
@@ -304,6 +310,20 @@ def test_cuda_graph_captures_in_a_progress_window_are_left_out_of_its_pace(monke
                                                    "substeps": 2}])  # fmt: skip
     line = progress.line(state)
     assert " ms/step 100.0 " in line and line.endswith(" eta 10s"), line
+
+
+def test_memory_fraction_leaves_room_for_what_the_activation_estimate_leaves_out():
+    """The paper denoiser's pass holds about 6 block inputs beyond the estimate (the last
+    block's whole output, the gradients in flight): at ``memory_fraction: 1`` the guard let a
+    pass through that needed 1 GiB more than there was. The schema and the library agree."""
+    root = Path(__file__).resolve().parents[1]
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["$defs"]["memory_fraction"]["maximum"] == MAX_MEMORY_FRACTION < 1
+    assert TrainConfig(steps=10, batch_size=2, memory_fraction=MAX_MEMORY_FRACTION)
+    with pytest.raises(
+        ValueError, match=rf"memory_fraction must be in \(0, {MAX_MEMORY_FRACTION}\]"
+    ):
+        TrainConfig(steps=10, batch_size=2, memory_fraction=1.0)
 
 
 def test_a_remat_setting_other_than_auto_true_or_false_is_refused_in_one_line():

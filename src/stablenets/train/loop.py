@@ -48,6 +48,7 @@ from stablenets.train import budget
 from stablenets.train.checkpoints import RunState, last_good, resume, save, scheduled_steps
 from stablenets.train.cuda_graphs import StepGraphs
 from stablenets.train.memory import (
+    MAX_MEMORY_FRACTION,
     ActivationCost,
     activation_cost,
     device_label,
@@ -137,8 +138,11 @@ class TrainConfig:
             object.__setattr__(self, "momentum", tuple(float(m) for m in self.momentum))
         if not (self.max_substeps == "auto" or self.max_substeps >= 1):
             raise ValueError(f"max_substeps must be 'auto' or >= 1, got {self.max_substeps!r}")
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not 0 < self.memory_fraction <= MAX_MEMORY_FRACTION:
+            raise ValueError(
+                f"memory_fraction must be in (0, {MAX_MEMORY_FRACTION}], got "
+                f"{self.memory_fraction} (the rest holds what the activation estimate leaves out)"
+            )
         if not (self.remat == "auto" or isinstance(self.remat, bool)):  # "off" would be true
             raise ValueError(f"remat must be 'auto', true or false, got {self.remat!r}")
         steps = None if self.budget_minutes is not None else self.steps  # derived later

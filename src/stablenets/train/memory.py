@@ -24,6 +24,7 @@ from stablenets.nn.blocks import NonexpansiveBlock
 from stablenets.nn.models import StableModel
 
 __all__ = [
+    "MAX_MEMORY_FRACTION",
     "device_label",
     "peak_memory_mb",
     "is_out_of_memory",
@@ -32,6 +33,15 @@ __all__ = [
     "ActivationCost",
     "activation_cost",
 ]
+
+
+MAX_MEMORY_FRACTION = 0.95
+"""The largest ``memory_fraction`` a run may give a pass's activations (``ActivationCost``): the
+rest must hold what the estimate leaves out. Measured on the CPU's allocator (a review, session
+33): the paper denoiser's pass holds about 6 block inputs more (the last block's whole output,
+which its channel slice keeps; the gradients in flight), 1.1 GiB at batch 5 on 321x481 images,
+about 2 % of an H100's budget; the paper classifier under one (0.8). The allocator's
+fragmentation comes on top."""
 
 
 def device_label(device: torch.device) -> str:
@@ -211,9 +221,10 @@ class ActivationCost:
     the blocks, per image; ``transient``: the largest ``B stages_i + shared_i`` of the
     checkpointed blocks (``substep_bytes``), what the backward pass holds while it recomputes one
     of their sub-steps, which it does one at a time. Exact for what the model's forward pass
-    saves in eager mode; ``memory_fraction`` leaves the rest free: the gradients in flight,
-    what the loss saves (the denoiser's loss keeps the last block's output, 0.3 % at paper
-    size), and, under bf16 in a CUDA graph (no autocast cache), a cast of the weights per call.
+    saves in eager mode; ``memory_fraction`` (at most ``MAX_MEMORY_FRACTION``) leaves the rest
+    free: the gradients in flight and what the loss keeps (the denoiser: about 6 block inputs
+    in all, measured), and, under bf16 in a CUDA graph (no autocast cache), a cast of the
+    weights per call.
     """
 
     stages: tuple[int, ...]
