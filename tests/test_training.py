@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stablenets.nn.models import StableModel, build_model, read_checkpoint
 from stablenets.pipeline.jobs import _progress_hash
+from stablenets.train import loop
 from stablenets.train.augment import (
     AugmentConfig,
     augment,
@@ -193,6 +194,27 @@ def _tiny_run(
     return logs, state
 
 
+def test_the_peak_memory_a_checkpoint_records_includes_the_validation_before_it(
+    tmp_path, monkeypatch
+):
+    """The peak was read after each step, before its validation: a validation's peak counted only
+    if a step followed it in the same process, so the last one never did, and a run resumed from
+    a checkpoint at a validation reported a third less (1,035 MiB against 1,604)."""
+    now = {"mb": 100.0}
+    monkeypatch.setattr(loop, "peak_memory_mb", lambda device: now["mb"])
+    validate = loop._validate
+
+    def validate_at_peak(*args, **kwargs):
+        now["mb"] = 900.0  # what this validation holds at its peak
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_validate", validate_at_peak)
+    _, state = _tiny_run(tmp_path, steps=4, val_every=4)
+    assert state.peak_memory_mb == 900.0
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["run"]["peak_memory_mb"] == 900.0
+
+
 def test_a_budgeted_run_that_lost_its_step_count_takes_its_checkpoints_schedule(
     tmp_path, monkeypatch
 ):
@@ -216,7 +238,6 @@ def test_the_budget_is_timed_on_the_weights_the_run_starts_from(tmp_path, monkey
     """``budget_minutes``: the timed copy steps at learning rate 0, so its norms, and the
     sub-steps that they set and that a step costs, are those the run starts with; a schedule of
     the timed steps' own reached its peak rate within them and timed a model never trained."""
-    import stablenets.train.loop as loop
 
     copies, counts = [], []
     build = loop.step_graphs
@@ -272,7 +293,6 @@ def test_the_pace_and_time_left_of_progress_lines_leave_the_start_up_of_the_firs
     """A first step that takes 2 s longer (start-up: the CUDA context, cuDNN's tuning, a graph
     capture) is in no line's ms/step or eta: not in a fresh run's, whose first line has none
     yet, nor after a resume, whose first line comes steps after its first step."""
-    import stablenets.train.loop as loop
 
     step = loop._train_step
 
@@ -300,7 +320,6 @@ def test_cuda_graph_captures_in_a_progress_window_are_left_out_of_its_pace(monke
     """Seconds counted as start-up in a later step (CUDA graph captures, ``startup_s``) are not
     in the pace of the line whose window holds them. A stand-in clock: 5 s of start-up in the
     first step, then 4 steps of 0.1 s and a 2 s capture."""
-    import stablenets.train.loop as loop
 
     clock = iter([0.0, 5.0, 7.4])
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))

@@ -526,7 +526,6 @@ def train(
             elif graphs is not None:  # a CUDA graph captured in this step (one-off): start-up too
                 state.startup_s += min(graphs.capture_s - captured, dt)
             state.step += 1
-            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
             last = state.step == end
@@ -536,6 +535,8 @@ def train(
                 _check_weights(state.step, model, ckpt_path)
                 check = functools.partial(_validate, model, task, state, log, on_grid)
                 _timed(state, "validation", check)
+            # the step's and its validation's, before any checkpoint records it
+            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
             # after validating: a stop signal that arrived meanwhile gets its checkpoint too
             if state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None:
                 if not validate:
