@@ -1737,8 +1737,9 @@ def test_autoattack_on_fewer_classes_than_its_losses_need_fails_before_training(
 
 def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_path):
     """Broken YAML names the file, line and column; a key given twice (a copied variant block
-    left under its old name) names both lines; a file holding a list names what it holds; an
-    empty overlay changes nothing; a bad value names the file that set it."""
+    left under its old name) names both lines; a file holding a list names what it holds, an
+    empty one too (Snakemake refuses it, naming no file); a bad value names the file that set
+    it."""
     broken, listed, empty = tmp_path / "broken.yaml", tmp_path / "list.yaml", tmp_path / "e.yaml"
     broken.write_text("pnp:\n  denoisers: [averaged, dncnn\nseeds: [0]\n")
     twice = tmp_path / "twice.yaml"
@@ -1754,6 +1755,7 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_p
         (broken, f"config: {broken}: not valid YAML: line 3, column 6: ", 0),  # + PyYAML's
         (twice, f"config: {twice}: not valid YAML: line 5, column 5: key 'euler' given twice", 0),
         (listed, f"config: {listed}: holds a list, not a mapping of settings", 0),
+        (empty, f"config: {empty}: holds no settings (Snakemake refuses an empty config file)", 0),
         (bad, f"invalid configuration:\n  {bad}: pnp.eta: 5.0 must be < 2/||K||^2", 1),
         (misspelt, f"invalid configuration:\n  {misspelt}: pnp.etaa: unknown key; allowed:", 2),
     ):
@@ -1762,7 +1764,6 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_p
         said = str(err.value)
         assert said.startswith(message) and said.count("\n") == lines, said
     assert f"\n  {misspelt}: pnp.tola: unknown key" in said
-    assert load_config([*base, empty], SCHEMA) == load_config(base, SCHEMA)
     # what Snakemake reads is read: JSON (tabs included), YAML anchors and merge keys
     merged, tabbed = tmp_path / "merged.yaml", tmp_path / "tabbed.json"
     merged.write_text(
@@ -2640,6 +2641,31 @@ def test_every_spec_the_pipeline_writes_passes_the_check_of_hand_written_specs(o
     for job, text in specs:
         check_spec(job, json.loads(text), schema)
     assert len(specs) > 10
+
+
+def test_the_config_check_validates_the_files_snakemake_would_read_as_the_workflow_does(
+    tmp_path, capsys, monkeypatch
+):
+    """The README's check before a long run passed a misspelt key, a wrong type and an empty
+    file (exit 0, silent), which Snakemake then refused; it read the YAML alone."""
+    from stablenets.pipeline import config as pipeline_config
+
+    monkeypatch.chdir(ROOT)
+    typo, empty = tmp_path / "typo.yaml", tmp_path / "empty.yaml"
+    typo.write_text("classification:\n  train: {stpes: 10, batch_size: '64'}\n")
+    empty.write_text("# nothing yet\n")
+    assert pipeline_config.main(["--configfile", "config.yaml", str(typo)]) == 1
+    said = capsys.readouterr().err
+    assert f"{typo}: classification.train.stpes: unknown key" in said
+    assert pipeline_config.main(["--configfile", str(empty)]) == 1  # after config.yaml
+    assert capsys.readouterr().err.strip() == (
+        f"config: {empty}: holds no settings (Snakemake refuses an empty config file)"
+    )
+    assert pipeline_config.main(["--configfile", "config.yaml", "config/smoke.yaml"]) == 0
+    assert pipeline_config.main([]) == 0  # the workflow's config.yaml alone
+    monkeypatch.chdir(tmp_path)
+    assert pipeline_config.main([]) == 1
+    assert "run from the workflow's folder" in capsys.readouterr().err
 
 
 def test_a_yaml_error_in_a_file_the_profile_passes_is_one_line_naming_it(

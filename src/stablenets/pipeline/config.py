@@ -360,16 +360,18 @@ def load_config(paths: Path | str | Sequence[Path | str], schema: dict | Path = 
 
 
 def _settings(path: Path | str, text: str) -> dict[str, Any]:
-    """The mapping a config file holds (empty for an empty file); one line if it holds none.
-    JSON first, then YAML, as Snakemake reads a config file."""
+    """The mapping a config file holds; one line if it holds none (an empty file included, which
+    Snakemake refuses). JSON first, then YAML, as Snakemake reads a config file."""
     try:
         settings = json.loads(text, object_pairs_hook=_unique_pairs)
     except _RepeatedKey as err:
         raise ConfigError([f"{path}: not valid JSON: {err}"], heading=False) from None
     except json.JSONDecodeError:
         settings = _yaml_settings(path, text)
-    if settings is None:
-        return {}
+    if settings is None:  # Snakemake refuses it, naming no file
+        raise ConfigError(
+            [f"{path}: holds no settings (Snakemake refuses an empty config file)"], heading=False
+        )
     if not isinstance(settings, dict):
         kind = type(settings).__name__
         raise ConfigError([f"{path}: holds a {kind}, not a mapping of settings"], heading=False)
@@ -426,18 +428,26 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m stablenets.pipeline.config [snakemake options]``: read the config files the
-    Snakemake run of these options reads before its Snakefile (``snakemake_args.config_files``,
-    from where it runs) as the
-    workflow reads its own: a YAML error or a key given twice is one line naming the file and
-    line (Snakemake's says "not valid JSON or YAML" and neither). ``make smoke`` and ``make
-    rehearsal`` run it first, whose profiles pass ``config.yaml`` so."""
+    """``python -m stablenets.pipeline.config [snakemake options]``: check the configuration the
+    Snakemake run of these options would read, before it starts: the workflow's ``config.yaml``
+    and each ``--configfile`` (``snakemake_args.config_files``: or its profiles'), in
+    Snakemake's order (``snakemake_files``), merged and validated as the workflow does. One
+    line per problem, naming the file (a YAML error or a key given twice: its line too, which
+    Snakemake's own message names neither of); nothing and exit 0 where all is well. ``make
+    smoke``, ``smoke-slurm`` and ``rehearsal`` run it first. ``--config`` values are left to
+    the workflow's own check."""
     import sys
 
     from stablenets.pipeline.snakemake_args import config_files
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    given = config_files(args, Path.cwd())
+    files = snakemake_files("config.yaml", given, "--replace-workflow-config" in args)
+    if not SCHEMA.is_file():
+        print(f"config: no {SCHEMA} here: run from the workflow's folder", file=sys.stderr)
+        return 1
     try:
-        read_layers(config_files(sys.argv[1:] if argv is None else argv, Path.cwd()))
+        load_config(files, SCHEMA)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
