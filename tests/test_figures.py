@@ -339,7 +339,7 @@ def test_training_figure_without_blocks_denoising(tmp_path: Path) -> None:
     assert_no_empty_axes(fig)
     assert [ax.get_ylabel() for ax in fig.axes] == [
         "training loss",
-        "PSNR (dB, peak max(x)²)",
+        "PSNR (dB, peak max(x))",
         "learning rate",
     ]
     metric = fig.axes[1]
@@ -360,7 +360,7 @@ def test_the_training_figures_take_their_task_from_the_registry_not_the_scales_n
     logs = [training_log(root, "denoising/sigma0.15", "dncnn", 0, seed=s) for s in (2, 1)]
     build = outputs.get("figure", "training_denoising").build
     fig = build(logs, tmp_path / "denoising", {"kind": "training_denoising"})
-    assert fig.axes[1].get_ylabel() == "PSNR (dB, peak max(x)²)"
+    assert fig.axes[1].get_ylabel() == "PSNR (dB, peak max(x))"
 
 
 def test_training_logs_without_data_are_an_error_naming_them(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def classification_file(root: Path, variant: str, seed: int) -> Path:
         "clean_accuracy": clean,
         "lipschitz_bound": lip,
         "n_params": 255_000 if variant == "nonexpansive" else 497_000,
-        "total_substeps": 15 + seed,
+        "total_substeps": 15 + seed if variant == "nonexpansive" else 0,  # as the job writes
         "train_time_s": 100.0 + 10 * seed,
         "best_step": 400,
         "auc_certified": 0.1 + 0.01 * seed,
@@ -182,6 +182,12 @@ def test_classification_mean_std_and_seeds(classification_paths: list[Path]) -> 
     assert ne["certified@108/255_std"] == pytest.approx(np.std([0.10, 0.12], ddof=1))
     # a bound holds for every seed's model: the largest upper bound, no mean, no spread
     assert ne["lipschitz_bound"] == pytest.approx(1.2) and "lipschitz_bound_std" not in df
+    # a model whose blocks take no sub-steps: n/a, not "0.0"
+    assert math.isnan(df.loc["resnet", "total_substeps"])
+    assert (
+        display_frame(df.reset_index()).set_index("variant").loc["resnet", "total sub-steps"]
+        == "n/a"
+    )
     assert df.loc["resnet", "n_params"] == 497_000
     assert ne["model"] == "nonexpansive_classifier"
     assert ne["train_loss"] == "margin (offset 0.399, T 0.25)"
@@ -220,7 +226,7 @@ def test_a_mean_over_fewer_seeds_than_the_row_says_how_many(
     assert not [c for c in df.columns if c.endswith("_n_seeds") and c != "total_substeps_n_seeds"]
     shown = display_frame(df.reset_index()).set_index("variant")
     assert shown.loc["nonexpansive", "total sub-steps"] == "15.0 (1 of 2 seeds)"
-    assert shown.loc["resnet", "total sub-steps"] == "15.5 ± 0.7"
+    assert shown.loc["resnet", "total sub-steps"] == "n/a"  # none in any seed: no count
     assert not [c for c in shown.columns if "n_seeds" in c]
     write_table(df.reset_index(), tmp_path / "t", "caption")
     assert "(k of n seeds)" in (tmp_path / "t.md").read_text()
@@ -262,7 +268,7 @@ def test_pnp_table(pnp_paths: list[Path]) -> None:
     assert df.loc["tv", "tv_weight"] == pytest.approx(0.004) and math.isnan(av["tv_weight"])
     assert math.isnan(df.loc["tv", "diverged_count"])  # not checked for TV: not a count of 0
     tv = display_frame(df.reset_index()).set_index("variant").loc["tv"]
-    assert tv["iterations"] == "250.0" and tv["converged (%)"] == "50.0"
+    assert tv["mean iterations"] == "250.0" and tv["converged (%)"] == "50.0"
     assert tv["non-increasing steps"] == "n/a"
     shown = display_frame(pnp_table(pnp_paths)).set_index("variant")
     assert shown.loc["tv", "TV weight"] == "0.004" and shown.loc["averaged", "TV weight"] == "n/a"
@@ -350,14 +356,17 @@ def test_the_report_jobs_write_each_tables_declared_caption_title_and_headlines(
         "- nonexpansive: clean 62.0%, certified 42.0% and empirical 57.0% at ε = 36/255, "
         "certified Lipschitz bound 1.2\n" in text
     )
-    assert "- denoiser dncnn (σ = 0.15): 30.00 dB (noisy 17.00 dB)\n" in text
+    assert "- denoiser dncnn (σ = 0.15): 30.00 dB peak max(x) (noisy 17.00 dB)\n" in text
     assert (
         "- PnP dncnn: 25.00 dB peak 1 (observed 22.00 dB) at denoiser strength 0.1, 2 diverged, "
         "steps not monotone\n" in text
     )
     assert (
-        "- TV deblurring (baseline): 24.00 dB peak 1 (observed 22.00 dB) at weight 0.004\n" in text
+        "- TV deblurring (baseline): 24.00 dB peak 1 (observed 22.00 dB) at weight 0.004, "
+        "50.0 % converged\n" in text
     )
+    # an unconverged run's PSNR is its capped iterate's: the headline says how many converged
+    assert ", 75.0 % converged, 0 diverged, non-increasing steps\n" in text
     sections = [line for line in text.splitlines() if line.startswith("## ")][2:-1]
     assert sections == [f"## {outputs.get('table', name).title}" for name in inputs]
 
@@ -531,7 +540,7 @@ def test_seeds_that_chose_different_settings_list_them_never_their_mean(tmp_path
     assert headline is not None
     lines = [headline(row) for row in pd.read_csv(stem.with_suffix(".csv")).to_dict("records")]
     assert "at denoiser strength 1 (seed 0), 0.1 (seeds 1, 2)," in lines[0]
-    assert lines[1].endswith("at weight 0.004 (seed 0), 0.001 (seed 1)")
+    assert lines[1].endswith("at weight 0.004 (seed 0), 0.001 (seed 1), 50.0 % converged")
 
 
 def test_every_column_label_is_ascii_in_latex(tmp_path: Path) -> None:

@@ -539,7 +539,7 @@ def _panel_columns(log: pd.DataFrame, key: str) -> list[str]:
 # The training figure's metric panel per task: label and the scale of the logged values.
 TRAINING_METRICS = {
     "classification": ("accuracy (%)", 100.0),
-    "denoising": ("PSNR (dB, peak max(x)²)", 1.0),
+    "denoising": ("PSNR (dB, peak max(x))", 1.0),
 }
 
 

@@ -144,7 +144,7 @@ COLUMNS: dict[str, Column] = {
     "strength": Column("denoiser strength β", fmt=CHOICE_FMT, agg="choice"),
     # plug-and-play
     "observed_psnr_1": Column("observed PSNR peak 1", agg="fixed", **_DB),
-    "iterations": Column("iterations", fmt="{:.1f}"),
+    "iterations": Column("mean iterations", fmt="{:.1f}"),
     # never 100 % with an image unconverged (``_below_full``)
     "converged_fraction": Column("converged", unit="%", scale=100.0, fmt="{:.1f}"),
     "diverged_count": Column("diverged images (all seeds)", fmt="{:.0f}", agg="sum"),
@@ -268,6 +268,8 @@ def _classification_record(path: Path) -> dict[str, Any]:
             record[f"{metric}{RADIUS_SEP}{label}"] = float(value)
     for key in _CLASSIFICATION_SCALARS:
         record[key] = _num(attrs, key)
+    if record["total_substeps"] == 0:  # no block takes sub-steps (ResNet, SLL, AOL, ...): n/a
+        record["total_substeps"] = math.nan
     record["strong_method"] = str(attrs.get("strong_method", ""))
     record["train_loss"] = str(attrs.get("train_loss", ""))
     return record
@@ -315,7 +317,7 @@ def _pnp_record(path: Path) -> dict[str, Any]:
         "variant": str(a.get("variant", path.parent.name)),
         "denoiser_sigma": math.nan if sigma is None else float(sigma),
         "seed": a.get("seed", -1),
-        # PnP's PSNR has peak 1 (jobs.run_pnp), the denoising table's peak max(x)^2: named so
+        # PnP's PSNR has peak 1 (jobs.run_pnp), the denoising table's peak max(x): named so
         "observed_psnr_1": _num(a, "observed_mean_psnr"),
         "psnr_1": _num(a, "mean_psnr"),
         "psnr_1_std": _num(a, "std_psnr"),
@@ -504,7 +506,7 @@ def families_table(paths: Iterable[Path]) -> pd.DataFrame:
 
 def _denoising_headline(row: outputs.Row) -> str:
     return (
-        f"- denoiser {row['variant']} (σ = {row['sigma']:g}): {row['psnr']:.2f} dB "
+        f"- denoiser {row['variant']} (σ = {row['sigma']:g}): {row['psnr']:.2f} dB peak max(x) "
         f"(noisy {row['noisy_psnr']:.2f} dB)"
     )
 
@@ -533,11 +535,18 @@ def _pnp_headline(row: outputs.Row) -> str:
         "" if math.isnan(flag) else ", non-increasing steps" if flag else ", steps not monotone"
     )
     diverged, strength, weight = row["diverged_count"], row["strength"], row["tv_weight"]
+    converged = row["converged_fraction"]
     return (
         f"- {_deblur_label(row)}: {row['psnr_1']:.2f} dB peak 1 (observed "
         f"{row['observed_psnr_1']:.2f} dB)"
         + ("" if pd.isna(strength) else f" at denoiser strength {choice_text(strength)}")
         + ("" if pd.isna(weight) else f" at weight {choice_text(weight)}")
+        # an unconverged run's PSNR is that of its capped iterate: said where it is one
+        + (
+            ""
+            if not converged < 1
+            else f", {_below_full(100 * converged, COLUMNS['converged_fraction'].fmt)} % converged"
+        )
         + ("" if math.isnan(diverged) else f", {int(diverged)} diverged")
         + verdict
     )
