@@ -2618,6 +2618,26 @@ def test_a_hand_written_spec_with_a_wrong_type_or_unknown_key_fails_in_one_line(
     assert not (tmp_path / "tv.h5").exists()
 
 
+def test_a_hand_written_specs_own_keys_are_checked_as_what_the_config_derives_them_from(
+    tmp_path, capsys
+):
+    """``seed``, ``sigma``, ``task``, ``kwargs``... are no config section's: a null sigma or
+    kwargs gave a traceback, a seed of 1.5 trained as seed 1, a negative sigma ran."""
+    spec = {"seed": 1.5, "device": "cpu", "task": "denoising", "variant": "euler",
+            "model": "nonexpansive_denoiser", "kwargs": None, "sigma": -0.1}  # fmt: skip
+    args = ["--data", str(tmp_path / "absent.h5"), "--model", str(tmp_path / "m.pt"),
+            "--log", str(tmp_path / "l.csv"), "--workdir", str(tmp_path)]  # fmt: skip
+    assert cli.main(["train", "--spec", json.dumps(spec), *args]) == 1
+    one_error_line(
+        capsys.readouterr().err,
+        "--spec kwargs: None is not of type 'object'",
+        "--spec seed: 1.5 is not of type 'integer'",
+        "--spec sigma: -0.1 is less than or equal to the minimum of 0",
+    )
+    assert cli.main(["train", "--spec", json.dumps({**spec, "task": "denoise"}), *args]) == 1
+    assert "--spec task: 'denoise' is not allowed; allowed: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overlay", [None, "smoke", "rehearsal"])
 def test_every_spec_the_pipeline_writes_passes_the_check_of_hand_written_specs(overlay):
     """The check must never refuse what the Snakefile writes (its sections are subsets of

@@ -198,6 +198,16 @@ SPEC_SECTIONS: dict[str, dict[str, str]] = {
     "tv-deblur": {"pnp": "pnp"},
 }
 _EVERY_JOB = {"device": "device", "threads": "threads"}
+#: A spec's own keys, which no config section holds (``specs.Jobs`` writes them from the
+#: config's variant, seed and noise level): checked as the config checks what they come from.
+SPEC_KEYS: dict[str, dict[str, Any]] = {
+    "task": {"enum": ["classification", "denoising"]},
+    "variant": {"type": "string", "minLength": 1},
+    "model": {"type": "string", "minLength": 1},
+    "kwargs": {"type": "object"},
+    "seed": {"$ref": "#/$defs/seed"},
+    "sigma": {"$ref": "#/$defs/positive_number"},
+}
 
 _PlainValidator = validators.extend(Draft202012Validator, type_checker=_TYPES)  # no defaults
 
@@ -221,12 +231,13 @@ def _section_schema(schema: dict, path: str) -> dict | None:
 def check_spec(job: str, spec: dict, schema: dict) -> None:
     """Raise ``ValueError`` (one line, every problem) where a job's spec has a value of the
     wrong type or range, or an unknown key, in a section the config schema describes
-    (``SPEC_SECTIONS``): the Snakefile writes specs from a validated config, but one written by
+    (``SPEC_SECTIONS``), or in one of its own keys (``SPEC_KEYS``): the Snakefile writes specs from a validated config, but one written by
     hand would otherwise fail deep in the job with a traceback."""
     problems = []
     defs = _without_required(schema.get("$defs", {}))
-    for key, path in {**_EVERY_JOB, **SPEC_SECTIONS.get(job, {})}.items():
-        section = _section_schema(schema, path.format(task=spec.get("task", "")))
+    sections = {key: _section_schema(schema, path.format(task=spec.get("task", "")))
+                for key, path in {**_EVERY_JOB, **SPEC_SECTIONS.get(job, {})}.items()}  # fmt: skip
+    for key, section in {**SPEC_KEYS, **sections}.items():
         if key not in spec or section is None:
             continue
         validator = _PlainValidator({**_without_required(section), "$defs": defs})
