@@ -1308,16 +1308,21 @@ def test_out_of_memory_is_recognised_on_either_device(err, expected):
 
 def test_the_out_of_memory_line_promises_a_resume_only_where_the_rerun_resumes():
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has ...")
-    pnp = cli._out_of_memory_line("pnp", {"pnp": {"batch_size": 20, "group_size": 40}}, err)
-    assert pnp == (
+    pnp_spec = {"pnp": {"batch_size": 20, "group_size": 40, "val_images": 20}}
+    pnp = cli._out_of_memory_line("pnp", pnp_spec, err)
+    assert pnp == (  # the strength is chosen on every validation image at once: they count too
         "stablenets pnp: error: out of memory (CUDA, tried to allocate 7.50 GiB): lower "
-        "pnp.batch_size (now 20) or pnp.group_size (now 40); what the job saved is kept, and a "
-        "rerun resumes from it (a change of pnp.group_size solves its saved image groups again)"
+        "pnp.batch_size (now 20), pnp.group_size (now 40) or pnp.val_images (now 20); what the "
+        "job saved is kept, and a rerun resumes from it unless it changes pnp.val_images, which "
+        "starts it again (a change of pnp.group_size solves its saved image groups again)"
     )
-    tv_deblur = cli._out_of_memory_line("tv-deblur", {"pnp": {"group_size": 40}}, MemoryError())
-    assert tv_deblur.endswith("lower pnp.group_size (now 40); what the job saved is kept, and a "
-                              "rerun resumes from it (a change of pnp.group_size solves its "
-                              "saved image groups again)")  # fmt: skip
+    tv_deblur = cli._out_of_memory_line(
+        "tv-deblur", {"pnp": {"group_size": 40, "val_images": 20}}, MemoryError()
+    )
+    assert tv_deblur.endswith("lower pnp.group_size (now 40) or pnp.val_images (now 20); what "
+                              "the job saved is kept, and a rerun resumes from it unless it "
+                              "changes pnp.val_images, which starts it again (a change of "
+                              "pnp.group_size solves its saved image groups again)")  # fmt: skip
     train = {"batch_size": 128, "max_substeps": "auto", "memory_fraction": 0.8}
     auto = cli._out_of_memory_line(
         "train", {"task": "denoising", "train": train, "eval_batch": 4}, err

@@ -339,6 +339,11 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
         return np.array_equal(a, b)
 
 
+def progress_file(section: str) -> str:
+    """Where a job saves ``section``: its choice on validation images apart from the rest."""
+    return "validation.pt" if section == "validation" else "progress.pt"
+
+
 def saved_entries(path: Path, section: str) -> int:
     try:
         return len(torch.load(path, weights_only=True)[section])
@@ -368,7 +373,7 @@ def test_a_deblurring_or_denoising_job_killed_half_way_resumes_to_the_numbers_of
     deblurring, uninterrupted, job, section, count, tmp_path
 ):
     proc = subprocess.Popen(command(deblurring, job, tmp_path), stdout=subprocess.DEVNULL)
-    kill_when_saved(proc, tmp_path / "work" / "progress.pt", section, count)
+    kill_when_saved(proc, tmp_path / "work" / progress_file(section), section, count)
     assert not (tmp_path / "result.h5").exists()
     resumed = run(deblurring, job, tmp_path)
     if job == "tv-deblur":  # tol 1e-12: every image runs to the cap, and the log says so
@@ -445,6 +450,36 @@ def test_other_lipschitz_search_settings_redo_the_search_alone_and_keep_the_imag
     assert changed == {"attr test_images_run", "attr empirical_lipschitz", *provenance}, changed
 
 
+TEST_ONLY = [  # (job, a change of its test images' settings or of its candidates)
+    ("evaluate-tv", lambda s: {**s, "evaluate": {**s["evaluate"], "n_test": 4, "crops": 1}}),
+    ("evaluate-tv", lambda s: {**s, "tv": {**s["tv"], "weights": [*s["tv"]["weights"], 0.5]}}),
+    ("pnp", lambda s: {**s, "pnp": {**s["pnp"], "n_images": 4, "n_show": 1, "seed": 9}}),
+    ("tv-deblur", lambda s: {**s, "pnp": {**s["pnp"], "n_images": 4}}),
+]
+
+
+@pytest.mark.parametrize(("job", "change"), TEST_ONLY)
+def test_a_change_of_the_test_images_settings_keeps_the_validation_scores_found(
+    deblurring, uninterrupted, job, change, tmp_path
+):
+    """The scores of a TV weight's or PnP strength's choice were saved under a key of the whole
+    spec: another ``n_test``, ``crops`` or candidate weight (what the job's own log line tells
+    a user to widen) solved every candidate again, hours at paper size."""
+    done = uninterrupted(job)
+    shutil.copytree(done.parent / "work", tmp_path / "work")
+    spec, model = deblurring[job]
+    changed = change(spec)
+    rerun = run({**deblurring, job: (changed, model)}, job, tmp_path).stdout
+    before = len(weights(deblurring, job))
+    assert f"{before} of {len(weights({job: (changed, model)}, job))} scores found before" in rerun
+    # what the scores depend on starts them again
+    key = "val_images"
+    section = "tv" if job == "evaluate-tv" else "pnp"
+    other = {**changed, section: {**changed[section], key: changed[section][key] - 1}}
+    again = run({**deblurring, job: (other, model)}, job, tmp_path).stdout
+    assert "scores found before" not in again, again
+
+
 def test_the_deblurring_jobs_log_a_line_per_group_and_pnp_checks_every_image(deblurring, tmp_path):
     done = run(deblurring, "pnp", tmp_path)
     groups = [line for line in done.stdout.splitlines() if line.startswith("PnP: images")]
@@ -462,7 +497,7 @@ def sigterm_when_saved(deblurring: dict, job: str, section: str, out: Path) -> t
     proc = subprocess.Popen(
         command(deblurring, job, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    path = out / "work" / "progress.pt"
+    path = out / "work" / progress_file(section)
     deadline = time.time() + 300
     while saved_entries(path, section) < 1 and time.time() < deadline:
         time.sleep(0.01)

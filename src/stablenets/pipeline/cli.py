@@ -66,9 +66,12 @@ _MEMORY_SETTINGS: dict[str, tuple[list[tuple[str, tuple[str, ...]]], bool]] = {
                            # its float64 search takes them all at once: 6.5 GB for 2 at 321x481
                            ("denoising.evaluate.lipschitz_search.images",
                             ("evaluate", "lipschitz_search", "images"))], True),
+    # their choice on validation images solves every one at once (17 MB each at 321x481)
     "pnp": ([("pnp.batch_size", ("pnp", "batch_size")),
-             ("pnp.group_size", ("pnp", "group_size"))], True),
-    "tv-deblur": ([("pnp.group_size", ("pnp", "group_size"))], True),
+             ("pnp.group_size", ("pnp", "group_size")),
+             ("pnp.val_images", ("pnp", "val_images"))], True),
+    "tv-deblur": ([("pnp.group_size", ("pnp", "group_size")),
+                   ("pnp.val_images", ("pnp", "val_images"))], True),
     # its weight is chosen on every validation image at once (37 MB each at 321x481)
     "evaluate-tv": ([("denoising.tv.group_size", ("tv", "group_size")),
                      ("denoising.tv.val_images", ("tv", "val_images"))], True),

@@ -6,6 +6,7 @@ Logic lives in the library layers below; this module wires files to them and rec
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -346,6 +347,37 @@ def _saved_progress(
     return SavedProgress(workdir / "progress.pt", key, log, stop)
 
 
+#: What a job's choice on validation images (a TV weight, a PnP strength) does not depend on:
+#: its test images' settings, and the candidates (each one's score is saved by its value).
+_NOT_VALIDATION: dict[str, tuple[tuple[str, ...], ...]] = {
+    "evaluate-tv": (("evaluate",), ("tv", "weights"), ("tv", "group_size")),
+    "pnp": tuple(("pnp", k) for k in ("n_images", "n_show", "group_size", "seed", "strengths")),
+    "tv-deblur": (
+        *(("pnp", k) for k in ("n_images", "n_show", "group_size", "seed")),
+        ("pnp", "tv", "weights"),
+    ),
+}
+
+
+def _validation_progress(
+    spec: dict, job: str, inputs: list[Path], layout: str, workdir: Path, log: Log,
+    stop: StopFlag,
+) -> SavedProgress:  # fmt: skip
+    """The scores of a job's choice on validation images, saved in ``workdir/validation.pt``
+    apart from its test images' progress: a change of the test images' settings (``n_test``,
+    ``crops``, ...) or a candidate more keeps the scores found (hours at paper size: 6 TV
+    weights x 100 images x up to 1,000 iterations); what they depend on starts them again."""
+    kept = copy.deepcopy(spec)
+    for path in _NOT_VALIDATION[job]:
+        node = kept
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    digests = [content_sha256(p)[:16] for p in inputs]
+    key = "-".join([_progress_hash(kept, job), *digests, layout, "validation"])
+    return SavedProgress(workdir / "validation.pt", key, log, stop)
+
+
 def evaluate_classifier(
     spec: dict, model_path: Path, data_path: Path, out: Path, workdir: Path, log: Log = print
 ) -> None:
@@ -638,13 +670,15 @@ def evaluate_tv_denoising(
     clean, noisy = _noisy_test(spec, data_path, device)
     with StopFlag() as stop:
         # v3: each image stops at its own tolerance
-        progress = _saved_progress(spec, [data_path], "tv-denoising-v3", workdir, log, stop)
-        found = progress.section("validation")
+        layout = "tv-denoising-v3"
+        progress = _saved_progress(spec, [data_path], layout, workdir, log, stop)
+        choices = _validation_progress(spec, "evaluate-tv", [data_path], layout, workdir, log, stop)
+        found = choices.section("validation")
         solves = (len(tv_spec["weights"]) - len(found)) * len(val)  # what this run solves
         start = time.monotonic()
         weight, scores = tv.select_tv_weight(
             val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"],
-            found=found, stop_point=progress.stop_point,
+            found=found, stop_point=choices.stop_point,
         )  # fmt: skip
         log(f"TV weight {weight:g} chosen: denoising {len(noisy)} test images")
 
@@ -770,12 +804,14 @@ def run_pnp(
         )
 
     with StopFlag() as stop, pinned_weights(model):  # weights hashed once, not every iteration
-        progress = _saved_progress(spec, [model_path, data_path], _PNP_LAYOUT, workdir, log, stop)
+        inputs = [model_path, data_path]
+        progress = _saved_progress(spec, inputs, _PNP_LAYOUT, workdir, log, stop)
+        choices = _validation_progress(spec, "pnp", inputs, _PNP_LAYOUT, workdir, log, stop)
         start = time.monotonic()  # the seconds of its solves, the choice included: its cost
-        converged = progress.section("validation_converged")
+        converged = choices.section("validation_converged")
         choice = pnp.select_pnp_strength(
             denoise, blur, val_observed, val, p["strengths"], p["eta"], alpha, check, log,
-            progress.section("validation"), converged, progress.stop_point, **options,
+            choices.section("validation"), converged, choices.stop_point, **options,
         )  # fmt: skip
         strength, ran = choice.value, choice.image_iterations  # ran: this run's (a resumed one's)
         relaxed = None if alpha is None else strength * alpha
@@ -877,11 +913,14 @@ def run_tv_deblur(spec: dict, data_path: Path, out: Path, workdir: Path, log: Lo
     clean, observed, val, val_observed, blur = _deblur_problem(spec, data_path, device)
     with StopFlag() as stop:
         progress = _saved_progress(spec, [data_path], _DEBLUR_LAYOUT, workdir, log, stop)
+        choices = _validation_progress(
+            spec, "tv-deblur", [data_path], _DEBLUR_LAYOUT, workdir, log, stop
+        )
         start = time.monotonic()  # the seconds of its solves, choice included: its cost
         choice = pnp.select_tv_deblur_weight(
             val_observed, val, blur, tv_spec["weights"], tv_spec["iters"], tv_spec["tol"],
-            tv_spec["step"], log=log, found=progress.section("validation"),
-            stop_point=progress.stop_point,
+            tv_spec["step"], log=log, found=choices.section("validation"),
+            stop_point=choices.stop_point,
         )  # fmt: skip
         weight = choice.value
         log(f"TV weight {weight:g} chosen on {len(val)} validation images: deblurring {len(clean)}")
