@@ -1461,6 +1461,10 @@ BAD_CONFIGS = {
         {"denoising": {"train": {"max_substeps": "Auto"}}},
         "denoising.train.max_substeps: 'Auto' is not allowed; allowed: ['auto']",
     ),
+    "a TV weight given twice (solved twice)": (
+        {"denoising": {"tv": {"weights": [0.1, 0.1]}}},
+        "denoising.tv.weights: [0.1, 0.1] has non-unique elements",
+    ),
     "more memory than there is": (
         {"denoising": {"train": {"memory_fraction": 1.5}}},
         "denoising.train.memory_fraction: 1.5 is greater than the maximum of 0.95",

@@ -553,12 +553,17 @@ def _psnr_sets(
     }
 
 
+def _spread(values: torch.Tensor) -> float:
+    """The sample standard deviation; NaN, without torch's warning, for one value."""
+    return float(values.std()) if len(values) > 1 else math.nan
+
+
 def _denoising_attrs(sets: dict[str, torch.Tensor]) -> dict[str, float]:
     return {
         "mean_psnr": float(sets["psnr"].mean()),
-        "std_psnr": float(sets["psnr"].std()),
+        "std_psnr": _spread(sets["psnr"]),
         "mean_psnr_1": float(sets["psnr_1"].mean()),
-        "std_psnr_1": float(sets["psnr_1"].std()),
+        "std_psnr_1": _spread(sets["psnr_1"]),
         "noisy_mean_psnr": float(sets["noisy_psnr"].mean()),
         "noisy_mean_psnr_1": float(sets["noisy_psnr_1"].mean()),
     }
