@@ -1108,6 +1108,11 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     joblog = (work / "logs/smoke/train_classifier/resnet/seed0.log").read_text()
     resumed = re.search(rf"resumed from {re.escape(KILLED_CHECKPOINT)} at step (\d+)", joblog)
     assert resumed and 50 <= int(resumed[1]) < 200, joblog
+    # the log keeps the killed attempt's lines (an out-of-memory kill's last words), then the
+    # rerun's, each begun by its start line
+    starts = [m.start() for m in re.finditer(r"^stablenets train: started ", joblog, re.M)]
+    assert len(starts) == 2 and starts[0] == 0 < starts[1] < resumed.start(), joblog[:2000]
+    assert "step 0/" in joblog[: starts[1]], joblog[:2000]  # the killed attempt's progress
 
     results, local = work / "results/smoke", smoke_run / "results/smoke"
     for table in sorted(local.glob("tables/*.csv")):

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = _JOBS[args.job][2]
     spec: dict = {}
+    # each run's first line: a rule's log keeps every attempt's (a killed one's, then its rerun's)
+    _log(f"stablenets {args.job}: started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
+         f"host {socket.gethostname()}, pid {os.getpid()}")  # fmt: skip
     try:
         spec = _spec(args.spec)
         _check_spec(args.job, spec)
