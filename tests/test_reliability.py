@@ -1789,6 +1789,19 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_fails_in_one_line(tmp_p
     assert config["pnp"]["max_iter"] == 9
 
 
+def test_a_cross_field_problem_is_named_by_the_file_that_set_either_of_its_keys(tmp_path):
+    """``pnp.noise_level`` (set in config.yaml) must be one of ``denoising.noise_levels``: an
+    overlay that changed the noise levels alone was told config.yaml was at fault."""
+    levels = tmp_path / "levels.yaml"
+    levels.write_text("denoising:\n  noise_levels: [0.05]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([ROOT / "config.yaml", levels], SCHEMA)
+    assert str(err.value) == (
+        f"invalid configuration:\n  {levels}: pnp.noise_level: 0.15 is not one of "
+        "denoising.noise_levels [0.05]"
+    )
+
+
 def test_the_config_files_read_before_snakemake_are_those_snakemake_reads(tmp_path):
     """The workflow's config.yaml, skipped where absent with --configfile files given (Snakemake
     goes on with them) or with --replace-workflow-config, then each --configfile."""

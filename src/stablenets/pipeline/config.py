@@ -284,13 +284,25 @@ def validate_config(
     return config
 
 
+#: A dotted key path in a problem's text (``denoising.noise_levels``): the keys it names.
+_KEY_PATH = re.compile(r"\b[a-z_0-9]+(?:\.[A-Za-z_0-9]+)+")
+
+
 def _origin(problem: str, layers: Layers) -> str:
-    """Where the key a problem names (``pnp.eta: ...``) was set: the last layer that sets it,
-    or the value above it (a list, a mapping replaced whole); ``config`` when none does (a
-    default, a key left out)."""
-    path = problem.split(": ", 1)[0].split(".")
-    for where, settings in reversed(layers):
-        node: Any = settings
+    """Where the keys a problem names were set: of the key it is about (``pnp.eta: ...``) and
+    those its text names (``... is not one of denoising.noise_levels``: a cross-field problem is
+    as much the other key's), the last layer that sets one of them, or a value above it (a
+    list, a mapping replaced whole); ``config`` when none does (a default, a key left out)."""
+    subject, _, text = problem.partition(": ")
+    paths = [subject, *_KEY_PATH.findall(text)]
+    latest = max((_last_setting(path.split("."), layers) for path in paths), default=-1)
+    return layers[latest][0] if latest >= 0 else "config"
+
+
+def _last_setting(path: list[str], layers: Layers) -> int:
+    """The index of the last layer that sets ``path`` (or a value above it), -1 if none does."""
+    for index in range(len(layers) - 1, -1, -1):
+        node: Any = layers[index][1]
         for key in path:
             if not isinstance(node, dict):
                 break
@@ -299,8 +311,8 @@ def _origin(problem: str, layers: Layers) -> str:
                 break
             node = node[key]
         if node is not None:
-            return where
-    return "config"
+            return index
+    return -1
 
 
 def _hinted(problem: str, where: str) -> str:
