@@ -399,11 +399,12 @@ def no_proxy(monkeypatch):
 
 
 @contextlib.contextmanager
-def range_server(payload: bytes, cut: int | None = None, misrange: int = 0):
+def range_server(payload: bytes, cut: int | None = None, misrange: int = 0, cuts: int = 1):
     """A local http server of ``payload`` that honours ``Range: bytes=<n>-`` (206), and cuts the
-    first response off after ``cut`` bytes (a download dropped or killed mid-way); with
-    ``misrange``, a range is answered from that many bytes before the one asked for (206 and
-    its Content-Range). Yields its URL and the Range header of each request (None: none)."""
+    first ``cuts`` responses off after ``cut`` bytes each (a download dropped or killed
+    mid-way); with ``misrange``, a range is answered from that many bytes before the one asked
+    for (206 and its Content-Range). Yields its URL and the Range header of each request (None:
+    none)."""
     requests: list[str | None] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -423,7 +424,7 @@ def range_server(payload: bytes, cut: int | None = None, misrange: int = 0):
             self.send_header("Content-Length", str(len(payload) - start))
             self.end_headers()
             body = payload[start:]
-            self.wfile.write(body[:cut] if cut is not None and len(requests) == 1 else body)
+            self.wfile.write(body[:cut] if cut is not None and len(requests) <= cuts else body)
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -438,22 +439,34 @@ def partial_of(dest: Path) -> Path:
 
 
 def test_a_download_cut_off_mid_way_resumes_with_a_range_request_and_verifies(tmp_path, no_proxy):
-    """It restarted from zero, and its random-named temporary stayed for 15 minutes."""
+    """It restarted from zero, and its random-named temporary stayed for 15 minutes; then each
+    cut-off ended the job, resumable: a slow host (BSDS500's) cut one download six times."""
     payload = np.random.default_rng(0).bytes(300_000)
     md5 = hashlib.md5(payload).hexdigest()
     cache = tmp_path / "cache"
     dest = cache / "file.bin"
-    with range_server(payload, cut=100_000) as (url, requests):
-        with pytest.raises(D.DataError, match="connection closed after 100000 of 300000 bytes"):
-            D.download([url], dest, md5=md5)
-        assert partial_of(dest).read_bytes() == payload[:100_000]  # what the rerun resumes
-        lines: list[str] = []
+    lines: list[str] = []
+    with range_server(payload, cut=100_000, cuts=2) as (url, requests):
         assert D.download([url], dest, md5=md5, log=lines.append) == dest
-    assert requests == [None, "bytes=100000-"]
+    assert requests == [None, "bytes=100000-", "bytes=200000-"]
     assert dest.read_bytes() == payload and leftovers(cache) == []
-    assert f"resuming {url} at 0.1 MB" in lines
-    done = re.compile(rf"downloaded {re.escape(url)}: 0\.2 MB in \d+ s")  # this run's bytes
+    cut = f"{url}: the connection closed after 100000 of 300000 bytes; resuming at 0.1 MB"
+    assert cut in lines and f"resuming {url} at 0.2 MB" in lines, lines
+    done = re.compile(rf"downloaded {re.escape(url)}: 0\.1 MB in \d+ s")  # this fetch's bytes
     assert any(done.fullmatch(line) for line in lines), lines
+
+
+def test_a_cut_off_that_brings_no_new_byte_fails_the_url_with_its_bytes_kept(tmp_path, no_proxy):
+    """Resumed only while bytes come: a server that sends nothing more is the URL's failure,
+    and what arrived stays for the next run to resume."""
+    payload = np.random.default_rng(6).bytes(300_000)
+    dest = tmp_path / "cache" / "file.bin"
+    with range_server(payload, cut=0, cuts=3) as (url, requests):
+        partial_of(dest).parent.mkdir()
+        partial_of(dest).write_bytes(payload[:1000])  # a killed run's
+        with pytest.raises(D.DataError, match="connection closed after 1000 of 300000 bytes"):
+            D.download([url], dest, md5=hashlib.md5(payload).hexdigest())
+    assert requests == ["bytes=1000-"] and partial_of(dest).read_bytes() == payload[:1000]
 
 
 def test_a_partial_that_holds_the_whole_file_is_installed_offline_without_a_request(
@@ -591,13 +604,11 @@ def test_a_file_system_without_flock_resumes_under_a_posix_lock_or_leaves_no_emp
     md5 = hashlib.md5(payload).hexdigest()
     dest = tmp_path / "cache" / "file.bin"
     with range_server(payload, cut=100_000) as (url, requests):
-        with pytest.raises(D.DataError, match="connection closed"):
-            D.download([url], dest, md5=md5)
-        if locks == "lockf":
-            assert partial_of(dest).read_bytes() == payload[:100_000]
-        else:
-            assert leftovers(dest.parent) == []  # nothing to resume without a lock, nothing left
-        D.download([url], dest, md5=md5)
+        if locks == "none":  # nothing to resume without a lock, and nothing left
+            with pytest.raises(D.DataError, match="connection closed"):
+                D.download([url], dest, md5=md5)
+            assert leftovers(dest.parent) == []
+        D.download([url], dest, md5=md5)  # under lockf: resumed in the partial
     assert requests == [None, "bytes=100000-" if locks == "lockf" else None]
     assert dest.read_bytes() == payload and leftovers(dest.parent) == []
 

@@ -275,6 +275,38 @@ def _resume(
         return
 
 
+#: Resumes of one URL in a row, each after a cut-off that brought bytes (``_resume_while_it_grows``).
+MAX_RESUMES = 100
+
+
+def _resume_while_it_grows(
+    url: str,
+    partial: Path,
+    dest: Path,
+    expected: Mapping[str, str],
+    timeout: float,
+    log: Callable[[str], None] | None,
+    every_s: float,
+) -> None:
+    """``_resume``, again after each cut-off or timeout that brought new bytes (up to
+    ``MAX_RESUMES``): a slow host drops connections (BSDS500's served 2-10 kB/s and cut one
+    download off six times), and every drop ended the job with the download resumable. One
+    that brought nothing, or a refusal by the server, is the URL's failure, as before."""
+    for _ in range(MAX_RESUMES):
+        held = partial.stat().st_size
+        try:
+            _resume(url, partial, dest, expected, timeout, log, every_s)
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            refused = isinstance(exc, urllib.error.HTTPError)
+            disk = isinstance(exc, OSError) and exc.errno in _DISK_ERRORS
+            if refused or disk or not partial.exists() or partial.stat().st_size <= held:
+                raise
+            if log is not None:
+                log(f"{url}: {exc}; resuming at {partial.stat().st_size / 1e6:.1f} MB")
+    raise ConnectionError(f"cut off {MAX_RESUMES} times in a row, each after new bytes")
+
+
 def download(
     urls: str | Sequence[str],
     dest: Path,
@@ -290,8 +322,9 @@ def download(
 
     A checksum is mandatory: an unverified dataset would make every result downstream
     unreproducible. The file is streamed to ``.<name>.partial`` beside ``dest``, verified and
-    renamed, so ``dest`` is either absent or complete. A download that was killed or cut off
-    resumes there: the rest is asked for with an http ``Range`` and appended (from the start
+    renamed, so ``dest`` is either absent or complete. A download cut off after new bytes
+    resumes at once (``_resume_while_it_grows``); one that was killed, or cut off with none,
+    resumes there on the next run: the rest is asked for with an http ``Range`` and appended (from the start
     where a server sends the whole file or another range); one that already holds the whole
     file (killed before its rename) is renamed without touching the network. While another
     process downloads into it (a lock says so), this one downloads into a temporary of its own.
@@ -334,7 +367,9 @@ def download(
         for url in urls:
             try:
                 if partial is not None:
-                    _resume(url, partial, dest, expected, timeout, log, progress_every_s)
+                    _resume_while_it_grows(
+                        url, partial, dest, expected, timeout, log, progress_every_s
+                    )
                     return dest
                 with atomic_path(dest, suffix=".part") as tmp:  # renamed only if verified
                     _fetch(url, tmp, timeout, log, progress_every_s)
