@@ -303,17 +303,17 @@ def test_a_denoisers_rate_carried_to_another_theta_scales_by_theta_basis_over_th
 
 def test_a_fixed_cost_denoiser_block_is_projected_as_an_euler_block_at_its_rows_sub_steps():
     """The CPL, SLL and AOL denoisers share the averaged denoiser's model and benchmark row; the
-    rehearsal trains only the averaged one (theta 0.5, 20 sub-steps measured, 13 in the row).
-    Their basis said "Euler block's time assumed" and took the averaged rate unchanged (2x
-    Euler's and its sub-step growth): an Euler block is theta 1, at the row's sub-steps."""
+    rehearsal trains only the averaged one (theta 0.5, 20 sub-steps measured, 13 in the row,
+    an Euler model at theta 1). Their basis said "Euler block's time assumed" and took the
+    averaged rate unchanged (its sub-step growth included): the row's sub-steps, once."""
     bench = {("denoiser", "", ""): BenchRow(100.0, 13)}
     averaged = fake_train(Job("train_denoiser", "averaged", "0.15", 0), 30.0, 10, 1.0)
     averaged.substeps = 20
     for family in ("cpl", "sll", "aol"):
         job = Job("train_denoiser", family, "0.15", 0)
         _, seconds, basis, _ = project(job, averaged, paper(bench))
-        assert seconds == pytest.approx(29.0 + 0.5 * 13 / 20 * 0.1 * 40_000), family
-        assert f"block {family}: Euler block's time assumed, theta 1 for 0.5" in basis
+        assert seconds == pytest.approx(29.0 + 13 / 20 * 0.1 * 40_000), family
+        assert f"block {family}: Euler block's time assumed" in basis and "theta" not in basis
         assert "at the row's 13 sub-steps, not the 20 measured" in basis
     euler = Job("train_denoiser", "euler", "0.15", 0)  # sub-steps as the basis's: its growth
     assert project(euler, averaged, paper(bench))[1] == pytest.approx(29.0 + 0.5 * 0.1 * 40_000)

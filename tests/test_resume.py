@@ -453,6 +453,7 @@ def test_other_lipschitz_search_settings_redo_the_search_alone_and_keep_the_imag
 TEST_ONLY = [  # (job, a change of its test images' settings or of its candidates)
     ("evaluate-tv", lambda s: {**s, "evaluate": {**s["evaluate"], "n_test": 4, "crops": 1}}),
     ("evaluate-tv", lambda s: {**s, "tv": {**s["tv"], "weights": [*s["tv"]["weights"], 0.5]}}),
+    ("evaluate-tv", lambda s: {**s, "tv": {**s["tv"], "weights": s["tv"]["weights"][:2]}}),
     ("pnp", lambda s: {**s, "pnp": {**s["pnp"], "n_images": 4, "n_show": 1, "seed": 9}}),
     ("tv-deblur", lambda s: {**s, "pnp": {**s["pnp"], "n_images": 4}}),
 ]
@@ -470,8 +471,13 @@ def test_a_change_of_the_test_images_settings_keeps_the_validation_scores_found(
     spec, model = deblurring[job]
     changed = change(spec)
     rerun = run({**deblurring, job: (changed, model)}, job, tmp_path).stdout
-    before = len(weights(deblurring, job))
-    assert f"{before} of {len(weights({job: (changed, model)}, job))} scores found before" in rerun
+    now = weights({job: (changed, model)}, job)
+    found = len(set(now) & set(weights(deblurring, job)))
+    assert f"{found} of {len(now)} scores found before" in rerun
+    if job == "evaluate-tv":  # this run's solves (its cost): the new candidates' and the tests'
+        with h5py.File(tmp_path / "result.h5") as fh:
+            solved, tests = int(fh.attrs["image_solves_run"]), len(fh["psnr"])
+        assert solved == (len(now) - found) * changed["tv"]["val_images"] + tests
     # what the scores depend on starts them again
     key = "val_images"
     section = "tv" if job == "evaluate-tv" else "pnp"

@@ -591,11 +591,9 @@ class Paper:
         block = (self.variant(task, job.variant) or {}).get("kwargs", {}).get("block")
         note = f", block {block}: Euler block's time assumed" if block else ""
         # a block of fixed cost (CPL, SLL, ...) on a sub-stepping basis of its model (one
-        # benchmark row): an Euler block at theta 1, at the row's sub-steps, not the growth
-        # the basis ran into
+        # benchmark row, an Euler model at theta 1): the row's sub-steps, not the growth the
+        # basis ran into (``_at_row_substeps`` below; the row's theta is the Euler block's)
         fixed = block is not None and thetas[0] is None and thetas[1] is not None
-        if fixed:
-            thetas[0] = 1.0
         if thetas[0] and thetas[1] and thetas[0] != thetas[1]:  # sub-steps ~ 1 / theta
             more = thetas[1] / thetas[0]
             f *= more

@@ -678,8 +678,8 @@ def evaluate_tv_denoising(
         layout = "tv-denoising-v3"
         progress = _saved_progress(spec, [data_path], layout, workdir, log, stop)
         choices = _validation_progress(spec, "evaluate-tv", [data_path], layout, workdir, log, stop)
-        found = choices.section("validation")
-        solves = (len(tv_spec["weights"]) - len(found)) * len(val)  # what this run solves
+        found = choices.section("validation")  # may hold former candidates' scores too
+        solves = sum(w not in found for w in tv_spec["weights"]) * len(val)  # this run's
         start = time.monotonic()
         weight, scores = tv.select_tv_weight(
             val_noisy, val, tv_spec["weights"], tv_spec["iters"], log=log, tol=tv_spec["tol"],
