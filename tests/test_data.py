@@ -613,6 +613,42 @@ def test_a_file_system_without_flock_resumes_under_a_posix_lock_or_leaves_no_emp
     assert dest.read_bytes() == payload and leftovers(dest.parent) == []
 
 
+NO_FLOCK = """
+import errno, fcntl, sys
+from pathlib import Path
+def unsupported(fd, op):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+fcntl.flock = unsupported
+import importlib
+download = importlib.import_module("stablenets.data.download")
+print(download._lock_partial(Path(sys.argv[1])) is None)
+"""
+
+
+def test_a_record_lock_on_a_file_system_without_flock_holds_while_the_partial_is_reopened(
+    tmp_path, monkeypatch
+):
+    """A POSIX record lock goes when its process closes any descriptor of its file: on the
+    partial itself, checking its digest (which opens and closes it) let another download in,
+    and both appended to it. It sits on a lock file nothing else opens."""
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(DOWNLOAD.fcntl, "flock", unsupported)
+    partial = tmp_path / ".file.bin.partial"
+    held = DOWNLOAD._lock_partial(partial)
+    assert held is not None and held[1] is not None
+    partial.write_bytes(b"first bytes")  # opened and closed again, as digests and appends do
+    D.verify_checksum(partial, md5=hashlib.md5(b"first bytes").hexdigest())
+    other = subprocess.run([sys.executable, "-c", NO_FLOCK, str(partial)], capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    assert other.stdout.strip() == "True", other.stderr  # still held: the other one waits
+    partial.rename(tmp_path / "file.bin")  # installed under the lock
+    DOWNLOAD._release(partial, *held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]  # no lock file left
+
+
 def test_while_another_download_holds_the_partial_this_one_uses_a_temporary_of_its_own(
     tmp_path,
 ):

@@ -22,7 +22,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ _MAX_LINK_HOPS = 40  # symlink chain length treated as a loop, as the OS does
 # a download's temporary unmodified this long was left by a killed download (a live one grows)
 STALE_DOWNLOAD_S = 900.0
 # the partial download a rerun resumes, beside the file: ``.<name><PARTIAL_SUFFIX>``
+_LOCK_SUFFIX = ".lock"  # beside a partial download, where its lock is a record lock (``_lock``)
 PARTIAL_SUFFIX = ".partial"
 # times the partial is opened again when the one locked was renamed or removed meanwhile
 _LOCK_TRIES = 10
@@ -179,42 +180,72 @@ def _same_file(fd: int, path: Path) -> bool:
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
-def _lock_partial(partial: Path) -> int | None:
-    """``partial`` opened (created if absent) and locked (``_lock``) by this process, or None
-    where another process holds the lock (it is downloading into it), the file system serves no
-    lock, or it cannot be opened.
+def _lock_partial(partial: Path) -> tuple[int, int | None] | None:
+    """``partial`` opened (created if absent) and locked (``_lock``) by this process: its
+    descriptor and that of its lock file where it has one; None where another process holds the
+    lock (it is downloading into it), the file system serves no lock, or it cannot be opened.
     One its holder renamed or removed before the lock was had is not locked but opened anew."""
     for _ in range(_LOCK_TRIES):
         try:
             fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
             return None
-        lock = _lock(fd)
+        lock, lock_fd = _lock(fd, partial)
         if lock != "locked":
             if lock == "none" and os.fstat(fd).st_size == 0 and _same_file(fd, partial):
                 partial.unlink()  # no download keeps a partial here: none is left behind
             os.close(fd)
             return None
         if _same_file(fd, partial):
-            return fd
-        os.close(fd)
+            return fd, lock_fd
+        _release(partial, fd, lock_fd)
     return None
 
 
-def _lock(fd: int) -> str:
-    """Lock ``fd`` for this process without waiting: ``"locked"``, ``"held"`` (by another
-    process) or ``"none"`` (this file system serves no lock). ``flock``, else a POSIX record
-    lock: a file system without ``flock`` (Lustre mounted without ``-o flock``: ENOSYS) may
-    serve ``lockf``, as NFS does."""
-    for lock in (fcntl.flock, fcntl.lockf):
-        try:
-            lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EWOULDBLOCK/EAGAIN, EACCES
-            return "held"
-        except OSError:  # ENOSYS, ENOLCK, EOPNOTSUPP: not this kind of lock here
-            continue
-        return "locked"
-    return "none"
+def _lock(fd: int, partial: Path) -> tuple[str, int | None]:
+    """Lock the open ``partial`` (``fd``) for this process without waiting: ``"locked"``,
+    ``"held"`` (by another process) or ``"none"`` (this file system serves no lock), and the
+    descriptor of the lock file where one holds it. ``flock`` on the partial itself; where the
+    file system serves none (Lustre mounted without ``-o flock``: ENOSYS), a POSIX record lock
+    (``lockf``, which NFS and Lustre serve) on ``<partial>.lock``: a record lock goes as soon as
+    its process closes any descriptor of its file, and the partial is opened again to be
+    checked and appended to, the lock file nowhere else."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return "locked", None
+    except BlockingIOError:  # held by another download
+        return "held", None
+    except OSError:  # ENOSYS, ENOLCK, EOPNOTSUPP: no flock here
+        pass
+    path = f"{partial}{_LOCK_SUFFIX}"
+    try:
+        lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return "none", None
+    try:
+        fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN, EACCES: held by another download
+        os.close(lock_fd)
+        return "held", None
+    except OSError:  # no lock at all here: nothing relies on the file
+        os.close(lock_fd)
+        with suppress(OSError):
+            os.unlink(path)
+        return "none", None
+    return "locked", lock_fd
+
+
+def _release(partial: Path, fd: int, lock_fd: int | None) -> None:
+    """Close the partial's descriptor, then its lock file's (releasing the lock), removing the
+    lock file first where the partial is gone (installed or removed under the lock: a process
+    that opened it before finds it gone and opens it anew)."""
+    gone = not _same_file(fd, partial)
+    os.close(fd)
+    if lock_fd is not None:
+        if gone:
+            with suppress(OSError):
+                os.unlink(f"{partial}{_LOCK_SUFFIX}")
+        os.close(lock_fd)
 
 
 @contextmanager
@@ -224,16 +255,17 @@ def _partial_download(dest: Path) -> Iterator[Path | None]:
     (that one downloads into it, this one into a temporary of its own, as both did before; each
     is verified and renamed). Left holding bytes, it stays for the next run; empty, it goes."""
     partial = dest.with_name(f".{dest.name}{PARTIAL_SUFFIX}")
-    fd = _lock_partial(partial)
-    if fd is None:
+    held = _lock_partial(partial)
+    if held is None:
         yield None
         return
+    fd, lock_fd = held
     try:
         yield partial
     finally:
         if os.fstat(fd).st_size == 0 and _same_file(fd, partial):
             partial.unlink()  # before the lock goes: no other process can hold it yet
-        os.close(fd)
+        _release(partial, fd, lock_fd)
 
 
 def _discard_partial(dest: Path, log: Callable[[str], None] | None) -> None:
