@@ -1108,11 +1108,15 @@ def test_make_smoke_killed_with_sigkill_finishes_when_rerun_with_bit_identical_r
     joblog = (work / "logs/smoke/train_classifier/resnet/seed0.log").read_text()
     resumed = re.search(rf"resumed from {re.escape(KILLED_CHECKPOINT)} at step (\d+)", joblog)
     assert resumed and 50 <= int(resumed[1]) < 200, joblog
-    # the log keeps the killed attempt's lines (an out-of-memory kill's last words), then the
-    # rerun's, each begun by its start line
-    starts = [m.start() for m in re.finditer(r"^stablenets train: started ", joblog, re.M)]
-    assert len(starts) == 2 and starts[0] == 0 < starts[1] < resumed.start(), joblog[:2000]
-    assert "step 0/" in joblog[: starts[1]], joblog[:2000]  # the killed attempt's progress
+    # Snakemake empties the rule's log before each attempt: the workdir's keeps the killed
+    # attempt's lines (an out-of-memory kill's last words), then the rerun's, each begun by its
+    # start line
+    attempts = (work / KILLED_CHECKPOINT).parent / cli.ATTEMPTS_LOG
+    history = attempts.read_text()
+    starts = [m.start() for m in re.finditer(r"^stablenets train: started ", history, re.M)]
+    assert len(starts) == 2 and starts[0] == 0, history[:2000]
+    assert "step 0/" in history[: starts[1]], history[:2000]  # the killed attempt's progress
+    assert history[starts[1] :] == joblog  # the rerun's lines, as its rule's log has them
 
     results, local = work / "results/smoke", smoke_run / "results/smoke"
     for table in sorted(local.glob("tables/*.csv")):
@@ -2643,6 +2647,22 @@ def test_a_hand_written_spec_with_a_wrong_type_or_unknown_key_fails_in_one_line(
         "--spec pnp.noise: '0.01' is not of type 'number'",
     )
     assert not (tmp_path / "tv.h5").exists()
+
+
+def test_every_attempt_of_a_job_appends_its_lines_to_its_workdirs_attempts_log(tmp_path, capsys):
+    """Snakemake empties a rule's log before each attempt: a killed attempt's last lines (an
+    out-of-memory kill's) were gone with it. The work folder keeps every attempt's."""
+    spec = {"seed": 0, "device": "cpu", "variant": "tv", "pnp": {"sed": 7}}
+    args = ["--data", str(tmp_path / "absent.h5"), "--out", str(tmp_path / "tv.h5"),
+            "--workdir", str(tmp_path / "work")]  # fmt: skip
+    for _ in range(2):
+        assert cli.main(["tv-deblur", "--spec", json.dumps(spec), *args]) == 1
+    out, err = capsys.readouterr()
+    history = (tmp_path / "work" / cli.ATTEMPTS_LOG).read_text().splitlines()
+    assert len(history) == 4, history  # each attempt: its start line, then its error line
+    assert history[0::2] == out.splitlines() and history[1::2] == err.splitlines()
+    assert all(line.startswith("stablenets tv-deblur: started ") for line in history[0::2])
+    assert "--spec pnp.sed: unknown key" in history[1]
 
 
 def test_a_hand_written_specs_own_keys_are_checked_as_what_the_config_derives_them_from(

@@ -23,7 +23,7 @@ rule train_classifier:
         workdir=lambda w: R(f"checkpoints/classification/{w.variant}/seed{w.seed}"),
     shell:
         "exec python -m stablenets train --spec {params.spec:q} --data {input.data}"
-        " --model {output.model} --log {output.log} --workdir {params.workdir} >> {log} 2>&1"
+        " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
 
 
 rule evaluate_classifier:
@@ -48,4 +48,4 @@ rule evaluate_classifier:
         workdir=lambda w: R(f"checkpoints/eval/classification/{w.variant}/seed{w.seed}"),
     shell:
         "exec python -m stablenets evaluate-classifier --spec {params.spec:q} --model {input.model}"
-        " --data {input.data} --out {output} --workdir {params.workdir} >> {log} 2>&1"
+        " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"

@@ -35,7 +35,7 @@ rule cost:
         ),
     shell:
         "exec python -m stablenets cost --spec {params.spec:q} --inputs {input.jobs}"
-        " --out {output.csv} >> {log} 2>&1"
+        " --out {output.csv} > {log} 2>&1"
 
 
 rule all_with_cost:

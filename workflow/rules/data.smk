@@ -27,4 +27,4 @@ rule prepare_data:
         spec=lambda w: JOBS.data_spec(w.dataset),
     shell:
         "exec python -m stablenets prepare-data --spec {params.spec:q} "
-        "--cache {resources.cache:q} --urls {resources.urls:q} --out {output} >> {log} 2>&1"
+        "--cache {resources.cache:q} --urls {resources.urls:q} --out {output} > {log} 2>&1"

@@ -25,7 +25,7 @@ rule train_denoiser:
         ),
     shell:
         "exec python -m stablenets train --spec {params.spec:q} --data {input.data}"
-        " --model {output.model} --log {output.log} --workdir {params.workdir} >> {log} 2>&1"
+        " --model {output.model} --log {output.log} --workdir {params.workdir} > {log} 2>&1"
 
 
 rule evaluate_denoiser:
@@ -52,7 +52,7 @@ rule evaluate_denoiser:
         ),
     shell:
         "exec python -m stablenets evaluate-denoiser --spec {params.spec:q} --model {input.model}"
-        " --data {input.data} --out {output} --workdir {params.workdir} >> {log} 2>&1"
+        " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"
 
 
 rule evaluate_tv_denoising:
@@ -74,4 +74,4 @@ rule evaluate_tv_denoising:
         workdir=lambda w: R(f"checkpoints/eval/denoising/sigma{w.sigma}/tv"),
     shell:
         "exec python -m stablenets evaluate-tv --spec {params.spec:q} --data {input.data}"
-        " --out {output} --workdir {params.workdir} >> {log} 2>&1"
+        " --out {output} --workdir {params.workdir} > {log} 2>&1"

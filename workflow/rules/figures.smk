@@ -47,7 +47,7 @@ rule table:
         spec=lambda w: JOBS.report_spec("table", w.table),
     shell:
         "exec python -m stablenets table --spec {params.spec:q}"
-        " --inputs {input} --out {output.csv} >> {log} 2>&1"
+        " --inputs {input} --out {output.csv} > {log} 2>&1"
 
 
 rule figure:
@@ -73,7 +73,7 @@ rule figure:
         spec=lambda w: JOBS.report_spec("figure", w.figure),
     shell:
         "exec python -m stablenets figure --spec {params.spec:q}"
-        " --inputs {input} --out {output.pdf} >> {log} 2>&1"
+        " --inputs {input} --out {output.pdf} > {log} 2>&1"
 
 
 rule summary:
@@ -92,4 +92,4 @@ rule summary:
         spec=json.dumps({"scale": SCALE, "config": config}, sort_keys=True),
     shell:
         "exec python -m stablenets summary --spec {params.spec:q} --inputs {input.tables}"
-        " --out {output} >> {log} 2>&1"
+        " --out {output} > {log} 2>&1"

@@ -23,7 +23,7 @@ rule pnp_deblur:
         workdir=lambda w: R(f"checkpoints/pnp/sigma{w.sigma}/{w.variant}/seed{w.seed}"),
     shell:
         "exec python -m stablenets pnp --spec {params.spec:q} --model {input.model}"
-        " --data {input.data} --out {output} --workdir {params.workdir} >> {log} 2>&1"
+        " --data {input.data} --out {output} --workdir {params.workdir} > {log} 2>&1"
 
 
 rule tv_deblur:
@@ -45,4 +45,4 @@ rule tv_deblur:
         workdir=R("checkpoints/pnp/tv"),
     shell:
         "exec python -m stablenets tv-deblur --spec {params.spec:q} --data {input.data}"
-        " --out {output} --workdir {params.workdir} >> {log} 2>&1"
+        " --out {output} --workdir {params.workdir} > {log} 2>&1"

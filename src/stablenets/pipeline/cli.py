@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 EXIT_INTERRUPTED = 75
 
@@ -202,10 +203,6 @@ def _missing_spec_key(err: Exception, spec: dict) -> str | None:
     return str(err.args[0]) if reading else None
 
 
-def _log(message: str) -> None:
-    print(message, flush=True)
-
-
 def _job(name: str) -> Callable:
     module, function = _JOBS[name][:2]
     return getattr(importlib.import_module(module), function)
@@ -217,21 +214,63 @@ def _loaded(module: str, name: str) -> type | None:
     return getattr(loaded, name, None) if loaded is not None else None
 
 
+ATTEMPTS_LOG = "attempts.log"
+"""In a job's ``--workdir``: every attempt's lines, appended (Snakemake empties the rule's log
+before each attempt, so a killed or timed-out attempt's last lines would be lost)."""
+
+
+def _attempts(workdir: Path | None) -> TextIO | None:
+    """``workdir``'s attempts log, opened to append; None without a workdir or where it cannot
+    be written (the job then says so itself, as it writes its progress there)."""
+    if workdir is None:
+        return None
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return open(workdir / ATTEMPTS_LOG, "a", encoding="utf-8")  # noqa: SIM115 (closed in main)
+    except OSError:
+        return None
+
+
+Log = Callable[[str], None]
+
+
+def _logger(history: TextIO | None, stream: TextIO) -> Log:
+    """Print a line to ``stream`` (the rule's log) and append it to ``history``."""
+
+    def log(line: str) -> None:
+        print(line, file=stream, flush=True)
+        if history is not None:
+            history.write(line + "\n")
+            history.flush()
+
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = _JOBS[args.job][2]
+    history = _attempts(getattr(args, "workdir", None))
+    log, error = _logger(history, sys.stdout), _logger(history, sys.stderr)
+    log(f"stablenets {args.job}: started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
+        f"host {socket.gethostname()}, pid {os.getpid()}")  # fmt: skip
+    try:
+        return _run(args, paths, log, error)
+    finally:
+        if history is not None:
+            history.close()
+
+
+def _run(args: argparse.Namespace, paths: list[str], log: Log, error: Log) -> int:
+    """Run the job of ``args``: 0, or one line on ``error`` and its exit status."""
     spec: dict = {}
-    # each run's first line: a rule's log keeps every attempt's (a killed one's, then its rerun's)
-    _log(f"stablenets {args.job}: started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
-         f"host {socket.gethostname()}, pid {os.getpid()}")  # fmt: skip
     try:
         spec = _spec(args.spec)
         _check_spec(args.job, spec)
-        _job(args.job)(spec, *(getattr(args, p) for p in paths), log=_log)
+        _job(args.job)(spec, *(getattr(args, p) for p in paths), log=log)
     except Exception as err:
         interrupted = _loaded("stablenets.interrupt", "Interrupted")
         if interrupted is not None and isinstance(err, interrupted):
-            print(f"stablenets {args.job}: {err}", file=sys.stderr)
+            error(f"stablenets {args.job}: {err}")
             return EXIT_INTERRUPTED
         memory = _loaded("stablenets.train.memory", "is_out_of_memory")
         if not args.debug and memory is not None and memory(err):
@@ -240,21 +279,20 @@ def main(argv: list[str] | None = None) -> int:
                 from stablenets.train.checkpoints import last_good
 
                 line += f"; last good checkpoint {last_good(args.workdir / 'checkpoint.pt')}"
-            print(line, file=sys.stderr)
+            error(line)
             return 1
         missing = _missing_spec_key(err, spec)
         if not args.debug and missing is not None:
-            print(
+            error(
                 f"stablenets {args.job}: error: --spec has no key {missing!r} where the job "
-                "reads it",
-                file=sys.stderr,
+                "reads it"
             )
             return 1
         clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
         # OSError: the machine said no (a read-only or full disk, a missing file, permissions)
         if args.debug or not isinstance(err, (ValueError, OSError, *filter(None, clear))):
             raise
-        print(f"stablenets {args.job}: error: {err}", file=sys.stderr)
+        error(f"stablenets {args.job}: error: {err}")
         return 1
     return 0
 
