@@ -649,6 +649,40 @@ def test_a_record_lock_on_a_file_system_without_flock_holds_while_the_partial_is
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]  # no lock file left
 
 
+def test_a_lock_file_its_holder_removed_meanwhile_locks_nothing_and_is_not_removed_again(
+    tmp_path, monkeypatch
+):
+    """A finished download removes its lock file; one that had opened it before locks that
+    nameless file after, while a third holds the new one by that name: both held the partial.
+    Nor may the first remove a lock file by its name that another process made since."""
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(DOWNLOAD.fcntl, "flock", unsupported)
+    partial = tmp_path / ".file.bin.partial"
+    lock = Path(f"{partial}.lock")
+    lockf = DOWNLOAD.fcntl.lockf
+
+    def replaced_meanwhile(fd, op):  # the holder removes it, a third download makes it anew
+        lock.unlink()
+        lock.write_bytes(b"")
+        return lockf(fd, op)
+
+    monkeypatch.setattr(DOWNLOAD.fcntl, "lockf", replaced_meanwhile)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT)
+    assert DOWNLOAD._lock(fd, partial) == ("held", None)
+    os.close(fd)
+    monkeypatch.setattr(DOWNLOAD.fcntl, "lockf", lockf)
+    held = DOWNLOAD._lock_partial(partial)
+    assert held is not None
+    partial.unlink()  # installed under the lock
+    lock.unlink()
+    lock.write_bytes(b"another's")  # made since by another download
+    DOWNLOAD._release(partial, *held)
+    assert lock.read_bytes() == b"another's"
+
+
 def test_while_another_download_holds_the_partial_this_one_uses_a_temporary_of_its_own(
     tmp_path,
 ):

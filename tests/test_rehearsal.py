@@ -315,6 +315,9 @@ def test_a_fixed_cost_denoiser_block_is_projected_as_an_euler_block_at_its_rows_
         assert seconds == pytest.approx(29.0 + 13 / 20 * 0.1 * 40_000), family
         assert f"block {family}: Euler block's time assumed" in basis and "theta" not in basis
         assert "at the row's 13 sub-steps, not the 20 measured" in basis
+    cpl = Job("train_denoiser", "cpl", "0.15", 0)  # no benchmark row: theta 1 for 0.5
+    _, seconds, basis, _ = project(cpl, averaged, paper())
+    assert seconds == pytest.approx(29.0 + 0.5 * 0.1 * 40_000) and "theta 1 for 0.5" in basis
     euler = Job("train_denoiser", "euler", "0.15", 0)  # sub-steps as the basis's: its growth
     assert project(euler, averaged, paper(bench))[1] == pytest.approx(29.0 + 0.5 * 0.1 * 40_000)
 

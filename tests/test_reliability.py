@@ -2663,6 +2663,17 @@ def test_every_attempt_of_a_job_appends_its_lines_to_its_workdirs_attempts_log(t
     assert history[0::2] == out.splitlines() and history[1::2] == err.splitlines()
     assert all(line.startswith("stablenets tv-deblur: started ") for line in history[0::2])
     assert "--spec pnp.sed: unknown key" in history[1]
+    with pytest.raises(ValueError):  # --debug: the traceback, which the rule's log gets too
+        cli.main(["--debug", "tv-deblur", "--spec", json.dumps(spec), *args])
+    again = (tmp_path / "work" / cli.ATTEMPTS_LOG).read_text()
+    assert again.startswith("\n".join(history)) and "Traceback (most recent call last)" in again
+    assert not isinstance(sys.stdout, cli._Tee) and not isinstance(sys.stderr, cli._Tee)
+    full = tmp_path / "full"  # a history that cannot be written (a full disk) fails no job
+    full.mkdir()
+    (full / cli.ATTEMPTS_LOG).symlink_to("/dev/full")
+    capsys.readouterr()
+    assert cli.main(["tv-deblur", "--spec", json.dumps(spec), *args[:-1], str(full)]) == 1
+    one_error_line(capsys.readouterr().err, "--spec pnp.sed: unknown key")
 
 
 def test_a_hand_written_specs_own_keys_are_checked_as_what_the_config_derives_them_from(

@@ -594,6 +594,9 @@ class Paper:
         # benchmark row, an Euler model at theta 1): the row's sub-steps, not the growth the
         # basis ran into (``_at_row_substeps`` below; the row's theta is the Euler block's)
         fixed = block is not None and thetas[0] is None and thetas[1] is not None
+        rows = keys[0] in self.bench and keys[1] in self.bench
+        if fixed and not rows:  # no row to bring it to: an Euler block at theta 1
+            thetas[0] = 1.0
         if thetas[0] and thetas[1] and thetas[0] != thetas[1]:  # sub-steps ~ 1 / theta
             more = thetas[1] / thetas[0]
             f *= more
@@ -606,7 +609,7 @@ class Paper:
         ]  # fmt: skip
         if losses[0] != losses[1]:  # the benchmark rows time the task's own loss
             note += f", {losses[0]} for {losses[1]}: same step time assumed"
-        if keys[0] in self.bench and keys[1] in self.bench:
+        if rows:
             f *= self.bench[keys[0]].step_ms / self.bench[keys[1]].step_ms
             if models[0] != models[1] or fixed:
                 scale, how = _at_row_substeps(basis, self.bench[keys[1]])

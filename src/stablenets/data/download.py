@@ -232,6 +232,9 @@ def _lock(fd: int, partial: Path) -> tuple[str, int | None]:
         with suppress(OSError):
             os.unlink(path)
         return "none", None
+    if not _same_file(lock_fd, Path(path)):  # its holder removed it meanwhile, done: another
+        os.close(lock_fd)  # may hold a new one by that name, so this one locks nothing
+        return "held", None
     return "locked", lock_fd
 
 
@@ -242,9 +245,10 @@ def _release(partial: Path, fd: int, lock_fd: int | None) -> None:
     gone = not _same_file(fd, partial)
     os.close(fd)
     if lock_fd is not None:
-        if gone:
+        lock = Path(f"{partial}{_LOCK_SUFFIX}")
+        if gone and _same_file(lock_fd, lock):  # its own, not one another process made since
             with suppress(OSError):
-                os.unlink(f"{partial}{_LOCK_SUFFIX}")
+                lock.unlink()
         os.close(lock_fd)
 
 

@@ -9,6 +9,7 @@ code 75 (temporary failure) after writing its checkpoint; rerunning resumes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -215,8 +217,39 @@ def _loaded(module: str, name: str) -> type | None:
 
 
 ATTEMPTS_LOG = "attempts.log"
-"""In a job's ``--workdir``: every attempt's lines, appended (Snakemake empties the rule's log
-before each attempt, so a killed or timed-out attempt's last lines would be lost)."""
+"""In the ``--workdir`` of a job that has one (training, the evaluations, PnP, TV deblurring):
+every attempt's output, appended (Snakemake empties the rule's log before each attempt, so a
+killed or timed-out attempt's last lines would be lost)."""
+
+
+class _Tee:
+    """A text stream that also appends what it is given to ``history``; a history that cannot
+    be written to any more (a full disk) is dropped, never failing the job."""
+
+    def __init__(self, stream: TextIO, history: TextIO) -> None:
+        self.stream = stream
+        self.history: TextIO | None = history
+
+    def write(self, text: str) -> int:
+        if self.history is not None and not _append(self.history, text):
+            self.history = None
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
+def _append(history: TextIO, text: str) -> bool:
+    """Append ``text`` to ``history`` at once: whether it could."""
+    try:
+        history.write(text)
+        history.flush()
+    except OSError:
+        return False
+    return True
 
 
 def _attempts(workdir: Path | None) -> TextIO | None:
@@ -231,46 +264,43 @@ def _attempts(workdir: Path | None) -> TextIO | None:
         return None
 
 
-Log = Callable[[str], None]
-
-
-def _logger(history: TextIO | None, stream: TextIO) -> Log:
-    """Print a line to ``stream`` (the rule's log) and append it to ``history``."""
-
-    def log(line: str) -> None:
-        print(line, file=stream, flush=True)
-        if history is not None:
-            history.write(line + "\n")
-            history.flush()
-
-    return log
+def _log(message: str) -> None:
+    print(message, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = _JOBS[args.job][2]
     history = _attempts(getattr(args, "workdir", None))
-    log, error = _logger(history, sys.stdout), _logger(history, sys.stderr)
-    log(f"stablenets {args.job}: started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
-        f"host {socket.gethostname()}, pid {os.getpid()}")  # fmt: skip
+    streams = sys.stdout, sys.stderr
+    if history is not None:  # what the job prints, its warnings and tracebacks included
+        sys.stdout, sys.stderr = _Tee(sys.stdout, history), _Tee(sys.stderr, history)
     try:
-        return _run(args, paths, log, error)
-    finally:
+        _log(f"stablenets {args.job}: started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
+             f"host {socket.gethostname()}, pid {os.getpid()}")  # fmt: skip
+        return _run(args, paths)
+    except BaseException:  # its traceback goes to the rule's log after this: to history too
         if history is not None:
-            history.close()
+            _append(history, traceback.format_exc())
+        raise
+    finally:
+        sys.stdout, sys.stderr = streams
+        if history is not None:
+            with contextlib.suppress(OSError):
+                history.close()
 
 
-def _run(args: argparse.Namespace, paths: list[str], log: Log, error: Log) -> int:
-    """Run the job of ``args``: 0, or one line on ``error`` and its exit status."""
+def _run(args: argparse.Namespace, paths: list[str]) -> int:
+    """Run the job of ``args``: 0, or one line on stderr and its exit status."""
     spec: dict = {}
     try:
         spec = _spec(args.spec)
         _check_spec(args.job, spec)
-        _job(args.job)(spec, *(getattr(args, p) for p in paths), log=log)
+        _job(args.job)(spec, *(getattr(args, p) for p in paths), log=_log)
     except Exception as err:
         interrupted = _loaded("stablenets.interrupt", "Interrupted")
         if interrupted is not None and isinstance(err, interrupted):
-            error(f"stablenets {args.job}: {err}")
+            print(f"stablenets {args.job}: {err}", file=sys.stderr)
             return EXIT_INTERRUPTED
         memory = _loaded("stablenets.train.memory", "is_out_of_memory")
         if not args.debug and memory is not None and memory(err):
@@ -279,20 +309,21 @@ def _run(args: argparse.Namespace, paths: list[str], log: Log, error: Log) -> in
                 from stablenets.train.checkpoints import last_good
 
                 line += f"; last good checkpoint {last_good(args.workdir / 'checkpoint.pt')}"
-            error(line)
+            print(line, file=sys.stderr)
             return 1
         missing = _missing_spec_key(err, spec)
         if not args.debug and missing is not None:
-            error(
+            print(
                 f"stablenets {args.job}: error: --spec has no key {missing!r} where the job "
-                "reads it"
+                "reads it",
+                file=sys.stderr,
             )
             return 1
         clear = [_loaded(m, name) for m, names in _CLEAR_ERRORS.items() for name in names]
         # OSError: the machine said no (a read-only or full disk, a missing file, permissions)
         if args.debug or not isinstance(err, (ValueError, OSError, *filter(None, clear))):
             raise
-        error(f"stablenets {args.job}: error: {err}")
+        print(f"stablenets {args.job}: error: {err}", file=sys.stderr)
         return 1
     return 0
 
