@@ -283,6 +283,10 @@ def _discard_partial(dest: Path, log: Callable[[str], None] | None) -> None:
                 log(f"removed {partial}: {dest.name} is downloaded and verified")
 
 
+#: Resumes of one URL at once, each after a cut-off that brought new bytes (``_resume``).
+MAX_RESUMES = 100
+
+
 def _resume(
     url: str,
     partial: Path,
@@ -293,11 +297,27 @@ def _resume(
     every_s: float,
 ) -> None:
     """Fetch ``url`` into the locked ``partial``, resuming the bytes it holds (a killed run's),
-    check it and rename it onto ``dest``. A file that fails its checksum is emptied, never
-    resumed again; a resumed one is then fetched again whole (its first part may be another
-    file's: a mirror's damaged copy, an older version), a whole one raises the checksum error."""
+    check it and rename it onto ``dest``. A fetch cut off or timed out after new bytes is
+    resumed at once, up to ``MAX_RESUMES`` times: a slow host drops connections (BSDS500's
+    served 2-10 kB/s and cut one download off six times), and each drop ended the job; one
+    that brought nothing, or a refusal by the server, is the URL's failure. A file that fails
+    its checksum is emptied, never resumed again; a resumed one is then fetched again whole
+    (its first part may be another file's: a mirror's damaged copy, an older version), a whole
+    one raises the checksum error."""
+    resumes = 0
     while True:
-        resumed = _fetch(url, partial, timeout, log, every_s)
+        held = partial.stat().st_size
+        try:
+            resumed = _fetch(url, partial, timeout, log, every_s)
+        except (OSError, http.client.HTTPException) as exc:
+            refused = isinstance(exc, urllib.error.HTTPError)
+            disk = isinstance(exc, OSError) and exc.errno in _DISK_ERRORS
+            if refused or disk or resumes == MAX_RESUMES or partial.stat().st_size <= held:
+                raise
+            resumes += 1
+            if log is not None:
+                log(f"{url}: {exc}; resuming at {partial.stat().st_size / 1e6:.1f} MB")
+            continue
         try:
             _check_digests(partial, expected, url)
         except DataError as exc:
@@ -309,38 +329,6 @@ def _resume(
             continue
         install(partial, dest)  # as atomic_path does: flushed, a new file's mode
         return
-
-
-#: Resumes of one URL in a row, each after a cut-off that brought bytes (``_resume_while_it_grows``).
-MAX_RESUMES = 100
-
-
-def _resume_while_it_grows(
-    url: str,
-    partial: Path,
-    dest: Path,
-    expected: Mapping[str, str],
-    timeout: float,
-    log: Callable[[str], None] | None,
-    every_s: float,
-) -> None:
-    """``_resume``, again after each cut-off or timeout that brought new bytes (up to
-    ``MAX_RESUMES``): a slow host drops connections (BSDS500's served 2-10 kB/s and cut one
-    download off six times), and every drop ended the job with the download resumable. One
-    that brought nothing, or a refusal by the server, is the URL's failure, as before."""
-    for _ in range(MAX_RESUMES):
-        held = partial.stat().st_size
-        try:
-            _resume(url, partial, dest, expected, timeout, log, every_s)
-            return
-        except (OSError, http.client.HTTPException) as exc:
-            refused = isinstance(exc, urllib.error.HTTPError)
-            disk = isinstance(exc, OSError) and exc.errno in _DISK_ERRORS
-            if refused or disk or not partial.exists() or partial.stat().st_size <= held:
-                raise
-            if log is not None:
-                log(f"{url}: {exc}; resuming at {partial.stat().st_size / 1e6:.1f} MB")
-    raise ConnectionError(f"cut off {MAX_RESUMES} times in a row, each after new bytes")
 
 
 def download(
@@ -359,7 +347,7 @@ def download(
     A checksum is mandatory: an unverified dataset would make every result downstream
     unreproducible. The file is streamed to ``.<name>.partial`` beside ``dest``, verified and
     renamed, so ``dest`` is either absent or complete. A download cut off after new bytes
-    resumes at once (``_resume_while_it_grows``); one that was killed, or cut off with none,
+    resumes at once (``_resume``); one that was killed, or cut off with none,
     resumes there on the next run: the rest is asked for with an http ``Range`` and appended (from the start
     where a server sends the whole file or another range); one that already holds the whole
     file (killed before its rename) is renamed without touching the network. While another
@@ -403,9 +391,7 @@ def download(
         for url in urls:
             try:
                 if partial is not None:
-                    _resume_while_it_grows(
-                        url, partial, dest, expected, timeout, log, progress_every_s
-                    )
+                    _resume(url, partial, dest, expected, timeout, log, progress_every_s)
                     return dest
                 with atomic_path(dest, suffix=".part") as tmp:  # renamed only if verified
                     _fetch(url, tmp, timeout, log, progress_every_s)

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "Layers",
     "SCHEMA",
+    "SPEC_KEYS",
     "SPEC_SECTIONS",
     "check_spec",
     "load_config",
