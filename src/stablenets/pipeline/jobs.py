@@ -337,14 +337,16 @@ def _saved_progress(
     log: Log,
     stop: StopFlag | None = None,
     job: str | None = None,
+    name: str = "progress.pt",
 ) -> SavedProgress:
-    """The job's progress file in ``workdir``. A rerun resumes from it only if it was saved by
-    the same job (``_progress_hash``, ``job``'s run-only settings aside) on inputs holding the
-    same (``content_sha256``: the same weights or images, whatever run record they carry) in
-    the same ``layout``; given ``stop``, its ``stop_point`` is where a signal ends the job."""
+    """The job's progress file ``name`` in ``workdir``. A rerun resumes from it only if it was
+    saved by the same job (``_progress_hash``, ``job``'s run-only settings aside) on inputs
+    holding the same (``content_sha256``: the same weights or images, whatever run record they
+    carry) in the same ``layout``; given ``stop``, its ``stop_point`` is where a signal ends
+    the job."""
     digests = [content_sha256(p)[:16] for p in inputs]
     key = "-".join([_progress_hash(spec, job), *digests, layout])
-    return SavedProgress(workdir / "progress.pt", key, log, stop)
+    return SavedProgress(workdir / name, key, log, stop)
 
 
 #: What a job's choice on validation images (a TV weight, a PnP strength) does not depend on:
@@ -373,9 +375,8 @@ def _validation_progress(
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
-    digests = [content_sha256(p)[:16] for p in inputs]
-    key = "-".join([_progress_hash(kept, job), *digests, layout, "validation"])
-    return SavedProgress(workdir / "validation.pt", key, log, stop)
+    return _saved_progress(kept, inputs, f"{layout}-validation", workdir, log, stop, job,
+                           "validation.pt")  # fmt: skip
 
 
 def evaluate_classifier(
