@@ -869,6 +869,17 @@ def test_a_schedule_one_cycle_cannot_take_is_refused_in_one_line_before_any_step
         make_optimizer(model, budgeted)  # where the derived steps meet the schedule
 
 
+def test_a_budget_that_gives_a_one_step_warm_up_names_budget_minutes_not_steps(
+    tmp_path, monkeypatch
+):
+    """The steps a ``budget_minutes`` derives are not the user's ``steps`` (a placeholder): the
+    refusal of the schedule they make names the budget, whose change is the cure."""
+    monkeypatch.setattr(loop.budget, "seconds_per_step", lambda *a, **k: 1.5)  # 2 steps
+    with pytest.raises(ValueError, match=r"budget_minutes 0.05 gives 2 steps: .*change budget_"):
+        _tiny_run(tmp_path, steps=10, budget_minutes=0.05)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_stop_after_ends_the_run_on_the_full_schedules_learning_rate_and_validates_its_last_step(
     tmp_path,
 ):

@@ -152,14 +152,15 @@ class TrainConfig:
 
 
 def schedule_problems(
-    steps: int | None, warmup: float, lr_initial: float, lr_max: float
+    steps: int | None, warmup: float, lr_initial: float, lr_max: float, steps_key: str = "steps"
 ) -> list[str]:
     """What keeps ``make_optimizer``'s one-cycle schedule from running as meant: ``OneCycleLR``
     divides by its warm-up's length ``warmup * steps - 1`` (a warm-up of exactly one step
     divides by zero; ``steps`` ``None``: not known yet, as before a ``budget_minutes``
     calibration) and by its anneal's (none at ``warmup`` 1: every step trained, then a
     division by zero before the last checkpoint), and a start at or above the peak would warm
-    up downward."""
+    up downward. ``steps_key`` names the setting the steps come from (``budget_minutes`` where
+    they were derived from it)."""
     problems = []
     if not 0.0 < warmup < 1.0:
         problems.append(
@@ -169,7 +170,7 @@ def schedule_problems(
     elif steps is not None and warmup * steps == 1.0:
         problems.append(
             f"warmup {warmup} x steps {steps} is one warm-up step, which the one-cycle schedule "
-            "cannot take (it divides by the warm-up's length - 1): change steps or warmup"
+            f"cannot take (it divides by the warm-up's length - 1): change {steps_key} or warmup"
         )
     if not lr_initial < lr_max:
         problems.append(
@@ -646,6 +647,11 @@ def _budgeted(
     path, ckpt = workdir / "budget.json", workdir / "checkpoint.pt"
     resumed = functools.partial(scheduled_steps, ckpt, config_hash)
     steps = budget.resolve_steps(path, config_hash, cfg.budget_minutes, measure, log, resumed)
+    problems = schedule_problems(steps, cfg.warmup, cfg.lr_initial, cfg.lr_max, "budget_minutes")
+    if problems:
+        raise ValueError(
+            f"budget_minutes {cfg.budget_minutes} gives {steps} steps: " + "; ".join(problems)
+        )
     return dataclasses.replace(cfg, steps=steps)
 
 
