@@ -92,6 +92,22 @@ def test_leaky_relu_negative_slope_is_rejected(slope):
         build_activation("leaky_relu", negative_slope=slope)
 
 
+@pytest.mark.parametrize("alpha", [-0.5, float("nan")])
+def test_an_elu_alpha_that_is_negative_or_nan_is_rejected(alpha):
+    """NaN passed ``alpha < 0`` and ``max(1, nan)`` is 1: an ELU claiming L = 1 gave NaN."""
+    with pytest.raises(ValueError, match="elu alpha"):
+        build_activation("elu", alpha=alpha)
+
+
+def test_an_option_an_activation_does_not_take_is_named_in_one_line():
+    with pytest.raises(ValueError, match=r"activation 'relu' takes no option 'negative_slope'; "):
+        build_activation("relu", negative_slope=0.1)
+    with pytest.raises(
+        ValueError, match=r"'elu' takes no option 'slope'; its options: \['alpha'\]"
+    ):
+        build_activation("elu", slope=0.1)
+
+
 def test_elu_negative_alpha_is_rejected():
     with pytest.raises(ValueError, match="alpha"):
         build_activation("elu", alpha=-0.5)

@@ -778,3 +778,31 @@ def test_a_norm_bound_asked_for_a_list_size_is_the_tuple_sizes():
     """Constructors take sizes as lists; ``norm_bound`` did not (its cache key must hash)."""
     op = Conv2dOperator(2, 3, 3, (5, 6))
     assert op.norm_bound([5, 6]) == op.norm_bound((5, 6))
+
+
+def test_a_weight_that_passes_through_zero_gives_an_estimate_of_0_and_is_found_again():
+    """``A^T A u = 0`` (a zero weight) made ``u`` the zero vector and the estimate 0/0: NaN for
+    ever after, the weight restored or not, alone or in the fused (grouped) iteration; and a
+    block built on it blamed its integration time."""
+    from stablenets.nn.activations import build_activation
+    from stablenets.nn.blocks import NonexpansiveBlock
+
+    g = torch.Generator().manual_seed(0)
+    convs = [Conv2dOperator(2, 2, 3, (6, 6), padding=1, generator=g) for _ in range(2)]
+    for ops in ([DenseOperator(4, 3)], convs[:1], convs):  # fused: two alike convolutions
+        saved = [op.weight.detach().clone() for op in ops]
+        with torch.no_grad():
+            for op in ops:
+                op.weight.zero_()
+        assert operators.power_iteration_all(ops, 3) == [0.0] * len(ops)
+        with torch.no_grad():
+            for op, w in zip(ops, saved, strict=True):
+                op.weight.copy_(w)
+        estimates = operators.power_iteration_all(ops, 100)
+        for op, estimate in zip(ops, estimates, strict=True):
+            assert 0.9 * op.norm_bound() <= estimate <= op.norm_bound() * (1 + 1e-6)
+    zero = DenseOperator(4, 3)
+    with torch.no_grad():
+        zero.weight.zero_()
+    with pytest.raises(ValueError, match="operator norm estimate 0.0 at construction .* time="):
+        NonexpansiveBlock(zero, build_activation("relu"))

@@ -13,6 +13,7 @@ import fcntl
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import queue
@@ -494,6 +495,12 @@ def test_the_unlock_helper_counts_snakemake_and_pipeline_job_processes_only():
         ["make", "smoke"],
         ["python", "-m", "pytest", "tests/test_reliability.py"],
         [],
+        # a word that is no program: a tmux session named so (the README runs Snakemake in
+        # one), a conda environment, a benchmark or the config check (no output of the workflow)
+        ["tmux", "new-session", "-d", "-s", "snakemake"],
+        ["conda", "run", "-n", "snakemake", "make", "smoke"],
+        ["python", "-m", "stablenets.bench.training", "--models", "classifier"],
+        ["python", "-m", "stablenets.pipeline.config", "--configfile", "config.yaml"],
     ]
     assert all(locks.is_workflow_command(argv) for argv in workflow)
     assert not any(locks.is_workflow_command(argv) for argv in others)
@@ -752,6 +759,29 @@ def test_an_unanswering_squeue_keeps_the_lock_of_a_slurm_run_only(tmp_path, monk
     assert locks.unlock_if_stale(work, list(SMOKE_PROFILE)).startswith(kept)
     assert lock.exists()
     record.write_text('{"external_jobid": null}')  # a local job
+    said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
+    assert said.startswith("removed the lock") and not lock.exists()
+
+
+def test_a_missing_squeue_keeps_the_lock_of_a_slurm_run_as_a_silent_one_does(tmp_path, monkeypatch):
+    """A rerun from a shell without ``squeue`` on its PATH (no ``module load slurm``) read that as
+    "no job runs": the lock of a killed SLURM run went, its job running on, and the rerun
+    submitted a second writer of the same checkpoint. Now it is kept as when ``squeue`` fails,
+    and a local run's lock still goes."""
+    work, lock, _ = _silent_squeue(tmp_path, monkeypatch)
+    (tmp_path / "slurm/down").unlink()  # squeue would answer, were it found
+    which = shutil.which
+    monkeypatch.setattr(
+        locks.shutil, "which", lambda name: None if name == "squeue" else which(name)
+    )
+    kept = f"leaving the lock in {work / locks.LOCK_DIR}: squeue is not on the PATH, so "
+    assert locks.unlock_if_stale(work, SLURM_PROFILES).startswith(kept)
+    record = work / ".snakemake/incomplete/cmVzdWx0cy9zbW9rZS9tb2RlbHM="
+    record.parent.mkdir(parents=True)
+    record.write_text('{"external_jobid": "7"}')
+    assert locks.unlock_if_stale(work, list(SMOKE_PROFILE)).startswith(kept)
+    assert lock.exists() and not (tmp_path / "slurm/cancelled").exists()
+    record.unlink()
     said = locks.unlock_if_stale(work, list(SMOKE_PROFILE))
     assert said.startswith("removed the lock") and not lock.exists()
 
@@ -2674,6 +2704,34 @@ def test_every_attempt_of_a_job_appends_its_lines_to_its_workdirs_attempts_log(t
     capsys.readouterr()
     assert cli.main(["tv-deblur", "--spec", json.dumps(spec), *args[:-1], str(full)]) == 1
     one_error_line(capsys.readouterr().err, "--spec pnp.sed: unknown key")
+
+
+def test_the_attempts_log_fails_no_job_on_an_undecodable_path_a_closed_stdout_or_after_its_end(
+    tmp_path,
+):
+    """A data path with a Latin-1 byte (a surrogate in Python) made the strict UTF-8 history
+    raise in the middle of the job's one-line error, twice chained; a job whose stdout is closed
+    (``>&-``: ``sys.stdout`` is None) died at its first line; a logging handler made during the
+    job keeps the tee, whose history is closed after it."""
+    spec = json.dumps({"device": "cpu", "seed": 0, "evaluate": {}, "tv": {}})
+    bad = os.fsdecode(b"caf\xe9.h5")
+    for close_stdout in (False, True):
+        work = tmp_path / f"work{int(close_stdout)}"
+        run = subprocess.run(
+            [sys.executable, "-m", "stablenets", "evaluate-tv", "--spec", spec, "--data", bad,
+             "--out", "out.h5", "--workdir", str(work)],  # fmt: skip
+            cwd=tmp_path, capture_output=True, timeout=300,
+            preexec_fn=(lambda: os.close(1)) if close_stdout else None,
+        )  # fmt: skip
+        err = run.stderr.decode(errors="replace")
+        assert run.returncode == 1 and "Traceback" not in err, err
+        assert err.count("\n") == 1 and "no such dataset file" in err, err
+        history = (work / cli.ATTEMPTS_LOG).read_text()
+        assert "caf\\udce9.h5" in history and "no such dataset file" in history, history
+    closed = open(tmp_path / "closed.log", "a")  # noqa: SIM115
+    closed.close()
+    tee = cli._Tee(io.StringIO(), closed)
+    assert tee.write("after the job\n") == len("after the job\n") and tee.history is None
 
 
 def test_a_hand_written_specs_own_keys_are_checked_as_what_the_config_derives_them_from(

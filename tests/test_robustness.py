@@ -1297,6 +1297,113 @@ def test_a_long_attack_call_logs_a_line_every_log_every_s_naming_radius_pass_and
     assert len(lines) == after
 
 
+class FakeClock:
+    """A ``time`` stand-in for ``radius_sweep`` whose clock only the attacks advance."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
+def timed_oracle(clock: FakeClock, seconds_per_point: float, normal: Tensor | None):
+    """An attack costing ``seconds_per_point`` per point on ``clock`` that steps ``eps`` along
+    ``-normal`` (a binary linear model's boundary normal: the exact minimal example) or finds
+    nothing (``normal`` ``None``)."""
+
+    def attack(model, x, y, eps, seed=0):  # noqa: ANN001, ANN202, ARG001
+        clock.t += seconds_per_point * len(x)
+        if normal is None:
+            return x.clone()
+        return (x.flatten(1).double() - eps * normal).float().view_as(x).clamp(0, 1)
+
+    return attack
+
+
+ETA = re.compile(r"ETA (\d+) s( \+ (.*) \(not timed yet\))?$")
+
+
+@pytest.mark.parametrize("grid_attacks", [True, False])
+def test_the_eta_counts_every_pass_left_and_the_bisection_and_names_those_not_timed_yet(
+    monkeypatch, grid_attacks
+):
+    """With attacks of fixed cost per point (the paper's order: PGD cheap, the strong attack
+    hundreds of times dearer), the ETA counted a pass not yet timed as free and left the
+    bisection out: "ETA 0 s" on a job with most of its time to go. Now a pass with work left and
+    no rate is named, every ETA with every rate known is at least the time left (the rates being
+    exact here), and the bisection logs within its rounds too."""
+    clock = FakeClock()
+    monkeypatch.setattr(radius_sweep, "time", clock)
+    d, n = 12, 60
+    normal = torch.ones(d, dtype=torch.float64) / math.sqrt(d)
+    model = linear_model(torch.stack([-normal, normal]), torch.tensor([0.5, -0.5]) * normal.sum())
+    distance = 0.05 + 0.5 * torch.rand(n, generator=torch.Generator().manual_seed(0))
+    x = (0.5 + distance.double()[:, None] * normal).float().view(n, 3, 2, 2)
+    y = torch.ones(n, dtype=torch.long)
+    grid, standard = np.linspace(0, 1, 12), [0.14, 0.28, 1.0]
+    plan = SweepPlan(
+        radii=np.concatenate([grid, standard]),
+        pgd=timed_oracle(clock, 0.01, None),
+        strong=timed_oracle(clock, 4.0, normal),
+        strong_radii=frozenset(standard),
+        audit_radii=frozenset(),
+        audit_size=0,
+        batch_size=20,
+        bisect_radii=grid,
+        grid=timed_oracle(clock, 1.4, normal) if grid_attacks else None,
+    )
+    state = SweepState.start(torch.ones(n, dtype=torch.bool), torch.zeros(n).double(), 0)
+    lines: list[tuple[float, str]] = []
+
+    def log(line: str) -> None:
+        lines.append((clock.t, line))
+
+    sweep(model, x, y, plan, state, log=log, log_every_s=1e9)
+    bisect(model, x, y, plan, state, log=log, log_every_s=30.0)
+    untimed = {}
+    for t, line in lines:
+        eta = ETA.search(line)
+        assert eta, line
+        untimed[line] = eta[3] or ""
+        if not eta[3]:  # every rate known: an upper estimate of the time left
+            assert int(eta[1]) >= clock.t - t - 0.5, (line, clock.t - t)
+    first_strong = next(i for i, (_, line) in enumerate(lines) if line.startswith("eps 0.1400"))
+    assert all("strong attack" in untimed[line] for _, line in lines[:first_strong])
+    timed_strong = [line for _, line in lines[first_strong:] if line.startswith("eps ")]
+    assert all(("bisection" in untimed[line]) == grid_attacks for line in timed_strong)
+    assert lines[-1][1].endswith("ETA 0 s")
+    within = [
+        line for _, line in lines if re.match(r"bisection round (\d+): (\d+) of (?!\2)", line)
+    ]
+    assert within, [line for _, line in lines]  # a line between the groups of a round
+    assert all(re.fullmatch(r"bisection round \d+: \d+ of \d+ points attacked, \d+ left, "
+                            r"elapsed \d+ s, ETA \d+ s", line) for _, line in lines[-3:])  # fmt: skip
+
+
+def test_a_resumed_evaluation_says_where_its_sweep_stands():
+    """The resume line said "at eps 44 of the sweep" for a state of the paper's 43 radii that was
+    bisecting: one past the last, and no word of the bisection."""
+    model, x, y, lip = linear_case(6)
+    strong = partial(pgd_l2, steps=20, rel_step=0.1)
+    plan = sweep_plan(strong=strong, bisect_radii=np.linspace(0.0, 0.8, 9))
+    m, correct = margins(model, x, y, 64)
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    assert radius_sweep.position(plan, state) == "at radius 1 of 5 (eps 0.0000)"
+    state.radius_index = 3
+    assert radius_sweep.position(plan, state) == "at radius 4 of 5 (eps 0.4000)"
+    state.radius_index = 0
+    sweep(model, x, y, plan, state, log=lambda _: None)
+    assert radius_sweep.position(plan, state) == "after the sweep, before its bisection"
+    plan.batch_size = 1  # a group per point: a stop within the first round
+    polls = iter([False, True])
+    bisect(model, x, y, plan, state, stop=lambda: next(polls), log=lambda _: None)
+    assert re.fullmatch(r"in bisection round 1 \(\d+ of \d+ points attacked\)",
+                        radius_sweep.position(plan, state))  # fmt: skip
+    bisect(model, x, y, plan, state, log=lambda _: None)
+    assert radius_sweep.position(plan, state) == "finished"
+
+
 # --------------------------------------------------------------------------------------------
 # (9) attacks in low precision: a cheaper search, judged in float32
 

@@ -919,6 +919,41 @@ def test_a_run_stopped_early_is_checkpointed_at_its_last_step_and_a_later_stop_r
     assert state.validation_s > 0 and state.checkpoint_s > 0 and 0 < state.startup_s < state.elapsed
 
 
+def test_a_run_resumed_at_or_past_its_stop_after_validates_its_stop_or_names_what_it_keeps(
+    tmp_path,
+):
+    """``stop_after`` lowered to a checkpoint's step (SIGTERM had stopped the run there): its
+    loop ran no step, so the stop was never validated (another model than a run stopping there
+    keeps) or, with no validation before it, the job ended in a ``RuntimeError`` traceback.
+    Lowered below it, the log named a best step of -1 while the stop's model was returned."""
+
+    def term_at(step: int) -> Callable[[str], None]:
+        def on_line(line: str) -> None:
+            if line.startswith(f"step {step - 1}/"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return on_line
+
+    def validations(state: RunState) -> list[tuple[int, float]]:
+        return [(r["step"], r["metric"]) for r in state.rows if r["kind"] == "val"]
+
+    settings = {"steps": 20, "log_every": 1, "val_every": 7, "checkpoint_every": 100}
+    _, fresh = _tiny_run(tmp_path / "fresh", stop_after=10, **settings)
+    for work, cut in (("cut", 10), ("cut5", 5), ("bare", 5)):
+        with pytest.raises(Interrupted):
+            _tiny_run(tmp_path / work, on_line=term_at(cut), **settings)
+    _, resumed = _tiny_run(tmp_path / "cut", stop_after=10, **settings)
+    assert validations(resumed) == validations(fresh) and len(validations(fresh)) == 2
+    assert resumed.best_step == fresh.best_step
+    _, at_stop = _tiny_run(tmp_path / "cut5", stop_after=5, **settings)
+    assert at_stop.best_step == 5 and [v for v, _ in validations(at_stop)] == [5]
+    logs, below = _tiny_run(tmp_path / "cut5", stop_after=3, **settings)
+    assert any("past stop_after=3: its best model (step 5) is kept" in line for line in logs)
+    assert below.best_step == 5
+    with pytest.raises(ValueError, match=r"step 5, past stop_after=3, and holds no validated"):
+        _tiny_run(tmp_path / "bare", stop_after=3, **settings)
+
+
 @pytest.mark.parametrize(
     "failure",
     [OSError(errno.EIO, "Input/output error"), OSError(errno.EACCES, "Permission denied"),

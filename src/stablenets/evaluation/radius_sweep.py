@@ -452,21 +452,53 @@ def _check_audit(state: SweepState, idx: Tensor, dist: Tensor, e: float, name: s
         )
 
 
-def _eta_s(plan: SweepPlan, state: SweepState) -> float:
-    """Seconds left if every sweep pass still to run attacks every point that is live now, at
-    the seconds per point measured so far. A rough guide: a pass not yet measured counts as free
-    and the bisection after the sweep is left out (its rounds get their own log lines)."""
-    rate = {p: state.seconds[p] / state.points[p] if state.points[p] else 0.0 for p in PASSES}
-    left = 0.0
-    if state.todo is not None:
-        left += (len(state.todo) - state.done) * rate[plan.passes(state.radius_index)[
-            state.pass_index]]  # fmt: skip
-    for k in range(state.radius_index, len(plan.radii)):
-        e = float(plan.radii[k])
-        first = state.pass_index + (state.todo is not None) if k == state.radius_index else 0
-        for p in plan.passes(k)[first:]:
-            left += len(_todo(plan, state, p, e)) * rate[p]
-    return left
+def _rates(plan: SweepPlan, state: SweepState) -> dict[str, float | None]:
+    """Seconds per point of each pass measured so far (``None`` before its first batch); the
+    bisection's, before its own, is the strong attack's where it runs that attack
+    (``plan.grid`` unset), and the audit's is PGD's plus the strong attack's (it runs both)."""
+    rate = {p: state.seconds[p] / state.points[p] if state.points[p] else None for p in PASSES}
+    if rate["bisect"] is None and plan.grid is None:
+        rate["bisect"] = rate["strong"]
+    if rate["audit"] is None and rate["pgd"] is not None:
+        rate["audit"] = rate["pgd"] + (rate["strong"] or 0.0) * (plan.strong is not None)
+    return rate
+
+
+def _work_left(plan: SweepPlan, state: SweepState) -> dict[str, int]:
+    """Points each pass still has to attack if every point live now stays live: the rest of the
+    current pass, the sweep's passes to come at its later radii, and the bisection's attacks
+    (at most ``ceil(log2(hi - lo + 1))`` for a point whose first broken grid index lies in
+    ``[lo, hi)``: its bounds now, ``_bisection_bounds`` before the bisection starts)."""
+    work: dict[str, int] = dict.fromkeys(PASSES, 0)
+    if state.radius_index < len(plan.radii):
+        passes = plan.passes(state.radius_index)
+        if state.todo is not None:
+            work[passes[state.pass_index]] += len(state.todo) - state.done
+        for k in range(state.radius_index, len(plan.radii)):
+            first = state.pass_index + (state.todo is not None) if k == state.radius_index else 0
+            for p in plan.passes(k)[first:]:
+                work[p] += len(_todo(plan, state, p, float(plan.radii[k])))
+    if len(plan.bisect_radii) and plan.bisect_attack is not None:
+        lo, hi = (state.lo, state.hi) if state.lo is not None else _bisection_bounds(plan, state)
+        assert hi is not None
+        width = (hi - lo)[hi > lo].double()
+        work["bisect"] = int(torch.ceil(torch.log2(width + 1)).sum())
+    return work
+
+
+def _eta(plan: SweepPlan, state: SweepState) -> str:
+    """``ETA 200 s``: the work left (``_work_left``) at each pass's seconds per point so far
+    (``_rates``): with the rates exact, an upper estimate, since points broken meanwhile need no
+    more attacks. Where a pass with work left has no rate yet (at paper scale the strong attack
+    costs some hundred times PGD per point), ``ETA 200 s + strong attack (not timed yet)``: a
+    count of it as free would read as the end of a job with hours to go."""
+    rate, work = _rates(plan, state), _work_left(plan, state)
+    untimed = [p for p in PASSES if work[p] and rate[p] is None]
+    left = sum(work[p] * (rate[p] or 0.0) for p in PASSES)
+    if not untimed:
+        return f"ETA {left:.0f} s"
+    names = {"pgd": "PGD", "strong": "strong attack", "audit": "audit", "bisect": "bisection"}
+    return f"ETA {left:.0f} s + {', '.join(names[p] for p in untimed)} (not timed yet)"
 
 
 def _progress_line(plan: SweepPlan, state: SweepState, e: float, started: float) -> str:
@@ -479,8 +511,23 @@ def _progress_line(plan: SweepPlan, state: SweepState, e: float, started: float)
         within = f"{pass_name} attack on {state.done} of {len(state.todo)} points done, "
     return (
         f"eps {e:.4f} ({state.radius_index + 1}/{len(plan.radii)}): {within}{live} points left "
-        f"to attack, robust {robust:.4f}, elapsed {elapsed:.0f} s, ETA {_eta_s(plan, state):.0f} s"
+        f"to attack, robust {robust:.4f}, elapsed {elapsed:.0f} s, {_eta(plan, state)}"
     )
+
+
+def position(plan: SweepPlan, state: SweepState) -> str:
+    """Where a (saved) sweep stands, for the line of a resumed job: ``at radius 7 of 43 (eps
+    0.1412)``, ``in bisection round 2 (30 of 120 points attacked)``, or ``finished``."""
+    k = state.radius_index
+    if k < len(plan.radii):
+        return f"at radius {k + 1} of {len(plan.radii)} (eps {float(plan.radii[k]):.4f})"
+    if state.todo is not None:
+        return f"in bisection round {state.round + 1} ({state.done} of {len(state.todo)} points attacked)"
+    if state.lo is not None and state.hi is not None and bool((state.lo < state.hi).any()):
+        return f"before bisection round {state.round + 1}"
+    if state.lo is None and len(plan.bisect_radii) and plan.bisect_attack is not None:
+        return "after the sweep, before its bisection"
+    return "finished"
 
 
 def _sweep_batch(
@@ -797,8 +844,9 @@ def bisect(
     bisection must) that the attack would fail at smaller radii too. About ``log2(hi - lo)``
     attacks per point instead of one per radius; ``tests/test_robustness.py`` and
     ``stablenets.bench.evaluation`` measure the strength against attacking every radius. Resumable and
-    polled like ``sweep``; one log line per round, and one every ``log_every_s`` while an attack
-    call runs longer.
+    polled like ``sweep``; one log line per round (points attacked and left, elapsed, ETA), one
+    after a group when ``log_every_s`` passed since the last (round k has up to 2^(k-1) groups
+    of short calls), and one every ``log_every_s`` while an attack call runs longer.
     """
     attack = plan.bisect_attack
     if len(plan.bisect_radii) == 0 or attack is None:
@@ -809,6 +857,7 @@ def bisect(
             f"{state.radius_index + 1} of {len(plan.radii)}; resume it with sweep first"
         )
     device, started = model_device(model), time.perf_counter()
+    last_line = started
     if state.lo is None:
         state.lo, state.hi = _bisection_bounds(plan, state)
     if state.hi is None:
@@ -848,13 +897,24 @@ def bisect(
                 state.points["bisect"] += len(idx)
                 state.done += len(idx)
                 save(state)
-            left = int((state.lo < state.hi).sum())
-            log(
-                f"bisection round {state.round + 1}: {len(state.todo)} points attacked, {left} "
-                f"left, elapsed {time.perf_counter() - started:.0f} s"
-            )
+                if time.perf_counter() - last_line > log_every_s and state.done < len(state.todo):
+                    log(_round_line(plan, state, started))
+                    last_line = time.perf_counter()
+            log(_round_line(plan, state, started))
+            last_line = time.perf_counter()
             state.round, state.todo, state.done = state.round + 1, None, 0
             save(state)
+
+
+def _round_line(plan: SweepPlan, state: SweepState, started: float) -> str:
+    """``bisection round 2: 30 of 120 points attacked, 95 left, elapsed 40 s, ETA 300 s``:
+    points left are those whose interval is not closed yet."""
+    assert state.todo is not None and state.lo is not None and state.hi is not None
+    left = int((state.lo < state.hi).sum())
+    return (
+        f"bisection round {state.round + 1}: {state.done} of {len(state.todo)} points attacked, "
+        f"{left} left, elapsed {time.perf_counter() - started:.0f} s, {_eta(plan, state)}"
+    )
 
 
 def evaluation_radii(ev: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

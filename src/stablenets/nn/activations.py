@@ -8,6 +8,7 @@ activation here carries it. Non-monotone activations (GELU, SiLU, ...) are rejec
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -49,7 +50,7 @@ def _leaky_relu(negative_slope: float = 0.01) -> MonotoneActivation:
 
 
 def _elu(alpha: float = 1.0) -> MonotoneActivation:
-    if alpha < 0:
+    if not 0.0 <= alpha:  # NaN too
         raise ValueError(f"elu alpha={alpha} makes the activation non-monotone; expected >= 0")
     return MonotoneActivation("elu", lambda x: F.elu(x, alpha), max(1.0, alpha))
 
@@ -77,4 +78,11 @@ def build_activation(name: str, **kwargs: float) -> MonotoneActivation:
         )
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; allowed: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name](**kwargs)
+    make = ACTIVATIONS[name]
+    allowed = set(inspect.signature(make).parameters)
+    if unknown := sorted(set(kwargs) - allowed):
+        raise ValueError(
+            f"activation {name!r} takes no option {', '.join(map(repr, unknown))}; "
+            f"its options: {sorted(allowed) or 'none'}"
+        )
+    return make(**kwargs)

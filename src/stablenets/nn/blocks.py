@@ -11,8 +11,9 @@ with their composed constant (``averagedness``), larger than ``theta`` once ``n 
 ``T = r / (L sigma_0^2)`` as in the authors' scripts (``T = 1`` at an initial norm of 1, where one
 sub-step uses half the radius); ``theta`` enters the step rule only: with ``theta >= 1/2`` a
 block starts at one sub-step and needs a second once its norm grows past ``sqrt(2 theta)
-sigma_0``; below, it starts at ``ceil(1 / (2 theta (1 + TIME_HEADROOM)^2))`` (one sub-step down
-to ``theta`` = 0.481). In training the cheap power-iteration estimate of ``||A||`` drives ``n``;
+sigma_0``; below, it starts at ``ceil(1 / (2 theta (1 + TIME_HEADROOM)^2))`` in training (one
+sub-step down to ``theta`` = 0.481 there; in ``eval()`` the certified bound, about 1 % above the
+estimate, takes a second sub-step below ``theta`` of about 0.49). In training the cheap power-iteration estimate of ``||A||`` drives ``n``;
 in ``eval()`` the certified upper bound does, so the claim holds for the network that is
 evaluated. Nothing caps ``n`` in ``eval()``: it grows with the square of the norm (a block whose
 norm grew 100-fold takes 10,000 times the sub-steps), so load a model that training's guards
@@ -67,7 +68,7 @@ class NonexpansiveBlock(nn.Module):
             scripts, with ``sigma_0 = (1 + TIME_HEADROOM)`` times the warm-started power-iteration
             estimate (``operator.warm_start``): a design choice, deterministic, nothing certified
             at construction. The headroom covers the estimate's remaining error and the
-            certified bound's excess over the norm at the paper's sizes (under 1 %), so a block
+            certified bound's excess over the norm at the paper's sizes (about 1 %), so a block
             with ``theta >= 1/2`` starts with one sub-step in training and in ``eval()``.
         init_power_iters: power iterations run at construction to warm the norm estimate.
         init_norm: when set, ``A`` is first rescaled to this norm estimate (``rescale_``; the
@@ -101,6 +102,11 @@ class NonexpansiveBlock(nn.Module):
         else:
             estimate = float(operator.warm_start(init_power_iters))
         if time is None:
+            if not estimate > 0:
+                raise ValueError(
+                    f"operator norm estimate {estimate} at construction (a zero weight): the "
+                    "integration time it sets is undefined; pass time= explicitly"
+                )
             sigma0 = estimate * (1 + TIME_HEADROOM)
             time = self.tableau.step_radius / (activation.lipschitz * sigma0**2)
         if not time > 0:

@@ -503,10 +503,14 @@ class LinearOperator(Pinnable):
         return self.power_iteration(1)
 
     def _iterate(self, w: torch.Tensor, u: torch.Tensor, n_iters: int) -> torch.Tensor:
+        """``n_iters`` normalised steps ``u <- A^T A u / ||A^T A u||``; where ``A^T A u`` is 0 (a
+        zero weight) ``u`` is kept, so the estimate is 0, not 0/0, and a later nonzero weight
+        is found again (a zero ``u`` would stay zero for ever)."""
         for _ in range(n_iters):
             v = self._apply_with(w, u)
-            u = self._adjoint_with(w, v, u.shape)
-            u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
+            step = self._adjoint_with(w, v, u.shape)
+            norm = step.norm()
+            u = torch.where(norm > 0, step / norm.clamp_min(torch.finfo(u.dtype).tiny), u)
         return u
 
     def _rayleigh(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -901,9 +905,11 @@ def _grouped_power_iteration(ops: list[Conv2dOperator], n_iters: int) -> torch.T
     tiny = torch.finfo(u.dtype).tiny
     for _ in range(n_iters):
         v = F.conv2d(u, w, None, first.stride, first.padding, first.dilation, g)
-        u = F.conv_transpose2d(v, w, None, first.stride, first.padding, pad, g, first.dilation)
-        norms = u.reshape(g, -1).norm(dim=1).clamp_min(tiny)  # reshape: u may be channels_last
-        u = (u.reshape(g, -1) / norms[:, None]).reshape(u.shape)
+        step = F.conv_transpose2d(v, w, None, first.stride, first.padding, pad, g, first.dilation)
+        flat = step.reshape(g, -1)  # reshape: u may be channels_last
+        norms = flat.norm(dim=1, keepdim=True)
+        kept = torch.where(norms > 0, flat / norms.clamp_min(tiny), u.reshape(g, -1))  # _iterate
+        u = kept.reshape(u.shape)
     ud = u.double()
     # ||A u|| in float64 as one batched matrix product over the G patch matrices (cuDNN runs a
     # float64 grouped convolution as G slow kernels: 0.7 ms per step for the paper classifier).

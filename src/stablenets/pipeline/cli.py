@@ -224,19 +224,22 @@ killed or timed-out attempt's last lines would be lost)."""
 
 class _Tee:
     """A text stream that also appends what it is given to ``history``; a history that cannot
-    be written to any more (a full disk) is dropped, never failing the job."""
+    be written to any more (a full disk, or closed: a logging handler made during the job keeps
+    its stream) is dropped, never failing the job. ``stream`` ``None``: Python's own for a
+    closed standard stream (``>&-``), which takes every write and keeps nothing."""
 
-    def __init__(self, stream: TextIO, history: TextIO) -> None:
+    def __init__(self, stream: TextIO | None, history: TextIO) -> None:
         self.stream = stream
         self.history: TextIO | None = history
 
     def write(self, text: str) -> int:
         if self.history is not None and not _append(self.history, text):
             self.history = None
-        return self.stream.write(text)
+        return len(text) if self.stream is None else self.stream.write(text)
 
     def flush(self) -> None:
-        self.stream.flush()
+        if self.stream is not None:
+            self.stream.flush()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.stream, name)
@@ -247,7 +250,7 @@ def _append(history: TextIO, text: str) -> bool:
     try:
         history.write(text)
         history.flush()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: closed
         return False
     return True
 
@@ -259,7 +262,8 @@ def _attempts(workdir: Path | None) -> TextIO | None:
         return None
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        return open(workdir / ATTEMPTS_LOG, "a", encoding="utf-8")  # noqa: SIM115 (closed in main)
+        # a path's undecodable bytes (surrogates) written escaped: never an encoding error
+        return open(workdir / ATTEMPTS_LOG, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 (closed in main)
     except OSError:
         return None
 

@@ -308,7 +308,7 @@ def _sweep(
 
 
 def _resumed_sweep(
-    saved: SavedProgress, correct: torch.Tensor, log: Log
+    saved: SavedProgress, plan: radius_sweep.SweepPlan, correct: torch.Tensor, log: Log
 ) -> radius_sweep.SweepState | None:
     """The saved sweep state, if any. Its clean predictions (``correct``, which its curves and
     certificates come from) are kept even where this run's (``correct``) differ, with one log
@@ -318,7 +318,7 @@ def _resumed_sweep(
     if "state" not in saved:
         return None
     state = radius_sweep.SweepState(**saved["state"])
-    log(f"resuming from {saved.path} at eps {state.radius_index + 1} of the sweep")
+    log(f"resuming from {saved.path}, {radius_sweep.position(plan, state)}")
     differ = int((state.correct != correct.cpu()).sum())
     if differ:
         log(
@@ -406,7 +406,7 @@ def evaluate_classifier(
         saved = _saved_progress(
             spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}", workdir, log, stop
         )
-        state = _resumed_sweep(saved, correct, log) or radius_sweep.SweepState.start(
+        state = _resumed_sweep(saved, plan, correct, log) or radius_sweep.SweepState.start(
             correct, robustness.certified_radius(margin, correct, lip, rounding), spec["seed"]
         )
         clean = float(state.correct.double().mean())  # what the curves count: the state's

@@ -111,8 +111,8 @@ _JOB_SCRIPT = re.compile(rf"\.*stablenets{_WRAPPED}")
 _PYTHON = re.compile(rf"\.*(?:python|pypy)[\w.]*{_WRAPPED}")
 # Python's options that take a value (``-W ignore``, ``-Wignore``; ``-c`` and ``-m`` end them)
 _PYTHON_VALUED = "WX"
-# Modules of the pipeline that are not a job of the workflow: this tool
-_NOT_JOBS = ("stablenets.pipeline.locks",)
+# The modules the workflow's jobs run as (``python -m stablenets <job>``, and its entry point)
+_JOB_MODULES = ("stablenets", "stablenets.__main__", "stablenets.pipeline.cli")
 
 
 def _python_runs(argv: list[str]) -> tuple[str, str] | None:
@@ -142,46 +142,33 @@ def _python_runs(argv: list[str]) -> tuple[str, str] | None:
     return ("script", argv[i]) if i < len(argv) else None
 
 
-def _modules(argv: list[str]) -> Iterator[str]:
-    """Every module ``argv`` names with ``-m`` (``-m mod`` or ``-mmod``), wherever it stands."""
-    for i, arg in enumerate(argv):
-        if arg == "-m" and i + 1 < len(argv):
-            yield argv[i + 1]
-        elif arg.startswith("-m") and len(arg) > 2:
-            yield arg[2:]
-
-
 def _is_workflow_module(module: str) -> bool:
-    """Snakemake (``snakemake``, ``snakemake.cli``...) or the pipeline's jobs (``stablenets``,
-    ``stablenets.<module>``) but this tool."""
-    if module == "snakemake" or module.startswith("snakemake."):
-        return True
-    return (module == "stablenets" or module.startswith("stablenets.")) and (
-        module not in _NOT_JOBS
-    )
+    """Snakemake (``snakemake``, ``snakemake.cli``...) or the pipeline's jobs (``_JOB_MODULES``;
+    not this tool, a benchmark or the config check, which write no output of the workflow)."""
+    return module == "snakemake" or module.startswith("snakemake.") or module in _JOB_MODULES
 
 
 def is_workflow_command(argv: list[str]) -> bool:
-    """Whether ``argv`` runs Snakemake or a pipeline job (``python -m stablenets <job>``), told
-    generously (one wrongly counted only keeps a lock): any word naming a Snakemake program
-    (``snakemake``, ``python .../bin/snakemake``, Nix's ``.snakemake-wrapped``), ``-m
-    snakemake`` or ``-m snakemake.<module>`` anywhere (``-msnakemake`` too), the jobs' module
-    ``-m stablenets[.<module>]`` anywhere, and the console script ``stablenets`` run as the
-    program (also by Python after its options: ``python -u -X utf8 .../bin/stablenets``; not
-    a mere path named so, such as the project's folder given to an editor)."""
+    """Whether ``argv`` runs Snakemake or a pipeline job (``python -m stablenets <job>``), told by
+    the program alone: ``argv[0]`` named as a Snakemake program (``snakemake``, Nix's
+    ``.snakemake-wrapped``) or the console script ``stablenets``, or what Python runs after
+    its options (``python -u -X utf8 .../bin/snakemake``, ``-m snakemake[.<module>]``,
+    ``-mstablenets``). A word elsewhere is no program: a ``tmux new -s snakemake`` session, or
+    ``conda run -n snakemake make``, would keep a dead run's lock for ever. Wrappers that exec
+    (``nice``, ``nohup``, ``env``) become the program, and those that start it as a child
+    (``srun``, ``conda run``, ``timeout``, a shell) leave the child in the process list."""
     if not argv:
         return False
-    if any(_SNAKEMAKE.fullmatch(Path(arg).name) for arg in argv):
-        return True
-    if any(_is_workflow_module(module) for module in _modules(argv)):
-        return True
-    program: str | None = argv[0]
-    if _PYTHON.fullmatch(Path(argv[0]).name):
+    program = argv[0]
+    if _PYTHON.fullmatch(Path(program).name):
         runs = _python_runs(argv)
-        if runs is not None and runs[0] == "module":
+        if runs is None:
+            return False
+        if runs[0] == "module":
             return _is_workflow_module(runs[1])
-        program = None if runs is None else runs[1]
-    return program is not None and bool(_JOB_SCRIPT.fullmatch(Path(program).name))
+        program = runs[1]
+    name = Path(program).name
+    return bool(_SNAKEMAKE.fullmatch(name) or _JOB_SCRIPT.fullmatch(name))
 
 
 def _proc_processes() -> Iterator[tuple[int, list[str], Path]]:
@@ -341,10 +328,10 @@ def _submitted_from(job: int) -> str | None:
 def _queued(directory: Path) -> dict[int, str] | None:
     """Job id -> comment of this user's pending or running SLURM jobs of Snakemake's SLURM
     executor (comment ``rule_...``) working in ``directory`` or below it (an element of a job
-    array by its own id); ``{}`` without ``squeue``, ``None`` when ``squeue`` fails (no
-    controller answers)."""
+    array by its own id); ``None`` when ``squeue`` fails (no controller answers) or is not on
+    the ``PATH`` (a shell without ``module load slurm``): neither tells that no job runs."""
     if shutil.which("squeue") is None:
-        return {}
+        return None
     try:
         listed = subprocess.run(
             ["squeue", "-h", "-u", str(os.getuid()), "-o", "%A|%k|%Z"],
@@ -617,10 +604,13 @@ def unlock_if_stale(directory: Path, snakemake_args: list[str]) -> str | None:
         queued = _queued(directory)
         if queued is None:
             if _uses_slurm(snakemake_args, directory) or _left_cluster_jobs(directory):
+                silent = (
+                    "is not on the PATH" if shutil.which("squeue") is None else "does not answer"
+                )
                 return _leaving(
                     directory,
-                    "squeue does not answer, so this machine cannot tell whether SLURM jobs of "
-                    "the stopped Snakemake still run; rerun once it does, or unlock by hand",
+                    f"squeue {silent}, so this machine cannot tell whether SLURM jobs of the "
+                    "stopped Snakemake still run; rerun once it does, or unlock by hand",
                 )
             queued = {}  # a local run on a machine with SLURM's client but no cluster
         if holders := workflow_processes(directory, queued):

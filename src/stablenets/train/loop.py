@@ -501,11 +501,8 @@ def train(
         end = cfg.steps if cfg.stop_after is None else min(cfg.stop_after, cfg.steps)
         if end < cfg.steps:
             log(f"stopping after {end} steps of the {cfg.steps}-step schedule (stop_after)")
-        if state.step > end:
-            log(
-                f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}: its best "
-                f"model (step {state.best_step}) is kept; delete the checkpoint to stop at {end}"
-            )
+        checkpoint = functools.partial(save, ckpt_path, config_hash, model, opt, sched, state)
+        _settle_resumed_stop(model, task, cfg, state, end, ckpt_path, checkpoint, log)
         if state.stop_metric is not None and state.step < end:  # going on past an earlier stop
             state.rows = [
                 r for r in state.rows if not (r["kind"] == "val" and r["step"] == state.step)
@@ -562,6 +559,45 @@ def train(
         raise RuntimeError(f"training ended at step {state.step} without a validation to keep")
     model.load_state_dict(state.best_state)
     return model.eval(), state
+
+
+def _settle_resumed_stop(
+    model: StableModel,
+    task: Task,
+    cfg: TrainConfig,
+    state: RunState,
+    end: int,
+    ckpt_path: Path,
+    checkpoint: Callable[[], None],
+    log: Log,
+) -> None:
+    """A run resumed at or past its stop (``stop_after`` lowered to the checkpoint's step or
+    below it): at it, its last step is validated (and checkpointed) as a run stopping there
+    validates it, unless it was; past it, the model kept is named as ``train`` returns it, and
+    a checkpoint with no validation at all is refused naming ``stop_after``."""
+    if (
+        state.step == end
+        and end > 0
+        and not any(r["kind"] == "val" and r["step"] == end for r in state.rows)
+    ):
+        on_grid = end % cfg.val_every == 0 or end == cfg.steps
+        _check_weights(state.step, model, ckpt_path)
+        _timed(state, "validation", functools.partial(_validate, model, task, state, log, on_grid))
+        _timed(state, "checkpoint", checkpoint)
+    if state.step <= end:
+        return
+    if state.best_state is None and state.stop_metric is None:
+        raise ValueError(
+            f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}, and holds "
+            f"no validated model: set stop_after to at least {state.step}, or delete the "
+            f"checkpoint to stop at {end}"
+        )
+    stopped = state.stop_metric is not None and state.stop_metric > state.best_metric
+    log(
+        f"checkpoint {ckpt_path} is at step {state.step}, past stop_after={end}: its best "
+        f"model (step {state.step if stopped else state.best_step}) is kept; delete the "
+        f"checkpoint to stop at {end}"
+    )
 
 
 class _Progress:
