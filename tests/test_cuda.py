@@ -316,7 +316,9 @@ def _bf16_step(device: str, workdir, loss: dict | None):
     """One training step of the small classifier under bf16 autocast and the same step without;
     returns both models and both loss values, and whether the forward ran under autocast."""
     initial, task = _training_case("classification", device)
-    cfg = TrainConfig(steps=1, batch_size=8, lr_max=0.05, val_every=1, log_every=1, loss=loss)
+    cfg = TrainConfig(  # one step (of a schedule with a warm-up step)
+        steps=3, stop_after=1, batch_size=8, lr_max=0.05, val_every=3, log_every=1, loss=loss
+    )
     seen: list[bool] = []
     low = copy.deepcopy(initial).to(device)
     low.lift.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled(_kind(device))))

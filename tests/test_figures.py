@@ -116,6 +116,10 @@ def training_log(
     return path
 
 
+N_SAVED = 3  # examples the jobs saved (denoising.evaluate.crops, pnp.n_show): a figure shows
+# every one (a fixed 2 ignored the settings)
+
+
 def denoising_eval(root: Path, variant: str, seed: int, sigma: float = SIGMA) -> Path:
     """Crops of the first test images; ``crops/psnr`` are those images' PSNRs."""
     g = rng(100)  # the same clean and noisy images in every file
@@ -140,17 +144,17 @@ def denoising_eval(root: Path, variant: str, seed: int, sigma: float = SIGMA) ->
         "psnr_1": psnr,
         "noisy_psnr": np.array([17.0, 17.5, 18.0]),
         "image_index": np.arange(N_IMAGES),
-        "crops/clean": clean[:2],
-        "crops/noisy": noisy[:2],
-        "crops/denoised": denoised[:2],
-        "crops/psnr": psnr[:2],
+        "crops/clean": clean[:N_SAVED],
+        "crops/noisy": noisy[:N_SAVED],
+        "crops/denoised": denoised[:N_SAVED],
+        "crops/psnr": psnr[:N_SAVED],
     }
     return write_denoising(root, variant, seed, sigma, attrs, data)
 
 
 def pnp_result(root: Path, variant: str, seed: int, history: bool = True) -> Path:
     g = rng(200)
-    clean = g.random((2, 3, 16, 16)).astype(np.float32)
+    clean = g.random((N_SAVED, 3, 16, 16)).astype(np.float32)
     observed = (clean + 0.1 * g.standard_normal(clean.shape)).astype(np.float32)
     recon = (clean + 0.03 * rng(seed + 3).standard_normal(clean.shape)).astype(np.float32)
     stops = np.array([N_ITER, N_ITER - 4, N_ITER - 2])  # images stop at different iterations
@@ -279,7 +283,15 @@ def test_the_spelled_out_colours_are_seaborns_palettes() -> None:
 
     colorblind = [to_hex(c) for c in sns.color_palette("colorblind", 10)]
     assert KNOWN_COLORS == (*colorblind[:7], colorblind[9], "#b8850a", colorblind[7])
-    assert EXTRA_COLORS == tuple(to_hex(c) for c in sns.color_palette("dark", 10))
+    dark = [to_hex(c) for c in sns.color_palette("dark", 10)]
+    assert EXTRA_COLORS == tuple(c for c in dark if c not in KNOWN_COLORS) and len(dark) == 10
+
+
+def test_no_unknown_model_takes_a_known_or_family_colour_until_the_extras_cycle() -> None:
+    """The ninth unknown name took TV's dark yellow: two models of one figure alike."""
+    names = [f"my_denoiser{i}" for i in range(len(EXTRA_COLORS))]
+    colors = model_colors([*names, *KNOWN_MODELS, *FAMILY_COLORS])
+    assert len(set(colors.values())) == len(colors)
 
 
 def test_family_colours_are_fixed_distinct_and_shaded_by_size() -> None:
@@ -376,7 +388,7 @@ def test_denoising_examples_figure(denoising_paths: list[Path], tmp_path: Path) 
     assert_saved(stem)
     assert_no_empty_axes(fig)
     columns = 2 + 3  # clean, noisy, euler, dncnn, tv
-    assert len(fig.axes) == 2 * columns
+    assert len(fig.axes) == N_SAVED * columns  # a row per saved example (crops, n_show)
     titles = [ax.get_title() for ax in fig.axes[:columns]]
     assert titles == ["clean", "noisy (σ = 0.15)", "euler", "dncnn", "tv"]
     euler = h5py.File(denoising_paths[0], "r")  # seed 0 is the one shown
@@ -397,7 +409,7 @@ def test_denoising_examples_choose_noise_level(denoising_paths: list[Path], tmp_
         denoising_examples_figure([*denoising_paths, other], tmp_path / "bad")
     fig = denoising_examples_figure([*denoising_paths, other], tmp_path / "low", sigma=0.05)
     assert [ax.get_title() for ax in fig.axes[:3]] == ["clean", "noisy (σ = 0.05)", "dncnn"]
-    assert len(fig.axes) == 2 * 3
+    assert len(fig.axes) == N_SAVED * 3
 
 
 def test_the_registry_draws_denoising_examples_at_the_specs_noise_level(
@@ -465,7 +477,7 @@ def test_pnp_reconstructions_figure(pnp_paths: list[Path], tmp_path: Path) -> No
     assert_saved(stem)
     assert_no_empty_axes(fig)
     columns = 2 + 3  # clean, observed, averaged, dncnn, tv
-    assert len(fig.axes) == 2 * columns
+    assert len(fig.axes) == N_SAVED * columns  # a row per saved example (crops, n_show)
     assert [ax.get_title() for ax in fig.axes[:columns]] == [
         "clean",
         "observed",
@@ -539,6 +551,24 @@ def test_families_figure(classification_paths: list[Path], root: Path) -> None:
     resnet = [p.get_height() for p in bars.patches if p.get_gid() == "resnet"]
     assert len(resnet) == 3 and resnet[2] == 0.0  # certified accuracy of the ResNet is 0
     assert line_colors(fig) == model_colors(["nonexpansive", "resnet"])
+
+
+def test_the_families_figures_legends_do_not_overlap_at_the_papers_18_classifiers(
+    tmp_path: Path,
+) -> None:
+    """The model legend, one column of 18 entries, ran past the figure into the bars' key."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    sizes = [f"{f}_{s}" for f in FAMILY_COLORS for s in SIZE_SHADES]
+    paths = [classification_eval(tmp_path, v, 0) for v in ["nonexpansive", "resnet", *sizes]]
+    fig = families_figure(paths, tmp_path / "families")
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()  # pyright: ignore[reportAttributeAccessIssue]
+    models, key = fig.legends
+    assert len(models.get_texts()) == 18
+    boxes = [[t.get_window_extent(renderer) for t in [*legend.get_texts(), legend.get_title()]]
+             for legend in (models, key)]  # fmt: skip
+    assert not any(a.overlaps(b) for a in boxes[0] for b in boxes[1])
 
 
 def test_families_figure_reads_the_smallest_radius_whatever_the_configs_order(

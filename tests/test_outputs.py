@@ -297,6 +297,18 @@ def test_the_classification_captions_name_the_attack_that_ran_and_the_test_image
     assert rules.count("**JOBS.caption_params(),") == 2  # the table and figure rules
 
 
+def test_the_robustness_caption_names_grid_attacks_only_where_autoattack_runs_them() -> None:
+    """``config.yaml`` sets ``grid_attacks``; with ``strong.method: pgd`` they never run, yet the
+    caption said "there with AutoAttack's apgd-ce, apgd-t" beside the PGD attack's label."""
+    paper = load_config(CONFIGS["paper"], SCHEMA)
+    text = (CAPTIONS / "figures/robustness.rst").read_text()
+    shown = " ".join(_render(text, paper, "figure", "robustness").split())
+    assert "there with AutoAttack's apgd-ce, apgd-t" in shown
+    paper["classification"]["evaluate"]["strong"]["method"] = "pgd"
+    shown = " ".join(_render(text, paper, "figure", "robustness").split())
+    assert "``pgd (100 steps x 5)``" in shown and "AutoAttack's" not in shown
+
+
 def test_the_robustness_figure_draws_the_paper_models_unless_the_config_names_others() -> None:
     """With every layer family at every width, 18 classifiers drew 54 curves in one plot; the
     families figure compares them, the robustness figure shows the variants without a size."""

@@ -836,9 +836,9 @@ def test_the_momentum_cycles_as_the_authors_one_cycle_schedule_or_is_held():
         assert _momenta([0.95, 0.85], warmup=warmup) == scripts
         assert scripts[0] == 0.95 and min(scripts) == 0.85 and scripts[-1] > 0.94
     assert _momenta(0.9) == [0.9] * 20
-    assert TrainConfig(steps=1, batch_size=1).momentum == (0.95, 0.85)  # the scripts' default
+    assert TrainConfig(steps=10, batch_size=1).momentum == (0.95, 0.85)  # the scripts' default
     with pytest.raises(ValueError, match="a number or a pair"):
-        TrainConfig(steps=1, batch_size=1, momentum=[0.9, 0.8, 0.7])
+        TrainConfig(steps=10, batch_size=1, momentum=[0.9, 0.8, 0.7])
 
 
 def test_a_schedule_one_cycle_cannot_take_is_refused_in_one_line_before_any_step():
@@ -867,6 +867,22 @@ def test_a_schedule_one_cycle_cannot_take_is_refused_in_one_line_before_any_step
     budgeted = TrainConfig(steps=2, batch_size=1, budget_minutes=5.0)  # steps: a placeholder
     with pytest.raises(ValueError, match="warmup 0.5 x steps 2 is one warm-up step"):
         make_optimizer(model, budgeted)  # where the derived steps meet the schedule
+    # under one step: the first step is the anneal's, at about the peak rate, no warm-up at all
+    for steps, warmup in ((3, 0.2), (1, 0.5), (4, 0.2)):
+        with pytest.raises(ValueError, match=f"x steps {steps} is under one warm-up step"):
+            TrainConfig(steps=steps, batch_size=1, warmup=warmup)
+        opt, sched = make_optimizer(model, TrainConfig(steps=10, batch_size=1, warmup=warmup))
+        assert sched.get_last_lr()[0] < 0.01  # it starts low when the warm-up has a step
+    opt, sched = make_optimizer(model, TrainConfig(steps=6, batch_size=1, warmup=0.2))
+    assert sched.get_last_lr()[0] < 0.01  # 1.2 warm-up steps: the first at the initial rate
+
+
+def test_the_budgets_calibration_takes_any_warm_up_the_run_takes(tmp_path, monkeypatch):
+    """The calibration's own schedule (rate 0 throughout) had 11 steps: a warm-up of 0.05, which
+    the budget's 1,000 steps take, made it under one step and refused."""
+    monkeypatch.setattr(loop.budget, "seconds_per_step", lambda *a, **k: 0.06)  # 1,000 steps
+    logs, state = _tiny_run(tmp_path, steps=10, budget_minutes=1.0, warmup=0.05, stop_after=2)
+    assert state.step == 2 and any("1000 steps" in line for line in logs), logs
 
 
 def test_a_budget_that_gives_a_one_step_warm_up_names_budget_minutes_not_steps(

@@ -82,10 +82,15 @@ KNOWN_COLORS = (
 FAMILY_COLORS = {"cpl": "#882255", "sll": "#44aa99", "aol": "#999933", "orthogonal": "#332288"}
 SIZE_SHADES = ("XS", "S", "M", "L")
 #: Colours for unknown names, taken in their sorted order (cycled if more are needed).
-#: seaborn's ``"dark"`` palette, spelled out as ``KNOWN_COLORS`` is.
-EXTRA_COLORS = (
-    *("#001c7f", "#b1400d", "#12711c", "#8c0800", "#591e71"),
-    *("#592f0d", "#a23582", "#3c3c3c", "#b8850a", "#006374"),
+#: seaborn's ``"dark"`` palette, spelled out as ``KNOWN_COLORS`` is, less the colour a known
+#: model has (its dark yellow is TV's).
+EXTRA_COLORS = tuple(
+    c
+    for c in (
+        *("#001c7f", "#b1400d", "#12711c", "#8c0800", "#591e71"),
+        *("#592f0d", "#a23582", "#3c3c3c", "#b8850a", "#006374"),
+    )
+    if c not in KNOWN_COLORS
 )
 
 PNG_DPI = 150
@@ -106,7 +111,7 @@ ROBUSTNESS_SIZE = (7.0, 3.8)  # inches, the robustness plot (legends outside, on
 IMAGE_SIZE = 1.8  # inches of the longer side of one image panel
 BAND_ALPHA = 0.18  # light bands (min-max over blocks or images)
 EPS_PAD = 0.03  # left x margin (fraction of the ε range) so the ε=0 marker is not clipped
-N_EXAMPLES = 2  # example crops / images shown by default
+LEGEND_ROWS = 8  # entries per column of a side legend
 CURVE_STYLES: dict[str, LineStyleType] = {"certified": "--", "empirical": "-", "pgd": ":"}
 CURVE_LABELS = {
     "certified": "certified",
@@ -285,11 +290,14 @@ def _style_handles(
 
 
 def _side_legends(fig: Figure, *groups: tuple[str, Sequence[Artist]]) -> None:
-    """Legends outside the plot area on the right, one per (title, handles) group."""
+    """Legends outside the plot area on the right, one per (title, handles) group, each in
+    columns of at most ``LEGEND_ROWS`` entries (the paper's 18 classifiers in one column ran
+    past the figure into the legend below)."""
     locations = ("outside right upper", "outside right lower")
     for (title, handles), loc in zip(groups, locations, strict=False):
         if handles:
-            fig.legend(handles=handles, title=title, loc=loc)
+            ncol = -(-len(handles) // LEGEND_ROWS)
+            fig.legend(handles=handles, title=title, loc=loc, ncol=ncol)
 
 
 def _band(
@@ -717,19 +725,20 @@ def _pnp_noise_level(spec: Mapping[str, Any]) -> dict[str, Any]:
 def denoising_examples_figure(
     eval_paths: Iterable[Path],
     stem: Path,
-    n_crops: int = N_EXAMPLES,
+    n_crops: int | None = None,
     sigma: float | None = None,
 ) -> Figure:
     """Grid of example crops at one noise level ``sigma`` (``None``: the only one in
     ``eval_paths``): clean, noisy, then each denoiser (lowest seed), with the PSNR of the crop's
-    full test image (paper's peak definition) in the corner."""
+    full test image (paper's peak definition) in the corner. ``n_crops`` rows (``None``: every
+    crop saved, ``denoising.evaluate.crops``)."""
     results = [_read(p, _CROP_SETS) for p in eval_paths]
     if not results:
         raise ValueError("no evaluation files given")
     results, sigma = _at_sigma(results, sigma)
     models = _first_seed(results)
     reference = next(iter(models.values()))
-    n = min(n_crops, len(reference.data["crops/clean"]))
+    n = len(reference.data["crops/clean"][:n_crops])
     clean = _same_images(models.values(), "crops/clean", n)
     noisy_title = f"noisy (σ = {sigma:g})" if np.isfinite(sigma) else "noisy"
     titles = ["clean", noisy_title, *models]
@@ -925,11 +934,12 @@ def pnp_convergence_figure(pnp_paths: Iterable[Path], stem: Path) -> Figure:
 
 @outputs.figure(name="pnp_reconstructions", source="pnp_runs")
 def pnp_reconstructions_figure(
-    pnp_paths: Iterable[Path], stem: Path, n_images: int = N_EXAMPLES
+    pnp_paths: Iterable[Path], stem: Path, n_images: int | None = None
 ) -> Figure:
     """Grid: clean, observed (blurred and noisy), then each method's reconstruction (lowest
     seed), with its PSNR (dB, peak 1) in the corner: the table's, of the iterate itself, which
-    may leave [0, 1]; the image is shown clipped to [0, 1]."""
+    may leave [0, 1]; the image is shown clipped to [0, 1]. ``n_images`` rows (``None``: every
+    image saved, ``pnp.n_show``)."""
     results = [_read(p, _PNP_SETS) for p in pnp_paths]
     if not results:
         raise ValueError("no PnP result files given")
@@ -937,7 +947,7 @@ def pnp_reconstructions_figure(
     index = {id(r): labels[i] for i, r in enumerate(results)}
     methods = _first_seed(results, key=lambda r: index[id(r)])
     reference = next(iter(methods.values()))
-    n = min(n_images, len(reference.data["images/clean"]))
+    n = len(reference.data["images/clean"][:n_images])
     clean = _same_images(methods.values(), "images/clean", n)
     observed = reference.data["images/observed"][:n]
     titles = ["clean", "observed", *methods]

@@ -156,8 +156,9 @@ def schedule_problems(
 ) -> list[str]:
     """What keeps ``make_optimizer``'s one-cycle schedule from running as meant: ``OneCycleLR``
     divides by its warm-up's length ``warmup * steps - 1`` (a warm-up of exactly one step
-    divides by zero; ``steps`` ``None``: not known yet, as before a ``budget_minutes``
-    calibration) and by its anneal's (none at ``warmup`` 1: every step trained, then a
+    divides by zero, a shorter one makes the first step one of the anneal, at about the peak
+    rate, with no warm-up at all; ``steps`` ``None``: not known yet, as before a
+    ``budget_minutes`` calibration) and by its anneal's (none at ``warmup`` 1: every step trained, then a
     division by zero before the last checkpoint), and a start at or above the peak would warm
     up downward. ``steps_key`` names the setting the steps come from (``budget_minutes`` where
     they were derived from it)."""
@@ -167,10 +168,12 @@ def schedule_problems(
             f"warmup {warmup} must lie strictly between 0 and 1 (a fraction of the steps, the "
             "rest annealing)"
         )
-    elif steps is not None and warmup * steps == 1.0:
+    elif steps is not None and warmup * steps <= 1.0:
+        length = "one warm-up step" if warmup * steps == 1.0 else "under one warm-up step"
         problems.append(
-            f"warmup {warmup} x steps {steps} is one warm-up step, which the one-cycle schedule "
-            f"cannot take (it divides by the warm-up's length - 1): change {steps_key} or warmup"
+            f"warmup {warmup} x steps {steps} is {length}, which the one-cycle schedule cannot take (it divides by the warm-up's length - 1, "
+            f"and below one step starts on its anneal, near the peak rate): change {steps_key} "
+            "or warmup"
         )
     if not lr_initial < lr_max:
         problems.append(
@@ -667,7 +670,9 @@ def _budgeted(
     def measure() -> float:
         probe = copy.deepcopy(model)
         calls = budget.WARMUP_STEPS + budget.TIMED_STEPS
-        opt, _ = make_optimizer(probe, dataclasses.replace(cfg, steps=calls + 1))
+        # a schedule the check takes, whatever the warm-up (its rate is replaced by 0 below)
+        steps = max(calls + 1, math.floor(1 / cfg.warmup) + 1)
+        opt, _ = make_optimizer(probe, dataclasses.replace(cfg, steps=steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 0.0)  # the weights stay
         state = RunState()
         graphs = step_graphs(probe, task, cfg, device, log)
