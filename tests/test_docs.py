@@ -76,3 +76,16 @@ def test_every_test_the_readme_cites_exists():
     cited = set(re.findall(r"`(test_\w+)`", (ROOT / "README.md").read_text()))
     assert len(cited) > 10
     assert not cited - defined, f"README.md cites tests that do not exist: {cited - defined}"
+
+
+def test_the_readme_names_every_setting_the_resume_hash_leaves_out():
+    """``channels_last`` and ``cudnn_benchmark`` joined ``RUN_ONLY`` without the README's list."""
+    from stablenets.pipeline.specs import JOB_RUN_ONLY, RUN_ONLY
+
+    text = (ROOT / "README.md").read_text()
+    listed = text[
+        text.index("The hash leaves out") : text.index("`RUN_ONLY` in `pipeline/specs.py`")
+    ]
+    keys = {k for ks in RUN_ONLY.values() for k in ks}
+    keys |= {path[-1] for paths in JOB_RUN_ONLY.values() for path in paths}
+    assert sorted(k for k in keys if f"`{k}`" not in listed and f".{k}`" not in listed) == []
