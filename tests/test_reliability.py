@@ -786,6 +786,30 @@ def test_a_missing_squeue_keeps_the_lock_of_a_slurm_run_as_a_silent_one_does(tmp
     assert said.startswith("removed the lock") and not lock.exists()
 
 
+def test_a_snakefile_read_twice_opens_and_closes_no_second_descriptor_of_its_live_marker(
+    tmp_path, monkeypatch
+):
+    """NFS emulates ``flock`` with POSIX record locks, which a process drops when it closes any
+    descriptor of the file: a second read of the Snakefile opened the marker again and closed
+    that descriptor, releasing the marker of a live Snakemake."""
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    marker = tmp_path / locks.LIVE_MARKER
+    monkeypatch.setattr(locks.os, "open", counting)
+    try:
+        locks.hold_live_marker(tmp_path)
+        locks.hold_live_marker(tmp_path)
+        assert opened.count(str(marker)) == 1
+    finally:
+        key = os.stat(marker)
+        os.close(locks._HELD.pop((key.st_dev, key.st_ino)))
+
+
 def test_a_snakemake_the_process_list_does_not_show_keeps_its_lock_by_its_live_marker(
     tmp_path, monkeypatch
 ):

@@ -545,14 +545,17 @@ def hold_live_marker(directory: Path) -> None:
     Snakemake, wherever it runs. Not inherited by the jobs. Does nothing where the folder cannot
     be written or the file system has no locks."""
     path = directory / LIVE_MARKER
+    with suppress(OSError):
+        known = os.stat(path)
+        if (known.st_dev, known.st_ino) in _HELD:  # held already (the Snakefile read twice):
+            return  # no second descriptor, whose close would drop NFS's emulated (POSIX) lock
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # as umask allows
     except OSError:
         return
     key = os.fstat(fd)
-    if (key.st_dev, key.st_ino) in _HELD:  # held already (the Snakefile read twice)
-        os.close(fd)
+    if (key.st_dev, key.st_ino) in _HELD:  # a second read meanwhile: this one stays open too
         return
     try:  # for writing too: NFS turns flock into a POSIX lock, which needs the descriptor's mode
         fcntl.flock(fd, fcntl.LOCK_SH)
