@@ -2031,6 +2031,14 @@ def test_a_hand_written_stand_in_data_spec_with_a_setting_missing_or_misspelt_fa
     assert cli.main(["prepare-data", "--spec", json.dumps(spec), *args]) == 1
     one_error_line(capsys.readouterr().err, "--spec synthetic: ", needle)
     assert not (tmp_path / "d.h5").exists()
+    assert not (tmp_path / f"d.{cli.ATTEMPTS_LOG}").exists()  # nothing downloaded, no history
+    # a download's attempts (hours at BSDS500's kB/s) are kept in its cache, by dataset
+    cache = tmp_path / "cache"
+    urls = ["--urls", '["file:///absent/x.tgz"]']
+    args = ["--cache", str(cache), *urls, "--out", str(tmp_path / "d.h5")]
+    assert cli.main(["prepare-data", "--spec", json.dumps(spec), *args]) == 1
+    history = (cache / f"d.{cli.ATTEMPTS_LOG}").read_text().splitlines()
+    assert history[0].startswith("stablenets prepare-data: started ") and needle in history[1]
 
 
 def test_a_finished_training_rerun_with_other_threads_or_intervals_resumes_at_its_end(

@@ -217,9 +217,21 @@ def _loaded(module: str, name: str) -> type | None:
 
 
 ATTEMPTS_LOG = "attempts.log"
-"""In the ``--workdir`` of a job that has one (training, the evaluations, PnP, TV deblurring):
-every attempt's output, appended (Snakemake empties the rule's log before each attempt, so a
-killed or timed-out attempt's last lines would be lost)."""
+"""In the ``--workdir`` of a job that has one (training, the evaluations, PnP, TV deblurring),
+and as ``<dataset>.attempts.log`` in the data job's ``--cache`` (its downloads, hours at the
+kB/s of BSDS500's host): every attempt's output, appended (Snakemake empties the rule's log
+before each attempt, so a killed or timed-out attempt's last lines would be lost)."""
+
+
+def _history_path(args: argparse.Namespace) -> Path | None:
+    """Where the job of ``args`` appends every attempt's output (``ATTEMPTS_LOG``); ``None`` for
+    the report jobs, which take seconds and keep nothing between attempts, and for a data job
+    that downloads nothing (a generated stand-in makes no cache folder)."""
+    if getattr(args, "workdir", None) is not None:
+        return args.workdir / ATTEMPTS_LOG
+    if getattr(args, "cache", None) is not None and args.urls:
+        return args.cache / f"{args.out.stem}.{ATTEMPTS_LOG}"
+    return None
 
 
 class _Tee:
@@ -255,15 +267,15 @@ def _append(history: TextIO, text: str) -> bool:
     return True
 
 
-def _attempts(workdir: Path | None) -> TextIO | None:
-    """``workdir``'s attempts log, opened to append; None without a workdir or where it cannot
-    be written (the job then says so itself, as it writes its progress there)."""
-    if workdir is None:
+def _attempts(path: Path | None) -> TextIO | None:
+    """The attempts log at ``path`` (``_history_path``), opened to append; None where there is
+    none or it cannot be written (the job then says so itself, as it writes beside it)."""
+    if path is None:
         return None
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # a path's undecodable bytes (surrogates) written escaped: never an encoding error
-        return open(workdir / ATTEMPTS_LOG, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 (closed in main)
+        return open(path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 (closed in main)
     except OSError:
         return None
 
@@ -275,7 +287,7 @@ def _log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     paths = _JOBS[args.job][2]
-    history = _attempts(getattr(args, "workdir", None))
+    history = _attempts(_history_path(args))
     streams = sys.stdout, sys.stderr
     if history is not None:  # what the job prints, its warnings and tracebacks included
         sys.stdout, sys.stderr = _Tee(sys.stdout, history), _Tee(sys.stderr, history)
