@@ -526,6 +526,11 @@ def test_the_unlock_helper_counts_a_snakemake_or_job_however_python_or_a_wrapper
         ["/nix/store/b-snakemake/bin/.snakemake-wrapped", "--cores", "2"],
         ["/nix/store/a-python3/bin/.python3.11-wrapped", "-m", "snakemake"],
         ["/gnu/store/c-snakemake/bin/.snakemake-real"],
+        ["/usr/libexec/platform-python", "/usr/bin/snakemake", "--cores", "2"],
+        # launched on another machine: only the launcher is in this one's process list
+        ["srun", "--pty", "python", "-m", "snakemake", "--cores", "8"],
+        ["srun", "-p", "gpu", "snakemake", "--profile", "x"],
+        ["ssh", "node1", "cd /w && snakemake --cores 8"],
     ]
     jobs = [
         ["python", "-u", "-X", "utf8", "-m", "stablenets", "train"],
@@ -540,6 +545,8 @@ def test_the_unlock_helper_counts_a_snakemake_or_job_however_python_or_a_wrapper
         ["python", "/work/stablenets/benchmarks/x.py"],
         ["vim", "/home/u/stablenets"],  # the project's folder, named like the package
         ["python", "-c", "print('snakemake')"],
+        ["srun", "--pty", "bash"],
+        ["ssh", "node1", "uptime"],
     ]
     assert [argv for argv in snakemake + jobs if not locks.is_workflow_command(argv)] == []
     assert [argv for argv in others if locks.is_workflow_command(argv)] == []
@@ -2222,7 +2229,9 @@ def test_data_rule_rejects_a_corrupted_archive_and_leaves_no_output(tmp_path):
     assert re.search(r"checksum mismatch", log, re.I) and good_md5 in log and md5_of(cifar) in log
     assert "Traceback" not in log
     assert not (work / target).exists()
-    assert list((tmp_path / "cache").iterdir()) == []
+    history = tmp_path / "cache" / f"cifar10.{cli.ATTEMPTS_LOG}"  # the attempt's output
+    assert list((tmp_path / "cache").iterdir()) == [history]  # no partial kept
+    assert re.search(r"checksum mismatch", history.read_text(), re.I)
 
 
 def _model(name: str, **kwargs):
@@ -2687,7 +2696,9 @@ def test_two_jobs_downloading_into_one_cache_at_once_both_get_the_verified_archi
         server.shutdown()
     assert [p.returncode for p in procs] == [0, 0], outcomes
     assert len(ThrottledHandler.requests) == 2  # both really downloaded, at the same time
-    assert sorted(p.name for p in cache.iterdir()) == [archive.name]  # no temporaries left
+    history = f"cifar10.{cli.ATTEMPTS_LOG}"  # both jobs' attempts, each begun by its line
+    assert sorted(p.name for p in cache.iterdir()) == [archive.name, history]  # no temporaries
+    assert (cache / history).read_text().count("stablenets prepare-data: started ") == 2
     assert md5_of(cache / archive.name) == md5_of(archive)
     first, second = (tmp_path / f"out{i}" / "cifar10.h5" for i in range(2))
     assert_same_h5(first, second)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import os
 import re
@@ -289,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = _JOBS[args.job][2]
     history = _attempts(_history_path(args))
     streams = sys.stdout, sys.stderr
+    for stream in streams:  # a path's undecodable bytes are printed escaped, as stderr does
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     if history is not None:  # what the job prints, its warnings and tracebacks included
         sys.stdout, sys.stderr = _Tee(sys.stdout, history), _Tee(sys.stderr, history)
     try:

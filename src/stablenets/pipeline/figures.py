@@ -112,6 +112,7 @@ IMAGE_SIZE = 1.8  # inches of the longer side of one image panel
 BAND_ALPHA = 0.18  # light bands (min-max over blocks or images)
 EPS_PAD = 0.03  # left x margin (fraction of the ε range) so the ε=0 marker is not clipped
 LEGEND_ROWS = 8  # entries per column of a side legend
+LEGEND_COLUMN_WIDTH = 1.4  # inches a side legend's further column takes
 CURVE_STYLES: dict[str, LineStyleType] = {"certified": "--", "empirical": "-", "pgd": ":"}
 CURVE_LABELS = {
     "certified": "certified",
@@ -294,10 +295,14 @@ def _side_legends(fig: Figure, *groups: tuple[str, Sequence[Artist]]) -> None:
     columns of at most ``LEGEND_ROWS`` entries (the paper's 18 classifiers in one column ran
     past the figure into the legend below)."""
     locations = ("outside right upper", "outside right lower")
+    widest = 1
     for (title, handles), loc in zip(groups, locations, strict=False):
         if handles:
             ncol = -(-len(handles) // LEGEND_ROWS)
             fig.legend(handles=handles, title=title, loc=loc, ncol=ncol)
+            widest = max(widest, ncol)
+    # the columns beyond the first widen the figure: its panels keep their width
+    fig.set_figwidth(fig.get_figwidth() + (widest - 1) * LEGEND_COLUMN_WIDTH)
 
 
 def _band(

@@ -108,7 +108,9 @@ _MAX_DEPTH = 256  # folders walked up from a working directory
 _WRAPPED = r"(?:-wrapped|-real)*"
 _SNAKEMAKE = re.compile(rf"\.*snakemake{_WRAPPED}")
 _JOB_SCRIPT = re.compile(rf"\.*stablenets{_WRAPPED}")
-_PYTHON = re.compile(rf"\.*(?:python|pypy)[\w.]*{_WRAPPED}")
+_PYTHON = re.compile(rf"(?:[\w.]+-)?\.*(?:python|pypy)[\w.]*{_WRAPPED}")  # platform-python
+# Launchers whose command runs on another machine (its process is not in this one's list)
+_REMOTE_LAUNCHERS = ("srun", "salloc", "ssh")
 # Python's options that take a value (``-W ignore``, ``-Wignore``; ``-c`` and ``-m`` end them)
 _PYTHON_VALUED = "WX"
 # The modules the workflow's jobs run as (``python -m stablenets <job>``, and its entry point)
@@ -156,10 +158,16 @@ def is_workflow_command(argv: list[str]) -> bool:
     ``-mstablenets``). A word elsewhere is no program: a ``tmux new -s snakemake`` session, or
     ``conda run -n snakemake make``, would keep a dead run's lock for ever. Wrappers that exec
     (``nice``, ``nohup``, ``env``) become the program, and those that start it as a child
-    (``srun``, ``conda run``, ``timeout``, a shell) leave the child in the process list."""
+    (``conda run``, ``timeout``, a shell) leave the child in the process list. A launcher whose
+    child runs on another machine (``srun``, ``salloc``, ``ssh``: ``_REMOTE_LAUNCHERS``) counts
+    when any of its words from one on starts a workflow command (``srun -p gpu snakemake``,
+    ``ssh node 'cd w && snakemake'``): told generously, as no process here shows the child."""
     if not argv:
         return False
     program = argv[0]
+    if Path(program).name in _REMOTE_LAUNCHERS:
+        words = [word for arg in argv[1:] for word in arg.split()]
+        return any(is_workflow_command(words[i:]) for i in range(len(words)))
     if _PYTHON.fullmatch(Path(program).name):
         runs = _python_runs(argv)
         if runs is None:
