@@ -2777,6 +2777,24 @@ def test_the_attempts_log_fails_no_job_on_an_undecodable_path_a_closed_stdout_or
     assert tee.write("after the job\n") == len("after the job\n") and tee.history is None
 
 
+def test_a_job_prints_a_path_it_cannot_decode_escaped_on_a_strict_stdout(tmp_path):
+    """Under a UTF-8 locale stdout is strict: a mirror's URL with a Latin-1 byte, logged as it
+    failed, ended the data job in a ``UnicodeEncodeError`` traceback instead of its error line."""
+    spec = {"dataset": "cifar10", "source": "download", "archive": "x.tgz", "md5": "0" * 32,
+            "val_fraction": 0.2, "split_seed": 0}  # fmt: skip
+    url = os.fsencode("file:///absent/caf") + b"\xe9.tgz"
+    run = subprocess.run(
+        [sys.executable, "-m", "stablenets", "prepare-data", "--spec", json.dumps(spec),
+         "--cache", "c", "--urls", b'["' + url + b'"]', "--out", "d.h5"],  # fmt: skip
+        cwd=tmp_path, capture_output=True, timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )  # fmt: skip
+    out, err = run.stdout.decode(), run.stderr.decode()
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert "failed file:///absent/caf\\udce9.tgz" in out, out
+    assert err.startswith("stablenets prepare-data: error: x.tgz: every URL failed"), err
+
+
 def test_a_hand_written_specs_own_keys_are_checked_as_what_the_config_derives_them_from(
     tmp_path, capsys
 ):
