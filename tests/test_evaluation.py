@@ -108,7 +108,7 @@ def test_the_evaluation_log_has_a_line_per_radius_with_points_left_robust_elapse
     lines = [line for line in done.stdout.splitlines() if line.startswith("eps ")]
     assert len(lines) == EVALUATE["eps"]["num"] + 1, done.stdout  # the grid and 1.0
     for line in lines:
-        for needle in ("points left to attack", "robust", "elapsed", "ETA"):
+        for needle in ("points neither broken nor certified", "robust", "elapsed", "ETA"):
             assert needle in line, line
     with h5py.File(uninterrupted[0] / "eval.h5") as fh:
         assert fh.attrs["seconds_per_point_strong"] > 0
@@ -142,6 +142,36 @@ def test_sigterm_saves_the_evaluation_progress_and_exits_75(trained, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
     assert "progress" in err and "rerun to resume" in err and "Traceback" not in err
+
+
+def test_a_stop_signal_during_the_evaluations_start_up_stops_it_with_its_line(
+    trained, tmp_path, monkeypatch
+):
+    """SIGTERM while the model loaded or the clean pass ran (minutes at paper size on a CPU)
+    killed the job silently (exit 143); it now stops at the sweep's first poll, saved."""
+    from stablenets.evaluation import robustness
+    from stablenets.interrupt import Interrupted
+
+    clean_margins = robustness.clean_margins
+
+    def signalled(*args, **kwargs):  # noqa: ANN202
+        signal.raise_signal(signal.SIGTERM)
+        return clean_margins(*args, **kwargs)
+
+    def killed(signum, frame):  # noqa: ANN001, ANN202 (the default action, as an error here)
+        raise AssertionError("the signal reached the default handler: the job was killed")
+
+    monkeypatch.setattr(robustness, "clean_margins", signalled)
+    previous = signal.signal(signal.SIGTERM, killed)
+    spec, model, dataset = trained
+    try:
+        with pytest.raises(Interrupted, match="rerun to resume"):
+            pipeline_jobs.evaluate_classifier(
+                spec, model, dataset, tmp_path / "eval.h5", tmp_path / "work", log=lambda s: None
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (tmp_path / "work" / "progress.pt").exists() and not (tmp_path / "eval.h5").exists()
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import itertools
 import math
+import os
 import re
 import signal
 import time
@@ -1196,7 +1197,7 @@ def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_ela
     sweep(model, x, y, plan, state, log=lines.append)
     assert len(lines) == len(plan.radii)
     for line in lines:
-        for needle in ("eps", "points left", "robust", "elapsed", "ETA"):
+        for needle in ("eps", "points neither broken nor certified", "robust", "elapsed", "ETA"):
             assert needle in line, line
     lines.clear()  # a line after every batch too: never the radius's own line twice in a row
     state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
@@ -1204,6 +1205,15 @@ def test_the_sweep_logs_one_progress_line_per_radius_with_points_left_robust_ela
     lines = [line for line in lines if "running for" not in line]  # (the heartbeat's)
     assert len(lines) > len(plan.radii)
     assert all(a != b for a, b in itertools.pairwise(lines)), lines
+    # nor a pass's end, which the next pass or the radius's line follows at once: an audit with
+    # nothing to audit printed the radius twice, 4 ms apart
+    plan = sweep_plan(strong=partial(pgd_l2, steps=3, rel_step=0.1), strong_radii=frozenset({0.4}),
+                      audit_radii=frozenset({0.4}), audit_size=4)  # fmt: skip
+    assert plan.passes(3) == ["pgd", "strong", "audit"]
+    lines.clear()
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    sweep(model, x, y, plan, state, log=lines.append, log_every_s=1e-3)
+    assert not [line for line in lines if re.search(r"attack on (\d+) of \1 points done", line)]
 
 
 def test_pass_counting_gives_pgds_forward_and_backward_passes_per_point_and_padded():
@@ -1257,6 +1267,37 @@ def _blocking(attack, lines: list[str], beats: int, marker: str):
         return attack(model, x, y, eps, seed=seed)
 
     return wrapped
+
+
+def test_a_stop_signal_during_a_long_attack_call_is_acknowledged_at_once_and_stops_after_it():
+    """SIGTERM during an attack call of minutes left the heartbeat going on as before, so nobody
+    could tell that the signal had arrived (SLURM warns 300 s before its limit)."""
+    model, x, y, lip = linear_case(7)
+    lines: list[str] = []
+    strong = partial(pgd_l2, steps=20, rel_step=0.1)
+
+    def signalled(model, x, y, eps, seed):  # noqa: ANN001, ANN202
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not any("signal 15 received" in line for line in lines):
+            assert time.monotonic() < deadline, "no acknowledgement within 10 s"
+            time.sleep(0.005)
+        return strong(model, x, y, eps, seed=seed)
+
+    plan = sweep_plan(
+        strong=signalled, radii=(0.01, 0.04), strong_radii=frozenset({0.04}), batch_size=2
+    )
+    m, correct = margins(model, x, y, 64)
+    state = SweepState.start(correct, certified_radius(m, correct, lip), plan.seed)
+    with StopFlag() as flag:
+        sweep(model, x, y, plan, state, log=lines.append, stop=lambda: flag.raised)
+    told = [line for line in lines if "received" in line]
+    assert len(told) == 1 and re.fullmatch(
+        r"eps 0\.0400 \(2/2\), strong attack on points 1-\d+ of \d+: signal 15 received; the "
+        r"job stops and saves after this call",
+        told[0],
+    ), told
+    assert state.todo is not None and state.done == 2 < len(state.todo)  # that call, no more
 
 
 def test_a_long_attack_call_logs_a_line_every_log_every_s_naming_radius_pass_and_points():
@@ -1393,6 +1434,12 @@ def test_a_resumed_evaluation_says_where_its_sweep_stands():
     state.radius_index = 3
     assert radius_sweep.position(plan, state) == "at radius 4 of 5 (eps 0.4000)"
     state.radius_index = 0
+    polls = iter([False, False, True])  # stopped within a pass: its progress too
+    sweep(model, x, y, plan, state, stop=lambda: next(polls), log=lambda _: None)
+    assert re.fullmatch(
+        r"at radius 2 of 5 \(eps 0\.1000\), pgd attack on 32 of \d+ points done",
+        radius_sweep.position(plan, state),
+    ), radius_sweep.position(plan, state)
     sweep(model, x, y, plan, state, log=lambda _: None)
     assert radius_sweep.position(plan, state) == "after the sweep, before its bisection"
     plan.batch_size = 1  # a group per point: a stop within the first round
@@ -1401,7 +1448,7 @@ def test_a_resumed_evaluation_says_where_its_sweep_stands():
     assert re.fullmatch(r"in bisection round 1 \(\d+ of \d+ points attacked\)",
                         radius_sweep.position(plan, state))  # fmt: skip
     bisect(model, x, y, plan, state, log=lambda _: None)
-    assert radius_sweep.position(plan, state) == "finished"
+    assert radius_sweep.position(plan, state) == "sweep and bisection finished"
 
 
 # --------------------------------------------------------------------------------------------

@@ -213,6 +213,17 @@ def test_the_peak_memory_a_checkpoint_records_includes_the_validation_before_it(
     assert state.peak_memory_mb == 900.0
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["run"]["peak_memory_mb"] == 900.0
+    # a run stopped by a signal at step 3, rerun with stop_after 3: its stop's validation too
+    now["mb"] = 100.0
+
+    def term_at_3(line: str) -> None:
+        if line.startswith("step 2/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        _tiny_run(tmp_path / "cut", steps=8, val_every=8, log_every=1, on_line=term_at_3)
+    _, state = _tiny_run(tmp_path / "cut", steps=8, val_every=8, log_every=1, stop_after=3)
+    assert state.peak_memory_mb == 900.0 and state.best_step == 3
 
 
 def test_a_budgeted_run_that_lost_its_step_count_takes_its_checkpoints_schedule(
@@ -1060,7 +1071,8 @@ def test_a_stop_after_off_the_validation_grid_leaves_a_later_full_run_as_if_unin
     logs, stopped = _tiny_run(tmp_path / "parts", stop_after=6, **settings)
     assert stopped.best_step == 6 and [r["step"] for r in stopped.rows if r["kind"] == "val"] == [6]
     assert stopped.best_metric > whole.best_metric  # the stop's weights would win if they could
-    assert any("a stop off the validation grid" in line for line in logs)
+    # not "best <another> @ <step>" beside the stop's own metric, as if that were not kept
+    assert any(re.search(r" \(a stop off the validation grid\) lr ", line) for line in logs), logs
     _, parts = _tiny_run(tmp_path / "parts", **settings)
 
     def seen(state: RunState) -> list:

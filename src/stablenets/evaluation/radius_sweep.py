@@ -43,6 +43,7 @@ from stablenets.evaluation.robustness import (
     pgd_l2,
     predict,
 )
+from stablenets.interrupt import stop_asked
 from stablenets.nn.operators import full_float32
 
 if TYPE_CHECKING:  # the pipeline extra; imported where AutoAttack runs (autoattack_l2)
@@ -325,17 +326,30 @@ def audit_radius(certified: float, x: Tensor, rel_tol: float = BALL_REL_TOL) -> 
     return (certified * (1 - CERTIFICATE_SLACK) - tolerance) / (1 + rel_tol)
 
 
+HEARTBEAT_POLL_S = 1.0
+"""How often the heartbeat looks for a stop signal (``interrupt.stop_asked``) between its lines."""
+
+
 @contextmanager
 def _heartbeat(log: Callable[[str], None], every_s: float, what: str) -> Iterator[None]:
     """A line ``"<what>: running for N s"`` every ``every_s`` seconds while the body runs: one
     strong-attack call on a batch takes minutes at paper scale (AutoAttack standard pays about
     10^4 passes per point it cannot break), and a silent log cannot be told from a hung job.
-    The thread only formats ``what`` and the time; it never reads the sweep's state."""
+    A stop signal that arrives meanwhile is acknowledged at once, in one line (the job stops
+    after this call: SLURM's warning is 300 s). The thread only formats ``what`` and the time;
+    it never reads the sweep's state."""
     done, t0 = threading.Event(), time.perf_counter()
 
     def beat() -> None:
-        while not done.wait(every_s):
-            log(f"{what}: running for {time.perf_counter() - t0:.0f} s")
+        told, last = False, t0
+        while not done.wait(min(every_s, HEARTBEAT_POLL_S)):
+            now = time.perf_counter()
+            if not told and (signum := stop_asked()) is not None:
+                log(f"{what}: signal {signum} received; the job stops and saves after this call")
+                told = True
+            if now - last >= every_s:
+                log(f"{what}: running for {now - t0:.0f} s")
+                last = now
 
     thread = threading.Thread(target=beat, name="attack-heartbeat", daemon=True)
     thread.start()
@@ -510,24 +524,29 @@ def _progress_line(plan: SweepPlan, state: SweepState, e: float, started: float)
         pass_name = plan.passes(state.radius_index)[state.pass_index]
         within = f"{pass_name} attack on {state.done} of {len(state.todo)} points done, "
     return (
-        f"eps {e:.4f} ({state.radius_index + 1}/{len(plan.radii)}): {within}{live} points left "
-        f"to attack, robust {robust:.4f}, elapsed {elapsed:.0f} s, {_eta(plan, state)}"
+        f"eps {e:.4f} ({state.radius_index + 1}/{len(plan.radii)}): {within}{live} points neither "
+        f"broken nor certified, robust {robust:.4f}, elapsed {elapsed:.0f} s, {_eta(plan, state)}"
     )
 
 
 def position(plan: SweepPlan, state: SweepState) -> str:
     """Where a (saved) sweep stands, for the line of a resumed job: ``at radius 7 of 43 (eps
-    0.1412)``, ``in bisection round 2 (30 of 120 points attacked)``, or ``finished``."""
+    0.1412)`` (``, strong attack on 80 of 105 points done`` within a pass), ``in bisection round
+    2 (30 of 120 points attacked)``, or ``sweep and bisection finished``."""
     k = state.radius_index
     if k < len(plan.radii):
-        return f"at radius {k + 1} of {len(plan.radii)} (eps {float(plan.radii[k]):.4f})"
+        where = f"at radius {k + 1} of {len(plan.radii)} (eps {float(plan.radii[k]):.4f})"
+        if state.todo is None:
+            return where
+        pass_name = plan.passes(k)[state.pass_index]
+        return f"{where}, {pass_name} attack on {state.done} of {len(state.todo)} points done"
     if state.todo is not None:
         return f"in bisection round {state.round + 1} ({state.done} of {len(state.todo)} points attacked)"
     if state.lo is not None and state.hi is not None and bool((state.lo < state.hi).any()):
         return f"before bisection round {state.round + 1}"
     if state.lo is None and len(plan.bisect_radii) and plan.bisect_attack is not None:
         return "after the sweep, before its bisection"
-    return "finished"
+    return "sweep and bisection finished"
 
 
 def _sweep_batch(
@@ -633,10 +652,9 @@ def sweep(
                         return state
                     _sweep_batch(model, x, y, plan, state, pass_name, name, log, log_every_s)
                     save(state)
-                    radius_ends = state.done == len(state.todo) and state.pass_index + 1 == len(
-                        passes
-                    )  # its own line follows at once
-                    if time.perf_counter() - last_line > log_every_s and not radius_ends:
+                    # a pass's end: the next pass's first batch, or the radius's line, says more
+                    pass_ends = state.done == len(state.todo)
+                    if time.perf_counter() - last_line > log_every_s and not pass_ends:
                         log(_progress_line(plan, state, e, started))
                         last_line = time.perf_counter()
                 state.pass_index, state.todo, state.done = state.pass_index + 1, None, 0

@@ -389,20 +389,22 @@ def evaluate_classifier(
     the empirical Lipschitz search and its bound, are saved in ``workdir``: a killed job's rerun
     resumes there (SIGTERM stops it before its next batch or search step, exit 75), and its
     clean accuracy is that of the resumed state (``_resumed_sweep``)."""
-    model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
-    ev = spec["evaluate"]
-    x, y = _split(data_path, "test", "classification")
-    if y is None:
-        raise data.DataError(f"{data_path}: the test split has no labels to evaluate against")
-    if ev.get("n_test"):
-        x, y = x[: ev["n_test"]], y[: ev["n_test"]]
-    clean_start = time.perf_counter()
-    margin, correct, rounding = robustness.clean_margins(model, x, y, ev["batch_size"])
-    clean_s = time.perf_counter() - clean_start  # this run's: a resumed one computes it again
-    lip = model.lipschitz_bound()
-    eps, std_eps = radius_sweep.evaluation_radii(ev)
-    plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
+    # from the start: a stop signal during start-up (loading, the clean pass) stops the job at
+    # the sweep's first poll, with its line and exit 75, instead of killing it silently
     with StopFlag() as stop:
+        model, extra, device = _load(model_path, spec, "classification", _CLASSIFIER_KINDS)
+        ev = spec["evaluate"]
+        x, y = _split(data_path, "test", "classification")
+        if y is None:
+            raise data.DataError(f"{data_path}: the test split has no labels to evaluate against")
+        if ev.get("n_test"):
+            x, y = x[: ev["n_test"]], y[: ev["n_test"]]
+        clean_start = time.perf_counter()
+        margin, correct, rounding = robustness.clean_margins(model, x, y, ev["batch_size"])
+        clean_s = time.perf_counter() - clean_start  # this run's: a resumed one computes it again
+        lip = model.lipschitz_bound()
+        eps, std_eps = radius_sweep.evaluation_radii(ev)
+        plan = radius_sweep.SweepPlan.from_config(ev, spec["seed"], log)
         saved = _saved_progress(
             spec, [model_path, data_path], f"v{radius_sweep.STATE_VERSION}", workdir, log, stop
         )

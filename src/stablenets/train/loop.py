@@ -505,7 +505,7 @@ def train(
         if end < cfg.steps:
             log(f"stopping after {end} steps of the {cfg.steps}-step schedule (stop_after)")
         checkpoint = functools.partial(save, ckpt_path, config_hash, model, opt, sched, state)
-        _settle_resumed_stop(model, task, cfg, state, end, ckpt_path, checkpoint, log)
+        _settle_resumed_stop(model, task, cfg, state, end, ckpt_path, checkpoint, device, log)
         if state.stop_metric is not None and state.step < end:  # going on past an earlier stop
             state.rows = [
                 r for r in state.rows if not (r["kind"] == "val" and r["step"] == state.step)
@@ -572,11 +572,12 @@ def _settle_resumed_stop(
     end: int,
     ckpt_path: Path,
     checkpoint: Callable[[], None],
+    device: torch.device,
     log: Log,
 ) -> None:
     """A run resumed at or past its stop (``stop_after`` lowered to the checkpoint's step or
-    below it): at it, its last step is validated (and checkpointed) as a run stopping there
-    validates it, unless it was; past it, the model kept is named as ``train`` returns it, and
+    below it): at it, its last step is validated (its peak memory counted, then checkpointed)
+    as a run stopping there validates it, unless it was; past it, the model kept is named as ``train`` returns it, and
     a checkpoint with no validation at all is refused naming ``stop_after``."""
     if (
         state.step == end
@@ -586,6 +587,7 @@ def _settle_resumed_stop(
         on_grid = end % cfg.val_every == 0 or end == cfg.steps
         _check_weights(state.step, model, ckpt_path)
         _timed(state, "validation", functools.partial(_validate, model, task, state, log, on_grid))
+        state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
         _timed(state, "checkpoint", checkpoint)
     if state.step <= end:
         return
@@ -834,10 +836,15 @@ def _validate(
     # step just run (``log_every`` apart, or before a resume)
     logged = "" if last.get("step", state.step - 1) == state.step - 1 else f" (step {last['step']})"
     best = f"best {state.best_metric:.4f} @ {state.best_step}" if state.best_step >= 0 else "first"
-    where = "" if on_grid else ", a stop off the validation grid"
+    if not on_grid:  # compared with the grid's best when the run ends here (``train``)
+        best = "a stop off the validation grid" + (
+            f"; the grid's best {state.best_metric:.4f} @ {state.best_step}"
+            if state.best_step >= 0
+            else ""
+        )
     log(
         f"step {state.step} loss {last.get('loss', float('nan')):.4f}{logged} "
-        f"val_{task.metric_name} {metric:.4f} ({best}{where}) "
+        f"val_{task.metric_name} {metric:.4f} ({best}) "
         f"lr {last.get('lr', float('nan')):.3g} substeps {last.get('substeps', 0)} "
         f"img/s {_rate(last.get('images_per_s', float('nan')))} elapsed {state.elapsed:.0f}s"
     )
