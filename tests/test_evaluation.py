@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,14 @@ def test_the_evaluation_log_has_a_line_per_radius_with_points_left_robust_elapse
     for line in lines:
         for needle in ("points neither broken nor certified", "robust", "elapsed", "ETA"):
             assert needle in line, line
+    # the last line: every number named, by radius (it printed raw numpy arrays, no PGD)
+    last = next(line for line in reversed(done.stdout.splitlines()) if "standard radii" in line)
+    assert re.fullmatch(
+        rf"{VARIANT}: clean [\d.]+, Lipschitz bound \S+ \(empirical lower bound \S+\); robust "
+        r"accuracy at the standard radii: certified 255/255 [\d.]+, 1020/255 [\d.]+; PGD "
+        r"255/255 [\d.]+, 1020/255 [\d.]+; strongest attack 255/255 [\d.]+, 1020/255 [\d.]+",
+        last,
+    ), last
     with h5py.File(uninterrupted[0] / "eval.h5") as fh:
         assert fh.attrs["seconds_per_point_strong"] > 0
         assert (fh["standard_empirical"][()] < fh.attrs["clean_accuracy"]).any()  # attacks bite

@@ -39,6 +39,7 @@ from stablenets.nn.models import (
     save_model,
 )
 from stablenets.nn.operators import full_float32, pinned_weights
+from stablenets.pipeline.labels import radius_label
 from stablenets.pipeline.resume import SavedProgress, in_groups
 from stablenets.pipeline.runtime import (
     config_hash,
@@ -425,9 +426,16 @@ def evaluate_classifier(
     acc, std = state.accuracies(eps), state.accuracies(std_eps)
     # holds by construction (the sweep fails on a break radius below a certified one): a guard
     robustness.check_invariant(eps, acc["certified"], acc["empirical"], clean, spec["variant"])
+    at = [radius_label(float(e)) for e in std_eps]
+
+    def by_radius(values: np.ndarray) -> str:
+        return ", ".join(f"{r} {v:.4f}" for r, v in zip(at, values, strict=True))
+
     log(
-        f"clean {clean:.4f} lipschitz {lip:.4g} certified@{std_eps} {std['certified']} "
-        f"empirical {std['empirical']}"
+        f"{spec['variant']}: clean {clean:.4f}, Lipschitz bound {lip:.4g} (empirical lower "
+        f"bound {lower:.4g}); robust accuracy at the standard radii: certified "
+        f"{by_radius(std['certified'])}; PGD {by_radius(std['pgd'])}; strongest attack "
+        f"{by_radius(std['empirical'])}"
     )
     attrs = {
         "variant": spec["variant"],
