@@ -1590,7 +1590,13 @@ BAD_CONFIGS = {
     ),
     "a seed written as a float": ({"seeds": [1.0]}, "seeds.0: 1.0 is not of type 'integer'"),
     "a one-step warm-up": (  # OneCycleLR would divide by zero in every training job
-        {"classification": {"train": {"steps": 2}}},
+        # (the resnet's warm-up of 0.2 would be under one step: its own steps keep it apart)
+        {
+            "classification": {
+                "train": {"steps": 2},
+                "variants": {"resnet": {"train": {"steps": 10}}},
+            }
+        },  # fmt: skip
         "classification.train: warmup 0.5 x steps 2 is one warm-up step",
     ),
     "a variant's one-step warm-up": (
