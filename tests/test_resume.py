@@ -54,13 +54,32 @@ def test_every_assignment_is_saved_and_read_back_by_a_rerun_of_the_same_job(tmp_
     assert dict(SavedProgress(path, "job-a", lines.append).section("validation")) == {}
 
 
+def test_progress_of_other_settings_is_ignored_naming_the_settings_that_changed(tmp_path):
+    """The line gave two hashes alone: a user who changed one setting could not tell which one
+    threw a finished sweep away, nor that the file would be overwritten."""
+    path, lines = tmp_path / "progress.pt", []
+    settings = {"seed": 0, "evaluate": {"eps": {"num": 10, "stop": 1.0}, "n_test": 100}}
+    SavedProgress(path, "h1", lines.append, settings=settings)["state"] = 1
+    again = SavedProgress(path, "h1", lines.append, settings=settings)
+    assert dict(again) == {"state": 1} and lines == []  # the settings are no entry
+    other = {"seed": 0, "evaluate": {"eps": {"num": 12, "stop": 1.0}, "n_test": None}}
+    assert len(SavedProgress(path, "h2", lines.append, settings=other)) == 0
+    assert lines == [
+        f"ignoring {path} (settings changed: evaluate.eps.num, evaluate.n_test; this run is h2): "
+        "starting afresh, the file is replaced at the first save"
+    ]
+
+
 def test_progress_of_another_job_or_unreadable_or_half_written_is_ignored_with_a_log_line(
     tmp_path,
 ):
     path, lines = tmp_path / "progress.pt", []
     SavedProgress(path, "job-a", lines.append)["state"] = 1
     assert len(SavedProgress(path, "job-b", lines.append)) == 0
-    assert lines == [f"ignoring {path}: written for job-a, this run is job-b"]
+    assert lines == [
+        f"ignoring {path} (written for job-a; this run is job-b): starting afresh, the file is "
+        "replaced at the first save"
+    ]
     path.write_bytes(b"not a torch file")
     lines.clear()
     assert len(SavedProgress(path, "job-a", lines.append)) == 0

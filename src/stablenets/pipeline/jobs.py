@@ -201,10 +201,11 @@ def train_model(
     log(f"best val {task.metric_name} {state.best_metric:.4f} at step {state.best_step}")
 
 
-def _progress_hash(spec: dict, job: str | None = None) -> str:
-    """The hash saved progress (a training checkpoint, a sweep's state) must match to resume:
-    the spec without its ``RUN_ONLY`` settings (and ``job``'s own, ``JOB_RUN_ONLY``) and its
-    Lipschitz search's (``SEARCH_SETTINGS``, which ``_empirical_lipschitz`` checks itself)."""
+def _progress_settings(spec: dict, job: str | None = None) -> dict:
+    """The settings saved progress (a training checkpoint, a sweep's state) must match to
+    resume: the spec without its ``RUN_ONLY`` settings (and ``job``'s own, ``JOB_RUN_ONLY``)
+    and its Lipschitz search's (``SEARCH_SETTINGS``, which ``_empirical_lipschitz`` checks
+    itself)."""
     where, search = SEARCH_SETTINGS
     if search in spec.get(where, {}):
         spec = {**spec, where: {k: v for k, v in spec[where].items() if k != search}}
@@ -212,7 +213,12 @@ def _progress_hash(spec: dict, job: str | None = None) -> str:
     for section, value in spec.items():
         if isinstance(value, dict) and section in kept:
             kept[section] = {k: v for k, v in value.items() if not run_only((section, k), job)}
-    return config_hash(kept)
+    return kept
+
+
+def _progress_hash(spec: dict, job: str | None = None) -> str:
+    """The hash of ``_progress_settings``."""
+    return config_hash(_progress_settings(spec, job))
 
 
 def _training_hash(spec: dict, data_path: Path) -> str:
@@ -347,7 +353,7 @@ def _saved_progress(
     the job."""
     digests = [content_sha256(p)[:16] for p in inputs]
     key = "-".join([_progress_hash(spec, job), *digests, layout])
-    return SavedProgress(workdir / name, key, log, stop)
+    return SavedProgress(workdir / name, key, log, stop, _progress_settings(spec, job))
 
 
 #: What a job's choice on validation images (a TV weight, a PnP strength) does not depend on:

@@ -33,13 +33,24 @@ __all__ = ["SavedProgress", "in_groups"]
 Log = Callable[[str], None]
 
 
+_RESERVED = ("key", "settings")  # what the file holds beside the job's entries
+
+
 class SavedProgress(MutableMapping[str, Any]):
     """A job's saved entries (tensors, numbers, strings, and lists and dicts of them: what
     ``torch.load(weights_only=True)`` reads back), written through to ``path`` at every
-    assignment."""
+    assignment. ``settings``, the settings ``key`` hashes, are saved with them, so a rerun
+    with other settings names the ones that changed."""
 
-    def __init__(self, path: Path, key: str, log: Log, stop: StopFlag | None = None) -> None:
-        self.path, self.key, self.stop = Path(path), key, stop
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        log: Log,
+        stop: StopFlag | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.path, self.key, self.stop, self.settings = Path(path), key, stop, settings
         for stale in remove_stale_temporaries(self.path):
             log(f"removed {stale.name}, the temporary of an interrupted progress write")
         self._entries = self._read(log)
@@ -55,14 +66,22 @@ class SavedProgress(MutableMapping[str, Any]):
             return {}
         if not isinstance(saved, dict) or saved.get("key") != self.key:
             found = saved.get("key") if isinstance(saved, dict) else type(saved).__name__
-            log(f"ignoring {self.path}: written for {found}, this run is {self.key}")
+            changed = (
+                _changed(saved.get("settings"), self.settings) if isinstance(saved, dict) else []
+            )
+            why = f"settings changed: {', '.join(changed)}" if changed else f"written for {found}"
+            log(
+                f"ignoring {self.path} ({why}; this run is {self.key}): starting afresh, the "
+                "file is replaced at the first save"
+            )
             return {}
-        return {name: value for name, value in saved.items() if name != "key"}
+        return {name: value for name, value in saved.items() if name not in _RESERVED}
 
     def save(self) -> None:
         """Write every entry (atomically: a kill leaves the previous file)."""
+        reserved = {"key": self.key, "settings": self.settings}
         with atomic_path(self.path) as tmp:
-            torch.save({"key": self.key, **self._entries}, tmp)
+            torch.save({**reserved, **self._entries}, tmp)
 
     def stop_point(self) -> None:
         """Where a job may stop, before a unit of work: if a stop signal arrived, end the job
@@ -92,6 +111,21 @@ class SavedProgress(MutableMapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _changed(saved: object, now: dict[str, Any] | None, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ between a saved and this run's settings
+    (``classification.evaluate.eps.num``); empty where either is unknown."""
+    if not isinstance(saved, dict) or now is None:
+        return []
+    names = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b, name = saved.get(key), now.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _changed(a, b, f"{name}.")
+        elif a != b:
+            names.append(name)
+    return names
 
 
 class _Section(MutableMapping[Any, Any]):
