@@ -115,7 +115,7 @@ class SavedProgress(MutableMapping[str, Any]):
 
 def _changed(saved: object, now: dict[str, Any] | None, prefix: str = "") -> list[str]:
     """The dotted names of the settings that differ between a saved and this run's settings
-    (``classification.evaluate.eps.num``); empty where either is unknown."""
+    (``evaluate.eps.num``); empty where either is unknown."""
     if not isinstance(saved, dict) or now is None:
         return []
     names = []

@@ -530,14 +530,11 @@ def train(
             if (state.step - 1) % cfg.log_every == 0:  # the step just logged its row
                 log(progress.line(state))
             last = state.step == end
-            on_grid = state.step % cfg.val_every == 0 or state.step == cfg.steps
-            validate = on_grid or last
+            validate = _on_grid(cfg, state.step) or last
             if validate:
-                _check_weights(state.step, model, ckpt_path)
-                check = functools.partial(_validate, model, task, state, log, on_grid)
-                _timed(state, "validation", check)
-            # the step's and its validation's, before any checkpoint records it
-            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
+                _validate_at(model, task, cfg, state, ckpt_path, device, log)
+            else:  # the step's, before any checkpoint records it
+                state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
             # after validating: a stop signal that arrived meanwhile gets its checkpoint too
             if state.step % cfg.checkpoint_every == 0 or last or stop.signum is not None:
                 if not validate:
@@ -564,6 +561,29 @@ def train(
     return model.eval(), state
 
 
+def _on_grid(cfg: TrainConfig, step: int) -> bool:
+    """Whether ``step`` steps done fall on the validation grid (every ``val_every``, and the
+    schedule's end); off it, a validation is a stop's (``_validate``)."""
+    return step % cfg.val_every == 0 or step == cfg.steps
+
+
+def _validate_at(
+    model: StableModel,
+    task: Task,
+    cfg: TrainConfig,
+    state: RunState,
+    ckpt_path: Path,
+    device: torch.device,
+    log: Log,
+) -> None:
+    """Validate the weights after ``state.step`` steps (a grid step's or a stop's), then count
+    the peak memory of the step and its validation, before any checkpoint records it."""
+    _check_weights(state.step, model, ckpt_path)
+    on_grid = _on_grid(cfg, state.step)
+    _timed(state, "validation", functools.partial(_validate, model, task, state, log, on_grid))
+    state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
+
+
 def _settle_resumed_stop(
     model: StableModel,
     task: Task,
@@ -577,17 +597,14 @@ def _settle_resumed_stop(
 ) -> None:
     """A run resumed at or past its stop (``stop_after`` lowered to the checkpoint's step or
     below it): at it, its last step is validated (its peak memory counted, then checkpointed)
-    as a run stopping there validates it, unless it was; past it, the model kept is named as ``train`` returns it, and
-    a checkpoint with no validation at all is refused naming ``stop_after``."""
+    as a run stopping there validates it, unless it was; past it, the model kept is named as
+    ``train`` returns it, and a checkpoint with no validation at all is refused naming ``stop_after``."""
     if (
         state.step == end
         and end > 0
         and not any(r["kind"] == "val" and r["step"] == end for r in state.rows)
     ):
-        on_grid = end % cfg.val_every == 0 or end == cfg.steps
-        _check_weights(state.step, model, ckpt_path)
-        _timed(state, "validation", functools.partial(_validate, model, task, state, log, on_grid))
-        state.peak_memory_mb = max(state.peak_memory_mb, peak_memory_mb(device))
+        _validate_at(model, task, cfg, state, ckpt_path, device, log)
         _timed(state, "checkpoint", checkpoint)
     if state.step <= end:
         return
