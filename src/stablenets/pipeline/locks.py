@@ -563,8 +563,6 @@ def hold_live_marker(directory: Path) -> None:
     except OSError:
         return
     key = os.fstat(fd)
-    if (key.st_dev, key.st_ino) in _HELD:  # a second read meanwhile: this one stays open too
-        return
     try:  # for writing too: NFS turns flock into a POSIX lock, which needs the descriptor's mode
         fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError:
