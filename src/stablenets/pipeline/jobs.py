@@ -351,9 +351,10 @@ def _saved_progress(
     holding the same (``content_sha256``: the same weights or images, whatever run record they
     carry) in the same ``layout``; given ``stop``, its ``stop_point`` is where a signal ends
     the job."""
+    settings = _progress_settings(spec, job)
     digests = [content_sha256(p)[:16] for p in inputs]
-    key = "-".join([_progress_hash(spec, job), *digests, layout])
-    return SavedProgress(workdir / name, key, log, stop, _progress_settings(spec, job))
+    key = "-".join([config_hash(settings), *digests, layout])
+    return SavedProgress(workdir / name, key, log, stop, settings)
 
 
 #: What a job's choice on validation images (a TV weight, a PnP strength) does not depend on:
